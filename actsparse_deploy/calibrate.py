@@ -1,0 +1,172 @@
+"""Stage 1: model + recipe + batches -> masks.
+
+Runs the model over calibration batches with an :class:`ActivationSparsifier`
+attached to the layers the recipe selects, then computes the masks. Hooks are
+always removed afterwards, also on error; the model itself is not changed.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from actsparse_deploy import calibrate, Recipe
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    >>> recipe = Recipe.simple(layers=["2"], sparsity=0.5)
+    >>> masks = calibrate(model, recipe, [torch.randn(4, 8) for _ in range(3)])
+    >>> masks["2"].sparsity, masks.num_samples
+    (0.5, 12)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .errors import CalibrationError, DataError
+from .masks import LayerMask, Masks
+from .recipe import Recipe
+from .sparsifier import ActivationSparsifier
+
+__all__ = ["Batch", "batch_size", "calibrate", "run_batch"]
+
+Batch = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor] | Mapping[str, torch.Tensor]
+
+
+def run_batch(model: nn.Module, batch: Batch) -> Any:
+    """``model(t)``, ``model(*t)`` or ``model(**d)`` by the batch's form."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    raise DataError(f"a batch must be a tensor, a tuple of tensors or a dict of tensors, not {type(batch).__name__}")
+
+
+def batch_size(batch: Batch) -> int:
+    """The length of the batch's first tensor's first axis."""
+    first = batch if isinstance(batch, torch.Tensor) else next(iter(batch.values() if isinstance(batch, Mapping) else batch), None)
+    if not isinstance(first, torch.Tensor) or first.ndim == 0:
+        raise DataError("a batch must hold at least one tensor with a batch axis")
+    return int(first.shape[0])
+
+
+@contextlib.contextmanager
+def _calibration_mode(model: nn.Module) -> Iterator[None]:
+    """eval mode and no grad for the duration; the training flags restored after."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+
+
+@contextlib.contextmanager
+def _attached(sparsifier: ActivationSparsifier) -> Iterator[ActivationSparsifier]:
+    """The sparsifier's hooks exist only inside the block."""
+    try:
+        yield sparsifier
+    finally:
+        for name in list(sparsifier.data_groups):
+            sparsifier.unregister_layer(name)
+
+
+@contextlib.contextmanager
+def _first_input_shapes(model: nn.Module, names: Iterable[str]) -> Iterator[dict[str, tuple[int, ...]]]:
+    """Record each layer's first input shape; each hook removes itself after one call."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = {}
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            if inputs and isinstance(inputs[0], torch.Tensor):
+                shapes[name] = tuple(inputs[0].shape)
+            handles.pop(name).remove()
+
+        return hook
+
+    for name in names:
+        handles[name] = model.get_submodule(name).register_forward_pre_hook(make_hook(name))
+    try:
+        yield shapes
+    finally:
+        for handle in handles.values():
+            handle.remove()
+
+
+def calibrate(
+    model: nn.Module,
+    recipe: Recipe | str | Path | Mapping[str, Any],
+    batches: Iterable[Batch],
+    *,
+    model_name: str | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Masks:
+    """Compute the recipe's masks from ``batches`` (tensors, tuples or dicts of tensors).
+
+    ``on_batch(n_samples)`` is called after each batch (progress bars).
+    """
+    recipe = Recipe.coerce(recipe)
+    layers = recipe.select(model)
+    sparsifier = ActivationSparsifier(model)
+    num_samples = num_batches = 0
+    with _calibration_mode(model), _attached(sparsifier), _first_input_shapes(model, layers) as shapes:
+        for name, config in layers.items():
+            sparsifier.register_layer(model.get_submodule(name), **config.register_kwargs())
+        for batch in batches:
+            n = batch_size(batch)
+            run_batch(model, batch)
+            num_samples += n
+            num_batches += 1
+            if on_batch is not None:
+                on_batch(n)
+        if num_batches == 0:
+            raise DataError("no calibration batches: the data source is empty")
+        sparsifier.step()
+        result = {
+            name: _layer_mask(name, sparsifier.get_mask(name), config.features, config.feature_dim, shapes.get(name))
+            for name, config in layers.items()
+        }
+    return Masks(layers=result, recipe=recipe, num_samples=num_samples, num_batches=num_batches, model=model_name)
+
+
+def _layer_mask(
+    name: str,
+    mask: torch.Tensor | list[torch.Tensor],
+    features: list[int] | None,
+    feature_dim: int | None,
+    input_shape: tuple[int, ...] | None,
+) -> LayerMask:
+    sample_shape = input_shape[1:] if input_shape else None
+    tensors = [mask] if isinstance(mask, torch.Tensor) else list(mask)
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise CalibrationError(f"the mask function of layer {name!r} returned {type(t).__name__}, not a tensor")
+        if not bool(torch.isfinite(t).all()):
+            raise CalibrationError(f"the mask of layer {name!r} holds NaN or Inf")
+    if input_shape is not None:
+        full = list(input_shape)
+        if features is not None and feature_dim is not None:
+            full[feature_dim] = 1
+        for t in tensors:
+            try:
+                fits = torch.broadcast_shapes(t.shape, tuple(full)) == tuple(full)
+            except RuntimeError:
+                fits = False
+            if not fits:
+                raise CalibrationError(
+                    f"the mask of layer {name!r} has shape {tuple(t.shape)}, which does not broadcast "
+                    f"against the layer's input {tuple(full)}: check the recipe's reduce and mask functions"
+                )
+    if features is None:
+        return LayerMask(mask=tensors[0].detach().clone(), input_shape=sample_shape)
+    return LayerMask(
+        mask=tuple(t.detach().clone() for t in tensors),
+        features=tuple(features),
+        feature_dim=feature_dim,
+        input_shape=sample_shape,
+    )

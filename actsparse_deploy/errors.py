@@ -1,0 +1,95 @@
+"""The error taxonomy.
+
+Library code raises these with a message that names the file, layer or value at
+fault and what to do about it; only the CLI turns them into exit codes.
+
+    >>> from actsparse_deploy.errors import RecipeError, ActsparseError
+    >>> issubclass(RecipeError, ActsparseError)
+    True
+"""
+
+from __future__ import annotations
+
+
+class ActsparseError(Exception):
+    """Base of every error this package raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(ActsparseError, ValueError, AssertionError):
+    """A sparsifier configuration that cannot work (features without feature_dim,
+    a function that is not callable).
+
+    It is also an ``AssertionError`` because torch's upstream class raises that
+    for the same mistakes; code written against upstream keeps working.
+    """
+
+    exit_code = 3
+
+
+class RecipeError(ActsparseError, ValueError):
+    """A recipe file or object that is malformed or does not fit the model."""
+
+    exit_code = 3
+
+
+class UnknownFunctionError(RecipeError, KeyError):
+    """A function name that is not in its registry."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class ModelLoadError(ActsparseError):
+    """A model that cannot be built: unknown name, bad ``module:factory``."""
+
+    exit_code = 4
+
+
+class WeightsError(ActsparseError):
+    """A weights file that is missing, corrupted, unsafe or does not fit the model."""
+
+    exit_code = 5
+
+
+class DataError(ActsparseError, ValueError):
+    """Calibration or validation data that is missing, malformed or not finite."""
+
+    exit_code = 6
+
+
+class CalibrationError(ActsparseError, RuntimeError):
+    """Calibration that cannot produce masks (a layer never reached, for one)."""
+
+    exit_code = 7
+
+
+class LayerNotFoundError(ActsparseError, ValueError):
+    """A layer name that the sparsifier or the model does not know."""
+
+    exit_code = 7
+
+
+class MaskError(ActsparseError, ValueError):
+    """A masks file that is corrupted, from another model or from a newer format."""
+
+    exit_code = 8
+
+
+class ExportError(ActsparseError):
+    """An ONNX export that failed."""
+
+    exit_code = 9
+
+
+class ValidationError(ActsparseError):
+    """An ONNX model whose outputs do not match the PyTorch model's."""
+
+    exit_code = 10
+
+
+class OutputError(ActsparseError, OSError):
+    """An output path that cannot be written (missing directory, exists, no space)."""
+
+    exit_code = 11

@@ -1,0 +1,393 @@
+"""Recipes: which layers get a mask, and how it is computed.
+
+A recipe is a TOML file or the same thing as Python objects. ``[defaults]`` holds
+the settings every selected layer starts from; each ``[[layers]]`` rule selects
+layers by a glob over module names (``name``) and / or by module type (``type``)
+and may override any setting. A layer matched by several rules gets their
+overrides in order; ``sparse_config`` merges key by key.
+
+    >>> from actsparse_deploy.recipe import Recipe
+    >>> recipe = Recipe.from_toml('''
+    ... [defaults]
+    ... aggregate_fn = "sum_abs"
+    ... reduce_fn = { name = "feature_mean", axis = 0 }
+    ... mask_fn = "topk"
+    ... sparse_config = { sparsity_level = 0.5 }
+    ...
+    ... [[layers]]
+    ... name = "fc*"
+    ... type = "Linear"
+    ... ''')
+    >>> from torch import nn
+    >>> model = nn.Sequential()
+    >>> model.add_module("fc1", nn.Linear(4, 4)); model.add_module("fc2", nn.Linear(4, 2))
+    >>> sorted(recipe.select(model))
+    ['fc1', 'fc2']
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import tomli_w
+from torch import nn
+
+from .errors import ConfigError, RecipeError
+from .functions import AGGREGATE_FNS, MASK_FNS, REDUCE_FNS, BuiltinFn, check_mask_config
+
+__all__ = ["FnSpec", "LayerRule", "LayerSettings", "Recipe", "ResolvedLayer"]
+
+RECIPE_VERSION = 1
+_REGISTRIES = {"aggregate_fn": AGGREGATE_FNS, "reduce_fn": REDUCE_FNS, "mask_fn": MASK_FNS}
+#: What a layer gets when neither the defaults nor a rule says otherwise.
+TOOL_DEFAULTS = {"aggregate_fn": "sum_abs", "reduce_fn": "mean", "mask_fn": "topk"}
+
+
+@dataclass(frozen=True)
+class FnSpec:
+    """A built-in function by name, with parameters (``feature_mean``'s axis)."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def parse(cls, value: Any, key: str) -> "FnSpec":
+        if isinstance(value, FnSpec):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, Mapping) and isinstance(value.get("name"), str):
+            params = {k: _freeze(v) for k, v in value.items() if k != "name"}
+            return cls(value["name"], tuple(sorted(params.items())))
+        raise RecipeError(f"{key} must be a function name or a table with a 'name', got {value!r}")
+
+    def to_value(self) -> str | dict[str, Any]:
+        return self.name if not self.params else {"name": self.name, **{k: _thaw(v) for k, v in self.params}}
+
+    def resolve(self, key: str) -> BuiltinFn:
+        return _REGISTRIES[key].get(self.name, **{k: _thaw(v) for k, v in self.params})
+
+
+def _freeze(value: Any) -> Any:
+    return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _thaw(value: Any) -> Any:
+    return [_thaw(v) for v in value] if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """Overridable settings; ``None`` means "not set here"."""
+
+    aggregate_fn: FnSpec | None = None
+    reduce_fn: FnSpec | None = None
+    mask_fn: FnSpec | None = None
+    sparse_config: tuple[tuple[str, Any], ...] | None = None
+    features: tuple[int, ...] | None = None
+    feature_dim: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> "LayerSettings":
+        _check_keys(data, {f.name for f in fields(cls)}, where)
+        kwargs: dict[str, Any] = {}
+        for key in _REGISTRIES:
+            if data.get(key) is not None:
+                kwargs[key] = FnSpec.parse(data[key], f"{where}.{key}")
+        if data.get("sparse_config") is not None:
+            config = data["sparse_config"]
+            if not isinstance(config, Mapping):
+                raise RecipeError(f"{where}.sparse_config must be a table, got {config!r}")
+            kwargs["sparse_config"] = tuple(sorted((k, _freeze(v)) for k, v in config.items()))
+        if data.get("features") is not None:
+            feats = data["features"]
+            if not isinstance(feats, (list, tuple)) or not all(_is_int(f) for f in feats):
+                raise RecipeError(f"{where}.features must be a list of integer indices, got {feats!r}")
+            kwargs["features"] = tuple(feats)
+        if data.get("feature_dim") is not None:
+            if not _is_int(data["feature_dim"]):
+                raise RecipeError(f"{where}.feature_dim must be an integer, got {data['feature_dim']!r}")
+            kwargs["feature_dim"] = data["feature_dim"]
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in _REGISTRIES:
+            spec = getattr(self, key)
+            if spec is not None:
+                out[key] = spec.to_value()
+        if self.sparse_config is not None:
+            out["sparse_config"] = {k: _thaw(v) for k, v in self.sparse_config}
+        if self.features is not None:
+            out["features"] = list(self.features)
+        if self.feature_dim is not None:
+            out["feature_dim"] = self.feature_dim
+        return out
+
+    def merged(self, other: "LayerSettings") -> "LayerSettings":
+        """These settings overridden by ``other``'s (sparse_config key by key)."""
+        changes = {f.name: getattr(other, f.name) for f in fields(self) if getattr(other, f.name) is not None}
+        if self.sparse_config is not None and other.sparse_config is not None:
+            changes["sparse_config"] = tuple(sorted({**dict(self.sparse_config), **dict(other.sparse_config)}.items()))
+        return replace(self, **changes)
+
+    def resolve(self, where: str) -> "ResolvedLayer":
+        """Check and resolve into what ``register_layer`` takes."""
+        try:
+            fns = {key: (getattr(self, key) or FnSpec(TOOL_DEFAULTS[key])).resolve(key) for key in _REGISTRIES}
+            config = {k: _thaw(v) for k, v in (self.sparse_config or ())}
+            _check_sparse_config(config)
+            check_mask_config(fns["mask_fn"], config)
+            if self.features is not None and self.feature_dim is None:
+                raise ConfigError("features were given without feature_dim")
+        except (ConfigError, RecipeError) as e:
+            raise RecipeError(f"{where}: {e}") from e
+        return ResolvedLayer(
+            aggregate_fn=fns["aggregate_fn"],
+            reduce_fn=fns["reduce_fn"],
+            mask_fn=fns["mask_fn"],
+            sparse_config=config,
+            features=list(self.features) if self.features is not None else None,
+            feature_dim=self.feature_dim,
+        )
+
+
+def _check_sparse_config(config: dict[str, Any]) -> None:
+    level = config.get("sparsity_level")
+    if level is not None and not (_is_number(level) and 0.0 <= level <= 1.0):
+        raise RecipeError(f"sparsity_level must be a number in [0, 1], got {level!r}")
+    threshold = config.get("threshold")
+    if threshold is not None and not (_is_number(threshold) and math.isfinite(threshold)):
+        raise RecipeError(f"threshold must be a finite number, got {threshold!r}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class ResolvedLayer:
+    """One layer's final config: the keyword arguments of ``register_layer``."""
+
+    aggregate_fn: BuiltinFn
+    reduce_fn: BuiltinFn
+    mask_fn: BuiltinFn
+    sparse_config: dict[str, Any]
+    features: list[int] | None
+    feature_dim: int | None
+
+    def register_kwargs(self) -> dict[str, Any]:
+        return {
+            "aggregate_fn": self.aggregate_fn,
+            "reduce_fn": self.reduce_fn,
+            "mask_fn": self.mask_fn,
+            "features": self.features,
+            "feature_dim": self.feature_dim,
+            **self.sparse_config,
+        }
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Select layers by name glob(s) and / or type name(s); both must match where both are set."""
+
+    name: tuple[str, ...] = ()
+    type: tuple[str, ...] = ()
+    settings: LayerSettings = field(default_factory=LayerSettings)
+
+    def __post_init__(self) -> None:
+        if not self.name and not self.type:
+            raise RecipeError("a [[layers]] rule needs 'name' (glob over module names) or 'type' (module class)")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> "LayerRule":
+        _check_keys(data, {"name", "type"} | {f.name for f in fields(LayerSettings)}, where)
+        settings = LayerSettings.from_dict({k: v for k, v in data.items() if k not in ("name", "type")}, where)
+        try:
+            return cls(name=_strings(data.get("name"), f"{where}.name"), type=_strings(data.get("type"), f"{where}.type"), settings=settings)
+        except RecipeError as e:
+            raise RecipeError(f"{where}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.name:
+            out["name"] = self.name[0] if len(self.name) == 1 else list(self.name)
+        if self.type:
+            out["type"] = self.type[0] if len(self.type) == 1 else list(self.type)
+        return {**out, **self.settings.to_dict()}
+
+    def matches(self, module: nn.Module, fqn: str) -> bool:
+        """The ``filter_fn(module, fqn)`` convention."""
+        if self.name and not any(fnmatch.fnmatchcase(fqn, pattern) for pattern in self.name):
+            return False
+        if self.type:
+            names = {c.__name__ for c in type(module).__mro__} | {
+                f"{c.__module__}.{c.__qualname__}" for c in type(module).__mro__
+            }
+            return any(t in names for t in self.type)
+        return True
+
+    def describe(self) -> str:
+        parts = [f"name={'|'.join(self.name)}"] if self.name else []
+        parts += [f"type={'|'.join(self.type)}"] if self.type else []
+        return " ".join(parts)
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) and v for v in values):
+        raise RecipeError(f"{where} must be a non-empty string or a list of them, got {value!r}")
+    return tuple(values)
+
+
+def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{where} must be a table, got {data!r}")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise RecipeError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Defaults plus layer rules; checked on construction."""
+
+    layers: tuple[LayerRule, ...]
+    defaults: LayerSettings = field(default_factory=LayerSettings)
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != RECIPE_VERSION:
+            raise RecipeError(f"recipe version {self.version} is not supported (this tool reads version {RECIPE_VERSION})")
+        if not self.layers:
+            raise RecipeError("the recipe selects no layers: add at least one [[layers]] rule")
+        for i, rule in enumerate(self.layers):
+            self.defaults.merged(rule.settings).resolve(f"layers[{i}] ({rule.describe()})")
+
+    # --- construction ------------------------------------------------------------
+
+    @classmethod
+    def simple(
+        cls,
+        layers: list[str] | None = None,
+        layer_types: list[str] | None = None,
+        sparsity: float | None = None,
+        threshold: float | None = None,
+        aggregate_fn: str = "sum_abs",
+        structured: bool = False,
+    ) -> "Recipe":
+        """The one-rule recipe the CLI flags describe: ``topk`` at ``sparsity``,
+        or ``threshold``; structured (one value per input feature / channel) if asked."""
+        if (sparsity is None) == (threshold is None):
+            raise RecipeError("give exactly one of sparsity or threshold")
+        if not layers and not layer_types:
+            raise RecipeError("name the layers to mask (a glob over module names) or their type")
+        mask_fn, config = ("topk", {"sparsity_level": sparsity}) if sparsity is not None else ("threshold", {"threshold": threshold})
+        defaults = LayerSettings.from_dict(
+            {
+                "aggregate_fn": aggregate_fn,
+                "reduce_fn": "feature_mean" if structured else "mean",
+                "mask_fn": mask_fn,
+                "sparse_config": config,
+            },
+            "defaults",
+        )
+        rules = [LayerRule(name=(pattern,)) for pattern in layers or []]
+        rules += [LayerRule(type=(t,)) for t in layer_types or []]
+        return cls(layers=tuple(rules), defaults=defaults)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "recipe") -> "Recipe":
+        _check_keys(data, {"version", "defaults", "layers"}, source)
+        version = data.get("version", RECIPE_VERSION)
+        if not _is_int(version):
+            raise RecipeError(f"{source}: version must be an integer, got {version!r}")
+        defaults = LayerSettings.from_dict(data.get("defaults", {}), f"{source}: defaults")
+        raw_layers = data.get("layers", [])
+        if not isinstance(raw_layers, list):
+            raise RecipeError(f"{source}: 'layers' must be an array of tables ([[layers]])")
+        rules = tuple(LayerRule.from_dict(rule, f"{source}: layers[{i}]") for i, rule in enumerate(raw_layers))
+        try:
+            return cls(layers=rules, defaults=defaults, version=version)
+        except RecipeError as e:
+            raise RecipeError(f"{source}: {e}") from e
+
+    @classmethod
+    def from_toml(cls, text: str, source: str = "recipe") -> "Recipe":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise RecipeError(f"{source} is not valid TOML: {e}") from e
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise RecipeError(f"recipe file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise RecipeError(f"recipe file {path} cannot be read: {e}") from e
+        return cls.from_toml(text, str(path))
+
+    @classmethod
+    def coerce(cls, recipe: "Recipe | str | Path | Mapping[str, Any]") -> "Recipe":
+        if isinstance(recipe, Recipe):
+            return recipe
+        if isinstance(recipe, Mapping):
+            return cls.from_dict(recipe)
+        return cls.load(recipe)
+
+    # --- output ------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": self.version}
+        defaults = self.defaults.to_dict()
+        if defaults:
+            out["defaults"] = defaults
+        out["layers"] = [rule.to_dict() for rule in self.layers]
+        return out
+
+    def dumps(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    # --- selection ---------------------------------------------------------------
+
+    def select(self, model: nn.Module) -> dict[str, ResolvedLayer]:
+        """Module name -> resolved config for every layer the rules select, in
+        model order. A rule that matches nothing is an error."""
+        modules = [(fqn, m) for fqn, m in model.named_modules() if fqn]
+        selected: dict[str, LayerSettings] = {}
+        for i, rule in enumerate(self.layers):
+            hits = [(fqn, m) for fqn, m in modules if rule.matches(m, fqn)]
+            if not hits:
+                raise RecipeError(
+                    f"layers[{i}] ({rule.describe()}) matches no module of the model; "
+                    f"modules: {_preview([f'{fqn} ({type(m).__name__})' for fqn, m in modules])}"
+                )
+            for fqn, _ in hits:
+                selected[fqn] = selected.get(fqn, self.defaults).merged(rule.settings)
+        order = {fqn: i for i, (fqn, _) in enumerate(modules)}
+        return {fqn: selected[fqn].resolve(f"layer {fqn!r}") for fqn in sorted(selected, key=order.__getitem__)}
+
+    def filter_fn(self) -> Callable[[nn.Module, str], bool]:
+        return lambda module, fqn: any(rule.matches(module, fqn) for rule in self.layers)
+
+
+def _preview(items: list[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

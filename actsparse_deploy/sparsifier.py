@@ -1,0 +1,431 @@
+"""The drop-in ``ActivationSparsifier``.
+
+Same API and, with user-supplied callables, the same behaviour as torch's
+experimental ``torch.ao.pruning._experimental.activation_sparsifier.ActivationSparsifier``:
+pre-forward hooks fold each layer's input into an aggregate, ``step()`` turns it
+into a mask with ``mask_fn(reduce_fn(aggregate), **sparse_config)``, and
+``squash_mask()`` swaps the aggregation hooks for hooks that feed the layer
+``input * mask``.
+
+Better than upstream: functions can be named (see :mod:`actsparse_deploy.functions`);
+with built-in aggregates the statistics do not depend on batch size or sequence
+length and no mask has a batch axis; a layer never reached or an input holding
+NaN / Inf is an error naming the layer; the state saves to ``.safetensors``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from actsparse_deploy import ActivationSparsifier
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> sp = ActivationSparsifier(model, aggregate_fn="sum_abs", reduce_fn="mean",
+    ...                           mask_fn="topk", sparsity_level=0.5)
+    >>> sp.register_layer(model[2])
+    >>> with torch.no_grad():
+    ...     _ = model(torch.randn(8, 4)); _ = model(torch.randn(3, 4))
+    >>> sp.step()
+    >>> sp.get_mask("2").shape, int(sp.get_mask("2").sum())
+    (torch.Size([4]), 2)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import CalibrationError, ConfigError, DataError, LayerNotFoundError, MaskError
+from .functions import AGGREGATE_FNS, MASK_FNS, REDUCE_FNS, Aggregate, BuiltinFn, check_mask_config
+
+__all__ = ["ActivationSparsifier", "module_to_fqn", "sample_ndim"]
+
+_FN_KEYS = ("aggregate_fn", "reduce_fn", "mask_fn")
+
+
+def module_to_fqn(model: nn.Module, module: nn.Module) -> str | None:
+    """The fully-qualified name of ``module`` inside ``model`` ('' for the model)."""
+    for name, candidate in model.named_modules(remove_duplicate=False):
+        if candidate is module:
+            return name
+    return None
+
+
+def sample_ndim(layer: nn.Module, input_ndim: int) -> int:
+    """How many leading axes of the layer's input are separate samples.
+
+    A Linear maps each vector of its last axis on its own (all leading axes are
+    samples: batch, sequence); a ConvNd sees (channels, *spatial) per sample; any
+    other layer is given one sample per batch item.
+    """
+    if isinstance(layer, nn.Linear):
+        return input_ndim - 1
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        spatial = len(layer.kernel_size)
+        return max(input_ndim - spatial - 1, 0)
+    return min(1, input_ndim)
+
+
+def _feature_index(features: list[Any], idx: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([features[idx]], dtype=torch.long, device=device).reshape(-1)
+
+
+class ActivationSparsifier:
+    r"""Sparsify the inputs of chosen layers with masks learned from data.
+
+    ``mask = mask_fn(reduce_fn(aggregate_fn(activations)), **sparse_config)``,
+    per layer, or per selected feature along ``feature_dim`` where ``features``
+    is set. Functions are callables (upstream semantics) or names of built-ins.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        aggregate_fn: Callable[..., Any] | str | None = None,
+        reduce_fn: Callable[..., Any] | str | None = None,
+        mask_fn: Callable[..., Any] | str | None = None,
+        features: list[Any] | None = None,
+        feature_dim: int | None = None,
+        **sparse_config: Any,
+    ) -> None:
+        self.model = model
+        self.defaults: dict[str, Any] = {
+            "sparse_config": sparse_config,
+            "aggregate_fn": AGGREGATE_FNS.resolve(aggregate_fn),
+            "reduce_fn": REDUCE_FNS.resolve(reduce_fn),
+            "mask_fn": MASK_FNS.resolve(mask_fn),
+            "features": features,
+            "feature_dim": feature_dim,
+        }
+        self.data_groups: dict[str, dict[str, Any]] = defaultdict(dict)
+        self.state: dict[str, dict[str, Any]] = defaultdict(dict)
+
+    # --- registration ------------------------------------------------------------
+
+    @staticmethod
+    def _safe_rail_checks(args: dict[str, Any]) -> None:
+        if args["features"] is not None and args["feature_dim"] is None:
+            raise ConfigError("need feature dim to select features: features were given without feature_dim")
+        for key in _FN_KEYS:
+            if not callable(args[key]):
+                raise ConfigError(f"{key} {args[key]!r} must be callable (or the name of a built-in)")
+        if isinstance(args["mask_fn"], BuiltinFn):
+            check_mask_config(args["mask_fn"], args["sparse_config"])
+
+    def register_layer(
+        self,
+        layer: nn.Module,
+        aggregate_fn: Callable[..., Any] | str | None = None,
+        reduce_fn: Callable[..., Any] | str | None = None,
+        mask_fn: Callable[..., Any] | str | None = None,
+        features: list[Any] | None = None,
+        feature_dim: int | None = None,
+        **sparse_config: Any,
+    ) -> None:
+        """Attach an aggregation hook to ``layer`` (a submodule of the model).
+
+        Its config is the defaults, overridden by what is passed here
+        (``sparse_config`` merged key by key). Registering a layer again warns
+        and replaces its config.
+        """
+        name = module_to_fqn(self.model, layer)
+        if name is None:
+            raise LayerNotFoundError(f"layer {type(layer).__name__} is not part of the sparsifier's model")
+        if name in self.data_groups:
+            warnings.warn(
+                f"layer {name!r} already attached to the sparsifier, deregistering the layer "
+                "and registering with new config",
+                stacklevel=2,
+            )
+            self.unregister_layer(name)
+
+        config = copy.deepcopy(self.defaults)
+        update = {
+            "aggregate_fn": AGGREGATE_FNS.resolve(aggregate_fn),
+            "reduce_fn": REDUCE_FNS.resolve(reduce_fn),
+            "mask_fn": MASK_FNS.resolve(mask_fn),
+            "features": features,
+            "feature_dim": feature_dim,
+            "layer": layer,
+        }
+        config.update((key, value) for key, value in update.items() if value is not None)
+        config["sparse_config"].update(sparse_config)
+        self._safe_rail_checks(config)
+
+        self.data_groups[name] = config
+        self.state[name]["mask"] = None  # shape known at the first forward pass
+        config["hook"] = layer.register_forward_pre_hook(self._aggregate_hook(name))
+        config["hook_state"] = "aggregate"
+
+    def unregister_layer(self, name: str) -> None:
+        """Detach every hook from the layer and forget it."""
+        config = self._config(name)
+        hook = config.get("hook")
+        if hook is not None:
+            hook.remove()
+        self.state.pop(name, None)
+        self.data_groups.pop(name)
+
+    def _config(self, name: str) -> dict[str, Any]:
+        if name not in self.data_groups:
+            raise LayerNotFoundError(
+                f"layer {name!r} is not registered; registered: {', '.join(self.data_groups) or 'none'}"
+            )
+        return self.data_groups[name]
+
+    # --- aggregation -------------------------------------------------------------
+
+    def _aggregate_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        config = self.data_groups[name]
+        agg_fn = config["aggregate_fn"]
+        if isinstance(agg_fn, Aggregate):
+            return self._builtin_aggregate_hook(name, config, agg_fn)
+        features, feature_dim = config["features"], config["feature_dim"]
+        state = self.state[name]
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            x = inputs[0]
+            _check_finite(name, x)
+            data = config.get("data")
+            if features is None:
+                if data is None:
+                    data = torch.zeros_like(x)
+                    state["mask"] = torch.ones_like(x)
+                config["data"] = agg_fn(data, x)
+                return
+            out = [0] * len(features) if data is None else data
+            if data is None:
+                state["mask"] = [0] * len(features)
+            for idx in range(len(features)):
+                selected = torch.index_select(x, feature_dim, _feature_index(features, idx, x.device))
+                if data is None:
+                    current = torch.zeros_like(selected)
+                    state["mask"][idx] = torch.ones_like(selected)
+                else:
+                    current = data[idx]
+                out[idx] = agg_fn(current, selected)
+            config["data"] = out
+
+        return hook
+
+    def _builtin_aggregate_hook(
+        self, name: str, config: dict[str, Any], agg: Aggregate
+    ) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        """Batch-size independent aggregation: the batch is reduced over its
+        sample axes once; per-feature statistics are slices of that."""
+        features, feature_dim = config["features"], config["feature_dim"]
+        state = self.state[name]
+        layer = config["layer"]
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            x = inputs[0]
+            n_sample = sample_ndim(layer, x.ndim)
+            if features is None:
+                dims = tuple(range(n_sample))
+                stat = agg.fold(config.get("data"), agg.batch_stat(x, dims), _numel(x, dims))
+                _check_finite(name, stat.value)
+                if state.get("mask") is None:
+                    state["mask"] = torch.ones(stat.value.shape, dtype=x.dtype, device=x.device)
+                config["data"] = stat
+                return
+            fdim = _normalize_dim(feature_dim, x.ndim, name)
+            dims = tuple(d for d in range(n_sample) if d != fdim)
+            batch = agg.batch_stat(x, dims)
+            axis = fdim - sum(1 for d in dims if d < fdim)
+            _check_finite(name, batch)
+            data, count = config.get("data"), _numel(x, dims)
+            out = []
+            for idx in range(len(features)):
+                selected = batch.index_select(axis, _feature_index(features, idx, x.device))
+                out.append(agg.fold(None if data is None else data[idx], selected, count))
+            if state.get("mask") is None:
+                state["mask"] = [torch.ones(s.value.shape, dtype=x.dtype, device=x.device) for s in out]
+            config["data"] = out
+
+        return hook
+
+    # --- masks -------------------------------------------------------------------
+
+    def get_mask(self, name: str | None = None, layer: nn.Module | None = None) -> Any:
+        """The layer's mask: a tensor, or a list of tensors (one per selected feature).
+
+        ``ValueError`` for an unknown layer and before the first forward pass.
+        """
+        if name is None and layer is None:
+            raise ConfigError("Need at least name or layer obj to retrieve mask")
+        if name is None:
+            name = module_to_fqn(self.model, layer)  # type: ignore[arg-type]
+            if name is None:
+                raise LayerNotFoundError("layer not found in the specified model")
+        if name not in self.state:
+            raise LayerNotFoundError(
+                f"layer {name!r} not found; registered: {', '.join(self.data_groups) or 'none'}"
+            )
+        mask = self.state[name].get("mask")
+        if mask is None:
+            raise MaskError(
+                f"the mask of layer {name!r} has no shape yet: run the model forward at least once"
+            )
+        return mask
+
+    def step(self) -> None:
+        """Turn every layer's aggregate into its mask and drop the aggregate."""
+        unreached = [name for name, config in self.data_groups.items() if config.get("data") is None]
+        if unreached:
+            raise CalibrationError(
+                f"layer(s) {', '.join(unreached)} registered but never reached by a forward pass: "
+                "check that the calibration data runs through them"
+            )
+        with torch.no_grad():
+            for name, config in self.data_groups.items():
+                self.update_mask(name, config["data"], config)
+                config.pop("data")
+
+    def update_mask(self, name: str, data: Any, configs: dict[str, Any]) -> None:
+        """Set one layer's mask to ``mask_fn(reduce_fn(data), **sparse_config)``
+        (per selected feature where ``features`` is set)."""
+        mask = self.get_mask(name)
+        reduce_fn, mask_fn = configs["reduce_fn"], configs["mask_fn"]
+        sparse_config = configs["sparse_config"]
+        if configs["features"] is None:
+            mask.data = self._new_mask(mask, mask_fn(reduce_fn(data), **sparse_config))
+        else:
+            for idx in range(len(configs["features"])):
+                mask[idx].data = self._new_mask(mask[idx], mask_fn(reduce_fn(data[idx]), **sparse_config))
+
+    @staticmethod
+    def _new_mask(old: torch.Tensor, new: Any) -> torch.Tensor:
+        if isinstance(new, torch.Tensor) and new.is_floating_point() and old.is_floating_point():
+            return new.to(old.dtype)
+        return new
+
+    # --- squash ------------------------------------------------------------------
+
+    def _sparsify_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], Any]:
+        mask = self.get_mask(name)
+        config = self.data_groups[name]
+        features, feature_dim = config["features"], config["feature_dim"]
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...]) -> Any:
+            x = inputs[0]
+            if features is None:
+                return x * mask
+            out = x.clone()  # upstream writes into the input; a residual would see it
+            for idx in range(len(features)):
+                index = _feature_index(features, idx, x.device)
+                out.index_copy_(feature_dim, index, torch.index_select(out, feature_dim, index) * mask[idx])
+            return out
+
+        return hook
+
+    def squash_mask(self, attach_sparsify_hook: bool = True, **kwargs: Any) -> None:
+        """Remove the aggregation hooks; if asked, attach hooks that feed each
+        layer ``input * mask``."""
+        for name, config in self.data_groups.items():
+            hook = config.pop("hook", None)
+            if hook is not None:
+                hook.remove()
+            config["hook_state"] = "None"
+            if attach_sparsify_hook:
+                config["hook"] = config["layer"].register_forward_pre_hook(self._sparsify_hook(name))
+                config["hook_state"] = "sparsify"
+
+    # --- state -------------------------------------------------------------------
+
+    def _get_serializable_data_groups(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {key: value for key, value in config.items() if key not in ("hook", "layer")}
+            for name, config in self.data_groups.items()
+        }
+
+    @staticmethod
+    def _convert_mask(states: dict[str, Any], sparse_coo: bool = True) -> dict[str, Any]:
+        states = copy.deepcopy(states)
+        convert = (lambda t: t.to_sparse_coo()) if sparse_coo else (lambda t: t.to_dense())
+        for state in states.values():
+            mask = state.get("mask")
+            if isinstance(mask, list):
+                state["mask"] = [convert(m) for m in mask]
+            elif mask is not None:
+                state["mask"] = convert(mask)
+        return states
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{'state', 'data_groups', 'defaults'}``: masks as sparse COO tensors,
+        configs without hooks or layers."""
+        return {
+            "state": self._convert_mask(self.state),
+            "data_groups": self._get_serializable_data_groups(),
+            "defaults": self.defaults,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore defaults, configs and dense masks, and re-attach the hook each
+        layer had (aggregate or sparsify)."""
+        for config in self.data_groups.values():
+            if config.get("hook") is not None:
+                config["hook"].remove()
+        state = self._convert_mask(state_dict["state"], sparse_coo=False)
+        self.state = defaultdict(dict, state)
+        self.defaults = copy.deepcopy(state_dict["defaults"])
+        self.data_groups = defaultdict(dict, copy.deepcopy(state_dict["data_groups"]))
+        for name, config in self.data_groups.items():
+            try:
+                layer = self.model.get_submodule(name)
+            except AttributeError:
+                raise LayerNotFoundError(f"layer {name!r} of the saved state is not in the model") from None
+            config["layer"] = layer
+            hook_state = config.get("hook_state")
+            if hook_state == "aggregate":
+                config["hook"] = layer.register_forward_pre_hook(self._aggregate_hook(name))
+            elif hook_state == "sparsify":
+                config["hook"] = layer.register_forward_pre_hook(self._sparsify_hook(name))
+
+    def save(self, path: str | Path) -> None:
+        """Write the whole state to a ``.safetensors`` file: masks and statistics
+        as tensors, configs as JSON metadata; built-in functions only."""
+        from .serialize import save_sparsifier
+
+        save_sparsifier(self, Path(path))
+
+    def load(self, path: str | Path) -> None:
+        """Restore what :meth:`save` wrote (the model must have the same layers)."""
+        from .serialize import load_sparsifier
+
+        self.load_state_dict(load_sparsifier(Path(path)))
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for name, config in self.data_groups.items():
+            lines += ["\tData Group", f"\t    name: {name}"]
+            for key in sorted(config):
+                if key in ("data", "hook", "layer"):
+                    continue
+                value = config[key]
+                if isinstance(value, BuiltinFn):
+                    value = value.spec
+                elif callable(value):
+                    value = getattr(value, "__name__", value)
+                lines.append(f"\t    {key}: {value}")
+        return "\n".join(lines) + "\n)"
+
+
+def _numel(x: torch.Tensor, dims: tuple[int, ...]) -> int:
+    return math.prod(x.shape[d] for d in dims)
+
+
+def _normalize_dim(dim: int, ndim: int, name: str) -> int:
+    if not -ndim <= dim < ndim:
+        raise ConfigError(f"feature_dim {dim} of layer {name!r} is out of range for an input with {ndim} axes")
+    return dim % ndim
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise DataError(
+            f"layer {name!r} received NaN or Inf in its input (or its statistic overflowed): "
+            "check the calibration data and the layers before it"
+        )

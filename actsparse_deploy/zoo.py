@@ -1,0 +1,321 @@
+"""Built-in models and data: two small digits classifiers and their data splits.
+
+The data is scikit-learn's bundled 8x8 digits set (no download), cut once into a
+fixed train / calibration / test split. The weights ship in ``models/`` and are
+made by ``python tools/train_digits.py``.
+
+    >>> from actsparse_deploy.zoo import builtin_names, digits_split, DigitsMLP
+    >>> builtin_names()
+    ['digits-cnn', 'digits-mlp']
+    >>> images, labels = digits_split("calibration")
+    >>> tuple(images.shape), labels.dtype
+    ((200, 1, 8, 8), torch.int64)
+    >>> tuple(DigitsMLP()(images[:4]).shape)
+    (4, 10)
+
+With the weights in place (``load_builtin`` raises ``ModelLoadError`` if not):
+
+    model = load_builtin("digits-cnn")
+    classification_accuracy(model, "test")   # 0.98 or so
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from actsparse_deploy.errors import DataError, ModelLoadError, WeightsError
+
+__all__ = [
+    "SPLIT_SEED",
+    "SPLIT_SIZES",
+    "MODELS_DIR_ENV",
+    "TRAIN_SCRIPT",
+    "BuiltinModel",
+    "DigitsCNN",
+    "DigitsMLP",
+    "builtin_metadata",
+    "builtin_names",
+    "builtin_recipe_path",
+    "builtin_weights_path",
+    "calibration_batches",
+    "classification_accuracy",
+    "digits_split",
+    "get_builtin",
+    "heldout_batches",
+    "load_builtin",
+    "models_dir",
+]
+
+SPLIT_SEED = 20240607
+"""Seed of the numpy permutation that cuts the digits set into splits."""
+
+SPLIT_SIZES: dict[str, int] = {"train": 1197, "calibration": 200, "test": 400}
+"""Split sizes, in the order they are taken from the permutation."""
+
+MODELS_DIR_ENV = "ACTSPARSE_MODELS_DIR"
+"""Environment variable that overrides where the shipped weights are looked up."""
+
+TRAIN_SCRIPT = "python tools/train_digits.py"
+"""The command that (re)creates the built-in weights."""
+
+_DIGITS_PIXEL_MAX = 16.0
+
+
+# --------------------------------------------------------------------------- data
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_splits() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Load the digits once and cut them into the fixed splits (cached, read-only use)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.asarray(digits.data, dtype=np.float32) / _DIGITS_PIXEL_MAX
+    labels = np.asarray(digits.target, dtype=np.int64)
+    if len(images) != sum(SPLIT_SIZES.values()):
+        raise DataError(
+            f"scikit-learn's digits set has {len(images)} samples, expected "
+            f"{sum(SPLIT_SIZES.values())}; the built-in splits need that exact set"
+        )
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    start = 0
+    for split, size in SPLIT_SIZES.items():
+        index = order[start : start + size]
+        start += size
+        split_images = torch.from_numpy(images[index].reshape(-1, 1, 8, 8).copy())
+        splits[split] = (split_images, torch.from_numpy(labels[index].copy()))
+    return splits
+
+
+def digits_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``(N, 1, 8, 8)`` float32 in [0, 1] and int64 labels of one split.
+
+    ``split`` is ``"train"`` (1197), ``"calibration"`` (200) or ``"test"`` (400).
+    The tensors are fresh copies: changing them does not change later calls.
+    """
+    splits = _digits_splits()
+    if split not in splits:
+        raise DataError(
+            f"unknown digits split {split!r}; valid splits: {', '.join(SPLIT_SIZES)}"
+        )
+    images, labels = splits[split]
+    return images.clone(), labels.clone()
+
+
+def _batches(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return list(torch.split(images, batch_size))
+
+
+def calibration_batches(name: str, batch_size: int = 32) -> list[torch.Tensor]:
+    """The calibration split's images for built-in ``name``, in order, in batches.
+
+    The last batch holds the remainder (200 images, 64 per batch: 64, 64, 64, 8).
+    """
+    get_builtin(name)
+    return _batches(digits_split("calibration")[0], batch_size)
+
+
+def heldout_batches(name: str, batch_size: int = 32) -> list[torch.Tensor]:
+    """The test split's images for built-in ``name``, in order, in batches."""
+    get_builtin(name)
+    return _batches(digits_split("test")[0], batch_size)
+
+
+# ------------------------------------------------------------------------- models
+
+
+class DigitsCNN(nn.Module):
+    """Two 3x3 convolutions, a 2x2 max-pool and two linear layers: (N,1,8,8) -> (N,10)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, kernel_size=3, padding=1)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=3, padding=1)
+        self.act2 = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(32 * 4 * 4, 64)
+        self.act3 = nn.ReLU()
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.conv1(x))
+        x = self.act2(self.conv2(x))
+        x = self.flatten(self.pool(x))
+        x = self.act3(self.fc1(x))
+        return self.fc2(x)
+
+
+class DigitsMLP(nn.Module):
+    """Flatten and three linear layers (64 -> 128 -> 64 -> 10) with ReLUs between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(64, 128)
+        self.act1 = nn.ReLU()
+        self.fc2 = nn.Linear(128, 64)
+        self.act2 = nn.ReLU()
+        self.fc3 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.fc1(self.flatten(x)))
+        x = self.act2(self.fc2(x))
+        return self.fc3(x)
+
+
+# ----------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A shipped model: how to build it and where its weights and recipe live."""
+
+    name: str
+    description: str
+    factory: Callable[[], nn.Module]
+    weights_filename: str
+    recipe_filename: str
+    task: str = "classification"
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("a built-in model needs a name")
+        if not callable(self.factory):
+            raise TypeError(f"built-in {self.name!r}: factory must be callable")
+        if not self.weights_filename.endswith(".safetensors"):
+            raise ValueError(
+                f"built-in {self.name!r}: weights file {self.weights_filename!r} "
+                "must be a .safetensors file"
+            )
+        if not self.recipe_filename.endswith(".toml"):
+            raise ValueError(
+                f"built-in {self.name!r}: recipe file {self.recipe_filename!r} "
+                "must be a .toml file"
+            )
+        if self.task != "classification":
+            raise ValueError(f"built-in {self.name!r}: unknown task {self.task!r}")
+
+
+def _digits_builtin(name: str, description: str, factory: Callable[[], nn.Module]) -> BuiltinModel:
+    return BuiltinModel(
+        name=name,
+        description=description,
+        factory=factory,
+        weights_filename=f"{name}.safetensors",
+        recipe_filename=f"{name}.toml",
+    )
+
+
+_BUILTINS: dict[str, BuiltinModel] = {
+    model.name: model
+    for model in (
+        _digits_builtin(
+            "digits-cnn", "small CNN on 8x8 scikit-learn digits (2 conv + 2 linear)", DigitsCNN
+        ),
+        _digits_builtin("digits-mlp", "3-layer MLP on 8x8 scikit-learn digits", DigitsMLP),
+    )
+}
+
+
+def builtin_names() -> list[str]:
+    """Names of the built-in models, sorted."""
+    return sorted(_BUILTINS)
+
+
+def get_builtin(name: str) -> BuiltinModel:
+    """The registry entry of built-in ``name``; unknown names list the known ones."""
+    try:
+        return _BUILTINS[name]
+    except (KeyError, TypeError):
+        raise ModelLoadError(
+            f"unknown built-in model {name!r}; known models: {', '.join(builtin_names())}"
+        ) from None
+
+
+def models_dir() -> Path:
+    """Shipped weights and recipes dir: ``$ACTSPARSE_MODELS_DIR``, else the repo's ``models/``."""
+    override = os.environ.get(MODELS_DIR_ENV)
+    if override:
+        return Path(override).expanduser()
+    return Path(__file__).resolve().parent.parent / "models"
+
+
+def builtin_weights_path(name: str) -> Path:
+    """Path of built-in ``name``'s weights file (it may not exist)."""
+    return models_dir() / get_builtin(name).weights_filename
+
+
+def builtin_recipe_path(name: str) -> Path:
+    """Path of built-in ``name``'s recipe, ``models/recipes/<name>.toml`` (it may not exist)."""
+    return models_dir() / "recipes" / get_builtin(name).recipe_filename
+
+
+def _existing_weights(name: str) -> Path:
+    path = builtin_weights_path(name)
+    if not path.is_file():
+        raise ModelLoadError(
+            f"weights of built-in model {name!r} not found at {path}; "
+            f"run `{TRAIN_SCRIPT}` to create them"
+        )
+    return path
+
+
+def load_builtin(name: str) -> nn.Module:
+    """Build built-in ``name``, load its shipped weights strictly, return it in eval mode."""
+    entry = get_builtin(name)
+    path = _existing_weights(name)
+    try:
+        state_dict = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"cannot read weights file {path}: {e}") from e
+    model = entry.factory()
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise WeightsError(
+            f"weights file {path} does not fit built-in model {name!r}: {e}; "
+            f"run `{TRAIN_SCRIPT}` to recreate it"
+        ) from e
+    return model.eval()
+
+
+def builtin_metadata(name: str) -> dict[str, str]:
+    """The string metadata stored in built-in ``name``'s weights file (test accuracy etc.)."""
+    path = _existing_weights(name)
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata()
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"cannot read weights file {path}: {e}") from e
+    return dict(metadata or {})
+
+
+def classification_accuracy(model: nn.Module, split: str = "test") -> float:
+    """Top-1 accuracy of ``model`` on a digits split, in eval mode without gradients.
+
+    The model's train / eval mode is restored afterwards.
+    """
+    images, labels = digits_split(split)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            predictions = model(images).argmax(dim=1)
+    finally:
+        model.train(was_training)
+    return float((predictions == labels).float().mean().item())
