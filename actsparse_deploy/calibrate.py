@@ -23,12 +23,12 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .errors import CalibrationError, DataError
+from .errors import ActsparseError, CalibrationError, DataError
 from .masks import LayerMask, Masks
 from .recipe import Recipe
 from .sparsifier import ActivationSparsifier
 
-__all__ = ["Batch", "batch_size", "calibrate", "run_batch"]
+__all__ = ["Batch", "batch_size", "calibrate", "describe_batch", "run_batch"]
 
 Batch = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor] | Mapping[str, torch.Tensor]
 
@@ -50,6 +50,26 @@ def batch_size(batch: Batch) -> int:
     if not isinstance(first, torch.Tensor) or first.ndim == 0:
         raise DataError("a batch must hold at least one tensor with a batch axis")
     return int(first.shape[0])
+
+
+def describe_batch(batch: Batch) -> str:
+    """Shapes and dtypes, for error messages: ``input_ids int64[8, 128], ...``."""
+
+    def one(t: Any) -> str:
+        if not isinstance(t, torch.Tensor):
+            return type(t).__name__
+        return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+
+    if isinstance(batch, Mapping):
+        return ", ".join(f"{k} {one(v)}" for k, v in batch.items())
+    if isinstance(batch, (tuple, list)):
+        return ", ".join(one(t) for t in batch)
+    return one(batch)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
 
 
 @contextlib.contextmanager
@@ -119,7 +139,15 @@ def calibrate(
             sparsifier.register_layer(model.get_submodule(name), **config.register_kwargs())
         for batch in batches:
             n = batch_size(batch)
-            run_batch(model, batch)
+            try:
+                run_batch(model, batch)
+            except ActsparseError:
+                raise
+            except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                raise DataError(
+                    f"the model failed on calibration batch {num_batches} ({describe_batch(batch)}): "
+                    f"{type(e).__name__}: {_first_line(e)}"
+                ) from e
             num_samples += n
             num_batches += 1
             if on_batch is not None:

@@ -352,6 +352,15 @@ class Recipe:
             return cls.from_dict(recipe)
         return cls.load(recipe)
 
+    def with_sparsity(self, level: float) -> "Recipe":
+        """The same recipe with ``sparsity_level`` set to ``level`` everywhere."""
+        override = LayerSettings(sparse_config=(("sparsity_level", level),))
+        rules = tuple(
+            replace(rule, settings=rule.settings.merged(override)) if rule.settings.sparse_config else rule
+            for rule in self.layers
+        )
+        return replace(self, defaults=self.defaults.merged(override), layers=rules)
+
     # --- output ------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

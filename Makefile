@@ -1,0 +1,22 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+# Every install passes constraints.txt, which pins torch to the CPU build on disk.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	mkdir -p out
+	$(BIN)/actsparse calibrate digits-cnn -o out/masks.safetensors --overwrite
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) out
