@@ -100,10 +100,12 @@ def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise WeightsError(
-            f"weights file {path} holds Python objects other than tensors, which are refused "
-            "(they could run code when loaded): save model.state_dict() instead, ideally as .safetensors"
-        ) from e
+        if "Unsupported global" in str(e):
+            raise WeightsError(
+                f"weights file {path} holds Python objects other than tensors, which are refused "
+                "(loading them could run code): save model.state_dict() instead, ideally as .safetensors"
+            ) from e
+        raise WeightsError(f"weights file {path} is corrupted or not a torch file") from e
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise WeightsError(f"weights file {path} is corrupted or not a torch file ({e})") from e
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
@@ -144,13 +146,17 @@ def _few(items: list[str], limit: int = 5) -> str:
 
 
 def _to_tensor(name: str, array: Any, source: str) -> torch.Tensor:
-    t = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
+    if array.ndim == 0:
+        raise DataError(f"array {name!r} in {source} is a scalar: it needs a batch axis first")
+    if not isinstance(array, torch.Tensor):
+        if array.dtype.kind not in "biuf":
+            raise DataError(f"array {name!r} in {source} has dtype {array.dtype}, which a model cannot take")
+        array = torch.from_numpy(np.ascontiguousarray(array))
+    t = array
     if t.dtype == torch.float64:
         t = t.to(torch.float32)  # numpy's default; models here run in float32
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool, torch.uint8):
         raise DataError(f"array {name!r} in {source} has dtype {t.dtype}, which a model cannot take")
-    if t.ndim == 0:
-        raise DataError(f"array {name!r} in {source} is a scalar: it needs a batch axis first")
     if t.shape[0] == 0:
         raise DataError(f"array {name!r} in {source} is empty (0 samples)")
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):

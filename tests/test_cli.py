@@ -1,0 +1,158 @@
+"""The command line, through typer's CliRunner (and one real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from actsparse_deploy import Masks
+from actsparse_deploy.cli import app
+from actsparse_deploy.errors import DataError, ModelLoadError, OutputError, RecipeError
+
+runner = CliRunner()
+
+USER_MODULE = '''
+import torch
+from torch import nn
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+'''
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_calibrate_builtin_out_of_the_box(tmp_path):
+    out = tmp_path / "masks.safetensors"
+    result = invoke("calibrate", "digits-cnn", "-o", out)
+    assert result.exit_code == 0, result.output
+    for text in ("conv2", "16x1x1", "12.5%", "fc1", "25.0%", "fc2", "50.0%", "200 calibration samples"):
+        assert text in result.stdout
+    masks = Masks.load(out)
+    assert list(masks) == ["conv2", "fc1", "fc2"] and masks.model == "digits-cnn"
+    assert [round(masks[n].sparsity, 4) for n in masks] == [0.125, 0.25, 0.5]
+
+
+def test_calibrate_json_and_sparsity_override(tmp_path):
+    out = tmp_path / "m.safetensors"
+    result = invoke("calibrate", "digits-mlp", "--sparsity", "0.5", "--json", "-o", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["output"] == str(out) and report["num_samples"] == 200
+    assert [(row["layer"], row["sparsity"]) for row in report["layers"]] == [("fc2", 0.5), ("fc3", 0.5)]
+
+
+def test_calibrate_flags_recipe(tmp_path):
+    out = tmp_path / "m.safetensors"
+    result = invoke(
+        "calibrate", "digits-cnn", "--layers", "conv*", "--layer-type", "Linear", "--sparsity", "0.25",
+        "--structured", "--aggregate", "sum_sq", "--batch-size", "64", "-o", out,
+    )
+    assert result.exit_code == 0, result.output
+    masks = Masks.load(out)
+    assert list(masks) == ["conv1", "conv2", "fc1", "fc2"]
+    assert masks["conv2"].mask.shape == (16, 1, 1) and masks.num_batches == 4
+    assert masks.recipe.defaults.aggregate_fn.name == "sum_sq"
+
+
+def test_calibrate_recipe_file_and_user_model(tmp_path, monkeypatch):
+    (tmp_path / "cli_user_model.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32))
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[defaults]\nmask_fn = "threshold"\nsparse_config = { threshold = 0.3 }\n[[layers]]\nname = "2"\n')
+    torch.manual_seed(3)
+    weights = {"0.weight": torch.randn(8, 4), "0.bias": torch.randn(8), "2.weight": torch.randn(2, 8), "2.bias": torch.randn(2)}
+    save_file(weights, str(tmp_path / "w.safetensors"))
+    out = tmp_path / "m.safetensors"
+    result = invoke(
+        "calibrate", "cli_user_model:build", "--weights", tmp_path / "w.safetensors", "--recipe", recipe,
+        "--data", tmp_path / "calib.npz", "--batch-size", "16", "-o", out,
+    )
+    assert result.exit_code == 0, result.output
+    masks = Masks.load(out)
+    x = torch.from_numpy(np.load(tmp_path / "calib.npz")["x"])
+    hidden = torch.relu(x @ weights["0.weight"].T + weights["0.bias"])
+    torch.testing.assert_close(masks["2"].mask, (hidden.abs().mean(0) >= 0.3).float())
+    assert masks.num_samples == 50 and masks.num_batches == 4
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        (["calibrate", "nope", "-o", "{out}"], ModelLoadError, "unknown built-in model 'nope'"),
+        (["calibrate", "digits-cnn", "--recipe", "{tmp}/absent.toml", "-o", "{out}"], RecipeError, "does not exist"),
+        (["calibrate", "digits-cnn", "--layers", "fc*", "-o", "{out}"], RecipeError, "need --sparsity or --threshold"),
+        (["calibrate", "digits-cnn", "--layers", "decoder*", "--sparsity", "0.5", "-o", "{out}"], RecipeError, "matches no module"),
+        (["calibrate", "digits-cnn", "--data", "{tmp}/absent.npy", "-o", "{out}"], DataError, "does not exist"),
+        (["calibrate", "digits-cnn", "-o", "{tmp}/no/dir/m.safetensors"], OutputError, "does not exist"),
+        (["calibrate", "torch.nn:Linear", "--layers", "x", "--sparsity", "0.5", "-o", "{out}"], ModelLoadError, "failed: TypeError"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code(tmp_path, args, error, message):
+    out = tmp_path / "m.safetensors"
+    result = invoke(*[a.format(out=out, tmp=tmp_path) for a in args])
+    assert result.exit_code == error.exit_code, result.output
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert "Traceback" not in result.output
+    assert not out.exists() and not list(tmp_path.glob(".*.part"))
+
+
+def test_wrong_data_shape_names_the_batch(tmp_path):
+    np.save(tmp_path / "bad.npy", np.zeros((5, 3), dtype=np.float32))
+    result = invoke("calibrate", "digits-mlp", "--data", tmp_path / "bad.npy", "-o", tmp_path / "m.safetensors")
+    assert result.exit_code == DataError.exit_code
+    assert "the model failed on calibration batch 0 (float32[5, 3])" in result.stderr
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"keep me")
+    result = invoke("calibrate", "digits-mlp", "-o", out)
+    assert result.exit_code == OutputError.exit_code and "--overwrite" in result.stderr
+    assert out.read_bytes() == b"keep me"
+    result = invoke("calibrate", "digits-mlp", "-o", out, "--overwrite")
+    assert result.exit_code == 0
+    assert len(Masks.load(out)) == 2
+
+
+def test_verbose_shows_traceback(tmp_path):
+    result = invoke("calibrate", "nope", "-o", tmp_path / "m.safetensors", "--verbose")
+    assert result.exit_code == ModelLoadError.exit_code
+    assert "Traceback" in result.stderr
+
+
+def test_models_command():
+    result = invoke("models")
+    assert result.exit_code == 0 and "digits-cnn" in result.stdout and "0.9800" in result.stdout
+    rows = json.loads(invoke("models", "--json").stdout)
+    assert {r["name"]: r["test_accuracy"] for r in rows} == {"digits-cnn": 0.98, "digits-mlp": 0.9725}
+
+
+def test_help_for_every_command():
+    for command in ("calibrate", "models"):
+        result = invoke(command, "--help")
+        assert result.exit_code == 0 and "Usage" in result.stdout
+
+
+def test_python_dash_m_runs_the_cli(tmp_path):
+    out = tmp_path / "m.safetensors"
+    proc = subprocess.run(
+        [sys.executable, "-m", "actsparse_deploy", "calibrate", "digits-mlp", "-o", str(out), "--json"],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["overall_sparsity"] == pytest.approx(0.25)
+    proc = subprocess.run([sys.executable, "-m", "actsparse_deploy", "calibrate", "nope", "-o", str(tmp_path / "other.safetensors")], capture_output=True, text=True)
+    assert proc.returncode == ModelLoadError.exit_code
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: unknown built-in model")
