@@ -10,5 +10,6 @@ from .calibrate import calibrate  # noqa: E402
 from .masks import Masks  # noqa: E402
 from .recipe import Recipe  # noqa: E402
 from .sparsifier import ActivationSparsifier  # noqa: E402
+from .squash import squash, squash_  # noqa: E402
 
-__all__ = ["ActivationSparsifier", "Masks", "Recipe", "__version__", "calibrate"]
+__all__ = ["ActivationSparsifier", "Masks", "Recipe", "__version__", "calibrate", "squash", "squash_"]

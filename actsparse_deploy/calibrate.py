@@ -95,29 +95,6 @@ def _attached(sparsifier: ActivationSparsifier) -> Iterator[ActivationSparsifier
             sparsifier.unregister_layer(name)
 
 
-@contextlib.contextmanager
-def _first_input_shapes(model: nn.Module, names: Iterable[str]) -> Iterator[dict[str, tuple[int, ...]]]:
-    """Record each layer's first input shape; each hook removes itself after one call."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    handles = {}
-
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
-            if inputs and isinstance(inputs[0], torch.Tensor):
-                shapes[name] = tuple(inputs[0].shape)
-            handles.pop(name).remove()
-
-        return hook
-
-    for name in names:
-        handles[name] = model.get_submodule(name).register_forward_pre_hook(make_hook(name))
-    try:
-        yield shapes
-    finally:
-        for handle in handles.values():
-            handle.remove()
-
-
 def calibrate(
     model: nn.Module,
     recipe: Recipe | str | Path | Mapping[str, Any],
@@ -134,7 +111,7 @@ def calibrate(
     layers = recipe.select(model)
     sparsifier = ActivationSparsifier(model)
     num_samples = num_batches = 0
-    with _calibration_mode(model), _attached(sparsifier), _first_input_shapes(model, layers) as shapes:
+    with _calibration_mode(model), _attached(sparsifier):
         for name, config in layers.items():
             sparsifier.register_layer(model.get_submodule(name), **config.register_kwargs())
         for batch in batches:
@@ -156,7 +133,9 @@ def calibrate(
             raise DataError("no calibration batches: the data source is empty")
         sparsifier.step()
         result = {
-            name: _layer_mask(name, sparsifier.get_mask(name), config.features, config.feature_dim, shapes.get(name))
+            name: _layer_mask(
+                name, sparsifier.get_mask(name), config.features, config.feature_dim, sparsifier.input_shape(name)
+            )
             for name, config in layers.items()
         }
     return Masks(layers=result, recipe=recipe, num_samples=num_samples, num_batches=num_batches, model=model_name)

@@ -24,13 +24,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__, zoo
-from .calibrate import batch_size, calibrate
-from .errors import ActsparseError, RecipeError
+from .calibrate import batch_size, calibrate, run_batch
+from .errors import ActsparseError, ExportError, MaskError, RecipeError
+from .export import DEFAULT_EXPORTER, EXPORTERS, IOSpec, export_onnx, layer_metadata
 from .files import check_output_path
 from .functions import AGGREGATE_FNS
 from .loading import load_data, load_model
 from .masks import Masks
+from .pipeline import Workload, as_positional, convert, load_pt2, load_workload, pt2_io, save_pt2, sparsification_cost
 from .recipe import Recipe
+from .squash import MODES, squash
+from .validate import DEFAULT_ATOL, DEFAULT_RTOL, validate
 
 app = typer.Typer(
     name="actsparse",
@@ -70,7 +74,33 @@ DataOpt = Annotated[
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per batch when data comes from a file.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace output files that already exist.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts).")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors, and the exporter's own output.")]
+HeldoutOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--heldout",
+        help="Held-out data for validation and the accuracy cost (never the calibration data); same formats as --data. "
+        "Default for built-in models: their held-out split.",
+    ),
+]
+MasksOpt = Annotated[Optional[Path], typer.Option("--masks", "-m", help="A masks file from `actsparse calibrate`.")]
+ModeOpt = Annotated[
+    str,
+    typer.Option(
+        "--mode",
+        help="How masks become part of the model: mul (multiply the input by a constant), fold (into the weights, "
+        "where the mask is per input feature / channel), auto (fold where exact, else mul).",
+    ),
+]
+ExporterOpt = Annotated[
+    str, typer.Option("--exporter", help=f"torch.onnx exporter: {' or '.join(EXPORTERS)} (default {DEFAULT_EXPORTER}: see the README).")
+]
+OpsetOpt = Annotated[Optional[int], typer.Option("--opset", min=7, help="ONNX opset (default: the exporter's).")]
+ExternalOpt = Annotated[
+    bool, typer.Option("--external-data", help="Write the weights to MODEL.onnx.data beside the model (automatic over 2 GB).")
+]
+AtolOpt = Annotated[float, typer.Option("--atol", min=0.0, help="Absolute tolerance, ONNX vs PyTorch.")]
+RtolOpt = Annotated[float, typer.Option("--rtol", min=0.0, help="Relative tolerance, ONNX vs PyTorch (added to atol).")]
 
 
 def _version(value: bool) -> None:
@@ -130,14 +160,14 @@ def models_cmd(as_json: JsonOpt = False, verbose: VerboseOpt = False) -> None:
     for name in zoo.builtin_names():
         entry = zoo.get_builtin(name)
         weights = zoo.builtin_weights_path(name)
-        meta = zoo.builtin_metadata(name) if weights.is_file() else {}
+        meta = zoo.builtin_metadata(name) if weights is not None and weights.is_file() else {}
         rows.append(
             {
                 "name": name,
                 "description": entry.description,
                 "task": entry.task,
                 "test_accuracy": float(meta["test_accuracy"]) if "test_accuracy" in meta else None,
-                "weights": str(weights),
+                "weights": str(weights) if weights is not None else None,
                 "recipe": str(zoo.builtin_recipe_path(name)),
             }
         )
@@ -146,7 +176,7 @@ def models_cmd(as_json: JsonOpt = False, verbose: VerboseOpt = False) -> None:
         return
     table = Table("name", "description", "test accuracy", "recipe")
     for row in rows:
-        acc = f"{row['test_accuracy']:.4f}" if row["test_accuracy"] is not None else "no weights"
+        acc = f"{row['test_accuracy']:.4f}" if row["test_accuracy"] is not None else "-"
         table.add_row(row["name"], row["description"], acc, row["recipe"])
     stdout.print(table)
 
@@ -251,6 +281,310 @@ def calibrate_cmd(
         return
     _print_masks_table(masks, f"{model}: {masks.num_samples} calibration samples")
     stdout.print(f"overall sparsity {masks.overall_sparsity():.1%}; masks written to {output}")
+
+
+# --- squash / export / validate / convert / inspect ----------------------------------
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise MaskError(f"unknown squash mode {mode!r}; known: {', '.join(MODES)}")
+
+
+def _check_exporter(exporter: str) -> None:
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
+
+
+def _print_modes(rows: list[dict[str, Any]], title: str) -> None:
+    table = Table("layer", "sparsity", "mode", "why", title=title)
+    for row in rows:
+        table.add_row(row["layer"], f"{row['sparsity']:.1%}", row["mode"], row["reason"])
+    stdout.print(table)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+@app.command("squash")
+@handle_errors
+def squash_cmd(
+    model: ModelArg,
+    masks: Annotated[Path, typer.Option("--masks", "-m", help="A masks file from `actsparse calibrate`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the squashed program (.pt2, torch.export).")],
+    weights: WeightsOpt = None,
+    mode: ModeOpt = "auto",
+    data: DataOpt = None,
+    heldout: HeldoutOpt = None,
+    batch: BatchSizeOpt = 32,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Bake masks into the model (no hooks left) and save it as a torch.export program (.pt2).
+
+    Load it with torch.export.load(path).module(). An example input for tracing comes
+    from the built-in data, or from --heldout / --data for your own model.
+    """
+    _check_mode(mode)
+    check_output_path(output, overwrite)
+    work = load_workload(model, weights, data, heldout, batch if data or heldout else None)
+    result = squash(work.model, Masks.load(masks), mode)
+    save_pt2(work, result, output, overwrite)
+    if as_json:
+        _emit_json({"output": str(output), "mode": mode, "layers": result.report()})
+        return
+    _print_modes(result.report(), f"{model}: squashed ({mode})")
+    stdout.print(f"torch.export program written to {output}")
+
+
+@app.command("export")
+@handle_errors
+def export_cmd(
+    source: Annotated[str, typer.Argument(help="A model (built-in name or package.module:factory) or a .pt2 from `actsparse squash`.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the ONNX model.")],
+    masks: MasksOpt = None,
+    mode: ModeOpt = "auto",
+    weights: WeightsOpt = None,
+    data: DataOpt = None,
+    heldout: HeldoutOpt = None,
+    batch: BatchSizeOpt = 32,
+    exporter: ExporterOpt = DEFAULT_EXPORTER,
+    opset: OpsetOpt = None,
+    external_data: ExternalOpt = False,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Export to ONNX: a model with --masks (squashed first), a model alone (dense), or a .pt2 program.
+
+    The batch axis is always dynamic (and the sequence axis for sequence models);
+    onnx.checker runs on the result; metadata_props record the tool version,
+    squash mode and per-layer sparsity.
+    """
+    _check_mode(mode)
+    _check_exporter(exporter)
+    check_output_path(output, overwrite)
+    if source.endswith(".pt2"):
+        if masks is not None:
+            raise MaskError("a .pt2 program already has its masks baked in: drop --masks")
+        program, meta = load_pt2(source)
+        example = program.example_inputs[0]
+        rows = meta.get("layers", [])
+        result = export_onnx(
+            program, example, output, exporter=exporter, opset=opset, io_spec=pt2_io(meta),
+            metadata=layer_metadata(rows, "from .pt2"), external_data=external_data, overwrite=overwrite, verbose=verbose,
+        )
+    else:
+        work = load_workload(source, weights, data, heldout, batch if data or heldout else None)
+        module, rows, the_mode = work.model, [], "none (dense)"
+        if masks is not None:
+            squashed = squash(work.model, Masks.load(masks), mode)
+            module, rows, the_mode = squashed.model, squashed.report(), mode
+        result = export_onnx(
+            module, work.example(), output, exporter=exporter, opset=opset, io_spec=work.io,
+            metadata=layer_metadata(rows, the_mode), external_data=external_data, overwrite=overwrite, verbose=verbose,
+        )
+    if as_json:
+        _emit_json({**result.to_json(), "layers": rows})
+        return
+    if rows:
+        _print_modes(rows, f"{source}: squashed")
+    stdout.print(
+        f"{result.exporter} export, opset {result.opset}, {result.seconds:.2f} s: {output} ({_size(result.size_bytes)}"
+        + (", external data)" if result.external_data else ")")
+    )
+
+
+@app.command("validate")
+@handle_errors
+def validate_cmd(
+    onnx_model: Annotated[Path, typer.Argument(help="The ONNX model to check.", show_default=False)],
+    reference: Annotated[str, typer.Argument(help="What it must compute: a model (+ --masks) or a .pt2 from `actsparse squash`.", show_default=False)],
+    masks: MasksOpt = None,
+    mode: ModeOpt = "auto",
+    weights: WeightsOpt = None,
+    heldout: HeldoutOpt = None,
+    batch: BatchSizeOpt = 32,
+    atol: AtolOpt = DEFAULT_ATOL,
+    rtol: RtolOpt = DEFAULT_RTOL,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run the ONNX model under onnxruntime and the PyTorch model on held-out inputs, at several batch sizes.
+
+    Checks output names, then shapes, then values; any output over tolerance fails
+    with a non-zero exit code. With a model and --masks, also reports what
+    sparsification cost (dense vs sparse outputs, accuracy for classifiers).
+    """
+    _check_mode(mode)
+    cost = None
+    if reference.endswith(".pt2"):
+        program, meta = load_pt2(reference)
+        io = pt2_io(meta)
+        name = meta.get("model")
+        if heldout is None and not (name and name in zoo.builtin_names()):
+            raise ActsparseError("pass --heldout data: the .pt2 does not name a built-in model")
+        held = load_workload(name, heldout=heldout, batch_size=batch if heldout else None).require_heldout() if heldout is None else list(load_data(heldout, batch))
+        sparse: Any = program.module()
+        batches = as_positional(held, io.input_names) if io else held
+        names = io.output_names if io else None
+    else:
+        work = load_workload(reference, weights, None, heldout, batch if heldout else None)
+        sparse = squash(work.model, Masks.load(masks), mode).model if masks is not None else work.model
+        batches = work.require_heldout()
+        names = work.io.output_names if work.io else None
+    report = validate(onnx_model, sparse, batches, atol=atol, rtol=rtol, output_names=names)
+    if not reference.endswith(".pt2") and masks is not None:
+        cost = sparsification_cost(work, sparse, onnx_model)
+    if as_json:
+        _emit_json({"validation": report.to_json(), "cost": cost})
+        return
+    table = Table("output", "max abs diff", "max rel diff", title=f"{onnx_model} vs {reference}: PASSED")
+    for diff in report.outputs:
+        table.add_row(diff.name, f"{diff.max_abs:.2e}", f"{diff.max_rel:.2e}")
+    stdout.print(table)
+    stdout.print(f"{report.samples} held-out samples at batch sizes {report.batch_sizes}; tolerance atol {atol:g} + rtol {rtol:g}")
+    if cost is not None:
+        _print_cost(cost)
+
+
+def _print_cost(cost: dict[str, Any]) -> None:
+    for row in cost["outputs"]:
+        stdout.print(
+            f"sparsification cost, {row['output']}: cosine to dense mean {row['cosine_mean']:.4f} "
+            f"(worst {row['cosine_min']:.4f}), max abs diff {row['max_abs_diff']:.3g}"
+        )
+    if "accuracy_dense" in cost:
+        stdout.print(
+            f"accuracy dense {cost['accuracy_dense']:.4f} -> sparse {cost['accuracy_sparse']:.4f}"
+            + (f" (ONNX {cost['accuracy_onnx']:.4f})" if "accuracy_onnx" in cost else "")
+        )
+
+
+@app.command("convert")
+@handle_errors
+def convert_cmd(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for masks.safetensors, model.onnx and report.json.")],
+    weights: WeightsOpt = None,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="A recipe TOML file (default: the built-in model's).")] = None,
+    sparsity: Annotated[Optional[float], typer.Option("--sparsity", "-s", min=0.0, max=1.0, help="Override the recipe's sparsity_level everywhere.")] = None,
+    data: DataOpt = None,
+    heldout: HeldoutOpt = None,
+    batch: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Samples per batch (default: the built-in model's, else 32).")] = None,
+    mode: ModeOpt = "auto",
+    exporter: ExporterOpt = DEFAULT_EXPORTER,
+    opset: OpsetOpt = None,
+    external_data: ExternalOpt = False,
+    atol: AtolOpt = DEFAULT_ATOL,
+    rtol: RtolOpt = DEFAULT_RTOL,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Calibrate, squash, export and validate in one go.
+
+    Writes OUTDIR/masks.safetensors, OUTDIR/model.onnx and OUTDIR/report.json, and
+    prints a summary: layers, sparsity, squash mode, ONNX max diff, the accuracy
+    (or cosine) cost, file sizes.
+    """
+    _check_mode(mode)
+    _check_exporter(exporter)
+    with Progress(
+        TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"), TimeElapsedColumn(),
+        console=stderr, transient=True, disable=as_json or not stderr.is_terminal,
+    ) as progress:
+        task = progress.add_task("calibrate", total=None)
+        report = convert(
+            model, output, weights=weights, recipe=recipe, sparsity=sparsity, data=data, heldout=heldout,
+            batch_size=batch, mode=mode, exporter=exporter, opset=opset, external_data=external_data, atol=atol,
+            rtol=rtol, overwrite=overwrite, verbose=verbose, on_batch=lambda n: progress.advance(task, n),
+        )
+    if as_json:
+        _emit_json(report)
+        return
+    print_convert_summary(report)
+
+
+def print_convert_summary(report: dict[str, Any]) -> None:
+    _print_modes(report["layers"], f"{report['model']}: {report['calibration']['samples']} calibration samples")
+    validation = report["validation"]
+    stdout.print(
+        f"ONNX ({report['export']['exporter']}, opset {report['export']['opset']}) vs PyTorch: max abs diff "
+        f"{validation['max_abs_diff']:.2e} <= {validation['atol']:g} at batch sizes {validation['batch_sizes']}: PASSED"
+    )
+    _print_cost(report["cost"])
+    files = ", ".join(f"{name} {_size(size)}" for name, size in report["files"].items())
+    stdout.print(f"files: {files}; {report['seconds']['total']:.1f} s in all")
+
+
+@app.command("inspect")
+@handle_errors
+def inspect_cmd(
+    target: Annotated[str, typer.Argument(help="A masks file (.safetensors from calibrate), or a model to list the layers of.", show_default=False)],
+    weights: WeightsOpt = None,
+    data: DataOpt = None,
+    batch: BatchSizeOpt = 8,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """List a model's layers that can take a mask (name, type, input shape on a sample batch), or a masks file's contents."""
+    if target.endswith(".safetensors") and Path(target).is_file() and weights is None:
+        masks = Masks.load(target)
+        if as_json:
+            _emit_json(masks.to_json())
+            return
+        _print_masks_table(masks, f"{target}: masks for {masks.model or '?'}, {masks.num_samples} calibration samples, tool {masks.tool_version}")
+        if masks.recipe is not None:
+            stdout.print(masks.recipe.dumps().rstrip(), markup=False)
+        return
+    work = load_workload(target, weights, data, None, batch)
+    rows = layer_table(work)
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table("layer", "type", "input shape", "fold", title=f"{target}: layers that can take a mask")
+    for row in rows:
+        table.add_row(row["layer"], row["type"], "x".join(map(str, row["input_shape"])), "yes" if row["foldable"] else "no")
+    stdout.print(table)
+
+
+def layer_table(work: Workload) -> list[dict[str, Any]]:
+    """Leaf modules whose first input is a tensor, with the input shape seen on one batch."""
+    import torch
+
+    from .squash import fold_vector
+
+    calibration = work.require_calibration()
+    batch = next(iter(calibration))
+    seen: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name, module in work.model.named_modules():
+        if name and not list(module.children()):
+            def hook(m: Any, inputs: tuple[Any, ...], name: str = name) -> None:
+                if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].is_floating_point():
+                    seen.setdefault(name, tuple(inputs[0].shape))
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            run_batch(work.model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = []
+    modules = dict(work.model.named_modules())
+    for name, shape in seen.items():
+        module = modules[name]
+        foldable = fold_vector(module, torch.ones(1))[0] is not None
+        rows.append({"layer": name, "type": type(module).__name__, "input_shape": list(shape), "foldable": foldable})
+    return rows
+
 
 
 def main() -> None:

@@ -46,7 +46,8 @@ def atomic_output(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     remove it on any error."""
     path = Path(path)
     check_output_path(path, overwrite)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    # the temporary name keeps the suffix: some writers check it (torch.export.save: .pt2)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.part-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:

@@ -62,6 +62,40 @@ class LayerMask:
         zeros = sum(int((t == 0).sum()) for t in self.tensors)
         return zeros / total if total else 0.0
 
+    def dense(self) -> torch.Tensor:
+        """One tensor with the same effect, broadcasting against the layer input.
+
+        A plain mask is returned as is. Per-feature masks (upstream semantics:
+        ``index_select(input, feature_dim, [f]) * mask[i]``) become one tensor
+        that is 1 at unselected features, using the input size recorded at
+        calibration; leading size-1 axes are dropped.
+        """
+        if isinstance(self.mask, torch.Tensor):
+            return self.mask
+        if self.input_shape is None or self.feature_dim is None:
+            raise MaskError("a per-feature mask needs the layer's input shape to be made dense")
+        full_shape = (1, *self.input_shape)  # batch axis first
+        n = len(full_shape)
+        if not -n <= self.feature_dim < n or self.feature_dim % n == 0:
+            raise MaskError(f"feature_dim {self.feature_dim} must name a non-batch axis of an input of shape {list(self.input_shape)}")
+        fd = self.feature_dim % n
+        aligned = []
+        for t in self.mask:
+            if t.ndim > n:
+                raise MaskError(f"a feature mask of shape {list(t.shape)} has more axes than the input {list(self.input_shape)}")
+            aligned.append(t.reshape((1,) * (n - t.ndim) + tuple(t.shape)))
+        shape = list(torch.broadcast_shapes(*(t.shape for t in aligned)))
+        if shape[0] != 1:
+            raise MaskError(f"feature masks of shape {shape} have a batch axis: they cannot be baked into the model")
+        shape[fd] = full_shape[fd]
+        full = torch.ones(shape, dtype=self.mask[0].dtype)
+        for feature, t in zip(self.features or (), aligned):
+            for position, index in enumerate(torch.tensor(feature).reshape(-1).tolist()):
+                full.select(fd, index).mul_(t.select(fd, 0 if t.shape[fd] == 1 else position))
+        while full.ndim > 1 and full.shape[0] == 1:
+            full = full[0]
+        return full
+
     @property
     def shape(self) -> list[int] | list[list[int]]:
         if isinstance(self.mask, torch.Tensor):
@@ -80,6 +114,22 @@ class Masks:
     model: str | None = None
     tool_version: str = __version__
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_sparsifier(cls, sparsifier: Any, model: str | None = None) -> "Masks":
+        """The masks of a live sparsifier after ``step()``."""
+        layers = {}
+        for name, config in sparsifier.data_groups.items():
+            mask = sparsifier.get_mask(name)
+            shape = sparsifier.input_shape(name)
+            features = config["features"]
+            layers[name] = LayerMask(
+                mask=mask.detach().clone() if features is None else tuple(m.detach().clone() for m in mask),
+                features=tuple(features) if features is not None else None,
+                feature_dim=config["feature_dim"] if features is not None else None,
+                input_shape=tuple(shape[1:]) if shape is not None else None,
+            )
+        return cls(layers=layers, model=model)
 
     def __getitem__(self, name: str) -> LayerMask:
         try:

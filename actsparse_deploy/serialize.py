@@ -130,6 +130,7 @@ def save_sparsifier(sp: "ActivationSparsifier", path: Path) -> None:
         entry["hook_state"] = config.get("hook_state")
         entry["data"] = _put(tensors, f"data{SEP}{name}", config.get("data"))
         entry["mask"] = _put(tensors, f"mask{SEP}{name}", sp.state.get(name, {}).get("mask"))
+        entry["input_shape"] = sp.input_shape(name)
         groups[name] = entry
     state = {"defaults": _config_json(sp.defaults, "default"), "data_groups": groups}
     try:
@@ -166,6 +167,8 @@ def load_sparsifier(path: Path) -> dict[str, Any]:
                 config["data"] = data
             data_groups[name] = config
             masks[name] = {"mask": _get(tensors, f"mask{SEP}{name}", entry["mask"])}
+            if entry.get("input_shape") is not None:
+                masks[name]["input_shape"] = tuple(entry["input_shape"])
         defaults = _resolve(state["defaults"])
     except (KeyError, TypeError, ValueError) as e:
         raise MaskError(f"sparsifier state in {path} is incomplete or malformed ({e!r})") from e

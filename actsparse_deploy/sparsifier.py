@@ -190,6 +190,8 @@ class ActivationSparsifier:
             x = inputs[0]
             _check_finite(name, x)
             data = config.get("data")
+            if data is None:
+                state["input_shape"] = tuple(x.shape)
             if features is None:
                 if data is None:
                     data = torch.zeros_like(x)
@@ -223,6 +225,8 @@ class ActivationSparsifier:
         def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
             x = inputs[0]
             n_sample = sample_ndim(layer, x.ndim)
+            if config.get("data") is None:
+                state["input_shape"] = tuple(x.shape)
             if features is None:
                 dims = tuple(range(n_sample))
                 stat = agg.fold(config.get("data"), agg.batch_stat(x, dims), _numel(x, dims))
@@ -248,6 +252,10 @@ class ActivationSparsifier:
         return hook
 
     # --- masks -------------------------------------------------------------------
+
+    def input_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of the first input the layer saw (None before any forward pass)."""
+        return self.state.get(name, {}).get("input_shape")
 
     def get_mask(self, name: str | None = None, layer: nn.Module | None = None) -> Any:
         """The layer's mask: a tensor, or a list of tensors (one per selected feature).

@@ -6,7 +6,7 @@ made by ``python tools/train_digits.py``.
 
     >>> from actsparse_deploy.zoo import builtin_names, digits_split, DigitsMLP
     >>> builtin_names()
-    ['digits-cnn', 'digits-mlp']
+    ['digits-cnn', 'digits-mlp', 'minilm']
     >>> images, labels = digits_split("calibration")
     >>> tuple(images.shape), labels.dtype
     ((200, 1, 8, 8), torch.int64)
@@ -26,6 +26,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,25 +114,31 @@ def digits_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return images.clone(), labels.clone()
 
 
-def _batches(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def _check_batch_size(batch_size: Any) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def _batches(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    _check_batch_size(batch_size)
     return list(torch.split(images, batch_size))
 
 
-def calibration_batches(name: str, batch_size: int = 32) -> list[torch.Tensor]:
-    """The calibration split's images for built-in ``name``, in order, in batches.
+def calibration_batches(name: str, batch_size: int | None = None) -> list[Any]:
+    """Built-in ``name``'s calibration data, in order, in batches (default: its
+    own batch size). Digits: 200 images, 64 per batch give 64, 64, 64, 8."""
+    entry = get_builtin(name)
+    if batch_size is not None:
+        _check_batch_size(batch_size)
+    return entry.data("calibration", batch_size or entry.batch_size)  # type: ignore[misc]
 
-    The last batch holds the remainder (200 images, 64 per batch: 64, 64, 64, 8).
-    """
-    get_builtin(name)
-    return _batches(digits_split("calibration")[0], batch_size)
 
-
-def heldout_batches(name: str, batch_size: int = 32) -> list[torch.Tensor]:
-    """The test split's images for built-in ``name``, in order, in batches."""
-    get_builtin(name)
-    return _batches(digits_split("test")[0], batch_size)
+def heldout_batches(name: str, batch_size: int | None = None) -> list[Any]:
+    """Built-in ``name``'s held-out data (never used for calibration), in batches."""
+    entry = get_builtin(name)
+    if batch_size is not None:
+        _check_batch_size(batch_size)
+    return entry.data("heldout", batch_size or entry.batch_size)  # type: ignore[misc]
 
 
 # ------------------------------------------------------------------------- models
@@ -183,21 +190,34 @@ class DigitsMLP(nn.Module):
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A shipped model: how to build it and where its weights and recipe live."""
+    """A shipped model: how to build and load it, its data, recipe and I/O.
+
+    ``factory`` builds the architecture; ``loader`` (default: ``factory`` plus
+    ``models/<weights_filename>``) gives the trained model. ``data(split,
+    batch_size)`` returns ``"calibration"`` or ``"heldout"`` batches; ``labels()``
+    the held-out labels of a classifier.
+    """
 
     name: str
     description: str
     factory: Callable[[], nn.Module]
-    weights_filename: str
+    weights_filename: str | None
     recipe_filename: str
     task: str = "classification"
+    loader: Callable[[], nn.Module] | None = None
+    data: Callable[[str, int], list[Any]] | None = None
+    labels: Callable[[], torch.Tensor] | None = None
+    input_names: tuple[str, ...] = ("input",)
+    output_names: tuple[str, ...] = ("logits",)
+    sequence_axis: bool = False
+    batch_size: int = 32
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("a built-in model needs a name")
         if not callable(self.factory):
             raise TypeError(f"built-in {self.name!r}: factory must be callable")
-        if not self.weights_filename.endswith(".safetensors"):
+        if self.weights_filename is not None and not self.weights_filename.endswith(".safetensors"):
             raise ValueError(
                 f"built-in {self.name!r}: weights file {self.weights_filename!r} "
                 "must be a .safetensors file"
@@ -207,8 +227,17 @@ class BuiltinModel:
                 f"built-in {self.name!r}: recipe file {self.recipe_filename!r} "
                 "must be a .toml file"
             )
-        if self.task != "classification":
+        if self.task not in ("classification", "embedding"):
             raise ValueError(f"built-in {self.name!r}: unknown task {self.task!r}")
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """Batch axis dynamic on every input and output; sequence too where it has one."""
+        axes = {0: "batch", 1: "sequence"} if self.sequence_axis else {0: "batch"}
+        return {name: dict(axes) for name in self.input_names + self.output_names}
+
+
+def _digits_data(split: str, batch_size: int) -> list[torch.Tensor]:
+    return _batches(digits_split("test" if split == "heldout" else split)[0], batch_size)
 
 
 def _digits_builtin(name: str, description: str, factory: Callable[[], nn.Module]) -> BuiltinModel:
@@ -218,7 +247,21 @@ def _digits_builtin(name: str, description: str, factory: Callable[[], nn.Module
         factory=factory,
         weights_filename=f"{name}.safetensors",
         recipe_filename=f"{name}.toml",
+        data=_digits_data,
+        labels=lambda: digits_split("test")[1],
     )
+
+
+def _minilm_factory() -> nn.Module:
+    from .minilm import load_minilm
+
+    return load_minilm()
+
+
+def _minilm_data(split: str, batch_size: int) -> list[Any]:
+    from .minilm import minilm_batches
+
+    return minilm_batches(split, batch_size)
 
 
 _BUILTINS: dict[str, BuiltinModel] = {
@@ -228,6 +271,20 @@ _BUILTINS: dict[str, BuiltinModel] = {
             "digits-cnn", "small CNN on 8x8 scikit-learn digits (2 conv + 2 linear)", DigitsCNN
         ),
         _digits_builtin("digits-mlp", "3-layer MLP on 8x8 scikit-learn digits", DigitsMLP),
+        BuiltinModel(
+            name="minilm",
+            description="all-MiniLM-L6-v2 sentence encoder (packaged, offline): token + sentence embeddings",
+            factory=_minilm_factory,
+            weights_filename=None,
+            recipe_filename="minilm.toml",
+            task="embedding",
+            loader=_minilm_factory,
+            data=_minilm_data,
+            input_names=("input_ids", "attention_mask"),
+            output_names=("token_embeddings", "sentence_embedding"),
+            sequence_axis=True,
+            batch_size=8,
+        ),
     )
 }
 
@@ -255,9 +312,11 @@ def models_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "models"
 
 
-def builtin_weights_path(name: str) -> Path:
-    """Path of built-in ``name``'s weights file (it may not exist)."""
-    return models_dir() / get_builtin(name).weights_filename
+def builtin_weights_path(name: str) -> Path | None:
+    """Path of built-in ``name``'s weights file (it may not exist); None where
+    the weights come from elsewhere (MiniLM: its package)."""
+    filename = get_builtin(name).weights_filename
+    return models_dir() / filename if filename is not None else None
 
 
 def builtin_recipe_path(name: str) -> Path:
@@ -267,6 +326,8 @@ def builtin_recipe_path(name: str) -> Path:
 
 def _existing_weights(name: str) -> Path:
     path = builtin_weights_path(name)
+    if path is None:
+        raise ModelLoadError(f"built-in model {name!r} has no weights file in {models_dir()}")
     if not path.is_file():
         raise ModelLoadError(
             f"weights of built-in model {name!r} not found at {path}; "
@@ -278,6 +339,8 @@ def _existing_weights(name: str) -> Path:
 def load_builtin(name: str) -> nn.Module:
     """Build built-in ``name``, load its shipped weights strictly, return it in eval mode."""
     entry = get_builtin(name)
+    if entry.loader is not None:
+        return entry.loader().eval()
     path = _existing_weights(name)
     try:
         state_dict = load_file(path)

@@ -68,7 +68,7 @@ def test_builtin_and_factory(user_pkg, tmp_path):
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("no-such-model", "unknown built-in model 'no-such-model'; known models: digits-cnn, digits-mlp"),
+        ("no-such-model", "unknown built-in model 'no-such-model'; known models: digits-cnn, digits-mlp, minilm"),
         ("no_such_module_xyz:build", "cannot import 'no_such_module_xyz'"),
         ("{pkg}:missing", "has no attribute 'missing'"),
         ("{pkg}:VALUE", "is a int, not a callable"),

@@ -13,7 +13,7 @@ import json
 import torch
 
 from actsparse_deploy import ActivationSparsifier, Recipe
-from actsparse_deploy.zoo import builtin_names, builtin_recipe_path, calibration_batches, classification_accuracy, load_builtin
+from actsparse_deploy.zoo import builtin_names, builtin_recipe_path, calibration_batches, classification_accuracy, get_builtin, load_builtin
 
 
 def measure(name: str) -> dict[str, float | str]:
@@ -34,7 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    rows = [measure(name) for name in builtin_names()]
+    rows = [measure(name) for name in builtin_names() if get_builtin(name).task == "classification"]
     if args.json:
         print(json.dumps(rows, indent=2))
         return

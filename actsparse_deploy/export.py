@@ -1,0 +1,274 @@
+"""Stage 3a: ONNX export with provenance, written whole or not at all.
+
+Either exporter of ``torch.onnx`` (``dynamo`` or ``torchscript``), a dynamic
+batch axis always (and a dynamic sequence axis where the model's I/O spec says),
+a chosen opset, one file unless the model is over 2 GB or external data is
+asked for, ``onnx.checker`` run on the result, and ``metadata_props`` recording
+the tool version, squash mode and per-layer sparsity.
+
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> from actsparse_deploy.export import export_onnx
+    >>> model = nn.Sequential(nn.Linear(4, 2)).eval()
+    >>> path = tempfile.mkdtemp() + "/model.onnx"
+    >>> result = export_onnx(model, torch.randn(2, 4), path, exporter="torchscript")
+    >>> result.io.input_names, result.io.output_names
+    (('input',), ('output',))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import onnx
+import torch
+from torch import nn
+
+from . import __version__
+from .calibrate import Batch
+from .errors import ExportError
+from .files import check_output_path
+
+__all__ = ["DEFAULT_EXPORTER", "EXPORTERS", "ExportResult", "IOSpec", "export_onnx", "flatten_outputs"]
+
+EXPORTERS = ("dynamo", "torchscript")
+#: Chosen by measurement (tools/benchmark_export.py): see the README.
+DEFAULT_EXPORTER = "torchscript"
+TWO_GB = 2**31
+METADATA_PREFIX = "actsparse_deploy."
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """Input / output names and dynamic axes (``{name: {axis: dim_name}}``)."""
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+
+    @classmethod
+    def infer(cls, example: Batch, n_outputs: int, sequence_axis: bool = False) -> "IOSpec":
+        """Default names (``input`` / dict keys, ``output`` / ``output_i``), batch axis
+        dynamic everywhere, plus axis 1 of the inputs and outputs if ``sequence_axis``."""
+        if isinstance(example, torch.Tensor):
+            inputs: tuple[str, ...] = ("input",)
+        elif isinstance(example, Mapping):
+            inputs = tuple(example)
+        else:
+            inputs = tuple(f"input_{i}" for i in range(len(example)))
+        outputs = ("output",) if n_outputs == 1 else tuple(f"output_{i}" for i in range(n_outputs))
+        axes = {0: "batch", 1: "sequence"} if sequence_axis else {0: "batch"}
+        return cls(inputs, outputs, {name: dict(axes) for name in inputs + outputs})
+
+
+def flatten_outputs(out: Any) -> tuple[torch.Tensor, ...]:
+    """A model's output as a flat tuple of tensors (tensor, tuple / list, dict, ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    if isinstance(out, Mapping):
+        out = tuple(out.values())
+    if isinstance(out, (tuple, list)):
+        flat: list[torch.Tensor] = []
+        for item in out:
+            flat.extend(flatten_outputs(item))
+        return tuple(flat)
+    raise ExportError(f"model output of type {type(out).__name__} is not a tensor, tuple or dict of tensors")
+
+
+def positional_inputs(example: Batch, names: Sequence[str]) -> tuple[torch.Tensor, ...]:
+    if isinstance(example, torch.Tensor):
+        return (example,)
+    if isinstance(example, Mapping):
+        return tuple(example[name] for name in names)
+    return tuple(example)
+
+
+class _Positional(nn.Module):
+    """Positional inputs in, a flat tuple of tensors out: what both exporters handle."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str] | None) -> None:
+        super().__init__()
+        self.model = model
+        self.names = tuple(names) if names is not None else None
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(**dict(zip(self.names, args))) if self.names is not None else self.model(*args)
+        return flatten_outputs(out)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    exporter: str
+    opset: int
+    io: IOSpec
+    seconds: float
+    external_data: bool
+    size_bytes: int
+    metadata: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "exporter": self.exporter,
+            "opset": self.opset,
+            "inputs": list(self.io.input_names),
+            "outputs": list(self.io.output_names),
+            "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in self.io.dynamic_axes.items()},
+            "seconds": round(self.seconds, 3),
+            "external_data": self.external_data,
+            "size_bytes": self.size_bytes,
+        }
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """Silence exporter prints, warnings and log lines unless verbose."""
+    if verbose:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _run_exporter(
+    wrapped: Any, args: tuple[torch.Tensor, ...], path: Path, exporter: str, opset: int | None, spec: IOSpec
+) -> None:
+    common = dict(input_names=list(spec.input_names), output_names=list(spec.output_names), opset_version=opset)
+    if isinstance(wrapped, torch.export.ExportedProgram):  # its dynamic shapes are part of it
+        program = torch.onnx.export(wrapped, args, dynamo=True, **common)
+        program.save(str(path), external_data=True)
+        return
+    if exporter == "torchscript":
+        axes = {name: dict(axes) for name, axes in spec.dynamic_axes.items()}
+        torch.onnx.export(wrapped, args, str(path), dynamo=False, dynamic_axes=axes, **common)
+        return
+    dims: dict[str, Any] = {}
+    shapes = tuple(
+        {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in spec.dynamic_axes.get(name, {}).items()}
+        for name in spec.input_names
+    )
+    # forward(*args): the dynamic shapes of the one var-positional argument
+    program = torch.onnx.export(wrapped, args, dynamo=True, dynamic_shapes=(shapes,), **common)
+    if program is None:
+        raise ExportError("the dynamo exporter returned no program")
+    program.save(str(path), external_data=True)
+
+
+def _first_line(e: BaseException) -> str:
+    """The informative line of an exporter error (torch.onnx puts it under
+    "## Exception summary"), without colour codes."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if line.strip()]
+    if "## Exception summary" in lines:
+        lines = lines[lines.index("## Exception summary") + 1 :]
+    return lines[0][:400] if lines else type(e).__name__
+
+
+def export_onnx(
+    model: nn.Module | torch.export.ExportedProgram,
+    example: Batch,
+    path: str | Path,
+    *,
+    exporter: str = DEFAULT_EXPORTER,
+    opset: int | None = None,
+    io_spec: IOSpec | None = None,
+    sequence_axis: bool = False,
+    metadata: Mapping[str, str] | None = None,
+    external_data: bool = False,
+    overwrite: bool = True,
+    verbose: bool = False,
+) -> ExportResult:
+    """Export ``model`` (called on ``example``) to ``path``. External data
+    (``<name>.data`` beside it) when asked or when the model is over 2 GB."""
+    path = Path(path)
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
+    check_output_path(path, overwrite)
+    program = model if isinstance(model, torch.export.ExportedProgram) else None
+    if program is not None:
+        if exporter != "dynamo":
+            raise ExportError("a torch.export program (.pt2) exports with --exporter dynamo only")
+        callable_model: Any = program.module()
+    else:
+        callable_model = model.eval()
+    with torch.no_grad():
+        if isinstance(example, Mapping) and program is None:
+            outputs = callable_model(**example)
+        else:
+            outputs = callable_model(*positional_inputs(example, tuple(example) if isinstance(example, Mapping) else ()))
+    n_outputs = len(flatten_outputs(outputs))
+    spec = io_spec or IOSpec.infer(example, n_outputs, sequence_axis)
+    if len(spec.output_names) != n_outputs:
+        raise ExportError(f"the model returns {n_outputs} outputs but {len(spec.output_names)} output names were given")
+    wrapped: Any = program if program is not None else _Positional(model, spec.input_names if isinstance(example, Mapping) else None).eval()
+    args = positional_inputs(example, spec.input_names)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        raw = staging / "raw.onnx"
+        start = time.perf_counter()
+        try:
+            with _quiet(verbose), torch.no_grad():
+                _run_exporter(wrapped, args, raw, exporter, opset, spec)
+        except ExportError:
+            raise
+        except Exception as e:
+            other = "torchscript" if exporter == "dynamo" else "dynamo"
+            raise ExportError(
+                f"the {exporter} exporter failed: {type(e).__name__}: {_first_line(e)}; try --exporter {other}"
+            ) from e
+        seconds = time.perf_counter() - start
+        proto = onnx.load(str(raw), load_external_data=True)
+        meta = {f"{METADATA_PREFIX}version": __version__, f"{METADATA_PREFIX}exporter": exporter, **(metadata or {})}
+        existing = {p.key for p in proto.metadata_props}
+        for key, value in meta.items():
+            if key not in existing:
+                proto.metadata_props.add(key=key, value=str(value))
+        size = proto.ByteSize() if proto.ByteSize() < TWO_GB else TWO_GB
+        external = external_data or size >= TWO_GB
+        staged = staging / path.name
+        data_name = f"{path.name}.data"
+        onnx.save_model(
+            proto, str(staged), save_as_external_data=external, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
+        )
+        try:
+            onnx.checker.check_model(str(staged), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+            raise ExportError(f"the exported model fails onnx.checker: {_first_line(e)}") from e
+        opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if external:
+            os.replace(staging / data_name, path.parent / data_name)
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    total = path.stat().st_size + ((path.parent / data_name).stat().st_size if external else 0)
+    return ExportResult(path, exporter, opset_found, spec, seconds, external, total, dict(meta))
+
+
+def layer_metadata(squash_report: list[dict[str, Any]], mode: str) -> dict[str, str]:
+    """``metadata_props`` entries for a squashed model."""
+    return {
+        f"{METADATA_PREFIX}squash_mode": mode,
+        f"{METADATA_PREFIX}layers": json.dumps(squash_report),
+    }

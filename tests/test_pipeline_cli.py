@@ -1,0 +1,165 @@
+"""The whole pipeline from the command line: squash, export, validate, convert, inspect."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch.testing import assert_close
+from typer.testing import CliRunner
+
+from actsparse_deploy import Masks, squash
+from actsparse_deploy.cli import app
+from actsparse_deploy.errors import ExportError, MaskError, ValidationError
+from actsparse_deploy.pipeline import load_workload
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def digits_masks(tmp_path_factory):
+    path = tmp_path_factory.mktemp("masks") / "masks.safetensors"
+    assert invoke("calibrate", "digits-cnn", "-o", path).exit_code == 0
+    return path
+
+
+def test_convert_digits_cnn(tmp_path):
+    out = tmp_path / "out"
+    result = invoke("convert", "digits-cnn", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["masks.safetensors", "model.onnx", "report.json"]
+    for text in ("conv2", "fold", "PASSED", "accuracy dense 0.9800 -> sparse 0.9700 (ONNX 0.9700)", "model.onnx"):
+        assert text in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["validation"]["passed"] and report["validation"]["max_abs_diff"] <= 1e-4
+    assert {row["layer"]: row["mode"] for row in report["layers"]} == {"conv2": "fold", "fc1": "fold", "fc2": "fold"}
+    assert report["cost"]["accuracy_dense"] == 0.98 and report["cost"]["accuracy_onnx"] == report["cost"]["accuracy_sparse"]
+    assert report["files"]["model.onnx"] == (out / "model.onnx").stat().st_size
+    # an existing output is kept unless --overwrite
+    again = invoke("convert", "digits-cnn", "-o", out)
+    assert again.exit_code == 11 and "--overwrite" in again.stderr
+    assert invoke("convert", "digits-cnn", "-o", out, "--overwrite", "--mode", "mul", "--json").exit_code == 0
+
+
+@pytest.fixture(scope="module", params=["torchscript", "dynamo"])
+def minilm_convert(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"minilm-{request.param}")
+    result = invoke("convert", "minilm", "-o", out, "--exporter", request.param, "--overwrite", "--json")
+    assert result.exit_code == 0, result.output
+    return request.param, out, json.loads(result.stdout)
+
+
+def test_convert_minilm_end_to_end(minilm_convert):
+    exporter, out, report = minilm_convert
+    assert report["export"]["exporter"] == exporter
+    assert report["validation"]["passed"] and report["validation"]["max_abs_diff"] <= 1e-4
+    assert [o["output"] for o in report["validation"]["outputs"]] == ["token_embeddings", "sentence_embedding"]
+    assert len(report["layers"]) == 6 and all(row["mode"] == "fold" and row["sparsity"] == 0.25 for row in report["layers"])
+    assert [row["layer"] for row in report["layers"]] == [f"bert.encoder.layer.{i}.output.dense" for i in range(6)]
+    cosine = {row["output"]: row for row in report["cost"]["outputs"]}["sentence_embedding"]
+    assert 0.8 < cosine["cosine_mean"] < 1.0
+    # dynamic batch and sequence axes on both inputs
+    proto = onnx.load(str(out / "model.onnx"))
+    for graph_input in proto.graph.input:
+        dims = graph_input.type.tensor_type.shape.dim
+        assert dims[0].dim_param and dims[1].dim_param, graph_input.name
+    assert [o.name for o in proto.graph.output] == ["token_embeddings", "sentence_embedding"]
+
+
+def test_minilm_heldout_has_several_sequence_lengths():
+    work = load_workload("minilm")
+    lengths = {b["input_ids"].shape[1] for b in work.heldout}
+    assert len(lengths) > 3
+    def sentences(batches):  # token ids without padding (id 0)
+        return {tuple(t for t in row if t) for b in batches for row in b["input_ids"].tolist()}
+
+    calib, held = sentences(work.calibration), sentences(work.heldout)
+    assert len(calib) == len(held) == 256 and not calib & held
+
+
+def test_squash_to_pt2_round_trip_and_export_from_it(tmp_path, digits_masks):
+    pt2 = tmp_path / "model.pt2"
+    result = invoke("squash", "digits-cnn", "--masks", digits_masks, "-o", pt2)
+    assert result.exit_code == 0, result.output
+    assert "fold" in result.stdout
+    program = torch.export.load(str(pt2))
+    work = load_workload("digits-cnn")
+    reference = squash(work.model, Masks.load(digits_masks)).model
+    for size in (1, 7):
+        x = work.heldout[0][:size]
+        assert_close(program.module()(x), reference(x), rtol=1e-5, atol=1e-6)
+    onnx_path = tmp_path / "from_pt2.onnx"
+    result = invoke("export", pt2, "-o", onnx_path, "--exporter", "dynamo")
+    assert result.exit_code == 0, result.output
+    result = invoke("validate", onnx_path, pt2)
+    assert result.exit_code == 0, result.output
+    assert "PASSED" in result.stdout
+    result = invoke("export", pt2, "-o", tmp_path / "x.onnx", "--exporter", "torchscript")
+    assert result.exit_code == ExportError.exit_code and "dynamo only" in result.stderr
+
+
+def test_export_and_validate_commands(tmp_path, digits_masks):
+    onnx_path = tmp_path / "model.onnx"
+    result = invoke("export", "digits-cnn", "--masks", digits_masks, "-o", onnx_path, "--json")
+    assert result.exit_code == 0, result.output
+    exported = json.loads(result.stdout)
+    assert exported["exporter"] == "torchscript" and exported["outputs"] == ["logits"]
+    result = invoke("validate", onnx_path, "digits-cnn", "--masks", digits_masks)
+    assert result.exit_code == 0, result.output
+    assert "accuracy dense 0.9800 -> sparse 0.9700" in result.stdout
+    # the dense model is not what this ONNX computes
+    result = invoke("validate", onnx_path, "digits-cnn")
+    assert result.exit_code == ValidationError.exit_code
+    assert "logits: max abs diff" in result.stderr and "Traceback" not in result.output
+    dense = tmp_path / "dense.onnx"
+    assert invoke("export", "digits-cnn", "-o", dense).exit_code == 0
+    assert invoke("validate", dense, "digits-cnn").exit_code == 0
+
+
+def test_validate_fails_on_mask_altered_after_export(tmp_path, digits_masks):
+    onnx_path = tmp_path / "model.onnx"
+    assert invoke("export", "digits-cnn", "--masks", digits_masks, "--mode", "mul", "-o", onnx_path).exit_code == 0
+    proto = onnx.load(str(onnx_path))
+    for init in proto.graph.initializer:
+        if init.name.endswith("fc1.mask"):
+            array = numpy_helper.to_array(init).copy()
+            array[array == 0] = 1.0
+            init.CopyFrom(numpy_helper.from_array(array, init.name))
+    onnx.save(proto, str(onnx_path))
+    result = invoke("validate", onnx_path, "digits-cnn", "--masks", digits_masks, "--mode", "mul")
+    assert result.exit_code == ValidationError.exit_code
+    assert "does not match" in result.stderr and "max abs diff" in result.stderr and "atol 0.0001" in result.stderr
+
+
+def test_inspect(digits_masks):
+    result = invoke("inspect", digits_masks)
+    assert result.exit_code == 0 and "16x1x1" in result.stdout and "sparsity_level = 0.125" in result.stdout
+    rows = json.loads(invoke("inspect", "digits-cnn", "--json").stdout)
+    by_name = {row["layer"]: row for row in rows}
+    assert by_name["conv2"] == {"layer": "conv2", "type": "Conv2d", "input_shape": [8, 16, 8, 8], "foldable": True}
+    assert by_name["act1"]["foldable"] is False
+    minilm = json.loads(invoke("inspect", "minilm", "--json").stdout)
+    dense = {r["layer"]: r for r in minilm}["bert.encoder.layer.0.output.dense"]
+    assert dense["input_shape"][-1] == 1536 and dense["foldable"]
+
+
+def test_bad_mode_and_masks_from_another_model(tmp_path, digits_masks):
+    result = invoke("squash", "digits-cnn", "--masks", digits_masks, "--mode", "sideways", "-o", tmp_path / "m.pt2")
+    assert result.exit_code == MaskError.exit_code and "unknown squash mode" in result.stderr
+    result = invoke("export", "digits-mlp", "--masks", digits_masks, "-o", tmp_path / "m.onnx")
+    assert result.exit_code == MaskError.exit_code and "another model" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["calibrate", "squash", "export", "validate", "convert", "inspect", "models"])
+def test_every_command_has_help(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0 and "Usage" in result.stdout and len(result.stdout) > 300
+
