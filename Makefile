@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: $(VENV)/.installed
 	mkdir -p out
-	$(BIN)/actsparse calibrate digits-cnn -o out/masks.safetensors --overwrite
+	$(BIN)/actsparse convert digits-cnn -o out/digits-cnn --overwrite
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

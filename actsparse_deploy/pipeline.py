@@ -276,10 +276,12 @@ def convert(
     """Calibrate, squash, export and validate; write the three files to ``outdir``
     and return the report (also in ``report.json``)."""
     outdir = Path(outdir)
-    if not outdir.exists():
-        if not outdir.parent.is_dir():
-            raise OutputError(f"cannot create {outdir}: {outdir.parent} does not exist")
-        outdir.mkdir()
+    if outdir.exists() and not outdir.is_dir():
+        raise OutputError(f"output {outdir} is a file: give a directory for the three outputs")
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create output directory {outdir}: {e.strerror or e}") from e
     for name in OUT_FILES:
         check_output_path(outdir / name, overwrite)
     timer = Timer()

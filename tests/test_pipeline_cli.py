@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -163,3 +164,32 @@ def test_every_command_has_help(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0 and "Usage" in result.stdout and len(result.stdout) > 300
 
+
+
+USER_MODULE = '''
+import torch
+from torch import nn
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 3))
+'''
+
+
+def test_convert_user_model_with_data_files(tmp_path, monkeypatch):
+    (tmp_path / "pipeline_user_model.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.normal(size=(64, 6)).astype(np.float32))
+    np.save(tmp_path / "heldout.npy", rng.normal(size=(40, 6)).astype(np.float32))
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[defaults]\nsparse_config = { sparsity_level = 0.5 }\n[[layers]]\nname = ["2", "4"]\n')
+    base = ["convert", "pipeline_user_model:build", "--recipe", recipe, "--data", tmp_path / "calib.npy"]
+    missing = invoke(*base, "-o", tmp_path / "no-heldout")
+    assert missing.exit_code == 6 and "--heldout" in missing.stderr
+    result = invoke(*base, "--heldout", tmp_path / "heldout.npy", "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["validation"]["passed"] and report["validation"]["batch_sizes"] == [1, 3, 5]
+    assert [(r["layer"], r["mode"], r["sparsity"]) for r in report["layers"]] == [("2", "fold", 0.5), ("4", "fold", 0.5)]
+    assert report["cost"]["heldout_samples"] == 40 and "accuracy_dense" not in report["cost"]
