@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -25,7 +26,7 @@ from rich.table import Table
 
 from . import __version__, zoo
 from .calibrate import batch_size, calibrate, run_batch
-from .errors import ActsparseError, ExportError, MaskError, RecipeError
+from .errors import ActsparseError, ExportError, MaskError, RecipeError, Terminated
 from .export import DEFAULT_EXPORTER, EXPORTERS, IOSpec, export_onnx, layer_metadata
 from .files import check_output_path
 from .functions import AGGREGATE_FNS
@@ -134,8 +135,11 @@ def handle_errors(fn: F) -> F:
             stderr.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            stderr.print("interrupted: no output was written")
+            stderr.print("interrupted (SIGINT): no partial output was left")
             raise typer.Exit(130) from None
+        except Terminated:
+            stderr.print("terminated (SIGTERM): no partial output was left")
+            raise typer.Exit(143) from None
         except Exception as e:  # a bug, not a user mistake: still one line unless --verbose
             if verbose:
                 traceback.print_exc(file=sys.stderr)
@@ -587,7 +591,12 @@ def layer_table(work: Workload) -> list[dict[str, Any]]:
 
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     app()
 
 

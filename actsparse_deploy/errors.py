@@ -93,3 +93,8 @@ class OutputError(ActsparseError, OSError):
     """An output path that cannot be written (missing directory, exists, no space)."""
 
     exit_code = 11
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that every ``finally`` and
+    temporary-file cleanup runs before the process exits with 143."""

@@ -32,8 +32,12 @@ def check_output_path(path: Path, overwrite: bool = False) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"output directory {parent} does not exist: create it first")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"output directory {parent} is not writable")
+    try:  # os.access says yes to root even where writing fails (read-only mounts)
+        fd, probe = tempfile.mkstemp(prefix=".actsparse-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"output directory {parent} is not writable ({e.strerror or e})") from None
     if path.is_dir():
         raise OutputError(f"output {path} is a directory: give a file name")
     if path.exists() and not overwrite:
@@ -47,7 +51,10 @@ def atomic_output(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     path = Path(path)
     check_output_path(path, overwrite)
     # the temporary name keeps the suffix: some writers check it (torch.export.save: .pt2)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.part-", suffix=path.suffix, dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.part-", suffix=path.suffix, dir=path.parent)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
     os.close(fd)
     tmp = Path(name)
     try:

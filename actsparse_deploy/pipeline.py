@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,33 +296,32 @@ def convert(
         masks = calibrate(work.model, the_recipe, work.require_calibration(), model_name=work.name, on_batch=on_batch)
     with timer("squash"):
         squashed = squash(work.model, masks, mode)
-    onnx_path = outdir / "model.onnx"
-    with timer("export"):
-        exported = export_onnx(
-            squashed.model, work.example(), onnx_path, exporter=exporter, opset=opset, io_spec=work.io,
-            metadata=layer_metadata(squashed.report(), mode), external_data=external_data, overwrite=True, verbose=verbose,
-        )
+    # everything is written into a staging directory inside outdir and moved into
+    # place only when validation passed: an error or an interrupt leaves nothing
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=outdir))
     try:
+        onnx_path = staging / "model.onnx"
+        with timer("export"):
+            exported = export_onnx(
+                squashed.model, work.example(), onnx_path, exporter=exporter, opset=opset, io_spec=work.io,
+                metadata=layer_metadata(squashed.report(), mode), external_data=external_data, verbose=verbose,
+            )
         with timer("validate"):
             validation = validate(onnx_path, squashed.model, work.require_heldout(), atol=atol, rtol=rtol,
                                   output_names=exported.io.output_names)
         with timer("cost"):
             cost = sparsification_cost(work, squashed.model, onnx_path)
-        masks.save(outdir / "masks.safetensors")
-    except BaseException:
-        _remove_export(exported)  # a model that failed validation is not left behind
-        raise
-    report = build_report(work, masks, squashed, exported, validation.to_json(), cost, timer, time.perf_counter() - total, mode)
-    with atomic_output(outdir / "report.json", overwrite=True) as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-    report["files"]["report.json"] = (outdir / "report.json").stat().st_size
+        masks.save(staging / "masks.safetensors")
+        report = build_report(work, masks, squashed, exported, validation.to_json(), cost, timer, time.perf_counter() - total, mode)
+        report["validation"]["onnx"] = report["export"]["path"] = str(outdir / "model.onnx")
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        report["files"]["report.json"] = (staging / "report.json").stat().st_size
+        names = [p.name for p in staging.iterdir()]
+        for name in sorted(names, key=lambda n: n == "report.json"):  # the report last
+            os.replace(staging / name, outdir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return report
-
-
-def _remove_export(exported: ExportResult) -> None:
-    exported.path.unlink(missing_ok=True)
-    if exported.external_data:
-        Path(f"{exported.path}.data").unlink(missing_ok=True)
 
 
 def build_report(
