@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -37,7 +38,39 @@ from .recipe import Recipe
 from .squash import MODES, squash
 from .validate import DEFAULT_ATOL, DEFAULT_RTOL, validate
 
+# typer vendors click in recent versions: take its exception classes from typer itself
+_CLICK_ERRORS = {c.__name__: c for c in typer.BadParameter.__mro__}
+_ClickException, _UsageError = _CLICK_ERRORS["ClickException"], _CLICK_ERRORS["UsageError"]
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (bad option values, unknown options) as one line on stderr,
+    exit code 2, like every other error of this tool; help stays rich."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+            code = rv if isinstance(rv, int) else 0
+        except _UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # `actsparse` alone: the help
+                typer.echo(e.format_message())
+            else:
+                where = e.ctx.command_path if e.ctx is not None else "actsparse"
+                typer.echo(f"error: {e.format_message()} (see `{where} --help`)", err=True)
+            code = e.exit_code
+        except _ClickException as e:
+            typer.echo(f"error: {e.format_message()}", err=True)
+            code = e.exit_code
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            code = 1
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="actsparse",
     help="Calibrate activation masks on real data, bake them into a PyTorch model and export a validated ONNX model.",
     no_args_is_help=True,
