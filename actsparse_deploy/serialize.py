@@ -88,11 +88,32 @@ def fn_spec(fn: Any, where: str) -> Any:
     return fn.spec
 
 
+def _encode(value: Any) -> Any:
+    """JSON has no tuples: tag them so that a round trip is exact."""
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_decode(v) for v in value["__tuple__"])
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
 def _config_json(config: dict[str, Any], where: str) -> dict[str, Any]:
     out = {key: fn_spec(config[key], f"{where} {key}") for key in _REGISTRIES}
-    out["features"] = config["features"]
+    out["features"] = _encode(config["features"])
     out["feature_dim"] = config["feature_dim"]
-    out["sparse_config"] = config["sparse_config"]
+    out["sparse_config"] = _encode(config["sparse_config"])
     return out
 
 
@@ -148,7 +169,7 @@ def save_sparsifier(sp: "ActivationSparsifier", path: Path) -> None:
 
 def _resolve(entry: dict[str, Any]) -> dict[str, Any]:
     out = {key: registry.resolve(entry[key]) for key, registry in _REGISTRIES.items()}
-    out.update(features=entry["features"], feature_dim=entry["feature_dim"], sparse_config=entry["sparse_config"])
+    out.update(features=_decode(entry["features"]), feature_dim=entry["feature_dim"], sparse_config=_decode(entry["sparse_config"]))
     return out
 
 

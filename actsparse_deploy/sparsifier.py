@@ -236,6 +236,8 @@ class ActivationSparsifier:
                 config["data"] = stat
                 return
             fdim = _normalize_dim(feature_dim, x.ndim, name)
+            if state.get("mask") is None:
+                _check_features(name, features, x.shape[fdim])
             dims = tuple(d for d in range(n_sample) if d != fdim)
             batch = agg.batch_stat(x, dims)
             axis = fdim - sum(1 for d in dims if d < fdim)
@@ -419,6 +421,14 @@ class ActivationSparsifier:
                     value = getattr(value, "__name__", value)
                 lines.append(f"\t    {key}: {value}")
         return "\n".join(lines) + "\n)"
+
+
+def _check_features(name: str, features: list[Any], size: int) -> None:
+    flat = torch.tensor(features).reshape(-1)
+    if flat.numel() and not (-size <= int(flat.min()) and int(flat.max()) < size):
+        raise ConfigError(
+            f"features {features} of layer {name!r} are out of range: its input has {size} along feature_dim"
+        )
 
 
 def _numel(x: torch.Tensor, dims: tuple[int, ...]) -> int:
