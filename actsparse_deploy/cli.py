@@ -28,7 +28,7 @@ from rich.table import Table
 from . import __version__, zoo
 from .calibrate import batch_size, calibrate, run_batch
 from .errors import ActsparseError, ExportError, MaskError, RecipeError, Terminated
-from .export import DEFAULT_EXPORTER, EXPORTERS, IOSpec, export_onnx, layer_metadata
+from .export import DEFAULT_EXPORTER, EXPORTERS, export_onnx, layer_metadata
 from .files import check_output_path
 from .functions import AGGREGATE_FNS
 from .loading import load_data, load_model

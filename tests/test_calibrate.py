@@ -18,7 +18,7 @@ from actsparse_deploy.functions import MASK_FNS, BuiltinFn
 from actsparse_deploy.masks import LayerMask
 from actsparse_deploy.zoo import builtin_recipe_path, calibration_batches, load_builtin
 
-from .conftest import TinyConv, TinyMLP
+from .conftest import TinyConv
 
 
 def _capture(model, names):

@@ -19,7 +19,6 @@ from actsparse_deploy import ActivationSparsifier
 from actsparse_deploy.errors import CalibrationError, ConfigError, DataError, UnknownFunctionError
 from actsparse_deploy.functions import RunningStat
 
-from .conftest import TinyConv, TinyMLP
 
 # --- user callables, as upstream's docs and tests write them ---------------------
 

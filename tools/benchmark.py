@@ -27,7 +27,6 @@ the order rotated every round) so drift cancels; medians with min and max.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -258,7 +257,7 @@ def speed_section_minilm(tmp: Path, warmup: int, runs: int, levels: tuple[float,
     results: dict[str, Any] = {}
     for shape, batch in inputs.items():
         feeds = {k: v.numpy() for k, v in batch.items()}
-        timings = alternate({name: (lambda s=s: s.run(None, feeds)) for name, s in sessions.items()}, warmup, runs)
+        timings = alternate({name: (lambda s=s, feeds=feeds: s.run(None, feeds)) for name, s in sessions.items()}, warmup, runs)
         dense = timings["dense"]["median_ms"]
         rows = {}
         for name, t in timings.items():
@@ -292,7 +291,7 @@ def speed_section_digits(name: str, tmp: Path, warmup: int, runs: int) -> dict[s
     results = {}
     for size in (1, 32):
         feeds = {"input": resize_batches(held, size, size)[0].numpy()}
-        timings = alternate({v: (lambda s=s: s.run(None, feeds)) for v, s in sessions.items()}, warmup, runs * 5)
+        timings = alternate({v: (lambda s=s, feeds=feeds: s.run(None, feeds)) for v, s in sessions.items()}, warmup, runs * 5)
         dense = timings["dense"]["median_ms"]
         results[f"batch{size}"] = {v: {**t, "vs_dense": t["median_ms"] / dense} for v, t in timings.items()}
     acc = {variant: accuracy(model, held, work.labels) for variant, model in models.items()}
