@@ -41,7 +41,7 @@ from .calibrate import Batch
 from .errors import ExportError
 from .files import check_output_path
 
-__all__ = ["DEFAULT_EXPORTER", "EXPORTERS", "ExportResult", "IOSpec", "export_onnx", "flatten_outputs"]
+__all__ = ["DEFAULT_EXPORTER", "EXPORTERS", "ExportResult", "IOSpec", "PositionalAdapter", "export_onnx", "flatten_outputs"]
 
 EXPORTERS = ("dynamo", "torchscript")
 #: Chosen by measurement (tools/benchmark_export.py): see the README.
@@ -57,6 +57,14 @@ class IOSpec:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     dynamic_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+
+    def export_dynamic_shapes(self) -> tuple[dict[int, Any], ...]:
+        """``torch.export`` dynamic shapes, one dict per input; one ``Dim`` per name."""
+        dims: dict[str, Any] = {}
+        return tuple(
+            {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in self.dynamic_axes.get(name, {}).items()}
+            for name in self.input_names
+        )
 
     @classmethod
     def infer(cls, example: Batch, n_outputs: int, sequence_axis: bool = False) -> "IOSpec":
@@ -95,8 +103,9 @@ def positional_inputs(example: Batch, names: Sequence[str]) -> tuple[torch.Tenso
     return tuple(example)
 
 
-class _Positional(nn.Module):
-    """Positional inputs in, a flat tuple of tensors out: what both exporters handle."""
+class PositionalAdapter(nn.Module):
+    """Positional inputs in (passed by ``names`` as keywords where given), a flat
+    tuple of tensors out: what both exporters and torch.export handle."""
 
     def __init__(self, model: nn.Module, names: Sequence[str] | None) -> None:
         super().__init__()
@@ -165,11 +174,7 @@ def _run_exporter(
         axes = {name: dict(axes) for name, axes in spec.dynamic_axes.items()}
         torch.onnx.export(wrapped, args, str(path), dynamo=False, dynamic_axes=axes, **common)
         return
-    dims: dict[str, Any] = {}
-    shapes = tuple(
-        {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in spec.dynamic_axes.get(name, {}).items()}
-        for name in spec.input_names
-    )
+    shapes = spec.export_dynamic_shapes()
     # forward(*args): the dynamic shapes of the one var-positional argument
     program = torch.onnx.export(wrapped, args, dynamo=True, dynamic_shapes=(shapes,), **common)
     if program is None:
@@ -222,7 +227,7 @@ def export_onnx(
     spec = io_spec or IOSpec.infer(example, n_outputs, sequence_axis)
     if len(spec.output_names) != n_outputs:
         raise ExportError(f"the model returns {n_outputs} outputs but {len(spec.output_names)} output names were given")
-    wrapped: Any = program if program is not None else _Positional(model, spec.input_names if isinstance(example, Mapping) else None).eval()
+    wrapped: Any = program if program is not None else PositionalAdapter(model, spec.input_names if isinstance(example, Mapping) else None).eval()
     args = positional_inputs(example, spec.input_names)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

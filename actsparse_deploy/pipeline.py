@@ -29,9 +29,18 @@ import torch
 from torch import nn
 
 from . import __version__, zoo
-from .calibrate import Batch, calibrate
+from .calibrate import Batch, calibrate, run_batch
 from .errors import DataError, ExportError, MaskError, OutputError
-from .export import DEFAULT_EXPORTER, ExportResult, IOSpec, export_onnx, flatten_outputs, layer_metadata, positional_inputs
+from .export import (
+    DEFAULT_EXPORTER,
+    ExportResult,
+    IOSpec,
+    PositionalAdapter,
+    export_onnx,
+    flatten_outputs,
+    layer_metadata,
+    positional_inputs,
+)
 from .files import atomic_output, check_output_path
 from .loading import load_data, load_model
 from .masks import Masks
@@ -115,15 +124,6 @@ def load_recipe(work: Workload, recipe: Recipe | str | Path | None, sparsity: fl
 # --- .pt2 --------------------------------------------------------------------------
 
 
-class _Positional(nn.Module):
-    def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
-        super().__init__()
-        self.model, self.names = model, names
-
-    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return flatten_outputs(self.model(**dict(zip(self.names, args))))
-
-
 def save_pt2(work: Workload, squashed: SquashResult, path: Path, overwrite: bool = False) -> None:
     """A ``torch.export`` program with the masks baked in (dynamic batch / sequence)."""
     check_output_path(path, overwrite)
@@ -131,13 +131,9 @@ def save_pt2(work: Workload, squashed: SquashResult, path: Path, overwrite: bool
     io = work.io or IOSpec.infer(example, len(flatten_outputs(_call(squashed.model, example))))
     module: nn.Module = squashed.model
     if isinstance(example, Mapping):
-        module = _Positional(squashed.model, io.input_names)
+        module = PositionalAdapter(squashed.model, io.input_names)
     args = positional_inputs(example, io.input_names)
-    dims: dict[str, Any] = {}
-    shapes = tuple(
-        {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in io.dynamic_axes.get(name, {}).items()}
-        for name in io.input_names
-    )
+    shapes = io.export_dynamic_shapes()
     if isinstance(example, Mapping):
         shapes = (shapes,)  # type: ignore[assignment]
     try:
@@ -202,11 +198,7 @@ def as_positional(batches: Iterable[Batch], names: tuple[str, ...]) -> list[Batc
 
 def _call(model: nn.Module, batch: Batch) -> Any:
     with torch.no_grad():
-        if isinstance(batch, torch.Tensor):
-            return model(batch)
-        if isinstance(batch, Mapping):
-            return model(**batch)
-        return model(*batch)
+        return run_batch(model, batch)
 
 
 def accuracy(model: nn.Module, batches: Iterable[Batch], labels: torch.Tensor) -> float:

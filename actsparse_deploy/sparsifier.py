@@ -69,6 +69,15 @@ def sample_ndim(layer: nn.Module, input_ndim: int) -> int:
     return min(1, input_ndim)
 
 
+def _resolve_fns(aggregate_fn: Any, reduce_fn: Any, mask_fn: Any) -> dict[str, Any]:
+    """Names of built-ins -> the functions; callables and None pass through."""
+    return {
+        "aggregate_fn": AGGREGATE_FNS.resolve(aggregate_fn),
+        "reduce_fn": REDUCE_FNS.resolve(reduce_fn),
+        "mask_fn": MASK_FNS.resolve(mask_fn),
+    }
+
+
 def _feature_index(features: list[Any], idx: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([features[idx]], dtype=torch.long, device=device).reshape(-1)
 
@@ -94,9 +103,7 @@ class ActivationSparsifier:
         self.model = model
         self.defaults: dict[str, Any] = {
             "sparse_config": sparse_config,
-            "aggregate_fn": AGGREGATE_FNS.resolve(aggregate_fn),
-            "reduce_fn": REDUCE_FNS.resolve(reduce_fn),
-            "mask_fn": MASK_FNS.resolve(mask_fn),
+            **_resolve_fns(aggregate_fn, reduce_fn, mask_fn),
             "features": features,
             "feature_dim": feature_dim,
         }
@@ -144,9 +151,7 @@ class ActivationSparsifier:
 
         config = copy.deepcopy(self.defaults)
         update = {
-            "aggregate_fn": AGGREGATE_FNS.resolve(aggregate_fn),
-            "reduce_fn": REDUCE_FNS.resolve(reduce_fn),
-            "mask_fn": MASK_FNS.resolve(mask_fn),
+            **_resolve_fns(aggregate_fn, reduce_fn, mask_fn),
             "features": features,
             "feature_dim": feature_dim,
             "layer": layer,
