@@ -33,9 +33,9 @@ from .files import check_output_path
 from .functions import AGGREGATE_FNS
 from .loading import load_data, load_model
 from .masks import Masks
-from .pipeline import Workload, as_positional, convert, load_pt2, load_workload, pt2_io, save_pt2, sparsification_cost
+from .pipeline import Workload, as_positional, convert, squash_workload, load_pt2, load_workload, pt2_io, save_pt2, sparsification_cost
 from .recipe import Recipe
-from .squash import MODES, squash
+from .squash import MODES
 from .validate import DEFAULT_ATOL, DEFAULT_RTOL, validate
 
 # typer vendors click in recent versions: take its exception classes from typer itself
@@ -123,7 +123,8 @@ ModeOpt = Annotated[
     typer.Option(
         "--mode",
         help="How masks become part of the model: mul (multiply the input by a constant), fold (into the weights, "
-        "where the mask is per input feature / channel), auto (fold where exact, else mul).",
+        "where the mask is per input feature / channel), prune (remove the masked features from this layer and, "
+        "where the graph allows, from the layer producing them), auto (prune where exact, else fold, else mul).",
     ),
 ]
 ExporterOpt = Annotated[
@@ -371,7 +372,7 @@ def squash_cmd(
     _check_mode(mode)
     check_output_path(output, overwrite)
     work = load_workload(model, weights, data, heldout, batch if data or heldout else None)
-    result = squash(work.model, Masks.load(masks), mode)
+    result = squash_workload(work, Masks.load(masks), mode)
     save_pt2(work, result, output, overwrite)
     if as_json:
         _emit_json({"output": str(output), "mode": mode, "layers": result.report()})
@@ -421,7 +422,7 @@ def export_cmd(
         work = load_workload(source, weights, data, heldout, batch if data or heldout else None)
         module, rows, the_mode = work.model, [], "none (dense)"
         if masks is not None:
-            squashed = squash(work.model, Masks.load(masks), mode)
+            squashed = squash_workload(work, Masks.load(masks), mode)
             module, rows, the_mode = squashed.model, squashed.report(), mode
         result = export_onnx(
             module, work.example(), output, exporter=exporter, opset=opset, io_spec=work.io,
@@ -473,7 +474,7 @@ def validate_cmd(
         names = io.output_names if io else None
     else:
         work = load_workload(reference, weights, None, heldout, batch if heldout else None)
-        sparse = squash(work.model, Masks.load(masks), mode).model if masks is not None else work.model
+        sparse = squash_workload(work, Masks.load(masks), mode).model if masks is not None else work.model
         batches = work.require_heldout()
         names = work.io.output_names if work.io else None
     report = validate(onnx_model, sparse, batches, atol=atol, rtol=rtol, output_names=names)

@@ -48,7 +48,7 @@ from .recipe import Recipe
 from .squash import SquashResult, squash
 from .validate import DEFAULT_ATOL, DEFAULT_RTOL, compare_models, onnx_session, resize_batches, validate
 
-__all__ = ["Workload", "as_positional", "convert", "load_pt2", "load_workload", "pt2_io", "save_pt2"]
+__all__ = ["Workload", "as_positional", "squash_workload", "convert", "load_pt2", "load_workload", "pt2_io", "save_pt2"]
 
 EXAMPLE_BATCH_SIZE = 2
 PT2_META = "actsparse.json"
@@ -88,6 +88,13 @@ class Workload:
         if not pieces:
             raise DataError(f"no batch of {self.name!r}'s data has {EXAMPLE_BATCH_SIZE} samples for the export example")
         return pieces[0]
+
+
+def squash_workload(work: "Workload", masks: Masks, mode: str) -> SquashResult:
+    """Squash ``work.model`` with an example batch (the dataflow for ``prune``)
+    and a few held-out batches to check the result against ``mul``."""
+    checks = (work.heldout or [])[:2]
+    return squash(work.model, masks, mode, example=work.example(), check_batches=checks)
 
 
 def load_workload(
@@ -287,7 +294,7 @@ def convert(
     with timer("calibrate"):
         masks = calibrate(work.model, the_recipe, work.require_calibration(), model_name=work.name, on_batch=on_batch)
     with timer("squash"):
-        squashed = squash(work.model, masks, mode)
+        squashed = squash_workload(work, masks, mode)
     # everything is written into a staging directory inside outdir and moved into
     # place only when validation passed: an error or an interrupt leaves nothing
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=outdir))

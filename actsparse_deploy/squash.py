@@ -7,7 +7,18 @@ Modes, per layer:
 - ``fold``: a mask that only varies along the consuming layer's input-feature
   axis (``Linear``: last axis; ``ConvNd``: channel axis) is multiplied into the
   layer's weight: no extra op at all;
-- ``auto`` (default): ``fold`` where it is exact, ``mul`` elsewhere.
+- ``prune``: such a mask's zero features are removed. The layer loses those
+  input columns / channels (the others are scaled by the mask, as in fold), and
+  the ``Linear`` / ``ConvNd`` that makes them, where the graph shows that nothing
+  else reads them (through per-feature ops such as ReLU / GELU and BatchNorm),
+  loses those output features too, so neither computes them. Where the producer
+  cannot be shrunk (a residual add, a flatten between), :class:`PrunedInput`
+  gathers the kept features before the smaller layer. Needs an ``example`` batch:
+  the dataflow comes from ``torch.export`` (see :mod:`actsparse_deploy.graph`),
+  and the result is checked against ``mul`` on it; a mismatch raises and leaves
+  the model as it was;
+- ``auto`` (default): ``prune`` where the producer can be shrunk too (only with an
+  ``example``), else ``fold`` where it is exact, else ``mul``.
 
     >>> import torch
     >>> from torch import nn
@@ -19,23 +30,34 @@ Modes, per layer:
     {'2': 'fold'}
     >>> int((result.model[2].weight == 0).all(dim=0).sum())   # 4 of 8 input columns zeroed
     4
+    >>> pruned = squash(model, masks, "prune", example=torch.randn(2, 4))
+    >>> pruned.model[0].out_features, pruned.model[2].in_features   # 4 of 8 features removed from both
+    (4, 4)
+    >>> pruned.reasons["2"]
+    'removed 4 of 8 features from 0 and this layer'
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import MaskError
+from .calibrate import Batch, describe_batch, run_batch
+from .errors import DataError, MaskError
+from .graph import Dataflow, eval_mode
 from .masks import LayerMask, Masks
 
-__all__ = ["MODES", "MaskedInput", "SquashResult", "squash", "squash_"]
+__all__ = ["MODES", "MaskedInput", "PrunedInput", "SquashResult", "squash", "squash_"]
 
-MODES = ("auto", "mul", "fold")
+MODES = ("auto", "mul", "fold", "prune")
+#: prune vs mul on the check batches: ``|pruned - mul| <= ATOL * max(1, max|mul|) + RTOL * |mul|``.
+PRUNE_RTOL = 1e-4
+PRUNE_ATOL = 1e-5
 
 
 class MaskedInput(nn.Module):
@@ -50,6 +72,20 @@ class MaskedInput(nn.Module):
         return self.module(x * self.mask, *args, **kwargs)
 
 
+class PrunedInput(nn.Module):
+    """``module(input.index_select(axis, index), *rest)``: only the kept input
+    features reach ``module``, a layer that has lost the others."""
+
+    def __init__(self, module: nn.Module, index: torch.Tensor, axis: int) -> None:
+        super().__init__()
+        self.module = module
+        self.axis = axis
+        self.register_buffer("index", index)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.module(x.index_select(self.axis, self.index), *args, **kwargs)
+
+
 @dataclass
 class SquashResult:
     """The squashed model and, per layer, the mode it got and why."""
@@ -58,6 +94,9 @@ class SquashResult:
     modes: dict[str, str] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
     sparsity: dict[str, float] = field(default_factory=dict)
+    #: prune / auto with an example: the largest difference of any output from
+    #: the ``mul`` squash on the check batches (None when not checked)
+    max_abs_diff: float | None = None
 
     def report(self) -> list[dict[str, Any]]:
         return [
@@ -129,9 +168,27 @@ def _check_fits(name: str, layer: nn.Module, mask: torch.Tensor, lm: LayerMask) 
         )
 
 
-def squash_(model: nn.Module, masks: Masks | Any, mode: str = "auto") -> SquashResult:
+def _masked(layer: nn.Module, mask: torch.Tensor) -> MaskedInput:
+    weight = next(layer.parameters(), None)
+    dtype = weight.dtype if weight is not None and weight.is_floating_point() else mask.dtype
+    return MaskedInput(layer, mask.to(dtype).clone())
+
+
+def squash_(
+    model: nn.Module,
+    masks: Masks | Any,
+    mode: str = "auto",
+    example: Batch | None = None,
+    *,
+    check_batches: Iterable[Batch] = (),
+) -> SquashResult:
     """Bake ``masks`` (a :class:`Masks` or a live ``ActivationSparsifier`` after
-    ``step()``) into ``model`` in place; returns the model and what each layer got."""
+    ``step()``) into ``model`` in place; returns the model and what each layer got.
+
+    ``example`` (a batch as the model takes it: tensor, tuple or dict of tensors)
+    lets ``prune`` and ``auto`` see the model's dataflow; ``prune`` needs one. The
+    pruned model is checked against ``mul`` on ``example`` and ``check_batches``.
+    """
     if mode not in MODES:
         raise MaskError(f"unknown squash mode {mode!r}; known: {', '.join(MODES)}")
     if not isinstance(masks, Masks):
@@ -142,6 +199,13 @@ def squash_(model: nn.Module, masks: Masks | Any, mode: str = "auto") -> SquashR
         raise MaskError(
             f"masks name layer(s) {', '.join(unknown)} that the model does not have: the masks come from another model"
         )
+    if mode == "prune" and example is None:
+        raise MaskError(
+            "prune needs an example batch (squash(model, masks, 'prune', example=batch)): it traces the model "
+            "on it to find which layers make each masked layer's input, and checks the pruned model on it"
+        )
+    if mode == "prune" or (mode == "auto" and example is not None):
+        return _squash_pruning(model, masks, mode, example, list(check_batches))
     result = SquashResult(model)
     for name in masks:
         lm = masks[name]
@@ -155,15 +219,230 @@ def squash_(model: nn.Module, masks: Masks | Any, mode: str = "auto") -> SquashR
             _fold(layer, vector)
             result.modes[name], result.reasons[name] = "fold", why
         else:
-            weight = next(layer.parameters(), None)
-            dtype = weight.dtype if weight is not None and weight.is_floating_point() else mask.dtype
-            _replace_module(model, name, MaskedInput(layer, mask.to(dtype).clone()))
+            _replace_module(model, name, _masked(layer, mask))
             result.modes[name] = "mul"
             result.reasons[name] = "asked for mul" if mode == "mul" else why
         result.sparsity[name] = lm.sparsity
     return result
 
 
-def squash(model: nn.Module, masks: Masks | Any, mode: str = "auto") -> SquashResult:
+def squash(
+    model: nn.Module,
+    masks: Masks | Any,
+    mode: str = "auto",
+    example: Batch | None = None,
+    *,
+    check_batches: Iterable[Batch] = (),
+) -> SquashResult:
     """Like :func:`squash_` on a deep copy: ``model`` is left as it was."""
-    return squash_(copy.deepcopy(model), masks, mode)
+    return squash_(copy.deepcopy(model), masks, mode, example, check_batches=check_batches)
+
+
+# --- prune ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Cut:
+    """How one layer is rebuilt: input features scaled by ``in_scale`` (one value
+    per input feature), then only ``in_keep`` of them kept; only ``out_keep``
+    output features kept (a BatchNorm: only ``out_keep`` channels)."""
+
+    in_scale: torch.Tensor | None = None
+    in_keep: torch.Tensor | None = None
+    out_keep: torch.Tensor | None = None
+
+
+def _weight_dims(layer: nn.Module) -> tuple[int, int]:
+    """(input-feature dim, output-feature dim) of the layer's weight."""
+    return (0, 1) if isinstance(layer, nn.modules.conv._ConvTransposeNd) else (1, 0)
+
+
+def _shrunk(layer: nn.Module, cut: _Cut) -> nn.Module:
+    """A copy of ``layer`` (same class) with the cut applied to its parameters."""
+    new = copy.deepcopy(layer)
+    with torch.no_grad():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            keep = cut.out_keep
+            assert keep is not None
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                value = getattr(layer, name)
+                if value is None:
+                    continue
+                kept = value.detach().index_select(0, keep.to(value.device)).clone()
+                setattr(new, name, nn.Parameter(kept, value.requires_grad) if isinstance(value, nn.Parameter) else kept)
+            new.num_features = int(keep.numel())
+            return new
+        in_dim, out_dim = _weight_dims(layer)
+        weight = layer.weight.detach()
+        if cut.in_scale is not None:
+            shape = [1] * weight.ndim
+            shape[in_dim] = -1
+            weight = weight * cut.in_scale.to(weight.dtype).to(weight.device).reshape(shape)
+        if cut.in_keep is not None:
+            weight = weight.index_select(in_dim, cut.in_keep.to(weight.device))
+        if cut.out_keep is not None:
+            weight = weight.index_select(out_dim, cut.out_keep.to(weight.device))
+            if layer.bias is not None:
+                bias = layer.bias.detach().index_select(0, cut.out_keep.to(weight.device))
+                new.bias = nn.Parameter(bias.clone(), layer.bias.requires_grad)
+        new.weight = nn.Parameter(weight.contiguous().clone(), layer.weight.requires_grad)
+        n_in, n_out = weight.shape[in_dim], weight.shape[out_dim]
+        if isinstance(layer, nn.Linear):
+            new.in_features, new.out_features = n_in, n_out
+        else:
+            new.in_channels, new.out_channels = n_in, n_out
+    return new
+
+
+def _depth(fqn: str) -> int:
+    return fqn.count(".") + 1 if fqn else 0
+
+
+def _squash_pruning(model: nn.Module, masks: Masks, mode: str, example: Batch, check_batches: list[Batch]) -> SquashResult:
+    """``prune`` and ``auto`` with an example: plan every layer on the original
+    graph, apply the plan (module swaps only), check it against ``mul``, undo on failure."""
+    if "" in masks.layers:
+        raise MaskError("a mask on the model itself (layer '') cannot be squashed: mask its layers instead")
+    result = SquashResult(model)
+    layers: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor | None, str]] = {}
+    for name in masks:
+        lm = masks[name]
+        layer = model.get_submodule(name)
+        mask = lm.dense().detach()
+        _check_fits(name, layer, mask, lm)
+        vector, why = fold_vector(layer, mask)
+        if mode == "prune" and vector is None:
+            raise MaskError(f"layer {name!r} cannot be pruned: {why}; use --mode mul or auto")
+        layers[name] = (layer, mask, vector, why)
+        result.sparsity[name] = lm.sparsity
+    flow: Dataflow | None = None
+    flow_error = ""
+    if any(vector is not None for _, _, vector, _ in layers.values()):
+        try:
+            flow = Dataflow(model, example)
+        except MaskError as e:
+            if mode == "prune":
+                raise
+            flow_error = str(e)
+    reference = squash_(copy.deepcopy(model), masks, "mul").model
+
+    cuts: dict[str, _Cut] = {}
+    wraps: dict[str, Callable[[nn.Module], nn.Module]] = {}
+    for name, (layer, mask, vector, why) in layers.items():
+        if vector is None:  # auto: neither prune nor fold
+            wraps[name] = lambda m, mask=mask: _masked(m, mask)
+            result.modes[name], result.reasons[name] = "mul", why
+            continue
+        cuts.setdefault(name, _Cut()).in_scale = vector
+        n = vector.numel()
+        kept = torch.nonzero(vector != 0).flatten()
+        if kept.numel() == 0:  # keep one feature, multiplied by 0, so no tensor is empty
+            kept = torch.zeros(1, dtype=torch.long)
+        removed = n - kept.numel()
+        chain, not_why = flow.producer(name, masks.layers) if flow is not None else (None, flow_error)
+        if removed and chain is not None:
+            cuts[name].in_keep = kept
+            for fqn in (chain.producer, *chain.norms):
+                cuts.setdefault(fqn, _Cut()).out_keep = kept
+            via = f" (and {', '.join(chain.norms)})" if chain.norms else ""
+            result.modes[name] = "prune"
+            result.reasons[name] = f"removed {removed} of {n} features from {chain.producer}{via} and this layer"
+        elif removed and mode == "prune":
+            cuts[name].in_keep = kept
+            axis = _feature_axis(layer)
+            assert axis is not None
+            wraps[name] = lambda m, kept=kept, axis=axis: PrunedInput(m, kept.to(next(m.parameters()).device), axis)
+            result.modes[name] = "prune"
+            result.reasons[name] = (
+                f"consumer only: removed {removed} of {n} input features of this layer, gathered before it "
+                f"(its producer keeps them: {not_why})"
+            )
+        elif mode == "prune":
+            result.modes[name] = "prune"
+            result.reasons[name] = f"no mask value is 0, so no feature of {n} is removed: the mask is folded into the weight"
+        else:
+            result.modes[name] = "fold"
+            result.reasons[name] = f"{why} (not pruned: {not_why if removed else 'no mask value is 0'})"
+
+    swapped: list[tuple[str, nn.Module]] = []
+
+    def swap(fqn: str, new: nn.Module) -> None:
+        swapped.append((fqn, model.get_submodule(fqn)))
+        _replace_module(model, fqn, new)
+
+    try:
+        for fqn in sorted(cuts, key=_depth, reverse=True):
+            swap(fqn, _shrunk(model.get_submodule(fqn), cuts[fqn]))
+        for fqn in sorted(wraps, key=_depth, reverse=True):
+            swap(fqn, wraps[fqn](model.get_submodule(fqn)))
+        result.max_abs_diff = _check_exact(model, reference, [example, *check_batches])
+    except BaseException:
+        for fqn, old in reversed(swapped):
+            _replace_module(model, fqn, old)
+        raise
+    return result
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model output (tensor, tuple / list, dict, ModelOutput), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _tensors(item)]
+    return []
+
+
+def _check_exact(model: nn.Module, reference: nn.Module, batches: list[Batch]) -> float:
+    """The largest difference between ``model`` and ``reference`` (the ``mul``
+    squash) over ``batches``; raises if any output is over the tolerance."""
+    worst = 0.0
+    with eval_mode(model), eval_mode(reference):
+        for i, batch in enumerate(batches):
+            try:
+                want = _tensors(run_batch(reference, batch))
+            except (RuntimeError, ValueError, IndexError, TypeError) as e:
+                raise DataError(
+                    f"the model fails on check batch {i} ({describe_batch(batch)}): {type(e).__name__}: "
+                    f"{(str(e).splitlines() or [''])[0]}"
+                ) from e
+            try:
+                got = _tensors(run_batch(model, batch))
+            except (RuntimeError, ValueError, IndexError, TypeError) as e:
+                raise MaskError(
+                    f"the pruned model fails on check batch {i} ({describe_batch(batch)}) where the mul squash runs: "
+                    f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}; the model is left as it was "
+                    "(a bug in the dataflow analysis: use --mode fold meanwhile)"
+                ) from e
+            problem = f"{len(got)} outputs, the mul squash {len(want)}" if len(got) != len(want) else ""
+            for j, (g, w) in enumerate(zip(got, want)):
+                if problem:
+                    break
+                if g.shape != w.shape or g.dtype != w.dtype:
+                    problem = f"output {j} is {g.dtype}{list(g.shape)}, the mul squash's {w.dtype}{list(w.shape)}"
+                    break
+                if not (g.is_floating_point() or g.is_complex()):
+                    if not torch.equal(g, w):
+                        problem = f"output {j} differs from the mul squash's"
+                    continue
+                g64, w64 = g.detach().double(), w.detach().double()
+                finite = torch.isfinite(w64)
+                scale = float(w64[finite].abs().max()) if bool(finite.any()) else 1.0
+                diff = (g64 - w64).abs()
+                same = (g64 == w64) | (torch.isnan(g64) & torch.isnan(w64))
+                bound = PRUNE_ATOL * max(1.0, scale) + PRUNE_RTOL * w64.abs()
+                bad = ~same & ~(diff <= bound)
+                if diff.numel():
+                    worst = max(worst, float(torch.where(same, torch.zeros_like(diff), diff).max()))
+                if bool(bad.any()):
+                    problem = (
+                        f"output {j} differs from the mul squash's by up to {float(diff[bad].max()):.3g} "
+                        f"(tolerance {PRUNE_ATOL:g} * max(1, {scale:.3g}) + {PRUNE_RTOL:g} * |mul|)"
+                    )
+            if problem:
+                raise MaskError(
+                    f"the pruned model is not exact on check batch {i} ({describe_batch(batch)}): {problem}; "
+                    "the model is left as it was (a bug in the dataflow analysis: use --mode fold meanwhile)"
+                )
+    return worst

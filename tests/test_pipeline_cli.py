@@ -36,11 +36,11 @@ def test_convert_digits_cnn(tmp_path):
     result = invoke("convert", "digits-cnn", "-o", out)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["masks.safetensors", "model.onnx", "report.json"]
-    for text in ("conv2", "fold", "PASSED", "accuracy dense 0.9800 -> sparse 0.9700 (ONNX 0.9700)", "model.onnx"):
+    for text in ("conv2", "prune", "fold", "PASSED", "accuracy dense 0.9800 -> sparse 0.9700 (ONNX 0.9700)", "model.onnx"):
         assert text in result.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["validation"]["passed"] and report["validation"]["max_abs_diff"] <= 1e-4
-    assert {row["layer"]: row["mode"] for row in report["layers"]} == {"conv2": "fold", "fc1": "fold", "fc2": "fold"}
+    assert {row["layer"]: row["mode"] for row in report["layers"]} == {"conv2": "prune", "fc1": "fold", "fc2": "prune"}
     assert report["cost"]["accuracy_dense"] == 0.98 and report["cost"]["accuracy_onnx"] == report["cost"]["accuracy_sparse"]
     assert report["files"]["model.onnx"] == (out / "model.onnx").stat().st_size
     # an existing output is kept unless --overwrite
@@ -62,7 +62,8 @@ def test_convert_minilm_end_to_end(minilm_convert):
     assert report["export"]["exporter"] == exporter
     assert report["validation"]["passed"] and report["validation"]["max_abs_diff"] <= 1e-4
     assert [o["output"] for o in report["validation"]["outputs"]] == ["token_embeddings", "sentence_embedding"]
-    assert len(report["layers"]) == 6 and all(row["mode"] == "fold" and row["sparsity"] == 0.25 for row in report["layers"])
+    assert len(report["layers"]) == 6 and all(row["mode"] == "prune" and row["sparsity"] == 0.25 for row in report["layers"])
+    assert "removed 384 of 1536 features from bert.encoder.layer.0.intermediate.dense" in report["layers"][0]["reason"]
     assert [row["layer"] for row in report["layers"]] == [f"bert.encoder.layer.{i}.output.dense" for i in range(6)]
     cosine = {row["output"]: row for row in report["cost"]["outputs"]}["sentence_embedding"]
     assert 0.8 < cosine["cosine_mean"] < 1.0
@@ -89,7 +90,7 @@ def test_squash_to_pt2_round_trip_and_export_from_it(tmp_path, digits_masks):
     pt2 = tmp_path / "model.pt2"
     result = invoke("squash", "digits-cnn", "--masks", digits_masks, "-o", pt2)
     assert result.exit_code == 0, result.output
-    assert "fold" in result.stdout
+    assert "prune" in result.stdout and "fold" in result.stdout
     program = torch.export.load(str(pt2))
     work = load_workload("digits-cnn")
     reference = squash(work.model, Masks.load(digits_masks)).model
@@ -191,5 +192,5 @@ def test_convert_user_model_with_data_files(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["validation"]["passed"] and report["validation"]["batch_sizes"] == [1, 3, 5]
-    assert [(r["layer"], r["mode"], r["sparsity"]) for r in report["layers"]] == [("2", "fold", 0.5), ("4", "fold", 0.5)]
+    assert [(r["layer"], r["mode"], r["sparsity"]) for r in report["layers"]] == [("2", "prune", 0.5), ("4", "prune", 0.5)]
     assert report["cost"]["heldout_samples"] == 40 and "accuracy_dense" not in report["cost"]
