@@ -335,7 +335,10 @@ def _check_exporter(exporter: str) -> None:
 
 
 def _print_modes(rows: list[dict[str, Any]], title: str) -> None:
-    table = Table("layer", "sparsity", "mode", "why", title=title)
+    table = Table(title=title)
+    table.add_column("layer", no_wrap=True)
+    for column in ("sparsity", "mode", "why"):
+        table.add_column(column)
     for row in rows:
         table.add_row(row["layer"], f"{row['sparsity']:.1%}", row["mode"], row["reason"])
     stdout.print(table)

@@ -58,12 +58,18 @@ class IOSpec:
     output_names: tuple[str, ...]
     dynamic_axes: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
 
-    def export_dynamic_shapes(self) -> tuple[dict[int, Any], ...]:
-        """``torch.export`` dynamic shapes, one dict per input; one ``Dim`` per name."""
+    def export_dynamic_shapes(self, named: bool = True) -> tuple[dict[int, Any], ...]:
+        """``torch.export`` dynamic shapes, one dict per input: one named ``Dim``
+        per axis name, or ``Dim.DYNAMIC`` (ranges such as a maximum sequence
+        length are then inferred from the model instead of refused)."""
         dims: dict[str, Any] = {}
+
+        def dim(name: str) -> Any:
+            return dims.setdefault(name, torch.export.Dim(name)) if named else torch.export.Dim.DYNAMIC
+
         return tuple(
-            {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in self.dynamic_axes.get(name, {}).items()}
-            for name in self.input_names
+            {axis: dim(name) for axis, name in self.dynamic_axes.get(input_name, {}).items()}
+            for input_name in self.input_names
         )
 
     @classmethod

@@ -140,7 +140,7 @@ def save_pt2(work: Workload, squashed: SquashResult, path: Path, overwrite: bool
     if isinstance(example, Mapping):
         module = PositionalAdapter(squashed.model, io.input_names)
     args = positional_inputs(example, io.input_names)
-    shapes = io.export_dynamic_shapes()
+    shapes = io.export_dynamic_shapes(named=False)
     if isinstance(example, Mapping):
         shapes = (shapes,)  # type: ignore[assignment]
     try:

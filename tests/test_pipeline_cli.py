@@ -194,3 +194,20 @@ def test_convert_user_model_with_data_files(tmp_path, monkeypatch):
     assert report["validation"]["passed"] and report["validation"]["batch_sizes"] == [1, 3, 5]
     assert [(r["layer"], r["mode"], r["sparsity"]) for r in report["layers"]] == [("2", "prune", 0.5), ("4", "prune", 0.5)]
     assert report["cost"]["heldout_samples"] == 40 and "accuracy_dense" not in report["cost"]
+
+
+def test_minilm_pt2_round_trip(tmp_path):
+    masks, pt2, onnx_path = tmp_path / "m.safetensors", tmp_path / "m.pt2", tmp_path / "m.onnx"
+    assert invoke("calibrate", "minilm", "-o", masks).exit_code == 0
+    result = invoke("squash", "minilm", "--masks", masks, "-o", pt2, "--json")
+    assert result.exit_code == 0, result.output
+    assert {row["mode"] for row in json.loads(result.stdout)["layers"]} == {"prune"}
+    program = torch.export.load(str(pt2))
+    work = load_workload("minilm")
+    reference = squash(work.model, Masks.load(masks), "prune", example=work.example()).model
+    for batch in work.heldout[:2]:  # two sequence lengths
+        got = program.module()(batch["input_ids"], batch["attention_mask"])
+        assert_close(got[1], reference(**batch)[1], rtol=1e-5, atol=1e-5)
+    assert invoke("export", pt2, "-o", onnx_path, "--exporter", "dynamo").exit_code == 0
+    result = invoke("validate", onnx_path, pt2)
+    assert result.exit_code == 0 and "PASSED" in result.stdout
