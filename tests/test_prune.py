@@ -239,7 +239,7 @@ def test_conv_batchnorm_chain():
     })
     x = torch.rand(4, 2, 6, 6)
     reference = squash(model, masks, "mul").model
-    pruned = squash(model, masks, "prune", example=x, check_batches=[torch.rand(3, 2, 6, 6)])
+    pruned = squash(model, masks, "prune", example=x, check_batches=[torch.rand(3, 2, 6, 6)], channel_multiple=1)
     assert pruned.modes == {"conv2": "prune", "fc": "prune"}
     assert pruned.reasons["conv2"] == "removed 3 of 8 features from conv1 (and bn) and this layer"
     assert "aten.flatten" in pruned.reasons["fc"] and pruned.reasons["fc"].startswith("consumer only: removed 18 of 54")
@@ -250,10 +250,27 @@ def test_conv_batchnorm_chain():
     assert_close(m.bn.running_var, model.bn.running_var[[0, 2, 4, 5, 7]])
     assert type(m.bn) is nn.BatchNorm2d and m.conv2.padding_mode == "reflect"
     assert m.fc.module.in_features == 36
-    auto = squash(model, masks, "auto", example=x)
+    auto = squash(model, masks, "auto", example=x, channel_multiple=1)
     assert auto.modes == {"conv2": "prune", "fc": "fold"}
-    for result in (pruned, auto):
+    # by default convs keep a multiple of 8 channels: 5 kept of 8 rounds up to all 8
+    aligned = squash(model, masks, "auto", example=x)
+    assert aligned.modes == {"conv2": "fold", "fc": "fold"}
+    assert "kept whole: pruned convs keep a multiple of 8 channels" in aligned.reasons["conv2"]
+    for result in (pruned, auto, aligned):
         assert_same_outputs(result.model, reference, [torch.rand(5, 2, 6, 6)])
+
+
+def test_conv_channels_rounded_up_to_a_multiple():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 20, 3, padding=1), nn.ReLU(), nn.Conv2d(20, 4, 3, padding=1)).eval()
+    mask = torch.ones(20)
+    mask[[1, 3, 5, 7, 9, 11, 13]] = 0  # 13 kept -> 16 kept, 4 removed
+    masks = Masks({"2": LayerMask(mask=mask.reshape(20, 1, 1), input_shape=(20, 6, 6))})
+    x = torch.rand(3, 2, 6, 6)
+    result = squash(model, masks, "auto", example=x)
+    assert result.model[0].out_channels == result.model[2].in_channels == 16
+    assert result.reasons["2"] == "removed 4 of 20 features from 0 and this layer"
+    assert_same_outputs(result.model, squash(model, masks, "mul").model, [torch.rand(4, 2, 6, 6)])
 
 
 def test_masked_module_on_the_path_stops_producer_pruning():
@@ -454,9 +471,10 @@ EXPECTED = {
         "producers": {"fc2": "fc1", "fc3": "fc2"},
     },
     "digits-cnn": {
-        "auto": {"conv2": "prune", "fc1": "fold", "fc2": "prune"},
+        # conv2: 2 of 16 channels masked, kept 14 -> 16 (a multiple of 8): folded
+        "auto": {"conv2": "fold", "fc1": "fold", "fc2": "prune"},
         "prune": {"conv2": "prune", "fc1": "prune", "fc2": "prune"},
-        "producers": {"conv2": "conv1", "fc2": "fc1"},
+        "producers": {"fc2": "fc1"},
     },
     "minilm": {
         "auto": {f"bert.encoder.layer.{i}.output.dense": "prune" for i in range(6)},
@@ -508,7 +526,7 @@ def test_builtin_layers_really_shrink(builtin):
         assert (m.fc1.out_features, m.fc2.in_features) == (128 - zeros(masks, "fc2"),) * 2
         assert (m.fc2.out_features, m.fc3.in_features) == (64 - zeros(masks, "fc3"),) * 2
     else:
-        assert (m.conv1.out_channels, m.conv2.in_channels) == (16 - zeros(masks, "conv2"),) * 2
+        assert (m.conv1.out_channels, m.conv2.in_channels) == (16, 16)  # 14 kept, rounded up to 16
         assert m.fc1.module.weight.shape == (64 - zeros(masks, "fc2"), 512 - zeros(masks, "fc1"))
         assert m.fc2.in_features == 64 - zeros(masks, "fc2")
         assert squashed["auto"].model.fc1.weight.shape == (64 - zeros(masks, "fc2"), 512)

@@ -280,7 +280,7 @@ def speed_section_digits(name: str, tmp: Path, warmup: int, runs: int) -> dict[s
     work = load_workload(name)
     masks = calibrate(work.model, load_recipe(work, None), work.calibration)
     models = {"dense": work.model}
-    for mode in ("mul", "fold", "prune"):
+    for mode in ("mul", "fold", "prune", "auto"):
         models[mode] = squash(work.model, masks, mode, example=work.example()).model
     sessions = {}
     for variant, model in models.items():
@@ -372,7 +372,7 @@ def print_tables(report: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", nargs="*", default=["calibration", "speed", "export"])
+    parser.add_argument("--sections", nargs="*", default=["calibration", "speed", "speed-digits", "export"])
     parser.add_argument("--out", type=Path, default=Path("out/benchmark.json"))
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
@@ -397,6 +397,7 @@ def main() -> None:
             report["calibration"] = [calibration_section(m, warmup, runs) for m in ("minilm", "digits-cnn")]
         if "speed" in args.sections:
             report["speed_minilm"] = speed_section_minilm(tmp, warmup, runs, levels)
+        if "speed-digits" in args.sections:
             report["speed_digits"] = [speed_section_digits(m, tmp, warmup, runs) for m in ("digits-cnn", "digits-mlp")]
         if "export" in args.sections:
             report["export"] = export_section(tmp, 1 if args.quick else 3)
