@@ -298,7 +298,7 @@ def test_builtin_statistics_ignore_batch_size(mlp):
                 model(chunk)
         stat = sp.data_groups["fc2"]["data"]
         assert isinstance(stat, RunningStat) and stat.count == 20 and stat.value.shape == (8,)
-        np.testing.assert_allclose(stat.per_sample.numpy(), _numpy_sum_abs_mean(captured, (0,)), rtol=1e-10)
+        np.testing.assert_allclose(stat.per_sample.numpy(), _numpy_sum_abs_mean(captured, (0,)), rtol=1e-6)  # float32 per batch, float64 across batches
         sp.step()
         results.append(sp.get_mask("fc2"))
         assert results[-1].shape == (8,) and int(results[-1].sum()) == 4
