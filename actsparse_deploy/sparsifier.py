@@ -29,7 +29,6 @@ NaN / Inf is an error naming the layer; the state saves to ``.safetensors``.
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -234,7 +233,8 @@ class ActivationSparsifier:
                 state["input_shape"] = tuple(x.shape)
             if features is None:
                 dims = tuple(range(n_sample))
-                stat = agg.fold(config.get("data"), agg.batch_stat(x, dims), _numel(x, dims))
+                batch = agg.batch_stat(x, dims)
+                stat = agg.fold(config.get("data"), batch, x.numel() // max(batch.numel(), 1))
                 _check_finite(name, stat.value)
                 if state.get("mask") is None:
                     state["mask"] = torch.ones(stat.value.shape, dtype=x.dtype, device=x.device)
@@ -247,7 +247,7 @@ class ActivationSparsifier:
             batch = agg.batch_stat(x, dims)
             axis = fdim - sum(1 for d in dims if d < fdim)
             _check_finite(name, batch)
-            data, count = config.get("data"), _numel(x, dims)
+            data, count = config.get("data"), x.numel() // max(batch.numel(), 1)
             out = []
             for idx in range(len(features)):
                 selected = batch.index_select(axis, _feature_index(features, idx, x.device))
@@ -434,10 +434,6 @@ def _check_features(name: str, features: list[Any], size: int) -> None:
         raise ConfigError(
             f"features {features} of layer {name!r} are out of range: its input has {size} along feature_dim"
         )
-
-
-def _numel(x: torch.Tensor, dims: tuple[int, ...]) -> int:
-    return math.prod(x.shape[d] for d in dims)
 
 
 def _normalize_dim(dim: int, ndim: int, name: str) -> int:
