@@ -28,7 +28,7 @@ from .masks import LayerMask, Masks
 from .recipe import Recipe
 from .sparsifier import ActivationSparsifier
 
-__all__ = ["Batch", "batch_size", "calibrate", "describe_batch", "run_batch"]
+__all__ = ["Batch", "batch_size", "calibrate", "describe_batch", "eval_mode", "run_batch"]
 
 Batch = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor] | Mapping[str, torch.Tensor]
 
@@ -73,7 +73,7 @@ def _first_line(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _calibration_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """eval mode and no grad for the duration; the training flags restored after."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -111,7 +111,7 @@ def calibrate(
     layers = recipe.select(model)
     sparsifier = ActivationSparsifier(model)
     num_samples = num_batches = 0
-    with _calibration_mode(model), _attached(sparsifier):
+    with eval_mode(model), _attached(sparsifier):
         for name, config in layers.items():
             sparsifier.register_layer(model.get_submodule(name), **config.register_kwargs())
         for batch in batches:

@@ -149,12 +149,14 @@ class ExportResult:
 
 
 @contextlib.contextmanager
-def _quiet(verbose: bool) -> Iterator[None]:
-    """Silence exporter prints, warnings and log lines unless verbose."""
+def quiet(verbose: bool = False) -> Iterator[None]:
+    """Silence torch.export / exporter prints, warnings and log lines unless verbose
+    (torch.export prints the partial graph when it fails)."""
     if verbose:
         yield
         return
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript")]
+    names = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx", "onnxscript")
+    loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -240,7 +242,7 @@ def export_onnx(
         raw = staging / "raw.onnx"
         start = time.perf_counter()
         try:
-            with _quiet(verbose), torch.no_grad():
+            with quiet(verbose), torch.no_grad():
                 _run_exporter(wrapped, args, raw, exporter, opset, spec)
         except ExportError:
             raise

@@ -25,21 +25,18 @@ lose those features.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .calibrate import Batch, describe_batch
+from .calibrate import Batch, describe_batch, eval_mode
 from .errors import MaskError
+from .export import quiet
 
-__all__ = ["Chain", "Dataflow", "capture", "eval_mode", "example_args", "feature_axis", "prunable_kind"]
+__all__ = ["Chain", "Dataflow", "capture", "example_args", "feature_axis", "prunable_kind"]
 
 _aten = torch.ops.aten
 
@@ -122,41 +119,12 @@ def example_args(example: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
     raise MaskError(f"the example batch must be a tensor, a tuple of tensors or a dict of tensors, not {type(example).__name__}")
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """eval mode and no grad for the duration; the training flags restored after."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in modes.items():
-            module.train(training)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in ("torch.export", "torch._export", "torch._dynamo", "torch.fx")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    sink = io.StringIO()  # torch.export prints the partial graph when it fails
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def capture(model: nn.Module, example: Batch) -> torch.export.ExportedProgram:
     """``torch.export.export`` of ``model`` (in eval mode) on ``example``; a model
     it cannot capture is a :class:`MaskError` that keeps the cause."""
     args, kwargs = example_args(example)
     try:
-        with eval_mode(model), _quiet():
+        with eval_mode(model), quiet():
             return torch.export.export(model, args, kwargs, strict=False)
     except Exception as e:  # torch.export raises many types
         first = (str(e).strip().splitlines() or [""])[0][:300]

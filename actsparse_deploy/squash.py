@@ -47,9 +47,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibrate import Batch, describe_batch, run_batch
+from .calibrate import Batch, describe_batch, eval_mode, run_batch
 from .errors import DataError, MaskError
-from .graph import Dataflow, eval_mode
+from .graph import Dataflow
 from .masks import LayerMask, Masks
 
 __all__ = ["MODES", "MaskedInput", "PrunedInput", "SquashResult", "squash", "squash_"]
