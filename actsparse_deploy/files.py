@@ -57,6 +57,9 @@ def atomic_output(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
     os.close(fd)
     tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual mode
     try:
         yield tmp
         os.replace(tmp, path)

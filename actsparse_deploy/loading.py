@@ -39,6 +39,9 @@ from .errors import DataError, ModelLoadError, WeightsError
 
 __all__ = ["LoadedModel", "load_data", "load_model", "load_state_dict_file"]
 
+#: key prefix of the inputs of a .pt data file holding a list (positional inputs)
+POSITIONAL = "input #"
+
 
 @dataclass
 class LoadedModel:
@@ -53,12 +56,18 @@ def _import_attr(spec: str, what: str, error: type[Exception]) -> Any:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise error(f"{what} {spec!r} must look like package.module:name")
-    if os.getcwd() not in sys.path:  # as `python -m` would: the user's project is importable
+    # as `python -m` would, the user's project is importable, but only while their
+    # module is imported: no later import may pick up a file from the current directory
+    added = os.getcwd() not in sys.path
+    if added:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # the user's module may fail in any way
         raise error(f"cannot import {module_name!r} for {what} {spec!r}: {type(e).__name__}: {e}") from e
+    finally:
+        if added and os.getcwd() in sys.path:
+            sys.path.remove(os.getcwd())
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
@@ -180,8 +189,8 @@ def _read_arrays(path: Path) -> dict[str, torch.Tensor] | torch.Tensor:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
             if isinstance(obj, torch.Tensor):
                 return _to_tensor("tensor", obj, str(path))
-            if isinstance(obj, (list, tuple)):
-                obj = {f"arg{i}": t for i, t in enumerate(obj)}
+            if isinstance(obj, (list, tuple)):  # positional inputs: tuple batches
+                obj = {f"{POSITIONAL}{i}": t for i, t in enumerate(obj)}
             if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
                 raise DataError(f"data file {path} must hold a tensor, a list of tensors or a dict of tensors")
             raw = dict(obj)
@@ -215,4 +224,6 @@ def load_data(source: str | Path, batch_size: int = 32) -> list[Batch] | Iterabl
     if isinstance(arrays, torch.Tensor):
         return list(torch.split(arrays, batch_size))
     n = next(iter(arrays.values())).shape[0]
+    if all(k.startswith(POSITIONAL) for k in arrays):  # a list of tensors: model(*batch)
+        return [tuple(t[i : i + batch_size] for t in arrays.values()) for i in range(0, n, batch_size)]
     return [{k: t[i : i + batch_size] for k, t in arrays.items()} for i in range(0, n, batch_size)]

@@ -143,15 +143,18 @@ def fold_vector(layer: nn.Module, mask: torch.Tensor) -> tuple[torch.Tensor | No
 
 
 def _fold(layer: nn.Module, vector: torch.Tensor) -> None:
+    """The scaled weight becomes a new parameter: a weight tied to another layer
+    (shared with it) keeps its values there."""
     with torch.no_grad():
         weight = layer.weight
         v = vector.to(weight.dtype)
         if isinstance(layer, nn.Linear):
-            weight.mul_(v)
+            scaled = weight * v
         elif isinstance(layer, nn.modules.conv._ConvTransposeNd):
-            weight.mul_(v.reshape(-1, *([1] * (weight.ndim - 1))))  # (in, out, *k)
+            scaled = weight * v.reshape(-1, *([1] * (weight.ndim - 1)))  # (in, out, *k)
         else:
-            weight.mul_(v.reshape(1, -1, *([1] * (weight.ndim - 2))))  # (out, in, *k)
+            scaled = weight * v.reshape(1, -1, *([1] * (weight.ndim - 2)))  # (out, in, *k)
+        layer.weight = nn.Parameter(scaled, requires_grad=weight.requires_grad)
 
 
 def _check_fits(name: str, layer: nn.Module, mask: torch.Tensor, lm: LayerMask) -> None:
@@ -211,14 +214,16 @@ def squash_(
         multiple = CONV_CHANNEL_MULTIPLE if channel_multiple is None else channel_multiple
         return _squash_pruning(model, masks, mode, example, list(check_batches), multiple)
     result = SquashResult(model)
-    for name in masks:
-        lm = masks[name]
+    plan = []
+    for name in masks:  # every check before any change: an error leaves the model as it was
         layer = modules[name]
-        mask = lm.dense().detach()
-        _check_fits(name, layer, mask, lm)
+        mask = masks[name].dense().detach()
+        _check_fits(name, layer, mask, masks[name])
         vector, why = fold_vector(layer, mask)
         if mode == "fold" and vector is None:
             raise MaskError(f"layer {name!r} cannot be folded: {why}; use --mode mul or auto")
+        plan.append((name, masks[name], layer, mask, vector, why))
+    for name, lm, layer, mask, vector, why in plan:
         if mode != "mul" and vector is not None:
             _fold(layer, vector)
             result.modes[name], result.reasons[name] = "fold", why
@@ -310,7 +315,9 @@ def _aligned(kept: torch.Tensor, n: int, multiple: int) -> torch.Tensor:
     target = min(n, -(-kept.numel() // multiple) * multiple)
     if kept.numel() >= target:
         return kept
-    masked = torch.tensor([i for i in range(n) if i not in set(kept.tolist())], dtype=torch.long)
+    is_kept = torch.zeros(n, dtype=torch.bool)
+    is_kept[kept] = True
+    masked = torch.nonzero(~is_kept).flatten()
     return torch.sort(torch.cat([kept, masked[: target - kept.numel()]])).values
 
 

@@ -11,6 +11,7 @@ from torch.testing import assert_close
 
 from actsparse_deploy import ActivationSparsifier, Masks, Recipe, calibrate, squash, squash_
 from actsparse_deploy.errors import MaskError
+from actsparse_deploy.masks import LayerMask
 from actsparse_deploy.squash import MaskedInput
 
 from .conftest import TinyConv, TinyMLP
@@ -161,3 +162,31 @@ def test_batch_shaped_user_mask_is_refused():
     sp.step()
     with pytest.raises(MaskError, match="batch axis"):
         squash(model, sp)
+
+
+def test_fold_keeps_a_tied_weight_elsewhere():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight  # tied
+    masks = Masks({"2": LayerMask(torch.tensor([1.0, 0.0, 1.0, 0.0]), input_shape=(4,))})
+    result = squash(model, masks, "fold")
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        expected = model[2](model[1](model[0](x)) * masks["2"].mask)
+        assert_close(result.model(x), expected)
+        assert torch.equal(result.model[0].weight, model[0].weight)
+
+
+def test_failed_squash_leaves_the_model_unchanged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Conv1d(4, 4, 1, groups=2))
+    from actsparse_deploy.masks import LayerMask
+
+    masks = Masks({
+        "0": LayerMask(torch.tensor([1.0, 0.0, 1.0, 0.0]), input_shape=(4,)),
+        "2": LayerMask(torch.tensor([1.0, 0.0, 1.0, 0.0]).reshape(4, 1), input_shape=(4, 3)),
+    })
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MaskError, match="cannot be folded"):
+        squash_(model, masks, "fold")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
