@@ -26,8 +26,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__, zoo
-from .calibrate import batch_size, calibrate, run_batch
-from .errors import ActsparseError, ExportError, MaskError, RecipeError, Terminated
+from .calibrate import batch_size, calibrate, describe_batch, run_batch
+from .errors import ActsparseError, DataError, ExportError, MaskError, RecipeError, Terminated
 from .export import DEFAULT_EXPORTER, EXPORTERS, export_onnx, layer_metadata
 from .files import check_output_path
 from .functions import AGGREGATE_FNS
@@ -177,7 +177,9 @@ def handle_errors(fn: F) -> F:
         except Exception as e:  # a bug, not a user mistake: still one line unless --verbose
             if verbose:
                 traceback.print_exc(file=sys.stderr)
-            stderr.print(f"internal error: {type(e).__name__}: {e} (run with --verbose for the traceback)", markup=False)
+            stderr.print(
+                f"internal error: {type(e).__name__}: {e} (run with --verbose for the traceback)", markup=False, soft_wrap=True
+            )
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -230,25 +232,22 @@ def build_recipe(
     layer_types: list[str] | None,
     sparsity: float | None,
     threshold: float | None,
-    aggregate: str,
+    aggregate: str | None,
     structured: bool,
 ) -> Recipe:
     """The recipe the flags describe: a file, a one-rule recipe from flags, or
     the built-in model's own (with --sparsity applied to it)."""
-    if recipe is not None:
-        if layers or layer_types or threshold is not None or structured:
-            raise RecipeError("--recipe cannot be combined with --layers, --layer-type, --threshold or --structured")
-        loaded = Recipe.load(recipe)
-        return loaded.with_sparsity(sparsity) if sparsity is not None else loaded
     if layers or layer_types:
+        if recipe is not None:
+            raise RecipeError("--recipe cannot be combined with --layers or --layer-type")
         if sparsity is None and threshold is None:
             raise RecipeError("--layers / --layer-type need --sparsity or --threshold")
-        return Recipe.simple(layers, layer_types, sparsity, threshold, aggregate, structured)
-    if not builtin:
+        return Recipe.simple(layers, layer_types, sparsity, threshold, aggregate or "sum_abs", structured)
+    if threshold is not None or structured or aggregate is not None:
+        raise RecipeError("--threshold, --structured and --aggregate describe a recipe from --layers: give --layers too")
+    if recipe is None and not builtin:
         raise RecipeError(f"{model_name!r} has no built-in recipe: pass --recipe FILE, or --layers with --sparsity")
-    loaded = Recipe.load(zoo.builtin_recipe_path(model_name))
-    if threshold is not None or structured:
-        raise RecipeError("--threshold and --structured need --layers (the built-in recipe already chooses)")
+    loaded = Recipe.load(recipe if recipe is not None else zoo.builtin_recipe_path(model_name))
     return loaded.with_sparsity(sparsity) if sparsity is not None else loaded
 
 
@@ -285,8 +284,9 @@ def calibrate_cmd(
     ] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Zero activations whose statistic is below this value instead.")] = None,
     aggregate: Annotated[
-        str, typer.Option("--aggregate", help=f"Statistic over the data: {', '.join(AGGREGATE_FNS.names())}.")
-    ] = "sum_abs",
+        Optional[str],
+        typer.Option("--aggregate", help=f"Statistic over the data, with --layers: {', '.join(AGGREGATE_FNS.names())} (default sum_abs)."),
+    ] = None,
     structured: Annotated[
         bool, typer.Option("--structured", help="One mask value per input feature / channel (foldable into weights).")
     ] = False,
@@ -305,7 +305,7 @@ def calibrate_cmd(
     elif loaded.builtin:
         batches = zoo.calibration_batches(model, batch)
     else:
-        raise RecipeError(f"{model!r} has no built-in data: pass --data FILE")
+        raise DataError(f"{model!r} has no built-in data: pass --data FILE")
     total = sum(batch_size(b) for b in batches) if isinstance(batches, list) else None
     with Progress(
         TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"), TimeElapsedColumn(),
@@ -395,7 +395,10 @@ def export_cmd(
     data: DataOpt = None,
     heldout: HeldoutOpt = None,
     batch: BatchSizeOpt = 32,
-    exporter: ExporterOpt = DEFAULT_EXPORTER,
+    exporter: Annotated[
+        Optional[str],
+        typer.Option("--exporter", help=f"torch.onnx exporter: {' or '.join(EXPORTERS)} (default: {DEFAULT_EXPORTER}; dynamo for a .pt2)."),
+    ] = None,
     opset: OpsetOpt = None,
     external_data: ExternalOpt = False,
     overwrite: OverwriteOpt = False,
@@ -409,6 +412,7 @@ def export_cmd(
     squash mode and per-layer sparsity.
     """
     _check_mode(mode)
+    exporter = exporter or ("dynamo" if source.endswith(".pt2") else DEFAULT_EXPORTER)
     _check_exporter(exporter)
     check_output_path(output, overwrite)
     if source.endswith(".pt2"):
@@ -470,8 +474,11 @@ def validate_cmd(
         io = pt2_io(meta)
         name = meta.get("model")
         if heldout is None and not (name and name in zoo.builtin_names()):
-            raise ActsparseError("pass --heldout data: the .pt2 does not name a built-in model")
-        held = load_workload(name, heldout=heldout, batch_size=batch if heldout else None).require_heldout() if heldout is None else list(load_data(heldout, batch))
+            raise DataError("pass --heldout data: the .pt2 does not name a built-in model")
+        if heldout is not None:
+            held = list(load_data(heldout, batch))
+        else:
+            held = load_workload(name).require_heldout()
         sparse: Any = program.module()
         batches = as_positional(held, io.input_names) if io else held
         names = io.output_names if io else None
@@ -576,7 +583,7 @@ def inspect_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     """List a model's layers that can take a mask (name, type, input shape on a sample batch), or a masks file's contents."""
-    if target.endswith(".safetensors") and Path(target).is_file() and weights is None:
+    if target.endswith(".safetensors") and weights is None:
         masks = Masks.load(target)
         if as_json:
             _emit_json(masks.to_json())
@@ -615,6 +622,8 @@ def layer_table(work: Workload) -> list[dict[str, Any]]:
     try:
         with torch.no_grad():
             run_batch(work.model, batch)
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        raise DataError(f"the model fails on the first batch ({describe_batch(batch)}): {type(e).__name__}: {e}") from e
     finally:
         for handle in handles:
             handle.remove()

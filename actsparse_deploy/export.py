@@ -19,6 +19,7 @@ the tool version, squash mode and per-layer sparsity.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -37,14 +38,14 @@ import torch
 from torch import nn
 
 from . import __version__
-from .calibrate import Batch
-from .errors import ExportError
+from .calibrate import Batch, describe_batch, eval_mode
+from .errors import DataError, ExportError, OutputError
 from .files import check_output_path
 
 __all__ = ["DEFAULT_EXPORTER", "EXPORTERS", "ExportResult", "IOSpec", "PositionalAdapter", "export_onnx", "flatten_outputs"]
 
 EXPORTERS = ("dynamo", "torchscript")
-#: Chosen by measurement (tools/benchmark_export.py): see the README.
+#: Chosen by measurement (tools/measure_convert.py, tools/benchmark.py): see the README.
 DEFAULT_EXPORTER = "torchscript"
 TWO_GB = 2**31
 METADATA_PREFIX = "actsparse_deploy."
@@ -220,23 +221,37 @@ def export_onnx(
         raise ExportError(f"unknown exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
     check_output_path(path, overwrite)
     program = model if isinstance(model, torch.export.ExportedProgram) else None
-    if program is not None:
-        if exporter != "dynamo":
-            raise ExportError("a torch.export program (.pt2) exports with --exporter dynamo only")
-        callable_model: Any = program.module()
-    else:
-        callable_model = model.eval()
-    with torch.no_grad():
-        if isinstance(example, Mapping) and program is None:
-            outputs = callable_model(**example)
-        else:
-            outputs = callable_model(*positional_inputs(example, tuple(example) if isinstance(example, Mapping) else ()))
+    if program is not None and exporter != "dynamo":
+        raise ExportError("a torch.export program (.pt2) exports with --exporter dynamo only")
+    with contextlib.ExitStack() as stack:
+        if program is None:
+            stack.enter_context(eval_mode(model))  # the caller's train/eval flags come back after
+        return _export(model, program, example, path, exporter, opset, io_spec, sequence_axis, metadata, external_data, overwrite, verbose)
+
+
+def _export(
+    model: Any, program: Any, example: Batch, path: Path, exporter: str, opset: int | None, io_spec: IOSpec | None,
+    sequence_axis: bool, metadata: Mapping[str, str] | None, external_data: bool, overwrite: bool, verbose: bool,
+) -> ExportResult:
+    callable_model: Any = program.module() if program is not None else model
+    try:
+        with torch.no_grad():
+            if isinstance(example, Mapping) and program is None:
+                outputs = callable_model(**example)
+            else:
+                outputs = callable_model(*positional_inputs(example, tuple(example) if isinstance(example, Mapping) else ()))
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        raise DataError(
+            f"the model fails on the example input ({describe_batch(example)}): {type(e).__name__}: {_first_line(e)}"
+        ) from e
     n_outputs = len(flatten_outputs(outputs))
     spec = io_spec or IOSpec.infer(example, n_outputs, sequence_axis)
     if len(spec.output_names) != n_outputs:
         raise ExportError(f"the model returns {n_outputs} outputs but {len(spec.output_names)} output names were given")
-    wrapped: Any = program if program is not None else PositionalAdapter(model, spec.input_names if isinstance(example, Mapping) else None).eval()
+    wrapped: Any = program if program is not None else PositionalAdapter(model, spec.input_names if isinstance(example, Mapping) else None)
     args = positional_inputs(example, spec.input_names)
+    data_name = f"{path.name}.data"
+    data_path = path.parent / data_name
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         raw = staging / "raw.onnx"
@@ -260,23 +275,39 @@ def export_onnx(
                 proto.metadata_props.add(key=key, value=str(value))
         size = proto.ByteSize() if proto.ByteSize() < TWO_GB else TWO_GB
         external = external_data or size >= TWO_GB
+        if external and data_path.exists() and not overwrite:
+            raise OutputError(f"output {data_path} already exists: pass --overwrite to replace it")
         staged = staging / path.name
-        data_name = f"{path.name}.data"
-        onnx.save_model(
-            proto, str(staged), save_as_external_data=external, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
-        )
+        try:
+            onnx.save_model(
+                proto, str(staged), save_as_external_data=external, all_tensors_to_one_file=True, location=data_name,
+                size_threshold=1024,
+            )
+        except (OSError, ValueError) as e:
+            raise OutputError(f"cannot write {path}: {_os_reason(e)}") from e
         try:
             onnx.checker.check_model(str(staged), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
             raise ExportError(f"the exported model fails onnx.checker: {_first_line(e)}") from e
         opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-        if external:
-            os.replace(staging / data_name, path.parent / data_name)
-        os.replace(staged, path)
+        try:
+            if external:
+                os.replace(staging / data_name, data_path)
+            elif data_path.exists() and path.exists():
+                data_path.unlink()  # the replaced model's external data: nothing refers to it any more
+            os.replace(staged, path)
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {_os_reason(e)}") from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    total = path.stat().st_size + ((path.parent / data_name).stat().st_size if external else 0)
+    total = path.stat().st_size + (data_path.stat().st_size if external else 0)
     return ExportResult(path, exporter, opset_found, spec, seconds, external, total, dict(meta))
+
+
+def _os_reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return "the disk is full"
+    return getattr(e, "strerror", None) or str(e)
 
 
 def layer_metadata(squash_report: list[dict[str, Any]], mode: str) -> dict[str, str]:

@@ -15,11 +15,13 @@ and ``report.json`` to a directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -29,8 +31,8 @@ import torch
 from torch import nn
 
 from . import __version__, zoo
-from .calibrate import Batch, calibrate, run_batch
-from .errors import DataError, ExportError, MaskError, OutputError
+from .calibrate import Batch, batch_size, calibrate, run_batch
+from .errors import DataError, ExportError, OutputError, RecipeError
 from .export import (
     DEFAULT_EXPORTER,
     ExportResult,
@@ -122,7 +124,7 @@ def load_workload(
 def load_recipe(work: Workload, recipe: Recipe | str | Path | None, sparsity: float | None = None) -> Recipe:
     if recipe is None:
         if work.builtin is None:
-            raise MaskError(f"{work.name!r} has no built-in recipe: pass --recipe FILE")
+            raise RecipeError(f"{work.name!r} has no built-in recipe: pass --recipe FILE")
         recipe = zoo.builtin_recipe_path(work.name)
     loaded = Recipe.coerce(recipe)
     return loaded.with_sparsity(sparsity) if sparsity is not None else loaded
@@ -172,11 +174,29 @@ def _weights_only_torch_load() -> Iterator[None]:
         torch.load = original  # type: ignore[assignment]
 
 
+def _refuse_pickled_objects(path: Path) -> None:
+    """torch.export.load unpickles custom and opaque object constants directly
+    (no torch.load): a program holding any is refused before it is opened."""
+    from torch.export.pt2_archive.constants import CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [Path(n).name for n in archive.namelist()]
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ExportError(f"{path} is not a torch.export program (.pt2 zip archive): {e}") from e
+    pickled = [n for n in names if n.startswith((CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX))]
+    if pickled:
+        raise ExportError(
+            f"{path} holds pickled Python objects ({', '.join(pickled[:3])}), which are refused: loading them could run code"
+        )
+
+
 def load_pt2(path: str | Path) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
     """The program and the metadata this tool stored with it."""
     path = Path(path)
     if not path.is_file():
         raise ExportError(f".pt2 file {path} does not exist")
+    _refuse_pickled_objects(path)
     extra = {PT2_META: ""}
     try:
         with _weights_only_torch_load():
@@ -229,7 +249,7 @@ def sparsification_cost(work: Workload, sparse: nn.Module, onnx_path: Path | Non
     for row in outputs:
         if io_names is not None:
             row["output"] = io_names[row["output"]]
-    cost: dict[str, Any] = {"outputs": outputs, "heldout_samples": sum(len(flatten_outputs(_call(work.model, b))[0]) for b in held)}
+    cost: dict[str, Any] = {"outputs": outputs, "heldout_samples": sum(batch_size(b) for b in held)}
     if work.labels is not None:
         cost["accuracy_dense"] = accuracy(work.model, held, work.labels)
         cost["accuracy_sparse"] = accuracy(sparse, held, work.labels)
@@ -279,10 +299,28 @@ def convert(
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise OutputError(f"output {outdir} is a file: give a directory for the three outputs")
+    created = [p for p in (outdir, *outdir.parents) if not p.exists()]
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create output directory {outdir}: {e.strerror or e}") from e
+    try:
+        return _convert(
+            model, outdir, weights, recipe, sparsity, data, heldout, batch_size, mode, exporter, opset, external_data,
+            atol, rtol, overwrite, verbose, on_batch,
+        )
+    except BaseException:
+        for directory in created:  # the directories this call made, if still empty
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+
+
+def _convert(
+    model: str, outdir: Path, weights: str | Path | None, recipe: Recipe | str | Path | None, sparsity: float | None,
+    data: str | None, heldout: str | None, batch_size: int | None, mode: str, exporter: str, opset: int | None,
+    external_data: bool, atol: float, rtol: float, overwrite: bool, verbose: bool, on_batch: Callable[[int], None] | None,
+) -> dict[str, Any]:
     for name in OUT_FILES:
         check_output_path(outdir / name, overwrite)
     timer = Timer()
@@ -313,11 +351,15 @@ def convert(
         masks.save(staging / "masks.safetensors")
         report = build_report(work, masks, squashed, exported, validation.to_json(), cost, timer, time.perf_counter() - total, mode)
         report["validation"]["onnx"] = report["export"]["path"] = str(outdir / "model.onnx")
-        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        report["files"]["report.json"] = (staging / "report.json").stat().st_size
-        names = [p.name for p in staging.iterdir()]
-        for name in sorted(names, key=lambda n: n == "report.json"):  # the report last
-            os.replace(staging / name, outdir / name)
+        try:
+            (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            report["files"]["report.json"] = (staging / "report.json").stat().st_size
+            names = [p.name for p in staging.iterdir()]
+            for name in sorted(names, key=lambda n: n == "report.json"):  # the report last
+                os.replace(staging / name, outdir / name)
+        except OSError as e:
+            reason = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
+            raise OutputError(f"cannot write the outputs to {outdir}: {reason}") from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report

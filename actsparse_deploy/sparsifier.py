@@ -58,14 +58,16 @@ def sample_ndim(layer: nn.Module, input_ndim: int) -> int:
 
     A Linear maps each vector of its last axis on its own (all leading axes are
     samples: batch, sequence); a ConvNd sees (channels, *spatial) per sample; any
-    other layer is given one sample per batch item.
+    other layer is treated like a Linear up to 3 axes and like a conv above.
     """
     if isinstance(layer, nn.Linear):
         return input_ndim - 1
     if isinstance(layer, nn.modules.conv._ConvNd):
         spatial = len(layer.kernel_size)
         return max(input_ndim - spatial - 1, 0)
-    return min(1, input_ndim)
+    # other layers: (batch, features) and (batch, sequence, features) inputs are
+    # vectors of the last axis, like a Linear's; 4-d and up are images: batch only
+    return input_ndim - 1 if input_ndim <= 3 else 1
 
 
 def _resolve_fns(aggregate_fn: Any, reduce_fn: Any, mask_fn: Any) -> dict[str, Any]:
@@ -234,7 +236,10 @@ class ActivationSparsifier:
             if features is None:
                 dims = tuple(range(n_sample))
                 batch = agg.batch_stat(x, dims)
-                stat = agg.fold(config.get("data"), batch, x.numel() // max(batch.numel(), 1))
+                try:
+                    stat = agg.fold(config.get("data"), batch, x.numel() // max(batch.numel(), 1))
+                except ValueError as e:
+                    raise CalibrationError(f"layer {name!r}: {e}") from None
                 _check_finite(name, stat.value)
                 if state.get("mask") is None:
                     state["mask"] = torch.ones(stat.value.shape, dtype=x.dtype, device=x.device)
@@ -251,7 +256,10 @@ class ActivationSparsifier:
             out = []
             for idx in range(len(features)):
                 selected = batch.index_select(axis, _feature_index(features, idx, x.device))
-                out.append(agg.fold(None if data is None else data[idx], selected, count))
+                try:
+                    out.append(agg.fold(None if data is None else data[idx], selected, count))
+                except ValueError as e:
+                    raise CalibrationError(f"layer {name!r}: {e}") from None
             if state.get("mask") is None:
                 state["mask"] = [torch.ones(s.value.shape, dtype=x.dtype, device=x.device) for s in out]
             config["data"] = out

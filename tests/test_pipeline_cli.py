@@ -103,7 +103,7 @@ def test_squash_to_pt2_round_trip_and_export_from_it(tmp_path, digits_masks):
     result = invoke("validate", onnx_path, pt2)
     assert result.exit_code == 0, result.output
     assert "PASSED" in result.stdout
-    result = invoke("export", pt2, "-o", tmp_path / "x.onnx", "--exporter", "torchscript")
+    result = invoke("export", pt2, "-o", tmp_path / "x.onnx", "--exporter", "torchscript")  # explicit: refused
     assert result.exit_code == ExportError.exit_code and "dynamo only" in result.stderr
 
 

@@ -402,3 +402,21 @@ def test_no_warnings_on_normal_use(mlp):
 def test_repr_names_layers_and_functions(mlp):
     text = repr(_make_builtin(mlp))
     assert "name: fc2" in text and "mask_fn: topk" in text and "threshold" in text
+
+
+def test_other_layers_on_sequences_of_different_lengths():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 2))
+    sp = ActivationSparsifier(model, "sum_abs", "mean", "topk", sparsity_level=0.5)
+    sp.register_layer(model[1])  # a GELU sees (batch, sequence, features)
+    with torch.no_grad():
+        for t in (3, 8):
+            model(torch.randn(2, t, 4))
+    assert sp.data_groups["1"]["data"].value.shape == (6,) and sp.data_groups["1"]["data"].count == 2 * 3 + 2 * 8
+    conv_like = nn.Sequential(nn.Conv2d(1, 3, 1), nn.ReLU())
+    sp2 = ActivationSparsifier(conv_like, "sum_abs", "mean", "topk", sparsity_level=0.5)
+    sp2.register_layer(conv_like[1])
+    with torch.no_grad():
+        conv_like(torch.randn(2, 1, 4, 4))
+        with pytest.raises(CalibrationError, match="layer '1'.*per-sample shape changed"):
+            conv_like(torch.randn(2, 1, 5, 5))
