@@ -32,7 +32,7 @@ import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import tomli_w
 from torch import nn
@@ -392,9 +392,6 @@ class Recipe:
                 selected[fqn] = selected.get(fqn, self.defaults).merged(rule.settings)
         order = {fqn: i for i, (fqn, _) in enumerate(modules)}
         return {fqn: selected[fqn].resolve(f"layer {fqn!r}") for fqn in sorted(selected, key=order.__getitem__)}
-
-    def filter_fn(self) -> Callable[[nn.Module, str], bool]:
-        return lambda module, fqn: any(rule.matches(module, fqn) for rule in self.layers)
 
 
 def _preview(items: list[str], limit: int = 12) -> str:
