@@ -21,16 +21,17 @@ never a warning.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .calibrate import Batch, batch_size, run_batch
+from .calibrate import Batch, batch_size, eval_mode, run_batch
 from .errors import ValidationError
 from .export import flatten_outputs
 
@@ -157,10 +158,29 @@ def validate(
     max_samples: int | None = 64,
     output_names: Sequence[str] | None = None,
 ) -> ValidationReport:
-    """Compare onnxruntime with ``model`` (in eval mode) on ``batches`` re-cut to
+    """Compare onnxruntime with ``model`` (run in eval mode) on ``batches`` re-cut to
     each of ``batch_sizes`` (at most ``max_samples`` samples each); raise on any mismatch."""
     if atol < 0 or rtol < 0 or math.isnan(atol) or math.isnan(rtol):
         raise ValidationError(f"tolerances must be non-negative numbers (atol {atol}, rtol {rtol})")
+    with _eval(model):
+        return _validate(onnx_path, model, batches, atol, rtol, batch_sizes, max_samples, output_names)
+
+
+@contextlib.contextmanager
+def _eval(*models: Any) -> Iterator[None]:
+    """Eval mode for the duration (flags restored); a torch.export program's
+    module cannot switch modes and is run as it is (it was captured in eval)."""
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            if isinstance(model, nn.Module) and not isinstance(model, torch.fx.GraphModule):
+                stack.enter_context(eval_mode(model))
+        yield
+
+
+def _validate(
+    onnx_path: str | Path, model: Any, batches: Sequence[Batch], atol: float, rtol: float,
+    batch_sizes: Sequence[int], max_samples: int | None, output_names: Sequence[str] | None,
+) -> ValidationReport:
     session = onnx_session(onnx_path)
     onnx_names = [o.name for o in session.get_outputs()]
     problems: list[str] = []
@@ -218,7 +238,7 @@ def compare_models(dense: nn.Module, sparse: nn.Module, batches: Iterable[Batch]
     similarity (mean and worst) of the sparse model's outputs to the dense one's."""
     stats: list[dict[str, Any]] = []
     cosines: list[list[np.ndarray]] = []
-    with torch.no_grad():
+    with torch.no_grad(), _eval(dense, sparse):
         for batch in batches:
             a = flatten_outputs(run_batch(dense, batch))
             b = flatten_outputs(run_batch(sparse, batch))

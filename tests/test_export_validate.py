@@ -159,3 +159,15 @@ def test_io_spec_infer():
     spec = IOSpec.infer({"a": torch.ones(1), "b": torch.ones(1)}, 2, sequence_axis=True)
     assert spec.input_names == ("a", "b") and spec.output_names == ("output_0", "output_1")
     assert spec.dynamic_axes["a"] == {0: "batch", 1: "sequence"}
+
+
+def test_validation_runs_a_training_mode_model_in_eval_and_restores_it(digits, tmp_path):
+    work, masks = digits
+    model = squash(work.model, masks).model
+    path = tmp_path / "m.onnx"
+    export_onnx(model, work.example(), path, io_spec=work.io)
+    dropout = nn.Sequential(model, nn.Dropout(0.9)).train()  # in training mode dropout would break validation
+    export_onnx(dropout, work.example(), tmp_path / "d.onnx")
+    assert dropout.training  # export restored it
+    assert validate(tmp_path / "d.onnx", dropout, work.heldout).passed
+    assert dropout.training
