@@ -89,14 +89,15 @@ def layer_configs(draw, feature_dim: int):
     return config
 
 
-def _sparsify(model, batches, configs):
+def _sparsify(model, batches, configs, step=True):
     sp = ActivationSparsifier(model)
     for name, config in configs.items():
         sp.register_layer(model.get_submodule(name), **config)
     with torch.no_grad():
         for b in batches:
             model(b)
-    sp.step()
+    if step:
+        sp.step()
     return sp
 
 
@@ -169,14 +170,7 @@ def test_sparsifier_state_round_trips_exactly(data):
     model, batches, names, feature_dim = data.draw(models())
     chosen = data.draw(st.lists(st.sampled_from(names), min_size=1, unique=True))
     configs = {name: data.draw(layer_configs(feature_dim)) for name in chosen}
-    sp = ActivationSparsifier(model)
-    for name, config in configs.items():
-        sp.register_layer(model.get_submodule(name), **config)
-    with torch.no_grad():
-        for b in batches:
-            model(b)
-    if data.draw(st.booleans()):
-        sp.step()
+    sp = _sparsify(model, batches, configs, step=data.draw(st.booleans()))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "state.safetensors"
         sp.save(path)
