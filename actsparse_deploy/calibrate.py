@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .errors import ActsparseError, CalibrationError, DataError
+from .errors import ActsparseError, CalibrationError, DataError, first_line
 from .masks import LayerMask, Masks
 from .recipe import Recipe
 from .sparsifier import ActivationSparsifier
@@ -65,11 +65,6 @@ def describe_batch(batch: Batch) -> str:
     if isinstance(batch, (tuple, list)):
         return ", ".join(one(t) for t in batch)
     return one(batch)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
 
 
 @contextlib.contextmanager
@@ -123,7 +118,7 @@ def calibrate(
             except (RuntimeError, TypeError, ValueError, IndexError) as e:
                 raise DataError(
                     f"the model failed on calibration batch {num_batches} ({describe_batch(batch)}): "
-                    f"{type(e).__name__}: {_first_line(e)}"
+                    f"{type(e).__name__}: {first_line(e)}"
                 ) from e
             num_samples += n
             num_batches += 1

@@ -11,13 +11,14 @@ Errors become a one-line message on stderr and the exit code of their class
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypeVar
+from typing import Annotated, Any, Callable, Iterator, Optional, TypeVar
 
 import typer
 from typer.core import TyperGroup
@@ -185,6 +186,18 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+@contextlib.contextmanager
+def calibration_progress(total: int | None, quiet: bool) -> Iterator[Callable[[int], None]]:
+    """A progress bar of calibration samples on stderr (a terminal only, not with --json);
+    yields the ``on_batch(n_samples)`` callback."""
+    with Progress(
+        TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"), TimeElapsedColumn(),
+        console=stderr, transient=True, disable=quiet or not stderr.is_terminal,
+    ) as progress:
+        task = progress.add_task("calibrate", total=total)
+        yield lambda n: progress.advance(task, n)
+
+
 def _emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
@@ -307,12 +320,8 @@ def calibrate_cmd(
     else:
         raise DataError(f"{model!r} has no built-in data: pass --data FILE")
     total = sum(batch_size(b) for b in batches) if isinstance(batches, list) else None
-    with Progress(
-        TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"), TimeElapsedColumn(),
-        console=stderr, transient=True, disable=as_json or not stderr.is_terminal,
-    ) as progress:
-        task = progress.add_task("calibrate", total=total)
-        masks = calibrate(loaded.module, the_recipe, batches, model_name=model, on_batch=lambda n: progress.advance(task, n))
+    with calibration_progress(total, quiet=as_json) as on_batch:
+        masks = calibrate(loaded.module, the_recipe, batches, model_name=model, on_batch=on_batch)
     masks.save(output)
     if as_json:
         _emit_json({"output": str(output), **masks.to_json()})
@@ -544,15 +553,11 @@ def convert_cmd(
     """
     _check_mode(mode)
     _check_exporter(exporter)
-    with Progress(
-        TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"), TimeElapsedColumn(),
-        console=stderr, transient=True, disable=as_json or not stderr.is_terminal,
-    ) as progress:
-        task = progress.add_task("calibrate", total=None)
+    with calibration_progress(None, quiet=as_json) as on_batch:
         report = convert(
             model, output, weights=weights, recipe=recipe, sparsity=sparsity, data=data, heldout=heldout,
             batch_size=batch, mode=mode, exporter=exporter, opset=opset, external_data=external_data, atol=atol,
-            rtol=rtol, overwrite=overwrite, verbose=verbose, on_batch=lambda n: progress.advance(task, n),
+            rtol=rtol, overwrite=overwrite, verbose=verbose, on_batch=on_batch,
         )
     if as_json:
         _emit_json(report)

@@ -10,6 +10,18 @@ fault and what to do about it; only the CLI turns them into exit codes.
 
 from __future__ import annotations
 
+import re
+
+
+def first_line(e: BaseException, limit: int = 400) -> str:
+    """The informative line of an exception's message for a one-line error:
+    colour codes removed, torch.onnx's "## Exception summary" followed, never
+    empty (the exception's type name when it has no message)."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if line.strip()]
+    if "## Exception summary" in lines:
+        lines = lines[lines.index("## Exception summary") + 1 :] or lines
+    return lines[0][:limit] if lines else type(e).__name__
+
 
 class ActsparseError(Exception):
     """Base of every error this package raises on purpose."""

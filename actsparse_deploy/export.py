@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -39,7 +38,7 @@ from torch import nn
 
 from . import __version__
 from .calibrate import Batch, describe_batch, eval_mode
-from .errors import DataError, ExportError, OutputError
+from .errors import DataError, ExportError, OutputError, first_line
 from .files import check_output_path
 
 __all__ = ["DEFAULT_EXPORTER", "EXPORTERS", "ExportResult", "IOSpec", "PositionalAdapter", "export_onnx", "flatten_outputs"]
@@ -89,7 +88,10 @@ class IOSpec:
 
 
 def flatten_outputs(out: Any) -> tuple[torch.Tensor, ...]:
-    """A model's output as a flat tuple of tensors (tensor, tuple / list, dict, ModelOutput)."""
+    """A model's output as a flat tuple of tensors (tensor, tuple / list, dict,
+    ModelOutput); ``None`` entries (an optional output not computed) are skipped."""
+    if out is None:
+        return ()
     if isinstance(out, torch.Tensor):
         return (out,)
     if isinstance(out, Mapping):
@@ -191,15 +193,6 @@ def _run_exporter(
     program.save(str(path), external_data=True)
 
 
-def _first_line(e: BaseException) -> str:
-    """The informative line of an exporter error (torch.onnx puts it under
-    "## Exception summary"), without colour codes."""
-    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if line.strip()]
-    if "## Exception summary" in lines:
-        lines = lines[lines.index("## Exception summary") + 1 :]
-    return lines[0][:400] if lines else type(e).__name__
-
-
 def export_onnx(
     model: nn.Module | torch.export.ExportedProgram,
     example: Batch,
@@ -242,7 +235,7 @@ def _export(
                 outputs = callable_model(*positional_inputs(example, tuple(example) if isinstance(example, Mapping) else ()))
     except (RuntimeError, TypeError, ValueError, IndexError) as e:
         raise DataError(
-            f"the model fails on the example input ({describe_batch(example)}): {type(e).__name__}: {_first_line(e)}"
+            f"the model fails on the example input ({describe_batch(example)}): {type(e).__name__}: {first_line(e)}"
         ) from e
     n_outputs = len(flatten_outputs(outputs))
     spec = io_spec or IOSpec.infer(example, n_outputs, sequence_axis)
@@ -264,7 +257,7 @@ def _export(
         except Exception as e:
             other = "torchscript" if exporter == "dynamo" else "dynamo"
             raise ExportError(
-                f"the {exporter} exporter failed: {type(e).__name__}: {_first_line(e)}; try --exporter {other}"
+                f"the {exporter} exporter failed: {type(e).__name__}: {first_line(e)}; try --exporter {other}"
             ) from e
         seconds = time.perf_counter() - start
         proto = onnx.load(str(raw), load_external_data=True)
@@ -288,7 +281,7 @@ def _export(
         try:
             onnx.checker.check_model(str(staged), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-            raise ExportError(f"the exported model fails onnx.checker: {_first_line(e)}") from e
+            raise ExportError(f"the exported model fails onnx.checker: {first_line(e)}") from e
         opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
         try:
             if external:

@@ -33,7 +33,7 @@ import torch
 from torch import fx, nn
 
 from .calibrate import Batch, describe_batch, eval_mode
-from .errors import MaskError
+from .errors import MaskError, first_line
 from .export import quiet
 
 __all__ = ["Chain", "Dataflow", "capture", "example_args", "feature_axis", "prunable_kind"]
@@ -127,7 +127,7 @@ def capture(model: nn.Module, example: Batch) -> torch.export.ExportedProgram:
         with eval_mode(model), quiet():
             return torch.export.export(model, args, kwargs, strict=False)
     except Exception as e:  # torch.export raises many types
-        first = (str(e).strip().splitlines() or [""])[0][:300]
+        first = first_line(e, 300)
         raise MaskError(
             f"torch.export cannot capture the model on the example batch ({describe_batch(example)}), "
             f"which prune needs to find each layer's producer: {type(e).__name__}: {first}"

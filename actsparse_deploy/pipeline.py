@@ -32,7 +32,7 @@ from torch import nn
 
 from . import __version__, zoo
 from .calibrate import Batch, batch_size, calibrate, run_batch
-from .errors import DataError, ExportError, OutputError, RecipeError
+from .errors import DataError, ExportError, OutputError, RecipeError, first_line
 from .export import (
     DEFAULT_EXPORTER,
     ExportResult,
@@ -149,7 +149,7 @@ def save_pt2(work: Workload, squashed: SquashResult, path: Path, overwrite: bool
         with torch.no_grad():
             program = torch.export.export(module.eval(), args, dynamic_shapes=shapes)
     except Exception as e:
-        raise ExportError(f"torch.export cannot capture the squashed model: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        raise ExportError(f"torch.export cannot capture the squashed model: {type(e).__name__}: {first_line(e)}") from e
     meta = {"tool_version": __version__, "model": work.name, "inputs": list(io.input_names), "outputs": list(io.output_names),
             "dynamic_axes": {k: {str(a): d for a, d in v.items()} for k, v in io.dynamic_axes.items()},
             "layers": squashed.report()}
@@ -202,7 +202,7 @@ def load_pt2(path: str | Path) -> tuple[torch.export.ExportedProgram, dict[str, 
         with _weights_only_torch_load():
             program = torch.export.load(str(path), extra_files=extra)
     except Exception as e:
-        raise ExportError(f"{path} is not a loadable torch.export program: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise ExportError(f"{path} is not a loadable torch.export program: {type(e).__name__}: {first_line(e)}") from e
     meta = json.loads(extra[PT2_META]) if extra[PT2_META] else {}
     return program, meta
 

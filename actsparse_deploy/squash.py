@@ -40,7 +40,7 @@ Modes, per layer:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +48,8 @@ import torch
 from torch import nn
 
 from .calibrate import Batch, describe_batch, eval_mode, run_batch
-from .errors import DataError, MaskError
+from .errors import DataError, MaskError, first_line
+from .export import flatten_outputs
 from .graph import Dataflow
 from .masks import LayerMask, Masks
 
@@ -421,17 +422,6 @@ def _squash_pruning(
     return result
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
-    """The tensors of a model output (tensor, tuple / list, dict, ModelOutput), in order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, Mapping):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        return [t for item in out for t in _tensors(item)]
-    return []
-
-
 def _check_exact(model: nn.Module, reference: nn.Module, batches: list[Batch]) -> float:
     """The largest difference between ``model`` and ``reference`` (the ``mul``
     squash) over ``batches``; raises if any output is over the tolerance."""
@@ -439,18 +429,18 @@ def _check_exact(model: nn.Module, reference: nn.Module, batches: list[Batch]) -
     with eval_mode(model), eval_mode(reference):
         for i, batch in enumerate(batches):
             try:
-                want = _tensors(run_batch(reference, batch))
+                want = flatten_outputs(run_batch(reference, batch))
             except (RuntimeError, ValueError, IndexError, TypeError) as e:
                 raise DataError(
                     f"the model fails on check batch {i} ({describe_batch(batch)}): {type(e).__name__}: "
-                    f"{(str(e).splitlines() or [''])[0]}"
+                    f"{first_line(e)}"
                 ) from e
             try:
-                got = _tensors(run_batch(model, batch))
+                got = flatten_outputs(run_batch(model, batch))
             except (RuntimeError, ValueError, IndexError, TypeError) as e:
                 raise MaskError(
                     f"the pruned model fails on check batch {i} ({describe_batch(batch)}) where the mul squash runs: "
-                    f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}; the model is left as it was "
+                    f"{type(e).__name__}: {first_line(e)}; the model is left as it was "
                     "(a bug in the dataflow analysis: use --mode fold meanwhile)"
                 ) from e
             problem = f"{len(got)} outputs, the mul squash {len(want)}" if len(got) != len(want) else ""

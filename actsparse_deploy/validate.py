@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .calibrate import Batch, batch_size, eval_mode, run_batch
-from .errors import ValidationError
+from .errors import ValidationError, first_line
 from .export import flatten_outputs
 
 __all__ = ["OutputDiff", "ValidationReport", "compare_models", "onnx_session", "resize_batches", "validate"]
@@ -104,7 +104,7 @@ def onnx_session(path: str | Path) -> Any:
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
-        raise ValidationError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from e
+        raise ValidationError(f"onnxruntime cannot load {path}: {first_line(e)}") from e
 
 
 def _feeds(session: Any, batch: Batch) -> dict[str, np.ndarray]:
@@ -199,7 +199,7 @@ def _validate(
             try:
                 got = session.run(None, feeds)
             except Exception as e:
-                raise ValidationError(f"onnxruntime failed at batch size {size}: {str(e).strip().splitlines()[0]}") from e
+                raise ValidationError(f"onnxruntime failed at batch size {size}: {first_line(e)}") from e
             with torch.no_grad():
                 want = [t.detach().cpu().numpy() for t in flatten_outputs(run_batch(model, piece))]
             if len(want) != len(got):
