@@ -23,12 +23,12 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .errors import ActsparseError, CalibrationError, DataError, first_line
-from .masks import LayerMask, Masks
+from .errors import ActsparseError, DataError, WeightsError, first_line
+from .masks import Masks, checked_layer_mask
 from .recipe import Recipe
 from .sparsifier import ActivationSparsifier
 
-__all__ = ["Batch", "batch_size", "calibrate", "describe_batch", "eval_mode", "run_batch"]
+__all__ = ["Batch", "batch_size", "calibrate", "check_finite_weights", "describe_batch", "eval_mode", "run_batch"]
 
 Batch = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor] | Mapping[str, torch.Tensor]
 
@@ -65,6 +65,24 @@ def describe_batch(batch: Batch) -> str:
     if isinstance(batch, (tuple, list)):
         return ", ".join(one(t) for t in batch)
     return one(batch)
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Raise :class:`WeightsError` naming the first parameter that holds NaN or
+    Inf, or buffer that holds NaN (buffers may hold -inf on purpose: attention
+    masks). Calibration on such a model would blame the data for the NaN."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if not (t.is_floating_point() or t.is_complex()):
+                continue
+            bad = ~torch.isfinite(t) if kind == "parameter" else torch.isnan(t)
+            count = int(bad.sum())
+            if count:
+                what = "NaN or Inf" if kind == "parameter" else "NaN"
+                raise WeightsError(
+                    f"{kind} {name!r} of the model holds {what} ({count} of {t.numel()} values): "
+                    "the weights are corrupted; check the weights file or the training run that made it"
+                )
 
 
 @contextlib.contextmanager
@@ -104,6 +122,7 @@ def calibrate(
     """
     recipe = Recipe.coerce(recipe)
     layers = recipe.select(model)
+    check_finite_weights(model)
     sparsifier = ActivationSparsifier(model)
     num_samples = num_batches = 0
     with eval_mode(model), _attached(sparsifier):
@@ -128,47 +147,10 @@ def calibrate(
             raise DataError("no calibration batches: the data source is empty")
         sparsifier.step()
         result = {
-            name: _layer_mask(
+            name: checked_layer_mask(
                 name, sparsifier.get_mask(name), config.features, config.feature_dim, sparsifier.input_shape(name)
             )
             for name, config in layers.items()
         }
     return Masks(layers=result, recipe=recipe, num_samples=num_samples, num_batches=num_batches, model=model_name)
 
-
-def _layer_mask(
-    name: str,
-    mask: torch.Tensor | list[torch.Tensor],
-    features: list[int] | None,
-    feature_dim: int | None,
-    input_shape: tuple[int, ...] | None,
-) -> LayerMask:
-    sample_shape = input_shape[1:] if input_shape else None
-    tensors = [mask] if isinstance(mask, torch.Tensor) else list(mask)
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            raise CalibrationError(f"the mask function of layer {name!r} returned {type(t).__name__}, not a tensor")
-        if not bool(torch.isfinite(t).all()):
-            raise CalibrationError(f"the mask of layer {name!r} holds NaN or Inf")
-    if input_shape is not None:
-        full = list(input_shape)
-        if features is not None and feature_dim is not None:
-            full[feature_dim] = 1
-        for t in tensors:
-            try:
-                fits = torch.broadcast_shapes(t.shape, tuple(full)) == tuple(full)
-            except RuntimeError:
-                fits = False
-            if not fits:
-                raise CalibrationError(
-                    f"the mask of layer {name!r} has shape {tuple(t.shape)}, which does not broadcast "
-                    f"against the layer's input {tuple(full)}: check the recipe's reduce and mask functions"
-                )
-    if features is None:
-        return LayerMask(mask=tensors[0].detach().clone(), input_shape=sample_shape)
-    return LayerMask(
-        mask=tuple(t.detach().clone() for t in tensors),
-        features=tuple(features),
-        feature_dim=feature_dim,
-        input_shape=sample_shape,
-    )

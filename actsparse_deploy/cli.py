@@ -14,9 +14,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
+import re
 import signal
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Optional, TypeVar
 
@@ -24,9 +27,11 @@ import typer
 from typer.core import TyperGroup
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
+from rich.text import Text
 
-from . import __version__, zoo
+from . import zoo
+from .version import __version__
 from .calibrate import batch_size, calibrate, describe_batch, run_batch
 from .errors import ActsparseError, DataError, ExportError, MaskError, RecipeError, Terminated
 from .export import DEFAULT_EXPORTER, EXPORTERS, export_onnx, layer_metadata
@@ -57,10 +62,10 @@ class _OneLineErrors(TyperGroup):
                 typer.echo(e.format_message())
             else:
                 where = e.ctx.command_path if e.ctx is not None else "actsparse"
-                typer.echo(f"error: {e.format_message()} (see `{where} --help`)", err=True)
+                typer.echo(f"error: {one_line(e.format_message())} (see `{where} --help`)", err=True)
             code = e.exit_code
         except _ClickException as e:
-            typer.echo(f"error: {e.format_message()}", err=True)
+            typer.echo(f"error: {one_line(e.format_message())}", err=True)
             code = e.exit_code
         except typer.Abort:
             typer.echo("aborted", err=True)
@@ -78,8 +83,52 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-stdout = Console(highlight=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False)
+# ANSI escape sequences (CSI, OSC up to BEL / ST, two-byte ones), then any other
+# control character but newline and tab: file and user text never reaches the terminal raw
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]")
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def clean(text: str) -> str:
+    """``text`` without escape sequences and control characters (newline and tab kept)."""
+    return _CONTROLS.sub("", _ESCAPES.sub("", text))
+
+
+def one_line(text: str) -> str:
+    """``text`` cleaned and on one line (for messages on stderr)."""
+    return " ".join(clean(text).split())
+
+
+class SafeConsole(Console):
+    """A console that never reads markup in text and strips control characters from
+    every string it renders (table cells and titles included): layer names, paths
+    and file metadata are the user's text, printed as is. Styling comes from rich
+    ``Text`` objects built in code."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("markup", False)
+        kwargs.setdefault("emoji", False)
+        kwargs.setdefault("highlight", False)
+        super().__init__(*args, **kwargs)
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        kwargs["markup"] = kwargs["emoji"] = False
+        return super().render_str(clean(text), **kwargs)
+
+
+stdout = SafeConsole(soft_wrap=True)
+stderr = SafeConsole(stderr=True)
+
+
+class _Notices(logging.Handler):
+    """The library's notices (``actsparse_deploy`` log warnings, e.g. leftovers of
+    killed runs removed) as plain lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stderr.print(record.getMessage(), markup=False, highlight=False, soft_wrap=True)
+
+
+logging.getLogger("actsparse_deploy").addHandler(_Notices(logging.WARNING))
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -106,7 +155,11 @@ DataOpt = Annotated[
         "package.module:function returning batches. Default for built-in models: their calibration split.",
     ),
 ]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per batch when data comes from a file.")]
+#: the largest --batch-size: more than any data file holds, less than any index overflows
+MAX_BATCH_SIZE = 2**31 - 1
+BatchSizeOpt = Annotated[
+    int, typer.Option("--batch-size", "-b", min=1, max=MAX_BATCH_SIZE, help="Samples per batch when data comes from a file.")
+]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace output files that already exist.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors, and the exporter's own output.")]
@@ -137,6 +190,35 @@ ExternalOpt = Annotated[
 ]
 AtolOpt = Annotated[float, typer.Option("--atol", min=0.0, help="Absolute tolerance, ONNX vs PyTorch.")]
 RtolOpt = Annotated[float, typer.Option("--rtol", min=0.0, help="Relative tolerance, ONNX vs PyTorch (added to atol).")]
+TimeoutOpt = Annotated[
+    Optional[float],
+    typer.Option("--timeout", min=0.0, help="Fail validation after this many seconds, stopping onnxruntime (default: no limit)."),
+]
+LabelsOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--labels",
+        help="Class labels of the --heldout samples, for your own classifier's accuracy (dense, sparse, ONNX): "
+        "one integer array, same formats as --data, one label per held-out sample.",
+    ),
+]
+# a one-rule recipe from flags (calibrate, convert): see build_recipe
+LayersOpt = Annotated[
+    Optional[list[str]], typer.Option("--layers", "-l", help="Glob over module names to mask (repeatable), e.g. 'encoder.*.fc2'.")
+]
+LayerTypesOpt = Annotated[
+    Optional[list[str]], typer.Option("--layer-type", help="Module class to mask (repeatable), e.g. Linear or Conv2d.")
+]
+ThresholdOpt = Annotated[
+    Optional[float], typer.Option("--threshold", help="Zero activations whose statistic is below this value instead.")
+]
+AggregateOpt = Annotated[
+    Optional[str],
+    typer.Option("--aggregate", help=f"Statistic over the data, with --layers: {', '.join(AGGREGATE_FNS.names())} (default sum_abs)."),
+]
+StructuredOpt = Annotated[
+    bool, typer.Option("--structured", help="One mask value per input feature / channel (foldable into weights).")
+]
 
 
 def _version(value: bool) -> None:
@@ -161,13 +243,16 @@ def handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         verbose = kwargs.get("verbose", False)
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                if not verbose:  # torch's and numpy's warnings are not this tool's one line
+                    warnings.simplefilter("ignore")
+                return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except ActsparseError as e:
             if verbose:
                 traceback.print_exc(file=sys.stderr)
-            stderr.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+            stderr.print(Text.assemble(("error:", "red"), " ", one_line(str(e))), soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             stderr.print("interrupted (SIGINT): no partial output was left")
@@ -179,23 +264,53 @@ def handle_errors(fn: F) -> F:
             if verbose:
                 traceback.print_exc(file=sys.stderr)
             stderr.print(
-                f"internal error: {type(e).__name__}: {e} (run with --verbose for the traceback)", markup=False, soft_wrap=True
+                f"internal error: {type(e).__name__}: {one_line(str(e))} (run with --verbose for the traceback)", soft_wrap=True
             )
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
 
+class StageProgress:
+    """One progress line on stderr: the stage (calibrating, squashing, exporting,
+    validating, measuring cost), a bar, and samples done / total where known."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task = progress.add_task("", total=None, count="")
+        self.counting = False
+        self.done = 0
+        self.total: int | None = None
+
+    def _count(self) -> str:
+        if not self.counting:
+            return ""
+        return f"{self.done}/{self.total} samples" if self.total is not None else f"{self.done} samples"
+
+    def on_stage(self, name: str, total: int | None = None) -> None:
+        self.counting, self.done, self.total = name == "calibrating", 0, total
+        self.progress.reset(self.task, total=total, description=name, count=self._count())
+        self.progress.refresh()
+
+    def on_batch(self, n: int) -> None:
+        self.done += n
+        self.progress.update(self.task, advance=n, count=self._count())
+
+
 @contextlib.contextmanager
-def calibration_progress(total: int | None, quiet: bool) -> Iterator[Callable[[int], None]]:
-    """A progress bar of calibration samples on stderr (a terminal only, not with --json);
-    yields the ``on_batch(n_samples)`` callback."""
+def stage_progress(quiet: bool) -> Iterator[StageProgress]:
+    """A :class:`StageProgress` on stderr (a terminal only, not with --json)."""
     with Progress(
-        TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"), TimeElapsedColumn(),
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"), TimeElapsedColumn(),
         console=stderr, transient=True, disable=quiet or not stderr.is_terminal,
     ) as progress:
-        task = progress.add_task("calibrate", total=total)
-        yield lambda n: progress.advance(task, n)
+        yield StageProgress(progress)
+
+
+def names_table(*headers: str, title: str | None = None) -> Table:
+    """A table whose cells wrap (long layer names and paths fold onto more lines),
+    never cut: in a narrow terminal the distinguishing end of a name stays visible."""
+    return Table(*(Column(header, overflow="fold") for header in headers), title=title)
 
 
 def _emit_json(data: Any) -> None:
@@ -227,7 +342,7 @@ def models_cmd(as_json: JsonOpt = False, verbose: VerboseOpt = False) -> None:
     if as_json:
         _emit_json(rows)
         return
-    table = Table("name", "description", "test accuracy", "recipe")
+    table = names_table("name", "description", "test accuracy", "recipe")
     for row in rows:
         acc = f"{row['test_accuracy']:.4f}" if row["test_accuracy"] is not None else "-"
         table.add_row(row["name"], row["description"], acc, row["recipe"])
@@ -264,8 +379,14 @@ def build_recipe(
     return loaded.with_sparsity(sparsity) if sparsity is not None else loaded
 
 
+def _print_notes(notes: list[str]) -> None:
+    """What is worth knowing but not an error (a layer masked whole), one line each on stderr."""
+    for note in notes:
+        stderr.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+
+
 def _print_masks_table(masks: Masks, title: str) -> None:
-    table = Table("layer", "input shape", "mask shape", "sparsity", title=title)
+    table = names_table("layer", "input shape", "mask shape", "sparsity", title=title)
     for row in masks.summary():
         input_shape = "x".join(map(str, row["input_shape"])) if row["input_shape"] else "?"
         shape = row["mask_shape"]
@@ -283,26 +404,17 @@ def calibrate_cmd(
     recipe: Annotated[
         Optional[Path], typer.Option("--recipe", "-r", help="A recipe TOML file (which layers, which functions, how sparse).")
     ] = None,
-    layers: Annotated[
-        Optional[list[str]], typer.Option("--layers", "-l", help="Glob over module names to mask (repeatable), e.g. 'encoder.*.fc2'.")
-    ] = None,
-    layer_types: Annotated[
-        Optional[list[str]], typer.Option("--layer-type", help="Module class to mask (repeatable), e.g. Linear or Conv2d.")
-    ] = None,
+    layers: LayersOpt = None,
+    layer_types: LayerTypesOpt = None,
     sparsity: Annotated[
         Optional[float],
         typer.Option(
             "--sparsity", "-s", min=0.0, max=1.0, help="Fraction of activations to zero (topk). On a built-in model alone: overrides its recipe."
         ),
     ] = None,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Zero activations whose statistic is below this value instead.")] = None,
-    aggregate: Annotated[
-        Optional[str],
-        typer.Option("--aggregate", help=f"Statistic over the data, with --layers: {', '.join(AGGREGATE_FNS.names())} (default sum_abs)."),
-    ] = None,
-    structured: Annotated[
-        bool, typer.Option("--structured", help="One mask value per input feature / channel (foldable into weights).")
-    ] = False,
+    threshold: ThresholdOpt = None,
+    aggregate: AggregateOpt = None,
+    structured: StructuredOpt = False,
     data: DataOpt = None,
     batch: BatchSizeOpt = 32,
     overwrite: OverwriteOpt = False,
@@ -320,14 +432,16 @@ def calibrate_cmd(
     else:
         raise DataError(f"{model!r} has no built-in data: pass --data FILE")
     total = sum(batch_size(b) for b in batches) if isinstance(batches, list) else None
-    with calibration_progress(total, quiet=as_json) as on_batch:
-        masks = calibrate(loaded.module, the_recipe, batches, model_name=model, on_batch=on_batch)
+    with stage_progress(quiet=as_json) as progress:
+        progress.on_stage("calibrating", total)
+        masks = calibrate(loaded.module, the_recipe, batches, model_name=model, on_batch=progress.on_batch)
     masks.save(output)
     if as_json:
         _emit_json({"output": str(output), **masks.to_json()})
         return
     _print_masks_table(masks, f"{model}: {masks.num_samples} calibration samples")
     stdout.print(f"overall sparsity {masks.overall_sparsity():.1%}; masks written to {output}")
+    _print_notes(masks.notes())
 
 
 # --- squash / export / validate / convert / inspect ----------------------------------
@@ -344,10 +458,7 @@ def _check_exporter(exporter: str) -> None:
 
 
 def _print_modes(rows: list[dict[str, Any]], title: str) -> None:
-    table = Table(title=title)
-    table.add_column("layer", no_wrap=True)
-    for column in ("sparsity", "mode", "why"):
-        table.add_column(column)
+    table = names_table("layer", "sparsity", "mode", "why", title=title)
     for row in rows:
         table.add_row(row["layer"], f"{row['sparsity']:.1%}", row["mode"], row["reason"])
     stdout.print(table)
@@ -467,18 +578,23 @@ def validate_cmd(
     batch: BatchSizeOpt = 32,
     atol: AtolOpt = DEFAULT_ATOL,
     rtol: RtolOpt = DEFAULT_RTOL,
+    timeout: TimeoutOpt = None,
+    labels: LabelsOpt = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the ONNX model under onnxruntime and the PyTorch model on held-out inputs, at several batch sizes.
 
-    Checks output names, then shapes, then values; any output over tolerance fails
-    with a non-zero exit code. With a model and --masks, also reports what
+    Checks input names, ranks, dtypes and fixed dimensions, then output names,
+    shapes and values; a NaN or Inf, or any output over tolerance, fails with a
+    non-zero exit code. With a model and --masks, also reports what
     sparsification cost (dense vs sparse outputs, accuracy for classifiers).
     """
     _check_mode(mode)
     cost = None
     if reference.endswith(".pt2"):
+        if labels is not None:
+            raise DataError("--labels needs a model (with --masks) as the reference, not a .pt2: the accuracy cost compares with the dense model")
         program, meta = load_pt2(reference)
         io = pt2_io(meta)
         name = meta.get("model")
@@ -491,22 +607,33 @@ def validate_cmd(
         sparse: Any = program.module()
         batches = as_positional(held, io.input_names) if io else held
         names = io.output_names if io else None
+        spec = io
     else:
-        work = load_workload(reference, weights, None, heldout, batch if heldout else None)
+        work = load_workload(reference, weights, None, heldout, batch if heldout else None, labels=labels)
         sparse = squash_workload(work, Masks.load(masks), mode).model if masks is not None else work.model
         batches = work.require_heldout()
         names = work.io.output_names if work.io else None
-    report = validate(onnx_model, sparse, batches, atol=atol, rtol=rtol, output_names=names)
-    if not reference.endswith(".pt2") and masks is not None:
+        spec = work.io
+    report = validate(onnx_model, sparse, batches, atol=atol, rtol=rtol, output_names=names, io_spec=spec, timeout=timeout)
+    if not reference.endswith(".pt2") and (masks is not None or labels is not None):
         cost = sparsification_cost(work, sparse, onnx_model)
     if as_json:
         _emit_json({"validation": report.to_json(), "cost": cost})
         return
-    table = Table("output", "max abs diff", "max rel diff", title=f"{onnx_model} vs {reference}: PASSED")
-    for diff in report.outputs:
-        table.add_row(diff.name, f"{diff.max_abs:.2e}", f"{diff.max_rel:.2e}")
+    title = f"{onnx_model} vs {reference}: PASSED"
+    if rtol == 0:  # the verdict is max abs diff <= atol: show that, not a relative figure it never used
+        table = names_table("output", "max abs diff", "tolerance", title=title)
+        for diff in report.outputs:
+            table.add_row(diff.name, f"{diff.max_abs:.2e}", f"<= atol {atol:.2e}")
+    else:  # per value |diff| <= atol + rtol * |PyTorch|: the worst ratio is the verdict's figure
+        table = names_table("output", "max abs diff", "max rel diff", "worst diff / tolerance", title=title)
+        for diff in report.outputs:
+            table.add_row(diff.name, f"{diff.max_abs:.2e}", f"{diff.max_rel:.2e}", f"{diff.max_tolerance_used:.3g} <= 1")
     stdout.print(table)
-    stdout.print(f"{report.samples} held-out samples at batch sizes {report.batch_sizes}; tolerance atol {atol:g} + rtol {rtol:g}")
+    stdout.print(
+        f"{report.samples} held-out samples at batch sizes {report.batch_sizes}; "
+        f"passes where |ONNX - PyTorch| <= atol {atol:g} + rtol {rtol:g} * |PyTorch| for every value"
+    )
     if cost is not None:
         _print_cost(cost)
 
@@ -531,16 +658,29 @@ def convert_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for masks.safetensors, model.onnx and report.json.")],
     weights: WeightsOpt = None,
     recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="A recipe TOML file (default: the built-in model's).")] = None,
-    sparsity: Annotated[Optional[float], typer.Option("--sparsity", "-s", min=0.0, max=1.0, help="Override the recipe's sparsity_level everywhere.")] = None,
+    sparsity: Annotated[
+        Optional[float],
+        typer.Option("--sparsity", "-s", min=0.0, max=1.0, help="Override the recipe's sparsity_level everywhere; with --layers: the fraction to zero."),
+    ] = None,
+    layers: LayersOpt = None,
+    layer_types: LayerTypesOpt = None,
+    threshold: ThresholdOpt = None,
+    aggregate: AggregateOpt = None,
+    structured: StructuredOpt = False,
     data: DataOpt = None,
     heldout: HeldoutOpt = None,
-    batch: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Samples per batch (default: the built-in model's, else 32).")] = None,
+    labels: LabelsOpt = None,
+    batch: Annotated[
+        Optional[int],
+        typer.Option("--batch-size", "-b", min=1, max=MAX_BATCH_SIZE, help="Samples per batch (default: the built-in model's, else 32)."),
+    ] = None,
     mode: ModeOpt = "auto",
     exporter: ExporterOpt = DEFAULT_EXPORTER,
     opset: OpsetOpt = None,
     external_data: ExternalOpt = False,
     atol: AtolOpt = DEFAULT_ATOL,
     rtol: RtolOpt = DEFAULT_RTOL,
+    timeout: TimeoutOpt = None,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
@@ -553,11 +693,16 @@ def convert_cmd(
     """
     _check_mode(mode)
     _check_exporter(exporter)
-    with calibration_progress(None, quiet=as_json) as on_batch:
+    the_recipe: Recipe | Path | None = recipe
+    if layers or layer_types or threshold is not None or aggregate is not None or structured:
+        the_recipe = build_recipe(model, ":" not in model, recipe, layers, layer_types, sparsity, threshold, aggregate, structured)
+        sparsity = None  # already in the one-rule recipe
+    with stage_progress(quiet=as_json) as progress:
         report = convert(
-            model, output, weights=weights, recipe=recipe, sparsity=sparsity, data=data, heldout=heldout,
+            model, output, weights=weights, recipe=the_recipe, sparsity=sparsity, data=data, heldout=heldout,
             batch_size=batch, mode=mode, exporter=exporter, opset=opset, external_data=external_data, atol=atol,
-            rtol=rtol, overwrite=overwrite, verbose=verbose, on_batch=on_batch,
+            rtol=rtol, overwrite=overwrite, verbose=verbose, on_batch=progress.on_batch, on_stage=progress.on_stage,
+            labels=labels, timeout=timeout,
         )
     if as_json:
         _emit_json(report)
@@ -573,6 +718,7 @@ def print_convert_summary(report: dict[str, Any]) -> None:
         f"{validation['max_abs_diff']:.2e} <= {validation['atol']:g} at batch sizes {validation['batch_sizes']}: PASSED"
     )
     _print_cost(report["cost"])
+    _print_notes(report.get("notes", []))
     files = ", ".join(f"{name} {_size(size)}" for name, size in report["files"].items())
     stdout.print(f"files: {files}; {report['seconds']['total']:.1f} s in all")
 
@@ -596,13 +742,14 @@ def inspect_cmd(
         _print_masks_table(masks, f"{target}: masks for {masks.model or '?'}, {masks.num_samples} calibration samples, tool {masks.tool_version}")
         if masks.recipe is not None:
             stdout.print(masks.recipe.dumps().rstrip(), markup=False)
+        _print_notes(masks.notes())
         return
     work = load_workload(target, weights, data, None, batch)
     rows = layer_table(work)
     if as_json:
         _emit_json(rows)
         return
-    table = Table("layer", "type", "input shape", "fold", title=f"{target}: layers that can take a mask")
+    table = names_table("layer", "type", "input shape", "fold", title=f"{target}: layers that can take a mask")
     for row in rows:
         table.add_row(row["layer"], row["type"], "x".join(map(str, row["input_shape"])), "yes" if row["foldable"] else "no")
     stdout.print(table)
@@ -642,12 +789,20 @@ def layer_table(work: Workload) -> list[dict[str, Any]]:
 
 
 
-def _terminate(signum: int, frame: Any) -> None:
+def _interrupt(signum: int, frame: Any) -> None:
+    """The first SIGINT / SIGTERM stops the command (KeyboardInterrupt / Terminated,
+    so every clean-up runs); any later one is ignored, so that clean-up runs to its
+    end and the message stays one line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise Terminated()
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     app()
 
 

@@ -77,10 +77,28 @@ class CalibrationError(ActsparseError, RuntimeError):
     exit_code = 7
 
 
-class LayerNotFoundError(ActsparseError, ValueError):
-    """A layer name that the sparsifier or the model does not know."""
+class NoAggregateError(CalibrationError, KeyError):
+    """``step()`` on a layer with no aggregated data: never reached by a forward
+    pass, or already stepped. Also a ``KeyError``, which is what torch's upstream
+    class raises for the same thing."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else type(self).__name__
+
+
+class LayerNotFoundError(ActsparseError, KeyError, ValueError, AssertionError):
+    """A layer name that the sparsifier or the model does not know.
+
+    Also the exception types torch's upstream class raises for the same mistakes
+    (``KeyError`` from ``unregister_layer``, ``ValueError`` from ``get_mask``,
+    ``AssertionError`` for a layer outside the model): code written against
+    upstream keeps working.
+    """
 
     exit_code = 7
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else type(self).__name__
 
 
 class MaskError(ActsparseError, ValueError):

@@ -6,6 +6,11 @@ a chosen opset, one file unless the model is over 2 GB or external data is
 asked for, ``onnx.checker`` run on the result, and ``metadata_props`` recording
 the tool version, squash mode and per-layer sparsity.
 
+Everything is written in a short-named staging folder beside the output
+(``.actsparse-<pid>-<random>``, so any legal output name works) and renamed into
+place at the end; a full disk anywhere on the way (the exporter's own write,
+the final save, the rename) is an :class:`OutputError`, and nothing is left.
+
     >>> import tempfile, torch
     >>> from torch import nn
     >>> from actsparse_deploy.export import export_onnx
@@ -24,8 +29,6 @@ import io
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -36,10 +39,10 @@ import onnx
 import torch
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from .calibrate import Batch, describe_batch, eval_mode
 from .errors import DataError, ExportError, OutputError, first_line
-from .files import check_output_path
+from .files import check_output_path, remove_stale_staging, set_output_mode, staging_dir
 
 __all__ = ["DEFAULT_EXPORTER", "EXPORTERS", "ExportResult", "IOSpec", "PositionalAdapter", "export_onnx", "flatten_outputs"]
 
@@ -48,6 +51,8 @@ EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_EXPORTER = "torchscript"
 TWO_GB = 2**31
 METADATA_PREFIX = "actsparse_deploy."
+# errors of the file system, not of the exporter: the output cannot be written
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.ENAMETOOLONG}
 
 
 @dataclass(frozen=True)
@@ -213,6 +218,8 @@ def export_onnx(
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
     check_output_path(path, overwrite)
+    if external_data:  # its name must fit too (and not clobber a file without --overwrite)
+        check_output_path(path.parent / f"{path.name}.data", overwrite)
     program = model if isinstance(model, torch.export.ExportedProgram) else None
     if program is not None and exporter != "dynamo":
         raise ExportError("a torch.export program (.pt2) exports with --exporter dynamo only")
@@ -245,56 +252,102 @@ def _export(
     args = positional_inputs(example, spec.input_names)
     data_name = f"{path.name}.data"
     data_path = path.parent / data_name
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    remove_stale_staging(path.parent)
+    with staging_dir(path.parent) as staging:
+        return _export_staged(
+            wrapped, args, spec, path, staging, data_name, data_path, exporter, opset, metadata, external_data, overwrite, verbose
+        )
+
+
+def _export_staged(
+    wrapped: Any, args: tuple[torch.Tensor, ...], spec: IOSpec, path: Path, staging: Path, data_name: str, data_path: Path,
+    exporter: str, opset: int | None, metadata: Mapping[str, str] | None, external_data: bool, overwrite: bool, verbose: bool,
+) -> ExportResult:
+    raw = staging / "raw.onnx"
+    start = time.perf_counter()
     try:
-        raw = staging / "raw.onnx"
-        start = time.perf_counter()
-        try:
-            with quiet(verbose), torch.no_grad():
-                _run_exporter(wrapped, args, raw, exporter, opset, spec)
-        except ExportError:
-            raise
-        except Exception as e:
-            other = "torchscript" if exporter == "dynamo" else "dynamo"
-            raise ExportError(
-                f"the {exporter} exporter failed: {type(e).__name__}: {first_line(e)}; try --exporter {other}"
-            ) from e
-        seconds = time.perf_counter() - start
+        with quiet(verbose), torch.no_grad():
+            _run_exporter(wrapped, args, raw, exporter, opset, spec)
+    except ExportError:
+        raise
+    except Exception as e:
+        cause = _write_error(e)
+        if cause is not None:  # the disk, not the exporter: another exporter would not help
+            raise OutputError(f"cannot write {path}: {_os_reason(cause)}") from e
+        other = "torchscript" if exporter == "dynamo" else "dynamo"
+        raise ExportError(
+            f"the {exporter} exporter failed: {type(e).__name__}: {first_line(e)}; try --exporter {other}"
+        ) from e
+    seconds = time.perf_counter() - start
+    try:
         proto = onnx.load(str(raw), load_external_data=True)
-        meta = {f"{METADATA_PREFIX}version": __version__, f"{METADATA_PREFIX}exporter": exporter, **(metadata or {})}
-        existing = {p.key for p in proto.metadata_props}
-        for key, value in meta.items():
-            if key not in existing:
-                proto.metadata_props.add(key=key, value=str(value))
-        size = proto.ByteSize() if proto.ByteSize() < TWO_GB else TWO_GB
-        external = external_data or size >= TWO_GB
-        if external and data_path.exists() and not overwrite:
-            raise OutputError(f"output {data_path} already exists: pass --overwrite to replace it")
-        staged = staging / path.name
-        try:
-            onnx.save_model(
-                proto, str(staged), save_as_external_data=external, all_tensors_to_one_file=True, location=data_name,
-                size_threshold=1024,
-            )
-        except (OSError, ValueError) as e:
-            raise OutputError(f"cannot write {path}: {_os_reason(e)}") from e
-        try:
-            onnx.checker.check_model(str(staged), full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-            raise ExportError(f"the exported model fails onnx.checker: {first_line(e)}") from e
-        opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-        try:
-            if external:
-                os.replace(staging / data_name, data_path)
-            elif data_path.exists() and path.exists():
-                data_path.unlink()  # the replaced model's external data: nothing refers to it any more
-            os.replace(staged, path)
-        except OSError as e:
-            raise OutputError(f"cannot write {path}: {_os_reason(e)}") from e
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {_os_reason(e)}") from e
+    meta = {f"{METADATA_PREFIX}version": __version__, f"{METADATA_PREFIX}exporter": exporter, **(metadata or {})}
+    existing = {p.key for p in proto.metadata_props}
+    for key, value in meta.items():
+        if key not in existing:
+            proto.metadata_props.add(key=key, value=str(value))
+    size = proto.ByteSize() if proto.ByteSize() < TWO_GB else TWO_GB
+    external = external_data or size >= TWO_GB
+    if external and not external_data:  # over 2 GB: its data file's name must fit, and may not clobber
+        check_output_path(data_path, overwrite)
+    staged = staging / path.name
+    try:
+        onnx.save_model(
+            proto, str(staged), save_as_external_data=external, all_tensors_to_one_file=True, location=data_name,
+            size_threshold=1024,
+        )
+    except (OSError, ValueError) as e:
+        raise OutputError(f"cannot write {path}: {_os_reason(e)}") from e
+    try:
+        onnx.checker.check_model(str(staged), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"the exported model fails onnx.checker: {first_line(e)}") from e
+    opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    # every tensor under save_model's size threshold: no data file was written, none is needed
+    external = external and (staging / data_name).exists()
+    _move_into_place(staged, path, staging / data_name if external else None, data_path, staging)
     total = path.stat().st_size + (data_path.stat().st_size if external else 0)
     return ExportResult(path, exporter, opset_found, spec, seconds, external, total, dict(meta))
+
+
+def _move_into_place(staged: Path, path: Path, staged_data: Path | None, data_path: Path, staging: Path) -> None:
+    """Rename the staged model (and its data) over ``path``. An old data file
+    beside ``path`` is set aside first and comes back if a rename fails, so the
+    old model keeps its weights; it is dropped once the new model is in place."""
+    old_data = staging / "replaced.data"
+    # a data file beside a model that is not there is not ours to touch, unless ours replaces it
+    had_data = os.path.lexists(data_path) and (staged_data is not None or os.path.lexists(path))
+    try:
+        for staged_file in (staged, staged_data):
+            if staged_file is not None:
+                set_output_mode(staged_file)  # onnx writes its external data 0600
+        if had_data:
+            os.replace(data_path, old_data)
+        if staged_data is not None:
+            os.replace(staged_data, data_path)
+        os.replace(staged, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            if staged_data is not None and not os.path.lexists(staged_data) and os.path.lexists(data_path):
+                os.unlink(data_path)  # ours, moved in before the model's rename failed
+            if had_data and os.path.lexists(old_data):
+                os.replace(old_data, data_path)
+        raise OutputError(f"cannot write {path}: {_os_reason(e)}") from e
+
+
+def _write_error(e: BaseException) -> OSError | None:
+    """The file-system error (disk full, read-only, ...) behind an exporter's
+    exception, following its causes; ``None`` when it is the exporter's own."""
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _WRITE_ERRNOS:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _os_reason(e: BaseException) -> str:

@@ -206,13 +206,24 @@ def _replace_params(fn: BuiltinFn, params: tuple[tuple[str, Any], ...]) -> Built
 
 
 def _check_params(fn: BuiltinFn, params: dict[str, Any]) -> None:
-    accepted = list(inspect.signature(fn.impl).parameters)[1:]
+    """Names against the signature; values against the type of the default
+    (an integer default takes integers only, a float default any real number)."""
+    signature = inspect.signature(fn.impl).parameters
+    accepted = list(signature)[1:]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ConfigError(
             f"{fn.kind} function {fn.name!r} takes no parameter {', '.join(map(repr, unknown))}; "
             f"it takes: {', '.join(accepted) or 'none'}"
         )
+    for key, value in params.items():
+        default = signature[key].default
+        if isinstance(default, bool) or default is inspect.Parameter.empty or default is None:
+            continue
+        if isinstance(default, int) and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise ConfigError(f"{fn.kind} function {fn.name!r} parameter {key} must be an integer, got {value!r}")
+        if isinstance(default, float) and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            raise ConfigError(f"{fn.kind} function {fn.name!r} parameter {key} must be a number, got {value!r}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -322,6 +333,8 @@ def _feature_mean(data: RunningStat | torch.Tensor, axis: int = 0) -> torch.Tens
     other axes averaged, kept with size 1), for structured masks. ``axis=0`` is
     the input feature of a Linear and the channel of a ConvNd."""
     stat = _per_sample(data)
+    if not isinstance(axis, int) or isinstance(axis, bool):
+        raise ConfigError(f"feature_mean axis must be an integer, got {axis!r}")
     if not -stat.ndim <= axis < stat.ndim:
         raise ConfigError(f"feature_mean axis {axis} is out of range for a statistic of shape {tuple(stat.shape)}")
     axis %= stat.ndim
@@ -371,6 +384,7 @@ def _block(data: torch.Tensor, sparsity_level: float, sparse_block_shape: Any = 
     block = _block_shape(sparse_block_shape, data.ndim)
     if len(block) < data.ndim:
         block = (1,) * (data.ndim - len(block)) + block
+    _check_block_fits(block, tuple(data.shape))
     padded_shape = [math.ceil(n / b) * b for n, b in zip(data.shape, block)]
     padded = data.new_zeros(padded_shape, dtype=STAT_DTYPE)
     padded[tuple(slice(0, n) for n in data.shape)] = data.to(STAT_DTYPE)
@@ -394,3 +408,13 @@ def _block_shape(shape: Any, ndim: int) -> tuple[int, ...]:
     if len(block) > max(ndim, 1):
         raise ConfigError(f"sparse_block_shape {block} has more axes than the reduced data ({ndim})")
     return block
+
+
+def _check_block_fits(block: tuple[int, ...], shape: tuple[int, ...]) -> None:
+    """A block larger than the axis it tiles is a mistake (and would make a
+    padded copy of that size): refused before anything is made."""
+    if any(b > n for b, n in zip(block, shape)):
+        raise ConfigError(
+            f"sparse_block_shape {list(block)} is larger than the reduced "
+            f"statistic of shape {list(shape)} it tiles: give blocks no larger than the data"
+        )

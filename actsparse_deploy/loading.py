@@ -18,9 +18,11 @@ an iterable of batches.
 
 from __future__ import annotations
 
+import filecmp
 import importlib
 import os
 import pickle
+import re
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -34,10 +36,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import zoo
-from .calibrate import Batch
-from .errors import DataError, ModelLoadError, WeightsError
+from .calibrate import Batch, check_finite_weights
+from .errors import ActsparseError, DataError, ModelLoadError, WeightsError, first_line
 
-__all__ = ["LoadedModel", "load_data", "load_model", "load_state_dict_file"]
+__all__ = ["LoadedModel", "check_distinct_data", "load_data", "load_labels", "load_model", "load_state_dict_file"]
 
 #: key prefix of the inputs of a .pt data file holding a list (positional inputs)
 POSITIONAL = "input #"
@@ -84,6 +86,7 @@ def load_model(spec: str, weights: str | Path | None = None) -> LoadedModel:
         if weights is not None:
             module = zoo.get_builtin(spec).factory()
             load_state_dict_file(module, Path(weights))
+            check_finite_weights(module)
             return LoadedModel(module.eval(), spec, builtin=True)
         return LoadedModel(zoo.load_builtin(spec), spec, builtin=True)
     factory = _import_attr(spec, "model factory", ModelLoadError)
@@ -95,7 +98,43 @@ def load_model(spec: str, weights: str | Path | None = None) -> LoadedModel:
         raise ModelLoadError(f"model factory {spec!r} returned a {type(module).__name__}, not a torch.nn.Module")
     if weights is not None:
         load_state_dict_file(module, Path(weights))
+    check_finite_weights(module)  # NaN weights are the weights' fault, not the data's (exit 5)
     return LoadedModel(module.eval(), spec, builtin=False)
+
+
+#: what torch's weights_only unpickler says when a pickle names a Python object:
+#: "Unsupported global: GLOBAL argparse.Namespace was not an allowed global" for
+#: one not on its allowlist, "Trying to load unsupported GLOBAL posix.system whose
+#: module posix is blocked" for one it blocks outright (torch 2.6 to 2.13)
+_PICKLED_OBJECT = re.compile(r"unsupported global", re.IGNORECASE)
+
+
+def _unpickler_reason(e: BaseException) -> str:
+    """The line of torch's weights_only failure that says what went wrong."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:") and line != "WeightsUnpickler error:":
+            return line.removeprefix("WeightsUnpickler error:").strip()
+    useful = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation", "Please file an issue", "(1)", "(2)"))]
+    return useful[0] if useful else first_line(e)
+
+
+def _torch_load(path: Path, what: str, error: type[ActsparseError]) -> Any:
+    """``torch.load(weights_only=True)``: objects that could run code are refused,
+    anything else that is not a torch file is named as such."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if _PICKLED_OBJECT.search(str(e)):
+            raise error(
+                f"{what} {path} refused: holds objects that could run code (Python objects other than tensors); "
+                "save tensors only (model.state_dict(), a tensor or a dict of tensors), ideally as .safetensors"
+            ) from e
+        raise error(
+            f"{what} {path} is corrupted or not a torch file (not written by torch.save: {_unpickler_reason(e)})"
+        ) from e
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise error(f"{what} {path} is corrupted or not a torch file ({type(e).__name__}: {first_line(e)})") from e
 
 
 def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
@@ -106,17 +145,7 @@ def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise WeightsError(f"weights file {path} is not a readable .safetensors file ({e})") from e
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):
-            raise WeightsError(
-                f"weights file {path} holds Python objects other than tensors, which are refused "
-                "(loading them could run code): save model.state_dict() instead, ideally as .safetensors"
-            ) from e
-        raise WeightsError(f"weights file {path} is corrupted or not a torch file") from e
-    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise WeightsError(f"weights file {path} is corrupted or not a torch file ({e})") from e
+    obj = _torch_load(path, "weights file", WeightsError)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -153,8 +182,14 @@ def _few(items: list[str], limit: int = 5) -> str:
 
 # --- data ------------------------------------------------------------------------
 
+#: the largest compression ratio deflate can reach (a zip member that claims more
+#: uncompressed bytes than this times its compressed size is lying)
+_MAX_DEFLATE_RATIO = 1032
+
 
 def _to_tensor(name: str, array: Any, source: str) -> torch.Tensor:
+    if isinstance(array, torch.Tensor) and array.layout != torch.strided:
+        raise DataError(f"array {name!r} in {source} is a {array.layout} tensor: save it dense (tensor.to_dense())")
     if array.ndim == 0:
         raise DataError(f"array {name!r} in {source} is a scalar: it needs a batch axis first")
     if not isinstance(array, torch.Tensor):
@@ -173,20 +208,64 @@ def _to_tensor(name: str, array: Any, source: str) -> torch.Tensor:
     return t
 
 
+def _npy_bytes(stream: Any, where: str) -> int:
+    """The data bytes a .npy header declares (read before anything is allocated)."""
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise DataError(f"{where} is a .npy of format version {version}, which is not supported")
+    return int(np.prod(shape, dtype=object)) * dtype.itemsize
+
+
+def _check_npy(path: Path) -> None:
+    with open(path, "rb") as f:
+        declared = _npy_bytes(f, f"data file {path}")
+        available = os.fstat(f.fileno()).st_size - f.tell()
+    if declared > available:
+        raise DataError(
+            f"data file {path} declares {declared:,} bytes of array data but holds {available:,}: it is truncated or its header lies"
+        )
+
+
+def _check_npz(path: Path) -> None:
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            where = f"data file {path} (member {info.filename})"
+            ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO
+            if info.file_size > ratio * info.compress_size + 1024:
+                raise DataError(f"{where} declares {info.file_size:,} bytes from {info.compress_size:,} compressed: its zip entry lies")
+            with archive.open(info) as member:
+                if member.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+                    raise DataError(f"{where} is not a .npy array: an .npz file holds arrays only (numpy.savez)")
+            with archive.open(info) as member:
+                declared = _npy_bytes(member, where)
+                header = member.tell()
+            if declared > info.file_size - header:
+                raise DataError(
+                    f"{where} declares {declared:,} bytes of array data but holds {info.file_size - header:,}: "
+                    "it is truncated or its header lies"
+                )
+
+
 def _read_arrays(path: Path) -> dict[str, torch.Tensor] | torch.Tensor:
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
+            _check_npy(path)
             return _to_tensor("array", np.load(path, allow_pickle=False), str(path))
         if suffix == ".npz":
+            _check_npz(path)
             with np.load(path, allow_pickle=False) as npz:
                 raw = {k: npz[k] for k in npz.files}
         elif suffix == ".safetensors":
             raw = load_file(str(path))
         elif suffix in (".pt", ".pth"):
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            obj = _torch_load(path, "data file", DataError)
             if isinstance(obj, torch.Tensor):
                 return _to_tensor("tensor", obj, str(path))
             if isinstance(obj, (list, tuple)):  # positional inputs: tuple batches
@@ -198,8 +277,8 @@ def _read_arrays(path: Path) -> dict[str, torch.Tensor] | torch.Tensor:
             raise DataError(f"data file {path}: unsupported type {suffix or '(none)'}; use .npy, .npz, .safetensors or .pt")
     except DataError:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, SafetensorError, RuntimeError, pickle.UnpicklingError) as e:
-        raise DataError(f"data file {path} is corrupted or unreadable ({type(e).__name__}: {e})") from e
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, SafetensorError, RuntimeError, pickle.UnpicklingError, MemoryError) as e:
+        raise DataError(f"data file {path} is corrupted or unreadable ({type(e).__name__}: {first_line(e)})") from e
     if not raw:
         raise DataError(f"data file {path} holds no arrays")
     tensors = {k: _to_tensor(k, v, str(path)) for k, v in raw.items()}
@@ -209,12 +288,16 @@ def _read_arrays(path: Path) -> dict[str, torch.Tensor] | torch.Tensor:
     return next(iter(tensors.values())) if len(tensors) == 1 else tensors
 
 
+def _is_function_spec(text: str) -> bool:
+    return ":" in text and not Path(text).exists() and not (len(text) > 1 and text[1] == ":")
+
+
 def load_data(source: str | Path, batch_size: int = 32) -> list[Batch] | Iterable[Batch]:
     """Batches from a data file, or the iterable a ``module:function`` returns."""
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
     text = str(source)
-    if ":" in text and not Path(text).exists() and not (len(text) > 1 and text[1] == ":"):
+    if _is_function_spec(text):
         fn: Callable[[], Iterable[Batch]] = _import_attr(text, "data function", DataError)
         try:
             return fn()
@@ -227,3 +310,34 @@ def load_data(source: str | Path, batch_size: int = 32) -> list[Batch] | Iterabl
     if all(k.startswith(POSITIONAL) for k in arrays):  # a list of tensors: model(*batch)
         return [tuple(t[i : i + batch_size] for t in arrays.values()) for i in range(0, n, batch_size)]
     return [{k: t[i : i + batch_size] for k, t in arrays.items()} for i in range(0, n, batch_size)]
+
+
+def load_labels(source: str | Path) -> torch.Tensor:
+    """Class labels for held-out data: a file of one integer array (one label per sample)."""
+    path = Path(source)
+    arrays = _read_arrays(path)
+    if not isinstance(arrays, torch.Tensor):
+        raise DataError(f"labels file {path} holds {len(arrays)} arrays ({', '.join(arrays)}): give one integer array")
+    if arrays.is_floating_point() or arrays.dtype == torch.bool:
+        raise DataError(f"labels file {path} holds {arrays.dtype} values: labels are integer class indices")
+    if arrays.ndim != 1:
+        raise DataError(f"labels file {path} has shape {tuple(arrays.shape)}: give one class index per sample (a 1-D array)")
+    return arrays.to(torch.int64)
+
+
+def check_distinct_data(data: str | Path, heldout: str | Path) -> None:
+    """Held-out data must not be the calibration data: the same path, a link to
+    it, or a byte-identical copy is refused (its figures would be calibration figures)."""
+    a, b = str(data), str(heldout)
+    if _is_function_spec(a) or _is_function_spec(b):
+        same = a == b
+    else:
+        pa, pb = Path(a), Path(b)
+        if not (pa.is_file() and pb.is_file()):
+            return  # the loader names the missing file
+        same = os.path.samefile(pa, pb) or (pa.stat().st_size == pb.stat().st_size and filecmp.cmp(pa, pb, shallow=False))
+    if same:
+        raise DataError(
+            f"held-out data {heldout} is the calibration data {data}: figures measured on it would be calibration "
+            "figures; pass samples that calibration did not see"
+        )

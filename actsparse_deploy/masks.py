@@ -17,21 +17,26 @@ tool version.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from . import __version__
-from .errors import MaskError
+from .version import __version__
+from .errors import CalibrationError, MaskError, RecipeError
 from .recipe import Recipe
 from .serialize import SEP, check_format, load_safetensors, save_safetensors
 
-__all__ = ["LayerMask", "Masks"]
+__all__ = ["MAX_DENSE_VALUES", "LayerMask", "Masks", "checked_layer_mask"]
 
 FORMAT = "actsparse.masks"
 FORMAT_VERSION = 1
+#: The most values a dense per-feature mask may hold (4 GiB of float32): a masks
+#: file declaring a larger layer input is corrupted or hostile, and refused
+#: before anything of that size is made.
+MAX_DENSE_VALUES = 2**30
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,78 @@ class LayerMask:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.mask,) if isinstance(self.mask, torch.Tensor) else tuple(self.mask)
 
+    def check(self, name: str) -> None:
+        """Raise :class:`MaskError` naming layer ``name`` where the mask cannot be
+        used: values not floating point or bool (an integer mask would be cast
+        silently, a complex one has no meaning), NaN / Inf, malformed features or
+        feature_dim, an input shape that is not positive integers or that would
+        make a dense mask of more than ``MAX_DENSE_VALUES`` values."""
+        for t in self.tensors:
+            if not isinstance(t, torch.Tensor):
+                raise MaskError(f"mask of layer {name!r} is a {type(t).__name__}, not a tensor")
+            if not (t.is_floating_point() or t.dtype == torch.bool):
+                raise MaskError(
+                    f"mask of layer {name!r} is {str(t.dtype).removeprefix('torch.')}: masks must be floating point "
+                    "or bool (1 keeps, 0 zeroes); convert it with .float()"
+                )
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise MaskError(f"mask of layer {name!r} holds NaN or Inf: the masks are corrupted; calibrate again")
+        if self.input_shape is not None and not (
+            isinstance(self.input_shape, (tuple, list)) and all(_is_int(n) and n >= 1 for n in self.input_shape)
+        ):
+            raise MaskError(f"input shape of layer {name!r} must be positive integers, got {self.input_shape!r}")
+        if self.features is None:
+            return
+        if not _is_int(self.feature_dim):
+            raise MaskError(f"feature_dim of layer {name!r} must be an integer, got {self.feature_dim!r}")
+        indices = _feature_indices(self.features, name)
+        if self.input_shape is None:
+            if self.feature_dim == 0:
+                raise MaskError(f"feature_dim 0 of layer {name!r} is the batch axis: the masks are corrupted")
+            return
+        n = len(self.input_shape) + 1
+        if not -n <= self.feature_dim < n or self.feature_dim % n == 0:
+            raise MaskError(
+                f"feature_dim {self.feature_dim} of layer {name!r} must name a non-batch axis of an input of "
+                f"shape {list(self.input_shape)}: the masks are corrupted"
+            )
+        size = self.input_shape[self.feature_dim % n - 1]
+        for index in indices:
+            if index >= size:
+                raise MaskError(
+                    f"feature {index} of layer {name!r} is out of range: its input shape {list(self.input_shape)} "
+                    f"has {size} along feature_dim {self.feature_dim}"
+                )
+        values = math.prod(self._dense_shape())
+        if values > MAX_DENSE_VALUES:
+            raise MaskError(
+                f"mask of layer {name!r}: its input shape {list(self.input_shape)} would make a dense mask of "
+                f"{values} values, more than {MAX_DENSE_VALUES}: the masks file is corrupted or not for this model"
+            )
+
+    def _dense_shape(self) -> list[int]:
+        """The shape :meth:`dense` makes for per-feature masks, with a batch axis
+        first, computed without making anything."""
+        if self.input_shape is None or self.feature_dim is None:
+            raise MaskError("a per-feature mask needs the layer's input shape to be made dense")
+        full_shape = (1, *self.input_shape)  # batch axis first
+        n = len(full_shape)
+        if not -n <= self.feature_dim < n or self.feature_dim % n == 0:
+            raise MaskError(f"feature_dim {self.feature_dim} must name a non-batch axis of an input of shape {list(self.input_shape)}")
+        aligned = []
+        for t in self.tensors:
+            if t.ndim > n:
+                raise MaskError(f"a feature mask of shape {list(t.shape)} has more axes than the input {list(self.input_shape)}")
+            aligned.append((1,) * (n - t.ndim) + tuple(t.shape))
+        try:
+            shape = list(torch.broadcast_shapes(*aligned))
+        except RuntimeError as e:
+            raise MaskError(f"feature masks of shapes {[list(s) for s in aligned]} do not broadcast together") from e
+        if shape[0] != 1:
+            raise MaskError(f"feature masks of shape {shape} have a batch axis: they cannot be baked into the model")
+        shape[self.feature_dim % n] = full_shape[self.feature_dim % n]
+        return shape
+
     @property
     def sparsity(self) -> float:
         """The fraction of mask entries that are zero."""
@@ -72,22 +149,15 @@ class LayerMask:
         """
         if isinstance(self.mask, torch.Tensor):
             return self.mask
-        if self.input_shape is None or self.feature_dim is None:
-            raise MaskError("a per-feature mask needs the layer's input shape to be made dense")
-        full_shape = (1, *self.input_shape)  # batch axis first
-        n = len(full_shape)
-        if not -n <= self.feature_dim < n or self.feature_dim % n == 0:
-            raise MaskError(f"feature_dim {self.feature_dim} must name a non-batch axis of an input of shape {list(self.input_shape)}")
-        fd = self.feature_dim % n
-        aligned = []
-        for t in self.mask:
-            if t.ndim > n:
-                raise MaskError(f"a feature mask of shape {list(t.shape)} has more axes than the input {list(self.input_shape)}")
-            aligned.append(t.reshape((1,) * (n - t.ndim) + tuple(t.shape)))
-        shape = list(torch.broadcast_shapes(*(t.shape for t in aligned)))
-        if shape[0] != 1:
-            raise MaskError(f"feature masks of shape {shape} have a batch axis: they cannot be baked into the model")
-        shape[fd] = full_shape[fd]
+        shape = self._dense_shape()
+        if math.prod(shape) > MAX_DENSE_VALUES:
+            raise MaskError(
+                f"a per-feature mask over an input of shape {list(self.input_shape or ())} would make a dense mask "
+                f"of {math.prod(shape)} values, more than {MAX_DENSE_VALUES}"
+            )
+        n = len(shape)
+        fd = self.feature_dim % n  # type: ignore[operator]
+        aligned = [t.reshape((1,) * (n - t.ndim) + tuple(t.shape)) for t in self.mask]
         full = torch.ones(shape, dtype=self.mask[0].dtype)
         for feature, t in zip(self.features or (), aligned):
             for position, index in enumerate(torch.tensor(feature).reshape(-1).tolist()):
@@ -115,19 +185,25 @@ class Masks:
     tool_version: str = __version__
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Check every layer's mask (:meth:`LayerMask.check`); squash calls it
+        again, since the tensors may have changed since construction."""
+        for name, lm in self.layers.items():
+            if not isinstance(lm, LayerMask):
+                raise MaskError(f"the mask of layer {name!r} is a {type(lm).__name__}, not a LayerMask")
+            lm.check(name)
+
     @classmethod
     def from_sparsifier(cls, sparsifier: Any, model: str | None = None) -> "Masks":
-        """The masks of a live sparsifier after ``step()``."""
+        """The masks of a live sparsifier after ``step()``, checked as calibration
+        checks them (finite, floating point or bool, broadcasting against the input)."""
         layers = {}
         for name, config in sparsifier.data_groups.items():
-            mask = sparsifier.get_mask(name)
-            shape = sparsifier.input_shape(name)
-            features = config["features"]
-            layers[name] = LayerMask(
-                mask=mask.detach().clone() if features is None else tuple(m.detach().clone() for m in mask),
-                features=tuple(features) if features is not None else None,
-                feature_dim=config["feature_dim"] if features is not None else None,
-                input_shape=tuple(shape[1:]) if shape is not None else None,
+            layers[name] = checked_layer_mask(
+                name, sparsifier.get_mask(name), config["features"], config["feature_dim"], sparsifier.input_shape(name)
             )
         return cls(layers=layers, model=model)
 
@@ -157,6 +233,19 @@ class Masks:
             for name, lm in self.layers.items()
         ]
 
+    def notes(self) -> list[str]:
+        """One line per layer whose mask zeroes 100 % of its input: the model no
+        longer depends on that input (a constant downstream). Not an error (the
+        masks are what the recipe asked for) but worth telling the user."""
+        out = []
+        for name, lm in self.layers.items():
+            if _zeroes_everything(lm):
+                out.append(
+                    f"layer {name!r}: its mask zeroes 100% of its input, so the model's output does not depend on "
+                    "its input there (sparsity 1.0): lower the sparsity or mask fewer features"
+                )
+        return out
+
     def overall_sparsity(self) -> float:
         total = sum(t.numel() for lm in self.layers.values() for t in lm.tensors)
         zeros = sum(int((t == 0).sum()) for lm in self.layers.values() for t in lm.tensors)
@@ -171,6 +260,7 @@ class Masks:
             "overall_sparsity": round(self.overall_sparsity(), 6),
             "layers": self.summary(),
             "recipe": self.recipe.to_dict() if self.recipe is not None else None,
+            "notes": self.notes(),
         }
 
     # --- files -------------------------------------------------------------------
@@ -198,22 +288,42 @@ class Masks:
 
     @classmethod
     def load(cls, path: str | Path) -> "Masks":
+        """Read and check a masks file: every tensor finite and floating point (or
+        bool), every layer's features, feature_dim and input shape well formed."""
         path = Path(path)
         tensors, metadata = load_safetensors(path, "masks")
         check_format(metadata, FORMAT, FORMAT_VERSION, path)
         try:
             rows = json.loads(metadata["layers"])
-            layers = {row["layer"]: _layer_from_row(row, tensors) for row in rows}
+            if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+                raise MaskError(f"masks file {path}: 'layers' must be a list of tables, one per layer")
+            layers: dict[str, LayerMask] = {}
+            for row in rows:
+                if row.get("layer") in layers or not isinstance(row.get("layer"), str):
+                    raise MaskError(f"masks file {path}: layer {row.get('layer')!r} is not a name or is listed twice")
+                layers[row["layer"]] = _layer_from_row(row, tensors)
             recipe = Recipe.from_toml(metadata["recipe"], f"recipe in {path}") if metadata.get("recipe") else None
+            num_samples, num_batches = int(metadata["num_samples"]), int(metadata.get("num_batches", "0"))
+            if num_samples < 0 or num_batches < 0:
+                raise MaskError(f"masks file {path}: negative sample count {num_samples} or batch count {num_batches}")
+            extra = json.loads(metadata.get("extra", "{}"))
+            if not isinstance(extra, dict):
+                raise MaskError(f"masks file {path}: 'extra' must be a table")
             masks = cls(
                 layers=layers,
                 recipe=recipe,
-                num_samples=int(metadata["num_samples"]),
-                num_batches=int(metadata.get("num_batches", "0")),
+                num_samples=num_samples,
+                num_batches=num_batches,
                 model=metadata.get("model") or None,
                 tool_version=metadata["tool_version"],
-                extra=json.loads(metadata.get("extra", "{}")),
+                extra=extra,
             )
+        except MaskError as e:
+            raise MaskError(f"masks file {path}: {e}" if str(path) not in str(e) else str(e)) from e
+        except RecipeError as e:  # the recipe is part of the masks file: exit code 8, not 3
+            raise MaskError(str(e)) from e
+        except RecursionError as e:
+            raise MaskError(f"masks file {path} holds metadata nested too deeply to read: it is corrupted or hostile") from e
         except (KeyError, TypeError, ValueError) as e:
             raise MaskError(f"masks file {path} is incomplete or malformed ({e!r})") from e
         expected = {f"{n}{SEP}{i}" if lm.features is not None else n for n, lm in layers.items() for i in range(len(lm.tensors))}
@@ -222,9 +332,94 @@ class Masks:
         return masks
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _feature_indices(features: Any, name: str) -> list[int]:
+    """The flat feature indices (a feature is an index or a list of them, as
+    upstream allows); refuse anything else, negatives and repeats."""
+    if not isinstance(features, (tuple, list)) or not features:
+        raise MaskError(f"features of layer {name!r} must be a non-empty list of feature indices, got {features!r}")
+    flat: list[int] = []
+    for feature in features:
+        group = list(feature) if isinstance(feature, (tuple, list)) else [feature]
+        if not group or not all(_is_int(i) for i in group):
+            raise MaskError(f"features of layer {name!r} must be integer indices (or lists of them), got {feature!r}")
+        flat += group
+    seen: set[int] = set()
+    for index in flat:
+        if index < 0:
+            raise MaskError(f"feature {index} of layer {name!r} is negative: features are indices from 0")
+        if index in seen:
+            raise MaskError(f"feature {index} of layer {name!r} is given twice")
+        seen.add(index)
+    return flat
+
+
+def _zeroes_everything(lm: LayerMask) -> bool:
+    """Every value of the layer's input is multiplied by 0."""
+    if not lm.tensors or any(bool((t != 0).any()) for t in lm.tensors):
+        return False
+    if lm.features is None:
+        return sum(t.numel() for t in lm.tensors) > 0
+    if lm.input_shape is None or lm.feature_dim is None:
+        return False
+    size = lm.input_shape[lm.feature_dim % (len(lm.input_shape) + 1) - 1]
+    return set(_feature_indices(lm.features, "?")) == set(range(size))
+
+
+def checked_layer_mask(
+    name: str,
+    mask: Any,
+    features: list[Any] | None,
+    feature_dim: int | None,
+    input_shape: tuple[int, ...] | None,
+) -> LayerMask:
+    """A sparsifier's mask for layer ``name`` as a :class:`LayerMask`, refused
+    (:class:`CalibrationError`) where it is not a finite floating point (or bool)
+    tensor that broadcasts against the layer's input (``input_shape``: batched)."""
+    sample_shape = tuple(input_shape[1:]) if input_shape else None
+    tensors = [mask] if isinstance(mask, torch.Tensor) else list(mask)
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise CalibrationError(f"the mask function of layer {name!r} returned {type(t).__name__}, not a tensor")
+        if not (t.is_floating_point() or t.dtype == torch.bool):
+            raise CalibrationError(
+                f"the mask of layer {name!r} is {str(t.dtype).removeprefix('torch.')}: a mask function must return "
+                "floating point or bool masks (1 keeps, 0 zeroes)"
+            )
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CalibrationError(f"the mask of layer {name!r} holds NaN or Inf")
+    if input_shape is not None:
+        full = list(input_shape)
+        if features is not None and feature_dim is not None:
+            full[feature_dim] = 1
+        for t in tensors:
+            try:
+                fits = torch.broadcast_shapes(t.shape, tuple(full)) == tuple(full)
+            except RuntimeError:
+                fits = False
+            if not fits:
+                raise CalibrationError(
+                    f"the mask of layer {name!r} has shape {tuple(t.shape)}, which does not broadcast "
+                    f"against the layer's input {tuple(full)}: check the recipe's reduce and mask functions"
+                )
+    if features is None:
+        return LayerMask(mask=tensors[0].detach().clone(), input_shape=sample_shape)
+    return LayerMask(
+        mask=tuple(t.detach().clone() for t in tensors),
+        features=tuple(features),
+        feature_dim=feature_dim,
+        input_shape=sample_shape,
+    )
+
+
 def _layer_from_row(row: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LayerMask:
     name = row["layer"]
     features = row.get("features")
+    if features is not None:
+        _feature_indices(features, name)  # before they name tensors
     if features is None:
         mask: Any = tensors[name]
         shapes = [list(mask.shape)]
@@ -236,6 +431,8 @@ def _layer_from_row(row: dict[str, Any], tensors: dict[str, torch.Tensor]) -> La
     if shapes != expected_shapes:
         raise MaskError(f"mask of layer {name!r} has shape {shapes}, its metadata says {expected_shapes}")
     input_shape = row.get("input_shape")
+    if input_shape is not None and not isinstance(input_shape, list):
+        raise MaskError(f"input shape of layer {name!r} must be a list of positive integers, got {input_shape!r}")
     return LayerMask(
         mask=mask,
         features=tuple(features) if features is not None else None,

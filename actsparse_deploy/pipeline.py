@@ -18,10 +18,7 @@ import contextlib
 import errno
 import json
 import os
-import shutil
-import tempfile
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -30,8 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__, zoo
+from . import zoo
+from .version import __version__
 from .calibrate import Batch, batch_size, calibrate, run_batch
+from .calibrate import batch_size as batch_size_of
 from .errors import DataError, ExportError, OutputError, RecipeError, first_line
 from .export import (
     DEFAULT_EXPORTER,
@@ -43,12 +42,12 @@ from .export import (
     layer_metadata,
     positional_inputs,
 )
-from .files import atomic_output, check_output_path
-from .loading import load_data, load_model
+from .files import check_output_dir, check_output_path, output_lock, remove_stale_staging, set_output_mode, staging_dir
+from .loading import check_distinct_data, load_data, load_labels, load_model
 from .masks import Masks
 from .recipe import Recipe
 from .squash import SquashResult, squash
-from .validate import DEFAULT_ATOL, DEFAULT_RTOL, compare_models, onnx_session, resize_batches, validate
+from .validate import DEFAULT_ATOL, DEFAULT_RTOL, _feeds, compare_models, onnx_session, resize_batches, run_session, validate
 
 __all__ = ["Workload", "as_positional", "squash_workload", "convert", "load_pt2", "load_workload", "pt2_io", "save_pt2"]
 
@@ -105,8 +104,17 @@ def load_workload(
     data: str | None = None,
     heldout: str | None = None,
     batch_size: int | None = None,
+    labels: str | Path | None = None,
+    check_distinct: bool = True,
 ) -> Workload:
-    """A built-in name or ``module:factory`` (+ weights), with its data."""
+    """A built-in name or ``module:factory`` (+ weights), with its data; ``labels``:
+    a file of class indices for the held-out samples (your own classifier's accuracy).
+    Held-out data that is the calibration data is refused (``check_distinct=False``:
+    the caller checks it later with ``check_distinct_data``)."""
+    if check_distinct and data is not None and heldout is not None:
+        check_distinct_data(data, heldout)
+    if labels is not None and heldout is None:
+        raise DataError(f"--labels {labels} needs --heldout: the labels are those of the held-out samples")
     loaded = load_model(spec, weights)
     entry = zoo.get_builtin(spec) if loaded.builtin else None
     size = batch_size or (entry.batch_size if entry else 32)
@@ -116,9 +124,14 @@ def load_workload(
         held = list(load_data(heldout, size))
     elif entry is not None:
         held = zoo.heldout_batches(spec, size)
-    labels = entry.labels() if entry is not None and entry.labels is not None and heldout is None else None
+    the_labels = entry.labels() if entry is not None and entry.labels is not None and heldout is None else None
+    if labels is not None:
+        the_labels = load_labels(labels)
+        samples = sum(batch_size_of(b) for b in held or [])
+        if len(the_labels) != samples:
+            raise DataError(f"labels file {labels} has {len(the_labels)} labels for {samples} held-out samples in {heldout}")
     io = IOSpec(entry.input_names, entry.output_names, entry.dynamic_axes()) if entry is not None else None
-    return Workload(loaded.name, loaded.module, entry, calibration, held, labels, io)
+    return Workload(loaded.name, loaded.module, entry, calibration, held, the_labels, io)
 
 
 def load_recipe(work: Workload, recipe: Recipe | str | Path | None, sparsity: float | None = None) -> Recipe:
@@ -131,93 +144,9 @@ def load_recipe(work: Workload, recipe: Recipe | str | Path | None, sparsity: fl
 
 
 # --- .pt2 --------------------------------------------------------------------------
+# the format and its safe loading live in pt2.py; these names stay importable from here
 
-
-def save_pt2(work: Workload, squashed: SquashResult, path: Path, overwrite: bool = False) -> None:
-    """A ``torch.export`` program with the masks baked in (dynamic batch / sequence)."""
-    check_output_path(path, overwrite)
-    example = work.example()
-    io = work.io or IOSpec.infer(example, len(flatten_outputs(_call(squashed.model, example))))
-    module: nn.Module = squashed.model
-    if isinstance(example, Mapping):
-        module = PositionalAdapter(squashed.model, io.input_names)
-    args = positional_inputs(example, io.input_names)
-    shapes = io.export_dynamic_shapes(named=False)
-    if isinstance(example, Mapping):
-        shapes = (shapes,)  # type: ignore[assignment]
-    try:
-        with torch.no_grad():
-            program = torch.export.export(module.eval(), args, dynamic_shapes=shapes)
-    except Exception as e:
-        raise ExportError(f"torch.export cannot capture the squashed model: {type(e).__name__}: {first_line(e)}") from e
-    meta = {"tool_version": __version__, "model": work.name, "inputs": list(io.input_names), "outputs": list(io.output_names),
-            "dynamic_axes": {k: {str(a): d for a, d in v.items()} for k, v in io.dynamic_axes.items()},
-            "layers": squashed.report()}
-    with atomic_output(path, overwrite) as tmp:
-        torch.export.save(program, str(tmp), extra_files={PT2_META: json.dumps(meta)})
-
-
-@contextlib.contextmanager
-def _weights_only_torch_load() -> Iterator[None]:
-    """torch.export.load falls back to an unrestricted torch.load when the safe
-    one fails; force weights_only=True for every load inside the block."""
-    original = torch.load
-
-    def safe_load(*args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
-
-    torch.load = safe_load  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        torch.load = original  # type: ignore[assignment]
-
-
-def _refuse_pickled_objects(path: Path) -> None:
-    """torch.export.load unpickles custom and opaque object constants directly
-    (no torch.load): a program holding any is refused before it is opened."""
-    from torch.export.pt2_archive.constants import CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = [Path(n).name for n in archive.namelist()]
-    except (zipfile.BadZipFile, OSError) as e:
-        raise ExportError(f"{path} is not a torch.export program (.pt2 zip archive): {e}") from e
-    pickled = [n for n in names if n.startswith((CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX))]
-    if pickled:
-        raise ExportError(
-            f"{path} holds pickled Python objects ({', '.join(pickled[:3])}), which are refused: loading them could run code"
-        )
-
-
-def load_pt2(path: str | Path) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
-    """The program and the metadata this tool stored with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f".pt2 file {path} does not exist")
-    _refuse_pickled_objects(path)
-    extra = {PT2_META: ""}
-    try:
-        with _weights_only_torch_load():
-            program = torch.export.load(str(path), extra_files=extra)
-    except Exception as e:
-        raise ExportError(f"{path} is not a loadable torch.export program: {type(e).__name__}: {first_line(e)}") from e
-    meta = json.loads(extra[PT2_META]) if extra[PT2_META] else {}
-    return program, meta
-
-
-def pt2_io(meta: dict[str, Any]) -> IOSpec | None:
-    """The I/O spec stored with a .pt2 written by this tool."""
-    if not meta.get("inputs"):
-        return None
-    axes = {k: {int(a): d for a, d in v.items()} for k, v in meta.get("dynamic_axes", {}).items()}
-    return IOSpec(tuple(meta["inputs"]), tuple(meta["outputs"]), axes)
-
-
-def as_positional(batches: Iterable[Batch], names: tuple[str, ...]) -> list[Batch]:
-    """Dict batches as tuples in ``names`` order (what a .pt2 program takes)."""
-    return [tuple(b[n] for n in names) if isinstance(b, Mapping) else b for b in batches]
+from .pt2 import PT2_META, _weights_only_torch_load, as_positional, load_pt2, pt2_io, save_pt2  # noqa: E402,F401
 
 
 # --- stages ------------------------------------------------------------------------
@@ -228,16 +157,24 @@ def _call(model: nn.Module, batch: Batch) -> Any:
         return run_batch(model, batch)
 
 
+def _matching(predictions: np.ndarray, labels: torch.Tensor, what: str) -> float:
+    if predictions.shape != tuple(labels.shape):
+        raise DataError(
+            f"the {what}'s first output gives predictions of shape {list(predictions.shape)} for {len(labels)} labels: "
+            "accuracy needs a classifier whose first output is (batch, classes)"
+        )
+    return float((predictions == labels.numpy()).mean())
+
+
 def accuracy(model: nn.Module, batches: Iterable[Batch], labels: torch.Tensor) -> float:
     predictions = torch.cat([flatten_outputs(_call(model, b))[0].argmax(dim=-1) for b in batches])
-    return float((predictions == labels).double().mean())
+    return _matching(predictions.numpy(), labels, "model")
 
 
 def onnx_accuracy(onnx_path: Path, batches: Iterable[Batch], labels: torch.Tensor) -> float:
     session = onnx_session(onnx_path)
-    name = session.get_inputs()[0].name
-    predictions = np.concatenate([session.run(None, {name: b.numpy()})[0].argmax(axis=-1) for b in batches])
-    return float((predictions == labels.numpy()).mean())
+    predictions = np.concatenate([run_session(session, _feeds(session, b))[0].argmax(axis=-1) for b in batches])
+    return _matching(predictions, labels, "ONNX model")
 
 
 def sparsification_cost(work: Workload, sparse: nn.Module, onnx_path: Path | None = None) -> dict[str, Any]:
@@ -258,12 +195,27 @@ def sparsification_cost(work: Workload, sparse: nn.Module, onnx_path: Path | Non
     return cost
 
 
+#: what ``convert`` tells ``on_stage`` as each stage starts (``load`` is silent)
+STAGES = {"calibrate": "calibrating", "squash": "squashing", "export": "exporting", "validate": "validating", "cost": "measuring cost"}
+
+
+def _samples(batches: Iterable[Batch] | None) -> int | None:
+    """The number of samples in a list of batches; None for a one-shot iterable."""
+    return sum(batch_size_of(b) for b in batches) if isinstance(batches, list) else None
+
+
 @dataclass
 class Timer:
+    """Seconds per stage; tells ``on_stage(name, total)`` as each one starts."""
+
     seconds: dict[str, float] = field(default_factory=dict)
+    on_stage: Callable[[str, int | None], None] | None = None
+    totals: dict[str, int | None] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
+        if self.on_stage is not None and stage in STAGES:
+            self.on_stage(STAGES[stage], self.totals.get(stage))
         start = time.perf_counter()
         try:
             yield
@@ -272,6 +224,7 @@ class Timer:
 
 
 OUT_FILES = ("masks.safetensors", "model.onnx", "report.json")
+DATA_FILE = "model.onnx.data"
 
 
 def convert(
@@ -293,22 +246,29 @@ def convert(
     overwrite: bool = False,
     verbose: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    on_stage: Callable[[str, int | None], None] | None = None,
+    labels: str | Path | None = None,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """Calibrate, squash, export and validate; write the three files to ``outdir``
-    and return the report (also in ``report.json``)."""
+    and return the report (also in ``report.json``). ``on_stage(name, total)`` is
+    called as each stage starts (see ``STAGES``; ``total``: calibration samples
+    where known, else None); ``labels``: a file of class indices for ``heldout``;
+    ``timeout``: seconds onnxruntime may take for the whole validation (None: no limit)."""
     outdir = Path(outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise OutputError(f"output {outdir} is a file: give a directory for the three outputs")
+    check_output_dir(outdir)
     created = [p for p in (outdir, *outdir.parents) if not p.exists()]
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create output directory {outdir}: {e.strerror or e}") from e
     try:
-        return _convert(
-            model, outdir, weights, recipe, sparsity, data, heldout, batch_size, mode, exporter, opset, external_data,
-            atol, rtol, overwrite, verbose, on_batch,
-        )
+        with output_lock(outdir):  # one run at a time writes here: never a mix of two runs' files
+            remove_stale_staging(outdir)
+            return _convert(
+                model, outdir, weights, recipe, sparsity, data, heldout, batch_size, mode, exporter, opset, external_data,
+                atol, rtol, overwrite, verbose, on_batch, on_stage=on_stage, labels=labels, timeout=timeout,
+            )
     except BaseException:
         for directory in created:  # the directories this call made, if still empty
             with contextlib.suppress(OSError):
@@ -320,23 +280,27 @@ def _convert(
     model: str, outdir: Path, weights: str | Path | None, recipe: Recipe | str | Path | None, sparsity: float | None,
     data: str | None, heldout: str | None, batch_size: int | None, mode: str, exporter: str, opset: int | None,
     external_data: bool, atol: float, rtol: float, overwrite: bool, verbose: bool, on_batch: Callable[[int], None] | None,
+    *, on_stage: Callable[[str, int | None], None] | None = None, labels: str | Path | None = None,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
-    for name in OUT_FILES:
+    for name in (*OUT_FILES, *([DATA_FILE] if external_data else [])):
         check_output_path(outdir / name, overwrite)
-    timer = Timer()
+    timer = Timer(on_stage=on_stage)
     total = time.perf_counter()
     with timer("load"):
-        work = load_workload(model, weights, data, heldout, batch_size)
+        work = load_workload(model, weights, data, heldout, batch_size, labels=labels, check_distinct=False)
         the_recipe = load_recipe(work, recipe, sparsity)
+        if data is not None and heldout is not None:  # after the recipe: a missing recipe is named first
+            check_distinct_data(data, heldout)
         work.require_heldout()
+        timer.totals["calibrate"] = _samples(work.calibration)
     with timer("calibrate"):
         masks = calibrate(work.model, the_recipe, work.require_calibration(), model_name=work.name, on_batch=on_batch)
     with timer("squash"):
         squashed = squash_workload(work, masks, mode)
     # everything is written into a staging directory inside outdir and moved into
     # place only when validation passed: an error or an interrupt leaves nothing
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=outdir))
-    try:
+    with staging_dir(outdir) as staging:
         onnx_path = staging / "model.onnx"
         with timer("export"):
             exported = export_onnx(
@@ -345,7 +309,7 @@ def _convert(
             )
         with timer("validate"):
             validation = validate(onnx_path, squashed.model, work.require_heldout(), atol=atol, rtol=rtol,
-                                  output_names=exported.io.output_names)
+                                  output_names=exported.io.output_names, io_spec=exported.io, timeout=timeout)
         with timer("cost"):
             cost = sparsification_cost(work, squashed.model, onnx_path)
         masks.save(staging / "masks.safetensors")
@@ -354,14 +318,19 @@ def _convert(
         try:
             (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             report["files"]["report.json"] = (staging / "report.json").stat().st_size
-            names = [p.name for p in staging.iterdir()]
-            for name in sorted(names, key=lambda n: n == "report.json"):  # the report last
+            names = sorted((p.name for p in staging.iterdir()), key=lambda n: n == "report.json")  # the report last
+            for name in names:  # external data over 2 GB comes unasked: check it too, before moving any
+                check_output_path(outdir / name, overwrite)
+                set_output_mode(staging / name)
+            for name in names:
                 os.replace(staging / name, outdir / name)
+            if DATA_FILE not in names and overwrite and (outdir / DATA_FILE).is_file():
+                (outdir / DATA_FILE).unlink()  # the replaced model's external data: nothing refers to it any more
         except OSError as e:
+            if isinstance(e, OutputError):
+                raise
             reason = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
             raise OutputError(f"cannot write the outputs to {outdir}: {reason}") from e
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return report
 
 
@@ -383,6 +352,7 @@ def build_report(
         "overall_sparsity": masks.overall_sparsity(),
         "layers": layers,
         "recipe": masks.recipe.to_dict() if masks.recipe else None,
+        "notes": masks.notes(),
         "export": exported.to_json(),
         "validation": validation,
         "cost": cost,

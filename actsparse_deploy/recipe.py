@@ -105,13 +105,15 @@ class LayerSettings:
                 raise RecipeError(f"{where}.sparse_config must be a table, got {config!r}")
             kwargs["sparse_config"] = tuple(sorted((k, _freeze(v)) for k, v in config.items()))
         if data.get("features") is not None:
-            feats = data["features"]
-            if not isinstance(feats, (list, tuple)) or not all(_is_int(f) for f in feats):
-                raise RecipeError(f"{where}.features must be a list of integer indices, got {feats!r}")
-            kwargs["features"] = tuple(feats)
+            kwargs["features"] = _features(data["features"], f"{where}.features")
         if data.get("feature_dim") is not None:
             if not _is_int(data["feature_dim"]):
                 raise RecipeError(f"{where}.feature_dim must be an integer, got {data['feature_dim']!r}")
+            if data["feature_dim"] == 0:
+                raise RecipeError(
+                    f"{where}.feature_dim 0 is the batch axis: give the axis the features lie on "
+                    "(-1 for a Linear's input, 1 for a ConvNd's channels)"
+                )
             kwargs["feature_dim"] = data["feature_dim"]
         return cls(**kwargs)
 
@@ -145,6 +147,10 @@ class LayerSettings:
             check_mask_config(fns["mask_fn"], config)
             if self.features is not None and self.feature_dim is None:
                 raise ConfigError("features were given without feature_dim")
+            if self.features is not None:  # settings made in Python, not read by from_dict
+                _features(self.features, "features")
+            if self.feature_dim == 0:
+                raise RecipeError("feature_dim 0 is the batch axis: give the axis the features lie on")
         except (ConfigError, RecipeError) as e:
             raise RecipeError(f"{where}: {e}") from e
         return ResolvedLayer(
@@ -157,6 +163,28 @@ class LayerSettings:
         )
 
 
+def _features(feats: Any, where: str) -> tuple[int, ...]:
+    """A non-empty list of distinct, non-negative feature indices (checked once
+    here, so that a wrong list fails before any data is read)."""
+    if not isinstance(feats, (list, tuple)) or not feats:
+        raise RecipeError(f"{where} must be a non-empty list of integer indices, got {_short(feats)}")
+    seen: set[int] = set()
+    for f in feats:
+        if not _is_int(f):
+            raise RecipeError(f"{where} must be a list of integer indices, got {f!r} in it")
+        if f < 0:
+            raise RecipeError(f"{where} must not be negative, got {f}: features are indices from 0 along feature_dim")
+        if f in seen:
+            raise RecipeError(f"{where}: feature {f} is given twice")
+        seen.add(f)
+    return tuple(feats)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _check_sparse_config(config: dict[str, Any]) -> None:
     level = config.get("sparsity_level")
     if level is not None and not (_is_number(level) and 0.0 <= level <= 1.0):
@@ -164,6 +192,11 @@ def _check_sparse_config(config: dict[str, Any]) -> None:
     threshold = config.get("threshold")
     if threshold is not None and not (_is_number(threshold) and math.isfinite(threshold)):
         raise RecipeError(f"threshold must be a finite number, got {threshold!r}")
+    block = config.get("sparse_block_shape")
+    if block is not None:
+        sizes = block if isinstance(block, (list, tuple)) else [block]
+        if not sizes or not all(_is_int(b) and b >= 1 for b in sizes):
+            raise RecipeError(f"sparse_block_shape must be positive integers, got {_short(block)}")
 
 
 def _is_number(v: Any) -> bool:
@@ -329,9 +362,11 @@ class Recipe:
     def from_toml(cls, text: str, source: str = "recipe") -> "Recipe":
         try:
             data = tomllib.loads(text)
+            return cls.from_dict(data, source)
         except tomllib.TOMLDecodeError as e:
             raise RecipeError(f"{source} is not valid TOML: {e}") from e
-        return cls.from_dict(data, source)
+        except RecursionError as e:  # tomllib and our own checks recurse into nested arrays / tables
+            raise RecipeError(f"{source} is nested too deeply (arrays or tables inside each other): it cannot be a recipe") from e
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":

@@ -21,14 +21,15 @@ saved, since a user callable has no portable name.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from . import __version__
+from .version import __version__
 from .errors import ConfigError, MaskError
 from .files import atomic_output
 from .functions import AGGREGATE_FNS, MASK_FNS, REDUCE_FNS, BuiltinFn, RunningStat
@@ -40,6 +41,15 @@ SEP = "::"
 _REGISTRIES = {"aggregate_fn": AGGREGATE_FNS, "reduce_fn": REDUCE_FNS, "mask_fn": MASK_FNS}
 FORMAT = "actsparse.sparsifier"
 FORMAT_VERSION = 1
+
+
+def save_file(tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, but written by Python: a failed write (a
+    full disk) is an ``OSError`` that :func:`atomic_output` reports, not the
+    ``SafetensorError`` safetensors' own writer raises."""
+    data = save(tensors, metadata=metadata)
+    with open(filename, "wb") as f:
+        f.write(data)
 
 
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -66,10 +76,12 @@ def load_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], di
 def check_format(metadata: dict[str, str], fmt: str, version: int, path: Path) -> None:
     if metadata.get("format") != fmt:
         raise MaskError(f"{path} is not a {fmt} file (format: {metadata.get('format', 'none')})")
-    try:
-        found = int(metadata.get("format_version", ""))
-    except ValueError:
-        raise MaskError(f"{path} has no valid format_version") from None
+    raw = metadata.get("format_version")
+    if raw is None:
+        raise MaskError(f"{path} has no valid format_version: the file is corrupted")
+    if not re.fullmatch(r"[0-9]{1,9}", raw) or int(raw) < 1:
+        raise MaskError(f"{path}: format_version {raw[:40]!r} is not a positive integer: the file is corrupted")
+    found = int(raw)
     if found > version:
         raise MaskError(
             f"{path} was written in format version {found} by a newer actsparse_deploy "
@@ -191,6 +203,8 @@ def load_sparsifier(path: Path) -> dict[str, Any]:
             if entry.get("input_shape") is not None:
                 masks[name]["input_shape"] = tuple(entry["input_shape"])
         defaults = _resolve(state["defaults"])
+    except RecursionError as e:
+        raise MaskError(f"sparsifier state in {path} is nested too deeply to read: it is corrupted or hostile") from e
     except (KeyError, TypeError, ValueError) as e:
         raise MaskError(f"sparsifier state in {path} is incomplete or malformed ({e!r})") from e
     return {"state": masks, "data_groups": data_groups, "defaults": defaults}

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import CalibrationError, ConfigError, DataError, LayerNotFoundError, MaskError
+from .errors import CalibrationError, ConfigError, DataError, LayerNotFoundError, MaskError, NoAggregateError
 from .functions import AGGREGATE_FNS, MASK_FNS, REDUCE_FNS, Aggregate, BuiltinFn, check_mask_config
 
 __all__ = ["ActivationSparsifier", "module_to_fqn", "sample_ndim"]
@@ -247,6 +247,11 @@ class ActivationSparsifier:
                 return
             fdim = _normalize_dim(feature_dim, x.ndim, name)
             if state.get("mask") is None:
+                if fdim == 0:
+                    raise ConfigError(
+                        f"feature_dim {feature_dim} of layer {name!r} is the batch axis of its input "
+                        f"{list(x.shape)}: a mask per sample cannot be baked into a model; give the feature axis"
+                    )
                 _check_features(name, features, x.shape[fdim])
             dims = tuple(d for d in range(n_sample) if d != fdim)
             batch = agg.batch_stat(x, dims)
@@ -298,9 +303,9 @@ class ActivationSparsifier:
         """Turn every layer's aggregate into its mask and drop the aggregate."""
         unreached = [name for name, config in self.data_groups.items() if config.get("data") is None]
         if unreached:
-            raise CalibrationError(
-                f"layer(s) {', '.join(unreached)} registered but never reached by a forward pass: "
-                "check that the calibration data runs through them"
+            raise NoAggregateError(
+                f"layer(s) {', '.join(unreached)} have no aggregated data: registered but never reached by a forward "
+                "pass since registration or the last step(); check that the calibration data runs through them"
             )
         with torch.no_grad():
             for name, config in self.data_groups.items():
@@ -313,11 +318,14 @@ class ActivationSparsifier:
         mask = self.get_mask(name)
         reduce_fn, mask_fn = configs["reduce_fn"], configs["mask_fn"]
         sparse_config = configs["sparse_config"]
-        if configs["features"] is None:
-            mask.data = self._new_mask(mask, mask_fn(reduce_fn(data), **sparse_config))
-        else:
-            for idx in range(len(configs["features"])):
-                mask[idx].data = self._new_mask(mask[idx], mask_fn(reduce_fn(data[idx]), **sparse_config))
+        try:
+            if configs["features"] is None:
+                mask.data = self._new_mask(mask, mask_fn(reduce_fn(data), **sparse_config))
+            else:
+                for idx in range(len(configs["features"])):
+                    mask[idx].data = self._new_mask(mask[idx], mask_fn(reduce_fn(data[idx]), **sparse_config))
+        except ConfigError as e:  # a built-in's config that does not fit this layer's data
+            raise ConfigError(f"layer {name!r}: {e}") from e
 
     @staticmethod
     def _new_mask(old: torch.Tensor, new: Any) -> torch.Tensor:
@@ -351,10 +359,11 @@ class ActivationSparsifier:
             hook = config.pop("hook", None)
             if hook is not None:
                 hook.remove()
-            config["hook_state"] = "None"
             if attach_sparsify_hook:
                 config["hook"] = config["layer"].register_forward_pre_hook(self._sparsify_hook(name))
-                config["hook_state"] = "sparsify"
+            # "sparsify" also without the hook: upstream records it so, and
+            # load_state_dict then attaches the sparsify hook, as upstream's does
+            config["hook_state"] = "sparsify"
 
     # --- state -------------------------------------------------------------------
 
@@ -388,13 +397,26 @@ class ActivationSparsifier:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore defaults, configs and dense masks, and re-attach the hook each
         layer had (aggregate or sparsify)."""
+        self.__set_state__(
+            {"state": state_dict["state"], "data_groups": state_dict["data_groups"], "defaults": state_dict["defaults"]}
+        )
+
+    def __get_state__(self) -> dict[str, Any]:
+        """Upstream's name for :meth:`state_dict`'s content."""
+        return {
+            "defaults": self.defaults,
+            "state": self._convert_mask(self.state),
+            "data_groups": self._get_serializable_data_groups(),
+        }
+
+    def __set_state__(self, state: dict[str, Any]) -> None:
+        """Upstream's name for :meth:`load_state_dict`'s work (``state`` is not changed)."""
         for config in self.data_groups.values():
             if config.get("hook") is not None:
                 config["hook"].remove()
-        state = self._convert_mask(state_dict["state"], sparse_coo=False)
-        self.state = defaultdict(dict, state)
-        self.defaults = copy.deepcopy(state_dict["defaults"])
-        self.data_groups = defaultdict(dict, copy.deepcopy(state_dict["data_groups"]))
+        self.state = defaultdict(dict, self._convert_mask(state["state"], sparse_coo=False))
+        self.defaults = copy.deepcopy(state["defaults"])
+        self.data_groups = defaultdict(dict, copy.deepcopy(state["data_groups"]))
         for name, config in self.data_groups.items():
             try:
                 layer = self.model.get_submodule(name)
@@ -437,11 +459,17 @@ class ActivationSparsifier:
 
 
 def _check_features(name: str, features: list[Any], size: int) -> None:
-    flat = torch.tensor(features).reshape(-1)
-    if flat.numel() and not (-size <= int(flat.min()) and int(flat.max()) < size):
-        raise ConfigError(
-            f"features {features} of layer {name!r} are out of range: its input has {size} along feature_dim"
-        )
+    """Indices from 0 to ``size - 1``, each once (a negative index would fail
+    later, inside the model; a repeated one costs time and means nothing)."""
+    seen: set[int] = set()
+    for index in torch.tensor(features).reshape(-1).tolist():
+        if index < 0:
+            raise ConfigError(f"feature {index} of layer {name!r} is negative: features are indices from 0 along feature_dim")
+        if index >= size:
+            raise ConfigError(f"feature {index} of layer {name!r} is out of range: its input has {size} along feature_dim")
+        if index in seen:
+            raise ConfigError(f"feature {index} of layer {name!r} is given twice")
+        seen.add(index)
 
 
 def _normalize_dim(dim: int, ndim: int, name: str) -> int:

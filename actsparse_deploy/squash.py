@@ -94,6 +94,10 @@ class SquashResult:
     model: nn.Module
     modes: dict[str, str] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
+    #: per layer, the sparsity achieved: the fraction of input features removed
+    #: where prune removed some (masked features kept to round a conv's channels
+    #: or to leave no tensor empty are not counted: the reason says so), else the
+    #: fraction of mask values that are 0
     sparsity: dict[str, float] = field(default_factory=dict)
     #: prune / auto with an example: the largest difference of any output from
     #: the ``mul`` squash on the check batches (None when not checked)
@@ -158,6 +162,20 @@ def _fold(layer: nn.Module, vector: torch.Tensor) -> None:
         layer.weight = nn.Parameter(scaled, requires_grad=weight.requires_grad)
 
 
+def _dense(name: str, layer: nn.Module, lm: LayerMask) -> torch.Tensor:
+    """The layer's mask as one tensor, after checking the input size the masks
+    declare against the layer (before a tensor of that size is made)."""
+    axis = _feature_axis(layer)
+    if axis is not None and lm.input_shape is not None and len(lm.input_shape) >= -axis:
+        n = _n_features(layer)
+        if lm.input_shape[axis] != n:
+            raise MaskError(
+                f"mask of layer {name!r} declares input shape {list(lm.input_shape)} (one sample), but the layer "
+                f"takes {n} input features: the masks come from another model"
+            )
+    return lm.dense().detach()
+
+
 def _check_fits(name: str, layer: nn.Module, mask: torch.Tensor, lm: LayerMask) -> None:
     axis = _feature_axis(layer)
     if axis is not None and mask.ndim >= -axis and mask.shape[axis] not in (1, _n_features(layer)):
@@ -200,6 +218,7 @@ def squash_(
         raise MaskError(f"unknown squash mode {mode!r}; known: {', '.join(MODES)}")
     if not isinstance(masks, Masks):
         masks = Masks.from_sparsifier(masks)
+    masks.check()  # the tensors may have changed since the masks were made
     modules = dict(model.named_modules())
     unknown = [name for name in masks if name not in modules]
     if unknown:
@@ -218,7 +237,7 @@ def squash_(
     plan = []
     for name in masks:  # every check before any change: an error leaves the model as it was
         layer = modules[name]
-        mask = masks[name].dense().detach()
+        mask = _dense(name, layer, masks[name])
         _check_fits(name, layer, mask, masks[name])
         vector, why = fold_vector(layer, mask)
         if mode == "fold" and vector is None:
@@ -344,7 +363,7 @@ def _squash_pruning(
     for name in masks:
         lm = masks[name]
         layer = model.get_submodule(name)
-        mask = lm.dense().detach()
+        mask = _dense(name, layer, lm)
         _check_fits(name, layer, mask, lm)
         vector, why = fold_vector(layer, mask)
         if mode == "prune" and vector is None:
@@ -372,19 +391,30 @@ def _squash_pruning(
         cuts.setdefault(name, _Cut()).in_scale = vector
         n = vector.numel()
         kept = torch.nonzero(vector != 0).flatten()
+        why_more = ""
         if kept.numel() == 0:  # keep one feature, multiplied by 0, so no tensor is empty
             kept = torch.zeros(1, dtype=torch.long)
+            why_more = "no tensor is empty"
         if isinstance(layer, nn.modules.conv._ConvNd):
-            kept = _aligned(kept, n, channel_multiple)
+            aligned = _aligned(kept, n, channel_multiple)
+            if aligned.numel() > kept.numel():
+                why_more = f"{aligned.numel()} channels, a multiple of {channel_multiple}, are kept"
+            kept = aligned
         removed = n - kept.numel()
+        # what is removed is the sparsity achieved; masked features kept (scaled by 0) are said why
+        masked = int((vector == 0).sum())
+        stay = masked - removed
+        rounding = f" ({masked} are masked: {stay} {'stays' if stay == 1 else 'stay'}, zeroed in the weight, so that {why_more})" if removed and stay else ""
         chain, not_why = flow.producer(name, masks.layers) if flow is not None else (None, flow_error)
+        if removed and (chain is not None or mode == "prune"):
+            result.sparsity[name] = removed / n
         if removed and chain is not None:
             cuts[name].in_keep = kept
             for fqn in (chain.producer, *chain.norms):
                 cuts.setdefault(fqn, _Cut()).out_keep = kept
             via = f" (and {', '.join(chain.norms)})" if chain.norms else ""
             result.modes[name] = "prune"
-            result.reasons[name] = f"removed {removed} of {n} features from {chain.producer}{via} and this layer"
+            result.reasons[name] = f"removed {removed} of {n} features from {chain.producer}{via} and this layer{rounding}"
         elif removed and mode == "prune":
             cuts[name].in_keep = kept
             axis = _feature_axis(layer)
@@ -393,7 +423,7 @@ def _squash_pruning(
             result.modes[name] = "prune"
             result.reasons[name] = (
                 f"consumer only: removed {removed} of {n} input features of this layer, gathered before it "
-                f"(its producer keeps them: {not_why})"
+                f"(its producer keeps them: {not_why}){rounding}"
             )
         elif mode == "prune":
             result.modes[name] = "prune"

@@ -105,7 +105,7 @@ def test_errors_are_one_line_with_exit_code(tmp_path, args, error, message):
     assert result.exit_code == error.exit_code, result.output
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert "Traceback" not in result.output
-    assert not out.exists() and not list(tmp_path.glob(".*.part-*"))
+    assert not out.exists() and not list(tmp_path.glob(".actsparse-*"))
 
 
 def test_wrong_data_shape_names_the_batch(tmp_path):

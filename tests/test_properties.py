@@ -214,8 +214,8 @@ def recipe_dicts(draw):
         if draw(st.booleans()):
             out["sparse_config"] = {"sparsity_level": draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]))}
         if draw(st.booleans()):
-            out["features"] = draw(st.lists(st.integers(0, 9), max_size=3))
-            out["feature_dim"] = draw(st.integers(-3, 3))
+            out["features"] = draw(st.lists(st.integers(0, 9), min_size=1, max_size=3, unique=True))
+            out["feature_dim"] = draw(st.sampled_from([-3, -2, -1, 1, 2, 3]))
         return out
 
     defaults = settings_dict()

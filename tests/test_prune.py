@@ -269,7 +269,11 @@ def test_conv_channels_rounded_up_to_a_multiple():
     x = torch.rand(3, 2, 6, 6)
     result = squash(model, masks, "auto", example=x)
     assert result.model[0].out_channels == result.model[2].in_channels == 16
-    assert result.reasons["2"] == "removed 4 of 20 features from 0 and this layer"
+    assert result.reasons["2"] == (
+        "removed 4 of 20 features from 0 and this layer (7 are masked: 3 stay, zeroed in the weight, "
+        "so that 16 channels, a multiple of 8, are kept)"
+    )
+    assert result.sparsity["2"] == 4 / 20  # what was removed, not the 7 / 20 masked
     assert_same_outputs(result.model, squash(model, masks, "mul").model, [torch.rand(4, 2, 6, 6)])
 
 

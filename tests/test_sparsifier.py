@@ -16,7 +16,7 @@ from torch.ao.pruning._experimental.activation_sparsifier.activation_sparsifier 
 from torch.testing import assert_close
 
 from actsparse_deploy import ActivationSparsifier
-from actsparse_deploy.errors import CalibrationError, ConfigError, DataError, UnknownFunctionError
+from actsparse_deploy.errors import CalibrationError, ConfigError, DataError, LayerNotFoundError, UnknownFunctionError
 from actsparse_deploy.functions import RunningStat
 
 
@@ -98,6 +98,72 @@ def test_side_by_side_with_torch_upstream(mlp):
             assert_close(a.to_dense(), b.to_dense())
 
 
+def _raised(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the test compares what each class raises
+        return e
+    raise AssertionError("nothing raised")
+
+
+def test_side_by_side_errors_and_state_protocol(mlp):
+    """Where upstream raises, ours raises an error that is also of upstream's type,
+    with a readable message; upstream's __get_state__ / __set_state__ exist and agree."""
+    for _, sp in build_pair(mlp):  # a pair of its own: upstream's unregister_layer leaves an empty group behind
+        assert isinstance(_raised(lambda: sp.unregister_layer("nope")), KeyError)
+    (m_up, up), (m_our, our) = build_pair(mlp)
+    e = _raised(lambda: our.unregister_layer("nope"))
+    assert str(e) == "layer 'nope' is not registered; registered: fc2, fc3"
+    assert isinstance(e, LayerNotFoundError)
+    for sp in (up, our):
+        assert isinstance(_raised(lambda: sp.get_mask("nope")), ValueError)
+        assert isinstance(_raised(lambda: sp.register_layer(nn.Linear(2, 2))), AssertionError)
+
+    with torch.no_grad():
+        for b in batches():
+            m_up(b)
+            m_our(b)
+    up.step()
+    our.step()
+    for sp in (up, our):  # a second step with no new data
+        assert isinstance(_raised(sp.step), KeyError)
+    e = _raised(our.step)
+    assert isinstance(e, CalibrationError) and str(e).startswith("layer(s) fc2, fc3 have no aggregated data")
+
+    # __get_state__ is state_dict's content; __set_state__ restores it on a fresh sparsifier
+    s_up, s_our = up.__get_state__(), our.__get_state__()
+    assert set(s_our) == set(s_up) == {"defaults", "state", "data_groups"}
+    for name in ("fc2", "fc3"):
+        assert set(s_our["data_groups"][name]) == set(s_up["data_groups"][name])
+    for cls, state in ((UpstreamSparsifier, s_up), (ActivationSparsifier, s_our)):
+        model = copy.deepcopy(mlp)
+        fresh = cls(model)
+        fresh.__set_state__(copy.deepcopy(state))
+        for name in ("fc2", "fc3"):
+            for a, b in zip(_as_list(up.get_mask(name)), _as_list(fresh.get_mask(name)), strict=True):
+                assert b.layout == torch.strided
+                assert_close(a, b, rtol=0, atol=0)
+            assert fresh.data_groups[name]["layer"] is model.get_submodule(name)
+
+    # squash_mask without hooks: the same hook_state, no hooks, and after a
+    # state round trip both attach the sparsify hook
+    up.squash_mask(attach_sparsify_hook=False)
+    our.squash_mask(attach_sparsify_hook=False)
+    for name in ("fc2", "fc3"):
+        assert our.data_groups[name]["hook_state"] == up.data_groups[name]["hook_state"] == "sparsify"
+        assert not m_our.get_submodule(name)._forward_pre_hooks
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(9))
+    reloaded = []
+    for cls, sp in ((UpstreamSparsifier, up), (ActivationSparsifier, our)):
+        model = copy.deepcopy(mlp)
+        fresh = cls(model)
+        fresh.load_state_dict(sp.state_dict())
+        assert len(model.fc2._forward_pre_hooks) == 1
+        with torch.no_grad():
+            reloaded.append(model(x))
+    assert_close(reloaded[1], reloaded[0], rtol=0, atol=0)
+
+
 def test_expected_aggregate_and_mask_independently(mlp):
     """The fold of aggregate_fn over raw inputs, then mask_fn(reduce_fn(.)), by hand."""
     model = copy.deepcopy(mlp)
@@ -177,7 +243,7 @@ def test_unregister_and_squash_without_hooks(mlp):
     sp.step()
     sp.squash_mask(attach_sparsify_hook=False)
     assert not mlp.fc2._forward_pre_hooks and not mlp.fc3._forward_pre_hooks
-    assert sp.data_groups["fc2"]["hook_state"] == "None"
+    assert sp.data_groups["fc2"]["hook_state"] == "sparsify"  # as upstream records it
     with torch.no_grad():
         assert_close(mlp(x), reference(x), rtol=0, atol=0)
     sp.squash_mask()

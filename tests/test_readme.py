@@ -1,0 +1,70 @@
+"""The README's shell commands run as written, in order, on a fresh clone: every
+```sh block, through the real CLI, in an empty directory. Skipped: `make` and
+`source .venv/bin/activate` (set-up) and the commands on `my_pkg` (a user's own
+package the README only describes). The MiniLM command costs about 20 s: it has
+its own test, `test_readme_minilm_commands` (deselect with `-k "not minilm"`)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from actsparse_deploy.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def readme_commands() -> list[list[str]]:
+    """Every command of the README's ```sh blocks, in order, as argv lists."""
+    commands = []
+    for block in re.findall(r"^```sh\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(words)
+    return commands
+
+
+def _needs_set_up(words: list[str]) -> bool:
+    return words[0] in ("make", "source") or any("my_pkg" in w for w in words)
+
+
+def _runnable(minilm: bool) -> list[list[str]]:
+    commands = [w for w in readme_commands() if not _needs_set_up(w)]
+    assert all(w[0] == "actsparse" for w in commands), [w for w in commands if w[0] != "actsparse"]
+    return [w for w in commands if ("minilm" in w) == minilm]
+
+
+def _run_in(directory: Path, commands: list[list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(directory)
+    for words in commands:
+        result = runner.invoke(app, words[1:])
+        assert result.exit_code == 0, f"`{shlex.join(words)}` exited {result.exit_code}: {result.stderr}"
+
+
+def test_readme_commands_run_in_order(tmp_path, monkeypatch):
+    commands = _runnable(minilm=False)
+    assert len(commands) >= 10  # the walkthrough, the stages one by one, the command line
+    _run_in(tmp_path, commands, monkeypatch)
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert "masks.safetensors" in written and "model.onnx" in written
+    # none of them would be committed by accident from a clone's root
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git clone: cannot check .gitignore")
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *written], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
+    assert sorted(ignored) == written
+
+
+def test_readme_minilm_commands(tmp_path, monkeypatch):
+    commands = _runnable(minilm=True)
+    assert commands, "the README no longer shows a MiniLM command"
+    _run_in(tmp_path, commands, monkeypatch)
