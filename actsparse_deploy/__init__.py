@@ -21,12 +21,26 @@ _API = {
     "ActivationSparsifier": ("sparsifier", "ActivationSparsifier"),
     "Masks": ("masks", "Masks"),
     "Recipe": ("recipe", "Recipe"),
+    "Statistics": ("stats", "Statistics"),
     "calibrate": ("calibrate", "calibrate"),
+    "collect": ("calibrate", "collect"),
+    "select": ("calibrate", "select"),
     "squash": ("squash", "squash"),
     "squash_": ("squash", "squash_"),
 }
 
-__all__ = ["ActivationSparsifier", "Masks", "Recipe", "__version__", "calibrate", "squash", "squash_"]
+__all__ = [
+    "ActivationSparsifier",
+    "Masks",
+    "Recipe",
+    "Statistics",
+    "__version__",
+    "calibrate",
+    "collect",
+    "select",
+    "squash",
+    "squash_",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,17 +1,25 @@
-"""Stage 1: model + recipe + batches -> masks.
+"""Stage 1: model + recipe + batches -> statistics -> masks.
 
-Runs the model over calibration batches with an :class:`ActivationSparsifier`
-attached to the layers the recipe selects, then computes the masks. Hooks are
-always removed afterwards, also on error; the model itself is not changed.
+Two steps. :func:`collect` runs the model over calibration batches (or a
+``forward_loop(model)`` of the user's) with an :class:`ActivationSparsifier`
+attached to the layers the recipe selects, and keeps each layer's statistic
+(:class:`~actsparse_deploy.stats.Statistics`: merge them, save them, select
+again with another sparsity). :func:`select` turns statistics into masks with
+the recipe's reduce and mask functions. :func:`calibrate` is the two in one
+call. Hooks are always removed afterwards, also on error; the model itself is
+not changed.
 
     >>> import torch
     >>> from torch import nn
-    >>> from actsparse_deploy import calibrate, Recipe
+    >>> from actsparse_deploy import calibrate, collect, select, Recipe
     >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
     >>> recipe = Recipe.simple(layers=["2"], sparsity=0.5)
     >>> masks = calibrate(model, recipe, [torch.randn(4, 8) for _ in range(3)])
     >>> masks["2"].sparsity, masks.num_samples
     (0.5, 12)
+    >>> stats = collect(model, recipe, forward_loop=lambda m: [m(torch.randn(5, 8)) for _ in range(2)])
+    >>> stats.num_samples, select(stats, recipe.with_sparsity(0.25))["2"].sparsity
+    (10, 0.25)
 """
 
 from __future__ import annotations
@@ -23,48 +31,24 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .errors import ActsparseError, DataError, WeightsError, first_line
+from .batches import Batch, batch_size, describe_batch, run_batch
+from .errors import ActsparseError, ConfigError, DataError, RecipeError, WeightsError, first_line
 from .masks import Masks, checked_layer_mask
 from .recipe import Recipe
 from .sparsifier import ActivationSparsifier
+from .stats import Statistics
 
-__all__ = ["Batch", "batch_size", "calibrate", "check_finite_weights", "describe_batch", "eval_mode", "run_batch"]
-
-Batch = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor] | Mapping[str, torch.Tensor]
-
-
-def run_batch(model: nn.Module, batch: Batch) -> Any:
-    """``model(t)``, ``model(*t)`` or ``model(**d)`` by the batch's form."""
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    raise DataError(f"a batch must be a tensor, a tuple of tensors or a dict of tensors, not {type(batch).__name__}")
-
-
-def batch_size(batch: Batch) -> int:
-    """The length of the batch's first tensor's first axis."""
-    first = batch if isinstance(batch, torch.Tensor) else next(iter(batch.values() if isinstance(batch, Mapping) else batch), None)
-    if not isinstance(first, torch.Tensor) or first.ndim == 0:
-        raise DataError("a batch must hold at least one tensor with a batch axis")
-    return int(first.shape[0])
-
-
-def describe_batch(batch: Batch) -> str:
-    """Shapes and dtypes, for error messages: ``input_ids int64[8, 128], ...``."""
-
-    def one(t: Any) -> str:
-        if not isinstance(t, torch.Tensor):
-            return type(t).__name__
-        return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
-
-    if isinstance(batch, Mapping):
-        return ", ".join(f"{k} {one(v)}" for k, v in batch.items())
-    if isinstance(batch, (tuple, list)):
-        return ", ".join(one(t) for t in batch)
-    return one(batch)
+__all__ = [
+    "Batch",
+    "batch_size",
+    "calibrate",
+    "check_finite_weights",
+    "collect",
+    "describe_batch",
+    "eval_mode",
+    "run_batch",
+    "select",
+]
 
 
 def check_finite_weights(model: nn.Module) -> None:
@@ -108,18 +92,27 @@ def _attached(sparsifier: ActivationSparsifier) -> Iterator[ActivationSparsifier
             sparsifier.unregister_layer(name)
 
 
-def calibrate(
+def collect(
     model: nn.Module,
     recipe: Recipe | str | Path | Mapping[str, Any],
-    batches: Iterable[Batch],
+    batches: Iterable[Batch] | None = None,
     *,
+    forward_loop: Callable[[nn.Module], Any] | None = None,
     model_name: str | None = None,
     on_batch: Callable[[int], None] | None = None,
-) -> Masks:
-    """Compute the recipe's masks from ``batches`` (tensors, tuples or dicts of tensors).
+) -> Statistics:
+    """The statistics of the layers ``recipe`` selects, from ``batches`` (tensors,
+    tuples or dicts of tensors) or from ``forward_loop(model)``, a callable that
+    runs the model however it likes while the hooks collect (then the sample and
+    batch counts are those of the selected layer that saw the most inputs).
+    Pass exactly one of the two.
 
-    ``on_batch(n_samples)`` is called after each batch (progress bars).
+    ``on_batch(n_samples)`` is called after each of ``batches`` (progress bars).
     """
+    if (batches is None) == (forward_loop is None):
+        raise ConfigError("pass exactly one of batches= (an iterable of batches) or forward_loop= (a callable)")
+    if forward_loop is not None and not callable(forward_loop):
+        raise ConfigError(f"forward_loop must be a callable taking the model, got {type(forward_loop).__name__}")
     recipe = Recipe.coerce(recipe)
     layers = recipe.select(model)
     check_finite_weights(model)
@@ -128,29 +121,71 @@ def calibrate(
     with eval_mode(model), _attached(sparsifier):
         for name, config in layers.items():
             sparsifier.register_layer(model.get_submodule(name), **config.register_kwargs())
-        for batch in batches:
-            n = batch_size(batch)
-            try:
-                run_batch(model, batch)
-            except ActsparseError:
-                raise
-            except (RuntimeError, TypeError, ValueError, IndexError) as e:
-                raise DataError(
-                    f"the model failed on calibration batch {num_batches} ({describe_batch(batch)}): "
-                    f"{type(e).__name__}: {first_line(e)}"
-                ) from e
-            num_samples += n
-            num_batches += 1
-            if on_batch is not None:
-                on_batch(n)
-        if num_batches == 0:
-            raise DataError("no calibration batches: the data source is empty")
-        sparsifier.step()
-        result = {
-            name: checked_layer_mask(
-                name, sparsifier.get_mask(name), config.features, config.feature_dim, sparsifier.input_shape(name)
-            )
-            for name, config in layers.items()
-        }
-    return Masks(layers=result, recipe=recipe, num_samples=num_samples, num_batches=num_batches, model=model_name)
+        if forward_loop is not None:
+            _run_forward_loop(model, forward_loop)
+            if all(config.get("data") is None for config in sparsifier.data_groups.values()):
+                raise DataError("forward_loop ran nothing through the model's selected layers: it must call the model on data")
+            per_layer = sparsifier.statistics()
+            num_samples = max(ls.num_samples for ls in per_layer.values())
+            num_batches = max(ls.num_batches for ls in per_layer.values())
+        else:
+            for batch in batches:  # type: ignore[union-attr]
+                n = batch_size(batch)
+                try:
+                    run_batch(model, batch)
+                except ActsparseError:
+                    raise
+                except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                    raise DataError(
+                        f"the model failed on calibration batch {num_batches} ({describe_batch(batch)}): "
+                        f"{type(e).__name__}: {first_line(e)}"
+                    ) from e
+                num_samples += n
+                num_batches += 1
+                if on_batch is not None:
+                    on_batch(n)
+            if num_batches == 0:
+                raise DataError("no calibration batches: the data source is empty")
+            per_layer = sparsifier.statistics()
+    return Statistics(layers=per_layer, recipe=recipe, num_samples=num_samples, num_batches=num_batches, model=model_name)
 
+
+def _run_forward_loop(model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> None:
+    try:
+        forward_loop(model)
+    except ActsparseError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        raise DataError(f"the model failed inside forward_loop: {type(e).__name__}: {first_line(e)}") from e
+
+
+def select(stats: Statistics, recipe: Recipe | str | Path | Mapping[str, Any] | None = None) -> Masks:
+    """The masks of ``stats``: per layer (per selected feature where the recipe
+    sets ``features``) ``mask_fn(reduce_fn(statistic), **sparse_config)`` with the
+    recipe's functions; ``recipe`` defaults to the one the statistics were
+    collected with (pass another to select with, say, another sparsity)."""
+    chosen = Recipe.coerce(recipe) if recipe is not None else stats.recipe
+    if chosen is None:
+        raise RecipeError("the statistics hold no recipe: pass recipe=")
+    result = {}
+    for name, config in stats.resolve(chosen).items():
+        ls = stats[name]
+        mask = ls.mask(name, config.reduce_fn, config.mask_fn, config.sparse_config)
+        result[name] = checked_layer_mask(name, mask, config.features, config.feature_dim, (1, *ls.input_shape))
+    return Masks(layers=result, recipe=chosen, num_samples=stats.num_samples, num_batches=stats.num_batches, model=stats.model)
+
+
+def calibrate(
+    model: nn.Module,
+    recipe: Recipe | str | Path | Mapping[str, Any],
+    batches: Iterable[Batch],
+    *,
+    model_name: str | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Masks:
+    """Compute the recipe's masks from ``batches`` (tensors, tuples or dicts of
+    tensors): ``select(collect(...))``.
+
+    ``on_batch(n_samples)`` is called after each batch (progress bars).
+    """
+    return select(collect(model, recipe, batches, model_name=model_name, on_batch=on_batch))

@@ -6,12 +6,19 @@
           --data calib.npz --layers "encoder.*.fc2" --sparsity 0.5 -o masks.safetensors
 
 Errors become a one-line message on stderr and the exit code of their class
-(see the README); ``--verbose`` adds the traceback.
+(see the README); ``--verbose`` adds the traceback. Library messages name
+parameters in backticks (`` `heldout` ``): shown here as the command's flags.
+
+Each command is its options, one library call (``sources``, ``pipeline``) and
+the rendering of the :class:`~actsparse_deploy.report.Report` it returns
+(``--json``: ``Report.to_json()``, one schema for every command). torch and onnx
+are imported inside the commands: ``--version`` and ``--help`` do not load them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import json
 import logging
@@ -19,30 +26,27 @@ import re
 import signal
 import sys
 import traceback
+import typing
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, Optional, TypeVar
 
 import typer
 from typer.core import TyperGroup
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 from rich.text import Text
 
-from . import zoo
-from .version import __version__
-from .calibrate import batch_size, calibrate, describe_batch, run_batch
-from .errors import ActsparseError, DataError, ExportError, MaskError, RecipeError, Terminated
-from .export import DEFAULT_EXPORTER, EXPORTERS, export_onnx, layer_metadata
+# light modules only: torch, onnx and the stages are imported inside the commands
+from .constants import BUILTIN_AGGREGATES, DEFAULT_AGGREGATE, DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAULT_RTOL, EXPORTERS, MODES
+from .errors import ActsparseError, Terminated
 from .files import check_output_path
-from .functions import AGGREGATE_FNS
-from .loading import load_data, load_model
-from .masks import Masks
-from .pipeline import Workload, as_positional, convert, squash_workload, load_pt2, load_workload, pt2_io, save_pt2, sparsification_cost
-from .recipe import Recipe
-from .squash import MODES
-from .validate import DEFAULT_ATOL, DEFAULT_RTOL, validate
+from .report import Report
+from .version import __version__
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 # typer vendors click in recent versions: take its exception classes from typer itself
 _CLICK_ERRORS = {c.__name__: c for c in typer.BadParameter.__mro__}
@@ -172,8 +176,11 @@ HeldoutOpt = Annotated[
     ),
 ]
 MasksOpt = Annotated[Optional[Path], typer.Option("--masks", "-m", help="A masks file from `actsparse calibrate`.")]
+#: --mode and --exporter are choices: a value not listed is a usage error (exit 2)
+Mode = enum.StrEnum("Mode", {name: name for name in MODES})  # type: ignore[misc]
+Exporter = enum.StrEnum("Exporter", {name: name for name in EXPORTERS})  # type: ignore[misc]
 ModeOpt = Annotated[
-    str,
+    Mode,
     typer.Option(
         "--mode",
         help="How masks become part of the model: mul (multiply the input by a constant), fold (into the weights, "
@@ -182,7 +189,7 @@ ModeOpt = Annotated[
     ),
 ]
 ExporterOpt = Annotated[
-    str, typer.Option("--exporter", help=f"torch.onnx exporter: {' or '.join(EXPORTERS)} (default {DEFAULT_EXPORTER}: see the README).")
+    Exporter, typer.Option("--exporter", help=f"torch.onnx exporter (default {DEFAULT_EXPORTER}: see the README).")
 ]
 OpsetOpt = Annotated[Optional[int], typer.Option("--opset", min=7, help="ONNX opset (default: the exporter's).")]
 ExternalOpt = Annotated[
@@ -214,7 +221,7 @@ ThresholdOpt = Annotated[
 ]
 AggregateOpt = Annotated[
     Optional[str],
-    typer.Option("--aggregate", help=f"Statistic over the data, with --layers: {', '.join(AGGREGATE_FNS.names())} (default sum_abs)."),
+    typer.Option("--aggregate", help=f"Statistic over the data, with --layers: {', '.join(BUILTIN_AGGREGATES)} (default {DEFAULT_AGGREGATE})."),
 ]
 StructuredOpt = Annotated[
     bool, typer.Option("--structured", help="One mask value per input feature / channel (foldable into weights).")
@@ -236,6 +243,35 @@ def _root(
     """actsparse: activation sparsity from calibration to validated ONNX."""
 
 
+def _flags(fn: Callable[..., Any]) -> dict[str, str]:
+    """Parameter name -> its long flag, read from the command's typer options."""
+    flags: dict[str, str] = {}
+    try:
+        hints = typing.get_type_hints(fn, include_extras=True)
+    except Exception:  # an annotation that does not resolve: the message stays as it is
+        return flags
+    for name, hint in hints.items():
+        for info in getattr(hint, "__metadata__", ()):
+            # in Annotated[...] form typer.Option's first name lands in ``default``
+            decls = [getattr(info, "default", None), *(getattr(info, "param_decls", None) or ())]
+            long = [d for d in decls if isinstance(d, str) and d.startswith("--")]
+            if long:
+                flags[name] = long[0]
+    return flags
+
+
+def as_flags(message: str, flags: dict[str, str]) -> str:
+    """``message`` with the parameters it names in backticks (`` `heldout` ``)
+    written as the command's flags (``--heldout``); other names stay as they are."""
+    known = set(flags.values())
+
+    def flag(m: re.Match[str]) -> str:
+        dashed = "--" + m[1].replace("_", "-")  # a library parameter named like the flag (batch_size: --batch-size)
+        return flags.get(m[1]) or (dashed if dashed in known else m[0])
+
+    return re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)`", flag, message)
+
+
 def handle_errors(fn: F) -> F:
     """Turn library errors into a one-line message and their exit code."""
 
@@ -252,7 +288,7 @@ def handle_errors(fn: F) -> F:
         except ActsparseError as e:
             if verbose:
                 traceback.print_exc(file=sys.stderr)
-            stderr.print(Text.assemble(("error:", "red"), " ", one_line(str(e))), soft_wrap=True)
+            stderr.print(Text.assemble(("error:", "red"), " ", one_line(as_flags(str(e), _flags(fn)))), soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             stderr.print("interrupted (SIGINT): no partial output was left")
@@ -313,8 +349,9 @@ def names_table(*headers: str, title: str | None = None) -> Table:
     return Table(*(Column(header, overflow="fold") for header in headers), title=title)
 
 
-def _emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+def _emit_json(data: Report | list[dict[str, Any]]) -> None:
+    """A report (every command but ``models``: one schema) or a list, as JSON on stdout."""
+    sys.stdout.write(json.dumps(data.to_json() if isinstance(data, Report) else data, indent=2) + "\n")
 
 
 # --- models ----------------------------------------------------------------------
@@ -324,6 +361,8 @@ def _emit_json(data: Any) -> None:
 @handle_errors
 def models_cmd(as_json: JsonOpt = False, verbose: VerboseOpt = False) -> None:
     """List the built-in models, with their test accuracy and built-in recipe."""
+    from . import zoo
+
     rows = []
     for name in zoo.builtin_names():
         entry = zoo.get_builtin(name)
@@ -364,19 +403,14 @@ def build_recipe(
     structured: bool,
 ) -> Recipe:
     """The recipe the flags describe: a file, a one-rule recipe from flags, or
-    the built-in model's own (with --sparsity applied to it)."""
-    if layers or layer_types:
-        if recipe is not None:
-            raise RecipeError("--recipe cannot be combined with --layers or --layer-type")
-        if sparsity is None and threshold is None:
-            raise RecipeError("--layers / --layer-type need --sparsity or --threshold")
-        return Recipe.simple(layers, layer_types, sparsity, threshold, aggregate or "sum_abs", structured)
-    if threshold is not None or structured or aggregate is not None:
-        raise RecipeError("--threshold, --structured and --aggregate describe a recipe from --layers: give --layers too")
-    if recipe is None and not builtin:
-        raise RecipeError(f"{model_name!r} has no built-in recipe: pass --recipe FILE, or --layers with --sparsity")
-    loaded = Recipe.load(recipe if recipe is not None else zoo.builtin_recipe_path(model_name))
-    return loaded.with_sparsity(sparsity) if sparsity is not None else loaded
+    the built-in model's own (with --sparsity applied to it); see
+    :func:`actsparse_deploy.recipe.resolve_recipe`."""
+    from .recipe import resolve_recipe
+
+    return resolve_recipe(
+        model_name, builtin, recipe, layers=layers, layer_types=layer_types, sparsity=sparsity, threshold=threshold,
+        aggregate=aggregate, structured=structured,
+    )
 
 
 def _print_notes(notes: list[str]) -> None:
@@ -385,9 +419,9 @@ def _print_notes(notes: list[str]) -> None:
         stderr.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
 
 
-def _print_masks_table(masks: Masks, title: str) -> None:
+def _print_masks_table(report: Report, title: str) -> None:
     table = names_table("layer", "input shape", "mask shape", "sparsity", title=title)
-    for row in masks.summary():
+    for row in report.layers or []:
         input_shape = "x".join(map(str, row["input_shape"])) if row["input_shape"] else "?"
         shape = row["mask_shape"]
         shape_text = "x".join(map(str, shape)) if shape and isinstance(shape[0], int) else f"{len(shape)} features"
@@ -422,39 +456,25 @@ def calibrate_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     """Learn activation masks from calibration data and write them to a .safetensors file."""
+    from .loading import load_model
+    from .sources import calibrate_to_file
+
     check_output_path(output, overwrite)
     loaded = load_model(model, weights)
     the_recipe = build_recipe(model, loaded.builtin, recipe, layers, layer_types, sparsity, threshold, aggregate, structured)
-    if data is not None:
-        batches = load_data(data, batch)
-    elif loaded.builtin:
-        batches = zoo.calibration_batches(model, batch)
-    else:
-        raise DataError(f"{model!r} has no built-in data: pass --data FILE")
-    total = sum(batch_size(b) for b in batches) if isinstance(batches, list) else None
     with stage_progress(quiet=as_json) as progress:
-        progress.on_stage("calibrating", total)
-        masks = calibrate(loaded.module, the_recipe, batches, model_name=model, on_batch=progress.on_batch)
-    masks.save(output)
+        report = calibrate_to_file(
+            loaded, the_recipe, output, data=data, batch_size=batch, on_stage=progress.on_stage, on_batch=progress.on_batch
+        )
     if as_json:
-        _emit_json({"output": str(output), **masks.to_json()})
+        _emit_json(report)
         return
-    _print_masks_table(masks, f"{model}: {masks.num_samples} calibration samples")
-    stdout.print(f"overall sparsity {masks.overall_sparsity():.1%}; masks written to {output}")
-    _print_notes(masks.notes())
+    _print_masks_table(report, f"{model}: {report.calibration.samples if report.calibration else '?'} calibration samples")
+    stdout.print(f"overall sparsity {report.overall_sparsity or 0:.1%}; masks written to {output}")
+    _print_notes(report.notes)
 
 
 # --- squash / export / validate / convert / inspect ----------------------------------
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise MaskError(f"unknown squash mode {mode!r}; known: {', '.join(MODES)}")
-
-
-def _check_exporter(exporter: str) -> None:
-    if exporter not in EXPORTERS:
-        raise ExportError(f"unknown exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
 
 
 def _print_modes(rows: list[dict[str, Any]], title: str) -> None:
@@ -479,7 +499,7 @@ def squash_cmd(
     masks: Annotated[Path, typer.Option("--masks", "-m", help="A masks file from `actsparse calibrate`.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the squashed program (.pt2, torch.export).")],
     weights: WeightsOpt = None,
-    mode: ModeOpt = "auto",
+    mode: ModeOpt = Mode(DEFAULT_MODE),
     data: DataOpt = None,
     heldout: HeldoutOpt = None,
     batch: BatchSizeOpt = 32,
@@ -492,15 +512,17 @@ def squash_cmd(
     Load it with torch.export.load(path).module(). An example input for tracing comes
     from the built-in data, or from --heldout / --data for your own model.
     """
-    _check_mode(mode)
+    from .sources import squash_to_pt2
+
     check_output_path(output, overwrite)
-    work = load_workload(model, weights, data, heldout, batch if data or heldout else None)
-    result = squash_workload(work, Masks.load(masks), mode)
-    save_pt2(work, result, output, overwrite)
+    report = squash_to_pt2(
+        model, masks, output, mode=str(mode), weights=weights, data=data, heldout=heldout,
+        batch_size=batch if data or heldout else None, overwrite=overwrite,
+    )
     if as_json:
-        _emit_json({"output": str(output), "mode": mode, "layers": result.report()})
+        _emit_json(report)
         return
-    _print_modes(result.report(), f"{model}: squashed ({mode})")
+    _print_modes(report.layers or [], f"{model}: squashed ({mode})")
     stdout.print(f"torch.export program written to {output}")
 
 
@@ -510,14 +532,14 @@ def export_cmd(
     source: Annotated[str, typer.Argument(help="A model (built-in name or package.module:factory) or a .pt2 from `actsparse squash`.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the ONNX model.")],
     masks: MasksOpt = None,
-    mode: ModeOpt = "auto",
+    mode: ModeOpt = Mode(DEFAULT_MODE),
     weights: WeightsOpt = None,
     data: DataOpt = None,
     heldout: HeldoutOpt = None,
     batch: BatchSizeOpt = 32,
     exporter: Annotated[
-        Optional[str],
-        typer.Option("--exporter", help=f"torch.onnx exporter: {' or '.join(EXPORTERS)} (default: {DEFAULT_EXPORTER}; dynamo for a .pt2)."),
+        Optional[Exporter],
+        typer.Option("--exporter", help=f"torch.onnx exporter (default {DEFAULT_EXPORTER}; dynamo for a .pt2).", show_default=False),
     ] = None,
     opset: OpsetOpt = None,
     external_data: ExternalOpt = False,
@@ -531,35 +553,21 @@ def export_cmd(
     onnx.checker runs on the result; metadata_props record the tool version,
     squash mode and per-layer sparsity.
     """
-    _check_mode(mode)
-    exporter = exporter or ("dynamo" if source.endswith(".pt2") else DEFAULT_EXPORTER)
-    _check_exporter(exporter)
+    from .sources import export_source
+
     check_output_path(output, overwrite)
-    if source.endswith(".pt2"):
-        if masks is not None:
-            raise MaskError("a .pt2 program already has its masks baked in: drop --masks")
-        program, meta = load_pt2(source)
-        example = program.example_inputs[0]
-        rows = meta.get("layers", [])
-        result = export_onnx(
-            program, example, output, exporter=exporter, opset=opset, io_spec=pt2_io(meta),
-            metadata=layer_metadata(rows, "from .pt2"), external_data=external_data, overwrite=overwrite, verbose=verbose,
-        )
-    else:
-        work = load_workload(source, weights, data, heldout, batch if data or heldout else None)
-        module, rows, the_mode = work.model, [], "none (dense)"
-        if masks is not None:
-            squashed = squash_workload(work, Masks.load(masks), mode)
-            module, rows, the_mode = squashed.model, squashed.report(), mode
-        result = export_onnx(
-            module, work.example(), output, exporter=exporter, opset=opset, io_spec=work.io,
-            metadata=layer_metadata(rows, the_mode), external_data=external_data, overwrite=overwrite, verbose=verbose,
-        )
+    report = export_source(
+        source, output, masks=masks, mode=str(mode), weights=weights, data=data, heldout=heldout,
+        batch_size=batch if data or heldout else None, exporter=str(exporter) if exporter else None, opset=opset,
+        external_data=external_data, overwrite=overwrite, verbose=verbose,
+    )
     if as_json:
-        _emit_json({**result.to_json(), "layers": rows})
+        _emit_json(report)
         return
-    if rows:
-        _print_modes(rows, f"{source}: squashed")
+    if report.layers:
+        _print_modes(report.layers, f"{source}: squashed")
+    result = report.export
+    assert result is not None  # export_source always exports
     stdout.print(
         f"{result.exporter} export, opset {result.opset}, {result.seconds:.2f} s: {output} ({_size(result.size_bytes)}"
         + (", external data)" if result.external_data else ")")
@@ -572,7 +580,7 @@ def validate_cmd(
     onnx_model: Annotated[Path, typer.Argument(help="The ONNX model to check.", show_default=False)],
     reference: Annotated[str, typer.Argument(help="What it must compute: a model (+ --masks) or a .pt2 from `actsparse squash`.", show_default=False)],
     masks: MasksOpt = None,
-    mode: ModeOpt = "auto",
+    mode: ModeOpt = Mode(DEFAULT_MODE),
     weights: WeightsOpt = None,
     heldout: HeldoutOpt = None,
     batch: BatchSizeOpt = 32,
@@ -590,64 +598,50 @@ def validate_cmd(
     non-zero exit code. With a model and --masks, also reports what
     sparsification cost (dense vs sparse outputs, accuracy for classifiers).
     """
-    _check_mode(mode)
-    cost = None
-    if reference.endswith(".pt2"):
-        if labels is not None:
-            raise DataError("--labels needs a model (with --masks) as the reference, not a .pt2: the accuracy cost compares with the dense model")
-        program, meta = load_pt2(reference)
-        io = pt2_io(meta)
-        name = meta.get("model")
-        if heldout is None and not (name and name in zoo.builtin_names()):
-            raise DataError("pass --heldout data: the .pt2 does not name a built-in model")
-        if heldout is not None:
-            held = list(load_data(heldout, batch))
-        else:
-            held = load_workload(name).require_heldout()
-        sparse: Any = program.module()
-        batches = as_positional(held, io.input_names) if io else held
-        names = io.output_names if io else None
-        spec = io
-    else:
-        work = load_workload(reference, weights, None, heldout, batch if heldout else None, labels=labels)
-        sparse = squash_workload(work, Masks.load(masks), mode).model if masks is not None else work.model
-        batches = work.require_heldout()
-        names = work.io.output_names if work.io else None
-        spec = work.io
-    report = validate(onnx_model, sparse, batches, atol=atol, rtol=rtol, output_names=names, io_spec=spec, timeout=timeout)
-    if not reference.endswith(".pt2") and (masks is not None or labels is not None):
-        cost = sparsification_cost(work, sparse, onnx_model)
+    from .sources import validate_against
+
+    report = validate_against(
+        onnx_model, reference, masks=masks, mode=str(mode), weights=weights, heldout=heldout,
+        batch_size=batch if heldout else None, atol=atol, rtol=rtol, timeout=timeout, labels=labels,
+    )
     if as_json:
-        _emit_json({"validation": report.to_json(), "cost": cost})
+        _emit_json(report)
         return
+    validation = report.validation
+    assert validation is not None  # validate_against raises unless it passed
     title = f"{onnx_model} vs {reference}: PASSED"
     if rtol == 0:  # the verdict is max abs diff <= atol: show that, not a relative figure it never used
         table = names_table("output", "max abs diff", "tolerance", title=title)
-        for diff in report.outputs:
-            table.add_row(diff.name, f"{diff.max_abs:.2e}", f"<= atol {atol:.2e}")
+        for diff in validation.outputs:
+            table.add_row(diff["output"], f"{diff['max_abs_diff']:.2e}", f"<= atol {atol:.2e}")
     else:  # per value |diff| <= atol + rtol * |PyTorch|: the worst ratio is the verdict's figure
         table = names_table("output", "max abs diff", "max rel diff", "worst diff / tolerance", title=title)
-        for diff in report.outputs:
-            table.add_row(diff.name, f"{diff.max_abs:.2e}", f"{diff.max_rel:.2e}", f"{diff.max_tolerance_used:.3g} <= 1")
+        for diff in validation.outputs:
+            table.add_row(
+                diff["output"], f"{diff['max_abs_diff']:.2e}", f"{diff['max_rel_diff']:.2e}", f"{diff['max_tolerance_used']:.3g} <= 1"
+            )
     stdout.print(table)
     stdout.print(
-        f"{report.samples} held-out samples at batch sizes {report.batch_sizes}; "
+        f"{validation.samples} held-out samples at batch sizes {validation.batch_sizes}; "
         f"passes where |ONNX - PyTorch| <= atol {atol:g} + rtol {rtol:g} * |PyTorch| for every value"
     )
-    if cost is not None:
-        _print_cost(cost)
+    if report.cost is not None:
+        _print_cost(report)
 
 
-def _print_cost(cost: dict[str, Any]) -> None:
-    for row in cost["outputs"]:
+def _print_cost(report: Report) -> None:
+    cost = report.cost
+    if cost is None:
+        return
+    for row in cost.outputs:
         stdout.print(
             f"sparsification cost, {row['output']}: cosine to dense mean {row['cosine_mean']:.4f} "
             f"(worst {row['cosine_min']:.4f}), max abs diff {row['max_abs_diff']:.3g}"
         )
-    if "accuracy_dense" in cost:
+    if cost.accuracy_dense is not None:
         stdout.print(
-            f"accuracy dense {cost['accuracy_dense']:.4f} -> sparse {cost['accuracy_sparse']:.4f}"
-            + (f" (ONNX {cost['accuracy_onnx']:.4f})" if "accuracy_onnx" in cost else "")
+            f"accuracy dense {cost.accuracy_dense:.4f} -> sparse {cost.accuracy_sparse:.4f}"
+            + (f" (ONNX {cost.accuracy_onnx:.4f})" if cost.accuracy_onnx is not None else "")
         )
 
 
@@ -674,8 +668,8 @@ def convert_cmd(
         Optional[int],
         typer.Option("--batch-size", "-b", min=1, max=MAX_BATCH_SIZE, help="Samples per batch (default: the built-in model's, else 32)."),
     ] = None,
-    mode: ModeOpt = "auto",
-    exporter: ExporterOpt = DEFAULT_EXPORTER,
+    mode: ModeOpt = Mode(DEFAULT_MODE),
+    exporter: ExporterOpt = Exporter(DEFAULT_EXPORTER),
     opset: OpsetOpt = None,
     external_data: ExternalOpt = False,
     atol: AtolOpt = DEFAULT_ATOL,
@@ -691,8 +685,8 @@ def convert_cmd(
     prints a summary: layers, sparsity, squash mode, ONNX max diff, the accuracy
     (or cosine) cost, file sizes.
     """
-    _check_mode(mode)
-    _check_exporter(exporter)
+    from .pipeline import convert
+
     the_recipe: Recipe | Path | None = recipe
     if layers or layer_types or threshold is not None or aggregate is not None or structured:
         the_recipe = build_recipe(model, ":" not in model, recipe, layers, layer_types, sparsity, threshold, aggregate, structured)
@@ -700,7 +694,7 @@ def convert_cmd(
     with stage_progress(quiet=as_json) as progress:
         report = convert(
             model, output, weights=weights, recipe=the_recipe, sparsity=sparsity, data=data, heldout=heldout,
-            batch_size=batch, mode=mode, exporter=exporter, opset=opset, external_data=external_data, atol=atol,
+            batch_size=batch, mode=str(mode), exporter=str(exporter), opset=opset, external_data=external_data, atol=atol,
             rtol=rtol, overwrite=overwrite, verbose=verbose, on_batch=progress.on_batch, on_stage=progress.on_stage,
             labels=labels, timeout=timeout,
         )
@@ -710,17 +704,19 @@ def convert_cmd(
     print_convert_summary(report)
 
 
-def print_convert_summary(report: dict[str, Any]) -> None:
-    _print_modes(report["layers"], f"{report['model']}: {report['calibration']['samples']} calibration samples")
-    validation = report["validation"]
-    stdout.print(
-        f"ONNX ({report['export']['exporter']}, opset {report['export']['opset']}) vs PyTorch: max abs diff "
-        f"{validation['max_abs_diff']:.2e} <= {validation['atol']:g} at batch sizes {validation['batch_sizes']}: PASSED"
-    )
-    _print_cost(report["cost"])
-    _print_notes(report.get("notes", []))
-    files = ", ".join(f"{name} {_size(size)}" for name, size in report["files"].items())
-    stdout.print(f"files: {files}; {report['seconds']['total']:.1f} s in all")
+def print_convert_summary(report: Report) -> None:
+    samples = report.calibration.samples if report.calibration else "?"
+    _print_modes(report.layers or [], f"{report.model}: {samples} calibration samples")
+    validation, export = report.validation, report.export
+    if validation is not None and export is not None:
+        stdout.print(
+            f"ONNX ({export.exporter}, opset {export.opset}) vs PyTorch: max abs diff "
+            f"{validation.max_abs_diff:.2e} <= {validation.atol:g} at batch sizes {validation.batch_sizes}: PASSED"
+        )
+    _print_cost(report)
+    _print_notes(report.notes)
+    files = ", ".join(f"{name} {_size(size)}" for name, size in (report.files or {}).items())
+    stdout.print(f"files: {files}; {(report.seconds or {}).get('total', 0.0):.1f} s in all")
 
 
 @app.command("inspect")
@@ -734,59 +730,25 @@ def inspect_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     """List a model's layers that can take a mask (name, type, input shape on a sample batch), or a masks file's contents."""
-    if target.endswith(".safetensors") and weights is None:
-        masks = Masks.load(target)
-        if as_json:
-            _emit_json(masks.to_json())
-            return
-        _print_masks_table(masks, f"{target}: masks for {masks.model or '?'}, {masks.num_samples} calibration samples, tool {masks.tool_version}")
-        if masks.recipe is not None:
-            stdout.print(masks.recipe.dumps().rstrip(), markup=False)
-        _print_notes(masks.notes())
-        return
-    work = load_workload(target, weights, data, None, batch)
-    rows = layer_table(work)
+    from .sources import inspect_target
+
+    report = inspect_target(target, weights=weights, data=data, batch_size=batch)
     if as_json:
-        _emit_json(rows)
+        _emit_json(report)
+        return
+    if report.calibration is not None:  # a masks file
+        title = f"{target}: masks for {report.model or '?'}, {report.calibration.samples} calibration samples, tool {report.tool_version}"
+        _print_masks_table(report, title)
+        if report.recipe is not None:
+            from .recipe import Recipe
+
+            stdout.print(Recipe.from_dict(report.recipe).dumps().rstrip(), markup=False)
+        _print_notes(report.notes)
         return
     table = names_table("layer", "type", "input shape", "fold", title=f"{target}: layers that can take a mask")
-    for row in rows:
+    for row in report.layers or []:
         table.add_row(row["layer"], row["type"], "x".join(map(str, row["input_shape"])), "yes" if row["foldable"] else "no")
     stdout.print(table)
-
-
-def layer_table(work: Workload) -> list[dict[str, Any]]:
-    """Leaf modules whose first input is a tensor, with the input shape seen on one batch."""
-    import torch
-
-    from .squash import fold_vector
-
-    calibration = work.require_calibration()
-    batch = next(iter(calibration))
-    seen: dict[str, tuple[int, ...]] = {}
-    handles = []
-    for name, module in work.model.named_modules():
-        if name and not list(module.children()):
-            def hook(m: Any, inputs: tuple[Any, ...], name: str = name) -> None:
-                if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].is_floating_point():
-                    seen.setdefault(name, tuple(inputs[0].shape))
-            handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            run_batch(work.model, batch)
-    except (RuntimeError, TypeError, ValueError, IndexError) as e:
-        raise DataError(f"the model fails on the first batch ({describe_batch(batch)}): {type(e).__name__}: {e}") from e
-    finally:
-        for handle in handles:
-            handle.remove()
-    rows = []
-    modules = dict(work.model.named_modules())
-    for name, shape in seen.items():
-        module = modules[name]
-        foldable = fold_vector(module, torch.ones(1))[0] is not None
-        rows.append({"layer": name, "type": type(module).__name__, "input_shape": list(shape), "foldable": foldable})
-    return rows
-
 
 
 def _interrupt(signum: int, frame: Any) -> None:

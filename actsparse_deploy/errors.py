@@ -107,6 +107,14 @@ class MaskError(ActsparseError, ValueError):
     exit_code = 8
 
 
+class SquashError(ActsparseError, ValueError):
+    """Masks that cannot be squashed as asked: an unknown mode, a layer that cannot
+    be folded or pruned, a model ``prune`` cannot trace, a pruned model that does not
+    compute what ``mul`` computes. The masks themselves are fine (else :class:`MaskError`)."""
+
+    exit_code = 12
+
+
 class ExportError(ActsparseError):
     """An ONNX export that failed."""
 

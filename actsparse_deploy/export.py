@@ -40,15 +40,14 @@ import torch
 from torch import nn
 
 from .version import __version__
-from .calibrate import Batch, describe_batch, eval_mode
+from .batches import Batch, describe_batch, flatten_outputs, input_names, is_named, positional, run_batch
+from .calibrate import eval_mode
 from .errors import DataError, ExportError, OutputError, first_line
-from .files import check_output_path, remove_stale_staging, set_output_mode, staging_dir
+from .files import check_output_path, os_reason, remove_stale_staging, set_output_mode, staging_dir
 
 __all__ = ["DEFAULT_EXPORTER", "EXPORTERS", "ExportResult", "IOSpec", "PositionalAdapter", "export_onnx", "flatten_outputs"]
 
-EXPORTERS = ("dynamo", "torchscript")
-#: Chosen by measurement (tools/measure_convert.py, tools/benchmark.py): see the README.
-DEFAULT_EXPORTER = "torchscript"
+from .constants import DEFAULT_EXPORTER, EXPORTERS  # noqa: E402  (one definition, light for the CLI)
 TWO_GB = 2**31
 METADATA_PREFIX = "actsparse_deploy."
 # errors of the file system, not of the exporter: the output cannot be written
@@ -81,40 +80,15 @@ class IOSpec:
     def infer(cls, example: Batch, n_outputs: int, sequence_axis: bool = False) -> "IOSpec":
         """Default names (``input`` / dict keys, ``output`` / ``output_i``), batch axis
         dynamic everywhere, plus axis 1 of the inputs and outputs if ``sequence_axis``."""
-        if isinstance(example, torch.Tensor):
-            inputs: tuple[str, ...] = ("input",)
-        elif isinstance(example, Mapping):
-            inputs = tuple(example)
-        else:
-            inputs = tuple(f"input_{i}" for i in range(len(example)))
+        inputs = input_names(example)
         outputs = ("output",) if n_outputs == 1 else tuple(f"output_{i}" for i in range(n_outputs))
         axes = {0: "batch", 1: "sequence"} if sequence_axis else {0: "batch"}
         return cls(inputs, outputs, {name: dict(axes) for name in inputs + outputs})
 
 
-def flatten_outputs(out: Any) -> tuple[torch.Tensor, ...]:
-    """A model's output as a flat tuple of tensors (tensor, tuple / list, dict,
-    ModelOutput); ``None`` entries (an optional output not computed) are skipped."""
-    if out is None:
-        return ()
-    if isinstance(out, torch.Tensor):
-        return (out,)
-    if isinstance(out, Mapping):
-        out = tuple(out.values())
-    if isinstance(out, (tuple, list)):
-        flat: list[torch.Tensor] = []
-        for item in out:
-            flat.extend(flatten_outputs(item))
-        return tuple(flat)
-    raise ExportError(f"model output of type {type(out).__name__} is not a tensor, tuple or dict of tensors")
-
-
 def positional_inputs(example: Batch, names: Sequence[str]) -> tuple[torch.Tensor, ...]:
-    if isinstance(example, torch.Tensor):
-        return (example,)
-    if isinstance(example, Mapping):
-        return tuple(example[name] for name in names)
-    return tuple(example)
+    """The example's tensors in input order (a dict's in ``names`` order)."""
+    return positional(example, names)
 
 
 class PositionalAdapter(nn.Module):
@@ -181,10 +155,14 @@ def quiet(verbose: bool = False) -> Iterator[None]:
 def _run_exporter(
     wrapped: Any, args: tuple[torch.Tensor, ...], path: Path, exporter: str, opset: int | None, spec: IOSpec
 ) -> None:
-    common = dict(input_names=list(spec.input_names), output_names=list(spec.output_names), opset_version=opset)
+    common: dict[str, Any] = {
+        "input_names": list(spec.input_names), "output_names": list(spec.output_names), "opset_version": opset,
+    }
     if isinstance(wrapped, torch.export.ExportedProgram):  # its dynamic shapes are part of it
-        program = torch.onnx.export(wrapped, args, dynamo=True, **common)
-        program.save(str(path), external_data=True)
+        exported = torch.onnx.export(wrapped, args, dynamo=True, **common)
+        if exported is None:
+            raise ExportError("the dynamo exporter returned no program")
+        exported.save(str(path), external_data=True)
         return
     if exporter == "torchscript":
         axes = {name: dict(axes) for name, axes in spec.dynamic_axes.items()}
@@ -222,9 +200,9 @@ def export_onnx(
         check_output_path(path.parent / f"{path.name}.data", overwrite)
     program = model if isinstance(model, torch.export.ExportedProgram) else None
     if program is not None and exporter != "dynamo":
-        raise ExportError("a torch.export program (.pt2) exports with --exporter dynamo only")
+        raise ExportError("a torch.export program (.pt2) exports with `exporter` dynamo only")
     with contextlib.ExitStack() as stack:
-        if program is None:
+        if program is None and isinstance(model, nn.Module):
             stack.enter_context(eval_mode(model))  # the caller's train/eval flags come back after
         return _export(model, program, example, path, exporter, opset, io_spec, sequence_axis, metadata, external_data, overwrite, verbose)
 
@@ -236,10 +214,8 @@ def _export(
     callable_model: Any = program.module() if program is not None else model
     try:
         with torch.no_grad():
-            if isinstance(example, Mapping) and program is None:
-                outputs = callable_model(**example)
-            else:
-                outputs = callable_model(*positional_inputs(example, tuple(example) if isinstance(example, Mapping) else ()))
+            # a program takes positional inputs only, a dict's in its own order
+            outputs = run_batch(callable_model, example if program is None else positional(example))
     except (RuntimeError, TypeError, ValueError, IndexError) as e:
         raise DataError(
             f"the model fails on the example input ({describe_batch(example)}): {type(e).__name__}: {first_line(e)}"
@@ -248,8 +224,8 @@ def _export(
     spec = io_spec or IOSpec.infer(example, n_outputs, sequence_axis)
     if len(spec.output_names) != n_outputs:
         raise ExportError(f"the model returns {n_outputs} outputs but {len(spec.output_names)} output names were given")
-    wrapped: Any = program if program is not None else PositionalAdapter(model, spec.input_names if isinstance(example, Mapping) else None)
-    args = positional_inputs(example, spec.input_names)
+    wrapped: Any = program if program is not None else PositionalAdapter(model, spec.input_names if is_named(example) else None)
+    args = positional(example, spec.input_names)
     data_name = f"{path.name}.data"
     data_path = path.parent / data_name
     remove_stale_staging(path.parent)
@@ -273,16 +249,16 @@ def _export_staged(
     except Exception as e:
         cause = _write_error(e)
         if cause is not None:  # the disk, not the exporter: another exporter would not help
-            raise OutputError(f"cannot write {path}: {_os_reason(cause)}") from e
+            raise OutputError(f"cannot write {path}: {os_reason(cause)}") from e
         other = "torchscript" if exporter == "dynamo" else "dynamo"
         raise ExportError(
-            f"the {exporter} exporter failed: {type(e).__name__}: {first_line(e)}; try --exporter {other}"
+            f"the {exporter} exporter failed: {type(e).__name__}: {first_line(e)}; try `exporter` {other}"
         ) from e
     seconds = time.perf_counter() - start
     try:
         proto = onnx.load(str(raw), load_external_data=True)
     except OSError as e:
-        raise OutputError(f"cannot write {path}: {_os_reason(e)}") from e
+        raise OutputError(f"cannot write {path}: {os_reason(e)}") from e
     meta = {f"{METADATA_PREFIX}version": __version__, f"{METADATA_PREFIX}exporter": exporter, **(metadata or {})}
     existing = {p.key for p in proto.metadata_props}
     for key, value in meta.items():
@@ -299,7 +275,7 @@ def _export_staged(
             size_threshold=1024,
         )
     except (OSError, ValueError) as e:
-        raise OutputError(f"cannot write {path}: {_os_reason(e)}") from e
+        raise OutputError(f"cannot write {path}: {os_reason(e)}") from e
     try:
         onnx.checker.check_model(str(staged), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
@@ -334,7 +310,7 @@ def _move_into_place(staged: Path, path: Path, staged_data: Path | None, data_pa
                 os.unlink(data_path)  # ours, moved in before the model's rename failed
             if had_data and os.path.lexists(old_data):
                 os.replace(old_data, data_path)
-        raise OutputError(f"cannot write {path}: {_os_reason(e)}") from e
+        raise OutputError(f"cannot write {path}: {os_reason(e)}") from e
 
 
 def _write_error(e: BaseException) -> OSError | None:
@@ -348,12 +324,6 @@ def _write_error(e: BaseException) -> OSError | None:
             return current
         current = current.__cause__ or current.__context__
     return None
-
-
-def _os_reason(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return "the disk is full"
-    return getattr(e, "strerror", None) or str(e)
 
 
 def layer_metadata(squash_report: list[dict[str, Any]], mode: str) -> dict[str, str]:

@@ -39,6 +39,7 @@ __all__ = [
     "atomic_output",
     "check_output_dir",
     "check_output_path",
+    "os_reason",
     "output_lock",
     "remove_stale_staging",
     "set_output_mode",
@@ -146,7 +147,7 @@ def check_output_path(path: Path, overwrite: bool = False) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise OutputError(f"output {path} is not a regular file (a device, pipe or socket): choose another name")
     if not overwrite:
-        raise OutputError(f"output {path} already exists: pass --overwrite to replace it")
+        raise OutputError(f"output {path} already exists: pass `overwrite` to replace it")
 
 
 def set_output_mode(path: Path) -> None:
@@ -205,7 +206,7 @@ def staging_dir(parent: Path) -> Iterator[Path]:
     try:
         staging = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=parent))
     except OSError as e:
-        raise OutputError(f"cannot write to {parent}: {_reason(e)}") from e
+        raise OutputError(f"cannot write to {parent}: {os_reason(e)}") from e
     try:
         yield staging
     finally:
@@ -222,14 +223,14 @@ def output_lock(directory: Path) -> Iterator[None]:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as e:
-            raise OutputError(f"cannot lock {directory} ({lock}): {_reason(e)}") from e
+            raise OutputError(f"cannot lock {directory} ({lock}): {os_reason(e)}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise OutputError(f"cannot lock {directory} ({lock}): {_reason(e)}") from e
+                raise OutputError(f"cannot lock {directory} ({lock}): {os_reason(e)}") from e
             raise OutputError(
                 f"another actsparse run is writing to {directory} (pid {holder or 'unknown'}): "
                 "wait for it to finish, or choose another output"
@@ -262,7 +263,7 @@ def atomic_output(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     try:
         fd, name = tempfile.mkstemp(prefix=temp_prefix(), suffix=_temp_suffix(path), dir=path.parent)
     except OSError as e:
-        raise OutputError(f"cannot write {path}: {_reason(e)}") from e
+        raise OutputError(f"cannot write {path}: {os_reason(e)}") from e
     os.close(fd)
     tmp = Path(name)
     try:
@@ -276,7 +277,7 @@ def atomic_output(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OutputError):
             raise
-        raise OutputError(f"cannot write {path}: {_reason(e)}") from e
+        raise OutputError(f"cannot write {path}: {os_reason(e)}") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -289,7 +290,7 @@ def _move_no_replace(tmp: Path, path: Path) -> None:
         os.link(tmp, path, follow_symlinks=False)
     except FileExistsError:
         raise OutputError(
-            f"output {path} appeared while this run was writing it (another run?): pass --overwrite to replace it"
+            f"output {path} appeared while this run was writing it (another run?): pass `overwrite` to replace it"
         ) from None
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
@@ -300,7 +301,14 @@ def _move_no_replace(tmp: Path, path: Path) -> None:
     os.unlink(tmp)
 
 
-def _reason(e: BaseException) -> str:
+def os_reason(e: BaseException) -> str:
+    """Why a write failed, in words for the one-line message: "the disk is full"
+    for ENOSPC (the same words wherever the disk fills), else the OS's reason.
+
+    >>> import errno
+    >>> os_reason(OSError(errno.ENOSPC, "No space left on device"))
+    'the disk is full'
+    """
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return "the disk is full"
     return getattr(e, "strerror", None) or str(e)

@@ -238,7 +238,7 @@ def check_mask_config(fn: Callable[..., Any], sparse_config: dict[str, Any]) -> 
     override the default mask function); any other key is an error."""
     builtin = isinstance(fn, BuiltinFn)
     try:
-        sig = inspect.signature(fn.impl if builtin else fn)
+        sig = inspect.signature(fn.impl if isinstance(fn, BuiltinFn) else fn)
     except (TypeError, ValueError):
         return  # a builtin or C function: nothing to check
     params = list(sig.parameters.values())[1:]

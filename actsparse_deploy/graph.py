@@ -3,11 +3,13 @@
 The model is captured with ``torch.export`` on an example batch (``torch.fx``
 cannot trace Hugging Face BERT; ``torch.export`` captures every built-in model).
 Each aten node carries ``meta["nn_module_stack"]``, the module calls it belongs
-to, so a layer's one ``linear`` / ``convNd`` node is found by the layer's name.
-From that node's input the walk goes back through per-feature ops (ReLU, GELU,
-SiLU, Tanh, dropout in eval, arithmetic with Python scalars, ..., BatchNorm and
-spatial padding on a channel axis) to the ``Linear`` / ``ConvNd`` that made the
-features. Removing features from that producer is exact only if nothing else
+to, so a layer's one compute node (``linear``, ``convNd``: its layer kind, see
+:mod:`actsparse_deploy.layers`, says which) is found by the layer's name. From
+that node's input the walk goes back through per-feature ops (ReLU, GELU, SiLU,
+Tanh, dropout in eval, arithmetic with Python scalars, ..., per-feature layers
+such as BatchNorm, and spatial padding right of the feature axis) to the layer
+(``Linear``, ``ConvNd``, any registered kind) that made the features on the
+consumer's feature axis. Removing features from that producer is exact only if nothing else
 reads them, so every value on the way must have exactly one user, the modules on
 the way must be called once and own their parameters, and no other masked module
 may read a value on the way. Anything else (a residual add, a flatten, a pool, a
@@ -32,22 +34,15 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .calibrate import Batch, describe_batch, eval_mode
-from .errors import MaskError, first_line
+from .batches import Batch, call_args, describe_batch
+from .calibrate import eval_mode
+from .errors import DataError, MaskError, SquashError, first_line
 from .export import quiet
+from .layers import LayerKind, compute_ops, layer_kind, why_unregistered
 
-__all__ = ["Chain", "Dataflow", "capture", "example_args", "feature_axis", "prunable_kind"]
+__all__ = ["Chain", "Dataflow", "capture", "example_args"]
 
 _aten = torch.ops.aten
-
-LINEAR_OPS = frozenset({_aten.linear.default})
-CONV_OPS = {
-    1: frozenset({_aten.conv1d.default, _aten.conv1d.padding}),
-    2: frozenset({_aten.conv2d.default, _aten.conv2d.padding}),
-    3: frozenset({_aten.conv3d.default, _aten.conv3d.padding}),
-}
-#: ``convolution(input, weight, bias, stride, padding, dilation, transposed, ...)``
-CONVOLUTION = _aten.convolution.default
 
 _ELEMENTWISE_NAMES = (
     "relu", "relu_", "relu6", "gelu", "gelu_", "silu", "silu_", "tanh", "tanh_", "sigmoid", "sigmoid_",
@@ -69,9 +64,6 @@ ELEMENTWISE = frozenset(
 DROPOUTS = frozenset(
     {_aten.dropout.default, _aten.feature_dropout.default, _aten.alpha_dropout.default, _aten.feature_alpha_dropout.default}
 )
-#: ``batch_norm(input, weight, bias, running_mean, running_var, training, ...)``: per channel (axis 1).
-BATCH_NORM = _aten.batch_norm.default
-_COMPUTE = frozenset({*LINEAR_OPS, *CONV_OPS[1], *CONV_OPS[2], *CONV_OPS[3], CONVOLUTION, BATCH_NORM})
 #: Padding (its pad list covers the last ``len // 2`` axes): per channel if those are spatial.
 PADS = frozenset({_aten.pad.default, _aten.constant_pad_nd.default})
 
@@ -86,49 +78,34 @@ class Chain:
     ops: tuple[str, ...] = ()
 
 
-def prunable_kind(layer: nn.Module) -> tuple[str, int] | None:
-    """``("linear", 0)`` or ``("conv", N)`` for a layer whose features can be
-    removed from both sides; None for anything else (transposed or grouped convs)."""
-    if isinstance(layer, nn.modules.lazy.LazyModuleMixin):
-        return None
-    if isinstance(layer, nn.Linear):
-        return ("linear", 0)
-    if (
-        isinstance(layer, nn.modules.conv._ConvNd)
-        and not isinstance(layer, nn.modules.conv._ConvTransposeNd)
-        and layer.groups == 1
-        and len(layer.kernel_size) in CONV_OPS
-    ):
-        return ("conv", len(layer.kernel_size))
-    return None
-
-
-def feature_axis(kind: tuple[str, int]) -> int:
-    """The feature axis, from the right: Linear -1, ConvNd -(N + 1) (works unbatched too)."""
-    return -1 if kind[0] == "linear" else -(kind[1] + 1)
+def prunable(layer: nn.Module) -> tuple[LayerKind | None, str]:
+    """The layer's kind (see :mod:`actsparse_deploy.layers`) if the graph walk can
+    use it (as a consumer, a producer or a per-feature op between), else None and why not."""
+    kind = layer_kind(layer)
+    if kind is None:
+        return None, why_unregistered(layer)
+    why = kind.why_not_prunable(layer)
+    return (kind, "") if why is None else (None, why)
 
 
 def example_args(example: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``(args, kwargs)`` of a batch, as :func:`actsparse_deploy.calibrate.run_batch` calls the model."""
-    if isinstance(example, torch.Tensor):
-        return (example,), {}
-    if isinstance(example, Mapping):
-        return (), dict(example)
-    if isinstance(example, (tuple, list)):
-        return tuple(example), {}
-    raise MaskError(f"the example batch must be a tensor, a tuple of tensors or a dict of tensors, not {type(example).__name__}")
+    """``(args, kwargs)`` of a batch, as :func:`actsparse_deploy.batches.run_batch` calls the model."""
+    try:
+        return call_args(example)
+    except DataError as e:
+        raise MaskError(f"the example for the dataflow analysis: {first_line(e)}") from e
 
 
 def capture(model: nn.Module, example: Batch) -> torch.export.ExportedProgram:
     """``torch.export.export`` of ``model`` (in eval mode) on ``example``; a model
-    it cannot capture is a :class:`MaskError` that keeps the cause."""
+    it cannot capture is a :class:`SquashError` that keeps the cause."""
     args, kwargs = example_args(example)
     try:
         with eval_mode(model), quiet():
             return torch.export.export(model, args, kwargs, strict=False)
     except Exception as e:  # torch.export raises many types
         first = first_line(e, 300)
-        raise MaskError(
+        raise SquashError(
             f"torch.export cannot capture the model on the example batch ({describe_batch(example)}), "
             f"which prune needs to find each layer's producer: {type(e).__name__}: {first}"
         ) from e
@@ -160,17 +137,28 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
 
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
     found: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+
+    def collect(n: fx.Node) -> fx.Node:
+        found.append(n)
+        return n
+
+    fx.node.map_arg((node.args, node.kwargs), collect)
     return found
+
+
+def _pad_len(node: fx.Node) -> int:
+    """The length of a pad node's pad list (2 per padded axis, from the last)."""
+    pad = node.args[1]
+    return len(pad) if isinstance(pad, (list, tuple)) else 2**30
 
 
 def _is_zero_pad(node: fx.Node) -> bool:
     """A pad that maps 0 to 0 and is linear (reflect / replicate / circular, or constant 0)."""
     if node.target == _aten.constant_pad_nd.default:
-        return (node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)) == 0
+        return bool((node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)) == 0)
     mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
     value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
-    return mode != "constant" or value in (None, 0, 0.0)
+    return bool(mode != "constant" or value in (None, 0, 0.0))
 
 
 class Dataflow:
@@ -203,16 +191,17 @@ class Dataflow:
         """
         masked = set(masked)
         layer = self.model.get_submodule(consumer)
-        kind = prunable_kind(layer)
-        if kind is None:
-            return None, f"{consumer} is not a Linear or a ConvNd without groups"
-        node, why = self._compute_node(consumer, kind)
+        kind, why = prunable(layer)
+        if kind is None or kind.per_feature:
+            return None, f"{consumer}: {why or 'a per-feature op is not a consumer'}"
+        node, why = self._compute_node(consumer, layer, kind)
         if node is None:
             return None, why
-        if (why := self._owns(consumer, layer, node, {"weight": 1})) is not None:
-            return None, why
-        axis = feature_axis(kind)
-        width = layer.in_features if kind[0] == "linear" else layer.in_channels
+        if (problem := self._owns(consumer, layer, node, {"weight": kind.param_slots["weight"]})) is not None:
+            return None, problem
+        rank = len(_shape(node.args[0]) or ()) if isinstance(node.args[0], fx.Node) else 0
+        axis = kind.axis(layer, rank)
+        width = kind.in_features(layer)
         ops: list[str] = []
         norms: list[str] = []
         user, value = node, node.args[0]
@@ -227,34 +216,45 @@ class Dataflow:
             if others:
                 return None, f"the output of {self._where(value)} is also read by {', '.join(self._where(u) for u in others)}"
             shape = _shape(value)
-            if shape is None or len(shape) < -axis or shape[axis] != width:
-                return None, f"{self._where(value)} does not give {width} features on axis {axis}"
+            if shape is None or len(shape) != rank or shape[axis] != width:
+                return None, f"{self._where(value)} does not give {width} features on axis {axis - rank}"
             target = value.target if value.op == "call_function" else None
+            # a pad is per feature if it pads only axes right of the feature axis
+            spatial_pad = target in PADS and _pad_len(value) <= 2 * (rank - 1 - axis)
             if consumer in scope:  # computed inside the consumer, after its mask
-                if target not in PADS or kind[0] != "conv" or not _is_zero_pad(value) or len(value.args[1]) > 2 * kind[1]:
-                    return None, f"{consumer} computes {self._where(value)} on its input before its {kind[0]}"
-            elif target in LINEAR_OPS or target in CONV_OPS.get(kind[1], ()) or target == CONVOLUTION:
-                fqn, why = self._producer_at(value, kind, consumer)
-                if fqn is None:
-                    return None, why
-                return Chain(fqn, tuple(reversed(norms)), tuple(reversed(ops))), ""
-            elif target == BATCH_NORM:
-                if axis % len(shape) != 1:
-                    return None, f"{self._where(value)} normalises axis 1, not the feature axis of {consumer}"
-                name = scope[-1] if scope else ""
-                bn = self._module(name)
-                if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.num_features != width:
-                    return None, f"{self._where(value)} is not a BatchNorm module over {width} features"
-                slots = {"weight": 1, "bias": 2, "running_mean": 3, "running_var": 4}
-                if (why := self._owns(name, bn, value, slots)) is not None:
-                    return None, why
-                norms.append(name)
+                if not spatial_pad or not _is_zero_pad(value):
+                    return None, f"{consumer} computes {self._where(value)} on its input before its {kind.name}"
+            elif target in compute_ops():
+                fqn, module, found = self._layer_at(value, consumer)
+                if found is None:
+                    return None, f"the input of {consumer} is made by {self._where(value)}, not by a module prune can shrink"
+                if found.per_feature:
+                    if found.axis(module, rank) != axis:
+                        return None, (
+                            f"{self._where(value)} works on axis {found.axis(module, rank)}, "
+                            f"not on the feature axis {axis} of {consumer}"
+                        )
+                    if found.in_features(module) != width:
+                        return None, f"{self._where(value)} is not a {found.name} module over {width} features"
+                    if (problem := self._owns(fqn, module, value, found.param_slots)) is not None:
+                        return None, problem
+                    norms.append(fqn)
+                else:
+                    if found.output_axis(module, rank) != axis:
+                        return None, (
+                            f"{fqn} makes its features on axis {found.output_axis(module, rank)}, "
+                            f"{consumer} reads them on axis {axis}"
+                        )
+                    if (problem := self._owns(fqn, module, value, found.param_slots)) is not None:
+                        return None, problem
+                    return Chain(fqn, tuple(reversed(norms)), tuple(reversed(ops))), ""
             elif target in DROPOUTS and value.args[2] is False:
                 ops.append(_op_name(value))
-            elif target in ELEMENTWISE or (target in PADS and kind[0] == "conv" and len(value.args[1]) <= 2 * kind[1]):
+            elif target in ELEMENTWISE or spatial_pad:
                 if _tensor_args(value) != [value.args[0]]:
                     return None, f"{self._where(value)}, with a tensor operand, sits between {consumer} and its producer"
-                if target not in PADS and _shape(value.args[0]) != shape:
+                first = value.args[0]
+                if target not in PADS and (not isinstance(first, fx.Node) or _shape(first) != shape):
                     return None, f"{self._where(value)} changes the shape between {consumer} and its producer"
                 ops.append(_op_name(value))
             elif value.op == "placeholder":
@@ -275,15 +275,11 @@ class Dataflow:
         except AttributeError:
             return None
 
-    def _compute_node(self, fqn: str, kind: tuple[str, int]) -> tuple[fx.Node | None, str]:
-        """The one linear / convNd node of the module call at ``fqn``."""
-        ops = LINEAR_OPS if kind[0] == "linear" else CONV_OPS[kind[1]]
-        nodes = [
-            n for n in self._calls.get(fqn, [])
-            if n.target in ops or (kind[0] == "conv" and n.target == CONVOLUTION and n.args[6] is False)
-        ]
+    def _compute_node(self, fqn: str, layer: nn.Module, kind: LayerKind) -> tuple[fx.Node | None, str]:
+        """The one compute node (``linear``, ``convNd``, ...) of the module call at ``fqn``."""
+        nodes = [n for n in self._calls.get(fqn, []) if kind.is_compute(layer, n)]
         if len(nodes) != 1:
-            return None, f"the graph has {len(nodes)} {kind[0]} ops in {fqn}, not one"
+            return None, f"the graph has {len(nodes)} {kind.name} ops in {fqn}, not one"
         return nodes[0], ""
 
     def _owns(self, fqn: str, module: nn.Module, node: fx.Node, slots: Mapping[str, int]) -> str | None:
@@ -292,7 +288,8 @@ class Dataflow:
         other module holds and no other op reads."""
         if self._names.get(id(module), 0) != 1:
             return f"{fqn} is registered under several names"
-        computes = [n for n in self._calls.get(fqn, []) if n.target in _COMPUTE]
+        every = compute_ops()
+        computes = [n for n in self._calls.get(fqn, []) if n.target in every]
         if computes != [node]:
             return f"{fqn} runs {len(computes)} linear / conv / batch_norm ops in the graph (called more than once?)"
         for attr, position in slots.items():
@@ -308,15 +305,18 @@ class Dataflow:
                 return f"{fqn}.{attr} is also read by {', '.join(self._where(u) for u in _users(state) if u is not node)}"
         return None
 
-    def _producer_at(self, node: fx.Node, kind: tuple[str, int], consumer: str) -> tuple[str | None, str]:
+    def _layer_at(self, node: fx.Node, consumer: str) -> tuple[str, nn.Module, LayerKind | None]:
+        """The module whose compute op ``node`` is, and its kind; None if none is
+        (a functional op, or a module prune cannot shrink)."""
         scope = _scope(node)
         fqn = scope[-1] if scope else ""
         module = self._module(fqn)
-        if not fqn or module is None or prunable_kind(module) != kind:
-            return None, f"the input of {consumer} is made by {self._where(node)}, not by a module prune can shrink"
-        if (why := self._owns(fqn, module, node, {"weight": 1, "bias": 2})) is not None:
-            return None, why
-        return fqn, ""
+        if not fqn or module is None or fqn == consumer:
+            return fqn, self.model, None
+        kind, _ = prunable(module)
+        if kind is None or not kind.is_compute(module, node):
+            return fqn, module, None
+        return fqn, module, kind
 
 
 def _scope(node: fx.Node) -> list[str]:

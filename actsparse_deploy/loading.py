@@ -36,7 +36,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import zoo
-from .calibrate import Batch, check_finite_weights
+from .batches import Batch, split_batch
+from .calibrate import check_finite_weights
 from .errors import ActsparseError, DataError, ModelLoadError, WeightsError, first_line
 
 __all__ = ["LoadedModel", "check_distinct_data", "load_data", "load_labels", "load_model", "load_state_dict_file"]
@@ -304,12 +305,10 @@ def load_data(source: str | Path, batch_size: int = 32) -> list[Batch] | Iterabl
         except Exception as e:
             raise DataError(f"data function {text!r} failed: {type(e).__name__}: {e}") from e
     arrays = _read_arrays(Path(source))
-    if isinstance(arrays, torch.Tensor):
-        return list(torch.split(arrays, batch_size))
-    n = next(iter(arrays.values())).shape[0]
-    if all(k.startswith(POSITIONAL) for k in arrays):  # a list of tensors: model(*batch)
-        return [tuple(t[i : i + batch_size] for t in arrays.values()) for i in range(0, n, batch_size)]
-    return [{k: t[i : i + batch_size] for k, t in arrays.items()} for i in range(0, n, batch_size)]
+    whole: Batch = arrays
+    if isinstance(arrays, dict) and all(k.startswith(POSITIONAL) for k in arrays):  # a list of tensors: model(*batch)
+        whole = tuple(arrays.values())
+    return split_batch(whole, batch_size)
 
 
 def load_labels(source: str | Path) -> torch.Tensor:

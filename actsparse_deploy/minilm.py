@@ -90,7 +90,8 @@ DYNAMIC_AXES: dict[str, dict[int, str]] = {
     "token_embeddings": {0: "batch", 1: "sequence"},
     "sentence_embedding": {0: "batch"},
 }
-"""``dynamic_axes`` for ``torch.onnx.export(..., dynamo=False)``."""
+"""Each input's and output's dynamic axes: the model's I/O spec (``zoo.get_builtin("minilm").io_spec()``),
+used by export, ``.pt2`` capture and validation. The sentence embedding has no sequence axis."""
 
 SENTENCE_SEED = 20240607
 """Seed of the shuffle that cuts the clean sentences into splits."""
@@ -226,8 +227,8 @@ def load_minilm() -> MiniLMEncoder:
 
 def dynamic_shapes() -> dict[str, dict[int, Any]]:
     """``dynamic_shapes`` for ``torch.onnx.export(..., dynamo=True)``: batch and sequence."""
-    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    return {name: {0: batch, 1: sequence} for name in INPUT_NAMES}
+    dims = {name: torch.export.Dim(name) for name in ("batch", "sequence")}
+    return {name: {axis: dims[dim] for axis, dim in DYNAMIC_AXES[name].items()} for name in INPUT_NAMES}
 
 
 # ------------------------------------------------------------------------- data

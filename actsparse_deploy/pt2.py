@@ -29,19 +29,19 @@ import re
 import warnings
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
 
 from .version import __version__
-from .calibrate import Batch, run_batch
+from .batches import as_positional, flatten_outputs, is_named, positional, run_batch
 from .errors import ExportError, first_line
-from .export import IOSpec, PositionalAdapter, flatten_outputs, positional_inputs
+from .export import IOSpec, PositionalAdapter
 from .files import atomic_output, check_output_path
 
 if TYPE_CHECKING:
-    from .pipeline import Workload
+    from .workload import Workload
     from .squash import SquashResult
 
 __all__ = ["PT2_META", "as_positional", "check_pt2", "load_pt2", "pt2_io", "save_pt2", "write_program"]
@@ -57,14 +57,13 @@ def save_pt2(work: "Workload", squashed: "SquashResult", path: Path, overwrite: 
     example = work.example()
     with torch.no_grad():
         n_outputs = len(flatten_outputs(run_batch(squashed.model, example)))
-    io_spec = work.io or IOSpec.infer(example, n_outputs)
+    io_spec = work.io or IOSpec.infer(example, n_outputs)  # the model's one spec: export and validation use it too
     module: nn.Module = squashed.model
-    if isinstance(example, Mapping):
+    shapes: Any = io_spec.export_dynamic_shapes(named=False)
+    if is_named(example):  # forward(*args) of the adapter: the dynamic shapes of its one var-positional argument
         module = PositionalAdapter(squashed.model, io_spec.input_names)
-    args = positional_inputs(example, io_spec.input_names)
-    shapes = io_spec.export_dynamic_shapes(named=False)
-    if isinstance(example, Mapping):
-        shapes = (shapes,)  # type: ignore[assignment]
+        shapes = (shapes,)
+    args = positional(example, io_spec.input_names)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's advice to its own developers, not to our users
@@ -126,11 +125,6 @@ def pt2_io(meta: dict[str, Any]) -> IOSpec | None:
         return None
     axes = {k: {int(a): d for a, d in v.items()} for k, v in meta.get("dynamic_axes", {}).items()}
     return IOSpec(tuple(meta["inputs"]), tuple(meta["outputs"]), axes)
-
-
-def as_positional(batches: Iterable[Batch], names: tuple[str, ...]) -> list[Batch]:
-    """Dict batches as tuples in ``names`` order (what a .pt2 program takes)."""
-    return [tuple(b[n] for n in names) if isinstance(b, Mapping) else b for b in batches]
 
 
 @contextlib.contextmanager
@@ -312,7 +306,7 @@ _SYM_OPS = frozenset({
     "math.trunc",
 })
 _ATEN = re.compile(r"torch\.ops\.aten\.([A-Za-z_][A-Za-z0-9_]{0,100})\.([A-Za-z_][A-Za-z0-9_]{0,100})")
-_LEAF = {"type": None, "context": None, "children_spec": []}
+_LEAF: dict[str, Any] = {"type": None, "context": None, "children_spec": []}
 
 
 def _check_payload_config(config: Any, directory: str, members: set[str], where: str, refuse: Any) -> None:

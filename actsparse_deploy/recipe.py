@@ -38,12 +38,12 @@ import tomli_w
 from torch import nn
 
 from .errors import ConfigError, RecipeError
-from .functions import AGGREGATE_FNS, MASK_FNS, REDUCE_FNS, BuiltinFn, check_mask_config
+from .functions import AGGREGATE_FNS, MASK_FNS, REDUCE_FNS, BuiltinFn, Registry, check_mask_config
 
-__all__ = ["FnSpec", "LayerRule", "LayerSettings", "Recipe", "ResolvedLayer"]
+__all__ = ["FnSpec", "LayerRule", "LayerSettings", "Recipe", "ResolvedLayer", "resolve_recipe"]
 
 RECIPE_VERSION = 1
-_REGISTRIES = {"aggregate_fn": AGGREGATE_FNS, "reduce_fn": REDUCE_FNS, "mask_fn": MASK_FNS}
+_REGISTRIES: dict[str, Registry[Any]] = {"aggregate_fn": AGGREGATE_FNS, "reduce_fn": REDUCE_FNS, "mask_fn": MASK_FNS}
 #: What a layer gets when neither the defaults nor a rule says otherwise.
 TOOL_DEFAULTS = {"aggregate_fn": "sum_abs", "reduce_fn": "mean", "mask_fn": "topk"}
 
@@ -432,3 +432,46 @@ class Recipe:
 def _preview(items: list[str], limit: int = 12) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def resolve_recipe(
+    model_name: str,
+    builtin: bool,
+    recipe: "Recipe | str | Path | Mapping[str, Any] | None" = None,
+    *,
+    layers: list[str] | None = None,
+    layer_types: list[str] | None = None,
+    sparsity: float | None = None,
+    threshold: float | None = None,
+    aggregate: str | None = None,
+    structured: bool = False,
+) -> Recipe:
+    """The one recipe loader: ``recipe`` (a file, a mapping or a Recipe), else a
+    one-rule recipe from ``layers`` / ``layer_types`` with ``sparsity`` or
+    ``threshold`` (see :meth:`Recipe.simple`), else the built-in model's own
+    (``builtin``: ``model_name`` is a built-in). ``sparsity`` alone overrides the
+    sparsity level of a file's or the built-in's recipe.
+
+    >>> resolve_recipe("digits-mlp", True, sparsity=0.25).defaults.sparse_config
+    (('sparsity_level', 0.25),)
+    >>> len(resolve_recipe("mine:build", False, layers=["fc*"], sparsity=0.5).layers)
+    1
+    """
+    if layers or layer_types:
+        if recipe is not None:
+            raise RecipeError("`recipe` cannot be combined with `layers` or `layer_types`")
+        if sparsity is None and threshold is None:
+            raise RecipeError("`layers` / `layer_types` need `sparsity` or `threshold`")
+        return Recipe.simple(layers, layer_types, sparsity, threshold, aggregate or "sum_abs", structured)
+    if threshold is not None or structured or aggregate is not None:
+        raise RecipeError("`threshold`, `structured` and `aggregate` describe a recipe from `layers`: give `layers` too")
+    if recipe is None:
+        if not builtin:
+            raise RecipeError(
+                f"{model_name!r} has no built-in recipe: pass `recipe` (a recipe file), or `layers` with `sparsity`"
+            )
+        from . import zoo
+
+        recipe = zoo.builtin_recipe_path(model_name)
+    loaded = Recipe.coerce(recipe)
+    return loaded.with_sparsity(sparsity) if sparsity is not None else loaded

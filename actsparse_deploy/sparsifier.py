@@ -11,6 +11,11 @@ Better than upstream: functions can be named (see :mod:`actsparse_deploy.functio
 with built-in aggregates the statistics do not depend on batch size or sequence
 length and no mask has a batch axis; a layer never reached or an input holding
 NaN / Inf is an error naming the layer; the state saves to ``.safetensors``.
+Aggregation never builds autograd graphs (forward passes may run with autograd
+on, as upstream's workflow does). ``statistics()`` gives each layer's aggregate
+as a :class:`~actsparse_deploy.stats.LayerStats` and ``load_statistics()`` takes
+them back; a layer's mask has the mask's shape from the first forward pass, also
+where the statistic is larger (a d x d Gram matrix for a d-wide input).
 
     >>> import torch
     >>> from torch import nn
@@ -29,16 +34,19 @@ NaN / Inf is an error naming the layer; the state saves to ``.safetensors``.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from .errors import CalibrationError, ConfigError, DataError, LayerNotFoundError, MaskError, NoAggregateError
 from .functions import AGGREGATE_FNS, MASK_FNS, REDUCE_FNS, Aggregate, BuiltinFn, check_mask_config
+from .sparsifier_state import load_state, save_state
+from .stats import LayerStats, type_names
 
 __all__ = ["ActivationSparsifier", "module_to_fqn", "sample_ndim"]
 
@@ -54,20 +62,14 @@ def module_to_fqn(model: nn.Module, module: nn.Module) -> str | None:
 
 
 def sample_ndim(layer: nn.Module, input_ndim: int) -> int:
-    """How many leading axes of the layer's input are separate samples.
+    """How many leading axes of the layer's input are separate samples: its layer
+    kind says (:mod:`actsparse_deploy.layers`; a Linear: every axis but the last,
+    a ConvNd: all before (channels, *spatial)); a layer with no kind is treated
+    like a Linear up to 3 axes and like a conv above."""
+    from .layers import default_sample_ndim, layer_kind
 
-    A Linear maps each vector of its last axis on its own (all leading axes are
-    samples: batch, sequence); a ConvNd sees (channels, *spatial) per sample; any
-    other layer is treated like a Linear up to 3 axes and like a conv above.
-    """
-    if isinstance(layer, nn.Linear):
-        return input_ndim - 1
-    if isinstance(layer, nn.modules.conv._ConvNd):
-        spatial = len(layer.kernel_size)
-        return max(input_ndim - spatial - 1, 0)
-    # other layers: (batch, features) and (batch, sequence, features) inputs are
-    # vectors of the last axis, like a Linear's; 4-d and up are images: batch only
-    return input_ndim - 1 if input_ndim <= 3 else 1
+    kind = layer_kind(layer)
+    return default_sample_ndim(input_ndim) if kind is None else kind.sample_ndim(layer, input_ndim)
 
 
 def _resolve_fns(aggregate_fn: Any, reduce_fn: Any, mask_fn: Any) -> dict[str, Any]:
@@ -192,12 +194,14 @@ class ActivationSparsifier:
         features, feature_dim = config["features"], config["feature_dim"]
         state = self.state[name]
 
+        @torch.no_grad()
         def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
-            x = inputs[0]
+            x = _detached(inputs[0])
             _check_finite(name, x)
             data = config.get("data")
             if data is None:
                 state["input_shape"] = tuple(x.shape)
+            _count_inputs(state, x)
             if features is None:
                 if data is None:
                     data = torch.zeros_like(x)
@@ -228,8 +232,9 @@ class ActivationSparsifier:
         state = self.state[name]
         layer = config["layer"]
 
+        @torch.no_grad()
         def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
-            x = inputs[0]
+            x = _detached(inputs[0])
             n_sample = sample_ndim(layer, x.ndim)
             if config.get("data") is None:
                 state["input_shape"] = tuple(x.shape)
@@ -237,13 +242,14 @@ class ActivationSparsifier:
                 dims = tuple(range(n_sample))
                 batch = agg.batch_stat(x, dims)
                 try:
-                    stat = agg.fold(config.get("data"), batch, x.numel() // max(batch.numel(), 1))
+                    stat = agg.fold(config.get("data"), batch, _count(x, dims))
                 except ValueError as e:
                     raise CalibrationError(f"layer {name!r}: {e}") from None
                 _check_finite(name, stat.value)
                 if state.get("mask") is None:
-                    state["mask"] = torch.ones(stat.value.shape, dtype=x.dtype, device=x.device)
+                    state["mask"] = torch.ones(_mask_shape(x.shape, dims), dtype=x.dtype, device=x.device)
                 config["data"] = stat
+                _count_inputs(state, x)
                 return
             fdim = _normalize_dim(feature_dim, x.ndim, name)
             if state.get("mask") is None:
@@ -257,7 +263,7 @@ class ActivationSparsifier:
             batch = agg.batch_stat(x, dims)
             axis = fdim - sum(1 for d in dims if d < fdim)
             _check_finite(name, batch)
-            data, count = config.get("data"), x.numel() // max(batch.numel(), 1)
+            data, count = config.get("data"), _count(x, dims)
             out = []
             for idx in range(len(features)):
                 selected = batch.index_select(axis, _feature_index(features, idx, x.device))
@@ -266,8 +272,12 @@ class ActivationSparsifier:
                 except ValueError as e:
                     raise CalibrationError(f"layer {name!r}: {e}") from None
             if state.get("mask") is None:
-                state["mask"] = [torch.ones(s.value.shape, dtype=x.dtype, device=x.device) for s in out]
+                state["mask"] = [
+                    torch.ones(_mask_shape(x.shape, dims, fdim, _feature_width(features, idx)), dtype=x.dtype, device=x.device)
+                    for idx in range(len(features))
+                ]
             config["data"] = out
+            _count_inputs(state, x)
 
         return hook
 
@@ -299,18 +309,82 @@ class ActivationSparsifier:
             )
         return mask
 
-    def step(self) -> None:
-        """Turn every layer's aggregate into its mask and drop the aggregate."""
+    def _check_reached(self) -> None:
         unreached = [name for name, config in self.data_groups.items() if config.get("data") is None]
         if unreached:
             raise NoAggregateError(
                 f"layer(s) {', '.join(unreached)} have no aggregated data: registered but never reached by a forward "
                 "pass since registration or the last step(); check that the calibration data runs through them"
             )
+
+    def step(self) -> None:
+        """Turn every layer's aggregate into its mask and drop the aggregate."""
+        self._check_reached()
         with torch.no_grad():
             for name, config in self.data_groups.items():
                 self.update_mask(name, config["data"], config)
                 config.pop("data")
+                for key in ("num_samples", "num_batches"):
+                    self.state[name].pop(key, None)
+
+    # --- statistics --------------------------------------------------------------
+
+    def layer_statistics(self, name: str) -> LayerStats:
+        """The layer's aggregate so far as a :class:`LayerStats` (shares its tensors)."""
+        config = self._config(name)
+        data = config.get("data")
+        if data is None:
+            raise NoAggregateError(f"layer {name!r} has no aggregated data: run the model forward first (and before step())")
+        state = self.state[name]
+        placeholder = state["mask"] if isinstance(state["mask"], torch.Tensor) else state["mask"][0]
+        agg = config["aggregate_fn"]
+        return LayerStats(
+            stat=tuple(data) if isinstance(data, list) else data,
+            input_shape=tuple(state["input_shape"][1:]),
+            input_dtype=placeholder.dtype,
+            aggregate=agg.spec if isinstance(agg, BuiltinFn) else None,
+            features=tuple(config["features"]) if config["features"] is not None else None,
+            feature_dim=config["feature_dim"],
+            num_samples=state.get("num_samples", 0),
+            num_batches=state.get("num_batches", 0),
+            layer_types=type_names(config["layer"]),
+        )
+
+    def statistics(self) -> dict[str, LayerStats]:
+        """Every registered layer's :meth:`layer_statistics`; a layer never
+        reached is an error naming it (as in :meth:`step`)."""
+        self._check_reached()
+        return {name: self.layer_statistics(name) for name in self.data_groups}
+
+    def load_statistics(self, stats: Mapping[str, LayerStats]) -> None:
+        """Make ``stats`` the aggregates of registered layers (aggregation goes on
+        from them; ``step()`` makes their masks). Each must come from the layer's
+        aggregate function, features and feature_dim."""
+        for name, ls in stats.items():
+            config = self._config(name)
+            agg = config["aggregate_fn"]
+            spec = agg.spec if isinstance(agg, BuiltinFn) else None
+            features = tuple(config["features"]) if config["features"] is not None else None
+            if spec is None or ls.aggregate != spec or (features, config["feature_dim"]) != (ls.features, ls.feature_dim):
+                raise ConfigError(
+                    f"layer {name!r}: statistics of aggregate {ls.aggregate!r}, features {ls.features} do not fit its "
+                    f"config (aggregate {spec!r}, features {features}); register it with the statistics' settings"
+                )
+            ls.check(name)
+            shape = (1, *ls.input_shape)
+            n_sample = sample_ndim(config["layer"], len(shape))
+            state = self.state[name]
+            if features is None:
+                state["mask"] = torch.ones(_mask_shape(shape, tuple(range(n_sample))), dtype=ls.input_dtype)
+            else:
+                fdim = _normalize_dim(ls.feature_dim, len(shape), name)  # type: ignore[arg-type]
+                dims = tuple(d for d in range(n_sample) if d != fdim)
+                state["mask"] = [
+                    torch.ones(_mask_shape(shape, dims, fdim, _feature_width(list(features), i)), dtype=ls.input_dtype)
+                    for i in range(len(features))
+                ]
+            state.update(input_shape=shape, num_samples=ls.num_samples, num_batches=ls.num_batches)
+            config["data"] = ls.data
 
     def update_mask(self, name: str, data: Any, configs: dict[str, Any]) -> None:
         """Set one layer's mask to ``mask_fn(reduce_fn(data), **sparse_config)``
@@ -432,15 +506,11 @@ class ActivationSparsifier:
     def save(self, path: str | Path) -> None:
         """Write the whole state to a ``.safetensors`` file: masks and statistics
         as tensors, configs as JSON metadata; built-in functions only."""
-        from .serialize import save_sparsifier
-
-        save_sparsifier(self, Path(path))
+        save_state(self.state_dict(), Path(path))
 
     def load(self, path: str | Path) -> None:
         """Restore what :meth:`save` wrote (the model must have the same layers)."""
-        from .serialize import load_sparsifier
-
-        self.load_state_dict(load_sparsifier(Path(path)))
+        self.load_state_dict(load_state(Path(path)))
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -476,6 +546,35 @@ def _normalize_dim(dim: int, ndim: int, name: str) -> int:
     if not -ndim <= dim < ndim:
         raise ConfigError(f"feature_dim {dim} of layer {name!r} is out of range for an input with {ndim} axes")
     return dim % ndim
+
+
+def _detached(x: Any) -> Any:
+    """The input without its autograd history: aggregates never build graphs."""
+    return x.detach() if isinstance(x, torch.Tensor) else x
+
+
+def _count(x: torch.Tensor, dims: tuple[int, ...]) -> int:
+    """Samples in a batch: the product of its sample axes."""
+    return math.prod(x.shape[d] for d in dims)
+
+
+def _count_inputs(state: dict[str, Any], x: Any) -> None:
+    """Inputs along the first axis and forward calls since the last step()."""
+    rows = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim else 1
+    state["num_samples"] = state.get("num_samples", 0) + rows
+    state["num_batches"] = state.get("num_batches", 0) + 1
+
+
+def _mask_shape(shape: Any, dims: tuple[int, ...], fdim: int | None = None, width: int = 1) -> list[int]:
+    """A mask's shape for an input of ``shape`` whose ``dims`` are samples: the
+    other axes, the feature axis ``fdim`` (if any) ``width`` wide. It depends on
+    the input alone, never on the statistic (which may be larger)."""
+    return [width if d == fdim else n for d, n in enumerate(shape) if d not in dims]
+
+
+def _feature_width(features: list[Any], idx: int) -> int:
+    """How many indices feature ``idx`` selects (a feature may be a list of them)."""
+    return len(torch.tensor([features[idx]]).reshape(-1))
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:

@@ -5,8 +5,9 @@ Modes, per layer:
 - ``mul``: the layer is wrapped in :class:`MaskedInput`, which multiplies its
   input by a constant mask buffer; any mask that broadcasts against the input;
 - ``fold``: a mask that only varies along the consuming layer's input-feature
-  axis (``Linear``: last axis; ``ConvNd``: channel axis) is multiplied into the
-  layer's weight: no extra op at all;
+  axis (``Linear``: last axis; ``ConvNd``: channel axis; any module type with a
+  registered layer kind, see :mod:`actsparse_deploy.layers`) is multiplied into
+  the layer's weight: no extra op at all;
 - ``prune``: such a mask's zero features are removed. The layer loses those
   input columns / channels (the others are scaled by the mask, as in fold), and
   the ``Linear`` / ``ConvNd`` that makes them, where the graph shows that nothing
@@ -42,20 +43,22 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from .calibrate import Batch, describe_batch, eval_mode, run_batch
-from .errors import DataError, MaskError, first_line
+from .errors import DataError, MaskError, SquashError, first_line
 from .export import flatten_outputs
 from .graph import Dataflow
+from .layers import Cut, LayerKind, layer_kind, why_unregistered
 from .masks import LayerMask, Masks
 
 __all__ = ["MODES", "MaskedInput", "PrunedInput", "SquashResult", "squash", "squash_"]
 
-MODES = ("auto", "mul", "fold", "prune")
+from .constants import MODES  # noqa: E402  (one definition, light for the CLI)
 #: prune vs mul on the check batches: ``|pruned - mul| <= ATOL * max(1, max|mul|) + RTOL * |mul|``.
 PRUNE_RTOL = 1e-4
 PRUNE_ATOL = 1e-5
@@ -67,6 +70,7 @@ class MaskedInput(nn.Module):
     def __init__(self, module: nn.Module, mask: torch.Tensor) -> None:
         super().__init__()
         self.module = module
+        self.mask: torch.Tensor
         self.register_buffer("mask", mask)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -81,6 +85,7 @@ class PrunedInput(nn.Module):
         super().__init__()
         self.module = module
         self.axis = axis
+        self.index: torch.Tensor
         self.register_buffer("index", index)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -117,25 +122,35 @@ def _replace_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _foldable(layer: nn.Module) -> tuple[LayerKind | None, int | None, str]:
+    """The layer's kind and the input-feature axis (negative, from the right) a
+    fold would scale, or None and why it cannot fold."""
+    kind = layer_kind(layer)
+    if kind is None:
+        return None, None, why_unregistered(layer)
+    why = kind.why_not_foldable(layer)
+    axis = kind.feature_axis(layer) if why is None else None
+    if why is None and axis is None:
+        why = f"{type(layer).__name__} has no input-feature axis fixed from the right to fold along"
+    return kind, axis, why or ""
+
+
 def _feature_axis(layer: nn.Module) -> int | None:
     """The input-feature axis (negative, from the right) a fold would scale, or None."""
-    if isinstance(layer, nn.Linear):
-        return -1
-    if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups == 1:
-        return -(len(layer.kernel_size) + 1)
-    return None
+    return _foldable(layer)[1]
 
 
 def _n_features(layer: nn.Module) -> int:
-    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels  # type: ignore[return-value]
+    kind = layer_kind(layer)
+    assert kind is not None
+    return kind.in_features(layer)
 
 
 def fold_vector(layer: nn.Module, mask: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     """The per-input-feature scale a fold would apply, or None and why not."""
-    axis = _feature_axis(layer)
+    _, axis, why = _foldable(layer)
     if axis is None:
-        kind = type(layer).__name__ + (" with groups" if isinstance(layer, nn.modules.conv._ConvNd) else "")
-        return None, f"{kind} has no weight to fold into"
+        return None, why
     shape = (1,) * max(0, -axis - mask.ndim) + tuple(mask.shape)
     others = [size for i, size in enumerate(shape) if i != len(shape) + axis]
     if any(size != 1 for size in others):
@@ -148,18 +163,11 @@ def fold_vector(layer: nn.Module, mask: torch.Tensor) -> tuple[torch.Tensor | No
 
 
 def _fold(layer: nn.Module, vector: torch.Tensor) -> None:
-    """The scaled weight becomes a new parameter: a weight tied to another layer
-    (shared with it) keeps its values there."""
-    with torch.no_grad():
-        weight = layer.weight
-        v = vector.to(weight.dtype)
-        if isinstance(layer, nn.Linear):
-            scaled = weight * v
-        elif isinstance(layer, nn.modules.conv._ConvTransposeNd):
-            scaled = weight * v.reshape(-1, *([1] * (weight.ndim - 1)))  # (in, out, *k)
-        else:
-            scaled = weight * v.reshape(1, -1, *([1] * (weight.ndim - 2)))  # (out, in, *k)
-        layer.weight = nn.Parameter(scaled, requires_grad=weight.requires_grad)
+    """The layer kind's fold: the scaled weight becomes a new parameter, so a
+    weight tied to another layer (shared with it) keeps its values there."""
+    kind = layer_kind(layer)
+    assert kind is not None
+    kind.fold(layer, vector)
 
 
 def _dense(name: str, layer: nn.Module, lm: LayerMask) -> torch.Tensor:
@@ -190,6 +198,10 @@ def _check_fits(name: str, layer: nn.Module, mask: torch.Tensor, lm: LayerMask) 
         )
 
 
+def _gathered(layer: nn.Module, index: torch.Tensor, axis: int) -> PrunedInput:
+    return PrunedInput(layer, index.to(next(layer.parameters()).device), axis)
+
+
 def _masked(layer: nn.Module, mask: torch.Tensor) -> MaskedInput:
     weight = next(layer.parameters(), None)
     dtype = weight.dtype if weight is not None and weight.is_floating_point() else mask.dtype
@@ -215,7 +227,7 @@ def squash_(
     ``CONV_CHANNEL_MULTIPLE``; 1 keeps exactly the unmasked ones).
     """
     if mode not in MODES:
-        raise MaskError(f"unknown squash mode {mode!r}; known: {', '.join(MODES)}")
+        raise SquashError(f"unknown squash mode {mode!r}; known: {', '.join(MODES)}")
     if not isinstance(masks, Masks):
         masks = Masks.from_sparsifier(masks)
     masks.check()  # the tensors may have changed since the masks were made
@@ -226,11 +238,11 @@ def squash_(
             f"masks name layer(s) {', '.join(unknown)} that the model does not have: the masks come from another model"
         )
     if mode == "prune" and example is None:
-        raise MaskError(
+        raise SquashError(
             "prune needs an example batch (squash(model, masks, 'prune', example=batch)): it traces the model "
             "on it to find which layers make each masked layer's input, and checks the pruned model on it"
         )
-    if mode == "prune" or (mode == "auto" and example is not None):
+    if example is not None and mode in ("prune", "auto"):
         multiple = CONV_CHANNEL_MULTIPLE if channel_multiple is None else channel_multiple
         return _squash_pruning(model, masks, mode, example, list(check_batches), multiple)
     result = SquashResult(model)
@@ -241,7 +253,7 @@ def squash_(
         _check_fits(name, layer, mask, masks[name])
         vector, why = fold_vector(layer, mask)
         if mode == "fold" and vector is None:
-            raise MaskError(f"layer {name!r} cannot be folded: {why}; use --mode mul or auto")
+            raise SquashError(f"layer {name!r} cannot be folded: {why}; use mode='mul' or 'auto'")
         plan.append((name, masks[name], layer, mask, vector, why))
     for name, lm, layer, mask, vector, why in plan:
         if mode != "mul" and vector is not None:
@@ -271,57 +283,11 @@ def squash(
 # --- prune ---------------------------------------------------------------------------
 
 
-@dataclass
-class _Cut:
-    """How one layer is rebuilt: input features scaled by ``in_scale`` (one value
-    per input feature), then only ``in_keep`` of them kept; only ``out_keep``
-    output features kept (a BatchNorm: only ``out_keep`` channels)."""
-
-    in_scale: torch.Tensor | None = None
-    in_keep: torch.Tensor | None = None
-    out_keep: torch.Tensor | None = None
-
-
-def _weight_dims(layer: nn.Module) -> tuple[int, int]:
-    """(input-feature dim, output-feature dim) of the layer's weight."""
-    return (0, 1) if isinstance(layer, nn.modules.conv._ConvTransposeNd) else (1, 0)
-
-
-def _shrunk(layer: nn.Module, cut: _Cut) -> nn.Module:
-    """A copy of ``layer`` (same class) with the cut applied to its parameters."""
-    new = copy.deepcopy(layer)
-    with torch.no_grad():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            keep = cut.out_keep
-            assert keep is not None
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                value = getattr(layer, name)
-                if value is None:
-                    continue
-                kept = value.detach().index_select(0, keep.to(value.device)).clone()
-                setattr(new, name, nn.Parameter(kept, value.requires_grad) if isinstance(value, nn.Parameter) else kept)
-            new.num_features = int(keep.numel())
-            return new
-        in_dim, out_dim = _weight_dims(layer)
-        weight = layer.weight.detach()
-        if cut.in_scale is not None:
-            shape = [1] * weight.ndim
-            shape[in_dim] = -1
-            weight = weight * cut.in_scale.to(weight.dtype).to(weight.device).reshape(shape)
-        if cut.in_keep is not None:
-            weight = weight.index_select(in_dim, cut.in_keep.to(weight.device))
-        if cut.out_keep is not None:
-            weight = weight.index_select(out_dim, cut.out_keep.to(weight.device))
-            if layer.bias is not None:
-                bias = layer.bias.detach().index_select(0, cut.out_keep.to(weight.device))
-                new.bias = nn.Parameter(bias.clone(), layer.bias.requires_grad)
-        new.weight = nn.Parameter(weight.contiguous().clone(), layer.weight.requires_grad)
-        n_in, n_out = weight.shape[in_dim], weight.shape[out_dim]
-        if isinstance(layer, nn.Linear):
-            new.in_features, new.out_features = n_in, n_out
-        else:
-            new.in_channels, new.out_channels = n_in, n_out
-    return new
+def _shrunk(layer: nn.Module, cut: Cut) -> nn.Module:
+    """A copy of ``layer`` (same class) with the cut applied by its layer kind."""
+    kind = layer_kind(layer)
+    assert kind is not None
+    return kind.shrink(layer, cut)
 
 
 #: onnxruntime's CPU convolutions run blocked by 8 channels: 14 channels ran
@@ -357,7 +323,7 @@ def _squash_pruning(
     """``prune`` and ``auto`` with an example: plan every layer on the original
     graph, apply the plan (module swaps only), check it against ``mul``, undo on failure."""
     if "" in masks.layers:
-        raise MaskError("a mask on the model itself (layer '') cannot be squashed: mask its layers instead")
+        raise SquashError("a mask on the model itself (layer '') cannot be squashed: mask its layers instead")
     result = SquashResult(model)
     layers: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor | None, str]] = {}
     for name in masks:
@@ -367,7 +333,7 @@ def _squash_pruning(
         _check_fits(name, layer, mask, lm)
         vector, why = fold_vector(layer, mask)
         if mode == "prune" and vector is None:
-            raise MaskError(f"layer {name!r} cannot be pruned: {why}; use --mode mul or auto")
+            raise SquashError(f"layer {name!r} cannot be pruned: {why}; use mode='mul' or 'auto'")
         layers[name] = (layer, mask, vector, why)
         result.sparsity[name] = lm.sparsity
     flow: Dataflow | None = None
@@ -375,27 +341,27 @@ def _squash_pruning(
     if any(vector is not None for _, _, vector, _ in layers.values()):
         try:
             flow = Dataflow(model, example)
-        except MaskError as e:
+        except (SquashError, MaskError) as e:  # MaskError: an example the analysis cannot read
             if mode == "prune":
                 raise
             flow_error = str(e)
     reference = squash_(copy.deepcopy(model), masks, "mul").model
 
-    cuts: dict[str, _Cut] = {}
+    cuts: dict[str, Cut] = {}
     wraps: dict[str, Callable[[nn.Module], nn.Module]] = {}
     for name, (layer, mask, vector, why) in layers.items():
         if vector is None:  # auto: neither prune nor fold
-            wraps[name] = lambda m, mask=mask: _masked(m, mask)
+            wraps[name] = partial(_masked, mask=mask)
             result.modes[name], result.reasons[name] = "mul", why
             continue
-        cuts.setdefault(name, _Cut()).in_scale = vector
+        cuts.setdefault(name, Cut()).in_scale = vector
         n = vector.numel()
         kept = torch.nonzero(vector != 0).flatten()
         why_more = ""
         if kept.numel() == 0:  # keep one feature, multiplied by 0, so no tensor is empty
             kept = torch.zeros(1, dtype=torch.long)
             why_more = "no tensor is empty"
-        if isinstance(layer, nn.modules.conv._ConvNd):
+        if getattr(layer_kind(layer), "aligned", False):
             aligned = _aligned(kept, n, channel_multiple)
             if aligned.numel() > kept.numel():
                 why_more = f"{aligned.numel()} channels, a multiple of {channel_multiple}, are kept"
@@ -411,7 +377,7 @@ def _squash_pruning(
         if removed and chain is not None:
             cuts[name].in_keep = kept
             for fqn in (chain.producer, *chain.norms):
-                cuts.setdefault(fqn, _Cut()).out_keep = kept
+                cuts.setdefault(fqn, Cut()).out_keep = kept
             via = f" (and {', '.join(chain.norms)})" if chain.norms else ""
             result.modes[name] = "prune"
             result.reasons[name] = f"removed {removed} of {n} features from {chain.producer}{via} and this layer{rounding}"
@@ -419,7 +385,7 @@ def _squash_pruning(
             cuts[name].in_keep = kept
             axis = _feature_axis(layer)
             assert axis is not None
-            wraps[name] = lambda m, kept=kept, axis=axis: PrunedInput(m, kept.to(next(m.parameters()).device), axis)
+            wraps[name] = partial(_gathered, index=kept, axis=axis)
             result.modes[name] = "prune"
             result.reasons[name] = (
                 f"consumer only: removed {removed} of {n} input features of this layer, gathered before it "
@@ -454,7 +420,13 @@ def _squash_pruning(
 
 def _check_exact(model: nn.Module, reference: nn.Module, batches: list[Batch]) -> float:
     """The largest difference between ``model`` and ``reference`` (the ``mul``
-    squash) over ``batches``; raises if any output is over the tolerance."""
+    squash) over ``batches``; raises if any output is over the tolerance
+    (:mod:`actsparse_deploy.compare`: ``PRUNE_ATOL`` scaled by the output's
+    magnitude, plus ``PRUNE_RTOL``; integer outputs equal; the same NaN agrees)."""
+    from .compare import Tolerance, compare_outputs
+
+    tolerance = Tolerance(PRUNE_ATOL, PRUNE_RTOL, scale_atol=True, nan_equal=True)
+    fallback = 'a bug in the dataflow analysis: use mode "fold" meanwhile'
     worst = 0.0
     with eval_mode(model), eval_mode(reference):
         for i, batch in enumerate(batches):
@@ -468,39 +440,15 @@ def _check_exact(model: nn.Module, reference: nn.Module, batches: list[Batch]) -
             try:
                 got = flatten_outputs(run_batch(model, batch))
             except (RuntimeError, ValueError, IndexError, TypeError) as e:
-                raise MaskError(
+                raise SquashError(
                     f"the pruned model fails on check batch {i} ({describe_batch(batch)}) where the mul squash runs: "
-                    f"{type(e).__name__}: {first_line(e)}; the model is left as it was "
-                    "(a bug in the dataflow analysis: use --mode fold meanwhile)"
+                    f"{type(e).__name__}: {first_line(e)}; the model is left as it was ({fallback})"
                 ) from e
-            problem = f"{len(got)} outputs, the mul squash {len(want)}" if len(got) != len(want) else ""
-            for j, (g, w) in enumerate(zip(got, want)):
-                if problem:
-                    break
-                if g.shape != w.shape or g.dtype != w.dtype:
-                    problem = f"output {j} is {g.dtype}{list(g.shape)}, the mul squash's {w.dtype}{list(w.shape)}"
-                    break
-                if not (g.is_floating_point() or g.is_complex()):
-                    if not torch.equal(g, w):
-                        problem = f"output {j} differs from the mul squash's"
-                    continue
-                g64, w64 = g.detach().double(), w.detach().double()
-                finite = torch.isfinite(w64)
-                scale = float(w64[finite].abs().max()) if bool(finite.any()) else 1.0
-                diff = (g64 - w64).abs()
-                same = (g64 == w64) | (torch.isnan(g64) & torch.isnan(w64))
-                bound = PRUNE_ATOL * max(1.0, scale) + PRUNE_RTOL * w64.abs()
-                bad = ~same & ~(diff <= bound)
-                if diff.numel():
-                    worst = max(worst, float(torch.where(same, torch.zeros_like(diff), diff).max()))
-                if bool(bad.any()):
-                    problem = (
-                        f"output {j} differs from the mul squash's by up to {float(diff[bad].max()):.3g} "
-                        f"(tolerance {PRUNE_ATOL:g} * max(1, {scale:.3g}) + {PRUNE_RTOL:g} * |mul|)"
-                    )
-            if problem:
-                raise MaskError(
-                    f"the pruned model is not exact on check batch {i} ({describe_batch(batch)}): {problem}; "
-                    "the model is left as it was (a bug in the dataflow analysis: use --mode fold meanwhile)"
+            diffs, problems = compare_outputs(got, want, tolerance, sides=("pruned", "mul"))
+            worst = max([worst, *(d.max_abs for d in diffs)])
+            if problems:
+                raise SquashError(
+                    f"the pruned model is not exact on check batch {i} ({describe_batch(batch)}): {'; '.join(problems)}; "
+                    f"the model is left as it was ({fallback})"
                 )
     return worst

@@ -5,8 +5,11 @@ the same held-out inputs, at several batch sizes. The inputs come first: their
 names (a dict batch's keys, else the I/O spec's names, else ``input`` /
 ``input_0, input_1, ...`` as :meth:`IOSpec.infer` names them: never fed by
 position alone), ranks, dtypes and every dimension the ONNX model fixes must fit
-the batch and the I/O spec's dynamic axes. Then output names, shapes, dtypes and
-values (``|onnx - torch| <= atol + rtol * |torch|``); a NaN or Inf on either
+the batch and the I/O spec's dynamic axes. Then output names, the shapes the
+ONNX model declares for its outputs (rank and every fixed dimension, against
+what PyTorch gives, and nothing fixed on an axis the I/O spec makes dynamic),
+then shapes, dtypes and values (``|onnx - torch| <= atol + rtol * |torch|``,
+compared by :mod:`actsparse_deploy.compare`); a NaN or Inf on either
 side fails, counted and named. Every failure is collected and raised as one
 :class:`ValidationError` that lists each output's max abs and max rel difference
 and the tolerance. A mismatch is never a warning.
@@ -35,22 +38,23 @@ import contextlib
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .calibrate import Batch, batch_size, eval_mode, run_batch
-from .errors import ValidationError, first_line
-from .export import IOSpec, flatten_outputs
+from .batches import Batch, flatten_outputs, is_named, named_tensors, numpy_feeds, resize_batches, run_batch
+from .calibrate import eval_mode
+from .compare import OutputDiff, Tolerance
+from .errors import DataError, ValidationError, first_line
+from .export import IOSpec
 
-__all__ = ["OutputDiff", "ValidationReport", "compare_models", "onnx_session", "resize_batches", "run_session", "validate"]
+__all__ = ["OutputDiff", "ValidationReport", "onnx_feeds", "onnx_session", "resize_batches", "run_session", "validate"]
 
-DEFAULT_ATOL = 1e-4
-DEFAULT_RTOL = 0.0
+from .constants import DEFAULT_ATOL, DEFAULT_RTOL  # noqa: E402  (one definition, light for the CLI)
 DEFAULT_BATCH_SIZES = (1, 3, 5)
 #: how often the waiting thread looks at the clock (and takes signals) while onnxruntime runs
 POLL_SECONDS = 0.05
@@ -65,68 +69,6 @@ _ORT_DTYPES = {
         ("uint8", "uint8"), ("uint16", "uint16"), ("uint32", "uint32"), ("uint64", "uint64"),
     ]
 }
-
-
-@dataclass
-class OutputDiff:
-    """The worst difference seen on one output over all validation batches."""
-
-    name: str
-    max_abs: float = 0.0
-    max_rel: float = 0.0
-    #: the verdict's own figure: worst ``|onnx - torch| / (atol + rtol * |torch|)`` (over 1 fails)
-    max_tolerance_used: float = 0.0
-    shape_errors: list[str] = field(default_factory=list)
-    dtype_error: str | None = None
-    over_tolerance: bool = False
-    values: int = 0
-    #: NaN / Inf counts, ``{"NaN in the ONNX output": n, ...}``
-    non_finite: dict[str, int] = field(default_factory=dict)
-
-    def update(self, got: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> None:
-        got64, want64 = got.astype(np.float64), want.astype(np.float64)
-        self.values += got64.size
-        for side, values in (("ONNX", got64), ("PyTorch", want64)):
-            for word, count in (("NaN", np.isnan(values).sum()), ("Inf", np.isinf(values).sum())):
-                if count:
-                    key = f"{word} in the {side} output"
-                    self.non_finite[key] = self.non_finite.get(key, 0) + int(count)
-        finite = np.isfinite(got64) & np.isfinite(want64)  # non-finite values fail on their own, counted
-        diff = np.abs(got64[finite] - want64[finite])
-        scale = np.abs(want64[finite])
-        if diff.size:
-            self.max_abs = max(self.max_abs, float(diff.max()))
-            self.max_rel = max(self.max_rel, float((diff / np.maximum(scale, np.finfo(np.float32).tiny)).max()))
-            tolerance = atol + rtol * scale
-            used = np.where(tolerance > 0, diff / np.where(tolerance > 0, tolerance, 1.0), np.where(diff > 0, np.inf, 0.0))
-            self.max_tolerance_used = max(self.max_tolerance_used, float(used.max()))
-            if not np.all(diff <= tolerance):
-                self.over_tolerance = True
-
-    def problems(self, atol: float, rtol: float) -> list[str]:
-        found = []
-        if self.shape_errors:
-            found.append(f"{self.name}: shape mismatch ({'; '.join(self.shape_errors)})")
-        if self.dtype_error:
-            found.append(f"{self.name}: dtype mismatch ({self.dtype_error})")
-        if self.non_finite:
-            counts = ", ".join(f"{key} ({n} of {self.values} values)" for key, n in self.non_finite.items())
-            found.append(f"{self.name}: {counts}; a NaN or Inf never validates")
-        if self.over_tolerance:
-            found.append(
-                f"{self.name}: max abs diff {self.max_abs:.3g}, max rel diff {self.max_rel:.3g} "
-                f"over tolerance atol {atol:g} + rtol {rtol:g} * |PyTorch|"
-            )
-        return found
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "output": self.name,
-            "max_abs_diff": self.max_abs,
-            "max_rel_diff": self.max_rel,
-            "max_tolerance_used": self.max_tolerance_used,
-            "shape_errors": self.shape_errors,
-        }
 
 
 @dataclass
@@ -220,20 +162,14 @@ def run_session(session: Any, feeds: Mapping[str, np.ndarray], deadline: float |
 
 
 def _named_inputs(batch: Batch, input_names: Sequence[str] | None) -> dict[str, torch.Tensor]:
-    """A batch's tensors by input name: a dict's keys, else the I/O spec's names,
-    else the names export gives (``input`` / ``input_0, input_1, ...``)."""
-    if isinstance(batch, Mapping):
-        return dict(batch)
-    tensors = [batch] if isinstance(batch, torch.Tensor) else list(batch)
-    names = list(input_names) if input_names is not None else list(IOSpec.infer(batch, 1).input_names)
-    if len(names) != len(tensors):
-        raise ValidationError(
-            f"a batch holds {len(tensors)} input tensor(s) but the I/O spec names {len(names)} ({', '.join(names)})"
-        )
-    return dict(zip(names, tensors))
+    """A batch's tensors by input name (see :func:`actsparse_deploy.batches.named_tensors`)."""
+    try:
+        return named_tensors(batch, input_names)
+    except DataError as e:
+        raise ValidationError(str(e)) from e
 
 
-def _feeds(session: Any, batch: Batch, io_spec: IOSpec | None = None) -> dict[str, np.ndarray]:
+def onnx_feeds(session: Any, batch: Batch, io_spec: IOSpec | None = None) -> dict[str, np.ndarray]:
     """The batch as onnxruntime feeds, after checking it fits the ONNX model's
     declared inputs: names, ranks, dtypes, fixed dimensions (and the I/O spec's
     dynamic axes are not fixed there)."""
@@ -241,7 +177,7 @@ def _feeds(session: Any, batch: Batch, io_spec: IOSpec | None = None) -> dict[st
     expected = [i.name for i in declared]
     given = _named_inputs(batch, io_spec.input_names if io_spec is not None else None)
     if len(given) != len(expected) or set(given) != set(expected):
-        hint = "" if isinstance(batch, Mapping) else (
+        hint = "" if is_named(batch) else (
             " (a tensor or tuple batch is named by the I/O spec, else input / input_0, input_1, ...: "
             "pass a dict batch to name the inputs)"
         )
@@ -253,54 +189,14 @@ def _feeds(session: Any, batch: Batch, io_spec: IOSpec | None = None) -> dict[st
     for meta in declared:
         tensor = given[meta.name]
         shape = list(meta.shape or [])
-        dynamic = io_spec.dynamic_axes.get(meta.name, {}) if io_spec is not None else {}
-        if shape and len(shape) != tensor.ndim:  # [] is also what onnxruntime says for an unknown rank
-            problems.append(
-                f"input {meta.name}: the ONNX model declares rank {len(shape)} ({shape}), "
-                f"the batch has rank {tensor.ndim} ({list(tensor.shape)})"
-            )
-        elif shape:
-            for axis, dim in enumerate(shape):
-                if not isinstance(dim, int):
-                    continue
-                if axis in dynamic:
-                    problems.append(
-                        f"input {meta.name} axis {axis}: the ONNX model fixes it to {dim}, "
-                        f"the I/O spec makes it dynamic ({dynamic[axis]})"
-                    )
-                elif dim != tensor.shape[axis]:
-                    problems.append(
-                        f"input {meta.name} axis {axis}: the ONNX model fixes it to {dim}, the batch has {tensor.shape[axis]}"
-                    )
+        if shape:  # [] is also what onnxruntime says for an unknown rank
+            problems += _shape_problems(f"input {meta.name}", shape, tuple(tensor.shape), "the batch has", io_spec)
         want, have = _ORT_DTYPES.get(meta.type), str(tensor.dtype).removeprefix("torch.")
         if want is not None and want != have:
             problems.append(f"input {meta.name}: the ONNX model takes {want}, the batch is {have}")
     if problems:
         raise ValidationError("the inputs do not fit the ONNX model: " + "; ".join(problems))
-    return {name: given[name].detach().cpu().numpy() for name in expected}
-
-
-def _slice(batch: Batch, start: int, stop: int) -> Batch:
-    if isinstance(batch, torch.Tensor):
-        return batch[start:stop]
-    if isinstance(batch, Mapping):
-        return {k: v[start:stop] for k, v in batch.items()}
-    return tuple(t[start:stop] for t in batch)
-
-
-def resize_batches(batches: Iterable[Batch], size: int, max_samples: int | None = None) -> list[Batch]:
-    """Cut each batch into pieces of exactly ``size`` rows (a shorter remainder is
-    dropped), keeping each batch's other axes (sequence length) as they are."""
-    out: list[Batch] = []
-    taken = 0
-    for batch in batches:
-        n = batch_size(batch)
-        for start in range(0, n - size + 1, size):
-            if max_samples is not None and taken + size > max_samples:
-                return out
-            out.append(_slice(batch, start, start + size))
-            taken += size
-    return out
+    return numpy_feeds(given, expected)
 
 
 def validate(
@@ -353,7 +249,10 @@ def _validate(
 ) -> ValidationReport:
     session = onnx_session(onnx_path)
     onnx_names = [o.name for o in session.get_outputs()]
+    declared = _declared_outputs(onnx_path)
+    tolerance = Tolerance(atol, rtol)
     problems: list[str] = []
+    shape_problems: list[str] = []
     if output_names is not None and list(output_names) != onnx_names:
         problems.append(f"output names: ONNX has {onnx_names}, expected {list(output_names)}")
     diffs = [OutputDiff(name) for name in onnx_names]
@@ -364,7 +263,7 @@ def _validate(
     def timed_out(size: int, where: str) -> ValidationError:
         return ValidationError(
             f"validation of {onnx_path} timed out after {timeout:g} s at batch size {size}: {where}; "
-            "give a larger --timeout if the model is only slow"
+            "give a larger `timeout` if the model is only slow"
         )
 
     for size in batch_sizes:
@@ -375,7 +274,7 @@ def _validate(
         for piece in pieces:
             if count_mismatch:
                 break
-            feeds = _feeds(session, piece, io_spec)
+            feeds = onnx_feeds(session, piece, io_spec)
             with torch.no_grad():
                 want = [t.detach().cpu().numpy() for t in flatten_outputs(run_batch(model, piece))]
             if deadline is not None and time.monotonic() >= deadline:
@@ -391,20 +290,19 @@ def _validate(
                 count_mismatch = True  # said once: the other batch sizes would only repeat it
                 break
             samples += size
+            for problem in _declared_output_problems(declared, want, io_spec):
+                if problem not in shape_problems:
+                    shape_problems.append(problem)
             for diff, g, w in zip(diffs, got, want):
-                if g.dtype != w.dtype and diff.dtype_error is None:
-                    diff.dtype_error = f"ONNX {g.dtype} vs PyTorch {w.dtype}"
-                if g.shape != w.shape:
-                    if len(diff.shape_errors) < 3:
-                        diff.shape_errors.append(f"batch size {size}: ONNX {list(g.shape)} vs PyTorch {list(w.shape)}")
-                    continue
-                diff.update(g, w, atol, rtol)
+                diff.compare(g, w, tolerance, where=f"batch size {size}: ")
     if len(sizes_run) < min(2, len(batch_sizes)):
         raise ValidationError(
             f"too little held-out data to validate at {min(2, len(batch_sizes))} batch sizes of {list(batch_sizes)}"
         )
+    if shape_problems:
+        problems.append("the declared output shapes do not fit what PyTorch gives: " + "; ".join(shape_problems))
     for diff in diffs:
-        problems.extend(diff.problems(atol, rtol))
+        problems.extend(diff.problems(tolerance))
     report = ValidationReport(str(onnx_path), not problems, atol, rtol, sizes_run, samples, diffs)
     if problems:
         summary = "; ".join(f"{d.name} max abs {d.max_abs:.3g} max rel {d.max_rel:.3g}" for d in diffs)
@@ -414,24 +312,57 @@ def _validate(
     return report
 
 
-def compare_models(dense: nn.Module, sparse: nn.Module, batches: Iterable[Batch]) -> list[dict[str, Any]]:
-    """What sparsification cost, per output: max abs diff and per-sample cosine
-    similarity (mean and worst) of the sparse model's outputs to the dense one's."""
-    stats: list[dict[str, Any]] = []
-    cosines: list[list[np.ndarray]] = []
-    with torch.no_grad(), _eval(dense, sparse):
-        for batch in batches:
-            a = flatten_outputs(run_batch(dense, batch))
-            b = flatten_outputs(run_batch(sparse, batch))
-            if not stats:
-                stats = [{"output": i, "max_abs_diff": 0.0} for i in range(len(a))]
-                cosines = [[] for _ in a]
-            for i, (x, y) in enumerate(zip(a, b)):
-                x64, y64 = x.double().reshape(x.shape[0], -1), y.double().reshape(y.shape[0], -1)
-                stats[i]["max_abs_diff"] = max(stats[i]["max_abs_diff"], float((x64 - y64).abs().max()))
-                cosines[i].append(torch.nn.functional.cosine_similarity(x64, y64, dim=1, eps=1e-12).numpy())
-    for stat, cos in zip(stats, cosines):
-        values = np.concatenate(cos)
-        stat["cosine_mean"] = float(values.mean())
-        stat["cosine_min"] = float(values.min())
-    return stats
+def _declared_outputs(path: str | Path) -> list[tuple[str, list[int | str | None] | None]]:
+    """Each graph output's name and shape as the file declares it (onnxruntime
+    reports its own inferred shape instead): an int per fixed dimension, a name
+    or None per free one; None for an unknown rank."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises protobuf's and its own exception types
+        raise ValidationError(f"cannot read the declared outputs of {path}: {first_line(e)}") from e
+    found: list[tuple[str, list[int | str | None] | None]] = []
+    for value in proto.graph.output:
+        tensor = value.type.tensor_type
+        if not tensor.HasField("shape"):
+            found.append((value.name, None))
+            continue
+        dims: list[int | str | None] = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim
+        ]
+        found.append((value.name, dims))
+    return found
+
+
+def _shape_problems(
+    what: str, declared: Sequence[int | str | None], actual: tuple[int, ...], side: str, io_spec: IOSpec | None
+) -> list[str]:
+    """A declared shape against an actual one: the rank, every dimension the
+    ONNX model fixes, and none fixed where the I/O spec makes the axis dynamic.
+    ``what``: ``input x`` / ``output y``; ``side``: who has ``actual``."""
+    if len(declared) != len(actual):
+        return [f"{what}: the ONNX model declares rank {len(declared)} ({list(declared)}), {side} rank {len(actual)} ({list(actual)})"]
+    dynamic = io_spec.dynamic_axes.get(what.split(" ", 1)[1], {}) if io_spec is not None else {}
+    problems: list[str] = []
+    for axis, dim in enumerate(declared):
+        if not isinstance(dim, int):
+            continue
+        if axis in dynamic:
+            problems.append(f"{what} axis {axis}: the ONNX model fixes it to {dim}, the I/O spec makes it dynamic ({dynamic[axis]})")
+        elif dim != actual[axis]:
+            problems.append(f"{what} axis {axis}: the ONNX model fixes it to {dim}, {side} {actual[axis]}")
+    return problems
+
+
+def _declared_output_problems(
+    declared: Sequence[tuple[str, list[int | str | None] | None]], outputs: Sequence[np.ndarray], io_spec: IOSpec | None
+) -> list[str]:
+    """The ONNX model's declared output shapes against what PyTorch gave. A
+    declared shape that lies breaks every consumer that reads it (buffers
+    allocated from it, shape inference downstream); an unknown rank declares nothing."""
+    problems: list[str] = []
+    for (name, shape), out in zip(declared, outputs):
+        if shape is not None:
+            problems += _shape_problems(f"output {name}", shape, tuple(out.shape), "PyTorch gives", io_spec)
+    return problems

@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
@@ -34,7 +34,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from actsparse_deploy import minilm
 from actsparse_deploy.errors import DataError, ModelLoadError, WeightsError
+
+if TYPE_CHECKING:
+    from actsparse_deploy.export import IOSpec
 
 __all__ = [
     "SPLIT_SEED",
@@ -195,7 +199,10 @@ class BuiltinModel:
     ``factory`` builds the architecture; ``loader`` (default: ``factory`` plus
     ``models/<weights_filename>``) gives the trained model. ``data(split,
     batch_size)`` returns ``"calibration"`` or ``"heldout"`` batches; ``labels()``
-    the held-out labels of a classifier.
+    the held-out labels of a classifier. ``input_names``, ``output_names`` and
+    ``axes`` (each tensor's dynamic axes; default: the batch axis of every one)
+    are the model's one I/O spec (:meth:`io_spec`), which export, ``.pt2``
+    capture and validation all use.
     """
 
     name: str
@@ -209,7 +216,7 @@ class BuiltinModel:
     labels: Callable[[], torch.Tensor] | None = None
     input_names: tuple[str, ...] = ("input",)
     output_names: tuple[str, ...] = ("logits",)
-    sequence_axis: bool = False
+    axes: Mapping[str, Mapping[int, str]] | None = None
     batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -229,11 +236,24 @@ class BuiltinModel:
             )
         if self.task not in ("classification", "embedding"):
             raise ValueError(f"built-in {self.name!r}: unknown task {self.task!r}")
+        tensors = set(self.input_names + self.output_names)
+        if self.axes is not None and (set(self.axes) != tensors or not all(0 in a for a in self.axes.values())):
+            raise ValueError(
+                f"built-in {self.name!r}: axes must give each input and output ({', '.join(sorted(tensors))}) "
+                "its dynamic axes, the batch axis 0 included"
+            )
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        """Batch axis dynamic on every input and output; sequence too where it has one."""
-        axes = {0: "batch", 1: "sequence"} if self.sequence_axis else {0: "batch"}
-        return {name: dict(axes) for name in self.input_names + self.output_names}
+        """Each input's and output's dynamic axes (``{name: {axis: dim_name}}``)."""
+        if self.axes is None:
+            return {name: {0: "batch"} for name in self.input_names + self.output_names}
+        return {name: dict(axes) for name, axes in self.axes.items()}
+
+    def io_spec(self) -> "IOSpec":
+        """The model's I/O spec: names and dynamic axes of its inputs and outputs."""
+        from actsparse_deploy.export import IOSpec
+
+        return IOSpec(self.input_names, self.output_names, self.dynamic_axes())
 
 
 def _digits_data(split: str, batch_size: int) -> list[torch.Tensor]:
@@ -280,9 +300,9 @@ _BUILTINS: dict[str, BuiltinModel] = {
             task="embedding",
             loader=_minilm_factory,
             data=_minilm_data,
-            input_names=("input_ids", "attention_mask"),
-            output_names=("token_embeddings", "sentence_embedding"),
-            sequence_axis=True,
+            input_names=minilm.INPUT_NAMES,
+            output_names=minilm.OUTPUT_NAMES,
+            axes=minilm.DYNAMIC_AXES,
             batch_size=8,
         ),
     )
@@ -369,16 +389,10 @@ def builtin_metadata(name: str) -> dict[str, str]:
 
 
 def classification_accuracy(model: nn.Module, split: str = "test") -> float:
-    """Top-1 accuracy of ``model`` on a digits split, in eval mode without gradients.
-
-    The model's train / eval mode is restored afterwards.
+    """Top-1 accuracy of ``model`` on a digits split, in eval mode without gradients
+    (:func:`actsparse_deploy.metrics.accuracy`). The model's train / eval mode is restored afterwards.
     """
+    from actsparse_deploy.metrics import accuracy
+
     images, labels = digits_split(split)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            predictions = model(images).argmax(dim=1)
-    finally:
-        model.train(was_training)
-    return float((predictions == labels).float().mean().item())
+    return accuracy(model, [images], labels)

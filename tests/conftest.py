@@ -1,39 +1,24 @@
+"""Fixtures shared by the tests (helpers they import live in tests/helpers.py).
+
+Expensive outputs are made once per session and only read by the tests: the
+digits files (``digits_files``) and the commands of ``background`` (one MiniLM
+``convert`` per exporter, the benchmark), run in real processes started as soon
+as the selected tests are known, on the second core while the tests go on."""
+
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+
+from .helpers import BackgroundCommands, DigitsFiles, TinyConv, TinyMLP, background_selection
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
-
-
-class TinyMLP(nn.Module):
-    def __init__(self, d_in: int = 6, hidden: int = 8, d_out: int = 3) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(d_in, hidden)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(hidden, hidden)
-        self.fc3 = nn.Linear(hidden, d_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
-
-
-class TinyConv(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.act = nn.ReLU()
-        self.conv2 = nn.Conv2d(4, 5, 3, padding=1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(5, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.conv2(self.act(self.conv1(x))))
-        return self.fc(self.pool(h).flatten(1))
 
 
 @pytest.fixture
@@ -46,3 +31,52 @@ def mlp() -> TinyMLP:
 def conv() -> TinyConv:
     torch.manual_seed(0)
     return TinyConv()
+
+
+@pytest.fixture(scope="session")
+def digits_files(tmp_path_factory: pytest.TempPathFactory) -> DigitsFiles:
+    return DigitsFiles(tmp_path_factory.mktemp("digits-files"))
+
+
+# --- commands in the background ---------------------------------------------------------
+
+_BACKGROUND: dict[str, object] = {}
+
+
+def _requested(items: list[pytest.Item]) -> set[str]:
+    return {name for item in items for mark in item.iter_markers("background") for name in mark.args}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that read background commands run last (in their order), so
+    that those commands have the rest of the session to finish."""
+    items.sort(key=lambda item: item.get_closest_marker("background") is not None)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the background commands that the selected tests ask for, now: they
+    run while the tests before theirs do."""
+    names = _requested(session.items)
+    if names and not session.config.option.collectonly:
+        root = Path(tempfile.mkdtemp(prefix="actsparse-background-"))
+        _BACKGROUND["root"] = root
+        _BACKGROUND["runs"] = BackgroundCommands(root, background_selection(names)).start()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    runs = _BACKGROUND.pop("runs", None)
+    if isinstance(runs, BackgroundCommands):
+        runs.stop()
+    root = _BACKGROUND.pop("root", None)
+    if isinstance(root, Path):
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def background() -> BackgroundCommands:
+    """``BACKGROUND_COMMANDS`` (tests/helpers.py), each run in ``.folder(name)``;
+    ``.result(name)`` waits for one. A test names those it reads with
+    ``@pytest.mark.background(name, ...)``."""
+    runs = _BACKGROUND.get("runs")
+    assert isinstance(runs, BackgroundCommands), "no test asked for a background command: mark it @pytest.mark.background(name)"
+    return runs

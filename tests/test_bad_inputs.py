@@ -20,6 +20,9 @@ from typer.testing import CliRunner
 
 from actsparse_deploy.cli import app
 from actsparse_deploy.functions import MASK_FNS
+from actsparse_deploy.version import __version__
+
+from .helpers import DigitsFiles
 
 runner = CliRunner()
 _counter = itertools.count()
@@ -93,6 +96,7 @@ class World:
     tmp: Path
     module: str
     out: Path
+    digits: DigitsFiles  # files of the session, only read
 
     def file(self, name: str) -> Path:
         return self.tmp / name
@@ -112,11 +116,11 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path, monkeypatch):
+def world(tmp_path, monkeypatch, digits_files):
     name = f"badinput_user_{next(_counter)}"
     (tmp_path / f"{name}.py").write_text(USER_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    yield World(tmp_path, name, tmp_path / "out.safetensors")
+    yield World(tmp_path, name, tmp_path / "out.safetensors", digits_files)
     MASK_FNS._fns.pop("wrong_shape", None)
     sys.modules.pop(name, None)
 
@@ -152,9 +156,7 @@ def _pickle_pt(w: World) -> Path:
 
 
 def _masks(w: World, model: str = "digits-cnn") -> Path:
-    path = w.file(f"masks-{model}.safetensors")
-    assert runner.invoke(app, ["calibrate", model, "-o", str(path)]).exit_code == 0
-    return path
+    return w.digits.masks(model)
 
 
 def _user_masks(w: World) -> Path:
@@ -177,14 +179,12 @@ def _newer_masks(w: World) -> Path:
 
 
 def _onnx(w: World) -> Path:
-    path = w.file("model.onnx")
-    assert runner.invoke(app, ["export", "digits-mlp", "-o", str(path)]).exit_code == 0
-    return path
+    return w.digits.dense_onnx("digits-mlp")
 
 
 def _corrupt_onnx(w: World) -> Path:
-    path = _onnx(w)
-    path.write_bytes(path.read_bytes()[:200])
+    path = w.file("model.onnx")
+    path.write_bytes(_onnx(w).read_bytes()[:200])
     return path
 
 
@@ -201,7 +201,7 @@ def _hostile_pt2(w: World) -> Path:
     import zipfile
 
     path = w.file("hostile.pt2")
-    assert runner.invoke(app, ["squash", "digits-mlp", "--masks", _masks(w, "digits-mlp"), "-o", str(path)]).exit_code == 0
+    path.write_bytes(w.digits.pt2("digits-mlp").read_bytes())  # `actsparse squash digits-mlp`
     with zipfile.ZipFile(path) as archive:
         root = archive.namelist()[0].split("/")[0]
     with zipfile.ZipFile(path, "a") as archive:
@@ -227,6 +227,7 @@ CASES: dict[str, tuple[Callable[[World], list[object]], int, str]] = {
     "model not callable": (lambda w: _calibrate(w, model=w.user("VALUE")), 4, "is a int, not a callable"),
     "model factory returns no module": (lambda w: _calibrate(w, model=w.user("not_module")), 4, "returned a int, not a torch.nn.Module"),
     "model spec malformed": (lambda w: _calibrate(w, model=":build"), 4, "must look like package.module:name"),
+    "model factory fails": (lambda w: ["calibrate", "torch.nn:Linear", "--layers", "x", "--sparsity", "0.5", "-o", w.out], 4, "failed: TypeError"),
     # weights
     "weights missing": (lambda w: _calibrate(w, "--weights", w.file("absent.safetensors")), 5, "does not exist"),
     "weights truncated": (lambda w: _calibrate(w, "--weights", _truncated(w)), 5, "not a readable .safetensors"),
@@ -241,6 +242,9 @@ CASES: dict[str, tuple[Callable[[World], list[object]], int, str]] = {
     "recipe unknown key": (lambda w: _calibrate(w, recipe=GOOD_RECIPE + "colour = 1\n"), 3, "unknown key(s) 'colour'"),
     "recipe unknown function": (lambda w: _calibrate(w, recipe='[defaults]\nmask_fn = "biggest"\n[[layers]]\nname = "fc2"\n'), 3, "unknown mask function 'biggest'; known: block,"),
     "recipe pattern matches nothing": (lambda w: _calibrate(w, recipe=GOOD_RECIPE.replace('"fc2"', '"decoder.*"')), 3, "matches no module of the model"),
+    "recipe file missing": (lambda w: ["calibrate", "digits-cnn", "--recipe", w.file("absent.toml"), "-o", w.out], 3, "does not exist"),
+    "cli layers match nothing": (lambda w: ["calibrate", "digits-cnn", "--layers", "decoder*", "--sparsity", "0.5", "-o", w.out], 3, "matches no module"),
+    "cli layers without sparsity": (lambda w: ["calibrate", "digits-cnn", "--layers", "fc*", "-o", w.out], 3, "need --sparsity or --threshold"),
     "recipe sparsity above 1": (lambda w: _calibrate(w, recipe=GOOD_RECIPE.replace("0.5", "1.5")), 3, "sparsity_level must be a number in [0, 1], got 1.5"),
     "recipe sparsity below 0": (lambda w: _calibrate(w, recipe=GOOD_RECIPE.replace("0.5", "-0.2")), 3, "sparsity_level must be a number in [0, 1], got -0.2"),
     "cli sparsity out of range": (lambda w: ["calibrate", "digits-cnn", "--sparsity", "1.5", "-o", w.out], 2, "Invalid value for '--sparsity'"),
@@ -272,7 +276,7 @@ CASES: dict[str, tuple[Callable[[World], list[object]], int, str]] = {
     # export
     "export unsupported op dynamo": (lambda w: ["export", w.user("singular"), "--heldout", w.data(), "--exporter", "dynamo", "-o", w.file("m.onnx")], 9, "the dynamo exporter failed"),
     "export unsupported op torchscript": (lambda w: ["export", w.user("singular"), "--heldout", w.data(), "--exporter", "torchscript", "-o", w.file("m.onnx")], 9, "'aten::linalg_svd'"),
-    "export unknown exporter": (lambda w: ["export", "digits-cnn", "--exporter", "tflite", "-o", w.file("m.onnx")], 9, "unknown exporter 'tflite'"),
+    "export unknown exporter": (lambda w: ["export", "digits-cnn", "--exporter", "tflite", "-o", w.file("m.onnx")], 2, "'tflite' is not one of"),
     "export data does not fit": (lambda w: ["export", w.user(), "--heldout", w.data("s.npy", np.ones((5, 7), np.float32)), "-o", w.file("m.onnx")], 6, "the model fails on the example input (float32[2, 7])"),
     "inspect data does not fit": (lambda w: ["inspect", w.user(), "--data", w.data("s.npy", np.ones((5, 7), np.float32))], 6, "the model fails on the first batch"),
     "calibrate user model without data": (lambda w: ["calibrate", w.user(), "--recipe", w.recipe(GOOD_RECIPE), "-o", w.out], 6, "has no built-in data: pass --data"),
@@ -328,6 +332,18 @@ def test_no_unsafe_loading_in_sources():
 
 
 def test_onnx_metadata_is_plain_strings(world):
-    path = _onnx(world)
+    dense = {p.key: p.value for p in onnx.load(str(_onnx(world))).metadata_props}
+    assert json.loads(dense["actsparse_deploy.layers"]) == []  # no masks, no layers
+    path = world.file("sparse.onnx")
+    result = runner.invoke(app, ["export", "digits-cnn", "--masks", str(_masks(world)), "-o", str(path)])
+    assert result.exit_code == 0, result.output
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    assert json.loads(meta["actsparse_deploy.layers"]) == []
+    assert all(type(value) is str for value in meta.values())
+    assert {k: v for k, v in meta.items() if k != "actsparse_deploy.layers"} == {
+        "actsparse_deploy.version": __version__, "actsparse_deploy.exporter": "torchscript", "actsparse_deploy.squash_mode": "auto",
+    }
+    layers = json.loads(meta["actsparse_deploy.layers"])
+    assert [(row["layer"], row["mode"], row["sparsity"]) for row in layers] == [
+        ("conv2", "fold", 0.125), ("fc1", "fold", 0.25), ("fc2", "prune", 0.5),
+    ]
+    assert layers[2]["reason"] == "removed 32 of 64 features from fc1 and this layer"

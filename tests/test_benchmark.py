@@ -1,24 +1,19 @@
 """The benchmark script runs and writes its JSON (figures are not checked: times
-vary by machine; the README holds a measured table)."""
+vary by machine; the README holds a measured table). It runs in the background
+(tests/helpers.py: BACKGROUND_COMMANDS["benchmark"]) while other tests go on."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import pytest
 
 
-def test_benchmark_quick_digits(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--quick", "--sections", "speed-digits", "--out", str(out)],
-        capture_output=True, text=True, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+@pytest.mark.slow
+@pytest.mark.background("benchmark")
+def test_benchmark_quick_digits(background):
+    proc = background.result("benchmark")  # tools/benchmark.py --quick --sections speed-digits --out bench.json
+    report = json.loads((background.folder("benchmark") / "bench.json").read_text())
     assert report["threads"] == 1 and report["runs"] == 2
     cnn, mlp = report["speed_digits"]
     for section in (cnn, mlp):

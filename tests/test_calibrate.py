@@ -18,7 +18,7 @@ from actsparse_deploy.functions import MASK_FNS, BuiltinFn
 from actsparse_deploy.masks import LayerMask
 from actsparse_deploy.zoo import builtin_recipe_path, calibration_batches, load_builtin
 
-from .conftest import TinyConv
+from .helpers import TinyConv
 
 
 def _capture(model, names):
@@ -207,6 +207,6 @@ def test_masks_file_errors(tmp_path):
 
 
 def test_layer_mask_checks():
-    with pytest.raises(MaskError):
+    with pytest.raises(MaskError, match="a per-feature mask needs its features"):
         LayerMask(mask=(torch.ones(1),))  # per-feature masks without features
     assert LayerMask(mask=torch.tensor([0.0, 0.0, 1.0, 1.0])).sparsity == 0.5

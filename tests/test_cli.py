@@ -7,14 +7,13 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from actsparse_deploy import Masks
 from actsparse_deploy.cli import app
-from actsparse_deploy.errors import DataError, ModelLoadError, OutputError, RecipeError
+from actsparse_deploy.errors import ModelLoadError, OutputError
 
 runner = CliRunner()
 
@@ -48,7 +47,7 @@ def test_calibrate_json_and_sparsity_override(tmp_path):
     result = invoke("calibrate", "digits-mlp", "--sparsity", "0.5", "--json", "-o", out)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["output"] == str(out) and report["num_samples"] == 200
+    assert report["files"] == {str(out): out.stat().st_size} and report["calibration"]["samples"] == 200
     assert [(row["layer"], row["sparsity"]) for row in report["layers"]] == [("fc2", 0.5), ("fc3", 0.5)]
 
 
@@ -87,34 +86,6 @@ def test_calibrate_recipe_file_and_user_model(tmp_path, monkeypatch):
     assert masks.num_samples == 50 and masks.num_batches == 4
 
 
-@pytest.mark.parametrize(
-    "args, error, message",
-    [
-        (["calibrate", "nope", "-o", "{out}"], ModelLoadError, "unknown built-in model 'nope'"),
-        (["calibrate", "digits-cnn", "--recipe", "{tmp}/absent.toml", "-o", "{out}"], RecipeError, "does not exist"),
-        (["calibrate", "digits-cnn", "--layers", "fc*", "-o", "{out}"], RecipeError, "need --sparsity or --threshold"),
-        (["calibrate", "digits-cnn", "--layers", "decoder*", "--sparsity", "0.5", "-o", "{out}"], RecipeError, "matches no module"),
-        (["calibrate", "digits-cnn", "--data", "{tmp}/absent.npy", "-o", "{out}"], DataError, "does not exist"),
-        (["calibrate", "digits-cnn", "-o", "{tmp}/no/dir/m.safetensors"], OutputError, "does not exist"),
-        (["calibrate", "torch.nn:Linear", "--layers", "x", "--sparsity", "0.5", "-o", "{out}"], ModelLoadError, "failed: TypeError"),
-    ],
-)
-def test_errors_are_one_line_with_exit_code(tmp_path, args, error, message):
-    out = tmp_path / "m.safetensors"
-    result = invoke(*[a.format(out=out, tmp=tmp_path) for a in args])
-    assert result.exit_code == error.exit_code, result.output
-    assert result.stderr.startswith("error: ") and message in result.stderr
-    assert "Traceback" not in result.output
-    assert not out.exists() and not list(tmp_path.glob(".actsparse-*"))
-
-
-def test_wrong_data_shape_names_the_batch(tmp_path):
-    np.save(tmp_path / "bad.npy", np.zeros((5, 3), dtype=np.float32))
-    result = invoke("calibrate", "digits-mlp", "--data", tmp_path / "bad.npy", "-o", tmp_path / "m.safetensors")
-    assert result.exit_code == DataError.exit_code
-    assert "the model failed on calibration batch 0 (float32[5, 3])" in result.stderr
-
-
 def test_existing_output_needs_overwrite(tmp_path):
     out = tmp_path / "m.safetensors"
     out.write_bytes(b"keep me")
@@ -140,13 +111,9 @@ def test_models_command():
 
 
 def test_python_dash_m_runs_the_cli(tmp_path):
-    out = tmp_path / "m.safetensors"
-    proc = subprocess.run(
-        [sys.executable, "-m", "actsparse_deploy", "calibrate", "digits-mlp", "-o", str(out), "--json"],
-        capture_output=True, text=True, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["overall_sparsity"] == pytest.approx(0.25)
+    """A failure through a real process: one line, the exit code (a real process
+    that succeeds: test_pt2_security.py::test_squash_other_suffix_prints_no_torch_warning)."""
     proc = subprocess.run([sys.executable, "-m", "actsparse_deploy", "calibrate", "nope", "-o", str(tmp_path / "other.safetensors")], capture_output=True, text=True)
     assert proc.returncode == ModelLoadError.exit_code
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: unknown built-in model")
+    assert list(tmp_path.iterdir()) == []

@@ -635,7 +635,8 @@ def test_sigint_during_startup_imports_is_one_line(tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 130, result.stderr
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert "interrupted (SIGINT) while starting" in result.stderr
+    # torch loads inside the command now (the CLI starts light): the command's own handler answers
+    assert result.stderr.startswith("interrupted (SIGINT)"), result.stderr
 
 
 SLOW_CLEANUP = '''

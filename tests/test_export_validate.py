@@ -14,8 +14,9 @@ from torch import nn
 from actsparse_deploy import calibrate, squash
 from actsparse_deploy.errors import ExportError, ValidationError
 from actsparse_deploy.export import IOSpec, export_onnx, layer_metadata
-from actsparse_deploy.pipeline import load_recipe, load_workload
-from actsparse_deploy.validate import resize_batches, validate
+from actsparse_deploy.batches import resize_batches
+from actsparse_deploy.validate import validate
+from actsparse_deploy.workload import load_recipe, load_workload
 
 EXPORTERS = ["torchscript", "dynamo"]
 
@@ -144,7 +145,7 @@ def test_export_failure_names_exporter_op_and_leaves_nothing(tmp_path, exporter,
     with pytest.raises(ExportError) as info:
         export_onnx(SingularValues(), torch.randn(3, 4), tmp_path / "m.onnx", exporter=exporter)
     message = str(info.value)
-    assert f"the {exporter} exporter failed" in message and op in message and f"try --exporter {other}" in message
+    assert f"the {exporter} exporter failed" in message and op in message and f"try `exporter` {other}" in message
     assert list(tmp_path.iterdir()) == []
 
 

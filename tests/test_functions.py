@@ -86,7 +86,7 @@ def test_feature_mean_axis_and_plain_tensor():
 def test_threshold():
     data = torch.tensor([0.1, 0.5, 0.49, 2.0, -1.0])
     np.testing.assert_array_equal(MASK_FNS.get("threshold")(data, threshold=0.5).numpy(), [0, 1, 0, 1, 0])
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="threshold must be a finite number, got nan"):
         MASK_FNS.get("threshold")(data, threshold=float("nan"))
 
 

@@ -157,26 +157,22 @@ def test_fixed_length_batches_are_full_rows_of_real_tokens() -> None:
 # ------------------------------------------------------------------------- ONNX
 
 
-def _export(model: nn.Module, example: dict[str, torch.Tensor], path: Path, dynamo: bool) -> None:
+def _export(model: nn.Module, example: dict[str, torch.Tensor], path: Path) -> None:
     args = tuple(example[name] for name in minilm.INPUT_NAMES)
     names = {"input_names": list(minilm.INPUT_NAMES), "output_names": list(minilm.OUTPUT_NAMES)}
-    if dynamo:
-        torch.onnx.export(
-            model, args, str(path), **names, dynamo=True, external_data=False,
-            dynamic_shapes=minilm.dynamic_shapes(), verbose=False,
-        )
-    else:
-        torch.onnx.export(model, args, str(path), **names, dynamo=False, dynamic_axes=minilm.DYNAMIC_AXES)
+    torch.onnx.export(model, args, str(path), **names, dynamo=False, dynamic_axes=minilm.DYNAMIC_AXES)
 
 
 @pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")
 @pytest.mark.filterwarnings("ignore:The feature will be removed")
-@pytest.mark.filterwarnings("ignore:# The axis name")
-@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)`")
-@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_onnx_export_runs_in_onnxruntime_with_dynamic_batch_and_sequence(
-    model: minilm.MiniLMEncoder, tmp_path: Path, dynamo: bool
+    model: minilm.MiniLMEncoder, tmp_path: Path
 ) -> None:
+    """TorchScript traces values, so a trace on an unpadded batch could bake the
+    attention mask in. The dynamo exporter (symbolic: it cannot) and the squashed
+    model under both exporters are covered by the session's MiniLM runs
+    (test_pipeline_cli.py::test_convert_minilm_end_to_end: validation at batch
+    sizes 1, 3, 5 over padded batches of several sequence lengths)."""
     import onnxruntime as ort
 
     # Traced on an unpadded batch, run on a padded one: a mask baked in at trace time fails.
@@ -186,7 +182,7 @@ def test_onnx_export_runs_in_onnxruntime_with_dynamic_batch_and_sequence(
     assert inputs["input_ids"].shape[1] != example["input_ids"].shape[1]
     assert (inputs["attention_mask"] == 0).any()  # the padding mask is exercised
     path = tmp_path / "minilm.onnx"
-    _export(model, example, path, dynamo)
+    _export(model, example, path)
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert tuple(i.name for i in session.get_inputs()) == minilm.INPUT_NAMES

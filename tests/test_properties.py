@@ -164,40 +164,6 @@ def test_masks_file_round_trips_exactly(layers, samples):
             assert torch.equal(a, b)
 
 
-@SETTINGS
-@given(data=st.data())
-def test_sparsifier_state_round_trips_exactly(data):
-    model, batches, names, feature_dim = data.draw(models())
-    chosen = data.draw(st.lists(st.sampled_from(names), min_size=1, unique=True))
-    configs = {name: data.draw(layer_configs(feature_dim)) for name in chosen}
-    sp = _sparsify(model, batches, configs, step=data.draw(st.booleans()))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "state.safetensors"
-        sp.save(path)
-        via_file = ActivationSparsifier(copy.deepcopy(model))
-        via_file.load(path)
-    via_dict = ActivationSparsifier(copy.deepcopy(model))
-    via_dict.load_state_dict(sp.state_dict())
-    for loaded in (via_file, via_dict):
-        for name, config in sp.data_groups.items():
-            other = loaded.data_groups[name]
-            assert other["sparse_config"] == config["sparse_config"] and other["hook_state"] == config["hook_state"]
-            if "data" in config:
-                for a, b in zip(_stats(config["data"]), _stats(other["data"]), strict=True):
-                    assert a.count == b.count and torch.equal(a.value, b.value)
-            mask, other_mask = sp.get_mask(name), loaded.get_mask(name)
-            for a, b in zip(_list(mask), _list(other_mask), strict=True):
-                assert torch.equal(a, b)
-
-
-def _list(x):
-    return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def _stats(x):
-    return _list(x)
-
-
 FN = st.sampled_from(["sum", "sum_abs", "sum_sq", "max_abs"])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 
 import onnx
 import pytest
@@ -15,26 +16,29 @@ from torch import nn
 from torch.testing import assert_close
 
 from actsparse_deploy import Recipe, calibrate, squash, squash_
-from actsparse_deploy.calibrate import run_batch
-from actsparse_deploy.errors import MaskError
+from actsparse_deploy.batches import run_batch
+from actsparse_deploy.compare import Tolerance, compare_outputs
+from actsparse_deploy.errors import SquashError
 from actsparse_deploy.export import export_onnx, flatten_outputs
 from actsparse_deploy.graph import Chain, Dataflow
 from actsparse_deploy.masks import LayerMask, Masks
-from actsparse_deploy.pipeline import load_recipe, load_workload
 from actsparse_deploy.squash import MaskedInput, PrunedInput
 from actsparse_deploy.validate import validate
+from actsparse_deploy.workload import load_recipe, load_workload
+
+from .helpers import MINILM_OUTDIRS
 
 EXPORTERS = ["torchscript", "dynamo"]
 
 
 def assert_same_outputs(model, reference, batches):
-    """Outputs within rtol 1e-4, atol 1e-5 scaled by the output's magnitude."""
+    """Outputs within rtol 1e-4, atol 1e-5 scaled by the output's magnitude (the comparator prune uses)."""
+    tolerance = Tolerance(atol=1e-5, rtol=1e-4, scale_atol=True)
     with torch.no_grad():
         for batch in batches:
             got, want = flatten_outputs(run_batch(model.eval(), batch)), flatten_outputs(run_batch(reference.eval(), batch))
-            assert len(got) == len(want)
-            for g, w in zip(got, want):
-                assert_close(g, w, rtol=1e-4, atol=1e-5 * max(1.0, float(w.abs().max())))
+            diffs, problems = compare_outputs(got, want, tolerance)
+            assert problems == [] and len(diffs) == len(want) > 0
 
 
 def n_params(model):
@@ -174,7 +178,7 @@ def test_chain_prunes_both_sides_and_composes(chain3):
 def test_auto_without_example_keeps_fold_and_prune_needs_one(chain3):
     model, masks = chain3
     assert squash(model, masks).modes == {"fc2": "fold", "fc3": "fold"}
-    with pytest.raises(MaskError, match="prune needs an example batch"):
+    with pytest.raises(SquashError, match="prune needs an example batch"):
         squash(model, masks, "prune")
 
 
@@ -286,7 +290,7 @@ def test_masked_module_on_the_path_stops_producer_pruning():
     assert result.modes == {"act2": "mul", "fc3": "fold"}
     assert "act2, itself masked" in result.reasons["fc3"] and result.model.fc2.out_features == 10
     assert_same_outputs(result.model, squash(model, masks, "mul").model, [torch.randn(3, 6)])
-    with pytest.raises(MaskError, match="'act2' cannot be pruned"):
+    with pytest.raises(SquashError, match="'act2' cannot be pruned"):
         squash(model, masks, "prune", example=x)
 
 
@@ -319,7 +323,7 @@ def test_a_wrong_plan_raises_and_is_undone(monkeypatch, factory, error):
     before = copy.deepcopy(model)
     # pretend the analysis missed the other reader: the check against mul must catch it
     monkeypatch.setattr(Dataflow, "producer", lambda self, name, masked=(): (Chain("fc1"), ""))
-    with pytest.raises(MaskError, match=f"{error}.*the model is left as it was"):
+    with pytest.raises(SquashError, match=f"{error}.*the model is left as it was"):
         squash_(model, masks, "prune", example=torch.randn(4, 6))
     assert type(model.fc1) is nn.Linear and type(model.fc2) is nn.Linear and model.training
     for (name, a), (_, b) in zip(model.state_dict().items(), before.state_dict().items(), strict=True):
@@ -363,7 +367,7 @@ def test_control_flow_on_a_pruned_shape_is_caught():
     torch.manual_seed(0)
     model = ShapeBranch().eval()
     masks = Masks({"fc2": _mask([1, 0, 1, 1, 0, 1, 1, 1])})
-    with pytest.raises(MaskError, match="not exact|fails on check batch"):
+    with pytest.raises(SquashError, match="not exact|fails on check batch"):
         squash_(model, masks, "auto", example=torch.randn(3, 6))
     assert type(model.fc1) is nn.Linear and model.fc1.out_features == 8 and type(model.fc2) is nn.Linear
 
@@ -385,7 +389,7 @@ def test_a_model_torch_export_cannot_capture():
     model = DataDependent().eval()
     masks = Masks({"fc2": _mask([1, 0, 1, 0, 1, 1, 0, 1])})
     x = torch.randn(3, 4)
-    with pytest.raises(MaskError, match="torch.export cannot capture the model on the example batch"):
+    with pytest.raises(SquashError, match="torch.export cannot capture the model on the example batch"):
         squash(model, masks, "prune", example=x)
     result = squash(model, masks, "auto", example=x)  # auto folds and says why it did not prune
     assert result.modes == {"fc2": "fold"} and "not pruned: torch.export cannot capture" in result.reasons["fc2"]
@@ -537,6 +541,7 @@ def test_builtin_layers_really_shrink(builtin):
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("builtin", ["digits-cnn", "digits-mlp"], indirect=True)  # MiniLM: the test below
 def test_pruned_builtin_exports_and_validates(builtin, exporter, tmp_path):
     name, work, masks, squashed = builtin
     model = squashed["prune"].model
@@ -545,8 +550,26 @@ def test_pruned_builtin_exports_and_validates(builtin, exporter, tmp_path):
     report = validate(path, model, work.heldout)
     assert report.passed and report.max_abs <= 1e-4 and len(report.batch_sizes) >= 2
     dims = {d for init in onnx.load(str(path)).graph.initializer for d in init.dims}
-    if name == "minilm":
-        assert 1536 not in dims and 1536 - zeros(masks, "bert.encoder.layer.0.output.dense") in dims
-        assert len({b["input_ids"].shape[1] for b in work.heldout}) > 1  # dynamic sequence exercised
-    elif name == "digits-mlp":
+    if name == "digits-mlp":
         assert 128 not in dims and 128 - zeros(masks, "fc2") in dims
+
+
+@pytest.mark.slow
+@pytest.mark.background("minilm-torchscript", "minilm-dynamo")
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_pruned_minilm_exports_and_validates(background, exporter):
+    """MiniLM through the session's one `actsparse convert minilm` per exporter (auto
+    mode prunes every layer); its held-out data has several sequence lengths
+    (test_pipeline_cli.py::test_minilm_heldout_has_several_sequence_lengths)."""
+    background.result(f"minilm-{exporter}")
+    out = background.folder("minilm") / MINILM_OUTDIRS[exporter]
+    report = json.loads((out / "report.json").read_text())
+    masks = Masks.load(out / "masks.safetensors")
+    assert report["export"]["exporter"] == exporter
+    assert {row["layer"]: row["mode"] for row in report["layers"]} == EXPECTED["minilm"]["prune"]
+    validation = report["validation"]
+    assert validation["passed"] and validation["max_abs_diff"] <= 1e-4 and len(validation["batch_sizes"]) >= 2
+    dims = [d for init in onnx.load(str(out / "model.onnx")).graph.initializer for d in init.dims]
+    assert 1536 not in dims
+    for layer in EXPECTED["minilm"]["prune"]:  # each MLP's hidden width, as pruned
+        assert 1536 - zeros(masks, layer) in dims

@@ -8,7 +8,6 @@ still load, export and validate."""
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import pickle
@@ -30,6 +29,7 @@ from typer.testing import CliRunner
 
 from actsparse_deploy.cli import app
 from actsparse_deploy.errors import ExportError, OutputError
+from actsparse_deploy.pt2 import load_pt2
 
 runner = CliRunner()
 EXIT = ExportError.exit_code
@@ -51,17 +51,12 @@ class Touch:
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory) -> dict[str, Path]:
-    """.pt2 files written by the tool, with held-out data for validate."""
+def made(tmp_path_factory, digits_files) -> dict[str, Path]:
+    """.pt2 files written by the tool (`actsparse calibrate` then `squash`, shared
+    with the session: only read), with held-out data for validate."""
     root = tmp_path_factory.mktemp("made")
-    out = {}
-    for name in ("digits-mlp", "digits-cnn"):
-        masks = root / f"{name}.safetensors"
-        assert invoke("calibrate", name, "-o", masks).exit_code == 0
-        pt2 = root / f"{name}.pt2"
-        result = invoke("squash", name, "--masks", masks, "-o", pt2)
-        assert result.exit_code == 0, result.output
-        out[name] = pt2
+    out = {name: digits_files.pt2(name) for name in ("digits-mlp", "digits-cnn")}
+    out["masks-mlp"] = digits_files.masks("digits-mlp")
     heldout = root / "heldout.npy"
     np.save(heldout, np.random.default_rng(0).normal(size=(8, 1, 8, 8)).astype(np.float32))
     out["heldout"] = heldout
@@ -217,7 +212,7 @@ CASES: dict[str, Callable[[str, Entries, Path, Path], Entries]] = {
     "extra member": lambda r, e, m, t: e + [(f"{r}/extra/notes.txt", b"hello")],
     "duplicate model.json": lambda r, e, m, t: sympy_code(r, e, m) + [(f"{r}/models/model.json", member(r, e, "models/model.json"))],
     "duplicate entry, same bytes": lambda r, e, m, t: e + [e[0]],
-    "second root folder": lambda r, e, m, t: e + [(f"other/data/constants/opaque_obj_0", pickle.dumps(Touch(m)))],
+    "second root folder": lambda r, e, m, t: e + [("other/data/constants/opaque_obj_0", pickle.dumps(Touch(m)))],
 }
 
 
@@ -287,43 +282,60 @@ def test_programs_the_tool_writes_still_load(made, tmp_path):
 
 
 class Tokens(nn.Module):
-    """A tiny sequence model (batch and sequence axes dynamic) whose program holds
-    symbolic sizes beyond a bare symbol (a product from the reshape)."""
+    """A tiny sequence model with MiniLM's interface (input_ids and attention_mask
+    in, token and pooled embeddings out, batch and sequence axes dynamic) whose
+    program holds symbolic sizes beyond a bare symbol (a product from the reshape)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.embed = nn.Embedding(11, 4)
         self.fc = nn.Linear(4, 3)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.fc(self.embed(input_ids))
-        return h.reshape(-1, 3).reshape(input_ids.shape[0], -1, 3)
+        h = h.reshape(-1, 3).reshape(input_ids.shape[0], -1, 3)
+        mask = attention_mask.unsqueeze(-1).to(h.dtype)
+        return h * mask, (h * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def _token_batch(batch: int, sequence: int) -> dict[str, torch.Tensor]:
+    mask = torch.ones(batch, sequence, dtype=torch.int64)
+    mask[0, sequence // 2 + 1 :] = 0  # padding
+    return {"input_ids": torch.randint(1, 11, (batch, sequence)) * mask, "attention_mask": mask}
 
 
 def test_dynamic_sequence_program_round_trip(tmp_path):
     from actsparse_deploy.export import IOSpec
-    from actsparse_deploy.pipeline import Workload, load_pt2, save_pt2
+    from actsparse_deploy.pt2 import load_pt2, save_pt2
+    from actsparse_deploy.workload import Workload
     from actsparse_deploy.squash import SquashResult
 
     torch.manual_seed(0)
     model = Tokens().eval()
-    batches = [torch.randint(0, 11, (2, n)) for n in (5, 7)]
-    io_spec = IOSpec(("input_ids",), ("out",), {"input_ids": {0: "batch", 1: "sequence"}, "out": {0: "batch", 1: "sequence"}})
+    batches = [_token_batch(2, n) for n in (5, 7)]
+    axes = {0: "batch", 1: "sequence"}
+    io_spec = IOSpec(("input_ids", "attention_mask"), ("tokens", "pooled"),
+                     {"input_ids": axes, "attention_mask": axes, "tokens": axes, "pooled": {0: "batch"}})
     work = Workload("tokens", model, heldout=batches, io=io_spec)
     pt2 = tmp_path / "tokens.pt2"
     save_pt2(work, SquashResult(model, {}, {}, {}), pt2)
     program, meta = load_pt2(pt2)
     text = json.dumps(json.loads(zipfile.ZipFile(pt2).read("archive/models/model.json")))
     assert "Mul(" in text  # a real expression passed the grammar
-    for batch in (torch.randint(0, 11, (3, 9)), torch.randint(0, 11, (1, 2))):
-        torch.testing.assert_close(program.module()(batch), model(batch))
-    np.save(tmp_path / "ids.npy", torch.randint(0, 11, (6, 8)).numpy())
+    assert meta["inputs"] == ["input_ids", "attention_mask"] and meta["outputs"] == ["tokens", "pooled"]
+    for batch in (_token_batch(3, 9), _token_batch(1, 2)):
+        got = program.module()(batch["input_ids"], batch["attention_mask"])
+        torch.testing.assert_close(got, model(**batch))
+    np.savez(tmp_path / "ids.npz", **{k: v.numpy() for k, v in _token_batch(6, 8).items()})
     onnx_path = tmp_path / "tokens.onnx"
     result = invoke("export", pt2, "-o", onnx_path)
     assert result.exit_code == 0, result.output
-    dims = onnx.load(str(onnx_path)).graph.input[0].type.tensor_type.shape.dim
-    assert dims[0].dim_param and dims[1].dim_param
-    result = invoke("validate", onnx_path, pt2, "--heldout", tmp_path / "ids.npy")
+    proto = onnx.load(str(onnx_path))
+    assert [o.name for o in proto.graph.output] == ["tokens", "pooled"]
+    for graph_input in proto.graph.input:
+        dims = graph_input.type.tensor_type.shape.dim
+        assert dims[0].dim_param and dims[1].dim_param, graph_input.name
+    result = invoke("validate", onnx_path, pt2, "--heldout", tmp_path / "ids.npz")
     assert result.exit_code == 0 and "PASSED" in result.stdout, result.output
 
 
@@ -339,25 +351,29 @@ def test_squash_disk_full_is_an_output_error(made, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "write_bytes", full)
     out = tmp_path / "full.pt2"
-    masks = made["digits-mlp"].parent / "digits-mlp.safetensors"
-    result = invoke("squash", "digits-mlp", "--masks", masks, "-o", out)
+    result = invoke("squash", "digits-mlp", "--masks", made["masks-mlp"], "-o", out)
     assert result.exit_code == OutputError.exit_code, result.output
     assert len(result.stderr.strip().splitlines()) == 1 and "the disk is full" in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_squash_other_suffix_prints_no_torch_warning(made, tmp_path):
-    """torch's logger writes to the process's stderr (not CliRunner's): a real process."""
+    """torch's logger writes to the process's stderr (not CliRunner's): a real
+    process (also the test of `python -m actsparse_deploy` on success)."""
     import sys
 
-    masks = made["digits-mlp"].parent / "digits-mlp.safetensors"
+    out = tmp_path / "x.bin"
     result = subprocess.run(
-        [sys.executable, "-m", "actsparse_deploy", "squash", "digits-mlp", "--masks", str(masks), "-o", str(tmp_path / "x.bin")],
+        [sys.executable, "-m", "actsparse_deploy", "squash", "digits-mlp", "--masks", str(made["masks-mlp"]), "-o", str(out), "--json"],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
+    assert {(row["layer"], row["mode"]) for row in json.loads(result.stdout)["layers"]} == {("fc2", "prune"), ("fc3", "prune")}
+    program, meta = load_pt2(out)  # the other suffix holds the same program
+    assert meta["model"] == "digits-mlp" and tuple(program.module()(torch.zeros(2, 1, 8, 8)).shape) == (2, 10)
 
 
 def newer_schema(root: str, entries: Entries, marker: Path, tmp: Path) -> Entries:
@@ -365,6 +381,7 @@ def newer_schema(root: str, entries: Entries, marker: Path, tmp: Path) -> Entrie
     return edit_model_json(root, entries, lambda p: p["schema_version"].__setitem__("major", 99))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [CASES["4 AOTInductor shared library"], newer_schema], ids=["aotinductor", "newer schema"])
 def test_one_line_from_a_real_process(build, made, sandbox):
     """torch logs tracebacks to the process's stderr (not CliRunner's): a real process."""

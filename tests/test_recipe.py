@@ -9,7 +9,7 @@ from actsparse_deploy.errors import RecipeError
 from actsparse_deploy.recipe import FnSpec, LayerRule, LayerSettings, Recipe
 from actsparse_deploy.zoo import builtin_names, builtin_recipe_path, load_builtin
 
-from .conftest import TinyConv, TinyMLP
+from .helpers import TinyConv, TinyMLP
 
 FULL = """
 version = 1

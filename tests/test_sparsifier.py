@@ -98,6 +98,56 @@ def test_side_by_side_with_torch_upstream(mlp):
             assert_close(a.to_dense(), b.to_dense())
 
 
+def _side_by_side_stages(model, cls, data):
+    """The upstream workflow with autograd on (no torch.no_grad(), parameters
+    requiring grad): yield (stage, sparsifier) at each point."""
+    sp = cls(model, aggregate_fn=agg_fn, reduce_fn=reduce_fn, mask_fn=mask_fn, threshold=0.5)
+    sp.register_layer(model.fc2)
+    sp.register_layer(model.fc3, aggregate_fn=max_agg, features=[0, 2, 5], feature_dim=1, threshold=0.2)
+    yield "registered", sp
+    model(data[0])
+    yield "aggregating", sp
+    model(data[1])
+    sp.step()
+    yield "stepped", sp
+    sp.squash_mask()
+    yield "squashed", sp
+
+
+@pytest.mark.parametrize("stage", ["registered", "aggregating", "stepped", "squashed"])
+def test_side_by_side_state_round_trip_with_autograd_on(mlp, stage):
+    """Drop-in: forward passes without no_grad, then state_dict() / load_state_dict()
+    at every point of the workflow, finished on the reloaded sparsifier: ours works
+    where torch's class works and gives its outputs; no aggregate holds a graph."""
+    assert all(p.requires_grad for p in mlp.parameters())
+    data = batches(3, 4)
+    outputs = []
+    for cls in (UpstreamSparsifier, ActivationSparsifier):
+        original = copy.deepcopy(mlp)
+        for at, sp in _side_by_side_stages(original, cls, data):
+            if at == stage:
+                break
+        if cls is ActivationSparsifier:
+            for config in sp.data_groups.values():
+                for t in _as_list(config.get("data", [])):
+                    assert t.grad_fn is None and not t.requires_grad
+        fresh = copy.deepcopy(mlp)
+        loaded = cls(fresh)
+        loaded.load_state_dict(sp.state_dict())
+        if stage == "registered":
+            fresh(data[0])
+        if stage in ("registered", "aggregating"):
+            fresh(data[1])
+            loaded.step()
+        if stage != "squashed":
+            loaded.squash_mask()
+        out = fresh(data[2])
+        assert out.requires_grad  # autograd stayed on throughout
+        outputs.append(out.detach())
+        assert not torch.allclose(outputs[-1], mlp(data[2]).detach())  # the masks change the output
+    assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+
+
 def _raised(fn):
     try:
         fn()
@@ -252,14 +302,15 @@ def test_unregister_and_squash_without_hooks(mlp):
     assert not mlp.fc2._forward_pre_hooks and "fc2" not in sp.state and "fc2" not in sp.data_groups
 
 
-def _workflow_stages(model, make_sparsifier, data):
-    """Yield (stage, sparsifier, model) at each point of the workflow."""
+def _workflow_stages(model, make_sparsifier, data, grad=False):
+    """Yield (stage, sparsifier, model) at each point of the workflow (forward
+    passes under no_grad, or with autograd on where ``grad``)."""
     sp = make_sparsifier(model)
     yield "registered", sp
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         model(data[0])
     yield "aggregating", sp
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         model(data[1])
     sp.step()
     yield "stepped", sp
@@ -267,9 +318,9 @@ def _workflow_stages(model, make_sparsifier, data):
     yield "squashed", sp
 
 
-def _finish(model, sp, stage, data):
+def _finish(model, sp, stage, data, grad=False):
     """Run the rest of the workflow from stage and return the squashed output."""
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         if stage == "registered":
             model(data[0])
         if stage in ("registered", "aggregating"):
@@ -277,7 +328,7 @@ def _finish(model, sp, stage, data):
             sp.step()
         if stage != "squashed":
             sp.squash_mask()
-        return model(data[2])
+        return model(data[2]).detach()
 
 
 def _make_builtin(model):
@@ -301,10 +352,11 @@ def _make_user(model):
     [(_make_user, "state_dict"), (_make_builtin, "state_dict"), (_make_builtin, "safetensors")],
     ids=["user_fns-state_dict", "builtin_fns-state_dict", "builtin_fns-safetensors"],
 )
-def test_state_round_trip_at_every_stage(mlp, make, stage, via, tmp_path):
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd_on"])
+def test_state_round_trip_at_every_stage(mlp, make, stage, via, grad, tmp_path):
     data = batches(3, 4)
     original = copy.deepcopy(mlp)
-    for at, sp in _workflow_stages(original, make, data):
+    for at, sp in _workflow_stages(original, make, data, grad):
         if at == stage:
             break
     fresh = copy.deepcopy(mlp)
@@ -326,8 +378,8 @@ def test_state_round_trip_at_every_stage(mlp, make, stage, via, tmp_path):
             for a, b in zip(_as_list(sp.get_mask(name)), _as_list(loaded.get_mask(name)), strict=True):
                 assert b.layout == torch.strided
                 assert_close(a, b, rtol=0, atol=0)
-    out_original = _finish(original, sp, stage, data)
-    out_loaded = _finish(fresh, loaded, stage, data)
+    out_original = _finish(original, sp, stage, data, grad)
+    out_loaded = _finish(fresh, loaded, stage, data, grad)
     assert_close(out_loaded, out_original, rtol=0, atol=0)
     with torch.no_grad():
         assert not torch.allclose(out_original, mlp(data[2]))
@@ -445,14 +497,21 @@ def test_never_reached_layer_is_named(mlp):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("make", [_make_user, _make_builtin], ids=["user_fns", "builtin_fns"])
 def test_non_finite_input_names_layer(mlp, bad, make):
+    clean = copy.deepcopy(mlp)
+    reference = make(clean)  # the same sparsifier on a copy that only sees the clean batch
     sp = make(mlp)
     x = batches()[0]
     with torch.no_grad():
         mlp(x)
+        clean(x)
         mlp.fc1.bias.data[0] = bad  # the NaN appears inside the model, at fc2's input
         with pytest.raises(DataError, match="'fc2'.*NaN or Inf"):
             mlp(x)
-    assert sp is not None
+    sp.step()
+    reference.step()
+    for name in ("fc2", "fc3"):  # the refused batch left nothing in the statistics
+        for got, want in zip(_as_list(sp.get_mask(name)), _as_list(reference.get_mask(name)), strict=True):
+            assert_close(got, want, rtol=0, atol=0)
 
 
 def test_no_warnings_on_normal_use(mlp):
@@ -486,3 +545,66 @@ def test_other_layers_on_sequences_of_different_lengths():
         conv_like(torch.randn(2, 1, 4, 4))
         with pytest.raises(CalibrationError, match="layer '1'.*per-sample shape changed"):
             conv_like(torch.randn(2, 1, 5, 5))
+
+
+# --- statistics larger than the mask -------------------------------------------------
+
+
+def _gram(x, dims):
+    """A d x d statistic of d-wide inputs: the sum over samples of x x^T."""
+    flat = x.reshape(-1, x.shape[-1])
+    return flat.T @ flat
+
+
+def _gram_diag(data):
+    return data.per_sample.diagonal()
+
+
+@pytest.fixture
+def gram_fns(monkeypatch):
+    """A custom aggregate whose statistic is d x d and a reduce_fn that maps it to d."""
+    from actsparse_deploy.functions import AGGREGATE_FNS, REDUCE_FNS, Aggregate, BuiltinFn
+
+    monkeypatch.setitem(AGGREGATE_FNS._fns, "gram", Aggregate("aggregate", "gram", _gram, combine="sum"))
+    monkeypatch.setitem(REDUCE_FNS._fns, "gram_diag", BuiltinFn("reduce", "gram_diag", _gram_diag))
+
+
+def test_statistic_larger_than_the_mask(mlp, gram_fns):
+    """The mask placeholder takes the mask's shape (d, from the layer's input),
+    not the statistic's (d x d): squash before step runs, step gives a d mask."""
+    data = [torch.randn(b, t, 6, generator=torch.Generator().manual_seed(b)) for b, t in ((2, 3), (4, 5))]
+    model = copy.deepcopy(mlp)
+    sp = ActivationSparsifier(model, "gram", "gram_diag", "topk", sparsity_level=0.5)
+    sp.register_layer(model.fc2)
+    seen = []
+    model.fc2.register_forward_pre_hook(lambda m, i: seen.append(i[0].detach().double().reshape(-1, 8)))
+    with torch.no_grad():
+        model(data[0])
+        assert sp.data_groups["fc2"]["data"].value.shape == (8, 8)
+        assert sp.get_mask("fc2").shape == (8,)
+        model(data[1])
+    stat = sp.data_groups["fc2"]["data"]
+    assert stat.count == 2 * 3 + 4 * 5
+    hidden = torch.cat(seen)
+    assert_close(stat.value, hidden.T @ hidden, rtol=1e-6, atol=1e-6)  # float32 per batch
+    sp.step()
+    mean_sq = (hidden**2).mean(0)
+    keep = torch.ones(8)
+    keep[torch.argsort(mean_sq, stable=True)[:4]] = 0
+    assert_close(sp.get_mask("fc2"), keep, rtol=0, atol=0)
+    sp.squash_mask()
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert_close(model(x), mlp.fc3(mlp.act(mlp.fc2(mlp.act(mlp.fc1(x)) * keep))))
+
+
+def test_squash_before_step_with_a_larger_statistic(mlp, gram_fns):
+    """Upstream semantics: squash_mask before step feeds the layer input * ones."""
+    sp = ActivationSparsifier(mlp, "gram", "gram_diag", "topk", sparsity_level=0.5)
+    sp.register_layer(mlp.fc2)
+    reference = copy.deepcopy(mlp)
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        mlp(x)
+        sp.squash_mask()
+        assert_close(mlp(x), reference(x), rtol=0, atol=0)

@@ -10,11 +10,11 @@ from torch import nn
 from torch.testing import assert_close
 
 from actsparse_deploy import ActivationSparsifier, Masks, Recipe, calibrate, squash, squash_
-from actsparse_deploy.errors import MaskError
+from actsparse_deploy.errors import MaskError, SquashError
 from actsparse_deploy.masks import LayerMask
 from actsparse_deploy.squash import MaskedInput
 
-from .conftest import TinyConv, TinyMLP
+from .helpers import TinyConv, TinyMLP
 
 
 def _hooked(model, configure, batches):
@@ -72,7 +72,7 @@ def test_squash_matches_sparsify_hooks(case, mode):
     model = factory()
     ref, masks, _ = _hooked(model, configure, data(g))
     if mode == "fold" and "mul" in auto_modes.values():
-        with pytest.raises(MaskError, match="cannot be folded"):
+        with pytest.raises(SquashError, match="cannot be folded"):
             squash(model, masks, "fold")
         return
     result = squash(model, masks, mode)
@@ -148,7 +148,7 @@ def test_masks_from_another_model_are_refused():
     wide = TinyMLP(hidden=10)
     with pytest.raises(MaskError, match="10 input features"):
         squash(wide, masks)
-    with pytest.raises(MaskError, match="unknown squash mode"):
+    with pytest.raises(SquashError, match="unknown squash mode"):
         squash(mlp, masks, "prune-ish")
 
 
@@ -187,6 +187,6 @@ def test_failed_squash_leaves_the_model_unchanged():
         "2": LayerMask(torch.tensor([1.0, 0.0, 1.0, 0.0]).reshape(4, 1), input_shape=(4, 3)),
     })
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(MaskError, match="cannot be folded"):
+    with pytest.raises(SquashError, match="cannot be folded"):
         squash_(model, masks, "fold")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

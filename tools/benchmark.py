@@ -48,8 +48,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from actsparse_deploy import ActivationSparsifier, Recipe, calibrate, squash  # noqa: E402
 from actsparse_deploy.export import export_onnx  # noqa: E402
 from actsparse_deploy.functions import MASK_FNS  # noqa: E402
-from actsparse_deploy.pipeline import accuracy, load_recipe, load_workload  # noqa: E402
-from actsparse_deploy.validate import compare_models, resize_batches, validate  # noqa: E402
+from actsparse_deploy.batches import resize_batches  # noqa: E402
+from actsparse_deploy.metrics import accuracy, cosine_stats  # noqa: E402
+from actsparse_deploy.validate import validate  # noqa: E402
+from actsparse_deploy.workload import load_recipe, load_workload  # noqa: E402
 
 MINILM_LAYERS = [f"bert.encoder.layer.{i}.output.dense" for i in range(6)]
 LEVELS = (0.25, 0.5, 0.75)
@@ -244,7 +246,7 @@ def speed_section_minilm(tmp: Path, warmup: int, runs: int, levels: tuple[float,
             paths[f"{mode}@{level}"] = tmp / f"{mode}-{level}.onnx"
             export_onnx(result.model, work.example(), paths[f"{mode}@{level}"], io_spec=work.io)
             if mode == "prune":
-                sentence = {r["output"]: r for r in _named(compare_models(work.model, result.model, work.heldout), work)}
+                sentence = {r["output"]: r for r in _named(cosine_stats(work.model, result.model, work.heldout), work)}
                 cost[str(level)] = {
                     "cosine_mean": sentence["sentence_embedding"]["cosine_mean"],
                     "cosine_min": sentence["sentence_embedding"]["cosine_min"],

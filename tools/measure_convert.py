@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from actsparse_deploy import zoo
-from actsparse_deploy.validate import resize_batches
+from actsparse_deploy.batches import resize_batches
 
 EXPORTERS = ("torchscript", "dynamo")
 

@@ -1,0 +1,198 @@
+"""The batch union, in one place: a batch is a tensor, a tuple (or list) of
+tensors, or a dict of tensors, and the model is called as ``model(t)``,
+``model(*t)`` or ``model(**d)``. Everything that depends on that form lives
+here: running the model on a batch, its size and description, slicing and
+re-batching, positional arguments and input names (export, ``.pt2``), and
+onnxruntime feeds. Model outputs (tensor, tuple / list, dict, ``ModelOutput``)
+are flattened here too.
+
+    >>> import torch
+    >>> from actsparse_deploy.batches import batch_size, describe_batch, input_names, positional, resize_batches
+    >>> batch = {"input_ids": torch.zeros(4, 7, dtype=torch.int64), "attention_mask": torch.ones(4, 7)}
+    >>> batch_size(batch), describe_batch(batch)
+    (4, 'input_ids int64[4, 7], attention_mask float32[4, 7]')
+    >>> input_names(batch), input_names((torch.ones(2), torch.ones(2))), input_names(torch.ones(2))
+    (('input_ids', 'attention_mask'), ('input_0', 'input_1'), ('input',))
+    >>> [describe_batch(b) for b in resize_batches([torch.ones(5, 3)], 2)]
+    ['float32[2, 3]', 'float32[2, 3]']
+    >>> [tuple(t.shape) for t in positional(batch, ("attention_mask", "input_ids"))]
+    [(4, 7), (4, 7)]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DataError, ExportError
+
+__all__ = [
+    "Batch",
+    "as_positional",
+    "batch_size",
+    "call_args",
+    "describe_batch",
+    "flatten_outputs",
+    "input_names",
+    "is_named",
+    "named_tensors",
+    "numpy_feeds",
+    "positional",
+    "resize_batches",
+    "run_batch",
+    "slice_batch",
+    "split_batch",
+    "total_samples",
+]
+
+Batch = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor] | Mapping[str, torch.Tensor]
+
+_FORMS = "a tensor, a tuple of tensors or a dict of tensors"
+
+
+def is_named(batch: Batch) -> bool:
+    """A dict batch: its tensors are passed by name (``model(**batch)``)."""
+    return isinstance(batch, Mapping)
+
+
+def call_args(batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)``: how the model is called on ``batch``."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    raise DataError(f"a batch must be {_FORMS}, not {type(batch).__name__}")
+
+
+def run_batch(model: Any, batch: Batch) -> Any:
+    """``model(t)``, ``model(*t)`` or ``model(**d)`` by the batch's form."""
+    args, kwargs = call_args(batch)
+    return model(*args, **kwargs)
+
+
+def _tensors(batch: Batch) -> list[Any]:
+    args, kwargs = call_args(batch)
+    return list(kwargs.values()) if kwargs else list(args)
+
+
+def batch_size(batch: Batch) -> int:
+    """The length of the batch's first tensor's first axis."""
+    first = next(iter(_tensors(batch)), None)
+    if not isinstance(first, torch.Tensor) or first.ndim == 0:
+        raise DataError("a batch must hold at least one tensor with a batch axis")
+    return int(first.shape[0])
+
+
+def total_samples(batches: Iterable[Batch] | None) -> int | None:
+    """The number of samples in a list of batches; None for a one-shot iterable
+    (counting would use it up) or no batches."""
+    return sum(batch_size(b) for b in batches) if isinstance(batches, list) else None
+
+
+def describe_batch(batch: Batch) -> str:
+    """Shapes and dtypes, for error messages: ``input_ids int64[8, 128], ...``."""
+
+    def one(t: Any) -> str:
+        if not isinstance(t, torch.Tensor):
+            return type(t).__name__
+        return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+
+    if isinstance(batch, Mapping):
+        return ", ".join(f"{k} {one(v)}" for k, v in batch.items())
+    if isinstance(batch, (tuple, list)):
+        return ", ".join(one(t) for t in batch)
+    return one(batch)
+
+
+def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
+    """Rows ``start:stop`` of every tensor (a list batch becomes a tuple)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
+    if isinstance(batch, Mapping):
+        return {k: v[start:stop] for k, v in batch.items()}
+    return tuple(t[start:stop] for t in batch)
+
+
+def split_batch(batch: Batch, size: int) -> list[Batch]:
+    """``batch`` in pieces of ``size`` rows; the last may be shorter."""
+    n = batch_size(batch)
+    return [slice_batch(batch, start, start + size) for start in range(0, n, size)]
+
+
+def resize_batches(batches: Iterable[Batch], size: int, max_samples: int | None = None) -> list[Batch]:
+    """Cut each batch into pieces of exactly ``size`` rows (a shorter remainder is
+    dropped), keeping each batch's other axes (sequence length) as they are."""
+    out: list[Batch] = []
+    taken = 0
+    for batch in batches:
+        n = batch_size(batch)
+        for start in range(0, n - size + 1, size):
+            if max_samples is not None and taken + size > max_samples:
+                return out
+            out.append(slice_batch(batch, start, start + size))
+            taken += size
+    return out
+
+
+def input_names(batch: Batch) -> tuple[str, ...]:
+    """The names a batch's inputs get where nothing else names them: a dict's
+    keys, else ``input`` (one tensor) or ``input_0, input_1, ...``."""
+    if isinstance(batch, torch.Tensor):
+        return ("input",)
+    if isinstance(batch, Mapping):
+        return tuple(batch)
+    return tuple(f"input_{i}" for i in range(len(batch)))
+
+
+def positional(batch: Batch, names: Sequence[str] | None = None) -> tuple[torch.Tensor, ...]:
+    """The batch's tensors in order: a dict's in ``names`` order (default: its own)."""
+    if isinstance(batch, Mapping):
+        return tuple(batch[name] for name in (names if names is not None else batch))
+    return tuple(_tensors(batch))
+
+
+def as_positional(batches: Iterable[Batch], names: Sequence[str]) -> list[Batch]:
+    """Dict batches as tuples in ``names`` order (what a ``.pt2`` program takes)."""
+    return [positional(b, names) if isinstance(b, Mapping) else b for b in batches]
+
+
+def named_tensors(batch: Batch, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """A batch's tensors by input name: a dict's keys, else ``names`` (an I/O
+    spec's), else :func:`input_names`. Never matched by position alone."""
+    if isinstance(batch, Mapping):
+        return dict(batch)
+    tensors = _tensors(batch)
+    names = list(names) if names is not None else list(input_names(batch))
+    if len(names) != len(tensors):
+        raise DataError(
+            f"a batch holds {len(tensors)} input tensor(s) but the I/O spec names {len(names)} ({', '.join(names)})"
+        )
+    return dict(zip(names, tensors))
+
+
+def numpy_feeds(tensors: Mapping[str, torch.Tensor], order: Sequence[str]) -> dict[str, np.ndarray]:
+    """onnxruntime feeds: the named tensors as numpy arrays, in ``order``."""
+    return {name: tensors[name].detach().cpu().numpy() for name in order}
+
+
+def flatten_outputs(out: Any) -> tuple[torch.Tensor, ...]:
+    """A model's output as a flat tuple of tensors (tensor, tuple / list, dict,
+    ModelOutput); ``None`` entries (an optional output not computed) are skipped."""
+    if out is None:
+        return ()
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    if isinstance(out, Mapping):
+        out = tuple(out.values())
+    if isinstance(out, (tuple, list)):
+        flat: list[torch.Tensor] = []
+        for item in out:
+            flat.extend(flatten_outputs(item))
+        return tuple(flat)
+    raise ExportError(f"model output of type {type(out).__name__} is not a tensor, tuple or dict of tensors")
+

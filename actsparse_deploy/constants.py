@@ -1,0 +1,41 @@
+"""Names and defaults shared by the library and the command line, in a module
+that imports nothing heavy: the CLI builds its options and help texts from
+these without importing torch or onnx (``actsparse --help`` stays fast).
+
+    >>> from actsparse_deploy.constants import DEFAULT_EXPORTER, EXPORTERS, MODES
+    >>> MODES, DEFAULT_EXPORTER in EXPORTERS
+    (('auto', 'mul', 'fold', 'prune'), True)
+
+The stage modules import their constants from here (``squash.MODES``,
+``export.EXPORTERS``, ``validate.DEFAULT_ATOL``), so there is one definition each.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BUILTIN_AGGREGATES",
+    "DEFAULT_AGGREGATE",
+    "DEFAULT_ATOL",
+    "DEFAULT_EXPORTER",
+    "DEFAULT_MODE",
+    "DEFAULT_RTOL",
+    "EXPORTERS",
+    "MODES",
+]
+
+#: how masks become part of the model (see squash.py)
+MODES = ("auto", "mul", "fold", "prune")
+DEFAULT_MODE = "auto"
+
+#: torch.onnx exporters (see export.py)
+EXPORTERS = ("dynamo", "torchscript")
+#: Chosen by measurement (tools/measure_convert.py, tools/benchmark.py): see the README.
+DEFAULT_EXPORTER = "torchscript"
+
+#: the aggregate functions functions.py registers (a test checks the two agree)
+BUILTIN_AGGREGATES = ("max_abs", "sum", "sum_abs", "sum_sq")
+DEFAULT_AGGREGATE = "sum_abs"
+
+#: ONNX vs PyTorch tolerances (see validate.py)
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 0.0

@@ -1,0 +1,115 @@
+"""What sparsification cost: accuracy and closeness of a sparse model to the dense one.
+
+:func:`accuracy` is the one top-1 accuracy of a classifier (a PyTorch model, or
+an ONNX model run by onnxruntime) on batches with their labels;
+:func:`cosine_stats` compares two models output by output (max abs difference,
+per-sample cosine similarity); :func:`sparsification_cost` puts them together
+for a :class:`~actsparse_deploy.workload.Workload` (what ``report.json``'s
+``cost`` holds).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from actsparse_deploy.metrics import accuracy, cosine_stats
+    >>> model = nn.Linear(3, 2)
+    >>> x = torch.randn(6, 3)
+    >>> labels = model(x).argmax(dim=-1)
+    >>> accuracy(model, [x[:4], x[4:]], labels)
+    1.0
+    >>> stats = cosine_stats(model, model, [x])
+    >>> stats[0]["max_abs_diff"], round(stats[0]["cosine_min"], 6)
+    (0.0, 1.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .batches import Batch, flatten_outputs, run_batch, total_samples
+from .errors import DataError
+
+if TYPE_CHECKING:
+    from .export import IOSpec
+    from .workload import Workload
+
+__all__ = ["accuracy", "cosine_stats", "predictions", "sparsification_cost"]
+
+
+def predictions(model: nn.Module | str | Path, batches: Iterable[Batch], io_spec: IOSpec | None = None) -> np.ndarray:
+    """The arg-max of the first output over its last axis, batch by batch: of a
+    PyTorch model (in eval mode, flags restored) or an ONNX model file run by
+    onnxruntime (``io_spec`` names a tensor or tuple batch's inputs)."""
+    if isinstance(model, (str, Path)):
+        from .validate import onnx_feeds, onnx_session, run_session
+
+        session = onnx_session(model)
+        found = [run_session(session, onnx_feeds(session, b, io_spec))[0].argmax(axis=-1) for b in batches]
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+    from .validate import _eval
+
+    with torch.no_grad(), _eval(model):
+        parts = [flatten_outputs(run_batch(model, b))[0].argmax(dim=-1) for b in batches]
+    return torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.int64)
+
+
+def accuracy(
+    model: nn.Module | str | Path, batches: Iterable[Batch], labels: torch.Tensor, io_spec: IOSpec | None = None
+) -> float:
+    """Top-1 accuracy of ``model`` (a PyTorch model or an ONNX model file) on
+    ``batches``, whose samples ``labels`` (class indices) label in order."""
+    found = predictions(model, batches, io_spec)
+    what = "ONNX model" if isinstance(model, (str, Path)) else "model"
+    if found.shape != tuple(labels.shape):
+        raise DataError(
+            f"the {what}'s first output gives predictions of shape {list(found.shape)} for {len(labels)} labels: "
+            "accuracy needs a classifier whose first output is (batch, classes)"
+        )
+    return float((found == labels.numpy()).mean())
+
+
+def cosine_stats(dense: nn.Module, sparse: nn.Module, batches: Iterable[Batch]) -> list[dict[str, Any]]:
+    """Per output of the two models: max abs diff and per-sample cosine
+    similarity (mean and worst) of the sparse model's outputs to the dense one's."""
+    from .validate import _eval
+
+    stats: list[dict[str, Any]] = []
+    cosines: list[list[np.ndarray]] = []
+    with torch.no_grad(), _eval(dense, sparse):
+        for batch in batches:
+            a = flatten_outputs(run_batch(dense, batch))
+            b = flatten_outputs(run_batch(sparse, batch))
+            if not stats:
+                stats = [{"output": i, "max_abs_diff": 0.0} for i in range(len(a))]
+                cosines = [[] for _ in a]
+            for i, (x, y) in enumerate(zip(a, b)):
+                x64, y64 = x.double().reshape(x.shape[0], -1), y.double().reshape(y.shape[0], -1)
+                stats[i]["max_abs_diff"] = max(stats[i]["max_abs_diff"], float((x64 - y64).abs().max()))
+                cosines[i].append(torch.nn.functional.cosine_similarity(x64, y64, dim=1, eps=1e-12).numpy())
+    for stat, cos in zip(stats, cosines):
+        values = np.concatenate(cos)
+        stat["cosine_mean"] = float(values.mean())
+        stat["cosine_min"] = float(values.min())
+    return stats
+
+
+def sparsification_cost(work: Workload, sparse: nn.Module, onnx_path: Path | None = None) -> dict[str, Any]:
+    """Dense vs sparse on the held-out data: per-output difference and cosine
+    similarity; test accuracy for a classifier (dense, sparse, and the ONNX model)."""
+    held = work.require_heldout()
+    io_names = work.io.output_names if work.io else None
+    outputs = cosine_stats(work.model, sparse, held)
+    for row in outputs:
+        if io_names is not None:
+            row["output"] = io_names[row["output"]]
+    cost: dict[str, Any] = {"outputs": outputs, "heldout_samples": total_samples(held)}
+    if work.labels is not None:
+        cost["accuracy_dense"] = accuracy(work.model, held, work.labels)
+        cost["accuracy_sparse"] = accuracy(sparse, held, work.labels)
+        if onnx_path is not None:
+            cost["accuracy_onnx"] = accuracy(onnx_path, held, work.labels, work.io)
+    return cost

@@ -1,0 +1,313 @@
+"""What each stage starts from, and one entry point per stage that returns a
+:class:`~actsparse_deploy.report.Report` (the command line is these calls plus
+rendering).
+
+A *source* is a model (a built-in name or ``package.module:factory``, with its
+weights, and masks squashed in a given mode) or a ``.pt2`` program written by
+``actsparse squash`` (its masks already baked in). :func:`load_source` resolves
+either into a :class:`Source`: what to export or run, held-out batches, the I/O
+spec, and the squash rows.
+
+    >>> from actsparse_deploy.sources import layer_table, load_source
+    >>> source = load_source("digits-mlp")
+    >>> source.mode, source.layers, source.io.output_names
+    ('none (dense)', [], ('logits',))
+    >>> [(row["layer"], row["input_shape"], row["foldable"]) for row in layer_table(source.work)][:2]
+    [('flatten', [32, 1, 8, 8], False), ('fc1', [32, 64], True)]
+
+Messages name the parameters at fault in backticks (`` `heldout` ``); the
+command line shows them as its flags (``--heldout``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import zoo
+from .batches import Batch, as_positional, describe_batch, run_batch, total_samples
+from .calibrate import calibrate
+from .constants import DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAULT_RTOL
+from .errors import DataError, MaskError
+from .export import IOSpec, export_onnx, layer_metadata
+from .loading import LoadedModel, load_data
+from .masks import Masks
+from .metrics import sparsification_cost
+from .pt2 import load_pt2, pt2_io, save_pt2
+from .recipe import Recipe
+from .report import Calibration, Report
+from .validate import validate
+from .workload import Workload, load_workload, squash_workload
+
+__all__ = [
+    "Source",
+    "calibrate_to_file",
+    "export_source",
+    "inspect_target",
+    "layer_table",
+    "load_source",
+    "masks_report",
+    "squash_to_pt2",
+    "validate_against",
+]
+
+DENSE = "none (dense)"
+FROM_PT2 = "from .pt2"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A model ready to export or to validate against.
+
+    ``program``: what to export (an ``nn.Module``, or the ``ExportedProgram`` of
+    a ``.pt2``); ``module``: the same as a runnable ``nn.Module``; ``heldout``:
+    held-out batches in the model's input form (None where not loaded);
+    ``layers`` / ``mode``: the squash rows and mode (``"none (dense)"`` without
+    masks, ``"from .pt2"`` for a program); ``work``: the dense model and its data
+    (None for a ``.pt2``), what the sparsification cost compares with."""
+
+    name: str
+    program: Any
+    module: nn.Module
+    example: Batch | None
+    heldout: list[Batch] | None
+    io: IOSpec | None
+    layers: list[dict[str, Any]]
+    mode: str
+    work: Workload | None
+
+    def require_heldout(self) -> list[Batch]:
+        if self.heldout is None:
+            raise DataError(f"{self.name!r} has no held-out data: pass `heldout` data (never the calibration data)")
+        return self.heldout
+
+
+def is_pt2(spec: str | Path) -> bool:
+    return str(spec).endswith(".pt2")
+
+
+def load_source(
+    spec: str,
+    *,
+    masks: str | Path | None = None,
+    mode: str = DEFAULT_MODE,
+    weights: str | Path | None = None,
+    data: str | None = None,
+    heldout: str | None = None,
+    batch_size: int | None = None,
+    labels: str | Path | None = None,
+    need_heldout: bool = False,
+) -> Source:
+    """``spec`` (a model, or a ``.pt2``) resolved: the model squashed with
+    ``masks`` in ``mode`` (dense without), or the program the ``.pt2`` holds.
+    ``need_heldout``: a ``.pt2`` also loads held-out data (``heldout``, else the
+    built-in data of the model it names)."""
+    if not is_pt2(spec):
+        work = load_workload(spec, weights, data, heldout, batch_size, labels=labels)
+        module, rows, the_mode = work.model, [], DENSE
+        if masks is not None:
+            squashed = squash_workload(work, Masks.load(masks), mode)
+            module, rows, the_mode = squashed.model, squashed.report(), mode
+        example = work.example() if need_heldout is False else None
+        return Source(work.name, module, module, example, work.heldout, work.io, rows, the_mode, work)
+    if masks is not None:
+        raise MaskError(f"{spec}: a .pt2 program already has its masks baked in: pass no `masks`")
+    if labels is not None:
+        raise DataError(
+            f"{spec}: `labels` need a model (with `masks`) as the reference, not a .pt2: the accuracy cost compares with the dense model"
+        )
+    program, meta = load_pt2(spec)
+    io = pt2_io(meta)
+    held: list[Batch] | None = None
+    if need_heldout:
+        name = meta.get("model")
+        if heldout is not None:
+            held = list(load_data(heldout, batch_size or 32))
+        elif name and name in zoo.builtin_names():
+            held = load_workload(name).require_heldout()
+        else:
+            raise DataError(f"{spec} does not name a built-in model: pass `heldout` data")
+        held = as_positional(held, io.input_names) if io else held
+    example = program.example_inputs[0]
+    return Source(str(spec), program, program.module(), example, held, io, list(meta.get("layers", [])), FROM_PT2, None)
+
+
+# --- one entry point per stage ----------------------------------------------------------------
+
+
+def _size(path: Path) -> int:
+    return os.path.getsize(path)
+
+
+def masks_report(masks: Masks, files: dict[str, int] | None = None, seconds: dict[str, float] | None = None) -> Report:
+    """A masks file's contents as a report (``calibrate``, ``inspect``)."""
+    return Report(
+        tool_version=masks.tool_version, model=masks.model,
+        calibration=Calibration(samples=masks.num_samples, batches=masks.num_batches),
+        overall_sparsity=round(masks.overall_sparsity(), 6), layers=masks.summary(),
+        recipe=masks.recipe.to_dict() if masks.recipe is not None else None, notes=masks.notes(),
+        seconds=seconds, files=files,
+    )
+
+
+def calibrate_to_file(
+    loaded: LoadedModel,
+    recipe: Recipe,
+    output: str | Path,
+    *,
+    data: str | None = None,
+    batch_size: int = 32,
+    on_stage: Callable[[str, int | None], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Report:
+    """Calibrate ``loaded`` on ``data`` (else its built-in calibration split) and
+    write the masks to ``output`` (checked by the caller)."""
+    start = time.perf_counter()
+    if data is not None:
+        batches = load_data(data, batch_size)
+    elif loaded.builtin:
+        batches = zoo.calibration_batches(loaded.name, batch_size)
+    else:
+        raise DataError(f"{loaded.name!r} has no built-in data: pass `data`, a file of calibration inputs")
+    if on_stage is not None:
+        on_stage("calibrating", total_samples(batches))
+    masks = calibrate(loaded.module, recipe, batches, model_name=loaded.name, on_batch=on_batch)
+    masks.save(output)
+    seconds = round(time.perf_counter() - start, 3)
+    return masks_report(masks, files={str(output): _size(Path(output))}, seconds={"calibrate": seconds, "total": seconds})
+
+
+def squash_to_pt2(
+    model: str,
+    masks: str | Path,
+    output: str | Path,
+    *,
+    mode: str = DEFAULT_MODE,
+    weights: str | Path | None = None,
+    data: str | None = None,
+    heldout: str | None = None,
+    batch_size: int | None = None,
+    overwrite: bool = False,
+) -> Report:
+    """Squash ``masks`` into ``model`` and save it as a ``torch.export`` program."""
+    start = time.perf_counter()
+    work = load_workload(model, weights, data, heldout, batch_size)
+    result = squash_workload(work, Masks.load(masks), mode)
+    save_pt2(work, result, Path(output), overwrite)
+    seconds = round(time.perf_counter() - start, 3)
+    return Report(model=work.name, squash_mode=mode, layers=result.report(), seconds={"total": seconds},
+                  files={str(output): _size(Path(output))})
+
+
+def export_source(
+    spec: str,
+    output: str | Path,
+    *,
+    masks: str | Path | None = None,
+    mode: str = DEFAULT_MODE,
+    weights: str | Path | None = None,
+    data: str | None = None,
+    heldout: str | None = None,
+    batch_size: int | None = None,
+    exporter: str | None = None,
+    opset: int | None = None,
+    external_data: bool = False,
+    overwrite: bool = False,
+    verbose: bool = False,
+) -> Report:
+    """Export ``spec`` (squashed with ``masks``, dense without, or a ``.pt2``) to
+    ONNX. ``exporter``: None picks ``dynamo`` for a ``.pt2``, else the default."""
+    start = time.perf_counter()
+    exporter = exporter or ("dynamo" if is_pt2(spec) else DEFAULT_EXPORTER)
+    source = load_source(spec, masks=masks, mode=mode, weights=weights, data=data, heldout=heldout, batch_size=batch_size)
+    if source.example is None:
+        raise DataError(f"{spec!r} needs `data` or `heldout` to give the exporter an example input")
+    result = export_onnx(
+        source.program, source.example, output, exporter=exporter, opset=opset, io_spec=source.io,
+        metadata=layer_metadata(source.layers, source.mode), external_data=external_data, overwrite=overwrite, verbose=verbose,
+    )
+    files = {str(output): _size(Path(output))}
+    if result.external_data:
+        files[f"{output}.data"] = _size(Path(f"{output}.data"))
+    seconds = round(time.perf_counter() - start, 3)
+    return Report(model=source.name, squash_mode=source.mode, layers=source.layers, export=result.to_json(),  # type: ignore[arg-type]
+                  seconds={"export": round(result.seconds, 3), "total": seconds}, files=files)
+
+
+def validate_against(
+    onnx_model: str | Path,
+    reference: str,
+    *,
+    masks: str | Path | None = None,
+    mode: str = DEFAULT_MODE,
+    weights: str | Path | None = None,
+    heldout: str | None = None,
+    batch_size: int | None = None,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    timeout: float | None = None,
+    labels: str | Path | None = None,
+) -> Report:
+    """Validate ``onnx_model`` against ``reference`` (a model with or without
+    ``masks``, or a ``.pt2``); with ``masks`` or ``labels``, also what
+    sparsification cost against the dense model."""
+    start = time.perf_counter()
+    source = load_source(reference, masks=masks, mode=mode, weights=weights, heldout=heldout, batch_size=batch_size,
+                         labels=labels, need_heldout=True)
+    io = source.io
+    validation = validate(onnx_model, source.module, source.require_heldout(), atol=atol, rtol=rtol,
+                          output_names=io.output_names if io else None, io_spec=io, timeout=timeout)
+    seconds = {"validate": round(time.perf_counter() - start, 3)}
+    cost = None
+    if source.work is not None and (masks is not None or labels is not None):
+        cost = sparsification_cost(source.work, source.module, Path(onnx_model))
+    seconds["total"] = round(time.perf_counter() - start, 3)
+    return Report(model=source.name, squash_mode=source.mode, layers=source.layers,
+                  validation=validation.to_json(), cost=cost, seconds=seconds)  # type: ignore[arg-type]
+
+
+def layer_table(work: Workload) -> list[dict[str, Any]]:
+    """Leaf modules whose first input is a floating-point tensor, with the input
+    shape seen on the first calibration batch and whether a mask folds into them."""
+    from .squash import fold_vector
+
+    batch = next(iter(work.require_calibration()))
+    seen: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name, module in work.model.named_modules():
+        if name and not list(module.children()):
+            def hook(m: Any, inputs: tuple[Any, ...], name: str = name) -> None:
+                if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].is_floating_point():
+                    seen.setdefault(name, tuple(inputs[0].shape))
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            run_batch(work.model, batch)
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        raise DataError(f"the model fails on the first batch ({describe_batch(batch)}): {type(e).__name__}: {e}") from e
+    finally:
+        for handle in handles:
+            handle.remove()
+    modules = dict(work.model.named_modules())
+    rows = []
+    for name, shape in seen.items():
+        module = modules[name]
+        foldable = fold_vector(module, torch.ones(1))[0] is not None
+        rows.append({"layer": name, "type": type(module).__name__, "input_shape": list(shape), "foldable": foldable})
+    return rows
+
+
+def inspect_target(target: str, *, weights: str | Path | None = None, data: str | None = None, batch_size: int = 8) -> Report:
+    """A masks file's contents (a ``.safetensors`` without ``weights``), or the
+    layers of a model that can take a mask."""
+    if target.endswith(".safetensors") and weights is None:
+        return masks_report(Masks.load(target))
+    work = load_workload(target, weights, data, None, batch_size)
+    return Report(model=work.name, layers=layer_table(work))

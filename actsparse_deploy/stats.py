@@ -1,0 +1,450 @@
+"""Calibration statistics: what *collect* gathers and *select* turns into masks.
+
+Per layer a :class:`LayerStats` holds the running statistic (a built-in
+aggregate's :class:`~actsparse_deploy.functions.RunningStat`, one per selected
+feature where ``features`` is set; or a user aggregate's raw tensor), its sample
+count, one sample's input shape and dtype, how batches combine (``"sum"``,
+``"max"``; ``None`` for a user aggregate, which cannot be merged), the
+aggregate's spec and the layer's types. :class:`Statistics` holds the layers
+with the recipe, model name and sample / batch counts; it merges associatively
+(statistics of two batch sets merged equal those collected over both) and saves
+to ``.safetensors`` with JSON metadata (no pickle).
+
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> from actsparse_deploy import Recipe, Statistics, collect, select
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    >>> recipe = Recipe.simple(layers=["2"], sparsity=0.5)
+    >>> a = collect(model, recipe, [torch.randn(4, 8)])
+    >>> b = collect(model, recipe, [torch.randn(4, 8), torch.randn(2, 8)])
+    >>> both = a.merge(b)
+    >>> both.num_samples, both["2"].count, both["2"].combine
+    (10, 10, 'sum')
+    >>> path = tempfile.mkdtemp() + "/stats.safetensors"
+    >>> both.save(path)
+    >>> select(Statistics.load(path))["2"].sparsity
+    0.5
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CalibrationError, ConfigError, MaskError, RecipeError
+from .functions import AGGREGATE_FNS, STAT_DTYPE, Aggregate, RunningStat
+from .masks import MAX_DENSE_VALUES, _feature_indices, _is_int
+from .recipe import LayerSettings, Recipe, ResolvedLayer
+from .serialize import SEP, read_container, write_container
+from .version import __version__
+
+__all__ = ["LayerStats", "Statistics", "type_names"]
+
+FORMAT = "actsparse.statistics"
+FORMAT_VERSION = 1
+#: input dtypes a statistics file may declare (the dtype of the layer's masks)
+_DTYPES = {
+    str(dt).removeprefix("torch."): dt
+    for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
+}
+#: a count above this is not a count of samples: a corrupted file
+_MAX_COUNT = 2**62
+
+
+def type_names(layer: nn.Module) -> tuple[str, ...]:
+    """The qualified names of the layer's classes (its MRO), which a recipe's
+    ``type`` rule matches by short or qualified name."""
+    return tuple(f"{c.__module__}.{c.__qualname__}" for c in type(layer).__mro__)
+
+
+def _matches_type(wanted: tuple[str, ...], types: tuple[str, ...]) -> bool:
+    names = set(types) | {t.rsplit(".", 1)[-1] for t in types}
+    return any(t in names for t in wanted)
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One layer's statistic, as collected (see the module docstring)."""
+
+    stat: RunningStat | torch.Tensor | tuple[RunningStat | torch.Tensor, ...]
+    input_shape: tuple[int, ...]  # one sample's input, as first seen
+    input_dtype: torch.dtype = torch.float32
+    aggregate: str | dict[str, Any] | None = None  # the built-in's spec; None: a user aggregate
+    features: tuple[Any, ...] | None = None
+    feature_dim: int | None = None
+    num_samples: int = 0  # inputs along the first axis that reached the layer
+    num_batches: int = 0  # forward calls of the layer
+    layer_types: tuple[str, ...] = ()
+
+    @property
+    def parts(self) -> tuple[RunningStat | torch.Tensor, ...]:
+        """The statistic, one per selected feature (one part without features)."""
+        return self.stat if isinstance(self.stat, tuple) else (self.stat,)
+
+    @property
+    def combine(self) -> str | None:
+        """``"sum"`` or ``"max"`` for a built-in aggregate; ``None``: not mergeable."""
+        first = self.parts[0] if self.parts else None
+        return first.combine if isinstance(first, RunningStat) else None
+
+    @property
+    def count(self) -> int:
+        """Samples in the statistic: every position along the layer's sample
+        axes for a built-in aggregate; inputs along the first axis otherwise."""
+        first = self.parts[0] if self.parts else None
+        return first.count if isinstance(first, RunningStat) else self.num_samples
+
+    @property
+    def stat_shape(self) -> list[int] | list[list[int]]:
+        shapes = [list(_tensor(p).shape) for p in self.parts]
+        return shapes if self.features is not None else shapes[0]
+
+    @property
+    def data(self) -> Any:
+        """The statistic in the sparsifier's ``data_groups[name]["data"]`` form."""
+        return list(self.stat) if isinstance(self.stat, tuple) else self.stat
+
+    def check(self, name: str) -> None:
+        """Raise :class:`MaskError` naming layer ``name`` where the statistic is
+        malformed: parts that are not tensors (or of mixed kinds), counts that
+        are not integers, NaN / Inf, an input shape that is not positive
+        integers, malformed features or feature_dim."""
+        parts = self.parts
+        if not parts or not all(isinstance(p, (RunningStat, torch.Tensor)) for p in parts):
+            raise MaskError(f"statistic of layer {name!r} must be RunningStats or tensors, got {type(self.stat).__name__}")
+        if len({type(p) for p in parts}) != 1:
+            raise MaskError(f"statistic of layer {name!r} mixes RunningStats and tensors")
+        if (self.features is None) != (not isinstance(self.stat, tuple)):
+            raise MaskError(f"statistic of layer {name!r}: a per-feature statistic needs its features (and a plain one none)")
+        for p in parts:
+            if isinstance(p, RunningStat):
+                if p.combine not in ("sum", "max") or p.combine != self.combine:
+                    raise MaskError(f"statistic of layer {name!r} combines by {p.combine!r}, not 'sum' or 'max' throughout")
+                if not (_is_int(p.count) and 1 <= p.count <= _MAX_COUNT):
+                    raise MaskError(f"statistic of layer {name!r} has sample count {p.count!r}: a positive integer is needed")
+            t = _tensor(p)
+            if not isinstance(t, torch.Tensor):
+                raise MaskError(f"statistic of layer {name!r} holds a {type(t).__name__}, not a tensor")
+            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+                raise MaskError(f"statistic of layer {name!r} holds NaN or Inf: it is corrupted; collect again")
+        for key in ("num_samples", "num_batches"):
+            value = getattr(self, key)
+            if not (_is_int(value) and 0 <= value <= _MAX_COUNT):
+                raise MaskError(f"{key} of layer {name!r} must be a non-negative integer, got {value!r}")
+        shape = self.input_shape
+        if not (isinstance(shape, tuple) and all(_is_int(n) and n >= 1 for n in shape)):
+            raise MaskError(f"input shape of layer {name!r} must be positive integers, got {shape!r}")
+        if math.prod(shape) > MAX_DENSE_VALUES:
+            raise MaskError(f"input shape {list(shape)} of layer {name!r} has more than {MAX_DENSE_VALUES} values: it is corrupted")
+        if not isinstance(self.input_dtype, torch.dtype):
+            raise MaskError(f"input dtype of layer {name!r} must be a torch.dtype, got {self.input_dtype!r}")
+        if self.features is None:
+            return
+        if not _is_int(self.feature_dim):
+            raise MaskError(f"feature_dim of layer {name!r} must be an integer, got {self.feature_dim!r}")
+        n = len(shape) + 1
+        if not -n <= self.feature_dim < n or self.feature_dim % n == 0:
+            raise MaskError(f"feature_dim {self.feature_dim} of layer {name!r} must name a non-batch axis of an input of shape {list(shape)}")
+        if len(self.features) != len(parts):
+            raise MaskError(f"layer {name!r} has {len(parts)} feature statistics for {len(self.features)} features")
+        size = shape[self.feature_dim % n - 1]
+        for index in _feature_indices(list(self.features), name):
+            if index >= size:
+                raise MaskError(f"feature {index} of layer {name!r} is out of range: its input has {size} along feature_dim")
+
+    def merge(self, other: LayerStats, name: str) -> LayerStats:
+        """Both statistics in one, as if collected over both batch sets: sums and
+        counts add, maxima take the max (in float64); the first's input shape."""
+        if self.combine is None or other.combine is None:
+            raise CalibrationError(
+                f"layer {name!r}: a statistic of a user aggregate function cannot be merged (there is no rule for how "
+                "its batches combine): collect with a built-in aggregate_fn"
+            )
+        for what, mine, theirs in (
+            ("aggregate", self.aggregate, other.aggregate),
+            ("combine", self.combine, other.combine),
+            ("features", self.features, other.features),
+            ("feature_dim", self.feature_dim, other.feature_dim),
+            ("statistic shape", self.stat_shape, other.stat_shape),
+        ):
+            if mine != theirs:
+                raise CalibrationError(
+                    f"layer {name!r}: statistics with {what} {mine!r} and {theirs!r} cannot be merged; "
+                    "collect both with the same recipe over inputs of the same per-sample shape"
+                )
+        merged = tuple(a.merge(b) for a, b in zip(self.parts, other.parts))  # type: ignore[union-attr, arg-type]
+        return replace(
+            self,
+            stat=merged if isinstance(self.stat, tuple) else merged[0],
+            num_samples=self.num_samples + other.num_samples,
+            num_batches=self.num_batches + other.num_batches,
+        )
+
+    def mask(self, name: str, reduce_fn: Callable[..., Any], mask_fn: Callable[..., Any], sparse_config: dict[str, Any]) -> Any:
+        """``mask_fn(reduce_fn(stat), **sparse_config)`` (per feature where
+        ``features`` is set), floating point masks in the input's dtype: what the
+        sparsifier's ``step()`` makes."""
+        try:
+            with torch.no_grad():
+                masks = [_as_dtype(mask_fn(reduce_fn(part), **sparse_config), self.input_dtype) for part in self.parts]
+        except ConfigError as e:  # a built-in's config that does not fit this layer's data
+            raise ConfigError(f"layer {name!r}: {e}") from e
+        return masks if self.features is not None else masks[0]
+
+
+def _tensor(part: RunningStat | torch.Tensor) -> torch.Tensor:
+    return part.value if isinstance(part, RunningStat) else part
+
+
+def _as_dtype(new: Any, dtype: torch.dtype) -> Any:
+    if isinstance(new, torch.Tensor) and new.is_floating_point() and dtype.is_floating_point:
+        return new.to(dtype)
+    return new
+
+
+@dataclass
+class Statistics:
+    """Layer name -> :class:`LayerStats`, with where they came from."""
+
+    layers: dict[str, LayerStats]
+    recipe: Recipe | None = None
+    num_samples: int = 0
+    num_batches: int = 0
+    model: str | None = None
+    tool_version: str = __version__
+
+    def __post_init__(self) -> None:
+        for name, ls in self.layers.items():
+            if not isinstance(ls, LayerStats):
+                raise MaskError(f"the statistic of layer {name!r} is a {type(ls).__name__}, not a LayerStats")
+            ls.check(name)
+        for key in ("num_samples", "num_batches"):
+            value = getattr(self, key)
+            if not (_is_int(value) and 0 <= value <= _MAX_COUNT):
+                raise MaskError(f"{key} must be a non-negative integer, got {value!r}")
+
+    def __getitem__(self, name: str) -> LayerStats:
+        try:
+            return self.layers[name]
+        except KeyError:
+            raise CalibrationError(f"no statistic for layer {name!r}; layers: {', '.join(self.layers) or 'none'}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    # --- merge -------------------------------------------------------------------
+
+    def merge(self, other: Statistics) -> Statistics:
+        """Statistics of both batch sets, as :func:`collect` over both would give
+        (to float rounding); associative. Refused (:class:`CalibrationError`)
+        for other layers, recipes, models, aggregates or per-sample shapes."""
+        if list(self.layers) != list(other.layers):
+            raise CalibrationError(
+                f"statistics of layers {list(self.layers)} and {list(other.layers)} cannot be merged: "
+                "collect both with the same recipe on the same model"
+            )
+        if self.recipe is not None and other.recipe is not None and self.recipe != other.recipe:
+            raise CalibrationError("statistics collected with different recipes cannot be merged: collect both with one recipe")
+        if self.model is not None and other.model is not None and self.model != other.model:
+            raise CalibrationError(f"statistics of model {self.model!r} and of model {other.model!r} cannot be merged")
+        return Statistics(
+            layers={name: ls.merge(other.layers[name], name) for name, ls in self.layers.items()},
+            recipe=self.recipe if self.recipe is not None else other.recipe,
+            num_samples=self.num_samples + other.num_samples,
+            num_batches=self.num_batches + other.num_batches,
+            model=self.model if self.model is not None else other.model,
+        )
+
+    # --- selection ---------------------------------------------------------------
+
+    def resolve(self, recipe: Recipe) -> dict[str, ResolvedLayer]:
+        """Layer name -> the recipe's settings for it, as ``recipe.select(model)``
+        gives them on the model these statistics came from (rules match the
+        layer names and the recorded layer types). A rule that matches no layer,
+        or settings that need another aggregate or other features than were
+        collected, are refused (:class:`RecipeError`)."""
+        selected: dict[str, LayerSettings] = {}
+        for i, rule in enumerate(recipe.layers):
+            hits = [
+                name
+                for name, ls in self.layers.items()
+                if (not rule.name or any(fnmatch.fnmatchcase(name, p) for p in rule.name))
+                and (not rule.type or _matches_type(rule.type, ls.layer_types))
+            ]
+            if not hits:
+                raise RecipeError(
+                    f"layers[{i}] ({rule.describe()}) matches no layer of the statistics; "
+                    f"layers: {', '.join(self.layers) or 'none'}"
+                )
+            for name in hits:
+                selected[name] = selected.get(name, recipe.defaults).merged(rule.settings)
+        out = {}
+        for name in (n for n in self.layers if n in selected):
+            config = selected[name].resolve(f"layer {name!r}")
+            ls = self.layers[name]
+            wanted = config.aggregate_fn.spec
+            if ls.aggregate != wanted:
+                raise RecipeError(
+                    f"layer {name!r}: the statistics were collected with aggregate_fn {ls.aggregate!r}, the recipe asks "
+                    f"for {wanted!r}: collect again with this recipe"
+                )
+            features = tuple(config.features) if config.features is not None else None
+            if (features, config.feature_dim) != (ls.features, ls.feature_dim):
+                raise RecipeError(
+                    f"layer {name!r}: the statistics were collected for features {ls.features} along feature_dim "
+                    f"{ls.feature_dim}, the recipe asks for {features} along {config.feature_dim}: collect again"
+                )
+            out[name] = config
+        return out
+
+    # --- files -------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (an existing file is replaced: check before calling).
+        Only statistics of built-in aggregates can be saved."""
+        tensors: dict[str, torch.Tensor] = {}
+        rows = []
+        for name, ls in self.layers.items():
+            if ls.aggregate is None or ls.combine is None:
+                raise ConfigError(
+                    f"layer {name!r}: the statistic of a user aggregate function cannot be saved (it has no portable "
+                    "name): collect with a built-in aggregate_fn"
+                )
+            for i, part in enumerate(ls.parts):
+                tensors[f"{name}{SEP}{i}" if ls.features is not None else name] = _tensor(part).to(STAT_DTYPE)
+            rows.append(
+                {
+                    "layer": name,
+                    "aggregate": ls.aggregate,
+                    "combine": ls.combine,
+                    "count": ls.count,
+                    "stat_shape": ls.stat_shape,
+                    "input_shape": list(ls.input_shape),
+                    "input_dtype": str(ls.input_dtype).removeprefix("torch."),
+                    "features": list(ls.features) if ls.features is not None else None,
+                    "feature_dim": ls.feature_dim,
+                    "num_samples": ls.num_samples,
+                    "num_batches": ls.num_batches,
+                    "layer_types": list(ls.layer_types),
+                }
+            )
+        metadata = {
+            "model": self.model or "",
+            "num_samples": str(self.num_samples),
+            "num_batches": str(self.num_batches),
+            "recipe": self.recipe.dumps() if self.recipe is not None else "",
+            "layers": json.dumps(rows),
+        }
+        write_container(Path(path), FORMAT, FORMAT_VERSION, tensors, metadata)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Statistics:
+        """Read and check a statistics file: the format, every layer's aggregate
+        (a known built-in that combines as declared), counts, shapes (declared
+        against the tensors), dtypes and features, every value finite."""
+        path = Path(path)
+        tensors, metadata = read_container(path, FORMAT, FORMAT_VERSION, "statistics")
+        try:
+            rows = json.loads(metadata["layers"])
+            if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+                raise MaskError("'layers' must be a list of tables, one per layer")
+            layers: dict[str, LayerStats] = {}
+            for row in rows:
+                name = row.get("layer")
+                if not isinstance(name, str) or not name or name in layers:
+                    raise MaskError(f"layer {name!r} is not a name or is listed twice")
+                layers[name] = _layer_from_row(name, row, tensors)
+            expected = {f"{n}{SEP}{i}" if ls.features is not None else n for n, ls in layers.items() for i in range(len(ls.parts))}
+            if set(tensors) != expected:
+                raise MaskError(f"holds tensors {sorted(set(tensors) ^ expected)[:8]} its metadata does not describe")
+            recipe = Recipe.from_toml(metadata["recipe"], f"recipe in {path}") if metadata.get("recipe") else None
+            stats = cls(
+                layers=layers,
+                recipe=recipe,
+                num_samples=_count_field(metadata["num_samples"], "num_samples"),
+                num_batches=_count_field(metadata["num_batches"], "num_batches"),
+                model=metadata.get("model") or None,
+                tool_version=metadata["tool_version"],
+            )
+        except MaskError as e:
+            raise MaskError(f"statistics file {path}: {e}" if str(path) not in str(e) else str(e)) from e
+        except RecipeError as e:  # the recipe is part of the file: exit code 8, not 3
+            raise MaskError(f"statistics file {path}: {e}") from e
+        except RecursionError as e:
+            raise MaskError(f"statistics file {path} holds metadata nested too deeply to read: it is corrupted or hostile") from e
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise MaskError(f"statistics file {path} is incomplete or malformed ({e!r})") from e
+        return stats
+
+
+def _count_field(raw: Any, what: str) -> int:
+    if not isinstance(raw, str) or not raw.isdigit() or len(raw) > 19:
+        raise MaskError(f"{what} {str(raw)[:40]!r} is not a non-negative integer")
+    return int(raw)
+
+
+def _int_list(value: Any, what: str, name: str, minimum: int) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > 64 or not all(_is_int(n) and n >= minimum for n in value):
+        raise MaskError(f"{what} of layer {name!r} must be a list of integers >= {minimum}, got {str(value)[:80]}")
+    return tuple(value)
+
+
+def _strings(value: Any, name: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > 256 or not all(isinstance(t, str) for t in value):
+        raise MaskError(f"layer_types of layer {name!r} must be a list of class names, got {str(value)[:80]}")
+    return tuple(value)
+
+
+def _layer_from_row(name: str, row: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LayerStats:
+    """One layer of a statistics file, every declared field checked (also
+    against the tensors) before a LayerStats is made of it."""
+    agg = AGGREGATE_FNS.resolve(row["aggregate"])
+    if not isinstance(agg, Aggregate) or agg.combine != row["combine"]:
+        raise MaskError(f"layer {name!r}: aggregate {row['aggregate']!r} does not combine by {row['combine']!r}")
+    count = row["count"]
+    if not (_is_int(count) and 1 <= count <= _MAX_COUNT):
+        raise MaskError(f"layer {name!r}: sample count {count!r} is not a positive integer")
+    dtype = _DTYPES.get(row["input_dtype"]) if isinstance(row["input_dtype"], str) else None
+    if dtype is None:
+        raise MaskError(f"layer {name!r}: input dtype {str(row['input_dtype'])[:40]!r} is not one of {', '.join(_DTYPES)}")
+    features = row.get("features")
+    if features is not None:
+        _feature_indices(features, name)  # before they name tensors
+    keys = [f"{name}{SEP}{i}" for i in range(len(features))] if features is not None else [name]
+    declared = row["stat_shape"] if features is not None else [row["stat_shape"]]
+    if not isinstance(declared, list) or len(declared) != len(keys):
+        raise MaskError(f"layer {name!r}: stat_shape {str(row['stat_shape'])[:80]} does not describe {len(keys)} statistic(s)")
+    parts = []
+    for key, shape in zip(keys, declared):
+        shape = _int_list(shape, "stat_shape", name, 0)
+        tensor = tensors.get(key)
+        if tensor is None:
+            raise MaskError(f"layer {name!r}: tensor {key!r} is missing")
+        if tuple(tensor.shape) != shape or tensor.dtype != STAT_DTYPE:
+            raise MaskError(
+                f"layer {name!r}: statistic {key!r} is {str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}, "
+                f"its metadata says float64{list(shape)}"
+            )
+        parts.append(RunningStat(tensor, count, agg.combine))
+    return LayerStats(
+        stat=tuple(parts) if features is not None else parts[0],
+        input_shape=_int_list(row["input_shape"], "input_shape", name, 1),
+        input_dtype=dtype,
+        aggregate=agg.spec,
+        features=tuple(features) if features is not None else None,
+        feature_dim=row.get("feature_dim"),
+        num_samples=row["num_samples"],
+        num_batches=row["num_batches"],
+        layer_types=_strings(row.get("layer_types", []), name),
+    )

@@ -1,0 +1,131 @@
+"""A model with its data: what every stage after loading works on.
+
+A :class:`Workload` is a dense model, its calibration batches, its held-out
+batches (never the calibration ones), the labels of a classifier's held-out
+samples, and its one I/O spec (input / output names and dynamic axes, used by
+export, ``.pt2`` capture and validation alike). :func:`load_workload` makes one
+from a built-in name or a ``module:factory`` plus files.
+
+    >>> from actsparse_deploy.workload import load_workload
+    >>> work = load_workload("digits-mlp", batch_size=50)
+    >>> len(work.heldout), tuple(work.example().shape), work.io.output_names, work.io.dynamic_axes["logits"]
+    (8, (2, 1, 8, 8), ('logits',), {0: 'batch'})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from . import zoo
+from .batches import Batch, resize_batches
+from .batches import batch_size as batch_size_of
+from .errors import DataError
+from .loading import check_distinct_data, load_data, load_labels, load_model
+
+if TYPE_CHECKING:
+    from .export import IOSpec
+    from .masks import Masks
+    from .recipe import Recipe
+    from .squash import SquashResult
+
+__all__ = ["EXAMPLE_BATCH_SIZE", "Workload", "load_recipe", "load_workload", "squash_workload"]
+
+#: samples in the example batch that export and ``.pt2`` capture trace with
+EXAMPLE_BATCH_SIZE = 2
+
+
+@dataclass
+class Workload:
+    """A dense model and the data around it."""
+
+    name: str
+    model: nn.Module
+    builtin: zoo.BuiltinModel | None = None
+    calibration: list[Batch] | Iterable[Batch] | None = None
+    heldout: list[Batch] | None = None
+    labels: torch.Tensor | None = None
+    io: IOSpec | None = None
+
+    def require_calibration(self) -> Iterable[Batch]:
+        if self.calibration is None:
+            raise DataError(f"{self.name!r} has no built-in data: pass `data`, a file of calibration inputs")
+        return self.calibration
+
+    def require_heldout(self) -> list[Batch]:
+        if self.heldout is None:
+            raise DataError(
+                f"{self.name!r} has no built-in held-out data: pass `heldout`, a file of held-out inputs (never the calibration data)"
+            )
+        return self.heldout
+
+    def example(self) -> Batch:
+        """A small batch for export tracing (from the held-out data, else calibration)."""
+        source = self.heldout if self.heldout is not None else self.calibration
+        if source is None:
+            raise DataError(
+                f"{self.name!r} needs `data` or `heldout` to give the exporter an example input"
+            )
+        batches = list(source) if not isinstance(source, list) else source
+        pieces = resize_batches(batches, EXAMPLE_BATCH_SIZE, EXAMPLE_BATCH_SIZE)
+        if not pieces:
+            raise DataError(f"no batch of {self.name!r}'s data has {EXAMPLE_BATCH_SIZE} samples for the export example")
+        return pieces[0]
+
+
+def squash_workload(work: Workload, masks: Masks, mode: str) -> SquashResult:
+    """Squash ``work.model`` with an example batch (the dataflow for ``prune``)
+    and a few held-out batches to check the result against ``mul``."""
+    from .squash import squash
+
+    checks = (work.heldout or [])[:2]
+    return squash(work.model, masks, mode, example=work.example(), check_batches=checks)
+
+
+def load_recipe(work: Workload, recipe: "Recipe | str | Path | None" = None, sparsity: float | None = None) -> "Recipe":
+    """The recipe for ``work``: ``recipe``, else its built-in one (``sparsity``
+    overrides the level); see :func:`actsparse_deploy.recipe.resolve_recipe`."""
+    from .recipe import resolve_recipe
+
+    return resolve_recipe(work.name, work.builtin is not None, recipe, sparsity=sparsity)
+
+
+def load_workload(
+    spec: str,
+    weights: str | Path | None = None,
+    data: str | None = None,
+    heldout: str | None = None,
+    batch_size: int | None = None,
+    labels: str | Path | None = None,
+    check_distinct: bool = True,
+) -> Workload:
+    """A built-in name or ``module:factory`` (+ weights), with its data; ``labels``:
+    a file of class indices for the held-out samples (your own classifier's accuracy).
+    Held-out data that is the calibration data is refused (``check_distinct=False``:
+    the caller checks it later with ``check_distinct_data``)."""
+    if check_distinct and data is not None and heldout is not None:
+        check_distinct_data(data, heldout)
+    if labels is not None and heldout is None:
+        raise DataError(f"`labels` {labels} needs `heldout`: the labels are those of the held-out samples")
+    loaded = load_model(spec, weights)
+    entry = zoo.get_builtin(spec) if loaded.builtin else None
+    size = batch_size or (entry.batch_size if entry else 32)
+    calibration = load_data(data, size) if data is not None else (zoo.calibration_batches(spec, size) if entry else None)
+    held: list[Batch] | None = None
+    if heldout is not None:
+        held = list(load_data(heldout, size))
+    elif entry is not None:
+        held = zoo.heldout_batches(spec, size)
+    the_labels = entry.labels() if entry is not None and entry.labels is not None and heldout is None else None
+    if labels is not None:
+        the_labels = load_labels(labels)
+        samples = sum(batch_size_of(b) for b in held or [])
+        if len(the_labels) != samples:
+            raise DataError(f"labels file {labels} has {len(the_labels)} labels for {samples} held-out samples in {heldout}")
+    io = entry.io_spec() if entry is not None else None
+    return Workload(loaded.name, loaded.module, entry, calibration, held, the_labels, io)

@@ -1,0 +1,186 @@
+"""Plain helpers the tests import (conftest.py holds only fixtures and hooks):
+tiny models, the CLI runner, and commands run in a background thread.
+
+    >>> TinyMLP()(torch.zeros(2, 6)).shape
+    torch.Size([2, 3])
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+runner = CliRunner()
+
+
+def invoke(*args: object):
+    """``actsparse ARGS`` in this process (typer's CliRunner); every argument as a string."""
+    from actsparse_deploy.cli import app
+
+    return runner.invoke(app, [str(a) for a in args])
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, d_in: int = 6, hidden: int = 8, d_out: int = 3) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+class TinyConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 5, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.conv2(self.act(self.conv1(x))))
+        return self.fc(self.pool(h).flatten(1))
+
+
+# --- commands run in the background: one MiniLM run per exporter, the benchmark --------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "actsparse_deploy", *args]
+
+
+#: name -> argv, run in this order (only those the selected tests ask for with
+#: ``@pytest.mark.background(name, ...)``, and what those need), each in the folder
+#: named by its name up to the first "-" (the MiniLM commands share one, which the
+#: first of them finds empty): the benchmark script's quick digits section; the
+#: README's MiniLM command (the default exporter, torchscript), a .pt2 of the same
+#: masks, the dynamo exporter
+BACKGROUND_COMMANDS: dict[str, list[str]] = {
+    "benchmark": [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--quick", "--sections", "speed-digits", "--out", "bench.json"],
+    "minilm-torchscript": _cli("convert", "minilm", "-o", "out/minilm"),
+    "minilm-pt2": _cli("squash", "minilm", "--masks", "out/minilm/masks.safetensors", "-o", "minilm.pt2", "--json"),
+    "minilm-dynamo": _cli("convert", "minilm", "-o", "out/minilm-dynamo", "--exporter", "dynamo"),
+}
+#: what a command reads from another one's output
+BACKGROUND_NEEDS = {"minilm-pt2": ("minilm-torchscript",)}
+MINILM_OUTDIRS = {"torchscript": "out/minilm", "dynamo": "out/minilm-dynamo"}
+
+
+def background_selection(names: set[str]) -> dict[str, list[str]]:
+    """The commands ``names`` need, in their order; an unknown name is an error."""
+    unknown = names - set(BACKGROUND_COMMANDS)
+    assert not unknown, f"unknown background command(s) {sorted(unknown)}; known: {list(BACKGROUND_COMMANDS)}"
+    wanted = set(names)
+    for name in names:
+        wanted.update(BACKGROUND_NEEDS.get(name, ()))
+    return {name: argv for name, argv in BACKGROUND_COMMANDS.items() if name in wanted}
+
+
+class BackgroundCommands:
+    """Commands run one after another in real processes, from a background thread:
+    they use the machine's second core while the tests go on in this one.
+    ``result(name)`` waits for one and fails the test that asked if it failed."""
+
+    def __init__(self, root: Path, commands: dict[str, list[str]]) -> None:
+        self.root = root
+        self.commands = commands
+        # the environment now, before any test patches os.environ
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.results: dict[str, subprocess.CompletedProcess[str]] = {}
+        self._done = {name: threading.Event() for name in commands}
+        self._stopped = False
+        self._proc: subprocess.Popen[str] | None = None
+        self._thread = threading.Thread(target=self._run, name="background-commands", daemon=True)
+
+    def start(self) -> "BackgroundCommands":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            for name, argv in self.commands.items():
+                if self._stopped:
+                    break
+                cwd = self.folder(name)
+                cwd.mkdir(exist_ok=True)
+                self._proc = subprocess.Popen(
+                    argv, cwd=cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                )
+                out, err = self._proc.communicate()
+                self.results[name] = subprocess.CompletedProcess(argv, self._proc.returncode, out, err)
+                self._done[name].set()
+        finally:
+            for event in self._done.values():
+                event.set()  # a stopped chain wakes every waiter (result() then says so)
+
+    def folder(self, name: str) -> Path:
+        """The working directory of command ``name``."""
+        return self.root / name.split("-")[0]
+
+    def result(self, name: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        """The finished command ``name``; asserts that it exited 0."""
+        assert name in self.commands, f"{name!r} was not scheduled: mark the test @pytest.mark.background({name!r})"
+        shown = " ".join(self.commands[name][1:])
+        assert self._done[name].wait(timeout), f"`{shown}` still runs after {timeout} s"
+        assert name in self.results, f"`{shown}` never ran (the run was stopped)"
+        done = self.results[name]
+        assert done.returncode == 0, f"`{shown}` exited {done.returncode}: {done.stderr}"
+        return done
+
+    def stop(self) -> None:
+        """Kill the command still running (a test session cut short) and wait for the thread."""
+        self._stopped = True
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        if self._thread.is_alive():
+            self._thread.join(timeout=60)
+
+
+# --- digits: files the CLI writes, made once per session --------------------------------
+
+
+class DigitsFiles:
+    """Masks, ``.pt2`` programs and ONNX models that the CLI writes for the
+    built-in digits models with their built-in recipes, each made on first use
+    and shared by every test of the session: tests only read them (copy one
+    before changing it)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.outputs: dict[str, str] = {}  # file name -> stdout of the command that wrote it
+        self._lock = threading.Lock()
+
+    def _make(self, name: str, *args: object) -> Path:
+        path = self.root / name
+        with self._lock:
+            if not path.exists():
+                result = invoke(*args, "-o", path)
+                assert result.exit_code == 0, f"{' '.join(map(str, args))}: {result.output}"
+                self.outputs[name] = result.stdout
+        return path
+
+    def masks(self, model: str) -> Path:
+        """``actsparse calibrate MODEL``."""
+        return self._make(f"{model}.safetensors", "calibrate", model)
+
+    def pt2(self, model: str) -> Path:
+        """``actsparse squash MODEL --masks masks(MODEL)`` (mode auto)."""
+        return self._make(f"{model}.pt2", "squash", model, "--masks", self.masks(model))
+
+    def dense_onnx(self, model: str) -> Path:
+        """``actsparse export MODEL`` without masks."""
+        return self._make(f"{model}-dense.onnx", "export", model)
