@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test clean
+.PHONY: demo test lint clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,12 @@ demo: $(VENV)/.installed
 	mkdir -p out
 	$(BIN)/actsparse convert digits-cnn -o out/digits-cnn --overwrite
 
-test: $(VENV)/.installed
+lint: $(VENV)/.installed
+	$(BIN)/ruff check actsparse_deploy tests tools
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) out .mypy_cache .ruff_cache

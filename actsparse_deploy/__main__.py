@@ -8,7 +8,6 @@ console-script entry point for that reason.
 
 import os
 import signal
-import sys
 
 
 def _while_starting(signum: int, frame: object) -> None:
@@ -24,7 +23,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _while_starting)
     from actsparse_deploy.cli import main as cli_main  # the heavy imports
 
-    sys.exit(cli_main())
+    cli_main()  # exits with the command's code
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ are flattened here too.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias, Union
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ __all__ = [
     "total_samples",
 ]
 
-Batch = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor] | Mapping[str, torch.Tensor]
+Batch: TypeAlias = Union[torch.Tensor, tuple[torch.Tensor, ...], list[torch.Tensor], Mapping[str, torch.Tensor]]  # noqa: UP007 (torch is untyped to mypy: an X | Y alias would not be a type)
 
 _FORMS = "a tensor, a tuple of tensors or a dict of tensors"
 

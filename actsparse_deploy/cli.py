@@ -28,15 +28,16 @@ import sys
 import traceback
 import typing
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 import typer
-from typer.core import TyperGroup
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 from rich.text import Text
+from typer.core import TyperGroup
 
 # light modules only: torch, onnx and the stages are imported inside the commands
 from .constants import BUILTIN_AGGREGATES, DEFAULT_AGGREGATE, DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAULT_RTOL, EXPORTERS, MODES
@@ -50,16 +51,18 @@ if TYPE_CHECKING:
 
 # typer vendors click in recent versions: take its exception classes from typer itself
 _CLICK_ERRORS = {c.__name__: c for c in typer.BadParameter.__mro__}
-_ClickException, _UsageError = _CLICK_ERRORS["ClickException"], _CLICK_ERRORS["UsageError"]
+_ClickException = cast("type[Any]", _CLICK_ERRORS["ClickException"])
+_UsageError = cast("type[Any]", _CLICK_ERRORS["UsageError"])
 
 
 class _OneLineErrors(TyperGroup):
     """Usage errors (bad option values, unknown options) as one line on stderr,
     exit code 2, like every other error of this tool; help stays rich."""
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        standalone_mode = kwargs.pop("standalone_mode", True)
         try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
+            rv = super().main(*args, **{**kwargs, "standalone_mode": False})
             code = rv if isinstance(rv, int) else 0
         except _UsageError as e:
             if type(e).__name__ == "NoArgsIsHelpError":  # `actsparse` alone: the help
@@ -147,11 +150,11 @@ ModelArg = Annotated[
     ),
 ]
 WeightsOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--weights", "-w", help="Weights for the model: .safetensors, or a .pt state dict (loaded with weights_only=True)."),
 ]
 DataOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--data",
         "-d",
@@ -168,14 +171,14 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace output 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors, and the exporter's own output.")]
 HeldoutOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--heldout",
         help="Held-out data for validation and the accuracy cost (never the calibration data); same formats as --data. "
         "Default for built-in models: their held-out split.",
     ),
 ]
-MasksOpt = Annotated[Optional[Path], typer.Option("--masks", "-m", help="A masks file from `actsparse calibrate`.")]
+MasksOpt = Annotated[Path | None, typer.Option("--masks", "-m", help="A masks file from `actsparse calibrate`.")]
 #: --mode and --exporter are choices: a value not listed is a usage error (exit 2)
 Mode = enum.StrEnum("Mode", {name: name for name in MODES})  # type: ignore[misc]
 Exporter = enum.StrEnum("Exporter", {name: name for name in EXPORTERS})  # type: ignore[misc]
@@ -191,18 +194,18 @@ ModeOpt = Annotated[
 ExporterOpt = Annotated[
     Exporter, typer.Option("--exporter", help=f"torch.onnx exporter (default {DEFAULT_EXPORTER}: see the README).")
 ]
-OpsetOpt = Annotated[Optional[int], typer.Option("--opset", min=7, help="ONNX opset (default: the exporter's).")]
+OpsetOpt = Annotated[int | None, typer.Option("--opset", min=7, help="ONNX opset (default: the exporter's).")]
 ExternalOpt = Annotated[
     bool, typer.Option("--external-data", help="Write the weights to MODEL.onnx.data beside the model (automatic over 2 GB).")
 ]
 AtolOpt = Annotated[float, typer.Option("--atol", min=0.0, help="Absolute tolerance, ONNX vs PyTorch.")]
 RtolOpt = Annotated[float, typer.Option("--rtol", min=0.0, help="Relative tolerance, ONNX vs PyTorch (added to atol).")]
 TimeoutOpt = Annotated[
-    Optional[float],
+    float | None,
     typer.Option("--timeout", min=0.0, help="Fail validation after this many seconds, stopping onnxruntime (default: no limit)."),
 ]
 LabelsOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option(
         "--labels",
         help="Class labels of the --heldout samples, for your own classifier's accuracy (dense, sparse, ONNX): "
@@ -211,16 +214,16 @@ LabelsOpt = Annotated[
 ]
 # a one-rule recipe from flags (calibrate, convert): see build_recipe
 LayersOpt = Annotated[
-    Optional[list[str]], typer.Option("--layers", "-l", help="Glob over module names to mask (repeatable), e.g. 'encoder.*.fc2'.")
+    list[str] | None, typer.Option("--layers", "-l", help="Glob over module names to mask (repeatable), e.g. 'encoder.*.fc2'.")
 ]
 LayerTypesOpt = Annotated[
-    Optional[list[str]], typer.Option("--layer-type", help="Module class to mask (repeatable), e.g. Linear or Conv2d.")
+    list[str] | None, typer.Option("--layer-type", help="Module class to mask (repeatable), e.g. Linear or Conv2d.")
 ]
 ThresholdOpt = Annotated[
-    Optional[float], typer.Option("--threshold", help="Zero activations whose statistic is below this value instead.")
+    float | None, typer.Option("--threshold", help="Zero activations whose statistic is below this value instead.")
 ]
 AggregateOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--aggregate", help=f"Statistic over the data, with --layers: {', '.join(BUILTIN_AGGREGATES)} (default {DEFAULT_AGGREGATE})."),
 ]
 StructuredOpt = Annotated[
@@ -363,7 +366,7 @@ def models_cmd(as_json: JsonOpt = False, verbose: VerboseOpt = False) -> None:
     """List the built-in models, with their test accuracy and built-in recipe."""
     from . import zoo
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in zoo.builtin_names():
         entry = zoo.get_builtin(name)
         weights = zoo.builtin_weights_path(name)
@@ -436,12 +439,12 @@ def calibrate_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the masks (.safetensors).")],
     weights: WeightsOpt = None,
     recipe: Annotated[
-        Optional[Path], typer.Option("--recipe", "-r", help="A recipe TOML file (which layers, which functions, how sparse).")
+        Path | None, typer.Option("--recipe", "-r", help="A recipe TOML file (which layers, which functions, how sparse).")
     ] = None,
     layers: LayersOpt = None,
     layer_types: LayerTypesOpt = None,
     sparsity: Annotated[
-        Optional[float],
+        float | None,
         typer.Option(
             "--sparsity", "-s", min=0.0, max=1.0, help="Fraction of activations to zero (topk). On a built-in model alone: overrides its recipe."
         ),
@@ -538,7 +541,7 @@ def export_cmd(
     heldout: HeldoutOpt = None,
     batch: BatchSizeOpt = 32,
     exporter: Annotated[
-        Optional[Exporter],
+        Exporter | None,
         typer.Option("--exporter", help=f"torch.onnx exporter (default {DEFAULT_EXPORTER}; dynamo for a .pt2).", show_default=False),
     ] = None,
     opset: OpsetOpt = None,
@@ -651,9 +654,9 @@ def convert_cmd(
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for masks.safetensors, model.onnx and report.json.")],
     weights: WeightsOpt = None,
-    recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="A recipe TOML file (default: the built-in model's).")] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", "-r", help="A recipe TOML file (default: the built-in model's).")] = None,
     sparsity: Annotated[
-        Optional[float],
+        float | None,
         typer.Option("--sparsity", "-s", min=0.0, max=1.0, help="Override the recipe's sparsity_level everywhere; with --layers: the fraction to zero."),
     ] = None,
     layers: LayersOpt = None,
@@ -665,7 +668,7 @@ def convert_cmd(
     heldout: HeldoutOpt = None,
     labels: LabelsOpt = None,
     batch: Annotated[
-        Optional[int],
+        int | None,
         typer.Option("--batch-size", "-b", min=1, max=MAX_BATCH_SIZE, help="Samples per batch (default: the built-in model's, else 32)."),
     ] = None,
     mode: ModeOpt = Mode(DEFAULT_MODE),

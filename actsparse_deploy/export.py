@@ -31,23 +31,25 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import onnx
 import torch
 from torch import nn
 
-from .version import __version__
 from .batches import Batch, describe_batch, flatten_outputs, input_names, is_named, positional, run_batch
 from .calibrate import eval_mode
 from .errors import DataError, ExportError, OutputError, first_line
 from .files import check_output_path, os_reason, remove_stale_staging, set_output_mode, staging_dir
+from .version import __version__
 
 __all__ = ["DEFAULT_EXPORTER", "EXPORTERS", "ExportResult", "IOSpec", "PositionalAdapter", "export_onnx", "flatten_outputs"]
 
 from .constants import DEFAULT_EXPORTER, EXPORTERS  # noqa: E402  (one definition, light for the CLI)
+
 TWO_GB = 2**31
 METADATA_PREFIX = "actsparse_deploy."
 # errors of the file system, not of the exporter: the output cannot be written
@@ -77,7 +79,7 @@ class IOSpec:
         )
 
     @classmethod
-    def infer(cls, example: Batch, n_outputs: int, sequence_axis: bool = False) -> "IOSpec":
+    def infer(cls, example: Batch, n_outputs: int, sequence_axis: bool = False) -> IOSpec:
         """Default names (``input`` / dict keys, ``output`` / ``output_i``), batch axis
         dynamic everywhere, plus axis 1 of the inputs and outputs if ``sequence_axis``."""
         inputs = input_names(example)

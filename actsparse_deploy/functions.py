@@ -25,8 +25,9 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -66,10 +67,10 @@ class RunningStat:
         """The statistic at the scale of one sample (a mean or a max)."""
         return self.value / self.count if self.combine == "sum" else self.value
 
-    def index_select(self, axis: int, index: torch.Tensor) -> "RunningStat":
+    def index_select(self, axis: int, index: torch.Tensor) -> RunningStat:
         return RunningStat(self.value.index_select(axis, index), self.count, self.combine)
 
-    def merge(self, other: "RunningStat") -> "RunningStat":
+    def merge(self, other: RunningStat) -> RunningStat:
         if self.value.shape != other.value.shape:
             raise ValueError(
                 f"statistic of shape {tuple(other.value.shape)} cannot join one of shape "
@@ -112,7 +113,7 @@ class BuiltinFn:
             return self.name
         return {"name": self.name, **dict(self.params)}
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> "BuiltinFn":
+    def __deepcopy__(self, memo: dict[int, Any]) -> BuiltinFn:
         return self  # immutable
 
 
@@ -226,7 +227,7 @@ def _check_params(fn: BuiltinFn, params: dict[str, Any]) -> None:
             raise ConfigError(f"{fn.kind} function {fn.name!r} parameter {key} must be a number, got {value!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _keywords(fn: Callable[..., Any]) -> frozenset[str]:
     """A function's keyword parameters after the first (cached: mask functions run per layer)."""
     return frozenset(list(inspect.signature(fn).parameters)[1:])

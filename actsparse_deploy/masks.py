@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, TypeGuard
+from typing import Any, TypeGuard
 
 import torch
 
-from .version import __version__
 from .errors import CalibrationError, MaskError, RecipeError
 from .recipe import Recipe
 from .serialize import SEP, check_format, load_safetensors, save_safetensors
+from .version import __version__
 
 __all__ = ["MAX_DENSE_VALUES", "LayerMask", "Masks", "checked_layer_mask"]
 
@@ -197,7 +198,7 @@ class Masks:
             lm.check(name)
 
     @classmethod
-    def from_sparsifier(cls, sparsifier: Any, model: str | None = None) -> "Masks":
+    def from_sparsifier(cls, sparsifier: Any, model: str | None = None) -> Masks:
         """The masks of a live sparsifier after ``step()``, checked as calibration
         checks them (finite, floating point or bool, broadcasting against the input)."""
         layers = {}
@@ -287,7 +288,7 @@ class Masks:
         save_safetensors(Path(path), tensors, metadata)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Masks":
+    def load(cls, path: str | Path) -> Masks:
         """Read and check a masks file: every tensor finite and floating point (or
         bool), every layer's features, feature_dim and input shape well formed."""
         path = Path(path)

@@ -22,9 +22,10 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from .batches import total_samples
 from .calibrate import calibrate

@@ -28,21 +28,22 @@ import logging
 import re
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .version import __version__
 from .batches import as_positional, flatten_outputs, is_named, positional, run_batch
 from .errors import ExportError, first_line
 from .export import IOSpec, PositionalAdapter
 from .files import atomic_output, check_output_path
+from .version import __version__
 
 if TYPE_CHECKING:
-    from .workload import Workload
     from .squash import SquashResult
+    from .workload import Workload
 
 __all__ = ["PT2_META", "as_positional", "check_pt2", "load_pt2", "pt2_io", "save_pt2", "write_program"]
 
@@ -51,7 +52,7 @@ PT2_META = "actsparse.json"
 # --- writing -----------------------------------------------------------------------
 
 
-def save_pt2(work: "Workload", squashed: "SquashResult", path: Path, overwrite: bool = False) -> None:
+def save_pt2(work: Workload, squashed: SquashResult, path: Path, overwrite: bool = False) -> None:
     """A ``torch.export`` program with the masks baked in (dynamic batch / sequence)."""
     check_output_path(path, overwrite)
     example = work.example()
@@ -137,11 +138,11 @@ def _weights_only_torch_load() -> Iterator[None]:
         kwargs["weights_only"] = True
         return original(*args, **kwargs)
 
-    torch.load = safe_load  # type: ignore[assignment]
+    torch.load = safe_load
     try:
         yield
     finally:
-        torch.load = original  # type: ignore[assignment]
+        torch.load = original
 
 
 @contextlib.contextmanager

@@ -30,9 +30,10 @@ from __future__ import annotations
 import fnmatch
 import math
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import tomli_w
 from torch import nn
@@ -56,7 +57,7 @@ class FnSpec:
     params: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
-    def parse(cls, value: Any, key: str) -> "FnSpec":
+    def parse(cls, value: Any, key: str) -> FnSpec:
         if isinstance(value, FnSpec):
             return value
         if isinstance(value, str):
@@ -93,7 +94,7 @@ class LayerSettings:
     feature_dim: int | None = None
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str) -> "LayerSettings":
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> LayerSettings:
         _check_keys(data, {f.name for f in fields(cls)}, where)
         kwargs: dict[str, Any] = {}
         for key in _REGISTRIES:
@@ -131,14 +132,14 @@ class LayerSettings:
             out["feature_dim"] = self.feature_dim
         return out
 
-    def merged(self, other: "LayerSettings") -> "LayerSettings":
+    def merged(self, other: LayerSettings) -> LayerSettings:
         """These settings overridden by ``other``'s (sparse_config key by key)."""
         changes = {f.name: getattr(other, f.name) for f in fields(self) if getattr(other, f.name) is not None}
         if self.sparse_config is not None and other.sparse_config is not None:
             changes["sparse_config"] = tuple(sorted({**dict(self.sparse_config), **dict(other.sparse_config)}.items()))
         return replace(self, **changes)
 
-    def resolve(self, where: str) -> "ResolvedLayer":
+    def resolve(self, where: str) -> ResolvedLayer:
         """Check and resolve into what ``register_layer`` takes."""
         try:
             fns = {key: (getattr(self, key) or FnSpec(TOOL_DEFAULTS[key])).resolve(key) for key in _REGISTRIES}
@@ -242,7 +243,7 @@ class LayerRule:
             raise RecipeError("a [[layers]] rule needs 'name' (glob over module names) or 'type' (module class)")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str) -> "LayerRule":
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> LayerRule:
         _check_keys(data, {"name", "type"} | {f.name for f in fields(LayerSettings)}, where)
         settings = LayerSettings.from_dict({k: v for k, v in data.items() if k not in ("name", "type")}, where)
         try:
@@ -321,7 +322,7 @@ class Recipe:
         threshold: float | None = None,
         aggregate_fn: str = "sum_abs",
         structured: bool = False,
-    ) -> "Recipe":
+    ) -> Recipe:
         """The one-rule recipe the CLI flags describe: ``topk`` at ``sparsity``,
         or ``threshold``; structured (one value per input feature / channel) if asked."""
         if (sparsity is None) == (threshold is None):
@@ -343,7 +344,7 @@ class Recipe:
         return cls(layers=tuple(rules), defaults=defaults)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "recipe") -> "Recipe":
+    def from_dict(cls, data: Mapping[str, Any], source: str = "recipe") -> Recipe:
         _check_keys(data, {"version", "defaults", "layers"}, source)
         version = data.get("version", RECIPE_VERSION)
         if not _is_int(version):
@@ -359,7 +360,7 @@ class Recipe:
             raise RecipeError(f"{source}: {e}") from e
 
     @classmethod
-    def from_toml(cls, text: str, source: str = "recipe") -> "Recipe":
+    def from_toml(cls, text: str, source: str = "recipe") -> Recipe:
         try:
             data = tomllib.loads(text)
             return cls.from_dict(data, source)
@@ -369,7 +370,7 @@ class Recipe:
             raise RecipeError(f"{source} is nested too deeply (arrays or tables inside each other): it cannot be a recipe") from e
 
     @classmethod
-    def load(cls, path: str | Path) -> "Recipe":
+    def load(cls, path: str | Path) -> Recipe:
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
@@ -380,14 +381,14 @@ class Recipe:
         return cls.from_toml(text, str(path))
 
     @classmethod
-    def coerce(cls, recipe: "Recipe | str | Path | Mapping[str, Any]") -> "Recipe":
+    def coerce(cls, recipe: Recipe | str | Path | Mapping[str, Any]) -> Recipe:
         if isinstance(recipe, Recipe):
             return recipe
         if isinstance(recipe, Mapping):
             return cls.from_dict(recipe)
         return cls.load(recipe)
 
-    def with_sparsity(self, level: float) -> "Recipe":
+    def with_sparsity(self, level: float) -> Recipe:
         """The same recipe with ``sparsity_level`` set to ``level`` everywhere."""
         override = LayerSettings(sparse_config=(("sparsity_level", level),))
         rules = tuple(
@@ -437,7 +438,7 @@ def _preview(items: list[str], limit: int = 12) -> str:
 def resolve_recipe(
     model_name: str,
     builtin: bool,
-    recipe: "Recipe | str | Path | Mapping[str, Any] | None" = None,
+    recipe: Recipe | str | Path | Mapping[str, Any] | None = None,
     *,
     layers: list[str] | None = None,
     layer_types: list[str] | None = None,

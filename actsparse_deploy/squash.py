@@ -59,6 +59,7 @@ from .masks import LayerMask, Masks
 __all__ = ["MODES", "MaskedInput", "PrunedInput", "SquashResult", "squash", "squash_"]
 
 from .constants import MODES  # noqa: E402  (one definition, light for the CLI)
+
 #: prune vs mul on the check batches: ``|pruned - mul| <= ATOL * max(1, max|mul|) + RTOL * |mul|``.
 PRUNE_RTOL = 1e-4
 PRUNE_ATOL = 1e-5

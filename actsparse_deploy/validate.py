@@ -38,9 +38,10 @@ import contextlib
 import math
 import threading
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,6 +56,7 @@ from .export import IOSpec
 __all__ = ["OutputDiff", "ValidationReport", "onnx_feeds", "onnx_session", "resize_batches", "run_session", "validate"]
 
 from .constants import DEFAULT_ATOL, DEFAULT_RTOL  # noqa: E402  (one definition, light for the CLI)
+
 DEFAULT_BATCH_SIZES = (1, 3, 5)
 #: how often the waiting thread looks at the clock (and takes signals) while onnxruntime runs
 POLL_SECONDS = 0.05

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -249,7 +249,7 @@ class BuiltinModel:
             return {name: {0: "batch"} for name in self.input_names + self.output_names}
         return {name: dict(axes) for name, axes in self.axes.items()}
 
-    def io_spec(self) -> "IOSpec":
+    def io_spec(self) -> IOSpec:
         """The model's I/O spec: names and dynamic axes of its inputs and outputs."""
         from actsparse_deploy.export import IOSpec
 

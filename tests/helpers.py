@@ -105,7 +105,7 @@ class BackgroundCommands:
         self._proc: subprocess.Popen[str] | None = None
         self._thread = threading.Thread(target=self._run, name="background-commands", daemon=True)
 
-    def start(self) -> "BackgroundCommands":
+    def start(self) -> BackgroundCommands:
         self._thread.start()
         return self
 

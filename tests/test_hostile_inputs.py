@@ -12,9 +12,10 @@ import errno
 import itertools
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -382,7 +383,7 @@ class _NoSpace:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.handle, name)
 
-    def __enter__(self) -> "_NoSpace":
+    def __enter__(self) -> _NoSpace:
         return self
 
     def __exit__(self, *exc: Any) -> None:

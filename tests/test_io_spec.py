@@ -21,7 +21,8 @@ from actsparse_deploy.constants import DEFAULT_EXPORTER
 from actsparse_deploy.errors import ValidationError
 from actsparse_deploy.export import IOSpec, export_onnx
 from actsparse_deploy.validate import validate
-from actsparse_deploy.workload import load_workload
+
+from .helpers import MINILM_OUTDIRS
 
 runner = CliRunner()
 _counter = itertools.count()
@@ -55,22 +56,19 @@ def test_builtin_specs_give_each_tensor_its_own_axes():
     assert digits == IOSpec(("input",), ("logits",), {"input": {0: "batch"}, "logits": {0: "batch"}})
 
 
-def test_minilm_export_declares_its_outputs_and_validates(tmp_path):
-    """The one MiniLM run of this file, as ``actsparse export minilm`` runs it
-    (its workload, the default exporter): the ONNX model declares
-    sentence_embedding [batch, 384] (not [batch, sequence]) and passes
-    validation, which now reads the declared output shapes too."""
+@pytest.mark.background("minilm-torchscript", "minilm-dynamo")
+def test_minilm_export_declares_its_outputs(background):
+    """The session's MiniLM converts (`actsparse convert minilm`, both exporters:
+    export, then validation, which reads the declared output shapes too) declare
+    sentence_embedding [batch, 384] (not [batch, sequence]), as the one spec says."""
     assert DEFAULT_EXPORTER == "torchscript"
-    work = load_workload("minilm", batch_size=4)
-    assert work.io == zoo.get_builtin("minilm").io_spec()
-    path = tmp_path / "minilm.onnx"
-    result = export_onnx(work.model, work.example(), path, io_spec=work.io)
-    assert result.exporter == "torchscript" and result.io == work.io
-    proto = onnx.load(str(path), load_external_data=False)
-    assert _declared(proto, "sentence_embedding") == ["batch", minilm.HIDDEN_SIZE]
-    assert _declared(proto, "token_embeddings") == ["batch", "sequence", minilm.HIDDEN_SIZE]
-    report = validate(path, work.model, work.heldout[:2], io_spec=work.io, batch_sizes=(1, 2), max_samples=4)
-    assert report.passed and [d.name for d in report.outputs] == list(minilm.OUTPUT_NAMES)
+    spec = zoo.get_builtin("minilm").io_spec()
+    assert dict(spec.dynamic_axes["sentence_embedding"]) == {0: "batch"}
+    for exporter, outdir in MINILM_OUTDIRS.items():
+        assert background.result(f"minilm-{exporter}").returncode == 0
+        proto = onnx.load(str(background.folder("minilm") / outdir / "model.onnx"), load_external_data=False)
+        assert _declared(proto, "sentence_embedding") == ["batch", minilm.HIDDEN_SIZE], exporter
+        assert _declared(proto, "token_embeddings") == ["batch", "sequence", minilm.HIDDEN_SIZE], exporter
 
 
 # --- validation reads the declared output shapes ---------------------------------------------

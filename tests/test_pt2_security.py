@@ -17,8 +17,8 @@ import tempfile
 import uuid
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -307,8 +307,8 @@ def _token_batch(batch: int, sequence: int) -> dict[str, torch.Tensor]:
 def test_dynamic_sequence_program_round_trip(tmp_path):
     from actsparse_deploy.export import IOSpec
     from actsparse_deploy.pt2 import load_pt2, save_pt2
-    from actsparse_deploy.workload import Workload
     from actsparse_deploy.squash import SquashResult
+    from actsparse_deploy.workload import Workload
 
     torch.manual_seed(0)
     model = Tokens().eval()

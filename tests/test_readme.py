@@ -8,10 +8,12 @@ and that it ran as written."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,16 @@ def test_readme_minilm_commands(background):
     background.result("minilm-torchscript")  # `python -m actsparse_deploy ARGS`, as written, first in an empty directory
     out = background.folder("minilm") / MINILM_OUTDIRS["torchscript"]
     assert sorted(p.name for p in out.iterdir()) == ["masks.safetensors", "model.onnx", "report.json"]
+
+
+def test_readme_python_example_runs(tmp_path):
+    """The README's Python section runs as written in an empty directory and writes what it says."""
+    blocks = re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M)
+    assert blocks, "the README has no Python example"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for block in blocks:
+        result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    written = {p.name for p in tmp_path.iterdir()}
+    assert {"masks.safetensors", "model.onnx", "state.safetensors", "part_a.stats.safetensors"} <= written
+    assert "{'fc1': 'fold', 'fc2': 'prune'}" in result.stdout

@@ -19,7 +19,6 @@ from actsparse_deploy import ActivationSparsifier
 from actsparse_deploy.errors import CalibrationError, ConfigError, DataError, LayerNotFoundError, UnknownFunctionError
 from actsparse_deploy.functions import RunningStat
 
-
 # --- user callables, as upstream's docs and tests write them ---------------------
 
 
@@ -124,7 +123,7 @@ def test_side_by_side_state_round_trip_with_autograd_on(mlp, stage):
     outputs = []
     for cls in (UpstreamSparsifier, ActivationSparsifier):
         original = copy.deepcopy(mlp)
-        for at, sp in _side_by_side_stages(original, cls, data):
+        for at, sp in _side_by_side_stages(original, cls, data):  # noqa: B007 (sp is used after the loop)
             if at == stage:
                 break
         if cls is ActivationSparsifier:
@@ -160,14 +159,14 @@ def test_side_by_side_errors_and_state_protocol(mlp):
     """Where upstream raises, ours raises an error that is also of upstream's type,
     with a readable message; upstream's __get_state__ / __set_state__ exist and agree."""
     for _, sp in build_pair(mlp):  # a pair of its own: upstream's unregister_layer leaves an empty group behind
-        assert isinstance(_raised(lambda: sp.unregister_layer("nope")), KeyError)
+        assert isinstance(_raised(lambda sp=sp: sp.unregister_layer("nope")), KeyError)
     (m_up, up), (m_our, our) = build_pair(mlp)
     e = _raised(lambda: our.unregister_layer("nope"))
     assert str(e) == "layer 'nope' is not registered; registered: fc2, fc3"
     assert isinstance(e, LayerNotFoundError)
     for sp in (up, our):
-        assert isinstance(_raised(lambda: sp.get_mask("nope")), ValueError)
-        assert isinstance(_raised(lambda: sp.register_layer(nn.Linear(2, 2))), AssertionError)
+        assert isinstance(_raised(lambda sp=sp: sp.get_mask("nope")), ValueError)
+        assert isinstance(_raised(lambda sp=sp: sp.register_layer(nn.Linear(2, 2))), AssertionError)
 
     with torch.no_grad():
         for b in batches():
@@ -356,7 +355,7 @@ def _make_user(model):
 def test_state_round_trip_at_every_stage(mlp, make, stage, via, grad, tmp_path):
     data = batches(3, 4)
     original = copy.deepcopy(mlp)
-    for at, sp in _workflow_stages(original, make, data, grad):
+    for at, sp in _workflow_stages(original, make, data, grad):  # noqa: B007 (sp is used after the loop)
         if at == stage:
             break
     fresh = copy.deepcopy(mlp)
@@ -410,7 +409,7 @@ def test_builtin_statistics_ignore_batch_size(mlp):
         sp = ActivationSparsifier(model, "sum_abs", "mean", "topk", sparsity_level=0.5)
         sp.register_layer(model.fc2)
         captured = []
-        model.fc2.register_forward_pre_hook(lambda m, i: captured.append(i[0].detach()))
+        model.fc2.register_forward_pre_hook(lambda m, i, captured=captured: captured.append(i[0].detach()))
         with torch.no_grad():
             for chunk in torch.split(full, sizes):
                 model(chunk)

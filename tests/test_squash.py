@@ -34,7 +34,7 @@ def _hooked(model, configure, batches):
 CASES = {
     "mlp_structured": (
         TinyMLP,
-        lambda sp, m: [sp.register_layer(l, "sum_abs", "mean", "topk", sparsity_level=0.5) for l in (m.fc2, m.fc3)],
+        lambda sp, m: [sp.register_layer(layer, "sum_abs", "mean", "topk", sparsity_level=0.5) for layer in (m.fc2, m.fc3)],
         lambda g: [torch.randn(5, 6, generator=g) for _ in range(3)],
         {"fc2": "fold", "fc3": "fold"},
     ),

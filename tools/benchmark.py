@@ -35,9 +35,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -46,9 +47,9 @@ torch.set_num_threads(THREADS)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from actsparse_deploy import ActivationSparsifier, Recipe, calibrate, squash  # noqa: E402
+from actsparse_deploy.batches import resize_batches  # noqa: E402
 from actsparse_deploy.export import export_onnx  # noqa: E402
 from actsparse_deploy.functions import MASK_FNS  # noqa: E402
-from actsparse_deploy.batches import resize_batches  # noqa: E402
 from actsparse_deploy.metrics import accuracy, cosine_stats  # noqa: E402
 from actsparse_deploy.validate import validate  # noqa: E402
 from actsparse_deploy.workload import load_recipe, load_workload  # noqa: E402
