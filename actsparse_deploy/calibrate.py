@@ -5,7 +5,9 @@ Two steps. :func:`collect` runs the model over calibration batches (or a
 attached to the layers the recipe selects, and keeps each layer's statistic
 (:class:`~actsparse_deploy.stats.Statistics`: merge them, save them, select
 again with another sparsity). :func:`select` turns statistics into masks with
-the recipe's reduce and mask functions. :func:`calibrate` is the two in one
+the recipe's reduce and mask functions, or, where the recipe sets a
+``method``, with that method and the ``compensate`` edits of the layer's weight
+and bias (then select needs the model). :func:`calibrate` is the two in one
 call. Hooks are always removed afterwards, also on error; the model itself is
 not changed.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +36,12 @@ import torch
 from torch import nn
 
 from .batches import Batch, batch_size, describe_batch, run_batch
+from .compensate import compensate, effective_compensation
 from .errors import ActsparseError, ConfigError, DataError, RecipeError, WeightsError, first_line
-from .masks import Masks, checked_layer_mask
-from .recipe import Recipe
+from .masks import LayerMask, Masks, checked_layer_mask
+from .recipe import Recipe, ResolvedLayer
 from .sparsifier import ActivationSparsifier
-from .stats import Statistics
+from .stats import LayerStats, Statistics
 
 __all__ = [
     "Batch",
@@ -160,20 +164,59 @@ def _run_forward_loop(model: nn.Module, forward_loop: Callable[[nn.Module], Any]
         raise DataError(f"the model failed inside forward_loop: {type(e).__name__}: {first_line(e)}") from e
 
 
-def select(stats: Statistics, recipe: Recipe | str | Path | Mapping[str, Any] | None = None) -> Masks:
+def select(
+    stats: Statistics, recipe: Recipe | str | Path | Mapping[str, Any] | None = None, model: nn.Module | None = None
+) -> Masks:
     """The masks of ``stats``: per layer (per selected feature where the recipe
     sets ``features``) ``mask_fn(reduce_fn(statistic), **sparse_config)`` with the
     recipe's functions; ``recipe`` defaults to the one the statistics were
-    collected with (pass another to select with, say, another sparsity)."""
+    collected with (pass another to select with, say, another sparsity).
+
+    A layer whose recipe sets a ``method`` gets the method's mask and, with
+    ``compensate``, the layer's new weight and bias
+    (:func:`actsparse_deploy.compensate.compensate`): both read the layer's
+    weight, so ``model`` (the model the statistics came from) is needed then."""
     chosen = Recipe.coerce(recipe) if recipe is not None else stats.recipe
     if chosen is None:
         raise RecipeError("the statistics hold no recipe: pass recipe=")
     result = {}
     for name, config in stats.resolve(chosen).items():
         ls = stats[name]
+        if config.method is not None:
+            result[name] = _method_mask(name, ls, config, model)
+            continue
         mask = ls.mask(name, config.reduce_fn, config.mask_fn, config.sparse_config)
         result[name] = checked_layer_mask(name, mask, config.features, config.feature_dim, (1, *ls.input_shape))
     return Masks(layers=result, recipe=chosen, num_samples=stats.num_samples, num_batches=stats.num_batches, model=stats.model)
+
+
+def _method_mask(name: str, ls: LayerStats, config: ResolvedLayer, model: nn.Module | None) -> LayerMask:
+    """Layer ``name``'s mask from its method, with the compensation's edits."""
+    method = config.method
+    assert method is not None
+    if model is None:
+        raise ConfigError(
+            f"layer {name!r}: method {method.name!r} (and compensation) reads the layer's weight, so select needs the model: "
+            "pass model= (the model the statistics were collected on)"
+        )
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError as e:
+        raise ConfigError(f"layer {name!r} of the statistics is not in the model passed to select: pass the model they came from") from e
+    kind, note = effective_compensation(layer, config.compensate)
+    try:
+        mask = method(layer, ls, config.sparse_config["sparsity_level"], damping=config.damping)
+        lm = checked_layer_mask(name, _as_dtype(mask, ls.input_dtype), None, None, (1, *ls.input_shape))
+        weight = bias = None
+        if kind != "none":
+            weight, bias = compensate(layer, ls, mask, kind, config.damping)
+    except ConfigError as e:
+        raise ConfigError(f"layer {name!r}: {e}") from e
+    return replace(lm, weight=weight, bias=bias, method=method.name, compensate=kind, damping=config.damping, note=note)
+
+
+def _as_dtype(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return mask.to(dtype) if dtype.is_floating_point else mask
 
 
 def calibrate(
@@ -189,4 +232,4 @@ def calibrate(
 
     ``on_batch(n_samples)`` is called after each batch (progress bars).
     """
-    return select(collect(model, recipe, batches, model_name=model_name, on_batch=on_batch))
+    return select(collect(model, recipe, batches, model_name=model_name, on_batch=on_batch), model=model)

@@ -40,7 +40,18 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 # light modules only: torch, onnx and the stages are imported inside the commands
-from .constants import BUILTIN_AGGREGATES, DEFAULT_AGGREGATE, DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAULT_RTOL, EXPORTERS, MODES
+from .constants import (
+    BUILTIN_AGGREGATES,
+    COMPENSATIONS,
+    DEFAULT_AGGREGATE,
+    DEFAULT_ATOL,
+    DEFAULT_EXPORTER,
+    DEFAULT_MODE,
+    DEFAULT_RTOL,
+    EXPORTERS,
+    METHODS,
+    MODES,
+)
 from .errors import ActsparseError, Terminated
 from .files import check_output_path
 from .report import Report
@@ -229,6 +240,48 @@ AggregateOpt = Annotated[
 StructuredOpt = Annotated[
     bool, typer.Option("--structured", help="One mask value per input feature / channel (foldable into weights).")
 ]
+#: --method and --compensate are choices too; they override the recipe for every layer
+Method = enum.StrEnum("Method", {name: name for name in METHODS})  # type: ignore[misc]
+Compensation = enum.StrEnum("Compensation", {name: name for name in COMPENSATIONS})  # type: ignore[misc]
+MethodOpt = Annotated[
+    Method | None,
+    typer.Option(
+        "--method",
+        help="Choose the masked features with a method that sees the consumer's weight, for every layer of the recipe: "
+        "wanda (||x_j|| * ||W[:, j]||), fluctuation (var(x_j) * ||W[:, j]||^2), obs (least reconstruction error, "
+        "greedy optimal brain surgeon on the input's second moments). Default: the recipe's.",
+        show_default=False,
+    ),
+]
+CompensateOpt = Annotated[
+    Compensation | None,
+    typer.Option(
+        "--compensate",
+        help="Change the consumer's weight and bias for the features masked, for every layer of the recipe: none, "
+        "bias (add the removed features' mean contribution to the bias), lstsq (ridge least-squares refit of the kept "
+        "columns and the bias on the calibration data). Stored in the masks file. Default: the recipe's.",
+        show_default=False,
+    ),
+]
+MaxCostOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-cost",
+        help="A cost budget instead of one sparsity: cosine=0.98 (mean cosine of the last output to the dense model's), "
+        "accuracy-drop=0.01, perplexity-ratio=1.05, or package.module:function=VALUE (function(dense, sparse, batches) "
+        "-> cost). Sparsity is allocated per layer (sensitive layers keep more), tuned on the last 20% of the "
+        "calibration data; the held-out cost is reported. Not with --sparsity.",
+        show_default=False,
+    ),
+]
+
+
+def _check_max_cost(max_cost: str | None, sparsity: float | None, command: str) -> None:
+    """--max-cost and --sparsity both given: a usage error (one line, exit 2)."""
+    if max_cost is not None and sparsity is not None:
+        stderr.print(f"error: give --sparsity or --max-cost, not both (--max-cost chooses the sparsity per layer) "
+                     f"(see `actsparse {command} --help`)", soft_wrap=True)
+        raise typer.Exit(2)
 
 
 def _version(value: bool) -> None:
@@ -404,16 +457,23 @@ def build_recipe(
     threshold: float | None,
     aggregate: str | None,
     structured: bool,
+    method: str | None = None,
+    compensate: str | None = None,
 ) -> Recipe:
     """The recipe the flags describe: a file, a one-rule recipe from flags, or
-    the built-in model's own (with --sparsity applied to it); see
-    :func:`actsparse_deploy.recipe.resolve_recipe`."""
+    the built-in model's own (with --sparsity, --method and --compensate applied
+    to it); see :func:`actsparse_deploy.recipe.resolve_recipe`."""
     from .recipe import resolve_recipe
 
     return resolve_recipe(
         model_name, builtin, recipe, layers=layers, layer_types=layer_types, sparsity=sparsity, threshold=threshold,
-        aggregate=aggregate, structured=structured,
+        aggregate=aggregate, structured=structured, method=method, compensate=compensate,
     )
+
+
+def _choice(value: enum.StrEnum | None) -> str | None:
+    """A choice option's plain name (None where not given)."""
+    return str(value) if value is not None else None
 
 
 def _print_notes(notes: list[str]) -> None:
@@ -452,28 +512,46 @@ def calibrate_cmd(
     threshold: ThresholdOpt = None,
     aggregate: AggregateOpt = None,
     structured: StructuredOpt = False,
+    method: MethodOpt = None,
+    compensate: CompensateOpt = None,
+    max_cost: MaxCostOpt = None,
     data: DataOpt = None,
     batch: BatchSizeOpt = 32,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Learn activation masks from calibration data and write them to a .safetensors file."""
+    """Learn activation masks from calibration data and write them to a .safetensors file.
+
+    With --compensate, the file also holds each layer's new weight and bias,
+    which squash, export and validate bake in with the mask."""
     from .loading import load_model
     from .sources import calibrate_to_file
 
+    _check_max_cost(max_cost, sparsity, "calibrate")
+    if max_cost is not None:
+        from .budget import Budget
+
+        Budget.parse(max_cost)  # a malformed budget fails before the model loads
+        if layers or layer_types:
+            sparsity = 0.0  # a one-rule recipe needs a level: the search sets it per layer
     check_output_path(output, overwrite)
     loaded = load_model(model, weights)
-    the_recipe = build_recipe(model, loaded.builtin, recipe, layers, layer_types, sparsity, threshold, aggregate, structured)
+    the_recipe = build_recipe(
+        model, loaded.builtin, recipe, layers, layer_types, sparsity, threshold, aggregate, structured, _choice(method),
+        _choice(compensate),
+    )
     with stage_progress(quiet=as_json) as progress:
         report = calibrate_to_file(
-            loaded, the_recipe, output, data=data, batch_size=batch, on_stage=progress.on_stage, on_batch=progress.on_batch
+            loaded, the_recipe, output, data=data, batch_size=batch, on_stage=progress.on_stage, on_batch=progress.on_batch,
+            max_cost=max_cost,
         )
     if as_json:
         _emit_json(report)
         return
     _print_masks_table(report, f"{model}: {report.calibration.samples if report.calibration else '?'} calibration samples")
     stdout.print(f"overall sparsity {report.overall_sparsity or 0:.1%}; masks written to {output}")
+    _print_budget(report)
     _print_notes(report.notes)
 
 
@@ -515,13 +593,11 @@ def squash_cmd(
     Load it with torch.export.load(path).module(). An example input for tracing comes
     from the built-in data, or from --heldout / --data for your own model.
     """
-    from .sources import squash_to_pt2
+    from .sources import SourceOptions, squash_to_pt2
 
     check_output_path(output, overwrite)
-    report = squash_to_pt2(
-        model, masks, output, mode=str(mode), weights=weights, data=data, heldout=heldout,
-        batch_size=batch if data or heldout else None, overwrite=overwrite,
-    )
+    options = SourceOptions(masks=masks, mode=str(mode), weights=weights, data=data, heldout=heldout, batch_size=batch if data or heldout else None)
+    report = squash_to_pt2(model, output, options, overwrite=overwrite)
     if as_json:
         _emit_json(report)
         return
@@ -556,12 +632,12 @@ def export_cmd(
     onnx.checker runs on the result; metadata_props record the tool version,
     squash mode and per-layer sparsity.
     """
-    from .sources import export_source
+    from .sources import SourceOptions, export_source
 
     check_output_path(output, overwrite)
+    options = SourceOptions(masks=masks, mode=str(mode), weights=weights, data=data, heldout=heldout, batch_size=batch if data or heldout else None)
     report = export_source(
-        source, output, masks=masks, mode=str(mode), weights=weights, data=data, heldout=heldout,
-        batch_size=batch if data or heldout else None, exporter=str(exporter) if exporter else None, opset=opset,
+        source, output, options, exporter=str(exporter) if exporter else None, opset=opset,
         external_data=external_data, overwrite=overwrite, verbose=verbose,
     )
     if as_json:
@@ -601,12 +677,10 @@ def validate_cmd(
     non-zero exit code. With a model and --masks, also reports what
     sparsification cost (dense vs sparse outputs, accuracy for classifiers).
     """
-    from .sources import validate_against
+    from .sources import SourceOptions, validate_against
 
-    report = validate_against(
-        onnx_model, reference, masks=masks, mode=str(mode), weights=weights, heldout=heldout,
-        batch_size=batch if heldout else None, atol=atol, rtol=rtol, timeout=timeout, labels=labels,
-    )
+    options = SourceOptions(masks=masks, mode=str(mode), weights=weights, heldout=heldout, batch_size=batch if heldout else None, labels=labels)
+    report = validate_against(onnx_model, reference, options, atol=atol, rtol=rtol, timeout=timeout)
     if as_json:
         _emit_json(report)
         return
@@ -641,6 +715,12 @@ def _print_cost(report: Report) -> None:
             f"sparsification cost, {row['output']}: cosine to dense mean {row['cosine_mean']:.4f} "
             f"(worst {row['cosine_min']:.4f}), max abs diff {row['max_abs_diff']:.3g}"
         )
+    other = cost.extra.get("other_text") or {}
+    for row in other.get("outputs", []):
+        stdout.print(
+            f"other text ({other['samples']} samples), {row['output']}: cosine to dense mean {row['cosine_mean']:.4f} "
+            f"(worst {row['cosine_min']:.4f})"
+        )
     if cost.accuracy_dense is not None:
         stdout.print(
             f"accuracy dense {cost.accuracy_dense:.4f} -> sparse {cost.accuracy_sparse:.4f}"
@@ -664,6 +744,9 @@ def convert_cmd(
     threshold: ThresholdOpt = None,
     aggregate: AggregateOpt = None,
     structured: StructuredOpt = False,
+    method: MethodOpt = None,
+    compensate: CompensateOpt = None,
+    max_cost: MaxCostOpt = None,
     data: DataOpt = None,
     heldout: HeldoutOpt = None,
     labels: LabelsOpt = None,
@@ -690,21 +773,46 @@ def convert_cmd(
     """
     from .pipeline import convert
 
+    _check_max_cost(max_cost, sparsity, "convert")
+    if max_cost is not None and (layers or layer_types):
+        sparsity = 0.0  # a one-rule recipe needs a level: the search sets it per layer
     the_recipe: Recipe | Path | None = recipe
     if layers or layer_types or threshold is not None or aggregate is not None or structured:
         the_recipe = build_recipe(model, ":" not in model, recipe, layers, layer_types, sparsity, threshold, aggregate, structured)
-        sparsity = None  # already in the one-rule recipe
+        sparsity = None  # already in the one-rule recipe (--method and --compensate are applied by convert)
     with stage_progress(quiet=as_json) as progress:
         report = convert(
             model, output, weights=weights, recipe=the_recipe, sparsity=sparsity, data=data, heldout=heldout,
             batch_size=batch, mode=str(mode), exporter=str(exporter), opset=opset, external_data=external_data, atol=atol,
             rtol=rtol, overwrite=overwrite, verbose=verbose, on_batch=progress.on_batch, on_stage=progress.on_stage,
-            labels=labels, timeout=timeout,
+            labels=labels, timeout=timeout, method=_choice(method), compensate=_choice(compensate), max_cost=max_cost,
         )
     if as_json:
         _emit_json(report)
         return
     print_convert_summary(report)
+
+
+def _print_budget(report: Report) -> None:
+    """The levels a --max-cost search chose per layer, its tuning and held-out cost, and whether it kept the budget."""
+    budget = report.extra.get("budget")
+    if not budget:
+        return
+    table = names_table("layer", "level", title=f"budget {budget['budget']}: levels chosen per layer")
+    for name, level in budget["levels"].items():
+        table.add_row(name, f"{level:.1%}")
+    stdout.print(table)
+    stdout.print(
+        f"budget {budget['budget']}: overall sparsity {budget['overall_sparsity']:.1%} (uniform start {budget['uniform_level']:.1%}), "
+        f"cost {budget['tuning_cost']:.4g} on the tuning split ({budget['tuning_samples']} calibration samples, "
+        f"{budget['evaluations']} allocations measured)"
+    )
+    if budget.get("heldout_cost") is None:
+        stdout.print(f"budget {budget['budget']}: {budget.get('heldout_note', 'held-out cost not measured')}")
+    elif budget["heldout_within"]:
+        stdout.print(f"budget {budget['budget']}: held-out cost {budget['heldout_cost']:.4g}: within the budget")
+    else:
+        stdout.print(f"budget {budget['budget']}: held-out cost {budget['heldout_cost']:.4g}: MISSED, the held-out data exceeds the budget")
 
 
 def print_convert_summary(report: Report) -> None:
@@ -717,9 +825,67 @@ def print_convert_summary(report: Report) -> None:
             f"{validation.max_abs_diff:.2e} <= {validation.atol:g} at batch sizes {validation.batch_sizes}: PASSED"
         )
     _print_cost(report)
+    _print_budget(report)
     _print_notes(report.notes)
     files = ", ".join(f"{name} {_size(size)}" for name, size in (report.files or {}).items())
     stdout.print(f"files: {files}; {(report.seconds or {}).get('total', 0.0):.1f} s in all")
+
+
+@app.command("sweep")
+@handle_errors
+def sweep_cmd(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for sweep.json and sweep.png.")],
+    sparsity: Annotated[
+        str, typer.Option("--sparsity", "-s", help="Levels: START:STOP:STEP (inclusive) or a list, e.g. 0.1:0.8:0.1 or 0.25,0.5.")
+    ] = "0.1:0.8:0.1",
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method",
+            help="A method to sweep (repeatable): recipe (the model's recipe as it is), topk (activation top-k baseline), "
+            "or a selection method (wanda, fluctuation, obs). Default: recipe and topk.",
+        ),
+    ] = None,
+    compensate: CompensateOpt = None,
+    weights: WeightsOpt = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", "-r", help="A recipe TOML file (default: the built-in model's).")] = None,
+    data: DataOpt = None,
+    heldout: HeldoutOpt = None,
+    batch: Annotated[
+        int | None,
+        typer.Option("--batch-size", "-b", min=1, max=MAX_BATCH_SIZE, help="Samples per batch (default: the built-in model's, else 32)."),
+    ] = None,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed onnxruntime runs per model (median; after warm-up).")] = 15,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """For each sparsity level and method: held-out cost and onnxruntime latency of the pruned model (auto squash).
+
+    Prints a table and writes OUTDIR/sweep.json and OUTDIR/sweep.png (cost against
+    sparsity per method, latency ratio to dense on a second axis).
+    """
+    from .sweep import parse_levels, sweep
+
+    levels = parse_levels(sparsity)
+    with stage_progress(quiet=as_json) as progress:
+        result = sweep(
+            model, output, levels=levels, methods=method, compensate=_choice(compensate), recipe=recipe, weights=weights,
+            data=data, heldout=heldout, batch_size=batch, runs=runs, overwrite=overwrite,
+            on_step=lambda what: progress.on_stage(what),
+        )
+    if as_json:
+        _emit_json([result])
+        return
+    table = names_table("method", "level", "overall sparsity", "cosine mean / worst", "accuracy", "latency / dense",
+                        title=f"{result['model']}: held-out cost and onnxruntime latency ({result['latency']['threads']} thread)")
+    for row in result["rows"]:
+        accuracy = f"{row['accuracy_sparse']:.4f} (dense {row['accuracy_dense']:.4f})" if "accuracy_sparse" in row else "-"
+        table.add_row(row["method"], f"{row['level']:.1%}", f"{row['overall_sparsity']:.1%}",
+                      f"{row['cosine_mean']:.4f} / {row['cosine_min']:.4f}", accuracy, f"{row['latency_ratio']:.3f}x")
+    stdout.print(table)
+    stdout.print(f"written: {output / 'sweep.json'}, {output / 'sweep.png'}")
 
 
 @app.command("inspect")

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 __all__ = [
     "BUILTIN_AGGREGATES",
+    "COMPENSATIONS",
     "DEFAULT_AGGREGATE",
     "DEFAULT_ATOL",
     "DEFAULT_EXPORTER",
     "DEFAULT_MODE",
     "DEFAULT_RTOL",
     "EXPORTERS",
+    "METHODS",
     "MODES",
 ]
 
@@ -33,8 +35,15 @@ EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_EXPORTER = "torchscript"
 
 #: the aggregate functions functions.py registers (a test checks the two agree)
-BUILTIN_AGGREGATES = ("max_abs", "sum", "sum_abs", "sum_sq")
+BUILTIN_AGGREGATES = ("gram", "max_abs", "moments", "sum", "sum_abs", "sum_sq")
 DEFAULT_AGGREGATE = "sum_abs"
+
+#: the selection methods methods.py registers (scores that see the consumer's
+#: weight; a test checks they are registered): the command line's --method choices
+METHODS = ("wanda", "fluctuation", "obs")
+#: how squash compensates the consumer for the features a mask removes (see
+#: compensate.py): the command line's --compensate choices
+COMPENSATIONS = ("none", "bias", "lstsq")
 
 #: ONNX vs PyTorch tolerances (see validate.py)
 DEFAULT_ATOL = 1e-4

@@ -312,6 +312,43 @@ def _max_abs(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return x.abs().amax(dims) if dims else x.abs()
 
 
+def _vectors(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+    """The batch as rows of input features, and the positions per sample.
+
+    The feature axis is the first axis after the sample axes ``dims`` (a Linear's
+    last axis; a conv's channel axis): every other axis is a position. Half
+    precision is widened to float32 (squares of activations overflow float16).
+    """
+    n = len(dims)
+    width = x.shape[n] if x.ndim > n else 1
+    positions = math.prod(x.shape[n + 1 :])
+    if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    rows = x.reshape(-1, width, positions).transpose(1, 2) if positions > 1 else x.reshape(-1, width)
+    return rows.reshape(-1, width), positions
+
+
+@register_aggregate_fn("moments")
+def _moments(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """``[sum x_j, sum x_j^2]`` over the samples, shape ``(2, d)``: the per-sample
+    statistic is each input feature's mean and mean square (a conv's channels
+    averaged over positions first, so the count stays the number of samples)."""
+    rows, positions = _vectors(x, dims)
+    out = torch.stack([rows.sum(0), (rows * rows).sum(0)])
+    return out / positions if positions > 1 else out
+
+
+@register_aggregate_fn("gram")
+def _gram(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """The augmented second moment ``sum z z^T`` with ``z = [x; 1]``, shape
+    ``(d + 1, d + 1)``: per sample ``E[x x^T]``, the mean (last row) and 1 (the
+    corner). One ``x.T @ x`` in the input's dtype (float32 at least) per batch."""
+    rows, positions = _vectors(x, dims)
+    z = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    out = z.T @ z  # one matmul gives x x^T, the sums and the count, contiguous
+    return out / positions if positions > 1 else out
+
+
 # --- reduce ----------------------------------------------------------------------
 
 

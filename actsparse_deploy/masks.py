@@ -3,7 +3,10 @@
 Saved as ``.safetensors``: one tensor per layer (``layer::i`` per selected
 feature), with JSON metadata holding the recipe, each layer's mask shape,
 achieved sparsity and input shape, the number of calibration samples and the
-tool version.
+tool version. A layer whose mask came from a selection method may carry edits
+of its own parameters (compensation: :mod:`actsparse_deploy.compensate`), saved
+as tensors ``layer::weight`` / ``layer::bias``, with the ``method``,
+``compensate`` and ``damping`` that made them.
 
     >>> import tempfile, torch
     >>> from actsparse_deploy.masks import LayerMask, Masks
@@ -49,6 +52,13 @@ class LayerMask:
     features: tuple[int, ...] | None = None
     feature_dim: int | None = None
     input_shape: tuple[int, ...] | None = None  # one sample's input, as seen in calibration
+    #: the layer's new parameters (compensation), applied before the mask in every squash mode
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    method: str | None = None  # the selection method that chose the mask
+    compensate: str | None = None  # the compensation applied ("none", "bias", "lstsq")
+    damping: float | None = None
+    note: str | None = None  # why the compensation applied differs from the recipe's
 
     def __post_init__(self) -> None:
         if (self.features is None) != isinstance(self.mask, torch.Tensor):
@@ -81,6 +91,7 @@ class LayerMask:
             isinstance(self.input_shape, (tuple, list)) and all(_is_int(n) and n >= 1 for n in self.input_shape)
         ):
             raise MaskError(f"input shape of layer {name!r} must be positive integers, got {self.input_shape!r}")
+        self._check_edits(name)
         if self.features is None:
             return
         if not _is_int(self.feature_dim):
@@ -109,6 +120,52 @@ class LayerMask:
                 f"mask of layer {name!r}: its input shape {list(self.input_shape)} would make a dense mask of "
                 f"{values} values, more than {MAX_DENSE_VALUES}: the masks file is corrupted or not for this model"
             )
+
+    def _check_edits(self, name: str) -> None:
+        """The method metadata well formed; the edits finite floating point
+        tensors, the weight ``(out, in, *kernel)`` with ``in`` the mask's (and the
+        input's) feature count, the bias ``(out,)``."""
+        from .compensate import COMPENSATIONS
+
+        if self.method is not None and not (isinstance(self.method, str) and 0 < len(self.method) <= 64):
+            raise MaskError(f"method {str(self.method)[:40]!r} of layer {name!r} is not a method name")
+        if self.compensate is not None and self.compensate not in COMPENSATIONS:
+            raise MaskError(f"compensate {str(self.compensate)[:40]!r} of layer {name!r} is not one of {', '.join(COMPENSATIONS)}")
+        if self.damping is not None and not (
+            isinstance(self.damping, (int, float)) and not isinstance(self.damping, bool) and math.isfinite(self.damping) and self.damping >= 0
+        ):
+            raise MaskError(f"damping {self.damping!r} of layer {name!r} must be a finite number >= 0")
+        if self.note is not None and not isinstance(self.note, str):
+            raise MaskError(f"note of layer {name!r} must be text")
+        for what, t in (("weight", self.weight), ("bias", self.bias)):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise MaskError(f"{what} of layer {name!r} is a {type(t).__name__}, not a tensor")
+            if not t.is_floating_point():
+                raise MaskError(f"{what} of layer {name!r} is {str(t.dtype).removeprefix('torch.')}: it must be floating point")
+            if not bool(torch.isfinite(t).all()):
+                raise MaskError(f"{what} of layer {name!r} holds NaN or Inf: the masks are corrupted; calibrate again")
+        if self.features is not None and (self.weight is not None or self.bias is not None):
+            raise MaskError(f"layer {name!r}: per-feature masks carry no weight edits")
+        weight, bias = self.weight, self.bias
+        if weight is not None:
+            if weight.ndim < 2:
+                raise MaskError(f"weight of layer {name!r} has shape {list(weight.shape)}: it must be (out, in, *kernel)")
+            width = int(weight.shape[1])
+            axis = -1 if weight.ndim == 2 else -(weight.ndim - 1)  # the input's feature axis
+            sizes = [("mask", list(self.mask.shape))] if isinstance(self.mask, torch.Tensor) else []
+            sizes += [("input", list(self.input_shape))] if self.input_shape is not None else []
+            for what, shape in sizes:
+                if len(shape) < -axis or shape[axis] != width:
+                    raise MaskError(
+                        f"weight of layer {name!r} has {width} input features, its {what} of shape {shape} does not: "
+                        "the masks file is corrupted or not for this model"
+                    )
+        if bias is not None:
+            out = int(weight.shape[0]) if weight is not None else None
+            if bias.ndim != 1 or (out is not None and bias.shape[0] != out):
+                raise MaskError(f"bias of layer {name!r} has shape {list(bias.shape)}: it must be ({out if out is not None else 'out'},)")
 
     def _dense_shape(self) -> list[int]:
         """The shape :meth:`dense` makes for per-feature masks, with a batch axis
@@ -166,6 +223,18 @@ class LayerMask:
         while full.ndim > 1 and full.shape[0] == 1:
             full = full[0]
         return full
+
+    def method_row(self) -> dict[str, Any]:
+        """The method metadata and the edits' shapes, for a layer that has them (else nothing)."""
+        row: dict[str, Any] = {}
+        for key in ("method", "compensate", "damping", "note"):
+            if getattr(self, key) is not None:
+                row[key] = getattr(self, key)
+        for key in ("weight", "bias"):
+            t = getattr(self, key)
+            if t is not None:
+                row[f"{key}_shape"] = list(t.shape)
+        return row
 
     @property
     def shape(self) -> list[int] | list[list[int]]:
@@ -230,6 +299,7 @@ class Masks:
                 "features": list(lm.features) if lm.features is not None else None,
                 "feature_dim": lm.feature_dim,
                 "sparsity": round(lm.sparsity, 6),
+                **lm.method_row(),
             }
             for name, lm in self.layers.items()
         ]
@@ -240,6 +310,8 @@ class Masks:
         masks are what the recipe asked for) but worth telling the user."""
         out = []
         for name, lm in self.layers.items():
+            if lm.note:
+                out.append(f"layer {name!r}: {lm.note}")
             if _zeroes_everything(lm):
                 out.append(
                     f"layer {name!r}: its mask zeroes 100% of its input, so the model's output does not depend on "
@@ -274,6 +346,9 @@ class Masks:
                 tensors[name] = lm.mask
             else:
                 tensors.update({f"{name}{SEP}{i}": t for i, t in enumerate(lm.mask)})
+            for key in ("weight", "bias"):
+                if getattr(lm, key) is not None:
+                    tensors[f"{name}{SEP}{key}"] = getattr(lm, key)
         metadata = {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
@@ -328,6 +403,7 @@ class Masks:
         except (KeyError, TypeError, ValueError) as e:
             raise MaskError(f"masks file {path} is incomplete or malformed ({e!r})") from e
         expected = {f"{n}{SEP}{i}" if lm.features is not None else n for n, lm in layers.items() for i in range(len(lm.tensors))}
+        expected |= {f"{n}{SEP}{key}" for n, lm in layers.items() for key in ("weight", "bias") if getattr(lm, key) is not None}
         if set(tensors) != expected:
             raise MaskError(f"masks file {path} holds tensors {sorted(set(tensors) ^ expected)} its metadata does not describe")
         return masks
@@ -434,9 +510,26 @@ def _layer_from_row(row: dict[str, Any], tensors: dict[str, torch.Tensor]) -> La
     input_shape = row.get("input_shape")
     if input_shape is not None and not isinstance(input_shape, list):
         raise MaskError(f"input shape of layer {name!r} must be a list of positive integers, got {input_shape!r}")
+    edits: dict[str, Any] = {}
+    for key in ("weight", "bias"):
+        declared = row.get(f"{key}_shape")
+        tensor = tensors.get(f"{name}{SEP}{key}")
+        if declared is None:
+            continue  # a tensor the row does not declare is refused with the others
+        if tensor is None:
+            raise MaskError(f"{key} of layer {name!r} is declared but tensor {name}{SEP}{key!s} is missing")
+        if list(tensor.shape) != declared:
+            raise MaskError(f"{key} of layer {name!r} has shape {list(tensor.shape)}, its metadata says {str(declared)[:80]}")
+        edits[key] = tensor
+    damping = row.get("damping")
     return LayerMask(
         mask=mask,
         features=tuple(features) if features is not None else None,
         feature_dim=row.get("feature_dim"),
         input_shape=tuple(input_shape) if input_shape is not None else None,
+        method=row.get("method"),
+        compensate=row.get("compensate"),
+        damping=damping,
+        note=row.get("note"),
+        **edits,
     )

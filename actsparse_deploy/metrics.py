@@ -5,7 +5,8 @@ an ONNX model run by onnxruntime) on batches with their labels;
 :func:`cosine_stats` compares two models output by output (max abs difference,
 per-sample cosine similarity); :func:`sparsification_cost` puts them together
 for a :class:`~actsparse_deploy.workload.Workload` (what ``report.json``'s
-``cost`` holds).
+``cost`` holds; for a built-in with other data, MiniLM, also ``other_text``:
+the cosine on English that is neither calibration nor held-out data).
 
     >>> import torch
     >>> from torch import nn
@@ -107,6 +108,14 @@ def sparsification_cost(work: Workload, sparse: nn.Module, onnx_path: Path | Non
         if io_names is not None:
             row["output"] = io_names[row["output"]]
     cost: dict[str, Any] = {"outputs": outputs, "heldout_samples": total_samples(held)}
+    other = work.builtin.other_data if work.builtin is not None else None
+    if other is not None:  # the cost under domain shift: text that is neither calibration nor held-out data
+        batches = other(work.builtin.batch_size)  # type: ignore[union-attr]
+        rows = cosine_stats(work.model, sparse, batches)
+        for row in rows:
+            if io_names is not None:
+                row["output"] = io_names[row["output"]]
+        cost["other_text"] = {"outputs": rows, "samples": total_samples(batches)}
     if work.labels is not None:
         cost["accuracy_dense"] = accuracy(work.model, held, work.labels)
         cost["accuracy_sparse"] = accuracy(sparse, held, work.labels)

@@ -7,12 +7,15 @@ each hold an MLP ``intermediate.dense`` (384 -> 1536), GELU, ``output.dense``
 
 The sentences come from the Python reference documentation that every Python
 installation carries (``pydoc_data.topics``), cut into clean prose sentences and
-split once, with a fixed seed, into disjoint calibration and held-out sets.
+split once, with a fixed seed: 256 held out, every other one (about 800) for
+calibration. A third set, ``"other"``, is English text of another kind that is
+neither: scikit-learn's bundled dataset descriptions (``sklearn/datasets/descr``),
+cut the same way, on which the cost of a sparse model shows its domain shift.
 
     >>> import torch
     >>> from actsparse_deploy.minilm import english_sentences, load_minilm, minilm_batches
-    >>> len(english_sentences("calibration")), len(english_sentences("heldout"))
-    (256, 256)
+    >>> len(english_sentences("heldout")), len(english_sentences("calibration")) > 750
+    (256, True)
     >>> batch = minilm_batches("calibration", batch_size=4)[0]
     >>> sorted(batch), batch["input_ids"].dtype
     (['attention_mask', 'input_ids'], torch.int64)
@@ -59,8 +62,9 @@ __all__ = [
     "INPUT_NAMES",
     "OUTPUT_NAMES",
     "PACKAGE",
+    "HELDOUT_SIZE",
     "SENTENCE_SEED",
-    "SENTENCE_SPLIT_SIZES",
+    "SENTENCE_SPLITS",
     "MiniLMEncoder",
     "dynamic_shapes",
     "english_sentences",
@@ -96,8 +100,13 @@ used by export, ``.pt2`` capture and validation. The sentence embedding has no s
 SENTENCE_SEED = 20240607
 """Seed of the shuffle that cuts the clean sentences into splits."""
 
-SENTENCE_SPLIT_SIZES: dict[str, int] = {"calibration": 256, "heldout": 256}
-"""Split sizes, in the order they are taken from the shuffled sentences."""
+HELDOUT_SIZE = 256
+"""Held-out sentences: the shuffled clean sentences ``[256:512]`` (the calibration
+split was the first 256 once; it is now every clean sentence not held out)."""
+
+SENTENCE_SPLITS = ("calibration", "heldout", "other")
+"""The sentence sets: documentation sentences to calibrate on and held out, and
+other English text (dataset descriptions) that is neither."""
 
 _MIN_WORDS, _MAX_WORDS = 6, 40
 _MIN_LETTER_FRACTION = 0.85
@@ -272,14 +281,11 @@ def _is_clean(sentence: str) -> bool:
     return sum(c.isalpha() for c in chars) >= _MIN_LETTER_FRACTION * len(chars)
 
 
-@functools.lru_cache(maxsize=1)
-def _clean_sentences() -> tuple[str, ...]:
-    """Every clean sentence of ``pydoc_data.topics``, deduplicated, in a fixed order."""
-    from pydoc_data.topics import topics
-
+def _sentences_of(texts: Iterator[str]) -> tuple[str, ...]:
+    """Every clean sentence of ``texts``, deduplicated, in order."""
     seen: dict[str, None] = {}
-    for key in sorted(topics):
-        for paragraph in _prose_paragraphs(topics[key]):
+    for text in texts:
+        for paragraph in _prose_paragraphs(text):
             for sentence in _SENTENCE_BREAK.split(paragraph):
                 if _is_clean(sentence):
                     seen.setdefault(sentence, None)
@@ -287,33 +293,57 @@ def _clean_sentences() -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=1)
+def _clean_sentences() -> tuple[str, ...]:
+    """Every clean sentence of ``pydoc_data.topics``, deduplicated, in a fixed order."""
+    from pydoc_data.topics import topics
+
+    return _sentences_of(topics[key] for key in sorted(topics))
+
+
+def _dataset_descriptions() -> Iterator[str]:
+    """scikit-learn's dataset descriptions (``sklearn/datasets/descr/*.rst``), by file name."""
+    try:
+        from importlib.resources import files
+
+        folder = files("sklearn.datasets") / "descr"
+        paths = sorted((p for p in folder.iterdir() if p.name.endswith(".rst")), key=lambda p: p.name)
+        texts = [p.read_text(encoding="utf-8") for p in paths]
+    except (ImportError, OSError, ValueError) as e:
+        raise DataError(f"cannot read scikit-learn's dataset descriptions (the \"other\" text): {e}") from e
+    yield from texts
+
+
+@functools.lru_cache(maxsize=1)
 def _sentence_splits() -> dict[str, tuple[str, ...]]:
     sentences = list(_clean_sentences())
-    needed = sum(SENTENCE_SPLIT_SIZES.values())
-    if len(sentences) < needed:
+    if len(sentences) < 2 * HELDOUT_SIZE + 1:
         raise DataError(
-            f"pydoc_data.topics gave {len(sentences)} clean sentences, the splits need {needed}"
+            f"pydoc_data.topics gave {len(sentences)} clean sentences, the splits need more than {2 * HELDOUT_SIZE}"
         )
     random.Random(SENTENCE_SEED).shuffle(sentences)
-    splits: dict[str, tuple[str, ...]] = {}
-    start = 0
-    for split, size in SENTENCE_SPLIT_SIZES.items():
-        splits[split] = tuple(sentences[start : start + size])
-        start += size
-    return splits
+    heldout = sentences[HELDOUT_SIZE : 2 * HELDOUT_SIZE]
+    calibration = sentences[:HELDOUT_SIZE] + sentences[2 * HELDOUT_SIZE :]
+    known = set(sentences)
+    other = tuple(s for s in _sentences_of(_dataset_descriptions()) if s not in known)
+    if not other:
+        raise DataError("scikit-learn's dataset descriptions gave no clean sentence for the \"other\" text")
+    return {"calibration": tuple(calibration), "heldout": tuple(heldout), "other": other}
 
 
 def english_sentences(split: str) -> list[str]:
-    """The ``"calibration"`` or ``"heldout"`` sentences (256 each, disjoint, fixed order).
+    """The sentences of ``split`` (disjoint, fixed order): ``"heldout"`` (256),
+    ``"calibration"`` (every other clean documentation sentence, about 800),
+    ``"other"`` (English of another kind, about 65, for the cost under domain shift).
 
-    They are real English prose from the Python reference documentation shipped with
-    the interpreter (``pydoc_data.topics``), so they are identical on every machine
-    with the same Python minor version (the documentation text changes between them).
+    The first two are real English prose from the Python reference documentation
+    shipped with the interpreter (``pydoc_data.topics``), identical on every machine
+    with the same Python minor version (the documentation text changes between
+    them); ``"other"`` are the dataset descriptions scikit-learn ships.
     """
     splits = _sentence_splits()
     if split not in splits:
         raise DataError(
-            f"unknown sentence split {split!r}; valid splits: {', '.join(SENTENCE_SPLIT_SIZES)}"
+            f"unknown sentence split {split!r}; valid splits: {', '.join(SENTENCE_SPLITS)}"
         )
     return list(splits[split])
 

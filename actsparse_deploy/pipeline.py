@@ -29,8 +29,8 @@ from typing import Any
 
 from .batches import total_samples
 from .calibrate import calibrate
-from .constants import DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_RTOL, EXPORTERS, MODES
-from .errors import DataError, ExportError, OutputError, SquashError, ValidationError
+from .constants import COMPENSATIONS, DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_RTOL, EXPORTERS, MODES
+from .errors import DataError, ExportError, OutputError, RecipeError, SquashError, ValidationError
 from .export import ExportResult, export_onnx, layer_metadata
 from .files import check_output_dir, check_output_path, os_reason, output_lock, remove_stale_staging, set_output_mode, staging_dir
 from .loading import check_distinct_data
@@ -100,8 +100,23 @@ class ConvertOptions:
     on_stage: Callable[[str, int | None], None] | None = None
     labels: str | Path | None = None
     timeout: float | None = None
+    #: override the recipe's selection method / compensation for every layer (None: the recipe's)
+    method: str | None = None
+    compensate: str | None = None
+    #: a cost budget (``"cosine=0.98"``, see actsparse_deploy.budget) instead of one sparsity: levels per layer
+    max_cost: str | None = None
 
     def __post_init__(self) -> None:
+        if self.max_cost is not None:
+            from .budget import Budget
+
+            Budget.parse(self.max_cost)
+            if self.sparsity is not None:
+                raise RecipeError("give a sparsity or a cost budget (max_cost), not both")
+        if self.method is not None and not (isinstance(self.method, str) and self.method):
+            raise RecipeError(f"method must be the name of a selection method, got {self.method!r}")
+        if self.compensate is not None and self.compensate not in COMPENSATIONS:
+            raise RecipeError(f"unknown compensation {self.compensate!r}; known: {', '.join(COMPENSATIONS)}")
         if self.mode not in MODES:
             raise SquashError(f"unknown squash mode {self.mode!r}; known: {', '.join(MODES)}")
         if self.exporter not in EXPORTERS:
@@ -139,17 +154,23 @@ def convert(
     on_stage: Callable[[str, int | None], None] | None = None,
     labels: str | Path | None = None,
     timeout: float | None = None,
+    method: str | None = None,
+    compensate: str | None = None,
+    max_cost: str | None = None,
 ) -> Report:
     """Calibrate, squash, export and validate; write the three files to ``outdir``
     and return the report (its ``to_json()`` is ``report.json``). ``on_stage(name, total)`` is
     called as each stage starts (see ``STAGES``; ``total``: calibration samples
     where known, else None); ``labels``: a file of class indices for ``heldout``;
-    ``timeout``: seconds onnxruntime may take for the whole validation (None: no limit).
+    ``timeout``: seconds onnxruntime may take for the whole validation (None: no limit);
+    ``method`` / ``compensate``: the selection method (``"fluctuation"``, ...) and the
+    compensation (``"none"``, ``"bias"``, ``"lstsq"``) for every layer, over the recipe's.
     The keyword parameters are those of :class:`ConvertOptions`, checked first."""
     options = ConvertOptions(
         weights=weights, recipe=recipe, sparsity=sparsity, data=data, heldout=heldout, batch_size=batch_size, mode=mode,
         exporter=exporter, opset=opset, external_data=external_data, atol=atol, rtol=rtol, overwrite=overwrite,
-        verbose=verbose, on_batch=on_batch, on_stage=on_stage, labels=labels, timeout=timeout,
+        verbose=verbose, on_batch=on_batch, on_stage=on_stage, labels=labels, timeout=timeout, method=method,
+        compensate=compensate, max_cost=max_cost,
     )
     outdir = Path(outdir)
     check_output_dir(outdir)
@@ -176,13 +197,21 @@ def _convert(model: str, outdir: Path, o: ConvertOptions) -> Report:
     total = time.perf_counter()
     with timer("load"):
         work = load_workload(model, o.weights, o.data, o.heldout, o.batch_size, labels=o.labels, check_distinct=False)
-        the_recipe = load_recipe(work, o.recipe, o.sparsity)
+        the_recipe = load_recipe(work, o.recipe, o.sparsity, method=o.method, compensate=o.compensate)
         if o.data is not None and o.heldout is not None:  # after the recipe: a missing recipe is named first
             check_distinct_data(o.data, o.heldout)
         work.require_heldout()
         timer.totals["calibrate"] = total_samples(work.calibration)
     with timer("calibrate"):
-        masks = calibrate(work.model, the_recipe, work.require_calibration(), model_name=work.name, on_batch=o.on_batch)
+        budget = None
+        if o.max_cost is not None:  # levels per layer to the budget, tuned on a split of the calibration data
+            from .budget import calibrate_to_budget
+
+            budget = calibrate_to_budget(work.model, the_recipe, work.require_calibration(), o.max_cost,
+                                         model_name=work.name, on_batch=o.on_batch)
+            masks = budget.masks
+        else:
+            masks = calibrate(work.model, the_recipe, work.require_calibration(), model_name=work.name, on_batch=o.on_batch)
     with timer("squash"):
         squashed = squash_workload(work, masks, o.mode)
     # everything is written into a staging directory inside outdir and moved into
@@ -199,9 +228,15 @@ def _convert(model: str, outdir: Path, o: ConvertOptions) -> Report:
                                   output_names=exported.io.output_names, io_spec=exported.io, timeout=o.timeout)
         with timer("cost"):
             cost = sparsification_cost(work, squashed.model, onnx_path)
+            if budget is not None:
+                from .budget import heldout_budget
+
+                budget = heldout_budget(budget, work, squashed.model)
         masks.save(staging / "masks.safetensors")
         report = build_report(work, masks, squashed, exported, validation, cost, timer, time.perf_counter() - total, o.mode,
                               onnx_path=outdir / "model.onnx")
+        if budget is not None:  # the budget, the levels chosen per layer, tuning and held-out cost
+            report = report.replace(extra={**report.extra, "budget": budget.to_json()})
         try:
             (staging / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
             report = report.with_file("report.json", (staging / "report.json").stat().st_size)
@@ -228,7 +263,8 @@ def build_report(
     ``to_json()``. ``validation``: a ``ValidationReport`` (or its JSON);
     ``onnx_path``: where the ONNX model ends up (the export and validation ran
     on a staged copy), default where it was exported to."""
-    modes = squashed.report()
+    modes = squashed.rows()
+    # merged: the squash rows also say how each layer's features were chosen (method) and compensated
     layers = [{**row, **next(m for m in modes if m["layer"] == row["layer"])} for row in masks.summary()]
     outdir = exported.path.parent
     files = {name: (outdir / name).stat().st_size for name in ("masks.safetensors", "model.onnx") if (outdir / name).exists()}

@@ -23,6 +23,19 @@ overrides in order; ``sparse_config`` merges key by key.
     >>> model.add_module("fc1", nn.Linear(4, 4)); model.add_module("fc2", nn.Linear(4, 2))
     >>> sorted(recipe.select(model))
     ['fc1', 'fc2']
+
+A selection method that sees the layer's weight (:mod:`actsparse_deploy.methods`)
+replaces the three functions: ``method = "obs"`` (or ``"wanda"``,
+``"fluctuation"``), with ``compensate = "none" | "bias" | "lstsq"`` (the layer's
+weight and bias refit to make up for the removed features:
+:mod:`actsparse_deploy.compensate`) and ``damping`` (the ridge of ``obs`` and
+``lstsq``, relative to the Gram matrix's mean diagonal). The statistic collected
+is then what they need (``gram`` for ``obs`` or ``lstsq``, else ``moments``):
+
+    >>> with_method = recipe.with_method("obs", "lstsq")
+    >>> layer = with_method.select(model)["fc1"]
+    >>> layer.method.name, layer.compensate, layer.aggregate_fn.name
+    ('obs', 'lstsq', 'gram')
 """
 
 from __future__ import annotations
@@ -38,8 +51,10 @@ from typing import Any
 import tomli_w
 from torch import nn
 
+from .compensate import COMPENSATIONS, DEFAULT_DAMPING
 from .errors import ConfigError, RecipeError
 from .functions import AGGREGATE_FNS, MASK_FNS, REDUCE_FNS, BuiltinFn, Registry, check_mask_config
+from .methods import METHODS, Method
 
 __all__ = ["FnSpec", "LayerRule", "LayerSettings", "Recipe", "ResolvedLayer", "resolve_recipe"]
 
@@ -92,6 +107,9 @@ class LayerSettings:
     sparse_config: tuple[tuple[str, Any], ...] | None = None
     features: tuple[int, ...] | None = None
     feature_dim: int | None = None
+    method: str | None = None  # a selection method (actsparse_deploy.methods): replaces the three functions
+    compensate: str | None = None  # "none" | "bias" | "lstsq" (actsparse_deploy.compensate)
+    damping: float | None = None  # ridge of obs / lstsq, relative to the Gram block's mean diagonal
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> LayerSettings:
@@ -116,6 +134,9 @@ class LayerSettings:
                     "(-1 for a Linear's input, 1 for a ConvNd's channels)"
                 )
             kwargs["feature_dim"] = data["feature_dim"]
+        for key in ("method", "compensate", "damping"):
+            if data.get(key) is not None:
+                kwargs[key] = _check_method_setting(key, data[key], f"{where}.{key}")
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,6 +151,9 @@ class LayerSettings:
             out["features"] = list(self.features)
         if self.feature_dim is not None:
             out["feature_dim"] = self.feature_dim
+        for key in ("method", "compensate", "damping"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
     def merged(self, other: LayerSettings) -> LayerSettings:
@@ -140,12 +164,43 @@ class LayerSettings:
         return replace(self, **changes)
 
     def resolve(self, where: str) -> ResolvedLayer:
-        """Check and resolve into what ``register_layer`` takes."""
+        """Check and resolve into what ``register_layer`` takes. With a ``method``
+        the aggregate is what the method and the compensation need (``gram`` for
+        ``obs`` or ``lstsq``, else ``moments``) and the recipe's aggregate / reduce
+        / mask functions are not used."""
+        method: Method | None = None
+        compensate = self.compensate or "none"
+        damping = DEFAULT_DAMPING if self.damping is None else self.damping
         try:
-            fns = {key: (getattr(self, key) or FnSpec(TOOL_DEFAULTS[key])).resolve(key) for key in _REGISTRIES}
+            for key in ("method", "compensate", "damping"):  # settings made in Python, not read by from_dict
+                if getattr(self, key) is not None:
+                    _check_method_setting(key, getattr(self, key), key)
             config = {k: _thaw(v) for k, v in (self.sparse_config or ())}
             _check_sparse_config(config)
-            check_mask_config(fns["mask_fn"], config)
+            if self.method is not None:
+                method = METHODS.get(self.method)
+                if self.features is not None:
+                    raise RecipeError(
+                        f"method {self.method!r} selects whole input features of the layer: it does not take "
+                        "per-feature masks (features / feature_dim); remove them or the method"
+                    )
+                if "sparsity_level" not in config:
+                    raise RecipeError(f"method {self.method!r} needs sparse_config.sparsity_level")
+                aggregate = "gram" if method.needs == "gram" or compensate == "lstsq" else "moments"
+                fns = {"aggregate_fn": AGGREGATE_FNS.get(aggregate), "reduce_fn": REDUCE_FNS.get("mean"), "mask_fn": MASK_FNS.get("topk")}
+            else:
+                if compensate != "none":
+                    raise RecipeError(
+                        f"compensate = {compensate!r} needs a method (one of {', '.join(METHODS.names())}): "
+                        "compensation reads the statistics a method collects; set method"
+                    )
+                fns = {key: (getattr(self, key) or FnSpec(TOOL_DEFAULTS[key])).resolve(key) for key in _REGISTRIES}
+                check_mask_config(fns["mask_fn"], config)
+                if self.features is not None and fns["aggregate_fn"].name in ("moments", "gram"):
+                    raise RecipeError(
+                        f"aggregate_fn {fns['aggregate_fn'].name!r} is a statistic of all input features: it does not "
+                        "take per-feature masks (features / feature_dim)"
+                    )
             if self.features is not None and self.feature_dim is None:
                 raise ConfigError("features were given without feature_dim")
             if self.features is not None:  # settings made in Python, not read by from_dict
@@ -161,7 +216,24 @@ class LayerSettings:
             sparse_config=config,
             features=list(self.features) if self.features is not None else None,
             feature_dim=self.feature_dim,
+            method=method,
+            compensate=compensate,
+            damping=damping,
         )
+
+
+def _check_method_setting(key: str, value: Any, where: str) -> Any:
+    """``method`` a registered method's name, ``compensate`` one of
+    :data:`COMPENSATIONS`, ``damping`` a finite number >= 0."""
+    if key == "method":
+        if not isinstance(value, str) or value not in METHODS:
+            raise RecipeError(f"{where}: unknown method {_short(value)}; known: {', '.join(METHODS.names())}")
+    elif key == "compensate":
+        if not isinstance(value, str) or value not in COMPENSATIONS:
+            raise RecipeError(f"{where} must be one of {', '.join(COMPENSATIONS)}, got {_short(value)}")
+    elif not (_is_number(value) and math.isfinite(value) and value >= 0):
+        raise RecipeError(f"{where} must be a finite number >= 0 (relative to the Gram matrix's mean diagonal), got {_short(value)}")
+    return value
 
 
 def _features(feats: Any, where: str) -> tuple[int, ...]:
@@ -218,6 +290,9 @@ class ResolvedLayer:
     sparse_config: dict[str, Any]
     features: list[int] | None
     feature_dim: int | None
+    method: Method | None = None
+    compensate: str = "none"
+    damping: float = DEFAULT_DAMPING
 
     def register_kwargs(self) -> dict[str, Any]:
         return {
@@ -388,6 +463,17 @@ class Recipe:
             return cls.from_dict(recipe)
         return cls.load(recipe)
 
+    def with_method(self, method: str | None = None, compensate: str | None = None, damping: float | None = None) -> Recipe:
+        """The same recipe with ``method`` / ``compensate`` / ``damping`` (those
+        given) set on the defaults and on every rule, overriding the file's: what
+        the command line's ``--method`` and ``--compensate`` do."""
+        changes: dict[str, Any] = {k: v for k, v in (("method", method), ("compensate", compensate), ("damping", damping)) if v is not None}
+        for key, value in changes.items():
+            _check_method_setting(key, value, key)
+        override = LayerSettings(**changes)
+        rules = tuple(replace(rule, settings=rule.settings.merged(override)) for rule in self.layers)
+        return replace(self, defaults=self.defaults.merged(override), layers=rules)
+
     def with_sparsity(self, level: float) -> Recipe:
         """The same recipe with ``sparsity_level`` set to ``level`` everywhere."""
         override = LayerSettings(sparse_config=(("sparsity_level", level),))
@@ -446,12 +532,17 @@ def resolve_recipe(
     threshold: float | None = None,
     aggregate: str | None = None,
     structured: bool = False,
+    method: str | None = None,
+    compensate: str | None = None,
+    damping: float | None = None,
 ) -> Recipe:
     """The one recipe loader: ``recipe`` (a file, a mapping or a Recipe), else a
     one-rule recipe from ``layers`` / ``layer_types`` with ``sparsity`` or
     ``threshold`` (see :meth:`Recipe.simple`), else the built-in model's own
     (``builtin``: ``model_name`` is a built-in). ``sparsity`` alone overrides the
-    sparsity level of a file's or the built-in's recipe.
+    sparsity level of a file's or the built-in's recipe; ``method``,
+    ``compensate`` and ``damping`` override those of every layer of any of them
+    (:meth:`Recipe.with_method`).
 
     >>> resolve_recipe("digits-mlp", True, sparsity=0.25).defaults.sparse_config
     (('sparsity_level', 0.25),)
@@ -463,7 +554,8 @@ def resolve_recipe(
             raise RecipeError("`recipe` cannot be combined with `layers` or `layer_types`")
         if sparsity is None and threshold is None:
             raise RecipeError("`layers` / `layer_types` need `sparsity` or `threshold`")
-        return Recipe.simple(layers, layer_types, sparsity, threshold, aggregate or "sum_abs", structured)
+        simple = Recipe.simple(layers, layer_types, sparsity, threshold, aggregate or "sum_abs", structured)
+        return simple.with_method(method, compensate, damping)
     if threshold is not None or structured or aggregate is not None:
         raise RecipeError("`threshold`, `structured` and `aggregate` describe a recipe from `layers`: give `layers` too")
     if recipe is None:
@@ -475,4 +567,5 @@ def resolve_recipe(
 
         recipe = zoo.builtin_recipe_path(model_name)
     loaded = Recipe.coerce(recipe)
-    return loaded.with_sparsity(sparsity) if sparsity is not None else loaded
+    loaded = loaded.with_sparsity(sparsity) if sparsity is not None else loaded
+    return loaded.with_method(method, compensate, damping)

@@ -6,12 +6,15 @@ A *source* is a model (a built-in name or ``package.module:factory``, with its
 weights, and masks squashed in a given mode) or a ``.pt2`` program written by
 ``actsparse squash`` (its masks already baked in). :func:`load_source` resolves
 either into a :class:`Source`: what to export or run, held-out batches, the I/O
-spec, and the squash rows.
+spec, and the squash rows. What to load with it (masks and mode, weights, data,
+batch size, labels) is one :class:`SourceOptions`, the same for every stage.
 
-    >>> from actsparse_deploy.sources import layer_table, load_source
+    >>> from actsparse_deploy.sources import SourceOptions, layer_table, load_source
     >>> source = load_source("digits-mlp")
     >>> source.mode, source.layers, source.io.output_names
     ('none (dense)', [], ('logits',))
+    >>> load_source("digits-mlp", SourceOptions(batch_size=4)).heldout[0].shape
+    torch.Size([4, 1, 8, 8])
     >>> [(row["layer"], row["input_shape"], row["foldable"]) for row in layer_table(source.work)][:2]
     [('flatten', [32, 1, 8, 8], False), ('fc1', [32, 64], True)]
 
@@ -48,6 +51,7 @@ from .workload import Workload, load_workload, squash_workload
 
 __all__ = [
     "Source",
+    "SourceOptions",
     "calibrate_to_file",
     "export_source",
     "inspect_target",
@@ -89,37 +93,48 @@ class Source:
         return self.heldout
 
 
+@dataclass(frozen=True)
+class SourceOptions:
+    """What to load a source with: ``masks`` squashed in ``mode`` (dense
+    without); the model's ``weights``; ``data`` (calibration inputs, the export
+    example) and ``heldout`` data files; ``batch_size`` (None: the built-in
+    model's, else 32); ``labels``, class indices of the held-out samples."""
+
+    masks: str | Path | None = None
+    mode: str = DEFAULT_MODE
+    weights: str | Path | None = None
+    data: str | None = None
+    heldout: str | None = None
+    batch_size: int | None = None
+    labels: str | Path | None = None
+
+    def workload(self, spec: str) -> Workload:
+        """``spec`` (a model, not a ``.pt2``) with its weights and data."""
+        return load_workload(spec, self.weights, self.data, self.heldout, self.batch_size, labels=self.labels)
+
+
 def is_pt2(spec: str | Path) -> bool:
     return str(spec).endswith(".pt2")
 
 
-def load_source(
-    spec: str,
-    *,
-    masks: str | Path | None = None,
-    mode: str = DEFAULT_MODE,
-    weights: str | Path | None = None,
-    data: str | None = None,
-    heldout: str | None = None,
-    batch_size: int | None = None,
-    labels: str | Path | None = None,
-    need_heldout: bool = False,
-) -> Source:
-    """``spec`` (a model, or a ``.pt2``) resolved: the model squashed with
-    ``masks`` in ``mode`` (dense without), or the program the ``.pt2`` holds.
+def load_source(spec: str, options: SourceOptions | None = None, *, need_heldout: bool = False) -> Source:
+    """``spec`` (a model, or a ``.pt2``) resolved with ``options``: the model
+    squashed with its masks (dense without), or the program the ``.pt2`` holds.
     ``need_heldout``: a ``.pt2`` also loads held-out data (``heldout``, else the
     built-in data of the model it names)."""
+    options = options or SourceOptions()
+    masks, heldout, batch_size = options.masks, options.heldout, options.batch_size
     if not is_pt2(spec):
-        work = load_workload(spec, weights, data, heldout, batch_size, labels=labels)
+        work = options.workload(spec)
         module, rows, the_mode = work.model, [], DENSE
         if masks is not None:
-            squashed = squash_workload(work, Masks.load(masks), mode)
-            module, rows, the_mode = squashed.model, squashed.report(), mode
+            squashed = squash_workload(work, Masks.load(masks), options.mode)
+            module, rows, the_mode = squashed.model, squashed.rows(), options.mode
         example = work.example() if need_heldout is False else None
         return Source(work.name, module, module, example, work.heldout, work.io, rows, the_mode, work)
     if masks is not None:
         raise MaskError(f"{spec}: a .pt2 program already has its masks baked in: pass no `masks`")
-    if labels is not None:
+    if options.labels is not None:
         raise DataError(
             f"{spec}: `labels` need a model (with `masks`) as the reference, not a .pt2: the accuracy cost compares with the dense model"
         )
@@ -147,11 +162,13 @@ def _size(path: Path) -> int:
 
 
 def masks_report(masks: Masks, files: dict[str, int] | None = None, seconds: dict[str, float] | None = None) -> Report:
-    """A masks file's contents as a report (``calibrate``, ``inspect``)."""
+    """A masks file's contents as a report (``calibrate``, ``inspect``); every
+    layer row says its ``method`` (None: the recipe's functions) and ``compensate``."""
+    rows = [{**row, "method": row.get("method"), "compensate": row.get("compensate") or "none"} for row in masks.summary()]
     return Report(
         tool_version=masks.tool_version, model=masks.model,
         calibration=Calibration(samples=masks.num_samples, batches=masks.num_batches),
-        overall_sparsity=round(masks.overall_sparsity(), 6), layers=masks.summary(),
+        overall_sparsity=round(masks.overall_sparsity(), 6), layers=rows,
         recipe=masks.recipe.to_dict() if masks.recipe is not None else None, notes=masks.notes(),
         seconds=seconds, files=files,
     )
@@ -166,9 +183,11 @@ def calibrate_to_file(
     batch_size: int = 32,
     on_stage: Callable[[str, int | None], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    max_cost: str | None = None,
 ) -> Report:
     """Calibrate ``loaded`` on ``data`` (else its built-in calibration split) and
-    write the masks to ``output`` (checked by the caller)."""
+    write the masks to ``output`` (checked by the caller); ``max_cost``: a cost
+    budget instead of the recipe's level (see :mod:`actsparse_deploy.budget`)."""
     start = time.perf_counter()
     if data is not None:
         batches = load_data(data, batch_size)
@@ -178,55 +197,47 @@ def calibrate_to_file(
         raise DataError(f"{loaded.name!r} has no built-in data: pass `data`, a file of calibration inputs")
     if on_stage is not None:
         on_stage("calibrating", total_samples(batches))
+    if max_cost is not None:
+        from .budget import budget_to_file
+
+        return budget_to_file(loaded, recipe, batches, max_cost, output, batch_size=batch_size, on_batch=on_batch, start=start)
     masks = calibrate(loaded.module, recipe, batches, model_name=loaded.name, on_batch=on_batch)
     masks.save(output)
     seconds = round(time.perf_counter() - start, 3)
     return masks_report(masks, files={str(output): _size(Path(output))}, seconds={"calibrate": seconds, "total": seconds})
 
 
-def squash_to_pt2(
-    model: str,
-    masks: str | Path,
-    output: str | Path,
-    *,
-    mode: str = DEFAULT_MODE,
-    weights: str | Path | None = None,
-    data: str | None = None,
-    heldout: str | None = None,
-    batch_size: int | None = None,
-    overwrite: bool = False,
-) -> Report:
-    """Squash ``masks`` into ``model`` and save it as a ``torch.export`` program."""
+def squash_to_pt2(model: str, output: str | Path, options: SourceOptions, *, overwrite: bool = False) -> Report:
+    """Squash ``options.masks`` into ``model`` (in ``options.mode``) and save it
+    as a ``torch.export`` program."""
+    if options.masks is None:
+        raise MaskError(f"{model}: squash needs `masks`, the file `actsparse calibrate` writes")
     start = time.perf_counter()
-    work = load_workload(model, weights, data, heldout, batch_size)
-    result = squash_workload(work, Masks.load(masks), mode)
+    work = options.workload(model)
+    result = squash_workload(work, Masks.load(options.masks), options.mode)
     save_pt2(work, result, Path(output), overwrite)
     seconds = round(time.perf_counter() - start, 3)
-    return Report(model=work.name, squash_mode=mode, layers=result.report(), seconds={"total": seconds},
+    return Report(model=work.name, squash_mode=options.mode, layers=result.rows(), seconds={"total": seconds},
                   files={str(output): _size(Path(output))})
 
 
 def export_source(
     spec: str,
     output: str | Path,
+    options: SourceOptions | None = None,
     *,
-    masks: str | Path | None = None,
-    mode: str = DEFAULT_MODE,
-    weights: str | Path | None = None,
-    data: str | None = None,
-    heldout: str | None = None,
-    batch_size: int | None = None,
     exporter: str | None = None,
     opset: int | None = None,
     external_data: bool = False,
     overwrite: bool = False,
     verbose: bool = False,
 ) -> Report:
-    """Export ``spec`` (squashed with ``masks``, dense without, or a ``.pt2``) to
-    ONNX. ``exporter``: None picks ``dynamo`` for a ``.pt2``, else the default."""
+    """Export ``spec`` (squashed with the ``options``' masks, dense without, or a
+    ``.pt2``) to ONNX. ``exporter``: None picks ``dynamo`` for a ``.pt2``, else
+    the default."""
     start = time.perf_counter()
     exporter = exporter or ("dynamo" if is_pt2(spec) else DEFAULT_EXPORTER)
-    source = load_source(spec, masks=masks, mode=mode, weights=weights, data=data, heldout=heldout, batch_size=batch_size)
+    source = load_source(spec, options)
     if source.example is None:
         raise DataError(f"{spec!r} needs `data` or `heldout` to give the exporter an example input")
     result = export_onnx(
@@ -244,29 +255,24 @@ def export_source(
 def validate_against(
     onnx_model: str | Path,
     reference: str,
+    options: SourceOptions | None = None,
     *,
-    masks: str | Path | None = None,
-    mode: str = DEFAULT_MODE,
-    weights: str | Path | None = None,
-    heldout: str | None = None,
-    batch_size: int | None = None,
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
     timeout: float | None = None,
-    labels: str | Path | None = None,
 ) -> Report:
     """Validate ``onnx_model`` against ``reference`` (a model with or without
-    ``masks``, or a ``.pt2``); with ``masks`` or ``labels``, also what
-    sparsification cost against the dense model."""
+    the ``options``' masks, or a ``.pt2``) on the held-out data; with masks or
+    labels, also what sparsification cost against the dense model."""
     start = time.perf_counter()
-    source = load_source(reference, masks=masks, mode=mode, weights=weights, heldout=heldout, batch_size=batch_size,
-                         labels=labels, need_heldout=True)
+    options = options or SourceOptions()
+    source = load_source(reference, options, need_heldout=True)
     io = source.io
     validation = validate(onnx_model, source.module, source.require_heldout(), atol=atol, rtol=rtol,
                           output_names=io.output_names if io else None, io_spec=io, timeout=timeout)
     seconds = {"validate": round(time.perf_counter() - start, 3)}
     cost = None
-    if source.work is not None and (masks is not None or labels is not None):
+    if source.work is not None and (options.masks is not None or options.labels is not None):
         cost = sparsification_cost(source.work, source.module, Path(onnx_model))
     seconds["total"] = round(time.perf_counter() - start, 3)
     return Report(model=source.name, squash_mode=source.mode, layers=source.layers,

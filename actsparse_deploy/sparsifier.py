@@ -579,7 +579,11 @@ def _feature_width(features: list[Any], idx: int) -> int:
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    # a float64 statistic: its sum is finite exactly when every value is (float32 data
+    # cannot overflow a float64 sum), and one reduction is much cheaper than isfinite
+    # over a d x d Gram matrix every batch
+    finite = torch.isfinite(t.sum()) if t.dtype == torch.float64 else torch.isfinite(t).all()
+    if t.is_floating_point() and not bool(finite):
         raise DataError(
             f"layer {name!r} received NaN or Inf in its input (or its statistic overflowed): "
             "check the calibration data and the layers before it"

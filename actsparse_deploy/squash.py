@@ -53,7 +53,7 @@ from .calibrate import Batch, describe_batch, eval_mode, run_batch
 from .errors import DataError, MaskError, SquashError, first_line
 from .export import flatten_outputs
 from .graph import Dataflow
-from .layers import Cut, LayerKind, layer_kind, why_unregistered
+from .layers import Cut, LayerKind, WeightedKind, layer_kind, why_unregistered
 from .masks import LayerMask, Masks
 
 __all__ = ["MODES", "MaskedInput", "PrunedInput", "SquashResult", "squash", "squash_"]
@@ -108,11 +108,24 @@ class SquashResult:
     #: prune / auto with an example: the largest difference of any output from
     #: the ``mul`` squash on the check batches (None when not checked)
     max_abs_diff: float | None = None
+    #: per layer, the compensation baked in with the mask: the masks' kind
+    #: ("bias", "lstsq"; "edits" where they do not say), "none" without edits
+    compensate: dict[str, str] = field(default_factory=dict)
+    #: per layer, the selection method that chose its mask (the masks' metadata; None: a recipe's mask_fn)
+    method: dict[str, str | None] = field(default_factory=dict)
 
     def report(self) -> list[dict[str, Any]]:
+        """One row per layer: layer, mode, reason, sparsity (what ``.pt2`` and ONNX metadata hold)."""
         return [
             {"layer": name, "mode": mode, "reason": self.reasons[name], "sparsity": round(self.sparsity[name], 6)}
             for name, mode in self.modes.items()
+        ]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """:meth:`report`'s rows with the layer's ``method`` and ``compensate`` (the reports' layer rows)."""
+        return [
+            {**row, "method": self.method.get(row["layer"]), "compensate": self.compensate.get(row["layer"], "none")}
+            for row in self.report()
         ]
 
 
@@ -199,6 +212,83 @@ def _check_fits(name: str, layer: nn.Module, mask: torch.Tensor, lm: LayerMask) 
         )
 
 
+# --- edits: the consumer's new weight / bias (compensation), applied before its mask -----------
+
+#: a layer's new (weight, bias) from its masks; either may be None (that parameter stays)
+Edits = tuple[torch.Tensor | None, torch.Tensor | None]
+
+
+def _edits(name: str, layer: nn.Module, lm: LayerMask) -> Edits:
+    """The new weight and bias ``lm`` gives the layer (compensation, see
+    :mod:`actsparse_deploy.compensate`), checked against the layer: a weight of
+    the layer's weight's shape, a bias of one value per output feature, both
+    finite floating point. ``(None, None)`` where the mask comes without edits."""
+    weight, bias = getattr(lm, "weight", None), getattr(lm, "bias", None)
+    if weight is None and bias is None:
+        return None, None
+    given = " and ".join(what for what, t in (("weight", weight), ("bias", bias)) if t is not None)
+    kind, current = layer_kind(layer), getattr(layer, "weight", None)
+    if not isinstance(kind, WeightedKind) or not isinstance(current, torch.Tensor):
+        why = why_unregistered(layer) if kind is None else f"{type(layer).__name__} has no weight and bias to replace"
+        raise MaskError(
+            f"layer {name!r}: the masks give it a new {given} (compensation), but {why}: the masks come from another model"
+        )
+    expected = {"weight": tuple(current.shape), "bias": (kind.out_features(layer),)}
+    for what, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            kind_of = str(t.dtype).removeprefix("torch.") if isinstance(t, torch.Tensor) else type(t).__name__
+            raise MaskError(f"layer {name!r}: the new {what} in the masks (compensation) is {kind_of}, not floating point")
+        if tuple(t.shape) != expected[what]:
+            raise MaskError(
+                f"layer {name!r}: the masks give it a new {what} of shape {list(t.shape)} (compensation), but the layer "
+                f"needs {list(expected[what])}: the masks come from another model"
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise MaskError(f"layer {name!r}: the new {what} in the masks (compensation) holds NaN or Inf: calibrate again")
+    return weight, bias
+
+
+def _apply_edits(layer: nn.Module, edits: Edits) -> None:
+    """Replace the layer's weight / bias with new parameters (in its dtype and on
+    its device), in place; a layer without a bias gains one. A parameter tied to
+    another layer keeps its values there."""
+    weight, bias = edits
+    current = layer.weight
+    assert isinstance(current, torch.Tensor)  # checked by _edits
+    with torch.no_grad():
+        if weight is not None:
+            new = weight.detach().to(dtype=current.dtype, device=current.device).clone()
+            layer.weight = nn.Parameter(new, requires_grad=current.requires_grad)
+        if bias is not None:
+            old = getattr(layer, "bias", None)
+            grad = old.requires_grad if isinstance(old, torch.Tensor) else current.requires_grad
+            layer.bias = nn.Parameter(bias.detach().to(dtype=current.dtype, device=current.device).clone(), requires_grad=grad)
+
+
+def _edited(layer: nn.Module, edits: Edits) -> nn.Module:
+    """A copy of ``layer`` with the edits applied (prune swaps modules, never changes them)."""
+    new = copy.deepcopy(layer)
+    _apply_edits(new, edits)
+    return new
+
+
+def _edit_note(lm: LayerMask, edits: Edits) -> str:
+    """What the reason of an edited layer adds: ``compensated (lstsq): new weight and bias``."""
+    given = " and ".join(what for what, t in zip(("weight", "bias"), edits, strict=True) if t is not None)
+    how = getattr(lm, "compensate", None)
+    return f"; compensated ({how}): new {given}" if how and how != "none" else f"; compensated: new {given} from the masks"
+
+
+def _compensation(lm: LayerMask, edits: Edits) -> str:
+    """The row's ``compensate``: the masks' kind of compensation; "none" without edits."""
+    how = getattr(lm, "compensate", None)
+    if edits == (None, None):
+        return "none"
+    return str(how) if how and how != "none" else "edits"
+
+
 def _gathered(layer: nn.Module, index: torch.Tensor, axis: int) -> PrunedInput:
     return PrunedInput(layer, index.to(next(layer.parameters()).device), axis)
 
@@ -255,8 +345,11 @@ def squash_(
         vector, why = fold_vector(layer, mask)
         if mode == "fold" and vector is None:
             raise SquashError(f"layer {name!r} cannot be folded: {why}; use mode='mul' or 'auto'")
-        plan.append((name, masks[name], layer, mask, vector, why))
-    for name, lm, layer, mask, vector, why in plan:
+        plan.append((name, masks[name], layer, mask, vector, why, _edits(name, layer, masks[name])))
+    for name, lm, layer, mask, vector, why, edits in plan:
+        if edits != (None, None):  # the new weight / bias first: the mask scales or gathers its input
+            _apply_edits(layer, edits)
+        result.compensate[name], result.method[name] = _compensation(lm, edits), getattr(lm, "method", None)
         if mode != "mul" and vector is not None:
             _fold(layer, vector)
             result.modes[name], result.reasons[name] = "fold", why
@@ -264,6 +357,8 @@ def squash_(
             _replace_module(model, name, _masked(layer, mask))
             result.modes[name] = "mul"
             result.reasons[name] = "asked for mul" if mode == "mul" else why
+        if edits != (None, None):
+            result.reasons[name] += _edit_note(lm, edits)
         result.sparsity[name] = lm.sparsity
     return result
 
@@ -327,11 +422,14 @@ def _squash_pruning(
         raise SquashError("a mask on the model itself (layer '') cannot be squashed: mask its layers instead")
     result = SquashResult(model)
     layers: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor | None, str]] = {}
+    edits: dict[str, Edits] = {}
     for name in masks:
         lm = masks[name]
         layer = model.get_submodule(name)
         mask = _dense(name, layer, lm)
         _check_fits(name, layer, mask, lm)
+        edits[name] = _edits(name, layer, lm)
+        result.compensate[name], result.method[name] = _compensation(lm, edits[name]), getattr(lm, "method", None)
         vector, why = fold_vector(layer, mask)
         if mode == "prune" and vector is None:
             raise SquashError(f"layer {name!r} cannot be pruned: {why}; use mode='mul' or 'auto'")
@@ -346,7 +444,7 @@ def _squash_pruning(
             if mode == "prune":
                 raise
             flow_error = str(e)
-    reference = squash_(copy.deepcopy(model), masks, "mul").model
+    reference = squash_(copy.deepcopy(model), masks, "mul").model  # mul plus the same edits
 
     cuts: dict[str, Cut] = {}
     wraps: dict[str, Callable[[nn.Module], nn.Module]] = {}
@@ -407,6 +505,9 @@ def _squash_pruning(
         _replace_module(model, fqn, new)
 
     try:
+        for fqn, edit in edits.items():  # the new weight / bias first: cuts and wraps start from them
+            if edit != (None, None):
+                swap(fqn, _edited(model.get_submodule(fqn), edit))
         for fqn in sorted(cuts, key=_depth, reverse=True):
             swap(fqn, _shrunk(model.get_submodule(fqn), cuts[fqn]))
         for fqn in sorted(wraps, key=_depth, reverse=True):
@@ -416,6 +517,9 @@ def _squash_pruning(
         for fqn, old in reversed(swapped):
             _replace_module(model, fqn, old)
         raise
+    for name, edit in edits.items():
+        if edit != (None, None):
+            result.reasons[name] += _edit_note(masks[name], edit)
     return result
 
 

@@ -294,7 +294,8 @@ class Statistics:
             config = selected[name].resolve(f"layer {name!r}")
             ls = self.layers[name]
             wanted = config.aggregate_fn.spec
-            if ls.aggregate != wanted:
+            superset = config.method is not None and (ls.aggregate, wanted) == ("gram", "moments")  # gram holds the moments
+            if ls.aggregate != wanted and not superset:
                 raise RecipeError(
                     f"layer {name!r}: the statistics were collected with aggregate_fn {ls.aggregate!r}, the recipe asks "
                     f"for {wanted!r}: collect again with this recipe"

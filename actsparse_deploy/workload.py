@@ -87,12 +87,20 @@ def squash_workload(work: Workload, masks: Masks, mode: str) -> SquashResult:
     return squash(work.model, masks, mode, example=work.example(), check_batches=checks)
 
 
-def load_recipe(work: Workload, recipe: Recipe | str | Path | None = None, sparsity: float | None = None) -> Recipe:
+def load_recipe(
+    work: Workload,
+    recipe: Recipe | str | Path | None = None,
+    sparsity: float | None = None,
+    *,
+    method: str | None = None,
+    compensate: str | None = None,
+) -> Recipe:
     """The recipe for ``work``: ``recipe``, else its built-in one (``sparsity``
-    overrides the level); see :func:`actsparse_deploy.recipe.resolve_recipe`."""
+    overrides the level, ``method`` and ``compensate`` those of every layer);
+    see :func:`actsparse_deploy.recipe.resolve_recipe`."""
     from .recipe import resolve_recipe
 
-    return resolve_recipe(work.name, work.builtin is not None, recipe, sparsity=sparsity)
+    return resolve_recipe(work.name, work.builtin is not None, recipe, sparsity=sparsity, method=method, compensate=compensate)
 
 
 def load_workload(

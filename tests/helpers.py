@@ -1,5 +1,6 @@
 """Plain helpers the tests import (conftest.py holds only fixtures and hooks):
-tiny models, the CLI runner, and commands run in a background thread.
+tiny models, a user's own model file, the CLI runner (in this process or a real
+one), and commands run in a background thread.
 
     >>> TinyMLP()(torch.zeros(2, 6)).shape
     torch.Size([2, 3])
@@ -7,10 +8,15 @@ tiny models, the CLI runner, and commands run in a background thread.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
+import textwrap
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,13 +59,109 @@ class TinyConv(nn.Module):
         return self.fc(self.pool(h).flatten(1))
 
 
-# --- commands run in the background: one MiniLM run per exporter, the benchmark --------
+# --- a user's own model: the file a user writes, named as package.module:factory ---------
 
-ROOT = Path(__file__).resolve().parent.parent
+
+def user_module_source(out_features: int = 2, extra: str = "", forward_first: str = "") -> str:
+    """The text of a user's model file: ``Net`` (``fc1`` Linear(4, hidden=8), ReLU,
+    ``fc2`` Linear(hidden, ``out_features``)), a seeded ``build()`` and ``extra``
+    (more factories and classes; ``os``, ``pathlib``, ``time``, ``torch`` and
+    ``nn`` are imported). ``forward_first``: statements that open ``Net.forward``.
+
+    >>> namespace = {}
+    >>> exec(user_module_source(3), namespace)
+    >>> namespace["build"]()(torch.zeros(5, 4)).shape
+    torch.Size([5, 3])
+    """
+    first = textwrap.indent(textwrap.dedent(forward_first).strip() + "\n", " " * 8) if forward_first else ""
+    return f'''
+import os
+import pathlib
+import time
+
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, hidden=8):
+        super().__init__()
+        self.fc1 = nn.Linear(4, hidden)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, {out_features})
+
+    def forward(self, x):
+{first}        return self.fc2(self.act(self.fc1(x)))
+
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+
+''' + textwrap.dedent(extra)
+
+
+@dataclass
+class UserFolder:
+    """A test's folder ``tmp`` and the user module written there (``user_module``)."""
+
+    tmp: Path
+    module: str
+
+    def file(self, name: str) -> Path:
+        return self.tmp / name
+
+    def user(self, factory: str = "build") -> str:
+        """The model as the CLI takes it: ``module:factory``."""
+        return f"{self.module}:{factory}"
+
+    def recipe(self, text: str) -> Path:
+        path = self.file("recipe.toml")
+        path.write_text(text)
+        return path
+
+
+#: for a user module run by ``start_cli``: the path it touches to say where it is
+MARKER_FROM_ENV = 'MARKER = pathlib.Path(os.environ["ACTSPARSE_TEST_MARKER"])\n'
+
+_user_modules = itertools.count()
+
+
+@contextmanager
+def user_module(directory: Path, source: str, monkeypatch) -> Iterator[str]:
+    """``source`` written to a module in ``directory`` (put on the import path)
+    under a name no other test uses, so imports do not leak between tests; gives
+    the module's name and forgets its import afterwards."""
+    name = f"user_model_{next(_user_modules)}"
+    (directory / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(directory))
+    try:
+        yield name
+    finally:
+        sys.modules.pop(name, None)
 
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "actsparse_deploy", *args]
+
+
+def start_cli(directory: Path, *args: str) -> subprocess.Popen[str]:
+    """``actsparse ARGS`` started in a real process in ``directory``, which is on
+    its import path (a user module written there loads); ``directory / "marker"``
+    is its ACTSPARSE_TEST_MARKER (see ``MARKER_FROM_ENV``)."""
+    env = {**os.environ, "ACTSPARSE_TEST_MARKER": str(directory / "marker"), "PYTHONPATH": str(directory), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(_cli(*args), cwd=directory, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def calibrate_args(module: str) -> list[str]:
+    """``calibrate MODULE:build`` on the batches ``MODULE:batches()`` yields:
+    layer fc2 at sparsity 0.5, to masks.safetensors."""
+    return ["calibrate", f"{module}:build", "--data", f"{module}:batches", "--layers", "fc2", "--sparsity", "0.5", "-o", "masks.safetensors"]
+
+
+# --- commands run in the background: one MiniLM run per exporter, the benchmark --------
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 #: name -> argv, run in this order (only those the selected tests ask for with

@@ -4,9 +4,7 @@ message that names the problem, no traceback, and that no output file exists."""
 from __future__ import annotations
 
 import errno
-import itertools
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,27 +20,11 @@ from actsparse_deploy.cli import app
 from actsparse_deploy.functions import MASK_FNS
 from actsparse_deploy.version import __version__
 
-from .helpers import DigitsFiles
+from .helpers import DigitsFiles, UserFolder, user_module, user_module_source
 
 runner = CliRunner()
-_counter = itertools.count()
-
-USER_MODULE = '''
-import pathlib
-import torch
-from torch import nn
+USER_MODULE = user_module_source(extra='''
 from actsparse_deploy.functions import MASK_FNS, register_mask_fn
-
-
-class Net(nn.Module):
-    def __init__(self, hidden=8):
-        super().__init__()
-        self.fc1 = nn.Linear(4, hidden)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(hidden, 2)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class Singular(nn.Module):
@@ -52,11 +34,6 @@ class Singular(nn.Module):
 
     def forward(self, x):
         return torch.linalg.svd(self.fc(x))[1]
-
-
-def build():
-    torch.manual_seed(0)
-    return Net()
 
 
 def build_wide():
@@ -78,7 +55,7 @@ if "wrong_shape" not in MASK_FNS:
     @register_mask_fn("wrong_shape")
     def wrong_shape(data, sparsity_level):
         return torch.ones(3, 3)
-'''
+''')
 
 
 class Evil:
@@ -90,39 +67,23 @@ class Evil:
 
 
 @dataclass
-class World:
+class World(UserFolder):
     """Files for the cases; a fresh user module per test so imports do not leak."""
 
-    tmp: Path
-    module: str
     out: Path
     digits: DigitsFiles  # files of the session, only read
-
-    def file(self, name: str) -> Path:
-        return self.tmp / name
 
     def data(self, name: str = "calib.npy", array: np.ndarray | None = None) -> Path:
         path = self.file(name)
         np.save(path, np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32) if array is None else array)
         return path
 
-    def recipe(self, text: str) -> Path:
-        path = self.file("recipe.toml")
-        path.write_text(text)
-        return path
-
-    def user(self, factory: str = "build") -> str:
-        return f"{self.module}:{factory}"
-
 
 @pytest.fixture
 def world(tmp_path, monkeypatch, digits_files):
-    name = f"badinput_user_{next(_counter)}"
-    (tmp_path / f"{name}.py").write_text(USER_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield World(tmp_path, name, tmp_path / "out.safetensors", digits_files)
-    MASK_FNS._fns.pop("wrong_shape", None)
-    sys.modules.pop(name, None)
+    with user_module(tmp_path, USER_MODULE, monkeypatch) as name:
+        yield World(tmp_path, name, tmp_path / "out.safetensors", digits_files)
+        MASK_FNS._fns.pop("wrong_shape", None)
 
 
 GOOD_RECIPE = '[defaults]\nsparse_config = { sparsity_level = 0.5 }\n[[layers]]\nname = "fc2"\n'

@@ -5,7 +5,6 @@ stderr, no traceback, and that no output file was left."""
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import os
 import shutil
@@ -24,24 +23,9 @@ from actsparse_deploy import cli
 from actsparse_deploy.cli import app
 from actsparse_deploy.masks import LayerMask, Masks
 
-_counter = itertools.count()
+from .helpers import MARKER_FROM_ENV, UserFolder, calibrate_args, start_cli, user_module, user_module_source
 
-USER_MODULE = '''
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(4, 8)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
+USER_MODULE = user_module_source(3, extra='''
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
@@ -65,15 +49,10 @@ class Long(nn.Module):
         return x
 
 
-def build():
-    torch.manual_seed(0)
-    return Net()
-
-
 def build_long():
     torch.manual_seed(0)
     return Long()
-'''
+''')
 
 
 def _runner() -> CliRunner:
@@ -86,13 +65,7 @@ def _runner() -> CliRunner:
 runner = _runner()
 
 
-class World:
-    def __init__(self, tmp: Path, module: str) -> None:
-        self.tmp, self.module = tmp, module
-
-    def user(self, factory: str = "build") -> str:
-        return f"{self.module}:{factory}"
-
+class World(UserFolder):
     def npy(self, name: str, array: np.ndarray | None = None) -> Path:
         path = self.tmp / name
         np.save(path, np.random.default_rng(0).normal(size=(24, 4)).astype(np.float32) if array is None else array)
@@ -104,13 +77,9 @@ class World:
 
 @pytest.fixture
 def world(tmp_path, monkeypatch):
-    name = f"robust_user_{next(_counter)}"
-    (tmp_path / f"{name}.py").write_text(USER_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    w = World(tmp_path, name)
-    yield w
-    sys.modules.pop(name, None)
+    with user_module(tmp_path, USER_MODULE, monkeypatch) as name:
+        yield World(tmp_path, name)
 
 
 def invoke(args: list[object], env: dict[str, str] | None = None):
@@ -638,28 +607,7 @@ def test_sigint_during_startup_imports_is_one_line(tmp_path):
     assert result.stderr.startswith("interrupted (SIGINT)"), result.stderr
 
 
-SLOW_CLEANUP = '''
-import os, pathlib, time
-import torch
-from torch import nn
-
-MARKER = pathlib.Path(os.environ["ACTSPARSE_TEST_MARKER"])
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(4, 8)
-        self.fc2 = nn.Linear(8, 2)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
-def build():
-    return Net()
-
-
+SLOW_CLEANUP = user_module_source(extra=MARKER_FROM_ENV + '''
 def batches():
     try:
         yield torch.randn(4, 4)
@@ -670,17 +618,13 @@ def batches():
         pathlib.Path(str(MARKER) + ".cleanup").touch()
         time.sleep(1.5)  # clean-up takes a while: a second Ctrl-C lands here
         pathlib.Path(str(MARKER) + ".done").touch()
-'''
+''')
 
 
 def test_second_sigint_during_cleanup_is_still_one_line(tmp_path):
     (tmp_path / "slow_cleanup_model.py").write_text(SLOW_CLEANUP)
     marker = tmp_path / "marker"
-    env = {**os.environ, "ACTSPARSE_TEST_MARKER": str(marker), "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    args = ["calibrate", "slow_cleanup_model:build", "--data", "slow_cleanup_model:batches", "--layers", "fc2", "--sparsity", "0.5",
-            "-o", "masks.safetensors"]
-    proc = subprocess.Popen([sys.executable, "-m", "actsparse_deploy", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_cli(tmp_path, *calibrate_args("slow_cleanup_model"))
     deadline = time.monotonic() + 120
     while not marker.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()

@@ -87,16 +87,19 @@ def test_a_choice_is_passed_on_as_its_name(tmp_path):
 OPTIONS = {
     "models": ["--json"],
     "calibrate": ["--output", "--weights", "--recipe", "--layers", "--layer-type", "--sparsity", "--threshold",
-                  "--aggregate", "--structured", "--data", "--batch-size", "--overwrite", "--json", "--verbose"],
+                  "--aggregate", "--structured", "--method", "--compensate", "--max-cost", "--data", "--batch-size", "--overwrite",
+                  "--json", "--verbose"],
     "squash": ["--masks", "--output", "--weights", "--mode", "--data", "--heldout", "--batch-size", "--overwrite", "--json"],
     "export": ["--output", "--masks", "--mode", "--weights", "--data", "--heldout", "--batch-size", "--exporter",
                "--opset", "--external-data", "--overwrite", "--json"],
     "validate": ["--masks", "--mode", "--weights", "--heldout", "--batch-size", "--atol", "--rtol", "--timeout",
                  "--labels", "--json"],
     "convert": ["--output", "--weights", "--recipe", "--sparsity", "--layers", "--layer-type", "--threshold",
-                "--aggregate", "--structured", "--data", "--heldout", "--labels", "--batch-size", "--mode",
+                "--aggregate", "--structured", "--method", "--compensate", "--max-cost", "--data", "--heldout", "--labels", "--batch-size", "--mode",
                 "--exporter", "--opset", "--external-data", "--atol", "--rtol", "--timeout", "--overwrite", "--json"],
     "inspect": ["--weights", "--data", "--batch-size", "--json"],
+    "sweep": ["--output", "--sparsity", "--method", "--compensate", "--weights", "--recipe", "--data", "--heldout",
+              "--batch-size", "--runs", "--overwrite", "--json"],
 }
 
 LIGHT = """

@@ -24,7 +24,15 @@ AGGREGATE_EXPECTED = {
     "sum_abs": lambda a: np.abs(a).sum(axis=(0, 1)),
     "sum_sq": lambda a: (a.astype(np.float64) ** 2).sum(axis=(0, 1)),
     "max_abs": lambda a: np.abs(a).max(axis=(0, 1)),
+    "moments": lambda a: np.stack([a.astype(np.float64).sum(axis=(0, 1)), (a.astype(np.float64) ** 2).sum(axis=(0, 1))]),
+    "gram": lambda a: _gram(a.reshape(-1, a.shape[-1])),
 }
+
+
+def _gram(rows: np.ndarray) -> np.ndarray:
+    """sum over rows z of z z^T, z = [x; 1] (float64)."""
+    z = np.concatenate([rows.astype(np.float64), np.ones((rows.shape[0], 1))], axis=1)
+    return z.T @ z
 
 
 def test_every_registered_function_is_tested():
@@ -39,8 +47,9 @@ def test_aggregate_over_batches_equals_whole(name):
     stat = None
     for chunk in (X[:2], X[2:3], X[3:]):  # uneven batches
         stat = agg.update(stat, torch.from_numpy(chunk), sample_ndim=2)
-    assert stat.count == 15 and stat.value.shape == (4,)
-    np.testing.assert_allclose(stat.value.numpy(), AGGREGATE_EXPECTED[name](X), rtol=1e-6)
+    expected = AGGREGATE_EXPECTED[name](X)
+    assert stat.count == 15 and stat.value.shape == expected.shape and stat.value.dtype == torch.float64
+    np.testing.assert_allclose(stat.value.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_aggregate_upstream_calling_convention():
@@ -141,7 +150,7 @@ def test_block_1d_and_bad_shape():
 
 
 def test_unknown_names_list_known_ones():
-    for registry, known in ((AGGREGATE_FNS, "max_abs, sum, sum_abs, sum_sq"), (REDUCE_FNS, "feature_mean, mean"), (MASK_FNS, "block, threshold, topk")):
+    for registry, known in ((AGGREGATE_FNS, "gram, max_abs, moments, sum, sum_abs, sum_sq"), (REDUCE_FNS, "feature_mean, mean"), (MASK_FNS, "block, threshold, topk")):
         with pytest.raises(UnknownFunctionError) as info:
             registry.get("nope")
         assert str(info.value).endswith(f"known: {known}")
@@ -170,3 +179,47 @@ def test_mask_config_check():
         check_mask_config(topk, {})
     # only the function's own keys reach it
     np.testing.assert_array_equal(topk(torch.tensor([1.0, 2.0]), sparsity_level=0.5, threshold=9).numpy(), [0, 1])
+
+
+# --- moments and gram: per channel over positions for a conv ------------------------
+
+IMAGES = RNG.normal(size=(6, 3, 4, 5)).astype(np.float32)  # 6 images, 3 channels, 4 x 5 positions
+
+
+def _channel_rows(a: np.ndarray) -> np.ndarray:
+    return a.transpose(0, 2, 3, 1).reshape(-1, a.shape[1])  # one row per (image, position)
+
+
+@pytest.mark.parametrize("name", ["moments", "gram"])
+def test_conv_statistic_per_channel_over_positions(name):
+    agg = AGGREGATE_FNS.get(name)
+    stat = None
+    for chunk in (IMAGES[:1], IMAGES[1:4], IMAGES[4:]):  # batch-size independent
+        stat = agg.update(stat, torch.from_numpy(chunk), sample_ndim=1)
+    rows = _channel_rows(IMAGES)
+    if name == "moments":
+        expected = np.stack([rows.mean(axis=0), (rows.astype(np.float64) ** 2).mean(axis=0)])
+    else:
+        expected = _gram(rows) / rows.shape[0]
+    assert stat.count == 6 and stat.combine == "sum"
+    np.testing.assert_allclose(stat.per_sample.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["moments", "gram"])
+def test_statistic_of_half_inputs_accumulates_in_float32(name):
+    big = torch.full((64, 8), 300.0, dtype=torch.float16)  # 300^2 * 64 overflows float16
+    stat = AGGREGATE_FNS.get(name).update(None, big, sample_ndim=1)
+    assert bool(torch.isfinite(stat.value).all())
+    assert float(stat.value.max()) == 300.0**2 * 64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_of_wide_inputs_equals_numpy(dtype):
+    """Wide inputs, float32 and float64: symmetric, and equal to numpy."""
+    wide = RNG.normal(size=(7, 5, 96))
+    stat = None
+    for chunk in (wide[:3], wide[3:]):
+        stat = AGGREGATE_FNS.get("gram").update(stat, torch.from_numpy(chunk).to(dtype), sample_ndim=2)
+    expected = _gram(wide.reshape(-1, 96))
+    assert torch.equal(stat.value, stat.value.T)
+    np.testing.assert_allclose(stat.value.numpy(), expected, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-4)

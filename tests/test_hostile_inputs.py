@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import copy
 import errno
-import itertools
 import json
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,30 +27,11 @@ from actsparse_deploy.cli import app
 from actsparse_deploy.errors import CalibrationError, ConfigError, MaskError, RecipeError, WeightsError
 from actsparse_deploy.masks import LayerMask, Masks
 
+from .helpers import UserFolder, user_module, user_module_source
+
 runner = CliRunner()
-_counter = itertools.count()
 
-USER_MODULE = '''
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(4, 8)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(8, 2)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-def build():
-    torch.manual_seed(0)
-    return Net()
-
-
+USER_MODULE = user_module_source(extra='''
 def nan_weights():
     model = build()
     with torch.no_grad():
@@ -65,39 +43,21 @@ def inf_buffer():
     model = build()
     model.fc1.register_buffer("scale", torch.tensor([1.0, float("nan")]))
     return model
-'''
+''')
 
 
-@dataclass
-class World:
-    tmp: Path
-    module: str
-
-    def file(self, name: str) -> Path:
-        return self.tmp / name
-
-    def user(self, factory: str = "build") -> str:
-        return f"{self.module}:{factory}"
-
+class World(UserFolder):
     def data(self, name: str = "calib.npy") -> Path:
         path = self.file(name)
         if not path.exists():
             np.save(path, np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32))
         return path
 
-    def recipe(self, text: str) -> Path:
-        path = self.file("recipe.toml")
-        path.write_text(text)
-        return path
-
 
 @pytest.fixture
 def world(tmp_path, monkeypatch):
-    name = f"hostile_user_{next(_counter)}"
-    (tmp_path / f"{name}.py").write_text(USER_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield World(tmp_path, name)
-    sys.modules.pop(name, None)
+    with user_module(tmp_path, USER_MODULE, monkeypatch) as name:
+        yield World(tmp_path, name)
 
 
 def _refused(w: World, args: list[Any], code: int, message: str) -> None:
@@ -544,3 +504,73 @@ def test_hostile_sparsifier_state_refused(tmp_path, edit, message):
     with pytest.raises(MaskError, match=message):
         fresh.load(path)
     assert not fresh.data_groups
+
+
+# --- masks files with compensation edits (issue 10): the new tensors checked on load ---------
+
+
+def _good_edited_masks(w: World) -> Path:
+    """A valid masks file for fc2 (8 inputs, 2 outputs) with a new weight and bias."""
+    lm = LayerMask(
+        torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0]), input_shape=(8,),
+        weight=torch.ones(2, 8), bias=torch.zeros(2), method="obs", compensate="lstsq", damping=0.01,
+    )
+    path = w.file("good-edited.safetensors")
+    Masks({"fc2": lm}, num_samples=20, num_batches=1).save(path)
+    return path
+
+
+def _edited_edits(
+    w: World,
+    tensors: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = lambda t: t,
+    row: dict[str, Any] | None = None,
+) -> Path:
+    source = _good_edited_masks(w)
+    with safe_open(str(source), "pt") as f:
+        metadata = dict(f.metadata())
+    if row is not None:
+        metadata["layers"] = json.dumps([{**json.loads(metadata["layers"])[0], **row}])
+    path = w.file("hostile.safetensors")
+    save_file(tensors(load_file(str(source))), str(path), metadata=metadata)
+    source.unlink()
+    return path
+
+
+def _with(**new: torch.Tensor) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    return lambda t: {**t, **{f"fc2::{k}": v for k, v in new.items()}}
+
+
+EDIT_CASES: dict[str, tuple[Callable[[World], Path], str]] = {
+    "weight nan": (lambda w: _edited_edits(w, _with(weight=torch.full((2, 8), float("nan")))), "weight of layer 'fc2' holds NaN or Inf"),
+    "bias inf": (lambda w: _edited_edits(w, _with(bias=torch.tensor([0.0, float("inf")]))), "bias of layer 'fc2' holds NaN or Inf"),
+    "weight integer": (lambda w: _edited_edits(w, _with(weight=torch.ones(2, 8, dtype=torch.int64))), "weight of layer 'fc2' is int64"),
+    "weight too wide": (
+        lambda w: _edited_edits(w, _with(weight=torch.ones(2, 9)), {"weight_shape": [2, 9]}),
+        "weight of layer 'fc2' has 9 input features, its mask of shape [8] does not",
+    ),
+    "bias of other outputs": (lambda w: _edited_edits(w, _with(bias=torch.zeros(3)), {"bias_shape": [3]}), "bias of layer 'fc2' has shape [3]"),
+    "weight shape not as declared": (lambda w: _edited_edits(w, row={"weight_shape": [8, 2]}), "its metadata says [8, 2]"),
+    "weight undeclared": (lambda w: _edited_edits(w, row={"weight_shape": None}), "its metadata does not describe"),
+    "weight declared but missing": (lambda w: _edited_edits(w, lambda t: {k: v for k, v in t.items() if k != "fc2::weight"}), "tensor fc2::weight is missing"),
+    "unknown compensation": (lambda w: _edited_edits(w, row={"compensate": "ridge"}), "compensate 'ridge' of layer 'fc2'"),
+    "negative damping": (lambda w: _edited_edits(w, row={"damping": -1}), "damping -1 of layer 'fc2'"),
+    "method not a name": (lambda w: _edited_edits(w, row={"method": ["obs"]}), "method \"['obs']\" of layer 'fc2'"),
+}
+
+
+@pytest.mark.parametrize("case", list(EDIT_CASES))
+def test_hostile_compensation_edits_refused_by_squash(case, world):
+    build, message = EDIT_CASES[case]
+    path = build(world)
+    _refused(world, ["squash", world.user(), "--masks", path, "--heldout", world.data(), "-o", world.file("m.pt2")], 8, message)
+
+
+def test_good_edited_masks_load():
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "m.safetensors"
+    lm = LayerMask(torch.ones(8), input_shape=(8,), weight=torch.ones(2, 8), bias=torch.zeros(2), method="obs", compensate="lstsq", damping=0.0)
+    Masks({"fc2": lm}).save(path)
+    loaded = Masks.load(path)["fc2"]
+    assert torch.equal(loaded.weight, lm.weight) and torch.equal(loaded.bias, lm.bias)
+    assert (loaded.method, loaded.compensate, loaded.damping) == ("obs", "lstsq", 0.0)

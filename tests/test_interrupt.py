@@ -3,63 +3,39 @@ exits with the conventional code (130 for SIGINT, 143 for SIGTERM)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-SLOW_MODULE = '''
-import os
-import pathlib
-import time
+from .helpers import MARKER_FROM_ENV, calibrate_args, start_cli, user_module_source
 
-import torch
-from torch import nn
-
-MARKER = pathlib.Path(os.environ["ACTSPARSE_TEST_MARKER"])
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(4, 8)
-        self.fc2 = nn.Linear(8, 2)
-
-    def forward(self, x):
-        if torch.jit.is_tracing() or torch.compiler.is_exporting():
-            MARKER.touch()  # the exporter is tracing: now is mid-export
-            time.sleep(60)
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
-def build():
-    torch.manual_seed(0)
-    return Net()
-
-
+SLOW_MODULE = user_module_source(
+    forward_first='''
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        MARKER.touch()  # the exporter is tracing: now is mid-export
+        time.sleep(60)
+''',
+    extra=MARKER_FROM_ENV + '''
 def batches():
     yield torch.randn(4, 4)
     MARKER.touch()  # one batch calibrated: now is mid-calibration
     time.sleep(60)
     yield torch.randn(4, 4)
-'''
+''',
+)
 
 
 def _start(directory: Path, args: list[str]) -> subprocess.Popen:
     (directory / "slow_user_model.py").write_text(SLOW_MODULE)
     np.save(directory / "data.npy", np.ones((8, 4), np.float32))
-    env = {**os.environ, "ACTSPARSE_TEST_MARKER": str(directory / "marker"), "PYTHONPATH": str(directory), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "actsparse_deploy", *args], cwd=directory, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    return start_cli(directory, *args)
 
 
-CALIBRATE = ["calibrate", "slow_user_model:build", "--data", "slow_user_model:batches", "--layers", "fc2", "--sparsity", "0.5", "-o", "masks.safetensors"]
+CALIBRATE = calibrate_args("slow_user_model")
 SIGNALS = {"SIGINT": (signal.SIGINT, 130), "SIGTERM": (signal.SIGTERM, 143)}
 EXPORTERS = ["torchscript", "dynamo"]
 # case id -> the command; each is run with each signal

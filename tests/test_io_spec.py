@@ -4,8 +4,6 @@ output shape that lies fails validation."""
 
 from __future__ import annotations
 
-import itertools
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,20 +20,10 @@ from actsparse_deploy.errors import ValidationError
 from actsparse_deploy.export import IOSpec, export_onnx
 from actsparse_deploy.validate import validate
 
-from .helpers import MINILM_OUTDIRS
+from .helpers import MINILM_OUTDIRS, user_module, user_module_source
 
 runner = CliRunner()
-_counter = itertools.count()
-
-USER_MODULE = '''
-import torch
-from torch import nn
-
-
-def build():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-'''
+USER_MODULE = user_module_source(3)
 
 
 def _declared(proto: onnx.ModelProto, name: str) -> list[int | str]:
@@ -78,23 +66,20 @@ def test_minilm_export_declares_its_outputs(background):
 def lying(tmp_path, monkeypatch):
     """A tiny user model exported with the torchscript exporter, and a copy whose
     declared output shape the ``edit`` function changes."""
-    name = f"io_spec_user_{next(_counter)}"
-    (tmp_path / f"{name}.py").write_text(USER_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
     np.save(tmp_path / "heldout.npy", np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32))
-    module = __import__(name)
-    good = tmp_path / "good.onnx"
-    export_onnx(module.build(), torch.randn(2, 4), good, exporter="torchscript")
+    with user_module(tmp_path, USER_MODULE, monkeypatch) as name:
+        module = __import__(name)
+        good = tmp_path / "good.onnx"
+        export_onnx(module.build(), torch.randn(2, 4), good, exporter="torchscript")
 
-    def make(edit) -> Path:
-        proto = onnx.load(str(good))
-        edit(proto.graph.output[0].type.tensor_type.shape)
-        path = tmp_path / "lying.onnx"
-        onnx.save(proto, str(path))
-        return path
+        def make(edit) -> Path:
+            proto = onnx.load(str(good))
+            edit(proto.graph.output[0].type.tensor_type.shape)
+            path = tmp_path / "lying.onnx"
+            onnx.save(proto, str(path))
+            return path
 
-    yield module, make, tmp_path
-    sys.modules.pop(name, None)
+        yield module, make, tmp_path
 
 
 def _fixed(axis: int, value: int):

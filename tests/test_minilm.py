@@ -88,10 +88,13 @@ def test_missing_package_raises_model_load_error(monkeypatch: pytest.MonkeyPatch
 
 def test_sentence_splits_sizes_disjoint_clean_and_deterministic() -> None:
     splits = {split: minilm.english_sentences(split) for split in SPLITS}
-    assert [len(splits[s]) for s in SPLITS] == [256, 256]
+    clean = minilm._clean_sentences()
+    # every clean sentence not held out calibrates (about 800); the held-out 256 stay as they were
+    assert [len(splits[s]) for s in SPLITS] == [len(clean) - 256, 256] and len(clean) - 256 >= 750
     assert all(isinstance(s, str) for sentences in splits.values() for s in sentences)
-    assert [len(set(splits[s])) for s in SPLITS] == [256, 256]
+    assert [len(set(splits[s])) for s in SPLITS] == [len(clean) - 256, 256]
     assert not set(splits["calibration"]) & set(splits["heldout"])
+    assert set(splits["calibration"]) | set(splits["heldout"]) == set(clean)
     for sentence in splits["calibration"] + splits["heldout"]:
         assert 6 <= len(sentence.split()) <= 40
         assert sentence == " ".join(sentence.split())
@@ -101,8 +104,36 @@ def test_sentence_splits_sizes_disjoint_clean_and_deterministic() -> None:
     assert minilm.english_sentences("calibration") == splits["calibration"]
 
 
+def test_heldout_split_is_the_one_of_256_calibration_sentences() -> None:
+    """The held-out sentences are those the 256 / 256 split held out, in the same
+    order: held-out figures stay comparable with earlier ones."""
+    import random
+
+    shuffled = list(minilm._clean_sentences())
+    random.Random(minilm.SENTENCE_SEED).shuffle(shuffled)
+    assert minilm.english_sentences("heldout") == shuffled[256:512]
+    assert minilm.english_sentences("calibration")[:256] == shuffled[:256]
+
+
+def test_other_text_is_english_prose_apart_from_the_documentation() -> None:
+    other = minilm.english_sentences("other")
+    assert len(other) >= 50 and len(set(other)) == len(other)
+    docs = set(minilm.english_sentences("calibration")) | set(minilm.english_sentences("heldout"))
+    assert not set(other) & docs
+    for sentence in other:
+        words = sentence.split()
+        assert 6 <= len(words) <= 40 and sentence[0].isupper() and sentence[-1] in ".?!", sentence
+        assert sum(any(c.isalpha() for c in w) for w in words) >= 0.8 * len(words), sentence
+    # English: the commonest English words are there, Python's syntax is not
+    text = " ".join(other).lower().split()
+    assert sum(text.count(w) for w in ("the", "of", "and", "is", "a")) >= 0.08 * len(text)
+    assert not any(tok in " ".join(other) for tok in (">>>", "def ", "()", "::", "__"))
+    batches = minilm.minilm_batches("other", batch_size=16)
+    assert sum(len(b["input_ids"]) for b in batches) == len(other)
+
+
 def test_unknown_split_lists_valid_ones() -> None:
-    with pytest.raises(DataError, match="calibration, heldout"):
+    with pytest.raises(DataError, match="calibration, heldout, other"):
         minilm.english_sentences("train")
 
 
@@ -125,7 +156,7 @@ def test_tokenize_dtypes_padding_and_truncation() -> None:
 
 def test_minilm_batches_in_order_each_padded_to_its_longest() -> None:
     batches = minilm.minilm_batches("calibration", batch_size=8)
-    assert len(batches) == 32
+    assert len(batches) == -(-len(minilm.english_sentences("calibration")) // 8)
     lengths = [b["input_ids"].shape[1] for b in batches]
     assert len(set(lengths)) > 1
     for b in batches:

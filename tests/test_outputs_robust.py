@@ -184,27 +184,29 @@ COMMANDS = {
 }
 
 
-@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
-@pytest.mark.parametrize("command", list(COMMANDS))
-def test_a_dangling_symlink_is_never_replaced(tmp_path, command, overwrite):
+def _output(tmp_path: Path, command: str):
+    """``command``'s runner and the path of its output, in a new empty folder ``out``."""
     run, name = COMMANDS[command]
     out = tmp_path / "out"
     out.mkdir()
-    link = out / name
+    return run, out / name
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_dangling_symlink_is_never_replaced(tmp_path, command, overwrite):
+    run, link = _output(tmp_path, command)
     link.symlink_to(tmp_path / "nowhere")
     result = run(link, *(["--overwrite"] if overwrite else []))
     _error(result, 11, str(link))
     assert link.is_symlink() and os.readlink(link) == str(tmp_path / "nowhere")
-    assert not (tmp_path / "nowhere").exists() and _names(out) == [name]
+    assert not (tmp_path / "nowhere").exists() and _names(link.parent) == [link.name]
 
 
 @pytest.mark.parametrize("kind", ["fifo", "symlink to /dev/null"])
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_overwrite_replaces_only_regular_files(tmp_path, command, kind):
-    run, name = COMMANDS[command]
-    out = tmp_path / "out"
-    out.mkdir()
-    target = out / name
+    run, target = _output(tmp_path, command)
     if kind == "fifo":
         os.mkfifo(target)
     else:
@@ -215,7 +217,7 @@ def test_overwrite_replaces_only_regular_files(tmp_path, command, kind):
         assert stat.S_ISFIFO(os.lstat(target).st_mode)
     else:
         assert os.readlink(target) == "/dev/null"
-    assert _names(out) == [name]
+    assert _names(target.parent) == [target.name]
 
 
 def test_overwrite_replaces_a_symlink_to_a_regular_file(tmp_path):

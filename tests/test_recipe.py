@@ -115,7 +115,69 @@ BAD = {
     "rule without selector": ("[[layers]]\nmask_fn = 'topk'", "needs 'name'"),
     "newer version": ('version = 2\n[[layers]]\nname = "fc1"', "version 2 is not supported"),
     "bad features": ('[[layers]]\nname = "fc1"\nfeatures = ["a"]\nfeature_dim = 1', "list of integer"),
+    "unknown method": ('[defaults]\nmethod = "optimal"\n[[layers]]\nname = "fc1"', "unknown method 'optimal'; known: fluctuation, obs, wanda"),
+    "method not a name": ('[[layers]]\nname = "fc1"\nmethod = 3', "unknown method 3"),
+    "unknown compensation": ('[defaults]\nmethod = "obs"\ncompensate = "ridge"\n[[layers]]\nname = "fc1"', "compensate must be one of none, bias, lstsq, got 'ridge'"),
+    "negative damping": ('[defaults]\nmethod = "obs"\ndamping = -0.1\n[[layers]]\nname = "fc1"', "damping must be a finite number >= 0"),
+    "nan damping": ('[defaults]\nmethod = "obs"\ndamping = nan\n[[layers]]\nname = "fc1"', "damping must be a finite number >= 0"),
+    "damping a string": ('[defaults]\nmethod = "obs"\ndamping = "0.1"\n[[layers]]\nname = "fc1"', "damping must be a finite number >= 0"),
+    "compensation without method": ('[defaults]\ncompensate = "bias"\nsparse_config = { sparsity_level = 0.5 }\n[[layers]]\nname = "fc1"', "compensate = 'bias' needs a method"),
+    "method with features": ('[defaults]\nmethod = "wanda"\nsparse_config = { sparsity_level = 0.5 }\n[[layers]]\nname = "fc1"\nfeatures = [1]\nfeature_dim = -1', "does not take per-feature masks"),
+    "gram with features": ('[defaults]\naggregate_fn = "gram"\nsparse_config = { sparsity_level = 0.5 }\n[[layers]]\nname = "fc1"\nfeatures = [1]\nfeature_dim = -1', "does not take per-feature masks"),
+    "method without sparsity": ('[defaults]\nmethod = "wanda"\nsparse_config = { threshold = 0.5 }\n[[layers]]\nname = "fc1"', "needs sparse_config.sparsity_level"),
 }
+
+METHOD_RECIPE = """
+version = 1
+
+[defaults]
+aggregate_fn = "max_abs"
+method = "obs"
+compensate = "lstsq"
+damping = 0.05
+sparse_config = { sparsity_level = 0.5 }
+
+[[layers]]
+name = "fc2"
+method = "fluctuation"
+compensate = "bias"
+
+[[layers]]
+name = "fc3"
+"""
+
+
+def test_method_keys_parse_dump_and_resolve():
+    recipe = Recipe.from_toml(METHOD_RECIPE)
+    assert Recipe.from_toml(recipe.dumps()) == recipe
+    assert recipe.defaults.method == "obs" and recipe.layers[0].settings.compensate == "bias"
+    selected = recipe.select(TinyMLP())
+    fc2, fc3 = selected["fc2"], selected["fc3"]
+    assert (fc2.method.name, fc2.compensate, fc2.damping, fc2.aggregate_fn.name) == ("fluctuation", "bias", 0.05, "moments")
+    assert (fc3.method.name, fc3.compensate, fc3.damping, fc3.aggregate_fn.name) == ("obs", "lstsq", 0.05, "gram")
+    plain = Recipe.simple(layers=["fc1"], sparsity=0.5, aggregate_fn="sum_sq").select(TinyMLP())["fc1"]
+    assert (plain.method, plain.compensate, plain.aggregate_fn.name) == (None, "none", "sum_sq")
+
+
+def test_with_method_overrides_every_rule():
+    recipe = Recipe.from_toml(METHOD_RECIPE).with_method("wanda", "none")
+    selected = recipe.select(TinyMLP())
+    assert {(c.method.name, c.compensate, c.aggregate_fn.name) for c in selected.values()} == {("wanda", "none", "moments")}
+    with pytest.raises(RecipeError, match="unknown method 'x'"):
+        recipe.with_method("x")
+    with pytest.raises(RecipeError, match="compensate must be one of"):
+        recipe.with_method(compensate="x")
+
+
+def test_bad_method_in_recipe_exits_3(tmp_path):
+    from .helpers import invoke
+
+    path = tmp_path / "r.toml"
+    path.write_text(BAD["unknown method"][0])
+    result = invoke("calibrate", "digits-mlp", "--recipe", path, "-o", tmp_path / "m.safetensors")
+    assert result.exit_code == 3, result.output
+    assert "unknown method 'optimal'; known: fluctuation, obs, wanda" in result.stderr
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 @pytest.mark.parametrize("case", sorted(BAD))

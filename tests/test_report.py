@@ -127,13 +127,15 @@ def test_sections_keep_keys_they_do_not_know_and_omit_absent_accuracy():
 
 
 def test_library_names_parameters_and_the_cli_names_flags(tmp_path):
-    from actsparse_deploy.sources import export_source, validate_against
+    from actsparse_deploy.sources import SourceOptions, export_source, squash_to_pt2, validate_against
 
     pt2 = str(tmp_path / "squashed.pt2")
     with pytest.raises(MaskError, match="pass no `masks`"):
-        export_source(pt2, tmp_path / "m.onnx", masks=tmp_path / "masks.safetensors")
+        export_source(pt2, tmp_path / "m.onnx", SourceOptions(masks=tmp_path / "masks.safetensors"))
     with pytest.raises(DataError, match="`labels` need a model"):
-        validate_against(tmp_path / "m.onnx", pt2, labels=tmp_path / "labels.npy")
+        validate_against(tmp_path / "m.onnx", pt2, SourceOptions(labels=tmp_path / "labels.npy"))
+    with pytest.raises(MaskError, match="squash needs `masks`"):
+        squash_to_pt2("digits-mlp", pt2, SourceOptions())
 
     result = invoke("export", pt2, "--masks", tmp_path / "masks.safetensors", "-o", tmp_path / "m.onnx")
     assert result.exit_code == MaskError.exit_code and "pass no --masks" in result.stderr and "`" not in result.stderr

@@ -6,13 +6,11 @@ problem, and a result table that shows the figure the verdict used."""
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,40 +25,21 @@ from actsparse_deploy.errors import OutputError, ValidationError
 from actsparse_deploy.export import IOSpec, export_onnx
 from actsparse_deploy.validate import validate
 
+from .helpers import UserFolder, user_module, user_module_source
+
 runner = CliRunner()
-_counter = itertools.count()
 
-USER_MODULE = '''
-import os
-import pathlib
-
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(4, 8)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(8, 2)
-
-    def forward(self, x):
-        marker = os.environ.get("ACTSPARSE_TEST_MARKER")
-        if marker:
-            pathlib.Path(marker).touch()  # the PyTorch side ran: onnxruntime runs next
-        return self.fc2(self.act(self.fc1(x)))
-
-
+USER_MODULE = user_module_source(
+    forward_first='''
+    marker = os.environ.get("ACTSPARSE_TEST_MARKER")
+    if marker:
+        pathlib.Path(marker).touch()  # the PyTorch side ran: onnxruntime runs next
+''',
+    extra='''
 class Two(Net):
     def forward(self, x):
         y = super().forward(x)
         return y, y * 2
-
-
-def build():
-    torch.manual_seed(0)
-    return Net()
 
 
 class NonFinite(Net):
@@ -89,23 +68,14 @@ def build_inf():
 def build_two():
     torch.manual_seed(0)
     return Two()
-'''
+''',
+)
 
 
-@dataclass
-class World:
-    tmp: Path
-    module: str
-
-    def file(self, name: str) -> Path:
-        return self.tmp / name
-
+class World(UserFolder):
     @property
     def data(self) -> Path:
         return self.tmp / "data.npy"
-
-    def user(self, factory: str = "build") -> str:
-        return f"{self.module}:{factory}"
 
     def model(self, factory: str = "build") -> torch.nn.Module:
         return getattr(sys.modules[self.module], factory)()
@@ -122,14 +92,11 @@ class World:
 
 @pytest.fixture
 def world(tmp_path, monkeypatch):
-    name = f"strict_user_{next(_counter)}"
-    (tmp_path / f"{name}.py").write_text(USER_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv("ACTSPARSE_TEST_MARKER", raising=False)
     np.save(tmp_path / "data.npy", np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32))
-    __import__(name)
-    yield World(tmp_path, name)
-    sys.modules.pop(name, None)
+    with user_module(tmp_path, USER_MODULE, monkeypatch) as name:
+        __import__(name)
+        yield World(tmp_path, name)
 
 
 def _validate_cli(w: World, onnx_path: Path, factory: str = "build", *extra: str):

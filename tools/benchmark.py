@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ from actsparse_deploy import ActivationSparsifier, Recipe, calibrate, squash  # 
 from actsparse_deploy.batches import resize_batches  # noqa: E402
 from actsparse_deploy.export import export_onnx  # noqa: E402
 from actsparse_deploy.functions import MASK_FNS  # noqa: E402
+from actsparse_deploy.latency import alternate, ort_session  # noqa: E402
 from actsparse_deploy.metrics import accuracy, cosine_stats  # noqa: E402
 from actsparse_deploy.validate import validate  # noqa: E402
 from actsparse_deploy.workload import load_recipe, load_workload  # noqa: E402
@@ -58,26 +58,7 @@ MINILM_LAYERS = [f"bert.encoder.layer.{i}.output.dense" for i in range(6)]
 LEVELS = (0.25, 0.5, 0.75)
 
 
-# --- timing --------------------------------------------------------------------------
-
-
-def alternate(variants: dict[str, Callable[[], Any]], warmup: int, runs: int) -> dict[str, dict[str, float]]:
-    """Round-robin timing: every round runs each variant once, order rotated."""
-    names = list(variants)
-    for _ in range(warmup):
-        for name in names:
-            variants[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(runs):
-        order = names[i % len(names):] + names[: i % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            variants[name]()
-            times[name].append(time.perf_counter() - start)
-    return {
-        name: {"median_ms": statistics.median(t) * 1e3, "min_ms": min(t) * 1e3, "max_ms": max(t) * 1e3, "runs": len(t)}
-        for name, t in times.items()
-    }
+# --- timing: actsparse_deploy.latency (alternate, ort_session) -------------------------
 
 
 # --- 1. calibration cost ---------------------------------------------------------------
@@ -207,15 +188,6 @@ def run_memory_probe(model_name: str, variant: str) -> None:
 
 
 # --- 2/3. deployed speed and accuracy cost ------------------------------------------------
-
-
-def ort_session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def ideal_minilm(hidden: int) -> torch.nn.Module:

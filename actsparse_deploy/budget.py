@@ -1,0 +1,486 @@
+"""Per-layer sparsity to a cost budget: the highest overall sparsity whose cost stays within it.
+
+A :class:`Budget` is what the cost may be (``Budget.parse("cosine=0.98")``):
+
+- ``cosine=V``: mean per-sample cosine similarity of the model's last output
+  (a sentence encoder's sentence embedding) to the dense model's, at least V;
+- ``accuracy-drop=V``: at most V. On held-out data with labels: dense accuracy
+  minus sparse accuracy; without labels (the tuning split has none): the fraction
+  of samples whose predicted class (arg-max of the first output) changes, which
+  bounds the accuracy drop from above;
+- ``perplexity-ratio=V``: a language model's perplexity (first output: logits
+  ``(batch, tokens, vocabulary)``, next-token targets from the first input,
+  ``attention_mask`` respected) over the dense model's, at most V;
+- ``package.module:function=V``: ``function(dense, sparse, batches) -> float``,
+  a cost of yours (lower is better), at most V.
+
+:func:`search_budget` carves a tuning split off the calibration data (the last
+20 % of its samples; never the held-out data), collects the statistics once on
+the rest, then allocates a level per layer on a grid of 1/32 of its features:
+first the highest uniform level within the budget on the tuning split (levels
+tried upward), then, greedily, one more step for the layer whose step costs the
+least per feature removed (the others re-measured lazily), while the budget
+holds: layers the cost is sensitive to keep more features. Each candidate's
+masks (and the compensation edits of a recipe with ``method`` / ``compensate``)
+are selected from the same statistics and measured with the masks applied in
+``mul`` mode.
+
+    >>> from actsparse_deploy.budget import Budget, search_budget
+    >>> from actsparse_deploy.recipe import Recipe
+    >>> from actsparse_deploy.workload import load_workload
+    >>> from actsparse_deploy.zoo import builtin_recipe_path
+    >>> work = load_workload("digits-mlp")
+    >>> recipe = Recipe.load(builtin_recipe_path("digits-mlp"))
+    >>> result = search_budget(work.model, recipe, list(work.calibration), Budget.parse("cosine=0.95"))
+    >>> result.tuning_cost >= 0.95, sorted(result.levels), result.masks.overall_sparsity() > 0.2
+    (True, ['fc2', 'fc3'], True)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .batches import Batch, batch_size, call_args, flatten_outputs, run_batch, slice_batch
+from .errors import DataError, RecipeError
+from .recipe import LayerRule, LayerSettings, Recipe
+
+if TYPE_CHECKING:
+    from .loading import LoadedModel
+    from .masks import Masks
+    from .report import Report
+    from .workload import Workload
+
+__all__ = ["FORMS", "GRID", "TUNING_FRACTION", "Budget", "BudgetResult", "budget_to_file", "calibrate_to_budget",
+           "heldout_budget", "search_budget", "split_tuning"]
+
+#: the accepted forms of a budget, for messages and help
+FORMS = "cosine=0.98, accuracy-drop=0.01, perplexity-ratio=1.05 or package.module:function=VALUE"
+#: levels are k / GRID of a layer's features
+GRID = 32
+#: the share of the calibration samples (the last ones) the search tunes on
+TUNING_FRACTION = 0.2
+_KINDS = ("cosine", "accuracy-drop", "perplexity-ratio")
+_FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The most a sparse model may cost: ``kind`` (``cosine``, ``accuracy-drop``,
+    ``perplexity-ratio`` or ``user``) and its ``value``; ``function`` names a
+    user metric (``package.module:function``)."""
+
+    kind: str
+    value: float
+    function: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in (*_KINDS, "user"):
+            raise RecipeError(f"unknown budget kind {self.kind!r}: give {FORMS}")
+        if (self.kind == "user") != (self.function is not None):
+            raise RecipeError(f"a user budget needs its function, and only a user budget has one: give {FORMS}")
+        if self.function is not None and not _FUNCTION.fullmatch(self.function):
+            raise RecipeError(f"budget function {self.function!r} is not package.module:function: give {FORMS}")
+        value = self.value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RecipeError(f"budget {self.kind} needs a finite number, got {value!r}: give {FORMS}")
+        ranges = {"cosine": (-1.0, 1.0), "accuracy-drop": (0.0, 1.0), "perplexity-ratio": (1.0, math.inf)}
+        low, high = ranges.get(self.kind, (-math.inf, math.inf))
+        if not low <= value <= high:
+            raise RecipeError(f"budget {self.kind}={value} is outside [{low}, {high}]: give {FORMS}")
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """``KIND=VALUE`` (see the module docstring); anything else is a RecipeError naming the forms."""
+        if not isinstance(text, str) or text.count("=") != 1:
+            raise RecipeError(f"budget {text!r} is not KIND=VALUE: give {FORMS}")
+        kind, _, raw = (part.strip() for part in text.partition("="))
+        try:
+            value = float(raw)
+        except ValueError:
+            raise RecipeError(f"budget {text!r}: {raw!r} is not a number: give {FORMS}") from None
+        if ":" in kind:
+            return cls("user", value, kind)
+        return cls(kind, value)
+
+    def __str__(self) -> str:
+        return f"{self.function if self.kind == 'user' else self.kind}={self.value:g}"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.kind == "cosine"
+
+    def within(self, measured: float) -> bool:
+        """Whether a measured cost keeps the budget (NaN never does)."""
+        if not math.isfinite(measured):
+            return False
+        return measured >= self.value if self.higher_is_better else measured <= self.value
+
+    def badness(self, measured: float) -> float:
+        """The measured cost oriented so that more is worse."""
+        return -measured if self.higher_is_better else measured
+
+    def measure(self, dense: nn.Module, sparse: nn.Module, batches: list[Batch], labels: torch.Tensor | None = None) -> float:
+        """The cost of ``sparse`` against ``dense`` on ``batches`` (``labels``: class
+        indices of their samples, for ``accuracy-drop``)."""
+        return _Meter(self, dense, batches, labels).cost(sparse)
+
+
+class _Meter:
+    """A budget's cost on fixed batches, the dense model's outputs computed once."""
+
+    def __init__(self, budget: Budget, dense: nn.Module, batches: list[Batch], labels: torch.Tensor | None = None) -> None:
+        if not batches:
+            raise DataError("the budget's cost needs at least one batch")
+        self.budget, self.dense, self.batches, self.labels = budget, dense, batches, labels
+        self.user: Callable[..., Any] | None = None
+        if budget.kind == "user":
+            from .loading import _import_attr
+
+            assert budget.function is not None
+            self.user = _import_attr(budget.function, "budget function", RecipeError)
+        else:
+            self.reference = _outputs(dense, batches)
+
+    def cost(self, sparse: nn.Module) -> float:
+        kind = self.budget.kind
+        if self.user is not None:
+            with _evaluating(self.dense, sparse):
+                value = self.user(self.dense, sparse, self.batches)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise RecipeError(f"budget function {self.budget.function} returned {type(value).__name__}, not a number")
+            return float(value)
+        outputs = _outputs(sparse, self.batches)
+        if kind == "cosine":
+            sims = [torch.nn.functional.cosine_similarity(d[-1].double().flatten(1), s[-1].double().flatten(1), dim=1, eps=1e-12)
+                    for d, s in zip(self.reference, outputs)]
+            return float(torch.cat(sims).mean())
+        if kind == "accuracy-drop":
+            dense_pred = torch.cat([d[0].argmax(-1) for d in self.reference])
+            sparse_pred = torch.cat([s[0].argmax(-1) for s in outputs])
+            if self.labels is not None:
+                if self.labels.shape != dense_pred.shape:
+                    raise DataError(f"{len(self.labels)} labels for predictions of shape {list(dense_pred.shape)}")
+                return float((dense_pred == self.labels).double().mean() - (sparse_pred == self.labels).double().mean())
+            return float((dense_pred != sparse_pred).double().mean())
+        dense_nll = _mean_nll([d[0] for d in self.reference], self.batches)
+        return math.exp(_mean_nll([s[0] for s in outputs], self.batches) - dense_nll)
+
+
+class _evaluating:
+    """eval mode and no grad for the duration; the models' flags restored after."""
+
+    def __init__(self, *models: nn.Module) -> None:
+        self.models = models
+
+    def __enter__(self) -> None:
+        self.flags = [{m: m.training for m in model.modules()} for model in self.models]
+        self.grad = torch.is_grad_enabled()
+        for model in self.models:
+            model.eval()
+        torch.set_grad_enabled(False)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_grad_enabled(self.grad)
+        for flags in self.flags:
+            for module, training in flags.items():
+                module.train(training)
+
+
+def _outputs(model: nn.Module, batches: list[Batch]) -> list[list[torch.Tensor]]:
+    with _evaluating(model):
+        return [list(flatten_outputs(run_batch(model, b))) for b in batches]
+
+
+def _mean_nll(logits: list[torch.Tensor], batches: list[Batch]) -> float:
+    """Mean next-token negative log-likelihood (targets: the batch's first input)."""
+    total, count = 0.0, 0
+    for out, batch in zip(logits, batches):
+        args, kwargs = call_args(batch)
+        ids = (kwargs.get("input_ids") if kwargs else None)
+        ids = ids if ids is not None else (next(iter(kwargs.values())) if kwargs else args[0])
+        if out.ndim != 3 or ids.ndim != 2 or out.shape[:2] != ids.shape or ids.is_floating_point():
+            raise DataError(
+                "perplexity-ratio needs a language model: first output logits (batch, tokens, vocabulary) "
+                f"for integer token ids (batch, tokens); got logits {list(out.shape)} for inputs {list(ids.shape)}"
+            )
+        nll = torch.nn.functional.cross_entropy(out[:, :-1].double().transpose(1, 2), ids[:, 1:], reduction="none")
+        mask = kwargs.get("attention_mask") if kwargs else None
+        keep = mask[:, 1:].bool() if mask is not None else torch.ones_like(nll, dtype=torch.bool)
+        total += float(nll[keep].sum())
+        count += int(keep.sum())
+    if count == 0:
+        raise DataError("perplexity-ratio: the batches hold no next token to predict")
+    return total / count
+
+
+# --- the tuning split ---------------------------------------------------------------
+
+
+def split_tuning(batches: Iterable[Batch], fraction: float = TUNING_FRACTION) -> tuple[list[Batch], list[Batch]]:
+    """``(calibration, tuning)``: the last ``fraction`` of the samples (at least
+    one) are the tuning split, the others calibrate; a batch across the cut is split."""
+    batches = list(batches)
+    total = sum(batch_size(b) for b in batches)
+    if total < 2:
+        raise DataError(f"a budget search needs at least 2 calibration samples (it tunes on the last {fraction:.0%}), got {total}")
+    cut = total - max(1, round(fraction * total))
+    calibration: list[Batch] = []
+    tuning: list[Batch] = []
+    start = 0
+    for b in batches:
+        n = batch_size(b)
+        if start + n <= cut:
+            calibration.append(b)
+        elif start >= cut:
+            tuning.append(b)
+        else:
+            calibration.append(slice_batch(b, 0, cut - start))
+            tuning.append(slice_batch(b, cut - start, n))
+        start += n
+    return calibration, tuning
+
+
+# --- the search ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BudgetResult:
+    """What :func:`search_budget` chose: the level per layer, its masks (selected
+    from the calibration part's statistics, with the recipe at those levels), the
+    cost on the tuning split, the uniform level it started from and how many
+    candidate allocations it measured."""
+
+    budget: Budget
+    levels: dict[str, float]
+    masks: Masks
+    tuning_cost: float
+    uniform_level: float
+    evaluations: int
+    tuning_samples: int
+    heldout: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "budget": str(self.budget),
+            "levels": dict(self.levels),
+            "overall_sparsity": self.masks.overall_sparsity(),
+            "uniform_level": self.uniform_level,
+            "tuning_cost": self.tuning_cost,
+            "tuning_samples": self.tuning_samples,
+            "evaluations": self.evaluations,
+            **self.heldout,
+        }
+
+
+def _escape(name: str) -> str:
+    """``name`` as a glob that matches only itself."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def recipe_at_levels(recipe: Recipe, levels: Mapping[str, float]) -> Recipe:
+    """``recipe`` with one more rule per layer that sets its ``sparsity_level``
+    (later rules win): method, compensation and functions stay the recipe's."""
+    rules = tuple(
+        LayerRule(name=(_escape(name),), settings=LayerSettings(sparse_config=(("sparsity_level", float(level)),)))
+        for name, level in levels.items()
+    )
+    return replace(recipe, layers=recipe.layers + rules)
+
+
+def _select(stats: Any, recipe: Recipe, model: nn.Module) -> Masks:
+    from .calibrate import select
+
+    if "model" in inspect.signature(select).parameters:  # methods that read the consumer's weight
+        return select(stats, recipe, model=model)  # type: ignore[call-arg]
+    return select(stats, recipe)
+
+
+def search_budget(
+    model: nn.Module,
+    recipe: Recipe,
+    batches: Iterable[Batch],
+    budget: Budget | str,
+    *,
+    model_name: str | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    max_evaluations: int = 400,
+) -> BudgetResult:
+    """The per-layer levels of ``recipe``'s layers with the highest overall
+    sparsity whose cost on the tuning split keeps ``budget`` (see the module
+    docstring). ``batches``: the calibration data (the tuning split is carved
+    from it); the model is not changed."""
+    from .calibrate import collect
+    from .masks import Masks
+    from .squash import squash
+
+    budget = Budget.parse(budget) if isinstance(budget, str) else budget
+    recipe = Recipe.coerce(recipe)
+    calibration, tuning = split_tuning(batches)
+    stats = collect(model, recipe, calibration, model_name=model_name, on_batch=on_batch)
+    meter = _Meter(budget, model, tuning)
+    names = list(stats.layers)
+    one_layer: dict[tuple[str, int], Any] = {}
+    measured: dict[tuple[int, ...], float] = {}
+
+    def masks_for(ks: Mapping[str, int]) -> Masks:
+        layers = {}
+        for name in names:
+            key = (name, ks[name])
+            if key not in one_layer:
+                one_layer[key] = _select(stats, _one_layer_recipe(recipe, stats, name, ks[name] / GRID), model)[name]
+            layers[name] = one_layer[key]
+        levels = {name: ks[name] / GRID for name in names}
+        return Masks(layers=layers, recipe=recipe_at_levels(recipe, levels), num_samples=stats.num_samples,
+                     num_batches=stats.num_batches, model=model_name)
+
+    def cost(ks: Mapping[str, int]) -> float:
+        key = tuple(ks[name] for name in names)
+        if key not in measured:
+            if len(measured) >= max_evaluations:
+                raise _Exhausted()
+            sparse = squash(model, masks_for(ks), "mul").model
+            measured[key] = meter.cost(sparse)
+        return measured[key]
+
+    sizes = {name: max(1, sum(t.numel() for t in masks_for(dict.fromkeys(names, 0))[name].tensors)) for name in names}
+    top = GRID - 1
+    uniform = 0
+    current = budget.badness(1.0) if budget.higher_is_better else 0.0
+    try:
+        for k in range(1, top + 1):  # upward: the first level over the budget stops it
+            value = cost(dict.fromkeys(names, k))
+            if not budget.within(value):
+                break
+            uniform, current = k, value
+        ks = dict.fromkeys(names, uniform)
+        if uniform == 0:
+            current = cost(ks)
+        current = _greedy(names, ks, sizes, current, cost, budget, top)
+    except _Exhausted:
+        ks = ks if "ks" in locals() else dict.fromkeys(names, uniform)
+        current = measured.get(tuple(ks[n] for n in names), current)
+    final = masks_for(ks)
+    return BudgetResult(
+        budget=budget, levels={name: ks[name] / GRID for name in names}, masks=final, tuning_cost=current,
+        uniform_level=uniform / GRID, evaluations=len(measured), tuning_samples=sum(batch_size(b) for b in tuning),
+    )
+
+
+class _Exhausted(Exception):
+    """The search measured as many candidates as it may."""
+
+
+def _one_layer_recipe(recipe: Recipe, stats: Any, name: str, level: float) -> Recipe:
+    """A recipe for layer ``name`` alone: the settings every rule of ``recipe``
+    that selects it gives it (later rules win), then ``level``."""
+    from .stats import _matches_type
+
+    types = stats[name].layer_types
+    settings = LayerSettings()
+    for rule in recipe.layers:
+        if (not rule.name or any(fnmatch.fnmatchcase(name, p) for p in rule.name)) and (
+            not rule.type or _matches_type(rule.type, types)
+        ):
+            settings = settings.merged(rule.settings)
+    settings = settings.merged(LayerSettings(sparse_config=(("sparsity_level", float(level)),)))
+    return replace(recipe, layers=(LayerRule(name=(_escape(name),), settings=settings),))
+
+
+def _greedy(
+    names: list[str], ks: dict[str, int], sizes: Mapping[str, int], current: float,
+    cost: Callable[[Mapping[str, int]], float], budget: Budget, top: int,
+) -> float:
+    """Raise one layer a step at a time, the cheapest per feature first (lazy: an
+    estimate made before the last step is measured again before it is used)."""
+    frozen: set[str] = set()
+    estimates: dict[str, tuple[float, int, float]] = {}  # name -> (penalty, version, cost)
+    version = 0
+    while True:
+        open_ = [n for n in names if n not in frozen and ks[n] < top]
+        if not open_:
+            return current
+        for name in open_:
+            if name not in estimates:
+                estimates[name] = _estimate(name, ks, sizes, current, cost, budget, version)
+        name = min(open_, key=lambda n: (estimates[n][0], names.index(n)))
+        penalty, made, value = estimates[name]
+        if made != version:
+            estimates[name] = _estimate(name, ks, sizes, current, cost, budget, version)
+            continue
+        if budget.within(value):
+            ks[name] += 1
+            current = value
+            version += 1
+            del estimates[name]
+        else:
+            frozen.add(name)
+
+
+def _estimate(
+    name: str, ks: Mapping[str, int], sizes: Mapping[str, int], current: float,
+    cost: Callable[[Mapping[str, int]], float], budget: Budget, version: int,
+) -> tuple[float, int, float]:
+    value = cost({**ks, name: ks[name] + 1})
+    features = sizes[name] / GRID
+    return (budget.badness(value) - budget.badness(current)) / features, version, value
+
+
+# --- the pipeline's use -------------------------------------------------------------
+
+
+def calibrate_to_budget(
+    model: nn.Module, recipe: Recipe, batches: Iterable[Batch], budget: Budget | str, *,
+    model_name: str | None = None, on_batch: Callable[[int], None] | None = None,
+) -> BudgetResult:
+    """:func:`search_budget` for ``convert`` and ``calibrate``: the masks to write and the levels to report."""
+    return search_budget(model, recipe, batches, budget, model_name=model_name, on_batch=on_batch)
+
+
+def heldout_budget(result: BudgetResult, work: Workload | None, sparse: nn.Module) -> BudgetResult:
+    """``result`` with the held-out cost of ``sparse`` (``heldout_cost``, and
+    ``heldout_within``: whether it keeps the budget); a note where there is no held-out data."""
+    if work is None or work.heldout is None:
+        return replace(result, heldout={"heldout_cost": None, "heldout_within": None,
+                                        "heldout_note": "no held-out data: the held-out cost was not measured"})
+    value = result.budget.measure(work.model, sparse, list(work.heldout), labels=work.labels)
+    return replace(result, heldout={"heldout_cost": value, "heldout_within": result.budget.within(value)})
+
+
+def budget_to_file(
+    loaded: LoadedModel, recipe: Recipe, batches: Iterable[Batch], max_cost: str, output: Any, *,
+    batch_size: int = 32, on_batch: Callable[[int], None] | None = None, start: float | None = None,
+) -> Report:
+    """``calibrate --max-cost``: search, write the masks to ``output``, and report
+    the levels with the tuning cost and, for a built-in model, the held-out cost."""
+    import time
+    from pathlib import Path
+
+    from . import zoo
+    from .sources import _size, masks_report
+    from .squash import squash
+    from .workload import Workload
+
+    start = time.perf_counter() if start is None else start
+    result = calibrate_to_budget(loaded.module, recipe, batches, max_cost, model_name=loaded.name, on_batch=on_batch)
+    work = None
+    if loaded.builtin:
+        entry = zoo.get_builtin(loaded.name)
+        labels = entry.labels() if entry.labels is not None else None
+        work = Workload(loaded.name, loaded.module, entry, heldout=zoo.heldout_batches(loaded.name, batch_size), labels=labels)
+    sparse = squash(loaded.module, result.masks, "mul").model
+    result = heldout_budget(result, work, sparse)
+    result.masks.save(output)
+    seconds = round(time.perf_counter() - start, 3)
+    report = masks_report(result.masks, files={str(output): _size(Path(output))}, seconds={"calibrate": seconds, "total": seconds})
+    return report.replace(extra={**report.extra, "budget": result.to_json()})

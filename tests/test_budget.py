@@ -1,0 +1,148 @@
+"""Per-layer sparsity to a cost budget (actsparse_deploy.budget) and --max-cost."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from actsparse_deploy.batches import total_samples
+from actsparse_deploy.budget import Budget, search_budget, split_tuning
+from actsparse_deploy.errors import RecipeError
+from actsparse_deploy.recipe import Recipe
+from actsparse_deploy.squash import squash
+from actsparse_deploy.workload import load_workload
+from actsparse_deploy.zoo import builtin_recipe_path
+from tests.helpers import invoke
+
+
+def disagreement(dense, sparse, batches) -> float:
+    """A user metric: the fraction of samples whose predicted class changes."""
+    with torch.no_grad():
+        changed = sum(int((dense(b).argmax(-1) != sparse(b).argmax(-1)).sum()) for b in batches)
+    return changed / sum(len(b) for b in batches)
+
+
+def recipe_of(work) -> Recipe:
+    return Recipe.load(builtin_recipe_path(work.name))
+
+
+@pytest.fixture(scope="module")
+def work():
+    return load_workload("digits-mlp")
+
+
+def test_budget_parse_accepted_forms_and_errors():
+    assert Budget.parse("cosine=0.98") == Budget("cosine", 0.98)
+    assert Budget.parse("accuracy-drop=0.01").within(0.01) and not Budget.parse("accuracy-drop=0.01").within(0.02)
+    assert Budget.parse("cosine=0.98").within(0.99) and not Budget.parse("cosine=0.98").within(0.97)
+    assert Budget.parse("perplexity-ratio=1.05") == Budget("perplexity-ratio", 1.05)
+    user = Budget.parse("tests.test_budget:disagreement=0.5")
+    assert (user.kind, user.function, user.value) == ("user", "tests.test_budget:disagreement", 0.5)
+    for bad in ("cosine", "cosine=", "cosine=abc", "cosine=1.5", "speed=2", "accuracy-drop=-1", "cosine=nan", "=3", "a:=1"):
+        with pytest.raises(RecipeError, match="cosine=0.98") as caught:
+            Budget.parse(bad)
+        assert caught.value.exit_code == 3
+
+
+def test_tuning_split_is_the_last_fifth_of_calibration_and_not_heldout(work):
+    calibration, tuning = split_tuning(list(work.calibration))
+    assert total_samples(calibration) == 160 and total_samples(tuning) == 40
+    everything = torch.cat(list(work.calibration))
+    torch.testing.assert_close(torch.cat(tuning), everything[160:])
+    torch.testing.assert_close(torch.cat(calibration), everything[:160])
+    held = torch.cat(work.heldout).flatten(1)
+    for row in torch.cat(tuning).flatten(1):
+        assert not bool((held == row).all(dim=1).any())
+
+
+def _tuning_cost(work, result) -> float:
+    _, tuning = split_tuning(list(work.calibration))
+    sparse = squash(work.model, result.masks, "mul").model
+    return result.budget.measure(work.model, sparse, tuning)
+
+
+@pytest.mark.parametrize("text", ["cosine=0.97", "accuracy-drop=0.02"])
+def test_search_respects_the_budget_on_the_tuning_split(work, text):
+    budget = Budget.parse(text)
+    result = search_budget(work.model, recipe_of(work), list(work.calibration), budget)
+    assert budget.within(result.tuning_cost)
+    assert result.tuning_cost == pytest.approx(_tuning_cost(work, result))  # measured, not guessed
+    assert set(result.levels) == {"fc2", "fc3"}
+    assert result.masks.overall_sparsity() > 0.1 and result.evaluations >= 2
+    assert {name: result.masks[name].sparsity for name in result.levels} == pytest.approx(result.levels, abs=0.01)
+
+
+def test_a_looser_budget_never_gives_less_sparsity(work):
+    recipe = recipe_of(work)
+    found = [
+        search_budget(work.model, recipe, list(work.calibration), Budget.parse(f"cosine={c}")).masks.overall_sparsity()
+        for c in (0.999, 0.99, 0.95, 0.8)
+    ]
+    assert found == sorted(found) and found[-1] > found[0], found
+
+
+def test_a_user_metric_function_is_the_cost(work):
+    budget = Budget.parse("tests.test_budget:disagreement=0.05")
+    result = search_budget(work.model, recipe_of(work), list(work.calibration), budget)
+    _, tuning = split_tuning(list(work.calibration))
+    sparse = squash(work.model, result.masks, "mul").model
+    assert result.tuning_cost == pytest.approx(disagreement(work.model, sparse, tuning)) and result.tuning_cost <= 0.05
+    assert result.masks.overall_sparsity() > 0.1
+
+
+def test_convert_with_max_cost_reports_levels_and_heldout_cost(tmp_path):
+    result = invoke("convert", "digits-mlp", "-o", tmp_path / "out", "--max-cost", "accuracy-drop=0.02", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    budget = report["budget"]
+    assert budget["budget"] == "accuracy-drop=0.02" and set(budget["levels"]) == {"fc2", "fc3"}
+    assert budget["tuning_cost"] <= 0.02 and budget["tuning_samples"] == 40
+    drop = report["cost"]["accuracy_dense"] - report["cost"]["accuracy_sparse"]
+    assert budget["heldout_cost"] == pytest.approx(drop) and budget["heldout_within"] == (drop <= 0.02)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["budget"] == budget
+    text = invoke("convert", "digits-mlp", "-o", tmp_path / "out2", "--max-cost", "accuracy-drop=0.02")
+    assert text.exit_code == 0 and "budget accuracy-drop=0.02" in text.stdout and "fc2" in text.stdout
+
+
+def test_calibrate_with_max_cost_writes_masks_at_the_levels(tmp_path):
+    out = tmp_path / "m.safetensors"
+    result = invoke("calibrate", "digits-mlp", "-o", out, "--max-cost", "cosine=0.98", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert out.is_file() and report["budget"]["tuning_cost"] >= 0.98
+    assert {row["layer"]: row["sparsity"] for row in report["layers"]} == pytest.approx(report["budget"]["levels"], abs=0.01)
+
+
+@pytest.mark.parametrize("command", ["convert", "calibrate"])
+def test_max_cost_with_sparsity_is_a_usage_error_and_bad_budget_a_recipe_error(tmp_path, command):
+    out = tmp_path / ("out" if command == "convert" else "m.safetensors")
+    both = invoke(command, "digits-mlp", "-o", out, "--max-cost", "cosine=0.9", "--sparsity", "0.5")
+    assert both.exit_code == 2 and "--max-cost" in both.stderr and "--sparsity" in both.stderr, both.output
+    bad = invoke(command, "digits-mlp", "-o", out, "--max-cost", "speed=3")
+    assert bad.exit_code == 3 and "cosine=0.98" in bad.stderr and len(bad.stderr.splitlines()) == 1, bad.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cost_on_other_data_of_a_builtin_is_reported_and_printed(work):
+    """The "other text" line: a built-in's other data (MiniLM: dataset descriptions) gets its own cosine."""
+    import dataclasses
+
+    from actsparse_deploy.metrics import sparsification_cost
+    from actsparse_deploy.report import Report
+
+    other = torch.rand(24, 1, 8, 8)
+    entry = dataclasses.replace(work.builtin, other_data=lambda size: list(other.split(size)))
+    with_other = dataclasses.replace(work, builtin=entry)
+    sparse = squash(work.model, search_budget(work.model, recipe_of(work), list(work.calibration),
+                                               Budget.parse("cosine=0.9")).masks, "mul").model
+    cost = sparsification_cost(with_other, sparse)
+    row = cost["other_text"]["outputs"][0]
+    assert cost["other_text"]["samples"] == 24 and row["output"] == "logits" and 0.5 < row["cosine_mean"] < 1
+    assert "other_text" not in sparsification_cost(work, sparse)
+    from actsparse_deploy import cli
+
+    with cli.stdout.capture() as captured:
+        cli._print_cost(Report(cost=cost))
+    assert f"other text (24 samples), logits: cosine to dense mean {row['cosine_mean']:.4f}" in captured.get()
