@@ -25,6 +25,16 @@ masks (and the compensation edits of a recipe with ``method`` / ``compensate``)
 are selected from the same statistics and measured with the masks applied in
 ``mul`` mode.
 
+Where every layer selects with ``obs`` the search is another, on a grid of 1/64:
+each layer's removal order is computed once (the masks of all its levels are
+prefixes of it: only the compensation is refit per level), the layers' cost
+curves come from ``obs``'s own objective scaled by one measurement each, and
+one threshold on the marginal cost per feature, bisected on the tuning cost,
+sets every layer's level, sensitive layers below the uniform level and robust
+ones above it (see ``_search_by_threshold``). Token batches (dicts with a
+right-padded ``attention_mask``) are regrouped by length without padding first
+(:func:`unpadded`).
+
     >>> from actsparse_deploy.budget import Budget, search_budget
     >>> from actsparse_deploy.recipe import Recipe
     >>> from actsparse_deploy.workload import load_workload
@@ -66,6 +76,8 @@ __all__ = ["FORMS", "GRID", "TUNING_FRACTION", "Budget", "BudgetResult", "budget
 FORMS = "cosine=0.98, accuracy-drop=0.01, perplexity-ratio=1.05 or package.module:function=VALUE"
 #: levels are k / GRID of a layer's features
 GRID = 32
+#: ... k / OBS_GRID where every layer selects with ``obs`` (its masks for all levels come from one order)
+OBS_GRID = 64
 #: the share of the calibration samples (the last ones) the search tunes on
 TUNING_FRACTION = 0.2
 _KINDS = ("cosine", "accuracy-drop", "perplexity-ratio")
@@ -252,6 +264,40 @@ def split_tuning(batches: Iterable[Batch], fraction: float = TUNING_FRACTION) ->
 
 
 # --- the search ---------------------------------------------------------------------
+def unpadded(batches: list[Batch], size: int = 32) -> list[Batch]:
+    """Token batches without padding: where every batch is a dict of ``(batch,
+    tokens)`` tensors with a right-padded 0/1 ``attention_mask``, the samples
+    regrouped by length (up to ``size`` per batch, each trimmed to its length);
+    anything else as it is. The statistics then see only real tokens (padding is
+    about 40 % of MiniLM's padded calibration batches: wasted work, and vectors
+    that bias the Gram matrix the refit fits to), and the cost is measured faster."""
+    rows: list[tuple[int, dict[str, torch.Tensor]]] = []
+    for b in batches:
+        if not isinstance(b, Mapping):
+            return batches
+        mask = b.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.is_floating_point():
+            return batches
+        if any(not isinstance(v, torch.Tensor) or v.shape != mask.shape for v in b.values()):
+            return batches
+        lengths = mask.sum(1)
+        prefix = torch.arange(mask.shape[1])[None, :] < lengths[:, None]
+        if not bool((prefix.to(mask.dtype) == mask).all()) or bool((lengths == 0).any()):
+            return batches
+        for i, length in enumerate(lengths.tolist()):
+            rows.append((length, {k: v[i, :length] for k, v in b.items()}))
+    rows.sort(key=lambda row: row[0])
+    out: list[Batch] = []
+    start = 0
+    while start < len(rows):
+        stop = start + 1
+        while stop < len(rows) and stop - start < size and rows[stop][0] == rows[start][0]:
+            stop += 1
+        out.append({k: torch.stack([row[1][k] for row in rows[start:stop]]) for k in rows[start][1]})
+        start = stop
+    return out
+
+
 
 
 @dataclass(frozen=True)
@@ -327,20 +373,27 @@ def search_budget(
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
     recipe = Recipe.coerce(recipe)
     calibration, tuning = split_tuning(batches)
-    stats = collect(model, recipe, calibration, model_name=model_name, on_batch=on_batch)
-    meter = _Meter(budget, model, tuning)
+    stats = collect(model, recipe, unpadded(calibration), model_name=model_name, on_batch=on_batch)
+    meter = _Meter(budget, model, unpadded(tuning))
     names = list(stats.layers)
     one_layer: dict[tuple[str, int], Any] = {}
     measured: dict[tuple[int, ...], float] = {}
+
+    orders = _obs_orders(model, stats, recipe, names, OBS_GRID)
+    grid = OBS_GRID if orders and len(orders) == len(names) else GRID
 
     def masks_for(ks: Mapping[str, int]) -> Masks:
         layers = {}
         for name in names:
             key = (name, ks[name])
             if key not in one_layer:
-                one_layer[key] = _select(stats, _one_layer_recipe(recipe, stats, name, ks[name] / GRID), model)[name]
+                one_recipe = _one_layer_recipe(recipe, stats, name, ks[name] / grid)
+                if name in orders:  # the mask from the layer's obs removal order, computed once
+                    one_layer[key] = orders[name].layer_mask(name, stats, one_recipe, model, ks[name])
+                else:
+                    one_layer[key] = _select(stats, one_recipe, model)[name]
             layers[name] = one_layer[key]
-        levels = {name: ks[name] / GRID for name in names}
+        levels = {name: ks[name] / grid for name in names}
         return Masks(layers=layers, recipe=recipe_at_levels(recipe, levels), num_samples=stats.num_samples,
                      num_batches=stats.num_batches, model=model_name)
 
@@ -354,7 +407,9 @@ def search_budget(
         return measured[key]
 
     sizes = {name: max(1, sum(t.numel() for t in masks_for(dict.fromkeys(names, 0))[name].tensors)) for name in names}
-    top = GRID - 1
+    top = grid - 1
+    if grid == OBS_GRID:
+        return _search_by_threshold(names, sizes, orders, cost, masks_for, budget, grid, measured, tuning)
     uniform = 0
     current = budget.badness(1.0) if budget.higher_is_better else 0.0
     try:
@@ -434,6 +489,172 @@ def _estimate(
     value = cost({**ks, name: ks[name] + 1})
     features = sizes[name] / GRID
     return (budget.badness(value) - budget.badness(current)) / features, version, value
+
+
+# --- obs: one removal order per layer, a threshold over all layers -----------------------
+
+
+@dataclass(frozen=True)
+class _ObsOrder:
+    """A layer's greedy ``obs`` removal order, computed once at the highest level:
+    the mask at any lower level is a prefix of it (the greedy steps before are the
+    same; a last, smaller group takes the smallest errors of the same step, as
+    ``obs`` does), and ``error[i]`` is the reconstruction error (``obs``'s
+    objective) after removing the first ``i`` features."""
+
+    order: torch.Tensor  # feature indices, first removed first
+    error: torch.Tensor  # (len(order) + 1,) float64, error[0] = 0
+    d: int
+    grid: int
+
+    def removed(self, k: int) -> int:
+        return int(round(k / self.grid * self.d))
+
+    def layer_mask(self, name: str, stats: Any, recipe: Recipe, model: nn.Module, k: int) -> Any:
+        """The layer's mask and compensation edits at level ``k / grid``, as
+        ``select`` gives them with the ``obs`` method (its metadata included)."""
+        from .calibrate import _method_mask
+        from .methods import Method
+
+        config = stats.resolve(recipe)[name]
+        keep = torch.ones(self.d, dtype=torch.float32)
+        keep[self.order[: self.removed(k)]] = 0.0
+        ordered = Method(config.method.name, config.method.needs, lambda *args, **kwargs: keep.clone())
+        return _method_mask(name, stats[name], replace(config, method=ordered), model)
+
+
+def obs_order(layer: nn.Module, layer_stats: Any, count: int, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order, error)``: the first ``count`` features the ``obs`` method removes,
+    in its order, and its cumulative objective after each (``error[0] = 0``; within
+    a jointly removed group, interpolated). The same steps as
+    :func:`actsparse_deploy.methods._obs` (tests check the masks agree)."""
+    from .functions import STAT_DTYPE
+    from .methods import OBS_EXACT_WIDTH, damped_inverse, gram_matrix, weight_columns
+
+    h = gram_matrix(layer_stats)
+    d = h.shape[0] - 1
+    order = torch.zeros(count, dtype=torch.long)
+    error = torch.zeros(count + 1, dtype=STAT_DTYPE)
+    if count == 0:
+        return order, error
+    with torch.no_grad():
+        hinv = damped_inverse(h, damping, "method 'obs'")
+        columns = weight_columns(layer)
+        w = torch.zeros(columns.shape[0] * columns.shape[2], d + 1, dtype=STAT_DTYPE)
+        w[:, :d] = columns.permute(0, 2, 1).reshape(-1, d)
+        removed = torch.zeros(d + 1, dtype=torch.bool)
+        removed[d] = True
+        inf = torch.tensor(math.inf, dtype=STAT_DTYPE)
+        group = max(1, round(d / OBS_EXACT_WIDTH))
+        done = 0
+        total = 0.0
+        while done < count:
+            diag = hinv.diagonal()
+            step = torch.where(removed | (diag <= 0), inf, (w * w).sum(0) / diag)
+            n = min(group, count - done)
+            chosen = torch.topk(step, n, largest=False, sorted=True).indices if n > 1 else torch.argmin(step).reshape(1)
+            rows = hinv[chosen]
+            inv_block = torch.linalg.pinv(rows[:, chosen], hermitian=True)
+            ws = w[:, chosen]
+            added = float(((ws @ inv_block) * ws).sum())
+            w -= (ws @ inv_block) @ rows
+            hinv -= rows.T @ (inv_block @ rows)
+            removed[chosen] = True
+            order[done:done + n] = chosen
+            error[done + 1:done + n + 1] = total + added * torch.arange(1, n + 1, dtype=STAT_DTYPE) / n
+            total += added
+            done += n
+    return order, error
+
+
+def _obs_orders(model: nn.Module, stats: Any, recipe: Recipe, names: list[str], grid: int) -> dict[str, _ObsOrder]:
+    """The ``obs`` removal order of every layer whose recipe selects with ``obs``."""
+    orders: dict[str, _ObsOrder] = {}
+    for name in names:
+        config = stats.resolve(_one_layer_recipe(recipe, stats, name, 0.0))[name]
+        if config.method is None or config.method.name != "obs":
+            continue
+        from .methods import METHODS
+
+        if METHODS.get("obs") is not config.method:
+            continue
+        layer = model.get_submodule(name)
+        d = stats[name].stat.value.shape[0] - 1
+        order, error = obs_order(layer, stats[name], int(round((grid - 1) / grid * d)), config.damping)
+        orders[name] = _ObsOrder(order, error, d, grid)
+    return orders
+
+
+def _search_by_threshold(
+    names: list[str], sizes: Mapping[str, int], orders: Mapping[str, _ObsOrder],
+    cost: Callable[[Mapping[str, int]], float], masks_for: Callable[[Mapping[str, int]], Masks],
+    budget: Budget, grid: int, measured: Mapping[tuple[int, ...], float], tuning: list[Batch],
+) -> BudgetResult:
+    """Levels from one threshold on every layer's marginal cost per feature.
+
+    A layer's cost curve is its ``obs`` objective (free from its removal order)
+    scaled by one measurement: the layer alone, a little above the highest
+    uniform level within the budget (bisected first). Under that
+    (additive) model the allocation that removes most features for a cost takes
+    the steps with the least marginal cost per feature first, whichever layer
+    they are in: a sensitive layer may stay below the uniform level while robust
+    ones go far above it. The threshold is bisected on the measured tuning cost,
+    then the greedy step-up of :func:`_greedy` uses what is left of the budget.
+    The uniform level is kept if it is better."""
+    top = grid - 1
+    zero = dict.fromkeys(names, 0)
+    base = cost(zero)
+    lo, hi, uniform_cost = 0, top, base
+    try:
+        while lo < hi:  # the highest uniform level within the budget (the cost rises with it)
+            mid = (lo + hi + 1) // 2
+            value = cost(dict.fromkeys(names, mid))
+            lo, hi, uniform_cost = (mid, hi, value) if budget.within(value) else (lo, mid - 1, uniform_cost)
+    except _Exhausted:
+        pass
+    uniform = lo
+    probe = min(top, max(uniform + grid // 8, grid // 4))  # near where the allocation will be
+    slopes: list[tuple[float, int, int]] = []  # (marginal cost per feature, layer index, step)
+    for i, name in enumerate(names):
+        curve = orders[name].error[[orders[name].removed(k) for k in range(top + 1)]]
+        rise = budget.badness(cost({**zero, name: probe})) - budget.badness(base)
+        scale = max(rise, 1e-12) / max(float(curve[probe]), 1e-300)
+        marginal = 0.0
+        for k in range(1, top + 1):
+            marginal = max(marginal, scale * float(curve[k] - curve[k - 1]) / (sizes[name] / grid))
+            slopes.append((marginal, i, k))
+    slopes.sort()
+
+    def prefix(n: int) -> dict[str, int]:
+        ks = dict(zero)
+        for _, i, k in slopes[:n]:
+            ks[names[i]] = max(ks[names[i]], k)
+        return ks
+
+    def highest(candidate: Callable[[int], dict[str, int]], hi: int) -> tuple[int, float]:
+        lo, value = 0, base
+        while lo < hi:  # the cost rises with n: the highest n within the budget
+            mid = (lo + hi + 1) // 2
+            measured_mid = cost(candidate(mid))
+            if budget.within(measured_mid):
+                lo, value = mid, measured_mid
+            else:
+                hi = mid - 1
+        return lo, value
+
+    try:
+        n, current = highest(prefix, len(slopes))
+        ks = prefix(n)
+        if uniform * sum(sizes.values()) > sum(ks[name] * sizes[name] for name in names):
+            ks, current = dict.fromkeys(names, uniform), uniform_cost
+        current = _greedy(names, ks, sizes, current, cost, budget, top)
+    except _Exhausted:
+        ks = ks if "ks" in locals() else dict(zero)
+        current = measured.get(tuple(ks[name] for name in names), base)
+    return BudgetResult(
+        budget=budget, levels={name: ks[name] / grid for name in names}, masks=masks_for(ks), tuning_cost=current,
+        uniform_level=uniform / grid, evaluations=len(measured), tuning_samples=sum(batch_size(b) for b in tuning),
+    )
 
 
 # --- the pipeline's use -------------------------------------------------------------

@@ -146,3 +146,82 @@ def test_cost_on_other_data_of_a_builtin_is_reported_and_printed(work):
     with cli.stdout.capture() as captured:
         cli._print_cost(Report(cost=cost))
     assert f"other text (24 samples), logits: cosine to dense mean {row['cosine_mean']:.4f}" in captured.get()
+
+
+# --- obs: removal order computed once, threshold allocation -------------------------
+
+
+def test_obs_order_prefixes_are_the_obs_masks_at_every_grid_level():
+    """The order computed once at the top level gives, at each level, the mask the
+    ``obs`` method gives when run at that level (also a width whose groups do not
+    divide the levels: 600 features remove 2 per step)."""
+    from actsparse_deploy.budget import GRID, obs_order
+    from actsparse_deploy.functions import AGGREGATE_FNS
+    from actsparse_deploy.methods import METHODS
+    from actsparse_deploy.stats import LayerStats
+
+    for d, out in ((40, 6), (600, 3)):
+        torch.manual_seed(d)
+        x = torch.randn(700, d) @ torch.randn(d, d) * 0.3 + torch.randn(d)
+        stats = LayerStats(AGGREGATE_FNS.get("gram").update(None, x, sample_ndim=1), (d,), aggregate="gram")
+        layer = torch.nn.Linear(d, out)
+        levels = range(GRID) if d < 100 else (1, 5, 13, 31)
+        order, error = obs_order(layer, stats, round((GRID - 1) / GRID * d), 0.001)
+        assert len(set(order.tolist())) == len(order) and bool((error[1:] >= error[:-1]).all())
+        for k in levels:
+            keep = torch.ones(d)
+            keep[order[: round(k / GRID * d)]] = 0.0
+            torch.testing.assert_close(METHODS.get("obs")(layer, stats, k / GRID), keep, rtol=0, atol=0)
+
+
+class _TwoConsumers(torch.nn.Module):
+    """``robust`` reads 32 features that are linear combinations of 4 (lstsq
+    recovers them exactly from a few), ``sensitive`` reads 32 independent ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.mix = torch.nn.Linear(4, 32)
+        self.robust = torch.nn.Linear(32, 8)
+        self.sensitive = torch.nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.robust(self.mix(x[:, :4])) + self.sensitive(x[:, 4:])
+
+
+def test_obs_budget_keeps_a_sensitive_layer_below_the_uniform_level():
+    model = _TwoConsumers().eval()
+    torch.manual_seed(1)
+    batches = list(torch.randn(320, 36).split(32))
+    recipe = Recipe.from_dict({"defaults": {"sparse_config": {"sparsity_level": 0.5}, "method": "obs", "compensate": "lstsq"},
+                               "layers": [{"name": ["robust", "sensitive"]}]})
+    budget = Budget.parse("cosine=0.97")
+    result = search_budget(model, recipe, batches, budget)
+    assert budget.within(result.tuning_cost)
+    _, tuning = split_tuning(batches)
+    assert result.tuning_cost == pytest.approx(budget.measure(model, squash(model, result.masks, "mul").model, tuning))
+    assert result.levels["sensitive"] < result.uniform_level < result.levels["robust"], result.to_json()
+    assert result.masks.overall_sparsity() > result.uniform_level
+    lm = result.masks["robust"]
+    assert (lm.method, lm.compensate) == ("obs", "lstsq") and lm.weight is not None
+
+
+def test_token_batches_are_regrouped_without_padding_and_others_kept():
+    from actsparse_deploy.budget import unpadded
+
+    lengths = [3, 5, 3, 1, 5, 5]
+    ids = torch.zeros(6, 5, dtype=torch.long)
+    mask = torch.zeros(6, 5, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.arange(1, n + 1) + 10 * i
+        mask[i, :n] = 1
+    batches = [{"input_ids": ids[:4], "attention_mask": mask[:4]}, {"input_ids": ids[4:], "attention_mask": mask[4:]}]
+    out = unpadded(batches, size=2)
+    assert [tuple(b["input_ids"].shape) for b in out] == [(1, 1), (2, 3), (2, 5), (1, 5)]
+    assert all(bool((b["attention_mask"] == 1).all()) for b in out)
+    rows = sorted(tuple(r.tolist()) for b in out for r in b["input_ids"])
+    assert rows == sorted(tuple(ids[i, :n].tolist()) for i, n in enumerate(lengths))
+    left = [{"input_ids": ids, "attention_mask": mask.flip(1)}]  # left padding: not regrouped
+    assert unpadded(left) is left
+    plain = [torch.rand(4, 3)]
+    assert unpadded(plain) is plain

@@ -213,13 +213,14 @@ def test_statistic_of_half_inputs_accumulates_in_float32(name):
     assert float(stat.value.max()) == 300.0**2 * 64
 
 
+@pytest.mark.parametrize("width", [96, 300, 1100])  # 300 and 1100: computed in 2 and 8 column blocks, mirrored
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_gram_of_wide_inputs_equals_numpy(dtype):
+def test_gram_of_wide_inputs_equals_numpy(dtype, width):
     """Wide inputs, float32 and float64: symmetric, and equal to numpy."""
-    wide = RNG.normal(size=(7, 5, 96))
+    wide = RNG.normal(size=(7, 5, width))
     stat = None
     for chunk in (wide[:3], wide[3:]):
         stat = AGGREGATE_FNS.get("gram").update(stat, torch.from_numpy(chunk).to(dtype), sample_ndim=2)
-    expected = _gram(wide.reshape(-1, 96))
+    expected = _gram(wide.reshape(-1, width))
     assert torch.equal(stat.value, stat.value.T)
     np.testing.assert_allclose(stat.value.numpy(), expected, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-4)
