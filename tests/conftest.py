@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import BackgroundCommands, DigitsFiles, TinyConv, TinyMLP, background_selection
+from .helpers import BackgroundCommands, DigitsFiles, EarlyWork, TinyConv, TinyMLP, background_selection
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -56,6 +56,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the background commands that the selected tests ask for, now: they
     run while the tests before theirs do."""
+    if not session.config.option.collectonly:
+        wanted = {name for item in session.items for mark in item.iter_markers("early") for name in mark.args}
+        if wanted:
+            root = Path(tempfile.mkdtemp(prefix="actsparse-early-"))
+            _BACKGROUND["early_root"] = root
+            _BACKGROUND["early"] = EarlyWork(root, wanted).start()
     names = _requested(session.items)
     if names and not session.config.option.collectonly:
         root = Path(tempfile.mkdtemp(prefix="actsparse-background-"))
@@ -64,12 +70,16 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    early = _BACKGROUND.pop("early", None)
+    if isinstance(early, EarlyWork):
+        early.join()
     runs = _BACKGROUND.pop("runs", None)
     if isinstance(runs, BackgroundCommands):
         runs.stop()
-    root = _BACKGROUND.pop("root", None)
-    if isinstance(root, Path):
-        shutil.rmtree(root, ignore_errors=True)
+    for key in ("root", "early_root"):
+        root = _BACKGROUND.pop(key, None)
+        if isinstance(root, Path):
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +90,13 @@ def background() -> BackgroundCommands:
     runs = _BACKGROUND.get("runs")
     assert isinstance(runs, BackgroundCommands), "no test asked for a background command: mark it @pytest.mark.background(name)"
     return runs
+
+
+@pytest.fixture(scope="session")
+def early() -> EarlyWork:
+    """Work of ``EARLY_WORK`` (tests/helpers.py) started in a thread when the
+    session began; ``.result(name)`` waits for it. A test names what it reads with
+    ``@pytest.mark.early(name)``."""
+    work = _BACKGROUND.get("early")
+    assert isinstance(work, EarlyWork), "mark the test @pytest.mark.early(name)"
+    return work

@@ -14,10 +14,11 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -286,3 +287,53 @@ class DigitsFiles:
     def dense_onnx(self, model: str) -> Path:
         """``actsparse export MODEL`` without masks."""
         return self._make(f"{model}-dense.onnx", "export", model)
+
+
+# --- work started in a thread when the session begins ------------------------------------
+
+
+def _interrupt_cases(root: Path) -> Any:
+    from .test_interrupt import run_interrupt_cases
+
+    return run_interrupt_cases(root)
+
+
+#: name -> a function of a fresh folder, run in a thread from the start of the session
+EARLY_WORK: dict[str, Callable[[Path], Any]] = {"interrupts": _interrupt_cases}
+
+
+class EarlyWork:
+    """Functions of ``EARLY_WORK`` run in threads from the start of the session
+    (real processes they manage then overlap the tests that come first);
+    ``result(name)`` waits for one and re-raises what it raised."""
+
+    def __init__(self, root: Path, names: set[str]) -> None:
+        unknown = names - set(EARLY_WORK)
+        assert not unknown, f"unknown early work {sorted(unknown)}; known: {list(EARLY_WORK)}"
+        self.root = root
+        self._results: dict[str, Any] = {}
+        self._errors: dict[str, BaseException] = {}
+        self._threads = {name: threading.Thread(target=self._run, args=(name,), name=f"early-{name}", daemon=True) for name in sorted(names)}
+
+    def start(self) -> EarlyWork:
+        for thread in self._threads.values():
+            thread.start()
+        return self
+
+    def _run(self, name: str) -> None:
+        try:
+            self._results[name] = EARLY_WORK[name](self.root / name)
+        except BaseException as e:  # handed to the test that reads it
+            self._errors[name] = e
+
+    def result(self, name: str, timeout: float = 600) -> Any:
+        assert name in self._threads, f"{name!r} was not started: mark the test @pytest.mark.early({name!r})"
+        self._threads[name].join(timeout)
+        assert not self._threads[name].is_alive(), f"early work {name!r} still runs after {timeout} s"
+        if name in self._errors:
+            raise self._errors[name]
+        return self._results[name]
+
+    def join(self) -> None:
+        for thread in self._threads.values():
+            thread.join(300)

@@ -45,8 +45,7 @@ COMMANDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def interrupted(tmp_path_factory) -> dict[tuple[str, str], tuple[subprocess.CompletedProcess | str, Path]]:
+def run_interrupt_cases(root: Path) -> dict[tuple[str, str], tuple[subprocess.CompletedProcess | str, Path]]:
     """Every (command, signal) case at once: each process is started, waits at its
     marker (mid-calibration or mid-export) until it gets its signal, and all of
     them overlap (their start-up is most of the time). Maps each case to its
@@ -54,7 +53,8 @@ def interrupted(tmp_path_factory) -> dict[tuple[str, str], tuple[subprocess.Comp
     started = {}
     for command, args in COMMANDS.items():
         for name in SIGNALS:
-            directory = tmp_path_factory.mktemp(f"{command}-{name}")
+            directory = root / f"{command}-{name}"
+            directory.mkdir(parents=True)
             started[command, name] = (_start(directory, args), directory)
     results: dict[tuple[str, str], tuple[subprocess.CompletedProcess | str, Path]] = {}
     waiting = dict(started)
@@ -83,11 +83,20 @@ def interrupted(tmp_path_factory) -> dict[tuple[str, str], tuple[subprocess.Comp
     return results
 
 
+@pytest.fixture(scope="module")
+def interrupted(early) -> dict[tuple[str, str], tuple[subprocess.CompletedProcess | str, Path]]:
+    """The cases, started in a thread as soon as the session knew it would run
+    them (tests/conftest.py: ``early``), so that their processes overlap the tests
+    before these instead of blocking one of them."""
+    return early.result("interrupts")
+
+
 def _leftovers(directory: Path) -> list[str]:
     ignore = {"slow_user_model.py", "marker", "__pycache__", "data.npy"}
     return sorted(p.name for p in directory.iterdir() if p.name not in ignore)
 
 
+@pytest.mark.early("interrupts")
 @pytest.mark.parametrize("sig", list(SIGNALS))
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_interrupt_leaves_nothing_and_exits_with_the_signal_code(interrupted, command, sig):
