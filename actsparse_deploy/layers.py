@@ -44,6 +44,7 @@ input feature ``j`` only). A new module type is registered, not added as a branc
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -51,7 +52,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import fx, nn
 
-from .errors import ConfigError
+from .errors import ConfigError, SquashError
 
 __all__ = [
     "BATCH_NORM",
@@ -113,7 +114,7 @@ class Cut:
     out_keep: torch.Tensor | None = None
 
 
-class LayerKind:
+class LayerKind(ABC):
     """What the library knows about one module type. The defaults say "cannot":
     a subclass overrides what its type can do. Stateless: one object serves every
     module of its type(s).
@@ -138,11 +139,13 @@ class LayerKind:
 
     # --- sizes and axes -----------------------------------------------------------------
 
+    @abstractmethod
     def in_features(self, layer: nn.Module) -> int:
-        raise NotImplementedError(f"{type(self).__name__} does not say {type(layer).__name__}'s input features")
+        """How many input features ``layer`` has (every kind must say)."""
 
+    @abstractmethod
     def out_features(self, layer: nn.Module) -> int:
-        raise NotImplementedError(f"{type(self).__name__} does not say {type(layer).__name__}'s output features")
+        """How many output features ``layer`` has (every kind must say)."""
 
     def feature_axis(self, layer: nn.Module) -> int | None:
         """The input-feature axis, negative (from the right); None where it is
@@ -153,7 +156,7 @@ class LayerKind:
         """The input-feature axis of an input of ``ndim`` axes (non-negative)."""
         axis = self.feature_axis(layer)
         if axis is None:
-            raise NotImplementedError(f"{type(self).__name__} does not say {type(layer).__name__}'s feature axis")
+            raise SquashError(f"{type(layer).__name__}'s input features are not on a fixed axis from the right ({self.name})")
         return ndim + axis
 
     def output_axis(self, layer: nn.Module, ndim: int) -> int:
@@ -174,7 +177,7 @@ class LayerKind:
         """Multiply input feature ``i`` by ``vector[i]`` inside the layer, in place.
         The scaled weight is a new parameter: a weight tied to another layer keeps
         its values there."""
-        raise NotImplementedError(f"{type(layer).__name__} cannot be folded")
+        raise SquashError(self.why_not_foldable(layer) or f"{type(layer).__name__} cannot be folded")
 
     # --- prune --------------------------------------------------------------------------
 
@@ -189,7 +192,7 @@ class LayerKind:
 
     def shrink(self, layer: nn.Module, cut: Cut) -> nn.Module:
         """A copy of ``layer`` (same class) with ``cut`` applied to its parameters."""
-        raise NotImplementedError(f"{type(layer).__name__} cannot be pruned")
+        raise SquashError(self.why_not_prunable(layer) or f"{type(layer).__name__} cannot be pruned")
 
 
 class WeightedKind(LayerKind):
@@ -280,6 +283,9 @@ def register_layer_kind(*module_types: type) -> Callable[[Any], Any]:
             )
 
     def decorate(kind: Any) -> Any:
+        if isinstance(kind, type) and issubclass(kind, LayerKind) and getattr(kind, "__abstractmethods__", None):
+            missing = ", ".join(sorted(kind.__abstractmethods__))
+            raise ConfigError(f"layer kind {kind.__name__} must say {missing} (every kind gives its layer's sizes)")
         instance = kind() if isinstance(kind, type) else kind
         if not isinstance(instance, LayerKind):
             raise ConfigError(f"{kind!r} is not a LayerKind")
@@ -423,7 +429,7 @@ class BatchNormKind(LayerKind):
     def shrink(self, layer: nn.Module, cut: Cut) -> nn.Module:
         keep = cut.out_keep if cut.out_keep is not None else cut.in_keep
         if cut.in_scale is not None or keep is None:
-            raise NotImplementedError("a BatchNorm only loses features: give out_keep")
+            raise SquashError(f"{type(layer).__name__} only loses features as a whole: the cut needs out_keep and no in_scale")
         new: Any = copy.deepcopy(layer)
         with torch.no_grad():
             for name in ("weight", "bias", "running_mean", "running_var"):

@@ -282,3 +282,36 @@ def test_a_registered_consumer_after_a_residual_is_gathered(scaled_linear_kind):
     x = torch.randn(3, 6)
     with torch.no_grad():
         assert_close(result.model(x), squash(model, masks, "mul").model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_kind_must_say_its_sizes_and_says_why_it_cannot_fold_or_prune():
+    """No silent stub: a kind without sizes is refused at registration, and the
+    default fold / shrink / axis of a kind that cannot do them raise SquashError
+    with the kind's own reason."""
+    from actsparse_deploy.errors import ConfigError, SquashError
+    from actsparse_deploy.layers import Cut, LayerKind, register_layer_kind
+
+    class Opaque(nn.Module):
+        def forward(self, x):
+            return x
+
+    class NoSizes(LayerKind):
+        pass
+
+    with pytest.raises(ConfigError, match="must say in_features, out_features"):
+        register_layer_kind(Opaque)(NoSizes)
+
+    class Sized(LayerKind):
+        def in_features(self, layer):
+            return 4
+
+        def out_features(self, layer):
+            return 4
+
+    kind, layer = Sized(), Opaque()
+    with pytest.raises(SquashError, match="Opaque has no weight to fold into"):
+        kind.fold(layer, torch.ones(4))
+    with pytest.raises(SquashError, match="Opaque cannot be pruned"):
+        kind.shrink(layer, Cut(in_keep=torch.arange(2)))
+    with pytest.raises(SquashError, match="not on a fixed axis"):
+        kind.axis(layer, 3)
