@@ -46,6 +46,7 @@ from torch import nn
 
 from .errors import CalibrationError, ConfigError, DataError, LayerNotFoundError, MaskError, NoAggregateError
 from .functions import AGGREGATE_FNS, MASK_FNS, REDUCE_FNS, Aggregate, BuiltinFn, check_mask_config
+from .layers import default_sample_ndim, layer_kind
 from .sparsifier_state import load_state, save_state
 from .stats import LayerStats, type_names
 
@@ -67,8 +68,6 @@ def sample_ndim(layer: nn.Module, input_ndim: int) -> int:
     kind says (:mod:`actsparse_deploy.layers`; a Linear: every axis but the last,
     a ConvNd: all before (channels, *spatial)); a layer with no kind is treated
     like a Linear up to 3 axes and like a conv above."""
-    from .layers import default_sample_ndim, layer_kind
-
     kind = layer_kind(layer)
     return default_sample_ndim(input_ndim) if kind is None else kind.sample_ndim(layer, input_ndim)
 
@@ -582,8 +581,10 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
     # a float64 statistic: its sum is finite exactly when every value is (float32 data
     # cannot overflow a float64 sum), and one reduction is much cheaper than isfinite
     # over a d x d Gram matrix every batch
+    if not t.is_floating_point():
+        return
     finite = torch.isfinite(t.sum()) if t.dtype == torch.float64 else torch.isfinite(t).all()
-    if t.is_floating_point() and not bool(finite):
+    if not bool(finite):
         raise DataError(
             f"layer {name!r} received NaN or Inf in its input (or its statistic overflowed): "
             "check the calibration data and the layers before it"
