@@ -247,7 +247,7 @@ class ActivationSparsifier:
                     raise CalibrationError(f"layer {name!r}: {e}") from None
                 _check_finite(name, stat.value)
                 if state.get("mask") is None:
-                    state["mask"] = torch.ones(_mask_shape(x.shape, dims), dtype=x.dtype, device=x.device)
+                    state["mask"] = _placeholder_mask(x.shape, dims, None, None, x.dtype, x.device)
                 config["data"] = stat
                 _count_inputs(state, x)
                 return
@@ -272,10 +272,7 @@ class ActivationSparsifier:
                 except ValueError as e:
                     raise CalibrationError(f"layer {name!r}: {e}") from None
             if state.get("mask") is None:
-                state["mask"] = [
-                    torch.ones(_mask_shape(x.shape, dims, fdim, _feature_width(features, idx)), dtype=x.dtype, device=x.device)
-                    for idx in range(len(features))
-                ]
+                state["mask"] = _placeholder_mask(x.shape, dims, fdim, features, x.dtype, x.device)
             config["data"] = out
             _count_inputs(state, x)
 
@@ -374,15 +371,9 @@ class ActivationSparsifier:
             shape = (1, *ls.input_shape)
             n_sample = sample_ndim(config["layer"], len(shape))
             state = self.state[name]
-            if features is None:
-                state["mask"] = torch.ones(_mask_shape(shape, tuple(range(n_sample))), dtype=ls.input_dtype)
-            else:
-                fdim = _normalize_dim(ls.feature_dim, len(shape), name)  # type: ignore[arg-type]
-                dims = tuple(d for d in range(n_sample) if d != fdim)
-                state["mask"] = [
-                    torch.ones(_mask_shape(shape, dims, fdim, _feature_width(list(features), i)), dtype=ls.input_dtype)
-                    for i in range(len(features))
-                ]
+            fdim = None if features is None else _normalize_dim(ls.feature_dim, len(shape), name)  # type: ignore[arg-type]
+            dims = tuple(d for d in range(n_sample) if d != fdim)
+            state["mask"] = _placeholder_mask(shape, dims, fdim, features, ls.input_dtype)
             state.update(input_shape=shape, num_samples=ls.num_samples, num_batches=ls.num_batches)
             config["data"] = ls.data
 
@@ -563,6 +554,19 @@ def _count_inputs(state: dict[str, Any], x: Any) -> None:
     rows = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim else 1
     state["num_samples"] = state.get("num_samples", 0) + rows
     state["num_batches"] = state.get("num_batches", 0) + 1
+
+
+def _placeholder_mask(
+    shape: Any, dims: tuple[int, ...], fdim: int | None, features: Any, dtype: torch.dtype, device: Any = None
+) -> torch.Tensor | list[torch.Tensor]:
+    """The all-ones mask a layer has before ``step()``: one tensor, or one per
+    selected feature, shaped by the input (never by the statistic)."""
+    if features is None:
+        return torch.ones(_mask_shape(shape, dims), dtype=dtype, device=device)
+    return [
+        torch.ones(_mask_shape(shape, dims, fdim, _feature_width(list(features), i)), dtype=dtype, device=device)
+        for i in range(len(features))
+    ]
 
 
 def _mask_shape(shape: Any, dims: tuple[int, ...], fdim: int | None = None, width: int = 1) -> list[int]:
