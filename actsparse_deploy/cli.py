@@ -590,7 +590,8 @@ def squash_cmd(
 ) -> None:
     """Bake masks into the model (no hooks left) and save it as a torch.export program (.pt2).
 
-    Load it with torch.export.load(path).module(). An example input for tracing comes
+    Load it with actsparse_deploy.pt2.load_pt2(path), which checks the file first and
+    returns (program, metadata); call .module() on the program. An example input for tracing comes
     from the built-in data, or from --heldout / --data for your own model.
     """
     from .sources import SourceOptions, squash_to_pt2

@@ -228,19 +228,17 @@ def _export(
         raise ExportError(f"the model returns {n_outputs} outputs but {len(spec.output_names)} output names were given")
     wrapped: Any = program if program is not None else PositionalAdapter(model, spec.input_names if is_named(example) else None)
     args = positional(example, spec.input_names)
-    data_name = f"{path.name}.data"
-    data_path = path.parent / data_name
     remove_stale_staging(path.parent)
     with staging_dir(path.parent) as staging:
-        return _export_staged(
-            wrapped, args, spec, path, staging, data_name, data_path, exporter, opset, metadata, external_data, overwrite, verbose
-        )
+        return _export_staged(wrapped, args, spec, path, staging, exporter, opset, metadata, external_data, overwrite, verbose)
 
 
 def _export_staged(
-    wrapped: Any, args: tuple[torch.Tensor, ...], spec: IOSpec, path: Path, staging: Path, data_name: str, data_path: Path,
+    wrapped: Any, args: tuple[torch.Tensor, ...], spec: IOSpec, path: Path, staging: Path,
     exporter: str, opset: int | None, metadata: Mapping[str, str] | None, external_data: bool, overwrite: bool, verbose: bool,
 ) -> ExportResult:
+    data_name = f"{path.name}.data"
+    data_path = path.parent / data_name
     raw = staging / "raw.onnx"
     start = time.perf_counter()
     try:

@@ -60,8 +60,7 @@ def parse_levels(text: str) -> list[float]:
 
 def _baseline(recipe: Recipe) -> Recipe:
     """``recipe``'s layers with the plain activation top-k: no method, no compensation."""
-    names = {f.name for f in dataclasses.fields(LayerSettings)}
-    clear = {key: None for key in ("method", "compensate", "damping") if key in names}
+    clear = dict.fromkeys(("method", "compensate", "damping"))
 
     def plain(settings: LayerSettings) -> LayerSettings:
         return dataclasses.replace(settings, aggregate_fn=None, reduce_fn=None, mask_fn=None, **clear)
@@ -85,28 +84,11 @@ def _recipes(work: Any, recipe: Recipe | str | Path | None, methods: Sequence[st
         elif name == BASELINE:
             chosen = _baseline(base)
         else:
-            chosen = _with(base, method=name)
+            chosen = base.with_method(method=name)
         if compensate is not None and name != BASELINE:
-            chosen = _with(chosen, compensate=compensate)
+            chosen = chosen.with_method(compensate=compensate)
         out[name] = chosen
     return out
-
-
-def _with(recipe: Recipe, **settings: Any) -> Recipe:
-    """``recipe`` with ``settings`` (method, compensate) on its defaults and every rule."""
-    known = {f.name for f in dataclasses.fields(LayerSettings)}
-    missing = [k for k in settings if k not in known]
-    if missing:
-        raise RecipeError(f"this version's recipes have no {', '.join(missing)} setting")
-    override = LayerSettings(**settings)
-    rules = tuple(dataclasses.replace(rule, settings=rule.settings.merged(override)) for rule in recipe.layers)
-    return dataclasses.replace(recipe, defaults=recipe.defaults.merged(override), layers=rules)
-
-
-def _select(stats: Any, recipe: Recipe, model: Any) -> Any:
-    from .budget import _select as select
-
-    return select(stats, recipe, model)
 
 
 def sweep(
@@ -127,6 +109,7 @@ def sweep(
 ) -> dict[str, Any]:
     """Measure every level x method (see the module docstring); write
     ``outdir/sweep.json`` and ``outdir/sweep.png``; return what ``sweep.json`` holds."""
+    from .budget import _select
     from .calibrate import collect
     from .export import export_onnx
     from .latency import latency_ratio

@@ -203,7 +203,8 @@ def test_obs_budget_keeps_a_sensitive_layer_below_the_uniform_level():
     assert result.levels["sensitive"] < result.uniform_level < result.levels["robust"], result.to_json()
     assert result.masks.overall_sparsity() > result.uniform_level
     lm = result.masks["robust"]
-    assert (lm.method, lm.compensate) == ("obs", "lstsq") and lm.weight is not None
+    assert (lm.method, lm.compensate) == ("obs", "lstsq")
+    assert lm.weight is not None and lm.weight.shape == model.robust.weight.shape
 
 
 def test_token_batches_are_regrouped_without_padding_and_others_kept():

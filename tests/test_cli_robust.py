@@ -90,7 +90,7 @@ def one_line_error(result, code: int, *needles: str) -> str:
     """The run failed with ``code`` and exactly one line on stderr, no traceback."""
     err = result.stderr
     assert result.exit_code == code, (result.exit_code, result.stdout, err, result.exception)
-    assert isinstance(result.exception, SystemExit) or result.exception is None, repr(result.exception)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
     lines = err.splitlines()
     assert len(lines) == 1, err
     assert "Traceback" not in err and "\x1b" not in err

@@ -69,7 +69,9 @@ def test_calibrate_with_method_and_compensation_stores_the_edits(tmp_path):
         assert lm.weight is not None and lm.weight.shape == model.get_submodule(name).weight.shape
         assert lm.bias is not None and lm.bias.shape == model.get_submodule(name).bias.shape
         assert lm.sparsity == pytest.approx(0.25, abs=0.02)
-    assert report["recipe"] is not None and "fluctuation" in json.dumps(report["recipe"])
+    defaults = report["recipe"]["defaults"]
+    assert (defaults["method"], defaults["compensate"]) == ("fluctuation", "lstsq"), report["recipe"]
+    assert all((rule.get("method"), rule.get("compensate")) == ("fluctuation", "lstsq") for rule in report["recipe"]["layers"])
 
 
 def _onnx_outputs(path, inputs: np.ndarray) -> np.ndarray:

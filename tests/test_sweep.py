@@ -36,6 +36,7 @@ def test_sweep_refuses_to_overwrite_and_bad_levels(tmp_path):
     (tmp_path / "sweep.json").write_text("{}")
     result = invoke("sweep", "digits-mlp", "--sparsity", "0.5", "--runs", "1", "-o", tmp_path)
     assert result.exit_code == 11 and "--overwrite" in result.stderr, result.output
+    assert (tmp_path / "sweep.json").read_text() == "{}"
     for bad in ("0.1:0.8", "a:b:c", "0.5:0.9:0", "1.5"):
         with pytest.raises(RecipeError, match="0.1:0.8:0.1"):
-            parse_levels(bad) if bad != "1.5" else parse_levels(bad)
+            parse_levels(bad)
