@@ -34,6 +34,7 @@ __all__ = [
     "as_positional",
     "batch_size",
     "call_args",
+    "cut_axes",
     "describe_batch",
     "flatten_outputs",
     "input_names",
@@ -45,6 +46,7 @@ __all__ = [
     "run_batch",
     "slice_batch",
     "split_batch",
+    "take_rows",
     "total_samples",
 ]
 
@@ -118,6 +120,16 @@ def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
     return tuple(t[start:stop] for t in batch)
 
 
+def take_rows(batch: Batch, rows: Sequence[int]) -> Batch:
+    """Rows ``rows`` (indices along the batch axis) of every tensor (a list batch becomes a tuple)."""
+    index = torch.as_tensor(list(rows), dtype=torch.long)
+    if isinstance(batch, torch.Tensor):
+        return batch[index]
+    if isinstance(batch, Mapping):
+        return {k: v[index] for k, v in batch.items()}
+    return tuple(t[index] for t in batch)
+
+
 def split_batch(batch: Batch, size: int) -> list[Batch]:
     """``batch`` in pieces of ``size`` rows; the last may be shorter."""
     n = batch_size(batch)
@@ -173,6 +185,22 @@ def named_tensors(batch: Batch, names: Sequence[str] | None = None) -> dict[str,
             f"a batch holds {len(tensors)} input tensor(s) but the I/O spec names {len(names)} ({', '.join(names)})"
         )
     return dict(zip(names, tensors))
+
+
+def cut_axes(batch: Batch, names: Sequence[str], where: Sequence[tuple[str, int]]) -> Batch | None:
+    """``batch`` (its inputs named ``names``, see :func:`named_tensors`) with each
+    ``(input, axis)`` of ``where`` cut to half its length, contiguous (a model may
+    ``view`` its input); None where one of them is shorter than 2 or missing."""
+    tensors = named_tensors(batch, names)
+    if any(name not in tensors or tensors[name].ndim <= axis or tensors[name].shape[axis] < 2 for name, axis in where):
+        return None
+    cut = dict(tensors)
+    for name, axis in where:
+        cut[name] = cut[name].narrow(axis, 0, int(tensors[name].shape[axis]) // 2).contiguous()
+    if is_named(batch):
+        return cut
+    ordered = tuple(cut[name] for name in names)
+    return ordered[0] if isinstance(batch, torch.Tensor) else ordered
 
 
 def numpy_feeds(tensors: Mapping[str, torch.Tensor], order: Sequence[str]) -> dict[str, np.ndarray]:

@@ -14,8 +14,8 @@ A :class:`Budget` is what the cost may be (``Budget.parse("cosine=0.98")``):
 - ``package.module:function=V``: ``function(dense, sparse, batches) -> float``,
   a cost of yours (lower is better), at most V.
 
-:func:`search_budget` carves a tuning split off the calibration data (the last
-20 % of its samples; never the held-out data), collects the statistics once on
+:func:`search_budget` carves a tuning split off the calibration data (20 % of
+its samples, every fifth: :func:`split_tuning`; never the held-out data), collects the statistics once on
 the rest, then allocates a level per layer on a grid of 1/32 of its features:
 first the highest uniform level within the budget on the tuning split (levels
 tried upward), then, greedily, one more step for the layer whose step costs the
@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .batches import Batch, batch_size, call_args, flatten_outputs, run_batch, slice_batch
+from .batches import Batch, batch_size, flatten_outputs, run_batch, take_rows
 from .errors import DataError, RecipeError
 from .recipe import LayerRule, LayerSettings, Recipe
 
@@ -78,7 +78,7 @@ FORMS = "cosine=0.98, accuracy-drop=0.01, perplexity-ratio=1.05 or package.modul
 GRID = 32
 #: ... k / OBS_GRID where every layer selects with ``obs`` (its masks for all levels come from one order)
 OBS_GRID = 64
-#: the share of the calibration samples (the last ones) the search tunes on
+#: the share of the calibration samples (every fifth, spread through the data) the search tunes on
 TUNING_FRACTION = 0.2
 _KINDS = ("cosine", "accuracy-drop", "perplexity-ratio")
 _FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
@@ -215,22 +215,14 @@ def _outputs(model: nn.Module, batches: list[Batch]) -> list[list[torch.Tensor]]
 
 
 def _mean_nll(logits: list[torch.Tensor], batches: list[Batch]) -> float:
-    """Mean next-token negative log-likelihood (targets: the batch's first input)."""
+    """Mean next-token negative log-likelihood (targets: the batch's token ids),
+    as :func:`actsparse_deploy.metrics.perplexity` counts it."""
+    from .metrics import _nll_sum
+
     total, count = 0.0, 0
     for out, batch in zip(logits, batches):
-        args, kwargs = call_args(batch)
-        ids = (kwargs.get("input_ids") if kwargs else None)
-        ids = ids if ids is not None else (next(iter(kwargs.values())) if kwargs else args[0])
-        if out.ndim != 3 or ids.ndim != 2 or out.shape[:2] != ids.shape or ids.is_floating_point():
-            raise DataError(
-                "perplexity-ratio needs a language model: first output logits (batch, tokens, vocabulary) "
-                f"for integer token ids (batch, tokens); got logits {list(out.shape)} for inputs {list(ids.shape)}"
-            )
-        nll = torch.nn.functional.cross_entropy(out[:, :-1].double().transpose(1, 2), ids[:, 1:], reduction="none")
-        mask = kwargs.get("attention_mask") if kwargs else None
-        keep = mask[:, 1:].bool() if mask is not None else torch.ones_like(nll, dtype=torch.bool)
-        total += float(nll[keep].sum())
-        count += int(keep.sum())
+        nll, n = _nll_sum(out, batch, "model (perplexity-ratio)")
+        total, count = total + nll, count + n
     if count == 0:
         raise DataError("perplexity-ratio: the batches hold no next token to predict")
     return total / count
@@ -240,25 +232,32 @@ def _mean_nll(logits: list[torch.Tensor], batches: list[Batch]) -> float:
 
 
 def split_tuning(batches: Iterable[Batch], fraction: float = TUNING_FRACTION) -> tuple[list[Batch], list[Batch]]:
-    """``(calibration, tuning)``: the last ``fraction`` of the samples (at least
-    one) are the tuning split, the others calibrate; a batch across the cut is split."""
+    """``(calibration, tuning)``: ``fraction`` of the samples (at least one),
+    spread evenly through the data (sample ``i`` tunes where ``floor((i + 1) *
+    fraction)`` steps up: every fifth at 20 %), are the tuning split; the others
+    calibrate. Calibration data often comes in the order of its source
+    (documents, files, classes): an even spread keeps the tuning split like the
+    rest, where its last part would be a corner of it."""
     batches = list(batches)
     total = sum(batch_size(b) for b in batches)
     if total < 2:
-        raise DataError(f"a budget search needs at least 2 calibration samples (it tunes on the last {fraction:.0%}), got {total}")
-    cut = total - max(1, round(fraction * total))
+        raise DataError(f"a budget search needs at least 2 calibration samples (it tunes on {fraction:.0%} of them), got {total}")
+    count = max(1, round(fraction * total))
     calibration: list[Batch] = []
     tuning: list[Batch] = []
     start = 0
     for b in batches:
         n = batch_size(b)
-        if start + n <= cut:
+        tunes = [j for j in range(n) if (start + j + 1) * count // total > (start + j) * count // total]
+        chosen = set(tunes)
+        keeps = [j for j in range(n) if j not in chosen]
+        if len(keeps) == n:
             calibration.append(b)
-        elif start >= cut:
+        elif not keeps:
             tuning.append(b)
         else:
-            calibration.append(slice_batch(b, 0, cut - start))
-            tuning.append(slice_batch(b, cut - start, n))
+            calibration.append(take_rows(b, keeps))
+            tuning.append(take_rows(b, tunes))
         start += n
     return calibration, tuning
 

@@ -49,12 +49,14 @@ from .constants import (
     DEFAULT_MODE,
     DEFAULT_RTOL,
     EXPORTERS,
+    HF_TASKS,
     METHODS,
     MODES,
 )
 from .errors import ActsparseError, Terminated
 from .files import check_output_path
 from .report import Report
+from .threads import MAX_THREADS
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -155,8 +157,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 ModelArg = Annotated[
     str,
     typer.Argument(
-        help="A built-in model name (see `actsparse models`) or package.module:factory, "
-        "a callable that returns your torch.nn.Module.",
+        help="A built-in model name (see `actsparse models`), a Hugging Face model directory (holding config.json and "
+        ".safetensors weights; or hf:PATH), or package.module:factory, a callable that returns your torch.nn.Module.",
         show_default=False,
     ),
 ]
@@ -203,7 +205,16 @@ ModeOpt = Annotated[
     ),
 ]
 ExporterOpt = Annotated[
-    Exporter, typer.Option("--exporter", help=f"torch.onnx exporter (default {DEFAULT_EXPORTER}: see the README).")
+    Exporter,
+    typer.Option("--exporter", help=f"torch.onnx exporter (default {DEFAULT_EXPORTER}: torchscript, then dynamo where it fails; see the README)."),
+]
+DynamicAxisOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--dynamic-axis",
+        help="NAME:AXIS:LABEL (repeatable): export this input axis as dynamic, e.g. input_ids:1:sequence. "
+        "Default: the batch axis, axis 1 of integer (batch, seq) inputs, and axes whose length differs across the data.",
+    ),
 ]
 OpsetOpt = Annotated[int | None, typer.Option("--opset", min=7, help="ONNX opset (default: the exporter's).")]
 ExternalOpt = Annotated[
@@ -223,6 +234,55 @@ LabelsOpt = Annotated[
         "one integer array, same formats as --data, one label per held-out sample.",
     ),
 ]
+# a Hugging Face model directory and its text; a factory's arguments (see loading.ModelOptions)
+Task = enum.StrEnum("Task", {name: name for name in HF_TASKS})  # type: ignore[misc]
+TaskOpt = Annotated[
+    Task | None,
+    typer.Option(
+        "--task",
+        help="What a Hugging Face model directory is loaded as: feature-extraction (last_hidden_state), sentence-embedding "
+        "(mean-pooled, normalised sentence_embedding), causal-lm (logits), sequence-classification (logits). "
+        "Default: from config.json's architectures.",
+        show_default=False,
+    ),
+]
+TextOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--text",
+        help="Calibration text for a Hugging Face model, made into tokens by its tokenizer: one text per line, or a .jsonl "
+        "file with a \"text\" field per line (blank ones skipped). Instead of --data.",
+    ),
+]
+HeldoutTextOpt = Annotated[
+    Path | None,
+    typer.Option("--heldout-text", help="Held-out text, same form as --text (never the calibration text). Instead of --heldout."),
+]
+MaxLengthOpt = Annotated[
+    int | None,
+    typer.Option("--max-length", min=1, help="Tokens per text: longer texts are cut (default: the model's maximum position)."),
+]
+FactoryArgsOpt = Annotated[
+    str | None,
+    typer.Option("--factory-args", help='Keyword arguments for package.module:factory, as a JSON object, e.g. \'{"hidden": 64}\'.'),
+]
+
+
+def _model_options(
+    task: enum.StrEnum | None = None, text: Path | None = None, heldout_text: Path | None = None,
+    max_length: int | None = None, factory_args: str | None = None,
+) -> Any:
+    """The flags above as one ``loading.ModelOptions``."""
+    from .loading import ModelOptions, parse_factory_args
+
+    return ModelOptions(task=_choice(task), factory_args=parse_factory_args(factory_args), text=_path(text),
+                        heldout_text=_path(heldout_text), max_length=max_length)
+
+
+def _path(value: Path | None) -> str | None:
+    return str(value) if value is not None else None
+
+
 # a one-rule recipe from flags (calibrate, convert): see build_recipe
 LayersOpt = Annotated[
     list[str] | None, typer.Option("--layers", "-l", help="Glob over module names to mask (repeatable), e.g. 'encoder.*.fc2'.")
@@ -269,11 +329,41 @@ MaxCostOpt = Annotated[
         "--max-cost",
         help="A cost budget instead of one sparsity: cosine=0.98 (mean cosine of the last output to the dense model's), "
         "accuracy-drop=0.01, perplexity-ratio=1.05, or package.module:function=VALUE (function(dense, sparse, batches) "
-        "-> cost). Sparsity is allocated per layer (sensitive layers keep more), tuned on the last 20% of the "
+        "-> cost). Sparsity is allocated per layer (sensitive layers keep more), tuned on every fifth sample of the "
         "calibration data; the held-out cost is reported. Not with --sparsity.",
         show_default=False,
     ),
 ]
+
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        max=MAX_THREADS,
+        help="Threads for torch and for onnxruntime, each (intra-op; inter-op 1), so that they do not fight over the "
+        "cores. Default: OMP_NUM_THREADS where set, else the cores this process may run on.",
+        show_default=False,
+    ),
+]
+NoLatencyOpt = Annotated[
+    bool,
+    typer.Option("--no-latency", help="Skip timing the dense and the converted model under onnxruntime (the report's latency)."),
+]
+
+
+def with_threads(fn: F) -> F:
+    """Run the command at its --threads count (actsparse_deploy.threads.use_threads:
+    torch's and every onnxruntime session's intra-op threads, one inter-op thread)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .threads import use_threads
+
+        with use_threads(kwargs.get("threads")):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _check_max_cost(max_cost: str | None, sparsity: float | None, command: str) -> None:
@@ -406,7 +496,12 @@ def names_table(*headers: str, title: str | None = None) -> Table:
 
 
 def _emit_json(data: Report | list[dict[str, Any]]) -> None:
-    """A report (every command but ``models``: one schema) or a list, as JSON on stdout."""
+    """A report (every command but ``models``: one schema) or a list, as JSON on stdout;
+    a report without its thread count gets the command's (``--threads``)."""
+    if isinstance(data, Report) and data.threads is None:
+        from .threads import current_threads
+
+        data = data.replace(threads=current_threads())
     sys.stdout.write(json.dumps(data.to_json() if isinstance(data, Report) else data, indent=2) + "\n")
 
 
@@ -430,6 +525,7 @@ def models_cmd(as_json: JsonOpt = False, verbose: VerboseOpt = False) -> None:
                 "description": entry.description,
                 "task": entry.task,
                 "test_accuracy": float(meta["test_accuracy"]) if "test_accuracy" in meta else None,
+                "heldout_perplexity": float(meta["heldout_perplexity"]) if "heldout_perplexity" in meta else None,
                 "weights": str(weights) if weights is not None else None,
                 "recipe": str(zoo.builtin_recipe_path(name)),
             }
@@ -450,7 +546,7 @@ def models_cmd(as_json: JsonOpt = False, verbose: VerboseOpt = False) -> None:
 def build_recipe(
     model_name: str,
     builtin: bool,
-    recipe: Path | None,
+    recipe: Recipe | Path | None,
     layers: list[str] | None,
     layer_types: list[str] | None,
     sparsity: float | None,
@@ -494,6 +590,7 @@ def _print_masks_table(report: Report, title: str) -> None:
 
 @app.command("calibrate")
 @handle_errors
+@with_threads
 def calibrate_cmd(
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the masks (.safetensors).")],
@@ -516,9 +613,14 @@ def calibrate_cmd(
     compensate: CompensateOpt = None,
     max_cost: MaxCostOpt = None,
     data: DataOpt = None,
+    text: TextOpt = None,
+    task: TaskOpt = None,
+    max_length: MaxLengthOpt = None,
+    factory_args: FactoryArgsOpt = None,
     batch: BatchSizeOpt = 32,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
+    threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Learn activation masks from calibration data and write them to a .safetensors file.
@@ -536,15 +638,21 @@ def calibrate_cmd(
         if layers or layer_types:
             sparsity = 0.0  # a one-rule recipe needs a level: the search sets it per layer
     check_output_path(output, overwrite)
-    loaded = load_model(model, weights)
+    model_options = _model_options(task, text, None, max_length, factory_args)
+    loaded = load_model(model, weights, model_options)
+    base: Recipe | Path | None = recipe
+    if recipe is None and not (layers or layer_types) and loaded.hf is not None:  # a Hugging Face model: its MLPs' default
+        from .hf import default_recipe
+
+        base = default_recipe(loaded.module)
     the_recipe = build_recipe(
-        model, loaded.builtin, recipe, layers, layer_types, sparsity, threshold, aggregate, structured, _choice(method),
+        model, loaded.builtin, base, layers, layer_types, sparsity, threshold, aggregate, structured, _choice(method),
         _choice(compensate),
     )
     with stage_progress(quiet=as_json) as progress:
         report = calibrate_to_file(
             loaded, the_recipe, output, data=data, batch_size=batch, on_stage=progress.on_stage, on_batch=progress.on_batch,
-            max_cost=max_cost,
+            max_cost=max_cost, model_options=model_options,
         )
     if as_json:
         _emit_json(report)
@@ -575,6 +683,7 @@ def _size(n: int) -> str:
 
 @app.command("squash")
 @handle_errors
+@with_threads
 def squash_cmd(
     model: ModelArg,
     masks: Annotated[Path, typer.Option("--masks", "-m", help="A masks file from `actsparse calibrate`.")],
@@ -583,9 +692,15 @@ def squash_cmd(
     mode: ModeOpt = Mode(DEFAULT_MODE),
     data: DataOpt = None,
     heldout: HeldoutOpt = None,
+    text: TextOpt = None,
+    heldout_text: HeldoutTextOpt = None,
+    task: TaskOpt = None,
+    max_length: MaxLengthOpt = None,
+    factory_args: FactoryArgsOpt = None,
     batch: BatchSizeOpt = 32,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
+    threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Bake masks into the model (no hooks left) and save it as a torch.export program (.pt2).
@@ -597,7 +712,9 @@ def squash_cmd(
     from .sources import SourceOptions, squash_to_pt2
 
     check_output_path(output, overwrite)
-    options = SourceOptions(masks=masks, mode=str(mode), weights=weights, data=data, heldout=heldout, batch_size=batch if data or heldout else None)
+    options = SourceOptions(masks=masks, mode=str(mode), weights=weights, data=data, heldout=heldout,
+                            batch_size=batch if data or heldout or text or heldout_text else None,
+                            model=_model_options(task, text, heldout_text, max_length, factory_args))
     report = squash_to_pt2(model, output, options, overwrite=overwrite)
     if as_json:
         _emit_json(report)
@@ -608,23 +725,34 @@ def squash_cmd(
 
 @app.command("export")
 @handle_errors
+@with_threads
 def export_cmd(
-    source: Annotated[str, typer.Argument(help="A model (built-in name or package.module:factory) or a .pt2 from `actsparse squash`.", show_default=False)],
+    source: Annotated[str, typer.Argument(
+        help="A model (built-in name, Hugging Face model directory or package.module:factory) or a .pt2 from `actsparse squash`.",
+        show_default=False,
+    )],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the ONNX model.")],
     masks: MasksOpt = None,
     mode: ModeOpt = Mode(DEFAULT_MODE),
     weights: WeightsOpt = None,
     data: DataOpt = None,
     heldout: HeldoutOpt = None,
+    text: TextOpt = None,
+    heldout_text: HeldoutTextOpt = None,
+    task: TaskOpt = None,
+    max_length: MaxLengthOpt = None,
+    factory_args: FactoryArgsOpt = None,
     batch: BatchSizeOpt = 32,
     exporter: Annotated[
         Exporter | None,
         typer.Option("--exporter", help=f"torch.onnx exporter (default {DEFAULT_EXPORTER}; dynamo for a .pt2).", show_default=False),
     ] = None,
     opset: OpsetOpt = None,
+    dynamic_axis: DynamicAxisOpt = None,
     external_data: ExternalOpt = False,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
+    threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Export to ONNX: a model with --masks (squashed first), a model alone (dense), or a .pt2 program.
@@ -636,10 +764,12 @@ def export_cmd(
     from .sources import SourceOptions, export_source
 
     check_output_path(output, overwrite)
-    options = SourceOptions(masks=masks, mode=str(mode), weights=weights, data=data, heldout=heldout, batch_size=batch if data or heldout else None)
+    options = SourceOptions(masks=masks, mode=str(mode), weights=weights, data=data, heldout=heldout,
+                            batch_size=batch if data or heldout or text or heldout_text else None,
+                            model=_model_options(task, text, heldout_text, max_length, factory_args))
     report = export_source(
         source, output, options, exporter=str(exporter) if exporter else None, opset=opset,
-        external_data=external_data, overwrite=overwrite, verbose=verbose,
+        external_data=external_data, overwrite=overwrite, verbose=verbose, dynamic_axes=tuple(dynamic_axis or ()),
     )
     if as_json:
         _emit_json(report)
@@ -656,6 +786,7 @@ def export_cmd(
 
 @app.command("validate")
 @handle_errors
+@with_threads
 def validate_cmd(
     onnx_model: Annotated[Path, typer.Argument(help="The ONNX model to check.", show_default=False)],
     reference: Annotated[str, typer.Argument(help="What it must compute: a model (+ --masks) or a .pt2 from `actsparse squash`.", show_default=False)],
@@ -663,12 +794,17 @@ def validate_cmd(
     mode: ModeOpt = Mode(DEFAULT_MODE),
     weights: WeightsOpt = None,
     heldout: HeldoutOpt = None,
+    heldout_text: HeldoutTextOpt = None,
+    task: TaskOpt = None,
+    max_length: MaxLengthOpt = None,
+    factory_args: FactoryArgsOpt = None,
     batch: BatchSizeOpt = 32,
     atol: AtolOpt = DEFAULT_ATOL,
     rtol: RtolOpt = DEFAULT_RTOL,
     timeout: TimeoutOpt = None,
     labels: LabelsOpt = None,
     as_json: JsonOpt = False,
+    threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the ONNX model under onnxruntime and the PyTorch model on held-out inputs, at several batch sizes.
@@ -680,7 +816,9 @@ def validate_cmd(
     """
     from .sources import SourceOptions, validate_against
 
-    options = SourceOptions(masks=masks, mode=str(mode), weights=weights, heldout=heldout, batch_size=batch if heldout else None, labels=labels)
+    options = SourceOptions(masks=masks, mode=str(mode), weights=weights, heldout=heldout,
+                            batch_size=batch if heldout or heldout_text else None, labels=labels,
+                            model=_model_options(task, None, heldout_text, max_length, factory_args))
     report = validate_against(onnx_model, reference, options, atol=atol, rtol=rtol, timeout=timeout)
     if as_json:
         _emit_json(report)
@@ -727,10 +865,18 @@ def _print_cost(report: Report) -> None:
             f"accuracy dense {cost.accuracy_dense:.4f} -> sparse {cost.accuracy_sparse:.4f}"
             + (f" (ONNX {cost.accuracy_onnx:.4f})" if cost.accuracy_onnx is not None else "")
         )
+    ppl = cost.extra
+    if ppl.get("perplexity_dense") is not None:
+        stdout.print(
+            f"held-out perplexity dense {ppl['perplexity_dense']:.3f} -> sparse {ppl['perplexity_sparse']:.3f} "
+            f"(x{ppl['perplexity_sparse'] / ppl['perplexity_dense']:.3f})"
+            + (f" (ONNX {ppl['perplexity_onnx']:.3f})" if ppl.get("perplexity_onnx") is not None else "")
+        )
 
 
 @app.command("convert")
 @handle_errors
+@with_threads
 def convert_cmd(
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for masks.safetensors, model.onnx and report.json.")],
@@ -750,6 +896,11 @@ def convert_cmd(
     max_cost: MaxCostOpt = None,
     data: DataOpt = None,
     heldout: HeldoutOpt = None,
+    text: TextOpt = None,
+    heldout_text: HeldoutTextOpt = None,
+    task: TaskOpt = None,
+    max_length: MaxLengthOpt = None,
+    factory_args: FactoryArgsOpt = None,
     labels: LabelsOpt = None,
     batch: Annotated[
         int | None,
@@ -757,6 +908,7 @@ def convert_cmd(
     ] = None,
     mode: ModeOpt = Mode(DEFAULT_MODE),
     exporter: ExporterOpt = Exporter(DEFAULT_EXPORTER),
+    dynamic_axis: DynamicAxisOpt = None,
     opset: OpsetOpt = None,
     external_data: ExternalOpt = False,
     atol: AtolOpt = DEFAULT_ATOL,
@@ -764,6 +916,8 @@ def convert_cmd(
     timeout: TimeoutOpt = None,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
+    no_latency: NoLatencyOpt = False,
+    threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Calibrate, squash, export and validate in one go.
@@ -775,6 +929,7 @@ def convert_cmd(
     from .pipeline import convert
 
     _check_max_cost(max_cost, sparsity, "convert")
+    model_options = _model_options(task, text, heldout_text, max_length, factory_args)
     if max_cost is not None and (layers or layer_types):
         sparsity = 0.0  # a one-rule recipe needs a level: the search sets it per layer
     the_recipe: Recipe | Path | None = recipe
@@ -787,6 +942,9 @@ def convert_cmd(
             batch_size=batch, mode=str(mode), exporter=str(exporter), opset=opset, external_data=external_data, atol=atol,
             rtol=rtol, overwrite=overwrite, verbose=verbose, on_batch=progress.on_batch, on_stage=progress.on_stage,
             labels=labels, timeout=timeout, method=_choice(method), compensate=_choice(compensate), max_cost=max_cost,
+            task=model_options.task, text=model_options.text, heldout_text=model_options.heldout_text,
+            max_length=model_options.max_length, factory_args=model_options.factory_args, dynamic_axes=tuple(dynamic_axis or ()),
+            threads=threads, latency=not no_latency,
         )
     if as_json:
         _emit_json(report)
@@ -823,17 +981,30 @@ def print_convert_summary(report: Report) -> None:
     if validation is not None and export is not None:
         stdout.print(
             f"ONNX ({export.exporter}, opset {export.opset}) vs PyTorch: max abs diff "
-            f"{validation.max_abs_diff:.2e} <= {validation.atol:g} at batch sizes {validation.batch_sizes}: PASSED"
+            f"{validation.max_abs_diff:.2e} <= {validation.atol:g} at batch sizes {validation.batch_sizes}"
+            + "".join(f", {label} lengths {lengths}" for label, lengths in validation.extra.get("sequence_lengths", {}).items())
+            + ": PASSED"
         )
+        if export.extra.get("fallback"):
+            stdout.print(f"exporter {export.extra.get('requested_exporter')}: {export.extra['fallback']}; exported with {export.exporter}")
     _print_cost(report)
     _print_budget(report)
+    latency = report.latency
+    if latency is not None:
+        stdout.print(
+            f"onnxruntime latency ({latency.threads} thread{'s' if latency.threads != 1 else ''}, median of {latency.runs} "
+            f"passes over {latency.samples} held-out samples): dense {latency.dense_ms:.3g} ms, converted "
+            f"{latency.sparse_ms:.3g} ms: {latency.verdict}"
+        )
     _print_notes(report.notes)
     files = ", ".join(f"{name} {_size(size)}" for name, size in (report.files or {}).items())
-    stdout.print(f"files: {files}; {(report.seconds or {}).get('total', 0.0):.1f} s in all")
+    threads = f", {report.threads} thread{'s' if report.threads != 1 else ''}" if report.threads is not None else ""
+    stdout.print(f"files: {files}; {(report.seconds or {}).get('total', 0.0):.1f} s in all{threads}")
 
 
 @app.command("sweep")
 @handle_errors
+@with_threads
 def sweep_cmd(
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for sweep.json and sweep.png.")],
@@ -860,6 +1031,7 @@ def sweep_cmd(
     runs: Annotated[int, typer.Option("--runs", min=1, help="Timed onnxruntime runs per model (median; after warm-up).")] = 15,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
+    threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """For each sparsity level and method: held-out cost and onnxruntime latency of the pruned model (auto squash).
@@ -891,18 +1063,27 @@ def sweep_cmd(
 
 @app.command("inspect")
 @handle_errors
+@with_threads
 def inspect_cmd(
     target: Annotated[str, typer.Argument(help="A masks file (.safetensors from calibrate), or a model to list the layers of.", show_default=False)],
     weights: WeightsOpt = None,
     data: DataOpt = None,
+    text: TextOpt = None,
+    task: TaskOpt = None,
+    max_length: MaxLengthOpt = None,
+    factory_args: FactoryArgsOpt = None,
     batch: BatchSizeOpt = 8,
     as_json: JsonOpt = False,
+    threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """List a model's layers that can take a mask (name, type, input shape on a sample batch), or a masks file's contents."""
+    """List a model's layers that can take a mask (name, type, input shape on a sample batch), or a masks file's contents.
+
+    A Hugging Face model directory without --data or --text is run on 8 token ids."""
     from .sources import inspect_target
 
-    report = inspect_target(target, weights=weights, data=data, batch_size=batch)
+    report = inspect_target(target, weights=weights, data=data, batch_size=batch,
+                            model_options=_model_options(task, text, None, max_length, factory_args))
     if as_json:
         _emit_json(report)
         return

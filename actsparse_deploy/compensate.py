@@ -47,7 +47,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .functions import STAT_DTYPE
-from .methods import DEFAULT_DAMPING, feature_moments, gram_matrix, weight_columns
+from .methods import DEFAULT_DAMPING, feature_moments, gram_matrix, weight_columns, weight_from_columns
 
 if TYPE_CHECKING:
     from .stats import LayerStats
@@ -110,4 +110,4 @@ def compensate(
         solution = torch.linalg.lstsq(lhs, rhs, driver="gelsd").solution  # kept features that depend on each other
     new = torch.zeros(out, d + 1, dtype=STAT_DTYPE)
     new[:, kept] = solution.T
-    return new[:, :d].reshape(weight.shape).to(weight.dtype), new[:, d].to(weight.dtype)
+    return weight_from_columns(layer, new[:, :d]), new[:, d].to(weight.dtype)

@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_MODE",
     "DEFAULT_RTOL",
     "EXPORTERS",
+    "HF_TASKS",
     "METHODS",
     "MODES",
 ]
@@ -29,10 +30,13 @@ __all__ = [
 MODES = ("auto", "mul", "fold", "prune")
 DEFAULT_MODE = "auto"
 
-#: torch.onnx exporters (see export.py)
-EXPORTERS = ("dynamo", "torchscript")
-#: Chosen by measurement (tools/measure_convert.py, tools/benchmark.py): see the README.
-DEFAULT_EXPORTER = "torchscript"
+#: torch.onnx exporters (see export.py); auto: one, then the other where it fails (export.AUTO_ORDER)
+EXPORTERS = ("auto", "dynamo", "torchscript")
+#: Chosen by measurement (tools/exporters.py: TorchScript fails on Hugging Face decoders): see the README.
+DEFAULT_EXPORTER = "auto"
+
+#: what a Hugging Face model directory is loaded for (see hf.py): the command line's --task choices
+HF_TASKS = ("feature-extraction", "sentence-embedding", "causal-lm", "sequence-classification")
 
 #: the aggregate functions functions.py registers (a test checks the two agree)
 BUILTIN_AGGREGATES = ("gram", "max_abs", "moments", "sum", "sum_abs", "sum_sq")

@@ -29,6 +29,13 @@ class ActsparseError(Exception):
     exit_code = 1
 
 
+class UsageError(ActsparseError, ValueError):
+    """A value given that no stage owns and none accepts (``threads`` out of range):
+    the command line's usage error, exit code 2."""
+
+    exit_code = 2
+
+
 class ConfigError(ActsparseError, ValueError, AssertionError):
     """A sparsifier configuration that cannot work (features without feature_dim,
     a function that is not callable).

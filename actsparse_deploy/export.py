@@ -1,8 +1,16 @@
 """Stage 3a: ONNX export with provenance, written whole or not at all.
 
-Either exporter of ``torch.onnx`` (``dynamo`` or ``torchscript``), a dynamic
-batch axis always (and a dynamic sequence axis where the model's I/O spec says),
-a chosen opset, one file unless the model is over 2 GB or external data is
+Either exporter of ``torch.onnx`` (``dynamo`` or ``torchscript``), or ``auto``:
+the first of :data:`AUTO_ORDER`, and the other where it fails (said in one line
+on stderr and in :attr:`ExportResult.fallback`). Input and output names come
+from the model (``forward``'s parameter names, a dict batch's keys, a returned
+dict's keys or Hugging Face output fields), a dynamic batch axis always, and a
+dynamic sequence axis where the data shows one (an integer ``(batch, seq)``
+input, or an axis whose length differs across batches) or the user names one
+(``NAME:AXIS:LABEL``, :func:`parse_dynamic_axis`). What the exporter prints (the
+TorchScript exporter's IR dump is written by native code) never reaches stdout:
+file descriptor 1 is redirected while it runs (to stderr with ``verbose``). A
+chosen opset, one file unless the model is over 2 GB or external data is
 asked for, ``onnx.checker`` run on the result, and ``metadata_props`` recording
 the tool version, squash mode and per-layer sparsity.
 
@@ -19,19 +27,32 @@ the final save, the rename) is an :class:`OutputError`, and nothing is left.
     >>> result = export_onnx(model, torch.randn(2, 4), path, exporter="torchscript")
     >>> result.io.input_names, result.io.output_names
     (('input',), ('output',))
+    >>> class Tagger(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.embed = nn.Embedding(16, 4)
+    ...     def forward(self, input_ids):
+    ...         return {"logits": self.embed(input_ids)}
+    >>> result = export_onnx(Tagger(), torch.zeros(2, 5, dtype=torch.int64), path, exporter="torchscript")
+    >>> result.io.input_names, result.io.output_names, result.io.dynamic_axes["logits"]
+    (('input_ids',), ('logits',), {0: 'batch', 1: 'sequence'})
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import inspect
 import io
 import json
 import logging
 import os
+import shutil
+import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,15 +61,25 @@ import onnx
 import torch
 from torch import nn
 
-from .batches import Batch, describe_batch, flatten_outputs, input_names, is_named, positional, run_batch
+from .batches import Batch, cut_axes, describe_batch, flatten_outputs, input_names, is_named, named_tensors, positional, run_batch
 from .calibrate import eval_mode
 from .errors import DataError, ExportError, OutputError, first_line
 from .files import check_output_path, os_reason, remove_stale_staging, set_output_mode, staging_dir
 from .version import __version__
 
-__all__ = ["DEFAULT_EXPORTER", "EXPORTERS", "ExportResult", "IOSpec", "PositionalAdapter", "export_onnx", "flatten_outputs"]
+__all__ = [
+    "AUTO_ORDER", "DEFAULT_EXPORTER", "EXPORTERS", "ExportResult", "IOSpec", "PositionalAdapter", "export_onnx",
+    "flatten_outputs", "forward_input_names", "output_names_of", "parse_dynamic_axis",
+]
 
 from .constants import DEFAULT_EXPORTER, EXPORTERS  # noqa: E402  (one definition, light for the CLI)
+
+#: ``auto`` tries these in order (chosen by tools/exporters.py's table: see the README)
+AUTO_ORDER = ("torchscript", "dynamo")
+#: the label of every input's and output's axis 0
+BATCH = "batch"
+#: the label of an inferred sequence axis (axis 1 of an integer (batch, seq) input)
+SEQUENCE = "sequence"
 
 TWO_GB = 2**31
 METADATA_PREFIX = "actsparse_deploy."
@@ -87,6 +118,150 @@ class IOSpec:
         axes = {0: "batch", 1: "sequence"} if sequence_axis else {0: "batch"}
         return cls(inputs, outputs, {name: dict(axes) for name in inputs + outputs})
 
+    @classmethod
+    def from_model(
+        cls, model: Any, example: Batch, *, data: Iterable[Batch] = (), dynamic_axes: Sequence[tuple[str, int, str]] = (),
+        outputs: Any = None,
+    ) -> IOSpec:
+        """The spec the model and its data say. Inputs are named by a dict batch's
+        keys, else ``forward``'s parameter names (:func:`forward_input_names`);
+        outputs by :func:`output_names_of` (``outputs``: the model's output on
+        ``example``, computed when not given). Axis 0 is ``batch`` everywhere; an
+        input's axis is dynamic when it is axis 1 of an integer ``(batch, seq)``
+        input (``sequence``, and so is axis 1 of every other input of that length),
+        when its length differs across ``data``'s batches, or when
+        ``dynamic_axes`` names it (``(input, axis, label)``). An output's axis is
+        dynamic with the label whose inputs' cut changes its length (the model is
+        run once more per label, on ``example`` cut shorter on those axes)."""
+        if outputs is None:
+            with torch.no_grad():
+                outputs = run_batch(model, example)
+        inputs = forward_input_names(model, example)
+        tensors = named_tensors(example, inputs)
+        axes = _input_axes(tensors, data, inputs, dynamic_axes)
+        out_names = output_names_of(outputs, inputs)
+        out_tensors = flatten_outputs(outputs)
+        out_axes: dict[str, dict[int, str]] = {name: ({0: BATCH} if t.ndim else {}) for name, t in zip(out_names, out_tensors)}
+        labels = sorted({label for per in axes.values() for axis, label in per.items() if axis > 0})
+        for label in labels:
+            cut, lengths = _cut(example, inputs, axes, label)
+            if cut is None:
+                continue
+            try:
+                with torch.no_grad():
+                    shorter = flatten_outputs(run_batch(model, cut))
+            except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                where = ", ".join(f"axis {a} of {n}" for n, a in lengths)
+                raise ExportError(
+                    f"the model fails on the example cut shorter on its dynamic axes {label!r} ({where}): "
+                    f"{type(e).__name__}: {first_line(e)}; name only axes that may vary (`dynamic_axes`)"
+                ) from e
+            for name, full, short in zip(out_names, out_tensors, shorter):
+                for axis, (a, b) in enumerate(zip(full.shape, short.shape)):
+                    if a != b and axis > 0:
+                        out_axes[name].setdefault(axis, label)
+        return cls(inputs, out_names, {**axes, **out_axes})
+
+
+def parse_dynamic_axis(text: str) -> tuple[str, int, str]:
+    """``NAME:AXIS:LABEL`` (``input_ids:1:sequence``) as ``(name, axis, label)``:
+    an input's axis to export as dynamic, named ``label`` in the ONNX model."""
+    parts = text.rsplit(":", 2)
+    if len(parts) != 3 or not parts[0] or not parts[2] or not parts[1].strip().isdigit():
+        raise ExportError(f"a dynamic axis is NAME:AXIS:LABEL (e.g. input_ids:1:sequence), got {text!r}")
+    return parts[0], int(parts[1]), parts[2]
+
+
+def forward_input_names(model: Any, example: Batch) -> tuple[str, ...]:
+    """A dict batch's keys; else the names of ``model.forward``'s first
+    positional parameters (one per tensor), where it has them; else
+    :func:`~actsparse_deploy.batches.input_names` (``input``, ``input_0, ...``)."""
+    defaults = input_names(example)
+    if is_named(example) or isinstance(model, (torch.export.ExportedProgram, torch.fx.GraphModule)):
+        return defaults
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (AttributeError, TypeError, ValueError):
+        return defaults
+    names: list[str] = []
+    for parameter in parameters:
+        if parameter.kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            break
+        names.append(parameter.name)
+    return tuple(names[: len(defaults)]) if len(names) >= len(defaults) else defaults
+
+
+def output_names_of(outputs: Any, taken: Sequence[str] = ()) -> tuple[str, ...]:
+    """One name per tensor of :func:`flatten_outputs` (same order): a dict's or
+    ``ModelOutput``'s keys (``logits``), ``KEY_i`` inside a tuple under a key,
+    ``output`` for one tensor, ``output_i`` for a tuple's. A name that is also an
+    input's (``taken``) gets ``_output`` added: ONNX names are unique."""
+    names: list[str] = []
+
+    def walk(value: Any, prefix: str | None) -> None:
+        if value is None:
+            return
+        if isinstance(value, torch.Tensor):
+            names.append(prefix or "output")
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                walk(item, f"{prefix}_{key}" if prefix else str(key))
+        elif isinstance(value, (tuple, list)):
+            for i, item in enumerate(value):
+                walk(item, f"{prefix or 'output'}_{i}")
+
+    if isinstance(outputs, (tuple, list)) and len(flatten_outputs(outputs)) == 1:
+        outputs = flatten_outputs(outputs)[0]  # (tensor,): named like a tensor
+    walk(outputs, None)
+    unique: list[str] = []
+    for name in names:
+        while name in taken or name in unique:
+            name = f"{name}_output"
+        unique.append(name)
+    return tuple(unique)
+
+
+def _input_axes(
+    tensors: Mapping[str, torch.Tensor], data: Iterable[Batch], names: Sequence[str], user: Sequence[tuple[str, int, str]]
+) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {name: ({0: BATCH} if t.ndim else {}) for name, t in tensors.items()}
+    lengths: dict[tuple[str, int], set[int]] = {}
+    for batch in data:
+        try:
+            found = named_tensors(batch, names)
+        except DataError:
+            continue
+        for name, t in found.items():
+            if name in tensors and isinstance(t, torch.Tensor) and t.ndim == tensors[name].ndim:
+                for axis in range(1, t.ndim):
+                    lengths.setdefault((name, axis), set()).add(int(t.shape[axis]))
+    for (name, axis), seen in lengths.items():  # an axis whose length differs across the data
+        if len(seen | {int(tensors[name].shape[axis])}) > 1:
+            axes[name][axis] = SEQUENCE if axis == 1 else f"{name}_axis{axis}"
+    sequences = {int(t.shape[1]) for t in tensors.values() if t.ndim == 2 and not t.is_floating_point() and t.dtype != torch.bool}
+    for name, t in tensors.items():  # integer (batch, seq) inputs, and the inputs of their length on axis 1
+        if t.ndim >= 2 and int(t.shape[1]) in sequences:
+            axes[name].setdefault(1, SEQUENCE)
+    for name, axis, label in user:
+        if name not in tensors:
+            raise ExportError(f"dynamic axis {name}:{axis}:{label}: the model has no input {name!r}; its inputs: {', '.join(tensors)}")
+        if not 0 <= axis < tensors[name].ndim:
+            raise ExportError(
+                f"dynamic axis {name}:{axis}:{label}: input {name} has {tensors[name].ndim} axes "
+                f"({describe_batch(tensors[name])}); give an axis from 0 to {tensors[name].ndim - 1}"
+            )
+        axes[name][axis] = label
+    return axes
+
+
+def _cut(
+    batch: Batch, names: Sequence[str], axes: Mapping[str, Mapping[int, str]], label: str
+) -> tuple[Batch | None, list[tuple[str, int]]]:
+    """``batch`` with every input axis labelled ``label`` cut to half its length
+    (None where one is shorter than 2), and those ``(input, axis)``."""
+    where = [(name, axis) for name, per in axes.items() for axis, lab in per.items() if lab == label and axis > 0]
+    return (cut_axes(batch, names, where) if where else None), where
+
 
 def positional_inputs(example: Batch, names: Sequence[str]) -> tuple[torch.Tensor, ...]:
     """The example's tensors in input order (a dict's in ``names`` order)."""
@@ -110,6 +285,7 @@ class PositionalAdapter(nn.Module):
 @dataclass
 class ExportResult:
     path: Path
+    #: the exporter that made the model (``auto`` resolved)
     exporter: str
     opset: int
     io: IOSpec
@@ -117,11 +293,17 @@ class ExportResult:
     external_data: bool
     size_bytes: int
     metadata: dict[str, str]
+    #: the exporter asked for (``auto`` or one of them)
+    requested: str = ""
+    #: why ``auto``'s first exporter failed, when it did (the other one made the model)
+    fallback: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "path": str(self.path),
             "exporter": self.exporter,
+            "requested_exporter": self.requested or self.exporter,
+            "fallback": self.fallback,
             "opset": self.opset,
             "inputs": list(self.io.input_names),
             "outputs": list(self.io.output_names),
@@ -132,12 +314,46 @@ class ExportResult:
         }
 
 
+def _flush_all() -> None:
+    """Python's and C's buffered output, written now (before a file descriptor moves)."""
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            if stream is not None:
+                stream.flush()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).fflush(None)  # C stdio (std::cout shares it): the TorchScript IR dump
+
+
+@contextlib.contextmanager
+def native_stdout(verbose: bool = False) -> Iterator[None]:
+    """File descriptor 1, what native code (the TorchScript exporter's C++ IR
+    dump) writes to, goes to stderr while this runs when ``verbose``, else
+    nowhere (and so does fd 2): stdout carries only this tool's output
+    (``--json`` stays JSON)."""
+    _flush_all()
+    saved = {fd: os.dup(fd) for fd in ((1,) if verbose else (1, 2))}
+    target = os.dup(2) if verbose else os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in saved:
+            os.dup2(target, fd)
+        yield
+    finally:
+        _flush_all()
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(target)
+
+
 @contextlib.contextmanager
 def quiet(verbose: bool = False) -> Iterator[None]:
-    """Silence torch.export / exporter prints, warnings and log lines unless verbose
-    (torch.export prints the partial graph when it fails)."""
+    """Exporter chatter never on stdout: with ``verbose``, Python's and native
+    prints go to stderr; without, torch.export / exporter prints, warnings and
+    log lines are silenced (torch.export prints the partial graph when it fails,
+    the TorchScript exporter its IR)."""
     if verbose:
-        yield
+        with native_stdout(verbose=True), contextlib.redirect_stdout(sys.stderr):
+            yield
         return
     names = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx", "onnxscript")
     loggers = [logging.getLogger(name) for name in names]
@@ -146,7 +362,7 @@ def quiet(verbose: bool = False) -> Iterator[None]:
         lg.setLevel(logging.ERROR)
     sink = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        with native_stdout(), warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -191,27 +407,58 @@ def export_onnx(
     external_data: bool = False,
     overwrite: bool = True,
     verbose: bool = False,
+    data: Iterable[Batch] = (),
+    dynamic_axes: Sequence[tuple[str, int, str] | str] = (),
+    on_fallback: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export ``model`` (called on ``example``) to ``path``. External data
-    (``<name>.data`` beside it) when asked or when the model is over 2 GB."""
+    (``<name>.data`` beside it) when asked or when the model is over 2 GB.
+
+    Without ``io_spec``, names and dynamic axes come from the model and its data
+    (:meth:`IOSpec.from_model`: ``data`` are batches whose shapes show which axes
+    vary); ``dynamic_axes`` (``(input, axis, label)`` or ``"NAME:AXIS:LABEL"``)
+    adds axes either way. ``exporter="auto"``: the exporters of
+    :data:`AUTO_ORDER` in turn; when the first fails, ``on_fallback`` (default:
+    one line on stderr) is told which failed and why."""
     path = Path(path)
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
+    user_axes = tuple(parse_dynamic_axis(a) if isinstance(a, str) else a for a in dynamic_axes)
     check_output_path(path, overwrite)
     if external_data:  # its name must fit too (and not clobber a file without --overwrite)
         check_output_path(path.parent / f"{path.name}.data", overwrite)
     program = model if isinstance(model, torch.export.ExportedProgram) else None
+    if program is not None and exporter == "auto":
+        exporter = "dynamo"
     if program is not None and exporter != "dynamo":
         raise ExportError("a torch.export program (.pt2) exports with `exporter` dynamo only")
     with contextlib.ExitStack() as stack:
         if program is None and isinstance(model, nn.Module):
             stack.enter_context(eval_mode(model))  # the caller's train/eval flags come back after
-        return _export(model, program, example, path, exporter, opset, io_spec, sequence_axis, metadata, external_data, overwrite, verbose)
+        return _export(model, program, example, path, exporter, opset, io_spec, sequence_axis, metadata, external_data, overwrite,
+                       verbose, data, user_axes, on_fallback)
+
+
+def _say_on_stderr(message: str) -> None:
+    print(f"actsparse: {message}", file=sys.stderr, flush=True)
+
+
+def _with_axes(spec: IOSpec, user: Sequence[tuple[str, int, str]]) -> IOSpec:
+    """``spec`` with the user's dynamic axes added (checked against its inputs)."""
+    if not user:
+        return spec
+    axes = {name: dict(per) for name, per in spec.dynamic_axes.items()}
+    for name, axis, label in user:
+        if name not in spec.input_names:
+            raise ExportError(f"dynamic axis {name}:{axis}:{label}: the model has no input {name!r}; its inputs: {', '.join(spec.input_names)}")
+        axes.setdefault(name, {})[axis] = label
+    return IOSpec(spec.input_names, spec.output_names, axes)
 
 
 def _export(
     model: Any, program: Any, example: Batch, path: Path, exporter: str, opset: int | None, io_spec: IOSpec | None,
     sequence_axis: bool, metadata: Mapping[str, str] | None, external_data: bool, overwrite: bool, verbose: bool,
+    data: Iterable[Batch] = (), user_axes: Sequence[tuple[str, int, str]] = (), on_fallback: Callable[[str], None] | None = None,
 ) -> ExportResult:
     callable_model: Any = program.module() if program is not None else model
     try:
@@ -223,37 +470,70 @@ def _export(
             f"the model fails on the example input ({describe_batch(example)}): {type(e).__name__}: {first_line(e)}"
         ) from e
     n_outputs = len(flatten_outputs(outputs))
-    spec = io_spec or IOSpec.infer(example, n_outputs, sequence_axis)
+    if io_spec is not None:
+        spec = io_spec
+    elif program is not None or sequence_axis:
+        spec = IOSpec.infer(example, n_outputs, sequence_axis)
+    else:
+        spec = IOSpec.from_model(model, example, data=data, dynamic_axes=user_axes, outputs=outputs)
+    spec = _with_axes(spec, user_axes)
     if len(spec.output_names) != n_outputs:
         raise ExportError(f"the model returns {n_outputs} outputs but {len(spec.output_names)} output names were given")
     wrapped: Any = program if program is not None else PositionalAdapter(model, spec.input_names if is_named(example) else None)
     args = positional(example, spec.input_names)
     remove_stale_staging(path.parent)
     with staging_dir(path.parent) as staging:
-        return _export_staged(wrapped, args, spec, path, staging, exporter, opset, metadata, external_data, overwrite, verbose)
+        return _export_staged(wrapped, args, spec, path, staging, exporter, opset, metadata, external_data, overwrite, verbose,
+                              on_fallback or _say_on_stderr)
+
+
+def _try_exporter(
+    wrapped: Any, args: tuple[torch.Tensor, ...], raw: Path, exporter: str, opset: int | None, spec: IOSpec, path: Path, verbose: bool
+) -> ExportError | None:
+    """Run one exporter into ``raw``; its failure as an ExportError (returned,
+    for ``auto`` to try the other), a full disk raised as an OutputError."""
+    try:
+        with quiet(verbose), torch.no_grad():
+            _run_exporter(wrapped, args, raw, exporter, opset, spec)
+    except ExportError as e:
+        return e
+    except Exception as e:
+        cause = _write_error(e)
+        if cause is not None:  # the disk, not the exporter: another exporter would not help
+            raise OutputError(f"cannot write {path}: {os_reason(cause)}") from e
+        failed = ExportError(f"the {exporter} exporter failed: {type(e).__name__}: {first_line(e)}")
+        failed.__cause__ = e
+        return failed
+    return None
 
 
 def _export_staged(
     wrapped: Any, args: tuple[torch.Tensor, ...], spec: IOSpec, path: Path, staging: Path,
     exporter: str, opset: int | None, metadata: Mapping[str, str] | None, external_data: bool, overwrite: bool, verbose: bool,
+    on_fallback: Callable[[str], None],
 ) -> ExportResult:
     data_name = f"{path.name}.data"
     data_path = path.parent / data_name
     raw = staging / "raw.onnx"
     start = time.perf_counter()
-    try:
-        with quiet(verbose), torch.no_grad():
-            _run_exporter(wrapped, args, raw, exporter, opset, spec)
-    except ExportError:
-        raise
-    except Exception as e:
-        cause = _write_error(e)
-        if cause is not None:  # the disk, not the exporter: another exporter would not help
-            raise OutputError(f"cannot write {path}: {os_reason(cause)}") from e
-        other = "torchscript" if exporter == "dynamo" else "dynamo"
-        raise ExportError(
-            f"the {exporter} exporter failed: {type(e).__name__}: {first_line(e)}; try `exporter` {other}"
-        ) from e
+    requested, fallback = exporter, None
+    order = AUTO_ORDER if exporter == "auto" else (exporter,)
+    failures: list[ExportError] = []
+    for exporter in order:
+        for leftover in staging.iterdir():  # a failed exporter's partial files
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        failed = _try_exporter(wrapped, args, raw, exporter, opset, spec, path, verbose)
+        if failed is None:
+            break
+        failures.append(failed)
+        if exporter != order[-1]:
+            fallback = str(failed)
+            on_fallback(f"{fallback}; exporting with {order[order.index(exporter) + 1]} instead")
+    else:
+        if len(failures) == 1:
+            other = "torchscript" if exporter == "dynamo" else "dynamo"
+            raise ExportError(f"{failures[0]}; try `exporter` {other}") from failures[0].__cause__
+        raise ExportError("both exporters failed: " + "; ".join(map(str, failures))) from failures[-1].__cause__
     seconds = time.perf_counter() - start
     try:
         proto = onnx.load(str(raw), load_external_data=True)
@@ -285,7 +565,7 @@ def _export_staged(
     external = external and (staging / data_name).exists()
     _move_into_place(staged, path, staging / data_name if external else None, data_path, staging)
     total = path.stat().st_size + (data_path.stat().st_size if external else 0)
-    return ExportResult(path, exporter, opset_found, spec, seconds, external, total, dict(meta))
+    return ExportResult(path, exporter, opset_found, spec, seconds, external, total, dict(meta), requested, fallback)
 
 
 def _move_into_place(staged: Path, path: Path, staged_data: Path | None, data_path: Path, staging: Path) -> None:

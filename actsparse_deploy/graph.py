@@ -5,30 +5,35 @@ cannot trace Hugging Face BERT; ``torch.export`` captures every built-in model).
 Each aten node carries ``meta["nn_module_stack"]``, the module calls it belongs
 to, so a layer's one compute node (``linear``, ``convNd``: its layer kind, see
 :mod:`actsparse_deploy.layers`, says which) is found by the layer's name. From
-that node's input the walk goes back through per-feature ops (ReLU, GELU, SiLU,
-Tanh, dropout in eval, arithmetic with Python scalars, ..., per-feature layers
-such as BatchNorm, and spatial padding right of the feature axis) to the layer
-(``Linear``, ``ConvNd``, any registered kind) that made the features on the
-consumer's feature axis. Removing features from that producer is exact only if nothing else
-reads them, so every value on the way must have exactly one user, the modules on
-the way must be called once and own their parameters, and no other masked module
-may read a value on the way. Anything else (a residual add, a flatten, a pool, a
-matmul, a model input) ends the walk with the reason: then only the consumer can
-lose those features.
+that node's input the walk goes back, one rule per op class (:data:`RULES`),
+through per-feature ops (ReLU, GELU, SiLU, Tanh, dropout in eval, arithmetic
+with Python scalars, reshapes that keep the last feature axis, spatial padding
+right of the feature axis, per-feature layers such as BatchNorm and depthwise
+convs) and elementwise joins (``act(gate(x)) * up(x)``: each operand of the
+output's shape is walked back) to the layers (``Linear``, ``ConvNd``, GPT-2's
+``Conv1D``, any registered kind) that made the features on the consumer's
+feature axis: its producers. Removing features from them is exact only if nothing else
+reads them, so every value on the way must be read only on the way, the modules
+on the way must be called once and own their parameters, and no other masked
+module may read a value on the way. Anything else (a residual add, a flatten, a
+pool, a matmul, a split of a fused projection, a model input) ends the walk with
+the reason: then only the consumer can lose those features.
 
     >>> import torch
     >>> from torch import nn
     >>> from actsparse_deploy.graph import Dataflow
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> chain, why = Dataflow(model, torch.randn(3, 4)).producer("2")
-    >>> chain.producer, chain.ops
-    ('0', ('aten.relu',))
+    >>> chain.producers, chain.ops
+    (('0',), ('aten.relu',))
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import heapq
+import operator
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,7 +45,7 @@ from .errors import DataError, MaskError, SquashError, first_line
 from .export import quiet
 from .layers import LayerKind, compute_ops, layer_kind, why_unregistered
 
-__all__ = ["Chain", "Dataflow", "capture", "example_args"]
+__all__ = ["RULES", "Chain", "Dataflow", "Rule", "capture", "example_args"]
 
 _aten = torch.ops.aten
 
@@ -66,16 +71,40 @@ DROPOUTS = frozenset(
 )
 #: Padding (its pad list covers the last ``len // 2`` axes): per channel if those are spatial.
 PADS = frozenset({_aten.pad.default, _aten.constant_pad_nd.default})
+#: Reshapes: per feature when the feature axis is the last one and keeps its size
+#: (GPT-2's ``Conv1D`` flattens the leading axes around its ``addmm``).
+VIEWS = frozenset({_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default})
+#: Splits of one tensor into parts (``getitem`` picks one): a fused projection.
+SPLITS = frozenset(
+    op
+    for name in ("split", "split_with_sizes", "chunk", "unbind", "tensor_split", "unsafe_split", "unsafe_chunk")
+    for overload in ("default", "Tensor", "int", "sections", "indices", "tensor_indices_or_sections")
+    if (op := getattr(getattr(_aten, name, None), overload, None)) is not None
+)
 
 
 @dataclass(frozen=True)
 class Chain:
-    """How a consumer's input features are made: ``producer`` (a Linear / ConvNd),
-    then ``norms`` (BatchNorms) and ``ops`` (per-feature ops), read by nothing else."""
+    """How a consumer's input features are made: ``producers`` (Linears, ConvNds,
+    any registered kind: several where an elementwise join such as SwiGLU's
+    ``act(gate(x)) * up(x)`` combines their outputs), then ``norms`` (per-feature
+    layers: BatchNorms, depthwise convs) and ``ops`` (per-feature ops), all in
+    graph order, read by nothing else. ``Chain("fc1")`` is ``Chain(("fc1",))``."""
 
-    producer: str
+    producers: tuple[str, ...]
     norms: tuple[str, ...] = ()
     ops: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.producers, str):
+            object.__setattr__(self, "producers", (self.producers,))
+        if not self.producers:
+            raise SquashError("a chain needs at least one producer")
+
+    @property
+    def producer(self) -> str:
+        """The producers' names, joined with ", " (a single producer: its name)."""
+        return ", ".join(self.producers)
 
 
 def prunable(layer: nn.Module) -> tuple[LayerKind | None, str]:
@@ -187,81 +216,22 @@ class Dataflow:
         """The chain that makes ``consumer``'s input features, or None and why not.
 
         ``masked``: the layers with a mask of their own; none of them but the
-        consumer may read a value between the producer and the consumer.
+        consumer may read a value between the producers and the consumer.
         """
-        masked = set(masked)
         layer = self.model.get_submodule(consumer)
         kind, why = prunable(layer)
-        if kind is None or kind.per_feature:
+        if kind is None or kind.is_per_feature(layer):
             return None, f"{consumer}: {why or 'a per-feature op is not a consumer'}"
         node, why = self._compute_node(consumer, layer, kind)
         if node is None:
             return None, why
         if (problem := self._owns(consumer, layer, node, {"weight": kind.param_slots["weight"]})) is not None:
             return None, problem
-        rank = len(_shape(node.args[0]) or ()) if isinstance(node.args[0], fx.Node) else 0
-        axis = kind.axis(layer, rank)
-        width = kind.in_features(layer)
-        ops: list[str] = []
-        norms: list[str] = []
-        user, value = node, node.args[0]
-        while True:
-            if not isinstance(value, fx.Node):
-                return None, f"the input of {consumer} is not a tensor of the graph"
-            scope = _scope(value)
-            clash = sorted(m for m in set(_scope(user)) - set(scope) if m in masked and m != consumer)
-            if clash:
-                return None, f"{clash[0]}, itself masked, reads a value between {consumer} and its producer"
-            others = [u for u in _users(value) if u is not user]
-            if others:
-                return None, f"the output of {self._where(value)} is also read by {', '.join(self._where(u) for u in others)}"
-            shape = _shape(value)
-            if shape is None or len(shape) != rank or shape[axis] != width:
-                return None, f"{self._where(value)} does not give {width} features on axis {axis - rank}"
-            target = value.target if value.op == "call_function" else None
-            # a pad is per feature if it pads only axes right of the feature axis
-            spatial_pad = target in PADS and _pad_len(value) <= 2 * (rank - 1 - axis)
-            if consumer in scope:  # computed inside the consumer, after its mask
-                if not spatial_pad or not _is_zero_pad(value):
-                    return None, f"{consumer} computes {self._where(value)} on its input before its {kind.name}"
-            elif target in compute_ops():
-                fqn, module, found = self._layer_at(value, consumer)
-                if found is None:
-                    return None, f"the input of {consumer} is made by {self._where(value)}, not by a module prune can shrink"
-                if found.per_feature:
-                    if found.axis(module, rank) != axis:
-                        return None, (
-                            f"{self._where(value)} works on axis {found.axis(module, rank)}, "
-                            f"not on the feature axis {axis} of {consumer}"
-                        )
-                    if found.in_features(module) != width:
-                        return None, f"{self._where(value)} is not a {found.name} module over {width} features"
-                    if (problem := self._owns(fqn, module, value, found.param_slots)) is not None:
-                        return None, problem
-                    norms.append(fqn)
-                else:
-                    if found.output_axis(module, rank) != axis:
-                        return None, (
-                            f"{fqn} makes its features on axis {found.output_axis(module, rank)}, "
-                            f"{consumer} reads them on axis {axis}"
-                        )
-                    if (problem := self._owns(fqn, module, value, found.param_slots)) is not None:
-                        return None, problem
-                    return Chain(fqn, tuple(reversed(norms)), tuple(reversed(ops))), ""
-            elif target in DROPOUTS and value.args[2] is False:
-                ops.append(_op_name(value))
-            elif target in ELEMENTWISE or spatial_pad:
-                if _tensor_args(value) != [value.args[0]]:
-                    return None, f"{self._where(value)}, with a tensor operand, sits between {consumer} and its producer"
-                first = value.args[0]
-                if target not in PADS and (not isinstance(first, fx.Node) or _shape(first) != shape):
-                    return None, f"{self._where(value)} changes the shape between {consumer} and its producer"
-                ops.append(_op_name(value))
-            elif value.op == "placeholder":
-                return None, f"the input of {consumer} is an input of the model, not the output of a layer"
-            else:
-                return None, f"{self._where(value)} sits between {consumer} and the layer that makes its input"
-            user, value = value, value.args[0]
+        first = node.args[kind.input_slot] if kind.input_slot < len(node.args) else None
+        rank = len(_shape(first) or ()) if isinstance(first, fx.Node) else 0
+        walk = _Walk(self, consumer, kind, node, kind.in_features(layer), set(masked))
+        stop = walk.push(first, node, rank, kind.axis(layer, rank)) or walk.run()
+        return (None, stop) if stop else (walk.chain(), "")
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -305,18 +275,20 @@ class Dataflow:
                 return f"{fqn}.{attr} is also read by {', '.join(self._where(u) for u in _users(state) if u is not node)}"
         return None
 
-    def _layer_at(self, node: fx.Node, consumer: str) -> tuple[str, nn.Module, LayerKind | None]:
+    def _layer_at(self, node: fx.Node, consumer: str) -> tuple[str, nn.Module, LayerKind | None, str]:
         """The module whose compute op ``node`` is, and its kind; None if none is
-        (a functional op, or a module prune cannot shrink)."""
+        (a functional op, or a module prune cannot shrink: then why, where its kind says)."""
         scope = _scope(node)
         fqn = scope[-1] if scope else ""
         module = self._module(fqn)
         if not fqn or module is None or fqn == consumer:
-            return fqn, self.model, None
-        kind, _ = prunable(module)
+            return fqn, self.model, None, ""
+        kind, why = prunable(module)
+        if layer_kind(module) is not None and kind is None:
+            return fqn, module, None, why
         if kind is None or not kind.is_compute(module, node):
-            return fqn, module, None
-        return fqn, module, kind
+            return fqn, module, None, ""
+        return fqn, module, kind, ""
 
 
 def _scope(node: fx.Node) -> list[str]:
@@ -328,3 +300,215 @@ def _scope(node: fx.Node) -> list[str]:
             path = path.removeprefix(prefix)
         paths.append(path)
     return paths
+
+
+# --- the walk: one rule per op class ------------------------------------------------------
+
+
+@dataclass
+class _Walk:
+    """One walk back from a consumer's compute op over the graph, in reverse graph
+    order (so every reader of a value on the way is seen before the value): the
+    values on the way, the producers and per-feature layers found."""
+
+    flow: Dataflow
+    consumer: str
+    kind: LayerKind
+    compute: fx.Node
+    width: int
+    masked: set[str]
+    #: values queued, with (rank, feature axis) they are read on
+    axes: dict[fx.Node, tuple[int, int]] = field(default_factory=dict)
+    #: values walked through (their readers must all be on the way)
+    region: set[fx.Node] = field(default_factory=set)
+    producers: dict[str, fx.Node] = field(default_factory=dict)
+    norms: dict[str, fx.Node] = field(default_factory=dict)
+    ops: list[fx.Node] = field(default_factory=list)
+    _queue: list[tuple[int, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.region.add(self.compute)
+        self._order = {node: i for i, node in enumerate(self.flow.program.graph.nodes)}
+
+    def where(self, node: fx.Node) -> str:
+        return self.flow._where(node)
+
+    def push(self, value: Any, user: fx.Node, rank: int, axis: int) -> str | None:
+        """Queue ``value`` (read by ``user`` on ``axis`` of ``rank`` axes); why not, or None."""
+        if not isinstance(value, fx.Node):
+            return f"the input of {self.consumer} is not a tensor of the graph"
+        clash = sorted(m for m in set(_scope(user)) - set(_scope(value)) if m in self.masked and m != self.consumer)
+        if clash:
+            return f"{clash[0]}, itself masked, reads a value between {self.consumer} and its producer"
+        if value in self.axes:
+            if self.axes[value] != (rank, axis):
+                return f"{self.where(value)} is read on two different feature axes between {self.consumer} and its producer"
+            return None
+        self.axes[value] = (rank, axis)
+        heapq.heappush(self._queue, (-self._order[value], value.name))
+        return None
+
+    def run(self) -> str | None:
+        """Walk every queued value back to its producers; why not, or None."""
+        nodes = {node.name: node for node in self._order}
+        while self._queue:
+            value = nodes[heapq.heappop(self._queue)[1]]
+            rank, axis = self.axes[value]
+            others = [u for u in _users(value) if u not in self.region]
+            if others:
+                return f"the output of {self.where(value)} is also read by {', '.join(self.where(u) for u in others)}"
+            shape = _shape(value)
+            if value.op != "placeholder" and (shape is None or len(shape) != rank or shape[axis] != self.width):
+                return f"{self.where(value)} does not give {self.width} features on axis {axis - rank}"
+            rule = next(r for r in RULES if r.matches(self, value, rank, axis))
+            if (why := rule.follow(self, value, rank, axis)) is not None:
+                return why
+            if value not in self.producers.values():
+                self.region.add(value)
+        return None if self.producers else f"no layer makes the input of {self.consumer}"
+
+    def chain(self) -> Chain:
+        def ordered(found: Mapping[str, fx.Node]) -> tuple[str, ...]:
+            return tuple(sorted(found, key=lambda fqn: self._order[found[fqn]]))
+
+        ops = sorted(self.ops, key=self._order.__getitem__)
+        return Chain(ordered(self.producers), ordered(self.norms), tuple(_op_name(n) for n in ops))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How the walk passes one op class: ``matches(walk, node, rank, axis)`` says
+    whether ``node`` belongs to the class; ``follow`` queues its inputs
+    (:meth:`_Walk.push`) or ends the path at a producer, and returns why the walk
+    stops there (None: it goes on)."""
+
+    name: str
+    matches: Callable[[_Walk, fx.Node, int, int], bool]
+    follow: Callable[[_Walk, fx.Node, int, int], str | None]
+
+
+def _target(node: fx.Node) -> Any:
+    return node.target if node.op == "call_function" else None
+
+
+def _keeps_last_axis(walk: _Walk, node: fx.Node, rank: int, axis: int) -> bool:
+    """A reshape of the leading axes only, the features last on both sides."""
+    source = node.args[0] if node.args else None
+    shape = _shape(source) if isinstance(source, fx.Node) else None
+    return _target(node) in VIEWS and axis == rank - 1 and bool(shape) and shape[-1] == walk.width  # type: ignore[index]
+
+
+def _spatial_pad(node: fx.Node, rank: int, axis: int) -> bool:
+    """A pad of axes right of the feature axis only: per feature."""
+    return _target(node) in PADS and _pad_len(node) <= 2 * (rank - 1 - axis)
+
+
+def _follow_view(walk: _Walk, node: fx.Node, rank: int, axis: int) -> str | None:
+    source = node.args[0]
+    n = len(_shape(source) or ())
+    walk.ops.append(node)
+    return walk.push(source, node, n, n - 1)
+
+
+def _follow_first(walk: _Walk, node: fx.Node, rank: int, axis: int) -> str | None:
+    walk.ops.append(node)
+    return walk.push(node.args[0], node, rank, axis)
+
+
+def _model_input(walk: _Walk, node: fx.Node, rank: int, axis: int) -> str | None:
+    state = next((name for name, n in walk.flow._state.items() if n is node), None)
+    if state is not None:
+        return f"{state}, a parameter or buffer, is read between {walk.consumer} and its producer: prune does not shrink it"
+    return f"the input of {walk.consumer} is an input of the model, not the output of a layer"
+
+
+def _inside_consumer(walk: _Walk, node: fx.Node, rank: int, axis: int) -> str | None:
+    """Before its compute op a consumer may only pad with zeros right of its features, or reshape its leading axes."""
+    if _spatial_pad(node, rank, axis) and _is_zero_pad(node):
+        return _follow_first(walk, node, rank, axis)
+    if _keeps_last_axis(walk, node, rank, axis):
+        return _follow_view(walk, node, rank, axis)
+    return f"{walk.consumer} computes {walk.where(node)} on its input before its {walk.kind.name}"
+
+
+def _layer(walk: _Walk, node: fx.Node, rank: int, axis: int) -> str | None:
+    """A layer's compute op: a per-feature layer (BatchNorm, depthwise conv) is walked through; any other is a producer."""
+    flow, where = walk.flow, walk.where(node)
+    fqn, module, found, why = flow._layer_at(node, walk.consumer)
+    if found is None:
+        if why:
+            return f"the input of {walk.consumer} is made by {where}, which prune cannot shrink: {why}"
+        return f"the input of {walk.consumer} is made by {where}, not by a module prune can shrink"
+    if found.is_per_feature(module):
+        if found.axis(module, rank) != axis:
+            return f"{where} works on axis {found.axis(module, rank)}, not on the feature axis {axis} of {walk.consumer}"
+        if found.in_features(module) != walk.width:
+            return f"{where} is not a {found.name} module over {walk.width} features"
+        if (problem := flow._owns(fqn, module, node, found.param_slots)) is not None:
+            return problem
+        walk.norms[fqn] = node
+        return walk.push(node.args[found.input_slot], node, rank, axis)
+    if found.output_axis(module, rank) != axis:
+        return f"{fqn} makes its features on axis {found.output_axis(module, rank)}, {walk.consumer} reads them on axis {axis}"
+    if (problem := flow._owns(fqn, module, node, found.param_slots)) is not None:
+        return problem
+    walk.producers[fqn] = node
+    return None
+
+
+def _is_split_part(node: fx.Node) -> bool:
+    source = node.args[0] if node.args else None
+    return _target(node) is operator.getitem and isinstance(source, fx.Node) and _target(source) in SPLITS
+
+
+def _split_part(walk: _Walk, node: fx.Node, rank: int, axis: int) -> str | None:
+    split = node.args[0]
+    assert isinstance(split, fx.Node)
+    source = split.args[0]
+    made_by = walk.where(source) if isinstance(source, fx.Node) else "a value"
+    if isinstance(source, fx.Node) and _target(source) in compute_ops() and (scope := _scope(source)):
+        made_by = scope[-1]
+    return (
+        f"{_op_name(split)} splits the output of {made_by} into parts (a fused projection): "
+        "prune cannot shrink it; split it into separate layers to prune it"
+    )
+
+
+def _elementwise(walk: _Walk, node: fx.Node, rank: int, axis: int) -> str | None:
+    """A per-feature op; with several tensor operands of the output's shape, a join:
+    each operand is walked back (all their producers lose the same features)."""
+    shape = _shape(node)
+    operands = _tensor_args(node)
+    if operands == [node.args[0]] and _target(node) in PADS:
+        return _follow_first(walk, node, rank, axis)
+    for operand in operands:
+        if _shape(operand) != shape:
+            if len(operands) == 1:
+                return f"{walk.where(node)} changes the shape between {walk.consumer} and its producer"
+            return (
+                f"{walk.where(node)} joins an operand of shape {list(_shape(operand) or ())} into {list(shape or ())} "
+                f"(a broadcast) between {walk.consumer} and its producer"
+            )
+    walk.ops.append(node)
+    for operand in operands:
+        if (why := walk.push(operand, node, rank, axis)) is not None:
+            return why
+    return None
+
+
+def _anything_else(walk: _Walk, node: fx.Node, rank: int, axis: int) -> str | None:
+    return f"{walk.where(node)} sits between {walk.consumer} and the layer that makes its input"
+
+
+#: The op classes the walk knows, in the order they are tried (the first that matches applies).
+RULES: tuple[Rule, ...] = (
+    Rule("model input", lambda w, n, r, a: n.op == "placeholder", _model_input),
+    Rule("inside the consumer", lambda w, n, r, a: w.consumer in _scope(n), _inside_consumer),
+    Rule("layer", lambda w, n, r, a: _target(n) in compute_ops(), _layer),
+    Rule("dropout (eval)", lambda w, n, r, a: _target(n) in DROPOUTS and n.args[2] is False, _follow_first),
+    Rule("part of a split", lambda w, n, r, a: _is_split_part(n), _split_part),
+    Rule("reshape of the leading axes", _keeps_last_axis, _follow_view),
+    Rule("spatial pad", lambda w, n, r, a: _spatial_pad(n, r, a), _elementwise),
+    Rule("elementwise (unary or join)", lambda w, n, r, a: _target(n) in ELEMENTWISE, _elementwise),
+    Rule("anything else", lambda w, n, r, a: True, _anything_else),
+)

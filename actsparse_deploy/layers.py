@@ -8,9 +8,13 @@ how its one compute op looks in a ``torch.export`` graph, and why it cannot be
 folded or pruned when it cannot. Adapters are registered for module types with
 :func:`register_layer_kind`; :func:`layer_kind` finds a module's by its exact type,
 then along its MRO (so subclasses of ``nn.Linear`` are Linears). Built in:
-``nn.Linear``, ``ConvNd`` (1d / 2d / 3d), ``ConvTransposeNd`` (fold and consumer
-side only) and ``BatchNorm`` (a per-feature op: output feature ``j`` depends on
-input feature ``j`` only). A new module type is registered, not added as a branch:
+``nn.Linear``, ``ConvNd`` (1d / 2d / 3d; a depthwise conv, ``groups == in ==
+out channels``, is a per-feature op; other grouped convs fold only where
+``groups == in_channels`` and never prune), ``ConvTransposeNd`` (fold and consumer
+side only), ``BatchNorm`` (a per-feature op: output feature ``j`` depends on
+input feature ``j`` only) and GPT-2's ``transformers.pytorch_utils.Conv1D``
+(weight ``(in, out)``, an ``addmm``; registered by name, so ``transformers`` is
+not imported for it). A new module type is registered, not added as a branch:
 
     >>> import torch
     >>> from torch import nn
@@ -60,6 +64,7 @@ __all__ = [
     "CONV_OPS",
     "LINEAR_OPS",
     "BatchNormKind",
+    "Conv1DKind",
     "ConvKind",
     "ConvTransposeKind",
     "Cut",
@@ -129,10 +134,11 @@ class LayerKind(ABC):
     #: the aten ops that can be this kind's one compute op in a ``torch.export`` graph
     ops: ClassVar[frozenset[Any]] = frozenset()
     #: positions of the parameters / buffers among the compute op's arguments
-    #: (the op reads its input at position 0)
     param_slots: ClassVar[Mapping[str, int]] = {}
-    #: output feature ``j`` depends on input feature ``j`` only (BatchNorm; later depthwise convs):
-    #: such a layer between a producer and a consumer loses the same features
+    #: the position of the layer's input among the compute op's arguments
+    input_slot: ClassVar[int] = 0
+    #: output feature ``j`` depends on input feature ``j`` only (BatchNorm): such a
+    #: layer between a producer and a consumer loses the same features (see :meth:`is_per_feature`)
     per_feature: ClassVar[bool] = False
     #: pruned layers of this kind keep a multiple of ``channel_multiple`` features (convs)
     aligned: ClassVar[bool] = False
@@ -166,6 +172,11 @@ class LayerKind(ABC):
     def sample_ndim(self, layer: nn.Module, input_ndim: int) -> int:
         """How many leading axes of the layer's input are separate samples."""
         return default_sample_ndim(input_ndim)
+
+    def is_per_feature(self, layer: nn.Module) -> bool:
+        """Output feature ``j`` of ``layer`` depends on its input feature ``j`` only
+        (:attr:`per_feature`, or a depthwise conv): the graph walk passes through it."""
+        return self.per_feature
 
     # --- fold ---------------------------------------------------------------------------
 
@@ -235,11 +246,14 @@ class WeightedKind(LayerKind):
         shape[self.weight_dims[0]] = -1
         return shape
 
+    def scaled(self, layer: nn.Module, weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        """``weight`` (the layer's, or a copy) with input feature ``i`` scaled by ``vector[i]``."""
+        return weight * vector.to(weight.dtype).to(weight.device).reshape(self._scale_shape(weight))
+
     def fold(self, layer: nn.Module, vector: torch.Tensor) -> None:
         with torch.no_grad():
             weight = _tensor(layer, "weight")
-            scaled = weight * vector.to(weight.dtype).reshape(self._scale_shape(weight))
-            layer.weight = nn.Parameter(scaled, requires_grad=weight.requires_grad)
+            layer.weight = nn.Parameter(self.scaled(layer, weight, vector), requires_grad=weight.requires_grad)
 
     def shrink(self, layer: nn.Module, cut: Cut) -> nn.Module:
         new = copy.deepcopy(layer)
@@ -248,7 +262,7 @@ class WeightedKind(LayerKind):
             original = _tensor(layer, "weight")
             weight = original.detach()
             if cut.in_scale is not None:
-                weight = weight * cut.in_scale.to(weight.dtype).to(weight.device).reshape(self._scale_shape(weight))
+                weight = self.scaled(layer, weight, cut.in_scale)
             if cut.in_keep is not None:
                 weight = weight.index_select(in_dim, cut.in_keep.to(weight.device))
             if cut.out_keep is not None:
@@ -267,6 +281,8 @@ class WeightedKind(LayerKind):
 KindT = TypeVar("KindT", bound=LayerKind)
 
 _KINDS: dict[type, LayerKind] = {}
+#: kinds of module types named ``module.QualName``, for libraries not imported here (transformers)
+_KINDS_BY_NAME: dict[str, LayerKind] = {}
 
 
 def register_layer_kind(*module_types: type) -> Callable[[Any], Any]:
@@ -310,7 +326,7 @@ def layer_kind(module: nn.Module | type) -> LayerKind | None:
     along its MRO; None for a type with none (see :func:`why_unregistered`)."""
     cls = module if isinstance(module, type) else type(module)
     for klass in cls.__mro__:
-        kind = _KINDS.get(klass)
+        kind = _KINDS.get(klass) or _KINDS_BY_NAME.get(f"{klass.__module__}.{klass.__qualname__}")
         if kind is not None:
             return kind
     return None
@@ -329,7 +345,8 @@ def why_unregistered(module: nn.Module) -> str:
 
 def compute_ops() -> frozenset[Any]:
     """Every registered kind's compute ops: what counts as a layer's computation in a graph."""
-    return frozenset(op for kind in set(_KINDS.values()) for op in kind.ops)
+    kinds = {*_KINDS.values(), *_KINDS_BY_NAME.values()}
+    return frozenset(op for kind in kinds for op in kind.ops)
 
 
 # --- built-in kinds ---------------------------------------------------------------------
@@ -368,17 +385,46 @@ class ConvKind(WeightedKind):
     def feature_axis(self, layer: nn.Module) -> int | None:
         return -(_spatial(layer) + 1)
 
+    def is_per_feature(self, layer: nn.Module) -> bool:
+        return _depthwise(layer)
+
     def why_not_foldable(self, layer: nn.Module) -> str | None:
-        return None if layer.groups == 1 else f"{type(layer).__name__} with groups has no weight to fold into"
+        if layer.groups == 1 or layer.groups == layer.in_channels:  # output channel o reads input channel o // multiplier
+            return None
+        return f"{type(layer).__name__} with groups has no weight to fold into"  # groups != in_channels: not depthwise
+
+    def scaled(self, layer: nn.Module, weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        if layer.groups == 1:
+            return super().scaled(layer, weight, vector)
+        if (why := self.why_not_foldable(layer)) is not None:
+            raise SquashError(why)
+        per_out = vector.to(weight.dtype).to(weight.device).repeat_interleave(weight.shape[0] // vector.numel())
+        return weight * per_out.reshape(-1, *[1] * (weight.ndim - 1))
 
     def why_not_prunable(self, layer: nn.Module) -> str | None:
         if (why := super().why_not_prunable(layer)) is not None:
             return why
-        if layer.groups != 1:
-            return f"{type(layer).__name__} has groups={layer.groups}: only convs without groups can be pruned"
+        if layer.groups != 1 and not _depthwise(layer):
+            return (
+                f"{type(layer).__name__} has groups={layer.groups} (not depthwise): a grouped conv would have to "
+                "lose whole groups, which prune does not do"
+            )
         if _spatial(layer) not in CONV_OPS:
             return f"{type(layer).__name__} has {_spatial(layer)} spatial axes"
         return None
+
+    def shrink(self, layer: nn.Module, cut: Cut) -> nn.Module:
+        if layer.groups == 1:
+            return super().shrink(layer, cut)
+        if cut.in_keep is not None or (cut.out_keep is not None and not _depthwise(layer)):
+            raise SquashError(
+                f"{type(layer).__name__} with groups={layer.groups} only loses channels as a depthwise conv, "
+                "input and output together (the cut needs out_keep and no in_keep)"
+            )
+        new: Any = super().shrink(layer, cut)
+        new.out_channels = int(new.weight.shape[0])
+        new.in_channels = new.groups = layer.groups if cut.out_keep is None else new.out_channels
+        return new
 
     def is_compute(self, layer: nn.Module, node: fx.Node) -> bool:
         if node.op != "call_function":
@@ -388,6 +434,12 @@ class ConvKind(WeightedKind):
         return node.target in CONV_OPS.get(_spatial(layer), ())
 
 
+def _depthwise(layer: nn.Module) -> bool:
+    """A depthwise conv: one group per channel, as many out as in (channel ``j`` reads channel ``j`` only)."""
+    groups = getattr(layer, "groups", 1)
+    return groups > 1 and groups == layer.in_channels == layer.out_channels  # type: ignore[union-attr]
+
+
 @register_layer_kind(nn.modules.conv._ConvTransposeNd)
 class ConvTransposeKind(ConvKind):
     """``nn.ConvTranspose1d`` / ``2d`` / ``3d``: weight ``(in, out / groups, *kernel)``.
@@ -395,8 +447,20 @@ class ConvTransposeKind(ConvKind):
 
     weight_dims = (0, 1)
 
+    def is_per_feature(self, layer: nn.Module) -> bool:
+        return False
+
+    def why_not_foldable(self, layer: nn.Module) -> str | None:
+        return None if layer.groups == 1 else f"{type(layer).__name__} with groups has no weight to fold into"
+
+    def scaled(self, layer: nn.Module, weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        return WeightedKind.scaled(self, layer, weight, vector)
+
     def why_not_prunable(self, layer: nn.Module) -> str | None:
         return f"{type(layer).__name__} is a transposed conv: its producer side is not traced"
+
+    def shrink(self, layer: nn.Module, cut: Cut) -> nn.Module:
+        return WeightedKind.shrink(self, layer, cut)
 
     def is_compute(self, layer: nn.Module, node: fx.Node) -> bool:
         return node.op == "call_function" and node.target == CONVOLUTION and node.args[6] is True
@@ -440,3 +504,21 @@ class BatchNormKind(LayerKind):
                 setattr(new, name, nn.Parameter(kept, value.requires_grad) if isinstance(value, nn.Parameter) else kept)
         new.num_features = int(keep.numel())
         return new
+
+
+class Conv1DKind(WeightedKind):
+    """GPT-2's ``transformers.pytorch_utils.Conv1D``: a Linear with its weight
+    transposed, ``(in, out)`` (``nx`` in, ``nf`` out), computed as
+    ``addmm(bias, x.view(-1, nx), weight)`` then a view back. Registered by its
+    name (see :data:`_KINDS_BY_NAME`), so ``transformers`` is imported only by
+    models that use it."""
+
+    name = "conv1d"
+    ops = frozenset({_aten.addmm.default})
+    param_slots = {"bias": 0, "weight": 2}
+    input_slot = 1
+    weight_dims = (0, 1)
+    size_attrs = ("nx", "nf")
+
+
+_KINDS_BY_NAME["transformers.pytorch_utils.Conv1D"] = Conv1DKind()

@@ -6,7 +6,10 @@ state dict read with ``torch.load(weights_only=True)``: no pickle from a user's
 file is ever executed. Data is a ``.npy`` / ``.npz`` / ``.safetensors`` / ``.pt``
 file of input tensors (several named arrays become dict batches, passed to the
 model as keyword arguments), cut into batches; or ``module:function`` returning
-an iterable of batches.
+an iterable of batches. A local Hugging Face model directory (or ``hf:PATH``)
+loads with :mod:`actsparse_deploy.hf`, and its tokenizer makes batches of text
+files (:class:`ModelOptions`: ``task``, ``text``, ``heldout_text``, ``max_length``;
+``factory_args``: keyword arguments of a ``module:factory``).
 
     >>> import numpy as np, tempfile
     >>> from actsparse_deploy.loading import load_data
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import filecmp
 import importlib
+import json
 import os
 import pickle
 import re
@@ -40,8 +44,19 @@ from . import zoo
 from .batches import Batch, split_batch
 from .calibrate import check_finite_weights
 from .errors import ActsparseError, DataError, ModelLoadError, WeightsError, first_line
+from .hf import HF_PREFIX, HFSource, hf_directory, is_pretrained, load_hf, wrap_pretrained
 
-__all__ = ["LoadedModel", "check_distinct_data", "load_data", "load_labels", "load_model", "load_state_dict_file"]
+__all__ = [
+    "LoadedModel",
+    "ModelOptions",
+    "check_distinct_data",
+    "load_data",
+    "load_labels",
+    "load_model",
+    "load_state_dict_file",
+    "load_text_data",
+    "parse_factory_args",
+]
 
 #: key prefix of the inputs of a .pt data file holding a list (positional inputs)
 POSITIONAL = "input #"
@@ -49,11 +64,60 @@ POSITIONAL = "input #"
 
 @dataclass
 class LoadedModel:
-    """A model ready for calibration, and where it came from."""
+    """A model ready for calibration, and where it came from (``hf``: a Hugging
+    Face model, with its directory for the tokenizer)."""
 
     module: nn.Module
     name: str
     builtin: bool
+    hf: Any = None
+
+    def io_spec(self, example: Batch | None) -> Any:
+        """A Hugging Face model's I/O spec for batches like ``example`` (None for other models)."""
+        if self.hf is None:
+            return None
+        from .export import IOSpec
+
+        inputs, axes = self.hf.io_names(example)
+        return IOSpec(inputs, (self.hf.model.output_name,), axes)
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to build a model and read its text: ``task`` of a Hugging Face model
+    (see :data:`actsparse_deploy.hf.TASKS`; None: from its config), ``factory_args``
+    (keyword arguments of a ``module:factory``), ``text`` / ``heldout_text`` (text
+    files its tokenizer makes calibration / held-out batches of) and
+    ``max_length`` (tokens per text, longer ones are cut)."""
+
+    task: str | None = None
+    factory_args: Mapping[str, Any] | None = None
+    text: str | None = None
+    heldout_text: str | None = None
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        from .hf import check_task
+
+        check_task(self.task)
+        if self.factory_args is not None and not isinstance(self.factory_args, Mapping):
+            raise ModelLoadError(f"`factory_args` must be a JSON object of keyword arguments, got a {type(self.factory_args).__name__}")
+        if self.max_length is not None and not (isinstance(self.max_length, int) and not isinstance(self.max_length, bool)
+                                                and self.max_length >= 1):
+            raise DataError(f"`max_length` must be a positive number of tokens, got {self.max_length!r}")
+
+
+def parse_factory_args(text: str | None) -> dict[str, Any] | None:
+    """``--factory-args``: a JSON object of keyword arguments for a ``module:factory``."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ModelLoadError(f"`factory_args` is not valid JSON ({first_line(e)}): give an object such as '{{\"path\": \"model.safetensors\"}}'") from e
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"`factory_args` must be a JSON object of keyword arguments (like {{\"hidden\": 64}}), got {text!r}")
+    return value
 
 
 def _import_attr(spec: str, what: str, error: type[Exception]) -> Any:
@@ -82,8 +146,19 @@ def _import_attr(spec: str, what: str, error: type[Exception]) -> Any:
     return target
 
 
-def load_model(spec: str, weights: str | Path | None = None) -> LoadedModel:
-    """A built-in name, or ``package.module:factory`` with optional weights."""
+def load_model(spec: str, weights: str | Path | None = None, options: ModelOptions | None = None) -> LoadedModel:
+    """A built-in name, a Hugging Face model directory (``hf:PATH`` or a
+    directory with ``config.json``), or ``package.module:factory`` with optional
+    weights; ``options``: the task of a Hugging Face model, a factory's arguments."""
+    options = options or ModelOptions()
+    if spec.startswith(HF_PREFIX) or (":" not in spec and spec not in zoo.builtin_names()):
+        directory = hf_directory(spec)
+        if directory is not None:
+            return _load_hf(spec, directory, weights, options)
+    if options.task is not None and ":" not in spec:
+        raise ModelLoadError(f"`task` is for Hugging Face models; {spec!r} is a built-in model with its own task")
+    if options.factory_args is not None and ":" not in spec:
+        raise ModelLoadError(f"`factory_args` are keyword arguments of a package.module:factory, and {spec!r} is not one")
     if ":" not in spec:
         if weights is not None:
             module = zoo.get_builtin(spec).factory()
@@ -92,8 +167,13 @@ def load_model(spec: str, weights: str | Path | None = None) -> LoadedModel:
             return LoadedModel(module.eval(), spec, builtin=True)
         return LoadedModel(zoo.load_builtin(spec), spec, builtin=True)
     factory = _import_attr(spec, "model factory", ModelLoadError)
+    kwargs = dict(options.factory_args or {})
     try:
-        module = factory()
+        module = factory(**kwargs)
+    except TypeError as e:
+        if kwargs:
+            raise ModelLoadError(f"model factory {spec!r} does not take `factory_args` {json.dumps(kwargs)}: TypeError: {e}") from e
+        raise ModelLoadError(f"model factory {spec!r} failed: TypeError: {e}") from e
     except Exception as e:
         raise ModelLoadError(f"model factory {spec!r} failed: {type(e).__name__}: {e}") from e
     if not isinstance(module, nn.Module):
@@ -101,7 +181,44 @@ def load_model(spec: str, weights: str | Path | None = None) -> LoadedModel:
     if weights is not None:
         load_state_dict_file(module, Path(weights))
     check_finite_weights(module)  # NaN weights are the weights' fault, not the data's (exit 5)
-    return LoadedModel(module.eval(), spec, builtin=False)
+    hf = None
+    if is_pretrained(module):  # a transformers model: named tensors in, named tensors out, no cache
+        hf = HFSource(wrap_pretrained(module, options.task, spec), None, options.max_length)
+        module = hf.model
+    elif options.task is not None:
+        raise ModelLoadError(f"`task` is for Hugging Face models; model factory {spec!r} returned a {type(module).__name__}")
+    return LoadedModel(module.eval(), spec, builtin=False, hf=hf)
+
+
+def _load_hf(spec: str, directory: Path, weights: str | Path | None, options: ModelOptions) -> LoadedModel:
+    if weights is not None:
+        raise WeightsError(f"{directory} is a Hugging Face model directory with its own weights: pass no `weights`")
+    if options.factory_args is not None:
+        raise ModelLoadError(f"`factory_args` are keyword arguments of a package.module:factory, and {spec!r} is a model directory")
+    source = load_hf(directory, options.task, options.max_length)
+    check_finite_weights(source.model)
+    return LoadedModel(source.model, spec, builtin=False, hf=source)
+
+
+def load_text_data(
+    loaded: LoadedModel, options: ModelOptions | None, data: str | None, heldout: str | None, batch_size: int
+) -> tuple[list[Batch] | None, list[Batch] | None]:
+    """Calibration and held-out batches from ``options.text`` / ``options.heldout_text``
+    (None for each not given), made by the model's tokenizer."""
+    if options is None or (options.text is None and options.heldout_text is None):
+        return None, None
+    if options.text is not None and data is not None:
+        raise DataError("give calibration data as `data` or as `text`, not both")
+    if options.heldout_text is not None and heldout is not None:
+        raise DataError("give held-out data as `heldout` or as `heldout_text`, not both")
+    if loaded.hf is None:
+        raise DataError(
+            f"`text` and `heldout_text` need a Hugging Face model (a directory with its tokenizer); {loaded.name!r} is not one: "
+            "pass `data` / `heldout` files of input tensors"
+        )
+    calibration = loaded.hf.text_batches(options.text, batch_size) if options.text is not None else None
+    held = loaded.hf.text_batches(options.heldout_text, batch_size) if options.heldout_text is not None else None
+    return calibration, held
 
 
 #: what torch's weights_only unpickler says when a pickle names a Python object:

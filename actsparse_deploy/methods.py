@@ -51,7 +51,7 @@ from torch import nn
 
 from .errors import ConfigError, UnknownFunctionError
 from .functions import STAT_DTYPE, RunningStat, _zero_smallest
-from .layers import ConvKind, ConvTransposeKind, LinearKind, WeightedKind, layer_kind
+from .layers import Conv1DKind, ConvKind, ConvTransposeKind, LinearKind, WeightedKind, layer_kind
 
 if TYPE_CHECKING:
     from .stats import LayerStats
@@ -67,6 +67,7 @@ __all__ = [
     "register_method",
     "structured_shape",
     "weight_columns",
+    "weight_from_columns",
 ]
 
 #: the statistics a method may need, from least to most
@@ -84,12 +85,13 @@ DEFAULT_DAMPING = 0.001
 def weight_columns(layer: nn.Module) -> torch.Tensor:
     """The consumer's weight as ``(out, d, k)`` float64: column group ``j`` is what
     input feature ``j`` multiplies (``k`` kernel positions of a conv, 1 for a
-    Linear). Refused (:class:`ConfigError`) for a layer that is not a ``Linear``
-    or a ``ConvNd`` without groups."""
+    Linear or GPT-2's ``Conv1D``, whose ``(in, out)`` weight is read transposed).
+    Refused (:class:`ConfigError`) for a layer that is not a ``Linear``, a
+    ``Conv1D`` or a ``ConvNd`` without groups."""
     kind = layer_kind(layer)
-    if not isinstance(kind, (LinearKind, ConvKind)) or isinstance(kind, ConvTransposeKind):
+    if not isinstance(kind, (LinearKind, ConvKind, Conv1DKind)) or isinstance(kind, ConvTransposeKind):
         raise ConfigError(
-            f"{type(layer).__name__} is not a Linear or a ConvNd: methods and compensation need the consumer's weight "
+            f"{type(layer).__name__} is not a Linear, a Conv1D or a ConvNd: methods and compensation need the consumer's weight "
             "columns (mask the input of a Linear or a Conv)"
         )
     if getattr(layer, "groups", 1) != 1:
@@ -98,7 +100,18 @@ def weight_columns(layer: nn.Module) -> torch.Tensor:
     if isinstance(weight, nn.parameter.UninitializedParameter):
         raise ConfigError(f"{type(layer).__name__} is lazy (its weight has no shape yet): run it once first")
     w = weight.detach().to(STAT_DTYPE)
+    if isinstance(kind, Conv1DKind):
+        w = w.T
     return w.reshape(w.shape[0], w.shape[1], -1)
+
+
+def weight_from_columns(layer: nn.Module, columns: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`weight_columns`: ``(out, d, k)`` (or ``(out, d)``)
+    columns as a weight of ``layer``'s own shape and dtype."""
+    weight = layer.weight
+    if isinstance(layer_kind(layer), Conv1DKind):
+        return columns.reshape(weight.shape[1], weight.shape[0]).T.contiguous().to(weight.dtype)
+    return columns.reshape(weight.shape).to(weight.dtype)
 
 
 def structured_shape(layer: nn.Module, d: int) -> tuple[int, ...]:

@@ -6,7 +6,8 @@ an ONNX model run by onnxruntime) on batches with their labels;
 per-sample cosine similarity); :func:`sparsification_cost` puts them together
 for a :class:`~actsparse_deploy.workload.Workload` (what ``report.json``'s
 ``cost`` holds; for a built-in with other data, MiniLM, also ``other_text``:
-the cosine on English that is neither calibration nor held-out data).
+the cosine on English that is neither calibration nor held-out data; for a
+causal language model, tiny-lm, its held-out :func:`perplexity`, dense and sparse).
 
     >>> import torch
     >>> from torch import nn
@@ -31,14 +32,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .batches import Batch, flatten_outputs, run_batch, total_samples
+from .batches import Batch, call_args, flatten_outputs, run_batch, total_samples
 from .errors import DataError
 
 if TYPE_CHECKING:
     from .export import IOSpec
     from .workload import Workload
 
-__all__ = ["accuracy", "cosine_stats", "predictions", "sparsification_cost"]
+__all__ = ["accuracy", "cosine_stats", "perplexity", "predictions", "sparsification_cost"]
 
 
 def predictions(model: nn.Module | str | Path, batches: Iterable[Batch], io_spec: IOSpec | None = None) -> np.ndarray:
@@ -73,6 +74,56 @@ def accuracy(
     return float((found == labels.numpy()).mean())
 
 
+def _token_ids(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A language model batch's token ids (``input_ids``, else its first tensor) and ``attention_mask``."""
+    args, kwargs = call_args(batch)
+    if kwargs:
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else next(iter(kwargs.values()))
+        return ids, kwargs.get("attention_mask")
+    return args[0], None
+
+
+def _nll_sum(logits: torch.Tensor, batch: Batch, what: str) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood (float64) of a batch and the tokens it predicts
+    (positions 1.. of the token ids, those the ``attention_mask`` keeps)."""
+    ids, mask = _token_ids(batch)
+    if logits.ndim != 3 or ids.ndim != 2 or tuple(logits.shape[:2]) != tuple(ids.shape) or ids.is_floating_point():
+        raise DataError(
+            f"perplexity needs a language model: the {what}'s first output must be logits (batch, tokens, vocabulary) "
+            f"for integer token ids (batch, tokens); got logits {list(logits.shape)} for inputs {list(ids.shape)}"
+        )
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].double().transpose(1, 2), ids[:, 1:], reduction="none")
+    keep = mask[:, 1:].bool() if mask is not None else torch.ones_like(nll, dtype=torch.bool)
+    return float(nll[keep].sum()), int(keep.sum())
+
+
+def perplexity(model: nn.Module | str | Path, batches: Iterable[Batch], io_spec: IOSpec | None = None) -> float:
+    """Next-token perplexity of a causal language model (a PyTorch model, or an
+    ONNX model file run by onnxruntime) on ``batches`` of token ids: exp of the
+    mean negative log-likelihood of every token after the first of each row
+    (first output: logits ``(batch, tokens, vocabulary)``; targets: the batch's
+    ``input_ids`` or first tensor; ``attention_mask`` respected)."""
+    total, count = 0.0, 0
+    if isinstance(model, (str, Path)):
+        from .validate import onnx_feeds, onnx_session, run_session
+
+        session = onnx_session(model)
+        for batch in batches:
+            logits = torch.from_numpy(np.asarray(run_session(session, onnx_feeds(session, batch, io_spec))[0]))
+            nll, n = _nll_sum(logits, batch, "ONNX model")
+            total, count = total + nll, count + n
+    else:
+        from .validate import _eval
+
+        with torch.no_grad(), _eval(model):
+            for batch in batches:
+                nll, n = _nll_sum(flatten_outputs(run_batch(model, batch))[0], batch, "model")
+                total, count = total + nll, count + n
+    if count == 0:
+        raise DataError("perplexity: the batches hold no next token to predict (rows of one token, or all masked)")
+    return float(np.exp(total / count))
+
+
 def cosine_stats(dense: nn.Module, sparse: nn.Module, batches: Iterable[Batch]) -> list[dict[str, Any]]:
     """Per output of the two models: max abs diff and per-sample cosine
     similarity (mean and worst) of the sparse model's outputs to the dense one's."""
@@ -98,11 +149,24 @@ def cosine_stats(dense: nn.Module, sparse: nn.Module, batches: Iterable[Batch]) 
     return stats
 
 
-def sparsification_cost(work: Workload, sparse: nn.Module, onnx_path: Path | None = None) -> dict[str, Any]:
+def _is_causal_lm(work: Workload) -> bool:
+    """Whether ``work`` is a causal language model: a ``causal-lm`` built-in, or a
+    workload whose ``task`` (a Hugging Face model's) is ``causal-lm``."""
+    task = work.builtin.task if work.builtin is not None else work.task
+    return task == "causal-lm"
+
+
+def sparsification_cost(
+    work: Workload, sparse: nn.Module, onnx_path: Path | None = None, io_spec: IOSpec | None = None
+) -> dict[str, Any]:
     """Dense vs sparse on the held-out data: per-output difference and cosine
-    similarity; test accuracy for a classifier (dense, sparse, and the ONNX model)."""
+    similarity; test accuracy for a classifier (dense, sparse, and the ONNX model);
+    held-out perplexity for a causal language model (``perplexity_dense``,
+    ``perplexity_sparse``, ``perplexity_onnx``). ``io_spec``: what the ONNX model
+    was exported with (default: the workload's)."""
     held = work.require_heldout()
-    io_names = work.io.output_names if work.io else None
+    io = io_spec or work.io
+    io_names = io.output_names if io else None
     outputs = cosine_stats(work.model, sparse, held)
     for row in outputs:
         if io_names is not None:
@@ -116,9 +180,14 @@ def sparsification_cost(work: Workload, sparse: nn.Module, onnx_path: Path | Non
             if io_names is not None:
                 row["output"] = io_names[row["output"]]
         cost["other_text"] = {"outputs": rows, "samples": total_samples(batches)}
+    if _is_causal_lm(work):  # a language model's quality: held-out next-token perplexity
+        cost["perplexity_dense"] = perplexity(work.model, held)
+        cost["perplexity_sparse"] = perplexity(sparse, held)
+        if onnx_path is not None:
+            cost["perplexity_onnx"] = perplexity(onnx_path, held, io)
     if work.labels is not None:
         cost["accuracy_dense"] = accuracy(work.model, held, work.labels)
         cost["accuracy_sparse"] = accuracy(sparse, held, work.labels)
         if onnx_path is not None:
-            cost["accuracy_onnx"] = accuracy(onnx_path, held, work.labels, work.io)
+            cost["accuracy_onnx"] = accuracy(onnx_path, held, work.labels, io)
     return cost

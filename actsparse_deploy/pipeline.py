@@ -33,12 +33,14 @@ from .constants import COMPENSATIONS, DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_RT
 from .errors import DataError, ExportError, OutputError, RecipeError, SquashError, ValidationError
 from .export import ExportResult, export_onnx, layer_metadata
 from .files import check_output_dir, check_output_path, os_reason, output_lock, remove_stale_staging, set_output_mode, staging_dir
-from .loading import check_distinct_data
+from .latency import dense_latency, slower_note, verdict
+from .loading import ModelOptions, check_distinct_data
 from .masks import Masks
 from .metrics import sparsification_cost
 from .recipe import Recipe
-from .report import Calibration, Cost, Export, Report, Validation
+from .report import Calibration, Cost, Export, Latency, Report, Validation
 from .squash import SquashResult
+from .threads import check_threads, current_threads, use_threads
 from .validate import validate
 from .version import __version__
 from .workload import Workload, load_recipe, load_workload, squash_workload
@@ -47,7 +49,8 @@ __all__ = ["STAGES", "ConvertOptions", "Timer", "build_report", "convert"]
 
 
 #: what ``convert`` tells ``on_stage`` as each stage starts (``load`` is silent)
-STAGES = {"calibrate": "calibrating", "squash": "squashing", "export": "exporting", "validate": "validating", "cost": "measuring cost"}
+STAGES = {"calibrate": "calibrating", "squash": "squashing", "export": "exporting", "validate": "validating", "cost": "measuring cost",
+          "latency": "measuring latency"}
 
 
 @dataclass
@@ -105,8 +108,31 @@ class ConvertOptions:
     compensate: str | None = None
     #: a cost budget (``"cosine=0.98"``, see actsparse_deploy.budget) instead of one sparsity: levels per layer
     max_cost: str | None = None
+    #: a Hugging Face model's task, text files and tokens per text; a factory's keyword arguments (loading.ModelOptions)
+    task: str | None = None
+    text: str | None = None
+    heldout_text: str | None = None
+    max_length: int | None = None
+    factory_args: Mapping[str, Any] | None = None
+    #: torch's and onnxruntime's intra-op threads each (None: actsparse_deploy.threads.default_threads)
+    threads: int | None = None
+    #: time the dense and the converted model under onnxruntime (the report's ``latency``)
+    latency: bool = True
+    #: input axes to export as dynamic besides those inferred, ``NAME:AXIS:LABEL`` each (export.parse_dynamic_axis)
+    dynamic_axes: tuple[str, ...] = ()
+
+    def model_options(self) -> ModelOptions:
+        return ModelOptions(task=self.task, factory_args=self.factory_args, text=self.text, heldout_text=self.heldout_text,
+                            max_length=self.max_length)
 
     def __post_init__(self) -> None:
+        self.model_options()  # checks the task, the factory arguments and the length
+        from .export import parse_dynamic_axis
+
+        for axis in self.dynamic_axes:
+            parse_dynamic_axis(axis)
+        if self.threads is not None:
+            check_threads(self.threads)
         if self.max_cost is not None:
             from .budget import Budget
 
@@ -157,6 +183,14 @@ def convert(
     method: str | None = None,
     compensate: str | None = None,
     max_cost: str | None = None,
+    task: str | None = None,
+    text: str | None = None,
+    heldout_text: str | None = None,
+    max_length: int | None = None,
+    factory_args: Mapping[str, Any] | None = None,
+    threads: int | None = None,
+    latency: bool = True,
+    dynamic_axes: tuple[str, ...] = (),
 ) -> Report:
     """Calibrate, squash, export and validate; write the three files to ``outdir``
     and return the report (its ``to_json()`` is ``report.json``). ``on_stage(name, total)`` is
@@ -164,13 +198,20 @@ def convert(
     where known, else None); ``labels``: a file of class indices for ``heldout``;
     ``timeout``: seconds onnxruntime may take for the whole validation (None: no limit);
     ``method`` / ``compensate``: the selection method (``"fluctuation"``, ...) and the
-    compensation (``"none"``, ``"bias"``, ``"lstsq"``) for every layer, over the recipe's.
+    compensation (``"none"``, ``"bias"``, ``"lstsq"``) for every layer, over the recipe's;
+    ``task`` / ``text`` / ``heldout_text`` / ``max_length``: a Hugging Face model directory's task
+    and the text files its tokenizer reads; ``factory_args``: keyword arguments of a ``module:factory``;
+    ``threads``: torch's and onnxruntime's intra-op threads (None: ``OMP_NUM_THREADS`` where set, else the
+    cores; see :mod:`actsparse_deploy.threads`); ``latency``: time the dense and the converted model
+    under onnxruntime on held-out data (the report's ``latency``; False skips it); ``dynamic_axes``:
+    ``NAME:AXIS:LABEL`` input axes to export as dynamic besides those inferred from the model and data.
     The keyword parameters are those of :class:`ConvertOptions`, checked first."""
     options = ConvertOptions(
         weights=weights, recipe=recipe, sparsity=sparsity, data=data, heldout=heldout, batch_size=batch_size, mode=mode,
         exporter=exporter, opset=opset, external_data=external_data, atol=atol, rtol=rtol, overwrite=overwrite,
         verbose=verbose, on_batch=on_batch, on_stage=on_stage, labels=labels, timeout=timeout, method=method,
-        compensate=compensate, max_cost=max_cost,
+        compensate=compensate, max_cost=max_cost, task=task, text=text, heldout_text=heldout_text, max_length=max_length,
+        factory_args=factory_args, threads=threads, latency=latency, dynamic_axes=tuple(dynamic_axes),
     )
     outdir = Path(outdir)
     check_output_dir(outdir)
@@ -182,7 +223,8 @@ def convert(
     try:
         with output_lock(outdir):  # one run at a time writes here: never a mix of two runs' files
             remove_stale_staging(outdir)
-            return _convert(model, outdir, options)
+            with use_threads(options.threads):  # torch and every onnxruntime session: the same count
+                return _convert(model, outdir, options)
     except BaseException:
         for directory in created:  # the directories this call made, if still empty
             with contextlib.suppress(OSError):
@@ -196,10 +238,13 @@ def _convert(model: str, outdir: Path, o: ConvertOptions) -> Report:
     timer = Timer(on_stage=o.on_stage)
     total = time.perf_counter()
     with timer("load"):
-        work = load_workload(model, o.weights, o.data, o.heldout, o.batch_size, labels=o.labels, check_distinct=False)
+        work = load_workload(model, o.weights, o.data, o.heldout, o.batch_size, labels=o.labels, check_distinct=False,
+                             model_options=o.model_options())
         the_recipe = load_recipe(work, o.recipe, o.sparsity, method=o.method, compensate=o.compensate)
         if o.data is not None and o.heldout is not None:  # after the recipe: a missing recipe is named first
             check_distinct_data(o.data, o.heldout)
+        if o.text is not None and o.heldout_text is not None:
+            check_distinct_data(o.text, o.heldout_text)
         work.require_heldout()
         timer.totals["calibrate"] = total_samples(work.calibration)
     with timer("calibrate"):
@@ -222,21 +267,34 @@ def _convert(model: str, outdir: Path, o: ConvertOptions) -> Report:
             exported = export_onnx(
                 squashed.model, work.example(), onnx_path, exporter=o.exporter, opset=o.opset, io_spec=work.io,
                 metadata=layer_metadata(squashed.report(), o.mode), external_data=o.external_data, verbose=o.verbose,
+                data=[*work.require_heldout(), *(work.calibration if isinstance(work.calibration, list) else [])],
+                dynamic_axes=o.dynamic_axes,
             )
         with timer("validate"):
             validation = validate(onnx_path, squashed.model, work.require_heldout(), atol=o.atol, rtol=o.rtol,
                                   output_names=exported.io.output_names, io_spec=exported.io, timeout=o.timeout)
         with timer("cost"):
-            cost = sparsification_cost(work, squashed.model, onnx_path)
+            cost = sparsification_cost(work, squashed.model, onnx_path, exported.io)
             if budget is not None:
                 from .budget import heldout_budget
 
                 budget = heldout_budget(budget, work, squashed.model)
+        speed = None
+        if o.latency:  # dense vs converted under onnxruntime, on held-out data; the dense export is scratch
+            with timer("latency"):
+                speed = dense_latency(work.model, onnx_path, work.require_heldout(), staging / ".dense-latency",
+                                      exporter=exported.exporter, opset=exported.opset, io_spec=exported.io,
+                                      example=work.example(), verbose=o.verbose)
         masks.save(staging / "masks.safetensors")
         report = build_report(work, masks, squashed, exported, validation, cost, timer, time.perf_counter() - total, o.mode,
                               onnx_path=outdir / "model.onnx")
         if budget is not None:  # the budget, the levels chosen per layer, tuning and held-out cost
             report = report.replace(extra={**report.extra, "budget": budget.to_json()})
+        report = report.replace(threads=current_threads())
+        if speed is not None:  # the ratio in words, and a note where prune was asked for and made it slower
+            note = slower_note(o.mode, [row.get("mode", "") for row in report.layers or []], speed["ratio"])
+            report = report.replace(latency=Latency.from_json({**speed, "verdict": verdict(speed["ratio"])}),
+                                    notes=[*report.notes, *([note] if note else [])])
         try:
             (staging / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
             report = report.with_file("report.json", (staging / "report.json").stat().st_size)

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Self, TypeVar
 
 from .version import __version__
 
-__all__ = ["KEYS", "Calibration", "Cost", "Export", "Report", "Section", "Validation"]
+__all__ = ["KEYS", "Calibration", "Cost", "Export", "Latency", "Report", "Section", "Validation"]
 
 S = TypeVar("S", bound="Section")
 
@@ -137,6 +137,23 @@ class Cost(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Latency(Section):
+    """onnxruntime latency of the dense and the converted model on held-out data
+    (``latency.latency_ratio``: median milliseconds per pass over ``samples``
+    samples, alternated, after ``warmup`` passes), their ratio (converted / dense:
+    below 1 is faster) and the ratio in words (``latency.verdict``)."""
+
+    dense_ms: float
+    sparse_ms: float
+    ratio: float
+    verdict: str
+    samples: int
+    runs: int
+    warmup: int
+    threads: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class Report(Section):
     """What a command did. Every key is always present in the JSON.
 
@@ -146,7 +163,10 @@ class Report(Section):
     squash rows (layer, mode, reason, sparsity), ``convert`` both merged,
     ``inspect`` of a model its layers (layer, type, input_shape, foldable).
     ``files``: each file written -> its size in bytes (``convert``: names inside
-    its output directory). ``seconds``: per stage, and ``total``.
+    its output directory). ``seconds``: per stage, and ``total``. ``threads``: the
+    thread count torch and onnxruntime ran with (``--threads``). ``latency``:
+    ``convert``'s dense vs converted onnxruntime latency (None with ``--no-latency``
+    and for the other commands).
     """
 
     tool_version: str = __version__
@@ -162,9 +182,11 @@ class Report(Section):
     cost: Cost | None = None
     seconds: dict[str, float] | None = None
     files: dict[str, int] | None = None
+    threads: int | None = None
+    latency: Latency | None = None
 
     SECTIONS: ClassVar[Mapping[str, type[Section]]] = {
-        "calibration": Calibration, "export": Export, "validation": Validation, "cost": Cost,
+        "calibration": Calibration, "export": Export, "validation": Validation, "cost": Cost, "latency": Latency,
     }
 
     @property

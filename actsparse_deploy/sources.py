@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from .calibrate import calibrate
 from .constants import DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAULT_RTOL
 from .errors import DataError, MaskError
 from .export import IOSpec, export_onnx, layer_metadata
-from .loading import LoadedModel, load_data
+from .loading import LoadedModel, ModelOptions, load_data, load_text_data
 from .masks import Masks
 from .metrics import sparsification_cost
 from .pt2 import load_pt2, pt2_io, save_pt2
@@ -98,7 +98,8 @@ class SourceOptions:
     """What to load a source with: ``masks`` squashed in ``mode`` (dense
     without); the model's ``weights``; ``data`` (calibration inputs, the export
     example) and ``heldout`` data files; ``batch_size`` (None: the built-in
-    model's, else 32); ``labels``, class indices of the held-out samples."""
+    model's, else 32); ``labels``, class indices of the held-out samples; ``model``:
+    a Hugging Face model's task and text files, a factory's arguments."""
 
     masks: str | Path | None = None
     mode: str = DEFAULT_MODE
@@ -107,10 +108,13 @@ class SourceOptions:
     heldout: str | None = None
     batch_size: int | None = None
     labels: str | Path | None = None
+    model: ModelOptions | None = None
 
     def workload(self, spec: str) -> Workload:
-        """``spec`` (a model, not a ``.pt2``) with its weights and data."""
-        return load_workload(spec, self.weights, self.data, self.heldout, self.batch_size, labels=self.labels)
+        """``spec`` (a model, not a ``.pt2``) with its weights and data (``model``:
+        the task, factory arguments and text files of :class:`~actsparse_deploy.loading.ModelOptions`)."""
+        return load_workload(spec, self.weights, self.data, self.heldout, self.batch_size, labels=self.labels,
+                             model_options=self.model)
 
 
 def is_pt2(spec: str | Path) -> bool:
@@ -134,6 +138,8 @@ def load_source(spec: str, options: SourceOptions | None = None, *, need_heldout
         return Source(work.name, module, module, example, work.heldout, work.io, rows, the_mode, work)
     if masks is not None:
         raise MaskError(f"{spec}: a .pt2 program already has its masks baked in: pass no `masks`")
+    if options.model is not None and options.model != ModelOptions():
+        raise DataError(f"{spec}: a .pt2 program is loaded as it is: `task`, `factory_args` and text files are for a model")
     if options.labels is not None:
         raise DataError(
             f"{spec}: `labels` need a model (with `masks`) as the reference, not a .pt2: the accuracy cost compares with the dense model"
@@ -184,17 +190,24 @@ def calibrate_to_file(
     on_stage: Callable[[str, int | None], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
     max_cost: str | None = None,
+    model_options: ModelOptions | None = None,
 ) -> Report:
-    """Calibrate ``loaded`` on ``data`` (else its built-in calibration split) and
-    write the masks to ``output`` (checked by the caller); ``max_cost``: a cost
-    budget instead of the recipe's level (see :mod:`actsparse_deploy.budget`)."""
+    """Calibrate ``loaded`` on ``data`` (else ``model_options.text``, else its
+    built-in calibration split) and write the masks to ``output`` (checked by the
+    caller); ``max_cost``: a cost budget instead of the recipe's level (see
+    :mod:`actsparse_deploy.budget`)."""
     start = time.perf_counter()
-    if data is not None:
+    text, _ = load_text_data(loaded, model_options, data, None, batch_size)
+    batches: list[Batch] | Iterable[Batch]
+    if text is not None:
+        batches = text
+    elif data is not None:
         batches = load_data(data, batch_size)
     elif loaded.builtin:
         batches = zoo.calibration_batches(loaded.name, batch_size)
     else:
-        raise DataError(f"{loaded.name!r} has no built-in data: pass `data`, a file of calibration inputs")
+        more = " (or `text`, a text file its tokenizer reads)" if loaded.hf is not None and loaded.hf.directory else ""
+        raise DataError(f"{loaded.name!r} has no built-in data: pass `data`, a file of calibration inputs{more}")
     if on_stage is not None:
         on_stage("calibrating", total_samples(batches))
     if max_cost is not None:
@@ -231,10 +244,13 @@ def export_source(
     external_data: bool = False,
     overwrite: bool = False,
     verbose: bool = False,
+    dynamic_axes: Sequence[tuple[str, int, str] | str] = (),
 ) -> Report:
     """Export ``spec`` (squashed with the ``options``' masks, dense without, or a
     ``.pt2``) to ONNX. ``exporter``: None picks ``dynamo`` for a ``.pt2``, else
-    the default."""
+    the default. Without the model's own I/O spec, names and dynamic axes come
+    from the model and the shapes of its data; ``dynamic_axes``
+    (``"NAME:AXIS:LABEL"``) adds axes."""
     start = time.perf_counter()
     exporter = exporter or ("dynamo" if is_pt2(spec) else DEFAULT_EXPORTER)
     source = load_source(spec, options)
@@ -243,6 +259,7 @@ def export_source(
     result = export_onnx(
         source.program, source.example, output, exporter=exporter, opset=opset, io_spec=source.io,
         metadata=layer_metadata(source.layers, source.mode), external_data=external_data, overwrite=overwrite, verbose=verbose,
+        data=source.heldout or (), dynamic_axes=dynamic_axes,
     )
     files = {str(output): _size(Path(output))}
     if result.external_data:
@@ -273,7 +290,10 @@ def validate_against(
     seconds = {"validate": round(time.perf_counter() - start, 3)}
     cost = None
     if source.work is not None and (options.masks is not None or options.labels is not None):
-        cost = sparsification_cost(source.work, source.module, Path(onnx_model))
+        held = source.require_heldout()
+        if io is None and held:  # what export names the inputs and outputs by default
+            io = IOSpec.from_model(source.module, held[0], data=held)
+        cost = sparsification_cost(source.work, source.module, Path(onnx_model), io)
     seconds["total"] = round(time.perf_counter() - start, 3)
     return Report(model=source.name, squash_mode=source.mode, layers=source.layers,
                   validation=validation.to_json(), cost=cost, seconds=seconds)  # type: ignore[arg-type]
@@ -310,10 +330,18 @@ def layer_table(work: Workload) -> list[dict[str, Any]]:
     return rows
 
 
-def inspect_target(target: str, *, weights: str | Path | None = None, data: str | None = None, batch_size: int = 8) -> Report:
+def inspect_target(
+    target: str, *, weights: str | Path | None = None, data: str | None = None, batch_size: int = 8,
+    model_options: ModelOptions | None = None,
+) -> Report:
     """A masks file's contents (a ``.safetensors`` without ``weights``), or the
-    layers of a model that can take a mask."""
+    layers of a model that can take a mask (a Hugging Face model without data:
+    seen on a few token ids)."""
     if target.endswith(".safetensors") and weights is None:
         return masks_report(Masks.load(target))
-    work = load_workload(target, weights, data, None, batch_size)
+    work = load_workload(target, weights, data, None, batch_size, model_options=model_options)
+    from .hf import HFModel, HFSource
+
+    if work.calibration is None and isinstance(work.model, HFModel):
+        work.calibration = [HFSource(work.model, None).sample_batch()]
     return Report(model=work.name, layers=layer_table(work))

@@ -10,16 +10,19 @@ Modes, per layer:
   the layer's weight: no extra op at all;
 - ``prune``: such a mask's zero features are removed. The layer loses those
   input columns / channels (the others are scaled by the mask, as in fold), and
-  the ``Linear`` / ``ConvNd`` that makes them, where the graph shows that nothing
-  else reads them (through per-feature ops such as ReLU / GELU and BatchNorm),
-  loses those output features too, so neither computes them. Where the producer
-  cannot be shrunk (a residual add, a flatten between), :class:`PrunedInput`
-  gathers the kept features before the smaller layer. Needs an ``example`` batch:
+  the layers that make them (``Linear``, ``ConvNd``, GPT-2's ``Conv1D``; both
+  ``gate_proj`` and ``up_proj`` of a SwiGLU MLP, through its elementwise join),
+  where the graph shows that nothing else reads them (through per-feature ops
+  such as ReLU / GELU, BatchNorm and depthwise convs, which lose them too), lose
+  those output features too, so none computes them. Where no producer can be
+  shrunk (a residual add, a flatten between), :class:`PrunedInput` gathers the
+  kept features before the smaller layer. Needs an ``example`` batch:
   the dataflow comes from ``torch.export`` (see :mod:`actsparse_deploy.graph`),
   and the result is checked against ``mul`` on it; a mismatch raises and leaves
   the model as it was;
-- ``auto`` (default): ``prune`` where the producer can be shrunk too (only with an
-  ``example``), else ``fold`` where it is exact, else ``mul``.
+- ``auto`` (default): ``prune`` where the producers can be shrunk too (only with an
+  ``example``), else ``fold`` where it is exact, else ``mul``. Never the gather
+  alone: it runs slower than dense (the layer's reason says so).
 
     >>> import torch
     >>> from torch import nn
@@ -409,6 +412,14 @@ def _nothing_removed(vector: torch.Tensor, n: int, multiple: int) -> str:
     return "no mask value is 0"
 
 
+#: prune where only the consumer can lose features: an index_select in front of the
+#: smaller layer, which costs more than the smaller matmul saves (a Llama MLP
+#: ran 1.19-1.23x dense in issue 11). What the reasons say about it:
+_GATHER_COST = "the gather may run slower than dense"
+_GATHER_NOT_AUTO = "a gather before this layer alone runs slower than dense, so auto does not choose it"
+_PER_FEATURE_CONSUMER = "a depthwise conv's input channels are its output channels: it cannot lose them alone"
+
+
 def _depth(fqn: str) -> int:
     return fqn.count(".") + 1 if fqn else 0
 
@@ -471,11 +482,15 @@ def _squash_pruning(
         stay = masked - removed
         rounding = f" ({masked} are masked: {stay} {'stays' if stay == 1 else 'stay'}, zeroed in the weight, so that {why_more})" if removed and stay else ""
         chain, not_why = flow.producer(name, masks.layers) if flow is not None else (None, flow_error)
+        kind = layer_kind(layer)
+        if removed and kind is not None and kind.is_per_feature(layer):  # depthwise: in and out channels together
+            removed, chain = 0, None
+            not_why = _PER_FEATURE_CONSUMER
         if removed and (chain is not None or mode == "prune"):
             result.sparsity[name] = removed / n
         if removed and chain is not None:
             cuts[name].in_keep = kept
-            for fqn in (chain.producer, *chain.norms):
+            for fqn in (*chain.producers, *chain.norms):
                 cuts.setdefault(fqn, Cut()).out_keep = kept
             via = f" (and {', '.join(chain.norms)})" if chain.norms else ""
             result.modes[name] = "prune"
@@ -488,14 +503,18 @@ def _squash_pruning(
             result.modes[name] = "prune"
             result.reasons[name] = (
                 f"consumer only: removed {removed} of {n} input features of this layer, gathered before it "
-                f"(its producer keeps them: {not_why}){rounding}"
+                f"(its producer keeps them: {not_why}){rounding}; {_GATHER_COST}"
             )
         elif mode == "prune":
             result.modes[name] = "prune"
-            result.reasons[name] = f"no feature of {n} is removed ({_nothing_removed(vector, n, channel_multiple)}): the mask is folded into the weight"
+            nothing = not_why if not_why == _PER_FEATURE_CONSUMER else _nothing_removed(vector, n, channel_multiple)
+            result.reasons[name] = f"no feature of {n} is removed ({nothing}): the mask is folded into the weight"
         else:
             result.modes[name] = "fold"
-            unpruned = not_why if removed else _nothing_removed(vector, n, channel_multiple)
+            if removed:  # only the consumer could lose them: a gather, which auto does not choose
+                unpruned = f"{not_why}; {_GATHER_NOT_AUTO}"
+            else:
+                unpruned = not_why if not_why == _PER_FEATURE_CONSUMER else _nothing_removed(vector, n, channel_multiple)
             result.reasons[name] = f"{why} (not pruned: {unpruned})"
 
     swapped: list[tuple[str, nn.Module]] = []

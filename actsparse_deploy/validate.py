@@ -1,10 +1,14 @@
 """Stage 3b: prove the ONNX model computes what the squashed PyTorch model computes.
 
 The ONNX model runs under onnxruntime (CPU provider) and the PyTorch model on
-the same held-out inputs, at several batch sizes. The inputs come first: their
-names (a dict batch's keys, else the I/O spec's names, else ``input`` /
-``input_0, input_1, ...`` as :meth:`IOSpec.infer` names them: never fed by
-position alone), ranks, dtypes and every dimension the ONNX model fixes must fit
+the same held-out inputs, at several batch sizes, and for a sequence model (an
+input axis past the batch axis that the I/O spec, else the ONNX model, declares
+dynamic) at two sequence lengths at least: the held-out length, and the held-out
+batches cut to half of it on those axes. The report lists every input shape
+validated. The inputs come first: their
+names (a dict batch's keys, else the I/O spec's names, else the model's
+``forward`` parameter names or ``input`` / ``input_0, input_1, ...``, whichever
+the ONNX model takes, as export names them: never fed by position alone), ranks, dtypes and every dimension the ONNX model fixes must fit
 the batch and the I/O spec's dynamic axes. Then output names, the shapes the
 ONNX model declares for its outputs (rank and every fixed dimension, against
 what PyTorch gives, and nothing fixed on an axis the I/O spec makes dynamic),
@@ -35,6 +39,7 @@ as exceptions and become one message.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 import time
@@ -47,11 +52,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .batches import Batch, flatten_outputs, is_named, named_tensors, numpy_feeds, resize_batches, run_batch
+from .batches import Batch, cut_axes, flatten_outputs, input_names, is_named, named_tensors, numpy_feeds, resize_batches, run_batch
 from .calibrate import eval_mode
 from .compare import OutputDiff, Tolerance
 from .errors import DataError, ValidationError, first_line
-from .export import IOSpec
+from .export import BATCH, IOSpec, forward_input_names
 
 __all__ = ["OutputDiff", "ValidationReport", "onnx_feeds", "onnx_session", "resize_batches", "run_session", "validate"]
 
@@ -82,6 +87,10 @@ class ValidationReport:
     batch_sizes: list[int]
     samples: int
     outputs: list[OutputDiff]
+    #: every distinct set of input shapes validated, in order (``{input: shape}``)
+    shapes: list[dict[str, list[int]]] = dataclasses.field(default_factory=list)
+    #: the lengths validated on the sequence (non-batch dynamic) axes: ``{label: [lengths]}``
+    sequence_lengths: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     @property
     def max_abs(self) -> float:
@@ -97,6 +106,8 @@ class ValidationReport:
             "samples": self.samples,
             "max_abs_diff": self.max_abs,
             "outputs": [o.to_json() for o in self.outputs],
+            "shapes": self.shapes,
+            "sequence_lengths": self.sequence_lengths,
         }
 
 
@@ -105,12 +116,14 @@ def onnx_session(path: str | Path) -> Any:
     (or a folder) is a ValidationError."""
     import onnxruntime as ort
 
+    from .threads import session_options
+
     path = Path(path)
     if path.is_dir():
         raise ValidationError(f"ONNX model {path} is a directory: give the .onnx file")
     if not path.is_file():
         raise ValidationError(f"ONNX model {path} does not exist")
-    options = ort.SessionOptions()
+    options = session_options()  # the command's intra-op threads, one inter-op (actsparse_deploy.threads)
     options.log_severity_level = ORT_LOG_SEVERITY
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -261,12 +274,54 @@ def _validate(
     sizes_run: list[int] = []
     samples = 0
     count_mismatch = False
+    spec = _feed_spec(session, model, batches, io_spec)
+    sequence_axes = _sequence_axes(session, spec)
+    shapes: list[dict[str, list[int]]] = []
+    lengths: dict[str, list[int]] = {}
 
-    def timed_out(size: int, where: str) -> ValidationError:
+    def timed_out(where: str, what: str) -> ValidationError:
         return ValidationError(
-            f"validation of {onnx_path} timed out after {timeout:g} s at batch size {size}: {where}; "
+            f"validation of {onnx_path} timed out after {timeout:g} s at {where}: {what}; "
             "give a larger `timeout` if the model is only slow"
         )
+
+    def check(piece: Batch, where: str) -> bool:
+        """Compare one piece; False once the output counts differ (said once)."""
+        nonlocal samples
+        feeds = onnx_feeds(session, piece, spec)
+        seen = {name: list(array.shape) for name, array in feeds.items()}
+        if seen not in shapes:
+            shapes.append(seen)
+        for label, axes in sequence_axes.items():
+            length = seen[axes[0][0]][axes[0][1]]
+            if length not in lengths.setdefault(label, []):
+                lengths[label].append(length)
+        try:
+            with torch.no_grad():
+                want = [t.detach().cpu().numpy() for t in flatten_outputs(run_batch(model, piece))]
+        except (RuntimeError, TypeError, ValueError, IndexError) as e:
+            raise ValidationError(
+                f"the PyTorch model fails at {where} ({', '.join(f'{n} {v}' for n, v in seen.items())}): "
+                f"{type(e).__name__}: {first_line(e)}"
+            ) from e
+        if deadline is not None and time.monotonic() >= deadline:
+            raise timed_out(where, "the PyTorch model was running")
+        try:
+            got = run_session(session, feeds, deadline)
+        except TimeoutError as e:
+            raise timed_out(where, "onnxruntime was stopped") from e
+        except Exception as e:
+            raise ValidationError(f"onnxruntime failed at {where}: {first_line(e)}") from e
+        if len(want) != len(got):
+            problems.append(f"the ONNX model has {len(got)} outputs, the PyTorch model {len(want)}")
+            return False
+        samples += len(next(iter(feeds.values()))) if feeds else 0
+        for problem in _declared_output_problems(declared, want, spec):
+            if problem not in shape_problems:
+                shape_problems.append(problem)
+        for diff, g, w in zip(diffs, got, want):
+            diff.compare(g, w, tolerance, where=f"{where}: ")
+        return True
 
     for size in batch_sizes:
         pieces = resize_batches(batches, size, max_samples)
@@ -276,42 +331,76 @@ def _validate(
         for piece in pieces:
             if count_mismatch:
                 break
-            feeds = onnx_feeds(session, piece, io_spec)
-            with torch.no_grad():
-                want = [t.detach().cpu().numpy() for t in flatten_outputs(run_batch(model, piece))]
-            if deadline is not None and time.monotonic() >= deadline:
-                raise timed_out(size, "the PyTorch model was running")
-            try:
-                got = run_session(session, feeds, deadline)
-            except TimeoutError as e:
-                raise timed_out(size, "onnxruntime was stopped") from e
-            except Exception as e:
-                raise ValidationError(f"onnxruntime failed at batch size {size}: {first_line(e)}") from e
-            if len(want) != len(got):
-                problems.append(f"the ONNX model has {len(got)} outputs, the PyTorch model {len(want)}")
-                count_mismatch = True  # said once: the other batch sizes would only repeat it
-                break
-            samples += size
-            for problem in _declared_output_problems(declared, want, io_spec):
-                if problem not in shape_problems:
-                    shape_problems.append(problem)
-            for diff, g, w in zip(diffs, got, want):
-                diff.compare(g, w, tolerance, where=f"batch size {size}: ")
+            count_mismatch = not check(piece, f"batch size {size}")
     if len(sizes_run) < min(2, len(batch_sizes)):
         raise ValidationError(
             f"too little held-out data to validate at {min(2, len(batch_sizes))} batch sizes of {list(batch_sizes)}"
         )
+    if sequence_axes and not count_mismatch:  # a second length on each sequence axis: the held-out pieces cut to half
+        for label, axes in sequence_axes.items():
+            for piece in resize_batches(batches, sizes_run[-1], max_samples):
+                cut = _cut_piece(piece, spec, axes)
+                if cut is None:
+                    continue
+                length = named_tensors(cut, spec.input_names)[axes[0][0]].shape[axes[0][1]]
+                if not check(cut, f"batch size {sizes_run[-1]}, {label} {length}"):
+                    break
+            if len(lengths.get(label, [])) < 2:
+                where = ", ".join(f"axis {a} of {n}" for n, a in axes)
+                raise ValidationError(
+                    f"cannot validate a second length of the dynamic axis {label!r} ({where}): every held-out batch "
+                    f"has length {lengths.get(label, ['?'])[0]} there; give held-out data at least 2 long on it"
+                )
     if shape_problems:
         problems.append("the declared output shapes do not fit what PyTorch gives: " + "; ".join(shape_problems))
     for diff in diffs:
         problems.extend(diff.problems(tolerance))
-    report = ValidationReport(str(onnx_path), not problems, atol, rtol, sizes_run, samples, diffs)
+    report = ValidationReport(str(onnx_path), not problems, atol, rtol, sizes_run, samples, diffs, shapes, lengths)
     if problems:
         summary = "; ".join(f"{d.name} max abs {d.max_abs:.3g} max rel {d.max_rel:.3g}" for d in diffs)
         raise ValidationError(
             f"{onnx_path} does not match the PyTorch model: " + " | ".join(problems) + f" (all outputs: {summary})"
         ) from None
     return report
+
+
+def _feed_spec(session: Any, model: Any, batches: Sequence[Batch], io_spec: IOSpec | None) -> IOSpec:
+    """The I/O spec that names the feeds: ``io_spec``; else, for a tensor / tuple
+    batch, the model's ``forward`` parameter names (export names inputs so),
+    unless the ONNX model takes ``input`` / ``input_0, ...`` instead (an older
+    export): a mismatch then names the model's own inputs."""
+    if io_spec is not None:
+        return io_spec
+    first = next(iter(batches), None)
+    names = input_names(first) if first is not None else ()
+    if first is not None and not is_named(first):
+        taken = {i.name for i in session.get_inputs()}
+        from_model = forward_input_names(model, first)
+        if set(from_model) == taken or set(names) != taken:
+            names = from_model
+    return IOSpec(tuple(names), tuple(o.name for o in session.get_outputs()), {})
+
+
+def _sequence_axes(session: Any, spec: IOSpec) -> dict[str, list[tuple[str, int]]]:
+    """Input axes past the batch axis that may vary, by label: the I/O spec's
+    dynamic axes, else the ONNX model's named (symbolic) dimensions."""
+    found: dict[str, list[tuple[str, int]]] = {}
+    for name in spec.input_names:
+        for axis, label in spec.dynamic_axes.get(name, {}).items():
+            if axis > 0 and label != BATCH:
+                found.setdefault(label, []).append((name, axis))
+    if found or spec.dynamic_axes:
+        return found
+    for meta in session.get_inputs():
+        for axis, dim in enumerate(meta.shape or []):
+            if axis > 0 and isinstance(dim, str) and dim != BATCH:
+                found.setdefault(dim, []).append((meta.name, axis))
+    return found
+
+
+def _cut_piece(piece: Batch, spec: IOSpec, axes: Sequence[tuple[str, int]]) -> Batch | None:
+    """``piece`` with each of ``axes`` cut to half its length (None where one is shorter than 2)."""
+    return cut_axes(piece, spec.input_names, axes)
 
 
 def _declared_outputs(path: str | Path) -> list[tuple[str, list[int | str | None] | None]]:

@@ -26,7 +26,7 @@ from . import zoo
 from .batches import Batch, resize_batches
 from .batches import batch_size as batch_size_of
 from .errors import DataError
-from .loading import check_distinct_data, load_data, load_labels, load_model
+from .loading import ModelOptions, check_distinct_data, load_data, load_labels, load_model, load_text_data
 
 if TYPE_CHECKING:
     from .export import IOSpec
@@ -51,6 +51,8 @@ class Workload:
     heldout: list[Batch] | None = None
     labels: torch.Tensor | None = None
     io: IOSpec | None = None
+    #: a Hugging Face model's task (``causal-lm``, ...; see actsparse_deploy.hf.TASKS), None for others
+    task: str | None = None
 
     def require_calibration(self) -> Iterable[Batch]:
         if self.calibration is None:
@@ -100,7 +102,16 @@ def load_recipe(
     see :func:`actsparse_deploy.recipe.resolve_recipe`."""
     from .recipe import resolve_recipe
 
+    if recipe is None and work.builtin is None and work.task is not None:  # a Hugging Face model: its MLPs' default
+        from .hf import default_recipe
+
+        recipe = default_recipe(work.model)
     return resolve_recipe(work.name, work.builtin is not None, recipe, sparsity=sparsity, method=method, compensate=compensate)
+
+
+def _first(batches: list[Batch] | Iterable[Batch] | None) -> Batch | None:
+    """The first batch of a list (an iterable from a data function is not read twice)."""
+    return batches[0] if isinstance(batches, list) and batches else None
 
 
 def load_workload(
@@ -111,20 +122,25 @@ def load_workload(
     batch_size: int | None = None,
     labels: str | Path | None = None,
     check_distinct: bool = True,
+    model_options: ModelOptions | None = None,
 ) -> Workload:
-    """A built-in name or ``module:factory`` (+ weights), with its data; ``labels``:
-    a file of class indices for the held-out samples (your own classifier's accuracy).
+    """A built-in name, a Hugging Face model directory or ``module:factory`` (+ weights),
+    with its data; ``labels``: a file of class indices for the held-out samples (your own
+    classifier's accuracy); ``model_options``: a task, factory arguments, text files.
     Held-out data that is the calibration data is refused (``check_distinct=False``:
     the caller checks it later with ``check_distinct_data``)."""
     if check_distinct and data is not None and heldout is not None:
         check_distinct_data(data, heldout)
+    if check_distinct and model_options is not None and model_options.text and model_options.heldout_text:
+        check_distinct_data(model_options.text, model_options.heldout_text)
     if labels is not None and heldout is None:
         raise DataError(f"`labels` {labels} needs `heldout`: the labels are those of the held-out samples")
-    loaded = load_model(spec, weights)
+    loaded = load_model(spec, weights, model_options)
     entry = zoo.get_builtin(spec) if loaded.builtin else None
     size = batch_size or (entry.batch_size if entry else 32)
-    calibration = load_data(data, size) if data is not None else (zoo.calibration_batches(spec, size) if entry else None)
-    held: list[Batch] | None = None
+    text, held_text = load_text_data(loaded, model_options, data, heldout, size)
+    calibration = load_data(data, size) if data is not None else (zoo.calibration_batches(spec, size) if entry else text)
+    held: list[Batch] | None = held_text
     if heldout is not None:
         held = list(load_data(heldout, size))
     elif entry is not None:
@@ -135,5 +151,6 @@ def load_workload(
         samples = sum(batch_size_of(b) for b in held or [])
         if len(the_labels) != samples:
             raise DataError(f"labels file {labels} has {len(the_labels)} labels for {samples} held-out samples in {heldout}")
-    io = entry.io_spec() if entry is not None else None
-    return Workload(loaded.name, loaded.module, entry, calibration, held, the_labels, io)
+    io = entry.io_spec() if entry is not None else loaded.io_spec(_first(held) if held else _first(calibration))
+    task = loaded.hf.model.task if loaded.hf is not None else None
+    return Workload(loaded.name, loaded.module, entry, calibration, held, the_labels, io, task)

@@ -1,4 +1,6 @@
-"""Built-in models and data: two small digits classifiers and their data splits.
+"""Built-in models and data: two small digits classifiers and their data splits,
+the MiniLM sentence encoder and ``tiny-lm``, a small Llama-architecture causal
+LM (``actsparse_deploy.tinylm``, held-out perplexity as its quality metric).
 
 The data is scikit-learn's bundled 8x8 digits set (no download), cut once into a
 fixed train / calibration / test split. The weights ship in ``models/`` and are
@@ -6,7 +8,7 @@ made by ``python tools/train_digits.py``.
 
     >>> from actsparse_deploy.zoo import builtin_names, digits_split, DigitsMLP
     >>> builtin_names()
-    ['digits-cnn', 'digits-mlp', 'minilm']
+    ['digits-cnn', 'digits-mlp', 'minilm', 'tiny-lm']
     >>> images, labels = digits_split("calibration")
     >>> tuple(images.shape), labels.dtype
     ((200, 1, 8, 8), torch.int64)
@@ -34,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from actsparse_deploy import minilm
+from actsparse_deploy import minilm, tinylm
 from actsparse_deploy.errors import DataError, ModelLoadError, WeightsError
 
 if TYPE_CHECKING:
@@ -44,6 +46,7 @@ __all__ = [
     "SPLIT_SEED",
     "SPLIT_SIZES",
     "MODELS_DIR_ENV",
+    "TASKS",
     "TRAIN_SCRIPT",
     "BuiltinModel",
     "DigitsCNN",
@@ -66,6 +69,9 @@ SPLIT_SEED = 20240607
 
 SPLIT_SIZES: dict[str, int] = {"train": 1197, "calibration": 200, "test": 400}
 """Split sizes, in the order they are taken from the permutation."""
+
+TASKS = ("classification", "embedding", "causal-lm")
+"""What a built-in does; a ``causal-lm``'s cost is its held-out perplexity (dense, sparse, ONNX)."""
 
 MODELS_DIR_ENV = "ACTSPARSE_MODELS_DIR"
 """Environment variable that overrides where the shipped weights are looked up."""
@@ -205,6 +211,7 @@ class BuiltinModel:
     capture and validation all use. ``other_data(batch_size)``: inputs of
     another kind than the calibration and held-out data (MiniLM: English that
     is not documentation), on which the cost is also reported (domain shift).
+    ``train_script``: the command that makes its shipped files.
     """
 
     name: str
@@ -221,6 +228,7 @@ class BuiltinModel:
     axes: Mapping[str, Mapping[int, str]] | None = None
     batch_size: int = 32
     other_data: Callable[[int], list[Any]] | None = None
+    train_script: str = TRAIN_SCRIPT
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -237,7 +245,7 @@ class BuiltinModel:
                 f"built-in {self.name!r}: recipe file {self.recipe_filename!r} "
                 "must be a .toml file"
             )
-        if self.task not in ("classification", "embedding"):
+        if self.task not in TASKS:
             raise ValueError(f"built-in {self.name!r}: unknown task {self.task!r}")
         tensors = set(self.input_names + self.output_names)
         if self.axes is not None and (set(self.axes) != tensors or not all(0 in a for a in self.axes.values())):
@@ -291,6 +299,24 @@ def _minilm_other(batch_size: int) -> list[Any]:
     return _minilm_data("other", batch_size)
 
 
+def _tiny_lm_factory() -> nn.Module:
+    from .tinylm import build_tiny_lm
+
+    return build_tiny_lm()
+
+
+def _tiny_lm_loader() -> nn.Module:
+    from .tinylm import load_tiny_lm
+
+    return load_tiny_lm(models_dir() / tinylm.WEIGHTS_FILENAME)
+
+
+def _tiny_lm_data(split: str, batch_size: int) -> list[Any]:
+    from .tinylm import tiny_lm_batches
+
+    return tiny_lm_batches(split, batch_size)
+
+
 _BUILTINS: dict[str, BuiltinModel] = {
     model.name: model
     for model in (
@@ -312,6 +338,21 @@ _BUILTINS: dict[str, BuiltinModel] = {
             axes=minilm.DYNAMIC_AXES,
             batch_size=8,
             other_data=_minilm_other,
+        ),
+        BuiltinModel(
+            name="tiny-lm",
+            description="4.5 M-parameter Llama causal LM (SwiGLU) trained on Python's pydoc_data documentation",
+            factory=_tiny_lm_factory,
+            weights_filename=tinylm.WEIGHTS_FILENAME,
+            recipe_filename="tiny-lm.toml",
+            task="causal-lm",
+            loader=_tiny_lm_loader,
+            data=_tiny_lm_data,
+            input_names=tinylm.INPUT_NAMES,
+            output_names=tinylm.OUTPUT_NAMES,
+            axes=tinylm.DYNAMIC_AXES,
+            batch_size=8,
+            train_script=tinylm.TRAIN_SCRIPT,
         ),
     )
 }
@@ -359,7 +400,7 @@ def _existing_weights(name: str) -> Path:
     if not path.is_file():
         raise ModelLoadError(
             f"weights of built-in model {name!r} not found at {path}; "
-            f"run `{TRAIN_SCRIPT}` to create them"
+            f"run `{get_builtin(name).train_script}` to create them"
         )
     return path
 
@@ -380,7 +421,7 @@ def load_builtin(name: str) -> nn.Module:
     except RuntimeError as e:
         raise WeightsError(
             f"weights file {path} does not fit built-in model {name!r}: {e}; "
-            f"run `{TRAIN_SCRIPT}` to recreate it"
+            f"run `{entry.train_script}` to recreate it"
         ) from e
     return model.eval()
 

@@ -18,6 +18,10 @@ import torch
 from .helpers import BackgroundCommands, DigitsFiles, EarlyWork, TinyConv, TinyMLP, background_selection
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# xdist workers inherit a fixed terminal size, which rich would keep for the whole
+# process: without it, the COLUMNS a test gives the CLI decides the width
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
 torch.set_num_threads(1)
 
 
@@ -39,12 +43,44 @@ def digits_files(tmp_path_factory: pytest.TempPathFactory) -> DigitsFiles:
 
 
 # --- commands in the background ---------------------------------------------------------
+#
+# Under pytest-xdist (``make test`` runs two worker processes) every worker collects
+# every test; one folder made by the controller is shared, and one process (the
+# worker gw0, or the only process without xdist) runs the background commands
+# there; every process reads their results from it.
 
 _BACKGROUND: dict[str, object] = {}
 
 
 def _requested(items: list[pytest.Item]) -> set[str]:
     return {name for item in items for mark in item.iter_markers("background") for name in mark.args}
+
+
+def _worker(config: pytest.Config) -> str | None:
+    """This process's xdist worker id, or None when it runs the tests alone."""
+    workerinput = getattr(config, "workerinput", None)
+    return None if workerinput is None else str(workerinput["workerid"])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        _BACKGROUND["root"] = Path(workerinput["actsparse_shared"])
+    else:
+        _BACKGROUND["root"] = Path(tempfile.mkdtemp(prefix="actsparse-shared-"))
+        _BACKGROUND["owner"] = True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: object) -> None:
+    """xdist: hand the shared folder to each worker."""
+    node.workerinput["actsparse_shared"] = str(_BACKGROUND["root"])  # type: ignore[attr-defined]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    root = _BACKGROUND.pop("root", None)
+    if _BACKGROUND.pop("owner", False) and isinstance(root, Path):
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -55,31 +91,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the background commands that the selected tests ask for, now: they
-    run while the tests before theirs do."""
-    if not session.config.option.collectonly:
-        wanted = {name for item in session.items for mark in item.iter_markers("early") for name in mark.args}
-        if wanted:
-            root = Path(tempfile.mkdtemp(prefix="actsparse-early-"))
-            _BACKGROUND["early_root"] = root
-            _BACKGROUND["early"] = EarlyWork(root, wanted).start()
+    run while the tests before theirs do. Early work starts now only without
+    xdist (a worker does not know which tests it will get; there it runs on
+    first use, beside the other worker)."""
+    if session.config.option.collectonly:
+        return
+    root = _BACKGROUND["root"]
+    assert isinstance(root, Path)
+    worker = _worker(session.config)
+    wanted = {name for item in session.items for mark in item.iter_markers("early") for name in mark.args}
+    if wanted:
+        early_root = root / f"early-{worker or 'main'}"
+        early_root.mkdir()
+        _BACKGROUND["early"] = EarlyWork(early_root, wanted).start() if worker is None else EarlyWork(early_root, wanted)
     names = _requested(session.items)
-    if names and not session.config.option.collectonly:
-        root = Path(tempfile.mkdtemp(prefix="actsparse-background-"))
-        _BACKGROUND["root"] = root
-        _BACKGROUND["runs"] = BackgroundCommands(root, background_selection(names)).start()
+    if names:
+        runner = worker in (None, "gw0")
+        _BACKGROUND["runs"] = BackgroundCommands(root / "background", background_selection(names), runner=runner).start()
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     early = _BACKGROUND.pop("early", None)
     if isinstance(early, EarlyWork):
         early.join()
     runs = _BACKGROUND.pop("runs", None)
     if isinstance(runs, BackgroundCommands):
-        runs.stop()
-    for key in ("root", "early_root"):
-        root = _BACKGROUND.pop(key, None)
-        if isinstance(root, Path):
-            shutil.rmtree(root, ignore_errors=True)
+        runs.finish(interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
 
 
 @pytest.fixture(scope="session")

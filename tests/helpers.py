@@ -9,11 +9,13 @@ one), and commands run in a background thread.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -173,9 +175,10 @@ ROOT = Path(__file__).resolve().parent.parent
 #: masks, the dynamo exporter
 BACKGROUND_COMMANDS: dict[str, list[str]] = {
     "benchmark": [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--quick", "--sections", "speed-digits", "--out", "bench.json"],
-    "minilm-torchscript": _cli("convert", "minilm", "-o", "out/minilm"),
+    "minilm-torchscript": _cli("convert", "minilm", "-o", "out/minilm"),  # the README's command, as written
     "minilm-pt2": _cli("squash", "minilm", "--masks", "out/minilm/masks.safetensors", "-o", "minilm.pt2", "--json"),
-    "minilm-dynamo": _cli("convert", "minilm", "-o", "out/minilm-dynamo", "--exporter", "dynamo"),
+    # no latency figures: no test reads this run's (the README's run above measures them)
+    "minilm-dynamo": _cli("convert", "minilm", "-o", "out/minilm-dynamo", "--exporter", "dynamo", "--no-latency"),
 }
 #: what a command reads from another one's output
 BACKGROUND_NEEDS = {"minilm-pt2": ("minilm-torchscript",)}
@@ -193,24 +196,36 @@ def background_selection(names: set[str]) -> dict[str, list[str]]:
 
 
 class BackgroundCommands:
-    """Commands run one after another in real processes, from a background thread:
-    they use the machine's second core while the tests go on in this one.
-    ``result(name)`` waits for one and fails the test that asked if it failed."""
+    """Commands run one after another in real processes, from a background thread
+    of one test process (``runner``): they use a core while the tests go on.
+    Each finished command leaves ``.results/NAME.json`` in ``root``, so every test
+    process of the session (pytest-xdist workers share ``root``) reads the same
+    runs; ``result(name)`` waits for one and fails the test that asked if it failed."""
 
-    def __init__(self, root: Path, commands: dict[str, list[str]]) -> None:
+    def __init__(self, root: Path, commands: dict[str, list[str]], runner: bool = True) -> None:
         self.root = root
         self.commands = commands
+        self.runner = runner
         # the environment now, before any test patches os.environ
         self.env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.results: dict[str, subprocess.CompletedProcess[str]] = {}
-        self._done = {name: threading.Event() for name in commands}
         self._stopped = False
         self._proc: subprocess.Popen[str] | None = None
         self._thread = threading.Thread(target=self._run, name="background-commands", daemon=True)
 
     def start(self) -> BackgroundCommands:
-        self._thread.start()
+        (self.root / ".results").mkdir(parents=True, exist_ok=True)
+        if self.runner:
+            self._thread.start()
         return self
+
+    def _result_file(self, name: str) -> Path:
+        return self.root / ".results" / f"{name}.json"
+
+    def _record(self, name: str, argv: list[str], returncode: int | None, out: str, err: str) -> None:
+        path = self._result_file(name)
+        staged = path.with_suffix(".tmp")
+        staged.write_text(json.dumps({"argv": argv, "returncode": returncode, "stdout": out, "stderr": err}))
+        staged.replace(path)  # readers see a whole file or none
 
     def _run(self) -> None:
         try:
@@ -223,11 +238,11 @@ class BackgroundCommands:
                     argv, cwd=cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
                 )
                 out, err = self._proc.communicate()
-                self.results[name] = subprocess.CompletedProcess(argv, self._proc.returncode, out, err)
-                self._done[name].set()
+                self._record(name, argv, self._proc.returncode, out, err)
         finally:
-            for event in self._done.values():
-                event.set()  # a stopped chain wakes every waiter (result() then says so)
+            for name, argv in self.commands.items():  # a stopped chain wakes every waiter (result() then says so)
+                if not self._result_file(name).exists():
+                    self._record(name, argv, None, "", "the background run was stopped before this command")
 
     def folder(self, name: str) -> Path:
         """The working directory of command ``name``."""
@@ -237,20 +252,28 @@ class BackgroundCommands:
         """The finished command ``name``; asserts that it exited 0."""
         assert name in self.commands, f"{name!r} was not scheduled: mark the test @pytest.mark.background({name!r})"
         shown = " ".join(self.commands[name][1:])
-        assert self._done[name].wait(timeout), f"`{shown}` still runs after {timeout} s"
-        assert name in self.results, f"`{shown}` never ran (the run was stopped)"
-        done = self.results[name]
-        assert done.returncode == 0, f"`{shown}` exited {done.returncode}: {done.stderr}"
-        return done
+        path = self._result_file(name)
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            assert time.monotonic() < deadline, f"`{shown}` still runs after {timeout} s"
+            time.sleep(0.2)
+        done = json.loads(path.read_text())
+        assert done["returncode"] is not None, f"`{shown}` never ran: {done['stderr']}"
+        assert done["returncode"] == 0, f"`{shown}` exited {done['returncode']}: {done['stderr']}"
+        return subprocess.CompletedProcess(done["argv"], done["returncode"], done["stdout"], done["stderr"])
 
-    def stop(self) -> None:
-        """Kill the command still running (a test session cut short) and wait for the thread."""
-        self._stopped = True
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-        if self._thread.is_alive():
-            self._thread.join(timeout=60)
+    def finish(self, interrupted: bool) -> None:
+        """At the end of this process's tests: let the commands finish (another
+        test process may still read them), or kill the one running if the session
+        was interrupted."""
+        if not self.runner:
+            return
+        if interrupted:
+            self._stopped = True
+            proc = self._proc
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        self._thread.join(timeout=900)
 
 
 # --- digits: files the CLI writes, made once per session --------------------------------
@@ -304,8 +327,9 @@ EARLY_WORK: dict[str, Callable[[Path], Any]] = {"interrupts": _interrupt_cases}
 
 class EarlyWork:
     """Functions of ``EARLY_WORK`` run in threads from the start of the session
-    (real processes they manage then overlap the tests that come first);
-    ``result(name)`` waits for one and re-raises what it raised."""
+    (real processes they manage then overlap the tests that come first), or, when
+    not started (an xdist worker), on first use; ``result(name)`` waits for one
+    and re-raises what it raised."""
 
     def __init__(self, root: Path, names: set[str]) -> None:
         unknown = names - set(EARLY_WORK)
@@ -328,6 +352,8 @@ class EarlyWork:
 
     def result(self, name: str, timeout: float = 600) -> Any:
         assert name in self._threads, f"{name!r} was not started: mark the test @pytest.mark.early({name!r})"
+        if self._threads[name].ident is None:
+            self._threads[name].start()
         self._threads[name].join(timeout)
         assert not self._threads[name].is_alive(), f"early work {name!r} still runs after {timeout} s"
         if name in self._errors:
@@ -336,4 +362,5 @@ class EarlyWork:
 
     def join(self) -> None:
         for thread in self._threads.values():
-            thread.join(300)
+            if thread.ident is not None:
+                thread.join(300)

@@ -307,4 +307,4 @@ def test_onnx_metadata_is_plain_strings(world):
     assert [(row["layer"], row["mode"], row["sparsity"]) for row in layers] == [
         ("conv2", "fold", 0.125), ("fc1", "fold", 0.25), ("fc2", "prune", 0.5),
     ]
-    assert layers[2]["reason"] == "removed 32 of 64 features from fc1 and this layer"
+    assert layers[2]["reason"] == "removed 32 of 64 features from fc1 and this layer; compensated (lstsq): new weight and bias"

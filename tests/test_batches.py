@@ -224,7 +224,7 @@ def test_the_recipe_loader_applies_sparsity_to_the_builtin_recipe():
     ("kwargs", "error", "message"),
     [
         ({"mode": "squeeze"}, SquashError, "unknown squash mode 'squeeze'; known: auto, mul, fold, prune"),
-        ({"exporter": "tf"}, ExportError, "unknown exporter 'tf'; known: dynamo, torchscript"),
+        ({"exporter": "tf"}, ExportError, "unknown exporter 'tf'; known: auto, dynamo, torchscript"),
         ({"atol": -1.0}, ValidationError, "tolerances must be non-negative numbers"),
         ({"rtol": float("nan")}, ValidationError, "tolerances must be non-negative numbers"),
         ({"timeout": 0}, ValidationError, "timeout must be a positive number of seconds"),

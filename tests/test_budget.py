@@ -46,12 +46,21 @@ def test_budget_parse_accepted_forms_and_errors():
         assert caught.value.exit_code == 3
 
 
-def test_tuning_split_is_the_last_fifth_of_calibration_and_not_heldout(work):
+def test_tuning_split_is_every_fifth_calibration_sample_and_not_heldout(work):
+    """Spread through the data (calibration data often comes in its source's
+    order: the last fifth would be a corner of it), across batch boundaries."""
     calibration, tuning = split_tuning(list(work.calibration))
     assert total_samples(calibration) == 160 and total_samples(tuning) == 40
     everything = torch.cat(list(work.calibration))
-    torch.testing.assert_close(torch.cat(tuning), everything[160:])
-    torch.testing.assert_close(torch.cat(calibration), everything[:160])
+    every_fifth = torch.arange(200) % 5 == 4
+    torch.testing.assert_close(torch.cat(tuning), everything[every_fifth])
+    torch.testing.assert_close(torch.cat(calibration), everything[~every_fifth])
+    uneven = [everything[:7], everything[7:9], everything[9:]]  # batches of 7, 2 and 191 samples
+    calibration, tuning = split_tuning(uneven)
+    torch.testing.assert_close(torch.cat(tuning), everything[every_fifth])
+    torch.testing.assert_close(torch.cat(calibration), everything[~every_fifth])
+    _, one = split_tuning([everything[:3]])
+    assert total_samples(one) == 1  # at least one sample tunes
     held = torch.cat(work.heldout).flatten(1)
     for row in torch.cat(tuning).flatten(1):
         assert not bool((held == row).all(dim=1).any())

@@ -37,7 +37,25 @@ def _topk_keep(scores, level):
     return keep.reshape(scores.shape)
 
 
-def test_digits_cnn_builtin_recipe_matches_numpy():
+#: digits-cnn's recipe with the drop-in functions (the built-in one selects with ``obs``)
+CLASSIC_CNN_RECIPE = {
+    "version": 1,
+    "defaults": {"aggregate_fn": "max_abs", "reduce_fn": {"name": "feature_mean", "axis": 0}, "mask_fn": "topk"},
+    "layers": [{"name": n, "sparse_config": {"sparsity_level": level}} for n, level in (("conv2", 0.125), ("fc1", 0.25), ("fc2", 0.5))],
+}
+
+
+def test_digits_cnn_builtin_recipe_selects_with_obs_and_compensates():
+    model = load_builtin("digits-cnn")
+    masks = calibrate(model, builtin_recipe_path("digits-cnn"), calibration_batches("digits-cnn"), model_name="digits-cnn")
+    for name, level in (("conv2", 0.125), ("fc1", 0.25), ("fc2", 0.5)):
+        layer = masks[name]
+        assert layer.mask.numel() - int(layer.mask.count_nonzero()) == round(level * layer.mask.numel())
+        assert layer.bias is not None and layer.compensate == ("bias" if name == "conv2" else "lstsq")
+        assert ("bias compensation used" in (layer.note or "")) == (name == "conv2")  # conv2 is 3x3: the removed channels' mean
+
+
+def test_digits_cnn_classic_recipe_matches_numpy():
     model = load_builtin("digits-cnn")
     batches = calibration_batches("digits-cnn", batch_size=48)  # 48 x 4 + 8: a partial batch
     reference = copy.deepcopy(model)
@@ -45,7 +63,7 @@ def test_digits_cnn_builtin_recipe_matches_numpy():
     with torch.no_grad():
         for b in batches:
             reference(b)
-    masks = calibrate(model, builtin_recipe_path("digits-cnn"), batches, model_name="digits-cnn")
+    masks = calibrate(model, CLASSIC_CNN_RECIPE, batches, model_name="digits-cnn")
     # max_abs over samples, feature_mean over the channel (conv) / feature (linear) axis, topk
     conv = np.abs(np.concatenate(seen["conv2"])).max(axis=0).mean(axis=(1, 2))
     np.testing.assert_array_equal(masks["conv2"].mask.numpy().reshape(-1), _topk_keep(conv, 0.125))

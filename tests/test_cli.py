@@ -107,7 +107,7 @@ def test_models_command():
     result = invoke("models")
     assert result.exit_code == 0 and "digits-cnn" in result.stdout and "0.9800" in result.stdout
     rows = json.loads(invoke("models", "--json").stdout)
-    assert {r["name"]: r["test_accuracy"] for r in rows} == {"digits-cnn": 0.98, "digits-mlp": 0.9725, "minilm": None}
+    assert {r["name"]: r["test_accuracy"] for r in rows} == {"digits-cnn": 0.98, "digits-mlp": 0.9725, "minilm": None, "tiny-lm": None}
 
 
 def test_python_dash_m_runs_the_cli(tmp_path):

@@ -373,7 +373,8 @@ def test_convert_reports_each_stage(world):
         heldout=str(world.npy("h.npy", np.ones((6, 4), np.float32))), recipe=recipe_file(world),
         on_stage=lambda name, total: stages.append((name, total)),
     )
-    assert stages == [("calibrating", 24), ("squashing", None), ("exporting", None), ("validating", None), ("measuring cost", None)]
+    assert stages == [("calibrating", 24), ("squashing", None), ("exporting", None), ("validating", None), ("measuring cost", None),
+                      ("measuring latency", None)]
 
 
 def test_progress_bar_shows_the_stage_and_the_total(world, monkeypatch):
@@ -383,7 +384,7 @@ def test_progress_bar_shows_the_stage_and_the_total(world, monkeypatch):
     assert result.exit_code == 0, buf.getvalue()
     text = buf.getvalue()
     assert "/200" in text and "/?" not in text
-    for stage in ("calibrating", "squashing", "exporting", "validating", "measuring cost"):
+    for stage in ("calibrating", "squashing", "exporting", "validating", "measuring cost", "measuring latency"):
         assert stage in text, text
 
 
@@ -468,6 +469,19 @@ def test_convert_with_labels_reports_accuracy(world):
     text = invoke(["convert", world.user(), "--data", world.npy("d.npy"), "--heldout", held, "--labels", labels,
                    "--recipe", recipe_file(world), "-o", "out2"])
     assert "accuracy dense 0.8000 -> sparse" in text.stdout
+
+
+def test_validate_with_labels_names_your_models_inputs_as_export_does(world):
+    """The ONNX accuracy of your own classifier: export names the input after
+    ``forward``'s parameter, and the accuracy's onnxruntime feeds use that name too."""
+    import json
+
+    held, labels, _ = _labelled(world)
+    assert invoke(["export", world.user(), "--heldout", held, "-o", "dense.onnx"]).exit_code == 0
+    result = invoke(["validate", "dense.onnx", world.user(), "--heldout", held, "--labels", labels, "--json"])
+    assert result.exit_code == 0, result.stderr
+    cost = json.loads(result.stdout)["cost"]
+    assert cost["accuracy_dense"] == cost["accuracy_onnx"] == pytest.approx(24 / 30)
 
 
 def test_labels_of_the_wrong_length(world):

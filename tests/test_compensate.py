@@ -158,3 +158,23 @@ def test_bad_arguments_are_refused():
         compensate(layer, _stats(x, "gram"), torch.ones(4), "lstsq", damping=-1.0)
     with pytest.raises(ConfigError, match="4 input features.*mask of 3"):
         compensate(layer, _stats(x, "gram"), torch.ones(3), "bias", damping=0.0)
+
+
+def test_gpt2_conv1d_lstsq_and_methods_read_its_transposed_weight():
+    """GPT-2's Conv1D keeps its weight as (in, out): compensation returns a weight
+    of that shape that recovers the dense output, and methods score its columns."""
+    from transformers.pytorch_utils import Conv1D
+
+    from actsparse_deploy.methods import weight_columns
+
+    torch.manual_seed(4)
+    layer = Conv1D(4, 8)  # nf=4 out, nx=8 in: weight (8, 4)
+    x = _dependent_inputs().reshape(8, 8, 8)  # (batch, tokens, features)
+    dense = layer(x).detach()
+    assert_close(weight_columns(layer)[:, :, 0], layer.weight.detach().double().T)
+    mask = torch.tensor([1.0, 1, 1, 1, 1, 0, 0, 0])
+    weight, bias = compensate(layer, _stats(x, "gram", sample_ndim=2), mask, "lstsq", damping=0.0)
+    assert weight.shape == layer.weight.shape == (8, 4) and bias.shape == (4,)
+    assert bool((weight[5:] == 0).all())  # removed input rows are zero
+    assert float((layer(x * mask).detach() - dense).abs().max()) > 0.1
+    assert_close(_apply(layer, weight, bias)(x * mask), dense, atol=1e-4, rtol=1e-4)

@@ -123,9 +123,27 @@ def test_compensation_keeps_the_digits_mlp_accurate_at_half_its_features(tmp_pat
     assert cost["accuracy_sparse"] >= cost["accuracy_dense"] - 0.01, cost
 
 
+CLASSIC_MLP_RECIPE = """version = 1
+[defaults]
+aggregate_fn = "max_abs"
+reduce_fn = "feature_mean"
+mask_fn = "topk"
+sparse_config = { sparsity_level = 0.25 }
+[[layers]]
+name = ["fc2", "fc3"]
+"""
+
+
+def test_builtin_recipes_select_with_obs_and_compensate_with_lstsq(tmp_path):
+    result = invoke("calibrate", "digits-mlp", "-o", tmp_path / "masks.safetensors", "--json")
+    assert result.exit_code == 0, result.output
+    assert {(row["method"], row["compensate"]) for row in json.loads(result.stdout)["layers"]} == {("obs", "lstsq")}
+
+
 def test_rows_without_a_method_say_so(tmp_path):
     masks_path = tmp_path / "masks.safetensors"
-    result = invoke("calibrate", "digits-mlp", "-o", masks_path, "--json")
+    (tmp_path / "classic.toml").write_text(CLASSIC_MLP_RECIPE)
+    result = invoke("calibrate", "digits-mlp", "--recipe", tmp_path / "classic.toml", "-o", masks_path, "--json")
     assert result.exit_code == 0, result.output
     assert {(row["method"], row["compensate"]) for row in json.loads(result.stdout)["layers"]} == {(None, "none")}
     result = invoke("export", "digits-mlp", "--masks", masks_path, "-o", tmp_path / "m.onnx", "--json")
@@ -134,7 +152,8 @@ def test_rows_without_a_method_say_so(tmp_path):
 
 
 def test_compensation_without_a_method_is_a_recipe_error(tmp_path):
-    result = invoke("convert", "digits-mlp", "-o", tmp_path / "out", "--compensate", "lstsq")
+    (tmp_path / "classic.toml").write_text(CLASSIC_MLP_RECIPE)
+    result = invoke("convert", "digits-mlp", "--recipe", tmp_path / "classic.toml", "-o", tmp_path / "out", "--compensate", "lstsq")
     assert result.exit_code == 3, result.output
     assert len(result.stderr.splitlines()) == 1 and "needs a method" in result.stderr
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classic.toml"]

@@ -4,6 +4,7 @@ output shape that lies fails validation."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +50,13 @@ def test_minilm_export_declares_its_outputs(background):
     """The session's MiniLM converts (`actsparse convert minilm`, both exporters:
     export, then validation, which reads the declared output shapes too) declare
     sentence_embedding [batch, 384] (not [batch, sequence]), as the one spec says."""
-    assert DEFAULT_EXPORTER == "torchscript"
+    assert DEFAULT_EXPORTER == "auto"
     spec = zoo.get_builtin("minilm").io_spec()
     assert dict(spec.dynamic_axes["sentence_embedding"]) == {0: "batch"}
     for exporter, outdir in MINILM_OUTDIRS.items():
         assert background.result(f"minilm-{exporter}").returncode == 0
+        report = json.loads((background.folder("minilm") / outdir / "report.json").read_text())
+        assert report["export"]["exporter"] == exporter  # auto: torchscript works on MiniLM, the first it tries
         proto = onnx.load(str(background.folder("minilm") / outdir / "model.onnx"), load_external_data=False)
         assert _declared(proto, "sentence_embedding") == ["batch", minilm.HIDDEN_SIZE], exporter
         assert _declared(proto, "token_embeddings") == ["batch", "sequence", minilm.HIDDEN_SIZE], exporter
@@ -123,7 +126,7 @@ def test_a_true_declared_output_shape_passes(lying):
 def test_an_output_axis_the_spec_makes_dynamic_must_not_be_fixed(lying):
     module, make, _ = lying
     path = make(_fixed(0, 3))  # true for batch size 3 only: the spec says the batch axis is dynamic
-    spec = IOSpec(("input",), ("output",), {"input": {0: "batch"}, "output": {0: "batch"}})
+    spec = IOSpec(("x",), ("output",), {"x": {0: "batch"}, "output": {0: "batch"}})
     with pytest.raises(ValidationError, match="output output axis 0: the ONNX model fixes it to 3, the I/O spec makes it dynamic"):
         validate(path, module.build(), [torch.randn(12, 4)], io_spec=spec, batch_sizes=(3, 1))
 

@@ -511,7 +511,9 @@ def test_builtin_modes_reasons_and_exactness(builtin):
         assert result.modes == EXPECTED[name][mode]
         for layer, producer in EXPECTED[name]["producers"].items():
             n = masks[layer].dense().numel()
-            assert result.reasons[layer] == f"removed {zeros(masks, layer)} of {n} features from {producer} and this layer"
+            edited = [what for what in ("weight", "bias") if getattr(masks[layer], what) is not None]
+            compensated = f"; compensated ({masks[layer].compensate}): new {' and '.join(edited)}" if edited else ""
+            assert result.reasons[layer] == f"removed {zeros(masks, layer)} of {n} features from {producer} and this layer{compensated}"
         assert_same_outputs(result.model, squashed["mul"].model, work.heldout[2:6])
         assert n_params(result.model) < n_params(work.model)
     if name == "digits-cnn":

@@ -17,7 +17,7 @@ runner = CliRunner()
 #: report.json's top-level keys before the report became an object: they stay
 REPORT_JSON_KEYS = [
     "tool_version", "model", "squash_mode", "calibration", "overall_sparsity", "layers", "recipe", "notes",
-    "export", "validation", "cost", "seconds", "files",
+    "export", "validation", "cost", "seconds", "files", "threads", "latency",
 ]
 
 

@@ -132,11 +132,11 @@ def _set_bias(value: float):
 
 def _rename_input(proto: onnx.ModelProto) -> None:
     old = proto.graph.input[0].name
-    proto.graph.input[0].name = "x"
+    proto.graph.input[0].name = "renamed"
     for node in proto.graph.node:
         for i, name in enumerate(node.input):
             if name == old:
-                node.input[i] = "x"
+                node.input[i] = "renamed"
 
 
 def _fix_batch(size: int):
@@ -233,33 +233,33 @@ def test_renamed_input_fails(world):
     renamed = _edit(world.onnx(), world.file("renamed.onnx"), _rename_input)
     assert _validate_cli(world, world.onnx(name="good.onnx")).exit_code == 0
     message = _one_line_error(_validate_cli(world, renamed), 10)
-    assert "input names do not match the ONNX model's: it takes x; given input" in message, message
+    assert "input names do not match the ONNX model's: it takes renamed; given x" in message, message
 
 
 def test_renamed_input_fails_against_the_io_spec(world):
     renamed = _edit(world.onnx(), world.file("renamed.onnx"), _rename_input)
-    spec = IOSpec(("input",), ("output",), {"input": {0: "batch"}})
-    with pytest.raises(ValidationError, match="it takes x; given input"):
+    spec = IOSpec(("x",), ("output",), {"x": {0: "batch"}})
+    with pytest.raises(ValidationError, match="it takes renamed; given x"):
         validate(renamed, world.model(), [torch.randn(8, 4)], io_spec=spec)
-    renamed_spec = IOSpec(("x",), ("output",), {"x": {0: "batch"}})
+    renamed_spec = IOSpec(("renamed",), ("output",), {"renamed": {0: "batch"}})
     assert validate(renamed, world.model(), [torch.randn(8, 4)], io_spec=renamed_spec).passed
 
 
 def test_fixed_dimension_against_the_batch_and_the_io_spec(world):
     fixed = _edit(world.onnx(), world.file("fixed.onnx"), _fix_batch(3))
     message = _one_line_error(_validate_cli(world, fixed), 10)
-    assert "input input axis 0: the ONNX model fixes it to 3, the batch has 1" in message, message
+    assert "input x axis 0: the ONNX model fixes it to 3, the batch has 1" in message, message
     # at the one batch size it fixes, onnxruntime runs; the I/O spec still says the axis is dynamic
-    spec = IOSpec(("input",), ("output",), {"input": {0: "batch"}, "output": {0: "batch"}})
-    with pytest.raises(ValidationError, match="input input axis 0: the ONNX model fixes it to 3, the I/O spec makes it dynamic"):
+    spec = IOSpec(("x",), ("output",), {"x": {0: "batch"}, "output": {0: "batch"}})
+    with pytest.raises(ValidationError, match="input x axis 0: the ONNX model fixes it to 3, the I/O spec makes it dynamic"):
         validate(fixed, world.model(), [torch.randn(9, 4)], batch_sizes=(3,), io_spec=spec)
 
 
 def test_input_rank_and_dtype_are_checked_before_running(world):
     path = world.onnx()
-    with pytest.raises(ValidationError, match=r"input input: the ONNX model declares rank 2 \(\['batch', 4\]\), the batch has rank 3"):
+    with pytest.raises(ValidationError, match=r"input x: the ONNX model declares rank 2 \(\['batch', 4\]\), the batch has rank 3"):
         validate(path, world.model(), [torch.randn(8, 1, 4)])
-    with pytest.raises(ValidationError, match="input input: the ONNX model takes float32, the batch is float64"):
+    with pytest.raises(ValidationError, match="input x: the ONNX model takes float32, the batch is float64"):
         validate(path, world.model().double(), [torch.randn(8, 4, dtype=torch.float64)])
 
 

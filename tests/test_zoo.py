@@ -113,7 +113,7 @@ def test_architectures_have_stable_names_and_run_in_order(
 
 def test_registry_names_and_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(zoo.MODELS_DIR_ENV, raising=False)
-    assert zoo.builtin_names() == ["digits-cnn", "digits-mlp", "minilm"]
+    assert zoo.builtin_names() == ["digits-cnn", "digits-mlp", "minilm", "tiny-lm"]
     entry = zoo.get_builtin("digits-cnn")
     assert entry.task == "classification"
     assert entry.factory is zoo.DigitsCNN

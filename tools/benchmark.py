@@ -18,10 +18,19 @@ the order rotated every round) so drift cancels; medians with min and max.
    similarity to the dense model on the held-out sentences (mean and worst),
    digits test accuracy.
 4. Export and validation time per exporter.
+5. Model families (``--sections families``): onnxruntime latency of a Llama MLP
+   stack (RMSNorm + SwiGLU ``LlamaMLP`` blocks with residuals, hidden 256,
+   intermediate 1024, 4 blocks, 8 x 64 tokens) with 50 % of each ``down_proj``'s
+   inputs masked: dense, mul, fold, prune, auto, and the same stack built at
+   intermediate 512 (the ideal); GPT-2 (``GPT2LMHeadModel``, 256 wide, 4 layers,
+   ``mlp.c_proj`` inputs 50 % masked, dynamo exporter) and a depthwise-separable
+   CNN (pointwise convs' inputs 50 % masked, 8 x 3 x 32 x 32): dense, mul, fold,
+   prune, auto. Random weights and masks: latency only.
 
     python tools/benchmark.py                         # everything (~10 min on 2 cores), out/benchmark.json
     python tools/benchmark.py --sections calibration  # one section
     python tools/benchmark.py --quick                 # few runs: checks the script, not the figures
+    python tools/benchmark.py --sections families     # Llama MLP / GPT-2 / depthwise CNN, ~2 min
 """
 
 from __future__ import annotations
@@ -298,6 +307,130 @@ def export_section(tmp: Path, runs: int) -> list[dict[str, Any]]:
     return rows
 
 
+# --- 5. model families: SwiGLU, Conv1D, depthwise ------------------------------------------
+
+
+class LlamaMLPStack(torch.nn.Module):
+    """Llama decoder blocks without attention: ``x + mlp(norm(x))`` per block (transformers' LlamaMLP / LlamaRMSNorm)."""
+
+    def __init__(self, hidden: int = 256, intermediate: int = 1024, blocks: int = 4) -> None:
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+        super().__init__()
+        config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate)
+        self.norms = torch.nn.ModuleList(LlamaRMSNorm(hidden) for _ in range(blocks))
+        self.mlps = torch.nn.ModuleList(LlamaMLP(config) for _ in range(blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for norm, mlp in zip(self.norms, self.mlps, strict=True):
+            x = x + mlp(norm(x))
+        return x
+
+
+class GPT2Logits(torch.nn.Module):
+    def __init__(self) -> None:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        super().__init__()
+        config = GPT2Config(vocab_size=256, n_embd=256, n_layer=4, n_head=4, n_positions=128, use_cache=False)
+        config.bos_token_id = config.eos_token_id = 0
+        self.lm = GPT2LMHeadModel(config)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids).logits
+
+
+class DepthwiseCNN(torch.nn.Module):
+    """MobileNet-style: stem, then (depthwise 3x3 -> BN -> ReLU -> pointwise 1x1 -> BN -> ReLU) blocks, pool, fc."""
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 128)) -> None:
+        from torch import nn
+
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        blocks = []
+        for a, b in zip(widths, widths[1:], strict=False):
+            blocks.append(nn.Sequential(
+                nn.Conv2d(a, a, 3, padding=1, groups=a), nn.BatchNorm2d(a), nn.ReLU(),
+                nn.Conv2d(a, b, 1), nn.BatchNorm2d(b), nn.ReLU(),
+            ))
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(widths[-1], 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
+
+
+def _half_masks(model: torch.nn.Module, layers: list[str], shape: tuple[int, ...] = ()) -> Any:
+    """Half of each layer's input features masked, at random (seeded); latency only."""
+    from actsparse_deploy.layers import layer_kind
+    from actsparse_deploy.masks import LayerMask, Masks
+
+    found = {}
+    g = torch.Generator().manual_seed(0)
+    for name in layers:
+        layer = model.get_submodule(name)
+        kind = layer_kind(layer)
+        assert kind is not None, name
+        n = kind.in_features(layer)
+        values = torch.ones(n)
+        values[torch.randperm(n, generator=g)[: n // 2]] = 0
+        found[name] = LayerMask(values.reshape(n, *shape))
+    return Masks(found)
+
+
+def _family(
+    name: str, model: torch.nn.Module, layers: list[str], shape: tuple[int, ...], example: torch.Tensor,
+    exporter: str, tmp: Path, warmup: int, runs: int, ideal: torch.nn.Module | None = None,
+) -> dict[str, Any]:
+    masks = _half_masks(model, layers, shape)
+    models = {"dense": model}
+    modes: dict[str, Any] = {}
+    for mode in ("mul", "fold", "prune", "auto"):
+        result = squash(model, masks, mode, example=example)
+        models[mode] = result.model
+        modes[mode] = sorted(set(result.modes.values()))
+    if ideal is not None:
+        models["ideal"] = ideal
+    sessions = {}
+    for variant, m in models.items():
+        path = tmp / f"{name}-{variant}.onnx"
+        export_onnx(m, example, path, exporter=exporter)
+        sessions[variant] = ort_session(path)
+    feed_name = sessions["dense"].get_inputs()[0].name
+    feeds = {feed_name: example.numpy()}
+    timings = alternate({v: (lambda s=s: s.run(None, feeds)) for v, s in sessions.items()}, warmup, runs)
+    dense = timings["dense"]["median_ms"]
+    rows = {v: {**t, "vs_dense": t["median_ms"] / dense} for v, t in timings.items()}
+    if ideal is not None:
+        rows["prune"]["vs_ideal"] = timings["prune"]["median_ms"] / timings["ideal"]["median_ms"]
+    return {
+        "model": name, "exporter": exporter, "input": list(example.shape), "layers": layers,
+        "modes": modes, "latency": rows,
+    }
+
+
+def families_section(tmp: Path, warmup: int, runs: int) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    llama = LlamaMLPStack().eval()
+    torch.manual_seed(1)
+    ideal = LlamaMLPStack(intermediate=512).eval()
+    hidden = torch.randn(8, 64, 256, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    gpt2 = GPT2Logits().eval()
+    tokens = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    cnn = DepthwiseCNN().eval()
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cnn_layers = [f"blocks.{i}.3" for i in range(3)]
+    return [
+        _family("llama-mlp", llama, [f"mlps.{i}.down_proj" for i in range(4)], (), hidden, "torchscript", tmp, warmup, runs, ideal),
+        _family("gpt2", gpt2, [f"lm.transformer.h.{i}.mlp.c_proj" for i in range(4)], (), tokens, "dynamo", tmp, warmup, runs),
+        _family("depthwise-cnn", cnn, cnn_layers, (1, 1), images, "torchscript", tmp, warmup, runs * 3),
+    ]
+
+
 # --- report ---------------------------------------------------------------------------------
 
 
@@ -337,6 +470,15 @@ def print_tables(report: dict[str, Any]) -> None:
         for v in digits["latency"]["batch1"]:
             b1, b32 = digits["latency"]["batch1"][v], digits["latency"]["batch32"][v]
             print(f"| {v} | {b1['median_ms']:.3f} ({b1['vs_dense']:.3f}x) | {b32['median_ms']:.3f} ({b32['vs_dense']:.3f}x) | {digits['accuracy'][v]:.4f} |")
+    for family in report.get("families", []):
+        print(f"\n## onnxruntime latency, {family['model']} ({family['exporter']}, input {family['input']}; "
+              f"50 % of {len(family['layers'])} layers' inputs masked)")
+        print("| variant | modes | median ms [min-max] | x dense |")
+        print("|---|---|---|---|")
+        for v, r in family["latency"].items():
+            extra = f" ({r['vs_ideal']:.3f}x ideal)" if "vs_ideal" in r else ""
+            modes = ", ".join(family["modes"].get(v, [])) or "-"
+            print(f"| {v} | {modes} | {r['median_ms']:.2f} [{r['min_ms']:.2f}-{r['max_ms']:.2f}] | {r['vs_dense']:.3f}x{extra} |")
     if report.get("export"):
         print("\n## export and validation time")
         print("| model | exporter | export s | validate s | ORT max abs diff |")
@@ -376,6 +518,8 @@ def main() -> None:
             report["speed_digits"] = [speed_section_digits(m, tmp, warmup, runs) for m in ("digits-cnn", "digits-mlp")]
         if "export" in args.sections:
             report["export"] = export_section(tmp, 1 if args.quick else 3)
+        if "families" in args.sections:
+            report["families"] = families_section(tmp, warmup, runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print_tables(report)

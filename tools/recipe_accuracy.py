@@ -1,5 +1,6 @@
 """Test accuracy of each built-in digits model, dense and with its built-in
-recipe's masks applied (through the sparsifier's own sparsify hooks).
+recipe's masks and compensation edits squashed in (mode ``mul``), the masks
+calibrated on the model's calibration split as ``actsparse calibrate`` does.
 
     python tools/recipe_accuracy.py            # a table
     python tools/recipe_accuracy.py --json     # the same as JSON
@@ -10,24 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
-from actsparse_deploy import ActivationSparsifier, Recipe
+from actsparse_deploy import Recipe, calibrate, squash
 from actsparse_deploy.zoo import builtin_names, builtin_recipe_path, calibration_batches, classification_accuracy, get_builtin, load_builtin
 
 
 def measure(name: str) -> dict[str, float | str]:
     model = load_builtin(name)
     dense = classification_accuracy(model)
-    sparsifier = ActivationSparsifier(model)
-    for layer, config in Recipe.load(builtin_recipe_path(name)).select(model).items():
-        sparsifier.register_layer(model.get_submodule(layer), **config.register_kwargs())
-    with torch.no_grad():
-        for batch in calibration_batches(name):
-            model(batch)
-    sparsifier.step()
-    sparsifier.squash_mask()
-    return {"model": name, "dense_accuracy": round(dense, 4), "sparse_accuracy": round(classification_accuracy(model), 4)}
+    masks = calibrate(model, Recipe.load(builtin_recipe_path(name)), calibration_batches(name), model_name=name)
+    sparse = squash(model, masks, "mul").model
+    return {"model": name, "dense_accuracy": round(dense, 4), "sparse_accuracy": round(classification_accuracy(sparse), 4),
+            "overall_sparsity": round(masks.overall_sparsity(), 4)}
 
 
 def main() -> None:
@@ -38,9 +32,9 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'model':<12} {'dense':>7} {'sparse':>7}")
+    print(f"{'model':<12} {'dense':>7} {'sparse':>7} {'features masked':>16}")
     for row in rows:
-        print(f"{row['model']:<12} {row['dense_accuracy']:>7.4f} {row['sparse_accuracy']:>7.4f}")
+        print(f"{row['model']:<12} {row['dense_accuracy']:>7.4f} {row['sparse_accuracy']:>7.4f} {row['overall_sparsity']:>16.1%}")
 
 
 if __name__ == "__main__":
