@@ -33,7 +33,7 @@ one threshold on the marginal cost per feature, bisected on the tuning cost,
 sets every layer's level, sensitive layers below the uniform level and robust
 ones above it (see ``_search_by_threshold``). Token batches (dicts with a
 right-padded ``attention_mask``) are regrouped by length without padding first
-(:func:`unpadded`).
+(:func:`actsparse_deploy.batches.unpadded`).
 
     >>> from actsparse_deploy.budget import Budget, search_budget
     >>> from actsparse_deploy.recipe import Recipe
@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .batches import Batch, batch_size, flatten_outputs, run_batch, take_rows
+from .batches import Batch, batch_size, flatten_outputs, run_batch, take_rows, unpadded
 from .errors import DataError, RecipeError
 from .recipe import LayerRule, LayerSettings, Recipe
 
@@ -263,40 +263,6 @@ def split_tuning(batches: Iterable[Batch], fraction: float = TUNING_FRACTION) ->
 
 
 # --- the search ---------------------------------------------------------------------
-def unpadded(batches: list[Batch], size: int = 32) -> list[Batch]:
-    """Token batches without padding: where every batch is a dict of ``(batch,
-    tokens)`` tensors with a right-padded 0/1 ``attention_mask``, the samples
-    regrouped by length (up to ``size`` per batch, each trimmed to its length);
-    anything else as it is. The statistics then see only real tokens (padding is
-    about 40 % of MiniLM's padded calibration batches: wasted work, and vectors
-    that bias the Gram matrix the refit fits to), and the cost is measured faster."""
-    rows: list[tuple[int, dict[str, torch.Tensor]]] = []
-    for b in batches:
-        if not isinstance(b, Mapping):
-            return batches
-        mask = b.get("attention_mask")
-        if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.is_floating_point():
-            return batches
-        if any(not isinstance(v, torch.Tensor) or v.shape != mask.shape for v in b.values()):
-            return batches
-        lengths = mask.sum(1)
-        prefix = torch.arange(mask.shape[1])[None, :] < lengths[:, None]
-        if not bool((prefix.to(mask.dtype) == mask).all()) or bool((lengths == 0).any()):
-            return batches
-        for i, length in enumerate(lengths.tolist()):
-            rows.append((length, {k: v[i, :length] for k, v in b.items()}))
-    rows.sort(key=lambda row: row[0])
-    out: list[Batch] = []
-    start = 0
-    while start < len(rows):
-        stop = start + 1
-        while stop < len(rows) and stop - start < size and rows[stop][0] == rows[start][0]:
-            stop += 1
-        out.append({k: torch.stack([row[1][k] for row in rows[start:stop]]) for k in rows[start][1]})
-        start = stop
-    return out
-
-
 
 
 @dataclass(frozen=True)

@@ -323,6 +323,12 @@ CompensateOpt = Annotated[
         show_default=False,
     ),
 ]
+MaxSamplesOpt = Annotated[
+    int | None,
+    typer.Option("--max-samples", min=1, max=MAX_BATCH_SIZE,
+                 help="Calibrate on the first N calibration samples only (the rest is never read). Default: all of them.",
+                 show_default=False),
+]
 MaxCostOpt = Annotated[
     str | None,
     typer.Option(
@@ -613,6 +619,7 @@ def calibrate_cmd(
     compensate: CompensateOpt = None,
     max_cost: MaxCostOpt = None,
     data: DataOpt = None,
+    max_samples: MaxSamplesOpt = None,
     text: TextOpt = None,
     task: TaskOpt = None,
     max_length: MaxLengthOpt = None,
@@ -652,7 +659,7 @@ def calibrate_cmd(
     with stage_progress(quiet=as_json) as progress:
         report = calibrate_to_file(
             loaded, the_recipe, output, data=data, batch_size=batch, on_stage=progress.on_stage, on_batch=progress.on_batch,
-            max_cost=max_cost, model_options=model_options,
+            max_cost=max_cost, model_options=model_options, max_samples=max_samples,
         )
     if as_json:
         _emit_json(report)
@@ -895,6 +902,7 @@ def convert_cmd(
     compensate: CompensateOpt = None,
     max_cost: MaxCostOpt = None,
     data: DataOpt = None,
+    max_samples: MaxSamplesOpt = None,
     heldout: HeldoutOpt = None,
     text: TextOpt = None,
     heldout_text: HeldoutTextOpt = None,
@@ -944,7 +952,7 @@ def convert_cmd(
             labels=labels, timeout=timeout, method=_choice(method), compensate=_choice(compensate), max_cost=max_cost,
             task=model_options.task, text=model_options.text, heldout_text=model_options.heldout_text,
             max_length=model_options.max_length, factory_args=model_options.factory_args, dynamic_axes=tuple(dynamic_axis or ()),
-            threads=threads, latency=not no_latency,
+            threads=threads, latency=not no_latency, max_samples=max_samples,
         )
     if as_json:
         _emit_json(report)

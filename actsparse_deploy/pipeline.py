@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .batches import total_samples
+from .batches import first_samples, total_samples, unpadded
 from .calibrate import calibrate
 from .constants import COMPENSATIONS, DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_RTOL, EXPORTERS, MODES
 from .errors import DataError, ExportError, OutputError, RecipeError, SquashError, ValidationError
@@ -108,6 +108,8 @@ class ConvertOptions:
     compensate: str | None = None
     #: a cost budget (``"cosine=0.98"``, see actsparse_deploy.budget) instead of one sparsity: levels per layer
     max_cost: str | None = None
+    #: calibrate on the first this many calibration samples only (None: all of them)
+    max_samples: int | None = None
     #: a Hugging Face model's task, text files and tokens per text; a factory's keyword arguments (loading.ModelOptions)
     task: str | None = None
     text: str | None = None
@@ -156,6 +158,9 @@ class ConvertOptions:
         if self.batch_size is not None and not (isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool)
                                                 and self.batch_size >= 1):
             raise DataError(f"batch size must be a positive integer, got {self.batch_size!r}")
+        if self.max_samples is not None and not (isinstance(self.max_samples, int) and not isinstance(self.max_samples, bool)
+                                                 and self.max_samples >= 1):
+            raise DataError(f"max_samples must be a positive integer, got {self.max_samples!r}")
 
 
 def convert(
@@ -191,6 +196,7 @@ def convert(
     threads: int | None = None,
     latency: bool = True,
     dynamic_axes: tuple[str, ...] = (),
+    max_samples: int | None = None,
 ) -> Report:
     """Calibrate, squash, export and validate; write the three files to ``outdir``
     and return the report (its ``to_json()`` is ``report.json``). ``on_stage(name, total)`` is
@@ -204,14 +210,15 @@ def convert(
     ``threads``: torch's and onnxruntime's intra-op threads (None: ``OMP_NUM_THREADS`` where set, else the
     cores; see :mod:`actsparse_deploy.threads`); ``latency``: time the dense and the converted model
     under onnxruntime on held-out data (the report's ``latency``; False skips it); ``dynamic_axes``:
-    ``NAME:AXIS:LABEL`` input axes to export as dynamic besides those inferred from the model and data.
+    ``NAME:AXIS:LABEL`` input axes to export as dynamic besides those inferred from the model and data;
+    ``max_samples``: calibrate on the first this many calibration samples only.
     The keyword parameters are those of :class:`ConvertOptions`, checked first."""
     options = ConvertOptions(
         weights=weights, recipe=recipe, sparsity=sparsity, data=data, heldout=heldout, batch_size=batch_size, mode=mode,
         exporter=exporter, opset=opset, external_data=external_data, atol=atol, rtol=rtol, overwrite=overwrite,
         verbose=verbose, on_batch=on_batch, on_stage=on_stage, labels=labels, timeout=timeout, method=method,
         compensate=compensate, max_cost=max_cost, task=task, text=text, heldout_text=heldout_text, max_length=max_length,
-        factory_args=factory_args, threads=threads, latency=latency, dynamic_axes=tuple(dynamic_axes),
+        factory_args=factory_args, threads=threads, latency=latency, dynamic_axes=tuple(dynamic_axes), max_samples=max_samples,
     )
     outdir = Path(outdir)
     check_output_dir(outdir)
@@ -246,17 +253,18 @@ def _convert(model: str, outdir: Path, o: ConvertOptions) -> Report:
         if o.text is not None and o.heldout_text is not None:
             check_distinct_data(o.text, o.heldout_text)
         work.require_heldout()
-        timer.totals["calibrate"] = total_samples(work.calibration)
+        calibration = first_samples(work.require_calibration(), o.max_samples)
+        timer.totals["calibrate"] = total_samples(calibration)
     with timer("calibrate"):
         budget = None
         if o.max_cost is not None:  # levels per layer to the budget, tuned on a split of the calibration data
             from .budget import calibrate_to_budget
 
-            budget = calibrate_to_budget(work.model, the_recipe, work.require_calibration(), o.max_cost,
-                                         model_name=work.name, on_batch=o.on_batch)
+            budget = calibrate_to_budget(work.model, the_recipe, calibration, o.max_cost, model_name=work.name, on_batch=o.on_batch)
             masks = budget.masks
-        else:
-            masks = calibrate(work.model, the_recipe, work.require_calibration(), model_name=work.name, on_batch=o.on_batch)
+        else:  # token batches without their padding: the statistics see real tokens only
+            calibration = unpadded(calibration) if isinstance(calibration, list) else calibration
+            masks = calibrate(work.model, the_recipe, calibration, model_name=work.name, on_batch=o.on_batch)
     with timer("squash"):
         squashed = squash_workload(work, masks, o.mode)
     # everything is written into a staging directory inside outdir and moved into

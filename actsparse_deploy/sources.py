@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import zoo
-from .batches import Batch, as_positional, describe_batch, run_batch, total_samples
+from .batches import Batch, as_positional, describe_batch, first_samples, run_batch, total_samples, unpadded
 from .calibrate import calibrate
 from .constants import DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAULT_RTOL
 from .errors import DataError, MaskError
@@ -191,11 +191,13 @@ def calibrate_to_file(
     on_batch: Callable[[int], None] | None = None,
     max_cost: str | None = None,
     model_options: ModelOptions | None = None,
+    max_samples: int | None = None,
 ) -> Report:
     """Calibrate ``loaded`` on ``data`` (else ``model_options.text``, else its
-    built-in calibration split) and write the masks to ``output`` (checked by the
-    caller); ``max_cost``: a cost budget instead of the recipe's level (see
-    :mod:`actsparse_deploy.budget`)."""
+    built-in calibration split; the first ``max_samples`` samples where given;
+    token batches without their padding) and write the masks to ``output``
+    (checked by the caller); ``max_cost``: a cost budget instead of the recipe's
+    level (see :mod:`actsparse_deploy.budget`)."""
     start = time.perf_counter()
     text, _ = load_text_data(loaded, model_options, data, None, batch_size)
     batches: list[Batch] | Iterable[Batch]
@@ -208,13 +210,15 @@ def calibrate_to_file(
     else:
         more = " (or `text`, a text file its tokenizer reads)" if loaded.hf is not None and loaded.hf.directory else ""
         raise DataError(f"{loaded.name!r} has no built-in data: pass `data`, a file of calibration inputs{more}")
+    batches = first_samples(batches, max_samples)
     if on_stage is not None:
         on_stage("calibrating", total_samples(batches))
     if max_cost is not None:
         from .budget import budget_to_file
 
         return budget_to_file(loaded, recipe, batches, max_cost, output, batch_size=batch_size, on_batch=on_batch, start=start)
-    masks = calibrate(loaded.module, recipe, batches, model_name=loaded.name, on_batch=on_batch)
+    masks = calibrate(loaded.module, recipe, unpadded(batches) if isinstance(batches, list) else batches,
+                      model_name=loaded.name, on_batch=on_batch)
     masks.save(output)
     seconds = round(time.perf_counter() - start, 3)
     return masks_report(masks, files={str(output): _size(Path(output))}, seconds={"calibrate": seconds, "total": seconds})

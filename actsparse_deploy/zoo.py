@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from actsparse_deploy import minilm, tinylm
-from actsparse_deploy.errors import DataError, ModelLoadError, WeightsError
+from actsparse_deploy.errors import DataError, ModelLoadError, WeightsError, first_line
 
 if TYPE_CHECKING:
     from actsparse_deploy.export import IOSpec
@@ -80,6 +80,8 @@ TRAIN_SCRIPT = "python tools/train_digits.py"
 """The command that (re)creates the built-in weights."""
 
 _DIGITS_PIXEL_MAX = 16.0
+DIGITS_DATA = "digits.npz"
+"""scikit-learn's digits (uint8 pixels 0-16 and labels) in the models directory."""
 
 
 # --------------------------------------------------------------------------- data
@@ -87,12 +89,19 @@ _DIGITS_PIXEL_MAX = 16.0
 
 @functools.lru_cache(maxsize=1)
 def _digits_splits() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Load the digits once and cut them into the fixed splits (cached, read-only use)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = np.asarray(digits.data, dtype=np.float32) / _DIGITS_PIXEL_MAX
-    labels = np.asarray(digits.target, dtype=np.int64)
+    """Load the digits once and cut them into the fixed splits (cached, read-only use).
+    The data is scikit-learn's ``load_digits()`` as shipped in ``models/digits.npz``
+    (``python tools/make_digits_data.py`` writes it; reading it needs no scikit-learn)."""
+    path = models_dir() / DIGITS_DATA
+    try:
+        with np.load(path, allow_pickle=False) as shipped:
+            images = np.asarray(shipped["images"], dtype=np.float32) / _DIGITS_PIXEL_MAX
+            labels = np.asarray(shipped["target"], dtype=np.int64)
+    except (OSError, KeyError, ValueError) as e:
+        raise DataError(
+            f"cannot read the built-in digits data {path} ({type(e).__name__}: {first_line(e)}); "
+            "recreate it with `python tools/make_digits_data.py`"
+        ) from e
     if len(images) != sum(SPLIT_SIZES.values()):
         raise DataError(
             f"scikit-learn's digits set has {len(images)} samples, expected "

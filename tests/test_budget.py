@@ -217,7 +217,7 @@ def test_obs_budget_keeps_a_sensitive_layer_below_the_uniform_level():
 
 
 def test_token_batches_are_regrouped_without_padding_and_others_kept():
-    from actsparse_deploy.budget import unpadded
+    from actsparse_deploy.batches import unpadded
 
     lengths = [3, 5, 3, 1, 5, 5]
     ids = torch.zeros(6, 5, dtype=torch.long)

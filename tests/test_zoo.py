@@ -54,6 +54,34 @@ def test_splits_are_deterministic_and_fresh_copies() -> None:
     torch.testing.assert_close(again_labels, reference_labels, rtol=0, atol=0)
 
 
+def test_shipped_digits_are_scikit_learns_and_read_without_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """models/digits.npz holds load_digits() exactly (tools/make_digits_data.py
+    --check compares them); the splits come from it; a missing file is a DataError."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    with np.load(zoo.models_dir() / zoo.DIGITS_DATA, allow_pickle=False) as shipped:
+        np.testing.assert_array_equal(shipped["images"], digits.data)
+        np.testing.assert_array_equal(shipped["target"], digits.target)
+    everything = torch.cat([zoo.digits_split(s)[0] for s in SPLITS]).reshape(-1, 64) * 16
+    assert _rows(everything) == _rows(torch.from_numpy(digits.data.astype(np.float32)))
+    code = "import sys; from actsparse_deploy import zoo; zoo.digits_split('test'); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    monkeypatch.setenv(zoo.MODELS_DIR_ENV, str(tmp_path))
+    zoo._digits_splits.cache_clear()
+    try:
+        with pytest.raises(DataError, match="python tools/make_digits_data.py"):
+            zoo.digits_split("test")
+    finally:
+        monkeypatch.undo()
+        zoo._digits_splits.cache_clear()
+
+
 def test_unknown_split_lists_valid_ones() -> None:
     with pytest.raises(DataError) as info:
         zoo.digits_split("validation")
