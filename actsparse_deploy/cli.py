@@ -348,7 +348,8 @@ ThreadsOpt = Annotated[
         min=1,
         max=MAX_THREADS,
         help="Threads for torch and for onnxruntime, each (intra-op; inter-op 1), so that they do not fight over the "
-        "cores. Default: OMP_NUM_THREADS where set, else the cores this process may run on.",
+        "cores. Default: OMP_NUM_THREADS where set, else the cores this process may run on less those other processes "
+        "keep busy (1-minute load average), at least 1.",
         show_default=False,
     ),
 ]

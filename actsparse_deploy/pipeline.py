@@ -208,7 +208,7 @@ def convert(
     ``task`` / ``text`` / ``heldout_text`` / ``max_length``: a Hugging Face model directory's task
     and the text files its tokenizer reads; ``factory_args``: keyword arguments of a ``module:factory``;
     ``threads``: torch's and onnxruntime's intra-op threads (None: ``OMP_NUM_THREADS`` where set, else the
-    cores; see :mod:`actsparse_deploy.threads`); ``latency``: time the dense and the converted model
+    free cores; see :mod:`actsparse_deploy.threads`); ``latency``: time the dense and the converted model
     under onnxruntime on held-out data (the report's ``latency``; False skips it); ``dynamic_axes``:
     ``NAME:AXIS:LABEL`` input axes to export as dynamic besides those inferred from the model and data;
     ``max_samples``: calibrate on the first this many calibration samples only.

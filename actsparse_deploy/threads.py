@@ -6,7 +6,7 @@ or busy machine the pools take turns spinning on the same cores (``convert
 minilm`` took 160 s on a busy 2-core machine instead of 25 s). Every command
 therefore runs inside :func:`use_threads` (``--threads N``; default
 :func:`default_threads`: ``OMP_NUM_THREADS`` where the user set it, else the
-cores this process may run on): torch gets ``N`` intra-op threads and one
+cores this process may run on less those other processes keep busy): torch gets ``N`` intra-op threads and one
 inter-op thread, and every onnxruntime session the tool opens gets
 ``intra_op_num_threads = N`` and ``inter_op_num_threads = 1``
 (:func:`session_options`).
@@ -44,11 +44,20 @@ def machine_threads() -> int:
 
 
 def default_threads() -> int:
-    """``OMP_NUM_THREADS`` where it is a positive integer (the user chose it), else :func:`machine_threads`."""
+    """``OMP_NUM_THREADS`` where it is a positive integer (the user chose it),
+    else :func:`machine_threads` less the cores other processes keep busy (the
+    1-minute load average, rounded), at least 1. Threads beyond the free cores
+    wait for each other: on a 2-core machine with one other busy process, two
+    threads made ``convert minilm`` several times slower than one."""
     value = os.environ.get("OMP_NUM_THREADS", "").strip()
     if value.isdigit() and 1 <= int(value) <= MAX_THREADS:
         return int(value)
-    return machine_threads()
+    cores = machine_threads()
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average (Windows)
+        busy = 0.0
+    return max(1, min(cores, cores - round(busy)))
 
 
 def check_threads(threads: Any) -> int:

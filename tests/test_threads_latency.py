@@ -76,6 +76,7 @@ def test_outside_a_command_sessions_still_get_explicit_threads(tiny_onnx, monkey
 def test_default_is_omp_num_threads_where_set_else_the_cores(monkeypatch):
     cores = len(os.sched_getaffinity(0))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # an idle machine (the real one may not be)
     assert default_threads() == machine_threads() == cores
     with use_threads() as n:
         assert n == cores and torch.get_num_threads() == cores
@@ -84,6 +85,22 @@ def test_default_is_omp_num_threads_where_set_else_the_cores(monkeypatch):
         assert default_threads() == cores, bad
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert default_threads() == 3 and session_options().intra_op_num_threads == 3
+
+
+@pytest.mark.parametrize(("cores", "load", "expected"), [(2, 0.2, 2), (2, 0.6, 1), (2, 1.0, 1), (2, 7.5, 1), (16, 3.4, 13), (16, 0.0, 16)])
+def test_default_leaves_the_cores_other_processes_use(monkeypatch, cores, load, expected):
+    """Two threads on a 2-core machine where another process runs are many times
+    slower than one (README: Threads): the default is the cores less the 1-minute
+    load average of the others, at least 1. The load is set here: a real one takes
+    a minute to show in the average."""
+    from actsparse_deploy import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "machine_threads", lambda: cores)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    assert threads.default_threads() == expected
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice wins
+    assert threads.default_threads() == 2
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1025, 2.0, "2", True, None])
