@@ -52,3 +52,13 @@ COMPENSATIONS = ("none", "bias", "lstsq")
 #: ONNX vs PyTorch tolerances (see validate.py)
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 0.0
+
+
+def hub_offline() -> None:
+    """Never let ``transformers`` / ``huggingface_hub`` reach the network: every
+    model is read from disk. Called by each module that imports transformers,
+    before it is first imported (a user's own setting is kept)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

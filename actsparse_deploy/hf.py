@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,12 +41,10 @@ import torch
 from torch import nn
 
 from .batches import Batch
-from .constants import HF_TASKS
+from .constants import HF_TASKS, hub_offline
 from .errors import DataError, ModelLoadError, WeightsError, first_line
 
-# nothing here may reach the network: set before transformers is first imported
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+hub_offline()  # before transformers is first imported
 
 __all__ = [
     "HF_PREFIX",

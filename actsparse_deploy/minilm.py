@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import random
 import re
 from collections.abc import Iterator, Sequence
@@ -46,15 +45,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from actsparse_deploy.constants import hub_offline
 from actsparse_deploy.errors import DataError, ModelLoadError
 
 if TYPE_CHECKING:
     from transformers import BertModel, PreTrainedTokenizerBase
 
-# Everything here is read from disk: never let transformers / huggingface_hub try the
-# network. Set before transformers is first imported (it is imported lazily below).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+hub_offline()  # before transformers is first imported
 
 __all__ = [
     "DYNAMIC_AXES",

@@ -32,7 +32,6 @@ With the shipped files (``load_tiny_lm`` raises ``ModelLoadError`` if they are m
 from __future__ import annotations
 
 import functools
-import os
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,15 +39,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .constants import hub_offline
 from .errors import DataError, ModelLoadError, WeightsError
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import LlamaForCausalLM
 
-# Everything is read from disk: never let transformers / huggingface_hub try the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+hub_offline()  # before transformers is first imported
 
 __all__ = [
     "CALIBRATION_ROWS",

@@ -276,6 +276,19 @@ class BackgroundCommands:
         self._thread.join(timeout=900)
 
 
+def assert_same_outputs(model: nn.Module, reference: nn.Module, batches: Any) -> None:
+    """Outputs within rtol 1e-4, atol 1e-5 scaled by the output's magnitude (the comparator prune uses)."""
+    from actsparse_deploy.batches import flatten_outputs, run_batch
+    from actsparse_deploy.compare import Tolerance, compare_outputs
+
+    tolerance = Tolerance(atol=1e-5, rtol=1e-4, scale_atol=True)
+    with torch.no_grad():
+        for batch in batches:
+            got, want = flatten_outputs(run_batch(model.eval(), batch)), flatten_outputs(run_batch(reference.eval(), batch))
+            diffs, problems = compare_outputs(got, want, tolerance)
+            assert problems == [] and len(diffs) == len(want) > 0
+
+
 # --- digits: files the CLI writes, made once per session --------------------------------
 
 

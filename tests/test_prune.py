@@ -16,29 +16,17 @@ from torch import nn
 from torch.testing import assert_close
 
 from actsparse_deploy import Recipe, calibrate, squash, squash_
-from actsparse_deploy.batches import run_batch
-from actsparse_deploy.compare import Tolerance, compare_outputs
 from actsparse_deploy.errors import SquashError
-from actsparse_deploy.export import export_onnx, flatten_outputs
+from actsparse_deploy.export import export_onnx
 from actsparse_deploy.graph import Chain, Dataflow
 from actsparse_deploy.masks import LayerMask, Masks
 from actsparse_deploy.squash import MaskedInput, PrunedInput
 from actsparse_deploy.validate import validate
 from actsparse_deploy.workload import load_recipe, load_workload
 
-from .helpers import MINILM_OUTDIRS
+from .helpers import MINILM_OUTDIRS, assert_same_outputs
 
 EXPORTERS = ["torchscript", "dynamo"]
-
-
-def assert_same_outputs(model, reference, batches):
-    """Outputs within rtol 1e-4, atol 1e-5 scaled by the output's magnitude (the comparator prune uses)."""
-    tolerance = Tolerance(atol=1e-5, rtol=1e-4, scale_atol=True)
-    with torch.no_grad():
-        for batch in batches:
-            got, want = flatten_outputs(run_batch(model.eval(), batch)), flatten_outputs(run_batch(reference.eval(), batch))
-            diffs, problems = compare_outputs(got, want, tolerance)
-            assert problems == [] and len(diffs) == len(want) > 0
 
 
 def n_params(model):
