@@ -491,40 +491,17 @@ class _ObsOrder:
 def obs_order(layer: nn.Module, layer_stats: Any, count: int, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(order, error)``: the first ``count`` features the ``obs`` method removes,
     in its order, and its cumulative objective after each (``error[0] = 0``; within
-    a jointly removed group, interpolated). The same steps as
-    :func:`actsparse_deploy.methods._obs` (tests check the masks agree)."""
+    a jointly removed group, interpolated): the steps of
+    :func:`actsparse_deploy.methods.obs_steps`, as the method takes them."""
     from .functions import STAT_DTYPE
-    from .methods import OBS_EXACT_WIDTH, damped_inverse, gram_matrix, weight_columns
+    from .methods import obs_steps
 
-    h = gram_matrix(layer_stats)
-    d = h.shape[0] - 1
     order = torch.zeros(count, dtype=torch.long)
     error = torch.zeros(count + 1, dtype=STAT_DTYPE)
-    if count == 0:
-        return order, error
+    done, total = 0, 0.0
     with torch.no_grad():
-        hinv = damped_inverse(h, damping, "method 'obs'")
-        columns = weight_columns(layer)
-        w = torch.zeros(columns.shape[0] * columns.shape[2], d + 1, dtype=STAT_DTYPE)
-        w[:, :d] = columns.permute(0, 2, 1).reshape(-1, d)
-        removed = torch.zeros(d + 1, dtype=torch.bool)
-        removed[d] = True
-        inf = torch.tensor(math.inf, dtype=STAT_DTYPE)
-        group = max(1, round(d / OBS_EXACT_WIDTH))
-        done = 0
-        total = 0.0
-        while done < count:
-            diag = hinv.diagonal()
-            step = torch.where(removed | (diag <= 0), inf, (w * w).sum(0) / diag)
-            n = min(group, count - done)
-            chosen = torch.topk(step, n, largest=False, sorted=True).indices if n > 1 else torch.argmin(step).reshape(1)
-            rows = hinv[chosen]
-            inv_block = torch.linalg.pinv(rows[:, chosen], hermitian=True)
-            ws = w[:, chosen]
-            added = float(((ws @ inv_block) * ws).sum())
-            w -= (ws @ inv_block) @ rows
-            hinv -= rows.T @ (inv_block @ rows)
-            removed[chosen] = True
+        for chosen, added in obs_steps(layer, layer_stats, count, damping):
+            n = len(chosen)
             order[done:done + n] = chosen
             error[done + 1:done + n + 1] = total + added * torch.arange(1, n + 1, dtype=STAT_DTYPE) / n
             total += added

@@ -90,6 +90,45 @@ def test_obs_removing_one_feature_picks_the_least_reconstruction_error():
         assert int(mask.argmin()) == int(np.argmin(errors)), (seed, errors)
 
 
+def _obs_reference(layer: nn.Module, stats: LayerStats, level: float, damping: float, group: int) -> torch.Tensor:
+    """Greedy OBS written plainly: the whole (d+1) x (d+1) inverse updated after every group."""
+    h = stats.stat.per_sample.double()
+    d = h.shape[0] - 1
+    hinv = torch.linalg.inv(h + damping * float(h.diagonal().mean()) * torch.eye(d + 1, dtype=torch.float64))
+    w = torch.cat([layer.weight.detach().double(), torch.zeros(layer.weight.shape[0], 1, dtype=torch.float64)], 1)
+    removed = torch.zeros(d + 1, dtype=torch.bool)
+    removed[d] = True
+    keep = torch.ones(d)
+    left = round(level * d)
+    while left:
+        error = torch.where(removed, math.inf, (w * w).sum(0) / hinv.diagonal())
+        chosen = torch.topk(error, min(group, left), largest=False, sorted=True).indices
+        rows = hinv[chosen]
+        inv_block = torch.linalg.pinv(rows[:, chosen], hermitian=True)
+        w -= (w[:, chosen] @ inv_block) @ rows
+        hinv -= rows.T @ (inv_block @ rows)
+        removed[chosen] = True
+        keep[chosen] = 0.0
+        left -= len(chosen)
+    return keep
+
+
+@pytest.mark.parametrize("level", [0.1, 0.5, 0.9])
+def test_obs_low_rank_steps_equal_the_plain_full_update(monkeypatch, level):
+    """obs keeps H^-1 as its start less low-rank terms (methods.obs_steps): the
+    masks equal those of the plain algorithm, in groups of 4 here (d=40, width 10)."""
+    from actsparse_deploy import methods
+
+    monkeypatch.setattr(methods, "OBS_EXACT_WIDTH", 10)
+    torch.manual_seed(5)
+    layer = nn.Linear(40, 12)
+    x = torch.randn(400, 40) @ torch.randn(40, 40) * 0.3 + torch.randn(40)
+    stats = _stats(x, "gram")
+    mask = METHODS.get("obs")(layer, stats, level, damping=0.01)
+    assert_close(mask.reshape(-1), _obs_reference(layer, stats, level, 0.01, group=4))
+    assert int((mask == 0).sum()) == round(level * 40)
+
+
 def test_obs_removes_dependent_features_at_no_error():
     torch.manual_seed(4)
     base = torch.randn(100, 5)
