@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .batches import Batch, call_args, flatten_outputs, run_batch, total_samples
+from .batches import Batch, call_args, flatten_outputs, run_batch, total_samples, unpadded
 from .errors import DataError
 
 if TYPE_CHECKING:
@@ -167,7 +167,9 @@ def sparsification_cost(
     held = work.require_heldout()
     io = io_spec or work.io
     io_names = io.output_names if io else None
-    outputs = cosine_stats(work.model, sparse, held)
+    # cosine and perplexity on token batches without their padding (the same figures, less work: a
+    # model's per-token outputs at padding positions are not compared); accuracy keeps the labels' order
+    outputs = cosine_stats(work.model, sparse, unpadded(held))
     for row in outputs:
         if io_names is not None:
             row["output"] = io_names[row["output"]]
@@ -175,14 +177,14 @@ def sparsification_cost(
     other = work.builtin.other_data if work.builtin is not None else None
     if other is not None:  # the cost under domain shift: text that is neither calibration nor held-out data
         batches = other(work.builtin.batch_size)  # type: ignore[union-attr]
-        rows = cosine_stats(work.model, sparse, batches)
+        rows = cosine_stats(work.model, sparse, unpadded(list(batches)))
         for row in rows:
             if io_names is not None:
                 row["output"] = io_names[row["output"]]
         cost["other_text"] = {"outputs": rows, "samples": total_samples(batches)}
     if _is_causal_lm(work):  # a language model's quality: held-out next-token perplexity
-        cost["perplexity_dense"] = perplexity(work.model, held)
-        cost["perplexity_sparse"] = perplexity(sparse, held)
+        cost["perplexity_dense"] = perplexity(work.model, unpadded(held))
+        cost["perplexity_sparse"] = perplexity(sparse, unpadded(held))
         if onnx_path is not None:
             cost["perplexity_onnx"] = perplexity(onnx_path, held, io)
     if work.labels is not None:

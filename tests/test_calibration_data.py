@@ -81,3 +81,48 @@ def test_token_batches_calibrate_without_their_padding(tmp_path: Path, monkeypat
         assert result.exit_code == 0, result.output
     mask = Masks.load(tmp_path / "m.safetensors")["fc"].mask.reshape(-1)
     assert mask.tolist() == [0.0, 1.0, 1.0, 1.0]  # with the padding seen, feature 0 (100) would stay and feature 1 go
+
+
+def test_mask_shapes_broadcast_as_torch_does_without_importing_sympy():
+    """masks.broadcast_shape replaces torch.broadcast_shapes (which imports sympy,
+    0.4 s per command): same answers, and calibrating digits imports no sympy."""
+    import itertools
+    import subprocess
+    import sys
+
+    from actsparse_deploy.masks import broadcast_shape
+
+    dims = [(), (1,), (3,), (0,), (1, 3), (2, 1), (2, 3), (3, 2), (4, 1, 3), (1, 1, 1)]
+    for a, b in itertools.product(dims, repeat=2):
+        try:
+            expected = tuple(torch.broadcast_shapes(a, b))
+        except RuntimeError:
+            expected = None
+        assert broadcast_shape(a, b) == expected, (a, b)
+    code = ("import sys; from actsparse_deploy import calibrate; from actsparse_deploy.zoo import load_builtin, builtin_recipe_path, "
+            "calibration_batches; calibrate(load_builtin('digits-mlp'), builtin_recipe_path('digits-mlp'), calibration_batches('digits-mlp')); "
+            "print('sympy' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_cost_on_token_batches_without_padding_is_the_padded_cost():
+    """sparsification_cost compares MiniLM's outputs on the held-out sentences
+    regrouped without padding: the same cosine figures as on the padded batches."""
+    import copy
+
+    from actsparse_deploy.batches import unpadded
+    from actsparse_deploy.metrics import cosine_stats
+    from actsparse_deploy.workload import load_workload
+
+    work = load_workload("minilm")
+    held = work.require_heldout()[:3]
+    assert any(bool((b["attention_mask"] == 0).any()) for b in held)  # there is padding to drop
+    sparse = copy.deepcopy(work.model)
+    with torch.no_grad():
+        sparse.get_submodule("bert.encoder.layer.0.output.dense").weight[:, ::3] = 0.0
+    padded, regrouped = cosine_stats(work.model, sparse, held), cosine_stats(work.model, sparse, unpadded(held))
+    assert [row["output"] for row in padded] == [row["output"] for row in regrouped]
+    for a, b in zip(padded, regrouped):
+        for key in ("cosine_mean", "cosine_min", "max_abs_diff"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["output"], key)
+        assert a["cosine_mean"] < 0.9999  # the layer change is visible
