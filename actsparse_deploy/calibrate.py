@@ -41,7 +41,7 @@ from .errors import ActsparseError, ConfigError, DataError, RecipeError, Weights
 from .masks import LayerMask, Masks, checked_layer_mask
 from .recipe import Recipe, ResolvedLayer
 from .sparsifier import ActivationSparsifier
-from .stats import LayerStats, Statistics
+from .stats import LayerStats, Statistics, model_fingerprint
 
 __all__ = [
     "Batch",
@@ -152,7 +152,8 @@ def collect(
             if num_batches == 0:
                 raise DataError("no calibration batches: the data source is empty")
             per_layer = sparsifier.statistics()
-    return Statistics(layers=per_layer, recipe=recipe, num_samples=num_samples, num_batches=num_batches, model=model_name)
+    return Statistics(layers=per_layer, recipe=recipe, num_samples=num_samples, num_batches=num_batches, model=model_name,
+                      fingerprint=model_fingerprint(model, per_layer))
 
 
 def _run_forward_loop(model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> None:

@@ -626,6 +626,10 @@ def calibrate_cmd(
     max_length: MaxLengthOpt = None,
     factory_args: FactoryArgsOpt = None,
     batch: BatchSizeOpt = 32,
+    stats_only: Annotated[
+        bool,
+        typer.Option("--stats-only", help="Write the collected statistics (for `actsparse merge` and `actsparse select`) instead of masks."),
+    ] = False,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
     threads: ThreadsOpt = None,
@@ -660,14 +664,88 @@ def calibrate_cmd(
     with stage_progress(quiet=as_json) as progress:
         report = calibrate_to_file(
             loaded, the_recipe, output, data=data, batch_size=batch, on_stage=progress.on_stage, on_batch=progress.on_batch,
-            max_cost=max_cost, model_options=model_options, max_samples=max_samples,
+            max_cost=max_cost, model_options=model_options, max_samples=max_samples, stats_only=stats_only,
         )
     if as_json:
         _emit_json(report)
         return
+    if stats_only:
+        _print_stats(report, output)
+        return
     _print_masks_table(report, f"{model}: {report.calibration.samples if report.calibration else '?'} calibration samples")
     stdout.print(f"overall sparsity {report.overall_sparsity or 0:.1%}; masks written to {output}")
     _print_budget(report)
+    _print_notes(report.notes)
+
+
+def _print_stats(report: Report, output: Path) -> None:
+    samples = report.calibration.samples if report.calibration else 0
+    table = names_table("layer", "statistic", "shape", "samples", title=f"{report.model or 'model'}: statistics of {samples} samples")
+    for row in report.layers or []:
+        table.add_row(row["layer"], str(row["aggregate"]), "x".join(map(str, row["stat_shape"])), str(row["samples"]))
+    stdout.print(table)
+    parts = report.extra.get("parts")
+    stdout.print(f"{'merged ' + str(parts) + ' parts; ' if parts else ''}statistics written to {output}")
+
+
+@app.command("merge")
+@handle_errors
+def merge_cmd(
+    parts: Annotated[list[Path], typer.Argument(help="Statistics files from `actsparse calibrate --stats-only` (or earlier merges).",
+                                                show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the merged statistics (.safetensors).")],
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Merge statistics files: the statistics one run over all their data would give.
+
+    Each part may come from another process or machine (a Slurm array, several
+    hosts): parts of another model, recipe or major version are refused."""
+    from .sources import merge_stats_files
+
+    check_output_path(output, overwrite)
+    report = merge_stats_files(parts, output)
+    if as_json:
+        _emit_json(report)
+        return
+    _print_stats(report, output)
+
+
+@app.command("select")
+@handle_errors
+@with_threads
+def select_cmd(
+    stats: Annotated[Path, typer.Argument(help="A statistics file (`calibrate --stats-only`, `merge`).", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the masks (.safetensors).")],
+    recipe: Annotated[
+        Path | None, typer.Option("--recipe", "-r", help="A recipe TOML file (default: the one the statistics were collected with).")
+    ] = None,
+    sparsity: Annotated[
+        float | None, typer.Option("--sparsity", "-s", min=0.0, max=1.0, help="Override the recipe's sparsity_level everywhere.")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="The model the statistics are of (default: the one the file names); methods read its weights."),
+    ] = None,
+    weights: WeightsOpt = None,
+    factory_args: FactoryArgsOpt = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Make masks (and, with a method's compensation, new weights) from a statistics file."""
+    from .sources import select_to_file
+
+    check_output_path(output, overwrite)
+    report = select_to_file(stats, output, recipe=recipe, sparsity=sparsity, model=model, weights=weights,
+                            model_options=_model_options(None, None, None, None, factory_args))
+    if as_json:
+        _emit_json(report)
+        return
+    _print_masks_table(report, f"{report.model or stats}: {report.calibration.samples if report.calibration else '?'} calibration samples")
+    stdout.print(f"overall sparsity {report.overall_sparsity or 0:.1%}; masks written to {output}")
     _print_notes(report.notes)
 
 

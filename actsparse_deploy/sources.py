@@ -36,16 +36,17 @@ from torch import nn
 
 from . import zoo
 from .batches import Batch, as_positional, describe_batch, first_samples, run_batch, total_samples, unpadded
-from .calibrate import calibrate
+from .calibrate import calibrate, collect, select
 from .constants import DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAULT_RTOL
-from .errors import DataError, MaskError
+from .errors import CalibrationError, DataError, MaskError, ModelLoadError, RecipeError
 from .export import IOSpec, export_onnx, layer_metadata
-from .loading import LoadedModel, ModelOptions, load_data, load_text_data
+from .loading import LoadedModel, ModelOptions, load_data, load_model, load_text_data
 from .masks import Masks
 from .metrics import sparsification_cost
 from .pt2 import load_pt2, pt2_io, save_pt2
 from .recipe import Recipe
 from .report import Calibration, Report
+from .stats import Statistics
 from .validate import validate
 from .workload import Workload, load_workload, squash_workload
 
@@ -192,12 +193,16 @@ def calibrate_to_file(
     max_cost: str | None = None,
     model_options: ModelOptions | None = None,
     max_samples: int | None = None,
+    stats_only: bool = False,
 ) -> Report:
     """Calibrate ``loaded`` on ``data`` (else ``model_options.text``, else its
     built-in calibration split; the first ``max_samples`` samples where given;
     token batches without their padding) and write the masks to ``output``
     (checked by the caller); ``max_cost``: a cost budget instead of the recipe's
-    level (see :mod:`actsparse_deploy.budget`)."""
+    level (see :mod:`actsparse_deploy.budget`); ``stats_only``: write the
+    collected statistics instead (:func:`merge_stats_files`, :func:`select_to_file`)."""
+    if stats_only and max_cost is not None:
+        raise RecipeError("a cost budget selects masks: it cannot be given with `stats_only` (select from the statistics later)")
     start = time.perf_counter()
     text, _ = load_text_data(loaded, model_options, data, None, batch_size)
     batches: list[Batch] | Iterable[Batch]
@@ -217,11 +222,91 @@ def calibrate_to_file(
         from .budget import budget_to_file
 
         return budget_to_file(loaded, recipe, batches, max_cost, output, batch_size=batch_size, on_batch=on_batch, start=start)
+    if stats_only:
+        stats = collect(loaded.module, recipe, unpadded(batches) if isinstance(batches, list) else batches,
+                        model_name=loaded.name, on_batch=on_batch)
+        stats.save(output)
+        return stats_report(stats, output, time.perf_counter() - start)
     masks = calibrate(loaded.module, recipe, unpadded(batches) if isinstance(batches, list) else batches,
                       model_name=loaded.name, on_batch=on_batch)
     masks.save(output)
     seconds = round(time.perf_counter() - start, 3)
     return masks_report(masks, files={str(output): _size(Path(output))}, seconds={"calibrate": seconds, "total": seconds})
+
+
+def stats_report(stats: Statistics, output: str | Path, seconds: float, parts: int | None = None) -> Report:
+    """A statistics file as a report: its layers (statistic and per-sample shape),
+    samples and batches, the fingerprint of its model, how many parts it merges."""
+    rows = [{"layer": name, "aggregate": ls.aggregate, "stat_shape": ls.stat_shape, "input_shape": list(ls.input_shape),
+             "samples": ls.num_samples} for name, ls in stats.layers.items()]
+    extra: dict[str, Any] = {"fingerprint": stats.fingerprint}
+    if parts is not None:
+        extra["parts"] = parts
+    return Report(tool_version=stats.tool_version, model=stats.model,
+                  calibration=Calibration(samples=stats.num_samples, batches=stats.num_batches), layers=rows,
+                  recipe=stats.recipe.to_dict() if stats.recipe is not None else None,
+                  seconds={"total": round(seconds, 3)}, files={str(output): _size(Path(output))}, extra=extra)
+
+
+def merge_stats_files(parts: Sequence[str | Path], output: str | Path) -> Report:
+    """Merge statistics files (each from ``calibrate`` with ``stats_only``, or an
+    earlier merge) into ``output``: what one run over all their data gives. A part
+    of another model (fingerprint), recipe or major version is refused, naming it."""
+    start = time.perf_counter()
+    if not parts:
+        raise MaskError("merge needs at least one statistics file")
+    merged = Statistics.load(parts[0])
+    for part in parts[1:]:
+        try:
+            merged = merged.merge(Statistics.load(part))
+        except CalibrationError as e:
+            raise CalibrationError(f"{part} does not merge with {parts[0]}: {e}") from e
+    merged.save(output)
+    return stats_report(merged, output, time.perf_counter() - start, parts=len(parts))
+
+
+def select_to_file(
+    stats_path: str | Path,
+    output: str | Path,
+    *,
+    recipe: Recipe | str | Path | None = None,
+    sparsity: float | None = None,
+    model: str | None = None,
+    weights: str | Path | None = None,
+    model_options: ModelOptions | None = None,
+) -> Report:
+    """The masks of a statistics file (and, with a recipe's ``method`` /
+    ``compensate``, the layers' new weights), written to ``output``: with
+    ``recipe`` (default: the one the statistics were collected with) at
+    ``sparsity`` where given. Methods read the layers' weights: the model is
+    ``model`` (default: the one the file names) and must be the one the
+    statistics are of (same fingerprint)."""
+    from .recipe import resolve_recipe
+    from .stats import model_fingerprint
+
+    start = time.perf_counter()
+    stats = Statistics.load(stats_path)
+    if recipe is None and stats.recipe is None:
+        raise RecipeError(f"{stats_path} records no recipe: give one")
+    base = recipe if recipe is not None else stats.recipe
+    chosen = resolve_recipe(stats.model or "model", False, base, sparsity=sparsity)
+    module = None
+    needs_model = any(config.method is not None for config in stats.resolve(chosen).values())
+    name = model or stats.model
+    if needs_model or model is not None:
+        if name is None:
+            raise ModelLoadError(f"{stats_path} does not name its model: give the model (its methods read the layers' weights)")
+        loaded = load_model(name, weights, model_options)
+        module = loaded.module
+        if stats.fingerprint is not None and model_fingerprint(module, stats.layers) != stats.fingerprint:
+            raise CalibrationError(
+                f"{name} is not the model the statistics in {stats_path} were collected on (its architecture or the "
+                "masked layers' weights differ): give that model and its weights"
+            )
+    masks = select(stats, chosen, model=module)
+    masks.save(output)
+    seconds = round(time.perf_counter() - start, 3)
+    return masks_report(masks, files={str(output): _size(Path(output))}, seconds={"select": seconds, "total": seconds})
 
 
 def squash_to_pt2(model: str, output: str | Path, options: SourceOptions, *, overwrite: bool = False) -> Report:

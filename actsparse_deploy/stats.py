@@ -31,7 +31,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from .recipe import LayerSettings, Recipe, ResolvedLayer
 from .serialize import SEP, read_container, write_container
 from .version import __version__
 
-__all__ = ["LayerStats", "Statistics", "type_names"]
+__all__ = ["LayerStats", "Statistics", "model_fingerprint", "type_names"]
 
 FORMAT = "actsparse.statistics"
 FORMAT_VERSION = 1
@@ -68,6 +68,26 @@ def type_names(layer: nn.Module) -> tuple[str, ...]:
 def _matches_type(wanted: tuple[str, ...], types: tuple[str, ...]) -> bool:
     names = set(types) | {t.rsplit(".", 1)[-1] for t in types}
     return any(t in names for t in wanted)
+
+
+def model_fingerprint(model: nn.Module, layers: Iterable[str]) -> str:
+    """A digest of ``model``'s architecture (every module's name and class, every
+    parameter's and buffer's name, shape and dtype) and of the weights of
+    ``layers`` (the layers the statistics are of): statistics with different
+    fingerprints come from different models and do not merge."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, module in model.named_modules():
+        digest.update(f"m {name} {type(module).__module__}.{type(module).__qualname__}\n".encode())
+    for kind, items in (("p", model.named_parameters()), ("b", model.named_buffers())):
+        for name, tensor in items:
+            digest.update(f"{kind} {name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
+    for layer in sorted(layers):
+        for name, tensor in sorted(model.get_submodule(layer).named_parameters(recurse=False)):
+            digest.update(f"w {layer}.{name}\n".encode())
+            digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -220,6 +240,8 @@ class Statistics:
     num_batches: int = 0
     model: str | None = None
     tool_version: str = __version__
+    #: :func:`model_fingerprint` of the model and layers the statistics are of (None: unknown)
+    fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         for name, ls in self.layers.items():
@@ -258,12 +280,25 @@ class Statistics:
             raise CalibrationError("statistics collected with different recipes cannot be merged: collect both with one recipe")
         if self.model is not None and other.model is not None and self.model != other.model:
             raise CalibrationError(f"statistics of model {self.model!r} and of model {other.model!r} cannot be merged")
+        if self.fingerprint is not None and other.fingerprint is not None and self.fingerprint != other.fingerprint:
+            raise CalibrationError(
+                f"statistics of two different models (architecture or weights of the masked layers: fingerprints "
+                f"{self.fingerprint[:12]} and {other.fingerprint[:12]}) cannot be merged"
+            )
+        major = {v.split(".")[0] for v in (self.tool_version, other.tool_version)}
+        if len(major) > 1:
+            raise CalibrationError(
+                f"statistics written by actsparse_deploy {self.tool_version} and {other.tool_version} (different major "
+                "versions) cannot be merged: collect both with one version"
+            )
         return Statistics(
             layers={name: ls.merge(other.layers[name], name) for name, ls in self.layers.items()},
             recipe=self.recipe if self.recipe is not None else other.recipe,
             num_samples=self.num_samples + other.num_samples,
             num_batches=self.num_batches + other.num_batches,
             model=self.model if self.model is not None else other.model,
+            tool_version=self.tool_version,
+            fingerprint=self.fingerprint if self.fingerprint is not None else other.fingerprint,
         )
 
     # --- selection ---------------------------------------------------------------
@@ -346,6 +381,7 @@ class Statistics:
             "num_batches": str(self.num_batches),
             "recipe": self.recipe.dumps() if self.recipe is not None else "",
             "layers": json.dumps(rows),
+            "fingerprint": self.fingerprint or "",
         }
         write_container(Path(path), FORMAT, FORMAT_VERSION, tensors, metadata)
 
@@ -377,6 +413,7 @@ class Statistics:
                 num_batches=_count_field(metadata["num_batches"], "num_batches"),
                 model=metadata.get("model") or None,
                 tool_version=metadata["tool_version"],
+                fingerprint=metadata.get("fingerprint") or None,
             )
         except MaskError as e:
             raise MaskError(f"statistics file {path}: {e}" if str(path) not in str(e) else str(e)) from e
