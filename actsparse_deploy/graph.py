@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import heapq
 import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,12 +126,26 @@ def example_args(example: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
         raise MaskError(f"the example for the dataflow analysis: {first_line(e)}") from e
 
 
+@contextmanager
+def _attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Every module's attributes as they were before: a forward that creates one
+    (a lazily built cache) would otherwise keep the fake tensor the capture ran
+    it on, and the model could not be copied or run again."""
+    before = {module: set(vars(module)) for module in model.modules()}
+    try:
+        yield
+    finally:
+        for module, names in before.items():
+            for name in set(vars(module)) - names:
+                delattr(module, name)
+
+
 def capture(model: nn.Module, example: Batch) -> torch.export.ExportedProgram:
     """``torch.export.export`` of ``model`` (in eval mode) on ``example``; a model
     it cannot capture is a :class:`SquashError` that keeps the cause."""
     args, kwargs = example_args(example)
     try:
-        with eval_mode(model), quiet():
+        with eval_mode(model), quiet(), _attributes_kept(model):
             return torch.export.export(model, args, kwargs, strict=False)
     except Exception as e:  # torch.export raises many types
         first = first_line(e, 300)

@@ -234,6 +234,12 @@ class WeightedKind(LayerKind):
         return default_sample_ndim(input_ndim) if axis is None else max(input_ndim + axis, 0)
 
     def why_not_foldable(self, layer: nn.Module) -> str | None:
+        base = overridden_base(layer)
+        if base is not None:
+            return (
+                f"{type(layer).__name__} overrides {base}.forward: its forward may read the input other than through "
+                "its weight (a LoRA adapter, a transposed weight), so the mask stays a multiply"
+            )
         return None
 
     def why_not_prunable(self, layer: nn.Module) -> str | None:
@@ -332,6 +338,21 @@ def layer_kind(module: nn.Module | type) -> LayerKind | None:
     return None
 
 
+def overridden_base(module: nn.Module) -> str | None:
+    """The name of the registered class ``module``'s kind comes from, where the
+    module's class (a subclass of it) defines its own ``forward``; else None. Such
+    a forward may compute more than the kind's op (a LoRA Linear adds an adapter
+    that reads the unmasked input), so what folds into the weight would differ."""
+    cls = type(module)
+    below: list[type] = []  # the classes from the module's own down to the registered one
+    for klass in cls.__mro__:
+        if klass in _KINDS or f"{klass.__module__}.{klass.__qualname__}" in _KINDS_BY_NAME:
+            own = [k for k in below if "forward" in vars(k) and not k.__module__.startswith("torch.nn.")]  # torch's Conv2d is its own
+            return klass.__name__ if own else None
+        below.append(klass)
+    return None
+
+
 def why_unregistered(module: nn.Module) -> str:
     """Why a module with no kind can be neither folded nor pruned."""
     name = type(module).__name__
@@ -389,6 +410,8 @@ class ConvKind(WeightedKind):
         return _depthwise(layer)
 
     def why_not_foldable(self, layer: nn.Module) -> str | None:
+        if (why := super().why_not_foldable(layer)) is not None:
+            return why
         if layer.groups == 1 or layer.groups == layer.in_channels:  # output channel o reads input channel o // multiplier
             return None
         return f"{type(layer).__name__} with groups has no weight to fold into"  # groups != in_channels: not depthwise
@@ -451,6 +474,8 @@ class ConvTransposeKind(ConvKind):
         return False
 
     def why_not_foldable(self, layer: nn.Module) -> str | None:
+        if (why := WeightedKind.why_not_foldable(self, layer)) is not None:
+            return why
         return None if layer.groups == 1 else f"{type(layer).__name__} with groups has no weight to fold into"
 
     def scaled(self, layer: nn.Module, weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:

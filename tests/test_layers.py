@@ -315,3 +315,41 @@ def test_a_kind_must_say_its_sizes_and_says_why_it_cannot_fold_or_prune():
         kind.shrink(layer, Cut(in_keep=torch.arange(2)))
     with pytest.raises(SquashError, match="not on a fixed axis"):
         kind.axis(layer, 3)
+
+
+class _LoraLinear(nn.Linear):
+    """A LoRA-style Linear: its forward adds an adapter that reads the input too."""
+
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__(i, o)
+        self.lora_a = nn.Parameter(torch.randn(2, i) * 0.3)
+        self.lora_b = nn.Parameter(torch.randn(o, 2) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + x @ self.lora_a.T @ self.lora_b.T
+
+
+class _RenamedLinear(nn.Linear):
+    """A subclass that keeps Linear's forward."""
+
+
+@pytest.mark.parametrize("consumer", [_LoraLinear, _RenamedLinear])
+def test_a_subclass_that_overrides_forward_is_not_folded(consumer):
+    """Folding scales the weight only: a subclass whose forward reads the input
+    elsewhere would silently change. Fold refuses it with the reason, auto keeps
+    the multiply; a subclass with Linear's own forward still folds."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), consumer(16, 4)).eval()
+    mask = torch.ones(16)
+    mask[::2] = 0
+    masks = Masks({"2": LayerMask(mask)})
+    x = torch.randn(5, 8)
+    reference = squash(model, masks, "mul").model(x)
+    overrides = consumer is _LoraLinear
+    if overrides:
+        with pytest.raises(SquashError, match="_LoraLinear overrides Linear.forward"):
+            squash(model, masks, "fold")
+    for mode in ("auto",) if overrides else ("auto", "fold"):
+        result = squash(model, masks, mode)
+        assert result.modes == {"2": "mul" if overrides else "fold"}
+        assert_close(result.model(x), reference, atol=1e-6, rtol=1e-5)

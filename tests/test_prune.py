@@ -563,3 +563,35 @@ def test_pruned_minilm_exports_and_validates(background, exporter):
     assert 1536 not in dims
     for layer in EXPECTED["minilm"]["prune"]:  # each MLP's hidden width, as pruned
         assert 1536 - zeros(masks, layer) in dims
+
+
+class _LazyCache(nn.Module):
+    """Builds a tensor cache on its first forward (as rotary caches often do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "_cache"):
+            self._cache = torch.arange(8.0) / 8
+        return self.fc2(torch.relu(self.fc1(x + self._cache)))
+
+
+def test_capture_leaves_no_fake_tensor_in_attributes_a_forward_creates():
+    """torch.export runs forward on fake tensors: an attribute the forward creates
+    is removed after the capture, so the model copies and runs as before (it was a
+    raw RuntimeError from deepcopy: "Cannot access data pointer of Tensor")."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    mask = torch.ones(16)
+    mask[::2] = 0
+    masks = Masks({"fc2": LayerMask(mask)})
+    model = _LazyCache().eval()
+    reference = squash(model, masks, "mul").model
+    for mode in ("prune", "auto"):
+        result = squash(model, masks, mode, example=x, check_batches=[torch.randn(5, 8)])
+        assert result.modes == {"fc2": "prune"}
+        assert_same_outputs(result.model, reference, [x])
+    assert not hasattr(model, "_cache") or not type(model._cache).__name__.startswith("Fake")
