@@ -48,6 +48,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -138,9 +139,11 @@ class IOSpec:
                 outputs = run_batch(model, example)
         inputs = forward_input_names(model, example)
         tensors = named_tensors(example, inputs)
-        axes = _input_axes(tensors, data, inputs, dynamic_axes)
+        axes, guessed = _input_axes(tensors, data, inputs, dynamic_axes)
         out_names = output_names_of(outputs, inputs)
         out_tensors = flatten_outputs(outputs)
+        if not out_tensors:
+            raise ExportError(f"the model returns no tensor on the example batch ({describe_batch(example)}): there is nothing to export")
         out_axes: dict[str, dict[int, str]] = {name: ({0: BATCH} if t.ndim else {}) for name, t in zip(out_names, out_tensors)}
         labels = sorted({label for per in axes.values() for axis, label in per.items() if axis > 0})
         for label in labels:
@@ -151,15 +154,22 @@ class IOSpec:
                 with torch.no_grad():
                     shorter = flatten_outputs(run_batch(model, cut))
             except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                if all(where in guessed for where in lengths):  # only the integer-input guess: a fixed-width input
+                    for name, axis in lengths:
+                        del axes[name][axis]
+                    continue
                 where = ", ".join(f"axis {a} of {n}" for n, a in lengths)
                 raise ExportError(
                     f"the model fails on the example cut shorter on its dynamic axes {label!r} ({where}): "
                     f"{type(e).__name__}: {first_line(e)}; name only axes that may vary (`dynamic_axes`)"
                 ) from e
+            full_length = {int(tensors[n].shape[a]) for n, a in lengths}
+            cut_length = {length // 2 for length in full_length}
             for name, full, short in zip(out_names, out_tensors, shorter):
                 for axis, (a, b) in enumerate(zip(full.shape, short.shape)):
-                    if a != b and axis > 0:
-                        out_axes[name].setdefault(axis, label)
+                    if a != b and axis > 0:  # the input's label where it is that length, else an axis of its own
+                        same = {a} == full_length and {b} == cut_length
+                        out_axes[name].setdefault(axis, label if same else f"{name}_axis{axis}")
         return cls(inputs, out_names, {**axes, **out_axes})
 
 
@@ -167,7 +177,7 @@ def parse_dynamic_axis(text: str) -> tuple[str, int, str]:
     """``NAME:AXIS:LABEL`` (``input_ids:1:sequence``) as ``(name, axis, label)``:
     an input's axis to export as dynamic, named ``label`` in the ONNX model."""
     parts = text.rsplit(":", 2)
-    if len(parts) != 3 or not parts[0] or not parts[2] or not parts[1].strip().isdigit():
+    if len(parts) != 3 or not parts[0] or not parts[2] or not re.fullmatch(r"[0-9]+", parts[1].strip()):
         raise ExportError(f"a dynamic axis is NAME:AXIS:LABEL (e.g. input_ids:1:sequence), got {text!r}")
     return parts[0], int(parts[1]), parts[2]
 
@@ -223,8 +233,12 @@ def output_names_of(outputs: Any, taken: Sequence[str] = ()) -> tuple[str, ...]:
 
 def _input_axes(
     tensors: Mapping[str, torch.Tensor], data: Iterable[Batch], names: Sequence[str], user: Sequence[tuple[str, int, str]]
-) -> dict[str, dict[int, str]]:
+) -> tuple[dict[str, dict[int, str]], set[tuple[str, int]]]:
+    """Each input's dynamic axes, and those only guessed (axis 1 of an integer
+    ``(batch, N)`` input whose length neither varies in the data nor is named):
+    a fixed-width integer input (categorical columns) may not take another length."""
     axes: dict[str, dict[int, str]] = {name: ({0: BATCH} if t.ndim else {}) for name, t in tensors.items()}
+    evidenced: set[tuple[str, int]] = set()
     lengths: dict[tuple[str, int], set[int]] = {}
     for batch in data:
         try:
@@ -238,6 +252,7 @@ def _input_axes(
     for (name, axis), seen in lengths.items():  # an axis whose length differs across the data
         if len(seen | {int(tensors[name].shape[axis])}) > 1:
             axes[name][axis] = SEQUENCE if axis == 1 else f"{name}_axis{axis}"
+            evidenced.add((name, axis))
     sequences = {int(t.shape[1]) for t in tensors.values() if t.ndim == 2 and not t.is_floating_point() and t.dtype != torch.bool}
     for name, t in tensors.items():  # integer (batch, seq) inputs, and the inputs of their length on axis 1
         if t.ndim >= 2 and int(t.shape[1]) in sequences:
@@ -251,7 +266,9 @@ def _input_axes(
                 f"({describe_batch(tensors[name])}); give an axis from 0 to {tensors[name].ndim - 1}"
             )
         axes[name][axis] = label
-    return axes
+        evidenced.add((name, axis))
+    guessed = {(name, axis) for name, per in axes.items() for axis in per if axis > 0 and (name, axis) not in evidenced}
+    return axes, guessed
 
 
 def _cut(

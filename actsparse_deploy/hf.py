@@ -30,9 +30,10 @@ Loading one (``tiny-llama/`` written by ``model.save_pretrained`` and
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -332,9 +333,11 @@ class HFSource:
                 raise DataError("`text` needs a tokenizer: a model from a factory has none; pass token ids as `data`")
             from transformers import AutoTokenizer
 
+            _refuse_custom_code(self.directory / "tokenizer_config.json", DataError, "tokenizer")
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(str(self.directory), local_files_only=True)
-            except (OSError, ValueError, TypeError, KeyError) as e:
+                with _transformers_quiet():
+                    self._tokenizer = AutoTokenizer.from_pretrained(str(self.directory), local_files_only=True, trust_remote_code=False)
+            except Exception as e:  # the tokenizers library raises plain Exception for a malformed tokenizer.json
                 raise DataError(
                     f"{self.directory} has no tokenizer that loads (tokenizer.json / tokenizer_config.json: "
                     f"{type(e).__name__}: {first_line(e)}): `text` needs one; save it there with "
@@ -413,6 +416,35 @@ class HFSource:
         return inputs, axes
 
 
+def _refuse_custom_code(path: Path, error: type[Exception], what: str) -> None:
+    """A directory whose ``config.json`` / ``tokenizer_config.json`` names its own
+    code (``auto_map``) would have transformers import it: refused before any load."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise error(f"{path} is not readable JSON ({type(e).__name__}: {first_line(e)})") from e
+    if not isinstance(data, dict):
+        raise error(f"{path} holds a {type(data).__name__}, not a JSON object")
+    if "auto_map" in data:
+        raise error(
+            f"{path} names its own code (auto_map): loading this {what} would run the directory's Python files; "
+            "this tool loads only models and tokenizers transformers defines"
+        )
+
+
+@contextlib.contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    """transformers' load report and warnings are errors or nothing: one line is ours to print."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
 def load_hf(directory: str | Path, task: str | None = None, max_length: int | None = None) -> HFSource:
     """The model saved in ``directory``, for ``task`` (default: the one its
     ``config.json`` architectures imply), wrapped as an :class:`HFModel`."""
@@ -424,7 +456,10 @@ def load_hf(directory: str | Path, task: str | None = None, max_length: int | No
         raise ModelLoadError(f"{directory / 'config.json'} is not readable JSON ({type(e).__name__}: {first_line(e)})") from e
     if not isinstance(config, dict):
         raise ModelLoadError(f"{directory / 'config.json'} holds a {type(config).__name__}, not a JSON object")
+    _refuse_custom_code(directory / "config.json", ModelLoadError, "model")
     architectures = config.get("architectures") or []
+    if isinstance(architectures, str):
+        architectures = [architectures]
     the_task = task or _infer_task([str(a) for a in architectures], str(directory))
     _check_weights(directory)
     try:
@@ -435,13 +470,17 @@ def load_hf(directory: str | Path, task: str | None = None, max_length: int | No
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Loading weights" bar on the user's terminal
     try:
-        model, info = auto.from_pretrained(
-            str(directory), local_files_only=True, use_safetensors=True, attn_implementation="eager", output_loading_info=True,
-        )
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
-        raise ModelLoadError(
-            f"cannot load {directory} as a {the_task} model ({auto.__name__}): {type(e).__name__}: {first_line(e)}"
-        ) from e
+        with _transformers_quiet():
+            model, info = auto.from_pretrained(
+                str(directory), local_files_only=True, use_safetensors=True, attn_implementation="eager", output_loading_info=True,
+                trust_remote_code=False, ignore_mismatched_sizes=True,
+            )
+    except Exception as e:  # transformers raises many types; a weights file it cannot read is the weights' fault
+        kind = type(e).__name__
+        if kind == "SafetensorError" or "safetensors" in str(e).lower() or "no file named" in str(e):
+            raise WeightsError(f"the weights in {directory} cannot be read ({kind}: {first_line(e)}): save them again with "
+                               "model.save_pretrained(DIR)") from e
+        raise ModelLoadError(f"cannot load {directory} as a {the_task} model ({auto.__name__}): {kind}: {first_line(e)}") from e
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()

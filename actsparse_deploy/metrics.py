@@ -139,7 +139,8 @@ def cosine_stats(dense: nn.Module, sparse: nn.Module, batches: Iterable[Batch]) 
                 stats = [{"output": i, "max_abs_diff": 0.0} for i in range(len(a))]
                 cosines = [[] for _ in a]
             for i, (x, y) in enumerate(zip(a, b)):
-                x64, y64 = x.double().reshape(x.shape[0], -1), y.double().reshape(y.shape[0], -1)
+                rows = x.shape[0] if x.ndim else 1  # a scalar output (a loss, a count): one value per batch
+                x64, y64 = x.double().reshape(rows, -1), y.double().reshape(rows, -1)
                 stats[i]["max_abs_diff"] = max(stats[i]["max_abs_diff"], float((x64 - y64).abs().max()))
                 cosines[i].append(torch.nn.functional.cosine_similarity(x64, y64, dim=1, eps=1e-12).numpy())
     for stat, cos in zip(stats, cosines):

@@ -50,7 +50,7 @@ def default_threads() -> int:
     wait for each other: on a 2-core machine with one other busy process, two
     threads made ``convert minilm`` several times slower than one."""
     value = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if value.isdigit() and 1 <= int(value) <= MAX_THREADS:
+    if value.isascii() and value.isdigit() and 1 <= int(value) <= MAX_THREADS:  # "²" is a digit to isdigit, not to int
         return int(value)
     cores = machine_threads()
     try:

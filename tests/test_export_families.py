@@ -297,3 +297,87 @@ def test_convert_dynamic_axis_option(user, tmp_path):
     assert _declared(tmp_path / "out" / "model.onnx") == {"x": ["batch", "time", 4]}
     bad = runner.invoke(app, [*args, "-o", str(tmp_path / "bad"), "--dynamic-axis", "x:one:time"])
     assert bad.exit_code == 9 and "NAME:AXIS:LABEL" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+class _Categorical(nn.Module):
+    """Ten integer category columns, embedded then flattened: a fixed width, not a sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.fc = nn.Linear(40, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(x).flatten(1))
+
+
+class _Flat(nn.Module):
+    """Token features flattened: the output's axis 1 is 4 x the sequence length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.emb(ids).flatten(1)
+
+
+def test_integer_columns_of_a_fixed_width_stay_fixed(tmp_path):
+    """Axis 1 of an integer (batch, N) input is only guessed to be a sequence: a
+    model that cannot take another width keeps it fixed (exported at 55566fd; the
+    guess made it exit 9)."""
+    model = _Categorical().eval()
+    x = torch.randint(0, 7, (2, 10))
+    path = tmp_path / "cat.onnx"
+    result = export_onnx(model, x, path, exporter="torchscript", data=[torch.randint(0, 7, (6, 10))])
+    assert _declared(path) == {"x": ["batch", 10]}
+    assert validate(path, model, [torch.randint(0, 7, (6, 10))], io_spec=result.io).passed
+    with pytest.raises(ExportError, match="fails on the example cut shorter"):  # named by the user: an error, not a guess
+        export_onnx(model, x, path, exporter="torchscript", dynamic_axes=["x:1:columns"])
+
+
+def test_an_output_axis_of_another_length_gets_its_own_label(tmp_path):
+    model = _Flat().eval()
+    path = tmp_path / "flat.onnx"
+    result = export_onnx(model, torch.randint(0, VOCAB, (2, 10)), path, exporter="torchscript")
+    assert _declared(path) == {"ids": ["batch", "sequence"]}
+    assert _declared(path, "output") == {"output": ["batch", "output_axis1"]}  # 4 x sequence, not sequence
+    assert validate(path, model, [torch.randint(0, VOCAB, (4, 8))], io_spec=result.io).passed
+
+
+@pytest.mark.parametrize("text", ["x:\u00b2:t", "x:1", "bogus"])
+def test_a_malformed_dynamic_axis_is_one_line(text):
+    with pytest.raises(ExportError, match="NAME:AXIS:LABEL"):
+        parse_dynamic_axis(text)
+
+
+class _NoOutput(nn.Module):
+    def forward(self, x: torch.Tensor) -> None:
+        return None
+
+
+class _WithScalar(nn.Module):
+    """Logits and a scalar (a regulariser, a count) beside them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.fc(x)
+        return logits, logits.sum()
+
+
+def test_a_model_that_returns_nothing_is_not_exported(tmp_path):
+    with pytest.raises(ExportError, match="returns no tensor"):
+        export_onnx(_NoOutput(), torch.randn(2, 4), tmp_path / "none.onnx", exporter="torchscript")
+    assert not (tmp_path / "none.onnx").exists()
+
+
+def test_cosine_of_a_scalar_output_is_one_value_per_batch():
+    from actsparse_deploy.metrics import cosine_stats
+
+    torch.manual_seed(0)
+    dense, sparse = _WithScalar().eval(), _WithScalar().eval()
+    stats = cosine_stats(dense, sparse, [torch.randn(5, 4), torch.randn(3, 4)])
+    assert [row["output"] for row in stats] == [0, 1] and all(-1.0 <= row["cosine_mean"] <= 1.0 for row in stats)

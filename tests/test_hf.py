@@ -387,3 +387,50 @@ def test_default_recipe_keeps_its_gram_statistics_within_memory(monkeypatch: pyt
     monkeypatch.setattr(hf_module, "DEFAULT_GRAM_BYTES", 2 * 129**2 * 8 - 1)
     layers = Recipe.coerce(hf_module.default_recipe(model)).select(model)
     assert {(c.method, c.compensate, c.aggregate_fn.name) for c in layers.values()} == {(None, "none", "sum_abs")}
+
+
+EVIL = """
+import pathlib
+pathlib.Path(__file__).with_name("PWNED").touch()
+"""
+
+
+def _copy(hf: HFFiles, tmp_path: Path, name: str) -> Path:
+    directory = tmp_path / name
+    shutil.copytree(hf.llama, directory)
+    (directory / "evil.py").write_text(EVIL)
+    return directory
+
+
+def test_a_directory_that_names_its_own_code_is_refused_unrun(hf: HFFiles, tmp_path: Path) -> None:
+    """auto_map in config.json / tokenizer_config.json would have transformers
+    import the directory's Python (after a prompt on stdout): refused first."""
+    model = _copy(hf, tmp_path, "automap")
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.EvilForCausalLM"}
+    (model / "config.json").write_text(json.dumps(config))
+    result = invoke("inspect", model, "--json")
+    assert result.exit_code == 4 and "auto_map" in _error(result) and result.stdout == ""
+    tokenizer = _copy(hf, tmp_path, "tokmap")
+    tok_config = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    tok_config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    result = invoke("calibrate", tokenizer, "--text", hf.calib, "-o", tmp_path / "m.safetensors")
+    assert result.exit_code == 6 and "auto_map" in _error(result)
+    assert not (model / "PWNED").exists() and not (tokenizer / "PWNED").exists() and not (tmp_path / "m.safetensors").exists()
+
+
+def test_broken_weights_and_tokenizers_are_one_line_with_their_codes(hf: HFFiles, tmp_path: Path) -> None:
+    truncated = _copy(hf, tmp_path, "truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[:5000])
+    assert invoke("inspect", truncated).exit_code == 5
+    badtok = _copy(hf, tmp_path, "badtok")
+    tok = json.loads((badtok / "tokenizer.json").read_text())
+    tok["model"]["type"] = "Nope"
+    (badtok / "tokenizer.json").write_text(json.dumps(tok))
+    result = invoke("calibrate", badtok, "--text", hf.calib, "-o", tmp_path / "m.safetensors")
+    assert result.exit_code == 6 and "tokenizer" in _error(result)
+    result = invoke("calibrate", hf.llama, "--task", "feature-extraction", "--text", hf.calib, "-o", tmp_path / "fe.safetensors", "--json")
+    assert result.exit_code == 0, result.output
+    assert "LOAD REPORT" not in result.stderr and "\x1b" not in result.stderr  # transformers' report stays quiet

@@ -226,3 +226,10 @@ def test_latency_ratio_takes_the_command_thread_count(tiny_onnx):
     with use_threads(2):
         result = latency_ratio(tiny_onnx, tiny_onnx, [x, x[:2]], runs=2, warmup=0)
     assert result["threads"] == 2 and result["samples"] == 6 and result["ratio"] > 0
+
+
+def test_a_superscript_digit_in_omp_num_threads_is_not_a_count(monkeypatch):
+    """'²' passes str.isdigit but not int(): the default then ignores it (it was an internal error)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "\u00b2")
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert default_threads() == machine_threads()
