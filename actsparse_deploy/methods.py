@@ -252,8 +252,9 @@ def _fluctuation(layer: nn.Module, stats: LayerStats, sparsity_level: float, **c
 
 def damped_inverse(h: torch.Tensor, damping: float, what: str) -> torch.Tensor:
     """``(h + lambda I)^-1`` with ``lambda = damping * mean(diag(h))`` (float64).
-    A singular ``h`` (dependent features, damping 0) gets the smallest ridge
-    (from 1e-12 of the mean diagonal up) that makes it invertible."""
+    A singular ``h`` (dependent features, damping 0) gets the smallest extra
+    ridge of 1e-12, 1e-10, 1e-8 or 1e-6 of the mean diagonal that makes it
+    invertible; beyond that, a :class:`ConfigError` asks for more damping."""
     if not (isinstance(damping, (int, float)) and not isinstance(damping, bool) and math.isfinite(damping) and damping >= 0):
         raise ConfigError(f"{what}: damping must be a finite number >= 0, got {damping!r}")
     scale = float(h.diagonal().mean()) or 1.0
