@@ -22,7 +22,7 @@ are flattened here too.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, TypeAlias, Union
+from typing import Any, TypeAlias, Union, overload
 
 import numpy as np
 import torch
@@ -132,14 +132,21 @@ def take_rows(batch: Batch, rows: Sequence[int]) -> Batch:
     return tuple(t[index] for t in batch)
 
 
-def unpadded(batches: list[Batch], size: int = 32) -> list[Batch]:
-    """Token batches without padding: where every batch is a dict of ``(batch,
-    tokens)`` tensors with a right-padded 0/1 ``attention_mask``, the samples
-    regrouped by length (up to ``size`` per batch, each trimmed to its length);
-    anything else as it is. The statistics then see only real tokens (padding is
+@overload
+def unpadded(batches: list[Batch], size: int = 32) -> list[Batch]: ...
+@overload
+def unpadded(batches: Iterable[Batch], size: int = 32) -> Iterable[Batch]: ...
+def unpadded(batches: Iterable[Batch], size: int = 32) -> Iterable[Batch]:
+    """Token batches without padding: where every batch of a list is a dict of
+    ``(batch, tokens)`` tensors with a right-padded 0/1 ``attention_mask``, the
+    samples regrouped by length (up to ``size`` per batch, each trimmed to its
+    length); anything else, and a stream (not a list: regrouping would read it
+    whole), as it is. The statistics then see only real tokens (padding is
     about 40 % of MiniLM's padded calibration batches: wasted work, and vectors
     that bias the statistics, the Gram matrix the refit fits to included), and
     the cost is measured faster."""
+    if not isinstance(batches, list):
+        return batches
     rows: list[tuple[int, dict[str, torch.Tensor]]] = []
     for b in batches:
         if not isinstance(b, Mapping):

@@ -170,7 +170,8 @@ def sparsification_cost(
     io_names = io.output_names if io else None
     # cosine and perplexity on token batches without their padding (the same figures, less work: a
     # model's per-token outputs at padding positions are not compared); accuracy keeps the labels' order
-    outputs = cosine_stats(work.model, sparse, unpadded(held))
+    regrouped = unpadded(held)
+    outputs = cosine_stats(work.model, sparse, regrouped)
     for row in outputs:
         if io_names is not None:
             row["output"] = io_names[row["output"]]
@@ -184,8 +185,8 @@ def sparsification_cost(
                 row["output"] = io_names[row["output"]]
         cost["other_text"] = {"outputs": rows, "samples": total_samples(batches)}
     if _is_causal_lm(work):  # a language model's quality: held-out next-token perplexity
-        cost["perplexity_dense"] = perplexity(work.model, unpadded(held))
-        cost["perplexity_sparse"] = perplexity(sparse, unpadded(held))
+        cost["perplexity_dense"] = perplexity(work.model, regrouped)
+        cost["perplexity_sparse"] = perplexity(sparse, regrouped)
         if onnx_path is not None:
             cost["perplexity_onnx"] = perplexity(onnx_path, held, io)
     if work.labels is not None:

@@ -263,8 +263,7 @@ def _convert(model: str, outdir: Path, o: ConvertOptions) -> Report:
             budget = calibrate_to_budget(work.model, the_recipe, calibration, o.max_cost, model_name=work.name, on_batch=o.on_batch)
             masks = budget.masks
         else:  # token batches without their padding: the statistics see real tokens only
-            calibration = unpadded(calibration) if isinstance(calibration, list) else calibration
-            masks = calibrate(work.model, the_recipe, calibration, model_name=work.name, on_batch=o.on_batch)
+            masks = calibrate(work.model, the_recipe, unpadded(calibration), model_name=work.name, on_batch=o.on_batch)
     with timer("squash"):
         squashed = squash_workload(work, masks, o.mode)
     # everything is written into a staging directory inside outdir and moved into

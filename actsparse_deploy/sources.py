@@ -223,11 +223,11 @@ def calibrate_to_file(
 
         return budget_to_file(loaded, recipe, batches, max_cost, output, batch_size=batch_size, on_batch=on_batch, start=start)
     if stats_only:
-        stats = collect(loaded.module, recipe, unpadded(batches) if isinstance(batches, list) else batches,
+        stats = collect(loaded.module, recipe, unpadded(batches),
                         model_name=loaded.name, on_batch=on_batch)
         stats.save(output)
         return stats_report(stats, output, time.perf_counter() - start)
-    masks = calibrate(loaded.module, recipe, unpadded(batches) if isinstance(batches, list) else batches,
+    masks = calibrate(loaded.module, recipe, unpadded(batches),
                       model_name=loaded.name, on_batch=on_batch)
     masks.save(output)
     seconds = round(time.perf_counter() - start, 3)

@@ -57,6 +57,16 @@ def test_first_samples_cuts_across_batches_and_reads_no_further():
     assert read == [4]  # the second batch is never read
 
 
+def test_unpadded_leaves_a_stream_unread():
+    """Regrouping token batches by length reads them all: a stream (not a list) passes through as it is."""
+    from actsparse_deploy.batches import unpadded
+
+    batch = {"input_ids": torch.tensor([[1, 2, 0]]), "attention_mask": torch.tensor([[1, 1, 0]])}
+    stream = iter([batch])
+    assert unpadded(stream) is stream and next(stream) is batch
+    assert unpadded([batch])[0]["input_ids"].tolist() == [[1, 2]]
+
+
 def test_max_samples_on_calibrate_and_convert(tmp_path: Path):
     result = invoke("calibrate", "digits-mlp", "--max-samples", 50, "-o", tmp_path / "m.safetensors", "--json")
     assert result.exit_code == 0, result.output
