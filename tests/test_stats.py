@@ -290,6 +290,41 @@ def test_sparsifier_statistics_round_trip():
         other.load_statistics({"fc2": stats["fc2"]})
 
 
+def test_statistics_handed_out_or_loaded_do_not_change_when_collection_goes_on():
+    """Batches fold into a layer's running sum in place, but never into tensors
+    the caller holds: a statistics() snapshot, or statistics given to
+    load_statistics(), stay as they were while the hooks go on collecting."""
+    model, _, (a_set, b_set, _) = _data("mlp")
+    recipe = Recipe.simple(layers=["fc2"], sparsity=0.5, aggregate_fn="gram")
+    sp = ActivationSparsifier(model)
+    for name, config in recipe.select(model).items():
+        sp.register_layer(model.get_submodule(name), **config.register_kwargs())
+    with torch.no_grad():
+        for x in a_set:
+            model(x)
+        snapshot = sp.statistics()["fc2"]
+        before = snapshot.stat.value.clone()
+        for x in b_set:
+            model(x)
+    sp.unregister_layer("fc2")
+    collected = collect(model, recipe, a_set)
+    assert_close(snapshot.stat.value, before, rtol=0, atol=0)
+    assert snapshot.count == collected["fc2"].count
+    held = collected["fc2"].stat.value.clone()
+    fresh = ActivationSparsifier(model)
+    fresh.register_layer(model.fc2, **recipe.select(model)["fc2"].register_kwargs())
+    fresh.load_statistics(collected.layers)
+    with torch.no_grad():
+        for x in b_set:
+            model(x)
+    assert_close(collected["fc2"].stat.value, held, rtol=0, atol=0)
+    went_on = fresh.statistics()["fc2"].stat
+    fresh.unregister_layer("fc2")
+    both = collect(model, recipe, a_set + b_set)["fc2"].stat
+    assert_close(went_on.value, both.value, rtol=1e-12, atol=1e-9)
+    assert went_on.count == both.count
+
+
 # --- statistics larger than the mask ----------------------------------------------------
 
 
