@@ -93,9 +93,18 @@ def batch_size(batch: Batch) -> int:
 
 
 def total_samples(batches: Iterable[Batch] | None) -> int | None:
-    """The number of samples in a list of batches; None for a one-shot iterable
-    (counting would use it up) or no batches."""
-    return sum(batch_size(b) for b in batches) if isinstance(batches, list) else None
+    """The number of samples in a list of batches or a stream that knows it (its
+    ``samples``: a ``.npy``'s header says it); None for a one-shot iterable
+    (counting would use it up), a stream that would have to be read, or no batches."""
+    if isinstance(batches, list):
+        return sum(batch_size(b) for b in batches)
+    return getattr(batches, "samples", None) if _is_stream(batches) else None
+
+
+def _is_stream(batches: Any) -> bool:
+    from .streams import Stream
+
+    return isinstance(batches, Stream)
 
 
 def describe_batch(batch: Batch) -> str:
@@ -140,26 +149,55 @@ def unpadded(batches: Iterable[Batch], size: int = 32) -> Iterable[Batch]:
     """Token batches without padding: where every batch of a list is a dict of
     ``(batch, tokens)`` tensors with a right-padded 0/1 ``attention_mask``, the
     samples regrouped by length (up to ``size`` per batch, each trimmed to its
-    length); anything else, and a stream (not a list: regrouping would read it
-    whole), as it is. The statistics then see only real tokens (padding is
+    length); anything else, and a one-shot iterable (regrouping would use it
+    up), as it is. The statistics then see only real tokens (padding is
     about 40 % of MiniLM's padded calibration batches: wasted work, and vectors
     that bias the statistics, the Gram matrix the refit fits to included), and
-    the cost is measured faster."""
+    the cost is measured faster. A :class:`~actsparse_deploy.streams.Stream` is
+    regrouped the same way a window of :data:`UNPAD_WINDOW` samples at a time
+    (lazily, on each iteration: never held whole)."""
+    if _is_stream(batches):
+        from .streams import Generated
+
+        stream: Any = batches
+        return Generated(lambda: _unpadded_windows(stream, size), stream.samples)
     if not isinstance(batches, list):
         return batches
+    return _regroup(batches, size) or batches
+
+
+#: samples a stream's token batches are regrouped over at a time (:func:`unpadded`)
+UNPAD_WINDOW = 1024
+
+
+def _unpadded_windows(batches: Iterable[Batch], size: int) -> Iterator[Batch]:
+    window: list[Batch] = []
+    count = 0
+    for b in batches:
+        window.append(b)
+        count += batch_size(b)
+        if count >= UNPAD_WINDOW:
+            yield from _regroup(window, size) or window
+            window, count = [], 0
+    if window:
+        yield from _regroup(window, size) or window
+
+
+def _regroup(batches: list[Batch], size: int) -> list[Batch] | None:
+    """The samples of token batches regrouped by length (see :func:`unpadded`); None for other batches."""
     rows: list[tuple[int, dict[str, torch.Tensor]]] = []
     for b in batches:
         if not isinstance(b, Mapping):
-            return batches
+            return None
         mask = b.get("attention_mask")
         if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.is_floating_point():
-            return batches
+            return None
         if any(not isinstance(v, torch.Tensor) or v.shape != mask.shape for v in b.values()):
-            return batches
+            return None
         lengths = mask.sum(1)
         prefix = torch.arange(mask.shape[1])[None, :] < lengths[:, None]
         if not bool((prefix.to(mask.dtype) == mask).all()) or bool((lengths == 0).any()):
-            return batches
+            return None
         for i, length in enumerate(lengths.tolist()):
             rows.append((length, {k: v[i, :length] for k, v in b.items()}))
     rows.sort(key=lambda row: row[0])
@@ -176,9 +214,12 @@ def unpadded(batches: Iterable[Batch], size: int = 32) -> Iterable[Batch]:
 
 def first_samples(batches: Iterable[Batch], count: int | None) -> Iterable[Batch]:
     """The first ``count`` samples of ``batches`` (a batch across the cut is
-    sliced; the rest is never read), or ``batches`` as they are for None."""
+    sliced; the rest is never read), or ``batches`` as they are for None; of a
+    stream, a stream (re-iterable, reading those samples only)."""
     if count is None:
         return batches
+    if _is_stream(batches):
+        return batches.head(count)  # type: ignore[attr-defined]
 
     def take() -> Iterator[Batch]:
         left = count
@@ -232,8 +273,11 @@ def positional(batch: Batch, names: Sequence[str] | None = None) -> tuple[torch.
     return tuple(_tensors(batch))
 
 
-def as_positional(batches: Iterable[Batch], names: Sequence[str]) -> list[Batch]:
-    """Dict batches as tuples in ``names`` order (what a ``.pt2`` program takes)."""
+def as_positional(batches: Iterable[Batch], names: Sequence[str]) -> list[Batch] | Iterable[Batch]:
+    """Dict batches as tuples in ``names`` order (what a ``.pt2`` program takes);
+    of a stream, a stream converting each batch as it is read."""
+    if _is_stream(batches):
+        return batches.map(lambda b: positional(b, names) if isinstance(b, Mapping) else b)  # type: ignore[attr-defined]
     return [positional(b, names) if isinstance(b, Mapping) else b for b in batches]
 
 

@@ -52,16 +52,17 @@ import fnmatch
 import inspect
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .batches import Batch, batch_size, flatten_outputs, run_batch, take_rows, unpadded
+from .batches import Batch, batch_size, flatten_outputs, run_batch, take_rows, total_samples, unpadded
 from .errors import DataError, RecipeError
 from .recipe import LayerRule, LayerSettings, Recipe
+from .streams import reiterable
 
 if TYPE_CHECKING:
     from .loading import LoadedModel
@@ -140,7 +141,7 @@ class Budget:
         """The measured cost oriented so that more is worse."""
         return -measured if self.higher_is_better else measured
 
-    def measure(self, dense: nn.Module, sparse: nn.Module, batches: list[Batch], labels: torch.Tensor | None = None) -> float:
+    def measure(self, dense: nn.Module, sparse: nn.Module, batches: Iterable[Batch], labels: torch.Tensor | None = None) -> float:
         """The cost of ``sparse`` against ``dense`` on ``batches`` (``labels``: class
         indices of their samples, for ``accuracy-drop``)."""
         return _Meter(self, dense, batches, labels).cost(sparse)
@@ -149,7 +150,7 @@ class Budget:
 class _Meter:
     """A budget's cost on fixed batches, the dense model's outputs computed once."""
 
-    def __init__(self, budget: Budget, dense: nn.Module, batches: list[Batch], labels: torch.Tensor | None = None) -> None:
+    def __init__(self, budget: Budget, dense: nn.Module, batches: Iterable[Batch], labels: torch.Tensor | None = None) -> None:
         if not batches:
             raise DataError("the budget's cost needs at least one batch")
         self.budget, self.dense, self.batches, self.labels = budget, dense, batches, labels
@@ -209,12 +210,12 @@ class _evaluating:
                 module.train(training)
 
 
-def _outputs(model: nn.Module, batches: list[Batch]) -> list[list[torch.Tensor]]:
+def _outputs(model: nn.Module, batches: Iterable[Batch]) -> list[list[torch.Tensor]]:
     with _evaluating(model):
         return [list(flatten_outputs(run_batch(model, b))) for b in batches]
 
 
-def _mean_nll(logits: list[torch.Tensor], batches: list[Batch]) -> float:
+def _mean_nll(logits: list[torch.Tensor], batches: Iterable[Batch]) -> float:
     """Mean next-token negative log-likelihood (targets: the batch's token ids),
     as :func:`actsparse_deploy.metrics.perplexity` counts it."""
     from .metrics import _nll_sum
@@ -231,20 +232,44 @@ def _mean_nll(logits: list[torch.Tensor], batches: list[Batch]) -> float:
 # --- the tuning split ---------------------------------------------------------------
 
 
-def split_tuning(batches: Iterable[Batch], fraction: float = TUNING_FRACTION) -> tuple[list[Batch], list[Batch]]:
+def split_tuning(batches: Iterable[Batch], fraction: float = TUNING_FRACTION) -> tuple[Iterable[Batch], Iterable[Batch]]:
     """``(calibration, tuning)``: ``fraction`` of the samples (at least one),
     spread evenly through the data (sample ``i`` tunes where ``floor((i + 1) *
     fraction)`` steps up: every fifth at 20 %), are the tuning split; the others
     calibrate. Calibration data often comes in the order of its source
     (documents, files, classes): an even spread keeps the tuning split like the
-    rest, where its last part would be a corner of it."""
+    rest, where its last part would be a corner of it. A stream that knows its
+    size (:class:`~actsparse_deploy.streams.Stream`) gives two streams, each
+    carved as it is read (nothing held); other data is read into lists."""
+    from .streams import Generated, Stream
+
+    if isinstance(batches, Stream) and batches.samples is not None:
+        stream, total = batches, batches.samples
+        _check_tuning_total(total, fraction)
+        count = max(1, round(fraction * total))
+        return (Generated(lambda: (p[0] for p in _carve(stream, total, count) if p[0] is not None), total - count),  # type: ignore[return-value]
+                Generated(lambda: (p[1] for p in _carve(stream, total, count) if p[1] is not None), count))
     batches = list(batches)
     total = sum(batch_size(b) for b in batches)
-    if total < 2:
-        raise DataError(f"a budget search needs at least 2 calibration samples (it tunes on {fraction:.0%} of them), got {total}")
+    _check_tuning_total(total, fraction)
     count = max(1, round(fraction * total))
     calibration: list[Batch] = []
     tuning: list[Batch] = []
+    for kept, tuned in _carve(batches, total, count):
+        if kept is not None:
+            calibration.append(kept)
+        if tuned is not None:
+            tuning.append(tuned)
+    return calibration, tuning
+
+
+def _check_tuning_total(total: int, fraction: float) -> None:
+    if total < 2:
+        raise DataError(f"a budget search needs at least 2 calibration samples (it tunes on {fraction:.0%} of them), got {total}")
+
+
+def _carve(batches: Iterable[Batch], total: int, count: int) -> Iterator[tuple[Batch | None, Batch | None]]:
+    """``(calibration part, tuning part)`` of each batch (None where empty), as :func:`split_tuning` spreads them."""
     start = 0
     for b in batches:
         n = batch_size(b)
@@ -252,14 +277,12 @@ def split_tuning(batches: Iterable[Batch], fraction: float = TUNING_FRACTION) ->
         chosen = set(tunes)
         keeps = [j for j in range(n) if j not in chosen]
         if len(keeps) == n:
-            calibration.append(b)
+            yield b, None
         elif not keeps:
-            tuning.append(b)
+            yield None, b
         else:
-            calibration.append(take_rows(b, keeps))
-            tuning.append(take_rows(b, tunes))
+            yield take_rows(b, keeps), take_rows(b, tunes)
         start += n
-    return calibration, tuning
 
 
 # --- the search ---------------------------------------------------------------------
@@ -393,8 +416,14 @@ def search_budget(
     final = masks_for(ks)
     return BudgetResult(
         budget=budget, levels={name: ks[name] / GRID for name in names}, masks=final, tuning_cost=current,
-        uniform_level=uniform / GRID, evaluations=len(measured), tuning_samples=sum(batch_size(b) for b in tuning),
+        uniform_level=uniform / GRID, evaluations=len(measured), tuning_samples=_samples(tuning),
     )
+
+
+def _samples(batches: Iterable[Batch]) -> int:
+    """How many samples: a list's or a stream's count where known, else counted by reading."""
+    known = total_samples(batches)
+    return known if known is not None else sum(batch_size(b) for b in batches)
 
 
 class _Exhausted(Exception):
@@ -530,7 +559,7 @@ def _obs_orders(model: nn.Module, stats: Any, recipe: Recipe, names: list[str], 
 def _search_by_threshold(
     names: list[str], sizes: Mapping[str, int], orders: Mapping[str, _ObsOrder],
     cost: Callable[[Mapping[str, int]], float], masks_for: Callable[[Mapping[str, int]], Masks],
-    budget: Budget, grid: int, measured: Mapping[tuple[int, ...], float], tuning: list[Batch],
+    budget: Budget, grid: int, measured: Mapping[tuple[int, ...], float], tuning: Iterable[Batch],
 ) -> BudgetResult:
     """Levels from one threshold on every layer's marginal cost per feature.
 
@@ -595,7 +624,7 @@ def _search_by_threshold(
         current = measured.get(tuple(ks[name] for name in names), base)
     return BudgetResult(
         budget=budget, levels={name: ks[name] / grid for name in names}, masks=masks_for(ks), tuning_cost=current,
-        uniform_level=uniform / grid, evaluations=len(measured), tuning_samples=sum(batch_size(b) for b in tuning),
+        uniform_level=uniform / grid, evaluations=len(measured), tuning_samples=_samples(tuning),
     )
 
 
@@ -616,7 +645,7 @@ def heldout_budget(result: BudgetResult, work: Workload | None, sparse: nn.Modul
     if work is None or work.heldout is None:
         return replace(result, heldout={"heldout_cost": None, "heldout_within": None,
                                         "heldout_note": "no held-out data: the held-out cost was not measured"})
-    value = result.budget.measure(work.model, sparse, list(work.heldout), labels=work.labels)
+    value = result.budget.measure(work.model, sparse, work.heldout if reiterable(work.heldout) else list(work.heldout), labels=work.labels)
     return replace(result, heldout={"heldout_cost": value, "heldout_within": result.budget.within(value)})
 
 

@@ -38,6 +38,7 @@ from torch import nn
 from .batches import Batch, batch_size, describe_batch, run_batch
 from .compensate import compensate, effective_compensation
 from .errors import ActsparseError, ConfigError, DataError, RecipeError, WeightsError, first_line
+from .functions import RunningStat
 from .masks import LayerMask, Masks, checked_layer_mask
 from .recipe import Recipe, ResolvedLayer
 from .sparsifier import ActivationSparsifier
@@ -105,14 +106,24 @@ def collect(
     forward_loop: Callable[[nn.Module], Any] | None = None,
     model_name: str | None = None,
     on_batch: Callable[[int], None] | None = None,
+    group: Any = None,
+    shard: bool = True,
 ) -> Statistics:
     """The statistics of the layers ``recipe`` selects, from ``batches`` (tensors,
     tuples or dicts of tensors) or from ``forward_loop(model)``, a callable that
     runs the model however it likes while the hooks collect (then the sample and
     batch counts are those of the selected layer that saw the most inputs).
-    Pass exactly one of the two.
+    Pass exactly one of the two. Batches are moved to the device of the model's
+    parameters; the statistics accumulate there, in float64.
 
     ``on_batch(n_samples)`` is called after each of ``batches`` (progress bars).
+
+    Distributed (:mod:`actsparse_deploy.distributed`): with ``group`` a
+    ``torch.distributed`` process group, or None while the default group is
+    initialised with more than one process, each rank takes its share of
+    ``batches`` (batch ``i`` on rank ``i % world``; ``shard=False``: the batches
+    given are this rank's already, as with ``forward_loop``) and every rank
+    returns the statistics of all ranks' batches. ``group=False``: this process alone.
     """
     if (batches is None) == (forward_loop is None):
         raise ConfigError("pass exactly one of batches= (an iterable of batches) or forward_loop= (a callable)")
@@ -120,7 +131,56 @@ def collect(
         raise ConfigError(f"forward_loop must be a callable taking the model, got {type(forward_loop).__name__}")
     recipe = Recipe.coerce(recipe)
     layers = recipe.select(model)
+    session = None
+    if group is not False:
+        from .distributed import check_reducible, session_for
+
+        session = session_for(group)
+        if session is not None:
+            check_reducible(layers)  # before any work
+            if batches is not None and shard:
+                batches = session.shard(batches)
+    if session is None:
+        per_layer, num_samples, num_batches = _collect_local(model, layers, batches, forward_loop, on_batch)
+        assert per_layer is not None  # not empty_ok: no batch raised
+        return Statistics(layers=per_layer, recipe=recipe, num_samples=num_samples, num_batches=num_batches, model=model_name,
+                          fingerprint=model_fingerprint(model, per_layer))
+    try:
+        position = (lambda i: session.rank + i * session.world) if batches is not None and shard else None
+        local = _collect_local(model, layers, batches, forward_loop, on_batch, empty_ok=True, position=position)
+    except BaseException as e:
+        session.fail(e, "collecting statistics")
+    return session.reduce(local, model, list(layers), recipe=recipe, model=model_name)
+
+
+def _on_device(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
+    """Each batch's tensors on ``device`` (as they are where already there)."""
+
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return type(value)(move(v) for v in value)
+        return value
+
+    for batch in batches:
+        yield move(batch)
+
+
+def _collect_local(
+    model: nn.Module, layers: Mapping[str, ResolvedLayer], batches: Iterable[Batch] | None,
+    forward_loop: Callable[[nn.Module], Any] | None, on_batch: Callable[[int], None] | None, empty_ok: bool = False,
+    position: Callable[[int], int] | None = None,
+) -> tuple[dict[str, LayerStats] | None, int, int]:
+    """This process's statistics, samples and batches (None statistics for no
+    batch where ``empty_ok``: a rank whose share is empty); ``position``: this
+    process's batch number -> its number in all the data (a rank's share)."""
     check_finite_weights(model)
+    first = next(iter(model.parameters()), None)
+    if batches is not None and first is not None:
+        batches = _on_device(batches, first.device)
     sparsifier = ActivationSparsifier(model)
     num_samples = num_batches = 0
     with eval_mode(model), _attached(sparsifier):
@@ -142,7 +202,8 @@ def collect(
                     raise
                 except (RuntimeError, TypeError, ValueError, IndexError) as e:
                     raise DataError(
-                        f"the model failed on calibration batch {num_batches} ({describe_batch(batch)}): "
+                        f"the model failed on calibration batch {position(num_batches) if position else num_batches} "
+                        f"({describe_batch(batch)}): "
                         f"{type(e).__name__}: {first_line(e)}"
                     ) from e
                 num_samples += n
@@ -150,10 +211,11 @@ def collect(
                 if on_batch is not None:
                     on_batch(n)
             if num_batches == 0:
+                if empty_ok:
+                    return None, 0, 0
                 raise DataError("no calibration batches: the data source is empty")
             per_layer = sparsifier.statistics()
-    return Statistics(layers=per_layer, recipe=recipe, num_samples=num_samples, num_batches=num_batches, model=model_name,
-                      fingerprint=model_fingerprint(model, per_layer))
+    return per_layer, num_samples, num_batches
 
 
 def _run_forward_loop(model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> None:
@@ -182,7 +244,7 @@ def select(
         raise RecipeError("the statistics hold no recipe: pass recipe=")
     result = {}
     for name, config in stats.resolve(chosen).items():
-        ls = stats[name]
+        ls = _on_cpu(stats[name])  # statistics stay on the model's device until masks are selected
         if config.method is not None:
             result[name] = _method_mask(name, ls, config, model)
             continue
@@ -216,6 +278,11 @@ def _method_mask(name: str, ls: LayerStats, config: ResolvedLayer, model: nn.Mod
     return replace(lm, weight=weight, bias=bias, method=method.name, compensate=kind, damping=config.damping, note=note)
 
 
+def _on_cpu(ls: LayerStats) -> LayerStats:
+    parts = tuple(RunningStat(p.value.cpu(), p.count, p.combine) if isinstance(p, RunningStat) else p.cpu() for p in ls.parts)
+    return replace(ls, stat=parts if isinstance(ls.stat, tuple) else parts[0])
+
+
 def _as_dtype(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype) if dtype.is_floating_point else mask
 
@@ -227,10 +294,15 @@ def calibrate(
     *,
     model_name: str | None = None,
     on_batch: Callable[[int], None] | None = None,
+    group: Any = None,
+    shard: bool = True,
 ) -> Masks:
     """Compute the recipe's masks from ``batches`` (tensors, tuples or dicts of
     tensors): ``select(collect(...))``.
 
-    ``on_batch(n_samples)`` is called after each batch (progress bars).
+    ``on_batch(n_samples)`` is called after each batch (progress bars);
+    ``group`` / ``shard``: distributed, as for :func:`collect` (every rank
+    returns the masks of all ranks' batches).
     """
-    return select(collect(model, recipe, batches, model_name=model_name, on_batch=on_batch), model=model)
+    stats = collect(model, recipe, batches, model_name=model_name, on_batch=on_batch, group=group, shard=shard)
+    return select(stats, model=model)

@@ -171,7 +171,8 @@ DataOpt = Annotated[
     typer.Option(
         "--data",
         "-d",
-        help="Calibration data: a .npy/.npz/.safetensors/.pt file of inputs (batch axis first), or "
+        help="Calibration data: a .npy/.npz/.safetensors/.pt file of inputs (batch axis first), a directory of such "
+        "shards or a quoted glob ('shards/*.npy'; read in name order, batch by batch, never whole), or "
         "package.module:function returning batches. Default for built-in models: their calibration split.",
     ),
 ]
@@ -323,6 +324,18 @@ CompensateOpt = Annotated[
         show_default=False,
     ),
 ]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option("--device", help="Where calibration runs: cpu or cuda (cuda:N; under torchrun: the rank's LOCAL_RANK GPU). "
+                 "Statistics accumulate there in float64. Default: where the model's parameters are.", show_default=False),
+]
+DistTimeoutOpt = Annotated[
+    float,
+    typer.Option("--dist-timeout", min=0.001, help="Under torchrun (WORLD_SIZE > 1): seconds a rank waits for the others at each "
+                 "exchange before it stops with an error (a rank that died or hangs), rank 0's writing included."),
+]
+#: seconds; actsparse_deploy.distributed.DEFAULT_TIMEOUT (not imported here: it imports torch)
+DEFAULT_DIST_TIMEOUT = 1800.0
 MaxSamplesOpt = Annotated[
     int | None,
     typer.Option("--max-samples", min=1, max=MAX_BATCH_SIZE,
@@ -630,6 +643,8 @@ def calibrate_cmd(
         bool,
         typer.Option("--stats-only", help="Write the collected statistics (for `actsparse merge` and `actsparse select`) instead of masks."),
     ] = False,
+    device: DeviceOpt = None,
+    dist_timeout: DistTimeoutOpt = DEFAULT_DIST_TIMEOUT,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
     threads: ThreadsOpt = None,
@@ -638,20 +653,41 @@ def calibrate_cmd(
     """Learn activation masks from calibration data and write them to a .safetensors file.
 
     With --compensate, the file also holds each layer's new weight and bias,
-    which squash, export and validate bake in with the mask."""
+    which squash, export and validate bake in with the mask.
+
+    Under torchrun each process calibrates on its share of the batches, rank 0
+    writes the file (see the README, "Calibrating at scale")."""
+    from .distributed import launched, resolve_device
+
+    _check_max_cost(max_cost, sparsity, "calibrate")
+    where = resolve_device(device)  # --device cuda without CUDA: exit 2 before any work
+    with launched(where, dist_timeout) as session:
+        _calibrate(model, output, weights, recipe, layers, layer_types, sparsity, threshold, aggregate, structured, method,
+                   compensate, max_cost, data, max_samples, text, task, max_length, factory_args, batch, stats_only,
+                   where if device is not None else None, session, overwrite, as_json)
+
+
+def _calibrate(
+    model: str, output: Path, weights: Path | None, recipe: Path | None, layers: list[str] | None, layer_types: list[str] | None,
+    sparsity: float | None, threshold: float | None, aggregate: str | None, structured: bool, method: Any, compensate: Any,
+    max_cost: str | None, data: str | None, max_samples: int | None, text: Path | None, task: Any, max_length: int | None,
+    factory_args: str | None, batch: int, stats_only: bool, device: Any, session: Any, overwrite: bool, as_json: bool,
+) -> None:
+    """calibrate_cmd's body, on every rank of a distributed run (rank 0 prints and writes)."""
     from .loading import load_model
     from .sources import calibrate_to_file
 
-    _check_max_cost(max_cost, sparsity, "calibrate")
     if max_cost is not None:
         from .budget import Budget
 
         Budget.parse(max_cost)  # a malformed budget fails before the model loads
         if layers or layer_types:
             sparsity = 0.0  # a one-rule recipe needs a level: the search sets it per layer
-    check_output_path(output, overwrite)
+    writer = session is None or session.writer
+    if writer:
+        check_output_path(output, overwrite)
     model_options = _model_options(task, text, None, max_length, factory_args)
-    loaded = load_model(model, weights, model_options)
+    loaded = load_model(model, weights, model_options, device=device)
     base: Recipe | Path | None = recipe
     if recipe is None and not (layers or layer_types) and loaded.hf is not None:  # a Hugging Face model: its MLPs' default
         from .hf import default_recipe
@@ -661,11 +697,13 @@ def calibrate_cmd(
         model, loaded.builtin, base, layers, layer_types, sparsity, threshold, aggregate, structured, _choice(method),
         _choice(compensate),
     )
-    with stage_progress(quiet=as_json) as progress:
+    with stage_progress(quiet=as_json or not writer) as progress:
         report = calibrate_to_file(
             loaded, the_recipe, output, data=data, batch_size=batch, on_stage=progress.on_stage, on_batch=progress.on_batch,
-            max_cost=max_cost, model_options=model_options, max_samples=max_samples, stats_only=stats_only,
+            max_cost=max_cost, model_options=model_options, max_samples=max_samples, stats_only=stats_only, group=session,
         )
+    if report is None:  # another rank than 0: rank 0 prints
+        return
     if as_json:
         _emit_json(report)
         return
@@ -1004,6 +1042,8 @@ def convert_cmd(
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
     no_latency: NoLatencyOpt = False,
+    device: DeviceOpt = None,
+    dist_timeout: DistTimeoutOpt = DEFAULT_DIST_TIMEOUT,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -1013,9 +1053,11 @@ def convert_cmd(
     prints a summary: layers, sparsity, squash mode, ONNX max diff, the accuracy
     (or cosine) cost, file sizes.
     """
+    from .distributed import launched, resolve_device
     from .pipeline import convert
 
     _check_max_cost(max_cost, sparsity, "convert")
+    where = resolve_device(device)  # --device cuda without CUDA: exit 2 before any work
     model_options = _model_options(task, text, heldout_text, max_length, factory_args)
     if max_cost is not None and (layers or layer_types):
         sparsity = 0.0  # a one-rule recipe needs a level: the search sets it per layer
@@ -1023,7 +1065,7 @@ def convert_cmd(
     if layers or layer_types or threshold is not None or aggregate is not None or structured:
         the_recipe = build_recipe(model, ":" not in model, recipe, layers, layer_types, sparsity, threshold, aggregate, structured)
         sparsity = None  # already in the one-rule recipe (--method and --compensate are applied by convert)
-    with stage_progress(quiet=as_json) as progress:
+    with launched(where, dist_timeout) as session, stage_progress(quiet=as_json or not (session is None or session.writer)) as progress:
         report = convert(
             model, output, weights=weights, recipe=the_recipe, sparsity=sparsity, data=data, heldout=heldout,
             batch_size=batch, mode=str(mode), exporter=str(exporter), opset=opset, external_data=external_data, atol=atol,
@@ -1031,8 +1073,10 @@ def convert_cmd(
             labels=labels, timeout=timeout, method=_choice(method), compensate=_choice(compensate), max_cost=max_cost,
             task=model_options.task, text=model_options.text, heldout_text=model_options.heldout_text,
             max_length=model_options.max_length, factory_args=model_options.factory_args, dynamic_axes=tuple(dynamic_axis or ()),
-            threads=threads, latency=not no_latency, max_samples=max_samples,
+            threads=threads, latency=not no_latency, max_samples=max_samples, device=device, group=session,
         )
+    if report is None:  # another rank than 0 of a distributed run: rank 0 prints
+        return
     if as_json:
         _emit_json(report)
         return
@@ -1148,11 +1192,37 @@ def sweep_cmd(
     stdout.print(f"written: {output / 'sweep.json'}, {output / 'sweep.png'}")
 
 
+def _print_onnx(target: str, report: Report) -> None:
+    """``inspect MODEL.onnx``: inputs and outputs, operators, initializers, external data files, squash rows."""
+    found = report.extra["onnx"]
+    opsets = ", ".join(f"{domain} {version}" for domain, version in found["opsets"].items())
+    table = names_table("", "name", "dtype", "shape",
+                        title=f"{target}: ONNX model ({opsets}; {found['nodes']} nodes, {found['initializers']} initializers, "
+                              f"{found['parameters']:,} parameters, {found['initializer_bytes'] / 1e6:,.1f} MB)")
+    for side in ("inputs", "outputs"):
+        for value in found[side]:
+            shape = "?" if value["shape"] is None else "x".join("?" if d is None else str(d) for d in value["shape"])
+            table.add_row(side[:-1], value["name"], str(value["dtype"]), shape)
+    stdout.print(table)
+    stdout.print("operators: " + ", ".join(f"{op} {n}" for op, n in found["ops"].items()), markup=False)
+    for data in found["external_data"]:
+        size = f"{data['bytes'] / 1e6:,.1f} MB" if data["present"] else "missing or not a regular file"
+        stdout.print(f"external data: {data['location']} ({data['tensors']} tensors, {size})", markup=False)
+    if report.layers:
+        layers = names_table("layer", "mode", "sparsity", title=f"squashed layers (mode {report.squash_mode})")
+        for row in report.layers:
+            sparsity = row.get("sparsity")
+            layers.add_row(str(row.get("layer")), str(row.get("mode")), f"{sparsity:.1%}" if isinstance(sparsity, (int, float)) else "-")
+        stdout.print(layers)
+
+
 @app.command("inspect")
 @handle_errors
 @with_threads
 def inspect_cmd(
-    target: Annotated[str, typer.Argument(help="A masks file (.safetensors from calibrate), or a model to list the layers of.", show_default=False)],
+    target: Annotated[str, typer.Argument(
+        help="A masks file (.safetensors from calibrate), an ONNX file (its graph; external data not read), or a model to list the layers of.",
+        show_default=False)],
     weights: WeightsOpt = None,
     data: DataOpt = None,
     text: TextOpt = None,
@@ -1182,6 +1252,9 @@ def inspect_cmd(
 
             stdout.print(Recipe.from_dict(report.recipe).dumps().rstrip(), markup=False)
         _print_notes(report.notes)
+        return
+    if "onnx" in report.extra:  # an ONNX file: its graph (its external data is never read)
+        _print_onnx(target, report)
         return
     table = names_table("layer", "type", "input shape", "fold", title=f"{target}: layers that can take a mask")
     for row in report.layers or []:

@@ -64,7 +64,7 @@ from torch import nn
 
 from .batches import Batch, cut_axes, describe_batch, flatten_outputs, input_names, is_named, named_tensors, positional, run_batch
 from .calibrate import eval_mode
-from .errors import DataError, ExportError, OutputError, first_line
+from .errors import DataError, ExportError, OutputError, ValidationError, first_line
 from .files import check_output_path, os_reason, remove_stale_staging, set_output_mode, staging_dir
 from .version import __version__
 
@@ -531,7 +531,7 @@ def _export_staged(
 ) -> ExportResult:
     data_name = f"{path.name}.data"
     data_path = path.parent / data_name
-    raw = staging / "raw.onnx"
+    raw = staging / "raw" / "raw.onnx"  # a folder of its own: an exporter's per-tensor files never meet ours
     start = time.perf_counter()
     requested, fallback = exporter, None
     order = AUTO_ORDER if exporter == "auto" else (exporter,)
@@ -539,6 +539,7 @@ def _export_staged(
     for exporter in order:
         for leftover in staging.iterdir():  # a failed exporter's partial files
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        raw.parent.mkdir()
         failed = _try_exporter(wrapped, args, raw, exporter, opset, spec, path, verbose)
         if failed is None:
             break
@@ -552,8 +553,8 @@ def _export_staged(
             raise ExportError(f"{failures[0]}; try `exporter` {other}") from failures[0].__cause__
         raise ExportError("both exporters failed: " + "; ".join(map(str, failures))) from failures[-1].__cause__
     seconds = time.perf_counter() - start
-    try:
-        proto = onnx.load(str(raw), load_external_data=True)
+    try:  # the graph only: weights the exporter wrote to files of their own stay there until copied, never all in memory
+        proto = onnx.load(str(raw), load_external_data=False)
     except OSError as e:
         raise OutputError(f"cannot write {path}: {os_reason(e)}") from e
     meta = {f"{METADATA_PREFIX}version": __version__, f"{METADATA_PREFIX}exporter": exporter, **(metadata or {})}
@@ -561,16 +562,28 @@ def _export_staged(
     for key, value in meta.items():
         if key not in existing:
             proto.metadata_props.add(key=key, value=str(value))
-    size = proto.ByteSize() if proto.ByteSize() < TWO_GB else TWO_GB
-    external = external_data or size >= TWO_GB
+    from .validate import check_external_data, external_tensors
+
+    try:
+        check_external_data(raw, proto)  # the exporter's own files: inside raw's folder, whole
+    except ValidationError as e:
+        raise ExportError(f"the {exporter} exporter wrote external data that cannot be read: {e}") from e
+    outside = 0 if external_data else sum(
+        int(entries["length"]) if "length" in entries else (raw.parent / entries["location"]).stat().st_size
+        for _, entries in external_tensors(proto)
+    )
+    external = external_data or proto.ByteSize() + outside >= TWO_GB
     if external and not external_data:  # over 2 GB: its data file's name must fit, and may not clobber
         check_output_path(data_path, overwrite)
     staged = staging / path.name
+    moved = 0
     try:
-        onnx.save_model(
-            proto, str(staged), save_as_external_data=external, all_tensors_to_one_file=True, location=data_name,
-            size_threshold=1024,
-        )
+        if external:
+            moved = _gather_external_data(proto, raw.parent, staging / data_name)
+        elif outside:  # under 2 GB and not asked for: back into the one file
+            onnx.load_external_data_for_model(proto, str(raw.parent))
+        shutil.rmtree(raw.parent)  # its copy of the weights, before the checker reads ours
+        onnx.save_model(proto, str(staged))
     except (OSError, ValueError) as e:
         raise OutputError(f"cannot write {path}: {os_reason(e)}") from e
     try:
@@ -578,11 +591,85 @@ def _export_staged(
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"the exported model fails onnx.checker: {first_line(e)}") from e
     opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    # every tensor under save_model's size threshold: no data file was written, none is needed
-    external = external and (staging / data_name).exists()
+    # every tensor under the size threshold: no data file is needed
+    if external and not moved:
+        (staging / data_name).unlink(missing_ok=True)
+    external = external and moved > 0
     _move_into_place(staged, path, staging / data_name if external else None, data_path, staging)
     total = path.stat().st_size + (data_path.stat().st_size if external else 0)
     return ExportResult(path, exporter, opset_found, spec, seconds, external, total, dict(meta), requested, fallback)
+
+
+#: initializers of at least this many bytes go to the data file (onnx.save_model's default threshold)
+EXTERNAL_THRESHOLD = 1024
+#: each tensor in the data file starts at a multiple of this (a page: onnxruntime can map it instead of copying)
+EXTERNAL_ALIGN = 4096
+_COPY_CHUNK = 64 * 2**20
+
+
+def _gather_external_data(proto: Any, source: Path, data_path: Path) -> int:
+    """Every tensor's data into the one file ``data_path`` (its name beside the
+    model: the ``location`` each tensor records), tensor by tensor: those an
+    exporter already wrote to files in ``source`` copied in chunks (never a whole
+    weight in memory), initializers of :data:`EXTERNAL_THRESHOLD` bytes or more
+    moved out of the graph. Each starts at a multiple of :data:`EXTERNAL_ALIGN`.
+    The number of tensors written."""
+    from .validate import external_tensors
+
+    count = 0
+    with open(data_path, "wb") as out:
+
+        def place(tensor: Any, write: Callable[[], int]) -> None:
+            nonlocal count
+            offset = -out.tell() % EXTERNAL_ALIGN
+            out.write(b"\0" * offset)
+            start = out.tell()
+            length = write()
+            del tensor.external_data[:]
+            for key, value in (("location", data_path.name), ("offset", str(start)), ("length", str(length))):
+                tensor.external_data.add(key=key, value=value)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            count += 1
+
+        for tensor, entries in list(external_tensors(proto)):
+            def copy(entries: dict[str, str] = entries) -> int:
+                with open(source / entries["location"], "rb") as f:
+                    f.seek(int(entries.get("offset") or 0))
+                    left = int(entries["length"]) if "length" in entries else None
+                    written = 0
+                    while left is None or left > 0:
+                        chunk = f.read(_COPY_CHUNK if left is None else min(_COPY_CHUNK, left))
+                        if not chunk:
+                            break
+                        out.write(chunk)
+                        written += len(chunk)
+                        left = None if left is None else left - len(chunk)
+                    if left:
+                        raise ValueError(f"the exporter's data file {entries['location']} ends {left} bytes short")
+                    return written
+
+            place(tensor, copy)
+        for tensor in _initializers(proto.graph):
+            if tensor.data_location != onnx.TensorProto.EXTERNAL and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
+                def move(tensor: Any = tensor) -> int:
+                    data = tensor.raw_data
+                    out.write(data)
+                    tensor.ClearField("raw_data")
+                    return len(data)
+
+                place(tensor, move)
+    return count
+
+
+def _initializers(graph: Any) -> Iterator[Any]:
+    """The initializers of ``graph`` and of its subgraphs (If / Loop / Scan bodies)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _initializers(attr.g)
+            for sub in attr.graphs:
+                yield from _initializers(sub)
 
 
 def _move_into_place(staged: Path, path: Path, staged_data: Path | None, data_path: Path, staging: Path) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +88,9 @@ def ort_session(path: str | Path, threads: int | None = DEFAULT_THREADS) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ValidationError(f"ONNX model {path} does not exist")
+    from .validate import check_external_data
+
+    check_external_data(path)  # its external data from beside it only, checked before onnxruntime reads any
     options = session_options(threads)
     options.log_severity_level = 3
     try:
@@ -151,7 +154,7 @@ def latency_ratio(
     }
 
 
-def first_samples(batches: Sequence[Batch], limit: int) -> list[Batch]:
+def first_samples(batches: Iterable[Batch], limit: int) -> list[Batch]:
     """The batches in order up to ``limit`` samples (the last one cut), shapes otherwise kept."""
     from .batches import batch_size, slice_batch
 
@@ -169,7 +172,7 @@ def first_samples(batches: Sequence[Batch], limit: int) -> list[Batch]:
 def dense_latency(
     dense: Any,
     sparse_onnx: str | Path,
-    batches: Sequence[Batch],
+    batches: Iterable[Batch],
     folder: str | Path,
     *,
     exporter: str,

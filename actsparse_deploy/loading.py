@@ -41,10 +41,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import zoo
-from .batches import Batch, split_batch
+from .batches import Batch
 from .calibrate import check_finite_weights
 from .errors import ActsparseError, DataError, ModelLoadError, WeightsError, first_line
 from .hf import HF_PREFIX, HFSource, hf_directory, is_pretrained, load_hf, wrap_pretrained
+from .streams import Stream
 
 __all__ = [
     "LoadedModel",
@@ -146,10 +147,20 @@ def _import_attr(spec: str, what: str, error: type[Exception]) -> Any:
     return target
 
 
-def load_model(spec: str, weights: str | Path | None = None, options: ModelOptions | None = None) -> LoadedModel:
+def load_model(
+    spec: str, weights: str | Path | None = None, options: ModelOptions | None = None, device: torch.device | str | None = None
+) -> LoadedModel:
     """A built-in name, a Hugging Face model directory (``hf:PATH`` or a
     directory with ``config.json``), or ``package.module:factory`` with optional
-    weights; ``options``: the task of a Hugging Face model, a factory's arguments."""
+    weights; ``options``: the task of a Hugging Face model, a factory's arguments;
+    ``device``: move the model there (None: where it was built)."""
+    loaded = _load_model(spec, weights, options)
+    if device is not None:
+        loaded.module.to(device)
+    return loaded
+
+
+def _load_model(spec: str, weights: str | Path | None, options: ModelOptions | None) -> LoadedModel:
     options = options or ModelOptions()
     if spec.startswith(HF_PREFIX) or (":" not in spec and spec not in zoo.builtin_names()):
         directory = hf_directory(spec)
@@ -202,9 +213,10 @@ def _load_hf(spec: str, directory: Path, weights: str | Path | None, options: Mo
 
 def load_text_data(
     loaded: LoadedModel, options: ModelOptions | None, data: str | None, heldout: str | None, batch_size: int
-) -> tuple[list[Batch] | None, list[Batch] | None]:
+) -> tuple[Stream | None, Stream | None]:
     """Calibration and held-out batches from ``options.text`` / ``options.heldout_text``
-    (None for each not given), made by the model's tokenizer."""
+    (None for each not given), made by the model's tokenizer: streams that read
+    the file line by line and tokenize a batch at a time (:class:`~actsparse_deploy.streams.TextStream`)."""
     if options is None or (options.text is None and options.heldout_text is None):
         return None, None
     if options.text is not None and data is not None:
@@ -216,8 +228,10 @@ def load_text_data(
             f"`text` and `heldout_text` need a Hugging Face model (a directory with its tokenizer); {loaded.name!r} is not one: "
             "pass `data` / `heldout` files of input tensors"
         )
-    calibration = loaded.hf.text_batches(options.text, batch_size) if options.text is not None else None
-    held = loaded.hf.text_batches(options.heldout_text, batch_size) if options.heldout_text is not None else None
+    from .streams import TextStream  # read line by line, tokenized a batch at a time
+
+    calibration = TextStream(loaded.hf, options.text, batch_size) if options.text is not None else None
+    held = TextStream(loaded.hf, options.heldout_text, batch_size) if options.heldout_text is not None else None
     return calibration, held
 
 
@@ -411,8 +425,11 @@ def _is_function_spec(text: str) -> bool:
     return ":" in text and not Path(text).exists() and not (len(text) > 1 and text[1] == ":")
 
 
-def load_data(source: str | Path, batch_size: int = 32) -> list[Batch] | Iterable[Batch]:
-    """Batches from a data file, or the iterable a ``module:function`` returns."""
+def load_data(source: str | Path, batch_size: int = 32) -> Stream | Iterable[Batch]:
+    """Batches from a data file, a directory of them or a glob of shards (a
+    :class:`~actsparse_deploy.streams.ArrayStream`: read batch by batch on each
+    iteration, never whole; every file's header is checked and the first batch
+    read now), or the iterable a ``module:function`` returns."""
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
     text = str(source)
@@ -422,11 +439,11 @@ def load_data(source: str | Path, batch_size: int = 32) -> list[Batch] | Iterabl
             return fn()
         except Exception as e:
             raise DataError(f"data function {text!r} failed: {type(e).__name__}: {e}") from e
-    arrays = _read_arrays(Path(source))
-    whole: Batch = arrays
-    if isinstance(arrays, dict) and all(k.startswith(POSITIONAL) for k in arrays):  # a list of tensors: model(*batch)
-        whole = tuple(arrays.values())
-    return split_batch(whole, batch_size)
+    from .streams import array_stream
+
+    stream = array_stream(source, batch_size)
+    next(iter(stream))  # a file that fails on its first rows fails here, before any work
+    return stream
 
 
 def load_labels(source: str | Path) -> torch.Tensor:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .batches import first_samples, total_samples, unpadded
-from .calibrate import calibrate
+from .calibrate import collect, select
 from .constants import COMPENSATIONS, DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_RTOL, EXPORTERS, MODES
 from .errors import DataError, ExportError, OutputError, RecipeError, SquashError, ValidationError
 from .export import ExportResult, export_onnx, layer_metadata
@@ -40,6 +40,7 @@ from .metrics import sparsification_cost
 from .recipe import Recipe
 from .report import Calibration, Cost, Export, Latency, Report, Validation
 from .squash import SquashResult
+from .streams import shape_examples
 from .threads import check_threads, current_threads, use_threads
 from .validate import validate
 from .version import __version__
@@ -122,6 +123,10 @@ class ConvertOptions:
     latency: bool = True
     #: input axes to export as dynamic besides those inferred, ``NAME:AXIS:LABEL`` each (export.parse_dynamic_axis)
     dynamic_axes: tuple[str, ...] = ()
+    #: where calibration runs ("cpu", "cuda", "cuda:N"; None: where the model's parameters are); squash and export run on CPU
+    device: str | None = None
+    #: distributed calibration (actsparse_deploy.distributed.Session or a process group): rank 0 writes, the others return None
+    group: Any = None
 
     def model_options(self) -> ModelOptions:
         return ModelOptions(task=self.task, factory_args=self.factory_args, text=self.text, heldout_text=self.heldout_text,
@@ -135,6 +140,9 @@ class ConvertOptions:
             parse_dynamic_axis(axis)
         if self.threads is not None:
             check_threads(self.threads)
+        if self.max_cost is not None and self.group is not None:
+            raise RecipeError("a cost budget (`max_cost`) searches over several passes of the data: it is not supported in "
+                              "distributed calibration; run it in one process, or give a sparsity")
         if self.max_cost is not None:
             from .budget import Budget
 
@@ -197,7 +205,9 @@ def convert(
     latency: bool = True,
     dynamic_axes: tuple[str, ...] = (),
     max_samples: int | None = None,
-) -> Report:
+    device: str | None = None,
+    group: Any = None,
+) -> Report | None:
     """Calibrate, squash, export and validate; write the three files to ``outdir``
     and return the report (its ``to_json()`` is ``report.json``). ``on_stage(name, total)`` is
     called as each stage starts (see ``STAGES``; ``total``: calibration samples
@@ -211,7 +221,9 @@ def convert(
     free cores; see :mod:`actsparse_deploy.threads`); ``latency``: time the dense and the converted model
     under onnxruntime on held-out data (the report's ``latency``; False skips it); ``dynamic_axes``:
     ``NAME:AXIS:LABEL`` input axes to export as dynamic besides those inferred from the model and data;
-    ``max_samples``: calibrate on the first this many calibration samples only.
+    ``max_samples``: calibrate on the first this many calibration samples only; ``device``: where calibration
+    runs; ``group``: distributed calibration (:mod:`actsparse_deploy.distributed`: rank 0 writes and returns
+    the report, the other ranks return None and touch no file).
     The keyword parameters are those of :class:`ConvertOptions`, checked first."""
     options = ConvertOptions(
         weights=weights, recipe=recipe, sparsity=sparsity, data=data, heldout=heldout, batch_size=batch_size, mode=mode,
@@ -219,8 +231,12 @@ def convert(
         verbose=verbose, on_batch=on_batch, on_stage=on_stage, labels=labels, timeout=timeout, method=method,
         compensate=compensate, max_cost=max_cost, task=task, text=text, heldout_text=heldout_text, max_length=max_length,
         factory_args=factory_args, threads=threads, latency=latency, dynamic_axes=tuple(dynamic_axes), max_samples=max_samples,
+        device=device, group=group,
     )
     outdir = Path(outdir)
+    if not getattr(options.group, "writer", True):  # another rank than 0: calibrates its share, writes nothing
+        with use_threads(options.threads):
+            return _convert(model, outdir, options)
     check_output_dir(outdir)
     created = [p for p in (outdir, *outdir.parents) if not p.exists()]
     try:
@@ -239,8 +255,9 @@ def convert(
         raise
 
 
-def _convert(model: str, outdir: Path, o: ConvertOptions) -> Report:
-    for name in (*OUT_FILES, *([DATA_FILE] if o.external_data else [])):
+def _convert(model: str, outdir: Path, o: ConvertOptions) -> Report | None:
+    writer = getattr(o.group, "writer", True)  # distributed: rank 0 checks and writes the outputs
+    for name in (*OUT_FILES, *([DATA_FILE] if o.external_data else [])) if writer else ():
         check_output_path(outdir / name, o.overwrite)
     timer = Timer(on_stage=o.on_stage)
     total = time.perf_counter()
@@ -254,7 +271,7 @@ def _convert(model: str, outdir: Path, o: ConvertOptions) -> Report:
             check_distinct_data(o.text, o.heldout_text)
         work.require_heldout()
         calibration = first_samples(work.require_calibration(), o.max_samples)
-        timer.totals["calibrate"] = total_samples(calibration)
+        timer.totals["calibrate"] = total_samples(calibration) if o.group is None else None  # distributed: a share
     with timer("calibrate"):
         budget = None
         if o.max_cost is not None:  # levels per layer to the budget, tuned on a split of the calibration data
@@ -263,7 +280,16 @@ def _convert(model: str, outdir: Path, o: ConvertOptions) -> Report:
             budget = calibrate_to_budget(work.model, the_recipe, calibration, o.max_cost, model_name=work.name, on_batch=o.on_batch)
             masks = budget.masks
         else:  # token batches without their padding: the statistics see real tokens only
-            masks = calibrate(work.model, the_recipe, unpadded(calibration), model_name=work.name, on_batch=o.on_batch)
+            if o.device is not None:
+                from .distributed import resolve_device
+
+                work.model.to(resolve_device(o.device))
+            stats = collect(work.model, the_recipe, unpadded(calibration), model_name=work.name, on_batch=o.on_batch,
+                            group=o.group if o.group is not None else False)
+            if not writer:
+                return None
+            work.model.to("cpu")  # squash, export and validation run on CPU
+            masks = select(stats, model=work.model)
     with timer("squash"):
         squashed = squash_workload(work, masks, o.mode)
     # everything is written into a staging directory inside outdir and moved into
@@ -274,7 +300,7 @@ def _convert(model: str, outdir: Path, o: ConvertOptions) -> Report:
             exported = export_onnx(
                 squashed.model, work.example(), onnx_path, exporter=o.exporter, opset=o.opset, io_spec=work.io,
                 metadata=layer_metadata(squashed.report(), o.mode), external_data=o.external_data, verbose=o.verbose,
-                data=[*work.require_heldout(), *(work.calibration if isinstance(work.calibration, list) else [])],
+                data=shape_examples(work.require_heldout(), work.calibration),
                 dynamic_axes=o.dynamic_axes,
             )
         with timer("validate"):

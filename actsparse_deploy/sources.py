@@ -36,7 +36,7 @@ from torch import nn
 
 from . import zoo
 from .batches import Batch, as_positional, describe_batch, first_samples, run_batch, total_samples, unpadded
-from .calibrate import calibrate, collect, select
+from .calibrate import collect, select
 from .constants import DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAULT_RTOL
 from .errors import CalibrationError, DataError, MaskError, ModelLoadError, RecipeError
 from .export import IOSpec, export_onnx, layer_metadata
@@ -47,6 +47,7 @@ from .pt2 import load_pt2, pt2_io, save_pt2
 from .recipe import Recipe
 from .report import Calibration, Report
 from .stats import Statistics
+from .streams import reiterable, shape_examples
 from .validate import validate
 from .workload import Workload, load_workload, squash_workload
 
@@ -82,13 +83,13 @@ class Source:
     program: Any
     module: nn.Module
     example: Batch | None
-    heldout: list[Batch] | None
+    heldout: list[Batch] | Iterable[Batch] | None
     io: IOSpec | None
     layers: list[dict[str, Any]]
     mode: str
     work: Workload | None
 
-    def require_heldout(self) -> list[Batch]:
+    def require_heldout(self) -> list[Batch] | Iterable[Batch]:
         if self.heldout is None:
             raise DataError(f"{self.name!r} has no held-out data: pass `heldout` data (never the calibration data)")
         return self.heldout
@@ -147,11 +148,12 @@ def load_source(spec: str, options: SourceOptions | None = None, *, need_heldout
         )
     program, meta = load_pt2(spec)
     io = pt2_io(meta)
-    held: list[Batch] | None = None
+    held: list[Batch] | Iterable[Batch] | None = None
     if need_heldout:
         name = meta.get("model")
         if heldout is not None:
-            held = list(load_data(heldout, batch_size or 32))
+            held = load_data(heldout, batch_size or 32)  # a stream, read again on each use
+            held = held if reiterable(held) else list(held)
         elif name and name in zoo.builtin_names():
             held = load_workload(name).require_heldout()
         else:
@@ -194,13 +196,21 @@ def calibrate_to_file(
     model_options: ModelOptions | None = None,
     max_samples: int | None = None,
     stats_only: bool = False,
-) -> Report:
+    group: Any = None,
+) -> Report | None:
     """Calibrate ``loaded`` on ``data`` (else ``model_options.text``, else its
     built-in calibration split; the first ``max_samples`` samples where given;
     token batches without their padding) and write the masks to ``output``
     (checked by the caller); ``max_cost``: a cost budget instead of the recipe's
     level (see :mod:`actsparse_deploy.budget`); ``stats_only``: write the
-    collected statistics instead (:func:`merge_stats_files`, :func:`select_to_file`)."""
+    collected statistics instead (:func:`merge_stats_files`, :func:`select_to_file`).
+
+    ``group``: a :class:`~actsparse_deploy.distributed.Session` (or process
+    group): each rank collects its share of the batches, rank 0 writes and
+    returns the report, the other ranks return None."""
+    if group is not None and max_cost is not None:
+        raise RecipeError("a cost budget (`max_cost`) searches over several passes of the data: it is not supported in distributed "
+                          "calibration; run it in one process, or give a sparsity")
     if stats_only and max_cost is not None:
         raise RecipeError("a cost budget selects masks: it cannot be given with `stats_only` (select from the statistics later)")
     start = time.perf_counter()
@@ -217,18 +227,19 @@ def calibrate_to_file(
         raise DataError(f"{loaded.name!r} has no built-in data: pass `data`, a file of calibration inputs{more}")
     batches = first_samples(batches, max_samples)
     if on_stage is not None:
-        on_stage("calibrating", total_samples(batches))
+        on_stage("calibrating", total_samples(batches) if group is None else None)  # distributed: this rank's share, count unknown
     if max_cost is not None:
         from .budget import budget_to_file
 
         return budget_to_file(loaded, recipe, batches, max_cost, output, batch_size=batch_size, on_batch=on_batch, start=start)
+    stats = collect(loaded.module, recipe, unpadded(batches),
+                    model_name=loaded.name, on_batch=on_batch, group=group if group is not None else False)
+    if group is not None and not getattr(group, "writer", True):
+        return None  # rank 0 writes
     if stats_only:
-        stats = collect(loaded.module, recipe, unpadded(batches),
-                        model_name=loaded.name, on_batch=on_batch)
         stats.save(output)
         return stats_report(stats, output, time.perf_counter() - start)
-    masks = calibrate(loaded.module, recipe, unpadded(batches),
-                      model_name=loaded.name, on_batch=on_batch)
+    masks = select(stats, model=loaded.module)
     masks.save(output)
     seconds = round(time.perf_counter() - start, 3)
     return masks_report(masks, files={str(output): _size(Path(output))}, seconds={"calibrate": seconds, "total": seconds})
@@ -348,7 +359,7 @@ def export_source(
     result = export_onnx(
         source.program, source.example, output, exporter=exporter, opset=opset, io_spec=source.io,
         metadata=layer_metadata(source.layers, source.mode), external_data=external_data, overwrite=overwrite, verbose=verbose,
-        data=source.heldout or (), dynamic_axes=dynamic_axes,
+        data=shape_examples(source.heldout), dynamic_axes=dynamic_axes,
     )
     files = {str(output): _size(Path(output))}
     if result.external_data:
@@ -381,7 +392,7 @@ def validate_against(
     if source.work is not None and (options.masks is not None or options.labels is not None):
         held = source.require_heldout()
         if io is None and held:  # what export names the inputs and outputs by default
-            io = IOSpec.from_model(source.module, held[0], data=held)
+            io = IOSpec.from_model(source.module, next(iter(held)), data=shape_examples(held))
         cost = sparsification_cost(source.work, source.module, Path(onnx_model), io)
     seconds["total"] = round(time.perf_counter() - start, 3)
     return Report(model=source.name, squash_mode=source.mode, layers=source.layers,
@@ -423,14 +434,41 @@ def inspect_target(
     target: str, *, weights: str | Path | None = None, data: str | None = None, batch_size: int = 8,
     model_options: ModelOptions | None = None,
 ) -> Report:
-    """A masks file's contents (a ``.safetensors`` without ``weights``), or the
-    layers of a model that can take a mask (a Hugging Face model without data:
-    seen on a few token ids)."""
+    """A masks file's contents (a ``.safetensors`` without ``weights``), an ONNX
+    file's graph (``.onnx``: inputs, outputs, operators, initializers, external
+    data files and metadata, in ``extra["onnx"]``; its external data is never
+    read), or the layers of a model that can take a mask (a Hugging Face model
+    without data: seen on a few token ids)."""
     if target.endswith(".safetensors") and weights is None:
         return masks_report(Masks.load(target))
+    if target.endswith(".onnx"):
+        return onnx_report(target, given=weights is not None or data is not None)
     work = load_workload(target, weights, data, None, batch_size, model_options=model_options)
     from .hf import HFModel, HFSource
 
     if work.calibration is None and isinstance(work.model, HFModel):
         work.calibration = [HFSource(work.model, None).sample_batch()]
     return Report(model=work.name, layers=layer_table(work))
+
+
+def onnx_report(target: str | Path, given: bool = False) -> Report:
+    """An ONNX file as a report, from its graph alone (:func:`~actsparse_deploy.validate.describe_onnx`):
+    the squash mode and layer rows this tool recorded in its metadata, where it did.
+    ``given``: weights or data were passed, which an ONNX file does not take."""
+    import json
+
+    from .export import METADATA_PREFIX
+    from .validate import describe_onnx
+
+    if given:
+        raise DataError(f"{target} is an ONNX model: inspect reads it alone, without `weights` or `data`")
+    found = describe_onnx(target)
+    meta = found["metadata"]
+    try:
+        layers = json.loads(meta[f"{METADATA_PREFIX}layers"]) if f"{METADATA_PREFIX}layers" in meta else None
+    except ValueError:
+        layers = None
+    if not (isinstance(layers, list) and all(isinstance(row, dict) for row in layers)):
+        layers = None
+    return Report(tool_version=meta.get(f"{METADATA_PREFIX}version"), squash_mode=meta.get(f"{METADATA_PREFIX}squash_mode"),
+                  layers=layers, extra={"onnx": found})

@@ -358,7 +358,7 @@ class Statistics:
                     "name): collect with a built-in aggregate_fn"
                 )
             for i, part in enumerate(ls.parts):
-                tensors[f"{name}{SEP}{i}" if ls.features is not None else name] = _tensor(part).to(STAT_DTYPE)
+                tensors[f"{name}{SEP}{i}" if ls.features is not None else name] = _tensor(part).to("cpu", STAT_DTYPE)
             rows.append(
                 {
                     "layer": name,

@@ -22,6 +22,7 @@ method with the latency ratio on a second axis.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import tempfile
@@ -122,7 +123,7 @@ def sweep(
             raise OutputError(f"{outdir / name} exists: pass `overwrite` to replace it")
     work = load_workload(model, weights, data, heldout, batch_size)
     held = work.require_heldout()
-    timing_batches = held[:2]
+    timing_batches = list(itertools.islice(held, 2))
     recipes = _recipes(work, recipe, methods, compensate)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:

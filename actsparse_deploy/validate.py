@@ -24,6 +24,12 @@ for the whole comparison, default ``None``: no limit) fails a model that runs
 too long (a runaway ``Loop``). onnxruntime's own log is off: its errors arrive
 as exceptions and become one message.
 
+External data (weights in ``MODEL.onnx.data``) is read from beside the model
+only: before onnxruntime opens a model, :func:`check_external_data` reads its
+graph (not its data) and refuses, naming the tensor, a location that is
+absolute, holds ``..``, resolves (through a link) outside the model's folder,
+is missing or not a regular file, or claims more bytes than the file holds.
+
     >>> import tempfile, torch
     >>> from torch import nn
     >>> from actsparse_deploy.export import export_onnx
@@ -41,9 +47,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
+import re
+import stat
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +67,10 @@ from .compare import OutputDiff, Tolerance
 from .errors import DataError, ValidationError, first_line
 from .export import BATCH, IOSpec, forward_input_names
 
-__all__ = ["OutputDiff", "ValidationReport", "onnx_feeds", "onnx_session", "resize_batches", "run_session", "validate"]
+__all__ = [
+    "OutputDiff", "ValidationReport", "check_external_data", "describe_onnx", "external_tensors", "onnx_feeds", "onnx_session",
+    "read_graph", "resize_batches", "run_session", "validate",
+]
 
 from .constants import DEFAULT_ATOL, DEFAULT_RTOL  # noqa: E402  (one definition, light for the CLI)
 
@@ -111,9 +123,180 @@ class ValidationReport:
         }
 
 
+def read_graph(path: str | Path) -> Any:
+    """The ONNX model at ``path`` without its external data (the graph and the
+    tensors stored in the file itself); an unreadable or corrupted file is a ValidationError."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises protobuf's and its own exception types
+        raise ValidationError(f"cannot load the ONNX model {path}: {first_line(e)}") from e
+
+
+def _graph_tensors(graph: Any) -> Iterator[Any]:
+    """Every TensorProto of ``graph``: initializers, sparse initializers, node
+    attributes, and those of its subgraphs (If / Loop / Scan bodies)."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes: Any) -> Iterator[Any]:
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sparse in [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []:
+                yield sparse.values
+                yield sparse.indices
+            for sparse in attr.sparse_tensors:
+                yield sparse.values
+                yield sparse.indices
+            if attr.HasField("g"):
+                yield from _graph_tensors(attr.g)
+            for graph in attr.graphs:
+                yield from _graph_tensors(graph)
+
+
+def external_tensors(proto: Any) -> Iterator[tuple[Any, dict[str, str]]]:
+    """Each tensor of the model (its functions' too) whose data lies in an external file, with its
+    ``external_data`` entries (``location``, ``offset``, ``length``)."""
+    import onnx
+
+    tensors = [*_graph_tensors(proto.graph), *(t for f in proto.functions for t in _node_tensors(f.node))]
+    for tensor in tensors:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor, {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _unsafe_location(location: str) -> bool:
+    """Not a plain relative path below the model's folder: empty, absolute (POSIX,
+    Windows drive or UNC), or with a ``..`` part (either separator) or a NUL."""
+    return (not location or "\x00" in location or os.path.isabs(location) or location.startswith(("/", "\\"))
+            or re.match(r"^[A-Za-z]:", location) is not None or ".." in re.split(r"[/\\]", location))
+
+
+def check_external_data(path: str | Path, proto: Any = None, *, strict: bool = True) -> dict[str, int | None]:
+    """The external data files the ONNX model at ``path`` reads, each checked
+    before anything reads it, with its size: ``{location: bytes}``. Refused with a
+    :class:`ValidationError` that names the tensor: a location that is empty,
+    absolute or holds ``..``, or that resolves (through a link anywhere on the
+    way) outside the model's folder; with ``strict`` (what running the model
+    needs) also a missing file, one that is not a regular file (a FIFO would
+    block the reader), and an ``offset`` / ``length`` past the file's end.
+    Without ``strict`` such a file's size is None. ``proto``: the model's graph
+    (:func:`read_graph`) where already read; only the graph is ever read here."""
+    path = Path(path)
+    if proto is None:
+        proto = read_graph(path)
+    folder = path.parent
+    real_folder = os.path.realpath(folder)
+    sizes: dict[str, int | None] = {}
+    for tensor, entries in external_tensors(proto):
+        location = entries.get("location", "")
+        where = f"{path}: tensor {tensor.name!r} reads its data from {location!r}"
+        if _unsafe_location(location):
+            raise ValidationError(
+                f"{where}: external data is read from beside the model only (a relative path without `..`); "
+                "refusing to read it"
+            )
+        real = os.path.realpath(folder / location)
+        if os.path.commonpath([real, real_folder]) != real_folder:
+            raise ValidationError(f"{where}, which leads to {real}, outside the model's folder {folder}: refusing to read it")
+        try:
+            offset, length = int(entries.get("offset", "0")), int(entries.get("length", "0"))
+        except ValueError as e:
+            raise ValidationError(f"{where}: its offset / length are not integers ({first_line(e)})") from e
+        if offset < 0 or length < 0:
+            raise ValidationError(f"{where}: a negative offset / length ({offset} / {length})")
+        try:
+            info = os.stat(real)
+        except OSError as e:
+            if strict:
+                raise ValidationError(f"{where}: {folder / location} does not exist or cannot be read "
+                                      f"({e.strerror or e}): keep the data file beside the model") from e
+            sizes[location] = None
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            if strict:
+                raise ValidationError(f"{where}: {folder / location} is not a regular file")
+            sizes[location] = None
+            continue
+        if strict and offset + length > info.st_size:
+            raise ValidationError(
+                f"{where}: it claims bytes {offset} to {offset + length}, the file holds {info.st_size} (truncated, or another model's data)"
+            )
+        sizes[location] = info.st_size
+    return sizes
+
+
+def _value_info(value: Any) -> dict[str, Any]:
+    """A graph input's or output's name, element type and shape (an int per fixed
+    dimension, its name or None per free one; None for an unknown rank)."""
+    import onnx
+
+    tensor = value.type.tensor_type
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else None
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim] \
+        if tensor.HasField("shape") else None
+    return {"name": value.name, "dtype": dtype, "shape": shape}
+
+
+def describe_onnx(path: str | Path) -> dict[str, Any]:
+    """What an ONNX file holds, from its graph alone (external data is never
+    read, only its files' sizes looked up): inputs and outputs, opsets, the
+    operators by count, the initializers (count, parameters and bytes, from their
+    shapes), each external data file (location, tensors, bytes, present) and the
+    metadata. A location outside the model's folder is refused as
+    :func:`check_external_data` does; a missing data file is only reported."""
+    import onnx
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValidationError(f"ONNX model {path} is a directory: give the .onnx file")
+    if not path.is_file():
+        raise ValidationError(f"ONNX model {path} does not exist")
+    proto = read_graph(path)
+    sizes = check_external_data(path, proto, strict=False)
+    ops: dict[str, int] = {}
+    for node in proto.graph.node:
+        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        ops[op] = ops.get(op, 0) + 1
+    parameters = nbytes = 0
+    for tensor in proto.graph.initializer:
+        count = math.prod(tensor.dims)
+        parameters += count
+        nbytes += count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize if tensor.data_type else 0
+    tensors_at: dict[str, int] = {}
+    for _, entries in external_tensors(proto):
+        tensors_at[entries.get("location", "")] = tensors_at.get(entries.get("location", ""), 0) + 1
+    return {
+        "path": str(path),
+        "file_bytes": path.stat().st_size,
+        "ir_version": proto.ir_version,
+        "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+        "opsets": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
+        "inputs": [_value_info(v) for v in proto.graph.input if v.name not in {t.name for t in proto.graph.initializer}],
+        "outputs": [_value_info(v) for v in proto.graph.output],
+        "nodes": len(proto.graph.node),
+        "ops": dict(sorted(ops.items(), key=lambda item: (-item[1], item[0]))),
+        "initializers": len(proto.graph.initializer),
+        "parameters": parameters,
+        "initializer_bytes": nbytes,
+        "external_data": [{"location": location, "tensors": tensors_at[location], "bytes": size, "present": size is not None}
+                          for location, size in sizes.items()],
+        "metadata": {p.key: p.value for p in proto.metadata_props},
+    }
+
+
 def onnx_session(path: str | Path) -> Any:
     """An onnxruntime CPU session that logs nothing; a missing or corrupted file
-    (or a folder) is a ValidationError."""
+    (or a folder) is a ValidationError, and so is external data from anywhere
+    but beside the model (:func:`check_external_data`, before onnxruntime opens it)."""
     import onnxruntime as ort
 
     from .threads import session_options
@@ -123,6 +306,7 @@ def onnx_session(path: str | Path) -> Any:
         raise ValidationError(f"ONNX model {path} is a directory: give the .onnx file")
     if not path.is_file():
         raise ValidationError(f"ONNX model {path} does not exist")
+    check_external_data(path)
     options = session_options()  # the command's intra-op threads, one inter-op (actsparse_deploy.threads)
     options.log_severity_level = ORT_LOG_SEVERITY
     try:
@@ -217,7 +401,7 @@ def onnx_feeds(session: Any, batch: Batch, io_spec: IOSpec | None = None) -> dic
 def validate(
     onnx_path: str | Path,
     model: nn.Module,
-    batches: Sequence[Batch],
+    batches: Iterable[Batch],
     *,
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
@@ -229,6 +413,7 @@ def validate(
 ) -> ValidationReport:
     """Compare onnxruntime with ``model`` (run in eval mode) on ``batches`` re-cut to
     each of ``batch_sizes`` (at most ``max_samples`` samples each); raise on any mismatch.
+    ``batches`` is read several times: a list, or a stream that reads again on each pass.
 
     ``io_spec`` (what the model was exported with) names a tensor / tuple batch's
     inputs, gives the output names (unless ``output_names`` does) and the axes
@@ -258,7 +443,7 @@ def _eval(*models: Any) -> Iterator[None]:
 
 
 def _validate(
-    onnx_path: str | Path, model: Any, batches: Sequence[Batch], atol: float, rtol: float,
+    onnx_path: str | Path, model: Any, batches: Iterable[Batch], atol: float, rtol: float,
     batch_sizes: Sequence[int], max_samples: int | None, output_names: Sequence[str] | None,
     io_spec: IOSpec | None, timeout: float | None, deadline: float | None,
 ) -> ValidationReport:
@@ -364,7 +549,7 @@ def _validate(
     return report
 
 
-def _feed_spec(session: Any, model: Any, batches: Sequence[Batch], io_spec: IOSpec | None) -> IOSpec:
+def _feed_spec(session: Any, model: Any, batches: Iterable[Batch], io_spec: IOSpec | None) -> IOSpec:
     """The I/O spec that names the feeds: ``io_spec``; else, for a tensor / tuple
     batch, the model's ``forward`` parameter names (export names inputs so),
     unless the ONNX model takes ``input`` / ``input_0, ...`` instead (an older

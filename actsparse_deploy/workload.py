@@ -14,6 +14,7 @@ from a built-in name or a ``module:factory`` plus files.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,11 @@ import torch
 from torch import nn
 
 from . import zoo
-from .batches import Batch, resize_batches
+from .batches import Batch, resize_batches, total_samples
 from .batches import batch_size as batch_size_of
 from .errors import DataError
 from .loading import ModelOptions, check_distinct_data, load_data, load_labels, load_model, load_text_data
+from .streams import Stream, reiterable
 
 if TYPE_CHECKING:
     from .export import IOSpec
@@ -48,7 +50,8 @@ class Workload:
     model: nn.Module
     builtin: zoo.BuiltinModel | None = None
     calibration: list[Batch] | Iterable[Batch] | None = None
-    heldout: list[Batch] | None = None
+    #: a list, or a re-iterable stream (actsparse_deploy.streams.Stream) read again on each use
+    heldout: list[Batch] | Iterable[Batch] | None = None
     labels: torch.Tensor | None = None
     io: IOSpec | None = None
     #: a Hugging Face model's task (``causal-lm``, ...; see actsparse_deploy.hf.TASKS), None for others
@@ -59,7 +62,7 @@ class Workload:
             raise DataError(f"{self.name!r} has no built-in data: pass `data`, a file of calibration inputs")
         return self.calibration
 
-    def require_heldout(self) -> list[Batch]:
+    def require_heldout(self) -> list[Batch] | Iterable[Batch]:
         if self.heldout is None:
             raise DataError(
                 f"{self.name!r} has no built-in held-out data: pass `heldout`, a file of held-out inputs (never the calibration data)"
@@ -73,7 +76,7 @@ class Workload:
             raise DataError(
                 f"{self.name!r} needs `data` or `heldout` to give the exporter an example input"
             )
-        batches = list(source) if not isinstance(source, list) else source
+        batches = source if reiterable(source) else list(source)  # a stream: only its first batch is read
         pieces = resize_batches(batches, EXAMPLE_BATCH_SIZE, EXAMPLE_BATCH_SIZE)
         if not pieces:
             raise DataError(f"no batch of {self.name!r}'s data has {EXAMPLE_BATCH_SIZE} samples for the export example")
@@ -85,7 +88,7 @@ def squash_workload(work: Workload, masks: Masks, mode: str) -> SquashResult:
     and a few held-out batches to check the result against ``mul``."""
     from .squash import squash
 
-    checks = (work.heldout or [])[:2]
+    checks = list(itertools.islice(work.heldout or [], 2))  # of a stream, its first two batches only
     return squash(work.model, masks, mode, example=work.example(), check_batches=checks)
 
 
@@ -110,8 +113,10 @@ def load_recipe(
 
 
 def _first(batches: list[Batch] | Iterable[Batch] | None) -> Batch | None:
-    """The first batch of a list (an iterable from a data function is not read twice)."""
-    return batches[0] if isinstance(batches, list) and batches else None
+    """The first batch of a list or a stream (an iterable from a data function is not read twice)."""
+    if isinstance(batches, list):
+        return batches[0] if batches else None
+    return next(iter(batches), None) if isinstance(batches, Stream) else None
 
 
 def load_workload(
@@ -140,15 +145,17 @@ def load_workload(
     size = batch_size or (entry.batch_size if entry else 32)
     text, held_text = load_text_data(loaded, model_options, data, heldout, size)
     calibration = load_data(data, size) if data is not None else (zoo.calibration_batches(spec, size) if entry else text)
-    held: list[Batch] | None = held_text
+    held: list[Batch] | Iterable[Batch] | None = held_text
     if heldout is not None:
-        held = list(load_data(heldout, size))
+        held = load_data(heldout, size)  # a stream of the file (read again on each use), never held whole
+        held = held if reiterable(held) else list(held)  # a data function's one-shot iterable is used several times
     elif entry is not None:
         held = zoo.heldout_batches(spec, size)
     the_labels = entry.labels() if entry is not None and entry.labels is not None and heldout is None else None
     if labels is not None:
         the_labels = load_labels(labels)
-        samples = sum(batch_size_of(b) for b in held or [])
+        samples = total_samples(held)
+        samples = samples if samples is not None else sum(batch_size_of(b) for b in held or [])
         if len(the_labels) != samples:
             raise DataError(f"labels file {labels} has {len(the_labels)} labels for {samples} held-out samples in {heldout}")
     io = entry.io_spec() if entry is not None else loaded.io_spec(_first(held) if held else _first(calibration))

@@ -83,9 +83,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The tests that read background commands run last (in their order), so
-    that those commands have the rest of the session to finish."""
+    that those commands have the rest of the session to finish. A test that
+    reads background commands or early work (real processes) must be marked
+    slow: `make test` leaves slow tests out, `make check` (CI) runs them."""
+    unmarked = [item.nodeid for item in items
+                if (item.get_closest_marker("background") or item.get_closest_marker("early")) and not item.get_closest_marker("slow")]
+    if unmarked:
+        raise pytest.UsageError(f"mark these @pytest.mark.slow (they read background commands or early work): {unmarked[:5]}")
     items.sort(key=lambda item: item.get_closest_marker("background") is not None)
 
 

@@ -247,7 +247,7 @@ CASES: dict[str, tuple[Callable[[World], list[object]], int, str]] = {
     "pt2 with pickled objects": (lambda w: ["export", _hostile_pt2(w), "-o", w.file("m.onnx")], 9, "holds pickled Python objects"),
     "pt2 not a program": (lambda w: ["export", _garbage(w, "x.pt2"), "-o", w.file("m.onnx")], 9, "is not a torch.export program"),
     # validation
-    "validate onnx corrupted": (lambda w: ["validate", _corrupt_onnx(w), "digits-mlp"], 10, "onnxruntime cannot load"),
+    "validate onnx corrupted": (lambda w: ["validate", _corrupt_onnx(w), "digits-mlp"], 10, "cannot load the ONNX model"),
     "validate onnx missing": (lambda w: ["validate", w.file("none.onnx"), "digits-mlp"], 10, "does not exist"),
     "validate inputs do not match": (lambda w: ["validate", _onnx(w), "digits-mlp", "--heldout", _two_inputs(w)], 10, "it takes input; given a, b"),
     "validate outputs differ": (lambda w: ["validate", _onnx(w), "digits-cnn"], 10, "does not match the PyTorch model"),

@@ -93,6 +93,7 @@ def test_token_batches_calibrate_without_their_padding(tmp_path: Path, monkeypat
     assert mask.tolist() == [0.0, 1.0, 1.0, 1.0]  # with the padding seen, feature 0 (100) would stay and feature 1 go
 
 
+@pytest.mark.slow
 def test_mask_shapes_broadcast_as_torch_does_without_importing_sympy():
     """masks.broadcast_shape replaces torch.broadcast_shapes (which imports sympy,
     0.4 s per command): same answers, and calibrating digits imports no sympy."""

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -110,6 +111,7 @@ def test_models_command():
     assert {r["name"]: r["test_accuracy"] for r in rows} == {"digits-cnn": 0.98, "digits-mlp": 0.9725, "minilm": None, "tiny-lm": None}
 
 
+@pytest.mark.slow
 def test_python_dash_m_runs_the_cli(tmp_path):
     """A failure through a real process: one line, the exit code (a real process
     that succeeds: test_pt2_security.py::test_squash_other_suffix_prints_no_torch_warning)."""

@@ -347,6 +347,7 @@ def test_pickled_objects_are_refused_as_such(world, what, payload):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_torch_warnings_stay_off_stderr_unless_verbose(world):
     """A real process: pytest would capture the warnings of an in-process run."""
     data = _raw_pickle(world.tmp / "raw.pt")
@@ -576,6 +577,7 @@ main()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_signal_during_the_cli_imports_is_one_line(tmp_path, sig, code):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -611,6 +613,7 @@ def test_importing_the_package_does_not_import_torch(tmp_path):
     assert result.stdout.split()[0] == "False", result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_sigint_during_startup_imports_is_one_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", STARTUP_TORCH], cwd=tmp_path, env=env, capture_output=True,
@@ -635,6 +638,7 @@ def batches():
 ''')
 
 
+@pytest.mark.slow
 def test_second_sigint_during_cleanup_is_still_one_line(tmp_path):
     (tmp_path / "slow_cleanup_model.py").write_text(SLOW_CLEANUP)
     marker = tmp_path / "marker"

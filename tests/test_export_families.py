@@ -229,6 +229,7 @@ def test_auto_is_the_default_and_falls_back_saying_so(user, tmp_path, capfd):
     assert result.exporter == "torchscript" and result.fallback is None and len(told) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("verbose", [False, True])
 def test_native_exporter_output_never_reaches_stdout(user, tmp_path, capfd, verbose):
     """The TorchScript exporter prints its IR from C++ (file descriptor 1) when

@@ -13,6 +13,8 @@ import pytest
 
 from .helpers import MARKER_FROM_ENV, calibrate_args, start_cli, user_module_source
 
+pytestmark = pytest.mark.slow  # real processes, each importing torch
+
 SLOW_MODULE = user_module_source(
     forward_first='''
     if torch.jit.is_tracing() or torch.compiler.is_exporting():

@@ -45,6 +45,7 @@ def test_builtin_specs_give_each_tensor_its_own_axes():
     assert digits == IOSpec(("input",), ("logits",), {"input": {0: "batch"}, "logits": {0: "batch"}})
 
 
+@pytest.mark.slow
 @pytest.mark.background("minilm-torchscript", "minilm-dynamo")
 def test_minilm_export_declares_its_outputs(background):
     """The session's MiniLM converts (`actsparse convert minilm`, both exporters:

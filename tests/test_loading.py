@@ -118,7 +118,7 @@ def test_data_files(tmp_path, user_pkg):
     np.save(tmp_path / "x.npy", x)
     batches = load_data(tmp_path / "x.npy", batch_size=4)
     assert [b.shape[0] for b in batches] == [4, 4, 2] and batches[0].dtype == torch.float32
-    assert_close(torch.cat(batches), torch.from_numpy(x).float())
+    assert_close(torch.cat(list(batches)), torch.from_numpy(x).float())
     np.savez(tmp_path / "two.npz", input_ids=np.ones((5, 3), dtype=np.int64), attention_mask=np.ones((5, 3), dtype=np.int64))
     dict_batches = load_data(tmp_path / "two.npz", batch_size=2)
     assert [set(b) for b in dict_batches] == [{"input_ids", "attention_mask"}] * 3

@@ -82,6 +82,7 @@ def test_convert_overwrite_removes_the_data_of_the_model_it_replaces(tmp_path):
 # --- two runs at once ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_converts_into_one_folder_at_once(tmp_path):
     out = tmp_path / "out"
     levels = ("0.25", "0.75")

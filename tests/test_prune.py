@@ -480,7 +480,7 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(EXPECTED))
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.slow) if name == "minilm" else name for name in sorted(EXPECTED)])
 def builtin(request):
     """(name, workload, masks of the built-in recipe, {mode: squash result}), made once per model."""
     work = load_workload(request.param)

@@ -83,6 +83,7 @@ def test_readme_minilm_commands(background):
     assert sorted(p.name for p in out.iterdir()) == ["masks.safetensors", "model.onnx", "report.json"]
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs(tmp_path):
     """The README's Python section runs as written in an empty directory and writes what it says."""
     blocks = re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M)

@@ -266,6 +266,7 @@ def test_input_rank_and_dtype_are_checked_before_running(world):
 # --- interrupts and the timeout --------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_signal_stops_onnxruntime(world, sig, code):
     loop = _huge_loop(world.file("loop.onnx"))

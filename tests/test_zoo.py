@@ -54,6 +54,7 @@ def test_splits_are_deterministic_and_fresh_copies() -> None:
     torch.testing.assert_close(again_labels, reference_labels, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_shipped_digits_are_scikit_learns_and_read_without_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """models/digits.npz holds load_digits() exactly (tools/make_digits_data.py
     --check compares them); the splits come from it; a missing file is a DataError."""

@@ -1,0 +1,268 @@
+"""Data-parallel calibration on torch.distributed (gloo on 127.0.0.1): masks of
+2 and 3 processes equal one process's (Python API, the CLI, torchrun), a rank
+that fails or dies stops every rank with one line, unmergeable statistics and
+--device cuda without CUDA are refused before any work.
+
+Workers are launched with the variables torchrun sets (RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT); one test goes through torchrun itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from actsparse_deploy import Recipe, collect, select
+from actsparse_deploy.distributed import check_reducible, resolve_device
+from actsparse_deploy.errors import CalibrationError, UsageError
+from actsparse_deploy.masks import Masks
+
+from .helpers import invoke
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(rank: int, world: int, port: int, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **extra}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra.get("PYTHONPATH"), str(ROOT)) if p)
+    return env
+
+
+def _launch(argv: list[str], world: int, cwd: Path, timeout: float = 60, **extra: str) -> list[subprocess.CompletedProcess[str]]:
+    """``argv`` in ``world`` processes at once, as torchrun would start them."""
+    port = _free_port()
+    procs = [subprocess.Popen(argv, cwd=cwd, env=_env(r, world, port, **extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r in range(world)]
+    done = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return done
+
+
+def _cli(*args: object) -> list[str]:
+    return [sys.executable, "-m", "actsparse_deploy", *map(str, args)]
+
+
+# --- the Python API: 2 processes, several statistics, errors exchanged ---------------
+
+WORKER = textwrap.dedent('''
+    import json, sys, datetime
+    import torch, torch.distributed as dist
+    from torch import nn
+    from actsparse_deploy import Recipe, collect, select
+    from actsparse_deploy.calibrate import calibrate
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
+    rank = dist.get_rank()
+    out = {}
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 2))
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(n, 8, generator=g) for n in (4, 3, 5, 2, 6)]
+    recipe = Recipe.coerce({
+        "defaults": {"sparse_config": {"sparsity_level": 0.5}},
+        "layers": [{"name": "2", "aggregate_fn": "max_abs"}, {"name": "4", "aggregate_fn": "gram", "method": "obs", "compensate": "lstsq"},
+                   {"name": "0", "aggregate_fn": "sum_abs", "features": [1, 3, 5], "feature_dim": -1}],
+    })
+    mine = collect(model, recipe, batches)                 # the default group, sharded by rank
+    alone = collect(model, recipe, batches, group=False)   # this process over every batch
+    out["samples"] = [mine.num_samples, alone.num_samples, mine.num_batches, alone.num_batches]
+    out["exact"] = all(torch.equal(a.value, b.value) and a.count == b.count
+                       for n in mine for a, b in zip(mine[n].parts, alone[n].parts))
+    out["close"] = all(torch.allclose(a.value, b.value, rtol=1e-12, atol=0) for n in mine for a, b in zip(mine[n].parts, alone[n].parts))
+    out["dtypes"] = sorted({f"{p.value.dtype} {p.value.device}" for n in mine for p in mine[n].parts})
+    out["layer_counts"] = [[mine[n].num_samples, mine[n].num_batches] for n in mine] == [[alone[n].num_samples, alone[n].num_batches] for n in alone]
+    a, b = select(mine, model=model), select(alone, model=model)
+    parts = lambda m, n: m.layers[n].mask if isinstance(m.layers[n].mask, tuple) else (m.layers[n].mask,)
+    out["masks_equal"] = all(len(parts(a, n)) == len(parts(b, n)) and all(torch.equal(x, y) for x, y in zip(parts(a, n), parts(b, n)))
+                             for n in b.layers) and list(a.layers) == list(b.layers)
+    out["feature_parts"] = len(parts(a, "0"))
+    out["weights_equal"] = torch.equal(a.layers["4"].weight, b.layers["4"].weight)
+    out["calibrate_equal"] = torch.equal(calibrate(model, recipe, batches).layers["2"].mask, b.layers["2"].mask)
+
+    def error(fn):
+        try:
+            fn()
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    # batch 1 (rank 1's) is 7 wide: the model fails there; every rank names rank 1
+    bad = [torch.randn(2, 8), torch.randn(2, 7), torch.randn(2, 8)]
+    out["data_error"] = error(lambda: collect(model, recipe, bad))
+    # each rank's own share (shard=False) with another per-sample shape: a conv's statistic differs
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3))
+    side = 6 if rank == 0 else 5
+    out["shape_error"] = error(lambda: collect(conv, Recipe.simple(layers=["0"], sparsity=0.5), [torch.randn(2, 1, side, side)], shard=False))
+    # still in step after all that: one more reduction works
+    out["after"] = collect(model, recipe, batches).num_samples
+    json.dump(out, open(sys.argv[1] + f"/rank{rank}.json", "w"))
+    dist.destroy_process_group()
+''')
+
+
+@pytest.mark.slow  # real processes, each importing torch
+def test_python_api_two_ranks_equal_one_process_and_errors_name_the_rank(tmp_path: Path) -> None:
+    (tmp_path / "worker.py").write_text(WORKER)
+    done = _launch([sys.executable, "worker.py", str(tmp_path)], 2, tmp_path)
+    assert [p.returncode for p in done] == [0, 0], [p.stderr[-2000:] for p in done]
+    for rank in (0, 1):
+        out = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert out["samples"] == [20, 20, 5, 5]
+        assert out["exact"] and out["close"] and out["layer_counts"]  # float32 partials add exactly in float64
+        assert out["dtypes"] == ["torch.float64 cpu"]
+        assert out["masks_equal"] and out["weights_equal"] and out["calibrate_equal"] and out["feature_parts"] == 3
+        assert out["data_error"].startswith("DataError: rank 1: the model failed on calibration batch 1 (float32[2, 7])")
+        assert out["shape_error"].startswith("CalibrationError: layer '0': rank 1 collected a statistic with stat shapes [[1, 5, 5]] and rank 0 one with [[1, 6, 6]]")
+        assert out["after"] == 20
+
+
+# --- the CLI: a user model, a failing and a dying rank ------------------------------
+
+MODEL = textwrap.dedent('''
+    import os, signal, torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            if os.environ.get("DIE_ON_RANK") == os.environ.get("RANK"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            if os.environ.get("FAIL_ON_RANK") == os.environ.get("RANK"):
+                raise RuntimeError("cuBLAS exploded")
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    def build():
+        return Net()
+''')
+
+
+@pytest.fixture
+def user_model(tmp_path: Path) -> Path:
+    (tmp_path / "distnet.py").write_text(MODEL)
+    data = np.random.default_rng(0).standard_normal((12, 8)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", data)
+    return tmp_path
+
+
+def _calibrate_args(out: str = "masks.safetensors", *extra: object) -> list[str]:
+    return _cli("calibrate", "distnet:build", "--data", "calib.npy", "-b", "4", "--layers", "fc2", "--sparsity", "0.5", "-o", out,
+                "--dist-timeout", "5", *extra)
+
+
+@pytest.mark.slow  # real processes, each importing torch
+def test_cli_failing_rank_stops_every_rank_with_one_line_naming_it(user_model: Path) -> None:
+    done = _launch(_calibrate_args(), 2, user_model, PYTHONPATH=str(user_model), FAIL_ON_RANK="1")
+    for p in done:
+        assert p.returncode == 6, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1, p.stderr
+        assert lines[0].startswith("error: rank 1: the model failed on calibration batch 1 (float32[4, 8]): RuntimeError: cuBLAS exploded")
+        assert p.stdout == ""
+    assert sorted(q.name for q in user_model.iterdir() if not q.name.startswith("__")) == ["calib.npy", "distnet.py"]
+
+
+@pytest.mark.slow  # real processes, each importing torch
+def test_cli_rank_killed_stops_the_others_without_hanging(user_model: Path) -> None:
+    done = _launch(_calibrate_args(), 2, user_model, timeout=30, PYTHONPATH=str(user_model), DIE_ON_RANK="1")
+    assert done[1].returncode == -9
+    p = done[0]
+    assert p.returncode == 7, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("error: rank 0: distributed calibration stopped: ")
+    assert "a rank died" in lines[0] or "within 5 s (--dist-timeout)" in lines[0]
+    assert not (user_model / "masks.safetensors").exists()
+
+
+@pytest.mark.slow  # real processes, each importing torch
+def test_cli_three_ranks_through_torchrun_equal_one_process(tmp_path: Path) -> None:
+    """The documented command, 3 ranks over 2 batches (rank 2 gets none): the
+    masks of one process, rank 0 alone prints and writes."""
+    args = ["calibrate", "digits-cnn", "--max-samples", "64", "-b", "32", "-o"]
+    one = invoke(*args, tmp_path / "one.safetensors")
+    assert one.exit_code == 0, one.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "-m", "actsparse_deploy",
+                        *args, "three.safetensors", "--dist-timeout", "60"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("masks written to three.safetensors") == 1
+    assert "64 calibration samples" in p.stdout
+    a, b = Masks.load(tmp_path / "one.safetensors"), Masks.load(tmp_path / "three.safetensors")
+    assert (a.num_samples, a.num_batches) == (b.num_samples, b.num_batches) == (64, 2)
+    for name in a.layers:
+        assert torch.equal(a.layers[name].mask, b.layers[name].mask), name
+        for field in ("weight", "bias"):
+            x, y = getattr(a.layers[name], field), getattr(b.layers[name], field)
+            assert (x is None and y is None) or torch.equal(x, y), (name, field)
+
+
+# --- in this process ------------------------------------------------------------------
+
+
+def test_device_cuda_without_cuda_is_refused_before_work(tmp_path: Path) -> None:
+    assert not torch.cuda.is_available()  # this suite runs on CPU; there the refusal is what is tested
+    for command in (["calibrate", "digits-mlp", "-o", tmp_path / "m.safetensors"], ["convert", "digits-mlp", "-o", tmp_path / "out"]):
+        result = invoke(*command, "--device", "cuda")
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: --device cuda: no CUDA device is available"), result.output
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UsageError, match="not one of cpu, cuda"):
+        resolve_device("tpu")
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(None) == torch.device("cpu")
+
+
+def test_statistics_accumulate_in_float64_on_the_model_device_and_cpu_calibrate(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    batches = [torch.randn(3, 4, dtype=torch.float64).float() for _ in range(2)]
+    stats = collect(model, Recipe.simple(layers=["2"], sparsity=0.5), batches)
+    part = stats["2"].parts[0]
+    assert (part.value.dtype, part.value.device.type, part.count) == (torch.float64, "cpu", 6)
+    assert select(stats)["2"].sparsity == 0.5
+    result = invoke("calibrate", "digits-mlp", "--max-samples", "32", "--device", "cpu", "-o", tmp_path / "m.safetensors")
+    assert result.exit_code == 0, result.output
+    assert Masks.load(tmp_path / "m.safetensors").num_samples == 32
+
+
+def test_unreducible_statistics_refused() -> None:
+    """A recipe names built-in aggregates only; a user aggregate's statistic
+    (from an ActivationSparsifier: combine None) or a layer config holding a
+    callable is refused, as collect does before it reads a batch."""
+    from actsparse_deploy import ActivationSparsifier
+
+    class Row:
+        aggregate_fn = staticmethod(lambda agg, x: x)
+
+    with pytest.raises(CalibrationError, match="layer 'fc': a user aggregate function's statistic cannot be reduced across ranks"):
+        check_reducible({"fc": Row()})
+    model = nn.Sequential(nn.Linear(4, 3))
+    sparsifier = ActivationSparsifier(model, aggregate_fn=lambda agg, x: x if agg is None else agg + x, reduce_fn="mean",
+                                      mask_fn="topk", sparsity_level=0.5)
+    sparsifier.register_layer(model[0])
+    model(torch.randn(2, 4))
+    with pytest.raises(CalibrationError, match="layer '0': a user aggregate"):
+        check_reducible(sparsifier.statistics())
