@@ -220,19 +220,20 @@ def first_samples(batches: Iterable[Batch], count: int | None) -> Iterable[Batch
         return batches
     if _is_stream(batches):
         return batches.head(count)  # type: ignore[attr-defined]
+    return list(head_samples(batches, count)) if isinstance(batches, list) else head_samples(batches, count)
 
-    def take() -> Iterator[Batch]:
-        left = count
+
+def head_samples(batches: Iterable[Batch], count: int) -> Iterator[Batch]:
+    """The batches up to ``count`` samples, the batch across the cut sliced; reads no further."""
+    left = count
+    if left <= 0:
+        return
+    for batch in batches:
+        n = batch_size(batch)
+        yield batch if n <= left else slice_batch(batch, 0, left)
+        left -= n
         if left <= 0:
             return
-        for batch in batches:
-            n = batch_size(batch)
-            yield batch if n <= left else slice_batch(batch, 0, left)
-            left -= n
-            if left <= 0:
-                return
-
-    return list(take()) if isinstance(batches, list) else take()
 
 
 def split_batch(batch: Batch, size: int) -> list[Batch]:

@@ -1194,18 +1194,19 @@ def sweep_cmd(
 
 def _print_onnx(target: str, report: Report) -> None:
     """``inspect MODEL.onnx``: inputs and outputs, operators, initializers, external data files, squash rows."""
-    found = report.extra["onnx"]
+    assert report.export is not None
+    found = report.export.extra
     opsets = ", ".join(f"{domain} {version}" for domain, version in found["opsets"].items())
     table = names_table("", "name", "dtype", "shape",
                         title=f"{target}: ONNX model ({opsets}; {found['nodes']} nodes, {found['initializers']} initializers, "
                               f"{found['parameters']:,} parameters, {found['initializer_bytes'] / 1e6:,.1f} MB)")
-    for side in ("inputs", "outputs"):
-        for value in found[side]:
+    for side in ("input", "output"):
+        for value in found[f"{side}_shapes"]:
             shape = "?" if value["shape"] is None else "x".join("?" if d is None else str(d) for d in value["shape"])
-            table.add_row(side[:-1], value["name"], str(value["dtype"]), shape)
+            table.add_row(side, value["name"], str(value["dtype"]), shape)
     stdout.print(table)
     stdout.print("operators: " + ", ".join(f"{op} {n}" for op, n in found["ops"].items()), markup=False)
-    for data in found["external_data"]:
+    for data in found["data_files"]:
         size = f"{data['bytes'] / 1e6:,.1f} MB" if data["present"] else "missing or not a regular file"
         stdout.print(f"external data: {data['location']} ({data['tensors']} tensors, {size})", markup=False)
     if report.layers:
@@ -1253,7 +1254,7 @@ def inspect_cmd(
             stdout.print(Recipe.from_dict(report.recipe).dumps().rstrip(), markup=False)
         _print_notes(report.notes)
         return
-    if "onnx" in report.extra:  # an ONNX file: its graph (its external data is never read)
+    if report.export is not None:  # an ONNX file: its graph (its external data is never read)
         _print_onnx(target, report)
         return
     table = names_table("layer", "type", "input shape", "fold", title=f"{target}: layers that can take a mask")

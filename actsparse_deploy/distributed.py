@@ -15,11 +15,17 @@ timeout (:class:`~actsparse_deploy.errors.CalibrationError`, exit code 7).
 Only statistics with a merge rule reduce: a user aggregate is refused first.
 
 What is guaranteed: the reduced statistics equal one process's over the same
-batches to float64 rounding. Per-batch partials are computed in the input's
-dtype (float32 for float32 / float16 models) and added in float64, which holds
-any sum of float32 values exactly while they span less than about 2**29 in
-magnitude: then the totals, hence the masks, are bit-identical to one process
-(with the same threads per process, which fix each partial's float32 rounding).
+batches to float64 rounding (maxima: exactly), whatever the order the ranks add
+in. Bit-identical masks are a consequence, not a promise: each batch's partial
+is computed in the input's dtype (float32 for a float32 model) and added in
+float64, which is exact while every running sum fits float64's 53-bit
+significand, i.e. one statistic element's partials span less than about
+``2**(29 - log2(batches))`` in magnitude (2**19 for 1000 batches); then the
+totals, hence the masks and compensated weights, are bit-identical to one
+process, provided each process uses the same number of threads (which fix each
+partial's float32 rounding). A float64 model's partials, or sums past that
+range, differ in the last bits, and a mask can then differ only where two
+scores tie to within that rounding.
 
 Under torchrun the command line does all of this by itself::
 
@@ -36,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -48,31 +55,39 @@ from .errors import (
     CalibrationError,
     ConfigError,
     DataError,
+    ExportError,
     MaskError,
     ModelLoadError,
     OutputError,
     RecipeError,
+    SquashError,
     Terminated,
     UsageError,
+    ValidationError,
     WeightsError,
     first_line,
 )
 
-__all__ = ["DEFAULT_TIMEOUT", "Session", "check_reducible", "launched", "resolve_device", "session_for", "world_from_env"]
+__all__ = ["DEFAULT_TIMEOUT", "Session", "check_reducible", "check_timeout", "launched", "resolve_device", "session_for", "world_from_env"]
 
 #: seconds a rank waits for the others at each exchange (torch's own default for gloo)
 DEFAULT_TIMEOUT = 1800.0
 #: exit code -> the error every rank raises for a rank's failure of that code
 _CLASSES: dict[int, type[ActsparseError]] = {
     2: UsageError, 3: RecipeError, 4: ModelLoadError, 5: WeightsError, 6: DataError, 7: CalibrationError, 8: MaskError,
-    11: OutputError,
+    9: ExportError, 10: ValidationError, 11: OutputError, 12: SquashError,
 }
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` says yes to "\u00b2", which int() refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def world_from_env() -> int:
     """``WORLD_SIZE`` as torchrun sets it (1 where unset); malformed: a usage error."""
     raw = os.environ.get("WORLD_SIZE", "1")
-    if not raw.isdigit() or int(raw) < 1:
+    if not _digits(raw) or int(raw) < 1:
         raise UsageError(f"WORLD_SIZE={raw[:20]!r} is not a positive integer: launch with torchrun or set it to the number of processes")
     return int(raw)
 
@@ -83,7 +98,7 @@ def resolve_device(device: str | None, default: torch.device | None = None) -> t
     CUDA asked where torch has none is a usage error, before any work."""
     if device is None:
         return default if default is not None else torch.device("cpu")
-    if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+    if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and _digits(device[5:]))):
         raise UsageError(f"`device` {device!r} is not one of cpu, cuda, cuda:N")
     if device == "cpu":
         return torch.device("cpu")
@@ -91,7 +106,7 @@ def resolve_device(device: str | None, default: torch.device | None = None) -> t
         raise UsageError(f"`device` {device}: no CUDA device is available to torch here (torch.cuda.is_available() is False): use cpu")
     if device == "cuda":
         local = os.environ.get("LOCAL_RANK", "0")
-        index = int(local) if local.isdigit() else 0
+        index = int(local) if _digits(local) else 0
     else:
         index = int(device[5:])
     if index >= torch.cuda.device_count():
@@ -150,8 +165,17 @@ class Session:
         return self.rank == 0
 
     def shard(self, batches: Iterable[Any]) -> Iterator[Any]:
-        """This rank's share of ``batches``: batch ``i`` where ``i % world == rank``
-        (the others are skipped, not copied)."""
+        """This rank's share of ``batches``: batch ``i`` where ``i % world == rank``,
+        taken lazily (a generator is never materialised). A list, or an
+        :class:`~actsparse_deploy.streams.ArrayStream` (random access by batch),
+        gives only this rank's batches, so each rank reads only its rows of the
+        files; any other iterable is run through and the others' batches dropped."""
+        from .streams import ArrayStream
+
+        if isinstance(batches, (list, tuple, ArrayStream)):
+            for i in range(self.rank, len(batches), self.world):
+                yield batches[i]
+            return
         for i, batch in enumerate(batches):
             if i % self.world == self.rank:
                 yield batch
@@ -310,6 +334,19 @@ class Session:
                 dist.destroy_process_group()
 
 
+def unpadded_batches(batches: Iterable[Any]) -> Iterable[Any]:
+    """``batches`` without their padding (:func:`~actsparse_deploy.batches.unpadded`),
+    but an :class:`~actsparse_deploy.streams.ArrayStream` of tensors or tuples
+    (no token dicts: nothing to unpad) as it is, so that :meth:`Session.shard`
+    reads only this rank's rows of the files, not every rank's."""
+    from .batches import unpadded
+    from .streams import ArrayStream
+
+    if isinstance(batches, ArrayStream) and batches.form != "dict":
+        return batches
+    return unpadded(batches)
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     first = next(iter(model.parameters()), None)
     return first.device if first is not None else torch.device("cpu")
@@ -373,6 +410,19 @@ def session_for(group: Any = None) -> Session | None:
     return Session(group=group, rank=rank, world=world) if world > 1 else None
 
 
+def check_timeout(timeout: Any) -> None:
+    """A positive, finite number of seconds that a ``timedelta`` holds (nan,
+    inf, 1e300: a usage error)."""
+    ok = isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and math.isfinite(timeout) and timeout > 0
+    if ok:
+        try:
+            datetime.timedelta(seconds=timeout)
+        except OverflowError:
+            ok = False
+    if not ok:
+        raise UsageError(f"`dist_timeout` must be a positive number of seconds, got {timeout!r}")
+
+
 def _init_from_env(device: torch.device, timeout: float) -> Session:
     """init_process_group from torchrun's variables (env://): gloo, or
     ``cpu:gloo,cuda:nccl`` where the model is on CUDA (the statistics reduce on
@@ -382,6 +432,11 @@ def _init_from_env(device: torch.device, timeout: float) -> Session:
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
     if missing:
         raise UsageError(f"WORLD_SIZE is {os.environ.get('WORLD_SIZE')} but {', '.join(missing)} is not set: launch with torchrun")
+    world, rank, port = world_from_env(), os.environ["RANK"], os.environ["MASTER_PORT"]
+    if not (_digits(rank) and int(rank) < world):  # torch would wait for a rendezvous that cannot happen, then time out
+        raise UsageError(f"RANK={rank[:20]!r} is not a rank of WORLD_SIZE={world} (0 to {world - 1}): launch with torchrun")
+    if not (_digits(port) and 0 < int(port) < 65536):
+        raise UsageError(f"MASTER_PORT={port[:20]!r} is not a port (1 to 65535): launch with torchrun")
     if not dist.is_available():
         raise UsageError("WORLD_SIZE > 1 asks for distributed calibration, but this torch has no torch.distributed")
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
@@ -405,12 +460,12 @@ def launched(device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> Iterator
     failed write) is sent to the other ranks first, then raised as ``rank N:
     ...``; leaving the block without one is the final exchange
     (:meth:`Session.finish`: rank 0 has written its outputs). The group is
-    destroyed at the end."""
+    destroyed at the end. ``timeout`` is checked in one process too (a
+    command line that is wrong under torchrun is wrong without it)."""
+    check_timeout(timeout)
     if world_from_env() <= 1:
         yield None
         return
-    if not (isinstance(timeout, (int, float)) and timeout > 0):
-        raise UsageError(f"`dist_timeout` must be a positive number of seconds, got {timeout!r}")
     session = _init_from_env(device, float(timeout))
     try:
         yield session

@@ -572,7 +572,7 @@ def _export_staged(
         int(entries["length"]) if "length" in entries else (raw.parent / entries["location"]).stat().st_size
         for _, entries in external_tensors(proto)
     )
-    external = external_data or proto.ByteSize() + outside >= TWO_GB
+    external = needs_external_data(proto.ByteSize(), outside, asked=external_data)
     if external and not external_data:  # over 2 GB: its data file's name must fit, and may not clobber
         check_output_path(data_path, overwrite)
     staged = staging / path.name
@@ -598,6 +598,19 @@ def _export_staged(
     _move_into_place(staged, path, staging / data_name if external else None, data_path, staging)
     total = path.stat().st_size + (data_path.stat().st_size if external else 0)
     return ExportResult(path, exporter, opset_found, spec, seconds, external, total, dict(meta), requested, fallback)
+
+
+#: room kept under the 2 GB limit: loading an exporter's external tensors back into the graph adds a
+#: field tag and a length to each (and a graph close to the limit is one the next change pushes over)
+EXTERNAL_HEADROOM = 16 * 2**20
+
+
+def needs_external_data(graph_bytes: int, outside_bytes: int, *, asked: bool, limit: int | None = None,
+                        headroom: int = EXTERNAL_HEADROOM) -> bool:
+    """Whether the weights go to a data file: asked for, or the graph (``graph_bytes``, serialized) with the
+    tensors an exporter left in files of their own (``outside_bytes``) comes within ``headroom`` of ``limit``
+    (default :data:`TWO_GB`: a protobuf cannot be over 2 GB)."""
+    return asked or graph_bytes + outside_bytes + headroom >= (TWO_GB if limit is None else limit)
 
 
 #: initializers of at least this many bytes go to the data file (onnx.save_model's default threshold)

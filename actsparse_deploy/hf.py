@@ -285,29 +285,12 @@ def is_pretrained(module: Any) -> bool:
 
 def read_texts(path: str | Path) -> list[str]:
     """The texts of a file: one per line, or a ``.jsonl`` file's ``text`` fields; blank ones skipped."""
+    from .streams import text_lines
+
     path = Path(path)
     if not path.is_file():
         raise DataError(f"text file {path} does not exist")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"text file {path} is not readable UTF-8 text ({type(e).__name__}: {first_line(e)})") from e
-    texts: list[str] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if path.suffix.lower() != ".jsonl":
-            texts.append(line)
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise DataError(f"{path}, line {number}: not JSON ({first_line(e)}); a .jsonl file holds one object per line") from e
-        text = record.get("text") if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise DataError(f'{path}, line {number}: needs a "text" field holding a string, like {{"text": "..."}}')
-        if text.strip():
-            texts.append(text)
+    texts = list(text_lines(path))
     if not texts:
         raise DataError(f"text file {path} holds no text (every line is blank)")
     return texts
@@ -356,40 +339,11 @@ class HFSource:
 
     def text_batches(self, path: str | Path, batch_size: int) -> list[Batch]:
         """The texts of ``path``, tokenized (truncated to the maximum length),
-        in dict batches padded (right) to each batch's longest text."""
-        texts = read_texts(path)
-        tokenizer = self.tokenizer()
-        limit = self._limit()
-        try:
-            encoded = tokenizer(texts, truncation=True, max_length=limit, padding=False)
-        except Exception as e:  # the user's tokenizer may fail in any way
-            raise DataError(f"the tokenizer of {self.directory} fails on {path}: {type(e).__name__}: {first_line(e)}") from e
-        ids = encoded["input_ids"]
-        vocab = getattr(self.config, "vocab_size", None)
-        for number, row in enumerate(ids, 1):
-            if not row:
-                raise DataError(f"text {number} of {path} makes no tokens: remove it or fix the tokenizer")
-            if isinstance(vocab, int) and max(row) >= vocab:
-                raise DataError(
-                    f"the tokenizer of {self.directory} gives token id {max(row)} (text {number} of {path}) but the model's "
-                    f"vocabulary has {vocab} entries: the tokenizer does not belong to this model"
-                )
-        pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-        types = "token_type_ids" in self.model.input_names()
-        batches: list[Batch] = []
-        for start in range(0, len(ids), batch_size):
-            rows = ids[start:start + batch_size]
-            longest = max(len(r) for r in rows)
-            input_ids = torch.full((len(rows), longest), pad, dtype=torch.int64)
-            mask = torch.zeros((len(rows), longest), dtype=torch.int64)
-            for i, row in enumerate(rows):
-                input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
-                mask[i, :len(row)] = 1
-            batch = {"input_ids": input_ids, "attention_mask": mask}
-            if types:
-                batch["token_type_ids"] = torch.zeros_like(input_ids)
-            batches.append(batch)
-        return batches
+        in dict batches padded (right) to each batch's longest text: a
+        :class:`~actsparse_deploy.streams.TextStream` read whole (the commands stream it)."""
+        from .streams import TextStream
+
+        return list(TextStream(self, path, batch_size))
 
     def sample_batch(self, length: int = 8) -> Batch:
         """Token ids to look at the layers with when no data is given (ids 1..length)."""

@@ -328,6 +328,8 @@ def _to_tensor(name: str, array: Any, source: str) -> torch.Tensor:
     if not isinstance(array, torch.Tensor):
         if array.dtype.kind not in "biuf":
             raise DataError(f"array {name!r} in {source} has dtype {array.dtype}, which a model cannot take")
+        if not array.dtype.isnative:  # saved big-endian (or little-endian on a big-endian machine): the same numbers, native
+            array = array.astype(array.dtype.newbyteorder("="))
         array = torch.from_numpy(np.ascontiguousarray(array))
     t = array
     if t.dtype == torch.float64:
@@ -461,17 +463,54 @@ def load_labels(source: str | Path) -> torch.Tensor:
 
 def check_distinct_data(data: str | Path, heldout: str | Path) -> None:
     """Held-out data must not be the calibration data: the same path, a link to
-    it, or a byte-identical copy is refused (its figures would be calibration figures)."""
+    it, or a byte-identical copy is refused (its figures would be calibration figures).
+    A directory or a glob of shards is its data files: a held-out file that is one of
+    the calibration files (or a byte-identical copy of one) is refused."""
     a, b = str(data), str(heldout)
     if _is_function_spec(a) or _is_function_spec(b):
         same = a == b
     else:
-        pa, pb = Path(a), Path(b)
-        if not (pa.is_file() and pb.is_file()):
-            return  # the loader names the missing file
-        same = os.path.samefile(pa, pb) or (pa.stat().st_size == pb.stat().st_size and filecmp.cmp(pa, pb, shallow=False))
+        from .streams import data_paths
+
+        try:
+            ours, theirs = data_paths(a), data_paths(b)
+        except DataError:
+            return  # the loader names the missing file, the empty directory or glob
+        ours, theirs = [p for p in ours if p.is_file()], [p for p in theirs if p.is_file()]
+        pair = _shared_file(ours, theirs)
+        same = pair is not None
+        if pair is not None and (len(ours) > 1 or len(theirs) > 1):
+            b = f"{heldout} (its file {pair[1]} is the calibration file {pair[0]}, or a copy of it)"
     if same:
         raise DataError(
-            f"held-out data {heldout} is the calibration data {data}: figures measured on it would be calibration "
+            f"held-out data {b} is the calibration data {data}: figures measured on it would be calibration "
             "figures; pass samples that calibration did not see"
         )
+
+
+def _shared_file(ours: list[Path], theirs: list[Path]) -> tuple[Path, Path] | None:
+    """A held-out file that is a calibration file (the same file, a link) or a byte-identical copy of one.
+    Only files of equal size and equal first 64 KiB are compared whole: each file is read once, not once per pair."""
+    def key(p: Path) -> tuple[int, bytes]:
+        with open(p, "rb") as f:
+            return os.fstat(f.fileno()).st_size, f.read(65536)
+
+    try:
+        ids = {(s.st_dev, s.st_ino): (p, s.st_size) for p in ours for s in [p.stat()]}
+        held = [(p, p.stat()) for p in theirs]
+        for p, s in held:
+            if (s.st_dev, s.st_ino) in ids:
+                return ids[(s.st_dev, s.st_ino)][0], p
+        common = {size for _, size in ids.values()} & {s.st_size for _, s in held}
+        keyed: dict[tuple[int, bytes], list[Path]] = {}
+        for p, size in ids.values():
+            if size in common:
+                keyed.setdefault(key(p), []).append(p)
+        for p, s in held:
+            if s.st_size in common:
+                for q in keyed.get(key(p), []):
+                    if filecmp.cmp(q, p, shallow=False):
+                        return q, p
+    except OSError:
+        return None  # an unreadable file: the loader names it
+    return None

@@ -232,7 +232,13 @@ def calibrate_to_file(
         from .budget import budget_to_file
 
         return budget_to_file(loaded, recipe, batches, max_cost, output, batch_size=batch_size, on_batch=on_batch, start=start)
-    stats = collect(loaded.module, recipe, unpadded(batches),
+    if group is not None:  # distributed: a stream of tensors stays one, so each rank reads its own rows only
+        from .distributed import unpadded_batches
+
+        batches = unpadded_batches(batches)
+    else:
+        batches = unpadded(batches)
+    stats = collect(loaded.module, recipe, batches,
                     model_name=loaded.name, on_batch=on_batch, group=group if group is not None else False)
     if group is not None and not getattr(group, "writer", True):
         return None  # rank 0 writes
@@ -436,8 +442,8 @@ def inspect_target(
 ) -> Report:
     """A masks file's contents (a ``.safetensors`` without ``weights``), an ONNX
     file's graph (``.onnx``: inputs, outputs, operators, initializers, external
-    data files and metadata, in ``extra["onnx"]``; its external data is never
-    read), or the layers of a model that can take a mask (a Hugging Face model
+    data files and metadata, in its ``export`` section (:func:`onnx_report`); its
+    external data is never read), or the layers of a model that can take a mask (a Hugging Face model
     without data: seen on a few token ids)."""
     if target.endswith(".safetensors") and weights is None:
         return masks_report(Masks.load(target))
@@ -452,12 +458,17 @@ def inspect_target(
 
 
 def onnx_report(target: str | Path, given: bool = False) -> Report:
-    """An ONNX file as a report, from its graph alone (:func:`~actsparse_deploy.validate.describe_onnx`):
-    the squash mode and layer rows this tool recorded in its metadata, where it did.
-    ``given``: weights or data were passed, which an ONNX file does not take."""
+    """An ONNX file as a report, from its graph alone (:func:`~actsparse_deploy.validate.describe_onnx`),
+    with the one schema every command's report has: the file is its ``export`` section (path, exporter,
+    opset, input and output names, dynamic axes, external data, size; ``seconds`` None: not exported
+    here) plus what the graph holds (``input_shapes`` / ``output_shapes``, ``opsets``, ``ops``, ``nodes``,
+    ``initializers``, ``parameters``, ``initializer_bytes``, ``data_files``, ``metadata``, ...);
+    ``files`` its file and each data file present; the squash mode and layer rows this tool recorded in
+    its metadata, where it did. ``given``: weights or data were passed, which an ONNX file does not take."""
     import json
 
     from .export import METADATA_PREFIX
+    from .report import Export
     from .validate import describe_onnx
 
     if given:
@@ -470,5 +481,20 @@ def onnx_report(target: str | Path, given: bool = False) -> Report:
         layers = None
     if not (isinstance(layers, list) and all(isinstance(row, dict) for row in layers)):
         layers = None
+    folder = Path(found["path"]).parent
+    files = {found["path"]: found["file_bytes"]}
+    files.update({str(folder / d["location"]): d["bytes"] for d in found["external_data"] if d["present"]})
+    opset = found["opsets"].get("ai.onnx", 0)
+    axes = {v["name"]: {str(i): d for i, d in enumerate(v["shape"] or []) if isinstance(d, str)}
+            for v in (*found["inputs"], *found["outputs"])}
+    export = Export.from_json({
+        "path": found["path"], "exporter": meta.get(f"{METADATA_PREFIX}exporter") or found["producer"], "opset": opset,
+        "inputs": [v["name"] for v in found["inputs"]], "outputs": [v["name"] for v in found["outputs"]],
+        "dynamic_axes": {name: a for name, a in axes.items() if a}, "seconds": None,
+        "external_data": bool(found["external_data"]), "size_bytes": sum(files.values()),
+        "input_shapes": found["inputs"], "output_shapes": found["outputs"],
+        **{k: v for k, v in found.items() if k not in ("path", "inputs", "outputs", "external_data")},
+        "data_files": found["external_data"],
+    })
     return Report(tool_version=meta.get(f"{METADATA_PREFIX}version"), squash_mode=meta.get(f"{METADATA_PREFIX}squash_mode"),
-                  layers=layers, extra={"onnx": found})
+                  layers=layers, export=export, files=files)

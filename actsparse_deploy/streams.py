@@ -19,7 +19,9 @@ batches, and the masks, are those of one file holding the shards in order.
 Shards must agree on their arrays (names where there are several) and each
 array's per-sample shape and dtype; every file's header is checked before any
 batch is read, with the same checks as one file (a lying header, object arrays,
-pickled objects are refused). NaN / Inf is found as the rows are read.
+pickled objects are refused). NaN / Inf is found as the rows are read. A file
+replaced, rewritten, truncated or removed after it was opened is refused (naming
+it) when a later pass reaches it: every pass must read the same samples.
 
     >>> import numpy as np, tempfile
     >>> from actsparse_deploy.streams import array_stream
@@ -40,6 +42,7 @@ import glob
 import itertools
 import json
 import math
+import os
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -49,11 +52,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .batches import Batch, batch_size, slice_batch
+from .batches import Batch, head_samples
 from .errors import DataError, first_line
 
-__all__ = ["DATA_SUFFIXES", "ArrayStream", "Generated", "Stream", "TextStream", "array_stream", "data_paths", "reiterable",
-           "shape_examples", "text_lines"]
+__all__ = ["DATA_SUFFIXES", "MAX_LINE_BYTES", "ArrayStream", "Generated", "Stream", "TextStream", "array_stream", "data_paths",
+           "reiterable", "shape_examples", "text_lines"]
 
 #: the suffixes of data files (what a directory of shards is made of)
 DATA_SUFFIXES = (".npy", ".npz", ".safetensors", ".pt", ".pth")
@@ -83,7 +86,7 @@ class Stream:
     def head(self, count: int) -> Stream:
         """The first ``count`` samples (a batch across the cut is sliced; the rest is never read)."""
         samples = None if self.samples is None else min(count, self.samples)
-        return Generated(lambda: _head(self, count), samples)
+        return Generated(lambda: head_samples(self, count), samples)
 
     def map(self, fn: Callable[[Batch], Batch]) -> Stream:
         """Each batch through ``fn`` (the same number of samples)."""
@@ -103,18 +106,6 @@ class Generated(Stream):
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(self._make())
-
-
-def _head(batches: Iterable[Batch], count: int) -> Iterator[Batch]:
-    left = count
-    if left <= 0:
-        return
-    for batch in batches:
-        n = batch_size(batch)
-        yield batch if n <= left else slice_batch(batch, 0, left)
-        left -= n
-        if left <= 0:
-            return
 
 
 def reiterable(batches: Any) -> bool:
@@ -206,6 +197,7 @@ class _File:
         self._offsets: dict[str, tuple[int, bool, np.dtype]] = {}
         if not path.is_file():
             raise DataError(f"data file {path} does not exist")
+        self._seen = self._fingerprint()
         if self.suffix == ".npy":
             _check_npy(path)
             with open(path, "rb") as f:
@@ -251,6 +243,27 @@ class _File:
             raise DataError(f"arrays in {path} differ in their number of samples: {lengths}")
         self.samples = self.arrays[0].shape[0]
 
+    def _fingerprint(self) -> tuple[int, ...]:
+        """What says the file is still the one whose header was checked: device, inode, size, modification time."""
+        try:
+            info = os.stat(self.path)
+        except OSError as e:
+            raise DataError(
+                f"data file {self.path} was removed or cannot be read since it was opened ({e.strerror or e}): every pass "
+                "over the data (calibration, export, validation, the cost) reads it again; keep it in place while a command runs"
+            ) from e
+        return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+    def check_unchanged(self) -> None:
+        """Refuse a file replaced, rewritten, truncated or removed since its header was checked: a pass over
+        it would read other samples (or fail inside numpy / mmap), not the data the first pass saw."""
+        if self._fingerprint() != self._seen:
+            raise DataError(
+                f"data file {self.path} changed on disk since it was opened (replaced, rewritten or truncated): every pass "
+                "over the data (calibration, export, validation, the cost) must read the same samples; do not change data "
+                "files while a command runs"
+            )
+
     def _torch_arrays(self) -> dict[str, torch.Tensor]:
         from .loading import POSITIONAL, _torch_load
 
@@ -273,6 +286,7 @@ class _File:
         """``read(start, stop)``: rows ``start:stop`` of every array, as checked tensors."""
         from .loading import _to_tensor
 
+        self.check_unchanged()
         with contextlib.ExitStack() as stack:
             raw: Callable[[str, int, int], Any]
             if self.suffix == ".npy":
@@ -294,6 +308,7 @@ class _File:
             except DataError:
                 raise
             except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError, MemoryError) as e:
+                self.check_unchanged()  # changed while it was read: say so, not what numpy / mmap made of it
                 raise DataError(f"data file {self.path} is corrupted or unreadable ({type(e).__name__}: {first_line(e)})") from e
 
     def _npy_rows(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -376,6 +391,7 @@ class ArrayStream(Stream):
         from .loading import POSITIONAL
 
         self.form = "tensor" if len(names) == 1 else ("tuple" if all(n.startswith(POSITIONAL) for n in names) else "dict")
+        self.names = names  # a batch's arrays in the first file's order, whichever shards it spans
         self.starts = [0]
         for f in self.files:
             self.starts.append(self.starts[-1] + f.samples)
@@ -387,7 +403,7 @@ class ArrayStream(Stream):
         return f"ArrayStream({len(self.files)} file(s), {self.count} samples, batches of {self.size})"
 
     def _batch(self, pieces: list[dict[str, torch.Tensor]]) -> Batch:
-        names = list(pieces[0])
+        names = self.names if len(self.names) > 1 else list(pieces[0])
         joined = {k: pieces[0][k] if len(pieces) == 1 else torch.cat([p[k] for p in pieces]) for k in names}
         if self.form == "tensor":
             return joined[names[0]]
@@ -443,12 +459,15 @@ def array_stream(source: str | Path, batch_size: int) -> ArrayStream:
     files = [_open_file(path) for path in data_paths(source)]
     first = files[0]
     for f in files[1:]:
-        if len(f.arrays) != len(first.arrays) or (len(first.arrays) > 1 and [a.name for a in f.arrays] != [a.name for a in first.arrays]):
+        # named arrays (dict batches) are matched by name, in whatever order a shard holds them
+        names, other = [a.name for a in first.arrays], [a.name for a in f.arrays]
+        if len(other) != len(names) or (len(names) > 1 and sorted(other) != sorted(names)):
             raise DataError(
-                f"data shard {f.path} holds arrays {', '.join(a.name for a in f.arrays)} but the first shard {first.path} holds "
-                f"{', '.join(a.name for a in first.arrays)}: every shard must hold the same arrays"
+                f"data shard {f.path} holds arrays {', '.join(other)} but the first shard {first.path} holds "
+                f"{', '.join(names)}: every shard must hold the same arrays"
             )
-        for a, b in zip(first.arrays, f.arrays):
+        by_name = {b.name: b for b in f.arrays}
+        for a, b in zip(first.arrays, [by_name[n] for n in names] if len(names) > 1 else f.arrays):
             if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
                 raise DataError(
                     f"data shard {f.path} holds {b.name!r} samples of {b.sample()} but the first shard {first.path} holds "
@@ -460,40 +479,64 @@ def array_stream(source: str | Path, batch_size: int) -> ArrayStream:
 # --- text ------------------------------------------------------------------------------------
 
 
+#: the longest line a text file may hold (bytes): a text is cut to the model's token limit anyway, and a
+#: file without line breaks would otherwise be read whole into memory
+MAX_LINE_BYTES = 16 * 2**20
+
+
 def text_lines(path: str | Path) -> Iterator[str]:
     """The texts of a file, read line by line: one per line, or a ``.jsonl`` file's
-    ``text`` fields; blank ones skipped (what ``hf.read_texts`` reads, without holding it)."""
+    ``text`` fields; blank ones skipped (what ``hf.read_texts`` reads, without holding it).
+    A leading byte order mark is dropped and ``\r\n`` / ``\r`` end a line; a line that is
+    not UTF-8 is refused naming its number, and so is one over :data:`MAX_LINE_BYTES`."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"text file {path} does not exist")
+        raise DataError(f"text file {path} does not exist or is not a file")
     jsonl = path.suffix.lower() == ".jsonl"
     number = 0
     try:
-        with open(path, encoding="utf-8", newline=None) as f:
-            for number, line in enumerate(f, 1):  # noqa: B007 (named in the error below)
-                line = line.rstrip("\n")
-                if not line.strip():
-                    continue
-                if not jsonl:
-                    yield line
-                    continue
+        with open(path, "rb") as f:
+            while True:
+                raw = f.readline(MAX_LINE_BYTES + 1)
+                if not raw:
+                    return
+                number += 1
+                if len(raw) > MAX_LINE_BYTES:
+                    raise DataError(f"text file {path}, line {number} is longer than {MAX_LINE_BYTES:,} bytes: split it "
+                                    "(one text per line; a text is cut to the model's token limit anyway)")
                 try:
-                    record = json.loads(line)
-                except ValueError as e:
-                    raise DataError(f"{path}, line {number}: not JSON ({first_line(e)}); a .jsonl file holds one object per line") from e
-                text = record.get("text") if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise DataError(f'{path}, line {number}: needs a "text" field holding a string, like {{"text": "..."}}')
-                if text.strip():
-                    yield text
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"text file {path} is not readable UTF-8 text (line {number + 1}: {type(e).__name__}: {first_line(e)})") from e
+                    decoded = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"text file {path}, line {number} is not readable UTF-8 text ({first_line(e)}): save it as UTF-8") from e
+                # universal newlines, as a file opened as text reads them: \r\n and a lone \r end lines too
+                for line in decoded.removesuffix("\n").removesuffix("\r").split("\r"):
+                    text = _text_of(line, path, number, jsonl)
+                    if text is not None:
+                        yield text
+    except OSError as e:
+        raise DataError(f"text file {path} cannot be read (line {number + 1}: {type(e).__name__}: {first_line(e)})") from e
+
+
+def _text_of(line: str, path: Path, number: int, jsonl: bool) -> str | None:
+    """The text of a line (None for a blank one): the line, or a ``.jsonl`` line's ``text`` field."""
+    if not line.strip():
+        return None
+    if not jsonl:
+        return line
+    try:
+        record = json.loads(line)
+    except ValueError as e:
+        raise DataError(f"{path}, line {number}: not JSON ({first_line(e)}); a .jsonl file holds one object per line") from e
+    text = record.get("text") if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        raise DataError(f'{path}, line {number}: needs a "text" field holding a string, like {{"text": "..."}}')
+    return text if text.strip() else None
 
 
 class TextStream(Stream):
     """Token batches of a text file made by a Hugging Face model's tokenizer
     (``hf``: an ``HFSource``), ``size`` texts at a time, read line by line: each
-    batch padded (right) to its longest text, as ``HFSource.text_batches`` makes them."""
+    batch padded (right) to its longest text (``HFSource.text_batches`` reads one whole)."""
 
     def __init__(self, hf: Any, path: str | Path, size: int) -> None:
         self.hf, self.path, self.size = hf, Path(path), size

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -97,6 +98,21 @@ WORKER = textwrap.dedent('''
     out["weights_equal"] = torch.equal(a.layers["4"].weight, b.layers["4"].weight)
     out["calibrate_equal"] = torch.equal(calibrate(model, recipe, batches).layers["2"].mask, b.layers["2"].mask)
 
+    def same(stats, reference):
+        return stats.num_samples == reference.num_samples and all(
+            torch.equal(x.value, y.value) and x.count == y.count for n in reference for x, y in zip(stats[n].parts, reference[n].parts))
+
+    # a generator of every batch (sharded as it is read), each rank's own share (shard=False), a stream of a .npy file
+    out["generator_equal"] = same(collect(model, recipe, (t for t in batches)), alone)
+    out["own_share_equal"] = same(collect(model, recipe, batches[rank::2], shard=False), alone)
+    import numpy as np
+    from actsparse_deploy.streams import array_stream
+    if rank == 0:
+        np.save(sys.argv[1] + "/calib.npy", torch.cat(batches).numpy())
+    dist.barrier()
+    stream = array_stream(sys.argv[1] + "/calib.npy", batch_size=4)
+    out["stream_equal"] = same(collect(model, recipe, stream), collect(model, recipe, list(stream), group=False))
+
     def error(fn):
         try:
             fn()
@@ -132,6 +148,7 @@ def test_python_api_two_ranks_equal_one_process_and_errors_name_the_rank(tmp_pat
         assert out["data_error"].startswith("DataError: rank 1: the model failed on calibration batch 1 (float32[2, 7])")
         assert out["shape_error"].startswith("CalibrationError: layer '0': rank 1 collected a statistic with stat shapes [[1, 5, 5]] and rank 0 one with [[1, 6, 6]]")
         assert out["after"] == 20
+        assert out["generator_equal"] and out["own_share_equal"] and out["stream_equal"]
 
 
 # --- the CLI: a user model, a failing and a dying rank ------------------------------
@@ -140,16 +157,19 @@ MODEL = textwrap.dedent('''
     import os, signal, torch
     from torch import nn
 
+    def _on_this_rank(name):  # only when set: in one process neither variable is
+        return os.environ.get(name) is not None and os.environ.get(name) == os.environ.get("RANK")
+
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            torch.manual_seed(0)
+            torch.manual_seed(1 if _on_this_rank("SEED_ON_RANK") else 0)
             self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
 
         def forward(self, x):
-            if os.environ.get("DIE_ON_RANK") == os.environ.get("RANK"):
+            if _on_this_rank("DIE_ON_RANK"):
                 os.kill(os.getpid(), signal.SIGKILL)
-            if os.environ.get("FAIL_ON_RANK") == os.environ.get("RANK"):
+            if _on_this_rank("FAIL_ON_RANK"):
                 raise RuntimeError("cuBLAS exploded")
             return self.fc2(torch.relu(self.fc1(x)))
 
@@ -266,3 +286,187 @@ def test_unreducible_statistics_refused() -> None:
     model(torch.randn(2, 4))
     with pytest.raises(CalibrationError, match="layer '0': a user aggregate"):
         check_reducible(sparsifier.statistics())
+
+
+# --- review: usage errors, the torchrun environment of one process, sharding ----------
+
+
+def _one_line(result: Any, code: int, start: str) -> None:
+    assert result.exit_code == code, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(start), result.output
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e300"])
+def test_dist_timeout_not_a_finite_positive_number_is_a_usage_error(tmp_path: Path, value: str) -> None:
+    """typer's min= lets inf and 1e300 through (the timedelta overflows); checked in one process too, not only under torchrun."""
+    result = invoke("calibrate", "digits-mlp", "--max-samples", "8", "-o", tmp_path / "m.safetensors", "--dist-timeout", value)
+    _one_line(result, 2, "error: ")
+    assert "--dist-timeout" in result.output  # typer's own refusal (nan) or the check's
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "-inf"])
+def test_dist_timeout_zero_or_negative_is_a_usage_error(tmp_path: Path, value: str) -> None:
+    result = invoke("convert", "digits-mlp", "-o", tmp_path / "out", "--dist-timeout", value)
+    _one_line(result, 2, "error: ")
+    assert "--dist-timeout" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("device", ["cuda:\u00b2", "cuda:\u0661", "cuda:", "cuda:-1", "CPU", " cpu", "cuda:0x"])
+def test_malformed_device_is_a_usage_error(tmp_path: Path, device: str) -> None:
+    """A non-ASCII digit (\u00b2 passes str.isdigit, int() refuses it) is exit 2, not an internal error."""
+    result = invoke("calibrate", "digits-mlp", "-o", tmp_path / "m.safetensors", "--device", device)
+    _one_line(result, 2, "error: --device ")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("env", "start"), [
+    ({"WORLD_SIZE": "\u00b2"}, "error: WORLD_SIZE="),
+    ({"WORLD_SIZE": "2"}, "error: WORLD_SIZE is 2 but RANK, MASTER_ADDR, MASTER_PORT is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "error: RANK='2' is not a rank of WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "2", "RANK": "x", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "error: RANK='x' is not a rank of WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "x"}, "error: MASTER_PORT='x' is not a port"),
+])
+def test_malformed_launcher_environment_is_a_usage_error_before_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      env: dict[str, str], start: str) -> None:
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = invoke("calibrate", "digits-mlp", "-o", tmp_path / "m.safetensors", "--dist-timeout", "2")
+    _one_line(result, 2, start)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_torchrun_environment_of_one_process_is_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun --nproc-per-node 1 sets every variable with WORLD_SIZE=1: no process group, the same file as without."""
+    import torch.distributed as dist
+
+    args = ("calibrate", "digits-mlp", "--max-samples", "64", "-b", "16", "--stats-only", "-o")
+    plain = invoke(*args, tmp_path / "plain.safetensors")
+    assert plain.exit_code == 0, plain.output
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(name, value)
+    launched_run = invoke(*args, tmp_path / "one.safetensors")
+    assert launched_run.exit_code == 0, launched_run.output
+    assert not dist.is_initialized()
+    assert launched_run.output.replace("one.safetensors", "X") == plain.output.replace("plain.safetensors", "X")
+    from actsparse_deploy.stats import Statistics
+
+    a, b = Statistics.load(tmp_path / "plain.safetensors"), Statistics.load(tmp_path / "one.safetensors")
+    assert (a.num_samples, a.fingerprint) == (b.num_samples, b.fingerprint) == (64, a.fingerprint)
+    assert all(torch.equal(x.value, y.value) for n in a.layers for x, y in zip(a[n].parts, b[n].parts))
+
+
+def test_shard_takes_a_generator_lazily_and_reads_only_its_batches_of_an_array_stream(tmp_path: Path,
+                                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from actsparse_deploy.distributed import Session
+    from actsparse_deploy.streams import array_stream
+
+    made: list[int] = []
+
+    def endless() -> Any:
+        i = 0
+        while True:
+            made.append(i)
+            yield torch.full((1, 2), float(i))
+            i += 1
+
+    share = Session(group=None, rank=1, world=3).shard(endless())
+    first = [float(next(share)[0, 0]) for _ in range(3)]
+    assert first == [1.0, 4.0, 7.0] and len(made) == 8  # never materialised (the generator has no end)
+
+    np.save(tmp_path / "x.npy", np.arange(30, dtype=np.float32).reshape(10, 3))
+    stream = array_stream(tmp_path / "x.npy", batch_size=2)  # 5 batches
+    read: list[tuple[int, int]] = []
+    rows = stream._rows
+
+    def spy(start: int, stop: int) -> Any:
+        read.append((start, stop))
+        return rows(start, stop)
+
+    monkeypatch.setattr(stream, "_rows", spy)
+    got = [b[:, 0].tolist() for b in Session(group=None, rank=1, world=2).shard(stream)]
+    assert got == [[6.0, 9.0], [18.0, 21.0]]  # batches 1 and 3
+    assert read == [(2, 4), (6, 8)]  # those rows only, not the whole file
+
+
+CONVERT = ("convert", "digits-mlp", "--max-samples", "64", "-b", "16", "--no-latency")
+
+
+@pytest.mark.slow  # real processes, each importing torch
+def test_cli_convert_two_ranks_rank0_writes_masks_of_one_process_and_a_rank0_failure_after_the_reduce_stops_both(
+        tmp_path: Path) -> None:
+    one = invoke(*CONVERT, "-o", tmp_path / "one")
+    assert one.exit_code == 0, one.output
+    (tmp_path / "two").mkdir()
+    done = _launch(_cli(*CONVERT, "-o", "out", "--dist-timeout", "60"), 2, tmp_path / "two")
+    assert [p.returncode for p in done] == [0, 0], [p.stderr[-2000:] for p in done]
+    assert done[1].stdout == done[1].stderr == ""
+    assert done[0].stdout.count("64 calibration samples") == 1
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["out"]
+    assert sorted(p.name for p in (tmp_path / "two" / "out").iterdir()) == ["masks.safetensors", "model.onnx", "report.json"]
+    a, b = Masks.load(tmp_path / "one" / "masks.safetensors"), Masks.load(tmp_path / "two" / "out" / "masks.safetensors")
+    assert (b.num_samples, b.num_batches) == (a.num_samples, a.num_batches) == (64, 4)
+    assert list(a.layers) == list(b.layers) and all(torch.equal(a.layers[n].mask, b.layers[n].mask) for n in a.layers)
+    report = json.loads((tmp_path / "two" / "out" / "report.json").read_text())
+    assert (report["calibration"]["samples"], report["calibration"]["batches"]) == (64, 4)
+
+    # rank 0 fails after the reduce (validation times out): both exit with its code, one line naming it, nothing left
+    (tmp_path / "bad").mkdir()
+    done = _launch(_cli(*CONVERT, "-o", "out", "--dist-timeout", "60", "--timeout", "1e-9"), 2, tmp_path / "bad")
+    for p in done:
+        assert p.returncode == 10, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1, p.stderr
+        assert p.stdout == ""
+        assert lines[0].startswith("error: rank 0: validation of ") and "timed out" in lines[0]  # its own code, 10, not 7
+    assert list((tmp_path / "bad").iterdir()) == []
+
+
+@pytest.mark.slow  # real processes, each importing torch
+def test_cli_stats_only_two_ranks_equal_one_process_and_a_rank_with_other_weights_is_refused(
+        user_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from actsparse_deploy.stats import Statistics
+
+    monkeypatch.chdir(user_model)
+    monkeypatch.syspath_prepend(str(user_model))
+    one = invoke(*_calibrate_args("one.stats.safetensors", "--stats-only")[3:])
+    assert one.exit_code == 0, one.output
+    done = _launch(_calibrate_args("two.stats.safetensors", "--stats-only"), 2, user_model, PYTHONPATH=str(user_model))
+    assert [p.returncode for p in done] == [0, 0], [p.stderr[-2000:] for p in done]
+    assert done[1].stdout == done[1].stderr == ""
+    assert done[0].stdout.count("statistics of 12 samples") == 1 and done[0].stdout.count("statistics written to") == 1
+    a, b = Statistics.load(user_model / "one.stats.safetensors"), Statistics.load(user_model / "two.stats.safetensors")
+    assert (a.num_samples, a.num_batches, a.fingerprint) == (b.num_samples, b.num_batches, b.fingerprint)
+    assert (b.num_samples, b.num_batches) == (12, 3)
+    for name in a.layers:
+        for x, y in zip(a[name].parts, b[name].parts):
+            assert x.count == y.count and x.value.dtype == y.value.dtype == torch.float64
+            assert torch.allclose(x.value, y.value, rtol=1e-12, atol=0), name
+
+    # rank 1's factory initialises other weights: every rank refuses, one line, nothing written
+    done = _launch(_calibrate_args("bad.stats.safetensors", "--stats-only"), 2, user_model, PYTHONPATH=str(user_model),
+                   SEED_ON_RANK="1")
+    for p in done:
+        assert p.returncode == 7, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: rank 1's model differs from rank 0's"), p.stderr
+    assert not (user_model / "bad.stats.safetensors").exists()
+
+
+def test_the_command_line_keeps_an_array_stream_of_tensors_shardable(tmp_path: Path) -> None:
+    """unpadded() wraps every stream (then each rank would read all the rows): one of tensors has nothing to unpad."""
+    from actsparse_deploy.distributed import unpadded_batches
+    from actsparse_deploy.streams import ArrayStream, array_stream
+
+    np.save(tmp_path / "x.npy", np.zeros((10, 3), dtype=np.float32))
+    stream = array_stream(tmp_path / "x.npy", batch_size=4).head(9)
+    assert unpadded_batches(stream) is stream
+    np.savez(tmp_path / "t.npz", input_ids=np.ones((4, 5), dtype=np.int64), attention_mask=np.array([[1, 1, 0, 0, 0]] * 4))
+    tokens = array_stream(tmp_path / "t.npz", batch_size=2)
+    assert not isinstance(unpadded_batches(tokens), ArrayStream)
+    assert [tuple(b["input_ids"].shape) for b in unpadded_batches(tokens)] == [(4, 2)]  # regrouped without padding

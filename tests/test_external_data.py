@@ -73,12 +73,12 @@ def test_convert_writes_one_data_file_that_validates_and_inspects(converted: Pat
 
     result = invoke("inspect", converted / "model.onnx", "--json")
     assert result.exit_code == 0, result.stderr
-    found = json.loads(result.stdout)["onnx"]
+    found = json.loads(result.stdout)["export"]
     proto = onnx.load(str(converted / "model.onnx"), load_external_data=False)
     assert found["initializers"] == len(proto.graph.initializer)
-    assert found["external_data"] == [{"location": DATA, "tensors": len(tensors), "bytes": (converted / DATA).stat().st_size,
-                                       "present": True}]
-    assert [i["name"] for i in found["inputs"]] == [i.name for i in proto.graph.input]
+    assert found["data_files"] == [{"location": DATA, "tensors": len(tensors), "bytes": (converted / DATA).stat().st_size,
+                                    "present": True}]
+    assert [i["name"] for i in found["input_shapes"]] == [i.name for i in proto.graph.input]
     assert found["metadata"]["actsparse_deploy.squash_mode"] == "auto"
 
 
@@ -219,3 +219,125 @@ def test_links_and_subfolders_inside_the_folder_are_fine(converted: Path, tmp_pa
     onnx.save(proto, str(folder / "model.onnx"))
     assert check_external_data(folder / "model.onnx") == {f"weights/{DATA}": (folder / "weights" / DATA).stat().st_size,
                                                           "link.data": (folder / "weights" / DATA).stat().st_size}
+
+
+# --- review: the 2 GB decision, names, links, a full disk, the report schema ------------------------
+
+
+def test_the_2gb_decision_at_its_edges() -> None:
+    """External data when asked, or when the graph plus the tensors loaded back would reach the protobuf
+    limit; the headroom covers what loading a tensor back adds to the message (its field tags and lengths)."""
+    from actsparse_deploy.export import needs_external_data
+
+    assert needs_external_data(10, 0, asked=True, limit=1000, headroom=100)
+    assert not needs_external_data(899, 0, asked=False, limit=1000, headroom=100)
+    assert needs_external_data(900, 0, asked=False, limit=1000, headroom=100)
+    assert needs_external_data(500, 400, asked=False, limit=1000, headroom=100)  # the exporter's files count
+    assert not needs_external_data(500, 399, asked=False, limit=1000, headroom=100)
+    assert needs_external_data(2**31 - 1, 0, asked=False)  # one byte under 2 GiB: too close to save as one file
+    assert not needs_external_data(2**30, 0, asked=False)
+
+
+def test_export_external_data_under_2gb_with_spaces_validates(tmp_path: Path) -> None:
+    """`export --external-data` on a small model, into a path with spaces: both files, and validate passes."""
+    folder = tmp_path / "my models"
+    folder.mkdir()
+    target = folder / "tiny model.onnx"
+    result = invoke("export", "digits-mlp", "--external-data", "-o", target, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["tiny model.onnx", "tiny model.onnx.data"]
+    assert json.loads(result.stdout)["export"]["external_data"] is True
+    locations = {t["location"] for t in external_tensors(target).values()}
+    assert locations == {"tiny model.onnx.data"}
+    result = invoke("validate", target, "digits-mlp", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["validation"]["passed"]
+
+
+def test_hard_link_and_shared_file_accepted_case_and_offset_refused(converted: Path, tmp_path: Path) -> None:
+    """Two tensors in one file at other offsets, read through a hard link: accepted (and runs); a location that
+    differs only in case (another file on a case-sensitive disk) and an offset past the end: refused."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(converted / DATA, folder / DATA)
+    os.link(folder / DATA, folder / "hard.data")
+    proto = onnx.load(str(converted / "model.onnx"), load_external_data=False)
+    tensors = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(tensors) >= 2
+    for tensor in tensors[::2]:
+        next(e for e in tensor.external_data if e.key == "location").value = "hard.data"
+    onnx.save(proto, str(folder / "model.onnx"))
+    assert set(check_external_data(folder / "model.onnx")) == {DATA, "hard.data"}
+    result = invoke("validate", folder / "model.onnx", "digits-mlp", "--masks", converted / "masks.safetensors")
+    assert result.exit_code == 0, result.stderr
+
+    entries = {e.key: e for e in tensors[1].external_data}
+    entries["location"].value = DATA.upper()
+    onnx.save(proto, str(folder / "model.onnx"))
+    one_line(invoke("validate", folder / "model.onnx", "digits-mlp"), 10, DATA.upper(), "does not exist")
+
+    entries["location"].value = DATA
+    entries["offset"].value = str((folder / DATA).stat().st_size + 4096)
+    del tensors[1].external_data[[e.key for e in tensors[1].external_data].index("length")]
+    onnx.save(proto, str(folder / "model.onnx"))
+    one_line(invoke("validate", folder / "model.onnx", "digits-mlp"), 10, tensors[1].name, "claims bytes")
+
+
+def test_a_full_disk_while_writing_the_data_file_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC while the data file is written (faked: a full disk cannot be made here): exit 11, one line,
+    no model, no data file, no staging folder; an old model there is kept as it was."""
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 2000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Full(f) if str(path).endswith(".onnx.data") and "w" in mode else f
+
+    monkeypatch.setattr(export_module, "open", fake_open, raising=False)
+    (tmp_path / "m.onnx").write_bytes(b"old model")
+    line = one_line(invoke("export", "digits-mlp", "--external-data", "--overwrite", "-o", tmp_path / "m.onnx"), 11, "m.onnx",
+                    "disk is full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"], line
+    assert (tmp_path / "m.onnx").read_bytes() == b"old model"
+
+
+def test_inspect_onnx_json_has_the_one_report_schema(converted: Path) -> None:
+    """`inspect MODEL.onnx --json` is a report like every command's: the same top-level keys, in order; the
+    ONNX file is its `export` section (path, opset, inputs, outputs, external data, size) plus what the graph holds."""
+    from actsparse_deploy.report import KEYS, Report
+
+    result = invoke("inspect", converted / "model.onnx", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert list(report) == list(KEYS)
+    assert Report.from_json(report).to_json() == report
+    export = report["export"]
+    proto = onnx.load(str(converted / "model.onnx"), load_external_data=False)
+    assert export["path"] == str(converted / "model.onnx") and export["external_data"] is True
+    assert export["inputs"] == [i.name for i in proto.graph.input] and export["outputs"] == [o.name for o in proto.graph.output]
+    assert export["opset"] == next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    assert export["size_bytes"] == (converted / "model.onnx").stat().st_size + (converted / DATA).stat().st_size
+    assert report["files"] == {str(converted / "model.onnx"): (converted / "model.onnx").stat().st_size,
+                               str(converted / DATA): (converted / DATA).stat().st_size}
+    assert report["squash_mode"] == "auto" and [row["layer"] for row in report["layers"]] == ["fc2", "fc3"]

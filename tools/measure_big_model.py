@@ -172,7 +172,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path | Non
         if not validated["validation"]["passed"]:
             problems.append("validate: did not pass")
         inspected = json.loads(rows[3]["stdout"])
-        listed = {f["location"]: f for f in inspected["onnx"]["external_data"]}
+        listed = {f["location"]: f for f in inspected["export"]["data_files"]}
         if listed.get("model.onnx.data", {}).get("bytes") != sizes.get("model.onnx.data"):
             problems.append(f"inspect: external data listed as {listed}")
         latency = converted.get("latency")
