@@ -21,7 +21,7 @@ and model.onnx.data present, validation passed, inspect lists the data file), an
 a table at the end (``--json FILE`` writes the rows too).
 
     OMP_NUM_THREADS=1 python tools/measure_big_model.py --workdir /tmp/big   # ~2.4 GB weights, ~5 GB of files
-    python tools/measure_big_model.py --workdir /tmp/big --hidden 1024 --layers 3   # a quick dry run
+    python tools/measure_big_model.py --workdir /tmp/big --hidden 1024 --layers 3 --external-data   # a quick dry run
 """
 
 from __future__ import annotations
