@@ -132,19 +132,9 @@ class Aggregate(BuiltinFn):
         """One batch reduced over ``dims`` (kept as size-1 axes where ``keepdim``)."""
         return self.impl(x, dims).to(STAT_DTYPE)
 
-    def fold(self, stat: RunningStat | None, batch: torch.Tensor, count: int, *, in_place: bool = False) -> RunningStat:
-        """``stat`` with ``batch`` (``count`` samples) folded in; ``in_place``:
-        into ``stat.value`` itself (only for a running value nobody else holds:
-        no new matrix per batch, which for a Gram statistic is most of the cost)."""
-        if stat is None:  # a copy where the batch already is float64: it may be (a view of) the layer's input
-            return RunningStat(batch.to(STAT_DTYPE, copy=batch.dtype == STAT_DTYPE), count, self.combine)
-        if not in_place or stat.value.shape != batch.shape or stat.value.dtype != STAT_DTYPE:
-            return stat.merge(RunningStat(batch.to(STAT_DTYPE), count, self.combine))
-        if self.combine == "sum":
-            stat.value.add_(batch)
-        else:
-            torch.maximum(stat.value, batch.to(STAT_DTYPE), out=stat.value)
-        return RunningStat(stat.value, stat.count + count, self.combine)
+    def fold(self, stat: RunningStat | None, batch: torch.Tensor, count: int) -> RunningStat:
+        new = RunningStat(batch, count, self.combine)
+        return new if stat is None else stat.merge(new)
 
     def __call__(self, agg: Any, x: torch.Tensor) -> Any:
         """The upstream calling convention ``aggregate_fn(aggregate, input)``,

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from .errors import CalibrationError, ConfigError, DataError, LayerNotFoundError, MaskError, NoAggregateError
-from .functions import AGGREGATE_FNS, MASK_FNS, REDUCE_FNS, Aggregate, BuiltinFn, RunningStat, check_mask_config
+from .functions import AGGREGATE_FNS, MASK_FNS, REDUCE_FNS, Aggregate, BuiltinFn, check_mask_config
 from .layers import default_sample_ndim, layer_kind
 from .sparsifier_state import load_state, save_state
 from .stats import LayerStats, type_names
@@ -112,8 +112,6 @@ class ActivationSparsifier:
         }
         self.data_groups: dict[str, dict[str, Any]] = defaultdict(dict)
         self.state: dict[str, dict[str, Any]] = defaultdict(dict)
-        #: per layer, the running statistic its hook made and nobody else holds (batches fold into it in place)
-        self._own: dict[str, RunningStat] = {}
 
     # --- registration ------------------------------------------------------------
 
@@ -177,7 +175,6 @@ class ActivationSparsifier:
         if hook is not None:
             hook.remove()
         self.state.pop(name, None)
-        self._own.pop(name, None)
         self.data_groups.pop(name)
 
     def _config(self, name: str) -> dict[str, Any]:
@@ -243,16 +240,15 @@ class ActivationSparsifier:
                 state["input_shape"] = tuple(x.shape)
             if features is None:
                 dims = tuple(range(n_sample))
-                batch = agg.impl(x, dims)
-                _check_finite(name, batch)  # before folding: a refused batch leaves nothing in the statistics
-                data = config.get("data")
-                try:  # in place only into the running value this hook made (never one handed out or loaded)
-                    stat = agg.fold(data, batch, _count(x, dims), in_place=data is not None and data is self._own.get(name))
+                batch = agg.batch_stat(x, dims)
+                try:
+                    stat = agg.fold(config.get("data"), batch, _count(x, dims))
                 except ValueError as e:
                     raise CalibrationError(f"layer {name!r}: {e}") from None
+                _check_finite(name, stat.value)
                 if state.get("mask") is None:
                     state["mask"] = _placeholder_mask(x.shape, dims, None, None, x.dtype, x.device)
-                config["data"] = self._own[name] = stat
+                config["data"] = stat
                 _count_inputs(state, x)
                 return
             fdim = _normalize_dim(feature_dim, x.ndim, name)
@@ -337,7 +333,6 @@ class ActivationSparsifier:
         if data is None:
             raise NoAggregateError(f"layer {name!r} has no aggregated data: run the model forward first (and before step())")
         state = self.state[name]
-        self._own.pop(name, None)  # handed out: the next batch folds into a new tensor, this one stays as it is
         placeholder = state["mask"] if isinstance(state["mask"], torch.Tensor) else state["mask"][0]
         agg = config["aggregate_fn"]
         return LayerStats(
@@ -485,7 +480,6 @@ class ActivationSparsifier:
             if config.get("hook") is not None:
                 config["hook"].remove()
         self.state = defaultdict(dict, self._convert_mask(state["state"], sparse_coo=False))
-        self._own = {}
         self.defaults = copy.deepcopy(state["defaults"])
         self.data_groups = defaultdict(dict, copy.deepcopy(state["data_groups"]))
         for name, config in self.data_groups.items():
@@ -588,12 +582,12 @@ def _feature_width(features: list[Any], idx: int) -> int:
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
-    # summed in float64, a statistic is finite exactly when every value is (float32 values
+    # a float64 statistic: its sum is finite exactly when every value is (float32 data
     # cannot overflow a float64 sum), and one reduction is much cheaper than isfinite
     # over a d x d Gram matrix every batch
     if not t.is_floating_point():
         return
-    finite = torch.isfinite(t.sum(dtype=torch.float64)) if t.dtype in (torch.float32, torch.float64) else torch.isfinite(t).all()
+    finite = torch.isfinite(t.sum()) if t.dtype == torch.float64 else torch.isfinite(t).all()
     if not bool(finite):
         raise DataError(
             f"layer {name!r} received NaN or Inf in its input (or its statistic overflowed): "
