@@ -22,6 +22,7 @@ import enum
 import functools
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -1277,7 +1278,23 @@ def _interrupt(signum: int, frame: Any) -> None:
 def main() -> None:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    app()
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
+        app()
+        return
+    # Under torchrun: once the ranks' last exchange is over (every output written,
+    # or every rank told of the failure), end without the interpreter's teardown.
+    # There gloo's and the TCP store's threads are destroyed after the other rank
+    # may have gone, which can abort this rank (SIGABRT, "terminate called without
+    # an active exception") and make torchrun report a finished job as failed.
+    try:
+        app()
+        code: Any = 0
+    except SystemExit as e:
+        code = e.code
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 if __name__ == "__main__":

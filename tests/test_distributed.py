@@ -470,3 +470,37 @@ def test_the_command_line_keeps_an_array_stream_of_tensors_shardable(tmp_path: P
     tokens = array_stream(tmp_path / "t.npz", batch_size=2)
     assert not isinstance(unpadded_batches(tokens), ArrayStream)
     assert [tuple(b["input_ids"].shape) for b in unpadded_batches(tokens)] == [(4, 2)]  # regrouped without padding
+
+
+@pytest.mark.parametrize(("world", "argv", "code"), [("2", ["--version"], 0), ("2", ["calibrate"], 2), ("1", ["--version"], None)])
+def test_a_process_under_torchrun_ends_without_interpreter_teardown(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                                                    world: str, argv: list[str], code: int | None) -> None:
+    """gloo's and the TCP store's threads can abort a rank (SIGABRT, "terminate called
+    without an active exception") when the interpreter tears them down after the
+    other rank has gone, which torchrun reports as a failed job although every
+    output is written. Under torchrun the command line ends with os._exit and its
+    exit code once stdout and stderr are flushed; one process exits as usual. (The
+    race itself cannot be caused on demand: os._exit is replaced here.)"""
+    from actsparse_deploy import cli
+
+    ended: list[int] = []
+
+    class Ended(BaseException):
+        pass
+
+    def fake_exit(status: int) -> None:
+        ended.append(status)
+        raise Ended
+
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setattr(sys, "argv", ["actsparse", *argv])
+    if code is None:
+        with pytest.raises(SystemExit) as exited:
+            cli.main()
+        assert exited.value.code == 0 and ended == []
+    else:
+        with pytest.raises(Ended):
+            cli.main()
+        assert ended == [code]
+    assert capsys.readouterr().out.strip() != "" or code == 2
