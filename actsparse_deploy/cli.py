@@ -210,10 +210,24 @@ ExporterOpt = Annotated[
     Exporter,
     typer.Option("--exporter", help=f"torch.onnx exporter (default {DEFAULT_EXPORTER}: torchscript, then dynamo where it fails; see the README)."),
 ]
+def _dynamic_axes(values: list[str] | None) -> list[str] | None:
+    """Each ``--dynamic-axis`` well formed, or a usage error (exit 2) before any work."""
+    from .errors import ExportError
+    from .export import parse_dynamic_axis
+
+    for value in values or ():
+        try:
+            parse_dynamic_axis(value)
+        except ExportError as e:
+            raise typer.BadParameter(str(e)) from e
+    return values
+
+
 DynamicAxisOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--dynamic-axis",
+        callback=_dynamic_axes,
         help="NAME:AXIS:LABEL (repeatable): export this input axis as dynamic, e.g. input_ids:1:sequence. "
         "Default: the batch axis, axis 1 of integer (batch, seq) inputs, and axes whose length differs across the data.",
     ),
@@ -658,9 +672,10 @@ def calibrate_cmd(
 
     Under torchrun each process calibrates on its share of the batches, rank 0
     writes the file (see the README, "Calibrating at scale")."""
-    from .distributed import launched, resolve_device
+    from .distributed import check_budget_device, launched, resolve_device
 
     _check_max_cost(max_cost, sparsity, "calibrate")
+    check_budget_device(max_cost, device)
     where = resolve_device(device)  # --device cuda without CUDA: exit 2 before any work
     with launched(where, dist_timeout) as session:
         _calibrate(model, output, weights, recipe, layers, layer_types, sparsity, threshold, aggregate, structured, method,
@@ -1054,10 +1069,11 @@ def convert_cmd(
     prints a summary: layers, sparsity, squash mode, ONNX max diff, the accuracy
     (or cosine) cost, file sizes.
     """
-    from .distributed import launched, resolve_device
+    from .distributed import check_budget_device, launched, resolve_device
     from .pipeline import convert
 
     _check_max_cost(max_cost, sparsity, "convert")
+    check_budget_device(max_cost, device)
     where = resolve_device(device)  # --device cuda without CUDA: exit 2 before any work
     model_options = _model_options(task, text, heldout_text, max_length, factory_args)
     if max_cost is not None and (layers or layer_types):

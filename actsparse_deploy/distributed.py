@@ -68,7 +68,10 @@ from .errors import (
     first_line,
 )
 
-__all__ = ["DEFAULT_TIMEOUT", "Session", "check_reducible", "check_timeout", "launched", "resolve_device", "session_for", "world_from_env"]
+__all__ = [
+    "DEFAULT_TIMEOUT", "Session", "check_budget_device", "check_reducible", "check_timeout", "launched", "resolve_device", "session_for",
+    "world_from_env",
+]
 
 #: seconds a rank waits for the others at each exchange (torch's own default for gloo)
 DEFAULT_TIMEOUT = 1800.0
@@ -112,6 +115,17 @@ def resolve_device(device: str | None, default: torch.device | None = None) -> t
     if index >= torch.cuda.device_count():
         raise UsageError(f"`device` cuda:{index}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device("cuda", index)
+
+
+def check_budget_device(max_cost: str | None, device: str | None) -> None:
+    """A cost budget (``max_cost``) with a device other than the CPU: a usage
+    error before any work (the budget search evaluates the model where its
+    tuning data is, on the CPU)."""
+    if max_cost is not None and device is not None and device.strip().lower() != "cpu":
+        raise UsageError(
+            f"the cost budget search runs on the CPU: `max_cost` cannot be given with `device` {device!r} "
+            "(calibrate on the device with a sparsity, or search the budget on the CPU)"
+        )
 
 
 def check_reducible(layers: Mapping[str, Any]) -> None:

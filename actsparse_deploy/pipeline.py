@@ -140,6 +140,10 @@ class ConvertOptions:
             parse_dynamic_axis(axis)
         if self.threads is not None:
             check_threads(self.threads)
+        if self.max_cost is not None:
+            from .distributed import check_budget_device
+
+            check_budget_device(self.max_cost, self.device)
         if self.max_cost is not None and self.group is not None:
             raise RecipeError("a cost budget (`max_cost`) searches over several passes of the data: it is not supported in "
                               "distributed calibration; run it in one process, or give a sparsity")

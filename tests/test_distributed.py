@@ -504,3 +504,20 @@ def test_a_process_under_torchrun_ends_without_interpreter_teardown(monkeypatch:
             cli.main()
         assert ended == [code]
     assert capsys.readouterr().out.strip() != "" or code == 2
+
+
+def test_a_cost_budget_on_another_device_than_the_cpu_is_refused_before_work(tmp_path: Path) -> None:
+    """The budget search runs where the data is (the CPU): `max_cost` with a CUDA
+    device was silently run on the CPU by convert (the device ignored); now it is
+    refused, from Python and from the command line, before the model loads."""
+    from actsparse_deploy.pipeline import convert
+
+    with pytest.raises(UsageError, match="the cost budget search runs on the CPU"):
+        convert("digits-mlp", tmp_path / "out", max_cost="cosine=0.9", device="cuda")
+    assert not (tmp_path / "out").exists()
+    for command in ("calibrate", "convert"):
+        result = invoke(command, "digits-mlp", "--max-cost", "cosine=0.9", "--device", "cuda:0", "-o", tmp_path / command)
+        assert result.exit_code == 2, result.output
+        assert "the cost budget search runs on the CPU" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / command).exists()
+    assert convert("digits-mlp", tmp_path / "cpu", max_cost="cosine=0.9", device="cpu", latency=False) is not None  # cpu: fine
