@@ -248,6 +248,20 @@ class Dataflow:
         stop = walk.push(first, node, rank, kind.axis(layer, rank)) or walk.run()
         return (None, stop) if stop else (walk.chain(), "")
 
+    def read_elsewhere(self, fqn: str) -> str | None:
+        """Why the mask of layer ``fqn`` cannot go into its weight (fold, prune):
+        the weight is also read by an op that is not the layer's own call (model
+        code such as ``F.linear(h, self.fc.weight)``), which the mask must not
+        change; None where only the layer's calls read it."""
+        state = self._state.get(f"{fqn}.weight")
+        if state is None:
+            return None
+        own = set(self._calls.get(fqn, []))
+        others = [u for u in _users(state) if u not in own]
+        if not others:
+            return None
+        return f"{fqn}.weight is also read by {', '.join(self._where(u) for u in others)}"
+
     # --- helpers --------------------------------------------------------------------------
 
     def _where(self, node: fx.Node) -> str:

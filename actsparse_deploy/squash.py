@@ -68,7 +68,23 @@ PRUNE_RTOL = 1e-4
 PRUNE_ATOL = 1e-5
 
 
-class MaskedInput(nn.Module):
+class _Wrapper(nn.Module):
+    """A layer wrapped in front of its input. What the wrapper does not have
+    itself (``weight``, ``bias``, ``in_features``, ...) is the layer's: a model
+    whose code reads ``self.fc.weight`` besides calling ``self.fc`` still runs."""
+
+    module: nn.Module
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(super().__getattr__("module"), name)
+
+
+class MaskedInput(_Wrapper):
     """``module(input * mask, *rest)``: a mask baked in as a constant buffer."""
 
     def __init__(self, module: nn.Module, mask: torch.Tensor) -> None:
@@ -81,7 +97,7 @@ class MaskedInput(nn.Module):
         return self.module(x * self.mask, *args, **kwargs)
 
 
-class PrunedInput(nn.Module):
+class PrunedInput(_Wrapper):
     """``module(input.index_select(axis, index), *rest)``: only the kept input
     features reach ``module``, a layer that has lost the others."""
 
@@ -317,6 +333,9 @@ def squash_(
     ``example`` (a batch as the model takes it: tensor, tuple or dict of tensors)
     lets ``prune`` and ``auto`` see the model's dataflow; ``prune`` needs one. The
     pruned model is checked against ``mul`` on ``example`` and ``check_batches``.
+    With an example, ``fold`` also refuses a layer whose weight the model's code
+    reads outside the layer (``F.linear(h, self.fc.weight)``: folding would change
+    that read), where ``auto`` keeps such a mask a multiply.
     Pruned convolutions keep a multiple of ``channel_multiple`` channels (default
     ``CONV_CHANNEL_MULTIPLE``; 1 keeps exactly the unmasked ones).
     """
@@ -349,6 +368,8 @@ def squash_(
         if mode == "fold" and vector is None:
             raise SquashError(f"layer {name!r} cannot be folded: {why}; use mode='mul' or 'auto'")
         plan.append((name, masks[name], layer, mask, vector, why, _edits(name, layer, masks[name])))
+    if mode == "fold" and example is not None:
+        _check_reads(model, example, [name for name, *_ in plan])
     for name, lm, layer, mask, vector, why, edits in plan:
         if edits != (None, None):  # the new weight / bias first: the mask scales or gathers its input
             _apply_edits(layer, edits)
@@ -364,6 +385,19 @@ def squash_(
             result.reasons[name] += _edit_note(lm, edits)
         result.sparsity[name] = lm.sparsity
     return result
+
+
+def _check_reads(model: nn.Module, example: Batch, names: list[str]) -> None:
+    """``fold`` with an example: refuse a layer whose weight the model's code also
+    reads outside the layer (folding would change that read too). Where the
+    model's dataflow cannot be captured, fold goes on unchecked, as without an example."""
+    try:
+        flow = Dataflow(model, example)
+    except (SquashError, MaskError):
+        return
+    for name in names:
+        if (elsewhere := flow.read_elsewhere(name)) is not None:
+            raise SquashError(f"layer {name!r} cannot be folded: {elsewhere}, which the mask must not change; use mode='mul' or 'auto'")
 
 
 def squash(
@@ -460,6 +494,11 @@ def _squash_pruning(
     cuts: dict[str, Cut] = {}
     wraps: dict[str, Callable[[nn.Module], nn.Module]] = {}
     for name, (layer, mask, vector, why) in layers.items():
+        elsewhere = flow.read_elsewhere(name) if flow is not None and vector is not None else None
+        if elsewhere is not None and mode == "prune":
+            raise SquashError(f"layer {name!r} cannot be pruned: {elsewhere}, which the mask must not change; use mode='mul' or 'auto'")
+        if elsewhere is not None:
+            vector, why = None, f"{elsewhere}: folding or pruning would change that read too, so the mask stays a multiply"
         if vector is None:  # auto: neither prune nor fold
             wraps[name] = partial(_masked, mask=mask)
             result.modes[name], result.reasons[name] = "mul", why

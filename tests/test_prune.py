@@ -597,3 +597,43 @@ def test_capture_leaves_no_fake_tensor_in_attributes_a_forward_creates():
     fresh = _LazyCache().eval()
     fresh.load_state_dict(model.state_dict())
     assert_same_outputs(copy.deepcopy(model), fresh, [x])  # the model itself still copies and computes as before
+
+
+class _WeightReadTwice(nn.Module):
+    """fc is called, and its weight is also read by code of the model itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.fc(h) + F.linear(h, self.fc.weight)
+
+
+def test_a_layer_whose_weight_is_also_read_elsewhere_keeps_its_mask_a_multiply():
+    """The mask is on fc's call only. Before: mul gave a model that failed
+    (AttributeError: the wrapper had no `weight`), prune and auto failed the same
+    way, and fold silently changed the other product too. Now mul runs, auto keeps
+    the mask a multiply and says why, prune refuses with the same reason; every
+    result computes what the sparsifier's hooks do."""
+    torch.manual_seed(0)
+    model = _WeightReadTwice().eval()
+    mask = torch.ones(8)
+    mask[::2] = 0
+    masks = Masks({"fc": LayerMask(mask)})
+    x, more = torch.randn(2, 4), [torch.randn(5, 4)]
+    want = [model.fc(torch.relu(model.a(b)) * mask) + F.linear(torch.relu(model.a(b)), model.fc.weight) for b in [x, *more]]
+    mul = squash(model, masks, "mul").model
+    for b, w in zip([x, *more], want, strict=True):
+        assert_close(mul(b), w)
+    auto = squash(model, masks, "auto", example=x, check_batches=more)
+    assert auto.modes == {"fc": "mul"}
+    assert "fc.weight is also read by" in auto.reasons["fc"]
+    for b, w in zip([x, *more], want, strict=True):
+        assert_close(auto.model(b), w)
+    with pytest.raises(SquashError, match=r"layer 'fc' cannot be pruned: fc.weight is also read by"):
+        squash(model, masks, "prune", example=x, check_batches=more)
+    with pytest.raises(SquashError, match=r"layer 'fc' cannot be folded: fc.weight is also read by aten.linear"):
+        squash(model, masks, "fold", example=x)
