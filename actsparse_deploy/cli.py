@@ -212,14 +212,14 @@ ExporterOpt = Annotated[
 ]
 def _dynamic_axes(values: list[str] | None) -> list[str] | None:
     """Each ``--dynamic-axis`` well formed, or a usage error (exit 2) before any work."""
-    from .errors import ExportError
+    from .errors import ExportError, first_line
     from .export import parse_dynamic_axis
 
     for value in values or ():
         try:
             parse_dynamic_axis(value)
-        except ExportError as e:
-            raise typer.BadParameter(str(e)) from e
+        except (ExportError, ValueError) as e:  # ValueError: an axis int() refuses (over 4300 digits)
+            raise typer.BadParameter(first_line(e)) from e
     return values
 
 
@@ -1294,23 +1294,44 @@ def _interrupt(signum: int, frame: Any) -> None:
 def main() -> None:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
+    code = _run_app()
     if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
-        app()
-        return
+        sys.exit(code)
     # Under torchrun: once the ranks' last exchange is over (every output written,
     # or every rank told of the failure), end without the interpreter's teardown.
     # There gloo's and the TCP store's threads are destroyed after the other rank
     # may have gone, which can abort this rank (SIGABRT, "terminate called without
     # an active exception") and make torchrun report a finished job as failed.
-    try:
-        app()
-        code: Any = 0
-    except SystemExit as e:
-        code = e.code
+    # A signal now (torchrun stopping the job) changes nothing: the code stands.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
+    os._exit(code)
+
+
+def _run_app() -> int:
+    """The app's exit code. What escapes the commands' handlers (a signal or a bug
+    while the command line is parsed, ``sys.exit("text")``) is one line on
+    stderr and its code too, as :func:`handle_errors` gives them."""
+    try:
+        app()
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return int(e.code or 0)
+        stderr.print(one_line(str(e.code)), soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        stderr.print("interrupted (SIGINT): no partial output was left")
+        return 130
+    except Terminated:
+        stderr.print("terminated (SIGTERM): no partial output was left")
+        return 143
+    except Exception as e:  # a bug outside a command's handler: still one line
+        stderr.print(f"internal error: {type(e).__name__}: {one_line(str(e))}", soft_wrap=True)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -177,8 +177,9 @@ def parse_dynamic_axis(text: str) -> tuple[str, int, str]:
     """``NAME:AXIS:LABEL`` (``input_ids:1:sequence``) as ``(name, axis, label)``:
     an input's axis to export as dynamic, named ``label`` in the ONNX model."""
     parts = text.rsplit(":", 2)
-    if len(parts) != 3 or not parts[0] or not parts[2] or not re.fullmatch(r"[0-9]+", parts[1].strip()):
-        raise ExportError(f"a dynamic axis is NAME:AXIS:LABEL (e.g. input_ids:1:sequence), got {text!r}")
+    if len(parts) != 3 or not parts[0] or not parts[2] or not re.fullmatch(r"[0-9]{1,9}", parts[1].strip()):
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise ExportError(f"a dynamic axis is NAME:AXIS:LABEL (e.g. input_ids:1:sequence), got {shown!r}")
     return parts[0], int(parts[1]), parts[2]
 
 

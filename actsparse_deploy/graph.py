@@ -252,12 +252,20 @@ class Dataflow:
         """Why the mask of layer ``fqn`` cannot go into its weight (fold, prune):
         the weight is also read by an op that is not the layer's own call (model
         code such as ``F.linear(h, self.fc.weight)``), which the mask must not
-        change; None where only the layer's calls read it."""
-        state = self._state.get(f"{fqn}.weight")
-        if state is None:
+        change; None where only the layer's calls read it. A module that holds
+        the same tensor (a tied embedding, the layer under another name) reads
+        its own attribute, which a fold or a prune (a new weight for the layer)
+        leaves as it is; the tensor is found by identity, whichever name
+        torch.export gave its placeholder."""
+        layer = self._module(fqn)
+        weight = getattr(layer, "weight", None) if layer is not None else None
+        if not isinstance(weight, torch.Tensor):
             return None
-        own = set(self._calls.get(fqn, []))
-        others = [u for u in _users(state) if u not in own]
+        tensors = {**dict(self.model.named_parameters(remove_duplicate=False)), **dict(self.model.named_buffers(remove_duplicate=False))}
+        holders = {name for name, module in self.model.named_modules(remove_duplicate=False)
+                   if any(t is weight for t in [*module._parameters.values(), *module._buffers.values()])}
+        readers = {u: None for name, state in self._state.items() if tensors.get(name) is weight for u in _users(state)}
+        others = [u for u in readers if not (_scope(u) and _scope(u)[-1] in holders)]
         if not others:
             return None
         return f"{fqn}.weight is also read by {', '.join(self._where(u) for u in others)}"

@@ -140,10 +140,11 @@ class ConvertOptions:
             parse_dynamic_axis(axis)
         if self.threads is not None:
             check_threads(self.threads)
-        if self.max_cost is not None:
-            from .distributed import check_budget_device
+        if self.device is not None:  # a bad device, or CUDA where there is none: before the model loads
+            from .distributed import check_budget_device, resolve_device
 
             check_budget_device(self.max_cost, self.device)
+            resolve_device(self.device)
         if self.max_cost is not None and self.group is not None:
             raise RecipeError("a cost budget (`max_cost`) searches over several passes of the data: it is not supported in "
                               "distributed calibration; run it in one process, or give a sparsity")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -495,14 +496,19 @@ def test_a_process_under_torchrun_ends_without_interpreter_teardown(monkeypatch:
     monkeypatch.setattr(os, "_exit", fake_exit)
     monkeypatch.setenv("WORLD_SIZE", world)
     monkeypatch.setattr(sys, "argv", ["actsparse", *argv])
-    if code is None:
-        with pytest.raises(SystemExit) as exited:
-            cli.main()
-        assert exited.value.code == 0 and ended == []
-    else:
-        with pytest.raises(Ended):
-            cli.main()
-        assert ended == [code]
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if code is None:
+            with pytest.raises(SystemExit) as exited:
+                cli.main()
+            assert exited.value.code == 0 and ended == []
+        else:
+            with pytest.raises(Ended):
+                cli.main()
+            assert ended == [code]
+    finally:  # main() installs its own handlers (and ignores signals before os._exit): not this process's
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     assert capsys.readouterr().out.strip() != "" or code == 2
 
 

@@ -248,6 +248,7 @@ def _run(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
+@pytest.mark.slow  # a real process importing torch, exporting twice (torchscript fails, then dynamo)
 def test_cli_json_parses_when_an_exporter_fails(user, tmp_path):
     """A real process: `export --json` on a model TorchScript cannot export: stdout
     is one JSON document (no IR dump), stderr says it fell back in one line."""
