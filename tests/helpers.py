@@ -48,6 +48,19 @@ class TinyMLP(nn.Module):
         return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
 
 
+class LinearPair(nn.Module):
+    """``fc(relu(a(x)))``: ``a`` makes fc's input features (``width`` of them);
+    subclasses change ``forward`` to read fc or its weight in other ways."""
+
+    def __init__(self, width: int = 8, d_out: int = 3) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, width)
+        self.fc = nn.Linear(width, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.a(x)))
+
+
 class TinyConv(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -24,7 +24,7 @@ from actsparse_deploy.squash import MaskedInput, PrunedInput
 from actsparse_deploy.validate import validate
 from actsparse_deploy.workload import load_recipe, load_workload
 
-from .helpers import MINILM_OUTDIRS, assert_same_outputs
+from .helpers import MINILM_OUTDIRS, LinearPair, assert_same_outputs
 
 EXPORTERS = ["torchscript", "dynamo"]
 
@@ -599,13 +599,8 @@ def test_capture_leaves_no_fake_tensor_in_attributes_a_forward_creates():
     assert_same_outputs(copy.deepcopy(model), fresh, [x])  # the model itself still copies and computes as before
 
 
-class _WeightReadTwice(nn.Module):
+class _WeightReadTwice(LinearPair):
     """fc is called, and its weight is also read by code of the model itself."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 8)
-        self.fc = nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.a(x))

@@ -17,6 +17,8 @@ from actsparse_deploy import squash
 from actsparse_deploy.errors import SquashError, Terminated
 from actsparse_deploy.masks import LayerMask, Masks
 
+from .helpers import LinearPair
+
 # --- cli.main(): every way out is one line and its exit code, under torchrun with os._exit --------------
 
 
@@ -188,35 +190,26 @@ def test_model_code_reading_a_tied_layer_weight_is_elsewhere(head_first: bool) -
     assert_close(auto.model(ids), _hooked(model, "head", _mask(6), ids))
 
 
-class _Aliased(nn.Module):
+class _Aliased(LinearPair):
     """One layer under two names, called through each (its hook fires on both calls)."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 8)
-        self.fc = nn.Linear(8, 8)
+        super().__init__(d_out=8)
         self.again = self.fc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.again(torch.relu(self.fc(torch.relu(self.a(x)))))
 
 
-class _Twice(nn.Module):
+class _Twice(LinearPair):
     def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 8)
-        self.fc = nn.Linear(8, 8)
+        super().__init__(d_out=8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.relu(self.fc(torch.relu(self.a(x)))))
 
 
-class _ShapeOnly(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 8)
-        self.fc = nn.Linear(8, 3)
-
+class _ShapeOnly(LinearPair):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.relu(self.a(x))) * self.fc.weight.shape[0] + self.fc.weight.size(1) + self.fc.bias
 
@@ -243,13 +236,8 @@ class _GPT2Conv1D(nn.Module):
         return self.fc(torch.relu(self.a(x)))
 
 
-class _Uncapturable(nn.Module):
+class _Uncapturable(LinearPair):
     """Data-dependent control flow: torch.export cannot capture it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 8)
-        self.fc = nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.a(x))
