@@ -38,8 +38,10 @@ __all__ = [
     "describe_batch",
     "first_samples",
     "flatten_outputs",
+    "head_samples",
     "input_names",
     "is_named",
+    "model_device",
     "named_tensors",
     "numpy_feeds",
     "positional",
@@ -48,8 +50,9 @@ __all__ = [
     "slice_batch",
     "split_batch",
     "take_rows",
-    "unpadded",
+    "to_device",
     "total_samples",
+    "unpadded",
 ]
 
 Batch: TypeAlias = Union[torch.Tensor, tuple[torch.Tensor, ...], list[torch.Tensor], Mapping[str, torch.Tensor]]  # noqa: UP007 (torch is untyped to mypy: an X | Y alias would not be a type)
@@ -82,6 +85,23 @@ def run_batch(model: Any, batch: Batch) -> Any:
 def _tensors(batch: Batch) -> list[Any]:
     args, kwargs = call_args(batch)
     return list(kwargs.values()) if kwargs else list(args)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """``batch`` with each tensor on ``device`` (a tensor already there is kept as it is)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def model_device(model: Any) -> torch.device:
+    """Where ``model``'s parameters are (the CPU for a model without any)."""
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def batch_size(batch: Batch) -> int:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import Batch, batch_size, describe_batch, run_batch
+from .batches import Batch, batch_size, describe_batch, model_device, run_batch, to_device
 from .compensate import compensate, effective_compensation
 from .errors import ActsparseError, ConfigError, DataError, RecipeError, WeightsError, first_line
 from .functions import RunningStat
@@ -153,22 +153,6 @@ def collect(
     return session.reduce(local, model, list(layers), recipe=recipe, model=model_name)
 
 
-def _on_device(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
-    """Each batch's tensors on ``device`` (as they are where already there)."""
-
-    def move(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value.to(device)
-        if isinstance(value, dict):
-            return {k: move(v) for k, v in value.items()}
-        if isinstance(value, (tuple, list)):
-            return type(value)(move(v) for v in value)
-        return value
-
-    for batch in batches:
-        yield move(batch)
-
-
 def _collect_local(
     model: nn.Module, layers: Mapping[str, ResolvedLayer], batches: Iterable[Batch] | None,
     forward_loop: Callable[[nn.Module], Any] | None, on_batch: Callable[[int], None] | None, empty_ok: bool = False,
@@ -178,9 +162,9 @@ def _collect_local(
     batch where ``empty_ok``: a rank whose share is empty); ``position``: this
     process's batch number -> its number in all the data (a rank's share)."""
     check_finite_weights(model)
-    first = next(iter(model.parameters()), None)
-    if batches is not None and first is not None:
-        batches = _on_device(batches, first.device)
+    if batches is not None:
+        device = model_device(model)
+        batches = (to_device(batch, device) for batch in batches)
     sparsifier = ActivationSparsifier(model)
     num_samples = num_batches = 0
     with eval_mode(model), _attached(sparsifier):

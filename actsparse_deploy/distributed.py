@@ -50,6 +50,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from .batches import model_device
 from .errors import (
     ActsparseError,
     CalibrationError,
@@ -292,7 +293,7 @@ class Session:
             if s["layers"] is not None:
                 _check_layout(reference["layers"], s["layers"], first, r)
         self.failed = False
-        device = _model_device(module)
+        device = model_device(module)
         layers: dict[str, LayerStats] = {}
         import torch.distributed as dist
 
@@ -361,15 +362,12 @@ def unpadded_batches(batches: Iterable[Any]) -> Iterable[Any]:
     return unpadded(batches)
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    first = next(iter(model.parameters()), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
 def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise CalibrationError(f"a rank reported input dtype {name!r}, which is not a torch dtype")
+    from .stats import dtype_named
+
+    dtype = dtype_named(name)
+    if dtype is None:
+        raise CalibrationError(f"a rank reported input dtype {name!r}, which is not a dtype statistics are collected for")
     return dtype
 
 

@@ -222,10 +222,19 @@ class Dataflow:
                 self._calls.setdefault(scope[-1], []).append(node)
         self._names: dict[int, int] = {}
         self._holders: dict[int, int] = {}
-        for _, module in model.named_modules(remove_duplicate=False):
+        #: id of a parameter / buffer -> the modules (by name) that hold it
+        self._held_by: dict[int, set[str]] = {}
+        for fqn, module in model.named_modules(remove_duplicate=False):
             self._names[id(module)] = self._names.get(id(module), 0) + 1
             for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
                 self._holders[id(t)] = self._holders.get(id(t), 0) + 1
+                self._held_by.setdefault(id(t), set()).add(fqn)
+        #: id of a parameter / buffer -> the graph's placeholders for it (one per name torch.export gave it)
+        self._placeholders: dict[int, list[fx.Node]] = {}
+        tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+        for name, node in self._state.items():
+            if (tensor := tensors.get(name)) is not None:
+                self._placeholders.setdefault(id(tensor), []).append(node)
 
     def producer(self, consumer: str, masked: Iterable[str] = ()) -> tuple[Chain | None, str]:
         """The chain that makes ``consumer``'s input features, or None and why not.
@@ -261,10 +270,8 @@ class Dataflow:
         weight = getattr(layer, "weight", None) if layer is not None else None
         if not isinstance(weight, torch.Tensor):
             return None
-        tensors = {**dict(self.model.named_parameters(remove_duplicate=False)), **dict(self.model.named_buffers(remove_duplicate=False))}
-        holders = {name for name, module in self.model.named_modules(remove_duplicate=False)
-                   if any(t is weight for t in [*module._parameters.values(), *module._buffers.values()])}
-        readers = {u: None for name, state in self._state.items() if tensors.get(name) is weight for u in _users(state)}
+        holders = self._held_by.get(id(weight), set())
+        readers = {u: None for state in self._placeholders.get(id(weight), []) for u in _users(state)}
         others = [u for u in readers if not (_scope(u) and _scope(u)[-1] in holders)]
         if not others:
             return None

@@ -46,7 +46,7 @@ from .recipe import LayerSettings, Recipe, ResolvedLayer
 from .serialize import SEP, read_container, write_container
 from .version import __version__
 
-__all__ = ["LayerStats", "Statistics", "model_fingerprint", "type_names"]
+__all__ = ["LayerStats", "Statistics", "dtype_named", "model_fingerprint", "type_names"]
 
 FORMAT = "actsparse.statistics"
 FORMAT_VERSION = 1
@@ -57,6 +57,11 @@ _DTYPES = {
 }
 #: a count above this is not a count of samples: a corrupted file
 _MAX_COUNT = 2**62
+
+
+def dtype_named(name: Any) -> torch.dtype | None:
+    """The dtype a statistics file or a rank names (``"float32"``), or None for any other name."""
+    return _DTYPES.get(name) if isinstance(name, str) else None
 
 
 def type_names(layer: nn.Module) -> tuple[str, ...]:
@@ -453,7 +458,7 @@ def _layer_from_row(name: str, row: dict[str, Any], tensors: dict[str, torch.Ten
     count = row["count"]
     if not (_is_int(count) and 1 <= count <= _MAX_COUNT):
         raise MaskError(f"layer {name!r}: sample count {count!r} is not a positive integer")
-    dtype = _DTYPES.get(row["input_dtype"]) if isinstance(row["input_dtype"], str) else None
+    dtype = dtype_named(row["input_dtype"])
     if dtype is None:
         raise MaskError(f"layer {name!r}: input dtype {str(row['input_dtype'])[:40]!r} is not one of {', '.join(_DTYPES)}")
     features = row.get("features")

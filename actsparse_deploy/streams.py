@@ -37,6 +37,7 @@ it) when a later pass reaches it: every pass must read the same samples.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import glob
 import itertools
@@ -62,14 +63,15 @@ __all__ = ["DATA_SUFFIXES", "MAX_LINE_BYTES", "ArrayStream", "Generated", "Strea
 DATA_SUFFIXES = (".npy", ".npz", ".safetensors", ".pt", ".pth")
 
 
-class Stream:
+class Stream(abc.ABC):
     """Batches read afresh on each iteration. ``samples``: how many samples (None
-    where counting would mean reading the data)."""
+    where counting would mean reading the data). A source is a subclass that
+    says how to read it from the start (``__iter__``)."""
 
     samples: int | None = None
 
-    def __iter__(self) -> Iterator[Batch]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __iter__(self) -> Iterator[Batch]: ...
 
     def __getitem__(self, index: int | slice) -> Any:
         """Batch ``index`` (or a list of them), read from the start: non-negative indices only."""

@@ -410,3 +410,15 @@ def test_tuning_split_of_a_stream_is_that_of_the_list(tmp_path: Path, samples: i
     every_fifth = [i for i in range(samples) if (i + 1) * count // samples > i * count // samples]
     assert torch.equal(tuned, torch.from_numpy(_images(samples, seed=samples)[every_fifth]))
     assert streamed[0].samples + streamed[1].samples == samples and streamed[1].samples == len(every_fifth)
+
+
+def test_a_stream_is_a_source_that_says_how_to_read_itself():
+    """Stream is the abstract base of the sources: one without ``__iter__`` cannot be made."""
+    from actsparse_deploy.streams import Generated, Stream
+
+    class Incomplete(Stream):
+        pass
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()  # type: ignore[abstract]
+    assert [b.shape[0] for b in Generated(lambda: iter([torch.zeros(2, 3), torch.zeros(1, 3)]), 3)] == [2, 1]
