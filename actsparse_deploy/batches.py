@@ -175,11 +175,14 @@ def unpadded(batches: Iterable[Batch], size: int = 32) -> Iterable[Batch]:
     that bias the statistics, the Gram matrix the refit fits to included), and
     the cost is measured faster. A :class:`~actsparse_deploy.streams.Stream` is
     regrouped the same way a window of :data:`UNPAD_WINDOW` samples at a time
-    (lazily, on each iteration: never held whole)."""
+    (lazily, on each iteration: never held whole), except one known to hold
+    tensors or tuples (its ``form``), which is returned as it is."""
     if _is_stream(batches):
         from .streams import Generated
 
         stream: Any = batches
+        if stream.form in ("tensor", "tuple"):  # nothing to unpad: the stream stays one (a rank then reads its rows only)
+            return stream
         return Generated(lambda: _unpadded_windows(stream, size), stream.samples)
     if not isinstance(batches, list):
         return batches

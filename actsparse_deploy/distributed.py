@@ -349,19 +349,6 @@ class Session:
                 dist.destroy_process_group()
 
 
-def unpadded_batches(batches: Iterable[Any]) -> Iterable[Any]:
-    """``batches`` without their padding (:func:`~actsparse_deploy.batches.unpadded`),
-    but an :class:`~actsparse_deploy.streams.ArrayStream` of tensors or tuples
-    (no token dicts: nothing to unpad) as it is, so that :meth:`Session.shard`
-    reads only this rank's rows of the files, not every rank's."""
-    from .batches import unpadded
-    from .streams import ArrayStream
-
-    if isinstance(batches, ArrayStream) and batches.form != "dict":
-        return batches
-    return unpadded(batches)
-
-
 def _dtype(name: str) -> torch.dtype:
     from .stats import dtype_named
 

@@ -289,12 +289,7 @@ def _convert(model: str, outdir: Path, o: ConvertOptions) -> Report | None:
                 from .distributed import resolve_device
 
                 work.model.to(resolve_device(o.device))
-            if o.group is not None:  # distributed: a stream of tensors stays one, so each rank reads its own rows only
-                from .distributed import unpadded_batches
-
-                calibration = unpadded_batches(calibration)
-            else:
-                calibration = unpadded(calibration)
+            calibration = unpadded(calibration)
             stats = collect(work.model, the_recipe, calibration, model_name=work.name, on_batch=o.on_batch,
                             group=o.group if o.group is not None else False)
             if not writer:

@@ -232,12 +232,7 @@ def calibrate_to_file(
         from .budget import budget_to_file
 
         return budget_to_file(loaded, recipe, batches, max_cost, output, batch_size=batch_size, on_batch=on_batch, start=start)
-    if group is not None:  # distributed: a stream of tensors stays one, so each rank reads its own rows only
-        from .distributed import unpadded_batches
-
-        batches = unpadded_batches(batches)
-    else:
-        batches = unpadded(batches)
+    batches = unpadded(batches)
     stats = collect(loaded.module, recipe, batches,
                     model_name=loaded.name, on_batch=on_batch, group=group if group is not None else False)
     if group is not None and not getattr(group, "writer", True):

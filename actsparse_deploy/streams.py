@@ -69,6 +69,8 @@ class Stream(abc.ABC):
     says how to read it from the start (``__iter__``)."""
 
     samples: int | None = None
+    #: what each batch is, where known without reading: "tensor", "tuple" or "dict" (None: unknown)
+    form: str | None = None
 
     @abc.abstractmethod
     def __iter__(self) -> Iterator[Batch]: ...
@@ -539,6 +541,8 @@ class TextStream(Stream):
     """Token batches of a text file made by a Hugging Face model's tokenizer
     (``hf``: an ``HFSource``), ``size`` texts at a time, read line by line: each
     batch padded (right) to its longest text (``HFSource.text_batches`` reads one whole)."""
+
+    form = "dict"
 
     def __init__(self, hf: Any, path: str | Path, size: int) -> None:
         self.hf, self.path, self.size = hf, Path(path), size

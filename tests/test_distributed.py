@@ -460,8 +460,8 @@ def test_cli_stats_only_two_ranks_equal_one_process_and_a_rank_with_other_weight
 
 
 def test_the_command_line_keeps_an_array_stream_of_tensors_shardable(tmp_path: Path) -> None:
-    """unpadded() wraps every stream (then each rank would read all the rows): one of tensors has nothing to unpad."""
-    from actsparse_deploy.distributed import unpadded_batches
+    """unpadded() wrapped every stream (then each rank would read all the rows): one of tensors has nothing to unpad."""
+    from actsparse_deploy.batches import unpadded as unpadded_batches
     from actsparse_deploy.streams import ArrayStream, array_stream
 
     np.save(tmp_path / "x.npy", np.zeros((10, 3), dtype=np.float32))
