@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from .batches import Batch, batch_size, flatten_outputs, run_batch, take_rows, total_samples, unpadded
-from .errors import DataError, RecipeError
+from .errors import ActsparseError, DataError, RecipeError, first_line
 from .recipe import LayerRule, LayerSettings, Recipe
 from .streams import reiterable
 
@@ -71,7 +71,7 @@ if TYPE_CHECKING:
     from .workload import Workload
 
 __all__ = ["FORMS", "GRID", "TUNING_FRACTION", "Budget", "BudgetResult", "budget_to_file", "calibrate_to_budget",
-           "heldout_budget", "search_budget", "split_tuning"]
+           "check_budget", "heldout_budget", "search_budget", "split_tuning"]
 
 #: the accepted forms of a budget, for messages and help
 FORMS = "cosine=0.98, accuracy-drop=0.01, perplexity-ratio=1.05 or package.module:function=VALUE"
@@ -125,7 +125,27 @@ class Budget:
         return cls(kind, value)
 
     def __str__(self) -> str:
-        return f"{self.function if self.kind == 'user' else self.kind}={self.value:g}"
+        return f"{self.function if self.kind == 'user' else self.kind}={self.value:.15g}"  # 2000000, not 2e+06
+
+    def cost_function(self) -> Callable[..., Any]:
+        """A user budget's function, imported and checked to take ``(dense,
+        sparse, batches)``; anything else is a RecipeError naming it."""
+        from .loading import _import_attr
+
+        assert self.function is not None
+        fn = _import_attr(self.function, "budget function", RecipeError)
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):  # nothing to read (some builtins): it is tried when called
+            return fn
+        try:
+            signature.bind(None, None, None)
+        except TypeError:
+            raise RecipeError(
+                f"budget function {self.function} is not a cost function: it takes {signature}, not "
+                f"(dense, sparse, batches) returning a number: give {FORMS}"
+            ) from None
+        return fn
 
     @property
     def higher_is_better(self) -> bool:
@@ -147,6 +167,15 @@ class Budget:
         return _Meter(self, dense, batches, labels).cost(sparse)
 
 
+def check_budget(text: str) -> Budget:
+    """:meth:`Budget.parse`, and a user budget's function imported and checked
+    (:meth:`Budget.cost_function`): what the commands do before any work."""
+    budget = Budget.parse(text)
+    if budget.kind == "user":
+        budget.cost_function()
+    return budget
+
+
 class _Meter:
     """A budget's cost on fixed batches, the dense model's outputs computed once."""
 
@@ -156,18 +185,21 @@ class _Meter:
         self.budget, self.dense, self.batches, self.labels = budget, dense, batches, labels
         self.user: Callable[..., Any] | None = None
         if budget.kind == "user":
-            from .loading import _import_attr
-
-            assert budget.function is not None
-            self.user = _import_attr(budget.function, "budget function", RecipeError)
+            self.user = budget.cost_function()
         else:
             self.reference = _outputs(dense, batches)
+            _check_metric(budget, self.reference, batches)
 
     def cost(self, sparse: nn.Module) -> float:
         kind = self.budget.kind
         if self.user is not None:
-            with _evaluating(self.dense, sparse):
-                value = self.user(self.dense, sparse, self.batches)
+            try:
+                with _evaluating(self.dense, sparse):
+                    value = self.user(self.dense, sparse, self.batches)
+            except ActsparseError:
+                raise
+            except Exception as e:  # the user's code may fail in any way: their budget cannot be measured
+                raise RecipeError(f"budget function {self.budget.function} failed: {type(e).__name__}: {first_line(e)}") from e
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 value = value.item()
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -208,6 +240,39 @@ class _evaluating:
         for flags in self.flags:
             for module, training in flags.items():
                 module.train(training)
+
+
+def _metrics_of(reference: list[list[torch.Tensor]], batches: Iterable[Batch]) -> dict[str, str]:
+    """The built-in budget kinds a model's outputs allow, each -> what it needs
+    (``""`` where the model has it)."""
+    from .metrics import _token_ids
+
+    first = reference[0][0] if reference and reference[0] else None
+    ids, _ = _token_ids(next(iter(batches)))
+    shown = f"its first output is {list(first.shape) if first is not None else 'none'} for inputs {list(ids.shape)}"
+    classifier = first is not None and first.ndim >= 2
+    language = (classifier and first.ndim == 3 and ids.ndim == 2 and not ids.is_floating_point()  # type: ignore[union-attr]
+                and tuple(first.shape[:2]) == tuple(ids.shape))  # type: ignore[union-attr]
+    return {
+        "cosine": "" if first is not None else f"an output to compare ({shown})",
+        "accuracy-drop": "" if classifier else f"a classifier, whose first output is (batch, classes) ({shown})",
+        "perplexity-ratio": "" if language else (
+            f"a language model, whose first output is logits (batch, tokens, vocabulary) for integer token ids "
+            f"(batch, tokens) ({shown})"
+        ),
+    }
+
+
+def _check_metric(budget: Budget, reference: list[list[torch.Tensor]], batches: Iterable[Batch]) -> None:
+    """A built-in budget kind the model's outputs do not allow: a RecipeError naming those they allow."""
+    metrics = _metrics_of(reference, batches)
+    need = metrics.get(budget.kind, "")
+    if need:
+        has = [f"{kind}=..." for kind, missing in metrics.items() if not missing]
+        raise RecipeError(
+            f"budget {budget} needs {need}: this model allows {', '.join(has) or 'no built-in cost'} "
+            "or package.module:function=VALUE"
+        )
 
 
 def _outputs(model: nn.Module, batches: Iterable[Batch]) -> list[list[torch.Tensor]]:
@@ -383,7 +448,7 @@ def search_budget(
             layers[name] = one_layer[key]
         levels = {name: ks[name] / grid for name in names}
         return Masks(layers=layers, recipe=recipe_at_levels(recipe, levels), num_samples=stats.num_samples,
-                     num_batches=stats.num_batches, model=model_name)
+                     num_batches=stats.num_batches, model=model_name, extra={"skipped": dict(stats.skipped)} if stats.skipped else {})
 
     def cost(ks: Mapping[str, int]) -> float:
         key = tuple(ks[name] for name in names)
@@ -674,5 +739,6 @@ def budget_to_file(
     result = heldout_budget(result, work, sparse)
     result.masks.save(output)
     seconds = round(time.perf_counter() - start, 3)
-    report = masks_report(result.masks, files={str(output): _size(Path(output))}, seconds={"calibrate": seconds, "total": seconds})
+    report = masks_report(result.masks, files={str(output): _size(Path(output))}, seconds={"calibrate": seconds, "total": seconds},
+                          notes=loaded.notes)
     return report.replace(extra={**report.extra, "budget": result.to_json()})

@@ -37,8 +37,9 @@ from torch import nn
 
 from .batches import Batch, batch_size, describe_batch, model_device, run_batch, to_device
 from .compensate import compensate, effective_compensation
-from .errors import ActsparseError, ConfigError, DataError, RecipeError, WeightsError, first_line
+from .errors import ActsparseError, CalibrationError, ConfigError, DataError, RecipeError, WeightsError, first_line
 from .functions import RunningStat
+from .layers import layer_kind
 from .masks import LayerMask, Masks, checked_layer_mask
 from .recipe import Recipe, ResolvedLayer
 from .sparsifier import ActivationSparsifier
@@ -141,10 +142,16 @@ def collect(
             if batches is not None and shard:
                 batches = session.shard(batches)
     if session is None:
-        per_layer, num_samples, num_batches = _collect_local(model, layers, batches, forward_loop, on_batch)
+        skipped: dict[str, str] = {}
+
+        def skip(unreached: list[str]) -> list[str]:
+            skipped.update(uncalled_layers(model, recipe, unreached))
+            return list(skipped)
+
+        per_layer, num_samples, num_batches = _collect_local(model, layers, batches, forward_loop, on_batch, skip=skip)
         assert per_layer is not None  # not empty_ok: no batch raised
         return Statistics(layers=per_layer, recipe=recipe, num_samples=num_samples, num_batches=num_batches, model=model_name,
-                          fingerprint=model_fingerprint(model, per_layer))
+                          fingerprint=model_fingerprint(model, per_layer), skipped=skipped)
     try:
         position = (lambda i: session.rank + i * session.world) if batches is not None and shard else None
         local = _collect_local(model, layers, batches, forward_loop, on_batch, empty_ok=True, position=position)
@@ -156,11 +163,12 @@ def collect(
 def _collect_local(
     model: nn.Module, layers: Mapping[str, ResolvedLayer], batches: Iterable[Batch] | None,
     forward_loop: Callable[[nn.Module], Any] | None, on_batch: Callable[[int], None] | None, empty_ok: bool = False,
-    position: Callable[[int], int] | None = None,
+    position: Callable[[int], int] | None = None, skip: Callable[[list[str]], list[str]] | None = None,
 ) -> tuple[dict[str, LayerStats] | None, int, int]:
     """This process's statistics, samples and batches (None statistics for no
     batch where ``empty_ok``: a rank whose share is empty); ``position``: this
-    process's batch number -> its number in all the data (a rank's share)."""
+    process's batch number -> its number in all the data (a rank's share);
+    ``skip(unreached)``: the layers never called to leave out (else they are an error)."""
     check_finite_weights(model)
     if batches is not None:
         device = model_device(model)
@@ -174,6 +182,7 @@ def _collect_local(
             _run_forward_loop(model, forward_loop)
             if all(config.get("data") is None for config in sparsifier.data_groups.values()):
                 raise DataError("forward_loop ran nothing through the model's selected layers: it must call the model on data")
+            _drop_uncalled(sparsifier, skip)
             per_layer = sparsifier.statistics()
             num_samples = max(ls.num_samples for ls in per_layer.values())
             num_batches = max(ls.num_batches for ls in per_layer.values())
@@ -198,8 +207,44 @@ def _collect_local(
                 if empty_ok:
                     return None, 0, 0
                 raise DataError("no calibration batches: the data source is empty")
+            _drop_uncalled(sparsifier, skip)
             per_layer = sparsifier.statistics()
     return per_layer, num_samples, num_batches
+
+
+def _drop_uncalled(sparsifier: ActivationSparsifier, skip: Callable[[list[str]], list[str]] | None) -> None:
+    """Unregister the layers ``skip`` leaves out of those the forward pass never called."""
+    unreached = [name for name, config in sparsifier.data_groups.items() if config.get("data") is None]
+    if unreached and skip is not None:
+        for name in skip(unreached):
+            sparsifier.unregister_layer(name)
+
+
+def uncalled_layers(model: nn.Module, recipe: Recipe, unreached: Iterable[str]) -> dict[str, str]:
+    """The selected layers the forward pass never called (``unreached``: a
+    module whose parent reads its weight directly, as ``nn.MultiheadAttention``
+    does with ``out_proj``; ``actsparse inspect`` does not list them either),
+    each -> why it is left unmasked. A rule of ``recipe`` that selects only such
+    layers selects nothing the model runs: a :class:`CalibrationError`."""
+    missing = list(unreached)
+    modules = [(fqn, m) for fqn, m in model.named_modules() if fqn]
+    for i, rule in enumerate(recipe.layers):
+        hits = [fqn for fqn, m in modules if rule.matches(m, fqn)]
+        if hits and set(missing).issuperset(hits):
+            shown = ", ".join(hits[:8]) + (f", ... ({len(hits) - 8} more)" if len(hits) > 8 else "")
+            raise CalibrationError(
+                f"layers[{i}] ({rule.describe()}) selects only layers the forward pass never calls on the calibration data: "
+                f"{shown} ({_never_called(model, hits[0])}); select layers it calls (`actsparse inspect` lists them)"
+            )
+    return {name: f"never called by the forward pass on the calibration data ({_never_called(model, name)}): not masked"
+            for name in missing}
+
+
+def _never_called(model: nn.Module, name: str) -> str:
+    parent = name.rpartition(".")[0]
+    if not parent:
+        return "the model does not call it"
+    return f"its parent {parent} ({type(model.get_submodule(parent)).__name__}) may use its weight without calling it"
 
 
 def _run_forward_loop(model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> None:
@@ -234,7 +279,8 @@ def select(
             continue
         mask = ls.mask(name, config.reduce_fn, config.mask_fn, config.sparse_config)
         result[name] = checked_layer_mask(name, mask, config.features, config.feature_dim, (1, *ls.input_shape))
-    return Masks(layers=result, recipe=chosen, num_samples=stats.num_samples, num_batches=stats.num_batches, model=stats.model)
+    return Masks(layers=result, recipe=chosen, num_samples=stats.num_samples, num_batches=stats.num_batches, model=stats.model,
+                 extra={"skipped": dict(stats.skipped)} if stats.skipped else {})
 
 
 def _method_mask(name: str, ls: LayerStats, config: ResolvedLayer, model: nn.Module | None) -> LayerMask:
@@ -250,16 +296,19 @@ def _method_mask(name: str, ls: LayerStats, config: ResolvedLayer, model: nn.Mod
         layer = model.get_submodule(name)
     except AttributeError as e:
         raise ConfigError(f"layer {name!r} of the statistics is not in the model passed to select: pass the model they came from") from e
-    kind, note = effective_compensation(layer, config.compensate)
+    how, note = effective_compensation(layer, config.compensate)
     try:
         mask = method(layer, ls, config.sparse_config["sparsity_level"], damping=config.damping)
         lm = checked_layer_mask(name, _as_dtype(mask, ls.input_dtype), None, None, (1, *ls.input_shape))
         weight = bias = None
-        if kind != "none":
-            weight, bias = compensate(layer, ls, mask, kind, config.damping)
+        if how != "none":
+            weight, bias = compensate(layer, ls, mask, how, config.damping)
+            kind = layer_kind(layer)
+            assert kind is not None  # the method read its weight columns
+            weight = kind.standard_weight(layer, weight).contiguous()  # a masks file's layout, (out, in, *kernel)
     except ConfigError as e:
         raise ConfigError(f"layer {name!r}: {e}") from e
-    return replace(lm, weight=weight, bias=bias, method=method.name, compensate=kind, damping=config.damping, note=note)
+    return replace(lm, weight=weight, bias=bias, method=method.name, compensate=how, damping=config.damping, note=note)
 
 
 def _on_cpu(ls: LayerStats) -> LayerStats:

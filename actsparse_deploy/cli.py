@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import inspect
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 from rich.text import Text
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 # light modules only: torch, onnx and the stages are imported inside the commands
 from .constants import (
@@ -70,11 +71,14 @@ _UsageError = cast("type[Any]", _CLICK_ERRORS["UsageError"])
 
 
 class _OneLineErrors(TyperGroup):
-    """Usage errors (bad option values, unknown options) as one line on stderr,
-    exit code 2, like every other error of this tool; help stays rich."""
+    """Usage errors (bad option values, unknown options, an option of one value
+    given twice) as one line on stderr, exit code 2, like every other error of
+    this tool. Help is plain text wrapped to the terminal: every text whole,
+    flags shown without a value, each command's whole summary in the list."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         standalone_mode = kwargs.pop("standalone_mode", True)
+        given = kwargs.get("args", args[0] if args else None)
         try:
             rv = super().main(*args, **{**kwargs, "standalone_mode": False})
             code = rv if isinstance(rv, int) else 0
@@ -83,7 +87,8 @@ class _OneLineErrors(TyperGroup):
                 typer.echo(e.format_message())
             else:
                 where = e.ctx.command_path if e.ctx is not None else "actsparse"
-                typer.echo(f"error: {one_line(e.format_message())} (see `{where} --help`)", err=True)
+                hint = _flag_value_hint(e, list(sys.argv[1:] if given is None else given))
+                typer.echo(f"error: {one_line(e.format_message())}{hint} (see `{where} --help`)", err=True)
             code = e.exit_code
         except _ClickException as e:
             typer.echo(f"error: {one_line(e.format_message())}", err=True)
@@ -95,6 +100,54 @@ class _OneLineErrors(TyperGroup):
             sys.exit(code)
         return code
 
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None and not ctx.resilient_parsing:
+            _refuse_repeated_options(command, ctx.__class__(command, info_name=name, parent=ctx), rest)
+        return name, command, rest
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        """Each command with the whole first paragraph of its help (never cut short)."""
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, " ".join(inspect.cleandoc(command.help or "").split("\n\n")[0].split())))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def _refuse_repeated_options(command: Any, ctx: Any, args: list[str]) -> None:
+    """An option that takes one value, given more than once, is a usage error
+    (the parser would keep the last one silently). Repeatable options (lists)
+    and flags may repeat."""
+    _, _, order = command.make_parser(ctx).parse_args(args=list(args))
+    seen: set[str] = set()
+    for param in order:
+        if not isinstance(param, TyperOption) or param.multiple or param.is_flag or param.count:
+            continue
+        if param.name in seen:
+            flag = max(param.opts, key=len)
+            raise _UsageError(f"{flag} is given more than once: it takes one value, give it once", ctx=ctx)
+        seen.add(param.name)
+
+
+_BOOLEAN_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
+def _flag_value_hint(error: Any, given: list[str]) -> str:
+    """For ``--overwrite true``: that the flag takes no value (else nothing)."""
+    found = re.match(r"Got unexpected extra argument(?:s|\(s\))? \((.*)\)", error.format_message())
+    if error.ctx is None or not found:
+        return ""
+    extra = found[1].split()[0]
+    flags = {opt for p in error.ctx.command.params if getattr(p, "is_flag", False) for opt in p.opts}
+    for before, word in zip(given, given[1:]):
+        if word == extra and before in flags and word.lower() in _BOOLEAN_WORDS:
+            return f"; {before} is a flag and takes no value: give {before} alone, or leave it out"
+    return ""
+
 
 app = typer.Typer(
     cls=_OneLineErrors,
@@ -103,6 +156,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: wrapped, never cut; help texts are not read as markup
 )
 # ANSI escape sequences (CSI, OSC up to BEL / ST, two-byte ones), then any other
 # control character but newline and tab: file and user text never reaches the terminal raw
@@ -227,12 +281,17 @@ DynamicAxisOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--dynamic-axis",
+        metavar="<name:axis:label>",
         callback=_dynamic_axes,
         help="NAME:AXIS:LABEL (repeatable): export this input axis as dynamic, e.g. input_ids:1:sequence. "
         "Default: the batch axis, axis 1 of integer (batch, seq) inputs, and axes whose length differs across the data.",
     ),
 ]
-OpsetOpt = Annotated[int | None, typer.Option("--opset", min=7, help="ONNX opset (default: the exporter's).")]
+OpsetOpt = Annotated[
+    int | None,
+    typer.Option("--opset", help="ONNX opset (default: the exporter's, 20). Each exporter writes its own range: "
+                 "torchscript 7 to 20, dynamo 18 to 23; auto uses the one whose range holds it."),
+]
 ExternalOpt = Annotated[
     bool, typer.Option("--external-data", help="Write the weights to MODEL.onnx.data beside the model (automatic over 2 GB).")
 ]
@@ -256,6 +315,7 @@ TaskOpt = Annotated[
     Task | None,
     typer.Option(
         "--task",
+        metavar="<task>",
         help="What a Hugging Face model directory is loaded as: feature-extraction (last_hidden_state), sentence-embedding "
         "(mean-pooled, normalised sentence_embedding), causal-lm (logits), sequence-classification (logits). "
         "Default: from config.json's architectures.",
@@ -301,10 +361,10 @@ def _path(value: Path | None) -> str | None:
 
 # a one-rule recipe from flags (calibrate, convert): see build_recipe
 LayersOpt = Annotated[
-    list[str] | None, typer.Option("--layers", "-l", help="Glob over module names to mask (repeatable), e.g. 'encoder.*.fc2'.")
+    list[str] | None, typer.Option("--layers", "-l", metavar="<glob>", help="Glob over module names to mask (repeatable), e.g. 'encoder.*.fc2'.")
 ]
 LayerTypesOpt = Annotated[
-    list[str] | None, typer.Option("--layer-type", help="Module class to mask (repeatable), e.g. Linear or Conv2d.")
+    list[str] | None, typer.Option("--layer-type", metavar="<class>", help="Module class to mask (repeatable), e.g. Linear or Conv2d.")
 ]
 ThresholdOpt = Annotated[
     float | None, typer.Option("--threshold", help="Zero activations whose statistic is below this value instead.")
@@ -319,6 +379,8 @@ StructuredOpt = Annotated[
 #: --method and --compensate are choices too; they override the recipe for every layer
 Method = enum.StrEnum("Method", {name: name for name in METHODS})  # type: ignore[misc]
 Compensation = enum.StrEnum("Compensation", {name: name for name in COMPENSATIONS})  # type: ignore[misc]
+#: sweep's --method: besides the methods, the recipe as it is and the topk baseline (sweep.RECIPE, sweep.BASELINE)
+SweepMethod = enum.StrEnum("SweepMethod", {name: name for name in ("recipe", "topk", *METHODS)})  # type: ignore[misc]
 MethodOpt = Annotated[
     Method | None,
     typer.Option(
@@ -415,13 +477,25 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+#: the commands that run under torchrun: calibrate and convert share their work across the ranks, models only lists
+_UNDER_TORCHRUN = ("calibrate", "convert", "models")
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     """actsparse: activation sparsity from calibration to validated ONNX."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    command = ctx.invoked_subcommand
+    if command not in (None, *_UNDER_TORCHRUN) and world.isascii() and world.isdigit() and world.lstrip("0") not in ("", "1"):
+        # every rank would do the same work and write the same files
+        stderr.print(f"error: {command} runs in one process, not under torchrun (WORLD_SIZE={world}): only "
+                     f"{' and '.join(_UNDER_TORCHRUN[:2])} share their work across ranks; run it without torchrun", soft_wrap=True)
+        raise typer.Exit(2)
 
 
 def _flags(fn: Callable[..., Any]) -> dict[str, str]:
@@ -616,7 +690,7 @@ def _print_notes(notes: list[str]) -> None:
 def _print_masks_table(report: Report, title: str) -> None:
     table = names_table("layer", "input shape", "mask shape", "sparsity", title=title)
     for row in report.layers or []:
-        input_shape = "x".join(map(str, row["input_shape"])) if row["input_shape"] else "?"
+        input_shape = "x".join(str(n) if isinstance(n, int) else f"<{n}>" for n in row["input_shape"]) if row["input_shape"] else "?"
         shape = row["mask_shape"]
         shape_text = "x".join(map(str, shape)) if shape and isinstance(shape[0], int) else f"{len(shape)} features"
         table.add_row(row["layer"], input_shape, shape_text or "scalar", f"{row['sparsity']:.1%}")
@@ -672,12 +746,13 @@ def calibrate_cmd(
 
     Under torchrun each process calibrates on its share of the batches, rank 0
     writes the file (see the README, "Calibrating at scale")."""
+    command = ("calibrate", dict(locals()))  # as parsed: every rank of a distributed run must run the same
     from .distributed import check_budget_device, launched, resolve_device
 
     _check_max_cost(max_cost, sparsity, "calibrate")
     check_budget_device(max_cost, device)
     where = resolve_device(device)  # --device cuda without CUDA: exit 2 before any work
-    with launched(where, dist_timeout) as session:
+    with launched(where, dist_timeout, command) as session:
         _calibrate(model, output, weights, recipe, layers, layer_types, sparsity, threshold, aggregate, structured, method,
                    compensate, max_cost, data, max_samples, text, task, max_length, factory_args, batch, stats_only,
                    where if device is not None else None, session, overwrite, as_json)
@@ -694,9 +769,9 @@ def _calibrate(
     from .sources import calibrate_to_file
 
     if max_cost is not None:
-        from .budget import Budget
+        from .budget import check_budget
 
-        Budget.parse(max_cost)  # a malformed budget fails before the model loads
+        check_budget(max_cost)  # a malformed budget fails before the model loads
         if layers or layer_types:
             sparsity = 0.0  # a one-rule recipe needs a level: the search sets it per layer
     writer = session is None or session.writer
@@ -725,6 +800,7 @@ def _calibrate(
         return
     if stats_only:
         _print_stats(report, output)
+        _print_notes(report.notes)
         return
     _print_masks_table(report, f"{model}: {report.calibration.samples if report.calibration else '?'} calibration samples")
     stdout.print(f"overall sparsity {report.overall_sparsity or 0:.1%}; masks written to {output}")
@@ -811,6 +887,21 @@ def _print_modes(rows: list[dict[str, Any]], title: str) -> None:
     for row in rows:
         table.add_row(row["layer"], f"{row['sparsity']:.1%}", row["mode"], row["reason"])
     stdout.print(table)
+
+
+def figure(value: float, digits: int = 3) -> str:
+    """``value`` to ``digits`` significant digits, a large one written out whole
+    (12346, never 1.23e+04); a very small one keeps its exponent (9.54e-06)."""
+    if abs(value) >= 10**digits - 0.5:
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}"
+
+
+def milliseconds(value: float) -> str:
+    """A duration in milliseconds as a person reads it: ``41.2 ms``, ``1.09 s``."""
+    if value < 999.5:
+        return f"{value:.3g} ms"
+    return f"{figure(value / 1000)} s"
 
 
 def _size(n: int) -> str:
@@ -901,8 +992,10 @@ def export_cmd(
     onnx.checker runs on the result; metadata_props record the tool version,
     squash mode and per-layer sparsity.
     """
-    from .sources import SourceOptions, export_source
+    from .export import check_opset
+    from .sources import SourceOptions, export_source, is_pt2
 
+    check_opset(opset, str(exporter) if exporter else ("dynamo" if is_pt2(source) else DEFAULT_EXPORTER))
     check_output_path(output, overwrite)
     options = SourceOptions(masks=masks, mode=str(mode), weights=weights, data=data, heldout=heldout,
                             batch_size=batch if data or heldout or text or heldout_text else None,
@@ -992,7 +1085,7 @@ def _print_cost(report: Report) -> None:
     for row in cost.outputs:
         stdout.print(
             f"sparsification cost, {row['output']}: cosine to dense mean {row['cosine_mean']:.4f} "
-            f"(worst {row['cosine_min']:.4f}), max abs diff {row['max_abs_diff']:.3g}"
+            f"(worst {row['cosine_min']:.4f}), max abs diff {figure(row['max_abs_diff'])}"
         )
     other = cost.extra.get("other_text") or {}
     for row in other.get("outputs", []):
@@ -1069,6 +1162,7 @@ def convert_cmd(
     prints a summary: layers, sparsity, squash mode, ONNX max diff, the accuracy
     (or cosine) cost, file sizes.
     """
+    command = ("convert", dict(locals()))  # as parsed: every rank of a distributed run must run the same
     from .distributed import check_budget_device, launched, resolve_device
     from .pipeline import convert
 
@@ -1082,7 +1176,7 @@ def convert_cmd(
     if layers or layer_types or threshold is not None or aggregate is not None or structured:
         the_recipe = build_recipe(model, ":" not in model, recipe, layers, layer_types, sparsity, threshold, aggregate, structured)
         sparsity = None  # already in the one-rule recipe (--method and --compensate are applied by convert)
-    with launched(where, dist_timeout) as session, stage_progress(quiet=as_json or not (session is None or session.writer)) as progress:
+    with launched(where, dist_timeout, command) as session, stage_progress(quiet=as_json or not (session is None or session.writer)) as progress:
         report = convert(
             model, output, weights=weights, recipe=the_recipe, sparsity=sparsity, data=data, heldout=heldout,
             batch_size=batch, mode=str(mode), exporter=str(exporter), opset=opset, external_data=external_data, atol=atol,
@@ -1111,15 +1205,16 @@ def _print_budget(report: Report) -> None:
     stdout.print(table)
     stdout.print(
         f"budget {budget['budget']}: overall sparsity {budget['overall_sparsity']:.1%} (uniform start {budget['uniform_level']:.1%}), "
-        f"cost {budget['tuning_cost']:.4g} on the tuning split ({budget['tuning_samples']} calibration samples, "
+        f"cost {figure(budget['tuning_cost'], 4)} on the tuning split ({budget['tuning_samples']} calibration samples, "
         f"{budget['evaluations']} allocations measured)"
     )
     if budget.get("heldout_cost") is None:
         stdout.print(f"budget {budget['budget']}: {budget.get('heldout_note', 'held-out cost not measured')}")
     elif budget["heldout_within"]:
-        stdout.print(f"budget {budget['budget']}: held-out cost {budget['heldout_cost']:.4g}: within the budget")
+        stdout.print(f"budget {budget['budget']}: held-out cost {figure(budget['heldout_cost'], 4)}: within the budget")
     else:
-        stdout.print(f"budget {budget['budget']}: held-out cost {budget['heldout_cost']:.4g}: MISSED, the held-out data exceeds the budget")
+        stdout.print(f"budget {budget['budget']}: held-out cost {figure(budget['heldout_cost'], 4)}: MISSED, the held-out "
+                     "data exceeds the budget")
 
 
 def print_convert_summary(report: Report) -> None:
@@ -1141,8 +1236,8 @@ def print_convert_summary(report: Report) -> None:
     if latency is not None:
         stdout.print(
             f"onnxruntime latency ({latency.threads} thread{'s' if latency.threads != 1 else ''}, median of {latency.runs} "
-            f"passes over {latency.samples} held-out samples): dense {latency.dense_ms:.3g} ms, converted "
-            f"{latency.sparse_ms:.3g} ms: {latency.verdict}"
+            f"passes over {latency.samples} held-out samples): dense {milliseconds(latency.dense_ms)}, converted "
+            f"{milliseconds(latency.sparse_ms)}: {latency.verdict}"
         )
     _print_notes(report.notes)
     files = ", ".join(f"{name} {_size(size)}" for name, size in (report.files or {}).items())
@@ -1160,9 +1255,10 @@ def sweep_cmd(
         str, typer.Option("--sparsity", "-s", help="Levels: START:STOP:STEP (inclusive) or a list, e.g. 0.1:0.8:0.1 or 0.25,0.5.")
     ] = "0.1:0.8:0.1",
     method: Annotated[
-        list[str] | None,
+        list[SweepMethod] | None,
         typer.Option(
             "--method",
+            metavar="<method>",
             help="A method to sweep (repeatable): recipe (the model's recipe as it is), topk (activation top-k baseline), "
             "or a selection method (wanda, fluctuation, obs). Default: recipe and topk.",
         ),
@@ -1192,7 +1288,7 @@ def sweep_cmd(
     levels = parse_levels(sparsity)
     with stage_progress(quiet=as_json) as progress:
         result = sweep(
-            model, output, levels=levels, methods=method, compensate=_choice(compensate), recipe=recipe, weights=weights,
+            model, output, levels=levels, methods=[str(m) for m in method or ()], compensate=_choice(compensate), recipe=recipe, weights=weights,
             data=data, heldout=heldout, batch_size=batch, runs=runs, overwrite=overwrite,
             on_step=lambda what: progress.on_stage(what),
         )
@@ -1278,6 +1374,7 @@ def inspect_cmd(
     for row in report.layers or []:
         table.add_row(row["layer"], row["type"], "x".join(map(str, row["input_shape"])), "yes" if row["foldable"] else "no")
     stdout.print(table)
+    _print_notes(report.notes)  # how the model was loaded (a Hugging Face model's task, inferred)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -1291,9 +1388,20 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def quiet_cpp_log(environ: typing.MutableMapping[str, str]) -> None:
+    """Under torchrun (``WORLD_SIZE`` > 1), c10d's C++ log off unless the user set
+    ``TORCH_CPP_LOG_LEVEL``: it writes to fd 2 (dozens of lines for one failed
+    connection) and torch reads the level once, when it loads. Every failure is
+    still this tool's one line."""
+    if environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
+        environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
+    if "torch" not in sys.modules:  # read once, as torch loads
+        quiet_cpp_log(os.environ)
     code = _run_app()
     if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
         sys.exit(code)

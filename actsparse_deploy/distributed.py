@@ -13,6 +13,10 @@ each one raises the same error naming that rank (``rank 1: ...``) with its exit
 code; a rank that dies or hangs stops the others within the process group's
 timeout (:class:`~actsparse_deploy.errors.CalibrationError`, exit code 7).
 Only statistics with a merge rule reduce: a user aggregate is refused first.
+The command line's session also posts a failure to the process group's store
+the moment it happens: the other ranks stop at their next batch, or in the
+exchange they wait in, instead of at the next exchange; and it refuses ranks
+that run another command or other options than rank 0 (a usage error).
 
 What is guaranteed: the reduced statistics equal one process's over the same
 batches to float64 rounding (maxima: exactly), whatever the order the ranks add
@@ -44,6 +48,8 @@ import datetime
 import json
 import math
 import os
+import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -70,8 +76,8 @@ from .errors import (
 )
 
 __all__ = [
-    "DEFAULT_TIMEOUT", "Session", "check_budget_device", "check_reducible", "check_timeout", "launched", "resolve_device", "session_for",
-    "world_from_env",
+    "DEFAULT_TIMEOUT", "RankFailed", "Session", "check_budget_device", "check_reducible", "check_timeout", "command_settings", "launched",
+    "local_rank", "resolve_device", "session_for", "world_from_env",
 ]
 
 #: seconds a rank waits for the others at each exchange (torch's own default for gloo)
@@ -83,17 +89,81 @@ _CLASSES: dict[int, type[ActsparseError]] = {
 }
 
 
+#: the largest process count, rank or port c10d takes (a C int)
+MAX_PROCESSES = 2**31 - 1
+#: the key of the process group's store where the first failing rank posts its failure
+_STOP_KEY = "actsparse/stop"
+#: the key the ranks' watching threads count up once they have read a posted failure
+_READ_KEY = "actsparse/stop-read"
+#: seconds between two looks at a pending exchange or rendezvous (the signal handlers run between them)
+_POLL = 0.05
+#: seconds the rendezvous may take past ``dist_timeout`` before this rank stops waiting (torch's message comes first)
+_JOIN_GRACE = 5.0
+#: options that may differ between the ranks of one run: one rank's diagnostics
+_PER_RANK_OPTIONS = frozenset({"verbose"})
+#: seconds at most that the rank serving the store waits, after a failure was posted, for every rank to have read it
+_LINGER = 5.0
+
+
+class RankFailed(ActsparseError):
+    """Another rank's failure of a class this module has no error for (a signal:
+    130, 143; an internal error: 1), raised with that rank's exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _PeerFailed(Exception):
+    """Raised in this rank's batches once another rank has posted its failure:
+    this rank brings it to the exchange instead of a failure of its own."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(error.get("message", "failed"))
+        self.error = error
+
+
 def _digits(text: str) -> bool:
     """ASCII digits only (``str.isdigit`` says yes to "\u00b2", which int() refuses)."""
     return text.isascii() and text.isdigit()
 
 
+def _number(text: str) -> int | None:
+    """A launcher variable's non-negative number (at most ``MAX_PROCESSES``), or None."""
+    return int(text) if _digits(text) and len(text) <= 10 and int(text) <= MAX_PROCESSES else None
+
+
 def world_from_env() -> int:
-    """``WORLD_SIZE`` as torchrun sets it (1 where unset); malformed: a usage error."""
+    """``WORLD_SIZE`` as torchrun sets it (1 where unset); malformed or past what
+    c10d takes: a usage error."""
     raw = os.environ.get("WORLD_SIZE", "1")
-    if not _digits(raw) or int(raw) < 1:
-        raise UsageError(f"WORLD_SIZE={raw[:20]!r} is not a positive integer: launch with torchrun or set it to the number of processes")
-    return int(raw)
+    world = _number(raw)
+    if world is None or world < 1:
+        raise UsageError(
+            f"WORLD_SIZE={raw[:30]!r} is not a number of processes (1 to {MAX_PROCESSES}): launch with torchrun or set it to the "
+            "number of processes"
+        )
+    return world
+
+
+def local_rank() -> int:
+    """``LOCAL_RANK`` (0 where unset): one of ``LOCAL_WORLD_SIZE``'s ranks where
+    that is set, else of ``WORLD_SIZE``'s; anything else is a usage error."""
+    world = world_from_env()
+    limit, of = world, f"WORLD_SIZE={world}"
+    raw_local_world = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if raw_local_world:
+        local_world = _number(raw_local_world)
+        if local_world is None or not 1 <= local_world <= world:
+            raise UsageError(f"LOCAL_WORLD_SIZE={raw_local_world[:20]!r} is not a number of processes (1 to WORLD_SIZE={world}): launch with torchrun")
+        limit, of = local_world, f"LOCAL_WORLD_SIZE={local_world}"
+    raw = os.environ.get("LOCAL_RANK", "")
+    if not raw:
+        return 0
+    value = _number(raw)
+    if value is None or value >= limit:
+        raise UsageError(f"LOCAL_RANK={raw[:20]!r} is not a local rank of {of} (0 to {limit - 1}): launch with torchrun")
+    return value
 
 
 def resolve_device(device: str | None, default: torch.device | None = None) -> torch.device:
@@ -109,8 +179,7 @@ def resolve_device(device: str | None, default: torch.device | None = None) -> t
     if not torch.cuda.is_available():
         raise UsageError(f"`device` {device}: no CUDA device is available to torch here (torch.cuda.is_available() is False): use cpu")
     if device == "cuda":
-        local = os.environ.get("LOCAL_RANK", "0")
-        index = int(local) if _digits(local) else 0
+        index = local_rank()
     else:
         index = int(device[5:])
     if index >= torch.cuda.device_count():
@@ -145,15 +214,28 @@ def check_reducible(layers: Mapping[str, Any]) -> None:
             )
 
 
-def _describe(e: BaseException) -> tuple[int, str]:
-    """A rank's failure as (exit code, one line)."""
+def _describe(e: BaseException, rank: int) -> dict[str, Any]:
+    """A rank's failure as it is posted and exchanged: the rank it happened on,
+    its exit code and one line (another rank's failure brought here: that one)."""
+    if isinstance(e, _PeerFailed):
+        return e.error
     if isinstance(e, KeyboardInterrupt):
-        return 130, "interrupted (SIGINT)"
-    if isinstance(e, Terminated):
-        return 143, "terminated (SIGTERM)"
-    if isinstance(e, ActsparseError):
-        return e.exit_code, first_line(e, 1000)
-    return 1, f"internal error: {type(e).__name__}: {first_line(e)}"
+        code, message = 130, "interrupted (SIGINT)"
+    elif isinstance(e, Terminated):
+        code, message = 143, "terminated (SIGTERM)"
+    elif isinstance(e, ActsparseError):
+        code, message = e.exit_code, first_line(e, 1000)
+    else:
+        code, message = 1, f"internal error: {type(e).__name__}: {first_line(e)}"
+    return {"rank": rank, "code": code, "message": message}
+
+
+def _error(error: Mapping[str, Any]) -> ActsparseError:
+    """The error every rank raises for a rank's failure: its class's, or its exit code's."""
+    code = int(error.get("code", 7))
+    message = f"rank {error.get('rank')}: {error.get('message', 'failed')}"
+    cls = _CLASSES.get(code)
+    return cls(message) if cls is not None else RankFailed(message, code)
 
 
 @dataclass
@@ -162,7 +244,9 @@ class Session:
 
     ``sync`` is the one collective every exchange uses (an all-gather of a JSON
     status), so a rank that fails at any point meets the others at whatever
-    exchange they are waiting in."""
+    exchange they are waiting in. The command line's session also posts a
+    failure to the group's ``store`` at once: a thread of every rank
+    (:meth:`watch`) keeps it in ``stop``, and the rank stops at its next batch."""
 
     group: Any  # a ProcessGroup; None: the default group
     rank: int
@@ -173,6 +257,10 @@ class Session:
     failed: bool = False  # a rank's failure was exchanged
     done: bool = False  # the final outcome was exchanged
     syncs: int = 0
+    store: Any = None  # the group's store, where a failure is posted the moment it happens
+    serves_store: bool = False  # this process serves that store (rank 0, where torchrun's agent does not): it must outlive the others' reading
+    stop: dict[str, Any] | None = None  # the first failure a rank posted (set by the watching thread)
+    signal: BaseException | None = None  # a signal this rank got while it waited in an exchange
 
     @property
     def writer(self) -> bool:
@@ -184,16 +272,64 @@ class Session:
         taken lazily (a generator is never materialised). A list, or an
         :class:`~actsparse_deploy.streams.ArrayStream` (random access by batch),
         gives only this rank's batches, so each rank reads only its rows of the
-        files; any other iterable is run through and the others' batches dropped."""
+        files; any other iterable is run through and the others' batches dropped.
+        Once another rank has posted its failure, the next batch raises it here."""
         from .streams import ArrayStream
 
         if isinstance(batches, (list, tuple, ArrayStream)):
             for i in range(self.rank, len(batches), self.world):
+                self._stop_here()
                 yield batches[i]
             return
         for i, batch in enumerate(batches):
+            self._stop_here()
             if i % self.world == self.rank:
                 yield batch
+
+    def _stopped(self) -> dict[str, Any] | None:
+        """The failure another rank posted, if any."""
+        stop = self.stop
+        return stop if stop is not None and stop.get("rank") != self.rank else None
+
+    def _stop_here(self) -> None:
+        stop = self._stopped()
+        if stop is not None:
+            raise _PeerFailed(stop)
+
+    def watch(self) -> None:
+        """Start the thread that waits for a failure posted to the store and keeps it in ``stop``."""
+        if self.store is not None:
+            store = self.store.clone()  # a connection of its own: a wait holds the one it runs on
+            threading.Thread(target=self._watch, args=(store,), name="actsparse-failure-watch", daemon=True).start()
+
+    def _watch(self, store: Any) -> None:
+        import torch.distributed as dist
+
+        while True:
+            try:
+                store.wait([_STOP_KEY])
+                self.stop = json.loads(store.get(_STOP_KEY))
+                if self.stop.get("rank") != self.rank:
+                    store.add(_READ_KEY, 1)
+                return
+            except dist.DistStoreError:  # the store's timeout passed: wait on
+                continue
+            except (RuntimeError, ValueError):  # the store went with the rank that served it: the exchanges say why
+                return
+
+    def post(self, error: dict[str, Any]) -> None:
+        """Post this rank's failure to the store (the first one posted stays)."""
+        if self.store is not None:
+            with contextlib.suppress(RuntimeError):  # the store is gone: the exchange that follows says why
+                self.store.compare_set(_STOP_KEY, "", json.dumps(error))
+
+    def _posted(self) -> dict[str, Any] | None:
+        """The failure another rank posted, asked of the store where the watching thread has not seen one yet."""
+        if self._stopped() is None and self.store is not None:
+            with contextlib.suppress(RuntimeError, ValueError):  # the store is gone: nothing more to learn
+                if self.store.check([_STOP_KEY]):
+                    self.stop = json.loads(self.store.get(_STOP_KEY))
+        return self._stopped()
 
     def _control_device(self) -> torch.device:
         import torch.distributed as dist
@@ -205,7 +341,8 @@ class Session:
 
     def sync(self, status: dict[str, Any], phase: str) -> list[dict[str, Any]]:
         """Every rank's ``status`` (JSON), by rank. A rank that died or does not
-        answer within the timeout: :class:`CalibrationError` (and no more exchanges)."""
+        answer within the timeout: :class:`CalibrationError` (and no more
+        exchanges), or the failure that rank posted before it left."""
         import torch.distributed as dist
 
         if self.broken:
@@ -216,19 +353,48 @@ class Session:
         try:
             size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
             sizes = [torch.zeros_like(size) for _ in range(self.world)]
-            dist.all_gather(sizes, size, group=self.group)
+            self._wait(dist.all_gather(sizes, size, group=self.group, async_op=True))
             longest = int(max(int(s) for s in sizes))
             mine = torch.zeros(longest, dtype=torch.uint8, device=device)
             mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
             gathered = [torch.zeros_like(mine) for _ in range(self.world)]
-            dist.all_gather(gathered, mine, group=self.group)
+            self._wait(dist.all_gather(gathered, mine, group=self.group, async_op=True))
         except RuntimeError as e:  # gloo / NCCL: a peer closed its connection, or the timeout passed
             self.broken = True
-            raise self._lost(e, phase) from e
-        out = []
-        for s, t in zip(sizes, gathered):
-            out.append(json.loads(bytes(t[: int(s)].cpu().tolist()).decode()))
-        return out
+            if self.signal is not None:
+                raise self.signal from e
+            raise self._broken_by(e, phase) from e
+        if self.signal is not None:  # this rank's signal, kept until the others had come to this exchange
+            self.failed = True
+            raise self.signal
+        return [json.loads(bytes(t[: int(s)].cpu().tolist()).decode()) for s, t in zip(sizes, gathered)]
+
+    def _wait(self, work: Any) -> None:
+        """Wait for a collective where the signal handlers can run (gloo's own
+        wait holds them off until every rank has come). A signal meanwhile is
+        posted at once; the rank that serves the store waits on (the others come
+        to this exchange at their next batch, reading the store until then), any
+        other rank leaves at once."""
+        while True:
+            try:
+                if work.is_completed():
+                    break
+                time.sleep(_POLL)
+            except (KeyboardInterrupt, Terminated) as e:
+                self.post(_describe(e, self.rank))
+                if not self.serves_store:
+                    self.broken = True
+                    raise
+                self.signal = e
+        work.wait()
+
+    def _broken_by(self, e: BaseException, phase: str) -> ActsparseError:
+        """Why an exchange failed: the failure another rank posted, else a rank that died or hangs."""
+        stop = self._posted()
+        if stop is not None:
+            self.failed = True
+            return _error(stop)
+        return self._lost(e, phase)
 
     def _lost(self, e: BaseException, phase: str) -> CalibrationError:
         detail = first_line(e, 200)
@@ -240,30 +406,46 @@ class Session:
         return CalibrationError(f"rank {self.rank}: distributed calibration stopped: {what}; see that rank's log ({detail})")
 
     def fail(self, e: BaseException, phase: str) -> NoReturn:
-        """Tell every rank that this one failed with ``e``, then raise the first
-        failing rank's error (a signal re-raised as itself on the rank that got it)."""
-        code, message = _describe(e)
+        """Tell every rank that this one failed with ``e`` (posted at once, then
+        exchanged), or bring the failure another rank posted to the exchange; then
+        raise the first failing rank's error (a signal re-raised as itself on the
+        rank that got it)."""
+        error = _describe(e, self.rank)
+        if error["rank"] == self.rank:
+            self.post(error)
         try:
-            statuses = self.sync({"error": {"code": code, "message": message}}, phase)
-        except CalibrationError:
-            statuses = [{"error": {"code": code, "message": message}} if r == self.rank else {} for r in range(self.world)]
+            statuses = self.sync({"error": error}, phase)
+        except ActsparseError:  # the others are gone: this rank's own account, and any failure a rank posted
+            statuses = [{"error": error}, {"error": self._posted()}]
         self.failed = True
-        failing = min(r for r, s in enumerate(statuses) if s.get("error"))
-        if failing == self.rank and isinstance(e, (KeyboardInterrupt, Terminated)):
+        first = min((s["error"] for s in statuses if s.get("error")), key=lambda err: int(err.get("rank", self.world)))
+        if first.get("rank") == self.rank and isinstance(e, (KeyboardInterrupt, Terminated)):
             raise e
-        self._raise(failing, statuses[failing]["error"], e)
+        raise _error(first) from e
 
     def check(self, statuses: list[dict[str, Any]]) -> None:
         """Raise the first failing rank's error where any rank reported one."""
-        for rank, status in enumerate(statuses):
-            if status.get("error"):
-                self.failed = True
-                self._raise(rank, status["error"], None)
+        errors = [s["error"] for s in statuses if s.get("error")]
+        if errors:
+            self.failed = True
+            raise _error(min(errors, key=lambda err: int(err.get("rank", self.world))))
 
-    @staticmethod
-    def _raise(rank: int, error: Mapping[str, Any], cause: BaseException | None) -> NoReturn:
-        cls = _CLASSES.get(int(error.get("code", 7)), CalibrationError)
-        raise cls(f"rank {rank}: {error.get('message', 'failed')}") from cause
+    def agree(self, settings: Mapping[str, Any]) -> None:
+        """The first exchange: every rank runs rank 0's command with its options
+        (:func:`command_settings`), else a usage error on every rank, naming them."""
+        statuses = self.sync({"settings": dict(settings)}, "checking that every rank runs the same command")
+        reference = statuses[0]["settings"]
+        for rank, status in enumerate(statuses):
+            theirs = status["settings"]
+            if theirs == reference:
+                continue
+            self.failed = True
+            same = "every rank must run the same command with the same options (start them all with torchrun)"
+            if theirs.get("command") != reference.get("command"):
+                raise UsageError(f"rank {rank} runs {theirs.get('command')}, rank 0 {reference.get('command')}: {same}")
+            names = [name for name in sorted(set(theirs) | set(reference)) if theirs.get(name) != reference.get(name)]
+            shown = "; ".join(f"`{name}` {_shown(theirs.get(name))} on rank {rank}, {_shown(reference.get(name))} on rank 0" for name in names)
+            raise UsageError(f"rank {rank} runs {theirs.get('command')} with other options than rank 0 ({shown}): {same}")
 
     def reduce(self, local: Any, module: torch.nn.Module, layer_names: list[str], **info: Any) -> Any:
         """The :class:`~actsparse_deploy.stats.Statistics` of every rank's batches.
@@ -325,7 +507,7 @@ class Session:
                 )
         except RuntimeError as e:
             self.broken = True
-            raise self._lost(e, "reducing the statistics") from e
+            raise self._broken_by(e, "reducing the statistics") from e
         return Statistics(
             layers=layers, num_samples=sum(s["samples"] for s in statuses), num_batches=sum(s["batches"] for s in statuses),
             fingerprint=fingerprint, **info,
@@ -341,7 +523,15 @@ class Session:
 
     def close(self) -> None:
         """Destroy the process group this session initialised (not after a
-        failed exchange: a dead peer could make that wait)."""
+        failed exchange: a dead peer could make that wait). Where this process
+        serves the store and a failure was posted, it first waits (at most
+        ``_LINGER`` s) for every other rank than the one that posted it to have
+        read it: the store ends with this process."""
+        if self.serves_store and self.store is not None:
+            deadline = time.monotonic() + _LINGER
+            with contextlib.suppress(RuntimeError):  # a rank cannot read a store that is gone anyway
+                while self.store.check([_STOP_KEY]) and self.store.add(_READ_KEY, 0) < self.world - 1 and time.monotonic() < deadline:
+                    time.sleep(_POLL)
         if self.owned and not self.broken:
             import torch.distributed as dist
 
@@ -422,37 +612,113 @@ def check_timeout(timeout: Any) -> None:
         raise UsageError(f"`dist_timeout` must be a positive number of seconds, got {timeout!r}")
 
 
+def _check_launch_env() -> tuple[int, int]:
+    """torchrun's variables, checked before any work: (world, rank)."""
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    world = world_from_env()
+    if missing:
+        raise UsageError(f"WORLD_SIZE is {world} but {', '.join(missing)} is not set: launch with torchrun")
+    raw_rank, raw_port = os.environ["RANK"], os.environ["MASTER_PORT"]
+    rank, port = _number(raw_rank), _number(raw_port)
+    if rank is None or rank >= world:  # torch would wait for a rendezvous that cannot happen, then time out
+        raise UsageError(f"RANK={raw_rank[:20]!r} is not a rank of WORLD_SIZE={world} (0 to {world - 1}): launch with torchrun")
+    if port is None or not 0 < port < 65536:
+        raise UsageError(f"MASTER_PORT={raw_port[:20]!r} is not a port (1 to 65535): launch with torchrun")
+    local_rank()
+    return world, rank
+
+
+def _join(backend: str, timeout: float, rank: int) -> None:
+    """init_process_group in a thread of its own while this one waits: the
+    rendezvous waits in C++, where the signal handlers cannot run (a SIGTERM
+    would wait for the timeout), and a rank's retries to connect can take twice
+    the timeout. A signal ends the wait at once; so does the timeout, with a
+    few seconds' grace for torch's own message."""
+    import torch.distributed as dist
+
+    outcome: dict[str, BaseException] = {}
+    done = threading.Event()
+
+    def join() -> None:
+        try:
+            dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout))
+        except BaseException as e:  # handed to the waiting thread
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=join, name="actsparse-rendezvous", daemon=True).start()
+    deadline = time.monotonic() + timeout + _JOIN_GRACE
+    while not done.wait(_POLL):
+        if time.monotonic() > deadline:
+            raise TimeoutError("rank 0, which holds the rendezvous, did not answer" if rank else "not every rank came")
+    if "error" in outcome:
+        raise outcome["error"]
+
+
 def _init_from_env(device: torch.device, timeout: float) -> Session:
     """init_process_group from torchrun's variables (env://): gloo, or
     ``cpu:gloo,cuda:nccl`` where the model is on CUDA (the statistics reduce on
-    the GPU, the small exchanges on gloo)."""
+    the GPU, the small exchanges on gloo); then the thread that watches the
+    group's store for a failure posted by any rank."""
     import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _get_default_store
 
-    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
-    if missing:
-        raise UsageError(f"WORLD_SIZE is {os.environ.get('WORLD_SIZE')} but {', '.join(missing)} is not set: launch with torchrun")
-    world, rank, port = world_from_env(), os.environ["RANK"], os.environ["MASTER_PORT"]
-    if not (_digits(rank) and int(rank) < world):  # torch would wait for a rendezvous that cannot happen, then time out
-        raise UsageError(f"RANK={rank[:20]!r} is not a rank of WORLD_SIZE={world} (0 to {world - 1}): launch with torchrun")
-    if not (_digits(port) and 0 < int(port) < 65536):
-        raise UsageError(f"MASTER_PORT={port[:20]!r} is not a port (1 to 65535): launch with torchrun")
+    world, rank = _check_launch_env()
     if not dist.is_available():
         raise UsageError("WORLD_SIZE > 1 asks for distributed calibration, but this torch has no torch.distributed")
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     try:
-        dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout))
-    except (RuntimeError, ValueError) as e:
+        _join(backend, timeout, rank)
+        session = Session(group=None, rank=dist.get_rank(), world=dist.get_world_size(), timeout=timeout, owned=True,
+                          store=_get_default_store(), serves_store=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True")
+        session.watch()
+    except (RuntimeError, ValueError, TimeoutError) as e:
         raise CalibrationError(
-            f"rank {os.environ.get('RANK')}: could not join the other {int(os.environ['WORLD_SIZE']) - 1} rank(s) at "
-            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout:g} s (`dist_timeout`): {first_line(e, 200)}"
+            f"rank {rank}: could not join the other {world - 1} rank(s) at {where} within {timeout:g} s (`dist_timeout`): "
+            f"{first_line(e, 200).rstrip('.')}; start every rank with the same WORLD_SIZE, MASTER_ADDR and MASTER_PORT"
         ) from e
-    return Session(group=None, rank=dist.get_rank(), world=dist.get_world_size(), timeout=timeout, owned=True)
+    return session
+
+
+def _setting(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_setting(v) for v in value]
+    return str(getattr(value, "value", value))  # an Enum by its value, a Path as written
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is None else json.dumps(value)[:80]
+
+
+def command_settings(command: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """What every rank of a distributed run must agree on: the command and its
+    options as parsed (so their order and spelling do not matter), less what
+    may differ per rank: ``verbose`` and a CUDA device's index (ranks started by
+    hand may each name their GPU).
+
+    >>> from pathlib import Path
+    >>> command_settings("calibrate", {"sparsity": 0.5, "device": "cuda:1", "output": Path("m.pt"), "verbose": True})
+    {'command': 'calibrate', 'sparsity': 0.5, 'device': 'cuda', 'output': 'm.pt'}
+    """
+    settings: dict[str, Any] = {"command": command}
+    for name, value in options.items():
+        if name in _PER_RANK_OPTIONS:
+            continue
+        if name == "device" and isinstance(value, str) and value.startswith("cuda:"):
+            value = "cuda"
+        settings[name] = _setting(value)
+    return settings
 
 
 @contextlib.contextmanager
-def launched(device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> Iterator[Session | None]:
+def launched(device: torch.device, timeout: float = DEFAULT_TIMEOUT,
+             command: tuple[str, Mapping[str, Any]] | None = None) -> Iterator[Session | None]:
     """The command line's session: a process group from torchrun's variables
     where ``WORLD_SIZE`` > 1 (else None). An error raised inside that no
     exchange has carried yet (a rank that could not load its data, rank 0's
@@ -460,19 +726,25 @@ def launched(device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> Iterator
     ...``; leaving the block without one is the final exchange
     (:meth:`Session.finish`: rank 0 has written its outputs). The group is
     destroyed at the end. ``timeout`` is checked in one process too (a
-    command line that is wrong under torchrun is wrong without it)."""
+    command line that is wrong under torchrun is wrong without it).
+    ``command``: the command's name and options, which every rank must share
+    (the first exchange; :func:`command_settings`)."""
     check_timeout(timeout)
     if world_from_env() <= 1:
         yield None
         return
     session = _init_from_env(device, float(timeout))
+    started = 0
     try:
+        if command is not None:
+            session.agree(command_settings(*command))
+            started = session.syncs
         yield session
         if not (session.broken or session.failed or session.done):
             session.finish("telling the other ranks that the outputs are written")
     except BaseException as e:
         if not (session.broken or session.failed or session.done):
-            session.fail(e, "calibrating" if session.syncs else "preparing to calibrate")
+            session.fail(e, "calibrating" if session.syncs > started else "preparing to calibrate")
         raise
     finally:
         session.close()

@@ -64,19 +64,23 @@ from torch import nn
 
 from .batches import Batch, cut_axes, describe_batch, flatten_outputs, input_names, is_named, named_tensors, positional, run_batch
 from .calibrate import eval_mode
-from .errors import DataError, ExportError, OutputError, ValidationError, first_line
+from .errors import DataError, ExportError, OutputError, UsageError, ValidationError, first_line
 from .files import check_output_path, os_reason, remove_stale_staging, set_output_mode, staging_dir
 from .version import __version__
 
 __all__ = [
-    "AUTO_ORDER", "DEFAULT_EXPORTER", "EXPORTERS", "ExportResult", "IOSpec", "PositionalAdapter", "export_onnx",
-    "flatten_outputs", "forward_input_names", "output_names_of", "parse_dynamic_axis",
+    "AUTO_ORDER", "DEFAULT_EXPORTER", "EXPORTERS", "OPSETS", "ExportResult", "IOSpec", "PositionalAdapter",
+    "check_dynamic_axes", "check_opset", "export_onnx", "flatten_outputs", "forward_input_names", "output_names_of", "parse_dynamic_axis",
 ]
 
 from .constants import DEFAULT_EXPORTER, EXPORTERS  # noqa: E402  (one definition, light for the CLI)
 
 #: ``auto`` tries these in order (chosen by tools/exporters.py's table: see the README)
 AUTO_ORDER = ("torchscript", "dynamo")
+#: the opsets each exporter of torch 2.13 writes, lowest and highest (torch.onnx's own constants: the
+#: TorchScript exporter 7 to 20; dynamo builds at 18 and, asked for less, converts down where it can and
+#: otherwise keeps 18 without saying so, so this tool asks it for 18 to 23 only)
+OPSETS = {"torchscript": (7, 20), "dynamo": (18, 23)}
 #: the label of every input's and output's axis 0
 BATCH = "batch"
 #: the label of an inferred sequence axis (axis 1 of an integer (batch, seq) input)
@@ -173,6 +177,46 @@ class IOSpec:
         return cls(inputs, out_names, {**axes, **out_axes})
 
 
+def _opset_range(exporter: str) -> str:
+    low, high = OPSETS[exporter]
+    return f"{exporter} {low} to {high}"
+
+
+def check_opset(opset: int | None, exporter: str) -> None:
+    """``opset`` one that ``exporter`` writes (``auto``: either of :data:`AUTO_ORDER`),
+    or a :class:`UsageError` naming the ranges (:data:`OPSETS`)."""
+    if opset is None:
+        return
+    names = AUTO_ORDER if exporter == "auto" else (exporter,)
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise UsageError(f"`opset` must be an integer, got {opset!r}")
+    if not any(OPSETS[name][0] <= opset <= OPSETS[name][1] for name in names):
+        ranges = ", ".join(_opset_range(name) for name in names)
+        who = "the exporters support" if len(names) > 1 else f"the {exporter} exporter supports"
+        raise UsageError(f"opset {opset} is not one {who} ({ranges}): give `opset` in that range")
+
+
+def _exporters_for(exporter: str, opset: int | None) -> tuple[tuple[str, ...], str | None]:
+    """The exporters to try in turn, and why ``auto`` skips its first one (an
+    opset above the TorchScript exporter's range)."""
+    order = AUTO_ORDER if exporter == "auto" else (exporter,)
+    if opset is None or len(order) == 1:
+        return order, None
+    usable = tuple(name for name in order if opset <= OPSETS[name][1])
+    if usable == order:
+        return order, None
+    skipped = order[0]
+    return usable, f"opset {opset} is above what the {skipped} exporter writes ({_opset_range(skipped)})"
+
+
+def _opset_of(exporter: str, opset: int | None) -> int | None:
+    """The opset to ask ``exporter`` for: ``opset``, raised to dynamo's lowest where
+    ``auto`` falls back to it from a lower one."""
+    if opset is None:
+        return None
+    return max(opset, OPSETS[exporter][0])
+
+
 def parse_dynamic_axis(text: str) -> tuple[str, int, str]:
     """``NAME:AXIS:LABEL`` (``input_ids:1:sequence``) as ``(name, axis, label)``:
     an input's axis to export as dynamic, named ``label`` in the ONNX model."""
@@ -258,18 +302,38 @@ def _input_axes(
     for name, t in tensors.items():  # integer (batch, seq) inputs, and the inputs of their length on axis 1
         if t.ndim >= 2 and int(t.shape[1]) in sequences:
             axes[name].setdefault(1, SEQUENCE)
+    _check_user_axes(tensors, user)
     for name, axis, label in user:
-        if name not in tensors:
-            raise ExportError(f"dynamic axis {name}:{axis}:{label}: the model has no input {name!r}; its inputs: {', '.join(tensors)}")
-        if not 0 <= axis < tensors[name].ndim:
-            raise ExportError(
-                f"dynamic axis {name}:{axis}:{label}: input {name} has {tensors[name].ndim} axes "
-                f"({describe_batch(tensors[name])}); give an axis from 0 to {tensors[name].ndim - 1}"
-            )
         axes[name][axis] = label
         evidenced.add((name, axis))
     guessed = {(name, axis) for name, per in axes.items() for axis in per if axis > 0 and (name, axis) not in evidenced}
     return axes, guessed
+
+
+def _check_user_axes(tensors: Mapping[str, torch.Tensor], user: Sequence[tuple[str, int, str]]) -> None:
+    """Each ``(input, axis, label)`` an axis of an input the model has, or a UsageError naming it."""
+    for name, axis, label in user:
+        if name not in tensors:
+            raise UsageError(
+                f"`dynamic_axis` {name}:{axis}:{label}: the model has no input {name!r}; its inputs: {', '.join(tensors)}"
+            )
+        if not 0 <= axis < tensors[name].ndim:
+            raise UsageError(
+                f"`dynamic_axis` {name}:{axis}:{label}: input {name!r} has {tensors[name].ndim} axes "
+                f"({describe_batch(tensors[name])}); give an axis from 0 to {tensors[name].ndim - 1}"
+            )
+
+
+def check_dynamic_axes(
+    model: Any, example: Batch, dynamic_axes: Sequence[tuple[str, int, str] | str], io_spec: IOSpec | None = None
+) -> None:
+    """``dynamic_axes`` (``NAME:AXIS:LABEL``) name axes of the inputs of ``model``
+    on ``example`` (named by ``io_spec``, else as :meth:`IOSpec.from_model` names
+    them): a :class:`UsageError` otherwise, before any work."""
+    user = [parse_dynamic_axis(a) if isinstance(a, str) else a for a in dynamic_axes]
+    if user:
+        names = io_spec.input_names if io_spec is not None else forward_input_names(model, example)
+        _check_user_axes(named_tensors(example, names), user)
 
 
 def _cut(
@@ -313,8 +377,10 @@ class ExportResult:
     metadata: dict[str, str]
     #: the exporter asked for (``auto`` or one of them)
     requested: str = ""
-    #: why ``auto``'s first exporter failed, when it did (the other one made the model)
+    #: why ``auto``'s first exporter failed or was skipped, when it was (the other one made the model)
     fallback: str | None = None
+    #: the opset asked for (None: the exporter's default); ``opset`` is the one written
+    requested_opset: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -323,6 +389,7 @@ class ExportResult:
             "requested_exporter": self.requested or self.exporter,
             "fallback": self.fallback,
             "opset": self.opset,
+            "requested_opset": self.requested_opset,
             "inputs": list(self.io.input_names),
             "outputs": list(self.io.output_names),
             "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in self.io.dynamic_axes.items()},
@@ -442,14 +509,15 @@ def export_onnx(
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
     user_axes = tuple(parse_dynamic_axis(a) if isinstance(a, str) else a for a in dynamic_axes)
-    check_output_path(path, overwrite)
-    if external_data:  # its name must fit too (and not clobber a file without --overwrite)
-        check_output_path(path.parent / f"{path.name}.data", overwrite)
     program = model if isinstance(model, torch.export.ExportedProgram) else None
     if program is not None and exporter == "auto":
         exporter = "dynamo"
     if program is not None and exporter != "dynamo":
         raise ExportError("a torch.export program (.pt2) exports with `exporter` dynamo only")
+    check_opset(opset, exporter)
+    check_output_path(path, overwrite)
+    if external_data:  # its name must fit too (and not clobber a file without --overwrite)
+        check_output_path(path.parent / f"{path.name}.data", overwrite)
     with contextlib.ExitStack() as stack:
         if program is None and isinstance(model, nn.Module):
             stack.enter_context(eval_mode(model))  # the caller's train/eval flags come back after
@@ -457,18 +525,25 @@ def export_onnx(
                        verbose, data, user_axes, on_fallback)
 
 
+def _opset_change(exporter: str, opset: int | None) -> str:
+    """What a fallback to ``exporter`` does to the opset asked for (nothing: "")."""
+    written = _opset_of(exporter, opset)
+    if written == opset:
+        return ""
+    return f"at opset {written}, its lowest ({_opset_range(exporter)}), not the opset {opset} asked for"
+
+
 def _say_on_stderr(message: str) -> None:
     print(f"actsparse: {message}", file=sys.stderr, flush=True)
 
 
-def _with_axes(spec: IOSpec, user: Sequence[tuple[str, int, str]]) -> IOSpec:
-    """``spec`` with the user's dynamic axes added (checked against its inputs)."""
+def _with_axes(spec: IOSpec, user: Sequence[tuple[str, int, str]], example: Batch) -> IOSpec:
+    """``spec`` with the user's dynamic axes added (checked against its inputs on ``example``)."""
     if not user:
         return spec
+    _check_user_axes(named_tensors(example, spec.input_names), user)
     axes = {name: dict(per) for name, per in spec.dynamic_axes.items()}
     for name, axis, label in user:
-        if name not in spec.input_names:
-            raise ExportError(f"dynamic axis {name}:{axis}:{label}: the model has no input {name!r}; its inputs: {', '.join(spec.input_names)}")
         axes.setdefault(name, {})[axis] = label
     return IOSpec(spec.input_names, spec.output_names, axes)
 
@@ -494,7 +569,7 @@ def _export(
         spec = IOSpec.infer(example, n_outputs, sequence_axis)
     else:
         spec = IOSpec.from_model(model, example, data=data, dynamic_axes=user_axes, outputs=outputs)
-    spec = _with_axes(spec, user_axes)
+    spec = _with_axes(spec, user_axes, example)
     if len(spec.output_names) != n_outputs:
         raise ExportError(f"the model returns {n_outputs} outputs but {len(spec.output_names)} output names were given")
     wrapped: Any = program if program is not None else PositionalAdapter(model, spec.input_names if is_named(example) else None)
@@ -525,6 +600,38 @@ def _try_exporter(
     return None
 
 
+def _run_exporters(
+    wrapped: Any, args: tuple[torch.Tensor, ...], raw: Path, spec: IOSpec, path: Path, exporter: str, opset: int | None,
+    verbose: bool, on_fallback: Callable[[str], None],
+) -> tuple[str, str | None]:
+    """Export into ``raw`` with ``exporter`` (``auto``: each of its order in turn,
+    from a clean staging folder); the exporter that made the model, and why
+    ``auto``'s first one did not (None where it did)."""
+    order, fallback = _exporters_for(exporter, opset)
+    if fallback is not None:
+        on_fallback(f"{fallback}: exporting with {order[0]}")
+    failures: list[ExportError] = []
+    for exporter in order:
+        for leftover in raw.parent.parent.iterdir():  # a failed exporter's partial files
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        raw.parent.mkdir()
+        failed = _try_exporter(wrapped, args, raw, exporter, _opset_of(exporter, opset), spec, path, verbose)
+        if failed is None:
+            return exporter, fallback
+        failures.append(failed)
+        if exporter != order[-1]:
+            following = order[order.index(exporter) + 1]
+            change = _opset_change(following, opset)
+            fallback = f"{failed}" + (f"; {following} exported {change}" if change else "")
+            on_fallback(f"{failed}; exporting with {following} instead" + (f" {change}" if change else ""))
+    if len(failures) == 1:
+        other = "torchscript" if exporter == "dynamo" else "dynamo"
+        if opset is None or OPSETS[other][0] <= opset <= OPSETS[other][1]:
+            raise ExportError(f"{failures[0]}; try `exporter` {other}") from failures[0].__cause__
+        raise ExportError(f"{failures[0]}; try `exporter` {other} with an `opset` it writes ({_opset_range(other)})") from failures[0].__cause__
+    raise ExportError("both exporters failed: " + "; ".join(map(str, failures))) from failures[-1].__cause__
+
+
 def _export_staged(
     wrapped: Any, args: tuple[torch.Tensor, ...], spec: IOSpec, path: Path, staging: Path,
     exporter: str, opset: int | None, metadata: Mapping[str, str] | None, external_data: bool, overwrite: bool, verbose: bool,
@@ -534,30 +641,14 @@ def _export_staged(
     data_path = path.parent / data_name
     raw = staging / "raw" / "raw.onnx"  # a folder of its own: an exporter's per-tensor files never meet ours
     start = time.perf_counter()
-    requested, fallback = exporter, None
-    order = AUTO_ORDER if exporter == "auto" else (exporter,)
-    failures: list[ExportError] = []
-    for exporter in order:
-        for leftover in staging.iterdir():  # a failed exporter's partial files
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-        raw.parent.mkdir()
-        failed = _try_exporter(wrapped, args, raw, exporter, opset, spec, path, verbose)
-        if failed is None:
-            break
-        failures.append(failed)
-        if exporter != order[-1]:
-            fallback = str(failed)
-            on_fallback(f"{fallback}; exporting with {order[order.index(exporter) + 1]} instead")
-    else:
-        if len(failures) == 1:
-            other = "torchscript" if exporter == "dynamo" else "dynamo"
-            raise ExportError(f"{failures[0]}; try `exporter` {other}") from failures[0].__cause__
-        raise ExportError("both exporters failed: " + "; ".join(map(str, failures))) from failures[-1].__cause__
+    requested = exporter
+    exporter, fallback = _run_exporters(wrapped, args, raw, spec, path, exporter, opset, verbose, on_fallback)
     seconds = time.perf_counter() - start
     try:  # the graph only: weights the exporter wrote to files of their own stay there until copied, never all in memory
         proto = onnx.load(str(raw), load_external_data=False)
     except OSError as e:
         raise OutputError(f"cannot write {path}: {os_reason(e)}") from e
+    _name_dims(proto.graph, spec)
     meta = {f"{METADATA_PREFIX}version": __version__, f"{METADATA_PREFIX}exporter": exporter, **(metadata or {})}
     existing = {p.key for p in proto.metadata_props}
     for key, value in meta.items():
@@ -598,7 +689,26 @@ def _export_staged(
     external = external and moved > 0
     _move_into_place(staged, path, staging / data_name if external else None, data_path, staging)
     total = path.stat().st_size + (data_path.stat().st_size if external else 0)
-    return ExportResult(path, exporter, opset_found, spec, seconds, external, total, dict(meta), requested, fallback)
+    return ExportResult(path, exporter, opset_found, spec, seconds, external, total, dict(meta), requested, fallback, opset)
+
+
+def _name_dims(graph: Any, spec: IOSpec) -> None:
+    """The inputs' dynamic dimensions named by ``spec``'s labels (``batch``,
+    ``sequence``), and every dimension of the graph that is the same symbol with
+    them: a ``.pt2`` program's dynamo export names them by torch's symbols (``s77``)."""
+    rename: dict[str, str] = {}
+    for value in graph.input:
+        dims = value.type.tensor_type.shape.dim
+        for axis, label in spec.dynamic_axes.get(value.name, {}).items():
+            if axis < len(dims) and dims[axis].dim_param and dims[axis].dim_param != label:
+                rename.setdefault(dims[axis].dim_param, label)
+    if not rename:
+        return
+    symbol = re.compile(r"\b(?:" + "|".join(map(re.escape, sorted(rename, key=len, reverse=True))) + r")\b")
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = symbol.sub(lambda m: rename[m[0]], dim.dim_param)
 
 
 #: room kept under the 2 GB limit: loading an exporter's external tensors back into the graph adds a

@@ -4,7 +4,9 @@ A model argument that is a directory holding a ``config.json`` (or ``hf:PATH``)
 is a Hugging Face model saved with ``save_pretrained``. It is loaded offline
 (``local_files_only``, nothing is downloaded) with the ``transformers`` Auto
 class of its task, from ``.safetensors`` weights only (a pickle ``.bin`` could
-run code: refused), with ``use_cache=False`` and eager attention, and wrapped in
+run code: refused unread, even where an index names it), after its config.json's
+sizes are checked against the weights' headers on a model built on the meta
+device, with ``use_cache=False`` and eager attention, and wrapped in
 an :class:`HFModel`: named tensors in (``input_ids``, ``attention_mask``, and
 ``token_type_ids`` where the model takes them), a dict of named tensors out
 (``logits``, ``last_hidden_state``, ``sentence_embedding``), never a
@@ -33,6 +35,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +47,7 @@ from torch import nn
 
 from .batches import Batch
 from .constants import HF_TASKS, hub_offline
-from .errors import DataError, ModelLoadError, WeightsError, first_line
+from .errors import ActsparseError, DataError, ModelLoadError, UsageError, WeightsError, first_line
 
 hub_offline()  # before transformers is first imported
 
@@ -53,11 +57,14 @@ __all__ = [
     "TASKS",
     "HFModel",
     "HFSource",
-    "hf_directory",
+    "check_config_fits",
     "default_recipe",
+    "hf_directory",
     "load_hf",
+    "read_json_object",
     "read_texts",
     "task_of_class",
+    "weight_files",
     "wrap_pretrained",
 ]
 
@@ -78,6 +85,16 @@ _OUTPUTS: dict[str, tuple[str, bool]] = {
 DEFAULT_MAX_LENGTH = 512
 #: weight files that are pickles (could run code when read)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+#: the weights transformers reads from a directory (``use_safetensors``): one file, else the shards its index names
+SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+#: modules a model may have per tensor of its weights (most hold one or two, activations and dropouts none): a
+#: config.json whose model has more, built on the meta device, is stopped there (its weights could not fill it)
+MODULES_PER_TENSOR = 16
+#: a model built from config.json may have this many times its weights' parameters (plus SLACK_PARAMETERS) before it
+#: is refused unbuilt: a head the weights lack (a task they were not saved for) is named after loading instead
+PARAMETERS_PER_WEIGHT, SLACK_PARAMETERS = 2, 1 << 20
+#: config.json fields that are sizes or counts (never negative)
+_SIZE_FIELD = re.compile(r"^(num|n)_\w+$|^\w+_(size|dim|layers|heads|embeddings)$")
 
 
 def _tasks() -> str:
@@ -126,18 +143,103 @@ def _infer_task(architectures: Sequence[str], where: str) -> str:
     raise ModelLoadError(f"cannot tell the task of {where} from its architectures ({found}): pass `task`, one of {_tasks()}")
 
 
-def _check_weights(directory: Path) -> None:
-    """Safetensors weights only: pickles are refused before transformers sees them."""
-    safetensors = sorted(directory.glob("*.safetensors"))
-    if safetensors:
-        return
+def read_json_object(path: Path, error: type[ActsparseError]) -> dict[str, Any]:
+    """The JSON object in ``path``; ``error`` naming the file where it is unreadable, not JSON, nested too deep
+    for the parser, or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError as e:
+        raise error(f"{path} is nested too deep to read (arrays or objects inside each other thousands of levels deep)") from e
+    except (OSError, ValueError) as e:
+        raise error(f"{path} is not readable JSON ({type(e).__name__}: {first_line(e)})") from e
+    if not isinstance(data, dict):
+        raise error(f"{path} holds a {type(data).__name__}, not a JSON object")
+    return data
+
+
+def _architectures(config: dict[str, Any], path: Path) -> list[str]:
+    """config.json's ``architectures`` (a list of class names, or one name); its other fields that must be a
+    string (``model_type``) or a non-negative size are checked too: the model's code would fail on them in its own way."""
+    architectures = config.get("architectures") or []
+    if isinstance(architectures, str):
+        architectures = [architectures]
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise ModelLoadError(f"{path}: `architectures` must be a list of model class names (like [\"LlamaForCausalLM\"]), "
+                             f"got {json.dumps(config.get('architectures'))[:100]}")
+    if "model_type" in config and not isinstance(config["model_type"], str):
+        raise ModelLoadError(f"{path}: `model_type` must be a string (like \"llama\"), got {json.dumps(config['model_type'])[:100]}")
+    for key, value in config.items():
+        if _SIZE_FIELD.match(key) and isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise ModelLoadError(f"{path}: `{key}` is {value}: a size or count cannot be negative")
+    return architectures
+
+
+def _task_note(directory: Path, task: str, architectures: Sequence[str]) -> str:
+    """What a user who gave no task is told: the task inferred, and why."""
+    note = (f"{directory}: task {task} inferred from config.json's architectures ({', '.join(architectures)}); "
+            f"pass --task to load it as another ({_tasks()})")
+    if task == "feature-extraction" and (directory / "modules.json").is_file():
+        note += ("; it is a sentence-transformers model (modules.json): --task sentence-embedding gives the "
+                 "attention-masked mean of its last hidden state, L2-normalised")
+    return note
+
+
+_CONVERT = "convert it to .safetensors: model.save_pretrained(DIR, safe_serialization=True)"
+
+
+def _weights_file(directory: Path, name: Any, named_by: Path, what: str, suffix: str = ".safetensors") -> Path:
+    """``name``, a weights file ``named_by`` names: a plain file name in ``directory`` ending with ``suffix``,
+    present there (a link that leads out of the directory is refused too). Anything else is refused unread."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise WeightsError(f"{named_by} names {what} {json.dumps(name)[:100]}, which is not a file name in {directory}: "
+                           "weights are read from the model's directory only; save the model again with model.save_pretrained(DIR)")
+    if not name.endswith(suffix):
+        raise WeightsError(f"{named_by} names {what} {name}, which is not a {suffix} file (a pickle such as .bin could run "
+                           f"code when read): refused unread; {_CONVERT}")
+    path = directory / name
+    if not path.is_file():
+        raise WeightsError(f"{named_by} names {what} {name}, which is not in {directory}: save the model again with "
+                           "model.save_pretrained(DIR)")
+    if path.resolve().parent != directory.resolve():
+        raise WeightsError(f"{named_by} names {what} {name}, a link to a file outside {directory}: weights are read from the "
+                           "model's directory only; put the file itself there")
+    return path
+
+
+def _index_shards(directory: Path, index: Path) -> list[Path]:
+    data = read_json_object(index, WeightsError)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightsError(f"{index} holds no weight map (\"weight_map\": tensor names to the names of shard files): save the "
+                           "model again with model.save_pretrained(DIR)")
+    return [_weights_file(directory, name, index, "the shard") for name in dict.fromkeys(weight_map.values())]
+
+
+def weight_files(directory: Path, config: Mapping[str, Any]) -> list[Path]:
+    """The .safetensors files transformers reads the weights of ``directory`` from
+    (``config``: its config.json): the file config.json's ``transformers_weights``
+    names, else ``model.safetensors``, else the shards ``model.safetensors.index.json``
+    names, each a .safetensors file in the directory. Pickles are refused unread,
+    whether they lie beside the weights or an index names them: unpickling can run code."""
+    explicit = config.get("transformers_weights")
+    if explicit is not None:
+        if isinstance(explicit, str) and explicit.endswith(".safetensors.index.json"):
+            index = _weights_file(directory, explicit, directory / "config.json", "its weights index (transformers_weights)",
+                                  ".safetensors.index.json")
+            return _index_shards(directory, index)
+        return [_weights_file(directory, explicit, directory / "config.json", "its weights file (transformers_weights)")]
+    if (directory / SAFE_WEIGHTS).is_file():
+        return [directory / SAFE_WEIGHTS]
+    if (directory / SAFE_INDEX).is_file():
+        return _index_shards(directory, directory / SAFE_INDEX)
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles:
         raise WeightsError(
-            f"{directory} holds its weights as pickle files ({', '.join(pickles[:3])}), which are refused: unpickling can "
-            "run code. Save them as .safetensors: model.save_pretrained(DIR, safe_serialization=True)"
+            f"{directory} holds its weights as pickle files ({', '.join(pickles[:3])}), which are refused unread: unpickling can "
+            f"run code. {_CONVERT}"
         )
-    raise WeightsError(f"{directory} holds no .safetensors weights (model.safetensors): save them with model.save_pretrained(DIR)")
+    raise WeightsError(f"{directory} holds no .safetensors weights ({SAFE_WEIGHTS}, or shards listed in {SAFE_INDEX}): save them "
+                       "with model.save_pretrained(DIR)")
 
 
 def _auto_class(task: str) -> Any:
@@ -299,33 +401,44 @@ def read_texts(path: str | Path) -> list[str]:
 @dataclass
 class HFSource:
     """A loaded Hugging Face directory: the wrapped ``model``, its ``task`` and
-    ``directory`` (where the tokenizer is read from, when text is given)."""
+    ``directory`` (where the tokenizer is read from, when text is given);
+    ``notes``: what the user is told about how it was loaded (the task inferred)."""
 
     model: HFModel
     directory: Path | None
     max_length: int | None = None
     _tokenizer: Any = field(default=None, repr=False)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def config(self) -> Any:
         return self.model.config
 
     def tokenizer(self) -> Any:
+        """The directory's tokenizer, loaded once (in a worker: see :func:`~actsparse_deploy.streams.run_tokenizer`)."""
         if self._tokenizer is None:
             if self.directory is None:
-                raise DataError("`text` needs a tokenizer: a model from a factory has none; pass token ids as `data`")
+                raise UsageError("`text` needs a tokenizer, and a model from a factory has none: pass token ids as `data`")
             from transformers import AutoTokenizer
 
-            _refuse_custom_code(self.directory / "tokenizer_config.json", DataError, "tokenizer")
-            try:
+            from .streams import run_tokenizer
+
+            directory = self.directory
+            _refuse_custom_code(directory / "tokenizer_config.json", DataError, "tokenizer")
+
+            def load() -> Any:
                 with _transformers_quiet():
-                    self._tokenizer = AutoTokenizer.from_pretrained(str(self.directory), local_files_only=True, trust_remote_code=False)
-            except Exception as e:  # the tokenizers library raises plain Exception for a malformed tokenizer.json
-                raise DataError(
-                    f"{self.directory} has no tokenizer that loads (tokenizer.json / tokenizer_config.json: "
-                    f"{type(e).__name__}: {first_line(e)}): `text` needs one; save it there with "
-                    "tokenizer.save_pretrained(DIR), or pass token ids as `data`"
-                ) from e
+                    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+
+            def fails(e: BaseException) -> DataError:
+                return DataError(
+                    f"{directory} has no tokenizer that loads (tokenizer.json / tokenizer_config.json: {type(e).__name__}: "
+                    f"{first_line(e)}): `text` needs one; save it there with tokenizer.save_pretrained(DIR), or pass token ids as `data`"
+                )
+
+            tokenizer = run_tokenizer(load, fails)
+            _check_tokenizer_files(directory, tokenizer)
+            self._tokenizer = tokenizer
         return self._tokenizer
 
     def _limit(self) -> int:
@@ -370,20 +483,30 @@ class HFSource:
         return inputs, axes
 
 
-def _refuse_custom_code(path: Path, error: type[Exception], what: str) -> None:
-    """A directory whose ``config.json`` / ``tokenizer_config.json`` names its own
-    code (``auto_map``) would have transformers import it: refused before any load."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise error(f"{path} is not readable JSON ({type(e).__name__}: {first_line(e)})") from e
-    if not isinstance(data, dict):
-        raise error(f"{path} holds a {type(data).__name__}, not a JSON object")
+def _check_tokenizer_files(directory: Path, tokenizer: Any) -> None:
+    """A tokenizer class that loads without the files it reads (``LlamaTokenizer``
+    without ``tokenizer.json`` or ``tokenizer.model``) knows its special tokens only."""
+    names = dict(getattr(type(tokenizer), "vocab_files_names", None) or {})
+    others = [f for key, f in names.items() if key in ("vocab_file", "merges_file") and isinstance(f, str)]
+    if not others or (directory / "tokenizer.json").is_file() or all((directory / f).is_file() for f in others):
+        return  # a class that needs no vocabulary file (bytes as tokens), or its files are there
+    raise DataError(
+        f"{directory} lacks its tokenizer's files: tokenizer_config.json names {type(tokenizer).__name__}, which reads "
+        f"tokenizer.json{' or ' + ' and '.join(others) if others else ''}, and none of them is there; save the tokenizer "
+        "there with tokenizer.save_pretrained(DIR)"
+    )
+
+
+def _refuse_custom_code(path: Path, error: type[ActsparseError], what: str) -> dict[str, Any]:
+    """The JSON object of ``config.json`` / ``tokenizer_config.json`` (empty where there is no such file).
+    One that names its own code (``auto_map``) would have transformers import it: refused before any load."""
+    data = read_json_object(path, error) if path.is_file() else {}
     if "auto_map" in data:
         raise error(
             f"{path} names its own code (auto_map): loading this {what} would run the directory's Python files; "
             "this tool loads only models and tokenizers transformers defines"
         )
+    return data
 
 
 @contextlib.contextmanager
@@ -399,35 +522,120 @@ def _transformers_quiet() -> Iterator[None]:
         hf_logging.set_verbosity(before)
 
 
+def _reason(e: BaseException) -> str:
+    """``first_line(e)``, with the line after it where the first only introduces it (ends with a colon)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return first_line(e) + " " + lines[1][:300]
+    return first_line(e)
+
+
+def _hf_config(directory: Path) -> Any:
+    """config.json as transformers reads it (its own checks of each field's type)."""
+    from transformers import AutoConfig
+
+    try:
+        with _transformers_quiet():
+            return AutoConfig.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for a field it cannot take
+        raise ModelLoadError(f"{directory / 'config.json'} is not a configuration transformers can build a model from: "
+                             f"{type(e).__name__}: {_reason(e)}") from e
+
+
+class _TooManyModules(Exception):
+    pass
+
+
+def _header_sizes(files: Sequence[Path]) -> tuple[int, int]:
+    """The tensors and the numbers (elements) in ``files``' safetensors headers (nothing else is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    tensors = elements = 0
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    tensors += 1
+                    elements += math.prod(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsError(f"the weights in {path} cannot be read ({type(e).__name__}: {first_line(e)}): save them again with "
+                               "model.save_pretrained(DIR)") from e
+    return tensors, elements
+
+
+def check_config_fits(directory: Path, auto: Any, config: Any, files: Sequence[Path]) -> None:
+    """The model config.json describes, built on the meta device (no memory for its weights), against the
+    weights' headers: a model with far more parameters than the files hold numbers (see
+    :data:`PARAMETERS_PER_WEIGHT`), or with more than :data:`MODULES_PER_TENSOR` modules per tensor (stopped
+    while it is built), could never be filled by them, and is refused before it is built for real."""
+    from torch.nn.modules.module import register_module_module_registration_hook
+
+    tensors, elements = _header_sizes(files)
+    limit = MODULES_PER_TENSOR * tensors + 256
+    modules = 0
+
+    def count(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+        nonlocal modules
+        modules += 1
+        if modules > limit:
+            raise _TooManyModules
+
+    names = ", ".join(p.name for p in files[:3]) + (f" (+{len(files) - 3} more)" if len(files) > 3 else "")
+    handle = register_module_module_registration_hook(count)
+    try:
+        with torch.device("meta"), _transformers_quiet():
+            model = auto.from_config(config)
+        parameters = sum(p.numel() for p in model.parameters())  # tied weights once
+        described, fits = f"{parameters:,} parameters", parameters <= PARAMETERS_PER_WEIGHT * elements + SLACK_PARAMETERS
+    except _TooManyModules:
+        described, fits = f"more than {limit:,} modules", False
+    except Exception as e:  # the model's own code fails on the config
+        raise ModelLoadError(f"cannot build a model from {directory / 'config.json'} ({auto.__name__}): {type(e).__name__}: "
+                             f"{_reason(e)}") from e
+    finally:
+        handle.remove()
+    if not fits:
+        raise WeightsError(
+            f"{directory / 'config.json'} describes a model of {described}, far more than its weights ({names}) hold: {tensors:,} "
+            f"tensors of {elements:,} parameters cannot fill it; fix config.json's sizes (num_hidden_layers, hidden_size, "
+            "vocab_size, ...) or save the model again with model.save_pretrained(DIR)"
+        )
+
+
+def _read_model_config(directory: Path, task: str | None) -> tuple[dict[str, Any], str, list[str]]:
+    """config.json (checked), the task (``task``, else the one its architectures imply) and the notes to give."""
+    path = directory / "config.json"
+    config = _refuse_custom_code(path, ModelLoadError, "model")
+    architectures = _architectures(config, path)
+    if task is not None:
+        return config, task, []
+    the_task = _infer_task(architectures, str(directory))
+    return config, the_task, [_task_note(directory, the_task, architectures)]
+
+
 def load_hf(directory: str | Path, task: str | None = None, max_length: int | None = None) -> HFSource:
     """The model saved in ``directory``, for ``task`` (default: the one its
-    ``config.json`` architectures imply), wrapped as an :class:`HFModel`."""
+    ``config.json`` architectures imply, said in the source's ``notes``), wrapped
+    as an :class:`HFModel`. Its weights are checked first (:func:`weight_files`),
+    and so are config.json's sizes against them (:func:`check_config_fits`)."""
     check_task(task)
     directory = Path(directory)
-    try:
-        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{directory / 'config.json'} is not readable JSON ({type(e).__name__}: {first_line(e)})") from e
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{directory / 'config.json'} holds a {type(config).__name__}, not a JSON object")
-    _refuse_custom_code(directory / "config.json", ModelLoadError, "model")
-    architectures = config.get("architectures") or []
-    if isinstance(architectures, str):
-        architectures = [architectures]
-    the_task = task or _infer_task([str(a) for a in architectures], str(directory))
-    _check_weights(directory)
+    config, the_task, notes = _read_model_config(directory, task)
+    files = weight_files(directory, config)
     try:
         auto = _auto_class(the_task)
         from transformers.utils import logging as hf_logging
     except ImportError as e:
         raise ModelLoadError(f"a Hugging Face model directory needs transformers: {e}") from e
+    hf_config = _hf_config(directory)
+    check_config_fits(directory, auto, hf_config, files)
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Loading weights" bar on the user's terminal
     try:
         with _transformers_quiet():
             model, info = auto.from_pretrained(
-                str(directory), local_files_only=True, use_safetensors=True, attn_implementation="eager", output_loading_info=True,
-                trust_remote_code=False, ignore_mismatched_sizes=True,
+                str(directory), config=hf_config, local_files_only=True, use_safetensors=True, attn_implementation="eager",
+                output_loading_info=True, trust_remote_code=False, ignore_mismatched_sizes=True,
             )
     except Exception as e:  # transformers raises many types; a weights file it cannot read is the weights' fault
         kind = type(e).__name__
@@ -438,12 +646,17 @@ def load_hf(directory: str | Path, task: str | None = None, max_length: int | No
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
+    _check_filled(directory, model, info, the_task, config)
+    return HFSource(wrap_pretrained(model.eval(), the_task, str(directory)), directory, max_length, notes=notes)
+
+
+def _check_filled(directory: Path, model: nn.Module, info: Mapping[str, Any], task: str, config: Mapping[str, Any]) -> None:
     missing = sorted(info.get("missing_keys") or [])
     mismatched = [str(k[0]) if isinstance(k, (tuple, list)) else str(k) for k in info.get("mismatched_keys") or []]
     if missing or mismatched:
         few = ", ".join((missing + mismatched)[:4]) + (" ..." if len(missing) + len(mismatched) > 4 else "")
+        saved = ", ".join(_architectures(dict(config), directory / "config.json")) or "see config.json"
         raise WeightsError(
-            f"the weights in {directory} do not fill a {type(model).__name__} for task {the_task} (missing or wrong: {few}): "
-            f"those would be random; pass the `task` the model was saved for ({', '.join(architectures) or 'see config.json'})"
+            f"the weights in {directory} do not fill a {type(model).__name__} for task {task} (missing or wrong: {few}): "
+            f"those would be random; pass the `task` the model was saved for ({saved})"
         )
-    return HFSource(wrap_pretrained(model.eval(), the_task, str(directory)), directory, max_length)

@@ -4,7 +4,8 @@ One adapter object (a :class:`LayerKind`) per module type that can take a mask
 says: its input-feature axis, its number of input / output features, which axes
 of its input are samples, how to fold a per-input-feature scale into its weight,
 how to remove input features (as a consumer) and output features (as a producer),
-how its one compute op looks in a ``torch.export`` graph, and why it cannot be
+its weight in the ``(out, in, *kernel)`` layout every kind shares (what selection
+methods and compensation read, and a masks file stores), how its one compute op looks in a ``torch.export`` graph, and why it cannot be
 folded or pruned when it cannot. Adapters are registered for module types with
 :func:`register_layer_kind`; :func:`layer_kind` finds a module's by its exact type,
 then along its MRO (so subclasses of ``nn.Linear`` are Linears). Built in:
@@ -190,6 +191,25 @@ class LayerKind(ABC):
         its values there."""
         raise SquashError(self.why_not_foldable(layer) or f"{type(layer).__name__} cannot be folded")
 
+    # --- weight columns (selection methods and compensation) --------------------------
+
+    def why_no_weight_columns(self, layer: nn.Module) -> str | None:
+        """None if :meth:`standard_weight` gives the columns each input feature
+        multiplies (what methods score and compensation refits), else why not."""
+        return (
+            f"{type(layer).__name__} is not a Linear, a Conv1D or a ConvNd: methods and compensation need the "
+            "consumer's weight columns (mask the input of a Linear or a Conv)"
+        )
+
+    def standard_weight(self, layer: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``weight`` (default: the layer's) in the layout every kind shares,
+        ``(out, in, *kernel)``: what a masks file stores as the layer's new weight."""
+        raise ConfigError(self.why_no_weight_columns(layer) or f"{type(layer).__name__} has no weight columns")
+
+    def native_weight(self, layer: nn.Module, standard: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`standard_weight`: ``(out, in, *kernel)`` in the layer's own layout."""
+        raise ConfigError(self.why_no_weight_columns(layer) or f"{type(layer).__name__} has no weight columns")
+
     # --- prune --------------------------------------------------------------------------
 
     def why_not_prunable(self, layer: nn.Module) -> str | None:
@@ -246,6 +266,19 @@ class WeightedKind(LayerKind):
         if isinstance(layer, nn.modules.lazy.LazyModuleMixin):
             return f"{type(layer).__name__} is lazy (its weight has no shape yet)"
         return None
+
+    def why_no_weight_columns(self, layer: nn.Module) -> str | None:
+        if isinstance(getattr(layer, "weight", None), nn.parameter.UninitializedParameter):
+            return f"{type(layer).__name__} is lazy (its weight has no shape yet): run it once first"
+        return None
+
+    def standard_weight(self, layer: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+        in_dim, out_dim = self.weight_dims
+        return (_tensor(layer, "weight") if weight is None else weight).movedim((out_dim, in_dim), (0, 1))
+
+    def native_weight(self, layer: nn.Module, standard: torch.Tensor) -> torch.Tensor:
+        in_dim, out_dim = self.weight_dims
+        return standard.movedim((0, 1), (out_dim, in_dim))
 
     def _scale_shape(self, weight: torch.Tensor) -> list[int]:
         shape = [1] * weight.ndim
@@ -424,6 +457,11 @@ class ConvKind(WeightedKind):
         per_out = vector.to(weight.dtype).to(weight.device).repeat_interleave(weight.shape[0] // vector.numel())
         return weight * per_out.reshape(-1, *[1] * (weight.ndim - 1))
 
+    def why_no_weight_columns(self, layer: nn.Module) -> str | None:
+        if layer.groups != 1:
+            return f"{type(layer).__name__} has groups={layer.groups}: methods and compensation need a conv without groups"
+        return super().why_no_weight_columns(layer)
+
     def why_not_prunable(self, layer: nn.Module) -> str | None:
         if (why := super().why_not_prunable(layer)) is not None:
             return why
@@ -483,6 +521,9 @@ class ConvTransposeKind(ConvKind):
 
     def why_not_prunable(self, layer: nn.Module) -> str | None:
         return f"{type(layer).__name__} is a transposed conv: its producer side is not traced"
+
+    def why_no_weight_columns(self, layer: nn.Module) -> str | None:
+        return LayerKind.why_no_weight_columns(self, layer)
 
     def shrink(self, layer: nn.Module, cut: Cut) -> nn.Module:
         return WeightedKind.shrink(self, layer, cut)

@@ -43,7 +43,7 @@ from torch import nn
 from . import zoo
 from .batches import Batch
 from .calibrate import check_finite_weights
-from .errors import ActsparseError, DataError, ModelLoadError, WeightsError, first_line
+from .errors import ActsparseError, DataError, ModelLoadError, UsageError, WeightsError, first_line
 from .hf import HF_PREFIX, HFSource, hf_directory, is_pretrained, load_hf, wrap_pretrained
 from .streams import Stream
 
@@ -72,6 +72,11 @@ class LoadedModel:
     name: str
     builtin: bool
     hf: Any = None
+
+    @property
+    def notes(self) -> list[str]:
+        """What the user is told about how the model was loaded (a Hugging Face model's task, inferred)."""
+        return list(self.hf.notes) if self.hf is not None else []
 
     def io_spec(self, example: Batch | None) -> Any:
         """A Hugging Face model's I/O spec for batches like ``example`` (None for other models)."""
@@ -114,6 +119,9 @@ def parse_factory_args(text: str | None) -> dict[str, Any] | None:
         return None
     try:
         value = json.loads(text)
+    except RecursionError as e:
+        raise ModelLoadError("`factory_args` is nested too deep to read (arrays or objects inside each other thousands of levels "
+                             "deep): give a JSON object of keyword arguments such as '{\"hidden\": 64}'") from e
     except ValueError as e:
         raise ModelLoadError(f"`factory_args` is not valid JSON ({first_line(e)}): give an object such as '{{\"path\": \"model.safetensors\"}}'") from e
     if not isinstance(value, dict):
@@ -216,15 +224,16 @@ def load_text_data(
 ) -> tuple[Stream | None, Stream | None]:
     """Calibration and held-out batches from ``options.text`` / ``options.heldout_text``
     (None for each not given), made by the model's tokenizer: streams that read
-    the file line by line and tokenize a batch at a time (:class:`~actsparse_deploy.streams.TextStream`)."""
+    the file line by line and tokenize a batch at a time (:class:`~actsparse_deploy.streams.TextStream`).
+    Text with ``data`` / ``heldout`` as well, or for a model without a tokenizer, is a :class:`UsageError`."""
     if options is None or (options.text is None and options.heldout_text is None):
         return None, None
     if options.text is not None and data is not None:
-        raise DataError("give calibration data as `data` or as `text`, not both")
+        raise UsageError("give calibration data as `data` or as `text`, not both")
     if options.heldout_text is not None and heldout is not None:
-        raise DataError("give held-out data as `heldout` or as `heldout_text`, not both")
+        raise UsageError("give held-out data as `heldout` or as `heldout_text`, not both")
     if loaded.hf is None:
-        raise DataError(
+        raise UsageError(
             f"`text` and `heldout_text` need a Hugging Face model (a directory with its tokenizer); {loaded.name!r} is not one: "
             "pass `data` / `heldout` files of input tensors"
         )

@@ -5,8 +5,12 @@ feature), with JSON metadata holding the recipe, each layer's mask shape,
 achieved sparsity and input shape, the number of calibration samples and the
 tool version. A layer whose mask came from a selection method may carry edits
 of its own parameters (compensation: :mod:`actsparse_deploy.compensate`), saved
-as tensors ``layer::weight`` / ``layer::bias``, with the ``method``,
-``compensate`` and ``damping`` that made them.
+as tensors ``layer::weight`` / ``layer::bias`` (the weight as ``(out, in,
+*kernel)`` whatever the layer's own layout: GPT-2's ``Conv1D`` keeps ``(in,
+out)``, its kind turns one into the other; the row says ``weight_layout =
+"out-in"``, and a row without it, written by 0.1.0 before the layout was shared,
+is read in the layer's own layout), with the ``method``, ``compensate`` and
+``damping`` that made them.
 
     >>> import tempfile, torch
     >>> from actsparse_deploy.masks import LayerMask, Masks
@@ -33,14 +37,39 @@ from .recipe import Recipe
 from .serialize import SEP, check_format, load_safetensors, save_safetensors
 from .version import __version__
 
-__all__ = ["MAX_DENSE_VALUES", "LayerMask", "Masks", "checked_layer_mask"]
+__all__ = ["MAX_DENSE_VALUES", "MAX_NAME", "LayerMask", "Masks", "checked_layer_mask", "layer_name_in_file", "model_name_in_file"]
 
 FORMAT = "actsparse.masks"
+#: how a masks file stores a layer's new weight (see LayerMask.weight_layout)
+WEIGHT_LAYOUTS = ("out-in", "native")
 FORMAT_VERSION = 1
 #: The most values a dense per-feature mask may hold (4 GiB of float32): a masks
 #: file declaring a larger layer input is corrupted or hostile, and refused
 #: before anything of that size is made.
 MAX_DENSE_VALUES = 2**30
+#: the longest layer or model name a masks or statistics file may hold
+MAX_NAME = 4096
+
+
+def layer_name_in_file(name: Any) -> str:
+    """A layer's name as a file gives it, refused (:class:`MaskError`) unless it
+    is what ``named_modules`` can give: non-empty parts joined by dots, printable,
+    at most ``MAX_NAME`` characters."""
+    if not (isinstance(name, str) and 0 < len(name) <= MAX_NAME and name.isprintable() and all(name.split("."))):
+        raise MaskError(
+            f"layer {str(name)[:80]!r} is not a layer name (printable, non-empty parts joined by dots, at most "
+            f"{MAX_NAME} characters): the file is corrupted"
+        )
+    return name
+
+
+def model_name_in_file(model: Any) -> str | None:
+    """The model a file names (None: none), refused (:class:`MaskError`) unless it
+    is printable text of at most ``MAX_NAME`` characters. Only ever shown or
+    compared: a file's contents never choose a model to load."""
+    if model is not None and not (isinstance(model, str) and len(model) <= MAX_NAME and model.isprintable()):
+        raise MaskError(f"model {str(model)[:80]!r} is not a model's name (printable, at most {MAX_NAME} characters)")
+    return model
 
 
 
@@ -77,6 +106,9 @@ class LayerMask:
     compensate: str | None = None  # the compensation applied ("none", "bias", "lstsq")
     damping: float | None = None
     note: str | None = None  # why the compensation applied differs from the recipe's
+    #: the weight's layout: ``out-in`` is ``(out, in, *kernel)`` whatever the layer's;
+    #: ``native``, the layer's own, is how masks files without a layout stored it
+    weight_layout: str = "out-in"
 
     def __post_init__(self) -> None:
         if (self.features is None) != isinstance(self.mask, torch.Tensor):
@@ -136,7 +168,7 @@ class LayerMask:
         if values > MAX_DENSE_VALUES:
             raise MaskError(
                 f"mask of layer {name!r}: its input shape {list(self.input_shape)} would make a dense mask of "
-                f"{values} values, more than {MAX_DENSE_VALUES}: the masks file is corrupted or not for this model"
+                f"{values} values, more than {MAX_DENSE_VALUES}: the masks are corrupted or not for this model"
             )
 
     def _check_edits(self, name: str) -> None:
@@ -155,6 +187,8 @@ class LayerMask:
             raise MaskError(f"damping {self.damping!r} of layer {name!r} must be a finite number >= 0")
         if self.note is not None and not isinstance(self.note, str):
             raise MaskError(f"note of layer {name!r} must be text")
+        if self.weight_layout not in WEIGHT_LAYOUTS:
+            raise MaskError(f"weight layout {str(self.weight_layout)[:40]!r} of layer {name!r} is not one of {', '.join(WEIGHT_LAYOUTS)}")
         for what, t in (("weight", self.weight), ("bias", self.bias)):
             if t is None:
                 continue
@@ -167,7 +201,7 @@ class LayerMask:
         if self.features is not None and (self.weight is not None or self.bias is not None):
             raise MaskError(f"layer {name!r}: per-feature masks carry no weight edits")
         weight, bias = self.weight, self.bias
-        if weight is not None:
+        if weight is not None and self.weight_layout == "out-in":
             if weight.ndim < 2:
                 raise MaskError(f"weight of layer {name!r} has shape {list(weight.shape)}: it must be (out, in, *kernel)")
             width = int(weight.shape[1])
@@ -178,10 +212,10 @@ class LayerMask:
                 if len(shape) < -axis or shape[axis] != width:
                     raise MaskError(
                         f"weight of layer {name!r} has {width} input features, its {what} of shape {shape} does not: "
-                        "the masks file is corrupted or not for this model"
+                        "the masks are corrupted or not for this model"
                     )
         if bias is not None:
-            out = int(weight.shape[0]) if weight is not None else None
+            out = int(weight.shape[0]) if weight is not None and self.weight_layout == "out-in" else None
             if bias.ndim != 1 or (out is not None and bias.shape[0] != out):
                 raise MaskError(f"bias of layer {name!r} has shape {list(bias.shape)}: it must be ({out if out is not None else 'out'},)")
 
@@ -252,6 +286,8 @@ class LayerMask:
             t = getattr(self, key)
             if t is not None:
                 row[f"{key}_shape"] = list(t.shape)
+        if self.weight is not None:
+            row["weight_layout"] = self.weight_layout
         return row
 
     @property
@@ -323,10 +359,13 @@ class Masks:
         ]
 
     def notes(self) -> list[str]:
-        """One line per layer whose mask zeroes 100 % of its input: the model no
-        longer depends on that input (a constant downstream). Not an error (the
-        masks are what the recipe asked for) but worth telling the user."""
-        out = []
+        """One line per selected layer left out (``extra["skipped"]``: the forward
+        pass never called it), per layer note, and per layer whose mask zeroes
+        100 % of its input: the model no longer depends on that input (a constant
+        downstream). Not errors (the masks are what the recipe asked for) but
+        worth telling the user."""
+        skipped = self.extra.get("skipped")
+        out = [f"layer {name!r}: {why}" for name, why in skipped.items()] if isinstance(skipped, dict) else []
         for name, lm in self.layers.items():
             if lm.note:
                 out.append(f"layer {name!r}: {lm.note}")
@@ -393,8 +432,8 @@ class Masks:
                 raise MaskError(f"masks file {path}: 'layers' must be a list of tables, one per layer")
             layers: dict[str, LayerMask] = {}
             for row in rows:
-                if row.get("layer") in layers or not isinstance(row.get("layer"), str):
-                    raise MaskError(f"masks file {path}: layer {row.get('layer')!r} is not a name or is listed twice")
+                if layer_name_in_file(row.get("layer")) in layers:
+                    raise MaskError(f"masks file {path}: layer {row['layer']!r} is listed twice")
                 layers[row["layer"]] = _layer_from_row(row, tensors)
             recipe = Recipe.from_toml(metadata["recipe"], f"recipe in {path}") if metadata.get("recipe") else None
             num_samples, num_batches = int(metadata["num_samples"]), int(metadata.get("num_batches", "0"))
@@ -408,7 +447,7 @@ class Masks:
                 recipe=recipe,
                 num_samples=num_samples,
                 num_batches=num_batches,
-                model=metadata.get("model") or None,
+                model=model_name_in_file(metadata.get("model") or None),
                 tool_version=metadata["tool_version"],
                 extra=extra,
             )
@@ -545,5 +584,7 @@ def _layer_from_row(row: dict[str, Any], tensors: dict[str, torch.Tensor]) -> La
         compensate=row.get("compensate"),
         damping=damping,
         note=row.get("note"),
+        # a weight without a layout was stored in the layer's own (the files of 0.1.0)
+        weight_layout=row.get("weight_layout", "native" if "weight" in edits else "out-in"),
         **edits,
     )

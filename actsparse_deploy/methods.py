@@ -51,7 +51,7 @@ from torch import nn
 
 from .errors import ConfigError, UnknownFunctionError
 from .functions import STAT_DTYPE, RunningStat, _zero_smallest
-from .layers import Conv1DKind, ConvKind, ConvTransposeKind, LinearKind, WeightedKind, layer_kind
+from .layers import WeightedKind, layer_kind
 
 if TYPE_CHECKING:
     from .stats import LayerStats
@@ -86,33 +86,31 @@ DEFAULT_DAMPING = 0.001
 def weight_columns(layer: nn.Module) -> torch.Tensor:
     """The consumer's weight as ``(out, d, k)`` float64: column group ``j`` is what
     input feature ``j`` multiplies (``k`` kernel positions of a conv, 1 for a
-    Linear or GPT-2's ``Conv1D``, whose ``(in, out)`` weight is read transposed).
-    Refused (:class:`ConfigError`) for a layer that is not a ``Linear``, a
-    ``Conv1D`` or a ``ConvNd`` without groups."""
+    Linear or GPT-2's ``Conv1D``), read through the layer's kind
+    (:meth:`~actsparse_deploy.layers.LayerKind.standard_weight`). Refused
+    (:class:`ConfigError`) for a layer whose kind has no weight columns (only a
+    ``Linear``, a ``Conv1D``, a ``ConvNd`` without groups and kinds registered
+    like them have)."""
     kind = layer_kind(layer)
-    if not isinstance(kind, (LinearKind, ConvKind, Conv1DKind)) or isinstance(kind, ConvTransposeKind):
+    if kind is None:
         raise ConfigError(
-            f"{type(layer).__name__} is not a Linear, a Conv1D or a ConvNd: methods and compensation need the consumer's weight "
-            "columns (mask the input of a Linear or a Conv)"
+            f"{type(layer).__name__} is not a registered layer kind: methods and compensation need the consumer's "
+            "weight columns (mask the input of a Linear or a Conv)"
         )
-    if getattr(layer, "groups", 1) != 1:
-        raise ConfigError(f"{type(layer).__name__} has groups={layer.groups}: methods and compensation need a conv without groups")
-    weight = layer.weight
-    if isinstance(weight, nn.parameter.UninitializedParameter):
-        raise ConfigError(f"{type(layer).__name__} is lazy (its weight has no shape yet): run it once first")
-    w = weight.detach().to(STAT_DTYPE)
-    if isinstance(kind, Conv1DKind):
-        w = w.T
+    why = kind.why_no_weight_columns(layer)
+    if why is not None:
+        raise ConfigError(why)
+    w = kind.standard_weight(layer).detach().to(STAT_DTYPE)
     return w.reshape(w.shape[0], w.shape[1], -1)
 
 
 def weight_from_columns(layer: nn.Module, columns: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`weight_columns`: ``(out, d, k)`` (or ``(out, d)``)
-    columns as a weight of ``layer``'s own shape and dtype."""
-    weight = layer.weight
-    if isinstance(layer_kind(layer), Conv1DKind):
-        return columns.reshape(weight.shape[1], weight.shape[0]).T.contiguous().to(weight.dtype)
-    return columns.reshape(weight.shape).to(weight.dtype)
+    columns as a weight of ``layer``'s own shape, layout and dtype."""
+    kind = layer_kind(layer)
+    assert kind is not None  # weight_columns refused the rest
+    standard = columns.reshape(kind.standard_weight(layer).shape)
+    return kind.native_weight(layer, standard).contiguous().to(layer.weight.dtype)
 
 
 def structured_shape(layer: nn.Module, d: int) -> tuple[int, ...]:

@@ -24,7 +24,7 @@ causal language model, tiny-lm, its held-out :func:`perplexity`, dense and spars
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .batches import Batch, call_args, flatten_outputs, run_batch, total_samples, unpadded
+from .batches import Batch, batch_size, call_args, flatten_outputs, run_batch, total_samples, unpadded
 from .errors import DataError
 
 if TYPE_CHECKING:
@@ -150,6 +150,19 @@ def cosine_stats(dense: nn.Module, sparse: nn.Module, batches: Iterable[Batch]) 
     return stats
 
 
+class _Counted:
+    """``batches``, counting the samples that pass (data that cannot say how many it holds)."""
+
+    def __init__(self, batches: Iterable[Batch]) -> None:
+        self.batches = batches
+        self.samples = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.batches:
+            self.samples += batch_size(batch)
+            yield batch
+
+
 def _is_causal_lm(work: Workload) -> bool:
     """Whether ``work`` is a causal language model: a ``causal-lm`` built-in, or a
     workload whose ``task`` (a Hugging Face model's) is ``causal-lm``."""
@@ -171,11 +184,13 @@ def sparsification_cost(
     # cosine and perplexity on token batches without their padding (the same figures, less work: a
     # model's per-token outputs at padding positions are not compared); accuracy keeps the labels' order
     regrouped = unpadded(held)
-    outputs = cosine_stats(work.model, sparse, regrouped)
+    counted = _Counted(regrouped)
+    outputs = cosine_stats(work.model, sparse, counted)
     for row in outputs:
         if io_names is not None:
             row["output"] = io_names[row["output"]]
-    cost: dict[str, Any] = {"outputs": outputs, "heldout_samples": total_samples(held)}
+    known = total_samples(held)
+    cost: dict[str, Any] = {"outputs": outputs, "heldout_samples": known if known is not None else counted.samples}
     other = work.builtin.other_data if work.builtin is not None else None
     if other is not None:  # the cost under domain shift: text that is neither calibration nor held-out data
         batches = other(work.builtin.batch_size)  # type: ignore[union-attr]

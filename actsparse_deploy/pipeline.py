@@ -31,14 +31,14 @@ from .batches import first_samples, total_samples, unpadded
 from .calibrate import collect, select
 from .constants import COMPENSATIONS, DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_RTOL, EXPORTERS, MODES
 from .errors import DataError, ExportError, OutputError, RecipeError, SquashError, ValidationError
-from .export import ExportResult, export_onnx, layer_metadata
+from .export import ExportResult, check_dynamic_axes, check_opset, export_onnx, layer_metadata
 from .files import check_output_dir, check_output_path, os_reason, output_lock, remove_stale_staging, set_output_mode, staging_dir
 from .latency import dense_latency, slower_note, verdict
 from .loading import ModelOptions, check_distinct_data
 from .masks import Masks
 from .metrics import sparsification_cost
 from .recipe import Recipe
-from .report import Calibration, Cost, Export, Latency, Report, Validation
+from .report import Calibration, Cost, Export, Latency, Report, Validation, named_input_shape
 from .squash import SquashResult
 from .streams import shape_examples
 from .threads import check_threads, current_threads, use_threads
@@ -149,9 +149,9 @@ class ConvertOptions:
             raise RecipeError("a cost budget (`max_cost`) searches over several passes of the data: it is not supported in "
                               "distributed calibration; run it in one process, or give a sparsity")
         if self.max_cost is not None:
-            from .budget import Budget
+            from .budget import check_budget
 
-            Budget.parse(self.max_cost)
+            check_budget(self.max_cost)
             if self.sparsity is not None:
                 raise RecipeError("give a sparsity or a cost budget (max_cost), not both")
         if self.method is not None and not (isinstance(self.method, str) and self.method):
@@ -162,8 +162,7 @@ class ConvertOptions:
             raise SquashError(f"unknown squash mode {self.mode!r}; known: {', '.join(MODES)}")
         if self.exporter not in EXPORTERS:
             raise ExportError(f"unknown exporter {self.exporter!r}; known: {', '.join(EXPORTERS)}")
-        if self.opset is not None and not (isinstance(self.opset, int) and not isinstance(self.opset, bool) and self.opset > 0):
-            raise ExportError(f"opset must be a positive integer, got {self.opset!r}")
+        check_opset(self.opset, self.exporter)
         if not all(_is_number(t) and t >= 0 for t in (self.atol, self.rtol)):  # NaN fails t >= 0
             raise ValidationError(f"tolerances must be non-negative numbers (atol {self.atol}, rtol {self.rtol})")
         if self.timeout is not None and not (_is_number(self.timeout) and self.timeout > 0):
@@ -275,6 +274,7 @@ def _convert(model: str, outdir: Path, o: ConvertOptions) -> Report | None:
         if o.text is not None and o.heldout_text is not None:
             check_distinct_data(o.text, o.heldout_text)
         work.require_heldout()
+        check_dynamic_axes(work.model, work.example(), o.dynamic_axes, work.io)  # before any work
         calibration = first_samples(work.require_calibration(), o.max_samples)
         timer.totals["calibrate"] = total_samples(calibration) if o.group is None else None  # distributed: a share
     with timer("calibrate"):
@@ -362,7 +362,8 @@ def build_report(
     on a staged copy), default where it was exported to."""
     modes = squashed.rows()
     # merged: the squash rows also say how each layer's features were chosen (method) and compensated
-    layers = [{**row, **next(m for m in modes if m["layer"] == row["layer"])} for row in masks.summary()]
+    layers = [{**row, "input_shape": named_input_shape(row), **next(m for m in modes if m["layer"] == row["layer"])}
+              for row in masks.summary()]
     outdir = exported.path.parent
     files = {name: (outdir / name).stat().st_size for name in ("masks.safetensors", "model.onnx") if (outdir / name).exists()}
     if exported.external_data:
@@ -377,7 +378,7 @@ def build_report(
         overall_sparsity=masks.overall_sparsity(),
         layers=layers,
         recipe=masks.recipe.to_dict() if masks.recipe else None,
-        notes=masks.notes(),
+        notes=[*work.notes, *masks.notes()],
         export=Export.from_json({**exported.to_json(), "path": final}),
         validation=Validation.from_json({**checked, "onnx": final}),
         cost=Cost.from_json(cost),

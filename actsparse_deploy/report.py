@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Self, TypeVar
 
 from .version import __version__
 
-__all__ = ["KEYS", "Calibration", "Cost", "Export", "Latency", "Report", "Section", "Validation"]
+__all__ = ["KEYS", "Calibration", "Cost", "Export", "Latency", "Report", "Section", "Validation", "named_input_shape"]
 
 S = TypeVar("S", bound="Section")
 
@@ -204,3 +204,22 @@ class Report(Section):
 
 #: the top-level keys of every report, in order
 KEYS = tuple(Report.keys())
+
+
+def named_input_shape(row: Mapping[str, Any]) -> list[int | str] | None:
+    """A masks row's ``input_shape`` (one sample's input, as calibration first saw
+    it) with the leading axes its mask is shared across named: they take any
+    length (a token layer's positions), so the first batch's length would
+    mislead. One such axis is ``sequence``, more are ``positions_1``, ...
+
+    >>> named_input_shape({"input_shape": [5, 1536], "mask_shape": [1536]})
+    ['sequence', 1536]
+    >>> named_input_shape({"input_shape": [16, 8, 8], "mask_shape": [16, 1, 1]})
+    [16, 8, 8]
+    """
+    shape, mask = row.get("input_shape"), row.get("mask_shape")
+    if not shape or not mask or not all(isinstance(n, int) for n in mask) or len(mask) >= len(shape):
+        return None if shape is None else list(shape)
+    shared = len(shape) - len(mask)
+    names = ["sequence"] if shared == 1 else [f"positions_{i + 1}" for i in range(shared)]
+    return [*names, *shape[shared:]]

@@ -45,7 +45,7 @@ from .masks import Masks
 from .metrics import sparsification_cost
 from .pt2 import load_pt2, pt2_io, save_pt2
 from .recipe import Recipe
-from .report import Calibration, Report
+from .report import Calibration, Report, named_input_shape
 from .stats import Statistics
 from .streams import reiterable, shape_examples
 from .validate import validate
@@ -91,6 +91,8 @@ class Source:
 
     def require_heldout(self) -> list[Batch] | Iterable[Batch]:
         if self.heldout is None:
+            if self.work is not None and self.work.task is not None:  # a Hugging Face model: its held-out text
+                self.work.require_heldout()
             raise DataError(f"{self.name!r} has no held-out data: pass `heldout` data (never the calibration data)")
         return self.heldout
 
@@ -170,15 +172,19 @@ def _size(path: Path) -> int:
     return os.path.getsize(path)
 
 
-def masks_report(masks: Masks, files: dict[str, int] | None = None, seconds: dict[str, float] | None = None) -> Report:
+def masks_report(
+    masks: Masks, files: dict[str, int] | None = None, seconds: dict[str, float] | None = None, notes: Sequence[str] = ()
+) -> Report:
     """A masks file's contents as a report (``calibrate``, ``inspect``); every
-    layer row says its ``method`` (None: the recipe's functions) and ``compensate``."""
-    rows = [{**row, "method": row.get("method"), "compensate": row.get("compensate") or "none"} for row in masks.summary()]
+    layer row says its ``method`` (None: the recipe's functions) and ``compensate``;
+    ``notes``: the model's own (how it was loaded), before the masks' notes."""
+    rows = [{**row, "input_shape": named_input_shape(row), "method": row.get("method"), "compensate": row.get("compensate") or "none"}
+            for row in masks.summary()]
     return Report(
         tool_version=masks.tool_version, model=masks.model,
         calibration=Calibration(samples=masks.num_samples, batches=masks.num_batches),
         overall_sparsity=round(masks.overall_sparsity(), 6), layers=rows,
-        recipe=masks.recipe.to_dict() if masks.recipe is not None else None, notes=masks.notes(),
+        recipe=masks.recipe.to_dict() if masks.recipe is not None else None, notes=[*notes, *masks.notes()],
         seconds=seconds, files=files,
     )
 
@@ -243,7 +249,7 @@ def calibrate_to_file(
     masks = select(stats, model=loaded.module)
     masks.save(output)
     seconds = round(time.perf_counter() - start, 3)
-    return masks_report(masks, files={str(output): _size(Path(output))}, seconds={"calibrate": seconds, "total": seconds})
+    return masks_report(masks, files={str(output): _size(Path(output))}, seconds={"calibrate": seconds, "total": seconds}, notes=loaded.notes)
 
 
 def stats_report(stats: Statistics, output: str | Path, seconds: float, parts: int | None = None) -> Report:
@@ -257,22 +263,43 @@ def stats_report(stats: Statistics, output: str | Path, seconds: float, parts: i
     return Report(tool_version=stats.tool_version, model=stats.model,
                   calibration=Calibration(samples=stats.num_samples, batches=stats.num_batches), layers=rows,
                   recipe=stats.recipe.to_dict() if stats.recipe is not None else None,
+                  notes=[f"layer {name!r}: {why}" for name, why in stats.skipped.items()],
                   seconds={"total": round(seconds, 3)}, files={str(output): _size(Path(output))}, extra=extra)
 
 
 def merge_stats_files(parts: Sequence[str | Path], output: str | Path) -> Report:
     """Merge statistics files (each from ``calibrate`` with ``stats_only``, or an
     earlier merge) into ``output``: what one run over all their data gives. A part
-    of another model (fingerprint), recipe or major version is refused, naming it."""
+    of another model (fingerprint), recipe or major version is refused, naming it;
+    so is the same data twice: a file given twice (or through a link), two parts
+    that share a calibration run (a copy; a merge and one of its parts) or hold
+    identical statistics (the same data collected again)."""
     start = time.perf_counter()
     if not parts:
         raise MaskError("merge needs at least one statistics file")
-    merged = Statistics.load(parts[0])
-    for part in parts[1:]:
+    seen: dict[tuple[int, int], str | Path] = {}
+    for part in parts:
         try:
-            merged = merged.merge(Statistics.load(part))
+            info = os.stat(part)
+        except OSError:
+            continue  # Statistics.load says what is wrong with it
+        earlier = seen.setdefault((info.st_dev, info.st_ino), part)
+        if earlier is not part:
+            raise CalibrationError(f"{part} and {earlier} are the same file: merged, its samples would count twice; give each part once")
+    merged = Statistics.load(parts[0])
+    digests = {merged.values_digest(): parts[0]}
+    for part in parts[1:]:
+        stats = Statistics.load(part)
+        try:
+            merged = merged.merge(stats)
         except CalibrationError as e:
             raise CalibrationError(f"{part} does not merge with {parts[0]}: {e}") from e
+        same = digests.setdefault(stats.values_digest(), part)
+        if same is not part:
+            raise CalibrationError(
+                f"{part} holds identical statistics to {same} (every layer's values and counts): the same data collected "
+                "twice would count twice; merge statistics of different data"
+            )
     merged.save(output)
     return stats_report(merged, output, time.perf_counter() - start, parts=len(parts))
 
@@ -291,10 +318,10 @@ def select_to_file(
     ``compensate``, the layers' new weights), written to ``output``: with
     ``recipe`` (default: the one the statistics were collected with) at
     ``sparsity`` where given. Methods read the layers' weights: the model is
-    ``model`` (default: the one the file names) and must be the one the
-    statistics are of (same fingerprint)."""
+    ``model``, else the built-in model the file names (a file's contents never
+    choose code to run: any other model it names is only shown), and must be the
+    one the statistics are of (same fingerprint)."""
     from .recipe import resolve_recipe
-    from .stats import model_fingerprint
 
     start = time.perf_counter()
     stats = Statistics.load(stats_path)
@@ -304,21 +331,44 @@ def select_to_file(
     chosen = resolve_recipe(stats.model or "model", False, base, sparsity=sparsity)
     module = None
     needs_model = any(config.method is not None for config in stats.resolve(chosen).values())
-    name = model or stats.model
-    if needs_model or model is not None:
-        if name is None:
-            raise ModelLoadError(f"{stats_path} does not name its model: give the model (its methods read the layers' weights)")
-        loaded = load_model(name, weights, model_options)
-        module = loaded.module
-        if stats.fingerprint is not None and model_fingerprint(module, stats.layers) != stats.fingerprint:
-            raise CalibrationError(
-                f"{name} is not the model the statistics in {stats_path} were collected on (its architecture or the "
-                "masked layers' weights differ): give that model and its weights"
-            )
+    if needs_model or model is not None or weights is not None:
+        module = _model_of(stats, stats_path, model, weights, model_options)
     masks = select(stats, chosen, model=module)
     masks.save(output)
     seconds = round(time.perf_counter() - start, 3)
     return masks_report(masks, files={str(output): _size(Path(output))}, seconds={"select": seconds, "total": seconds})
+
+
+def _model_of(
+    stats: Statistics, stats_path: str | Path, model: str | None, weights: str | Path | None, options: ModelOptions | None
+) -> nn.Module:
+    """The model the statistics are of: ``model`` as the user gives it, else the
+    built-in model the file names; refused where it is not (fingerprint, layers)."""
+    from .stats import model_fingerprint
+
+    name = model if model is not None else stats.model
+    if name is None:
+        raise ModelLoadError(f"{stats_path} does not name its model: give the model (its methods read the layers' weights)")
+    if model is None and name not in zoo.builtin_names():
+        raise ModelLoadError(
+            f"statistics file {stats_path} was collected on {name!r}, which is not a built-in model: give that model as "
+            "`model` (a model a file names is loaded only if it is built in; anything else would run code the file chose)"
+        )
+    module = load_model(name, weights, options).module
+    modules = dict(module.named_modules())
+    missing = next((layer for layer in stats.layers if layer not in modules), None)
+    if missing is not None and name == stats.model:
+        raise MaskError(
+            f"statistics file {stats_path}: layer {missing!r} is not a layer of {name}, the model the file names: "
+            "the file is corrupted"
+        )
+    differs = stats.fingerprint is not None and model_fingerprint(module, stats.layers) != stats.fingerprint
+    if missing is not None or differs:
+        why = f"it has no layer {missing!r}" if missing is not None else "its architecture or the masked layers' weights differ"
+        raise CalibrationError(
+            f"{name} is not the model the statistics in {stats_path} were collected on ({why}): give that model and its weights"
+        )
+    return module
 
 
 def squash_to_pt2(model: str, output: str | Path, options: SourceOptions, *, overwrite: bool = False) -> Report:
@@ -449,7 +499,7 @@ def inspect_target(
 
     if work.calibration is None and isinstance(work.model, HFModel):
         work.calibration = [HFSource(work.model, None).sample_batch()]
-    return Report(model=work.name, layers=layer_table(work))
+    return Report(model=work.name, layers=layer_table(work), notes=list(work.notes))
 
 
 def onnx_report(target: str | Path, given: bool = False) -> Report:

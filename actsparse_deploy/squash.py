@@ -240,8 +240,11 @@ Edits = tuple[torch.Tensor | None, torch.Tensor | None]
 def _edits(name: str, layer: nn.Module, lm: LayerMask) -> Edits:
     """The new weight and bias ``lm`` gives the layer (compensation, see
     :mod:`actsparse_deploy.compensate`), checked against the layer: a weight of
-    the layer's weight's shape, a bias of one value per output feature, both
-    finite floating point. ``(None, None)`` where the mask comes without edits."""
+    the layer's weight's shape in the ``(out, in, *kernel)`` layout of a masks
+    file (returned in the layer's own, through its kind; a ``native`` one, from
+    a file of 0.1.0, is the layer's own already), a bias of one value per
+    output feature, both finite floating point. ``(None, None)`` where the mask
+    comes without edits."""
     weight, bias = getattr(lm, "weight", None), getattr(lm, "bias", None)
     if weight is None and bias is None:
         return None, None
@@ -252,7 +255,9 @@ def _edits(name: str, layer: nn.Module, lm: LayerMask) -> Edits:
         raise MaskError(
             f"layer {name!r}: the masks give it a new {given} (compensation), but {why}: the masks come from another model"
         )
-    expected = {"weight": tuple(current.shape), "bias": (kind.out_features(layer),)}
+    native = getattr(lm, "weight_layout", "out-in") == "native"
+    standard = current if native else kind.standard_weight(layer)
+    expected = {"weight": tuple(standard.shape), "bias": (kind.out_features(layer),)}
     for what, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
@@ -266,6 +271,8 @@ def _edits(name: str, layer: nn.Module, lm: LayerMask) -> Edits:
             )
         if not bool(torch.isfinite(t).all()):
             raise MaskError(f"layer {name!r}: the new {what} in the masks (compensation) holds NaN or Inf: calibrate again")
+    if weight is not None and not native:
+        weight = kind.native_weight(layer, weight).contiguous()
     return weight, bias
 
 

@@ -6,9 +6,10 @@ feature where ``features`` is set; or a user aggregate's raw tensor), its sample
 count, one sample's input shape and dtype, how batches combine (``"sum"``,
 ``"max"``; ``None`` for a user aggregate, which cannot be merged), the
 aggregate's spec and the layer's types. :class:`Statistics` holds the layers
-with the recipe, model name and sample / batch counts; it merges associatively
-(statistics of two batch sets merged equal those collected over both) and saves
-to ``.safetensors`` with JSON metadata (no pickle).
+with the recipe, model name, sample / batch counts and the calibration runs it
+holds; it merges associatively (statistics of two batch sets merged equal those
+collected over both; the same run or identical statistics twice are refused)
+and saves to ``.safetensors`` with JSON metadata (no pickle).
 
     >>> import tempfile, torch
     >>> from torch import nn
@@ -29,10 +30,13 @@ to ``.safetensors`` with JSON metadata (no pickle).
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import math
+import re
+import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +45,12 @@ from torch import nn
 
 from .errors import CalibrationError, ConfigError, MaskError, RecipeError
 from .functions import AGGREGATE_FNS, STAT_DTYPE, Aggregate, RunningStat
-from .masks import MAX_DENSE_VALUES, _feature_indices, _is_int
+from .masks import MAX_DENSE_VALUES, _feature_indices, _is_int, layer_name_in_file, model_name_in_file
 from .recipe import LayerSettings, Recipe, ResolvedLayer
 from .serialize import SEP, read_container, write_container
 from .version import __version__
 
-__all__ = ["LayerStats", "Statistics", "dtype_named", "model_fingerprint", "type_names"]
+__all__ = ["LayerStats", "Statistics", "dtype_named", "model_fingerprint", "new_run_id", "type_names"]
 
 FORMAT = "actsparse.statistics"
 FORMAT_VERSION = 1
@@ -57,6 +61,15 @@ _DTYPES = {
 }
 #: a count above this is not a count of samples: a corrupted file
 _MAX_COUNT = 2**62
+#: the most calibration runs one statistics file may merge
+_MAX_RUNS = 100_000
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+_TOOL_VERSION = re.compile(r"[0-9A-Za-z.+-]{1,64}")
+
+
+def new_run_id() -> str:
+    """The id of one calibration run (random): statistics record the runs they hold."""
+    return uuid.uuid4().hex
 
 
 def dtype_named(name: Any) -> torch.dtype | None:
@@ -78,18 +91,21 @@ def _matches_type(wanted: tuple[str, ...], types: tuple[str, ...]) -> bool:
 def model_fingerprint(model: nn.Module, layers: Iterable[str]) -> str:
     """A digest of ``model``'s architecture (every module's name and class, every
     parameter's and buffer's name, shape and dtype) and of the weights of
-    ``layers`` (the layers the statistics are of): statistics with different
-    fingerprints come from different models and do not merge."""
-    import hashlib
-
+    ``layers`` (the layers the statistics are of; one the model lacks counts as
+    missing): statistics with different fingerprints come from different models
+    and do not merge."""
     digest = hashlib.sha256()
     for name, module in model.named_modules():
         digest.update(f"m {name} {type(module).__module__}.{type(module).__qualname__}\n".encode())
     for kind, items in (("p", model.named_parameters()), ("b", model.named_buffers())):
         for name, tensor in items:
             digest.update(f"{kind} {name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
+    modules = dict(model.named_modules())
     for layer in sorted(layers):
-        for name, tensor in sorted(model.get_submodule(layer).named_parameters(recurse=False)):
+        if layer not in modules:  # statistics of a layer this model does not have: another model
+            digest.update(f"missing {layer}\n".encode())
+            continue
+        for name, tensor in sorted(modules[layer].named_parameters(recurse=False)):
             digest.update(f"w {layer}.{name}\n".encode())
             digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
@@ -229,6 +245,13 @@ def _tensor(part: RunningStat | torch.Tensor) -> torch.Tensor:
     return part.value if isinstance(part, RunningStat) else part
 
 
+def _same_statistic(a: LayerStats, b: LayerStats) -> bool:
+    """The same counts and the same values, part by part."""
+    if (a.num_samples, a.num_batches, a.count, len(a.parts)) != (b.num_samples, b.num_batches, b.count, len(b.parts)):
+        return False
+    return all(torch.equal(_tensor(p).cpu(), _tensor(q).cpu()) for p, q in zip(a.parts, b.parts))
+
+
 def _as_dtype(new: Any, dtype: torch.dtype) -> Any:
     if isinstance(new, torch.Tensor) and new.is_floating_point() and dtype.is_floating_point:
         return new.to(dtype)
@@ -247,6 +270,11 @@ class Statistics:
     tool_version: str = __version__
     #: :func:`model_fingerprint` of the model and layers the statistics are of (None: unknown)
     fingerprint: str | None = None
+    #: the calibration runs the statistics hold (:func:`new_run_id`; a merge holds its parts'):
+    #: merging statistics that share a run would count its samples twice
+    runs: tuple[str, ...] = field(default_factory=lambda: (new_run_id(),))
+    #: selected layers the forward pass never called, left out -> why (not saved: the masks file keeps it)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, ls in self.layers.items():
@@ -257,6 +285,10 @@ class Statistics:
             value = getattr(self, key)
             if not (_is_int(value) and 0 <= value <= _MAX_COUNT):
                 raise MaskError(f"{key} must be a non-negative integer, got {value!r}")
+        runs = self.runs
+        if not (isinstance(runs, tuple) and 1 <= len(runs) <= _MAX_RUNS and len(set(runs)) == len(runs)
+                and all(isinstance(r, str) and _RUN_ID.fullmatch(r) for r in runs)):
+            raise MaskError(f"runs {str(runs)[:80]} must be 1 to {_MAX_RUNS} distinct run ids (32 hexadecimal digits)")
 
     def __getitem__(self, name: str) -> LayerStats:
         try:
@@ -296,15 +328,46 @@ class Statistics:
                 f"statistics written by actsparse_deploy {self.tool_version} and {other.tool_version} (different major "
                 "versions) cannot be merged: collect both with one version"
             )
+        layers = {name: ls.merge(other.layers[name], name) for name, ls in self.layers.items()}
+        self._check_other_data(other)
         return Statistics(
-            layers={name: ls.merge(other.layers[name], name) for name, ls in self.layers.items()},
+            layers=layers,
             recipe=self.recipe if self.recipe is not None else other.recipe,
             num_samples=self.num_samples + other.num_samples,
             num_batches=self.num_batches + other.num_batches,
             model=self.model if self.model is not None else other.model,
             tool_version=self.tool_version,
             fingerprint=self.fingerprint if self.fingerprint is not None else other.fingerprint,
+            runs=self.runs + other.runs,
         )
+
+    def _check_other_data(self, other: Statistics) -> None:
+        """Refuse (:class:`CalibrationError`) statistics that share a calibration run
+        with these (the same file, a copy, a merge of one of its parts) or are
+        identical to them (the same data collected again): merged, the same
+        samples would count twice."""
+        shared = sorted(set(self.runs) & set(other.runs))
+        if shared:
+            raise CalibrationError(
+                f"both hold the statistics of the same calibration run ({shared[0][:12]}"
+                f"{f' and {len(shared) - 1} more' if len(shared) > 1 else ''}): merged, its samples would count twice; "
+                "give each part once"
+            )
+        if self.layers and all(_same_statistic(ls, other.layers[name]) for name, ls in self.layers.items()):
+            raise CalibrationError(
+                "both hold identical statistics (every layer's values and counts): the same data collected twice "
+                "would count twice; merge statistics of different data"
+            )
+
+    def values_digest(self) -> str:
+        """A digest of every layer's name, counts and values: statistics with the
+        same digest hold the same data."""
+        digest = hashlib.sha256()
+        for name, ls in self.layers.items():
+            digest.update(f"{name} {ls.num_samples} {ls.num_batches} {ls.count}\n".encode())
+            for part in ls.parts:
+                digest.update(_tensor(part).detach().to("cpu").contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     # --- selection ---------------------------------------------------------------
 
@@ -387,14 +450,19 @@ class Statistics:
             "recipe": self.recipe.dumps() if self.recipe is not None else "",
             "layers": json.dumps(rows),
             "fingerprint": self.fingerprint or "",
+            "runs": json.dumps(list(self.runs)),
         }
         write_container(Path(path), FORMAT, FORMAT_VERSION, tensors, metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> Statistics:
-        """Read and check a statistics file: the format, every layer's aggregate
-        (a known built-in that combines as declared), counts, shapes (declared
-        against the tensors), dtypes and features, every value finite."""
+        """Read and check a statistics file: the format, every layer's name
+        (printable, dot-separated parts) and aggregate (a known built-in that
+        combines as declared), counts, shapes (declared against the tensors, and
+        the statistic against the layer's input), dtypes and features, every value
+        finite; the model's name (printable; only ever shown or compared, never
+        loaded from here) and the runs the file holds (a file without them: one
+        run, named by a digest of its contents)."""
         path = Path(path)
         tensors, metadata = read_container(path, FORMAT, FORMAT_VERSION, "statistics")
         try:
@@ -403,9 +471,9 @@ class Statistics:
                 raise MaskError("'layers' must be a list of tables, one per layer")
             layers: dict[str, LayerStats] = {}
             for row in rows:
-                name = row.get("layer")
-                if not isinstance(name, str) or not name or name in layers:
-                    raise MaskError(f"layer {name!r} is not a name or is listed twice")
+                name = layer_name_in_file(row.get("layer"))
+                if name in layers:
+                    raise MaskError(f"layer {name!r} is listed twice")
                 layers[name] = _layer_from_row(name, row, tensors)
             expected = {f"{n}{SEP}{i}" if ls.features is not None else n for n, ls in layers.items() for i in range(len(ls.parts))}
             if set(tensors) != expected:
@@ -416,9 +484,10 @@ class Statistics:
                 recipe=recipe,
                 num_samples=_count_field(metadata["num_samples"], "num_samples"),
                 num_batches=_count_field(metadata["num_batches"], "num_batches"),
-                model=metadata.get("model") or None,
-                tool_version=metadata["tool_version"],
-                fingerprint=metadata.get("fingerprint") or None,
+                model=model_name_in_file(metadata.get("model") or None),
+                tool_version=_text_field(metadata["tool_version"], "tool_version", _TOOL_VERSION),
+                fingerprint=_text_field(metadata.get("fingerprint") or None, "fingerprint", re.compile(r"[0-9a-f]{1,64}")),
+                runs=_runs_field(metadata.get("runs"), tensors, metadata),
             )
         except MaskError as e:
             raise MaskError(f"statistics file {path}: {e}" if str(path) not in str(e) else str(e)) from e
@@ -429,6 +498,28 @@ class Statistics:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise MaskError(f"statistics file {path} is incomplete or malformed ({e!r})") from e
         return stats
+
+
+def _text_field(value: Any, what: str, pattern: re.Pattern[str]) -> Any:
+    if value is not None and not (isinstance(value, str) and pattern.fullmatch(value)):
+        raise MaskError(f"{what} {str(value)[:80]!r} is malformed")
+    return value
+
+
+def _runs_field(raw: Any, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, ...]:
+    """The runs a file holds (checked by :class:`Statistics`); a file written
+    before files named their runs is one run named by a digest of its contents,
+    so a copy of it is the same run."""
+    if raw is None:
+        digest = hashlib.sha256(metadata.get("layers", "").encode())
+        for key in sorted(tensors):
+            digest.update(key.encode())
+            digest.update(tensors[key].contiguous().numpy().tobytes())
+        return (digest.hexdigest()[:32],)
+    runs = json.loads(raw)
+    if not isinstance(runs, list):
+        raise MaskError(f"runs {str(raw)[:80]} must be a list of run ids")
+    return tuple(runs)
 
 
 def _count_field(raw: Any, what: str) -> int:
@@ -452,7 +543,10 @@ def _strings(value: Any, name: str) -> tuple[str, ...]:
 def _layer_from_row(name: str, row: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LayerStats:
     """One layer of a statistics file, every declared field checked (also
     against the tensors) before a LayerStats is made of it."""
-    agg = AGGREGATE_FNS.resolve(row["aggregate"])
+    try:
+        agg = AGGREGATE_FNS.resolve(row["aggregate"])
+    except (RecipeError, ConfigError) as e:
+        raise MaskError(f"layer {name!r}: {e}") from e
     if not isinstance(agg, Aggregate) or agg.combine != row["combine"]:
         raise MaskError(f"layer {name!r}: aggregate {row['aggregate']!r} does not combine by {row['combine']!r}")
     count = row["count"]
@@ -480,9 +574,13 @@ def _layer_from_row(name: str, row: dict[str, Any], tensors: dict[str, torch.Ten
                 f"its metadata says float64{list(shape)}"
             )
         parts.append(RunningStat(tensor, count, agg.combine))
+    input_shape = _int_list(row["input_shape"], "input_shape", name, 1)
+    if features is None and row.get("feature_dim") is not None:
+        raise MaskError(f"layer {name!r}: feature_dim {str(row['feature_dim'])[:40]} is given without features")
+    _check_fits_input(agg, name, [tuple(p.value.shape) for p in parts], input_shape, features is not None)
     return LayerStats(
         stat=tuple(parts) if features is not None else parts[0],
-        input_shape=_int_list(row["input_shape"], "input_shape", name, 1),
+        input_shape=input_shape,
         input_dtype=dtype,
         aggregate=agg.spec,
         features=tuple(features) if features is not None else None,
@@ -491,3 +589,30 @@ def _layer_from_row(name: str, row: dict[str, Any], tensors: dict[str, torch.Ten
         num_batches=row["num_batches"],
         layer_types=_strings(row.get("layer_types", []), name),
     )
+
+
+def _check_fits_input(agg: Aggregate, name: str, shapes: list[tuple[int, ...]], input_shape: tuple[int, ...], per_feature: bool) -> None:
+    """Refuse a statistic that the layer's input (``input_shape``, one sample's)
+    cannot have made: a plain statistic is what the aggregate makes of such an
+    input with one or more leading sample axes (worked out on the ``meta`` device:
+    shapes only); a per-feature statistic has no more axes than the batched input."""
+    if math.prod(input_shape) > MAX_DENSE_VALUES:
+        return  # refused by LayerStats.check
+    try:
+        possible = None if per_feature else _stat_shapes(agg, input_shape)
+    except (RuntimeError, ValueError, NotImplementedError) as e:  # more axes than torch takes, say
+        raise MaskError(f"layer {name!r}: no input of shape {list(input_shape)[:8]} makes a {agg.name!r} statistic: the file is corrupted") from e
+    for shape in shapes:
+        fits = len(shape) <= len(input_shape) + 1 if possible is None else shape in possible
+        if not fits:
+            raise MaskError(
+                f"layer {name!r}: a {agg.name!r} statistic of shape {list(shape)} cannot come from an input of shape "
+                f"{list(input_shape)}: the file is corrupted"
+            )
+
+
+def _stat_shapes(agg: Aggregate, input_shape: tuple[int, ...]) -> set[tuple[int, ...]]:
+    """The shapes of the statistic ``agg`` makes of a batch of inputs of
+    ``input_shape`` with 1 to ``len(input_shape)`` sample axes."""
+    x = torch.empty((1, *input_shape), device="meta")
+    return {tuple(agg.batch_stat(x, tuple(range(n))).shape) for n in range(1, len(input_shape) + 1)}

@@ -23,6 +23,11 @@ pickled objects are refused). NaN / Inf is found as the rows are read. A file
 replaced, rewritten, truncated or removed after it was opened is refused (naming
 it) when a later pass reaches it: every pass must read the same samples.
 
+Text files (:class:`TextStream`) are read line by line and tokenized a batch at
+a time by a Hugging Face model's tokenizer, each text first cut to what the
+maximum length can use (:data:`CHARS_PER_TOKEN`), in a worker thread that a
+signal or validation's timeout stops waiting for (:func:`run_tokenizer`).
+
     >>> import numpy as np, tempfile
     >>> from actsparse_deploy.streams import array_stream
     >>> folder = tempfile.mkdtemp()
@@ -39,25 +44,32 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import contextvars
 import glob
 import itertools
 import json
 import math
 import os
+import sys
+import tempfile
+import threading
+import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from .batches import Batch, head_samples
-from .errors import DataError, first_line
+from .errors import ActsparseError, DataError, first_line
 
-__all__ = ["DATA_SUFFIXES", "MAX_LINE_BYTES", "ArrayStream", "Generated", "Stream", "TextStream", "array_stream", "data_paths",
-           "reiterable", "shape_examples", "text_lines"]
+__all__ = ["CHARS_PER_TOKEN", "DATA_SUFFIXES", "MAX_LINE_BYTES", "ArrayStream", "Generated", "Stream", "TextStream", "array_stream",
+           "data_paths", "is_panic", "reading_deadline", "reiterable", "run_tokenizer", "shape_examples", "text_lines"]
+
+T = TypeVar("T")
 
 #: the suffixes of data files (what a directory of shards is made of)
 DATA_SUFFIXES = (".npy", ".npz", ".safetensors", ".pt", ".pth")
@@ -529,6 +541,9 @@ def _text_of(line: str, path: Path, number: int, jsonl: bool) -> str | None:
         return line
     try:
         record = json.loads(line)
+    except RecursionError as e:
+        raise DataError(f"{path}, line {number}: nested too deep to read (arrays or objects inside each other thousands of "
+                        'levels deep); a .jsonl file holds one object per line, like {"text": "..."}') from e
     except ValueError as e:
         raise DataError(f"{path}, line {number}: not JSON ({first_line(e)}); a .jsonl file holds one object per line") from e
     text = record.get("text") if isinstance(record, dict) else None
@@ -537,10 +552,127 @@ def _text_of(line: str, path: Path, number: int, jsonl: bool) -> str | None:
     return text if text.strip() else None
 
 
+# --- a tokenizer at work ---------------------------------------------------------------------
+
+#: characters of a text tokenized per token of the maximum length (``--max-length``, else the model's): the rest of a
+#: longer text is cut before the tokenizer sees it. Text averages about 4 characters a token; a text whose cut part
+#: makes fewer tokens than the maximum (long runs of what the tokenizer drops) is tokenized again with 4 times as much
+#: of it, until it makes them or is whole: the tokens kept are those of the whole text
+CHARS_PER_TOKEN = 16
+#: characters tokenized in one call at most (a batch's texts go in several calls beyond it): a tokenizer's memory
+#: grows with the text it is given (about 250 bytes a character for a byte-level BPE)
+GROUP_CHARS = 1 << 21
+#: how often the thread waiting for a tokenizer looks at signals and the deadline (seconds)
+POLL_SECONDS = 0.1
+
+_deadline: contextvars.ContextVar[tuple[float, Callable[[], BaseException]] | None] = contextvars.ContextVar(
+    "actsparse_tokenizer_deadline", default=None
+)
+
+
+@contextlib.contextmanager
+def reading_deadline(deadline: float | None, error: Callable[[], BaseException]) -> Iterator[None]:
+    """For the block: a tokenizer still at work at ``deadline`` (``time.monotonic()``) is
+    left to itself and ``error()`` raised (validation's ``timeout``); None: no limit."""
+    token = _deadline.set(None if deadline is None else (deadline, error))
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def is_panic(e: BaseException) -> bool:
+    """A Rust panic in a library built with pyo3 (the tokenizers library): ``pyo3_runtime.PanicException``,
+    a ``BaseException`` that no ``except Exception`` catches (never KeyboardInterrupt or SystemExit)."""
+    return type(e).__name__ == "PanicException" and type(e).__module__ == "pyo3_runtime"
+
+
+@contextlib.contextmanager
+def _stderr_held() -> Iterator[Callable[[], None]]:
+    """For the block, what is written on the process's stderr (file descriptor 2: a Rust panic's report) goes to a
+    temporary file; after it, that is written to stderr, unless the function yielded was called (nothing is held
+    where no temporary file can be made, or there is no stderr)."""
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    held, saved = None, -1
+    with contextlib.suppress(OSError):
+        held = tempfile.TemporaryFile()
+        saved = os.dup(2)
+    if held is None or saved < 0:
+        if held is not None:
+            held.close()
+        yield lambda: None
+        return
+    with held:
+        keep = [True]
+        os.dup2(held.fileno(), 2)
+        try:
+            yield keep.clear
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if keep:
+                held.seek(0)
+                with contextlib.suppress(OSError):
+                    view = memoryview(held.read())
+                    while view:
+                        view = view[os.write(2, view):]
+
+
+def run_tokenizer(fn: Callable[[], T], fails: Callable[[BaseException], ActsparseError]) -> T:
+    """``fn()``, a tokenizer loading or tokenizing, in a worker thread while this thread waits: a signal
+    (KeyboardInterrupt, Terminated) or the :func:`reading_deadline` ends the wait (inside the tokenizers library
+    the worker cannot be stopped: it is left to end with the process). Its errors and its Rust panics become
+    ``fails(e)``; the panic's own report on stderr is dropped (what else it writes there is kept)."""
+    outcome: dict[str, Any] = {}
+    done = threading.Event()  # an Event, not Thread.join: a join interrupted by a signal can mark a running thread as stopped
+
+    def work() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as e:  # handed to the waiting thread
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    limit = _deadline.get()
+    with _stderr_held() as drop:
+        threading.Thread(target=work, name="actsparse-tokenizer", daemon=True).start()
+        while not done.wait(POLL_SECONDS):  # a timed wait: the signal handlers run between waits
+            if limit is not None and time.monotonic() >= limit[0]:
+                raise limit[1]()
+        error = outcome.get("error")
+        if error is not None and is_panic(error):
+            drop()
+    if error is None:
+        return outcome["value"]  # type: ignore[no-any-return]
+    if isinstance(error, ActsparseError):
+        raise error
+    if isinstance(error, Exception) or is_panic(error):
+        raise fails(error) from error
+    raise error
+
+
+def _groups(texts: Sequence[str]) -> Iterator[list[int]]:
+    """Indices of ``texts`` in runs of at most :data:`GROUP_CHARS` characters (a longer text alone)."""
+    group: list[int] = []
+    size = 0
+    for i, text in enumerate(texts):
+        if group and size + len(text) > GROUP_CHARS:
+            yield group
+            group, size = [], 0
+        group.append(i)
+        size += len(text)
+    if group:
+        yield group
+
+
 class TextStream(Stream):
     """Token batches of a text file made by a Hugging Face model's tokenizer
     (``hf``: an ``HFSource``), ``size`` texts at a time, read line by line: each
-    batch padded (right) to its longest text (``HFSource.text_batches`` reads one whole)."""
+    batch padded (right) to its longest text (``HFSource.text_batches`` reads one whole).
+    Each text is cut to :data:`CHARS_PER_TOKEN` characters per token of the maximum
+    length before it is tokenized, and the tokenizer runs in a worker (:func:`run_tokenizer`)."""
 
     form = "dict"
 
@@ -564,13 +696,40 @@ class TextStream(Stream):
         if texts:
             yield self._tokenize(texts, number)
 
-    def _tokenize(self, texts: list[str], before: int) -> Batch:
+    def _encode(self, texts: list[str], limit: int, before: int) -> list[list[int]]:
+        """The token ids of ``texts`` (cut to ``limit`` tokens), a group of texts per call, each in the worker."""
         hf, path = self.hf, self.path
         tokenizer = hf.tokenizer()
-        try:
-            ids = tokenizer(texts, truncation=True, max_length=hf._limit(), padding=False)["input_ids"]
-        except Exception as e:  # the user's tokenizer may fail in any way
-            raise DataError(f"the tokenizer of {hf.directory} fails on {path}: {type(e).__name__}: {first_line(e)}") from e
+
+        def fails(e: BaseException) -> DataError:
+            what = "panicked" if is_panic(e) else "fails"
+            return DataError(f"the tokenizer of {hf.directory} {what} on {path} (texts {before + 1}-{before + len(texts)}): "
+                             f"{type(e).__name__}: {first_line(e)}")
+
+        def encode(part: list[str]) -> Callable[[], list[list[int]]]:
+            return lambda: list(tokenizer(part, truncation=True, max_length=limit, padding=False)["input_ids"])
+
+        ids: list[list[int]] = [[] for _ in texts]
+        for group in _groups(texts):
+            for i, row in zip(group, run_tokenizer(encode([texts[i] for i in group]), fails)):
+                ids[i] = list(row)
+        return ids
+
+    def _token_ids(self, texts: list[str], before: int) -> list[list[int]]:
+        """The tokens the whole texts make, up to the maximum length, tokenizing only as much of each text as that takes."""
+        limit = self.hf._limit()
+        cut = limit * CHARS_PER_TOKEN
+        ids = self._encode([t[:cut] for t in texts], limit, before)
+        while short := [i for i, t in enumerate(texts) if len(t) > cut and len(ids[i]) < limit]:
+            cut *= 4  # its first characters made too few tokens: more of it
+            for i, row in zip(short, self._encode([texts[i][:cut] for i in short], limit, before)):
+                ids[i] = row
+        return ids
+
+    def _tokenize(self, texts: list[str], before: int) -> Batch:
+        hf, path = self.hf, self.path
+        ids = self._token_ids(texts, before)
+        tokenizer = hf.tokenizer()
         vocab = getattr(hf.config, "vocab_size", None)
         for number, row in enumerate(ids, before + 1):
             if not row:
@@ -591,7 +750,6 @@ class TextStream(Stream):
         if "token_type_ids" in hf.model.input_names():
             batch["token_type_ids"] = torch.zeros_like(input_ids)
         return batch
-
 
 
 def shape_examples(*sources: Iterable[Batch] | None) -> Iterator[Batch]:

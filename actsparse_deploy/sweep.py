@@ -8,7 +8,10 @@ to ONNX, and measured: the cost on the held-out data (cosine of each output to
 the dense model's; accuracy for a classifier with labels) and the latency ratio
 to the dense export under onnxruntime (:func:`actsparse_deploy.latency.latency_ratio`).
 ``sweep.json`` holds every row; ``sweep.png`` plots cost against sparsity per
-method with the latency ratio on a second axis.
+method with the latency ratio on a second axis. Both are written like
+``convert``'s outputs (:mod:`actsparse_deploy.files`): the folder locked for
+the run, both staged and moved into place together or not at all, a link at
+either name replaced (with ``overwrite``), never written through.
 
     >>> import tempfile
     >>> from actsparse_deploy.sweep import parse_levels, sweep
@@ -21,42 +24,73 @@ method with the latency ratio on a second axis.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import math
-import tempfile
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import OutputError, RecipeError
+from .files import os_reason
 from .recipe import LayerSettings, Recipe
 
-__all__ = ["BASELINE", "RECIPE", "parse_levels", "plot_sweep", "sweep"]
+__all__ = ["BASELINE", "MAX_LEVELS", "OUT_FILES", "RECIPE", "parse_levels", "plot_sweep", "sweep"]
 
 #: the method names a sweep knows besides those of --method: the recipe as is, and the topk baseline
 RECIPE = "recipe"
 BASELINE = "topk"
 _BASELINE_FNS = {"aggregate_fn": "max_abs", "reduce_fn": "feature_mean", "mask_fn": "topk"}
+#: the most levels one sweep measures (each is a calibration, an export and a latency run)
+MAX_LEVELS = 1000
+OUT_FILES = ("sweep.json", "sweep.png")
+_FORMS = "give START:STOP:STEP (0.1:0.8:0.1) or a list (0.25,0.5)"
 
 
 def parse_levels(text: str) -> list[float]:
-    """``START:STOP:STEP`` (inclusive, e.g. ``0.1:0.8:0.1``) or ``A,B,C``: levels in [0, 1)."""
+    """``START:STOP:STEP`` (inclusive, e.g. ``0.1:0.8:0.1``) or ``A,B,C``: levels in [0, 1),
+    at most :data:`MAX_LEVELS` of them (counted before any is made).
+
+    >>> parse_levels("0:1:1e-9")
+    Traceback (most recent call last):
+    ...
+    actsparse_deploy.errors.RecipeError: sparsity levels '0:1:1e-9' make 1000000000 levels: a sweep measures at most 1000; give a larger step or fewer values
+    """
+    shown = text if len(text) <= 40 else f"{text[:40]}..."
     try:
         if ":" in text:
             start, stop, step = (float(p) for p in text.split(":"))
-            if not step > 0:
-                raise ValueError("the step must be positive")
-            n = int(math.floor((stop - start) / step + 1e-9)) + 1
-            levels = [round(start + i * step, 10) for i in range(max(n, 0))]
+            count = _range_count(start, stop, step)
+        else:
+            count = text.count(",") + 1
+        if count is None or count > MAX_LEVELS:
+            many = "countless" if count is None else str(count)
+            raise RecipeError(f"sparsity levels {shown!r} make {many} levels: a sweep measures at most {MAX_LEVELS}; "
+                              "give a larger step or fewer values")
+        if ":" in text:
+            levels = [round(start + i * step, 10) for i in range(count)]
         else:
             levels = [float(p) for p in text.split(",")]
+    except RecipeError:
+        raise
     except ValueError as e:
-        raise RecipeError(f"sparsity levels {text!r}: {e}; give START:STOP:STEP (0.1:0.8:0.1) or a list (0.25,0.5)") from None
+        raise RecipeError(f"sparsity levels {shown!r}: {e}; {_FORMS}") from None
     if not levels or not all(0 <= v < 1 for v in levels):
-        raise RecipeError(f"sparsity levels {text!r} must be one or more numbers in [0, 1): give START:STOP:STEP (0.1:0.8:0.1) or a list (0.25,0.5)")
+        raise RecipeError(f"sparsity levels {shown!r} must be one or more numbers in [0, 1): {_FORMS}")
     return levels
+
+
+def _range_count(start: float, stop: float, step: float) -> int | None:
+    """How many levels ``START:STOP:STEP`` makes (None: more than a float counts)."""
+    if not all(math.isfinite(v) for v in (start, stop, step)):
+        raise ValueError("every part must be a finite number")
+    if not step > 0:
+        raise ValueError("the step must be positive")
+    span = (stop - start) / step + 1e-9
+    return max(math.floor(span) + 1, 0) if math.isfinite(span) else None
 
 
 def _baseline(recipe: Recipe) -> Recipe:
@@ -110,52 +144,62 @@ def sweep(
 ) -> dict[str, Any]:
     """Measure every level x method (see the module docstring); write
     ``outdir/sweep.json`` and ``outdir/sweep.png``; return what ``sweep.json`` holds."""
+    from .files import check_output_path, output_folder, publish, staging_dir
+    from .workload import load_workload
+
+    outdir = Path(outdir)
+    with output_folder(outdir):  # one run at a time writes here
+        for name in OUT_FILES:
+            check_output_path(outdir / name, overwrite)
+        work = load_workload(model, weights, data, heldout, batch_size)
+        recipes = _recipes(work, recipe, methods, compensate)
+        with staging_dir(outdir) as staging:  # the scratch exports too: removed with it, or by the next run if killed
+            result = _measure(work, recipes, compensate, staging, levels, runs, on_step)
+            try:
+                (staging / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+                plot_sweep(result, staging / "sweep.png")
+            except OSError as e:
+                raise OutputError(f"cannot write the sweep to {outdir}: {os_reason(e)}") from e
+            publish(staging, outdir, OUT_FILES, overwrite)
+    return result
+
+
+def _measure(work: Any, recipes: dict[str, Recipe], compensate: str | None, scratch: Path, levels: Sequence[float],
+             runs: int, on_step: Callable[[str], None] | None) -> dict[str, Any]:
+    """The rows of every level x method: ONNX exports in ``scratch``; what ``sweep.json`` holds."""
     from .budget import _select
     from .calibrate import collect
     from .export import export_onnx
     from .latency import latency_ratio
     from .metrics import sparsification_cost
-    from .workload import load_workload, squash_workload
+    from .workload import squash_workload
 
-    outdir = Path(outdir)
-    for name in ("sweep.json", "sweep.png"):
-        if (outdir / name).exists() and not overwrite:
-            raise OutputError(f"{outdir / name} exists: pass `overwrite` to replace it")
-    work = load_workload(model, weights, data, heldout, batch_size)
     held = work.require_heldout()
     timing_batches = list(itertools.islice(held, 2))
-    recipes = _recipes(work, recipe, methods, compensate)
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        dense_path = Path(tmp) / "dense.onnx"
-        export_onnx(work.model, work.example(), dense_path, io_spec=work.io)
-        for method, the_recipe in recipes.items():
+    dense_path = scratch / "dense.onnx"
+    export_onnx(work.model, work.example(), dense_path, io_spec=work.io)
+    for index, (method, the_recipe) in enumerate(recipes.items()):
+        if on_step is not None:
+            on_step(f"{method}: collecting statistics")
+        stats = collect(work.model, the_recipe, work.require_calibration(), model_name=work.name)
+        for level in levels:
             if on_step is not None:
-                on_step(f"{method}: collecting statistics")
-            stats = collect(work.model, the_recipe, work.require_calibration(), model_name=work.name)
-            for level in levels:
-                if on_step is not None:
-                    on_step(f"{method} at {level:.0%}")
-                masks = _select(stats, the_recipe.with_sparsity(level), work.model)
-                squashed = squash_workload(work, masks, "auto")
-                path = Path(tmp) / f"{method}-{level}.onnx"
-                export_onnx(squashed.model, work.example(), path, io_spec=work.io)
-                cost = sparsification_cost(work, squashed.model)
-                speed = latency_ratio(dense_path, path, timing_batches, io_spec=work.io, runs=runs, warmup=min(3, runs))
-                rows.append(_row(method, level, masks, cost, speed))
-    result = {
+                on_step(f"{method} at {level:.0%}")
+            masks = _select(stats, the_recipe.with_sparsity(level), work.model)
+            squashed = squash_workload(work, masks, "auto")
+            path = scratch / f"{index}-{len(rows)}.onnx"
+            export_onnx(squashed.model, work.example(), path, io_spec=work.io)
+            cost = sparsification_cost(work, squashed.model)
+            speed = latency_ratio(dense_path, path, timing_batches, io_spec=work.io, runs=runs, warmup=min(3, runs))
+            rows.append(_row(method, level, masks, cost, speed))
+            path.unlink()
+    return {
         "model": work.name, "levels": list(levels), "methods": list(recipes), "compensate": compensate,
         "heldout_samples": rows[0]["heldout_samples"] if rows else 0,
         "latency": {"batches": len(timing_batches), "runs": runs, "threads": rows[0]["threads"] if rows else None},
         "rows": rows,
     }
-    outdir.mkdir(parents=True, exist_ok=True)
-    try:
-        (outdir / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
-        plot_sweep(result, outdir / "sweep.png")
-    except OSError as e:
-        raise OutputError(f"cannot write the sweep to {outdir}: {e}") from e
-    return result
 
 
 def _row(method: str, level: float, masks: Any, cost: dict[str, Any], speed: dict[str, Any]) -> dict[str, Any]:
@@ -173,18 +217,33 @@ def _row(method: str, level: float, masks: Any, cost: dict[str, Any], speed: dic
     return row
 
 
+@contextlib.contextmanager
+def _without_mplbackend() -> Iterator[None]:
+    """``MPLBACKEND`` hidden while matplotlib is first imported: it names an
+    interactive backend, which a plot written to a file never uses, and a
+    name matplotlib does not know stops its import."""
+    saved = os.environ.pop("MPLBACKEND", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["MPLBACKEND"] = saved
+
+
 def plot_sweep(result: dict[str, Any], path: Path) -> None:
     """Cost (accuracy where known, else mean cosine) against sparsity per method;
-    the latency ratio to dense on a second axis (dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    the latency ratio to dense on a second axis (dashed). Drawn with matplotlib's
+    Agg canvas: no backend, display or pyplot state involved."""
+    with _without_mplbackend():
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
     rows = result["rows"]
     accuracy = bool(rows) and all("accuracy_sparse" in r for r in rows)
     key, label = ("accuracy_sparse", "held-out accuracy") if accuracy else ("cosine_mean", "held-out cosine to dense (mean)")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     latency = ax.twinx()
     for i, method in enumerate(result["methods"]):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["level"])
@@ -201,6 +260,5 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
     ax.legend(handles + more_handles, labels + more_labels, fontsize=8, loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.savefig(path, dpi=100, format="png")
 

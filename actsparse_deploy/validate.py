@@ -418,8 +418,8 @@ def validate(
     ``io_spec`` (what the model was exported with) names a tensor / tuple batch's
     inputs, gives the output names (unless ``output_names`` does) and the axes
     that must be dynamic. ``timeout``: seconds for the whole comparison, ``None``
-    (the default) for no limit; past it onnxruntime is stopped and the
-    validation fails."""
+    (the default) for no limit; past it onnxruntime is stopped (a tokenizer making
+    held-out text batches is left) and the validation fails."""
     if atol < 0 or rtol < 0 or math.isnan(atol) or math.isnan(rtol):
         raise ValidationError(f"tolerances must be non-negative numbers (atol {atol}, rtol {rtol})")
     if timeout is not None and not timeout > 0:
@@ -427,7 +427,13 @@ def validate(
     deadline = time.monotonic() + timeout if timeout is not None and math.isfinite(timeout) else None
     if output_names is None and io_spec is not None:
         output_names = io_spec.output_names
-    with _eval(model):
+    from .streams import reading_deadline
+
+    def held_up() -> ValidationError:  # held-out text whose tokenizer is still at work
+        return ValidationError(f"validation of {onnx_path} timed out after {timeout:g} s while the tokenizer made the held-out "
+                               "batches; give a larger `timeout`, or shorter texts")
+
+    with _eval(model), reading_deadline(deadline, held_up):
         return _validate(onnx_path, model, batches, atol, rtol, batch_sizes, max_samples, output_names, io_spec, timeout, deadline)
 
 

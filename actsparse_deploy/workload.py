@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,14 +56,22 @@ class Workload:
     io: IOSpec | None = None
     #: a Hugging Face model's task (``causal-lm``, ...; see actsparse_deploy.hf.TASKS), None for others
     task: str | None = None
+    #: what the user is told about how the model was loaded (a Hugging Face model's task inferred)
+    notes: list[str] = field(default_factory=list)
 
     def require_calibration(self) -> Iterable[Batch]:
         if self.calibration is None:
+            if self.task is not None:
+                raise DataError(f"{self.name!r} has no built-in data: pass `text`, a text file its tokenizer reads "
+                                "(or `data`, a file of token ids)")
             raise DataError(f"{self.name!r} has no built-in data: pass `data`, a file of calibration inputs")
         return self.calibration
 
     def require_heldout(self) -> list[Batch] | Iterable[Batch]:
         if self.heldout is None:
+            if self.task is not None:
+                raise DataError(f"{self.name!r} has no built-in held-out data: pass `heldout_text`, a text file its tokenizer "
+                                "reads (or `heldout`, a file of token ids), never the calibration text")
             raise DataError(
                 f"{self.name!r} has no built-in held-out data: pass `heldout`, a file of held-out inputs (never the calibration data)"
             )
@@ -73,9 +81,8 @@ class Workload:
         """A small batch for export tracing (from the held-out data, else calibration)."""
         source = self.heldout if self.heldout is not None else self.calibration
         if source is None:
-            raise DataError(
-                f"{self.name!r} needs `data` or `heldout` to give the exporter an example input"
-            )
+            given = "`heldout_text` (a text file its tokenizer reads)" if self.task is not None else "`data` or `heldout`"
+            raise DataError(f"{self.name!r} needs {given} to give the exporter an example input")
         batches = source if reiterable(source) else list(source)  # a stream: only its first batch is read
         pieces = resize_batches(batches, EXAMPLE_BATCH_SIZE, EXAMPLE_BATCH_SIZE)
         if not pieces:
@@ -160,4 +167,4 @@ def load_workload(
             raise DataError(f"labels file {labels} has {len(the_labels)} labels for {samples} held-out samples in {heldout}")
     io = entry.io_spec() if entry is not None else loaded.io_spec(_first(held) if held else _first(calibration))
     task = loaded.hf.model.task if loaded.hf is not None else None
-    return Workload(loaded.name, loaded.module, entry, calibration, held, the_labels, io, task)
+    return Workload(loaded.name, loaded.module, entry, calibration, held, the_labels, io, task, loaded.notes)

@@ -29,11 +29,25 @@ from typer.testing import CliRunner
 runner = CliRunner()
 
 
-def invoke(*args: object):
-    """``actsparse ARGS`` in this process (typer's CliRunner); every argument as a string."""
+def invoke(*args: object, env: dict[str, str] | None = None):
+    """``actsparse ARGS`` in this process (typer's CliRunner); every argument as a
+    string, ``env``: variables set for the run."""
     from actsparse_deploy.cli import app
 
-    return runner.invoke(app, [str(a) for a in args])
+    return runner.invoke(app, [str(a) for a in args], env=env)
+
+
+def one_line_error(result: Any, code: int, *needles: str) -> str:
+    """The run of :func:`invoke` failed with ``code`` and exactly one line on
+    stderr, no traceback and no escape sequence, naming every needle; that line."""
+    err = result.stderr
+    assert result.exit_code == code, (result.exit_code, result.stdout, err, result.exception)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and "\x1b" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
 
 
 class TinyMLP(nn.Module):

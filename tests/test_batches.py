@@ -19,6 +19,7 @@ from actsparse_deploy.errors import (
     ExportError,
     RecipeError,
     SquashError,
+    UsageError,
     ValidationError,
 )
 from actsparse_deploy.export import IOSpec, export_onnx
@@ -229,7 +230,7 @@ def test_the_recipe_loader_applies_sparsity_to_the_builtin_recipe():
         ({"rtol": float("nan")}, ValidationError, "tolerances must be non-negative numbers"),
         ({"timeout": 0}, ValidationError, "timeout must be a positive number of seconds"),
         ({"batch_size": 0}, DataError, "batch size must be a positive integer"),
-        ({"opset": -3}, ExportError, "opset must be a positive integer"),
+        ({"opset": -3}, UsageError, "opset -3 is not one the exporters support"),
     ],
 )
 def test_convert_options_are_checked_before_any_work(tmp_path, kwargs, error, message):

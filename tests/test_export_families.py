@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from actsparse_deploy.cli import app
 from actsparse_deploy.constants import DEFAULT_EXPORTER
-from actsparse_deploy.errors import ExportError, ValidationError
+from actsparse_deploy.errors import ExportError, UsageError, ValidationError
 from actsparse_deploy.export import IOSpec, export_onnx, output_names_of, parse_dynamic_axis
 from actsparse_deploy.validate import validate
 
@@ -160,9 +160,9 @@ def test_dynamic_axis_named_by_the_user_and_checked(tmp_path):
     result = export_onnx(model, frames, path, exporter="torchscript", dynamic_axes=["input:1:time"])
     assert _declared(path) == {"input": ["batch", "time", 4]} and _declared(path, "output") == {"output": ["batch", "time", 3]}
     assert validate(path, model, [torch.randn(6, 6, 4)], io_spec=result.io).sequence_lengths == {"time": [6, 3]}
-    with pytest.raises(ExportError, match="the model has no input 'frames'; its inputs: input"):
+    with pytest.raises(UsageError, match="the model has no input 'frames'; its inputs: input"):
         export_onnx(model, frames, path, dynamic_axes=["frames:1:time"])
-    with pytest.raises(ExportError, match="input input has 3 axes .*give an axis from 0 to 2"):
+    with pytest.raises(UsageError, match="input 'input' has 3 axes .*give an axis from 0 to 2"):
         export_onnx(model, frames, path, dynamic_axes=["input:3:time"])
     with pytest.raises(ExportError, match=r"NAME:AXIS:LABEL \(e.g. input_ids:1:sequence\), got 'input:x:time'"):
         parse_dynamic_axis("input:x:time")

@@ -4,8 +4,10 @@ file modes, leftovers of killed runs, names near the file system's limit."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -280,6 +282,7 @@ def test_staging_of_killed_runs_is_removed(tmp_path, command, sleeper):
     out = tmp_path / "out"
     out.mkdir()
     dead = _dead_pid()
+    here = json.dumps({"pid": dead, "host": socket.gethostname(), "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip()})
     stale_dir = out / f".actsparse-{dead}-k1ll3d0a"
     stale_dir.mkdir()
     (stale_dir / "model.onnx").write_bytes(b"half written")
@@ -287,10 +290,17 @@ def test_staging_of_killed_runs_is_removed(tmp_path, command, sleeper):
     stale_file.write_bytes(b"half written")
     live = out / f".actsparse-{sleeper.pid}-runn1ng0"
     live.mkdir()
+    for stem in ("k1ll3d0a", "k1ll3d0b", "runn1ng0"):  # each run's lock file, its record; the live run holds its lock
+        (out / f".actsparse-{sleeper.pid if stem == 'runn1ng0' else dead}-{stem}-lock").write_text(here)
+    held = os.open(out / f".actsparse-{sleeper.pid}-runn1ng0-lock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
     lookalikes = [out / ".actsparse-notes", out / f".actsparse-{dead}-k1ll3d0a-mine"]
     for path in lookalikes:
         path.write_text("not ours")
-    result = run(out / name)
+    try:
+        result = run(out / name)
+    finally:
+        os.close(held)
     assert result.exit_code == 0, result.output
     assert result.stderr.strip().splitlines() == [
         f"removed 1 staging folder and 1 temporary file left by killed actsparse runs in {out}"

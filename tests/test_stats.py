@@ -232,7 +232,7 @@ def test_forward_loop_failures():
         collect(model, recipe, forward_loop=bad)
     with pytest.raises(DataError, match="forward_loop ran nothing through the model's selected layers"):
         collect(model, recipe, forward_loop=lambda m: None)
-    with pytest.raises(CalibrationError, match="layer.*fc3 have no aggregated data"):
+    with pytest.raises(CalibrationError, match=r"layers\[1\] \(name=fc3\) selects only layers the forward pass never calls.*: fc3"):
         collect(model, recipe, forward_loop=lambda m: m.fc2(torch.randn(2, 8)))
     assert not any(m._forward_pre_hooks for m in model.modules())
 
@@ -424,7 +424,7 @@ HOSTILE = {
     "bad version": (_set("format_version", "1e9"), None, "format_version '1e9' is not a positive integer"),
     "layers not a list": (_set("layers", '{"a": 1}'), None, "'layers' must be a list of tables"),
     "deep json": (_set("layers", _deep()), None, "nested too deeply"),
-    "layer listed twice": (lambda m: m["layers"].append(dict(m["layers"][0])), None, "'fc2' is not a name or is listed twice"),
+    "layer listed twice": (lambda m: m["layers"].append(dict(m["layers"][0])), None, "'fc2' is listed twice"),
     "unknown aggregate": (_row("aggregate", "evil"), None, "unknown aggregate function 'evil'"),
     "combine lies": (_row("combine", "max"), None, "aggregate 'sum_abs' does not combine by 'max'"),
     "count zero": (_row("count", 0), None, "sample count 0 is not a positive integer"),

@@ -364,7 +364,7 @@ def _disk_full_at(where: str, monkeypatch) -> str:
     elif where == "staging":
         import tempfile
 
-        monkeypatch.setattr(tempfile, "mkdtemp", _enospc)
+        monkeypatch.setattr(tempfile, "mkstemp", _enospc)  # the staging folder's lock file, made first
     return "torchscript"
 
 

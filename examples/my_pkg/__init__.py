@@ -1,0 +1,1 @@
+"""A user's own package, as ``actsparse`` takes it: ``my_pkg.models:build``."""
