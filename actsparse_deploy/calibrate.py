@@ -154,7 +154,7 @@ def collect(
                           fingerprint=model_fingerprint(model, per_layer), skipped=skipped)
     try:
         position = (lambda i: session.rank + i * session.world) if batches is not None and shard else None
-        local = _collect_local(model, layers, batches, forward_loop, on_batch, empty_ok=True, position=position)
+        local = _collect_local(model, layers, batches, forward_loop, on_batch, empty_ok=True, position=position, skip=list)
     except BaseException as e:
         session.fail(e, "collecting statistics")
     return session.reduce(local, model, list(layers), recipe=recipe, model=model_name)

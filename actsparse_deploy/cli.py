@@ -23,6 +23,7 @@ import functools
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -52,10 +53,12 @@ from .constants import (
     DEFAULT_RTOL,
     EXPORTERS,
     HF_TASKS,
+    MAX_LENGTH,
+    MAX_RUNS,
     METHODS,
     MODES,
 )
-from .errors import ActsparseError, Terminated
+from .errors import ActsparseError, Terminated, is_panic
 from .files import check_output_path
 from .report import Report
 from .threads import MAX_THREADS
@@ -295,11 +298,30 @@ OpsetOpt = Annotated[
 ExternalOpt = Annotated[
     bool, typer.Option("--external-data", help="Write the weights to MODEL.onnx.data beside the model (automatic over 2 GB).")
 ]
-AtolOpt = Annotated[float, typer.Option("--atol", min=0.0, help="Absolute tolerance, ONNX vs PyTorch.")]
-RtolOpt = Annotated[float, typer.Option("--rtol", min=0.0, help="Relative tolerance, ONNX vs PyTorch (added to atol).")]
+
+
+def _finite(value: float) -> float:
+    """A tolerance: finite (inf would pass any output), or a usage error (exit 2) before any work."""
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite tolerance: it would pass any output")
+    return value
+
+
+def _positive(value: float | None) -> float | None:
+    """A timeout: more than 0 seconds (inf: no limit), or a usage error (exit 2) before any work."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"{value:g} is not a positive number of seconds (leave it out for no limit)")
+    return value
+
+
+AtolOpt = Annotated[float, typer.Option("--atol", min=0.0, callback=_finite, help="Absolute tolerance, ONNX vs PyTorch.")]
+RtolOpt = Annotated[
+    float, typer.Option("--rtol", min=0.0, callback=_finite, help="Relative tolerance, ONNX vs PyTorch (added to atol).")
+]
 TimeoutOpt = Annotated[
     float | None,
-    typer.Option("--timeout", min=0.0, help="Fail validation after this many seconds, stopping onnxruntime (default: no limit)."),
+    typer.Option("--timeout", min=0.0, callback=_positive,
+                 help="Fail validation after this many seconds, stopping onnxruntime (default: no limit)."),
 ]
 LabelsOpt = Annotated[
     Path | None,
@@ -336,7 +358,8 @@ HeldoutTextOpt = Annotated[
 ]
 MaxLengthOpt = Annotated[
     int | None,
-    typer.Option("--max-length", min=1, help="Tokens per text: longer texts are cut (default: the model's maximum position)."),
+    typer.Option("--max-length", min=1, max=MAX_LENGTH,
+                 help="Tokens per text: longer texts are cut (default: the model's maximum position)."),
 ]
 FactoryArgsOpt = Annotated[
     str | None,
@@ -552,14 +575,22 @@ def handle_errors(fn: F) -> F:
             stderr.print("terminated (SIGTERM): no partial output was left")
             raise typer.Exit(143) from None
         except Exception as e:  # a bug, not a user mistake: still one line unless --verbose
-            if verbose:
-                traceback.print_exc(file=sys.stderr)
-            stderr.print(
-                f"internal error: {type(e).__name__}: {one_line(str(e))} (run with --verbose for the traceback)", soft_wrap=True
-            )
+            _internal_error(e, verbose)
+            raise typer.Exit(1) from None
+        except BaseException as e:  # a Rust library's panic (pyo3's PanicException) is no Exception: the same line
+            if not is_panic(e):
+                raise
+            _internal_error(e, verbose)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _internal_error(e: BaseException, verbose: bool) -> None:
+    """The one line of an error no stage knows the cause of (a bug, a library's panic); with --verbose its traceback first."""
+    if verbose:
+        traceback.print_exc(file=sys.stderr)
+    stderr.print(f"internal error: {type(e).__name__}: {one_line(str(e))} (run with --verbose for the traceback)", soft_wrap=True)
 
 
 class StageProgress:
@@ -1272,7 +1303,9 @@ def sweep_cmd(
         int | None,
         typer.Option("--batch-size", "-b", min=1, max=MAX_BATCH_SIZE, help="Samples per batch (default: the built-in model's, else 32)."),
     ] = None,
-    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed onnxruntime runs per model (median; after warm-up).")] = 15,
+    runs: Annotated[
+        int, typer.Option("--runs", min=1, max=MAX_RUNS, help="Timed onnxruntime runs per model (median; after warm-up).")
+    ] = 15,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
     threads: ThreadsOpt = None,
@@ -1436,7 +1469,9 @@ def _run_app() -> int:
     except Terminated:
         stderr.print("terminated (SIGTERM): no partial output was left")
         return 143
-    except Exception as e:  # a bug outside a command's handler: still one line
+    except BaseException as e:  # a bug or a Rust library's panic outside a command's handler: still one line
+        if not (isinstance(e, Exception) or is_panic(e)):
+            raise
         stderr.print(f"internal error: {type(e).__name__}: {one_line(str(e))}", soft_wrap=True)
         return 1
     return 0

@@ -22,6 +22,8 @@ __all__ = [
     "DEFAULT_RTOL",
     "EXPORTERS",
     "HF_TASKS",
+    "MAX_LENGTH",
+    "MAX_RUNS",
     "METHODS",
     "MODES",
 ]
@@ -48,6 +50,11 @@ METHODS = ("wanda", "fluctuation", "obs")
 #: how squash compensates the consumer for the features a mask removes (see
 #: compensate.py): the command line's --compensate choices
 COMPENSATIONS = ("none", "bias", "lstsq")
+
+#: the most tokens per text (--max-length): more than a text line can make (streams.MAX_LINE_BYTES, 16 MiB)
+MAX_LENGTH = 2**24
+#: the most timed onnxruntime runs per model a sweep makes (--runs; each level of each method times two models)
+MAX_RUNS = 1000
 
 #: ONNX vs PyTorch tolerances (see validate.py)
 DEFAULT_ATOL = 1e-4

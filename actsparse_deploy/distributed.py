@@ -6,7 +6,10 @@ status (ok, or the error of the rank that failed) and all-reduce their
 statistics in float64 (sums and counts add, maxima take the max) on the
 model's device: gloo on CPU, NCCL where the model is on CUDA. Every rank ends
 with the statistics of all batches; the command line's rank 0 selects the masks
-and writes every output, and tells the other ranks whether it succeeded.
+and writes every output, and tells the other ranks whether it succeeded. A layer
+that no rank called is skipped with a note, as in one process; one that some
+ranks called reduces over those. Rank 0 moves its outputs into place only once
+it has made sure that no other rank failed meanwhile (:meth:`Session.confirm`).
 
 A failure on any rank (an error, a signal) is sent to every other rank, so that
 each one raises the same error naming that rank (``rank 1: ...``) with its exit
@@ -261,6 +264,7 @@ class Session:
     serves_store: bool = False  # this process serves that store (rank 0, where torchrun's agent does not): it must outlive the others' reading
     stop: dict[str, Any] | None = None  # the first failure a rank posted (set by the watching thread)
     signal: BaseException | None = None  # a signal this rank got while it waited in an exchange
+    confirmed: bool = False  # the exchange before rank 0 moves its outputs into place is over (see confirm)
 
     @property
     def writer(self) -> bool:
@@ -450,74 +454,98 @@ class Session:
     def reduce(self, local: Any, module: torch.nn.Module, layer_names: list[str], **info: Any) -> Any:
         """The :class:`~actsparse_deploy.stats.Statistics` of every rank's batches.
         ``local``: this rank's ``(per_layer, num_samples, num_batches)``
-        (``per_layer`` None where it got no batch); ``info``: recipe, model name."""
-        from .functions import STAT_DTYPE, RunningStat
-        from .stats import LayerStats, Statistics, model_fingerprint
+        (``per_layer`` None where it got no batch; a layer this rank never
+        called left out); ``info``: recipe, model name. A layer is reduced over
+        the ranks that called it; one that no rank called is skipped with a note,
+        as in one process (:func:`~actsparse_deploy.calibrate.uncalled_layers`)."""
+        from .stats import Statistics, model_fingerprint
 
         per_layer, num_samples, num_batches = local
         fingerprint = model_fingerprint(module, layer_names)
-        status = {"batches": num_batches, "samples": num_samples, "fingerprint": fingerprint,
+        status = {"batches": num_batches, "samples": num_samples, "fingerprint": fingerprint, "selected": list(layer_names),
                   "layers": _layout(per_layer) if per_layer is not None else None}
         statuses = self.sync(status, "exchanging the statistics' shapes")
         self.check(statuses)
         self.failed = True  # every rank raises the same error below: nothing more to exchange
-        with_data = [r for r, s in enumerate(statuses) if s["layers"] is not None]
-        if not with_data:
-            raise DataError(f"no calibration batches: the data source is empty (on every one of the {self.world} ranks)")
-        first = with_data[0]
-        reference = statuses[first]
-        for r, s in enumerate(statuses):
-            if s["fingerprint"] != reference["fingerprint"]:
-                raise CalibrationError(
-                    f"rank {r}'s model differs from rank {first}'s (architecture or the masked layers' weights): every rank "
-                    "must load the same model and weights (a factory without a fixed seed initialises each rank differently)"
-                )
-            if s["layers"] is not None:
-                _check_layout(reference["layers"], s["layers"], first, r)
+        rows = _agreed_layers(statuses, self.world)
+        skipped: dict[str, str] = {}
+        uncalled = [name for name in layer_names if name not in rows]
+        if uncalled:  # called by no rank: what one process skips (every rank decides alike, from the same statuses)
+            from .calibrate import uncalled_layers
+
+            skipped = uncalled_layers(module, info["recipe"], uncalled)
+            fingerprint = model_fingerprint(module, [name for name in layer_names if name in rows])
         self.failed = False
         device = model_device(module)
-        layers: dict[str, LayerStats] = {}
-        import torch.distributed as dist
-
         try:
-            for name, row in reference["layers"].items():
-                parts = []
-                mine = per_layer[name].parts if per_layer is not None else None
-                for i, shape in enumerate(row["stat_shapes"]):
-                    if mine is not None:
-                        value = mine[i].value.to(device=device, dtype=STAT_DTYPE).clone()
-                    else:  # the identity of the reduction: this rank saw no batch
-                        fill = 0.0 if row["combine"] == "sum" else float("-inf")
-                        value = torch.full(shape, fill, dtype=STAT_DTYPE, device=device)
-                    op = dist.ReduceOp.SUM if row["combine"] == "sum" else dist.ReduceOp.MAX
-                    dist.all_reduce(value, op=op, group=self.group)
-                    count = sum(s["layers"][name]["counts"][i] for s in statuses if s["layers"] is not None)
-                    parts.append(RunningStat(value, count, row["combine"]))
-                totals = {key: sum(s["layers"][name][key] for s in statuses if s["layers"] is not None) for key in ("num_samples", "num_batches")}
-                base = per_layer[name] if per_layer is not None else None
-                layers[name] = LayerStats(
-                    stat=tuple(parts) if row["features"] is not None else parts[0],
-                    input_shape=tuple(row["input_shape"]),
-                    input_dtype=_dtype(row["input_dtype"]),
-                    aggregate=base.aggregate if base is not None else row["aggregate"],
-                    features=tuple(row["features"]) if row["features"] is not None else None,
-                    feature_dim=row["feature_dim"],
-                    layer_types=tuple(row["layer_types"]),
-                    **totals,
-                )
+            layers = {name: self._reduce_layer(name, rows[name], per_layer.get(name) if per_layer is not None else None, statuses,
+                                               device)
+                      for name in layer_names if name in rows}
         except RuntimeError as e:
             self.broken = True
             raise self._broken_by(e, "reducing the statistics") from e
         return Statistics(
             layers=layers, num_samples=sum(s["samples"] for s in statuses), num_batches=sum(s["batches"] for s in statuses),
-            fingerprint=fingerprint, **info,
+            fingerprint=fingerprint, skipped=skipped, **info,
         )
+
+    def _reduce_layer(self, name: str, row: Mapping[str, Any], mine: Any, statuses: list[dict[str, Any]], device: torch.device) -> Any:
+        """One layer's statistic over every rank that called it (``row``: its
+        layout; ``mine``: this rank's ``LayerStats``, None where it never called it)."""
+        import torch.distributed as dist
+
+        from .functions import STAT_DTYPE, RunningStat
+        from .stats import LayerStats
+
+        rows = [s["layers"][name] for s in statuses if s["layers"] is not None and name in s["layers"]]
+        parts = []
+        for i, shape in enumerate(row["stat_shapes"]):
+            if mine is not None:
+                value = mine.parts[i].value.to(device=device, dtype=STAT_DTYPE).clone()
+            else:  # the identity of the reduction: this rank saw no batch, or never called the layer
+                fill = 0.0 if row["combine"] == "sum" else float("-inf")
+                value = torch.full(shape, fill, dtype=STAT_DTYPE, device=device)
+            op = dist.ReduceOp.SUM if row["combine"] == "sum" else dist.ReduceOp.MAX
+            dist.all_reduce(value, op=op, group=self.group)
+            parts.append(RunningStat(value, sum(r["counts"][i] for r in rows), row["combine"]))
+        return LayerStats(
+            stat=tuple(parts) if row["features"] is not None else parts[0],
+            input_shape=tuple(row["input_shape"]),
+            input_dtype=_dtype(row["input_dtype"]),
+            aggregate=mine.aggregate if mine is not None else row["aggregate"],
+            features=tuple(row["features"]) if row["features"] is not None else None,
+            feature_dim=row["feature_dim"],
+            layer_types=tuple(row["layer_types"]),
+            num_samples=sum(r["num_samples"] for r in rows),
+            num_batches=sum(r["num_batches"] for r in rows),
+        )
+
+    def confirm(self) -> None:
+        """Rank 0, its outputs staged, right before it moves them into place: a
+        failure of another rank raises here (that rank's error), so that a job
+        that failed publishes nothing. The command line's session (which ends
+        with :meth:`finish`) first meets the other ranks in an exchange, which
+        fails where one died or left since; then any failure posted to the store
+        meanwhile is raised. What is left: a rank that fails after that look,
+        while rank 0 renames its files, is told at the last exchange only."""
+        if self.owned and not self.confirmed:
+            self.confirmed = True
+            self.check(self.sync({}, "making sure every rank is still there before writing the outputs"))
+        stop = self._posted()
+        if stop is not None:
+            self.failed = True
+            raise _error(stop)
 
     def finish(self, phase: str = "finishing") -> None:
         """The last exchange: rank 0 has written every output (it calls this
         after), the other ranks wait here for that; a failure of rank 0 raises
-        ``rank 0: ...`` with its exit code on every rank."""
-        statuses = self.sync({}, phase if self.writer else "waiting for rank 0 to select the masks and write the outputs")
+        ``rank 0: ...`` with its exit code on every rank. The command line's
+        session meets rank 0's :meth:`confirm` exchange first."""
+        waiting = "waiting for rank 0 to select the masks and write the outputs"
+        if self.owned and not self.confirmed:
+            self.confirmed = True
+            self.check(self.sync({}, phase if self.writer else waiting))
+        statuses = self.sync({}, phase if self.writer else waiting)
         self.done = True
         self.check(statuses)
 
@@ -562,16 +590,41 @@ def _layout(per_layer: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _check_layout(reference: Mapping[str, Any], other: Mapping[str, Any], first: int, rank: int) -> None:
-    if list(reference) != list(other):
-        raise CalibrationError(f"rank {rank} collected layers {list(other)}, rank {first} layers {list(reference)}: run one recipe on one model")
-    for name, row in reference.items():
-        for key in ("aggregate", "combine", "features", "feature_dim", "stat_shapes", "input_dtype"):
-            if row[key] != other[name][key]:
-                raise CalibrationError(
-                    f"layer {name!r}: rank {rank} collected a statistic with {key.replace('_', ' ')} {other[name][key]} and rank "
-                    f"{first} one with {row[key]}: every rank must see inputs of the same per-sample shape and dtype"
-                )
+def _agreed_layers(statuses: list[dict[str, Any]], world: int) -> dict[str, dict[str, Any]]:
+    """Every layer some rank called -> its layout (that of the first rank that
+    called it), once the ranks are shown to agree: the same selected layers, the
+    same model, and the same statistic of each layer wherever it was called."""
+    with_data = [r for r, s in enumerate(statuses) if s["layers"] is not None]
+    if not with_data:
+        raise DataError(f"no calibration batches: the data source is empty (on every one of the {world} ranks)")
+    for r, s in enumerate(statuses):
+        if s["selected"] != statuses[0]["selected"]:
+            raise CalibrationError(f"rank {r} selected layers {s['selected']}, rank 0 layers {statuses[0]['selected']}: run one recipe on one model")
+    first = with_data[0]
+    for r, s in enumerate(statuses):
+        if s["fingerprint"] != statuses[first]["fingerprint"]:
+            raise CalibrationError(
+                f"rank {r}'s model differs from rank {first}'s (architecture or the masked layers' weights): every rank "
+                "must load the same model and weights (a factory without a fixed seed initialises each rank differently)"
+            )
+    rows: dict[str, dict[str, Any]] = {}
+    owner: dict[str, int] = {}
+    for r in with_data:
+        for name, row in statuses[r]["layers"].items():
+            if name in rows:
+                _check_layer(name, rows[name], row, owner[name], r)
+            else:
+                rows[name], owner[name] = row, r
+    return rows
+
+
+def _check_layer(name: str, reference: Mapping[str, Any], other: Mapping[str, Any], first: int, rank: int) -> None:
+    for key in ("aggregate", "combine", "features", "feature_dim", "stat_shapes", "input_dtype"):
+        if reference[key] != other[key]:
+            raise CalibrationError(
+                f"layer {name!r}: rank {rank} collected a statistic with {key.replace('_', ' ')} {other[key]} and rank "
+                f"{first} one with {reference[key]}: every rank must see inputs of the same per-sample shape and dtype"
+            )
 
 
 def session_for(group: Any = None) -> Session | None:

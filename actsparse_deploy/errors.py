@@ -23,6 +23,13 @@ def first_line(e: BaseException, limit: int = 400) -> str:
     return lines[0][:limit] if lines else type(e).__name__
 
 
+def is_panic(e: BaseException) -> bool:
+    """A Rust panic in a library built with pyo3 (tokenizers, safetensors): ``pyo3_runtime.PanicException``,
+    a ``BaseException`` that no ``except Exception`` catches (never KeyboardInterrupt or SystemExit). Each
+    such library has its own class of that name, so it is known by its name and module."""
+    return type(e).__name__ == "PanicException" and type(e).__module__ == "pyo3_runtime"
+
+
 class ActsparseError(Exception):
     """Base of every error this package raises on purpose."""
 

@@ -16,8 +16,11 @@ the tool version, squash mode and per-layer sparsity.
 
 Everything is written in a short-named staging folder beside the output
 (``.actsparse-<pid>-<random>``, so any legal output name works) and renamed into
-place at the end; a full disk anywhere on the way (the exporter's own write,
-the final save, the rename) is an :class:`OutputError`, and nothing is left.
+place at the end, the model and its data file both or neither; one run at a
+time writes in that folder (its ``.actsparse.lock``, as ``convert``'s output
+folder), so two runs never leave one's model beside the other's data. A full
+disk anywhere on the way (the exporter's own write, the final save, the rename)
+is an :class:`OutputError`, and nothing is left.
 
     >>> import tempfile, torch
     >>> from torch import nn
@@ -65,7 +68,7 @@ from torch import nn
 from .batches import Batch, cut_axes, describe_batch, flatten_outputs, input_names, is_named, named_tensors, positional, run_batch
 from .calibrate import eval_mode
 from .errors import DataError, ExportError, OutputError, UsageError, ValidationError, first_line
-from .files import check_output_path, os_reason, remove_stale_staging, set_output_mode, staging_dir
+from .files import check_output_path, os_reason, output_lock, remove_stale_staging, set_output_mode, staging_dir
 from .version import __version__
 
 __all__ = [
@@ -574,10 +577,11 @@ def _export(
         raise ExportError(f"the model returns {n_outputs} outputs but {len(spec.output_names)} output names were given")
     wrapped: Any = program if program is not None else PositionalAdapter(model, spec.input_names if is_named(example) else None)
     args = positional(example, spec.input_names)
-    remove_stale_staging(path.parent)
-    with staging_dir(path.parent) as staging:
-        return _export_staged(wrapped, args, spec, path, staging, exporter, opset, metadata, external_data, overwrite, verbose,
-                              on_fallback or _say_on_stderr)
+    with output_lock(path.parent):  # one run at a time writes here: never one run's model beside another's data
+        remove_stale_staging(path.parent)
+        with staging_dir(path.parent) as staging:
+            return _export_staged(wrapped, args, spec, path, staging, exporter, opset, metadata, external_data, overwrite, verbose,
+                                  on_fallback or _say_on_stderr)
 
 
 def _try_exporter(
@@ -687,7 +691,7 @@ def _export_staged(
     if external and not moved:
         (staging / data_name).unlink(missing_ok=True)
     external = external and moved > 0
-    _move_into_place(staged, path, staging / data_name if external else None, data_path, staging)
+    _move_into_place(staged, path, staging / data_name if external else None, data_path, staging, overwrite)
     total = path.stat().st_size + (data_path.stat().st_size if external else 0)
     return ExportResult(path, exporter, opset_found, spec, seconds, external, total, dict(meta), requested, fallback, opset)
 
@@ -796,13 +800,19 @@ def _initializers(graph: Any) -> Iterator[Any]:
                 yield from _initializers(sub)
 
 
-def _move_into_place(staged: Path, path: Path, staged_data: Path | None, data_path: Path, staging: Path) -> None:
-    """Rename the staged model (and its data) over ``path``. An old data file
-    beside ``path`` is set aside first and comes back if a rename fails, so the
-    old model keeps its weights; it is dropped once the new model is in place."""
+def _move_into_place(staged: Path, path: Path, staged_data: Path | None, data_path: Path, staging: Path, overwrite: bool) -> None:
+    """Rename the staged model (and its data) over ``path``: both or neither.
+    Each name is checked again first (something may have appeared there while
+    the model was exported). An old data file beside ``path`` is set aside first
+    and comes back if a rename fails, so the old model keeps its weights; it is
+    dropped once the new model is in place. Only a file (or a link to one) at
+    the data file's name is taken for an old data file, never a folder."""
+    check_output_path(path, overwrite)
+    if staged_data is not None:
+        check_output_path(data_path, overwrite)
     old_data = staging / "replaced.data"
     # a data file beside a model that is not there is not ours to touch, unless ours replaces it
-    had_data = os.path.lexists(data_path) and (staged_data is not None or os.path.lexists(path))
+    had_data = os.path.isfile(data_path) and (staged_data is not None or os.path.lexists(path))
     try:
         for staged_file in (staged, staged_data):
             if staged_file is not None:

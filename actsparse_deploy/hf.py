@@ -47,7 +47,7 @@ from torch import nn
 
 from .batches import Batch
 from .constants import HF_TASKS, hub_offline
-from .errors import ActsparseError, DataError, ModelLoadError, UsageError, WeightsError, first_line
+from .errors import ActsparseError, DataError, ModelLoadError, UsageError, WeightsError, first_line, is_panic
 
 hub_offline()  # before transformers is first imported
 
@@ -548,7 +548,9 @@ class _TooManyModules(Exception):
 
 def _header_sizes(files: Sequence[Path]) -> tuple[int, int]:
     """The tensors and the numbers (elements) in ``files``' safetensors headers (nothing else is read)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
+
+    from .serialize import reason, unreadable
 
     tensors = elements = 0
     for path in files:
@@ -557,8 +559,10 @@ def _header_sizes(files: Sequence[Path]) -> tuple[int, int]:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     tensors += 1
                     elements += math.prod(f.get_slice(key).get_shape())
-        except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"the weights in {path} cannot be read ({type(e).__name__}: {first_line(e)}): save them again with "
+        except BaseException as e:
+            if not unreadable(e):
+                raise
+            raise WeightsError(f"the weights in {path} cannot be read ({reason(e)}): save them again with "
                                "model.save_pretrained(DIR)") from e
     return tensors, elements
 
@@ -637,9 +641,11 @@ def load_hf(directory: str | Path, task: str | None = None, max_length: int | No
                 str(directory), config=hf_config, local_files_only=True, use_safetensors=True, attn_implementation="eager",
                 output_loading_info=True, trust_remote_code=False, ignore_mismatched_sizes=True,
             )
-    except Exception as e:  # transformers raises many types; a weights file it cannot read is the weights' fault
+    except BaseException as e:  # transformers raises many types; a weights file it cannot read is the weights' fault
+        if not (isinstance(e, Exception) or is_panic(e)):
+            raise
         kind = type(e).__name__
-        if kind == "SafetensorError" or "safetensors" in str(e).lower() or "no file named" in str(e):
+        if kind == "SafetensorError" or is_panic(e) or "safetensors" in str(e).lower() or "no file named" in str(e):
             raise WeightsError(f"the weights in {directory} cannot be read ({kind}: {first_line(e)}): save them again with "
                                "model.save_pretrained(DIR)") from e
         raise ModelLoadError(f"cannot load {directory} as a {the_task} model ({auto.__name__}): {kind}: {first_line(e)}") from e

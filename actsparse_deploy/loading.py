@@ -36,15 +36,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from . import zoo
 from .batches import Batch
 from .calibrate import check_finite_weights
+from .constants import MAX_LENGTH
 from .errors import ActsparseError, DataError, ModelLoadError, UsageError, WeightsError, first_line
 from .hf import HF_PREFIX, HFSource, hf_directory, is_pretrained, load_hf, wrap_pretrained
+from .serialize import reason, unreadable
 from .streams import Stream
 
 __all__ = [
@@ -109,8 +110,8 @@ class ModelOptions:
         if self.factory_args is not None and not isinstance(self.factory_args, Mapping):
             raise ModelLoadError(f"`factory_args` must be a JSON object of keyword arguments, got a {type(self.factory_args).__name__}")
         if self.max_length is not None and not (isinstance(self.max_length, int) and not isinstance(self.max_length, bool)
-                                                and self.max_length >= 1):
-            raise DataError(f"`max_length` must be a positive number of tokens, got {self.max_length!r}")
+                                                and 1 <= self.max_length <= MAX_LENGTH):
+            raise DataError(f"`max_length` must be a number of tokens from 1 to {MAX_LENGTH}, got {self.max_length!r}")
 
 
 def parse_factory_args(text: str | None) -> dict[str, Any] | None:
@@ -285,8 +286,10 @@ def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"weights file {path} is not a readable .safetensors file ({e})") from e
+        except BaseException as e:
+            if not unreadable(e):
+                raise
+            raise WeightsError(f"weights file {path} is not a readable .safetensors file ({reason(e)})") from e
     obj = _torch_load(path, "weights file", WeightsError)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
@@ -421,8 +424,12 @@ def _read_arrays(path: Path) -> dict[str, torch.Tensor] | torch.Tensor:
             raise DataError(f"data file {path}: unsupported type {suffix or '(none)'}; use .npy, .npz, .safetensors or .pt")
     except DataError:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, SafetensorError, RuntimeError, pickle.UnpicklingError, MemoryError) as e:
-        raise DataError(f"data file {path} is corrupted or unreadable ({type(e).__name__}: {first_line(e)})") from e
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        raise DataError(f"data file {path} is corrupted or unreadable ({reason(e)})") from e
+    except BaseException as e:
+        if not unreadable(e):
+            raise
+        raise DataError(f"data file {path} is corrupted or unreadable ({reason(e)})") from e
     if not raw:
         raise DataError(f"data file {path} holds no arrays")
     tensors = {k: _to_tensor(k, v, str(path)) for k, v in raw.items()}

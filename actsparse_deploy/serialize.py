@@ -25,14 +25,35 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .errors import MaskError
+from .errors import MaskError, first_line, is_panic
 from .files import atomic_output
 from .version import __version__
 
-__all__ = ["SEP", "check_format", "load_safetensors", "read_container", "save_safetensors", "write_container"]
+__all__ = ["SEP", "check_format", "load_safetensors", "read_container", "reason", "save_safetensors", "unreadable", "write_container"]
 
 #: Separates the parts of a tensor's key (``layer::i`` for the i-th feature).
 SEP = "::"
+#: what reading a corrupted ``.safetensors`` file raises besides a Rust panic: safetensors' own error, and torch's
+#: on a header safetensors lets through (a dimension past int64: TypeError; a sub-byte dtype whose bytes do not fill
+#: its shape: RuntimeError); a file that cannot be opened or mapped
+_UNREADABLE = (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError, MemoryError)
+
+
+def unreadable(e: BaseException) -> bool:
+    """Whether ``e``, raised while a ``.safetensors`` file was read, means the file cannot be read (its class's error,
+    not a bug): an error of safetensors or of torch on its header or bytes, or a panic of the safetensors library
+    (:func:`~actsparse_deploy.errors.is_panic`, a ``BaseException``). Callers catch ``BaseException`` and re-raise
+    anything else (KeyboardInterrupt, SystemExit) as it is.
+
+    >>> unreadable(TypeError("too big")), unreadable(KeyboardInterrupt())
+    (True, False)
+    """
+    return isinstance(e, _UNREADABLE) or is_panic(e)
+
+
+def reason(e: BaseException) -> str:
+    """``e`` in a message: its type and first line (``PanicException: ...``)."""
+    return f"{type(e).__name__}: {first_line(e)}"
 
 
 def save_file(tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str] | None = None) -> None:
@@ -61,8 +82,10 @@ def load_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], di
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
         return load_file(str(path)), metadata
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise MaskError(f"{what} file {path} is not a readable .safetensors file ({e})") from e
+    except BaseException as e:
+        if not unreadable(e):
+            raise
+        raise MaskError(f"{what} file {path} is not a readable .safetensors file ({reason(e)})") from e
 
 
 def check_format(metadata: dict[str, str], fmt: str, version: int, path: Path) -> None:

@@ -38,8 +38,9 @@ from . import zoo
 from .batches import Batch, as_positional, describe_batch, first_samples, run_batch, total_samples, unpadded
 from .calibrate import collect, select
 from .constants import DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAULT_RTOL
-from .errors import CalibrationError, DataError, MaskError, ModelLoadError, RecipeError
+from .errors import CalibrationError, DataError, MaskError, ModelLoadError, OutputError, RecipeError
 from .export import IOSpec, export_onnx, layer_metadata
+from .files import publish, remove_stale_staging, staging_dir
 from .loading import LoadedModel, ModelOptions, load_data, load_model, load_text_data
 from .masks import Masks
 from .metrics import sparsification_cost
@@ -244,12 +245,32 @@ def calibrate_to_file(
     if group is not None and not getattr(group, "writer", True):
         return None  # rank 0 writes
     if stats_only:
-        stats.save(output)
+        _save(stats.save, output, group)
         return stats_report(stats, output, time.perf_counter() - start)
     masks = select(stats, model=loaded.module)
-    masks.save(output)
+    _save(masks.save, output, group)
     seconds = round(time.perf_counter() - start, 3)
     return masks_report(masks, files={str(output): _size(Path(output))}, seconds={"calibrate": seconds, "total": seconds}, notes=loaded.notes)
+
+
+def _save(save: Callable[[Path], None], output: str | Path, group: Any) -> None:
+    """``save(path)`` to ``output``. Distributed, rank 0 saves into a staging
+    folder, has the session ``confirm`` that no other rank failed meanwhile, and
+    only then moves the file into place: a job that failed leaves no file."""
+    output = Path(output)
+    confirm = getattr(group, "confirm", None)
+    if confirm is None:
+        save(output)
+        return
+    remove_stale_staging(output.parent)
+    with staging_dir(output.parent) as staging:
+        staged = staging / output.name
+        try:
+            save(staged)
+        except OutputError as e:  # named by the output asked for, not its staged copy
+            raise OutputError(str(e).replace(str(staged), str(output))) from e
+        confirm()
+        publish(staging, output.parent, [output.name], overwrite=True)  # the caller checked `overwrite`
 
 
 def stats_report(stats: Statistics, output: str | Path, seconds: float, parts: int | None = None) -> Report:

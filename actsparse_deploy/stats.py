@@ -43,9 +43,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CalibrationError, ConfigError, MaskError, RecipeError
+from .errors import CalibrationError, ConfigError, MaskError, RecipeError, first_line
 from .functions import AGGREGATE_FNS, STAT_DTYPE, Aggregate, RunningStat
-from .masks import MAX_DENSE_VALUES, _feature_indices, _is_int, layer_name_in_file, model_name_in_file
+from .masks import MAX_DENSE_VALUES, _feature_indices, _is_int, layer_name_in_file, model_name_in_file, skipped_in_file
 from .recipe import LayerSettings, Recipe, ResolvedLayer
 from .serialize import SEP, read_container, write_container
 from .version import __version__
@@ -273,7 +273,8 @@ class Statistics:
     #: the calibration runs the statistics hold (:func:`new_run_id`; a merge holds its parts'):
     #: merging statistics that share a run would count its samples twice
     runs: tuple[str, ...] = field(default_factory=lambda: (new_run_id(),))
-    #: selected layers the forward pass never called, left out -> why (not saved: the masks file keeps it)
+    #: selected layers the forward pass never called, left out -> why (saved; :func:`~actsparse_deploy.calibrate.select`
+    #: passes them on to the masks' ``extra["skipped"]``, a merge holds its parts')
     skipped: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -339,6 +340,7 @@ class Statistics:
             tool_version=self.tool_version,
             fingerprint=self.fingerprint if self.fingerprint is not None else other.fingerprint,
             runs=self.runs + other.runs,
+            skipped=self.skipped | {name: why for name, why in other.skipped.items() if name not in self.skipped},
         )
 
     def _check_other_data(self, other: Statistics) -> None:
@@ -451,6 +453,7 @@ class Statistics:
             "layers": json.dumps(rows),
             "fingerprint": self.fingerprint or "",
             "runs": json.dumps(list(self.runs)),
+            "skipped": json.dumps(self.skipped),
         }
         write_container(Path(path), FORMAT, FORMAT_VERSION, tensors, metadata)
 
@@ -461,8 +464,9 @@ class Statistics:
         combines as declared), counts, shapes (declared against the tensors, and
         the statistic against the layer's input), dtypes and features, every value
         finite; the model's name (printable; only ever shown or compared, never
-        loaded from here) and the runs the file holds (a file without them: one
-        run, named by a digest of its contents)."""
+        loaded from here), the runs the file holds (a file without them: one
+        run, named by a digest of its contents) and the layers the collection
+        skipped (names, and reasons of printable text)."""
         path = Path(path)
         tensors, metadata = read_container(path, FORMAT, FORMAT_VERSION, "statistics")
         try:
@@ -488,6 +492,7 @@ class Statistics:
                 tool_version=_text_field(metadata["tool_version"], "tool_version", _TOOL_VERSION),
                 fingerprint=_text_field(metadata.get("fingerprint") or None, "fingerprint", re.compile(r"[0-9a-f]{1,64}")),
                 runs=_runs_field(metadata.get("runs"), tensors, metadata),
+                skipped=_skipped_field(metadata.get("skipped"), layers),
             )
         except MaskError as e:
             raise MaskError(f"statistics file {path}: {e}" if str(path) not in str(e) else str(e)) from e
@@ -520,6 +525,19 @@ def _runs_field(raw: Any, tensors: dict[str, torch.Tensor], metadata: dict[str, 
     if not isinstance(runs, list):
         raise MaskError(f"runs {str(raw)[:80]} must be a list of run ids")
     return tuple(runs)
+
+
+def _skipped_field(raw: Any, layers: dict[str, LayerStats]) -> dict[str, str]:
+    """The layers the collection skipped, each -> why (a file written before files kept them: none)."""
+    if raw is None:
+        return {}
+    try:
+        skipped = json.loads(raw)
+    except RecursionError as e:
+        raise MaskError("skipped layers: nested too deeply to read: the file is corrupted or hostile") from e
+    except ValueError as e:
+        raise MaskError(f"skipped layers: not JSON ({first_line(e)}): the file is corrupted") from e
+    return skipped_in_file(skipped, layers)
 
 
 def _count_field(raw: Any, what: str) -> int:

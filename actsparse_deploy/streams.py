@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from .batches import Batch, head_samples
-from .errors import ActsparseError, DataError, first_line
+from .errors import ActsparseError, DataError, first_line, is_panic
 
 __all__ = ["CHARS_PER_TOKEN", "DATA_SUFFIXES", "MAX_LINE_BYTES", "ArrayStream", "Generated", "Stream", "TextStream", "array_stream",
            "data_paths", "is_panic", "reading_deadline", "reiterable", "run_tokenizer", "shape_examples", "text_lines"]
@@ -301,6 +301,7 @@ class _File:
     def reader(self) -> Iterator[Callable[[int, int], dict[str, torch.Tensor]]]:
         """``read(start, stop)``: rows ``start:stop`` of every array, as checked tensors."""
         from .loading import _to_tensor
+        from .serialize import reason, unreadable
 
         self.check_unchanged()
         with contextlib.ExitStack() as stack:
@@ -323,9 +324,11 @@ class _File:
                 yield read
             except DataError:
                 raise
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError, MemoryError) as e:
+            except BaseException as e:
+                if not (isinstance(e, (EOFError, zipfile.BadZipFile)) or unreadable(e)):
+                    raise
                 self.check_unchanged()  # changed while it was read: say so, not what numpy / mmap made of it
-                raise DataError(f"data file {self.path} is corrupted or unreadable ({type(e).__name__}: {first_line(e)})") from e
+                raise DataError(f"data file {self.path} is corrupted or unreadable ({reason(e)})") from e
 
     def _npy_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         offset, fortran, dtype = self._offsets["array"]
@@ -379,14 +382,18 @@ class _NpzRows:
 
 
 def _open_file(path: Path) -> _File:
-    from safetensors import SafetensorError
+    from .serialize import reason, unreadable
 
     try:
         return _File(path)
     except DataError:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, SafetensorError, RuntimeError, MemoryError) as e:
-        raise DataError(f"data file {path} is corrupted or unreadable ({type(e).__name__}: {first_line(e)})") from e
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"data file {path} is corrupted or unreadable ({reason(e)})") from e
+    except BaseException as e:  # safetensors' and torch's errors on its header, a panic of safetensors
+        if not unreadable(e):
+            raise
+        raise DataError(f"data file {path} is corrupted or unreadable ({reason(e)})") from e
 
 
 # --- a stream of data files ----------------------------------------------------------------
@@ -579,12 +586,6 @@ def reading_deadline(deadline: float | None, error: Callable[[], BaseException])
         yield
     finally:
         _deadline.reset(token)
-
-
-def is_panic(e: BaseException) -> bool:
-    """A Rust panic in a library built with pyo3 (the tokenizers library): ``pyo3_runtime.PanicException``,
-    a ``BaseException`` that no ``except Exception`` catches (never KeyboardInterrupt or SystemExit)."""
-    return type(e).__name__ == "PanicException" and type(e).__module__ == "pyo3_runtime"
 
 
 @contextlib.contextmanager

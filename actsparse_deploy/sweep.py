@@ -34,7 +34,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError, RecipeError
+from .constants import MAX_RUNS
+from .errors import OutputError, RecipeError, UsageError
 from .files import os_reason
 from .recipe import LayerSettings, Recipe
 
@@ -142,11 +143,14 @@ def sweep(
     overwrite: bool = False,
     on_step: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure every level x method (see the module docstring); write
+    """Measure every level x method (see the module docstring), each model timed
+    ``runs`` times (1 to :data:`~actsparse_deploy.constants.MAX_RUNS`); write
     ``outdir/sweep.json`` and ``outdir/sweep.png``; return what ``sweep.json`` holds."""
     from .files import check_output_path, output_folder, publish, staging_dir
     from .workload import load_workload
 
+    if isinstance(runs, bool) or not isinstance(runs, int) or not 1 <= runs <= MAX_RUNS:
+        raise UsageError(f"`runs` must be an integer from 1 to {MAX_RUNS}, got {runs!r}")
     outdir = Path(outdir)
     with output_folder(outdir):  # one run at a time writes here
         for name in OUT_FILES:

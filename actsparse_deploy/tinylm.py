@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .constants import hub_offline
-from .errors import DataError, ModelLoadError, WeightsError
+from .errors import DataError, ModelLoadError, WeightsError, first_line, is_panic
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -187,8 +187,11 @@ def _tokenizer_at(path: Path) -> Tokenizer:
         raise ModelLoadError(f"tiny-lm tokenizer not found at {path}; run `{TRAIN_SCRIPT}` to create it")
     try:
         tokenizer = Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
-        raise ModelLoadError(f"cannot read the tiny-lm tokenizer {path}: {e}; run `{TRAIN_SCRIPT}` to recreate it") from e
+    except BaseException as e:  # tokenizers raises a bare Exception for a malformed file, or panics
+        if not (isinstance(e, Exception) or is_panic(e)):
+            raise
+        raise ModelLoadError(f"cannot read the tiny-lm tokenizer {path}: {type(e).__name__}: {first_line(e)}; "
+                             f"run `{TRAIN_SCRIPT}` to recreate it") from e
     if tokenizer.token_to_id(EOS_TOKEN) != 0 or tokenizer.get_vocab_size() != CONFIG["vocab_size"]:
         raise ModelLoadError(
             f"{path} is not tiny-lm's tokenizer: expected {CONFIG['vocab_size']} tokens with {EOS_TOKEN} as id 0, "
@@ -293,16 +296,19 @@ def build_tiny_lm() -> TinyLM:
 
 def load_tiny_lm(path: str | Path | None = None) -> TinyLM:
     """tiny-lm with its shipped weights (float16 on disk, float32 here), in eval mode."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from .serialize import reason, unreadable
 
     path = Path(path) if path is not None else models_dir() / WEIGHTS_FILENAME
     if not path.is_file():
         raise ModelLoadError(f"weights of built-in model 'tiny-lm' not found at {path}; run `{TRAIN_SCRIPT}` to create them")
     try:
         state = load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise WeightsError(f"cannot read weights file {path}: {e}") from e
+    except BaseException as e:
+        if not unreadable(e):
+            raise
+        raise WeightsError(f"cannot read weights file {path}: {reason(e)}") from e
     model = build_tiny_lm()
     # tied embeddings: the file holds the input embedding once, the output layer shares it
     state = {f"lm.{k}": v.to(torch.float32) for k, v in state.items()}

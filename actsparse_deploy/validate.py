@@ -420,8 +420,8 @@ def validate(
     that must be dynamic. ``timeout``: seconds for the whole comparison, ``None``
     (the default) for no limit; past it onnxruntime is stopped (a tokenizer making
     held-out text batches is left) and the validation fails."""
-    if atol < 0 or rtol < 0 or math.isnan(atol) or math.isnan(rtol):
-        raise ValidationError(f"tolerances must be non-negative numbers (atol {atol}, rtol {rtol})")
+    if not (0 <= atol < math.inf and 0 <= rtol < math.inf):  # NaN fails too; inf would pass any output
+        raise ValidationError(f"tolerances must be non-negative numbers, finite (atol {atol}, rtol {rtol})")
     if timeout is not None and not timeout > 0:
         raise ValidationError(f"timeout must be a positive number of seconds, got {timeout}")
     deadline = time.monotonic() + timeout if timeout is not None and math.isfinite(timeout) else None

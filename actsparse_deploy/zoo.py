@@ -32,12 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from actsparse_deploy import minilm, tinylm
 from actsparse_deploy.errors import DataError, ModelLoadError, WeightsError, first_line
+from actsparse_deploy.serialize import reason, unreadable
 
 if TYPE_CHECKING:
     from actsparse_deploy.export import IOSpec
@@ -422,8 +423,10 @@ def load_builtin(name: str) -> nn.Module:
     path = _existing_weights(name)
     try:
         state_dict = load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise WeightsError(f"cannot read weights file {path}: {e}") from e
+    except BaseException as e:
+        if not unreadable(e):
+            raise
+        raise WeightsError(f"cannot read weights file {path}: {reason(e)}") from e
     model = entry.factory()
     try:
         model.load_state_dict(state_dict, strict=True)
@@ -441,8 +444,10 @@ def builtin_metadata(name: str) -> dict[str, str]:
     try:
         with safe_open(path, "pt") as f:
             metadata = f.metadata()
-    except (SafetensorError, OSError) as e:
-        raise WeightsError(f"cannot read weights file {path}: {e}") from e
+    except BaseException as e:
+        if not unreadable(e):
+            raise
+        raise WeightsError(f"cannot read weights file {path}: {reason(e)}") from e
     return dict(metadata or {})
 
 

@@ -2,21 +2,26 @@
 in the middle of its share or while it waits for the others, a rank alone at the
 rendezvous, ranks started with other commands or options, and a launcher
 environment that torchrun would never set. Every rank ends promptly with one
-line on stderr and the exit code of the failure's class.
+line on stderr and the exit code of the failure's class, and rank 0 leaves no
+output of a job another rank failed. Layers the forward pass never calls are
+skipped as in one process.
 
 Workers are started with the variables torchrun sets (see test_distributed.py,
 whose helpers these tests use)."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from .helpers import invoke
 from .test_distributed import MODEL, _cli, _env, _free_port
@@ -281,3 +286,162 @@ def test_a_command_of_one_process_under_torchrun_is_refused_before_work(tmp_path
     assert invoke("models").exit_code == 0  # a listing: every rank prints it
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert invoke("inspect", "digits-mlp").exit_code == 0
+
+
+# --- rank 0 publishes nothing once another rank failed -----------------------------
+
+# rank 0 runs the command line through this script: once its outputs are ready (the
+# masks or statistics about to be saved), it says so (gate.0) and waits for the test's go
+GATE = textwrap.dedent('''
+    import os, pathlib, sys, time
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # as the command line sets it before torch loads
+    from actsparse_deploy.masks import Masks
+    from actsparse_deploy.stats import Statistics
+
+    def gated(save):
+        def wait_then_save(self, path):
+            pathlib.Path("gate.0").touch()
+            while not pathlib.Path("go").exists():
+                time.sleep(0.05)
+            return save(self, path)
+        return wait_then_save
+
+    Masks.save, Statistics.save = gated(Masks.save), gated(Statistics.save)
+    from actsparse_deploy.cli import main
+    main()
+''')
+
+GATED = {
+    "convert": ["convert", "distnet:build", "--data", "calib.npy", "--heldout", "held.npy", "-b", "4", "--layers", "fc2",
+                "--sparsity", "0.5", "--no-latency", "-o", "out"],
+    "calibrate": ["calibrate", "distnet:build", "--data", "calib.npy", "-b", "4", "--layers", "fc2", "--sparsity", "0.5",
+                  "-o", "m.safetensors"],
+    "stats-only": ["calibrate", "distnet:build", "--data", "calib.npy", "-b", "4", "--layers", "fc2", "--sparsity", "0.5",
+                   "--stats-only", "-o", "s.safetensors"],
+}
+
+
+@pytest.fixture
+def gated_run(tmp_path: Path) -> Path:
+    import numpy as np
+
+    (tmp_path / "distnet.py").write_text(MODEL)
+    (tmp_path / "gate.py").write_text(GATE)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.standard_normal((12, 8)).astype(np.float32))
+    np.save(tmp_path / "held.npy", rng.standard_normal((8, 8)).astype(np.float32))
+    return tmp_path
+
+
+@pytest.mark.slow  # real processes, each importing torch
+@pytest.mark.parametrize(("command", "sig"), [
+    ("convert", signal.SIGTERM), ("calibrate", signal.SIGINT), ("stats-only", signal.SIGTERM), ("convert", signal.SIGKILL),
+])
+def test_a_rank_stopped_while_it_waits_for_rank_0_leaves_no_output(gated_run: Path, command: str, sig: signal.Signals) -> None:
+    """Rank 1 waits for rank 0 to write the outputs and is stopped: rank 0 wrote
+    them all the same and only then exited with rank 1's code (the files of a
+    failed job on disk). Now rank 0 looks right before it moves them into place:
+    the signalled rank's code (a killed rank: 7), one line, no output, no staging."""
+    args = [*GATED[command], "--dist-timeout", "600"]
+    before = sorted(p.name for p in gated_run.iterdir())
+    procs = _start([[sys.executable, "gate.py", *args], _cli(*args)], gated_run)
+    _until(gated_run / "gate.0", procs=procs)
+    procs[1].send_signal(sig)
+    with contextlib.suppress(subprocess.TimeoutExpired):  # in the exchange it leaves at once; else it waits for rank 0
+        procs[1].wait(timeout=WAIT / 3)
+    (gated_run / "go").touch()
+    done = _finish(procs)
+    if sig == signal.SIGKILL:
+        assert done[1].returncode == -9
+        line = _one_line(done[0], 7, "error: rank 0: distributed calibration stopped: lost the connection to another rank")
+        assert "before writing the outputs" in line, line
+    else:
+        code, own, relayed = SIGNALS[sig]
+        _one_line(done[1], code, own)
+        _one_line(done[0], code, f"error: rank 1: {relayed}")
+    assert all(p.stdout == "" for p in done)
+    assert sorted(p.name for p in gated_run.iterdir() if p.name not in ("gate.0", "go", "__pycache__")) == before
+
+
+# --- layers the forward pass never calls ---------------------------------------------
+
+# nn.MultiheadAttention reads out_proj's weight without calling it; `rare` runs only
+# on a batch whose first value asks for it (in the data below: batch 1, rank 1's)
+ATTENDING = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class Attending(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.inp = nn.Linear(4, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.rare = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            h, _ = self.attn(h, h, h)
+            if bool(x[0, 0, 0] > 100):
+                h = self.rare(h)
+            return self.head(torch.relu(h))
+
+    def build():
+        return Attending()
+''')
+
+
+@pytest.fixture
+def attending(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    import numpy as np
+
+    (tmp_path / "attending_net.py").write_text(ATTENDING)
+    data = np.random.default_rng(0).normal(size=(24, 5, 4)).astype(np.float32)
+    data[6, 0, 0] = 1000.0  # batch 1 of 4 (6 samples each): rank 1's
+    np.save(tmp_path / "calib.npy", data)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def _attending(*args: str) -> list[str]:
+    return ["calibrate", "attending_net:build", "--data", "calib.npy", "-b", "6", "--sparsity", "0.5", *args]
+
+
+@pytest.mark.slow  # real processes, each importing torch
+def test_never_called_layers_are_skipped_under_torchrun_as_in_one_process(attending: Path) -> None:
+    """attn.out_proj, called on no rank, was exit 7 under torchrun (each rank
+    could have decided alone): skipped with the note of one process; rare, called
+    on rank 1 only, is calibrated on what that rank saw (the masks of one process)."""
+    from actsparse_deploy.masks import Masks
+    from actsparse_deploy.stats import Statistics
+
+    for out, extra in (("one.safetensors", []), ("one.stats.safetensors", ["--stats-only"])):
+        one = invoke(*_attending("--layer-type", "Linear", "-o", out, *extra))
+        assert one.exit_code == 0 and "attn.out_proj" in one.stderr, one.output
+    for out, extra in (("two.safetensors", []), ("two.stats.safetensors", ["--stats-only"])):
+        done = _finish(_start([_cli(*_attending("--layer-type", "Linear", "-o", out, *extra), "--dist-timeout", "60")] * 2, attending))
+        assert [p.returncode for p in done] == [0, 0], [p.stderr[-2000:] for p in done]
+        notes = done[0].stderr.strip().splitlines()
+        assert len(notes) == 1 and "attn.out_proj" in notes[0] and "never called" in notes[0], done[0].stderr
+        assert done[1].stdout == done[1].stderr == ""
+    a, b = Masks.load(attending / "one.safetensors"), Masks.load(attending / "two.safetensors")
+    assert list(a.layers) == list(b.layers) == ["inp", "rare", "head"]
+    assert all(torch.equal(a.layers[n].mask, b.layers[n].mask) for n in a.layers)
+    assert a.extra == b.extra and "attn.out_proj" in b.extra["skipped"]
+    s, t = Statistics.load(attending / "one.stats.safetensors"), Statistics.load(attending / "two.stats.safetensors")
+    assert (s.fingerprint, s.num_samples, s.num_batches, list(s.layers)) == (t.fingerprint, t.num_samples, t.num_batches, list(t.layers))
+    assert (t["rare"].num_samples, t["rare"].num_batches) == (6, 1)
+    for name in s.layers:
+        for x, y in zip(s[name].parts, t[name].parts):
+            assert x.count == y.count and torch.allclose(x.value, y.value, rtol=1e-12, atol=0), name
+
+
+@pytest.mark.slow  # real processes, each importing torch
+def test_a_rule_of_never_called_layers_only_is_the_same_calibration_error_on_every_rank(attending: Path) -> None:
+    done = _finish(_start([_cli(*_attending("--layers", "attn.*", "-o", "m.safetensors", "--dist-timeout", "60"))] * 2, attending))
+    for p in done:
+        line = _one_line(p, 7, "error: layers[0] (")
+        assert "attn.*" in line and "attn.out_proj" in line and "never calls" in line, line
+    assert not (attending / "m.safetensors").exists()
