@@ -577,7 +577,7 @@ def _export(
         raise ExportError(f"the model returns {n_outputs} outputs but {len(spec.output_names)} output names were given")
     wrapped: Any = program if program is not None else PositionalAdapter(model, spec.input_names if is_named(example) else None)
     args = positional(example, spec.input_names)
-    with output_lock(path.parent):  # one run at a time writes here: never one run's model beside another's data
+    with output_lock(path.parent, path.name):  # one run at a time writes this name: never one run's model beside another's data
         remove_stale_staging(path.parent)
         with staging_dir(path.parent) as staging:
             return _export_staged(wrapped, args, spec, path, staging, exporter, opset, metadata, external_data, overwrite, verbose,

@@ -32,6 +32,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -384,11 +385,14 @@ def staging_dir(parent: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def output_lock(directory: Path) -> Iterator[None]:
+def output_lock(directory: Path, name: str | None = None) -> Iterator[None]:
     """Hold ``directory/.actsparse.lock`` (an flock, with the holder's pid in
     the file) while one run writes there; another run is refused at once. The
-    kernel drops the lock of a killed run, so its file is simply taken over."""
-    lock = Path(directory) / LOCK_NAME
+    kernel drops the lock of a killed run, so its file is simply taken over.
+    With ``name``, lock only that output in ``directory`` (``.NAME.actsparse.lock``):
+    runs writing other names there go on side by side."""
+    lock = Path(directory) / (LOCK_NAME if name is None else _name_lock(Path(directory), name))
+    what = str(directory) if name is None else str(Path(directory) / name)
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -402,7 +406,7 @@ def output_lock(directory: Path) -> Iterator[None]:
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise OutputError(f"cannot lock {directory} ({lock}): {os_reason(e)}") from e
             raise OutputError(
-                f"another actsparse run is writing to {directory} (pid {holder or 'unknown'}): "
+                f"another actsparse run is writing {'to ' if name is None else ''}{what} (pid {holder or 'unknown'}): "
                 "wait for it to finish, or choose another output"
             ) from None
         try:  # the run that held it may have removed the file meanwhile: lock the one in place
@@ -420,6 +424,15 @@ def output_lock(directory: Path) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.unlink(lock)  # while still holding it: nobody can lock a file about to go
         os.close(fd)
+
+
+def _name_lock(directory: Path, name: str) -> str:
+    """The lock file's name for output ``name``: ``.NAME.actsparse.lock``, or a
+    digest of ``name`` where that would be too long for the file system."""
+    lock = f".{name}{LOCK_NAME}"
+    if len(os.fsencode(lock)) > _name_max(directory):
+        lock = f".{hashlib.sha256(os.fsencode(name)).hexdigest()[:32]}{LOCK_NAME}"
+    return lock
 
 
 @contextlib.contextmanager

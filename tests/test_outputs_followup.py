@@ -20,15 +20,32 @@ def _names(directory: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("extra", [["--external-data"], [], ["--external-data", "--overwrite"]])
-def test_a_second_export_to_a_folder_another_run_writes_is_refused_at_once(tmp_path: Path, extra: list[str]) -> None:
+def test_a_second_export_to_a_name_another_run_writes_is_refused_at_once(tmp_path: Path, extra: list[str]) -> None:
     """Two exports of model.onnx + model.onnx.data to one place could end with
-    one run's model beside the other's data: one run at a time writes there."""
-    with output_lock(tmp_path):
+    one run's model beside the other's data: one run at a time writes that name."""
+    with output_lock(tmp_path, "model.onnx"):
         line = one_line_error(invoke("export", "digits-mlp", "-o", tmp_path / "model.onnx", *extra), 11,
-                              f"another actsparse run is writing to {tmp_path}")
-        assert _names(tmp_path) == [".actsparse.lock"], line
+                              f"another actsparse run is writing {tmp_path / 'model.onnx'}")
+        assert _names(tmp_path) == [".model.onnx.actsparse.lock"], line
     assert invoke("export", "digits-mlp", "-o", tmp_path / "model.onnx", *extra).exit_code == 0
     assert _names(tmp_path) == ["model.onnx", *(["model.onnx.data"] if "--external-data" in extra else [])]
+
+
+def test_exports_of_other_names_share_a_folder(tmp_path: Path) -> None:
+    """A folder of models (one export per model, run side by side) is not one
+    run's output: an export locks its own name only."""
+    with output_lock(tmp_path, "other.onnx"):
+        assert invoke("export", "digits-mlp", "-o", tmp_path / "model.onnx", "--external-data").exit_code == 0
+    assert _names(tmp_path) == ["model.onnx", "model.onnx.data"]
+
+
+def test_the_lock_of_a_name_as_long_as_the_file_system_allows_fits_it(tmp_path: Path) -> None:
+    name = "m" * 250 + ".onnx"
+    with output_lock(tmp_path, name):
+        (lock,) = _names(tmp_path)
+        assert lock.endswith(".actsparse.lock") and len(lock) < 64
+        one_line_error(invoke("export", "digits-mlp", "-o", tmp_path / name), 11, "another actsparse run is writing")
+    assert _names(tmp_path) == []
 
 
 def _appearing(monkeypatch: pytest.MonkeyPatch, make: dict[str, str]) -> None:
