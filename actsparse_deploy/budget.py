@@ -245,10 +245,10 @@ class _evaluating:
 def _metrics_of(reference: list[list[torch.Tensor]], batches: Iterable[Batch]) -> dict[str, str]:
     """The built-in budget kinds a model's outputs allow, each -> what it needs
     (``""`` where the model has it)."""
-    from .metrics import _token_ids
+    from .metrics import token_ids
 
     first = reference[0][0] if reference and reference[0] else None
-    ids, _ = _token_ids(next(iter(batches)))
+    ids, _ = token_ids(next(iter(batches)))
     shown = f"its first output is {list(first.shape) if first is not None else 'none'} for inputs {list(ids.shape)}"
     classifier = first is not None and first.ndim >= 2
     language = (classifier and first.ndim == 3 and ids.ndim == 2 and not ids.is_floating_point()  # type: ignore[union-attr]

@@ -80,10 +80,10 @@ from .constants import DEFAULT_EXPORTER, EXPORTERS  # noqa: E402  (one definitio
 
 #: ``auto`` tries these in order (chosen by tools/exporters.py's table: see the README)
 AUTO_ORDER = ("torchscript", "dynamo")
-#: the opsets each exporter of torch 2.13 writes, lowest and highest (torch.onnx's own constants: the
-#: TorchScript exporter 7 to 20; dynamo builds at 18 and, asked for less, converts down where it can and
-#: otherwise keeps 18 without saying so, so this tool asks it for 18 to 23 only)
-OPSETS = {"torchscript": (7, 20), "dynamo": (18, 23)}
+#: the opsets each exporter of torch 2.13 writes, lowest and highest: the TorchScript exporter 7 to 20
+#: (torch.onnx's own constants); dynamo builds at 18 and converts to the opset asked for, from 14 up to
+#: the newest onnx knows (below 14 it keeps 18 without saying so; the opset written is checked anyway)
+OPSETS = {"torchscript": (7, 20), "dynamo": (14, onnx.defs.onnx_opset_version())}
 #: the label of every input's and output's axis 0
 BATCH = "batch"
 #: the label of an inferred sequence axis (axis 1 of an integer (batch, seq) input)
@@ -687,6 +687,12 @@ def _export_staged(
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"the exported model fails onnx.checker: {first_line(e)}") from e
     opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    asked = _opset_of(exporter, opset)
+    if asked is not None and opset_found != asked:
+        raise ExportError(
+            f"the {exporter} exporter wrote opset {opset_found}, not the opset {asked} asked for: it cannot write this "
+            f"model at opset {asked}; give another `opset` or `exporter`"
+        )
     # every tensor under the size threshold: no data file is needed
     if external and not moved:
         (staging / data_name).unlink(missing_ok=True)

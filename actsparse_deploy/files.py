@@ -257,10 +257,14 @@ def _record(fd: int) -> dict[str, Any] | None:
 
 
 def _here(record: dict[str, Any]) -> bool:
-    """Whether a run recorded ran on this kernel (its lock is this kernel's to
-    show) or on this host before a reboot (no lock survives one)."""
+    """Whether a run recorded ran on this kernel: its lock is this kernel's to
+    show. A run of this host name on another kernel (before a reboot, or a cloned
+    machine of the same name sharing the folder) is not; without a boot id (not
+    Linux) the host name decides."""
     mine = _this_run()
-    return bool(mine["boot_id"]) and record.get("boot_id") == mine["boot_id"] or record.get("host") == mine["host"]
+    if mine["boot_id"]:
+        return record.get("boot_id") == mine["boot_id"]
+    return record.get("host") == mine["host"]
 
 
 def _open_lock(lock: Path) -> int:
@@ -361,8 +365,8 @@ def remove_stale_staging(directory: Path) -> int:
     if removed:
         log.warning(f"removed {_told(removed)} left by killed actsparse runs in {directory}")
     if elsewhere:
-        log.warning(f"kept {_told(elsewhere)} in {directory}: made by actsparse runs on other hosts ({', '.join(hosts)}), "
-                    "which this host cannot tell are over; remove them once they are")
+        log.warning(f"kept {_told(elsewhere)} in {directory}: made by actsparse runs on other hosts or before a reboot "
+                    f"({', '.join(hosts)}), which this host cannot tell are over; remove them once they are")
     if unknown:
         log.warning(f"kept {_told(unknown)} in {directory}: no lock shows whether the runs that made them are over "
                     "(made by another tool or an older actsparse?); remove them once no run writes there")

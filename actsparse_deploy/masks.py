@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,14 +55,29 @@ MAX_NAME = 4096
 MAX_REASON = 2 * MAX_NAME
 
 
+#: Unicode categories no name in a file may hold: control characters, line and
+#: paragraph separators, lone surrogates (any other character can name a module)
+_NOT_IN_NAMES = frozenset(("Cc", "Zl", "Zp", "Cs"))
+
+
+def plain_text(text: str) -> bool:
+    """True where ``text`` holds no control character, line or paragraph separator
+    or lone surrogate: what a name from a file must be to be shown on one line.
+
+    >>> plain_text("blocks.a\xa0b"), plain_text("a\x1b[31m"), plain_text("a\u2028b")
+    (True, False, False)
+    """
+    return not any(unicodedata.category(c) in _NOT_IN_NAMES for c in text)
+
+
 def layer_name_in_file(name: Any) -> str:
     """A layer's name as a file gives it, refused (:class:`MaskError`) unless it
-    is what ``named_modules`` can give: non-empty parts joined by dots, printable,
-    at most ``MAX_NAME`` characters."""
-    if not (isinstance(name, str) and 0 < len(name) <= MAX_NAME and name.isprintable() and all(name.split("."))):
+    is what ``named_modules`` can give: non-empty parts joined by dots, plain text
+    (:func:`plain_text`), at most ``MAX_NAME`` characters."""
+    if not (isinstance(name, str) and 0 < len(name) <= MAX_NAME and plain_text(name) and all(name.split("."))):
         raise MaskError(
-            f"layer {str(name)[:80]!r} is not a layer name (printable, non-empty parts joined by dots, at most "
-            f"{MAX_NAME} characters): the file is corrupted"
+            f"layer {str(name)[:80]!r} is not a layer name (non-empty parts joined by dots, no control characters, "
+            f"at most {MAX_NAME} characters): the file is corrupted"
         )
     return name
 
@@ -69,7 +85,7 @@ def layer_name_in_file(name: Any) -> str:
 def skipped_in_file(skipped: Any, layers: Container[str] = ()) -> dict[str, str]:
     """The selected layers a file says calibration left out, each -> why (a masks file's ``extra["skipped"]``, a
     statistics file's ``skipped``), refused (:class:`MaskError`) unless a table of layer names
-    (:func:`layer_name_in_file`), none of ``layers`` (those the file holds), to printable text of at most
+    (:func:`layer_name_in_file`), none of ``layers`` (those the file holds), to plain text (no control characters) of at most
     :data:`MAX_REASON` characters."""
     if not isinstance(skipped, dict):
         raise MaskError(f"skipped layers {str(skipped)[:80]} must be a table of layer names to reasons: the file is corrupted")
@@ -80,18 +96,18 @@ def skipped_in_file(skipped: Any, layers: Container[str] = ()) -> dict[str, str]
             raise MaskError(f"skipped {e}") from e
         if name in layers:
             raise MaskError(f"layer {name!r} is listed both as skipped and with its own entry: the file is corrupted")
-        if not (isinstance(why, str) and 0 < len(why) <= MAX_REASON and why.isprintable()):
-            raise MaskError(f"skipped layer {name!r}: its reason {str(why)[:80]!r} is not printable text of at most "
+        if not (isinstance(why, str) and 0 < len(why) <= MAX_REASON and plain_text(why)):
+            raise MaskError(f"skipped layer {name!r}: its reason {str(why)[:80]!r} is not plain text (no control characters) of at most "
                             f"{MAX_REASON} characters: the file is corrupted")
     return dict(skipped)
 
 
 def model_name_in_file(model: Any) -> str | None:
     """The model a file names (None: none), refused (:class:`MaskError`) unless it
-    is printable text of at most ``MAX_NAME`` characters. Only ever shown or
-    compared: a file's contents never choose a model to load."""
-    if model is not None and not (isinstance(model, str) and len(model) <= MAX_NAME and model.isprintable()):
-        raise MaskError(f"model {str(model)[:80]!r} is not a model's name (printable, at most {MAX_NAME} characters)")
+    is plain text (:func:`plain_text`) of at most ``MAX_NAME`` characters. Only ever
+    shown or compared: a file's contents never choose a model to load."""
+    if model is not None and not (isinstance(model, str) and len(model) <= MAX_NAME and plain_text(model)):
+        raise MaskError(f"model {str(model)[:80]!r} is not a model's name (no control characters, at most {MAX_NAME} characters)")
     return model
 
 

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from .export import IOSpec
     from .workload import Workload
 
-__all__ = ["accuracy", "cosine_stats", "perplexity", "predictions", "sparsification_cost"]
+__all__ = ["accuracy", "cosine_stats", "perplexity", "predictions", "sparsification_cost", "token_ids"]
 
 
 def predictions(model: nn.Module | str | Path, batches: Iterable[Batch], io_spec: IOSpec | None = None) -> np.ndarray:
@@ -74,7 +74,7 @@ def accuracy(
     return float((found == labels.numpy()).mean())
 
 
-def _token_ids(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+def token_ids(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A language model batch's token ids (``input_ids``, else its first tensor) and ``attention_mask``."""
     args, kwargs = call_args(batch)
     if kwargs:
@@ -86,7 +86,7 @@ def _token_ids(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
 def _nll_sum(logits: torch.Tensor, batch: Batch, what: str) -> tuple[float, int]:
     """Summed next-token negative log-likelihood (float64) of a batch and the tokens it predicts
     (positions 1.. of the token ids, those the ``attention_mask`` keeps)."""
-    ids, mask = _token_ids(batch)
+    ids, mask = token_ids(batch)
     if logits.ndim != 3 or ids.ndim != 2 or tuple(logits.shape[:2]) != tuple(ids.shape) or ids.is_floating_point():
         raise DataError(
             f"perplexity needs a language model: the {what}'s first output must be logits (batch, tokens, vocabulary) "

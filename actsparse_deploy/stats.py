@@ -460,13 +460,13 @@ class Statistics:
     @classmethod
     def load(cls, path: str | Path) -> Statistics:
         """Read and check a statistics file: the format, every layer's name
-        (printable, dot-separated parts) and aggregate (a known built-in that
+        (no control characters, dot-separated parts) and aggregate (a known built-in that
         combines as declared), counts, shapes (declared against the tensors, and
         the statistic against the layer's input), dtypes and features, every value
-        finite; the model's name (printable; only ever shown or compared, never
+        finite; the model's name (no control characters; only ever shown or compared, never
         loaded from here), the runs the file holds (a file without them: one
         run, named by a digest of its contents) and the layers the collection
-        skipped (names, and reasons of printable text)."""
+        skipped (names, and reasons of plain text)."""
         path = Path(path)
         tensors, metadata = read_container(path, FORMAT, FORMAT_VERSION, "statistics")
         try:

@@ -50,6 +50,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -564,8 +565,11 @@ def _text_of(line: str, path: Path, number: int, jsonl: bool) -> str | None:
 #: characters of a text tokenized per token of the maximum length (``--max-length``, else the model's): the rest of a
 #: longer text is cut before the tokenizer sees it. Text averages about 4 characters a token; a text whose cut part
 #: makes fewer tokens than the maximum (long runs of what the tokenizer drops) is tokenized again with 4 times as much
-#: of it, until it makes them or is whole: the tokens kept are those of the whole text
+#: of it, until it makes them, is whole, or reaches :data:`MAX_CHARS_PER_TOKEN`
 CHARS_PER_TOKEN = 16
+#: characters of a text tokenized per token of the maximum length at most: the tokens of a longer text whose first
+#: characters make fewer tokens than the maximum are those of its first this many characters per token
+MAX_CHARS_PER_TOKEN = 256
 #: characters tokenized in one call at most (a batch's texts go in several calls beyond it): a tokenizer's memory
 #: grows with the text it is given (about 250 bytes a character for a byte-level BPE)
 GROUP_CHARS = 1 << 21
@@ -588,11 +592,39 @@ def reading_deadline(deadline: float | None, error: Callable[[], BaseException])
         _deadline.reset(token)
 
 
+#: the first line of a Rust panic's report on stderr
+_PANIC_LINE = re.compile(rb"thread '[^\n]*' (\(\d+\) )?panicked at ")
+
+
+def _without_panic_reports(held: bytes, message: str) -> bytes:
+    """``held`` less each Rust panic report of ``message``: the blank line before it, its "thread '...' panicked
+    at" line, the message's lines and the note or backtrace after them; every other line is kept."""
+    lines, kept, i = held.splitlines(keepends=True), [], 0
+    told = [line.encode(errors="replace") for line in message.splitlines()]
+    while i < len(lines):
+        if not _PANIC_LINE.match(lines[i]):
+            kept.append(lines[i])
+            i += 1
+            continue
+        if kept and not kept[-1].strip():
+            kept.pop()
+        i += 1
+        for line in told:
+            i += i < len(lines) and lines[i].rstrip(b"\r\n") == line
+        if i < len(lines) and lines[i].rstrip(b"\r\n") == b"stack backtrace:":
+            i += 1
+            while i < len(lines) and lines[i].startswith(b" "):
+                i += 1
+        i += i < len(lines) and lines[i].startswith(b"note: ") and b"RUST_BACKTRACE" in lines[i]
+    return b"".join(kept)
+
+
 @contextlib.contextmanager
-def _stderr_held() -> Iterator[Callable[[], None]]:
+def _stderr_held() -> Iterator[Callable[[BaseException], None]]:
     """For the block, what is written on the process's stderr (file descriptor 2: a Rust panic's report) goes to a
-    temporary file; after it, that is written to stderr, unless the function yielded was called (nothing is held
-    where no temporary file can be made, or there is no stderr)."""
+    temporary file; after it, that is written to stderr, less the reports of the panic given to the function yielded
+    (nothing is held where no temporary file can be made, or there is no stderr).
+    A crash of the whole process while stderr is held loses what was held."""
     with contextlib.suppress(Exception):
         sys.stderr.flush()
     held, saved = None, -1
@@ -602,22 +634,24 @@ def _stderr_held() -> Iterator[Callable[[], None]]:
     if held is None or saved < 0:
         if held is not None:
             held.close()
-        yield lambda: None
+        yield lambda panic: None
         return
     with held:
-        keep = [True]
+        panics: list[BaseException] = []
         os.dup2(held.fileno(), 2)
         try:
-            yield keep.clear
+            yield panics.append
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-            if keep:
-                held.seek(0)
-                with contextlib.suppress(OSError):
-                    view = memoryview(held.read())
-                    while view:
-                        view = view[os.write(2, view):]
+            held.seek(0)
+            with contextlib.suppress(OSError):
+                data = held.read()
+                for panic in panics:
+                    data = _without_panic_reports(data, str(panic))
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(2, view):]
 
 
 def run_tokenizer(fn: Callable[[], T], fails: Callable[[BaseException], ActsparseError]) -> T:
@@ -644,7 +678,7 @@ def run_tokenizer(fn: Callable[[], T], fails: Callable[[BaseException], Actspars
                 raise limit[1]()
         error = outcome.get("error")
         if error is not None and is_panic(error):
-            drop()
+            drop(error)
     if error is None:
         return outcome["value"]  # type: ignore[no-any-return]
     if isinstance(error, ActsparseError):
@@ -652,6 +686,15 @@ def run_tokenizer(fn: Callable[[], T], fails: Callable[[BaseException], Actspars
     if isinstance(error, Exception) or is_panic(error):
         raise fails(error) from error
     raise error
+
+
+def _which(numbers: list[int]) -> str:
+    """``numbers`` of texts as a message names them: "text 6", "texts 1-8", "texts 2, 6"."""
+    if len(numbers) == 1:
+        return f"text {numbers[0]}"
+    if numbers[-1] - numbers[0] == len(numbers) - 1:
+        return f"texts {numbers[0]}-{numbers[-1]}"
+    return "texts " + ", ".join(map(str, numbers[:8])) + (", ..." if len(numbers) > 8 else "")
 
 
 def _groups(texts: Sequence[str]) -> Iterator[list[int]]:
@@ -697,33 +740,34 @@ class TextStream(Stream):
         if texts:
             yield self._tokenize(texts, number)
 
-    def _encode(self, texts: list[str], limit: int, before: int) -> list[list[int]]:
-        """The token ids of ``texts`` (cut to ``limit`` tokens), a group of texts per call, each in the worker."""
+    def _encode(self, texts: list[str], numbers: list[int], limit: int) -> list[list[int]]:
+        """The token ids of ``texts`` (cut to ``limit`` tokens; ``numbers``: their numbers in the file), a group of
+        texts per call, each in the worker."""
         hf, path = self.hf, self.path
         tokenizer = hf.tokenizer()
 
-        def fails(e: BaseException) -> DataError:
-            what = "panicked" if is_panic(e) else "fails"
-            return DataError(f"the tokenizer of {hf.directory} {what} on {path} (texts {before + 1}-{before + len(texts)}): "
-                             f"{type(e).__name__}: {first_line(e)}")
+        def encode(part: list[str], which: str) -> tuple[Callable[[], list[list[int]]], Callable[[BaseException], DataError]]:
+            def fails(e: BaseException) -> DataError:
+                what = "panicked" if is_panic(e) else "fails"
+                return DataError(f"the tokenizer of {hf.directory} {what} on {path} ({which}): {type(e).__name__}: {first_line(e)}")
 
-        def encode(part: list[str]) -> Callable[[], list[list[int]]]:
-            return lambda: list(tokenizer(part, truncation=True, max_length=limit, padding=False)["input_ids"])
+            return lambda: list(tokenizer(part, truncation=True, max_length=limit, padding=False)["input_ids"]), fails
 
         ids: list[list[int]] = [[] for _ in texts]
         for group in _groups(texts):
-            for i, row in zip(group, run_tokenizer(encode([texts[i] for i in group]), fails)):
+            for i, row in zip(group, run_tokenizer(*encode([texts[i] for i in group], _which([numbers[i] for i in group])))):
                 ids[i] = list(row)
         return ids
 
     def _token_ids(self, texts: list[str], before: int) -> list[list[int]]:
-        """The tokens the whole texts make, up to the maximum length, tokenizing only as much of each text as that takes."""
+        """The tokens the texts make, up to the maximum length, tokenizing only as much of each text as that takes
+        (and never more than :data:`MAX_CHARS_PER_TOKEN` characters per token of it)."""
         limit = self.hf._limit()
-        cut = limit * CHARS_PER_TOKEN
-        ids = self._encode([t[:cut] for t in texts], limit, before)
-        while short := [i for i, t in enumerate(texts) if len(t) > cut and len(ids[i]) < limit]:
-            cut *= 4  # its first characters made too few tokens: more of it
-            for i, row in zip(short, self._encode([texts[i][:cut] for i in short], limit, before)):
+        cut, most = limit * CHARS_PER_TOKEN, limit * MAX_CHARS_PER_TOKEN
+        ids = self._encode([t[:cut] for t in texts], list(range(before + 1, before + len(texts) + 1)), limit)
+        while cut < most and (short := [i for i, t in enumerate(texts) if len(t) > cut and len(ids[i]) < limit]):
+            cut = min(cut * 4, most)  # its first characters made too few tokens: more of it
+            for i, row in zip(short, self._encode([texts[i][:cut] for i in short], [before + 1 + i for i in short], limit)):
                 ids[i] = row
         return ids
 

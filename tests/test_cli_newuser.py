@@ -20,6 +20,7 @@ from actsparse_deploy.cli import app
 
 from .helpers import UserFolder, invoke, one_line_error, user_module, user_module_source
 
+ONNX_MAX = onnx.defs.onnx_opset_version()
 NARROW = {"COLUMNS": "80"}
 
 
@@ -78,6 +79,22 @@ def test_a_flag_given_a_value_says_it_takes_none(tmp_path, value):
 def test_an_option_of_one_value_given_twice_is_a_usage_error(tmp_path, flag, args):
     result = invoke(*(a.replace("OUT", str(tmp_path)) for a in args))
     one_line_error(result, 2, flag, "once")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("args", "env"), [
+    (["calibrate", "digits-mlp", "-o", "OUT/x", "-s", "0.5", "-s", "0.6", "--help"], {}),
+    (["export", "digits-mlp", "--opset", "17", "--help", "--opset", "18"], {}),
+    (["export", "--help"], {"WORLD_SIZE": "2"}),
+    (["squash", "digits-mlp", "-o", "OUT/m.pt2", "--help"], {"WORLD_SIZE": "2"}),
+    (["validate", "model.onnx", "--timeout", "5", "--timeout", "6", "--help"], {"WORLD_SIZE": "2"}),
+], ids=["repeated-calibrate", "repeated-export", "torchrun-export", "torchrun-squash", "torchrun-repeated"])
+def test_help_prints_help_whatever_else_is_wrong_with_the_line(tmp_path, args, env):
+    """--help was refused (exit 2) for an option given twice, or for a command of
+    one process under torchrun: help always prints and exits 0, and writes nothing."""
+    result = invoke(*(a.replace("OUT", str(tmp_path)) for a in args), env={**NARROW, **env})
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"Usage: actsparse {args[0]} ") and result.stderr == "", result.output
     assert list(tmp_path.iterdir()) == []
 
 
@@ -150,11 +167,11 @@ def test_a_budget_metric_the_model_does_not_have_names_those_it_has(tmp_path, co
 
 
 @pytest.mark.parametrize(("exporter", "opset", "needles"), [
-    (None, 99999, ["99999", "7 to 20", "18 to 23"]),
+    (None, 99999, ["99999", "7 to 20", f"14 to {ONNX_MAX}"]),
     ("torchscript", 21, ["21", "torchscript", "7 to 20"]),
-    ("dynamo", 17, ["17", "dynamo", "18 to 23"]),
+    ("dynamo", 13, ["13", "dynamo", f"14 to {ONNX_MAX}"]),
     (None, 6, ["6", "7 to 20"]),
-], ids=["auto-huge", "torchscript-21", "dynamo-17", "auto-6"])
+], ids=["auto-huge", "torchscript-21", "dynamo-13", "auto-6"])
 @pytest.mark.parametrize("command", ["export", "convert"])
 def test_an_opset_no_exporter_supports_is_a_usage_error(tmp_path, command, exporter, opset, needles):
     out = tmp_path / ("m.onnx" if command == "export" else "out")
@@ -163,15 +180,32 @@ def test_an_opset_no_exporter_supports_is_a_usage_error(tmp_path, command, expor
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_opset_ranges_are_torchs_own():
+def test_the_opset_ranges_are_what_the_exporters_write():
+    """TorchScript: torch.onnx's own constants. Dynamo builds at 18 and converts to
+    the opset asked for from 14 up to the newest onnx knows (below 14 it keeps 18
+    without a word: so 14 is its lowest here)."""
     from torch.onnx import _constants
-    from torch.onnx._internal.exporter import _constants as dynamo_constants
 
     from actsparse_deploy.export import OPSETS
 
     assert OPSETS == {"torchscript": (_constants.ONNX_MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET),
-                      "dynamo": (dynamo_constants.TORCHLIB_OPSET, _constants.ONNX_MAX_OPSET)}
-    assert "torchscript 7 to 20, dynamo 18 to 23" in " ".join(invoke("export", "--help", env=NARROW).stdout.split())
+                      "dynamo": (14, ONNX_MAX)}
+    assert "torchscript 7 to 20, dynamo 14 to the newest onnx knows" in " ".join(invoke("export", "--help", env=NARROW).stdout.split())
+
+
+@pytest.mark.parametrize("opset", [15, 17, ONNX_MAX])
+def test_dynamo_writes_every_opset_of_its_range(tmp_path, opset):
+    result = invoke("export", "digits-mlp", "-o", tmp_path / "m.onnx", "--exporter", "dynamo", "--opset", opset, "--json")
+    assert result.exit_code == 0, result.output
+    assert _opset(tmp_path / "m.onnx") == opset == json.loads(result.stdout)["export"]["opset"]
+
+
+def test_an_exporter_writing_another_opset_than_asked_is_an_export_error(tmp_path):
+    """Dynamo converts digits-mlp down to 15 but not to 14, and keeps 18 without a
+    word: the opset written is checked against the one asked for."""
+    result = invoke("export", "digits-mlp", "-o", tmp_path / "m.onnx", "--exporter", "dynamo", "--opset", "14")
+    one_line_error(result, 9, "dynamo", "opset 18", "opset 14")
+    assert list(tmp_path.iterdir()) == []
 
 
 def _opset(path: Path) -> int:
@@ -197,10 +231,10 @@ def test_auto_falling_back_below_the_dynamo_range_says_which_opset_it_wrote(tmp_
 
     told: list[str] = []
     result = export_onnx(Differ(), torch.randn(2, 4), tmp_path / "d.onnx", opset=12, on_fallback=told.append)
-    assert (result.exporter, result.opset, result.requested_opset) == ("dynamo", 18, 12)
-    assert _opset(tmp_path / "d.onnx") == 18
-    assert len(told) == 1 and "opset 18" in told[0] and "opset 12" in told[0], told
-    assert "opset 18" in result.fallback and result.to_json()["requested_opset"] == 12
+    assert (result.exporter, result.opset, result.requested_opset) == ("dynamo", 14, 12)
+    assert _opset(tmp_path / "d.onnx") == 14
+    assert len(told) == 1 and "opset 14" in told[0] and "opset 12" in told[0], told
+    assert "opset 14" in result.fallback and result.to_json()["requested_opset"] == 12
 
 
 # --- --dynamic-axis: an axis the input does not have is a usage error ------------------------

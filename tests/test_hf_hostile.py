@@ -122,7 +122,7 @@ def test_cut_text_makes_the_tokens_of_the_whole_text(hf: HFFiles, kind: str) -> 
     from actsparse_deploy.loading import ModelOptions, load_model
 
     directory = hf.llama if kind == "byte-level" else _word_tokenizer_directory(hf)
-    texts = [" ".join(LINES) * 40, " " * 20_000 + " ".join(LINES) * 3, LINES[1], "\t \t" * 3000 + LINES[2], "x" * 50_000]
+    texts = [" ".join(LINES) * 40, " " * 900 + " ".join(LINES) * 3, LINES[1], "\t \t" * 300 + LINES[2], "x" * 50_000]
     path = hf.text(f"cut-{kind}.txt", "\n".join(texts) + "\n")
     for max_length in (4, 16, 64):
         loaded = load_model(str(directory), options=ModelOptions(max_length=max_length))
@@ -131,6 +131,25 @@ def test_cut_text_makes_the_tokens_of_the_whole_text(hf: HFFiles, kind: str) -> 
         batches = loaded.hf.text_batches(path, batch_size=len(texts))
         ids, mask = batches[0]["input_ids"], batches[0]["attention_mask"]
         assert [row[m.bool()].tolist() for row, m in zip(ids, mask)] == whole
+
+
+def test_the_characters_tokenized_per_text_are_bounded(hf: HFFiles) -> None:
+    """A text whose first characters make few tokens (long words, one token each) is
+    tokenized again with more of it, never past MAX_CHARS_PER_TOKEN per token: its
+    tokens are then those of that many first characters."""
+    from actsparse_deploy.loading import ModelOptions, load_model
+    from actsparse_deploy.streams import MAX_CHARS_PER_TOKEN
+
+    text = ("x" * 999 + " ") * 1000
+    path = hf.text("long-words.txt", text + "\n" + LINES[0] + "\n")
+    loaded = load_model(str(_word_tokenizer_directory(hf)), options=ModelOptions(max_length=16))
+    recording = _Recording(loaded.hf.tokenizer())
+    loaded.hf._tokenizer = recording
+    batch = loaded.hf.text_batches(path, batch_size=2)[0]
+    most = 16 * MAX_CHARS_PER_TOKEN
+    assert max(recording.lengths) <= most
+    first = recording.tokenizer([text[:most]], truncation=True, max_length=16, padding=False)["input_ids"][0]
+    assert batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist() == first
 
 
 def _run(directory: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -270,6 +289,43 @@ def test_a_tokenizer_that_panics_is_one_line(hf: HFFiles, tmp_path: Path, capfd:
     assert "tokenizer" in line and "aaa.txt" in line and "panicked" in line
     assert "panicked at" not in capfd.readouterr().err  # the library's own report stays off the terminal
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_panic_on_a_text_tokenized_again_names_its_line(hf: HFFiles, tmp_path: Path) -> None:
+    """The sixth text's first characters make too few tokens; tokenized again with more of
+    it, the tokenizer panics: the line names text 6, not the start of the batch."""
+    directory = _edited(hf, "panic-word", "tokenizer.json", lambda t: t.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": PANIC_REGEX}, "behavior": "Isolated", "invert": False}, t["pre_tokenizer"]]}),
+        source=_word_tokenizer_directory(hf))
+    text = hf.text("panic-sixth.txt", "\n".join(LINES[:5]) + "\n" + "a" * 500 + "b\n")
+    result = invoke("calibrate", directory, "--text", text, "--max-length", "16", "--batch-size", "8", "-o", tmp_path / "m.safetensors")
+    assert result.exit_code == 6, (result.exception, result.output)
+    line = _line(result)
+    assert "panicked" in line and "(text 6)" in line, line
+
+
+def test_what_else_the_tokenizer_writes_to_stderr_is_kept(hf: HFFiles, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Only the panic's own report is dropped: other writes to file descriptor 2, before and after it, are replayed."""
+    from actsparse_deploy.errors import DataError
+    from actsparse_deploy.loading import load_model
+
+    loaded = load_model(str(_panicking(hf, "split")))
+    tokenizer = loaded.hf.tokenizer()
+
+    class Noisy(_Recording):
+        def __call__(self, texts: list[str], **kwargs: Any) -> Any:
+            os.write(2, b"before the panic\n")
+            try:
+                return self.tokenizer(texts, **kwargs)
+            finally:
+                os.write(2, b"after the panic\n")
+
+    loaded.hf._tokenizer = Noisy(tokenizer)
+    capfd.readouterr()
+    with pytest.raises(DataError, match="panicked"):
+        loaded.hf.text_batches(hf.text("aaa.txt", "a" * 500 + "b\n"), batch_size=1)
+    err = capfd.readouterr().err
+    assert "before the panic\nafter the panic\n" in err and "panicked at" not in err, err
 
 
 @pytest.mark.slow

@@ -308,3 +308,26 @@ def test_statistics_of_every_aggregate_load_again(tmp_path: Path, aggregate: str
         stats.save(tmp_path / f"{i}.safetensors")
         loaded = Statistics.load(tmp_path / f"{i}.safetensors")
         assert loaded.runs == stats.runs and loaded.values_digest() == stats.values_digest()
+
+
+@pytest.mark.parametrize("name", ["blocks.a\xa0b", "blocks.\u3000x", "emoji.\U0001F469\u200d\U0001F52C", "caf\u00e9.fc"])
+def test_names_a_module_can_have_round_trip_through_files(tmp_path: Path, name: str) -> None:
+    """Module names may hold any character but a dot (no-break spaces, ideographic
+    spaces, joined emoji): masks and statistics files of such layers load again, and
+    a model named by such a path is only shown."""
+    from actsparse_deploy import Masks
+    from actsparse_deploy.masks import LayerMask, layer_name_in_file, model_name_in_file
+
+    assert layer_name_in_file(name) == name and model_name_in_file(f"/models/{name}") == f"/models/{name}"
+    path = tmp_path / "m.safetensors"
+    Masks({name: LayerMask(torch.tensor([1.0, 0.0]))}, num_samples=2, model=f"dir/{name}").save(path)
+    assert list(Masks.load(path).layers) == [name]
+
+
+@pytest.mark.parametrize("name", ["a\x1b[31m", "a\rb", "a\nb", "a\u2028b", "a\x85b", "a..b", ""])
+def test_names_with_control_characters_or_empty_parts_are_refused(name: str) -> None:
+    from actsparse_deploy.errors import MaskError
+    from actsparse_deploy.masks import layer_name_in_file
+
+    with pytest.raises(MaskError, match="not a layer name"):
+        layer_name_in_file(name)
