@@ -106,7 +106,11 @@ class _OneLineErrors(TyperGroup):
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         name, command, rest = super().resolve_command(ctx, args)
         if command is not None and not ctx.resilient_parsing:
-            _refuse_repeated_options(command, ctx.__class__(command, info_name=name, parent=ctx), rest)
+            sub = ctx.__class__(command, info_name=name, parent=ctx)
+            if _asks_for_help(command, sub, rest):  # the help, whatever else the line holds
+                ctx.meta[_HELP_ASKED] = True
+            else:
+                _refuse_repeated_options(command, sub, rest)
         return name, command, rest
 
     def format_commands(self, ctx: Any, formatter: Any) -> None:
@@ -119,6 +123,16 @@ class _OneLineErrors(TyperGroup):
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
+
+
+#: the key of the context's meta that says the command's --help was given
+_HELP_ASKED = "actsparse.help"
+
+
+def _asks_for_help(command: Any, ctx: Any, args: list[str]) -> bool:
+    """``args`` give the command's help option (as an option, not as another option's value)."""
+    _, _, order = command.make_parser(ctx).parse_args(args=list(args))
+    return any(set(getattr(param, "opts", ())) & set(ctx.help_option_names) for param in order)
 
 
 def _refuse_repeated_options(command: Any, ctx: Any, args: list[str]) -> None:
@@ -293,7 +307,8 @@ DynamicAxisOpt = Annotated[
 OpsetOpt = Annotated[
     int | None,
     typer.Option("--opset", help="ONNX opset (default: the exporter's, 20). Each exporter writes its own range: "
-                 "torchscript 7 to 20, dynamo 18 to 23; auto uses the one whose range holds it."),
+                 "torchscript 7 to 20, dynamo 14 to the newest onnx knows; auto uses the one whose range "
+                 "holds it."),
 ]
 ExternalOpt = Annotated[
     bool, typer.Option("--external-data", help="Write the weights to MODEL.onnx.data beside the model (automatic over 2 GB).")
@@ -514,7 +529,7 @@ def _root(
     """actsparse: activation sparsity from calibration to validated ONNX."""
     world = os.environ.get("WORLD_SIZE", "1")
     command = ctx.invoked_subcommand
-    if command not in (None, *_UNDER_TORCHRUN) and world.isascii() and world.isdigit() and world.lstrip("0") not in ("", "1"):
+    if command not in (None, *_UNDER_TORCHRUN) and not ctx.meta.get(_HELP_ASKED) and world.isascii() and world.isdigit() and world.lstrip("0") not in ("", "1"):
         # every rank would do the same work and write the same files
         stderr.print(f"error: {command} runs in one process, not under torchrun (WORLD_SIZE={world}): only "
                      f"{' and '.join(_UNDER_TORCHRUN[:2])} share their work across ranks; run it without torchrun", soft_wrap=True)

@@ -102,8 +102,9 @@ _READ_KEY = "actsparse/stop-read"
 _POLL = 0.05
 #: seconds the rendezvous may take past ``dist_timeout`` before this rank stops waiting (torch's message comes first)
 _JOIN_GRACE = 5.0
-#: options that may differ between the ranks of one run: one rank's diagnostics
-_PER_RANK_OPTIONS = frozenset({"verbose"})
+#: options that may differ between the ranks of one run: one rank's diagnostics, threads and patience, and what only
+#: rank 0 writes and prints (where, whether over an earlier file, in which format)
+_PER_RANK_OPTIONS = frozenset({"verbose", "threads", "dist_timeout", "output", "overwrite", "as_json"})
 #: seconds at most that the rank serving the store waits, after a failure was posted, for every rank to have read it
 _LINGER = 5.0
 
@@ -265,6 +266,7 @@ class Session:
     stop: dict[str, Any] | None = None  # the first failure a rank posted (set by the watching thread)
     signal: BaseException | None = None  # a signal this rank got while it waited in an exchange
     confirmed: bool = False  # the exchange before rank 0 moves its outputs into place is over (see confirm)
+    left: bool = False  # this rank left an exchange for its signal: close() waits for no reader again
 
     @property
     def writer(self) -> bool:
@@ -376,21 +378,36 @@ class Session:
     def _wait(self, work: Any) -> None:
         """Wait for a collective where the signal handlers can run (gloo's own
         wait holds them off until every rank has come). A signal meanwhile is
-        posted at once; the rank that serves the store waits on (the others come
-        to this exchange at their next batch, reading the store until then), any
-        other rank leaves at once."""
+        posted at once; any rank but the one serving the store leaves at once.
+        That one, or a rank that brought its own signal here (:meth:`fail`),
+        waits on until every other rank has read the failure (the store ends
+        with the rank serving it), at most ``_LINGER`` s; a second signal ends
+        that wait at once. Either way it leaves with its first signal."""
+        deadline = time.monotonic() + _LINGER
         while True:
             try:
                 if work.is_completed():
                     break
                 time.sleep(_POLL)
             except (KeyboardInterrupt, Terminated) as e:
-                self.post(_describe(e, self.rank))
-                if not self.serves_store:
-                    self.broken = True
-                    raise
-                self.signal = e
+                if self.signal is None:
+                    self.post(_describe(e, self.rank))
+                if self.signal is not None or not self.serves_store:
+                    self.broken = self.left = True
+                    raise (self.signal or e) from None
+                self.signal, deadline = e, time.monotonic() + _LINGER
+            if self.signal is not None and (time.monotonic() > deadline or self._read_by_others()):
+                self.broken = self.left = True
+                raise self.signal
         work.wait()
+
+    def _read_by_others(self) -> bool:
+        """Every rank but the one that posted the failure has read it (none posted, or no store to read: True)."""
+        if self.store is None:
+            return True
+        with contextlib.suppress(RuntimeError):  # a store that is gone cannot be read anyway
+            return not self.store.check([_STOP_KEY]) or self.store.add(_READ_KEY, 0) >= self.world - 1
+        return True
 
     def _broken_by(self, e: BaseException, phase: str) -> ActsparseError:
         """Why an exchange failed: the failure another rank posted, else a rank that died or hangs."""
@@ -417,6 +434,8 @@ class Session:
         error = _describe(e, self.rank)
         if error["rank"] == self.rank:
             self.post(error)
+            if isinstance(e, (KeyboardInterrupt, Terminated)) and self.store is not None:
+                self.signal = e  # posted: the exchange waits only until the others have read it
         try:
             statuses = self.sync({"error": error}, phase)
         except ActsparseError:  # the others are gone: this rank's own account, and any failure a rank posted
@@ -555,11 +574,10 @@ class Session:
         serves the store and a failure was posted, it first waits (at most
         ``_LINGER`` s) for every other rank than the one that posted it to have
         read it: the store ends with this process."""
-        if self.serves_store and self.store is not None:
+        if self.serves_store and self.store is not None and not self.left:
             deadline = time.monotonic() + _LINGER
-            with contextlib.suppress(RuntimeError):  # a rank cannot read a store that is gone anyway
-                while self.store.check([_STOP_KEY]) and self.store.add(_READ_KEY, 0) < self.world - 1 and time.monotonic() < deadline:
-                    time.sleep(_POLL)
+            while not self._read_by_others() and time.monotonic() < deadline:
+                time.sleep(_POLL)
         if self.owned and not self.broken:
             import torch.distributed as dist
 
@@ -752,12 +770,14 @@ def _shown(value: Any) -> str:
 def command_settings(command: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """What every rank of a distributed run must agree on: the command and its
     options as parsed (so their order and spelling do not matter), less what
-    may differ per rank: ``verbose`` and a CUDA device's index (ranks started by
-    hand may each name their GPU).
+    may differ per rank: what tunes one host (``threads``, ``dist_timeout``, a
+    CUDA device's index: ranks started by hand may each name their GPU), what
+    only rank 0 writes and prints (``output``, ``overwrite``, ``as_json``) and
+    ``verbose``. What changes the computation is compared.
 
     >>> from pathlib import Path
-    >>> command_settings("calibrate", {"sparsity": 0.5, "device": "cuda:1", "output": Path("m.pt"), "verbose": True})
-    {'command': 'calibrate', 'sparsity': 0.5, 'device': 'cuda', 'output': 'm.pt'}
+    >>> command_settings("calibrate", {"sparsity": 0.5, "device": "cuda:1", "output": Path("m.pt"), "threads": 2, "verbose": True})
+    {'command': 'calibrate', 'sparsity': 0.5, 'device': 'cuda'}
     """
     settings: dict[str, Any] = {"command": command}
     for name, value in options.items():

@@ -128,6 +128,46 @@ def test_a_signalled_rank_tells_the_others_at_once_and_every_rank_exits_with_its
     assert not (slow_run / "masks.safetensors").exists()
 
 
+# rank 1 gets stuck in one batch (a forward that takes minutes) once rank 0 has run through its share
+STUCK_DATA = textwrap.dedent('''
+    import os, pathlib, time, torch
+
+    def batches():
+        rank = os.environ["RANK"]
+        for i in range(40):
+            if i == 3 and rank == "1":
+                pathlib.Path("stuck.1").touch()
+                time.sleep(600)
+            yield torch.full((4, 8), float(i % 7))
+        pathlib.Path(f"finished.{rank}").touch()
+''')
+
+
+@pytest.mark.slow  # real processes, each importing torch
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_the_rank_serving_the_store_leaves_on_a_signal_while_a_peer_is_stuck_in_a_batch(slow_run: Path, sig: signal.Signals) -> None:
+    """Rank 0 (hand-launched: it serves the store) waited in the exchange until
+    the stuck rank's next batch: it leaves once that rank has read its failure,
+    with one line and the signal's code; the stuck rank stops at its next batch."""
+    (slow_run / "stuck.py").write_text(STUCK_DATA)
+    procs = _start([_cli("calibrate", "distnet:build", "--data", "stuck:batches", "--layers", "fc2", "-s", "0.5", "-o", "m.safetensors",
+                         "--dist-timeout", "600")] * 2, slow_run)
+    try:
+        _until(slow_run / "finished.0", slow_run / "stuck.1", procs=procs)
+        time.sleep(0.5)  # rank 0 waits in the exchange by now (a signal before it is the case above)
+        procs[0].send_signal(sig)
+        out, err = procs[0].communicate(timeout=WAIT)
+        code, own, _ = SIGNALS[sig]
+        _one_line(subprocess.CompletedProcess(procs[0].args, procs[0].returncode, out, err), code, own)
+        assert procs[1].poll() is None  # still in its batch
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert not (slow_run / "m.safetensors").exists()
+
+
 @pytest.mark.slow  # real processes, each importing torch
 def test_a_failing_rank_stops_the_others_at_their_next_batch(slow_run: Path) -> None:
     """An error (not a signal) is sent at once too: rank 0, in the middle of an
@@ -176,8 +216,7 @@ RANK0 = ["calibrate", "digits-mlp", "--max-samples", "64", "-s", "0.5", "-o", "m
 @pytest.mark.slow  # real processes, each importing torch
 @pytest.mark.parametrize(("rank1", "differs"), [
     (["calibrate", "digits-mlp", "--max-samples", "64", "-s", "0.25", "-o", "m.safetensors"], "(--sparsity 0.25 on rank 1, 0.5 on rank 0)"),
-    (["calibrate", "digits-mlp", "--max-samples", "64", "-s", "0.5", "-o", "m.safetensors", "--dist-timeout", "30"],
-     "(--dist-timeout 30.0 on rank 1, 60.0 on rank 0)"),
+    (["calibrate", "digits-mlp", "--max-samples", "32", "-s", "0.5", "-o", "m.safetensors"], "(--max-samples 32 on rank 1, 64 on rank 0)"),
     (["convert", "digits-mlp", "--max-samples", "64", "-s", "0.5", "-o", "m.safetensors"], "rank 1 runs convert, rank 0 calibrate"),
 ])
 def test_ranks_running_other_commands_or_options_are_refused_on_every_rank(tmp_path: Path, rank1: list[str], differs: str) -> None:
@@ -185,7 +224,7 @@ def test_ranks_running_other_commands_or_options_are_refused_on_every_rank(tmp_p
     rank, one line naming what differs (they all exited 0 without a word, rank 0's
     options deciding)."""
     timeout = ["--dist-timeout", "60"]
-    procs = _start([_cli(*RANK0, *timeout), _cli(*rank1, *([] if "--dist-timeout" in rank1 else timeout))], tmp_path)
+    procs = _start([_cli(*RANK0, *timeout), _cli(*rank1, *timeout)], tmp_path)
     for p in _finish(procs):
         line = _one_line(p, 2, "error: rank 1 runs ")
         assert differs in line and "every rank must run the same command with the same options" in line, line
@@ -198,6 +237,21 @@ def test_ranks_with_the_same_options_in_another_order_and_their_own_verbose_agre
     done = _finish(_start([_cli(*RANK0, "--dist-timeout", "60"), _cli(*same)], tmp_path))
     assert [p.returncode for p in done] == [0, 0], [p.stderr[-2000:] for p in done]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+@pytest.mark.slow  # real processes, each importing torch
+def test_ranks_with_their_own_threads_output_format_and_timeout_agree(tmp_path: Path) -> None:
+    """What only tunes one host (--threads, --dist-timeout) or shapes what rank 0
+    alone writes and prints (-o, --overwrite, --json) may differ: ranks started
+    by hand with --threads 1 and --threads 2 were refused (exit 2 on both)."""
+    (tmp_path / "m.safetensors").write_bytes(b"an earlier run's")
+    rank1 = ["calibrate", "digits-mlp", "--max-samples", "64", "-s", "0.5", "-o", "other.safetensors", "--threads", "2", "--json",
+             "--dist-timeout", "30"]
+    done = _finish(_start([_cli(*RANK0, "--threads", "1", "--overwrite", "--dist-timeout", "60"), _cli(*rank1)], tmp_path))
+    assert [p.returncode for p in done] == [0, 0], [p.stderr[-2000:] for p in done]
+    assert "overall sparsity" in done[0].stdout and done[1].stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    assert (tmp_path / "m.safetensors").read_bytes() != b"an earlier run's"
 
 
 # --- the launcher's variables: usage errors before any work ---------------------------
