@@ -12,10 +12,22 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from .helpers import BackgroundCommands, DigitsFiles, EarlyWork, TinyConv, TinyMLP, background_selection
+from .helpers import (
+    ATTENTION,
+    BackgroundCommands,
+    DigitsFiles,
+    EarlyWork,
+    TinyConv,
+    TinyMLP,
+    UserFolder,
+    background_selection,
+    user_module,
+    user_module_source,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # xdist workers inherit a fixed terminal size, which rich would keep for the whole
@@ -35,6 +47,19 @@ def mlp() -> TinyMLP:
 def conv() -> TinyConv:
     torch.manual_seed(0)
     return TinyConv()
+
+
+@pytest.fixture
+def attending(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A user's folder (the current directory) with ``build_attending`` (a layer the
+    forward pass never calls) and token-shaped inputs: ``calib.npy``, ``calib2.npy``
+    (other values) and ``held.npy``."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    for name, n in (("calib.npy", 24), ("held.npy", 16), ("calib2.npy", 24)):
+        np.save(tmp_path / name, rng.normal(size=(n, 5, 4)).astype(np.float32))
+    with user_module(tmp_path, user_module_source(extra=ATTENTION), monkeypatch) as name:
+        yield UserFolder(tmp_path, name)
 
 
 @pytest.fixture(scope="session")

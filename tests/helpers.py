@@ -91,6 +91,30 @@ class TinyConv(nn.Module):
 
 # --- a user's own model: the file a user writes, named as package.module:factory ---------
 
+#: factories for :func:`user_module_source`'s ``extra``: ``build_attending`` returns a model whose
+#: ``nn.MultiheadAttention`` reads its out_proj's weight without calling out_proj (a layer never called)
+ATTENTION = '''
+class Attending(nn.Module):
+    """nn.MultiheadAttention reads its out_proj's weight without calling out_proj."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h, _ = self.attn(h, h, h)
+        return self.head(torch.relu(h))
+
+
+def build_attending():
+    torch.manual_seed(0)
+    return Attending()
+'''
+
+
 
 def user_module_source(out_features: int = 2, extra: str = "", forward_first: str = "") -> str:
     """The text of a user's model file: ``Net`` (``fc1`` Linear(4, hidden=8), ReLU,

@@ -18,7 +18,7 @@ import typer.main
 
 from actsparse_deploy.cli import app
 
-from .helpers import UserFolder, invoke, one_line_error, user_module, user_module_source
+from .helpers import invoke, one_line_error, user_module, user_module_source
 
 ONNX_MAX = onnx.defs.onnx_opset_version()
 NARROW = {"COLUMNS": "80"}
@@ -355,38 +355,6 @@ def test_a_token_layers_input_shape_names_its_sequence_axis(tmp_path, monkeypatc
 
 
 # --- layers the forward pass never calls: skipped with a note, as inspect leaves them out -----
-
-
-ATTENTION = '''
-class Attending(nn.Module):
-    """nn.MultiheadAttention reads its out_proj's weight without calling out_proj."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(4, 8)
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        h = self.inp(x)
-        h, _ = self.attn(h, h, h)
-        return self.head(torch.relu(h))
-
-
-def build_attending():
-    torch.manual_seed(0)
-    return Attending()
-'''
-
-
-@pytest.fixture
-def attending(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    rng = np.random.default_rng(0)
-    np.save(tmp_path / "calib.npy", rng.normal(size=(24, 5, 4)).astype(np.float32))
-    np.save(tmp_path / "held.npy", rng.normal(size=(16, 5, 4)).astype(np.float32))
-    with user_module(tmp_path, user_module_source(extra=ATTENTION), monkeypatch) as name:
-        yield UserFolder(tmp_path, name)
 
 
 def test_a_rule_matching_a_never_called_layer_skips_it_as_inspect_does(attending):

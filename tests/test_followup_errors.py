@@ -30,7 +30,6 @@ from actsparse_deploy import Statistics
 from actsparse_deploy.errors import DataError, MaskError
 
 from .helpers import UserFolder, invoke, one_line_error, user_module, user_module_source
-from .test_cli_newuser import ATTENTION
 
 #: a pre-tokenizer regex whose match on "aaa...b" exceeds oniguruma's retry limit: the tokenizers library panics
 PANIC_REGEX = "(a|a)*$"
@@ -311,16 +310,6 @@ def test_a_max_length_past_any_line_is_refused_by_the_library() -> None:
 
 
 # --- layers a collection skipped: saved with the statistics, the same notes either way -------------
-
-
-@pytest.fixture
-def attending(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.chdir(tmp_path)
-    rng = np.random.default_rng(0)
-    np.save(tmp_path / "calib.npy", rng.normal(size=(24, 5, 4)).astype(np.float32))
-    np.save(tmp_path / "calib2.npy", rng.normal(size=(24, 5, 4)).astype(np.float32))
-    with user_module(tmp_path, user_module_source(extra=ATTENTION), monkeypatch) as name:
-        yield UserFolder(tmp_path, name)
 
 
 def _notes(path: Path) -> list[str]:

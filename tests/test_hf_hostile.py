@@ -239,16 +239,22 @@ def test_the_validation_timeout_stops_the_tokenizer(hf: HFFiles, tmp_path: Path)
 # --- config.json sizes against the weights, before anything is built ---------------------------------
 
 
+def _forbid(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> None:
+    """``owner.name`` fails the test if anything calls it."""
+
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"{name} was called")
+
+    monkeypatch.setattr(owner, name, never)
+
+
 @pytest.mark.parametrize("change", [{"num_hidden_layers": 100_000}, {"vocab_size": 10**9}, {"intermediate_size": 10**8}])
 def test_config_sizes_the_weights_cannot_fill_are_refused_unbuilt(hf: HFFiles, monkeypatch: pytest.MonkeyPatch, change: dict[str, int]) -> None:
     import transformers
 
     directory = _edited(hf, "big-" + next(iter(change)), "config.json", lambda c: c.update(change))
 
-    def never(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("the model was built")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
+    _forbid(monkeypatch, transformers.AutoModelForCausalLM, "from_pretrained")
     result = invoke("inspect", directory)
     assert result.exit_code == 5, result.output
     line = _line(result)
@@ -436,10 +442,7 @@ def test_an_index_never_leads_to_a_pickle_or_outside(hf: HFFiles, tmp_path: Path
     save_file({"x": torch.zeros(1)}, hf.root / "outside.safetensors")
     directory, marker = _sharded(hf, f"sharded-{index.split('.')[0]}-{shard.split('.')[-1]}-{len(shard)}", index, shard, tmp_path)
 
-    def never(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("torch.load was called")
-
-    monkeypatch.setattr(torch, "load", never)
+    _forbid(monkeypatch, torch, "load")
     result = invoke("inspect", directory)
     assert result.exit_code == 5, result.output
     line = _line(result)
@@ -464,10 +467,7 @@ def test_config_naming_its_weights_file_never_leads_to_a_pickle_or_outside(
     directory = _edited(hf, f"explicit-{len(named)}", "config.json", lambda c: c.update(transformers_weights=named))
     torch.save({"evil": Evil()}, directory / "adapter_model.bin")
 
-    def never(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("torch.load was called")
-
-    monkeypatch.setattr(torch, "load", never)
+    _forbid(monkeypatch, torch, "load")
     result = invoke("inspect", directory)
     assert result.exit_code == 5, result.output
     line = _line(result)

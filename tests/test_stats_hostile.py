@@ -56,13 +56,20 @@ def forge(source: Path, target: Path, metadata: dict[str, str] | None = None,
 # --- the model a file names is never imported -------------------------------------------------
 
 
-def test_a_factory_the_file_names_is_not_imported(real: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Before, `select` imported evil_factory from the current directory and ran it."""
+def _evil_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``evil_factory.py`` in the current directory (``tmp_path``): importing it
+    writes the returned marker, ``build()`` exits 0."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delitem(sys.modules, "evil_factory", raising=False)
     marker = tmp_path / "MARKER"
     (tmp_path / "evil_factory.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
                                               "def build():\n    raise SystemExit(0)\n")
+    return marker
+
+
+def test_a_factory_the_file_names_is_not_imported(real: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, `select` imported evil_factory from the current directory and ran it."""
+    marker = _evil_factory(tmp_path, monkeypatch)
     stats = forge(real, tmp_path / "evil.stats.safetensors", {"model": "evil_factory:build"})
     result = invoke("select", stats, "-o", tmp_path / "m.safetensors")
     one_line_error(result, 4, str(stats), "'evil_factory:build'", "--model")
@@ -127,11 +134,7 @@ def test_another_builtin_model_is_not_the_one_the_statistics_are_of(real: Path, 
 
 def test_nothing_else_acts_on_a_name_in_the_file(real: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """merge and inspect read the forged file without importing what it names."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delitem(sys.modules, "evil_factory", raising=False)
-    marker = tmp_path / "MARKER"
-    (tmp_path / "evil_factory.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
-                                              "def build():\n    raise SystemExit(0)\n")
+    marker = _evil_factory(tmp_path, monkeypatch)
     a = forge(real, tmp_path / "a.stats.safetensors", {"model": "evil_factory:build"})
     assert invoke("inspect", a).exit_code == 8  # a statistics file is not a masks file
     invoke("merge", a, real, "-o", tmp_path / "merged.safetensors")
