@@ -10,37 +10,35 @@ The public API is imported on first use, so that ``import actsparse_deploy``
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
-from .version import __version__
+from .base.version import __version__ as __version__
 
-#: public name -> (submodule, attribute)
+#: public name -> (module, attribute), by wing
 _API = {
-    "ActivationSparsifier": ("sparsifier", "ActivationSparsifier"),
-    "Masks": ("masks", "Masks"),
-    "Recipe": ("recipe", "Recipe"),
-    "Statistics": ("stats", "Statistics"),
-    "calibrate": ("calibrate", "calibrate"),
-    "collect": ("calibrate", "collect"),
-    "select": ("calibrate", "select"),
-    "squash": ("squash", "squash"),
-    "squash_": ("squash", "squash_"),
+    "ActivationSparsifier": ("calibration.sparsifier", "ActivationSparsifier"),
+    "Masks": ("calibration.masks", "Masks"),
+    "Recipe": ("calibration.recipe", "Recipe"),
+    "Statistics": ("calibration.stats", "Statistics"),
+    "calibrate": ("calibration.calibrate", "calibrate"),
+    "collect": ("calibration.calibrate", "collect"),
+    "select": ("calibration.calibrate", "select"),
+    "register_aggregate_fn": ("calibration.functions", "register_aggregate_fn"),
+    "register_reduce_fn": ("calibration.functions", "register_reduce_fn"),
+    "register_mask_fn": ("calibration.functions", "register_mask_fn"),
+    "register_method": ("calibration.methods", "register_method"),
+    "squash": ("bake.squash", "squash"),
+    "squash_": ("bake.squash", "squash_"),
+    "export_onnx": ("onnx.export", "export_onnx"),
+    "validate": ("onnx.validate", "validate"),
+    "load_builtin": ("models.zoo", "load_builtin"),
+    "calibration_batches": ("models.zoo", "calibration_batches"),
+    "heldout_batches": ("models.zoo", "heldout_batches"),
+    "convert": ("app.pipeline", "convert"),
+    "use_threads": ("base.threads", "use_threads"),
 }
 
-__all__ = [
-    "ActivationSparsifier",
-    "Masks",
-    "Recipe",
-    "Statistics",
-    "__version__",
-    "calibrate",
-    "collect",
-    "select",
-    "squash",
-    "squash_",
-]
+__all__ = sorted([*_API, "__version__"])
 
 
 def __getattr__(name: str) -> Any:
@@ -54,17 +52,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_API))
-
-
-class _Package(types.ModuleType):
-    """``calibrate`` and ``squash`` name both a stage module and its entry function:
-    importing the module must not replace the function on the package (the import
-    system sets the parent's attribute to the submodule)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _API and isinstance(value, types.ModuleType):
-            return  # the module stays reachable as sys.modules[f"{__name__}.{name}"]
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -21,7 +21,7 @@ def _while_starting(signum: int, frame: object) -> None:
 def main() -> None:
     signal.signal(signal.SIGINT, _while_starting)
     signal.signal(signal.SIGTERM, _while_starting)
-    from actsparse_deploy.cli import main as cli_main  # the heavy imports
+    from actsparse_deploy.app.cli import main as cli_main  # the heavy imports
 
     cli_main()  # exits with the command's code
 

@@ -32,7 +32,7 @@ runner = CliRunner()
 def invoke(*args: object, env: dict[str, str] | None = None):
     """``actsparse ARGS`` in this process (typer's CliRunner); every argument as a
     string, ``env``: variables set for the run."""
-    from actsparse_deploy.cli import app
+    from actsparse_deploy.app.cli import app
 
     return runner.invoke(app, [str(a) for a in args], env=env)
 
@@ -329,8 +329,8 @@ class BackgroundCommands:
 
 def assert_same_outputs(model: nn.Module, reference: nn.Module, batches: Any) -> None:
     """Outputs within rtol 1e-4, atol 1e-5 scaled by the output's magnitude (the comparator prune uses)."""
-    from actsparse_deploy.batches import flatten_outputs, run_batch
-    from actsparse_deploy.compare import Tolerance, compare_outputs
+    from actsparse_deploy.data.batches import flatten_outputs, run_batch
+    from actsparse_deploy.data.compare import Tolerance, compare_outputs
 
     tolerance = Tolerance(atol=1e-5, rtol=1e-4, scale_atol=True)
     with torch.no_grad():

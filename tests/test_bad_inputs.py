@@ -16,15 +16,15 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from actsparse_deploy.cli import app
-from actsparse_deploy.functions import MASK_FNS
-from actsparse_deploy.version import __version__
+from actsparse_deploy.app.cli import app
+from actsparse_deploy.base.version import __version__
+from actsparse_deploy.calibration.functions import MASK_FNS
 
 from .helpers import DigitsFiles, UserFolder, user_module, user_module_source
 
 runner = CliRunner()
 USER_MODULE = user_module_source(extra='''
-from actsparse_deploy.functions import MASK_FNS, register_mask_fn
+from actsparse_deploy.calibration.functions import MASK_FNS, register_mask_fn
 
 
 class Singular(nn.Module):
@@ -176,7 +176,7 @@ def _disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_space(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("actsparse_deploy.serialize.save_file", no_space)
+    monkeypatch.setattr("actsparse_deploy.base.serialize.save_file", no_space)
 
 
 # id -> (args builder, exit code, message); builders get the World

@@ -12,9 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from actsparse_deploy import batches as B
-from actsparse_deploy.compare import OutputDiff, Tolerance, compare_outputs
-from actsparse_deploy.errors import (
+from actsparse_deploy.app.pipeline import ConvertOptions, convert
+from actsparse_deploy.base.errors import (
     DataError,
     ExportError,
     RecipeError,
@@ -22,11 +21,12 @@ from actsparse_deploy.errors import (
     UsageError,
     ValidationError,
 )
-from actsparse_deploy.export import IOSpec, export_onnx
-from actsparse_deploy.files import os_reason
-from actsparse_deploy.metrics import accuracy
-from actsparse_deploy.pipeline import ConvertOptions, convert
-from actsparse_deploy.recipe import resolve_recipe
+from actsparse_deploy.base.files import os_reason
+from actsparse_deploy.calibration.recipe import resolve_recipe
+from actsparse_deploy.data import batches as B
+from actsparse_deploy.data.compare import OutputDiff, Tolerance, compare_outputs
+from actsparse_deploy.onnx.export import IOSpec, export_onnx
+from actsparse_deploy.onnx.metrics import accuracy
 
 
 class Two(nn.Module):
@@ -108,9 +108,9 @@ def test_flatten_outputs_skips_none_and_keeps_order():
 
 
 def test_the_old_import_paths_still_work():
-    from actsparse_deploy.calibrate import batch_size, describe_batch, run_batch
-    from actsparse_deploy.export import flatten_outputs, positional_inputs
-    from actsparse_deploy.validate import resize_batches
+    from actsparse_deploy.calibration.calibrate import batch_size, describe_batch, run_batch
+    from actsparse_deploy.onnx.export import flatten_outputs, positional_inputs
+    from actsparse_deploy.onnx.validate import resize_batches
 
     assert (batch_size, describe_batch, run_batch, flatten_outputs, resize_batches) == (
         B.batch_size, B.describe_batch, B.run_batch, B.flatten_outputs, B.resize_batches

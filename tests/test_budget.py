@@ -1,4 +1,4 @@
-"""Per-layer sparsity to a cost budget (actsparse_deploy.budget) and --max-cost."""
+"""Per-layer sparsity to a cost budget (actsparse_deploy.app.budget) and --max-cost."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from actsparse_deploy.batches import total_samples
-from actsparse_deploy.budget import Budget, search_budget, split_tuning
-from actsparse_deploy.errors import RecipeError
-from actsparse_deploy.recipe import Recipe
-from actsparse_deploy.squash import squash
-from actsparse_deploy.workload import load_workload
-from actsparse_deploy.zoo import builtin_recipe_path
+from actsparse_deploy.app.budget import Budget, search_budget, split_tuning
+from actsparse_deploy.app.workload import load_workload
+from actsparse_deploy.bake.squash import squash
+from actsparse_deploy.base.errors import RecipeError
+from actsparse_deploy.calibration.recipe import Recipe
+from actsparse_deploy.data.batches import total_samples
+from actsparse_deploy.models.zoo import builtin_recipe_path
 from tests.helpers import invoke
 
 
@@ -138,8 +138,8 @@ def test_cost_on_other_data_of_a_builtin_is_reported_and_printed(work):
     """The "other text" line: a built-in's other data (MiniLM: dataset descriptions) gets its own cosine."""
     import dataclasses
 
-    from actsparse_deploy.metrics import sparsification_cost
-    from actsparse_deploy.report import Report
+    from actsparse_deploy.app.report import Report
+    from actsparse_deploy.onnx.metrics import sparsification_cost
 
     other = torch.rand(24, 1, 8, 8)
     entry = dataclasses.replace(work.builtin, other_data=lambda size: list(other.split(size)))
@@ -150,7 +150,7 @@ def test_cost_on_other_data_of_a_builtin_is_reported_and_printed(work):
     row = cost["other_text"]["outputs"][0]
     assert cost["other_text"]["samples"] == 24 and row["output"] == "logits" and 0.5 < row["cosine_mean"] < 1
     assert "other_text" not in sparsification_cost(work, sparse)
-    from actsparse_deploy import cli
+    from actsparse_deploy.app import cli
 
     with cli.stdout.capture() as captured:
         cli._print_cost(Report(cost=cost))
@@ -164,10 +164,10 @@ def test_obs_order_prefixes_are_the_obs_masks_at_every_grid_level():
     """The order computed once at the top level gives, at each level, the mask the
     ``obs`` method gives when run at that level (also a width whose groups do not
     divide the levels: 600 features remove 2 per step)."""
-    from actsparse_deploy.budget import GRID, obs_order
-    from actsparse_deploy.functions import AGGREGATE_FNS
-    from actsparse_deploy.methods import METHODS
-    from actsparse_deploy.stats import LayerStats
+    from actsparse_deploy.app.budget import GRID, obs_order
+    from actsparse_deploy.calibration.functions import AGGREGATE_FNS
+    from actsparse_deploy.calibration.methods import METHODS
+    from actsparse_deploy.calibration.stats import LayerStats
 
     for d, out in ((40, 6), (600, 3)):
         torch.manual_seed(d)
@@ -217,7 +217,7 @@ def test_obs_budget_keeps_a_sensitive_layer_below_the_uniform_level():
 
 
 def test_token_batches_are_regrouped_without_padding_and_others_kept():
-    from actsparse_deploy.batches import unpadded
+    from actsparse_deploy.data.batches import unpadded
 
     lengths = [3, 5, 3, 1, 5, 5]
     ids = torch.zeros(6, 5, dtype=torch.long)

@@ -13,10 +13,10 @@ from torch import nn
 from torch.testing import assert_close
 
 from actsparse_deploy import Masks, Recipe, __version__, calibrate
-from actsparse_deploy.errors import CalibrationError, DataError, MaskError
-from actsparse_deploy.functions import MASK_FNS, BuiltinFn
-from actsparse_deploy.masks import LayerMask
-from actsparse_deploy.zoo import builtin_recipe_path, calibration_batches, load_builtin
+from actsparse_deploy.base.errors import CalibrationError, DataError, MaskError
+from actsparse_deploy.calibration.functions import MASK_FNS, BuiltinFn
+from actsparse_deploy.calibration.masks import LayerMask
+from actsparse_deploy.models.zoo import builtin_recipe_path, calibration_batches, load_builtin
 
 from .helpers import TinyConv
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from actsparse_deploy.batches import first_samples
-from actsparse_deploy.errors import DataError
-from actsparse_deploy.masks import Masks
-from actsparse_deploy.pipeline import ConvertOptions
+from actsparse_deploy.app.pipeline import ConvertOptions
+from actsparse_deploy.base.errors import DataError
+from actsparse_deploy.calibration.masks import Masks
+from actsparse_deploy.data.batches import first_samples
 
 from .helpers import invoke, user_module
 
@@ -59,7 +59,7 @@ def test_first_samples_cuts_across_batches_and_reads_no_further():
 
 def test_unpadded_leaves_a_stream_unread():
     """Regrouping token batches by length reads them all: a stream (not a list) passes through as it is."""
-    from actsparse_deploy.batches import unpadded
+    from actsparse_deploy.data.batches import unpadded
 
     batch = {"input_ids": torch.tensor([[1, 2, 0]]), "attention_mask": torch.tensor([[1, 1, 0]])}
     stream = iter([batch])
@@ -101,7 +101,7 @@ def test_mask_shapes_broadcast_as_torch_does_without_importing_sympy():
     import subprocess
     import sys
 
-    from actsparse_deploy.masks import broadcast_shape
+    from actsparse_deploy.calibration.masks import broadcast_shape
 
     dims = [(), (1,), (3,), (0,), (1, 3), (2, 1), (2, 3), (3, 2), (4, 1, 3), (1, 1, 1)]
     for a, b in itertools.product(dims, repeat=2):
@@ -110,7 +110,7 @@ def test_mask_shapes_broadcast_as_torch_does_without_importing_sympy():
         except RuntimeError:
             expected = None
         assert broadcast_shape(a, b) == expected, (a, b)
-    code = ("import sys; from actsparse_deploy import calibrate; from actsparse_deploy.zoo import load_builtin, builtin_recipe_path, "
+    code = ("import sys; from actsparse_deploy import calibrate; from actsparse_deploy.models.zoo import load_builtin, builtin_recipe_path, "
             "calibration_batches; calibrate(load_builtin('digits-mlp'), builtin_recipe_path('digits-mlp'), calibration_batches('digits-mlp')); "
             "print('sympy' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
@@ -121,9 +121,9 @@ def test_cost_on_token_batches_without_padding_is_the_padded_cost():
     regrouped without padding: the same cosine figures as on the padded batches."""
     import copy
 
-    from actsparse_deploy.batches import unpadded
-    from actsparse_deploy.metrics import cosine_stats
-    from actsparse_deploy.workload import load_workload
+    from actsparse_deploy.app.workload import load_workload
+    from actsparse_deploy.data.batches import unpadded
+    from actsparse_deploy.onnx.metrics import cosine_stats
 
     work = load_workload("minilm")
     held = work.require_heldout()[:3]

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from actsparse_deploy import Masks
-from actsparse_deploy.cli import app
-from actsparse_deploy.errors import ModelLoadError, OutputError
+from actsparse_deploy.app.cli import app
+from actsparse_deploy.base.errors import ModelLoadError, OutputError
 
 runner = CliRunner()
 

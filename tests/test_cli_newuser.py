@@ -16,7 +16,7 @@ import pytest
 import torch
 import typer.main
 
-from actsparse_deploy.cli import app
+from actsparse_deploy.app.cli import app
 
 from .helpers import invoke, one_line_error, user_module, user_module_source
 
@@ -186,7 +186,7 @@ def test_the_opset_ranges_are_what_the_exporters_write():
     without a word: so 14 is its lowest here)."""
     from torch.onnx import _constants
 
-    from actsparse_deploy.export import OPSETS
+    from actsparse_deploy.onnx.export import OPSETS
 
     assert OPSETS == {"torchscript": (_constants.ONNX_MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET),
                       "dynamo": (14, ONNX_MAX)}
@@ -223,7 +223,7 @@ def test_auto_above_the_torchscript_range_exports_with_dynamo_and_says_so(tmp_pa
 
 
 def test_auto_falling_back_below_the_dynamo_range_says_which_opset_it_wrote(tmp_path):
-    from actsparse_deploy.export import export_onnx
+    from actsparse_deploy.onnx.export import export_onnx
 
     class Differ(torch.nn.Module):  # aten::diff: the torchscript exporter fails on it
         def forward(self, x):
@@ -286,8 +286,8 @@ def test_a_model_exports_with_a_batch_axis_named_batch(tmp_path, exporter):
 
 
 def test_latency_and_large_figures_print_without_e_notation(capsys):
-    from actsparse_deploy.cli import print_convert_summary
-    from actsparse_deploy.report import Cost, Latency, Report
+    from actsparse_deploy.app.cli import print_convert_summary
+    from actsparse_deploy.app.report import Cost, Latency, Report
 
     report = Report(
         model="m", layers=[], files={}, seconds={"total": 1.0}, threads=1,
@@ -304,15 +304,15 @@ def test_latency_and_large_figures_print_without_e_notation(capsys):
 @pytest.mark.parametrize(("value", "shown"), [(0.213, "0.213 ms"), (41.25, "41.2 ms"), (999.4, "999 ms"), (999.7, "1 s"),
                                               (1090.4, "1.09 s"), (123456.0, "123 s"), (2_345_678.0, "2346 s")])
 def test_milliseconds_read_as_milliseconds_or_seconds(value, shown):
-    from actsparse_deploy.cli import milliseconds
+    from actsparse_deploy.app.cli import milliseconds
 
     assert milliseconds(value) == shown
 
 
 def test_heldout_samples_is_counted_for_data_that_does_not_know_its_size():
-    from actsparse_deploy.metrics import sparsification_cost
-    from actsparse_deploy.streams import Generated
-    from actsparse_deploy.workload import load_workload
+    from actsparse_deploy.app.workload import load_workload
+    from actsparse_deploy.data.streams import Generated
+    from actsparse_deploy.onnx.metrics import sparsification_cost
 
     work = load_workload("digits-mlp")
     held = list(work.require_heldout())
@@ -405,7 +405,7 @@ def test_stats_only_skips_a_never_called_layer_with_a_note(attending):
 
 
 def test_a_budget_prints_its_value_without_e_notation():
-    from actsparse_deploy.budget import Budget
+    from actsparse_deploy.app.budget import Budget
 
     assert str(Budget.parse("my_pkg.costs:latency_us=2000000")) == "my_pkg.costs:latency_us=2000000"
     assert str(Budget.parse("cosine=0.98")) == "cosine=0.98"

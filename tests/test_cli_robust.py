@@ -19,9 +19,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from actsparse_deploy import cli
-from actsparse_deploy.cli import app
-from actsparse_deploy.masks import LayerMask, Masks
+from actsparse_deploy.app import cli
+from actsparse_deploy.app.cli import app
+from actsparse_deploy.calibration.masks import LayerMask, Masks
 
 from .helpers import MARKER_FROM_ENV, UserFolder, calibrate_args, one_line_error, start_cli, user_module, user_module_source
 
@@ -362,7 +362,7 @@ def test_torch_warnings_stay_off_stderr_unless_verbose(world):
 
 
 def test_convert_reports_each_stage(world):
-    from actsparse_deploy.pipeline import convert
+    from actsparse_deploy.app.pipeline import convert
 
     stages: list[tuple[str, int | None]] = []
     convert(
@@ -561,7 +561,7 @@ from actsparse_deploy.__main__ import main
 
 class SignalOnImport:  # the signal arrives while the CLI's modules import
     def find_spec(self, name, path=None, target=None):
-        if name == "actsparse_deploy.cli":
+        if name == "actsparse_deploy.app.cli":
             os.kill(os.getpid(), signal.{sig})
             time.sleep(5)
         return None

@@ -11,8 +11,8 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from actsparse_deploy.cli import app
-from actsparse_deploy.constants import DEFAULT_EXPORTER, EXPORTERS, MODES
+from actsparse_deploy.app.cli import app
+from actsparse_deploy.base.constants import DEFAULT_EXPORTER, EXPORTERS, MODES
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "200", "TERMINAL_WIDTH": "200"}
@@ -105,7 +105,7 @@ OPTIONS = {
 LIGHT = """
 import json, sys
 from typer.testing import CliRunner
-from actsparse_deploy import cli
+from actsparse_deploy.app import cli
 runner = CliRunner()
 results = {}
 for args in [["--version"], ["--help"]] + [[name, "--help"] for name in NAMES]:
@@ -123,7 +123,7 @@ def test_version_and_help_do_not_import_torch_or_onnx():
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(proc.stdout)
     assert seen["heavy"] == [], seen["heavy"]
-    from actsparse_deploy.version import __version__
+    from actsparse_deploy.base.version import __version__
 
     assert seen["results"]["--version"] == [0, f"actsparse {__version__}\n"]
     main_help = seen["results"]["--help"]
@@ -139,12 +139,12 @@ def test_the_light_constants_are_the_stages_own():
     """One definition each: the stages use the names the CLI shows."""
     import importlib
 
-    from actsparse_deploy import constants
-    from actsparse_deploy.functions import AGGREGATE_FNS
+    from actsparse_deploy.base import constants
+    from actsparse_deploy.calibration.functions import AGGREGATE_FNS
 
     export, squash, validate = (importlib.import_module(f"actsparse_deploy.{m}") for m in ("export", "squash", "validate"))
 
     assert squash.MODES is constants.MODES and export.EXPORTERS is constants.EXPORTERS
     assert export.DEFAULT_EXPORTER == constants.DEFAULT_EXPORTER and validate.DEFAULT_ATOL == constants.DEFAULT_ATOL
-    built_in = sorted(n for n in AGGREGATE_FNS.names() if AGGREGATE_FNS._fns[n].impl.__module__ == "actsparse_deploy.functions")
+    built_in = sorted(n for n in AGGREGATE_FNS.names() if AGGREGATE_FNS._fns[n].impl.__module__ == "actsparse_deploy.calibration.functions")
     assert tuple(built_in) == constants.BUILTIN_AGGREGATES and constants.DEFAULT_AGGREGATE in built_in

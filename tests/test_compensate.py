@@ -1,4 +1,4 @@
-"""Compensation of the consumer (actsparse_deploy.compensate): ``bias`` adds the
+"""Compensation of the consumer (actsparse_deploy.calibration.compensate): ``bias`` adds the
 removed features' mean contribution to the bias, ``lstsq`` refits the kept
 columns and the bias by ridge least squares on the augmented Gram matrix. Checked
 where they are exact: constant features (bias), features that are linear
@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from actsparse_deploy.compensate import COMPENSATIONS, compensate
-from actsparse_deploy.errors import ConfigError
-from actsparse_deploy.functions import AGGREGATE_FNS
-from actsparse_deploy.stats import LayerStats
+from actsparse_deploy.base.errors import ConfigError
+from actsparse_deploy.calibration.compensate import COMPENSATIONS, compensate
+from actsparse_deploy.calibration.functions import AGGREGATE_FNS
+from actsparse_deploy.calibration.stats import LayerStats
 
 
 def _stats(x: torch.Tensor, aggregate: str, sample_ndim: int = 1) -> LayerStats:
@@ -165,7 +165,7 @@ def test_gpt2_conv1d_lstsq_and_methods_read_its_transposed_weight():
     of that shape that recovers the dense output, and methods score its columns."""
     from transformers.pytorch_utils import Conv1D
 
-    from actsparse_deploy.methods import weight_columns
+    from actsparse_deploy.calibration.methods import weight_columns
 
     torch.manual_seed(4)
     layer = Conv1D(4, 8)  # nf=4 out, nx=8 in: weight (8, 4)

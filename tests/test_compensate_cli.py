@@ -13,10 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from actsparse_deploy import zoo
-from actsparse_deploy.cli import app
-from actsparse_deploy.constants import COMPENSATIONS, METHODS
-from actsparse_deploy.masks import Masks
+from actsparse_deploy.app.cli import app
+from actsparse_deploy.base.constants import COMPENSATIONS, METHODS
+from actsparse_deploy.calibration.masks import Masks
+from actsparse_deploy.models import zoo
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "200", "TERMINAL_WIDTH": "200"}
@@ -27,10 +27,10 @@ def invoke(*args):
 
 
 def test_the_cli_choices_are_the_registered_methods():
-    from actsparse_deploy.methods import METHODS as REGISTRY
+    from actsparse_deploy.calibration.methods import METHODS as REGISTRY
 
     assert set(METHODS) <= set(REGISTRY.names()), (METHODS, REGISTRY.names())
-    from actsparse_deploy import compensate
+    from actsparse_deploy.calibration import compensate
 
     assert COMPENSATIONS == compensate.COMPENSATIONS == ("none", "bias", "lstsq")
 

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from actsparse_deploy import Recipe, collect, select
-from actsparse_deploy.distributed import check_reducible, resolve_device
-from actsparse_deploy.errors import CalibrationError, UsageError
-from actsparse_deploy.masks import Masks
+from actsparse_deploy.base.errors import CalibrationError, UsageError
+from actsparse_deploy.calibration.distributed import check_reducible, resolve_device
+from actsparse_deploy.calibration.masks import Masks
 
 from .helpers import invoke
 
@@ -69,7 +69,7 @@ WORKER = textwrap.dedent('''
     import torch, torch.distributed as dist
     from torch import nn
     from actsparse_deploy import Recipe, collect, select
-    from actsparse_deploy.calibrate import calibrate
+    from actsparse_deploy.calibration.calibrate import calibrate
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
     rank = dist.get_rank()
@@ -107,7 +107,7 @@ WORKER = textwrap.dedent('''
     out["generator_equal"] = same(collect(model, recipe, (t for t in batches)), alone)
     out["own_share_equal"] = same(collect(model, recipe, batches[rank::2], shard=False), alone)
     import numpy as np
-    from actsparse_deploy.streams import array_stream
+    from actsparse_deploy.data.streams import array_stream
     if rank == 0:
         np.save(sys.argv[1] + "/calib.npy", torch.cat(batches).numpy())
     dist.barrier()
@@ -355,7 +355,7 @@ def test_torchrun_environment_of_one_process_is_one_process(tmp_path: Path, monk
     assert launched_run.exit_code == 0, launched_run.output
     assert not dist.is_initialized()
     assert launched_run.output.replace("one.safetensors", "X") == plain.output.replace("plain.safetensors", "X")
-    from actsparse_deploy.stats import Statistics
+    from actsparse_deploy.calibration.stats import Statistics
 
     a, b = Statistics.load(tmp_path / "plain.safetensors"), Statistics.load(tmp_path / "one.safetensors")
     assert (a.num_samples, a.fingerprint) == (b.num_samples, b.fingerprint) == (64, a.fingerprint)
@@ -364,8 +364,8 @@ def test_torchrun_environment_of_one_process_is_one_process(tmp_path: Path, monk
 
 def test_shard_takes_a_generator_lazily_and_reads_only_its_batches_of_an_array_stream(tmp_path: Path,
                                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from actsparse_deploy.distributed import Session
-    from actsparse_deploy.streams import array_stream
+    from actsparse_deploy.calibration.distributed import Session
+    from actsparse_deploy.data.streams import array_stream
 
     made: list[int] = []
 
@@ -431,7 +431,7 @@ def test_cli_convert_two_ranks_rank0_writes_masks_of_one_process_and_a_rank0_fai
 @pytest.mark.slow  # real processes, each importing torch
 def test_cli_stats_only_two_ranks_equal_one_process_and_a_rank_with_other_weights_is_refused(
         user_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from actsparse_deploy.stats import Statistics
+    from actsparse_deploy.calibration.stats import Statistics
 
     monkeypatch.chdir(user_model)
     monkeypatch.syspath_prepend(str(user_model))
@@ -461,8 +461,8 @@ def test_cli_stats_only_two_ranks_equal_one_process_and_a_rank_with_other_weight
 
 def test_the_command_line_keeps_an_array_stream_of_tensors_shardable(tmp_path: Path) -> None:
     """unpadded() wrapped every stream (then each rank would read all the rows): one of tensors has nothing to unpad."""
-    from actsparse_deploy.batches import unpadded as unpadded_batches
-    from actsparse_deploy.streams import ArrayStream, array_stream
+    from actsparse_deploy.data.batches import unpadded as unpadded_batches
+    from actsparse_deploy.data.streams import ArrayStream, array_stream
 
     np.save(tmp_path / "x.npy", np.zeros((10, 3), dtype=np.float32))
     stream = array_stream(tmp_path / "x.npy", batch_size=4).head(9)
@@ -482,7 +482,7 @@ def test_a_process_under_torchrun_ends_without_interpreter_teardown(monkeypatch:
     output is written. Under torchrun the command line ends with os._exit and its
     exit code once stdout and stderr are flushed; one process exits as usual. (The
     race itself cannot be caused on demand: os._exit is replaced here.)"""
-    from actsparse_deploy import cli
+    from actsparse_deploy.app import cli
 
     ended: list[int] = []
 
@@ -516,7 +516,7 @@ def test_a_cost_budget_on_another_device_than_the_cpu_is_refused_before_work(tmp
     """The budget search runs where the data is (the CPU): `max_cost` with a CUDA
     device was silently run on the CPU by convert (the device ignored); now it is
     refused, from Python and from the command line, before the model loads."""
-    from actsparse_deploy.pipeline import convert
+    from actsparse_deploy.app.pipeline import convert
 
     with pytest.raises(UsageError, match="the cost budget search runs on the CPU"):
         convert("digits-mlp", tmp_path / "out", max_cost="cosine=0.9", device="cuda")

@@ -293,8 +293,8 @@ def test_a_launcher_variable_out_of_range_is_a_usage_error_before_work(tmp_path:
 def test_local_rank_of_a_cuda_device_is_checked_like_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
     """``--device cuda`` under torchrun takes this rank's LOCAL_RANK GPU: a malformed one
     was GPU 0 without a word (checked here without CUDA: the variable first)."""
-    from actsparse_deploy.distributed import local_rank
-    from actsparse_deploy.errors import UsageError
+    from actsparse_deploy.base.errors import UsageError
+    from actsparse_deploy.calibration.distributed import local_rank
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     for value, expected in (("1", 1), ("", 0)):
@@ -312,7 +312,7 @@ def test_the_command_line_under_several_ranks_quiets_the_cpp_log(monkeypatch: py
     """c10d writes its log to fd 2 from C++ (dozens of lines per failed connection);
     torch reads TORCH_CPP_LOG_LEVEL once, when it loads: the command line sets it
     first under torchrun, unless the user set it."""
-    from actsparse_deploy.cli import quiet_cpp_log
+    from actsparse_deploy.app.cli import quiet_cpp_log
 
     for world, preset, expected in (("2", None, "FATAL"), ("1", None, None), (None, None, None), ("2", "INFO", "INFO")):
         environ = {"WORLD_SIZE": world, "TORCH_CPP_LOG_LEVEL": preset}
@@ -349,8 +349,8 @@ def test_a_command_of_one_process_under_torchrun_is_refused_before_work(tmp_path
 GATE = textwrap.dedent('''
     import os, pathlib, sys, time
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # as the command line sets it before torch loads
-    from actsparse_deploy.masks import Masks
-    from actsparse_deploy.stats import Statistics
+    from actsparse_deploy.calibration.masks import Masks
+    from actsparse_deploy.calibration.stats import Statistics
 
     def gated(save):
         def wait_then_save(self, path):
@@ -361,7 +361,7 @@ GATE = textwrap.dedent('''
         return wait_then_save
 
     Masks.save, Statistics.save = gated(Masks.save), gated(Statistics.save)
-    from actsparse_deploy.cli import main
+    from actsparse_deploy.app.cli import main
     main()
 ''')
 
@@ -468,8 +468,8 @@ def test_never_called_layers_are_skipped_under_torchrun_as_in_one_process(attend
     """attn.out_proj, called on no rank, was exit 7 under torchrun (each rank
     could have decided alone): skipped with the note of one process; rare, called
     on rank 1 only, is calibrated on what that rank saw (the masks of one process)."""
-    from actsparse_deploy.masks import Masks
-    from actsparse_deploy.stats import Statistics
+    from actsparse_deploy.calibration.masks import Masks
+    from actsparse_deploy.calibration.stats import Statistics
 
     for out, extra in (("one.safetensors", []), ("one.stats.safetensors", ["--stats-only"])):
         one = invoke(*_attending("--layer-type", "Linear", "-o", out, *extra))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from actsparse_deploy.errors import ActsparseError, ConfigError, first_line
+from actsparse_deploy.base.errors import ActsparseError, ConfigError, first_line
 
 
 def test_first_line_of_messages():

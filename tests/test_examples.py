@@ -15,7 +15,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from actsparse_deploy.cli import app
+from actsparse_deploy.app.cli import app
 
 from .test_readme import ROOT, in_examples, readme_commands
 

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from actsparse_deploy.cli import app
-from actsparse_deploy.constants import DEFAULT_EXPORTER
-from actsparse_deploy.errors import ExportError, UsageError, ValidationError
-from actsparse_deploy.export import IOSpec, export_onnx, output_names_of, parse_dynamic_axis
-from actsparse_deploy.validate import validate
+from actsparse_deploy.app.cli import app
+from actsparse_deploy.base.constants import DEFAULT_EXPORTER
+from actsparse_deploy.base.errors import ExportError, UsageError, ValidationError
+from actsparse_deploy.onnx.export import IOSpec, export_onnx, output_names_of, parse_dynamic_axis
+from actsparse_deploy.onnx.validate import validate
 
 from .helpers import start_cli, user_module, user_module_source
 
@@ -377,7 +377,7 @@ def test_a_model_that_returns_nothing_is_not_exported(tmp_path):
 
 
 def test_cosine_of_a_scalar_output_is_one_value_per_batch():
-    from actsparse_deploy.metrics import cosine_stats
+    from actsparse_deploy.onnx.metrics import cosine_stats
 
     torch.manual_seed(0)
     dense, sparse = _WithScalar().eval(), _WithScalar().eval()

@@ -11,12 +11,13 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from actsparse_deploy import calibrate, squash
-from actsparse_deploy.batches import resize_batches
-from actsparse_deploy.errors import ExportError, ValidationError
-from actsparse_deploy.export import IOSpec, export_onnx, layer_metadata
-from actsparse_deploy.validate import validate
-from actsparse_deploy.workload import load_recipe, load_workload
+from actsparse_deploy import calibrate
+from actsparse_deploy.app.workload import load_recipe, load_workload
+from actsparse_deploy.bake.squash import squash
+from actsparse_deploy.base.errors import ExportError, ValidationError
+from actsparse_deploy.data.batches import resize_batches
+from actsparse_deploy.onnx.export import IOSpec, export_onnx, layer_metadata
+from actsparse_deploy.onnx.validate import validate
 
 EXPORTERS = ["torchscript", "dynamo"]
 

@@ -22,10 +22,10 @@ import onnxruntime
 import pytest
 import torch
 
-from actsparse_deploy import export as export_module
-from actsparse_deploy.errors import ValidationError
-from actsparse_deploy.export import export_onnx
-from actsparse_deploy.validate import check_external_data, validate
+from actsparse_deploy.base.errors import ValidationError
+from actsparse_deploy.onnx import export as export_module
+from actsparse_deploy.onnx.export import export_onnx
+from actsparse_deploy.onnx.validate import check_external_data, validate
 
 from .helpers import TinyMLP, invoke
 
@@ -199,7 +199,7 @@ def test_hostile_location_refused_before_onnxruntime(converted: Path, tmp_path: 
 
 
 def test_latency_refuses_a_hostile_model(converted: Path, tmp_path: Path, no_onnxruntime: list[str]) -> None:
-    from actsparse_deploy.latency import latency_ratio
+    from actsparse_deploy.onnx.latency import latency_ratio
 
     path, tensor = hostile(converted, tmp_path, "parent")
     with pytest.raises(ValidationError, match=tensor):
@@ -227,7 +227,7 @@ def test_links_and_subfolders_inside_the_folder_are_fine(converted: Path, tmp_pa
 def test_the_2gb_decision_at_its_edges() -> None:
     """External data when asked, or when the graph plus the tensors loaded back would reach the protobuf
     limit; the headroom covers what loading a tensor back adds to the message (its field tags and lengths)."""
-    from actsparse_deploy.export import needs_external_data
+    from actsparse_deploy.onnx.export import needs_external_data
 
     assert needs_external_data(10, 0, asked=True, limit=1000, headroom=100)
     assert not needs_external_data(899, 0, asked=False, limit=1000, headroom=100)
@@ -325,7 +325,7 @@ def test_a_full_disk_while_writing_the_data_file_leaves_nothing(tmp_path: Path, 
 def test_inspect_onnx_json_has_the_one_report_schema(converted: Path) -> None:
     """`inspect MODEL.onnx --json` is a report like every command's: the same top-level keys, in order; the
     ONNX file is its `export` section (path, opset, inputs, outputs, external data, size) plus what the graph holds."""
-    from actsparse_deploy.report import KEYS, Report
+    from actsparse_deploy.app.report import KEYS, Report
 
     result = invoke("inspect", converted / "model.onnx", "--json")
     assert result.exit_code == 0, result.stderr

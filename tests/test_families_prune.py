@@ -10,16 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from actsparse_deploy import Recipe, calibrate, squash
-from actsparse_deploy.errors import SquashError
-from actsparse_deploy.export import export_onnx
-from actsparse_deploy.graph import Chain, Dataflow
-from actsparse_deploy.latency import ort_session
-from actsparse_deploy.layers import layer_kind
-from actsparse_deploy.masks import LayerMask, Masks
-from actsparse_deploy.sparsifier import sample_ndim
-from actsparse_deploy.squash import MaskedInput, PrunedInput
-from actsparse_deploy.validate import validate
+from actsparse_deploy import Recipe, calibrate
+from actsparse_deploy.bake.graph import Chain, Dataflow
+from actsparse_deploy.bake.squash import MaskedInput, PrunedInput, squash
+from actsparse_deploy.base.errors import SquashError
+from actsparse_deploy.calibration.masks import LayerMask, Masks
+from actsparse_deploy.calibration.sparsifier import sample_ndim
+from actsparse_deploy.nn.layers import layer_kind
+from actsparse_deploy.onnx.export import export_onnx
+from actsparse_deploy.onnx.latency import ort_session
+from actsparse_deploy.onnx.validate import validate
 
 from .helpers import assert_same_outputs
 

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from actsparse_deploy import Statistics
-from actsparse_deploy.errors import DataError, MaskError
+from actsparse_deploy.base.errors import DataError, MaskError
 
 from .helpers import UserFolder, invoke, one_line_error, user_module, user_module_source
 
@@ -40,7 +40,7 @@ def panic() -> BaseException:
     """A real ``pyo3_runtime.PanicException``, from a tokenizer that panics (its report on stderr held back)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
-    from actsparse_deploy.streams import is_panic, run_tokenizer
+    from actsparse_deploy.data.streams import is_panic, run_tokenizer
 
     tokenizer = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(PANIC_REGEX), "isolated")
@@ -74,7 +74,7 @@ def _calibrate(user: UserFolder, *args: object) -> list[object]:
 
 
 def test_a_panic_in_a_command_is_one_line_exit_1(panic: BaseException, monkeypatch: pytest.MonkeyPatch) -> None:
-    from actsparse_deploy import zoo
+    from actsparse_deploy.models import zoo
 
     monkeypatch.setattr(zoo, "builtin_names", _raising(panic))
     line = one_line_error(invoke("models"), 1, "internal error", "PanicException", str(panic)[:20])
@@ -83,7 +83,7 @@ def test_a_panic_in_a_command_is_one_line_exit_1(panic: BaseException, monkeypat
 
 def test_a_panic_outside_a_command_is_one_line_exit_1(panic: BaseException, monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from actsparse_deploy import cli
+    from actsparse_deploy.app import cli
 
     monkeypatch.setattr(cli, "app", _raising(panic))
     assert cli._run_app() == 1
@@ -100,7 +100,7 @@ def _saved(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
 
 
 def test_a_panic_reading_weights_is_a_weights_error(panic: BaseException, user: UserFolder, monkeypatch: pytest.MonkeyPatch) -> None:
-    from actsparse_deploy import loading
+    from actsparse_deploy.models import loading
 
     weights = _saved(user.file("w.safetensors"), {k: v.contiguous() for k, v in torch.nn.Linear(1, 1).state_dict().items()})
     monkeypatch.setattr(loading, "load_file", _raising(panic))
@@ -109,7 +109,7 @@ def test_a_panic_reading_weights_is_a_weights_error(panic: BaseException, user: 
 
 
 def test_a_panic_reading_builtin_weights_is_a_weights_error(panic: BaseException, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from actsparse_deploy import zoo
+    from actsparse_deploy.models import zoo
 
     monkeypatch.setattr(zoo, "load_file", _raising(panic))
     one_line_error(invoke("calibrate", "digits-mlp", "-o", tmp_path / "m.safetensors"), 5, "digits-mlp", "PanicException")
@@ -127,7 +127,7 @@ def test_a_panic_reading_data_is_a_data_error(panic: BaseException, user: UserFo
 
 
 def test_a_panic_reading_data_rows_is_a_data_error(panic: BaseException, user: UserFolder, monkeypatch: pytest.MonkeyPatch) -> None:
-    from actsparse_deploy.streams import _File
+    from actsparse_deploy.data.streams import _File
 
     data = _saved(user.file("calib.safetensors"), {"x": torch.randn(12, 4)})
     monkeypatch.setattr(_File, "_safetensors_rows", _raising(panic))
@@ -137,7 +137,8 @@ def test_a_panic_reading_data_rows_is_a_data_error(panic: BaseException, user: U
 
 def test_a_panic_reading_masks_statistics_or_a_state_is_a_masks_error(panic: BaseException, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from actsparse_deploy import ActivationSparsifier, serialize
+    from actsparse_deploy import ActivationSparsifier
+    from actsparse_deploy.base import serialize
 
     masks, stats = tmp_path / "m.safetensors", tmp_path / "s.safetensors"
     assert invoke("calibrate", "digits-mlp", "-o", masks).exit_code == 0
@@ -187,8 +188,8 @@ def test_a_panic_loading_a_builtin_language_model_is_its_files_class(panic: Base
     import tokenizers
     import transformers
 
-    from actsparse_deploy import minilm, tinylm
-    from actsparse_deploy.errors import ModelLoadError, WeightsError
+    from actsparse_deploy.base.errors import ModelLoadError, WeightsError
+    from actsparse_deploy.models import minilm, tinylm
 
     with monkeypatch.context() as patched:
         patched.setattr(safetensors.torch, "load_file", _raising(panic))
@@ -251,9 +252,9 @@ def test_sweep_runs_out_of_bounds_is_a_usage_error(runs: str, tmp_path: Path) ->
 
 @pytest.mark.parametrize("runs", [0, 1001, True, 2.5])
 def test_sweep_runs_out_of_bounds_in_the_library(runs: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from actsparse_deploy import workload
-    from actsparse_deploy.errors import UsageError
-    from actsparse_deploy.sweep import sweep
+    from actsparse_deploy.app import workload
+    from actsparse_deploy.app.sweep import sweep
+    from actsparse_deploy.base.errors import UsageError
 
     def never(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the workload was loaded before the runs were checked")
@@ -302,7 +303,7 @@ def test_validate_bounds_are_usage_errors(option: str, value: str, tmp_path: Pat
 
 
 def test_a_max_length_past_any_line_is_refused_by_the_library() -> None:
-    from actsparse_deploy.loading import ModelOptions
+    from actsparse_deploy.models.loading import ModelOptions
 
     with pytest.raises(DataError, match="max_length"):
         ModelOptions(max_length=2**40)

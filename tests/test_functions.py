@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from actsparse_deploy.errors import ConfigError, UnknownFunctionError
-from actsparse_deploy.functions import (
+from actsparse_deploy.base.errors import ConfigError, UnknownFunctionError
+from actsparse_deploy.calibration.functions import (
     AGGREGATE_FNS,
     MASK_FNS,
     REDUCE_FNS,

@@ -16,9 +16,9 @@ from torch import nn
 from torch.testing import assert_close
 
 from actsparse_deploy import Masks
-from actsparse_deploy.errors import MaskError
-from actsparse_deploy.layers import layer_kind
-from actsparse_deploy.masks import LayerMask
+from actsparse_deploy.base.errors import MaskError
+from actsparse_deploy.calibration.masks import LayerMask
+from actsparse_deploy.nn.layers import layer_kind
 
 from .helpers import invoke
 from .test_hf import HELD, LINES, _tokenizer
@@ -64,8 +64,8 @@ def test_gpt2_directory_converts_with_default_flags(gpt2: GPT2Files, tmp_path: P
 def test_gpt2_masks_round_trip_through_a_file(gpt2: GPT2Files, tmp_path: Path) -> None:
     """`calibrate -o masks` (obs, lstsq) then `squash --masks`: the file holds the
     new weight as (out, in); squashed, the layer gets it back in its own (in, out)."""
-    from actsparse_deploy.loading import load_model
-    from actsparse_deploy.squash import squash
+    from actsparse_deploy.bake.squash import squash
+    from actsparse_deploy.models.loading import load_model
 
     masks_path = tmp_path / "masks.safetensors"
     result = invoke("calibrate", gpt2.directory, "--task", "causal-lm", "--text", gpt2.calib, "-o", masks_path)
@@ -144,7 +144,7 @@ def test_a_masks_file_of_an_earlier_version_keeps_its_conv1d_weight_layout(tmp_p
     say their layout and are read as (out, in)."""
     from transformers.pytorch_utils import Conv1D
 
-    from actsparse_deploy.squash import squash
+    from actsparse_deploy.bake.squash import squash
 
     torch.manual_seed(0)
     model = nn.Sequential(Conv1D(4, 4))

@@ -1,4 +1,4 @@
-"""Hugging Face model directories (``actsparse_deploy.hf``): loaded offline with
+"""Hugging Face model directories (``actsparse_deploy.models.hf``): loaded offline with
 the Auto class of their task, named tensors in and out, their tokenizer making
 batches of text files; and ``--factory-args`` for a ``module:factory``.
 
@@ -147,7 +147,7 @@ def test_bert_directory_sentence_embedding_converts(hf: HFFiles, tmp_path: Path)
 def test_causal_lm_outputs_are_the_models_logits(hf: HFFiles) -> None:
     from transformers import AutoModelForCausalLM
 
-    from actsparse_deploy.loading import load_model
+    from actsparse_deploy.models.loading import load_model
 
     loaded = load_model(str(hf.llama))
     assert loaded.hf.model.task == "causal-lm"  # from config.json's architectures
@@ -167,7 +167,7 @@ def test_causal_lm_outputs_are_the_models_logits(hf: HFFiles) -> None:
 def test_sentence_embedding_is_the_normalised_masked_mean(hf: HFFiles) -> None:
     from transformers import AutoModel
 
-    from actsparse_deploy.loading import ModelOptions, load_model
+    from actsparse_deploy.models.loading import ModelOptions, load_model
 
     loaded = load_model(str(hf.bert), options=ModelOptions(task="sentence-embedding"))
     batch = loaded.hf.text_batches(hf.held, batch_size=3)[0]
@@ -181,7 +181,7 @@ def test_sentence_embedding_is_the_normalised_masked_mean(hf: HFFiles) -> None:
 
 
 def test_text_batches_truncate_and_pad_per_batch(hf: HFFiles) -> None:
-    from actsparse_deploy.loading import ModelOptions, load_model
+    from actsparse_deploy.models.loading import ModelOptions, load_model
 
     loaded = load_model(str(hf.llama), options=ModelOptions(max_length=5))
     batches = loaded.hf.text_batches(hf.calib, batch_size=3)
@@ -362,7 +362,7 @@ def test_factory_args(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_factory_returning_a_transformers_model_gives_named_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from actsparse_deploy.loading import load_model
+    from actsparse_deploy.models.loading import load_model
 
     with user_module(tmp_path, FACTORY, monkeypatch) as name:
         loaded = load_model(f"{name}:llama")
@@ -377,8 +377,8 @@ def test_factory_returning_a_transformers_model_gives_named_outputs(tmp_path: Pa
 def test_default_recipe_keeps_its_gram_statistics_within_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """obs + lstsq where the Gram matrices fit DEFAULT_GRAM_BYTES (two 128-wide
     down projections: 2 x 129^2 x 8 bytes), the summed-activation score beyond."""
-    from actsparse_deploy import hf as hf_module
-    from actsparse_deploy.recipe import Recipe
+    from actsparse_deploy.calibration.recipe import Recipe
+    from actsparse_deploy.models import hf as hf_module
 
     model = _llama(32)
     layers = Recipe.coerce(hf_module.default_recipe(model)).select(model)

@@ -86,8 +86,8 @@ class _Recording:
 
 
 def test_a_long_line_is_cut_before_the_tokenizer_sees_it(hf: HFFiles) -> None:
-    from actsparse_deploy.loading import ModelOptions, load_model
-    from actsparse_deploy.streams import CHARS_PER_TOKEN
+    from actsparse_deploy.data.streams import CHARS_PER_TOKEN
+    from actsparse_deploy.models.loading import ModelOptions, load_model
 
     long = hf.text("long-line.txt", "a" * 300_000 + "b\n" + LINES[0] + "\n")
     loaded = load_model(str(hf.llama), options=ModelOptions(max_length=16))
@@ -119,7 +119,7 @@ def test_cut_text_makes_the_tokens_of_the_whole_text(hf: HFFiles, kind: str) -> 
     """Cutting before tokenizing never changes the tokens --max-length keeps: long
     texts, and texts whose first characters make few tokens (whitespace a word-level
     tokenizer drops), make exactly the tokens the whole text makes."""
-    from actsparse_deploy.loading import ModelOptions, load_model
+    from actsparse_deploy.models.loading import ModelOptions, load_model
 
     directory = hf.llama if kind == "byte-level" else _word_tokenizer_directory(hf)
     texts = [" ".join(LINES) * 40, " " * 900 + " ".join(LINES) * 3, LINES[1], "\t \t" * 300 + LINES[2], "x" * 50_000]
@@ -137,8 +137,8 @@ def test_the_characters_tokenized_per_text_are_bounded(hf: HFFiles) -> None:
     """A text whose first characters make few tokens (long words, one token each) is
     tokenized again with more of it, never past MAX_CHARS_PER_TOKEN per token: its
     tokens are then those of that many first characters."""
-    from actsparse_deploy.loading import ModelOptions, load_model
-    from actsparse_deploy.streams import MAX_CHARS_PER_TOKEN
+    from actsparse_deploy.data.streams import MAX_CHARS_PER_TOKEN
+    from actsparse_deploy.models.loading import ModelOptions, load_model
 
     text = ("x" * 999 + " ") * 1000
     path = hf.text("long-words.txt", text + "\n" + LINES[0] + "\n")
@@ -312,8 +312,8 @@ def test_a_panic_on_a_text_tokenized_again_names_its_line(hf: HFFiles, tmp_path:
 
 def test_what_else_the_tokenizer_writes_to_stderr_is_kept(hf: HFFiles, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """Only the panic's own report is dropped: other writes to file descriptor 2, before and after it, are replayed."""
-    from actsparse_deploy.errors import DataError
-    from actsparse_deploy.loading import load_model
+    from actsparse_deploy.base.errors import DataError
+    from actsparse_deploy.models.loading import load_model
 
     loaded = load_model(str(_panicking(hf, "split")))
     tokenizer = loaded.hf.tokenizer()

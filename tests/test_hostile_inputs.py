@@ -22,10 +22,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from typer.testing import CliRunner
 
-from actsparse_deploy import ActivationSparsifier, Recipe, calibrate, squash
-from actsparse_deploy.cli import app
-from actsparse_deploy.errors import CalibrationError, ConfigError, MaskError, RecipeError, WeightsError
-from actsparse_deploy.masks import LayerMask, Masks
+from actsparse_deploy import ActivationSparsifier, Recipe, calibrate
+from actsparse_deploy.app.cli import app
+from actsparse_deploy.bake.squash import squash
+from actsparse_deploy.base.errors import CalibrationError, ConfigError, MaskError, RecipeError, WeightsError
+from actsparse_deploy.calibration.masks import LayerMask, Masks
 
 from .helpers import UserFolder, user_module, user_module_source
 
@@ -263,7 +264,7 @@ def test_recipe_checks_in_python():
         Recipe.from_dict({"defaults": {"features": [1], "feature_dim": 0}, "layers": [{"name": "x"}]})
     with pytest.raises(RecipeError, match="nested too deeply"):
         Recipe.from_toml("x = " + "[" * 100_000 + "]" * 100_000)
-    from actsparse_deploy.recipe import LayerRule, LayerSettings
+    from actsparse_deploy.calibration.recipe import LayerRule, LayerSettings
 
     for settings, message in (
         (LayerSettings(features=(1,), feature_dim=0), "feature_dim 0 is the batch axis"),
@@ -373,7 +374,7 @@ def full_disk(world, monkeypatch):
     monkeypatch.setattr(builtins, "open", _FullDisk(out))
     native = _native_writes_fail(out)
     monkeypatch.setattr(safetensors.torch, "save_file", native)
-    import actsparse_deploy.serialize as serialize
+    import actsparse_deploy.base.serialize as serialize
 
     if getattr(serialize, "save_file", None) is not None and serialize.save_file.__module__.startswith("safetensors"):
         monkeypatch.setattr(serialize, "save_file", native)  # the code before the fix wrote through it
@@ -391,7 +392,7 @@ def test_disk_full_during_calibrate(world, full_disk):
 
 
 def test_disk_full_saving_sparsifier_state(full_disk):
-    from actsparse_deploy.errors import OutputError
+    from actsparse_deploy.base.errors import OutputError
 
     model = nn.Sequential(nn.Linear(4, 4))
     sp = ActivationSparsifier(model, "sum_abs", "mean", "topk", sparsity_level=0.5)

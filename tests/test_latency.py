@@ -1,4 +1,4 @@
-"""onnxruntime latency of two ONNX models timed alternately (actsparse_deploy.latency)."""
+"""onnxruntime latency of two ONNX models timed alternately (actsparse_deploy.onnx.latency)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from actsparse_deploy.errors import ValidationError
-from actsparse_deploy.export import export_onnx
-from actsparse_deploy.latency import alternate, latency_ratio
+from actsparse_deploy.base.errors import ValidationError
+from actsparse_deploy.onnx.export import export_onnx
+from actsparse_deploy.onnx.latency import alternate, latency_ratio
 
 
 def test_latency_ratio_times_both_models_and_restores_torch_threads(tmp_path):

@@ -10,9 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from actsparse_deploy import Recipe, calibrate, squash
-from actsparse_deploy.errors import ConfigError, MaskError, SquashError
-from actsparse_deploy.layers import (
+from actsparse_deploy import Recipe, calibrate
+from actsparse_deploy.bake.squash import PrunedInput, fold_vector, squash
+from actsparse_deploy.base.errors import ConfigError, MaskError, SquashError
+from actsparse_deploy.calibration.masks import LayerMask, Masks
+from actsparse_deploy.calibration.sparsifier import sample_ndim
+from actsparse_deploy.nn.layers import (
     Cut,
     LayerKind,
     WeightedKind,
@@ -21,9 +24,6 @@ from actsparse_deploy.layers import (
     unregister_layer_kind,
     why_unregistered,
 )
-from actsparse_deploy.masks import LayerMask, Masks
-from actsparse_deploy.sparsifier import sample_ndim
-from actsparse_deploy.squash import PrunedInput, fold_vector
 
 from .helpers import TinyMLP
 
@@ -288,8 +288,8 @@ def test_a_kind_must_say_its_sizes_and_says_why_it_cannot_fold_or_prune():
     """No silent stub: a kind without sizes is refused at registration, and the
     default fold / shrink / axis of a kind that cannot do them raise SquashError
     with the kind's own reason."""
-    from actsparse_deploy.errors import ConfigError, SquashError
-    from actsparse_deploy.layers import Cut, LayerKind, register_layer_kind
+    from actsparse_deploy.base.errors import ConfigError, SquashError
+    from actsparse_deploy.nn.layers import Cut, LayerKind, register_layer_kind
 
     class Opaque(nn.Module):
         def forward(self, x):

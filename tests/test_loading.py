@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 from torch.testing import assert_close
 
-from actsparse_deploy.errors import DataError, ModelLoadError, WeightsError
-from actsparse_deploy.loading import load_data, load_model
+from actsparse_deploy.base.errors import DataError, ModelLoadError, WeightsError
+from actsparse_deploy.models.loading import load_data, load_model
 
 USER_MODULE = '''
 import torch

@@ -1,4 +1,4 @@
-"""Selection methods that see the consumer (actsparse_deploy.methods): ``wanda``,
+"""Selection methods that see the consumer (actsparse_deploy.calibration.methods): ``wanda``,
 ``fluctuation`` and ``obs``, registered like the built-in functions, usable from
 recipes (``method = "obs"``) and from Python; select computes the masks with the
 method and the consumer's new weight / bias with the recipe's ``compensate``."""
@@ -15,10 +15,10 @@ from torch import nn
 from torch.testing import assert_close
 
 from actsparse_deploy import Masks, Recipe, Statistics, calibrate, collect, select
-from actsparse_deploy.errors import ConfigError, MaskError, RecipeError, UnknownFunctionError
-from actsparse_deploy.functions import AGGREGATE_FNS
-from actsparse_deploy.methods import METHODS, Method, register_method
-from actsparse_deploy.stats import LayerStats
+from actsparse_deploy.base.errors import ConfigError, MaskError, RecipeError, UnknownFunctionError
+from actsparse_deploy.calibration.functions import AGGREGATE_FNS
+from actsparse_deploy.calibration.methods import METHODS, Method, register_method
+from actsparse_deploy.calibration.stats import LayerStats
 
 from .helpers import TinyConv, TinyMLP
 
@@ -117,7 +117,7 @@ def _obs_reference(layer: nn.Module, stats: LayerStats, level: float, damping: f
 def test_obs_low_rank_steps_equal_the_plain_full_update(monkeypatch, level):
     """obs keeps H^-1 as its start less low-rank terms (methods.obs_steps): the
     masks equal those of the plain algorithm, in groups of 4 here (d=40, width 10)."""
-    from actsparse_deploy import methods
+    from actsparse_deploy.calibration import methods
 
     monkeypatch.setattr(methods, "OBS_EXACT_WIDTH", 10)
     torch.manual_seed(5)
@@ -310,7 +310,7 @@ def test_conv_model_with_method_and_bias_compensation():
 
 def test_layer_mask_edits_are_checked():
     mask = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    from actsparse_deploy.masks import LayerMask
+    from actsparse_deploy.calibration.masks import LayerMask
 
     good = LayerMask(mask, input_shape=(4,), weight=torch.ones(2, 4), bias=torch.zeros(2), method="wanda", compensate="bias", damping=0.0)
     Masks({"fc": good})

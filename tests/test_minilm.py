@@ -1,4 +1,4 @@
-"""Tests of the built-in MiniLM encoder, its sentence data and its ONNX export (actsparse_deploy.minilm)."""
+"""Tests of the built-in MiniLM encoder, its sentence data and its ONNX export (actsparse_deploy.models.minilm)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from actsparse_deploy import minilm
-from actsparse_deploy.errors import DataError, ModelLoadError
+from actsparse_deploy.base.errors import DataError, ModelLoadError
+from actsparse_deploy.models import minilm
 
 SPLITS = ("calibration", "heldout")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from actsparse_deploy import export as export_module
-from actsparse_deploy.files import output_lock
+from actsparse_deploy.base.files import output_lock
+from actsparse_deploy.onnx import export as export_module
 
 from .helpers import invoke, one_line_error
 

@@ -17,8 +17,8 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from actsparse_deploy.cli import app
-from actsparse_deploy.masks import Masks
+from actsparse_deploy.app.cli import app
+from actsparse_deploy.calibration.masks import Masks
 
 runner = CliRunner()
 OUT_FILES = ["masks.safetensors", "model.onnx", "report.json"]
@@ -115,8 +115,8 @@ def test_two_converts_into_one_folder_at_once(tmp_path):
 
 
 def test_a_file_that_appears_while_writing_is_kept_without_overwrite(tmp_path):
-    from actsparse_deploy.errors import OutputError
-    from actsparse_deploy.files import atomic_output
+    from actsparse_deploy.base.errors import OutputError
+    from actsparse_deploy.base.files import atomic_output
 
     target = tmp_path / "model.pt2"
     with pytest.raises(OutputError, match="appeared while this run was writing it"):
@@ -131,7 +131,7 @@ def test_a_file_that_appears_while_writing_is_kept_without_overwrite(tmp_path):
 
 HOLD_LOCK = """
 import pathlib, sys, time
-from actsparse_deploy.files import output_lock
+from actsparse_deploy.base.files import output_lock
 with output_lock(pathlib.Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(600)
@@ -249,7 +249,7 @@ def _modes(paths: list[Path]) -> dict[str, str]:
 
 def test_every_output_gets_the_mode_the_umask_gives(tmp_path, umask_002):
     from actsparse_deploy import ActivationSparsifier
-    from actsparse_deploy.zoo import load_builtin
+    from actsparse_deploy.models.zoo import load_builtin
 
     masks, pt2, onnx_path, out = tmp_path / "m.safetensors", tmp_path / "s.pt2", tmp_path / "e.onnx", tmp_path / "c"
     assert _invoke("calibrate", "digits-mlp", "-o", masks).exit_code == 0

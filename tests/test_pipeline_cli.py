@@ -12,10 +12,12 @@ import typer
 from onnx import numpy_helper
 from torch.testing import assert_close
 
-from actsparse_deploy import Masks, minilm, squash
-from actsparse_deploy.cli import app
-from actsparse_deploy.errors import ExportError, MaskError, ValidationError
-from actsparse_deploy.workload import load_workload
+from actsparse_deploy import Masks
+from actsparse_deploy.app.cli import app
+from actsparse_deploy.app.workload import load_workload
+from actsparse_deploy.bake.squash import squash
+from actsparse_deploy.base.errors import ExportError, MaskError, ValidationError
+from actsparse_deploy.models import minilm
 
 from .helpers import MINILM_OUTDIRS, invoke
 
@@ -212,7 +214,7 @@ def test_minilm_pt2_loads_and_computes_what_the_onnx_model_does(background):
     it is the digits test above."""
     import onnxruntime as ort
 
-    from actsparse_deploy.pt2 import load_pt2
+    from actsparse_deploy.bake.pt2 import load_pt2
 
     squashed = background.result("minilm-pt2")
     assert {row["mode"] for row in json.loads(squashed.stdout)["layers"]} == {"prune"}

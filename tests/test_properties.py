@@ -15,11 +15,12 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.testing import assert_close
 
-from actsparse_deploy import ActivationSparsifier, Masks, squash
-from actsparse_deploy.export import export_onnx
-from actsparse_deploy.masks import LayerMask
-from actsparse_deploy.recipe import Recipe
-from actsparse_deploy.validate import validate
+from actsparse_deploy import ActivationSparsifier, Masks
+from actsparse_deploy.bake.squash import squash
+from actsparse_deploy.calibration.masks import LayerMask
+from actsparse_deploy.calibration.recipe import Recipe
+from actsparse_deploy.onnx.export import export_onnx
+from actsparse_deploy.onnx.validate import validate
 
 SETTINGS = settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 

@@ -15,14 +15,14 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.testing import assert_close
 
-from actsparse_deploy import Recipe, calibrate, squash, squash_
-from actsparse_deploy.errors import SquashError
-from actsparse_deploy.export import export_onnx
-from actsparse_deploy.graph import Chain, Dataflow
-from actsparse_deploy.masks import LayerMask, Masks
-from actsparse_deploy.squash import MaskedInput, PrunedInput
-from actsparse_deploy.validate import validate
-from actsparse_deploy.workload import load_recipe, load_workload
+from actsparse_deploy import Recipe, calibrate, squash_
+from actsparse_deploy.app.workload import load_recipe, load_workload
+from actsparse_deploy.bake.graph import Chain, Dataflow
+from actsparse_deploy.bake.squash import MaskedInput, PrunedInput, squash
+from actsparse_deploy.base.errors import SquashError
+from actsparse_deploy.calibration.masks import LayerMask, Masks
+from actsparse_deploy.onnx.export import export_onnx
+from actsparse_deploy.onnx.validate import validate
 
 from .helpers import MINILM_OUTDIRS, LinearPair, assert_same_outputs
 

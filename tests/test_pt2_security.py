@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from actsparse_deploy.cli import app
-from actsparse_deploy.errors import ExportError, OutputError
-from actsparse_deploy.pt2 import load_pt2
+from actsparse_deploy.app.cli import app
+from actsparse_deploy.bake.pt2 import load_pt2
+from actsparse_deploy.base.errors import ExportError, OutputError
 
 runner = CliRunner()
 EXIT = ExportError.exit_code
@@ -305,10 +305,10 @@ def _token_batch(batch: int, sequence: int) -> dict[str, torch.Tensor]:
 
 
 def test_dynamic_sequence_program_round_trip(tmp_path):
-    from actsparse_deploy.export import IOSpec
-    from actsparse_deploy.pt2 import load_pt2, save_pt2
-    from actsparse_deploy.squash import SquashResult
-    from actsparse_deploy.workload import Workload
+    from actsparse_deploy.app.workload import Workload
+    from actsparse_deploy.bake.pt2 import load_pt2, save_pt2
+    from actsparse_deploy.bake.squash import SquashResult
+    from actsparse_deploy.onnx.export import IOSpec
 
     torch.manual_seed(0)
     model = Tokens().eval()
@@ -414,14 +414,14 @@ REFUSED = [
 
 @pytest.mark.parametrize("text", ACCEPTED)
 def test_size_grammar_accepts_integer_arithmetic(text):
-    from actsparse_deploy.pt2 import _check_expression
+    from actsparse_deploy.bake.pt2 import _check_expression
 
     _check_expression(text, {"s77", "s50"}, ExportError)
 
 
 @pytest.mark.parametrize("text", REFUSED)
 def test_size_grammar_refuses_anything_else(text):
-    from actsparse_deploy.pt2 import _check_expression
+    from actsparse_deploy.bake.pt2 import _check_expression
 
     with pytest.raises(ExportError, match="size expression"):
         _check_expression(text, {"s77", "s50"}, ExportError)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from actsparse_deploy.cli import app
+from actsparse_deploy.app.cli import app
 
 from .helpers import BACKGROUND_COMMANDS, MINILM_OUTDIRS
 

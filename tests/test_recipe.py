@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from actsparse_deploy.errors import RecipeError
-from actsparse_deploy.recipe import FnSpec, LayerRule, LayerSettings, Recipe
-from actsparse_deploy.zoo import builtin_names, builtin_recipe_path, load_builtin
+from actsparse_deploy.base.errors import RecipeError
+from actsparse_deploy.calibration.recipe import FnSpec, LayerRule, LayerSettings, Recipe
+from actsparse_deploy.models.zoo import builtin_names, builtin_recipe_path, load_builtin
 
 from .helpers import TinyConv, TinyMLP
 

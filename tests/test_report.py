@@ -8,9 +8,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from actsparse_deploy.cli import app
-from actsparse_deploy.errors import DataError, MaskError
-from actsparse_deploy.report import KEYS, Calibration, Cost, Report, Validation
+from actsparse_deploy.app.cli import app
+from actsparse_deploy.app.report import KEYS, Calibration, Cost, Report, Validation
+from actsparse_deploy.base.errors import DataError, MaskError
 
 runner = CliRunner()
 
@@ -27,7 +27,7 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    from actsparse_deploy.pipeline import convert
+    from actsparse_deploy.app.pipeline import convert
 
     out = tmp_path_factory.mktemp("convert") / "out"
     return out, convert("digits-mlp", out)
@@ -127,7 +127,7 @@ def test_sections_keep_keys_they_do_not_know_and_omit_absent_accuracy():
 
 
 def test_library_names_parameters_and_the_cli_names_flags(tmp_path):
-    from actsparse_deploy.sources import SourceOptions, export_source, squash_to_pt2, validate_against
+    from actsparse_deploy.app.commands import SourceOptions, export_source, squash_to_pt2, validate_against
 
     pt2 = str(tmp_path / "squashed.pt2")
     with pytest.raises(MaskError, match="pass no `masks`"):

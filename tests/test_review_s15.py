@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from actsparse_deploy import squash
-from actsparse_deploy.errors import SquashError, Terminated
-from actsparse_deploy.masks import LayerMask, Masks
+from actsparse_deploy.bake.squash import squash
+from actsparse_deploy.base.errors import SquashError, Terminated
+from actsparse_deploy.calibration.masks import LayerMask, Masks
 
 from .helpers import LinearPair
 
@@ -30,7 +30,7 @@ def _main(monkeypatch: pytest.MonkeyPatch, world: str, argv: list[str], app: Any
     """cli.main() with os._exit replaced: (exit code, stdout, stderr, os._exit calls)."""
     import io
 
-    from actsparse_deploy import cli
+    from actsparse_deploy.app import cli
 
     ended: list[int] = []
 
@@ -270,7 +270,7 @@ def test_fold_with_an_example_refuses_only_reads_outside_the_layer(factory: Any,
 def test_the_wrappers_hand_the_layer_attributes_through_and_keep_their_own() -> None:
     """MaskedInput / PrunedInput: the layer's weight, bias, in_features; their own
     mask / index / module first; a name neither has is still an AttributeError."""
-    from actsparse_deploy.squash import MaskedInput, PrunedInput
+    from actsparse_deploy.bake.squash import MaskedInput, PrunedInput
 
     layer = nn.Linear(4, 2)
     masked = MaskedInput(layer, torch.ones(4))
@@ -288,8 +288,8 @@ def test_python_convert_refuses_a_bad_axis_or_device_before_the_model_loads(tmp_
     """From Python too: an axis of 5000 digits is the NAME:AXIS:LABEL error (it was
     int()'s ValueError), and a device that is not cpu / cuda / cuda:N, or CUDA where
     there is none, is refused before the model loads (it was after)."""
-    from actsparse_deploy.errors import ExportError, UsageError
-    from actsparse_deploy.pipeline import convert
+    from actsparse_deploy.app.pipeline import convert
+    from actsparse_deploy.base.errors import ExportError, UsageError
 
     with pytest.raises(ExportError, match="NAME:AXIS:LABEL"):
         convert("no-such-model", tmp_path / "a", dynamic_axes=("x:" + "9" * 5000 + ":y",))

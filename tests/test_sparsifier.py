@@ -16,8 +16,8 @@ from torch.ao.pruning._experimental.activation_sparsifier.activation_sparsifier 
 from torch.testing import assert_close
 
 from actsparse_deploy import ActivationSparsifier
-from actsparse_deploy.errors import CalibrationError, ConfigError, DataError, LayerNotFoundError, UnknownFunctionError
-from actsparse_deploy.functions import RunningStat
+from actsparse_deploy.base.errors import CalibrationError, ConfigError, DataError, LayerNotFoundError, UnknownFunctionError
+from actsparse_deploy.calibration.functions import RunningStat
 
 # --- user callables, as upstream's docs and tests write them ---------------------
 
@@ -562,7 +562,7 @@ def _gram_diag(data):
 @pytest.fixture
 def gram_fns(monkeypatch):
     """A custom aggregate whose statistic is d x d and a reduce_fn that maps it to d."""
-    from actsparse_deploy.functions import AGGREGATE_FNS, REDUCE_FNS, Aggregate, BuiltinFn
+    from actsparse_deploy.calibration.functions import AGGREGATE_FNS, REDUCE_FNS, Aggregate, BuiltinFn
 
     monkeypatch.setitem(AGGREGATE_FNS._fns, "gram", Aggregate("aggregate", "gram", _gram, combine="sum"))
     monkeypatch.setitem(REDUCE_FNS._fns, "gram_diag", BuiltinFn("reduce", "gram_diag", _gram_diag))

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from actsparse_deploy import ActivationSparsifier, Masks, Recipe, calibrate, squash, squash_
-from actsparse_deploy.errors import MaskError, SquashError
-from actsparse_deploy.masks import LayerMask
-from actsparse_deploy.squash import MaskedInput
+from actsparse_deploy import ActivationSparsifier, Masks, Recipe, calibrate, squash_
+from actsparse_deploy.bake.squash import MaskedInput, squash
+from actsparse_deploy.base.errors import MaskError, SquashError
+from actsparse_deploy.calibration.masks import LayerMask
 
 from .helpers import TinyConv, TinyMLP
 
@@ -180,7 +180,7 @@ def test_fold_keeps_a_tied_weight_elsewhere():
 def test_failed_squash_leaves_the_model_unchanged():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Conv1d(4, 4, 1, groups=2))
-    from actsparse_deploy.masks import LayerMask
+    from actsparse_deploy.calibration.masks import LayerMask
 
     masks = Masks({
         "0": LayerMask(torch.tensor([1.0, 0.0, 1.0, 0.0]), input_shape=(4,)),

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from actsparse_deploy import Masks, squash
-from actsparse_deploy.errors import MaskError, SquashError
-from actsparse_deploy.export import export_onnx
-from actsparse_deploy.masks import LayerMask
-from actsparse_deploy.validate import validate
+from actsparse_deploy import Masks
+from actsparse_deploy.bake.squash import squash
+from actsparse_deploy.base.errors import MaskError, SquashError
+from actsparse_deploy.calibration.masks import LayerMask
+from actsparse_deploy.onnx.export import export_onnx
+from actsparse_deploy.onnx.validate import validate
 
 from .helpers import TinyConv, TinyMLP
 
@@ -194,8 +195,8 @@ class SumReader(nn.Module):
 
 
 def test_a_failed_prune_with_edits_leaves_the_model_as_it_was(monkeypatch):
-    from actsparse_deploy.graph import Chain, Dataflow
-    from actsparse_deploy.squash import squash_
+    from actsparse_deploy.bake.graph import Chain, Dataflow
+    from actsparse_deploy.bake.squash import squash_
 
     torch.manual_seed(0)
     model = SumReader()

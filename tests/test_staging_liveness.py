@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from actsparse_deploy.files import remove_stale_staging, staging_dir
+from actsparse_deploy.base.files import remove_stale_staging, staging_dir
 from tests.helpers import invoke
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -168,7 +168,7 @@ def test_a_staging_folder_is_locked_while_it_exists(out):
 
 HOLD_STAGING = """
 import pathlib, sys, time
-from actsparse_deploy.files import atomic_output, staging_dir
+from actsparse_deploy.base.files import atomic_output, staging_dir
 folder = pathlib.Path(sys.argv[1])
 with staging_dir(folder), atomic_output(folder / "masks.safetensors") as tmp:
     tmp.write_bytes(b"half written")

@@ -26,14 +26,14 @@ from actsparse_deploy import (
     collect,
     select,
 )
-from actsparse_deploy.errors import (
+from actsparse_deploy.base.errors import (
     CalibrationError,
     ConfigError,
     DataError,
     MaskError,
     RecipeError,
 )
-from actsparse_deploy.functions import (
+from actsparse_deploy.calibration.functions import (
     AGGREGATE_FNS,
     REDUCE_FNS,
     Aggregate,

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from actsparse_deploy import Masks, Statistics, calibrate
-from actsparse_deploy.recipe import resolve_recipe
-from actsparse_deploy.zoo import calibration_batches, load_builtin
+from actsparse_deploy.calibration.recipe import resolve_recipe
+from actsparse_deploy.models.zoo import calibration_batches, load_builtin
 
 from .helpers import invoke
 
@@ -88,7 +88,7 @@ def test_parts_of_another_model_recipe_or_version_are_refused(parts: Path, tmp_p
     _one_line(invoke("merge", part0, other_weights, "-o", tmp_path / "m.safetensors"), 7, "two different models")
     _one_line(invoke("select", other_weights, "-o", tmp_path / "s.safetensors"), 7, "is not the model the statistics")
     # a part written by another major version of the tool (the version every file's header records)
-    from actsparse_deploy import serialize
+    from actsparse_deploy.base import serialize
 
     future = tmp_path / "future.stats.safetensors"
     with monkeypatch.context() as patch:

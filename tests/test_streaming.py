@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from actsparse_deploy.batches import first_samples, total_samples
-from actsparse_deploy.errors import DataError
-from actsparse_deploy.loading import load_data
+from actsparse_deploy.base.errors import DataError
+from actsparse_deploy.data.batches import first_samples, total_samples
+from actsparse_deploy.models.loading import load_data
 
 from .helpers import invoke
 
@@ -160,7 +160,7 @@ def test_streams_iterate_again_and_cut_lazily(tmp_path: Path):
 def test_text_is_read_line_by_line(tmp_path: Path):
     """Only the lines a batch needs are read: a .jsonl whose line 5 is broken is
     fine for the first 4 texts and refused (naming the line) past them."""
-    from actsparse_deploy.streams import text_lines
+    from actsparse_deploy.data.streams import text_lines
 
     path = tmp_path / "t.jsonl"
     path.write_text("".join(f'{{"text": "sentence {i}"}}\n' for i in range(4)) + "{broken\n" + '{"text": "x"}\n' * 10_000)
@@ -176,7 +176,7 @@ def test_text_is_read_line_by_line(tmp_path: Path):
 def test_budget_and_convert_on_a_stream(tmp_path: Path):
     """The budget's tuning split streams (every fifth sample), convert uses held-out
     data several times (example, validation, cost) from a stream."""
-    from actsparse_deploy.budget import split_tuning
+    from actsparse_deploy.app.budget import split_tuning
 
     np.save(tmp_path / "x.npy", _images(40, seed=1))
     stream = load_data(tmp_path / "x.npy", batch_size=8)
@@ -227,7 +227,7 @@ def test_changed_data_mid_convert_is_exit_6_with_nothing_written(tmp_path: Path,
     """A held-out shard replaced while convert runs (after its first pass): one line, exit 6, no output."""
     np.save(tmp_path / "x.npy", _images(24))
     np.save(tmp_path / "held.npy", _images(16, seed=3))
-    from actsparse_deploy import validate as validate_module
+    from actsparse_deploy.onnx import validate as validate_module
 
     real = validate_module.validate
 
@@ -236,7 +236,7 @@ def test_changed_data_mid_convert_is_exit_6_with_nothing_written(tmp_path: Path,
         os.replace(tmp_path / "new.npy", tmp_path / "held.npy")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("actsparse_deploy.pipeline.validate", swap_then_validate, raising=False)
+    monkeypatch.setattr("actsparse_deploy.app.pipeline.validate", swap_then_validate, raising=False)
     result = invoke("convert", "digits-mlp", "--data", tmp_path / "x.npy", "--heldout", tmp_path / "held.npy", "--batch-size", 8,
                     "--no-latency", "-o", tmp_path / "out")
     assert result.exit_code == 6, result.output
@@ -341,7 +341,7 @@ def test_dict_shards_are_matched_by_name(tmp_path: Path):
 
 
 def test_heldout_glob_or_directory_that_is_the_calibration_data_is_refused(tmp_path: Path):
-    from actsparse_deploy.loading import check_distinct_data
+    from actsparse_deploy.models.loading import check_distinct_data
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -364,7 +364,7 @@ def test_heldout_glob_or_directory_that_is_the_calibration_data_is_refused(tmp_p
 
 
 def test_text_files_crlf_bom_blank_invalid_long_and_empty(tmp_path: Path):
-    from actsparse_deploy.streams import MAX_LINE_BYTES, text_lines
+    from actsparse_deploy.data.streams import MAX_LINE_BYTES, text_lines
 
     crlf = tmp_path / "crlf.txt"
     crlf.write_bytes(b"\xef\xbb\xbfone\r\n\r\n  \r\ntwo\r\nthree")
@@ -396,7 +396,7 @@ def test_text_files_crlf_bom_blank_invalid_long_and_empty(tmp_path: Path):
 @pytest.mark.parametrize(("samples", "size"), [(37, 6), (11, 4), (5, 5), (2, 1), (23, 32)])
 def test_tuning_split_of_a_stream_is_that_of_the_list(tmp_path: Path, samples: int, size: int):
     """Every fifth sample tunes, whether the data streams or sits in a list: the same samples, in the same batches."""
-    from actsparse_deploy.budget import split_tuning
+    from actsparse_deploy.app.budget import split_tuning
 
     np.save(tmp_path / "x.npy", _images(samples, seed=samples))
     stream = load_data(tmp_path / "x.npy", batch_size=size)
@@ -414,7 +414,7 @@ def test_tuning_split_of_a_stream_is_that_of_the_list(tmp_path: Path, samples: i
 
 def test_a_stream_is_a_source_that_says_how_to_read_itself():
     """Stream is the abstract base of the sources: one without ``__iter__`` cannot be made."""
-    from actsparse_deploy.streams import Generated, Stream
+    from actsparse_deploy.data.streams import Generated, Stream
 
     class Incomplete(Stream):
         pass

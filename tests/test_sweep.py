@@ -1,4 +1,4 @@
-"""actsparse sweep: cost and latency per level and method (actsparse_deploy.sweep)."""
+"""actsparse sweep: cost and latency per level and method (actsparse_deploy.app.sweep)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from actsparse_deploy.errors import RecipeError
-from actsparse_deploy.sweep import parse_levels
+from actsparse_deploy.app.sweep import parse_levels
+from actsparse_deploy.base.errors import RecipeError
 from tests.helpers import invoke
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from actsparse_deploy.files import output_lock
+from actsparse_deploy.base.files import output_lock
 from tests.helpers import invoke
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -123,7 +123,7 @@ def _plot_fails(error: BaseException):
     ids=["bug", "disk-full"],
 )
 def test_a_failed_plot_leaves_no_sweep_json(tmp_path, monkeypatch, error, code, needle):
-    monkeypatch.setattr("actsparse_deploy.sweep.plot_sweep", _plot_fails(error))
+    monkeypatch.setattr("actsparse_deploy.app.sweep.plot_sweep", _plot_fails(error))
     out = tmp_path / "new" / "out"
     result = _sweep(out)
     assert result.exit_code == code, result.output
@@ -134,7 +134,7 @@ def test_a_failed_plot_leaves_no_sweep_json(tmp_path, monkeypatch, error, code, 
 def test_a_failed_plot_keeps_the_old_outputs_with_overwrite(out, monkeypatch):
     for name in OUT_FILES:
         (out / name).write_text("old")
-    monkeypatch.setattr("actsparse_deploy.sweep.plot_sweep", _plot_fails(RuntimeError("the plot broke")))
+    monkeypatch.setattr("actsparse_deploy.app.sweep.plot_sweep", _plot_fails(RuntimeError("the plot broke")))
     assert _sweep(out, "--overwrite").exit_code == 1
     assert _names(out) == OUT_FILES and all((out / n).read_text() == "old" for n in OUT_FILES)
 
@@ -186,8 +186,8 @@ def test_levels_that_are_not_numbers_are_refused(tmp_path, levels):
 
 
 def test_the_cli_knows_every_method_a_sweep_does():
-    from actsparse_deploy.cli import SweepMethod
-    from actsparse_deploy.constants import METHODS
-    from actsparse_deploy.sweep import BASELINE, RECIPE
+    from actsparse_deploy.app.cli import SweepMethod
+    from actsparse_deploy.app.sweep import BASELINE, RECIPE
+    from actsparse_deploy.base.constants import METHODS
 
     assert [str(m) for m in SweepMethod] == [RECIPE, BASELINE, *METHODS]

@@ -1,6 +1,6 @@
 """--threads (torch and onnxruntime share the cores, set explicitly) and
-convert's dense vs converted onnxruntime latency (actsparse_deploy.threads,
-actsparse_deploy.latency). No test checks a wall-clock value: only that the
+convert's dense vs converted onnxruntime latency (actsparse_deploy.base.threads,
+actsparse_deploy.onnx.latency). No test checks a wall-clock value: only that the
 figures exist, are positive and agree with each other."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from actsparse_deploy.errors import UsageError
-from actsparse_deploy.export import export_onnx
-from actsparse_deploy.latency import latency_ratio, ort_session, slower_note, verdict
-from actsparse_deploy.report import Report
-from actsparse_deploy.threads import current_threads, default_threads, machine_threads, session_options, use_threads
-from actsparse_deploy.validate import onnx_session
+from actsparse_deploy.app.report import Report
+from actsparse_deploy.base.errors import UsageError
+from actsparse_deploy.base.threads import current_threads, default_threads, machine_threads, session_options, use_threads
+from actsparse_deploy.onnx.export import export_onnx
+from actsparse_deploy.onnx.latency import latency_ratio, ort_session, slower_note, verdict
+from actsparse_deploy.onnx.validate import onnx_session
 from tests.helpers import invoke, user_module, user_module_source
 
 #: commands that run a model, with the arguments that make each one valid but for --threads
@@ -93,7 +93,7 @@ def test_default_leaves_the_cores_other_processes_use(monkeypatch, cores, load, 
     slower than one (README: Threads): the default is the cores less the 1-minute
     load average of the others, at least 1. The load is set here: a real one takes
     a minute to show in the average."""
-    from actsparse_deploy import threads
+    from actsparse_deploy.base import threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "machine_threads", lambda: cores)
@@ -105,7 +105,7 @@ def test_default_leaves_the_cores_other_processes_use(monkeypatch, cores, load, 
 
 @pytest.mark.parametrize("bad", [0, -1, 1025, 2.0, "2", True, None])
 def test_bad_thread_counts_are_usage_errors(bad, tmp_path):
-    from actsparse_deploy.pipeline import ConvertOptions, convert
+    from actsparse_deploy.app.pipeline import ConvertOptions, convert
 
     with pytest.raises(UsageError, match="threads.*integer from 1 to 1024") as e:
         if bad is None:
@@ -149,7 +149,7 @@ def test_a_command_runs_the_model_at_its_thread_count_and_reports_it(tmp_path, m
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    from actsparse_deploy.pipeline import convert
+    from actsparse_deploy.app.pipeline import convert
 
     out = tmp_path_factory.mktemp("convert") / "out"
     return out, convert("digits-mlp", out, threads=2)
@@ -212,7 +212,7 @@ def test_verdict_and_the_note_where_prune_made_it_slower():
 
 
 def test_summary_says_slower_in_words_where_prune_was_asked(converted, capsys):
-    from actsparse_deploy.cli import print_convert_summary
+    from actsparse_deploy.app.cli import print_convert_summary
 
     _, report = converted
     latency = dataclasses.replace(report.latency, dense_ms=1.0, sparse_ms=1.19, ratio=1.19, verdict=verdict(1.19))

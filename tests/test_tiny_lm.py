@@ -16,11 +16,11 @@ from onnx import TensorProto, helper
 from safetensors.torch import save_file
 from torch import nn
 
-from actsparse_deploy import tinylm, zoo
-from actsparse_deploy.errors import DataError, ModelLoadError, WeightsError
-from actsparse_deploy.metrics import perplexity, sparsification_cost
-from actsparse_deploy.recipe import Recipe
-from actsparse_deploy.workload import Workload
+from actsparse_deploy.app.workload import Workload
+from actsparse_deploy.base.errors import DataError, ModelLoadError, WeightsError
+from actsparse_deploy.calibration.recipe import Recipe
+from actsparse_deploy.models import tinylm, zoo
+from actsparse_deploy.onnx.metrics import perplexity, sparsification_cost
 
 from .helpers import invoke
 
@@ -215,8 +215,8 @@ def test_models_command_lists_tiny_lm() -> None:
 
 
 def test_summary_states_the_perplexity_cost(capsys: pytest.CaptureFixture[str]) -> None:
-    from actsparse_deploy import cli
-    from actsparse_deploy.report import Report
+    from actsparse_deploy.app import cli
+    from actsparse_deploy.app.report import Report
 
     cost = {
         "outputs": [{"output": "logits", "max_abs_diff": 0.5, "cosine_mean": 0.99, "cosine_min": 0.98}],

@@ -20,10 +20,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from actsparse_deploy.cli import app
-from actsparse_deploy.errors import OutputError, ValidationError
-from actsparse_deploy.export import IOSpec, export_onnx
-from actsparse_deploy.validate import validate
+from actsparse_deploy.app.cli import app
+from actsparse_deploy.base.errors import OutputError, ValidationError
+from actsparse_deploy.onnx.export import IOSpec, export_onnx
+from actsparse_deploy.onnx.validate import validate
 
 from .helpers import UserFolder, user_module, user_module_source
 

@@ -1,4 +1,4 @@
-"""Tests of the built-in digits data, models and shipped weights (actsparse_deploy.zoo)."""
+"""Tests of the built-in digits data, models and shipped weights (actsparse_deploy.models.zoo)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from actsparse_deploy import zoo
-from actsparse_deploy.errors import DataError, ModelLoadError
+from actsparse_deploy.base.errors import DataError, ModelLoadError
+from actsparse_deploy.models import zoo
 
 MIN_ACCURACY = {"digits-cnn": 0.97, "digits-mlp": 0.95}
 SPLITS = ("train", "calibration", "test")

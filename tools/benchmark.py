@@ -55,26 +55,26 @@ torch.set_num_threads(THREADS)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from actsparse_deploy import ActivationSparsifier, Recipe, calibrate, squash  # noqa: E402
-from actsparse_deploy.batches import resize_batches  # noqa: E402
-from actsparse_deploy.export import export_onnx  # noqa: E402
-from actsparse_deploy.functions import MASK_FNS  # noqa: E402
-from actsparse_deploy.latency import alternate, ort_session  # noqa: E402
-from actsparse_deploy.metrics import accuracy, cosine_stats  # noqa: E402
-from actsparse_deploy.validate import validate  # noqa: E402
-from actsparse_deploy.workload import load_recipe, load_workload  # noqa: E402
+from actsparse_deploy.app.workload import load_recipe, load_workload  # noqa: E402
+from actsparse_deploy.calibration.functions import MASK_FNS  # noqa: E402
+from actsparse_deploy.data.batches import resize_batches  # noqa: E402
+from actsparse_deploy.onnx.export import export_onnx  # noqa: E402
+from actsparse_deploy.onnx.latency import alternate, ort_session  # noqa: E402
+from actsparse_deploy.onnx.metrics import accuracy, cosine_stats  # noqa: E402
+from actsparse_deploy.onnx.validate import validate  # noqa: E402
 
 MINILM_LAYERS = [f"bert.encoder.layer.{i}.output.dense" for i in range(6)]
 LEVELS = (0.25, 0.5, 0.75)
 
 
-# --- timing: actsparse_deploy.latency (alternate, ort_session) -------------------------
+# --- timing: actsparse_deploy.onnx.latency (alternate, ort_session) -------------------------
 
 
 # --- 1. calibration cost ---------------------------------------------------------------
 
 
 def minilm_calibration_batches() -> list[dict[str, torch.Tensor]]:
-    from actsparse_deploy.minilm import fixed_length_batches
+    from actsparse_deploy.models.minilm import fixed_length_batches
 
     # a split holds 5 such batches; 8 come from both (timing only: no mask is kept)
     return fixed_length_batches("calibration", 5, 8, 128) + fixed_length_batches("heldout", 3, 8, 128)
@@ -203,7 +203,7 @@ def ideal_minilm(hidden: int) -> torch.nn.Module:
     """The MiniLM encoder built directly with MLP hidden size ``hidden`` (random weights: latency only)."""
     from transformers import BertConfig, BertModel
 
-    from actsparse_deploy.minilm import MiniLMEncoder, model_dir
+    from actsparse_deploy.models.minilm import MiniLMEncoder, model_dir
 
     config = BertConfig.from_pretrained(str(model_dir()), local_files_only=True)
     config.intermediate_size = hidden
@@ -214,7 +214,7 @@ def ideal_minilm(hidden: int) -> torch.nn.Module:
 
 
 def speed_section_minilm(tmp: Path, warmup: int, runs: int, levels: tuple[float, ...]) -> dict[str, Any]:
-    from actsparse_deploy.minilm import fixed_length_batches
+    from actsparse_deploy.models.minilm import fixed_length_batches
 
     work = load_workload("minilm")
     inputs = {"1x128": fixed_length_batches("heldout", 1, 1, 128)[0], "8x128": fixed_length_batches("heldout", 1, 8, 128)[0]}
@@ -364,8 +364,8 @@ class DepthwiseCNN(torch.nn.Module):
 
 def _half_masks(model: torch.nn.Module, layers: list[str], shape: tuple[int, ...] = ()) -> Any:
     """Half of each layer's input features masked, at random (seeded); latency only."""
-    from actsparse_deploy.layers import layer_kind
-    from actsparse_deploy.masks import LayerMask, Masks
+    from actsparse_deploy.calibration.masks import LayerMask, Masks
+    from actsparse_deploy.nn.layers import layer_kind
 
     found = {}
     g = torch.Generator().manual_seed(0)

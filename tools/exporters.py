@@ -27,9 +27,9 @@ import onnx
 import torch
 from torch import nn
 
-from actsparse_deploy.errors import ActsparseError, first_line
-from actsparse_deploy.export import AUTO_ORDER, export_onnx
-from actsparse_deploy.validate import validate
+from actsparse_deploy.base.errors import ActsparseError, first_line
+from actsparse_deploy.onnx.export import AUTO_ORDER, export_onnx
+from actsparse_deploy.onnx.validate import validate
 
 EXPORTERS = ("torchscript", "dynamo", "auto")
 SEQ, VOCAB = 16, 256
@@ -88,7 +88,7 @@ def _tokens(samples: int, seq: int = SEQ, mask: bool = True) -> Any:
 
 def _builtin(name: str) -> Callable[[], tuple[nn.Module, Any, list[Any], Any]]:
     def make() -> tuple[nn.Module, Any, list[Any], Any]:
-        from actsparse_deploy.workload import load_workload
+        from actsparse_deploy.app.workload import load_workload
 
         work = load_workload(name)
         return work.model, work.example(), work.require_heldout()[:2], work.io

@@ -10,7 +10,7 @@ calibration batches, divided by one plain forward pass over the same batches
 (one thread).
 
 With ``--allocation``: what non-uniform allocation adds (``obs`` + ``lstsq``).
-For each budget, :func:`actsparse_deploy.budget.search_budget` chooses a level
+For each budget, :func:`actsparse_deploy.app.budget.search_budget` chooses a level
 per layer (tuning on the last 20 % of the calibration sentences, statistics from
 the rest); the uniform allocation at the same overall sparsity (every layer at
 that level, the same number of features masked, selected from the same
@@ -39,11 +39,11 @@ import torch
 from torch import nn
 
 from actsparse_deploy import Masks, Recipe, collect, select
-from actsparse_deploy.batches import run_batch
-from actsparse_deploy.calibrate import eval_mode
-from actsparse_deploy.methods import DEFAULT_DAMPING
-from actsparse_deploy.workload import load_workload
-from actsparse_deploy.zoo import builtin_recipe_path
+from actsparse_deploy.app.workload import load_workload
+from actsparse_deploy.calibration.calibrate import eval_mode
+from actsparse_deploy.calibration.methods import DEFAULT_DAMPING
+from actsparse_deploy.data.batches import run_batch
+from actsparse_deploy.models.zoo import builtin_recipe_path
 
 METHODS = ("wanda", "fluctuation", "obs")
 PARTS = ("timing", "table", "allocation")
@@ -178,9 +178,9 @@ def allocation(budgets: list[str], model: nn.Module, recipe: Recipe, calibration
                heldout: list[Any], dense: torch.Tensor, damping: float) -> list[dict[str, Any]]:
     """Per budget: the budget search's per-layer levels vs every layer at the
     same overall level (obs + lstsq, the same statistics), on the held-out sentences."""
-    from actsparse_deploy import budget as budget_search
-    from actsparse_deploy.budget import Budget, search_budget, split_tuning
-    from actsparse_deploy.squash import squash
+    from actsparse_deploy.app import budget as budget_search
+    from actsparse_deploy.app.budget import Budget, search_budget, split_tuning
+    from actsparse_deploy.bake.squash import squash
 
     chosen = recipe.with_method("obs", "lstsq", damping)
     part, tuning = split_tuning(calibration)

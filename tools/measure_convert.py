@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from actsparse_deploy import zoo
-from actsparse_deploy.batches import resize_batches
+from actsparse_deploy.data.batches import resize_batches
+from actsparse_deploy.models import zoo
 
 EXPORTERS = ("torchscript", "dynamo")
 

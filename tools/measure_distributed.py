@@ -76,7 +76,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from actsparse_deploy.masks import Masks
+    from actsparse_deploy.calibration.masks import Masks
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = []

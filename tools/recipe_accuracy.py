@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from actsparse_deploy import Recipe, calibrate, squash
-from actsparse_deploy.zoo import builtin_names, builtin_recipe_path, calibration_batches, classification_accuracy, get_builtin, load_builtin
+from actsparse_deploy import Recipe, calibrate
+from actsparse_deploy.bake.squash import squash
+from actsparse_deploy.models.zoo import builtin_names, builtin_recipe_path, calibration_batches, classification_accuracy, get_builtin, load_builtin
 
 
 def measure(name: str) -> dict[str, float | str]:

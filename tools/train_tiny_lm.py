@@ -4,7 +4,7 @@
 
 writes ``models/tiny-lm-tokenizer.json`` (a byte-level BPE of 4096 tokens trained
 with ``tokenizers`` on the training topics of ``pydoc_data.topics``) and
-``models/tiny-lm.safetensors`` (the weights of ``actsparse_deploy.tinylm``'s
+``models/tiny-lm.safetensors`` (the weights of ``actsparse_deploy.models.tinylm``'s
 Llama, float16, the tied output layer left out), then prints the held-out
 perplexity of the saved weights loaded back as float32 (the figure for
 ``tinylm.HELDOUT_PERPLEXITY``) beside a unigram model's (token frequencies of the
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from actsparse_deploy import tinylm  # noqa: E402
-from actsparse_deploy.metrics import perplexity  # noqa: E402
+from actsparse_deploy.onnx.metrics import perplexity  # noqa: E402
 
 SEED = 20240607
 BATCH, WINDOW = 16, 128

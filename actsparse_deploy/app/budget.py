@@ -1,0 +1,744 @@
+"""Per-layer sparsity to a cost budget: the highest overall sparsity whose cost stays within it.
+
+A :class:`Budget` is what the cost may be (``Budget.parse("cosine=0.98")``):
+
+- ``cosine=V``: mean per-sample cosine similarity of the model's last output
+  (a sentence encoder's sentence embedding) to the dense model's, at least V;
+- ``accuracy-drop=V``: at most V. On held-out data with labels: dense accuracy
+  minus sparse accuracy; without labels (the tuning split has none): the fraction
+  of samples whose predicted class (arg-max of the first output) changes, which
+  bounds the accuracy drop from above;
+- ``perplexity-ratio=V``: a language model's perplexity (first output: logits
+  ``(batch, tokens, vocabulary)``, next-token targets from the first input,
+  ``attention_mask`` respected) over the dense model's, at most V;
+- ``package.module:function=V``: ``function(dense, sparse, batches) -> float``,
+  a cost of yours (lower is better), at most V.
+
+:func:`search_budget` carves a tuning split off the calibration data (20 % of
+its samples, every fifth: :func:`split_tuning`; never the held-out data), collects the statistics once on
+the rest, then allocates a level per layer on a grid of 1/32 of its features:
+first the highest uniform level within the budget on the tuning split (levels
+tried upward), then, greedily, one more step for the layer whose step costs the
+least per feature removed (the others re-measured lazily), while the budget
+holds: layers the cost is sensitive to keep more features. Each candidate's
+masks (and the compensation edits of a recipe with ``method`` / ``compensate``)
+are selected from the same statistics and measured with the masks applied in
+``mul`` mode.
+
+Where every layer selects with ``obs`` the search is another, on a grid of 1/64:
+each layer's removal order is computed once (the masks of all its levels are
+prefixes of it: only the compensation is refit per level), the layers' cost
+curves come from ``obs``'s own objective scaled by one measurement each, and
+one threshold on the marginal cost per feature, bisected on the tuning cost,
+sets every layer's level, sensitive layers below the uniform level and robust
+ones above it (see ``_search_by_threshold``). Token batches (dicts with a
+right-padded ``attention_mask``) are regrouped by length without padding first
+(:func:`actsparse_deploy.data.batches.unpadded`).
+
+    >>> from actsparse_deploy.app.budget import Budget, search_budget
+    >>> from actsparse_deploy.calibration.recipe import Recipe
+    >>> from actsparse_deploy.app.workload import load_workload
+    >>> from actsparse_deploy.models.zoo import builtin_recipe_path
+    >>> work = load_workload("digits-mlp")
+    >>> recipe = Recipe.load(builtin_recipe_path("digits-mlp"))
+    >>> result = search_budget(work.model, recipe, list(work.calibration), Budget.parse("cosine=0.95"))
+    >>> result.tuning_cost >= 0.95, sorted(result.levels), result.masks.overall_sparsity() > 0.2
+    (True, ['fc2', 'fc3'], True)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..base.errors import ActsparseError, DataError, RecipeError, first_line
+from ..calibration.recipe import LayerRule, LayerSettings, Recipe
+from ..data.batches import Batch, batch_size, flatten_outputs, run_batch, take_rows, total_samples, unpadded
+from ..data.streams import reiterable
+
+if TYPE_CHECKING:
+    from ..calibration.masks import Masks
+    from ..models.loading import LoadedModel
+    from .report import Report
+    from .workload import Workload
+
+__all__ = ["FORMS", "GRID", "TUNING_FRACTION", "Budget", "BudgetResult", "budget_to_file", "calibrate_to_budget",
+           "check_budget", "heldout_budget", "search_budget", "split_tuning"]
+
+#: the accepted forms of a budget, for messages and help
+FORMS = "cosine=0.98, accuracy-drop=0.01, perplexity-ratio=1.05 or package.module:function=VALUE"
+#: levels are k / GRID of a layer's features
+GRID = 32
+#: ... k / OBS_GRID where every layer selects with ``obs`` (its masks for all levels come from one order)
+OBS_GRID = 64
+#: the share of the calibration samples (every fifth, spread through the data) the search tunes on
+TUNING_FRACTION = 0.2
+_KINDS = ("cosine", "accuracy-drop", "perplexity-ratio")
+_FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The most a sparse model may cost: ``kind`` (``cosine``, ``accuracy-drop``,
+    ``perplexity-ratio`` or ``user``) and its ``value``; ``function`` names a
+    user metric (``package.module:function``)."""
+
+    kind: str
+    value: float
+    function: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in (*_KINDS, "user"):
+            raise RecipeError(f"unknown budget kind {self.kind!r}: give {FORMS}")
+        if (self.kind == "user") != (self.function is not None):
+            raise RecipeError(f"a user budget needs its function, and only a user budget has one: give {FORMS}")
+        if self.function is not None and not _FUNCTION.fullmatch(self.function):
+            raise RecipeError(f"budget function {self.function!r} is not package.module:function: give {FORMS}")
+        value = self.value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RecipeError(f"budget {self.kind} needs a finite number, got {value!r}: give {FORMS}")
+        ranges = {"cosine": (-1.0, 1.0), "accuracy-drop": (0.0, 1.0), "perplexity-ratio": (1.0, math.inf)}
+        low, high = ranges.get(self.kind, (-math.inf, math.inf))
+        if not low <= value <= high:
+            raise RecipeError(f"budget {self.kind}={value} is outside [{low}, {high}]: give {FORMS}")
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """``KIND=VALUE`` (see the module docstring); anything else is a RecipeError naming the forms."""
+        if not isinstance(text, str) or text.count("=") != 1:
+            raise RecipeError(f"budget {text!r} is not KIND=VALUE: give {FORMS}")
+        kind, _, raw = (part.strip() for part in text.partition("="))
+        try:
+            value = float(raw)
+        except ValueError:
+            raise RecipeError(f"budget {text!r}: {raw!r} is not a number: give {FORMS}") from None
+        if ":" in kind:
+            return cls("user", value, kind)
+        return cls(kind, value)
+
+    def __str__(self) -> str:
+        return f"{self.function if self.kind == 'user' else self.kind}={self.value:.15g}"  # 2000000, not 2e+06
+
+    def cost_function(self) -> Callable[..., Any]:
+        """A user budget's function, imported and checked to take ``(dense,
+        sparse, batches)``; anything else is a RecipeError naming it."""
+        from ..models.loading import _import_attr
+
+        assert self.function is not None
+        fn = _import_attr(self.function, "budget function", RecipeError)
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):  # nothing to read (some builtins): it is tried when called
+            return fn
+        try:
+            signature.bind(None, None, None)
+        except TypeError:
+            raise RecipeError(
+                f"budget function {self.function} is not a cost function: it takes {signature}, not "
+                f"(dense, sparse, batches) returning a number: give {FORMS}"
+            ) from None
+        return fn
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.kind == "cosine"
+
+    def within(self, measured: float) -> bool:
+        """Whether a measured cost keeps the budget (NaN never does)."""
+        if not math.isfinite(measured):
+            return False
+        return measured >= self.value if self.higher_is_better else measured <= self.value
+
+    def badness(self, measured: float) -> float:
+        """The measured cost oriented so that more is worse."""
+        return -measured if self.higher_is_better else measured
+
+    def measure(self, dense: nn.Module, sparse: nn.Module, batches: Iterable[Batch], labels: torch.Tensor | None = None) -> float:
+        """The cost of ``sparse`` against ``dense`` on ``batches`` (``labels``: class
+        indices of their samples, for ``accuracy-drop``)."""
+        return _Meter(self, dense, batches, labels).cost(sparse)
+
+
+def check_budget(text: str) -> Budget:
+    """:meth:`Budget.parse`, and a user budget's function imported and checked
+    (:meth:`Budget.cost_function`): what the commands do before any work."""
+    budget = Budget.parse(text)
+    if budget.kind == "user":
+        budget.cost_function()
+    return budget
+
+
+class _Meter:
+    """A budget's cost on fixed batches, the dense model's outputs computed once."""
+
+    def __init__(self, budget: Budget, dense: nn.Module, batches: Iterable[Batch], labels: torch.Tensor | None = None) -> None:
+        if not batches:
+            raise DataError("the budget's cost needs at least one batch")
+        self.budget, self.dense, self.batches, self.labels = budget, dense, batches, labels
+        self.user: Callable[..., Any] | None = None
+        if budget.kind == "user":
+            self.user = budget.cost_function()
+        else:
+            self.reference = _outputs(dense, batches)
+            _check_metric(budget, self.reference, batches)
+
+    def cost(self, sparse: nn.Module) -> float:
+        kind = self.budget.kind
+        if self.user is not None:
+            try:
+                with _evaluating(self.dense, sparse):
+                    value = self.user(self.dense, sparse, self.batches)
+            except ActsparseError:
+                raise
+            except Exception as e:  # the user's code may fail in any way: their budget cannot be measured
+                raise RecipeError(f"budget function {self.budget.function} failed: {type(e).__name__}: {first_line(e)}") from e
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise RecipeError(f"budget function {self.budget.function} returned {type(value).__name__}, not a number")
+            return float(value)
+        outputs = _outputs(sparse, self.batches)
+        if kind == "cosine":
+            sims = [torch.nn.functional.cosine_similarity(d[-1].double().flatten(1), s[-1].double().flatten(1), dim=1, eps=1e-12)
+                    for d, s in zip(self.reference, outputs)]
+            return float(torch.cat(sims).mean())
+        if kind == "accuracy-drop":
+            dense_pred = torch.cat([d[0].argmax(-1) for d in self.reference])
+            sparse_pred = torch.cat([s[0].argmax(-1) for s in outputs])
+            if self.labels is not None:
+                if self.labels.shape != dense_pred.shape:
+                    raise DataError(f"{len(self.labels)} labels for predictions of shape {list(dense_pred.shape)}")
+                return float((dense_pred == self.labels).double().mean() - (sparse_pred == self.labels).double().mean())
+            return float((dense_pred != sparse_pred).double().mean())
+        dense_nll = _mean_nll([d[0] for d in self.reference], self.batches)
+        return math.exp(_mean_nll([s[0] for s in outputs], self.batches) - dense_nll)
+
+
+class _evaluating:
+    """eval mode and no grad for the duration; the models' flags restored after."""
+
+    def __init__(self, *models: nn.Module) -> None:
+        self.models = models
+
+    def __enter__(self) -> None:
+        self.flags = [{m: m.training for m in model.modules()} for model in self.models]
+        self.grad = torch.is_grad_enabled()
+        for model in self.models:
+            model.eval()
+        torch.set_grad_enabled(False)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_grad_enabled(self.grad)
+        for flags in self.flags:
+            for module, training in flags.items():
+                module.train(training)
+
+
+def _metrics_of(reference: list[list[torch.Tensor]], batches: Iterable[Batch]) -> dict[str, str]:
+    """The built-in budget kinds a model's outputs allow, each -> what it needs
+    (``""`` where the model has it)."""
+    from ..onnx.metrics import token_ids
+
+    first = reference[0][0] if reference and reference[0] else None
+    ids, _ = token_ids(next(iter(batches)))
+    shown = f"its first output is {list(first.shape) if first is not None else 'none'} for inputs {list(ids.shape)}"
+    classifier = first is not None and first.ndim >= 2
+    language = (classifier and first.ndim == 3 and ids.ndim == 2 and not ids.is_floating_point()  # type: ignore[union-attr]
+                and tuple(first.shape[:2]) == tuple(ids.shape))  # type: ignore[union-attr]
+    return {
+        "cosine": "" if first is not None else f"an output to compare ({shown})",
+        "accuracy-drop": "" if classifier else f"a classifier, whose first output is (batch, classes) ({shown})",
+        "perplexity-ratio": "" if language else (
+            f"a language model, whose first output is logits (batch, tokens, vocabulary) for integer token ids "
+            f"(batch, tokens) ({shown})"
+        ),
+    }
+
+
+def _check_metric(budget: Budget, reference: list[list[torch.Tensor]], batches: Iterable[Batch]) -> None:
+    """A built-in budget kind the model's outputs do not allow: a RecipeError naming those they allow."""
+    metrics = _metrics_of(reference, batches)
+    need = metrics.get(budget.kind, "")
+    if need:
+        has = [f"{kind}=..." for kind, missing in metrics.items() if not missing]
+        raise RecipeError(
+            f"budget {budget} needs {need}: this model allows {', '.join(has) or 'no built-in cost'} "
+            "or package.module:function=VALUE"
+        )
+
+
+def _outputs(model: nn.Module, batches: Iterable[Batch]) -> list[list[torch.Tensor]]:
+    with _evaluating(model):
+        return [list(flatten_outputs(run_batch(model, b))) for b in batches]
+
+
+def _mean_nll(logits: list[torch.Tensor], batches: Iterable[Batch]) -> float:
+    """Mean next-token negative log-likelihood (targets: the batch's token ids),
+    as :func:`actsparse_deploy.onnx.metrics.perplexity` counts it."""
+    from ..onnx.metrics import _nll_sum
+
+    total, count = 0.0, 0
+    for out, batch in zip(logits, batches):
+        nll, n = _nll_sum(out, batch, "model (perplexity-ratio)")
+        total, count = total + nll, count + n
+    if count == 0:
+        raise DataError("perplexity-ratio: the batches hold no next token to predict")
+    return total / count
+
+
+# --- the tuning split ---------------------------------------------------------------
+
+
+def split_tuning(batches: Iterable[Batch], fraction: float = TUNING_FRACTION) -> tuple[Iterable[Batch], Iterable[Batch]]:
+    """``(calibration, tuning)``: ``fraction`` of the samples (at least one),
+    spread evenly through the data (sample ``i`` tunes where ``floor((i + 1) *
+    fraction)`` steps up: every fifth at 20 %), are the tuning split; the others
+    calibrate. Calibration data often comes in the order of its source
+    (documents, files, classes): an even spread keeps the tuning split like the
+    rest, where its last part would be a corner of it. A stream that knows its
+    size (:class:`~actsparse_deploy.data.streams.Stream`) gives two streams, each
+    carved as it is read (nothing held); other data is read into lists."""
+    from ..data.streams import Generated, Stream
+
+    if isinstance(batches, Stream) and batches.samples is not None:
+        stream, total = batches, batches.samples
+        _check_tuning_total(total, fraction)
+        count = max(1, round(fraction * total))
+        return (Generated(lambda: (p[0] for p in _carve(stream, total, count) if p[0] is not None), total - count),  # type: ignore[return-value]
+                Generated(lambda: (p[1] for p in _carve(stream, total, count) if p[1] is not None), count))
+    batches = list(batches)
+    total = sum(batch_size(b) for b in batches)
+    _check_tuning_total(total, fraction)
+    count = max(1, round(fraction * total))
+    calibration: list[Batch] = []
+    tuning: list[Batch] = []
+    for kept, tuned in _carve(batches, total, count):
+        if kept is not None:
+            calibration.append(kept)
+        if tuned is not None:
+            tuning.append(tuned)
+    return calibration, tuning
+
+
+def _check_tuning_total(total: int, fraction: float) -> None:
+    if total < 2:
+        raise DataError(f"a budget search needs at least 2 calibration samples (it tunes on {fraction:.0%} of them), got {total}")
+
+
+def _carve(batches: Iterable[Batch], total: int, count: int) -> Iterator[tuple[Batch | None, Batch | None]]:
+    """``(calibration part, tuning part)`` of each batch (None where empty), as :func:`split_tuning` spreads them."""
+    start = 0
+    for b in batches:
+        n = batch_size(b)
+        tunes = [j for j in range(n) if (start + j + 1) * count // total > (start + j) * count // total]
+        chosen = set(tunes)
+        keeps = [j for j in range(n) if j not in chosen]
+        if len(keeps) == n:
+            yield b, None
+        elif not keeps:
+            yield None, b
+        else:
+            yield take_rows(b, keeps), take_rows(b, tunes)
+        start += n
+
+
+# --- the search ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BudgetResult:
+    """What :func:`search_budget` chose: the level per layer, its masks (selected
+    from the calibration part's statistics, with the recipe at those levels), the
+    cost on the tuning split, the uniform level it started from and how many
+    candidate allocations it measured."""
+
+    budget: Budget
+    levels: dict[str, float]
+    masks: Masks
+    tuning_cost: float
+    uniform_level: float
+    evaluations: int
+    tuning_samples: int
+    heldout: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "budget": str(self.budget),
+            "levels": dict(self.levels),
+            "overall_sparsity": self.masks.overall_sparsity(),
+            "uniform_level": self.uniform_level,
+            "tuning_cost": self.tuning_cost,
+            "tuning_samples": self.tuning_samples,
+            "evaluations": self.evaluations,
+            **self.heldout,
+        }
+
+
+def _escape(name: str) -> str:
+    """``name`` as a glob that matches only itself."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def recipe_at_levels(recipe: Recipe, levels: Mapping[str, float]) -> Recipe:
+    """``recipe`` with one more rule per layer that sets its ``sparsity_level``
+    (later rules win): method, compensation and functions stay the recipe's."""
+    rules = tuple(
+        LayerRule(name=(_escape(name),), settings=LayerSettings(sparse_config=(("sparsity_level", float(level)),)))
+        for name, level in levels.items()
+    )
+    return replace(recipe, layers=recipe.layers + rules)
+
+
+def _select(stats: Any, recipe: Recipe, model: nn.Module) -> Masks:
+    from ..calibration.calibrate import select
+
+    if "model" in inspect.signature(select).parameters:  # methods that read the consumer's weight
+        return select(stats, recipe, model=model)  # type: ignore[call-arg]
+    return select(stats, recipe)
+
+
+def search_budget(
+    model: nn.Module,
+    recipe: Recipe,
+    batches: Iterable[Batch],
+    budget: Budget | str,
+    *,
+    model_name: str | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    max_evaluations: int = 400,
+) -> BudgetResult:
+    """The per-layer levels of ``recipe``'s layers with the highest overall
+    sparsity whose cost on the tuning split keeps ``budget`` (see the module
+    docstring). ``batches``: the calibration data (the tuning split is carved
+    from it); the model is not changed."""
+    from ..bake.squash import squash
+    from ..calibration.calibrate import collect
+    from ..calibration.masks import Masks
+
+    budget = Budget.parse(budget) if isinstance(budget, str) else budget
+    recipe = Recipe.coerce(recipe)
+    calibration, tuning = split_tuning(batches)
+    stats = collect(model, recipe, unpadded(calibration), model_name=model_name, on_batch=on_batch)
+    meter = _Meter(budget, model, unpadded(tuning))
+    names = list(stats.layers)
+    one_layer: dict[tuple[str, int], Any] = {}
+    measured: dict[tuple[int, ...], float] = {}
+
+    orders = _obs_orders(model, stats, recipe, names, OBS_GRID)
+    grid = OBS_GRID if orders and len(orders) == len(names) else GRID
+
+    def masks_for(ks: Mapping[str, int]) -> Masks:
+        layers = {}
+        for name in names:
+            key = (name, ks[name])
+            if key not in one_layer:
+                one_recipe = _one_layer_recipe(recipe, stats, name, ks[name] / grid)
+                if name in orders:  # the mask from the layer's obs removal order, computed once
+                    one_layer[key] = orders[name].layer_mask(name, stats, one_recipe, model, ks[name])
+                else:
+                    one_layer[key] = _select(stats, one_recipe, model)[name]
+            layers[name] = one_layer[key]
+        levels = {name: ks[name] / grid for name in names}
+        return Masks(layers=layers, recipe=recipe_at_levels(recipe, levels), num_samples=stats.num_samples,
+                     num_batches=stats.num_batches, model=model_name, extra={"skipped": dict(stats.skipped)} if stats.skipped else {})
+
+    def cost(ks: Mapping[str, int]) -> float:
+        key = tuple(ks[name] for name in names)
+        if key not in measured:
+            if len(measured) >= max_evaluations:
+                raise _Exhausted()
+            sparse = squash(model, masks_for(ks), "mul").model
+            measured[key] = meter.cost(sparse)
+        return measured[key]
+
+    sizes = {name: max(1, sum(t.numel() for t in masks_for(dict.fromkeys(names, 0))[name].tensors)) for name in names}
+    top = grid - 1
+    if grid == OBS_GRID:
+        return _search_by_threshold(names, sizes, orders, cost, masks_for, budget, grid, measured, tuning)
+    uniform = 0
+    current = budget.badness(1.0) if budget.higher_is_better else 0.0
+    try:
+        for k in range(1, top + 1):  # upward: the first level over the budget stops it
+            value = cost(dict.fromkeys(names, k))
+            if not budget.within(value):
+                break
+            uniform, current = k, value
+        ks = dict.fromkeys(names, uniform)
+        if uniform == 0:
+            current = cost(ks)
+        current = _greedy(names, ks, sizes, current, cost, budget, top)
+    except _Exhausted:
+        ks = ks if "ks" in locals() else dict.fromkeys(names, uniform)
+        current = measured.get(tuple(ks[n] for n in names), current)
+    final = masks_for(ks)
+    return BudgetResult(
+        budget=budget, levels={name: ks[name] / GRID for name in names}, masks=final, tuning_cost=current,
+        uniform_level=uniform / GRID, evaluations=len(measured), tuning_samples=_samples(tuning),
+    )
+
+
+def _samples(batches: Iterable[Batch]) -> int:
+    """How many samples: a list's or a stream's count where known, else counted by reading."""
+    known = total_samples(batches)
+    return known if known is not None else sum(batch_size(b) for b in batches)
+
+
+class _Exhausted(Exception):
+    """The search measured as many candidates as it may."""
+
+
+def _one_layer_recipe(recipe: Recipe, stats: Any, name: str, level: float) -> Recipe:
+    """A recipe for layer ``name`` alone: the settings every rule of ``recipe``
+    that selects it gives it (later rules win), then ``level``."""
+    from ..calibration.stats import _matches_type
+
+    types = stats[name].layer_types
+    settings = LayerSettings()
+    for rule in recipe.layers:
+        if (not rule.name or any(fnmatch.fnmatchcase(name, p) for p in rule.name)) and (
+            not rule.type or _matches_type(rule.type, types)
+        ):
+            settings = settings.merged(rule.settings)
+    settings = settings.merged(LayerSettings(sparse_config=(("sparsity_level", float(level)),)))
+    return replace(recipe, layers=(LayerRule(name=(_escape(name),), settings=settings),))
+
+
+def _greedy(
+    names: list[str], ks: dict[str, int], sizes: Mapping[str, int], current: float,
+    cost: Callable[[Mapping[str, int]], float], budget: Budget, top: int,
+) -> float:
+    """Raise one layer a step at a time, the cheapest per feature first (lazy: an
+    estimate made before the last step is measured again before it is used)."""
+    frozen: set[str] = set()
+    estimates: dict[str, tuple[float, int, float]] = {}  # name -> (penalty, version, cost)
+    version = 0
+    while True:
+        open_ = [n for n in names if n not in frozen and ks[n] < top]
+        if not open_:
+            return current
+        for name in open_:
+            if name not in estimates:
+                estimates[name] = _estimate(name, ks, sizes, current, cost, budget, version)
+        name = min(open_, key=lambda n: (estimates[n][0], names.index(n)))
+        penalty, made, value = estimates[name]
+        if made != version:
+            estimates[name] = _estimate(name, ks, sizes, current, cost, budget, version)
+            continue
+        if budget.within(value):
+            ks[name] += 1
+            current = value
+            version += 1
+            del estimates[name]
+        else:
+            frozen.add(name)
+
+
+def _estimate(
+    name: str, ks: Mapping[str, int], sizes: Mapping[str, int], current: float,
+    cost: Callable[[Mapping[str, int]], float], budget: Budget, version: int,
+) -> tuple[float, int, float]:
+    value = cost({**ks, name: ks[name] + 1})
+    features = sizes[name] / GRID
+    return (budget.badness(value) - budget.badness(current)) / features, version, value
+
+
+# --- obs: one removal order per layer, a threshold over all layers -----------------------
+
+
+@dataclass(frozen=True)
+class _ObsOrder:
+    """A layer's greedy ``obs`` removal order, computed once at the highest level:
+    the mask at any lower level is a prefix of it (the greedy steps before are the
+    same; a last, smaller group takes the smallest errors of the same step, as
+    ``obs`` does), and ``error[i]`` is the reconstruction error (``obs``'s
+    objective) after removing the first ``i`` features."""
+
+    order: torch.Tensor  # feature indices, first removed first
+    error: torch.Tensor  # (len(order) + 1,) float64, error[0] = 0
+    d: int
+    grid: int
+
+    def removed(self, k: int) -> int:
+        return int(round(k / self.grid * self.d))
+
+    def layer_mask(self, name: str, stats: Any, recipe: Recipe, model: nn.Module, k: int) -> Any:
+        """The layer's mask and compensation edits at level ``k / grid``, as
+        ``select`` gives them with the ``obs`` method (its metadata included)."""
+        from ..calibration.calibrate import _method_mask
+        from ..calibration.methods import Method
+
+        config = stats.resolve(recipe)[name]
+        keep = torch.ones(self.d, dtype=torch.float32)
+        keep[self.order[: self.removed(k)]] = 0.0
+        ordered = Method(config.method.name, config.method.needs, lambda *args, **kwargs: keep.clone())
+        return _method_mask(name, stats[name], replace(config, method=ordered), model)
+
+
+def obs_order(layer: nn.Module, layer_stats: Any, count: int, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order, error)``: the first ``count`` features the ``obs`` method removes,
+    in its order, and its cumulative objective after each (``error[0] = 0``; within
+    a jointly removed group, interpolated): the steps of
+    :func:`actsparse_deploy.calibration.methods.obs_steps`, as the method takes them."""
+    from ..calibration.functions import STAT_DTYPE
+    from ..calibration.methods import obs_steps
+
+    order = torch.zeros(count, dtype=torch.long)
+    error = torch.zeros(count + 1, dtype=STAT_DTYPE)
+    done, total = 0, 0.0
+    with torch.no_grad():
+        for chosen, added in obs_steps(layer, layer_stats, count, damping):
+            n = len(chosen)
+            order[done:done + n] = chosen
+            error[done + 1:done + n + 1] = total + added * torch.arange(1, n + 1, dtype=STAT_DTYPE) / n
+            total += added
+            done += n
+    return order, error
+
+
+def _obs_orders(model: nn.Module, stats: Any, recipe: Recipe, names: list[str], grid: int) -> dict[str, _ObsOrder]:
+    """The ``obs`` removal order of every layer whose recipe selects with ``obs``."""
+    orders: dict[str, _ObsOrder] = {}
+    for name in names:
+        config = stats.resolve(_one_layer_recipe(recipe, stats, name, 0.0))[name]
+        if config.method is None or config.method.name != "obs":
+            continue
+        from ..calibration.methods import METHODS
+
+        if METHODS.get("obs") is not config.method:
+            continue
+        layer = model.get_submodule(name)
+        d = stats[name].stat.value.shape[0] - 1
+        order, error = obs_order(layer, stats[name], int(round((grid - 1) / grid * d)), config.damping)
+        orders[name] = _ObsOrder(order, error, d, grid)
+    return orders
+
+
+def _search_by_threshold(
+    names: list[str], sizes: Mapping[str, int], orders: Mapping[str, _ObsOrder],
+    cost: Callable[[Mapping[str, int]], float], masks_for: Callable[[Mapping[str, int]], Masks],
+    budget: Budget, grid: int, measured: Mapping[tuple[int, ...], float], tuning: Iterable[Batch],
+) -> BudgetResult:
+    """Levels from one threshold on every layer's marginal cost per feature.
+
+    A layer's cost curve is its ``obs`` objective (free from its removal order)
+    scaled by one measurement: the layer alone, a little above the highest
+    uniform level within the budget (bisected first). Under that
+    (additive) model the allocation that removes most features for a cost takes
+    the steps with the least marginal cost per feature first, whichever layer
+    they are in: a sensitive layer may stay below the uniform level while robust
+    ones go far above it. The threshold is bisected on the measured tuning cost,
+    then the greedy step-up of :func:`_greedy` uses what is left of the budget.
+    The uniform level is kept if it is better."""
+    top = grid - 1
+    zero = dict.fromkeys(names, 0)
+    base = cost(zero)
+    lo, hi, uniform_cost = 0, top, base
+    try:
+        while lo < hi:  # the highest uniform level within the budget (the cost rises with it)
+            mid = (lo + hi + 1) // 2
+            value = cost(dict.fromkeys(names, mid))
+            lo, hi, uniform_cost = (mid, hi, value) if budget.within(value) else (lo, mid - 1, uniform_cost)
+    except _Exhausted:
+        pass
+    uniform = lo
+    probe = min(top, max(uniform + grid // 8, grid // 4))  # near where the allocation will be
+    slopes: list[tuple[float, int, int]] = []  # (marginal cost per feature, layer index, step)
+    for i, name in enumerate(names):
+        curve = orders[name].error[[orders[name].removed(k) for k in range(top + 1)]]
+        rise = budget.badness(cost({**zero, name: probe})) - budget.badness(base)
+        scale = max(rise, 1e-12) / max(float(curve[probe]), 1e-300)
+        marginal = 0.0
+        for k in range(1, top + 1):
+            marginal = max(marginal, scale * float(curve[k] - curve[k - 1]) / (sizes[name] / grid))
+            slopes.append((marginal, i, k))
+    slopes.sort()
+
+    def prefix(n: int) -> dict[str, int]:
+        ks = dict(zero)
+        for _, i, k in slopes[:n]:
+            ks[names[i]] = max(ks[names[i]], k)
+        return ks
+
+    def highest(candidate: Callable[[int], dict[str, int]], hi: int) -> tuple[int, float]:
+        lo, value = 0, base
+        while lo < hi:  # the cost rises with n: the highest n within the budget
+            mid = (lo + hi + 1) // 2
+            measured_mid = cost(candidate(mid))
+            if budget.within(measured_mid):
+                lo, value = mid, measured_mid
+            else:
+                hi = mid - 1
+        return lo, value
+
+    try:
+        n, current = highest(prefix, len(slopes))
+        ks = prefix(n)
+        if uniform * sum(sizes.values()) > sum(ks[name] * sizes[name] for name in names):
+            ks, current = dict.fromkeys(names, uniform), uniform_cost
+        current = _greedy(names, ks, sizes, current, cost, budget, top)
+    except _Exhausted:
+        ks = ks if "ks" in locals() else dict(zero)
+        current = measured.get(tuple(ks[name] for name in names), base)
+    return BudgetResult(
+        budget=budget, levels={name: ks[name] / grid for name in names}, masks=masks_for(ks), tuning_cost=current,
+        uniform_level=uniform / grid, evaluations=len(measured), tuning_samples=_samples(tuning),
+    )
+
+
+# --- the pipeline's use -------------------------------------------------------------
+
+
+def calibrate_to_budget(
+    model: nn.Module, recipe: Recipe, batches: Iterable[Batch], budget: Budget | str, *,
+    model_name: str | None = None, on_batch: Callable[[int], None] | None = None,
+) -> BudgetResult:
+    """:func:`search_budget` for ``convert`` and ``calibrate``: the masks to write and the levels to report."""
+    return search_budget(model, recipe, batches, budget, model_name=model_name, on_batch=on_batch)
+
+
+def heldout_budget(result: BudgetResult, work: Workload | None, sparse: nn.Module) -> BudgetResult:
+    """``result`` with the held-out cost of ``sparse`` (``heldout_cost``, and
+    ``heldout_within``: whether it keeps the budget); a note where there is no held-out data."""
+    if work is None or work.heldout is None:
+        return replace(result, heldout={"heldout_cost": None, "heldout_within": None,
+                                        "heldout_note": "no held-out data: the held-out cost was not measured"})
+    value = result.budget.measure(work.model, sparse, work.heldout if reiterable(work.heldout) else list(work.heldout), labels=work.labels)
+    return replace(result, heldout={"heldout_cost": value, "heldout_within": result.budget.within(value)})
+
+
+def budget_to_file(
+    loaded: LoadedModel, recipe: Recipe, batches: Iterable[Batch], max_cost: str, output: Any, *,
+    batch_size: int = 32, on_batch: Callable[[int], None] | None = None, start: float | None = None,
+) -> Report:
+    """``calibrate --max-cost``: search, write the masks to ``output``, and report
+    the levels with the tuning cost and, for a built-in model, the held-out cost."""
+    import time
+    from pathlib import Path
+
+    from ..bake.squash import squash
+    from ..models import zoo
+    from .commands import _size, masks_report
+    from .workload import Workload
+
+    start = time.perf_counter() if start is None else start
+    result = calibrate_to_budget(loaded.module, recipe, batches, max_cost, model_name=loaded.name, on_batch=on_batch)
+    work = None
+    if loaded.builtin:
+        entry = zoo.get_builtin(loaded.name)
+        labels = entry.labels() if entry.labels is not None else None
+        work = Workload(loaded.name, loaded.module, entry, heldout=zoo.heldout_batches(loaded.name, batch_size), labels=labels)
+    sparse = squash(loaded.module, result.masks, "mul").model
+    result = heldout_budget(result, work, sparse)
+    result.masks.save(output)
+    seconds = round(time.perf_counter() - start, 3)
+    report = masks_report(result.masks, files={str(output): _size(Path(output))}, seconds={"calibrate": seconds, "total": seconds},
+                          notes=loaded.notes)
+    return report.replace(extra={**report.extra, "budget": result.to_json()})

@@ -1,0 +1,566 @@
+"""What each stage starts from, and one entry point per stage that returns a
+:class:`~actsparse_deploy.app.report.Report` (the command line is these calls plus
+rendering).
+
+A *source* is a model (a built-in name or ``package.module:factory``, with its
+weights, and masks squashed in a given mode) or a ``.pt2`` program written by
+``actsparse squash`` (its masks already baked in). :func:`load_source` resolves
+either into a :class:`Source`: what to export or run, held-out batches, the I/O
+spec, and the squash rows. What to load with it (masks and mode, weights, data,
+batch size, labels) is one :class:`SourceOptions`, the same for every stage.
+
+    >>> from actsparse_deploy.app.commands import SourceOptions, layer_table, load_source
+    >>> source = load_source("digits-mlp")
+    >>> source.mode, source.layers, source.io.output_names
+    ('none (dense)', [], ('logits',))
+    >>> load_source("digits-mlp", SourceOptions(batch_size=4)).heldout[0].shape
+    torch.Size([4, 1, 8, 8])
+    >>> [(row["layer"], row["input_shape"], row["foldable"]) for row in layer_table(source.work)][:2]
+    [('flatten', [32, 1, 8, 8], False), ('fc1', [32, 64], True)]
+
+Messages name the parameters at fault in backticks (`` `heldout` ``); the
+command line shows them as its flags (``--heldout``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..bake.pt2 import load_pt2, pt2_io, save_pt2
+from ..base.constants import DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAULT_RTOL
+from ..base.errors import CalibrationError, DataError, MaskError, ModelLoadError, OutputError, RecipeError
+from ..base.files import publish, remove_stale_staging, staging_dir
+from ..calibration.calibrate import collect, select
+from ..calibration.masks import Masks
+from ..calibration.recipe import Recipe
+from ..calibration.stats import Statistics
+from ..data.batches import Batch, as_positional, describe_batch, first_samples, run_batch, total_samples, unpadded
+from ..data.streams import reiterable, shape_examples
+from ..models import zoo
+from ..models.loading import LoadedModel, ModelOptions, load_data, load_model, load_text_data
+from ..onnx.export import IOSpec, export_onnx, layer_metadata
+from ..onnx.metrics import sparsification_cost
+from ..onnx.validate import validate
+from .report import Calibration, Report, named_input_shape
+from .workload import Workload, load_workload, squash_workload
+
+__all__ = [
+    "Source",
+    "SourceOptions",
+    "calibrate_to_file",
+    "export_source",
+    "inspect_target",
+    "layer_table",
+    "load_source",
+    "masks_report",
+    "squash_to_pt2",
+    "validate_against",
+]
+
+DENSE = "none (dense)"
+FROM_PT2 = "from .pt2"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A model ready to export or to validate against.
+
+    ``program``: what to export (an ``nn.Module``, or the ``ExportedProgram`` of
+    a ``.pt2``); ``module``: the same as a runnable ``nn.Module``; ``heldout``:
+    held-out batches in the model's input form (None where not loaded);
+    ``layers`` / ``mode``: the squash rows and mode (``"none (dense)"`` without
+    masks, ``"from .pt2"`` for a program); ``work``: the dense model and its data
+    (None for a ``.pt2``), what the sparsification cost compares with."""
+
+    name: str
+    program: Any
+    module: nn.Module
+    example: Batch | None
+    heldout: list[Batch] | Iterable[Batch] | None
+    io: IOSpec | None
+    layers: list[dict[str, Any]]
+    mode: str
+    work: Workload | None
+
+    def require_heldout(self) -> list[Batch] | Iterable[Batch]:
+        if self.heldout is None:
+            if self.work is not None and self.work.task is not None:  # a Hugging Face model: its held-out text
+                self.work.require_heldout()
+            raise DataError(f"{self.name!r} has no held-out data: pass `heldout` data (never the calibration data)")
+        return self.heldout
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """What to load a source with: ``masks`` squashed in ``mode`` (dense
+    without); the model's ``weights``; ``data`` (calibration inputs, the export
+    example) and ``heldout`` data files; ``batch_size`` (None: the built-in
+    model's, else 32); ``labels``, class indices of the held-out samples; ``model``:
+    a Hugging Face model's task and text files, a factory's arguments."""
+
+    masks: str | Path | None = None
+    mode: str = DEFAULT_MODE
+    weights: str | Path | None = None
+    data: str | None = None
+    heldout: str | None = None
+    batch_size: int | None = None
+    labels: str | Path | None = None
+    model: ModelOptions | None = None
+
+    def workload(self, spec: str) -> Workload:
+        """``spec`` (a model, not a ``.pt2``) with its weights and data (``model``:
+        the task, factory arguments and text files of :class:`~actsparse_deploy.models.loading.ModelOptions`)."""
+        return load_workload(spec, self.weights, self.data, self.heldout, self.batch_size, labels=self.labels,
+                             model_options=self.model)
+
+
+def is_pt2(spec: str | Path) -> bool:
+    return str(spec).endswith(".pt2")
+
+
+def load_source(spec: str, options: SourceOptions | None = None, *, need_heldout: bool = False) -> Source:
+    """``spec`` (a model, or a ``.pt2``) resolved with ``options``: the model
+    squashed with its masks (dense without), or the program the ``.pt2`` holds.
+    ``need_heldout``: a ``.pt2`` also loads held-out data (``heldout``, else the
+    built-in data of the model it names)."""
+    options = options or SourceOptions()
+    masks, heldout, batch_size = options.masks, options.heldout, options.batch_size
+    if not is_pt2(spec):
+        work = options.workload(spec)
+        module, rows, the_mode = work.model, [], DENSE
+        if masks is not None:
+            squashed = squash_workload(work, Masks.load(masks), options.mode)
+            module, rows, the_mode = squashed.model, squashed.rows(), options.mode
+        example = work.example() if need_heldout is False else None
+        return Source(work.name, module, module, example, work.heldout, work.io, rows, the_mode, work)
+    if masks is not None:
+        raise MaskError(f"{spec}: a .pt2 program already has its masks baked in: pass no `masks`")
+    if options.model is not None and options.model != ModelOptions():
+        raise DataError(f"{spec}: a .pt2 program is loaded as it is: `task`, `factory_args` and text files are for a model")
+    if options.labels is not None:
+        raise DataError(
+            f"{spec}: `labels` need a model (with `masks`) as the reference, not a .pt2: the accuracy cost compares with the dense model"
+        )
+    program, meta = load_pt2(spec)
+    io = pt2_io(meta)
+    held: list[Batch] | Iterable[Batch] | None = None
+    if need_heldout:
+        name = meta.get("model")
+        if heldout is not None:
+            held = load_data(heldout, batch_size or 32)  # a stream, read again on each use
+            held = held if reiterable(held) else list(held)
+        elif name and name in zoo.builtin_names():
+            held = load_workload(name).require_heldout()
+        else:
+            raise DataError(f"{spec} does not name a built-in model: pass `heldout` data")
+        held = as_positional(held, io.input_names) if io else held
+    example = program.example_inputs[0]
+    return Source(str(spec), program, program.module(), example, held, io, list(meta.get("layers", [])), FROM_PT2, None)
+
+
+# --- one entry point per stage ----------------------------------------------------------------
+
+
+def _size(path: Path) -> int:
+    return os.path.getsize(path)
+
+
+def masks_report(
+    masks: Masks, files: dict[str, int] | None = None, seconds: dict[str, float] | None = None, notes: Sequence[str] = ()
+) -> Report:
+    """A masks file's contents as a report (``calibrate``, ``inspect``); every
+    layer row says its ``method`` (None: the recipe's functions) and ``compensate``;
+    ``notes``: the model's own (how it was loaded), before the masks' notes."""
+    rows = [{**row, "input_shape": named_input_shape(row), "method": row.get("method"), "compensate": row.get("compensate") or "none"}
+            for row in masks.summary()]
+    return Report(
+        tool_version=masks.tool_version, model=masks.model,
+        calibration=Calibration(samples=masks.num_samples, batches=masks.num_batches),
+        overall_sparsity=round(masks.overall_sparsity(), 6), layers=rows,
+        recipe=masks.recipe.to_dict() if masks.recipe is not None else None, notes=[*notes, *masks.notes()],
+        seconds=seconds, files=files,
+    )
+
+
+def calibrate_to_file(
+    loaded: LoadedModel,
+    recipe: Recipe,
+    output: str | Path,
+    *,
+    data: str | None = None,
+    batch_size: int = 32,
+    on_stage: Callable[[str, int | None], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    max_cost: str | None = None,
+    model_options: ModelOptions | None = None,
+    max_samples: int | None = None,
+    stats_only: bool = False,
+    group: Any = None,
+) -> Report | None:
+    """Calibrate ``loaded`` on ``data`` (else ``model_options.text``, else its
+    built-in calibration split; the first ``max_samples`` samples where given;
+    token batches without their padding) and write the masks to ``output``
+    (checked by the caller); ``max_cost``: a cost budget instead of the recipe's
+    level (see :mod:`actsparse_deploy.app.budget`); ``stats_only``: write the
+    collected statistics instead (:func:`merge_stats_files`, :func:`select_to_file`).
+
+    ``group``: a :class:`~actsparse_deploy.calibration.distributed.Session` (or process
+    group): each rank collects its share of the batches, rank 0 writes and
+    returns the report, the other ranks return None."""
+    if group is not None and max_cost is not None:
+        raise RecipeError("a cost budget (`max_cost`) searches over several passes of the data: it is not supported in distributed "
+                          "calibration; run it in one process, or give a sparsity")
+    if stats_only and max_cost is not None:
+        raise RecipeError("a cost budget selects masks: it cannot be given with `stats_only` (select from the statistics later)")
+    start = time.perf_counter()
+    text, _ = load_text_data(loaded, model_options, data, None, batch_size)
+    batches: list[Batch] | Iterable[Batch]
+    if text is not None:
+        batches = text
+    elif data is not None:
+        batches = load_data(data, batch_size)
+    elif loaded.builtin:
+        batches = zoo.calibration_batches(loaded.name, batch_size)
+    else:
+        more = " (or `text`, a text file its tokenizer reads)" if loaded.hf is not None and loaded.hf.directory else ""
+        raise DataError(f"{loaded.name!r} has no built-in data: pass `data`, a file of calibration inputs{more}")
+    batches = first_samples(batches, max_samples)
+    if on_stage is not None:
+        on_stage("calibrating", total_samples(batches) if group is None else None)  # distributed: this rank's share, count unknown
+    if max_cost is not None:
+        from .budget import budget_to_file
+
+        return budget_to_file(loaded, recipe, batches, max_cost, output, batch_size=batch_size, on_batch=on_batch, start=start)
+    batches = unpadded(batches)
+    stats = collect(loaded.module, recipe, batches,
+                    model_name=loaded.name, on_batch=on_batch, group=group if group is not None else False)
+    if group is not None and not getattr(group, "writer", True):
+        return None  # rank 0 writes
+    if stats_only:
+        _save(stats.save, output, group)
+        return stats_report(stats, output, time.perf_counter() - start)
+    masks = select(stats, model=loaded.module)
+    _save(masks.save, output, group)
+    seconds = round(time.perf_counter() - start, 3)
+    return masks_report(masks, files={str(output): _size(Path(output))}, seconds={"calibrate": seconds, "total": seconds}, notes=loaded.notes)
+
+
+def _save(save: Callable[[Path], None], output: str | Path, group: Any) -> None:
+    """``save(path)`` to ``output``. Distributed, rank 0 saves into a staging
+    folder, has the session ``confirm`` that no other rank failed meanwhile, and
+    only then moves the file into place: a job that failed leaves no file."""
+    output = Path(output)
+    confirm = getattr(group, "confirm", None)
+    if confirm is None:
+        save(output)
+        return
+    remove_stale_staging(output.parent)
+    with staging_dir(output.parent) as staging:
+        staged = staging / output.name
+        try:
+            save(staged)
+        except OutputError as e:  # named by the output asked for, not its staged copy
+            raise OutputError(str(e).replace(str(staged), str(output))) from e
+        confirm()
+        publish(staging, output.parent, [output.name], overwrite=True)  # the caller checked `overwrite`
+
+
+def stats_report(stats: Statistics, output: str | Path, seconds: float, parts: int | None = None) -> Report:
+    """A statistics file as a report: its layers (statistic and per-sample shape),
+    samples and batches, the fingerprint of its model, how many parts it merges."""
+    rows = [{"layer": name, "aggregate": ls.aggregate, "stat_shape": ls.stat_shape, "input_shape": list(ls.input_shape),
+             "samples": ls.num_samples} for name, ls in stats.layers.items()]
+    extra: dict[str, Any] = {"fingerprint": stats.fingerprint}
+    if parts is not None:
+        extra["parts"] = parts
+    return Report(tool_version=stats.tool_version, model=stats.model,
+                  calibration=Calibration(samples=stats.num_samples, batches=stats.num_batches), layers=rows,
+                  recipe=stats.recipe.to_dict() if stats.recipe is not None else None,
+                  notes=[f"layer {name!r}: {why}" for name, why in stats.skipped.items()],
+                  seconds={"total": round(seconds, 3)}, files={str(output): _size(Path(output))}, extra=extra)
+
+
+def merge_stats_files(parts: Sequence[str | Path], output: str | Path) -> Report:
+    """Merge statistics files (each from ``calibrate`` with ``stats_only``, or an
+    earlier merge) into ``output``: what one run over all their data gives. A part
+    of another model (fingerprint), recipe or major version is refused, naming it;
+    so is the same data twice: a file given twice (or through a link), two parts
+    that share a calibration run (a copy; a merge and one of its parts) or hold
+    identical statistics (the same data collected again)."""
+    start = time.perf_counter()
+    if not parts:
+        raise MaskError("merge needs at least one statistics file")
+    seen: dict[tuple[int, int], str | Path] = {}
+    for part in parts:
+        try:
+            info = os.stat(part)
+        except OSError:
+            continue  # Statistics.load says what is wrong with it
+        earlier = seen.setdefault((info.st_dev, info.st_ino), part)
+        if earlier is not part:
+            raise CalibrationError(f"{part} and {earlier} are the same file: merged, its samples would count twice; give each part once")
+    merged = Statistics.load(parts[0])
+    digests = {merged.values_digest(): parts[0]}
+    for part in parts[1:]:
+        stats = Statistics.load(part)
+        try:
+            merged = merged.merge(stats)
+        except CalibrationError as e:
+            raise CalibrationError(f"{part} does not merge with {parts[0]}: {e}") from e
+        same = digests.setdefault(stats.values_digest(), part)
+        if same is not part:
+            raise CalibrationError(
+                f"{part} holds identical statistics to {same} (every layer's values and counts): the same data collected "
+                "twice would count twice; merge statistics of different data"
+            )
+    merged.save(output)
+    return stats_report(merged, output, time.perf_counter() - start, parts=len(parts))
+
+
+def select_to_file(
+    stats_path: str | Path,
+    output: str | Path,
+    *,
+    recipe: Recipe | str | Path | None = None,
+    sparsity: float | None = None,
+    model: str | None = None,
+    weights: str | Path | None = None,
+    model_options: ModelOptions | None = None,
+) -> Report:
+    """The masks of a statistics file (and, with a recipe's ``method`` /
+    ``compensate``, the layers' new weights), written to ``output``: with
+    ``recipe`` (default: the one the statistics were collected with) at
+    ``sparsity`` where given. Methods read the layers' weights: the model is
+    ``model``, else the built-in model the file names (a file's contents never
+    choose code to run: any other model it names is only shown), and must be the
+    one the statistics are of (same fingerprint)."""
+    from ..calibration.recipe import resolve_recipe
+
+    start = time.perf_counter()
+    stats = Statistics.load(stats_path)
+    if recipe is None and stats.recipe is None:
+        raise RecipeError(f"{stats_path} records no recipe: give one")
+    base = recipe if recipe is not None else stats.recipe
+    chosen = resolve_recipe(stats.model or "model", False, base, sparsity=sparsity)
+    module = None
+    needs_model = any(config.method is not None for config in stats.resolve(chosen).values())
+    if needs_model or model is not None or weights is not None:
+        module = _model_of(stats, stats_path, model, weights, model_options)
+    masks = select(stats, chosen, model=module)
+    masks.save(output)
+    seconds = round(time.perf_counter() - start, 3)
+    return masks_report(masks, files={str(output): _size(Path(output))}, seconds={"select": seconds, "total": seconds})
+
+
+def _model_of(
+    stats: Statistics, stats_path: str | Path, model: str | None, weights: str | Path | None, options: ModelOptions | None
+) -> nn.Module:
+    """The model the statistics are of: ``model`` as the user gives it, else the
+    built-in model the file names; refused where it is not (fingerprint, layers)."""
+    from ..calibration.stats import model_fingerprint
+
+    name = model if model is not None else stats.model
+    if name is None:
+        raise ModelLoadError(f"{stats_path} does not name its model: give the model (its methods read the layers' weights)")
+    if model is None and name not in zoo.builtin_names():
+        raise ModelLoadError(
+            f"statistics file {stats_path} was collected on {name!r}, which is not a built-in model: give that model as "
+            "`model` (a model a file names is loaded only if it is built in; anything else would run code the file chose)"
+        )
+    module = load_model(name, weights, options).module
+    modules = dict(module.named_modules())
+    missing = next((layer for layer in stats.layers if layer not in modules), None)
+    if missing is not None and name == stats.model:
+        raise MaskError(
+            f"statistics file {stats_path}: layer {missing!r} is not a layer of {name}, the model the file names: "
+            "the file is corrupted"
+        )
+    differs = stats.fingerprint is not None and model_fingerprint(module, stats.layers) != stats.fingerprint
+    if missing is not None or differs:
+        why = f"it has no layer {missing!r}" if missing is not None else "its architecture or the masked layers' weights differ"
+        raise CalibrationError(
+            f"{name} is not the model the statistics in {stats_path} were collected on ({why}): give that model and its weights"
+        )
+    return module
+
+
+def squash_to_pt2(model: str, output: str | Path, options: SourceOptions, *, overwrite: bool = False) -> Report:
+    """Squash ``options.masks`` into ``model`` (in ``options.mode``) and save it
+    as a ``torch.export`` program."""
+    if options.masks is None:
+        raise MaskError(f"{model}: squash needs `masks`, the file `actsparse calibrate` writes")
+    start = time.perf_counter()
+    work = options.workload(model)
+    result = squash_workload(work, Masks.load(options.masks), options.mode)
+    save_pt2(work, result, Path(output), overwrite)
+    seconds = round(time.perf_counter() - start, 3)
+    return Report(model=work.name, squash_mode=options.mode, layers=result.rows(), seconds={"total": seconds},
+                  files={str(output): _size(Path(output))})
+
+
+def export_source(
+    spec: str,
+    output: str | Path,
+    options: SourceOptions | None = None,
+    *,
+    exporter: str | None = None,
+    opset: int | None = None,
+    external_data: bool = False,
+    overwrite: bool = False,
+    verbose: bool = False,
+    dynamic_axes: Sequence[tuple[str, int, str] | str] = (),
+) -> Report:
+    """Export ``spec`` (squashed with the ``options``' masks, dense without, or a
+    ``.pt2``) to ONNX. ``exporter``: None picks ``dynamo`` for a ``.pt2``, else
+    the default. Without the model's own I/O spec, names and dynamic axes come
+    from the model and the shapes of its data; ``dynamic_axes``
+    (``"NAME:AXIS:LABEL"``) adds axes."""
+    start = time.perf_counter()
+    exporter = exporter or ("dynamo" if is_pt2(spec) else DEFAULT_EXPORTER)
+    source = load_source(spec, options)
+    if source.example is None:
+        raise DataError(f"{spec!r} needs `data` or `heldout` to give the exporter an example input")
+    result = export_onnx(
+        source.program, source.example, output, exporter=exporter, opset=opset, io_spec=source.io,
+        metadata=layer_metadata(source.layers, source.mode), external_data=external_data, overwrite=overwrite, verbose=verbose,
+        data=shape_examples(source.heldout), dynamic_axes=dynamic_axes,
+    )
+    files = {str(output): _size(Path(output))}
+    if result.external_data:
+        files[f"{output}.data"] = _size(Path(f"{output}.data"))
+    seconds = round(time.perf_counter() - start, 3)
+    return Report(model=source.name, squash_mode=source.mode, layers=source.layers, export=result.to_json(),  # type: ignore[arg-type]
+                  seconds={"export": round(result.seconds, 3), "total": seconds}, files=files)
+
+
+def validate_against(
+    onnx_model: str | Path,
+    reference: str,
+    options: SourceOptions | None = None,
+    *,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    timeout: float | None = None,
+) -> Report:
+    """Validate ``onnx_model`` against ``reference`` (a model with or without
+    the ``options``' masks, or a ``.pt2``) on the held-out data; with masks or
+    labels, also what sparsification cost against the dense model."""
+    start = time.perf_counter()
+    options = options or SourceOptions()
+    source = load_source(reference, options, need_heldout=True)
+    io = source.io
+    validation = validate(onnx_model, source.module, source.require_heldout(), atol=atol, rtol=rtol,
+                          output_names=io.output_names if io else None, io_spec=io, timeout=timeout)
+    seconds = {"validate": round(time.perf_counter() - start, 3)}
+    cost = None
+    if source.work is not None and (options.masks is not None or options.labels is not None):
+        held = source.require_heldout()
+        if io is None and held:  # what export names the inputs and outputs by default
+            io = IOSpec.from_model(source.module, next(iter(held)), data=shape_examples(held))
+        cost = sparsification_cost(source.work, source.module, Path(onnx_model), io)
+    seconds["total"] = round(time.perf_counter() - start, 3)
+    return Report(model=source.name, squash_mode=source.mode, layers=source.layers,
+                  validation=validation.to_json(), cost=cost, seconds=seconds)  # type: ignore[arg-type]
+
+
+def layer_table(work: Workload) -> list[dict[str, Any]]:
+    """Leaf modules whose first input is a floating-point tensor, with the input
+    shape seen on the first calibration batch and whether a mask folds into them."""
+    from ..bake.squash import fold_vector
+
+    batch = next(iter(work.require_calibration()))
+    seen: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name, module in work.model.named_modules():
+        if name and not list(module.children()):
+            def hook(m: Any, inputs: tuple[Any, ...], name: str = name) -> None:
+                if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].is_floating_point():
+                    seen.setdefault(name, tuple(inputs[0].shape))
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            run_batch(work.model, batch)
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        raise DataError(f"the model fails on the first batch ({describe_batch(batch)}): {type(e).__name__}: {e}") from e
+    finally:
+        for handle in handles:
+            handle.remove()
+    modules = dict(work.model.named_modules())
+    rows = []
+    for name, shape in seen.items():
+        module = modules[name]
+        foldable = fold_vector(module, torch.ones(1))[0] is not None
+        rows.append({"layer": name, "type": type(module).__name__, "input_shape": list(shape), "foldable": foldable})
+    return rows
+
+
+def inspect_target(
+    target: str, *, weights: str | Path | None = None, data: str | None = None, batch_size: int = 8,
+    model_options: ModelOptions | None = None,
+) -> Report:
+    """A masks file's contents (a ``.safetensors`` without ``weights``), an ONNX
+    file's graph (``.onnx``: inputs, outputs, operators, initializers, external
+    data files and metadata, in its ``export`` section (:func:`onnx_report`); its
+    external data is never read), or the layers of a model that can take a mask (a Hugging Face model
+    without data: seen on a few token ids)."""
+    if target.endswith(".safetensors") and weights is None:
+        return masks_report(Masks.load(target))
+    if target.endswith(".onnx"):
+        return onnx_report(target, given=weights is not None or data is not None)
+    work = load_workload(target, weights, data, None, batch_size, model_options=model_options)
+    from ..models.hf import HFModel, HFSource
+
+    if work.calibration is None and isinstance(work.model, HFModel):
+        work.calibration = [HFSource(work.model, None).sample_batch()]
+    return Report(model=work.name, layers=layer_table(work), notes=list(work.notes))
+
+
+def onnx_report(target: str | Path, given: bool = False) -> Report:
+    """An ONNX file as a report, from its graph alone (:func:`~actsparse_deploy.onnx.validate.describe_onnx`),
+    with the one schema every command's report has: the file is its ``export`` section (path, exporter,
+    opset, input and output names, dynamic axes, external data, size; ``seconds`` None: not exported
+    here) plus what the graph holds (``input_shapes`` / ``output_shapes``, ``opsets``, ``ops``, ``nodes``,
+    ``initializers``, ``parameters``, ``initializer_bytes``, ``data_files``, ``metadata``, ...);
+    ``files`` its file and each data file present; the squash mode and layer rows this tool recorded in
+    its metadata, where it did. ``given``: weights or data were passed, which an ONNX file does not take."""
+    import json
+
+    from ..onnx.export import METADATA_PREFIX
+    from ..onnx.validate import describe_onnx
+    from .report import Export
+
+    if given:
+        raise DataError(f"{target} is an ONNX model: inspect reads it alone, without `weights` or `data`")
+    found = describe_onnx(target)
+    meta = found["metadata"]
+    try:
+        layers = json.loads(meta[f"{METADATA_PREFIX}layers"]) if f"{METADATA_PREFIX}layers" in meta else None
+    except ValueError:
+        layers = None
+    if not (isinstance(layers, list) and all(isinstance(row, dict) for row in layers)):
+        layers = None
+    folder = Path(found["path"]).parent
+    files = {found["path"]: found["file_bytes"]}
+    files.update({str(folder / d["location"]): d["bytes"] for d in found["external_data"] if d["present"]})
+    opset = found["opsets"].get("ai.onnx", 0)
+    axes = {v["name"]: {str(i): d for i, d in enumerate(v["shape"] or []) if isinstance(d, str)}
+            for v in (*found["inputs"], *found["outputs"])}
+    export = Export.from_json({
+        "path": found["path"], "exporter": meta.get(f"{METADATA_PREFIX}exporter") or found["producer"], "opset": opset,
+        "inputs": [v["name"] for v in found["inputs"]], "outputs": [v["name"] for v in found["outputs"]],
+        "dynamic_axes": {name: a for name, a in axes.items() if a}, "seconds": None,
+        "external_data": bool(found["external_data"]), "size_bytes": sum(files.values()),
+        "input_shapes": found["inputs"], "output_shapes": found["outputs"],
+        **{k: v for k, v in found.items() if k not in ("path", "inputs", "outputs", "external_data")},
+        "data_files": found["external_data"],
+    })
+    return Report(tool_version=meta.get(f"{METADATA_PREFIX}version"), squash_mode=meta.get(f"{METADATA_PREFIX}squash_mode"),
+                  layers=layers, export=export, files=files)

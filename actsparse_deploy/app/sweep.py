@@ -1,0 +1,268 @@
+"""A sweep: held-out cost and onnxruntime latency for each sparsity level and method.
+
+For each method (default: the model's recipe as it is, plus the activation
+``topk`` baseline: ``max_abs`` statistic, no method, no compensation) the
+statistics are collected once on the calibration data; for each level the
+masks are selected from them, squashed (``auto``: pruned where exact), exported
+to ONNX, and measured: the cost on the held-out data (cosine of each output to
+the dense model's; accuracy for a classifier with labels) and the latency ratio
+to the dense export under onnxruntime (:func:`actsparse_deploy.onnx.latency.latency_ratio`).
+``sweep.json`` holds every row; ``sweep.png`` plots cost against sparsity per
+method with the latency ratio on a second axis. Both are written like
+``convert``'s outputs (:mod:`actsparse_deploy.base.files`): the folder locked for
+the run, both staged and moved into place together or not at all, a link at
+either name replaced (with ``overwrite``), never written through.
+
+    >>> import tempfile
+    >>> from actsparse_deploy.app.sweep import parse_levels, sweep
+    >>> parse_levels("0.1:0.8:0.1")[:3], len(parse_levels("0.1:0.8:0.1"))
+    ([0.1, 0.2, 0.3], 8)
+    >>> result = sweep("digits-mlp", tempfile.mkdtemp(), levels=[0.25, 0.5], runs=2)
+    >>> sorted({row["method"] for row in result["rows"]}), len(result["rows"])
+    (['recipe', 'topk'], 4)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..base.constants import MAX_RUNS
+from ..base.errors import OutputError, RecipeError, UsageError
+from ..base.files import os_reason
+from ..calibration.recipe import LayerSettings, Recipe
+
+__all__ = ["BASELINE", "MAX_LEVELS", "OUT_FILES", "RECIPE", "parse_levels", "plot_sweep", "sweep"]
+
+#: the method names a sweep knows besides those of --method: the recipe as is, and the topk baseline
+RECIPE = "recipe"
+BASELINE = "topk"
+_BASELINE_FNS = {"aggregate_fn": "max_abs", "reduce_fn": "feature_mean", "mask_fn": "topk"}
+#: the most levels one sweep measures (each is a calibration, an export and a latency run)
+MAX_LEVELS = 1000
+OUT_FILES = ("sweep.json", "sweep.png")
+_FORMS = "give START:STOP:STEP (0.1:0.8:0.1) or a list (0.25,0.5)"
+
+
+def parse_levels(text: str) -> list[float]:
+    """``START:STOP:STEP`` (inclusive, e.g. ``0.1:0.8:0.1``) or ``A,B,C``: levels in [0, 1),
+    at most :data:`MAX_LEVELS` of them (counted before any is made).
+
+    >>> parse_levels("0:1:1e-9")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    actsparse_deploy.base.errors.RecipeError: sparsity levels '0:1:1e-9' make 1000000000 levels: a sweep measures at most 1000; give a larger ...
+    """
+    shown = text if len(text) <= 40 else f"{text[:40]}..."
+    try:
+        if ":" in text:
+            start, stop, step = (float(p) for p in text.split(":"))
+            count = _range_count(start, stop, step)
+        else:
+            count = text.count(",") + 1
+        if count is None or count > MAX_LEVELS:
+            many = "countless" if count is None else str(count)
+            raise RecipeError(f"sparsity levels {shown!r} make {many} levels: a sweep measures at most {MAX_LEVELS}; "
+                              "give a larger step or fewer values")
+        if ":" in text:
+            levels = [round(start + i * step, 10) for i in range(count)]
+        else:
+            levels = [float(p) for p in text.split(",")]
+    except RecipeError:
+        raise
+    except ValueError as e:
+        raise RecipeError(f"sparsity levels {shown!r}: {e}; {_FORMS}") from None
+    if not levels or not all(0 <= v < 1 for v in levels):
+        raise RecipeError(f"sparsity levels {shown!r} must be one or more numbers in [0, 1): {_FORMS}")
+    return levels
+
+
+def _range_count(start: float, stop: float, step: float) -> int | None:
+    """How many levels ``START:STOP:STEP`` makes (None: more than a float counts)."""
+    if not all(math.isfinite(v) for v in (start, stop, step)):
+        raise ValueError("every part must be a finite number")
+    if not step > 0:
+        raise ValueError("the step must be positive")
+    span = (stop - start) / step + 1e-9
+    return max(math.floor(span) + 1, 0) if math.isfinite(span) else None
+
+
+def _baseline(recipe: Recipe) -> Recipe:
+    """``recipe``'s layers with the plain activation top-k: no method, no compensation."""
+    clear = dict.fromkeys(("method", "compensate", "damping"))
+
+    def plain(settings: LayerSettings) -> LayerSettings:
+        return dataclasses.replace(settings, aggregate_fn=None, reduce_fn=None, mask_fn=None, **clear)
+
+    defaults = LayerSettings.from_dict({**_BASELINE_FNS, **plain(recipe.defaults).to_dict()}, "baseline")
+    rules = tuple(dataclasses.replace(rule, settings=plain(rule.settings)) for rule in recipe.layers)
+    return dataclasses.replace(recipe, defaults=defaults, layers=rules)
+
+
+def _recipes(work: Any, recipe: Recipe | str | Path | None, methods: Sequence[str] | None,
+             compensate: str | None) -> dict[str, Recipe]:
+    from .workload import load_recipe
+
+    base = load_recipe(work, recipe)
+    if not methods:
+        methods = [RECIPE, BASELINE]
+    out: dict[str, Recipe] = {}
+    for name in methods:
+        if name == RECIPE:
+            chosen = base
+        elif name == BASELINE:
+            chosen = _baseline(base)
+        else:
+            chosen = base.with_method(method=name)
+        if compensate is not None and name != BASELINE:
+            chosen = chosen.with_method(compensate=compensate)
+        out[name] = chosen
+    return out
+
+
+def sweep(
+    model: str,
+    outdir: str | Path,
+    *,
+    levels: Sequence[float],
+    methods: Sequence[str] | None = None,
+    compensate: str | None = None,
+    recipe: Recipe | str | Path | None = None,
+    weights: str | Path | None = None,
+    data: str | None = None,
+    heldout: str | None = None,
+    batch_size: int | None = None,
+    runs: int = 15,
+    overwrite: bool = False,
+    on_step: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Measure every level x method (see the module docstring), each model timed
+    ``runs`` times (1 to :data:`~actsparse_deploy.base.constants.MAX_RUNS`); write
+    ``outdir/sweep.json`` and ``outdir/sweep.png``; return what ``sweep.json`` holds."""
+    from ..base.files import check_output_path, output_folder, publish, staging_dir
+    from .workload import load_workload
+
+    if isinstance(runs, bool) or not isinstance(runs, int) or not 1 <= runs <= MAX_RUNS:
+        raise UsageError(f"`runs` must be an integer from 1 to {MAX_RUNS}, got {runs!r}")
+    outdir = Path(outdir)
+    with output_folder(outdir):  # one run at a time writes here
+        for name in OUT_FILES:
+            check_output_path(outdir / name, overwrite)
+        work = load_workload(model, weights, data, heldout, batch_size)
+        recipes = _recipes(work, recipe, methods, compensate)
+        with staging_dir(outdir) as staging:  # the scratch exports too: removed with it, or by the next run if killed
+            result = _measure(work, recipes, compensate, staging, levels, runs, on_step)
+            try:
+                (staging / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+                plot_sweep(result, staging / "sweep.png")
+            except OSError as e:
+                raise OutputError(f"cannot write the sweep to {outdir}: {os_reason(e)}") from e
+            publish(staging, outdir, OUT_FILES, overwrite)
+    return result
+
+
+def _measure(work: Any, recipes: dict[str, Recipe], compensate: str | None, scratch: Path, levels: Sequence[float],
+             runs: int, on_step: Callable[[str], None] | None) -> dict[str, Any]:
+    """The rows of every level x method: ONNX exports in ``scratch``; what ``sweep.json`` holds."""
+    from ..calibration.calibrate import collect
+    from ..onnx.export import export_onnx
+    from ..onnx.latency import latency_ratio
+    from ..onnx.metrics import sparsification_cost
+    from .budget import _select
+    from .workload import squash_workload
+
+    held = work.require_heldout()
+    timing_batches = list(itertools.islice(held, 2))
+    rows: list[dict[str, Any]] = []
+    dense_path = scratch / "dense.onnx"
+    export_onnx(work.model, work.example(), dense_path, io_spec=work.io)
+    for index, (method, the_recipe) in enumerate(recipes.items()):
+        if on_step is not None:
+            on_step(f"{method}: collecting statistics")
+        stats = collect(work.model, the_recipe, work.require_calibration(), model_name=work.name)
+        for level in levels:
+            if on_step is not None:
+                on_step(f"{method} at {level:.0%}")
+            masks = _select(stats, the_recipe.with_sparsity(level), work.model)
+            squashed = squash_workload(work, masks, "auto")
+            path = scratch / f"{index}-{len(rows)}.onnx"
+            export_onnx(squashed.model, work.example(), path, io_spec=work.io)
+            cost = sparsification_cost(work, squashed.model)
+            speed = latency_ratio(dense_path, path, timing_batches, io_spec=work.io, runs=runs, warmup=min(3, runs))
+            rows.append(_row(method, level, masks, cost, speed))
+            path.unlink()
+    return {
+        "model": work.name, "levels": list(levels), "methods": list(recipes), "compensate": compensate,
+        "heldout_samples": rows[0]["heldout_samples"] if rows else 0,
+        "latency": {"batches": len(timing_batches), "runs": runs, "threads": rows[0]["threads"] if rows else None},
+        "rows": rows,
+    }
+
+
+def _row(method: str, level: float, masks: Any, cost: dict[str, Any], speed: dict[str, Any]) -> dict[str, Any]:
+    last = cost["outputs"][-1]
+    row: dict[str, Any] = {
+        "method": method, "level": level, "overall_sparsity": masks.overall_sparsity(),
+        "output": last["output"], "cosine_mean": last["cosine_mean"], "cosine_min": last["cosine_min"],
+        "heldout_samples": cost["heldout_samples"],
+        "latency_ratio": speed["ratio"], "dense_ms": speed["dense_ms"], "sparse_ms": speed["sparse_ms"], "threads": speed["threads"],
+    }
+    if "accuracy_sparse" in cost:
+        row["accuracy_dense"], row["accuracy_sparse"] = cost["accuracy_dense"], cost["accuracy_sparse"]
+    if "other_text" in cost:
+        row["other_text"] = cost["other_text"]
+    return row
+
+
+@contextlib.contextmanager
+def _without_mplbackend() -> Iterator[None]:
+    """``MPLBACKEND`` hidden while matplotlib is first imported: it names an
+    interactive backend, which a plot written to a file never uses, and a
+    name matplotlib does not know stops its import."""
+    saved = os.environ.pop("MPLBACKEND", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["MPLBACKEND"] = saved
+
+
+def plot_sweep(result: dict[str, Any], path: Path) -> None:
+    """Cost (accuracy where known, else mean cosine) against sparsity per method;
+    the latency ratio to dense on a second axis (dashed). Drawn with matplotlib's
+    Agg canvas: no backend, display or pyplot state involved."""
+    with _without_mplbackend():
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+    rows = result["rows"]
+    accuracy = bool(rows) and all("accuracy_sparse" in r for r in rows)
+    key, label = ("accuracy_sparse", "held-out accuracy") if accuracy else ("cosine_mean", "held-out cosine to dense (mean)")
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    latency = ax.twinx()
+    for i, method in enumerate(result["methods"]):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["level"])
+        color = f"C{i}"
+        ax.plot([r["level"] for r in mine], [r[key] for r in mine], "o-", color=color, label=f"{method}: {label.split(' (')[0]}")
+        latency.plot([r["level"] for r in mine], [r["latency_ratio"] for r in mine], "s--", color=color, alpha=0.6,
+                     label=f"{method}: latency / dense")
+    ax.set_xlabel("sparsity level (fraction of the recipe layers' input features masked)")
+    ax.set_ylabel(label)
+    latency.set_ylabel("onnxruntime latency / dense")
+    ax.set_title(f"{result['model']}: cost and latency per sparsity level")
+    handles, labels = ax.get_legend_handles_labels()
+    more_handles, more_labels = latency.get_legend_handles_labels()
+    ax.legend(handles + more_handles, labels + more_labels, fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+

@@ -1,0 +1,71 @@
+"""Names and defaults shared by the library and the command line, in a module
+that imports nothing heavy: the CLI builds its options and help texts from
+these without importing torch or onnx (``actsparse --help`` stays fast).
+
+    >>> from actsparse_deploy.base.constants import DEFAULT_EXPORTER, EXPORTERS, MODES
+    >>> MODES, DEFAULT_EXPORTER in EXPORTERS
+    (('auto', 'mul', 'fold', 'prune'), True)
+
+The stage modules import their constants from here (``squash.MODES``,
+``export.EXPORTERS``, ``validate.DEFAULT_ATOL``), so there is one definition each.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BUILTIN_AGGREGATES",
+    "COMPENSATIONS",
+    "DEFAULT_AGGREGATE",
+    "DEFAULT_ATOL",
+    "DEFAULT_EXPORTER",
+    "DEFAULT_MODE",
+    "DEFAULT_RTOL",
+    "EXPORTERS",
+    "HF_TASKS",
+    "MAX_LENGTH",
+    "MAX_RUNS",
+    "METHODS",
+    "MODES",
+]
+
+#: how masks become part of the model (see squash.py)
+MODES = ("auto", "mul", "fold", "prune")
+DEFAULT_MODE = "auto"
+
+#: torch.onnx exporters (see export.py); auto: one, then the other where it fails (export.AUTO_ORDER)
+EXPORTERS = ("auto", "dynamo", "torchscript")
+#: Chosen by measurement (tools/exporters.py: TorchScript fails on Hugging Face decoders): see the README.
+DEFAULT_EXPORTER = "auto"
+
+#: what a Hugging Face model directory is loaded for (see hf.py): the command line's --task choices
+HF_TASKS = ("feature-extraction", "sentence-embedding", "causal-lm", "sequence-classification")
+
+#: the aggregate functions functions.py registers (a test checks the two agree)
+BUILTIN_AGGREGATES = ("gram", "max_abs", "moments", "sum", "sum_abs", "sum_sq")
+DEFAULT_AGGREGATE = "sum_abs"
+
+#: the selection methods methods.py registers (scores that see the consumer's
+#: weight; a test checks they are registered): the command line's --method choices
+METHODS = ("wanda", "fluctuation", "obs")
+#: how squash compensates the consumer for the features a mask removes (see
+#: compensate.py): the command line's --compensate choices
+COMPENSATIONS = ("none", "bias", "lstsq")
+
+#: the most tokens per text (--max-length): more than a text line can make (streams.MAX_LINE_BYTES, 16 MiB)
+MAX_LENGTH = 2**24
+#: the most timed onnxruntime runs per model a sweep makes (--runs; each level of each method times two models)
+MAX_RUNS = 1000
+
+#: ONNX vs PyTorch tolerances (see validate.py)
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 0.0
+
+
+def hub_offline() -> None:
+    """Never let ``transformers`` / ``huggingface_hub`` reach the network: every
+    model is read from disk. Called by each module that imports transformers,
+    before it is first imported (a user's own setting is kept)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,0 +1,1 @@
+"""Models: Hugging Face directories, the built-ins and their data, users' models loaded safely."""

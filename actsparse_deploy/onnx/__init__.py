@@ -1,0 +1,1 @@
+"""Stage 3, ONNX: export, validation against onnxruntime, latency, accuracy and cost metrics."""

@@ -1,0 +1,231 @@
+"""onnxruntime latency: a dense and a sparse ONNX model timed the same way.
+
+The method (shared with ``tools/benchmark.py``): a fixed thread count (torch
+and onnxruntime's ``intra_op_num_threads``, one inter-op thread; by default the
+count the command runs with, see :mod:`actsparse_deploy.base.threads`), a few warm-up
+runs, then the variants alternated in one process (round robin, the order
+rotated every round) so that drift hits each alike; the median of the timed runs.
+
+``convert`` uses :func:`dense_latency`: the dense model exported like the
+converted one into a scratch folder, both timed on held-out batches, the ratio
+reported (sparse / dense: below 1 is faster) and said in words (:func:`verdict`).
+
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> from actsparse_deploy.onnx.export import export_onnx
+    >>> from actsparse_deploy.onnx.latency import latency_ratio
+    >>> folder = tempfile.mkdtemp()
+    >>> x = torch.randn(4, 16)
+    >>> _ = export_onnx(nn.Linear(16, 8), x, folder + "/a.onnx")
+    >>> _ = export_onnx(nn.Linear(16, 8), x, folder + "/b.onnx")
+    >>> result = latency_ratio(folder + "/a.onnx", folder + "/b.onnx", [x], runs=3, warmup=1)
+    >>> sorted(result), result["runs"], result["ratio"] > 0
+    (['dense_ms', 'ratio', 'runs', 'samples', 'sparse_ms', 'threads', 'warmup'], 3, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..base.errors import ValidationError
+
+if TYPE_CHECKING:
+    from ..data.batches import Batch
+    from .export import IOSpec
+
+__all__ = [
+    "CONVERT_RUNS", "CONVERT_SAMPLES", "CONVERT_WARMUP", "DEFAULT_RUNS", "DEFAULT_THREADS", "DEFAULT_WARMUP", "SAME_BAND",
+    "alternate", "dense_latency", "first_samples", "latency_ratio", "ort_session", "slower_note", "torch_threads", "verdict",
+]
+
+#: the benchmark's fixed thread count (``ort_session``'s default); ``latency_ratio`` takes the command's
+DEFAULT_THREADS = 1
+DEFAULT_WARMUP = 3
+DEFAULT_RUNS = 15
+#: ``convert``: warm-up and timed passes per model, over at most this many held-out samples
+CONVERT_WARMUP = 2
+CONVERT_RUNS = 7
+CONVERT_SAMPLES = 64
+#: a ratio within this of 1 is "as fast as dense" in words (timing noise on a shared machine); the figure is always shown
+SAME_BAND = 0.03
+
+
+def alternate(variants: dict[str, Callable[[], Any]], warmup: int, runs: int) -> dict[str, dict[str, float]]:
+    """Round-robin timing: ``warmup`` untimed rounds, then ``runs`` rounds that
+    run each variant once, the order rotated every round. Per variant: median,
+    min and max milliseconds and the number of timed runs."""
+    if warmup < 0 or runs < 1:
+        raise ValidationError(f"timing needs warmup >= 0 and runs >= 1, got warmup {warmup}, runs {runs}")
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(runs):
+        order = names[i % len(names):] + names[: i % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - start)
+    return {
+        name: {"median_ms": statistics.median(t) * 1e3, "min_ms": min(t) * 1e3, "max_ms": max(t) * 1e3, "runs": len(t)}
+        for name, t in times.items()
+    }
+
+
+def ort_session(path: str | Path, threads: int | None = DEFAULT_THREADS) -> Any:
+    """An onnxruntime CPU session with ``threads`` intra-op threads (None: the
+    command's, :func:`~actsparse_deploy.base.threads.current_threads`) and one inter-op thread."""
+    import onnxruntime as ort
+
+    from ..base.threads import session_options
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValidationError(f"ONNX model {path} does not exist")
+    from .validate import check_external_data
+
+    check_external_data(path)  # its external data from beside it only, checked before onnxruntime reads any
+    options = session_options(threads)
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise ValidationError(f"onnxruntime cannot load {path}: {e}") from e
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` for the block, restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def latency_ratio(
+    dense_onnx: str | Path,
+    sparse_onnx: str | Path,
+    batches: Sequence[Batch],
+    *,
+    io_spec: IOSpec | None = None,
+    threads: int | None = None,
+    warmup: int = DEFAULT_WARMUP,
+    runs: int = DEFAULT_RUNS,
+) -> dict[str, Any]:
+    """Median milliseconds of one pass over ``batches`` under onnxruntime, dense
+    and sparse, timed alternately (see the module docstring), and their ratio
+    (sparse / dense: below 1 is faster). ``io_spec`` names a tensor or tuple batch's
+    inputs; ``threads``: None for the command's (:func:`~actsparse_deploy.base.threads.current_threads`)."""
+    from ..base.threads import check_threads, current_threads
+    from ..data.batches import batch_size
+    from .validate import onnx_feeds
+
+    if not batches:
+        raise ValidationError("latency needs at least one batch")
+    threads = current_threads() if threads is None else check_threads(threads)
+    with torch_threads(threads):
+        sessions = {"dense": ort_session(dense_onnx, threads), "sparse": ort_session(sparse_onnx, threads)}
+        feeds = {name: [onnx_feeds(s, b, io_spec) for b in batches] for name, s in sessions.items()}
+
+        def run(name: str) -> Callable[[], None]:
+            session, fed = sessions[name], feeds[name]
+
+            def one_pass() -> None:
+                for f in fed:
+                    session.run(None, f)
+
+            return one_pass
+
+        timings = alternate({name: run(name) for name in sessions}, warmup, runs)
+    dense, sparse = timings["dense"]["median_ms"], timings["sparse"]["median_ms"]
+    return {
+        "dense_ms": dense, "sparse_ms": sparse, "ratio": sparse / dense if dense > 0 else float("nan"),
+        "runs": runs, "warmup": warmup, "threads": threads, "samples": sum(batch_size(b) for b in batches),
+    }
+
+
+def first_samples(batches: Iterable[Batch], limit: int) -> list[Batch]:
+    """The batches in order up to ``limit`` samples (the last one cut), shapes otherwise kept."""
+    from ..data.batches import batch_size, slice_batch
+
+    out: list[Batch] = []
+    taken = 0
+    for batch in batches:
+        if taken >= limit:
+            break
+        n = batch_size(batch)
+        out.append(batch if taken + n <= limit else slice_batch(batch, 0, limit - taken))
+        taken += min(n, limit - taken)
+    return out
+
+
+def dense_latency(
+    dense: Any,
+    sparse_onnx: str | Path,
+    batches: Iterable[Batch],
+    folder: str | Path,
+    *,
+    exporter: str,
+    opset: int | None,
+    io_spec: IOSpec,
+    example: Batch,
+    verbose: bool = False,
+    max_samples: int = CONVERT_SAMPLES,
+    warmup: int = CONVERT_WARMUP,
+    runs: int = CONVERT_RUNS,
+) -> dict[str, Any]:
+    """:func:`latency_ratio` of ``sparse_onnx`` against the dense PyTorch model
+    ``dense``, exported into ``folder`` (a scratch folder, removed after) with the
+    sparse export's exporter, opset and I/O spec, on the first ``max_samples`` of
+    ``batches`` (held-out data), at the command's thread count."""
+    import shutil
+
+    from ..base.errors import ExportError
+    from .export import export_onnx
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        try:
+            export_onnx(dense, example, folder / "dense.onnx", exporter=exporter, opset=opset, io_spec=io_spec, verbose=verbose)
+        except ExportError as e:
+            raise ExportError(
+                f"exporting the dense model for the latency comparison failed ({e}); `no_latency` skips the comparison"
+            ) from e
+        return latency_ratio(folder / "dense.onnx", sparse_onnx, first_samples(batches, max_samples), io_spec=io_spec,
+                             warmup=warmup, runs=runs)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def verdict(ratio: float, band: float = SAME_BAND) -> str:
+    """The ratio in words: ``"faster than dense: 0.83x"``, ``"slower than dense: 1.19x"``,
+    or ``"as fast as dense: 1.01x"`` within ``band`` of 1 (timing noise)."""
+    if ratio > 1 + band:
+        return f"slower than dense: {ratio:.2f}x"
+    if ratio < 1 - band:
+        return f"faster than dense: {ratio:.2f}x"
+    return f"as fast as dense: {ratio:.2f}x"
+
+
+def slower_note(mode: str, layer_modes: Sequence[str], ratio: float, band: float = SAME_BAND) -> str | None:
+    """A note where ``prune`` was asked for (``mode`` prune, or ``auto`` chose it for a
+    layer) and the converted model is slower than dense under onnxruntime; else None."""
+    asked = mode == "prune" or (mode == "auto" and "prune" in layer_modes)
+    if not asked or ratio <= 1 + band:
+        return None
+    how = "prune was asked for" if mode == "prune" else "auto chose prune"
+    return (
+        f"{how}, but the converted model is slower than dense under onnxruntime: {ratio:.2f}x the dense latency "
+        f"(pruning a few features can cost more in gathers than it saves; try --mode fold or a higher sparsity)"
+    )

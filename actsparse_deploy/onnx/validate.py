@@ -1,0 +1,650 @@
+"""Stage 3b: prove the ONNX model computes what the squashed PyTorch model computes.
+
+The ONNX model runs under onnxruntime (CPU provider) and the PyTorch model on
+the same held-out inputs, at several batch sizes, and for a sequence model (an
+input axis past the batch axis that the I/O spec, else the ONNX model, declares
+dynamic) at two sequence lengths at least: the held-out length, and the held-out
+batches cut to half of it on those axes. The report lists every input shape
+validated. The inputs come first: their
+names (a dict batch's keys, else the I/O spec's names, else the model's
+``forward`` parameter names or ``input`` / ``input_0, input_1, ...``, whichever
+the ONNX model takes, as export names them: never fed by position alone), ranks, dtypes and every dimension the ONNX model fixes must fit
+the batch and the I/O spec's dynamic axes. Then output names, the shapes the
+ONNX model declares for its outputs (rank and every fixed dimension, against
+what PyTorch gives, and nothing fixed on an axis the I/O spec makes dynamic),
+then shapes, dtypes and values (``|onnx - torch| <= atol + rtol * |torch|``,
+compared by :mod:`actsparse_deploy.data.compare`); a NaN or Inf on either
+side fails, counted and named. Every failure is collected and raised as one
+:class:`ValidationError` that lists each output's max abs and max rel difference
+and the tolerance. A mismatch is never a warning.
+
+onnxruntime runs in a worker thread while this one waits, so Ctrl-C / SIGTERM
+stop it (``RunOptions.terminate``) and unwind as usual, and ``timeout`` (seconds
+for the whole comparison, default ``None``: no limit) fails a model that runs
+too long (a runaway ``Loop``). onnxruntime's own log is off: its errors arrive
+as exceptions and become one message.
+
+External data (weights in ``MODEL.onnx.data``) is read from beside the model
+only: before onnxruntime opens a model, :func:`check_external_data` reads its
+graph (not its data) and refuses, naming the tensor, a location that is
+absolute, holds ``..``, resolves (through a link) outside the model's folder,
+is missing or not a regular file, or claims more bytes than the file holds.
+
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> from actsparse_deploy.onnx.export import export_onnx
+    >>> from actsparse_deploy.onnx.validate import validate
+    >>> model = nn.Sequential(nn.Linear(4, 2)).eval()
+    >>> path = tempfile.mkdtemp() + "/model.onnx"
+    >>> _ = export_onnx(model, torch.randn(2, 4), path, exporter="torchscript")
+    >>> report = validate(path, model, [torch.randn(8, 4)], batch_sizes=(1, 3))
+    >>> report.passed, report.batch_sizes
+    (True, [1, 3])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import re
+import stat
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..base.errors import DataError, ValidationError, first_line
+from ..calibration.calibrate import eval_mode
+from ..data.batches import Batch, cut_axes, flatten_outputs, input_names, is_named, named_tensors, numpy_feeds, resize_batches, run_batch
+from ..data.compare import OutputDiff, Tolerance
+from .export import BATCH, IOSpec, forward_input_names
+
+__all__ = [
+    "OutputDiff", "ValidationReport", "check_external_data", "describe_onnx", "external_tensors", "onnx_feeds", "onnx_session",
+    "read_graph", "resize_batches", "run_session", "validate",
+]
+
+from ..base.constants import DEFAULT_ATOL, DEFAULT_RTOL  # noqa: E402  (one definition, light for the CLI)
+
+DEFAULT_BATCH_SIZES = (1, 3, 5)
+#: how often the waiting thread looks at the clock (and takes signals) while onnxruntime runs
+POLL_SECONDS = 0.05
+#: onnxruntime's severity FATAL: its logger prints nothing (errors still raise)
+ORT_LOG_SEVERITY = 4
+# onnxruntime's input type names -> torch / numpy dtype names
+_ORT_DTYPES = {
+    f"tensor({ort})": name
+    for ort, name in [
+        ("float", "float32"), ("double", "float64"), ("float16", "float16"), ("bfloat16", "bfloat16"), ("bool", "bool"),
+        ("int8", "int8"), ("int16", "int16"), ("int32", "int32"), ("int64", "int64"),
+        ("uint8", "uint8"), ("uint16", "uint16"), ("uint32", "uint32"), ("uint64", "uint64"),
+    ]
+}
+
+
+@dataclass
+class ValidationReport:
+    onnx_path: str
+    passed: bool
+    atol: float
+    rtol: float
+    batch_sizes: list[int]
+    samples: int
+    outputs: list[OutputDiff]
+    #: every distinct set of input shapes validated, in order (``{input: shape}``)
+    shapes: list[dict[str, list[int]]] = dataclasses.field(default_factory=list)
+    #: the lengths validated on the sequence (non-batch dynamic) axes: ``{label: [lengths]}``
+    sequence_lengths: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def max_abs(self) -> float:
+        return max((o.max_abs for o in self.outputs), default=0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "onnx": self.onnx_path,
+            "passed": self.passed,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "batch_sizes": self.batch_sizes,
+            "samples": self.samples,
+            "max_abs_diff": self.max_abs,
+            "outputs": [o.to_json() for o in self.outputs],
+            "shapes": self.shapes,
+            "sequence_lengths": self.sequence_lengths,
+        }
+
+
+def read_graph(path: str | Path) -> Any:
+    """The ONNX model at ``path`` without its external data (the graph and the
+    tensors stored in the file itself); an unreadable or corrupted file is a ValidationError."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises protobuf's and its own exception types
+        raise ValidationError(f"cannot load the ONNX model {path}: {first_line(e)}") from e
+
+
+def _graph_tensors(graph: Any) -> Iterator[Any]:
+    """Every TensorProto of ``graph``: initializers, sparse initializers, node
+    attributes, and those of its subgraphs (If / Loop / Scan bodies)."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes: Any) -> Iterator[Any]:
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sparse in [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []:
+                yield sparse.values
+                yield sparse.indices
+            for sparse in attr.sparse_tensors:
+                yield sparse.values
+                yield sparse.indices
+            if attr.HasField("g"):
+                yield from _graph_tensors(attr.g)
+            for graph in attr.graphs:
+                yield from _graph_tensors(graph)
+
+
+def external_tensors(proto: Any) -> Iterator[tuple[Any, dict[str, str]]]:
+    """Each tensor of the model (its functions' too) whose data lies in an external file, with its
+    ``external_data`` entries (``location``, ``offset``, ``length``)."""
+    import onnx
+
+    tensors = [*_graph_tensors(proto.graph), *(t for f in proto.functions for t in _node_tensors(f.node))]
+    for tensor in tensors:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor, {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _unsafe_location(location: str) -> bool:
+    """Not a plain relative path below the model's folder: empty, absolute (POSIX,
+    Windows drive or UNC), or with a ``..`` part (either separator) or a NUL."""
+    return (not location or "\x00" in location or os.path.isabs(location) or location.startswith(("/", "\\"))
+            or re.match(r"^[A-Za-z]:", location) is not None or ".." in re.split(r"[/\\]", location))
+
+
+def check_external_data(path: str | Path, proto: Any = None, *, strict: bool = True) -> dict[str, int | None]:
+    """The external data files the ONNX model at ``path`` reads, each checked
+    before anything reads it, with its size: ``{location: bytes}``. Refused with a
+    :class:`ValidationError` that names the tensor: a location that is empty,
+    absolute or holds ``..``, or that resolves (through a link anywhere on the
+    way) outside the model's folder; with ``strict`` (what running the model
+    needs) also a missing file, one that is not a regular file (a FIFO would
+    block the reader), and an ``offset`` / ``length`` past the file's end.
+    Without ``strict`` such a file's size is None. ``proto``: the model's graph
+    (:func:`read_graph`) where already read; only the graph is ever read here."""
+    path = Path(path)
+    if proto is None:
+        proto = read_graph(path)
+    folder = path.parent
+    real_folder = os.path.realpath(folder)
+    sizes: dict[str, int | None] = {}
+    for tensor, entries in external_tensors(proto):
+        location = entries.get("location", "")
+        where = f"{path}: tensor {tensor.name!r} reads its data from {location!r}"
+        if _unsafe_location(location):
+            raise ValidationError(
+                f"{where}: external data is read from beside the model only (a relative path without `..`); "
+                "refusing to read it"
+            )
+        real = os.path.realpath(folder / location)
+        if os.path.commonpath([real, real_folder]) != real_folder:
+            raise ValidationError(f"{where}, which leads to {real}, outside the model's folder {folder}: refusing to read it")
+        try:
+            offset, length = int(entries.get("offset", "0")), int(entries.get("length", "0"))
+        except ValueError as e:
+            raise ValidationError(f"{where}: its offset / length are not integers ({first_line(e)})") from e
+        if offset < 0 or length < 0:
+            raise ValidationError(f"{where}: a negative offset / length ({offset} / {length})")
+        try:
+            info = os.stat(real)
+        except OSError as e:
+            if strict:
+                raise ValidationError(f"{where}: {folder / location} does not exist or cannot be read "
+                                      f"({e.strerror or e}): keep the data file beside the model") from e
+            sizes[location] = None
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            if strict:
+                raise ValidationError(f"{where}: {folder / location} is not a regular file")
+            sizes[location] = None
+            continue
+        if strict and offset + length > info.st_size:
+            raise ValidationError(
+                f"{where}: it claims bytes {offset} to {offset + length}, the file holds {info.st_size} (truncated, or another model's data)"
+            )
+        sizes[location] = info.st_size
+    return sizes
+
+
+def _value_info(value: Any) -> dict[str, Any]:
+    """A graph input's or output's name, element type and shape (an int per fixed
+    dimension, its name or None per free one; None for an unknown rank)."""
+    import onnx
+
+    tensor = value.type.tensor_type
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else None
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim] \
+        if tensor.HasField("shape") else None
+    return {"name": value.name, "dtype": dtype, "shape": shape}
+
+
+def describe_onnx(path: str | Path) -> dict[str, Any]:
+    """What an ONNX file holds, from its graph alone (external data is never
+    read, only its files' sizes looked up): inputs and outputs, opsets, the
+    operators by count, the initializers (count, parameters and bytes, from their
+    shapes), each external data file (location, tensors, bytes, present) and the
+    metadata. A location outside the model's folder is refused as
+    :func:`check_external_data` does; a missing data file is only reported."""
+    import onnx
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValidationError(f"ONNX model {path} is a directory: give the .onnx file")
+    if not path.is_file():
+        raise ValidationError(f"ONNX model {path} does not exist")
+    proto = read_graph(path)
+    sizes = check_external_data(path, proto, strict=False)
+    ops: dict[str, int] = {}
+    for node in proto.graph.node:
+        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        ops[op] = ops.get(op, 0) + 1
+    parameters = nbytes = 0
+    for tensor in proto.graph.initializer:
+        count = math.prod(tensor.dims)
+        parameters += count
+        nbytes += count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize if tensor.data_type else 0
+    tensors_at: dict[str, int] = {}
+    for _, entries in external_tensors(proto):
+        tensors_at[entries.get("location", "")] = tensors_at.get(entries.get("location", ""), 0) + 1
+    return {
+        "path": str(path),
+        "file_bytes": path.stat().st_size,
+        "ir_version": proto.ir_version,
+        "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+        "opsets": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
+        "inputs": [_value_info(v) for v in proto.graph.input if v.name not in {t.name for t in proto.graph.initializer}],
+        "outputs": [_value_info(v) for v in proto.graph.output],
+        "nodes": len(proto.graph.node),
+        "ops": dict(sorted(ops.items(), key=lambda item: (-item[1], item[0]))),
+        "initializers": len(proto.graph.initializer),
+        "parameters": parameters,
+        "initializer_bytes": nbytes,
+        "external_data": [{"location": location, "tensors": tensors_at[location], "bytes": size, "present": size is not None}
+                          for location, size in sizes.items()],
+        "metadata": {p.key: p.value for p in proto.metadata_props},
+    }
+
+
+def onnx_session(path: str | Path) -> Any:
+    """An onnxruntime CPU session that logs nothing; a missing or corrupted file
+    (or a folder) is a ValidationError, and so is external data from anywhere
+    but beside the model (:func:`check_external_data`, before onnxruntime opens it)."""
+    import onnxruntime as ort
+
+    from ..base.threads import session_options
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValidationError(f"ONNX model {path} is a directory: give the .onnx file")
+    if not path.is_file():
+        raise ValidationError(f"ONNX model {path} does not exist")
+    check_external_data(path)
+    options = session_options()  # the command's intra-op threads, one inter-op (actsparse_deploy.base.threads)
+    options.log_severity_level = ORT_LOG_SEVERITY
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise ValidationError(f"onnxruntime cannot load {path}: {first_line(e)}") from e
+
+
+def run_session(session: Any, feeds: Mapping[str, np.ndarray], deadline: float | None = None) -> list[Any]:
+    """``session.run(None, feeds)`` in a worker thread while this thread waits:
+    a signal (KeyboardInterrupt, Terminated) or the ``time.monotonic()``
+    ``deadline`` sets ``RunOptions.terminate``, which stops onnxruntime (between
+    nodes and loop iterations); the signal's exception then unwinds as usual, and
+    the deadline raises :class:`TimeoutError`. onnxruntime's own errors raise as they are."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = ORT_LOG_SEVERITY
+    outcome: dict[str, Any] = {}
+    # an Event, not Thread.join: a join interrupted by a signal can mark a running thread as stopped
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            outcome["outputs"] = session.run(None, dict(feeds), options)
+        except BaseException as e:  # handed to the waiting thread
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="actsparse-onnxruntime", daemon=True).start()
+    timed_out = False
+    try:
+        while not done.is_set():
+            # a timed wait: the signal handlers run between waits (session.run would hold them off)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                timed_out = True
+                options.terminate = True
+                done.wait()
+                break
+            done.wait(POLL_SECONDS if left is None else min(POLL_SECONDS, left))
+    except BaseException:
+        options.terminate = True
+        done.wait()  # onnxruntime stops at its next node or loop iteration; never unwind while it runs
+        raise
+    if timed_out:
+        raise TimeoutError("onnxruntime was stopped")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["outputs"]
+
+
+def _named_inputs(batch: Batch, input_names: Sequence[str] | None) -> dict[str, torch.Tensor]:
+    """A batch's tensors by input name (see :func:`actsparse_deploy.data.batches.named_tensors`)."""
+    try:
+        return named_tensors(batch, input_names)
+    except DataError as e:
+        raise ValidationError(str(e)) from e
+
+
+def onnx_feeds(session: Any, batch: Batch, io_spec: IOSpec | None = None) -> dict[str, np.ndarray]:
+    """The batch as onnxruntime feeds, after checking it fits the ONNX model's
+    declared inputs: names, ranks, dtypes, fixed dimensions (and the I/O spec's
+    dynamic axes are not fixed there)."""
+    declared = session.get_inputs()
+    expected = [i.name for i in declared]
+    given = _named_inputs(batch, io_spec.input_names if io_spec is not None else None)
+    if len(given) != len(expected) or set(given) != set(expected):
+        hint = "" if is_named(batch) else (
+            " (a tensor or tuple batch is named by the I/O spec, else input / input_0, input_1, ...: "
+            "pass a dict batch to name the inputs)"
+        )
+        raise ValidationError(
+            f"input names do not match the ONNX model's: it takes {', '.join(expected)}; "
+            f"given {', '.join(map(str, given)) or 'nothing'}{hint}"
+        )
+    problems: list[str] = []
+    for meta in declared:
+        tensor = given[meta.name]
+        shape = list(meta.shape or [])
+        if shape:  # [] is also what onnxruntime says for an unknown rank
+            problems += _shape_problems(f"input {meta.name}", shape, tuple(tensor.shape), "the batch has", io_spec)
+        want, have = _ORT_DTYPES.get(meta.type), str(tensor.dtype).removeprefix("torch.")
+        if want is not None and want != have:
+            problems.append(f"input {meta.name}: the ONNX model takes {want}, the batch is {have}")
+    if problems:
+        raise ValidationError("the inputs do not fit the ONNX model: " + "; ".join(problems))
+    return numpy_feeds(given, expected)
+
+
+def validate(
+    onnx_path: str | Path,
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    max_samples: int | None = 64,
+    output_names: Sequence[str] | None = None,
+    io_spec: IOSpec | None = None,
+    timeout: float | None = None,
+) -> ValidationReport:
+    """Compare onnxruntime with ``model`` (run in eval mode) on ``batches`` re-cut to
+    each of ``batch_sizes`` (at most ``max_samples`` samples each); raise on any mismatch.
+    ``batches`` is read several times: a list, or a stream that reads again on each pass.
+
+    ``io_spec`` (what the model was exported with) names a tensor / tuple batch's
+    inputs, gives the output names (unless ``output_names`` does) and the axes
+    that must be dynamic. ``timeout``: seconds for the whole comparison, ``None``
+    (the default) for no limit; past it onnxruntime is stopped (a tokenizer making
+    held-out text batches is left) and the validation fails."""
+    if not (0 <= atol < math.inf and 0 <= rtol < math.inf):  # NaN fails too; inf would pass any output
+        raise ValidationError(f"tolerances must be non-negative numbers, finite (atol {atol}, rtol {rtol})")
+    if timeout is not None and not timeout > 0:
+        raise ValidationError(f"timeout must be a positive number of seconds, got {timeout}")
+    deadline = time.monotonic() + timeout if timeout is not None and math.isfinite(timeout) else None
+    if output_names is None and io_spec is not None:
+        output_names = io_spec.output_names
+    from ..data.streams import reading_deadline
+
+    def held_up() -> ValidationError:  # held-out text whose tokenizer is still at work
+        return ValidationError(f"validation of {onnx_path} timed out after {timeout:g} s while the tokenizer made the held-out "
+                               "batches; give a larger `timeout`, or shorter texts")
+
+    with _eval(model), reading_deadline(deadline, held_up):
+        return _validate(onnx_path, model, batches, atol, rtol, batch_sizes, max_samples, output_names, io_spec, timeout, deadline)
+
+
+@contextlib.contextmanager
+def _eval(*models: Any) -> Iterator[None]:
+    """Eval mode for the duration (flags restored); a torch.export program's
+    module cannot switch modes and is run as it is (it was captured in eval)."""
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            if isinstance(model, nn.Module) and not isinstance(model, torch.fx.GraphModule):
+                stack.enter_context(eval_mode(model))
+        yield
+
+
+def _validate(
+    onnx_path: str | Path, model: Any, batches: Iterable[Batch], atol: float, rtol: float,
+    batch_sizes: Sequence[int], max_samples: int | None, output_names: Sequence[str] | None,
+    io_spec: IOSpec | None, timeout: float | None, deadline: float | None,
+) -> ValidationReport:
+    session = onnx_session(onnx_path)
+    onnx_names = [o.name for o in session.get_outputs()]
+    declared = _declared_outputs(onnx_path)
+    tolerance = Tolerance(atol, rtol)
+    problems: list[str] = []
+    shape_problems: list[str] = []
+    if output_names is not None and list(output_names) != onnx_names:
+        problems.append(f"output names: ONNX has {onnx_names}, expected {list(output_names)}")
+    diffs = [OutputDiff(name) for name in onnx_names]
+    sizes_run: list[int] = []
+    samples = 0
+    count_mismatch = False
+    spec = _feed_spec(session, model, batches, io_spec)
+    sequence_axes = _sequence_axes(session, spec)
+    shapes: list[dict[str, list[int]]] = []
+    lengths: dict[str, list[int]] = {}
+
+    def timed_out(where: str, what: str) -> ValidationError:
+        return ValidationError(
+            f"validation of {onnx_path} timed out after {timeout:g} s at {where}: {what}; "
+            "give a larger `timeout` if the model is only slow"
+        )
+
+    def check(piece: Batch, where: str) -> bool:
+        """Compare one piece; False once the output counts differ (said once)."""
+        nonlocal samples
+        feeds = onnx_feeds(session, piece, spec)
+        seen = {name: list(array.shape) for name, array in feeds.items()}
+        if seen not in shapes:
+            shapes.append(seen)
+        for label, axes in sequence_axes.items():
+            length = seen[axes[0][0]][axes[0][1]]
+            if length not in lengths.setdefault(label, []):
+                lengths[label].append(length)
+        try:
+            with torch.no_grad():
+                want = [t.detach().cpu().numpy() for t in flatten_outputs(run_batch(model, piece))]
+        except (RuntimeError, TypeError, ValueError, IndexError) as e:
+            raise ValidationError(
+                f"the PyTorch model fails at {where} ({', '.join(f'{n} {v}' for n, v in seen.items())}): "
+                f"{type(e).__name__}: {first_line(e)}"
+            ) from e
+        if deadline is not None and time.monotonic() >= deadline:
+            raise timed_out(where, "the PyTorch model was running")
+        try:
+            got = run_session(session, feeds, deadline)
+        except TimeoutError as e:
+            raise timed_out(where, "onnxruntime was stopped") from e
+        except Exception as e:
+            raise ValidationError(f"onnxruntime failed at {where}: {first_line(e)}") from e
+        if len(want) != len(got):
+            problems.append(f"the ONNX model has {len(got)} outputs, the PyTorch model {len(want)}")
+            return False
+        samples += len(next(iter(feeds.values()))) if feeds else 0
+        for problem in _declared_output_problems(declared, want, spec):
+            if problem not in shape_problems:
+                shape_problems.append(problem)
+        for diff, g, w in zip(diffs, got, want):
+            diff.compare(g, w, tolerance, where=f"{where}: ")
+        return True
+
+    for size in batch_sizes:
+        pieces = resize_batches(batches, size, max_samples)
+        if not pieces:
+            continue
+        sizes_run.append(size)
+        for piece in pieces:
+            if count_mismatch:
+                break
+            count_mismatch = not check(piece, f"batch size {size}")
+    if len(sizes_run) < min(2, len(batch_sizes)):
+        raise ValidationError(
+            f"too little held-out data to validate at {min(2, len(batch_sizes))} batch sizes of {list(batch_sizes)}"
+        )
+    if sequence_axes and not count_mismatch:  # a second length on each sequence axis: the held-out pieces cut to half
+        for label, axes in sequence_axes.items():
+            for piece in resize_batches(batches, sizes_run[-1], max_samples):
+                cut = _cut_piece(piece, spec, axes)
+                if cut is None:
+                    continue
+                length = named_tensors(cut, spec.input_names)[axes[0][0]].shape[axes[0][1]]
+                if not check(cut, f"batch size {sizes_run[-1]}, {label} {length}"):
+                    break
+            if len(lengths.get(label, [])) < 2:
+                where = ", ".join(f"axis {a} of {n}" for n, a in axes)
+                raise ValidationError(
+                    f"cannot validate a second length of the dynamic axis {label!r} ({where}): every held-out batch "
+                    f"has length {lengths.get(label, ['?'])[0]} there; give held-out data at least 2 long on it"
+                )
+    if shape_problems:
+        problems.append("the declared output shapes do not fit what PyTorch gives: " + "; ".join(shape_problems))
+    for diff in diffs:
+        problems.extend(diff.problems(tolerance))
+    report = ValidationReport(str(onnx_path), not problems, atol, rtol, sizes_run, samples, diffs, shapes, lengths)
+    if problems:
+        summary = "; ".join(f"{d.name} max abs {d.max_abs:.3g} max rel {d.max_rel:.3g}" for d in diffs)
+        raise ValidationError(
+            f"{onnx_path} does not match the PyTorch model: " + " | ".join(problems) + f" (all outputs: {summary})"
+        ) from None
+    return report
+
+
+def _feed_spec(session: Any, model: Any, batches: Iterable[Batch], io_spec: IOSpec | None) -> IOSpec:
+    """The I/O spec that names the feeds: ``io_spec``; else, for a tensor / tuple
+    batch, the model's ``forward`` parameter names (export names inputs so),
+    unless the ONNX model takes ``input`` / ``input_0, ...`` instead (an older
+    export): a mismatch then names the model's own inputs."""
+    if io_spec is not None:
+        return io_spec
+    first = next(iter(batches), None)
+    names = input_names(first) if first is not None else ()
+    if first is not None and not is_named(first):
+        taken = {i.name for i in session.get_inputs()}
+        from_model = forward_input_names(model, first)
+        if set(from_model) == taken or set(names) != taken:
+            names = from_model
+    return IOSpec(tuple(names), tuple(o.name for o in session.get_outputs()), {})
+
+
+def _sequence_axes(session: Any, spec: IOSpec) -> dict[str, list[tuple[str, int]]]:
+    """Input axes past the batch axis that may vary, by label: the I/O spec's
+    dynamic axes, else the ONNX model's named (symbolic) dimensions."""
+    found: dict[str, list[tuple[str, int]]] = {}
+    for name in spec.input_names:
+        for axis, label in spec.dynamic_axes.get(name, {}).items():
+            if axis > 0 and label != BATCH:
+                found.setdefault(label, []).append((name, axis))
+    if found or spec.dynamic_axes:
+        return found
+    for meta in session.get_inputs():
+        for axis, dim in enumerate(meta.shape or []):
+            if axis > 0 and isinstance(dim, str) and dim != BATCH:
+                found.setdefault(dim, []).append((meta.name, axis))
+    return found
+
+
+def _cut_piece(piece: Batch, spec: IOSpec, axes: Sequence[tuple[str, int]]) -> Batch | None:
+    """``piece`` with each of ``axes`` cut to half its length (None where one is shorter than 2)."""
+    return cut_axes(piece, spec.input_names, axes)
+
+
+def _declared_outputs(path: str | Path) -> list[tuple[str, list[int | str | None] | None]]:
+    """Each graph output's name and shape as the file declares it (onnxruntime
+    reports its own inferred shape instead): an int per fixed dimension, a name
+    or None per free one; None for an unknown rank."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises protobuf's and its own exception types
+        raise ValidationError(f"cannot read the declared outputs of {path}: {first_line(e)}") from e
+    found: list[tuple[str, list[int | str | None] | None]] = []
+    for value in proto.graph.output:
+        tensor = value.type.tensor_type
+        if not tensor.HasField("shape"):
+            found.append((value.name, None))
+            continue
+        dims: list[int | str | None] = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim
+        ]
+        found.append((value.name, dims))
+    return found
+
+
+def _shape_problems(
+    what: str, declared: Sequence[int | str | None], actual: tuple[int, ...], side: str, io_spec: IOSpec | None
+) -> list[str]:
+    """A declared shape against an actual one: the rank, every dimension the
+    ONNX model fixes, and none fixed where the I/O spec makes the axis dynamic.
+    ``what``: ``input x`` / ``output y``; ``side``: who has ``actual``."""
+    if len(declared) != len(actual):
+        return [f"{what}: the ONNX model declares rank {len(declared)} ({list(declared)}), {side} rank {len(actual)} ({list(actual)})"]
+    dynamic = io_spec.dynamic_axes.get(what.split(" ", 1)[1], {}) if io_spec is not None else {}
+    problems: list[str] = []
+    for axis, dim in enumerate(declared):
+        if not isinstance(dim, int):
+            continue
+        if axis in dynamic:
+            problems.append(f"{what} axis {axis}: the ONNX model fixes it to {dim}, the I/O spec makes it dynamic ({dynamic[axis]})")
+        elif dim != actual[axis]:
+            problems.append(f"{what} axis {axis}: the ONNX model fixes it to {dim}, {side} {actual[axis]}")
+    return problems
+
+
+def _declared_output_problems(
+    declared: Sequence[tuple[str, list[int | str | None] | None]], outputs: Sequence[np.ndarray], io_spec: IOSpec | None
+) -> list[str]:
+    """The ONNX model's declared output shapes against what PyTorch gave. A
+    declared shape that lies breaks every consumer that reads it (buffers
+    allocated from it, shape inference downstream); an unknown rank declares nothing."""
+    problems: list[str] = []
+    for (name, shape), out in zip(declared, outputs):
+        if shape is not None:
+            problems += _shape_problems(f"output {name}", shape, tuple(out.shape), "PyTorch gives", io_spec)
+    return problems
