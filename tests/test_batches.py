@@ -25,7 +25,9 @@ from actsparse_deploy.base.files import os_reason
 from actsparse_deploy.calibration.recipe import resolve_recipe
 from actsparse_deploy.data import batches as B
 from actsparse_deploy.data.compare import OutputDiff, Tolerance, compare_outputs
-from actsparse_deploy.onnx.export import IOSpec, export_onnx
+from actsparse_deploy.data.iospec import IOSpec
+from actsparse_deploy.models.zoo import builtin_recipe_path
+from actsparse_deploy.onnx.export import export_onnx
 from actsparse_deploy.onnx.metrics import accuracy
 
 
@@ -109,7 +111,8 @@ def test_flatten_outputs_skips_none_and_keeps_order():
 
 def test_the_old_import_paths_still_work():
     from actsparse_deploy.calibration.calibrate import batch_size, describe_batch, run_batch
-    from actsparse_deploy.onnx.export import flatten_outputs, positional_inputs
+    from actsparse_deploy.data.iospec import positional_inputs
+    from actsparse_deploy.onnx.export import flatten_outputs
     from actsparse_deploy.onnx.validate import resize_batches
 
     assert (batch_size, describe_batch, run_batch, flatten_outputs, resize_batches) == (
@@ -211,14 +214,14 @@ def test_one_disk_full_message():
 )
 def test_the_recipe_loader_names_parameters(kwargs, message):
     with pytest.raises(RecipeError) as info:
-        resolve_recipe("mine:build", False, **kwargs)
+        resolve_recipe("mine:build", None, **kwargs)
     assert message in str(info.value) and "--" not in str(info.value)
 
 
 def test_the_recipe_loader_applies_sparsity_to_the_builtin_recipe():
-    recipe = resolve_recipe("digits-cnn", True, sparsity=0.3)
+    recipe = resolve_recipe("digits-cnn", builtin_recipe_path("digits-cnn"), sparsity=0.3)
     assert ("sparsity_level", 0.3) in recipe.defaults.sparse_config
-    assert resolve_recipe("x:y", False, layer_types=["Linear"], threshold=0.2, structured=True).defaults.mask_fn.name == "threshold"
+    assert resolve_recipe("x:y", None, layer_types=["Linear"], threshold=0.2, structured=True).defaults.mask_fn.name == "threshold"
 
 
 @pytest.mark.parametrize(

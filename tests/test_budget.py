@@ -138,8 +138,8 @@ def test_cost_on_other_data_of_a_builtin_is_reported_and_printed(work):
     """The "other text" line: a built-in's other data (MiniLM: dataset descriptions) gets its own cosine."""
     import dataclasses
 
+    from actsparse_deploy.app.cost import sparsification_cost
     from actsparse_deploy.app.report import Report
-    from actsparse_deploy.onnx.metrics import sparsification_cost
 
     other = torch.rand(24, 1, 8, 8)
     entry = dataclasses.replace(work.builtin, other_data=lambda size: list(other.split(size)))
@@ -165,9 +165,8 @@ def test_obs_order_prefixes_are_the_obs_masks_at_every_grid_level():
     ``obs`` method gives when run at that level (also a width whose groups do not
     divide the levels: 600 features remove 2 per step)."""
     from actsparse_deploy.app.budget import GRID, obs_order
-    from actsparse_deploy.calibration.functions import AGGREGATE_FNS
+    from actsparse_deploy.calibration.functions import AGGREGATE_FNS, LayerStats
     from actsparse_deploy.calibration.methods import METHODS
-    from actsparse_deploy.calibration.stats import LayerStats
 
     for d, out in ((40, 6), (600, 3)):
         torch.manual_seed(d)

@@ -310,9 +310,9 @@ def test_milliseconds_read_as_milliseconds_or_seconds(value, shown):
 
 
 def test_heldout_samples_is_counted_for_data_that_does_not_know_its_size():
+    from actsparse_deploy.app.cost import sparsification_cost
     from actsparse_deploy.app.workload import load_workload
-    from actsparse_deploy.data.streams import Generated
-    from actsparse_deploy.onnx.metrics import sparsification_cost
+    from actsparse_deploy.data.batches import Generated
 
     work = load_workload("digits-mlp")
     held = list(work.require_heldout())

@@ -142,7 +142,7 @@ def test_the_light_constants_are_the_stages_own():
     from actsparse_deploy.base import constants
     from actsparse_deploy.calibration.functions import AGGREGATE_FNS
 
-    export, squash, validate = (importlib.import_module(f"actsparse_deploy.{m}") for m in ("export", "squash", "validate"))
+    export, squash, validate = (importlib.import_module(f"actsparse_deploy.{m}") for m in ("onnx.export", "bake.squash", "onnx.validate"))
 
     assert squash.MODES is constants.MODES and export.EXPORTERS is constants.EXPORTERS
     assert export.DEFAULT_EXPORTER == constants.DEFAULT_EXPORTER and validate.DEFAULT_ATOL == constants.DEFAULT_ATOL

@@ -13,8 +13,7 @@ from torch.testing import assert_close
 
 from actsparse_deploy.base.errors import ConfigError
 from actsparse_deploy.calibration.compensate import COMPENSATIONS, compensate
-from actsparse_deploy.calibration.functions import AGGREGATE_FNS
-from actsparse_deploy.calibration.stats import LayerStats
+from actsparse_deploy.calibration.functions import AGGREGATE_FNS, LayerStats
 
 
 def _stats(x: torch.Tensor, aggregate: str, sample_ndim: int = 1) -> LayerStats:

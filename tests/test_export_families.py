@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from actsparse_deploy.app.cli import app
 from actsparse_deploy.base.constants import DEFAULT_EXPORTER
 from actsparse_deploy.base.errors import ExportError, UsageError, ValidationError
-from actsparse_deploy.onnx.export import IOSpec, export_onnx, output_names_of, parse_dynamic_axis
+from actsparse_deploy.data.iospec import IOSpec, output_names_of, parse_dynamic_axis
+from actsparse_deploy.onnx.export import export_onnx
 from actsparse_deploy.onnx.validate import validate
 
 from .helpers import start_cli, user_module, user_module_source

@@ -17,8 +17,9 @@ from typer.testing import CliRunner
 from actsparse_deploy.app.cli import app
 from actsparse_deploy.base.constants import DEFAULT_EXPORTER
 from actsparse_deploy.base.errors import ValidationError
+from actsparse_deploy.data.iospec import IOSpec
 from actsparse_deploy.models import minilm, zoo
-from actsparse_deploy.onnx.export import IOSpec, export_onnx
+from actsparse_deploy.onnx.export import export_onnx
 from actsparse_deploy.onnx.validate import validate
 
 from .helpers import MINILM_OUTDIRS, user_module, user_module_source
@@ -144,9 +145,9 @@ def test_pt2_capture_uses_the_model_spec(tmp_path):
     """save_pt2 captures with the workload's one spec and stores it: the pooled
     output keeps only its batch axis dynamic, and the program runs at other
     batch sizes and sequence lengths."""
-    from actsparse_deploy.app.workload import Workload
     from actsparse_deploy.bake.pt2 import load_pt2, pt2_io, save_pt2
     from actsparse_deploy.bake.squash import SquashResult
+    from actsparse_deploy.data.workload import Workload
 
     spec = IOSpec(("input_ids", "attention_mask"), ("tokens", "pooled"), {
         "input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},

@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 from torch.testing import assert_close
 
 from actsparse_deploy.base.errors import DataError, ModelLoadError, WeightsError
-from actsparse_deploy.models.loading import load_data, load_model
+from actsparse_deploy.data.readers import load_data
+from actsparse_deploy.models.loading import load_model
 
 USER_MODULE = '''
 import torch

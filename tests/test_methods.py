@@ -16,9 +16,8 @@ from torch.testing import assert_close
 
 from actsparse_deploy import Masks, Recipe, Statistics, calibrate, collect, select
 from actsparse_deploy.base.errors import ConfigError, MaskError, RecipeError, UnknownFunctionError
-from actsparse_deploy.calibration.functions import AGGREGATE_FNS
+from actsparse_deploy.calibration.functions import AGGREGATE_FNS, LayerStats
 from actsparse_deploy.calibration.methods import METHODS, Method, register_method
-from actsparse_deploy.calibration.stats import LayerStats
 
 from .helpers import TinyConv, TinyMLP
 

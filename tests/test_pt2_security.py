@@ -305,10 +305,10 @@ def _token_batch(batch: int, sequence: int) -> dict[str, torch.Tensor]:
 
 
 def test_dynamic_sequence_program_round_trip(tmp_path):
-    from actsparse_deploy.app.workload import Workload
     from actsparse_deploy.bake.pt2 import load_pt2, save_pt2
     from actsparse_deploy.bake.squash import SquashResult
-    from actsparse_deploy.onnx.export import IOSpec
+    from actsparse_deploy.data.iospec import IOSpec
+    from actsparse_deploy.data.workload import Workload
 
     torch.manual_seed(0)
     model = Tokens().eval()

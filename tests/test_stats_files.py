@@ -13,7 +13,7 @@ import torch
 
 from actsparse_deploy import Masks, Statistics, calibrate
 from actsparse_deploy.calibration.recipe import resolve_recipe
-from actsparse_deploy.models.zoo import calibration_batches, load_builtin
+from actsparse_deploy.models.zoo import builtin_recipe_path, calibration_batches, load_builtin
 
 from .helpers import invoke
 
@@ -42,7 +42,7 @@ def test_merged_parts_select_the_masks_of_one_run_over_all_data(parts: Path):
     assert {(row["method"], row["compensate"]) for row in json.loads(result.stdout)["layers"]} == {("obs", "lstsq")}
     selected = Masks.load(parts / "masks.safetensors")
     model = load_builtin("digits-mlp")
-    recipe = resolve_recipe("digits-mlp", True)
+    recipe = resolve_recipe("digits-mlp", builtin_recipe_path("digits-mlp"))
     one_run = calibrate(model, recipe, [torch.from_numpy(np.load(parts / "all.npy"))], model_name="digits-mlp")
     merged = Statistics.load(parts / "all.stats.safetensors")
     from actsparse_deploy import collect

@@ -319,7 +319,8 @@ def test_names_a_module_can_have_round_trip_through_files(tmp_path: Path, name: 
     spaces, joined emoji): masks and statistics files of such layers load again, and
     a model named by such a path is only shown."""
     from actsparse_deploy import Masks
-    from actsparse_deploy.calibration.masks import LayerMask, layer_name_in_file, model_name_in_file
+    from actsparse_deploy.calibration.fields import layer_name_in_file, model_name_in_file
+    from actsparse_deploy.calibration.masks import LayerMask
 
     assert layer_name_in_file(name) == name and model_name_in_file(f"/models/{name}") == f"/models/{name}"
     path = tmp_path / "m.safetensors"
@@ -330,7 +331,7 @@ def test_names_a_module_can_have_round_trip_through_files(tmp_path: Path, name: 
 @pytest.mark.parametrize("name", ["a\x1b[31m", "a\rb", "a\nb", "a\u2028b", "a\x85b", "a..b", ""])
 def test_names_with_control_characters_or_empty_parts_are_refused(name: str) -> None:
     from actsparse_deploy.base.errors import MaskError
-    from actsparse_deploy.calibration.masks import layer_name_in_file
+    from actsparse_deploy.calibration.fields import layer_name_in_file
 
     with pytest.raises(MaskError, match="not a layer name"):
         layer_name_in_file(name)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from actsparse_deploy.base.errors import DataError
 from actsparse_deploy.data.batches import first_samples, total_samples
-from actsparse_deploy.models.loading import load_data
+from actsparse_deploy.data.readers import load_data
 
 from .helpers import invoke
 
@@ -341,7 +341,7 @@ def test_dict_shards_are_matched_by_name(tmp_path: Path):
 
 
 def test_heldout_glob_or_directory_that_is_the_calibration_data_is_refused(tmp_path: Path):
-    from actsparse_deploy.models.loading import check_distinct_data
+    from actsparse_deploy.data.readers import check_distinct_data
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -414,7 +414,7 @@ def test_tuning_split_of_a_stream_is_that_of_the_list(tmp_path: Path, samples: i
 
 def test_a_stream_is_a_source_that_says_how_to_read_itself():
     """Stream is the abstract base of the sources: one without ``__iter__`` cannot be made."""
-    from actsparse_deploy.data.streams import Generated, Stream
+    from actsparse_deploy.data.batches import Generated, Stream
 
     class Incomplete(Stream):
         pass

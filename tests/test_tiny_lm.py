@@ -16,11 +16,12 @@ from onnx import TensorProto, helper
 from safetensors.torch import save_file
 from torch import nn
 
-from actsparse_deploy.app.workload import Workload
+from actsparse_deploy.app.cost import sparsification_cost
 from actsparse_deploy.base.errors import DataError, ModelLoadError, WeightsError
 from actsparse_deploy.calibration.recipe import Recipe
+from actsparse_deploy.data.workload import Workload
 from actsparse_deploy.models import tinylm, zoo
-from actsparse_deploy.onnx.metrics import perplexity, sparsification_cost
+from actsparse_deploy.onnx.metrics import perplexity
 
 from .helpers import invoke
 

@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 
 from actsparse_deploy.app.cli import app
 from actsparse_deploy.base.errors import OutputError, ValidationError
-from actsparse_deploy.onnx.export import IOSpec, export_onnx
+from actsparse_deploy.data.iospec import IOSpec
+from actsparse_deploy.onnx.export import export_onnx
 from actsparse_deploy.onnx.validate import validate
 
 from .helpers import UserFolder, user_module, user_module_source

@@ -70,7 +70,7 @@ def test_shipped_digits_are_scikit_learns_and_read_without_it(tmp_path: Path, mo
         np.testing.assert_array_equal(shipped["target"], digits.target)
     everything = torch.cat([zoo.digits_split(s)[0] for s in SPLITS]).reshape(-1, 64) * 16
     assert _rows(everything) == _rows(torch.from_numpy(digits.data.astype(np.float32)))
-    code = "import sys; from actsparse_deploy import zoo; zoo.digits_split('test'); print('sklearn' in sys.modules)"
+    code = "import sys; from actsparse_deploy.models import zoo; zoo.digits_split('test'); print('sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
     monkeypatch.setenv(zoo.MODELS_DIR_ENV, str(tmp_path))
@@ -147,7 +147,7 @@ def test_registry_names_and_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     assert entry.task == "classification"
     assert entry.factory is zoo.DigitsCNN
     assert zoo.builtin_recipe_path("digits-mlp") == zoo.models_dir() / "recipes" / "digits-mlp.toml"
-    repo_models = Path(zoo.__file__).resolve().parent.parent / "models"
+    repo_models = Path(zoo.__file__).resolve().parents[2] / "models"
     assert zoo.builtin_weights_path("digits-cnn") == repo_models / "digits-cnn.safetensors"
 
 

@@ -40,10 +40,10 @@ from torch import nn
 
 from actsparse_deploy import Masks, Recipe, collect, select
 from actsparse_deploy.app.workload import load_workload
-from actsparse_deploy.calibration.calibrate import eval_mode
 from actsparse_deploy.calibration.methods import DEFAULT_DAMPING
 from actsparse_deploy.data.batches import run_batch
 from actsparse_deploy.models.zoo import builtin_recipe_path
+from actsparse_deploy.nn.modules import eval_mode
 
 METHODS = ("wanda", "fluctuation", "obs")
 PARTS = ("timing", "table", "allocation")

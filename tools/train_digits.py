@@ -32,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from actsparse_deploy import zoo  # noqa: E402
+from actsparse_deploy.models import zoo  # noqa: E402
 
 TRAIN_SEED = 0
 CHECK_TOLERANCE = 0.01

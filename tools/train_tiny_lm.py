@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from actsparse_deploy import tinylm  # noqa: E402
+from actsparse_deploy.models import tinylm  # noqa: E402
 from actsparse_deploy.onnx.metrics import perplexity  # noqa: E402
 
 SEED = 20240607

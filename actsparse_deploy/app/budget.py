@@ -61,16 +61,14 @@ from torch import nn
 
 from ..base.errors import ActsparseError, DataError, RecipeError, first_line
 from ..calibration.recipe import LayerRule, LayerSettings, Recipe
-from ..data.batches import Batch, batch_size, flatten_outputs, run_batch, take_rows, total_samples, unpadded
-from ..data.streams import reiterable
+from ..data.batches import Batch, batch_size, flatten_outputs, reiterable, run_batch, take_rows, total_samples, unpadded
+from ..nn.modules import eval_mode
 
 if TYPE_CHECKING:
     from ..calibration.masks import Masks
-    from ..models.loading import LoadedModel
-    from .report import Report
-    from .workload import Workload
+    from ..data.workload import Workload
 
-__all__ = ["FORMS", "GRID", "TUNING_FRACTION", "Budget", "BudgetResult", "budget_to_file", "calibrate_to_budget",
+__all__ = ["FORMS", "GRID", "TUNING_FRACTION", "Budget", "BudgetResult", "calibrate_to_budget",
            "check_budget", "heldout_budget", "search_budget", "split_tuning"]
 
 #: the accepted forms of a budget, for messages and help
@@ -130,10 +128,10 @@ class Budget:
     def cost_function(self) -> Callable[..., Any]:
         """A user budget's function, imported and checked to take ``(dense,
         sparse, batches)``; anything else is a RecipeError naming it."""
-        from ..models.loading import _import_attr
+        from ..base.imports import import_attr
 
         assert self.function is not None
-        fn = _import_attr(self.function, "budget function", RecipeError)
+        fn = import_attr(self.function, "budget function", RecipeError)
         try:
             signature = inspect.signature(fn)
         except (TypeError, ValueError):  # nothing to read (some builtins): it is tried when called
@@ -194,7 +192,7 @@ class _Meter:
         kind = self.budget.kind
         if self.user is not None:
             try:
-                with _evaluating(self.dense, sparse):
+                with eval_mode(self.dense, sparse):
                     value = self.user(self.dense, sparse, self.batches)
             except ActsparseError:
                 raise
@@ -220,26 +218,6 @@ class _Meter:
             return float((dense_pred != sparse_pred).double().mean())
         dense_nll = _mean_nll([d[0] for d in self.reference], self.batches)
         return math.exp(_mean_nll([s[0] for s in outputs], self.batches) - dense_nll)
-
-
-class _evaluating:
-    """eval mode and no grad for the duration; the models' flags restored after."""
-
-    def __init__(self, *models: nn.Module) -> None:
-        self.models = models
-
-    def __enter__(self) -> None:
-        self.flags = [{m: m.training for m in model.modules()} for model in self.models]
-        self.grad = torch.is_grad_enabled()
-        for model in self.models:
-            model.eval()
-        torch.set_grad_enabled(False)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_grad_enabled(self.grad)
-        for flags in self.flags:
-            for module, training in flags.items():
-                module.train(training)
 
 
 def _metrics_of(reference: list[list[torch.Tensor]], batches: Iterable[Batch]) -> dict[str, str]:
@@ -276,18 +254,18 @@ def _check_metric(budget: Budget, reference: list[list[torch.Tensor]], batches: 
 
 
 def _outputs(model: nn.Module, batches: Iterable[Batch]) -> list[list[torch.Tensor]]:
-    with _evaluating(model):
+    with eval_mode(model):
         return [list(flatten_outputs(run_batch(model, b))) for b in batches]
 
 
 def _mean_nll(logits: list[torch.Tensor], batches: Iterable[Batch]) -> float:
     """Mean next-token negative log-likelihood (targets: the batch's token ids),
     as :func:`actsparse_deploy.onnx.metrics.perplexity` counts it."""
-    from ..onnx.metrics import _nll_sum
+    from ..onnx.metrics import nll_sum
 
     total, count = 0.0, 0
     for out, batch in zip(logits, batches):
-        nll, n = _nll_sum(out, batch, "model (perplexity-ratio)")
+        nll, n = nll_sum(out, batch, "model (perplexity-ratio)")
         total, count = total + nll, count + n
     if count == 0:
         raise DataError("perplexity-ratio: the batches hold no next token to predict")
@@ -306,7 +284,7 @@ def split_tuning(batches: Iterable[Batch], fraction: float = TUNING_FRACTION) ->
     rest, where its last part would be a corner of it. A stream that knows its
     size (:class:`~actsparse_deploy.data.streams.Stream`) gives two streams, each
     carved as it is read (nothing held); other data is read into lists."""
-    from ..data.streams import Generated, Stream
+    from ..data.batches import Generated, Stream
 
     if isinstance(batches, Stream) and batches.samples is not None:
         stream, total = batches, batches.samples
@@ -397,14 +375,6 @@ def recipe_at_levels(recipe: Recipe, levels: Mapping[str, float]) -> Recipe:
     return replace(recipe, layers=recipe.layers + rules)
 
 
-def _select(stats: Any, recipe: Recipe, model: nn.Module) -> Masks:
-    from ..calibration.calibrate import select
-
-    if "model" in inspect.signature(select).parameters:  # methods that read the consumer's weight
-        return select(stats, recipe, model=model)  # type: ignore[call-arg]
-    return select(stats, recipe)
-
-
 def search_budget(
     model: nn.Module,
     recipe: Recipe,
@@ -420,7 +390,7 @@ def search_budget(
     docstring). ``batches``: the calibration data (the tuning split is carved
     from it); the model is not changed."""
     from ..bake.squash import squash
-    from ..calibration.calibrate import collect
+    from ..calibration.calibrate import collect, select
     from ..calibration.masks import Masks
 
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
@@ -444,7 +414,7 @@ def search_budget(
                 if name in orders:  # the mask from the layer's obs removal order, computed once
                     one_layer[key] = orders[name].layer_mask(name, stats, one_recipe, model, ks[name])
                 else:
-                    one_layer[key] = _select(stats, one_recipe, model)[name]
+                    one_layer[key] = select(stats, one_recipe, model=model)[name]
             layers[name] = one_layer[key]
         levels = {name: ks[name] / grid for name in names}
         return Masks(layers=layers, recipe=recipe_at_levels(recipe, levels), num_samples=stats.num_samples,
@@ -498,13 +468,13 @@ class _Exhausted(Exception):
 def _one_layer_recipe(recipe: Recipe, stats: Any, name: str, level: float) -> Recipe:
     """A recipe for layer ``name`` alone: the settings every rule of ``recipe``
     that selects it gives it (later rules win), then ``level``."""
-    from ..calibration.stats import _matches_type
+    from ..calibration.stats import matches_type
 
     types = stats[name].layer_types
     settings = LayerSettings()
     for rule in recipe.layers:
         if (not rule.name or any(fnmatch.fnmatchcase(name, p) for p in rule.name)) and (
-            not rule.type or _matches_type(rule.type, types)
+            not rule.type or matches_type(rule.type, types)
         ):
             settings = settings.merged(rule.settings)
     settings = settings.merged(LayerSettings(sparse_config=(("sparsity_level", float(level)),)))
@@ -572,14 +542,14 @@ class _ObsOrder:
     def layer_mask(self, name: str, stats: Any, recipe: Recipe, model: nn.Module, k: int) -> Any:
         """The layer's mask and compensation edits at level ``k / grid``, as
         ``select`` gives them with the ``obs`` method (its metadata included)."""
-        from ..calibration.calibrate import _method_mask
+        from ..calibration.calibrate import method_mask
         from ..calibration.methods import Method
 
         config = stats.resolve(recipe)[name]
         keep = torch.ones(self.d, dtype=torch.float32)
         keep[self.order[: self.removed(k)]] = 0.0
         ordered = Method(config.method.name, config.method.needs, lambda *args, **kwargs: keep.clone())
-        return _method_mask(name, stats[name], replace(config, method=ordered), model)
+        return method_mask(name, stats[name], replace(config, method=ordered), model)
 
 
 def obs_order(layer: nn.Module, layer_stats: Any, count: int, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -714,31 +684,3 @@ def heldout_budget(result: BudgetResult, work: Workload | None, sparse: nn.Modul
     return replace(result, heldout={"heldout_cost": value, "heldout_within": result.budget.within(value)})
 
 
-def budget_to_file(
-    loaded: LoadedModel, recipe: Recipe, batches: Iterable[Batch], max_cost: str, output: Any, *,
-    batch_size: int = 32, on_batch: Callable[[int], None] | None = None, start: float | None = None,
-) -> Report:
-    """``calibrate --max-cost``: search, write the masks to ``output``, and report
-    the levels with the tuning cost and, for a built-in model, the held-out cost."""
-    import time
-    from pathlib import Path
-
-    from ..bake.squash import squash
-    from ..models import zoo
-    from .commands import _size, masks_report
-    from .workload import Workload
-
-    start = time.perf_counter() if start is None else start
-    result = calibrate_to_budget(loaded.module, recipe, batches, max_cost, model_name=loaded.name, on_batch=on_batch)
-    work = None
-    if loaded.builtin:
-        entry = zoo.get_builtin(loaded.name)
-        labels = entry.labels() if entry.labels is not None else None
-        work = Workload(loaded.name, loaded.module, entry, heldout=zoo.heldout_batches(loaded.name, batch_size), labels=labels)
-    sparse = squash(loaded.module, result.masks, "mul").model
-    result = heldout_budget(result, work, sparse)
-    result.masks.save(output)
-    seconds = round(time.perf_counter() - start, 3)
-    report = masks_report(result.masks, files={str(output): _size(Path(output))}, seconds={"calibrate": seconds, "total": seconds},
-                          notes=loaded.notes)
-    return report.replace(extra={**report.extra, "budget": result.to_json()})

@@ -284,7 +284,7 @@ ExporterOpt = Annotated[
 def _dynamic_axes(values: list[str] | None) -> list[str] | None:
     """Each ``--dynamic-axis`` well formed, or a usage error (exit 2) before any work."""
     from ..base.errors import ExportError, first_line
-    from ..onnx.export import parse_dynamic_axis
+    from ..data.iospec import parse_dynamic_axis
 
     for value in values or ():
         try:
@@ -715,10 +715,11 @@ def build_recipe(
     the built-in model's own (with --sparsity, --method and --compensate applied
     to it); see :func:`actsparse_deploy.calibration.recipe.resolve_recipe`."""
     from ..calibration.recipe import resolve_recipe
+    from ..models.zoo import builtin_recipe_path
 
     return resolve_recipe(
-        model_name, builtin, recipe, layers=layers, layer_types=layer_types, sparsity=sparsity, threshold=threshold,
-        aggregate=aggregate, structured=structured, method=method, compensate=compensate,
+        model_name, builtin_recipe_path(model_name) if builtin else None, recipe, layers=layers, layer_types=layer_types,
+        sparsity=sparsity, threshold=threshold, aggregate=aggregate, structured=structured, method=method, compensate=compensate,
     )
 
 

@@ -42,15 +42,18 @@ from ..calibration.calibrate import collect, select
 from ..calibration.masks import Masks
 from ..calibration.recipe import Recipe
 from ..calibration.stats import Statistics
-from ..data.batches import Batch, as_positional, describe_batch, first_samples, run_batch, total_samples, unpadded
-from ..data.streams import reiterable, shape_examples
+from ..data.batches import Batch, as_positional, describe_batch, first_samples, reiterable, run_batch, total_samples, unpadded
+from ..data.iospec import IOSpec
+from ..data.readers import load_data
+from ..data.streams import shape_examples
+from ..data.workload import Workload
 from ..models import zoo
-from ..models.loading import LoadedModel, ModelOptions, load_data, load_model, load_text_data
-from ..onnx.export import IOSpec, export_onnx, layer_metadata
-from ..onnx.metrics import sparsification_cost
+from ..models.loading import LoadedModel, ModelOptions, load_model, load_text_data
+from ..onnx.export import export_onnx, layer_metadata
 from ..onnx.validate import validate
+from .cost import sparsification_cost
 from .report import Calibration, Report, named_input_shape
-from .workload import Workload, load_workload, squash_workload
+from .workload import load_workload, squash_workload
 
 __all__ = [
     "Source",
@@ -236,8 +239,6 @@ def calibrate_to_file(
     if on_stage is not None:
         on_stage("calibrating", total_samples(batches) if group is None else None)  # distributed: this rank's share, count unknown
     if max_cost is not None:
-        from .budget import budget_to_file
-
         return budget_to_file(loaded, recipe, batches, max_cost, output, batch_size=batch_size, on_batch=on_batch, start=start)
     batches = unpadded(batches)
     stats = collect(loaded.module, recipe, batches,
@@ -349,7 +350,7 @@ def select_to_file(
     if recipe is None and stats.recipe is None:
         raise RecipeError(f"{stats_path} records no recipe: give one")
     base = recipe if recipe is not None else stats.recipe
-    chosen = resolve_recipe(stats.model or "model", False, base, sparsity=sparsity)
+    chosen = resolve_recipe(stats.model or "model", None, base, sparsity=sparsity)
     module = None
     needs_model = any(config.method is not None for config in stats.resolve(chosen).values())
     if needs_model or model is not None or weights is not None:
@@ -564,3 +565,28 @@ def onnx_report(target: str | Path, given: bool = False) -> Report:
     })
     return Report(tool_version=meta.get(f"{METADATA_PREFIX}version"), squash_mode=meta.get(f"{METADATA_PREFIX}squash_mode"),
                   layers=layers, export=export, files=files)
+
+
+def budget_to_file(
+    loaded: LoadedModel, recipe: Recipe, batches: Iterable[Batch], max_cost: str, output: Any, *,
+    batch_size: int = 32, on_batch: Callable[[int], None] | None = None, start: float | None = None,
+) -> Report:
+    """``calibrate --max-cost``: search, write the masks to ``output``, and report
+    the levels with the tuning cost and, for a built-in model, the held-out cost."""
+    from ..bake.squash import squash
+    from .budget import calibrate_to_budget, heldout_budget
+
+    start = time.perf_counter() if start is None else start
+    result = calibrate_to_budget(loaded.module, recipe, batches, max_cost, model_name=loaded.name, on_batch=on_batch)
+    work = None
+    if loaded.builtin:
+        entry = zoo.get_builtin(loaded.name)
+        labels = entry.labels() if entry.labels is not None else None
+        work = Workload(loaded.name, loaded.module, entry, heldout=zoo.heldout_batches(loaded.name, batch_size), labels=labels)
+    sparse = squash(loaded.module, result.masks, "mul").model
+    result = heldout_budget(result, work, sparse)
+    result.masks.save(output)
+    seconds = round(time.perf_counter() - start, 3)
+    report = masks_report(result.masks, files={str(output): _size(Path(output))}, seconds={"calibrate": seconds, "total": seconds},
+                          notes=loaded.notes)
+    return report.replace(extra={**report.extra, "budget": result.to_json()})

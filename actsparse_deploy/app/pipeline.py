@@ -38,14 +38,17 @@ from ..calibration.calibrate import collect, select
 from ..calibration.masks import Masks
 from ..calibration.recipe import Recipe
 from ..data.batches import first_samples, total_samples, unpadded
+from ..data.iospec import check_dynamic_axes
+from ..data.readers import check_distinct_data
 from ..data.streams import shape_examples
-from ..models.loading import ModelOptions, check_distinct_data
-from ..onnx.export import ExportResult, check_dynamic_axes, check_opset, export_onnx, layer_metadata
+from ..data.workload import Workload
+from ..models.loading import ModelOptions
+from ..onnx.export import ExportResult, check_opset, export_onnx, layer_metadata
 from ..onnx.latency import dense_latency, slower_note, verdict
-from ..onnx.metrics import sparsification_cost
 from ..onnx.validate import validate
+from .cost import sparsification_cost
 from .report import Calibration, Cost, Export, Latency, Report, Validation, named_input_shape
-from .workload import Workload, load_recipe, load_workload, squash_workload
+from .workload import load_recipe, load_workload, squash_workload
 
 __all__ = ["STAGES", "ConvertOptions", "Timer", "build_report", "convert"]
 
@@ -135,7 +138,7 @@ class ConvertOptions:
 
     def __post_init__(self) -> None:
         self.model_options()  # checks the task, the factory arguments and the length
-        from ..onnx.export import parse_dynamic_axis
+        from ..data.iospec import parse_dynamic_axis
 
         for axis in self.dynamic_axes:
             parse_dynamic_axis(axis)

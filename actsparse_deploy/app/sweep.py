@@ -171,11 +171,10 @@ def sweep(
 def _measure(work: Any, recipes: dict[str, Recipe], compensate: str | None, scratch: Path, levels: Sequence[float],
              runs: int, on_step: Callable[[str], None] | None) -> dict[str, Any]:
     """The rows of every level x method: ONNX exports in ``scratch``; what ``sweep.json`` holds."""
-    from ..calibration.calibrate import collect
+    from ..calibration.calibrate import collect, select
     from ..onnx.export import export_onnx
     from ..onnx.latency import latency_ratio
-    from ..onnx.metrics import sparsification_cost
-    from .budget import _select
+    from .cost import sparsification_cost
     from .workload import squash_workload
 
     held = work.require_heldout()
@@ -190,7 +189,7 @@ def _measure(work: Any, recipes: dict[str, Recipe], compensate: str | None, scra
         for level in levels:
             if on_step is not None:
                 on_step(f"{method} at {level:.0%}")
-            masks = _select(stats, the_recipe.with_sparsity(level), work.model)
+            masks = select(stats, the_recipe.with_sparsity(level), model=work.model)
             squashed = squash_workload(work, masks, "auto")
             path = scratch / f"{index}-{len(rows)}.onnx"
             export_onnx(squashed.model, work.example(), path, io_spec=work.io)

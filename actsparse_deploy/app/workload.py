@@ -16,78 +16,23 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
 from ..base.errors import DataError
-from ..data.batches import Batch, resize_batches, total_samples
+from ..data.batches import Batch, Stream, reiterable, total_samples
 from ..data.batches import batch_size as batch_size_of
-from ..data.streams import Stream, reiterable
+from ..data.readers import check_distinct_data, load_data, load_labels
+from ..data.workload import EXAMPLE_BATCH_SIZE, Workload
 from ..models import zoo
-from ..models.loading import ModelOptions, check_distinct_data, load_data, load_labels, load_model, load_text_data
+from ..models.loading import ModelOptions, load_model, load_text_data
 
 if TYPE_CHECKING:
     from ..bake.squash import SquashResult
     from ..calibration.masks import Masks
     from ..calibration.recipe import Recipe
-    from ..onnx.export import IOSpec
 
 __all__ = ["EXAMPLE_BATCH_SIZE", "Workload", "load_recipe", "load_workload", "squash_workload"]
-
-#: samples in the example batch that export and ``.pt2`` capture trace with
-EXAMPLE_BATCH_SIZE = 2
-
-
-@dataclass
-class Workload:
-    """A dense model and the data around it."""
-
-    name: str
-    model: nn.Module
-    builtin: zoo.BuiltinModel | None = None
-    calibration: list[Batch] | Iterable[Batch] | None = None
-    #: a list, or a re-iterable stream (actsparse_deploy.data.streams.Stream) read again on each use
-    heldout: list[Batch] | Iterable[Batch] | None = None
-    labels: torch.Tensor | None = None
-    io: IOSpec | None = None
-    #: a Hugging Face model's task (``causal-lm``, ...; see actsparse_deploy.models.hf.TASKS), None for others
-    task: str | None = None
-    #: what the user is told about how the model was loaded (a Hugging Face model's task inferred)
-    notes: list[str] = field(default_factory=list)
-
-    def require_calibration(self) -> Iterable[Batch]:
-        if self.calibration is None:
-            if self.task is not None:
-                raise DataError(f"{self.name!r} has no built-in data: pass `text`, a text file its tokenizer reads "
-                                "(or `data`, a file of token ids)")
-            raise DataError(f"{self.name!r} has no built-in data: pass `data`, a file of calibration inputs")
-        return self.calibration
-
-    def require_heldout(self) -> list[Batch] | Iterable[Batch]:
-        if self.heldout is None:
-            if self.task is not None:
-                raise DataError(f"{self.name!r} has no built-in held-out data: pass `heldout_text`, a text file its tokenizer "
-                                "reads (or `heldout`, a file of token ids), never the calibration text")
-            raise DataError(
-                f"{self.name!r} has no built-in held-out data: pass `heldout`, a file of held-out inputs (never the calibration data)"
-            )
-        return self.heldout
-
-    def example(self) -> Batch:
-        """A small batch for export tracing (from the held-out data, else calibration)."""
-        source = self.heldout if self.heldout is not None else self.calibration
-        if source is None:
-            given = "`heldout_text` (a text file its tokenizer reads)" if self.task is not None else "`data` or `heldout`"
-            raise DataError(f"{self.name!r} needs {given} to give the exporter an example input")
-        batches = source if reiterable(source) else list(source)  # a stream: only its first batch is read
-        pieces = resize_batches(batches, EXAMPLE_BATCH_SIZE, EXAMPLE_BATCH_SIZE)
-        if not pieces:
-            raise DataError(f"no batch of {self.name!r}'s data has {EXAMPLE_BATCH_SIZE} samples for the export example")
-        return pieces[0]
 
 
 def squash_workload(work: Workload, masks: Masks, mode: str) -> SquashResult:
@@ -116,7 +61,10 @@ def load_recipe(
         from ..models.hf import default_recipe
 
         recipe = default_recipe(work.model)
-    return resolve_recipe(work.name, work.builtin is not None, recipe, sparsity=sparsity, method=method, compensate=compensate)
+    from ..models.zoo import builtin_recipe_path
+
+    own = builtin_recipe_path(work.name) if work.builtin is not None else None
+    return resolve_recipe(work.name, own, recipe, sparsity=sparsity, method=method, compensate=compensate)
 
 
 def _first(batches: list[Batch] | Iterable[Batch] | None) -> Batch | None:

@@ -41,10 +41,10 @@ import torch
 from torch import fx, nn
 
 from ..base.errors import DataError, MaskError, SquashError, first_line
-from ..calibration.calibrate import eval_mode
+from ..base.quiet import quiet
 from ..data.batches import Batch, call_args, describe_batch
 from ..nn.layers import LayerKind, compute_ops, layer_kind, why_unregistered
-from ..onnx.export import quiet
+from ..nn.modules import eval_mode
 
 __all__ = ["RULES", "Chain", "Dataflow", "Rule", "capture", "example_args"]
 

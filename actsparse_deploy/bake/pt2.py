@@ -39,10 +39,10 @@ from ..base.errors import ExportError, first_line
 from ..base.files import atomic_output, check_output_path
 from ..base.version import __version__
 from ..data.batches import as_positional, flatten_outputs, is_named, positional, run_batch
-from ..onnx.export import IOSpec, PositionalAdapter
+from ..data.iospec import IOSpec, PositionalAdapter
 
 if TYPE_CHECKING:
-    from ..app.workload import Workload
+    from ..data.workload import Workload
     from .squash import SquashResult
 
 __all__ = ["PT2_META", "as_positional", "check_pt2", "load_pt2", "pt2_io", "save_pt2", "write_program"]

@@ -53,10 +53,11 @@ import torch
 from torch import nn
 
 from ..base.errors import DataError, MaskError, SquashError, first_line
-from ..calibration.calibrate import Batch, describe_batch, eval_mode, run_batch
+from ..calibration.calibrate import Batch, describe_batch, run_batch
 from ..calibration.masks import LayerMask, Masks
+from ..data.batches import flatten_outputs
 from ..nn.layers import Cut, LayerKind, WeightedKind, layer_kind, why_unregistered
-from ..onnx.export import flatten_outputs
+from ..nn.modules import eval_mode
 from .graph import Dataflow
 
 __all__ = ["MODES", "MaskedInput", "PrunedInput", "SquashResult", "squash", "squash_"]

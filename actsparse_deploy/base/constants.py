@@ -12,7 +12,12 @@ The stage modules import their constants from here (``squash.MODES``,
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 __all__ = [
+    "MODELS_DIR_ENV",
+    "models_dir",
     "BUILTIN_AGGREGATES",
     "COMPENSATIONS",
     "DEFAULT_AGGREGATE",
@@ -69,3 +74,14 @@ def hub_offline() -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+MODELS_DIR_ENV = "ACTSPARSE_MODELS_DIR"
+
+
+def models_dir() -> Path:
+    """Shipped weights and recipes dir: ``$ACTSPARSE_MODELS_DIR``, else the repo's ``models/``."""
+    override = os.environ.get(MODELS_DIR_ENV)
+    if override:
+        return Path(override).expanduser()
+    return Path(__file__).resolve().parents[2] / "models"

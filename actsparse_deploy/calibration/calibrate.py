@@ -35,58 +35,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..base.errors import ActsparseError, CalibrationError, ConfigError, DataError, RecipeError, WeightsError, first_line
+from ..base.errors import ActsparseError, ConfigError, DataError, RecipeError, first_line
 from ..data.batches import Batch, batch_size, describe_batch, model_device, run_batch, to_device
 from ..nn.layers import layer_kind
+from ..nn.modules import check_finite_weights, eval_mode
 from .compensate import compensate, effective_compensation
-from .functions import RunningStat
+from .functions import LayerStats, RunningStat
 from .masks import LayerMask, Masks, checked_layer_mask
-from .recipe import Recipe, ResolvedLayer
+from .recipe import Recipe, ResolvedLayer, uncalled_layers
 from .sparsifier import ActivationSparsifier
-from .stats import LayerStats, Statistics, model_fingerprint
+from .stats import Statistics, model_fingerprint
 
 __all__ = [
     "Batch",
     "batch_size",
     "calibrate",
-    "check_finite_weights",
     "collect",
     "describe_batch",
-    "eval_mode",
     "run_batch",
     "select",
 ]
-
-
-def check_finite_weights(model: nn.Module) -> None:
-    """Raise :class:`WeightsError` naming the first parameter that holds NaN or
-    Inf, or buffer that holds NaN (buffers may hold -inf on purpose: attention
-    masks). Calibration on such a model would blame the data for the NaN."""
-    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, t in named:
-            if not (t.is_floating_point() or t.is_complex()):
-                continue
-            bad = ~torch.isfinite(t) if kind == "parameter" else torch.isnan(t)
-            count = int(bad.sum())
-            if count:
-                what = "NaN or Inf" if kind == "parameter" else "NaN"
-                raise WeightsError(
-                    f"{kind} {name!r} of the model holds {what} ({count} of {t.numel()} values): "
-                    "the weights are corrupted; check the weights file or the training run that made it"
-                )
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """eval mode and no grad for the duration; the training flags restored after."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in modes.items():
-            module.train(training)
 
 
 @contextlib.contextmanager
@@ -220,33 +188,6 @@ def _drop_uncalled(sparsifier: ActivationSparsifier, skip: Callable[[list[str]],
             sparsifier.unregister_layer(name)
 
 
-def uncalled_layers(model: nn.Module, recipe: Recipe, unreached: Iterable[str]) -> dict[str, str]:
-    """The selected layers the forward pass never called (``unreached``: a
-    module whose parent reads its weight directly, as ``nn.MultiheadAttention``
-    does with ``out_proj``; ``actsparse inspect`` does not list them either),
-    each -> why it is left unmasked. A rule of ``recipe`` that selects only such
-    layers selects nothing the model runs: a :class:`CalibrationError`."""
-    missing = list(unreached)
-    modules = [(fqn, m) for fqn, m in model.named_modules() if fqn]
-    for i, rule in enumerate(recipe.layers):
-        hits = [fqn for fqn, m in modules if rule.matches(m, fqn)]
-        if hits and set(missing).issuperset(hits):
-            shown = ", ".join(hits[:8]) + (f", ... ({len(hits) - 8} more)" if len(hits) > 8 else "")
-            raise CalibrationError(
-                f"layers[{i}] ({rule.describe()}) selects only layers the forward pass never calls on the calibration data: "
-                f"{shown} ({_never_called(model, hits[0])}); select layers it calls (`actsparse inspect` lists them)"
-            )
-    return {name: f"never called by the forward pass on the calibration data ({_never_called(model, name)}): not masked"
-            for name in missing}
-
-
-def _never_called(model: nn.Module, name: str) -> str:
-    parent = name.rpartition(".")[0]
-    if not parent:
-        return "the model does not call it"
-    return f"its parent {parent} ({type(model.get_submodule(parent)).__name__}) may use its weight without calling it"
-
-
 def _run_forward_loop(model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> None:
     try:
         forward_loop(model)
@@ -275,7 +216,7 @@ def select(
     for name, config in stats.resolve(chosen).items():
         ls = _on_cpu(stats[name])  # statistics stay on the model's device until masks are selected
         if config.method is not None:
-            result[name] = _method_mask(name, ls, config, model)
+            result[name] = method_mask(name, ls, config, model)
             continue
         mask = ls.mask(name, config.reduce_fn, config.mask_fn, config.sparse_config)
         result[name] = checked_layer_mask(name, mask, config.features, config.feature_dim, (1, *ls.input_shape))
@@ -283,7 +224,7 @@ def select(
                  extra={"skipped": dict(stats.skipped)} if stats.skipped else {})
 
 
-def _method_mask(name: str, ls: LayerStats, config: ResolvedLayer, model: nn.Module | None) -> LayerMask:
+def method_mask(name: str, ls: LayerStats, config: ResolvedLayer, model: nn.Module | None) -> LayerMask:
     """Layer ``name``'s mask from its method, with the compensation's edits."""
     method = config.method
     assert method is not None

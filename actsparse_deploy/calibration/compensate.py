@@ -50,7 +50,7 @@ from .functions import STAT_DTYPE
 from .methods import DEFAULT_DAMPING, feature_moments, gram_matrix, weight_columns, weight_from_columns
 
 if TYPE_CHECKING:
-    from .stats import LayerStats
+    from .functions import LayerStats
 
 __all__ = ["COMPENSATIONS", "DEFAULT_DAMPING", "compensate", "effective_compensation"]
 

@@ -490,7 +490,7 @@ class Session:
         skipped: dict[str, str] = {}
         uncalled = [name for name in layer_names if name not in rows]
         if uncalled:  # called by no rank: what one process skips (every rank decides alike, from the same statuses)
-            from .calibrate import uncalled_layers
+            from .recipe import uncalled_layers
 
             skipped = uncalled_layers(module, info["recipe"], uncalled)
             fingerprint = model_fingerprint(module, [name for name in layer_names if name in rows])
@@ -513,8 +513,7 @@ class Session:
         layout; ``mine``: this rank's ``LayerStats``, None where it never called it)."""
         import torch.distributed as dist
 
-        from .functions import STAT_DTYPE, RunningStat
-        from .stats import LayerStats
+        from .functions import STAT_DTYPE, LayerStats, RunningStat
 
         rows = [s["layers"][name] for s in statuses if s["layers"] is not None and name in s["layers"]]
         parts = []

@@ -26,15 +26,20 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 import torch
 
-from ..base.errors import ConfigError, UnknownFunctionError
+from ..base.errors import CalibrationError, ConfigError, MaskError, UnknownFunctionError
+from .fields import MAX_DENSE_VALUES, feature_indices, is_int
 
 __all__ = [
     "AGGREGATE_FNS",
+    "MAX_COUNT",
+    "LayerStats",
+    "same_statistic",
+    "stat_tensor",
     "MASK_FNS",
     "REDUCE_FNS",
     "Aggregate",
@@ -408,7 +413,7 @@ def _check_level(sparsity_level: float) -> None:
         raise ConfigError(f"sparsity_level must be a number in [0, 1], got {sparsity_level!r}")
 
 
-def _zero_smallest(scores: torch.Tensor, sparsity_level: float) -> torch.Tensor:
+def zero_smallest(scores: torch.Tensor, sparsity_level: float) -> torch.Tensor:
     """A 0/1 tensor like ``scores`` with the ``sparsity_level`` fraction of the
     smallest scores zeroed (ties broken by position, deterministically)."""
     _check_level(sparsity_level)
@@ -432,7 +437,7 @@ def _threshold(data: torch.Tensor, threshold: float) -> torch.Tensor:
 @register_mask_fn("topk")
 def _topk(data: torch.Tensor, sparsity_level: float) -> torch.Tensor:
     """Zero the ``sparsity_level`` fraction of the smallest magnitudes."""
-    return _zero_smallest(data.abs(), sparsity_level)
+    return zero_smallest(data.abs(), sparsity_level)
 
 
 @register_mask_fn("block")
@@ -451,7 +456,7 @@ def _block(data: torch.Tensor, sparsity_level: float, sparse_block_shape: Any = 
         split += [n // b, b]
     blocks = padded.reshape(split)
     norms = torch.linalg.vector_norm(blocks, 2, dim=tuple(range(1, 2 * data.ndim, 2)))
-    keep = _zero_smallest(norms, sparsity_level)
+    keep = zero_smallest(norms, sparsity_level)
     for axis, b in enumerate(block):
         keep = keep.repeat_interleave(b, dim=axis)
     return keep[tuple(slice(0, n) for n in data.shape)].contiguous()
@@ -476,3 +481,154 @@ def _check_block_fits(block: tuple[int, ...], shape: tuple[int, ...]) -> None:
             f"sparse_block_shape {list(block)} is larger than the reduced "
             f"statistic of shape {list(shape)} it tiles: give blocks no larger than the data"
         )
+
+
+#: a count above this is not a count of samples: a corrupted file
+MAX_COUNT = 2**62
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One layer's statistic, as collected (see the module docstring)."""
+
+    stat: RunningStat | torch.Tensor | tuple[RunningStat | torch.Tensor, ...]
+    input_shape: tuple[int, ...]  # one sample's input, as first seen
+    input_dtype: torch.dtype = torch.float32
+    aggregate: str | dict[str, Any] | None = None  # the built-in's spec; None: a user aggregate
+    features: tuple[Any, ...] | None = None
+    feature_dim: int | None = None
+    num_samples: int = 0  # inputs along the first axis that reached the layer
+    num_batches: int = 0  # forward calls of the layer
+    layer_types: tuple[str, ...] = ()
+
+    @property
+    def parts(self) -> tuple[RunningStat | torch.Tensor, ...]:
+        """The statistic, one per selected feature (one part without features)."""
+        return self.stat if isinstance(self.stat, tuple) else (self.stat,)
+
+    @property
+    def combine(self) -> str | None:
+        """``"sum"`` or ``"max"`` for a built-in aggregate; ``None``: not mergeable."""
+        first = self.parts[0] if self.parts else None
+        return first.combine if isinstance(first, RunningStat) else None
+
+    @property
+    def count(self) -> int:
+        """Samples in the statistic: every position along the layer's sample
+        axes for a built-in aggregate; inputs along the first axis otherwise."""
+        first = self.parts[0] if self.parts else None
+        return first.count if isinstance(first, RunningStat) else self.num_samples
+
+    @property
+    def stat_shape(self) -> list[int] | list[list[int]]:
+        shapes = [list(stat_tensor(p).shape) for p in self.parts]
+        return shapes if self.features is not None else shapes[0]
+
+    @property
+    def data(self) -> Any:
+        """The statistic in the sparsifier's ``data_groups[name]["data"]`` form."""
+        return list(self.stat) if isinstance(self.stat, tuple) else self.stat
+
+    def check(self, name: str) -> None:
+        """Raise :class:`MaskError` naming layer ``name`` where the statistic is
+        malformed: parts that are not tensors (or of mixed kinds), counts that
+        are not integers, NaN / Inf, an input shape that is not positive
+        integers, malformed features or feature_dim."""
+        parts = self.parts
+        if not parts or not all(isinstance(p, (RunningStat, torch.Tensor)) for p in parts):
+            raise MaskError(f"statistic of layer {name!r} must be RunningStats or tensors, got {type(self.stat).__name__}")
+        if len({type(p) for p in parts}) != 1:
+            raise MaskError(f"statistic of layer {name!r} mixes RunningStats and tensors")
+        if (self.features is None) != (not isinstance(self.stat, tuple)):
+            raise MaskError(f"statistic of layer {name!r}: a per-feature statistic needs its features (and a plain one none)")
+        for p in parts:
+            if isinstance(p, RunningStat):
+                if p.combine not in ("sum", "max") or p.combine != self.combine:
+                    raise MaskError(f"statistic of layer {name!r} combines by {p.combine!r}, not 'sum' or 'max' throughout")
+                if not (is_int(p.count) and 1 <= p.count <= MAX_COUNT):
+                    raise MaskError(f"statistic of layer {name!r} has sample count {p.count!r}: a positive integer is needed")
+            t = stat_tensor(p)
+            if not isinstance(t, torch.Tensor):
+                raise MaskError(f"statistic of layer {name!r} holds a {type(t).__name__}, not a tensor")
+            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+                raise MaskError(f"statistic of layer {name!r} holds NaN or Inf: it is corrupted; collect again")
+        for key in ("num_samples", "num_batches"):
+            value = getattr(self, key)
+            if not (is_int(value) and 0 <= value <= MAX_COUNT):
+                raise MaskError(f"{key} of layer {name!r} must be a non-negative integer, got {value!r}")
+        shape = self.input_shape
+        if not (isinstance(shape, tuple) and all(is_int(n) and n >= 1 for n in shape)):
+            raise MaskError(f"input shape of layer {name!r} must be positive integers, got {shape!r}")
+        if math.prod(shape) > MAX_DENSE_VALUES:
+            raise MaskError(f"input shape {list(shape)} of layer {name!r} has more than {MAX_DENSE_VALUES} values: it is corrupted")
+        if not isinstance(self.input_dtype, torch.dtype):
+            raise MaskError(f"input dtype of layer {name!r} must be a torch.dtype, got {self.input_dtype!r}")
+        if self.features is None:
+            return
+        if not is_int(self.feature_dim):
+            raise MaskError(f"feature_dim of layer {name!r} must be an integer, got {self.feature_dim!r}")
+        n = len(shape) + 1
+        if not -n <= self.feature_dim < n or self.feature_dim % n == 0:
+            raise MaskError(f"feature_dim {self.feature_dim} of layer {name!r} must name a non-batch axis of an input of shape {list(shape)}")
+        if len(self.features) != len(parts):
+            raise MaskError(f"layer {name!r} has {len(parts)} feature statistics for {len(self.features)} features")
+        size = shape[self.feature_dim % n - 1]
+        for index in feature_indices(list(self.features), name):
+            if index >= size:
+                raise MaskError(f"feature {index} of layer {name!r} is out of range: its input has {size} along feature_dim")
+
+    def merge(self, other: LayerStats, name: str) -> LayerStats:
+        """Both statistics in one, as if collected over both batch sets: sums and
+        counts add, maxima take the max (in float64); the first's input shape."""
+        if self.combine is None or other.combine is None:
+            raise CalibrationError(
+                f"layer {name!r}: a statistic of a user aggregate function cannot be merged (there is no rule for how "
+                "its batches combine): collect with a built-in aggregate_fn"
+            )
+        for what, mine, theirs in (
+            ("aggregate", self.aggregate, other.aggregate),
+            ("combine", self.combine, other.combine),
+            ("features", self.features, other.features),
+            ("feature_dim", self.feature_dim, other.feature_dim),
+            ("statistic shape", self.stat_shape, other.stat_shape),
+        ):
+            if mine != theirs:
+                raise CalibrationError(
+                    f"layer {name!r}: statistics with {what} {mine!r} and {theirs!r} cannot be merged; "
+                    "collect both with the same recipe over inputs of the same per-sample shape"
+                )
+        merged = tuple(a.merge(b) for a, b in zip(self.parts, other.parts))  # type: ignore[union-attr, arg-type]
+        return replace(
+            self,
+            stat=merged if isinstance(self.stat, tuple) else merged[0],
+            num_samples=self.num_samples + other.num_samples,
+            num_batches=self.num_batches + other.num_batches,
+        )
+
+    def mask(self, name: str, reduce_fn: Callable[..., Any], mask_fn: Callable[..., Any], sparse_config: dict[str, Any]) -> Any:
+        """``mask_fn(reduce_fn(stat), **sparse_config)`` (per feature where
+        ``features`` is set), floating point masks in the input's dtype: what the
+        sparsifier's ``step()`` makes."""
+        try:
+            with torch.no_grad():
+                masks = [_as_dtype(mask_fn(reduce_fn(part), **sparse_config), self.input_dtype) for part in self.parts]
+        except ConfigError as e:  # a built-in's config that does not fit this layer's data
+            raise ConfigError(f"layer {name!r}: {e}") from e
+        return masks if self.features is not None else masks[0]
+
+
+def stat_tensor(part: RunningStat | torch.Tensor) -> torch.Tensor:
+    return part.value if isinstance(part, RunningStat) else part
+
+
+def same_statistic(a: LayerStats, b: LayerStats) -> bool:
+    """The same counts and the same values, part by part."""
+    if (a.num_samples, a.num_batches, a.count, len(a.parts)) != (b.num_samples, b.num_batches, b.count, len(b.parts)):
+        return False
+    return all(torch.equal(stat_tensor(p).cpu(), stat_tensor(q).cpu()) for p, q in zip(a.parts, b.parts))
+
+
+def _as_dtype(new: Any, dtype: torch.dtype) -> Any:
+    if isinstance(new, torch.Tensor) and new.is_floating_point() and dtype.is_floating_point:
+        return new.to(dtype)
+    return new

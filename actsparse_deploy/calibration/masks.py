@@ -25,91 +25,25 @@ from __future__ import annotations
 
 import json
 import math
-import unicodedata
-from collections.abc import Container, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 import torch
 
 from ..base.errors import CalibrationError, MaskError, RecipeError
 from ..base.serialize import SEP, check_format, load_safetensors, save_safetensors
 from ..base.version import __version__
+from .fields import MAX_DENSE_VALUES, feature_indices, is_int, layer_name_in_file, model_name_in_file, skipped_in_file
 from .recipe import Recipe
 
-__all__ = ["MAX_DENSE_VALUES", "MAX_NAME", "MAX_REASON", "LayerMask", "Masks", "checked_layer_mask", "layer_name_in_file",
-           "model_name_in_file", "skipped_in_file"]
+__all__ = ["LayerMask", "Masks", "checked_layer_mask"]
 
 FORMAT = "actsparse.masks"
 #: how a masks file stores a layer's new weight (see LayerMask.weight_layout)
 WEIGHT_LAYOUTS = ("out-in", "native")
 FORMAT_VERSION = 1
-#: The most values a dense per-feature mask may hold (4 GiB of float32): a masks
-#: file declaring a larger layer input is corrupted or hostile, and refused
-#: before anything of that size is made.
-MAX_DENSE_VALUES = 2**30
-#: the longest layer or model name a masks or statistics file may hold
-MAX_NAME = 4096
-#: the longest reason a file may give for a layer calibration skipped (it names the layer's parent and its class)
-MAX_REASON = 2 * MAX_NAME
-
-
-#: Unicode categories no name in a file may hold: control characters, line and
-#: paragraph separators, lone surrogates (any other character can name a module)
-_NOT_IN_NAMES = frozenset(("Cc", "Zl", "Zp", "Cs"))
-
-
-def plain_text(text: str) -> bool:
-    """True where ``text`` holds no control character, line or paragraph separator
-    or lone surrogate: what a name from a file must be to be shown on one line.
-
-    >>> plain_text("blocks.a\xa0b"), plain_text("a\x1b[31m"), plain_text("a\u2028b")
-    (True, False, False)
-    """
-    return not any(unicodedata.category(c) in _NOT_IN_NAMES for c in text)
-
-
-def layer_name_in_file(name: Any) -> str:
-    """A layer's name as a file gives it, refused (:class:`MaskError`) unless it
-    is what ``named_modules`` can give: non-empty parts joined by dots, plain text
-    (:func:`plain_text`), at most ``MAX_NAME`` characters."""
-    if not (isinstance(name, str) and 0 < len(name) <= MAX_NAME and plain_text(name) and all(name.split("."))):
-        raise MaskError(
-            f"layer {str(name)[:80]!r} is not a layer name (non-empty parts joined by dots, no control characters, "
-            f"at most {MAX_NAME} characters): the file is corrupted"
-        )
-    return name
-
-
-def skipped_in_file(skipped: Any, layers: Container[str] = ()) -> dict[str, str]:
-    """The selected layers a file says calibration left out, each -> why (a masks file's ``extra["skipped"]``, a
-    statistics file's ``skipped``), refused (:class:`MaskError`) unless a table of layer names
-    (:func:`layer_name_in_file`), none of ``layers`` (those the file holds), to plain text (no control characters) of at most
-    :data:`MAX_REASON` characters."""
-    if not isinstance(skipped, dict):
-        raise MaskError(f"skipped layers {str(skipped)[:80]} must be a table of layer names to reasons: the file is corrupted")
-    for name, why in skipped.items():
-        try:
-            layer_name_in_file(name)
-        except MaskError as e:
-            raise MaskError(f"skipped {e}") from e
-        if name in layers:
-            raise MaskError(f"layer {name!r} is listed both as skipped and with its own entry: the file is corrupted")
-        if not (isinstance(why, str) and 0 < len(why) <= MAX_REASON and plain_text(why)):
-            raise MaskError(f"skipped layer {name!r}: its reason {str(why)[:80]!r} is not plain text (no control characters) of at most "
-                            f"{MAX_REASON} characters: the file is corrupted")
-    return dict(skipped)
-
-
-def model_name_in_file(model: Any) -> str | None:
-    """The model a file names (None: none), refused (:class:`MaskError`) unless it
-    is plain text (:func:`plain_text`) of at most ``MAX_NAME`` characters. Only ever
-    shown or compared: a file's contents never choose a model to load."""
-    if model is not None and not (isinstance(model, str) and len(model) <= MAX_NAME and plain_text(model)):
-        raise MaskError(f"model {str(model)[:80]!r} is not a model's name (no control characters, at most {MAX_NAME} characters)")
-    return model
-
 
 
 def broadcast_shape(*shapes: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -177,15 +111,15 @@ class LayerMask:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise MaskError(f"mask of layer {name!r} holds NaN or Inf: the masks are corrupted; calibrate again")
         if self.input_shape is not None and not (
-            isinstance(self.input_shape, (tuple, list)) and all(_is_int(n) and n >= 1 for n in self.input_shape)
+            isinstance(self.input_shape, (tuple, list)) and all(is_int(n) and n >= 1 for n in self.input_shape)
         ):
             raise MaskError(f"input shape of layer {name!r} must be positive integers, got {self.input_shape!r}")
         self._check_edits(name)
         if self.features is None:
             return
-        if not _is_int(self.feature_dim):
+        if not is_int(self.feature_dim):
             raise MaskError(f"feature_dim of layer {name!r} must be an integer, got {self.feature_dim!r}")
-        indices = _feature_indices(self.features, name)
+        indices = feature_indices(self.features, name)
         if self.input_shape is None:
             if self.feature_dim == 0:
                 raise MaskError(f"feature_dim 0 of layer {name!r} is the batch axis: the masks are corrupted")
@@ -507,31 +441,6 @@ class Masks:
         return masks
 
 
-def _is_int(v: Any) -> TypeGuard[int]:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _feature_indices(features: Any, name: str) -> list[int]:
-    """The flat feature indices (a feature is an index or a list of them, as
-    upstream allows); refuse anything else, negatives and repeats."""
-    if not isinstance(features, (tuple, list)) or not features:
-        raise MaskError(f"features of layer {name!r} must be a non-empty list of feature indices, got {features!r}")
-    flat: list[int] = []
-    for feature in features:
-        group = list(feature) if isinstance(feature, (tuple, list)) else [feature]
-        if not group or not all(_is_int(i) for i in group):
-            raise MaskError(f"features of layer {name!r} must be integer indices (or lists of them), got {feature!r}")
-        flat += group
-    seen: set[int] = set()
-    for index in flat:
-        if index < 0:
-            raise MaskError(f"feature {index} of layer {name!r} is negative: features are indices from 0")
-        if index in seen:
-            raise MaskError(f"feature {index} of layer {name!r} is given twice")
-        seen.add(index)
-    return flat
-
-
 def _zeroes_everything(lm: LayerMask) -> bool:
     """Every value of the layer's input is multiplied by 0."""
     if not lm.tensors or any(bool((t != 0).any()) for t in lm.tensors):
@@ -541,7 +450,7 @@ def _zeroes_everything(lm: LayerMask) -> bool:
     if lm.input_shape is None or lm.feature_dim is None:
         return False
     size = lm.input_shape[lm.feature_dim % (len(lm.input_shape) + 1) - 1]
-    return set(_feature_indices(lm.features, "?")) == set(range(size))
+    return set(feature_indices(lm.features, "?")) == set(range(size))
 
 
 def checked_layer_mask(
@@ -590,7 +499,7 @@ def _layer_from_row(row: dict[str, Any], tensors: dict[str, torch.Tensor]) -> La
     name = row["layer"]
     features = row.get("features")
     if features is not None:
-        _feature_indices(features, name)  # before they name tensors
+        feature_indices(features, name)  # before they name tensors
     if features is None:
         mask: Any = tensors[name]
         shapes = [list(mask.shape)]

@@ -51,10 +51,10 @@ from torch import nn
 
 from ..base.errors import ConfigError, UnknownFunctionError
 from ..nn.layers import WeightedKind, layer_kind
-from .functions import STAT_DTYPE, RunningStat, _zero_smallest
+from .functions import STAT_DTYPE, RunningStat, zero_smallest
 
 if TYPE_CHECKING:
-    from .stats import LayerStats
+    from .functions import LayerStats
 
 __all__ = [
     "DEFAULT_DAMPING",
@@ -239,13 +239,13 @@ def _column_norms_sq(layer: nn.Module) -> torch.Tensor:
 @register_method("wanda", needs="moments")
 def _wanda(layer: nn.Module, stats: LayerStats, sparsity_level: float, **config: Any) -> torch.Tensor:
     _, square = feature_moments(stats)
-    return _zero_smallest(square.clamp_min(0).sqrt() * _column_norms_sq(layer).sqrt(), sparsity_level)
+    return zero_smallest(square.clamp_min(0).sqrt() * _column_norms_sq(layer).sqrt(), sparsity_level)
 
 
 @register_method("fluctuation", needs="moments")
 def _fluctuation(layer: nn.Module, stats: LayerStats, sparsity_level: float, **config: Any) -> torch.Tensor:
     mean, square = feature_moments(stats)
-    return _zero_smallest((square - mean * mean).clamp_min(0) * _column_norms_sq(layer), sparsity_level)
+    return zero_smallest((square - mean * mean).clamp_min(0) * _column_norms_sq(layer), sparsity_level)
 
 
 def damped_inverse(h: torch.Tensor, damping: float, what: str) -> torch.Tensor:

@@ -43,7 +43,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ from typing import Any
 import tomli_w
 from torch import nn
 
-from ..base.errors import ConfigError, RecipeError
+from ..base.errors import CalibrationError, ConfigError, RecipeError
 from .compensate import COMPENSATIONS, DEFAULT_DAMPING
 from .functions import AGGREGATE_FNS, MASK_FNS, REDUCE_FNS, BuiltinFn, Registry, check_mask_config
 from .methods import METHODS, Method
@@ -126,7 +126,7 @@ class LayerSettings:
         if data.get("features") is not None:
             kwargs["features"] = _features(data["features"], f"{where}.features")
         if data.get("feature_dim") is not None:
-            if not _is_int(data["feature_dim"]):
+            if not is_int(data["feature_dim"]):
                 raise RecipeError(f"{where}.feature_dim must be an integer, got {data['feature_dim']!r}")
             if data["feature_dim"] == 0:
                 raise RecipeError(
@@ -243,7 +243,7 @@ def _features(feats: Any, where: str) -> tuple[int, ...]:
         raise RecipeError(f"{where} must be a non-empty list of integer indices, got {_short(feats)}")
     seen: set[int] = set()
     for f in feats:
-        if not _is_int(f):
+        if not is_int(f):
             raise RecipeError(f"{where} must be a list of integer indices, got {f!r} in it")
         if f < 0:
             raise RecipeError(f"{where} must not be negative, got {f}: features are indices from 0 along feature_dim")
@@ -268,7 +268,7 @@ def _check_sparse_config(config: dict[str, Any]) -> None:
     block = config.get("sparse_block_shape")
     if block is not None:
         sizes = block if isinstance(block, (list, tuple)) else [block]
-        if not sizes or not all(_is_int(b) and b >= 1 for b in sizes):
+        if not sizes or not all(is_int(b) and b >= 1 for b in sizes):
             raise RecipeError(f"sparse_block_shape must be positive integers, got {_short(block)}")
 
 
@@ -276,7 +276,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -422,7 +422,7 @@ class Recipe:
     def from_dict(cls, data: Mapping[str, Any], source: str = "recipe") -> Recipe:
         _check_keys(data, {"version", "defaults", "layers"}, source)
         version = data.get("version", RECIPE_VERSION)
-        if not _is_int(version):
+        if not is_int(version):
             raise RecipeError(f"{source}: version must be an integer, got {version!r}")
         defaults = LayerSettings.from_dict(data.get("defaults", {}), f"{source}: defaults")
         raw_layers = data.get("layers", [])
@@ -523,7 +523,7 @@ def _preview(items: list[str], limit: int = 12) -> str:
 
 def resolve_recipe(
     model_name: str,
-    builtin: bool,
+    builtin: Recipe | str | Path | Mapping[str, Any] | None,
     recipe: Recipe | str | Path | Mapping[str, Any] | None = None,
     *,
     layers: list[str] | None = None,
@@ -539,14 +539,16 @@ def resolve_recipe(
     """The one recipe loader: ``recipe`` (a file, a mapping or a Recipe), else a
     one-rule recipe from ``layers`` / ``layer_types`` with ``sparsity`` or
     ``threshold`` (see :meth:`Recipe.simple`), else the built-in model's own
-    (``builtin``: ``model_name`` is a built-in). ``sparsity`` alone overrides the
+    (``builtin``: the built-in's recipe, handed down by the caller; None for any
+    other model). ``sparsity`` alone overrides the
     sparsity level of a file's or the built-in's recipe; ``method``,
     ``compensate`` and ``damping`` override those of every layer of any of them
     (:meth:`Recipe.with_method`).
 
-    >>> resolve_recipe("digits-mlp", True, sparsity=0.25).defaults.sparse_config
+    >>> own = Recipe.simple(layers=["fc1"], sparsity=0.5)
+    >>> resolve_recipe("digits-mlp", own, sparsity=0.25).defaults.sparse_config
     (('sparsity_level', 0.25),)
-    >>> len(resolve_recipe("mine:build", False, layers=["fc*"], sparsity=0.5).layers)
+    >>> len(resolve_recipe("mine:build", None, layers=["fc*"], sparsity=0.5).layers)
     1
     """
     if layers or layer_types:
@@ -559,13 +561,38 @@ def resolve_recipe(
     if threshold is not None or structured or aggregate is not None:
         raise RecipeError("`threshold`, `structured` and `aggregate` describe a recipe from `layers`: give `layers` too")
     if recipe is None:
-        if not builtin:
+        if builtin is None:
             raise RecipeError(
                 f"{model_name!r} has no built-in recipe: pass `recipe` (a recipe file), or `layers` with `sparsity`"
             )
-        from ..models import zoo
-
-        recipe = zoo.builtin_recipe_path(model_name)
+        recipe = builtin
     loaded = Recipe.coerce(recipe)
     loaded = loaded.with_sparsity(sparsity) if sparsity is not None else loaded
     return loaded.with_method(method, compensate, damping)
+
+
+def uncalled_layers(model: nn.Module, recipe: Recipe, unreached: Iterable[str]) -> dict[str, str]:
+    """The selected layers the forward pass never called (``unreached``: a
+    module whose parent reads its weight directly, as ``nn.MultiheadAttention``
+    does with ``out_proj``; ``actsparse inspect`` does not list them either),
+    each -> why it is left unmasked. A rule of ``recipe`` that selects only such
+    layers selects nothing the model runs: a :class:`CalibrationError`."""
+    missing = list(unreached)
+    modules = [(fqn, m) for fqn, m in model.named_modules() if fqn]
+    for i, rule in enumerate(recipe.layers):
+        hits = [fqn for fqn, m in modules if rule.matches(m, fqn)]
+        if hits and set(missing).issuperset(hits):
+            shown = ", ".join(hits[:8]) + (f", ... ({len(hits) - 8} more)" if len(hits) > 8 else "")
+            raise CalibrationError(
+                f"layers[{i}] ({rule.describe()}) selects only layers the forward pass never calls on the calibration data: "
+                f"{shown} ({_never_called(model, hits[0])}); select layers it calls (`actsparse inspect` lists them)"
+            )
+    return {name: f"never called by the forward pass on the calibration data ({_never_called(model, name)}): not masked"
+            for name in missing}
+
+
+def _never_called(model: nn.Module, name: str) -> str:
+    parent = name.rpartition(".")[0]
+    if not parent:
+        return "the model does not call it"
+    return f"its parent {parent} ({type(model.get_submodule(parent)).__name__}) may use its weight without calling it"

@@ -46,9 +46,9 @@ from torch import nn
 
 from ..base.errors import CalibrationError, ConfigError, DataError, LayerNotFoundError, MaskError, NoAggregateError
 from ..nn.layers import default_sample_ndim, layer_kind
-from .functions import AGGREGATE_FNS, MASK_FNS, REDUCE_FNS, Aggregate, BuiltinFn, check_mask_config
+from .functions import AGGREGATE_FNS, MASK_FNS, REDUCE_FNS, Aggregate, BuiltinFn, LayerStats, check_mask_config
 from .sparsifier_state import load_state, save_state
-from .stats import LayerStats, type_names
+from .stats import type_names
 
 __all__ = ["ActivationSparsifier", "module_to_fqn", "sample_ndim"]
 

@@ -35,8 +35,8 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +46,11 @@ from torch import nn
 from ..base.errors import CalibrationError, ConfigError, MaskError, RecipeError, first_line
 from ..base.serialize import SEP, read_container, write_container
 from ..base.version import __version__
-from .functions import AGGREGATE_FNS, STAT_DTYPE, Aggregate, RunningStat
-from .masks import MAX_DENSE_VALUES, _feature_indices, _is_int, layer_name_in_file, model_name_in_file, skipped_in_file
+from .fields import MAX_DENSE_VALUES, feature_indices, is_int, layer_name_in_file, model_name_in_file, skipped_in_file
+from .functions import AGGREGATE_FNS, MAX_COUNT, STAT_DTYPE, Aggregate, LayerStats, RunningStat, same_statistic, stat_tensor
 from .recipe import LayerSettings, Recipe, ResolvedLayer
 
-__all__ = ["LayerStats", "Statistics", "dtype_named", "model_fingerprint", "new_run_id", "type_names"]
+__all__ = ["Statistics", "dtype_named", "model_fingerprint", "new_run_id", "type_names"]
 
 FORMAT = "actsparse.statistics"
 FORMAT_VERSION = 1
@@ -59,8 +59,6 @@ _DTYPES = {
     str(dt).removeprefix("torch."): dt
     for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
 }
-#: a count above this is not a count of samples: a corrupted file
-_MAX_COUNT = 2**62
 #: the most calibration runs one statistics file may merge
 _MAX_RUNS = 100_000
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -83,7 +81,7 @@ def type_names(layer: nn.Module) -> tuple[str, ...]:
     return tuple(f"{c.__module__}.{c.__qualname__}" for c in type(layer).__mro__)
 
 
-def _matches_type(wanted: tuple[str, ...], types: tuple[str, ...]) -> bool:
+def matches_type(wanted: tuple[str, ...], types: tuple[str, ...]) -> bool:
     names = set(types) | {t.rsplit(".", 1)[-1] for t in types}
     return any(t in names for t in wanted)
 
@@ -109,153 +107,6 @@ def model_fingerprint(model: nn.Module, layers: Iterable[str]) -> str:
             digest.update(f"w {layer}.{name}\n".encode())
             digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
-
-
-@dataclass(frozen=True)
-class LayerStats:
-    """One layer's statistic, as collected (see the module docstring)."""
-
-    stat: RunningStat | torch.Tensor | tuple[RunningStat | torch.Tensor, ...]
-    input_shape: tuple[int, ...]  # one sample's input, as first seen
-    input_dtype: torch.dtype = torch.float32
-    aggregate: str | dict[str, Any] | None = None  # the built-in's spec; None: a user aggregate
-    features: tuple[Any, ...] | None = None
-    feature_dim: int | None = None
-    num_samples: int = 0  # inputs along the first axis that reached the layer
-    num_batches: int = 0  # forward calls of the layer
-    layer_types: tuple[str, ...] = ()
-
-    @property
-    def parts(self) -> tuple[RunningStat | torch.Tensor, ...]:
-        """The statistic, one per selected feature (one part without features)."""
-        return self.stat if isinstance(self.stat, tuple) else (self.stat,)
-
-    @property
-    def combine(self) -> str | None:
-        """``"sum"`` or ``"max"`` for a built-in aggregate; ``None``: not mergeable."""
-        first = self.parts[0] if self.parts else None
-        return first.combine if isinstance(first, RunningStat) else None
-
-    @property
-    def count(self) -> int:
-        """Samples in the statistic: every position along the layer's sample
-        axes for a built-in aggregate; inputs along the first axis otherwise."""
-        first = self.parts[0] if self.parts else None
-        return first.count if isinstance(first, RunningStat) else self.num_samples
-
-    @property
-    def stat_shape(self) -> list[int] | list[list[int]]:
-        shapes = [list(_tensor(p).shape) for p in self.parts]
-        return shapes if self.features is not None else shapes[0]
-
-    @property
-    def data(self) -> Any:
-        """The statistic in the sparsifier's ``data_groups[name]["data"]`` form."""
-        return list(self.stat) if isinstance(self.stat, tuple) else self.stat
-
-    def check(self, name: str) -> None:
-        """Raise :class:`MaskError` naming layer ``name`` where the statistic is
-        malformed: parts that are not tensors (or of mixed kinds), counts that
-        are not integers, NaN / Inf, an input shape that is not positive
-        integers, malformed features or feature_dim."""
-        parts = self.parts
-        if not parts or not all(isinstance(p, (RunningStat, torch.Tensor)) for p in parts):
-            raise MaskError(f"statistic of layer {name!r} must be RunningStats or tensors, got {type(self.stat).__name__}")
-        if len({type(p) for p in parts}) != 1:
-            raise MaskError(f"statistic of layer {name!r} mixes RunningStats and tensors")
-        if (self.features is None) != (not isinstance(self.stat, tuple)):
-            raise MaskError(f"statistic of layer {name!r}: a per-feature statistic needs its features (and a plain one none)")
-        for p in parts:
-            if isinstance(p, RunningStat):
-                if p.combine not in ("sum", "max") or p.combine != self.combine:
-                    raise MaskError(f"statistic of layer {name!r} combines by {p.combine!r}, not 'sum' or 'max' throughout")
-                if not (_is_int(p.count) and 1 <= p.count <= _MAX_COUNT):
-                    raise MaskError(f"statistic of layer {name!r} has sample count {p.count!r}: a positive integer is needed")
-            t = _tensor(p)
-            if not isinstance(t, torch.Tensor):
-                raise MaskError(f"statistic of layer {name!r} holds a {type(t).__name__}, not a tensor")
-            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
-                raise MaskError(f"statistic of layer {name!r} holds NaN or Inf: it is corrupted; collect again")
-        for key in ("num_samples", "num_batches"):
-            value = getattr(self, key)
-            if not (_is_int(value) and 0 <= value <= _MAX_COUNT):
-                raise MaskError(f"{key} of layer {name!r} must be a non-negative integer, got {value!r}")
-        shape = self.input_shape
-        if not (isinstance(shape, tuple) and all(_is_int(n) and n >= 1 for n in shape)):
-            raise MaskError(f"input shape of layer {name!r} must be positive integers, got {shape!r}")
-        if math.prod(shape) > MAX_DENSE_VALUES:
-            raise MaskError(f"input shape {list(shape)} of layer {name!r} has more than {MAX_DENSE_VALUES} values: it is corrupted")
-        if not isinstance(self.input_dtype, torch.dtype):
-            raise MaskError(f"input dtype of layer {name!r} must be a torch.dtype, got {self.input_dtype!r}")
-        if self.features is None:
-            return
-        if not _is_int(self.feature_dim):
-            raise MaskError(f"feature_dim of layer {name!r} must be an integer, got {self.feature_dim!r}")
-        n = len(shape) + 1
-        if not -n <= self.feature_dim < n or self.feature_dim % n == 0:
-            raise MaskError(f"feature_dim {self.feature_dim} of layer {name!r} must name a non-batch axis of an input of shape {list(shape)}")
-        if len(self.features) != len(parts):
-            raise MaskError(f"layer {name!r} has {len(parts)} feature statistics for {len(self.features)} features")
-        size = shape[self.feature_dim % n - 1]
-        for index in _feature_indices(list(self.features), name):
-            if index >= size:
-                raise MaskError(f"feature {index} of layer {name!r} is out of range: its input has {size} along feature_dim")
-
-    def merge(self, other: LayerStats, name: str) -> LayerStats:
-        """Both statistics in one, as if collected over both batch sets: sums and
-        counts add, maxima take the max (in float64); the first's input shape."""
-        if self.combine is None or other.combine is None:
-            raise CalibrationError(
-                f"layer {name!r}: a statistic of a user aggregate function cannot be merged (there is no rule for how "
-                "its batches combine): collect with a built-in aggregate_fn"
-            )
-        for what, mine, theirs in (
-            ("aggregate", self.aggregate, other.aggregate),
-            ("combine", self.combine, other.combine),
-            ("features", self.features, other.features),
-            ("feature_dim", self.feature_dim, other.feature_dim),
-            ("statistic shape", self.stat_shape, other.stat_shape),
-        ):
-            if mine != theirs:
-                raise CalibrationError(
-                    f"layer {name!r}: statistics with {what} {mine!r} and {theirs!r} cannot be merged; "
-                    "collect both with the same recipe over inputs of the same per-sample shape"
-                )
-        merged = tuple(a.merge(b) for a, b in zip(self.parts, other.parts))  # type: ignore[union-attr, arg-type]
-        return replace(
-            self,
-            stat=merged if isinstance(self.stat, tuple) else merged[0],
-            num_samples=self.num_samples + other.num_samples,
-            num_batches=self.num_batches + other.num_batches,
-        )
-
-    def mask(self, name: str, reduce_fn: Callable[..., Any], mask_fn: Callable[..., Any], sparse_config: dict[str, Any]) -> Any:
-        """``mask_fn(reduce_fn(stat), **sparse_config)`` (per feature where
-        ``features`` is set), floating point masks in the input's dtype: what the
-        sparsifier's ``step()`` makes."""
-        try:
-            with torch.no_grad():
-                masks = [_as_dtype(mask_fn(reduce_fn(part), **sparse_config), self.input_dtype) for part in self.parts]
-        except ConfigError as e:  # a built-in's config that does not fit this layer's data
-            raise ConfigError(f"layer {name!r}: {e}") from e
-        return masks if self.features is not None else masks[0]
-
-
-def _tensor(part: RunningStat | torch.Tensor) -> torch.Tensor:
-    return part.value if isinstance(part, RunningStat) else part
-
-
-def _same_statistic(a: LayerStats, b: LayerStats) -> bool:
-    """The same counts and the same values, part by part."""
-    if (a.num_samples, a.num_batches, a.count, len(a.parts)) != (b.num_samples, b.num_batches, b.count, len(b.parts)):
-        return False
-    return all(torch.equal(_tensor(p).cpu(), _tensor(q).cpu()) for p, q in zip(a.parts, b.parts))
-
-
-def _as_dtype(new: Any, dtype: torch.dtype) -> Any:
-    if isinstance(new, torch.Tensor) and new.is_floating_point() and dtype.is_floating_point:
-        return new.to(dtype)
-    return new
 
 
 @dataclass
@@ -284,7 +135,7 @@ class Statistics:
             ls.check(name)
         for key in ("num_samples", "num_batches"):
             value = getattr(self, key)
-            if not (_is_int(value) and 0 <= value <= _MAX_COUNT):
+            if not (is_int(value) and 0 <= value <= MAX_COUNT):
                 raise MaskError(f"{key} must be a non-negative integer, got {value!r}")
         runs = self.runs
         if not (isinstance(runs, tuple) and 1 <= len(runs) <= _MAX_RUNS and len(set(runs)) == len(runs)
@@ -355,7 +206,7 @@ class Statistics:
                 f"{f' and {len(shared) - 1} more' if len(shared) > 1 else ''}): merged, its samples would count twice; "
                 "give each part once"
             )
-        if self.layers and all(_same_statistic(ls, other.layers[name]) for name, ls in self.layers.items()):
+        if self.layers and all(same_statistic(ls, other.layers[name]) for name, ls in self.layers.items()):
             raise CalibrationError(
                 "both hold identical statistics (every layer's values and counts): the same data collected twice "
                 "would count twice; merge statistics of different data"
@@ -368,7 +219,7 @@ class Statistics:
         for name, ls in self.layers.items():
             digest.update(f"{name} {ls.num_samples} {ls.num_batches} {ls.count}\n".encode())
             for part in ls.parts:
-                digest.update(_tensor(part).detach().to("cpu").contiguous().numpy().tobytes())
+                digest.update(stat_tensor(part).detach().to("cpu").contiguous().numpy().tobytes())
         return digest.hexdigest()
 
     # --- selection ---------------------------------------------------------------
@@ -385,7 +236,7 @@ class Statistics:
                 name
                 for name, ls in self.layers.items()
                 if (not rule.name or any(fnmatch.fnmatchcase(name, p) for p in rule.name))
-                and (not rule.type or _matches_type(rule.type, ls.layer_types))
+                and (not rule.type or matches_type(rule.type, ls.layer_types))
             ]
             if not hits:
                 raise RecipeError(
@@ -428,7 +279,7 @@ class Statistics:
                     "name): collect with a built-in aggregate_fn"
                 )
             for i, part in enumerate(ls.parts):
-                tensors[f"{name}{SEP}{i}" if ls.features is not None else name] = _tensor(part).to("cpu", STAT_DTYPE)
+                tensors[f"{name}{SEP}{i}" if ls.features is not None else name] = stat_tensor(part).to("cpu", STAT_DTYPE)
             rows.append(
                 {
                     "layer": name,
@@ -547,7 +398,7 @@ def _count_field(raw: Any, what: str) -> int:
 
 
 def _int_list(value: Any, what: str, name: str, minimum: int) -> tuple[int, ...]:
-    if not isinstance(value, list) or len(value) > 64 or not all(_is_int(n) and n >= minimum for n in value):
+    if not isinstance(value, list) or len(value) > 64 or not all(is_int(n) and n >= minimum for n in value):
         raise MaskError(f"{what} of layer {name!r} must be a list of integers >= {minimum}, got {str(value)[:80]}")
     return tuple(value)
 
@@ -568,14 +419,14 @@ def _layer_from_row(name: str, row: dict[str, Any], tensors: dict[str, torch.Ten
     if not isinstance(agg, Aggregate) or agg.combine != row["combine"]:
         raise MaskError(f"layer {name!r}: aggregate {row['aggregate']!r} does not combine by {row['combine']!r}")
     count = row["count"]
-    if not (_is_int(count) and 1 <= count <= _MAX_COUNT):
+    if not (is_int(count) and 1 <= count <= MAX_COUNT):
         raise MaskError(f"layer {name!r}: sample count {count!r} is not a positive integer")
     dtype = dtype_named(row["input_dtype"])
     if dtype is None:
         raise MaskError(f"layer {name!r}: input dtype {str(row['input_dtype'])[:40]!r} is not one of {', '.join(_DTYPES)}")
     features = row.get("features")
     if features is not None:
-        _feature_indices(features, name)  # before they name tensors
+        feature_indices(features, name)  # before they name tensors
     keys = [f"{name}{SEP}{i}" for i in range(len(features))] if features is not None else [name]
     declared = row["stat_shape"] if features is not None else [row["stat_shape"]]
     if not isinstance(declared, list) or len(declared) != len(keys):

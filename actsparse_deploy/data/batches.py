@@ -21,7 +21,9 @@ are flattened here too.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import abc
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeAlias, Union, overload
 
 import numpy as np
@@ -30,6 +32,9 @@ import torch
 from ..base.errors import DataError, ExportError
 
 __all__ = [
+    "Generated",
+    "Stream",
+    "reiterable",
     "Batch",
     "as_positional",
     "batch_size",
@@ -122,7 +127,7 @@ def total_samples(batches: Iterable[Batch] | None) -> int | None:
 
 
 def _is_stream(batches: Any) -> bool:
-    from .streams import Stream
+    from .batches import Stream
 
     return isinstance(batches, Stream)
 
@@ -173,12 +178,12 @@ def unpadded(batches: Iterable[Batch], size: int = 32) -> Iterable[Batch]:
     up), as it is. The statistics then see only real tokens (padding is
     about 40 % of MiniLM's padded calibration batches: wasted work, and vectors
     that bias the statistics, the Gram matrix the refit fits to included), and
-    the cost is measured faster. A :class:`~actsparse_deploy.data.streams.Stream` is
+    the cost is measured faster. A :class:`Stream` is
     regrouped the same way a window of :data:`UNPAD_WINDOW` samples at a time
     (lazily, on each iteration: never held whole), except one known to hold
     tensors or tuples (its ``form``), which is returned as it is."""
     if _is_stream(batches):
-        from .streams import Generated
+        from .batches import Generated
 
         stream: Any = batches
         if stream.form in ("tensor", "tuple"):  # nothing to unpad: the stream stays one (a rank then reads its rows only)
@@ -356,3 +361,56 @@ def flatten_outputs(out: Any) -> tuple[torch.Tensor, ...]:
         return tuple(flat)
     raise ExportError(f"model output of type {type(out).__name__} is not a tensor, tuple or dict of tensors")
 
+
+class Stream(abc.ABC):
+    """Batches read afresh on each iteration. ``samples``: how many samples (None
+    where counting would mean reading the data). A source is a subclass that
+    says how to read it from the start (``__iter__``)."""
+
+    samples: int | None = None
+    #: what each batch is, where known without reading: "tensor", "tuple" or "dict" (None: unknown)
+    form: str | None = None
+
+    @abc.abstractmethod
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def __getitem__(self, index: int | slice) -> Any:
+        """Batch ``index`` (or a list of them), read from the start: non-negative indices only."""
+        if isinstance(index, slice):
+            if any(v is not None and v < 0 for v in (index.start, index.stop, index.step)):
+                raise IndexError("a stream is indexed from its start: no negative indices")
+            return list(itertools.islice(self, index.start, index.stop, index.step))
+        if index < 0:
+            raise IndexError("a stream is indexed from its start: no negative indices")
+        for batch in itertools.islice(self, index, None):
+            return batch
+        raise IndexError(f"batch {index} is past the end of the stream")
+
+    def head(self, count: int) -> Stream:
+        """The first ``count`` samples (a batch across the cut is sliced; the rest is never read)."""
+        samples = None if self.samples is None else min(count, self.samples)
+        return Generated(lambda: head_samples(self, count), samples)
+
+    def map(self, fn: Callable[[Batch], Batch]) -> Stream:
+        """Each batch through ``fn`` (the same number of samples)."""
+        return Generated(lambda: (fn(b) for b in self), self.samples)
+
+    def shape_examples(self) -> Iterable[Batch]:
+        """Batches that show every shape the stream's batches take (all of them, unless known)."""
+        return self
+
+
+class Generated(Stream):
+    """The batches ``make()`` yields, made again on each iteration."""
+
+    def __init__(self, make: Callable[[], Iterable[Batch]], samples: int | None = None) -> None:
+        self._make = make
+        self.samples = samples
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self._make())
+
+
+def reiterable(batches: Any) -> bool:
+    """Whether ``batches`` can be gone over again (a list or a :class:`Stream`), not a one-shot iterable."""
+    return isinstance(batches, (list, tuple, Stream))

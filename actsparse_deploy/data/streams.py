@@ -42,11 +42,9 @@ signal or validation's timeout stops waiting for (:func:`run_tokenizer`).
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import contextvars
 import glob
-import itertools
 import json
 import math
 import os
@@ -65,69 +63,15 @@ import numpy as np
 import torch
 
 from ..base.errors import ActsparseError, DataError, first_line, is_panic
-from .batches import Batch, head_samples
+from .batches import Batch, Stream
 
-__all__ = ["CHARS_PER_TOKEN", "DATA_SUFFIXES", "MAX_LINE_BYTES", "ArrayStream", "Generated", "Stream", "TextStream", "array_stream",
-           "data_paths", "is_panic", "reading_deadline", "reiterable", "run_tokenizer", "shape_examples", "text_lines"]
+__all__ = ["CHARS_PER_TOKEN", "DATA_SUFFIXES", "MAX_LINE_BYTES", "ArrayStream", "TextStream", "array_stream",
+           "data_paths", "is_panic", "reading_deadline", "run_tokenizer", "shape_examples", "text_lines"]
 
 T = TypeVar("T")
 
 #: the suffixes of data files (what a directory of shards is made of)
 DATA_SUFFIXES = (".npy", ".npz", ".safetensors", ".pt", ".pth")
-
-
-class Stream(abc.ABC):
-    """Batches read afresh on each iteration. ``samples``: how many samples (None
-    where counting would mean reading the data). A source is a subclass that
-    says how to read it from the start (``__iter__``)."""
-
-    samples: int | None = None
-    #: what each batch is, where known without reading: "tensor", "tuple" or "dict" (None: unknown)
-    form: str | None = None
-
-    @abc.abstractmethod
-    def __iter__(self) -> Iterator[Batch]: ...
-
-    def __getitem__(self, index: int | slice) -> Any:
-        """Batch ``index`` (or a list of them), read from the start: non-negative indices only."""
-        if isinstance(index, slice):
-            if any(v is not None and v < 0 for v in (index.start, index.stop, index.step)):
-                raise IndexError("a stream is indexed from its start: no negative indices")
-            return list(itertools.islice(self, index.start, index.stop, index.step))
-        if index < 0:
-            raise IndexError("a stream is indexed from its start: no negative indices")
-        for batch in itertools.islice(self, index, None):
-            return batch
-        raise IndexError(f"batch {index} is past the end of the stream")
-
-    def head(self, count: int) -> Stream:
-        """The first ``count`` samples (a batch across the cut is sliced; the rest is never read)."""
-        samples = None if self.samples is None else min(count, self.samples)
-        return Generated(lambda: head_samples(self, count), samples)
-
-    def map(self, fn: Callable[[Batch], Batch]) -> Stream:
-        """Each batch through ``fn`` (the same number of samples)."""
-        return Generated(lambda: (fn(b) for b in self), self.samples)
-
-    def shape_examples(self) -> Iterable[Batch]:
-        """Batches that show every shape the stream's batches take (all of them, unless known)."""
-        return self
-
-
-class Generated(Stream):
-    """The batches ``make()`` yields, made again on each iteration."""
-
-    def __init__(self, make: Callable[[], Iterable[Batch]], samples: int | None = None) -> None:
-        self._make = make
-        self.samples = samples
-
-    def __iter__(self) -> Iterator[Batch]:
-        return iter(self._make())
-
-
-def reiterable(batches: Any) -> bool:
-    """Whether ``batches`` can be gone over again (a list or a :class:`Stream`), not a one-shot iterable."""
-    return isinstance(batches, (list, tuple, Stream))
 
 
 # --- where the data is ---------------------------------------------------------------------
@@ -177,7 +121,7 @@ _TAKEN = (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32
 
 
 def _numpy_dtype(name: str, dtype: np.dtype, source: str) -> torch.dtype:
-    """The tensor dtype a numpy array of ``dtype`` becomes (as ``loading._to_tensor`` converts it)."""
+    """The tensor dtype a numpy array of ``dtype`` becomes (as ``loading.to_tensor`` converts it)."""
     if dtype.hasobject:
         raise DataError(f"data file {source} is corrupted or unreadable (array {name!r} holds Python objects, which are never "
                         "unpickled: save numeric arrays)")
@@ -206,7 +150,7 @@ class _File:
     """A data file's arrays (checked from its header) and how to read rows of them."""
 
     def __init__(self, path: Path) -> None:
-        from ..models.loading import _check_npy, _check_npz
+        from .arrays import check_npy, check_npz
 
         self.path = path
         self.where = str(path)
@@ -216,13 +160,13 @@ class _File:
             raise DataError(f"data file {path} does not exist")
         self._seen = self._fingerprint()
         if self.suffix == ".npy":
-            _check_npy(path)
+            check_npy(path)
             with open(path, "rb") as f:
                 shape, fortran, dtype = _npy_header(f, f"data file {path}")
                 self._offsets["array"] = (f.tell(), fortran, dtype)
             self.arrays = [_Array("array", tuple(shape), _numpy_dtype("array", dtype, self.where))]
         elif self.suffix == ".npz":
-            _check_npz(path)
+            check_npz(path)
             self.arrays = []
             with zipfile.ZipFile(path) as archive:
                 for info in archive.infolist():
@@ -282,9 +226,9 @@ class _File:
             )
 
     def _torch_arrays(self) -> dict[str, torch.Tensor]:
-        from ..models.loading import POSITIONAL, _torch_load
+        from .arrays import POSITIONAL, torch_load
 
-        obj = _torch_load(self.path, "data file", DataError)
+        obj = torch_load(self.path, "data file", DataError)
         if isinstance(obj, torch.Tensor):
             if obj.layout != torch.strided:
                 raise DataError(f"array 'tensor' in {self.path} is a {obj.layout} tensor: save it dense (tensor.to_dense())")
@@ -302,7 +246,7 @@ class _File:
     def reader(self) -> Iterator[Callable[[int, int], dict[str, torch.Tensor]]]:
         """``read(start, stop)``: rows ``start:stop`` of every array, as checked tensors."""
         from ..base.serialize import reason, unreadable
-        from ..models.loading import _to_tensor
+        from .arrays import to_tensor
 
         self.check_unchanged()
         with contextlib.ExitStack() as stack:
@@ -319,7 +263,7 @@ class _File:
                 raw = lambda name, start, stop: whole[name][start:stop]  # noqa: E731
 
             def read(start: int, stop: int) -> dict[str, torch.Tensor]:
-                return {a.name: _to_tensor(a.name, raw(a.name, start, stop), self.where) for a in self.arrays}
+                return {a.name: to_tensor(a.name, raw(a.name, start, stop), self.where) for a in self.arrays}
 
             try:
                 yield read
@@ -412,7 +356,7 @@ class ArrayStream(Stream):
         self.samples = self.count
         first = self.files[0]
         names = [a.name for a in first.arrays]
-        from ..models.loading import POSITIONAL
+        from .arrays import POSITIONAL
 
         self.form = "tensor" if len(names) == 1 else ("tuple" if all(n.startswith(POSITIONAL) for n in names) else "dict")
         self.names = names  # a batch's arrays in the first file's order, whichever shards it spans

@@ -12,7 +12,7 @@ files (:class:`ModelOptions`: ``task``, ``text``, ``heldout_text``, ``max_length
 ``factory_args``: keyword arguments of a ``module:factory``).
 
     >>> import numpy as np, tempfile
-    >>> from actsparse_deploy.models.loading import load_data
+    >>> from actsparse_deploy.data.readers import load_data
     >>> path = tempfile.mkdtemp() + "/x.npy"
     >>> np.save(path, np.zeros((10, 4), dtype=np.float32))
     >>> [tuple(b.shape) for b in load_data(path, batch_size=4)]
@@ -21,47 +21,34 @@ files (:class:`ModelOptions`: ``task``, ``text``, ``heldout_text``, ``max_length
 
 from __future__ import annotations
 
-import filecmp
-import importlib
 import json
-import os
-import pickle
-import re
-import sys
-import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from ..base.constants import MAX_LENGTH
-from ..base.errors import ActsparseError, DataError, ModelLoadError, UsageError, WeightsError, first_line
+from ..base.errors import DataError, ModelLoadError, UsageError, WeightsError, first_line
+from ..base.imports import import_attr
 from ..base.serialize import reason, unreadable
-from ..calibration.calibrate import check_finite_weights
-from ..data.batches import Batch
-from ..data.streams import Stream
+from ..data.arrays import torch_load
+from ..data.batches import Batch, Stream
+from ..nn.modules import check_finite_weights
 from . import zoo
 from .hf import HF_PREFIX, HFSource, hf_directory, is_pretrained, load_hf, wrap_pretrained
 
 __all__ = [
     "LoadedModel",
     "ModelOptions",
-    "check_distinct_data",
-    "load_data",
-    "load_labels",
     "load_model",
     "load_state_dict_file",
     "load_text_data",
     "parse_factory_args",
 ]
-
-#: key prefix of the inputs of a .pt data file holding a list (positional inputs)
-POSITIONAL = "input #"
 
 
 @dataclass
@@ -83,7 +70,7 @@ class LoadedModel:
         """A Hugging Face model's I/O spec for batches like ``example`` (None for other models)."""
         if self.hf is None:
             return None
-        from ..onnx.export import IOSpec
+        from ..data.iospec import IOSpec
 
         inputs, axes = self.hf.io_names(example)
         return IOSpec(inputs, (self.hf.model.output_name,), axes)
@@ -130,32 +117,6 @@ def parse_factory_args(text: str | None) -> dict[str, Any] | None:
     return value
 
 
-def _import_attr(spec: str, what: str, error: type[Exception]) -> Any:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise error(f"{what} {spec!r} must look like package.module:name")
-    # as `python -m` would, the user's project is importable, but only while their
-    # module is imported: no later import may pick up a file from the current directory
-    added = os.getcwd() not in sys.path
-    if added:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # the user's module may fail in any way
-        raise error(f"cannot import {module_name!r} for {what} {spec!r}: {type(e).__name__}: {e}") from e
-    finally:
-        if added and os.getcwd() in sys.path:
-            sys.path.remove(os.getcwd())
-    target: Any = module
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise error(f"{module_name!r} has no attribute {attr!r} ({what} {spec!r})")
-        target = getattr(target, part)
-    if not callable(target):
-        raise error(f"{what} {spec!r} is a {type(target).__name__}, not a callable")
-    return target
-
-
 def load_model(
     spec: str, weights: str | Path | None = None, options: ModelOptions | None = None, device: torch.device | str | None = None
 ) -> LoadedModel:
@@ -186,7 +147,7 @@ def _load_model(spec: str, weights: str | Path | None, options: ModelOptions | N
             check_finite_weights(module)
             return LoadedModel(module.eval(), spec, builtin=True)
         return LoadedModel(zoo.load_builtin(spec), spec, builtin=True)
-    factory = _import_attr(spec, "model factory", ModelLoadError)
+    factory = import_attr(spec, "model factory", ModelLoadError)
     kwargs = dict(options.factory_args or {})
     try:
         module = factory(**kwargs)
@@ -245,41 +206,6 @@ def load_text_data(
     return calibration, held
 
 
-#: what torch's weights_only unpickler says when a pickle names a Python object:
-#: "Unsupported global: GLOBAL argparse.Namespace was not an allowed global" for
-#: one not on its allowlist, "Trying to load unsupported GLOBAL posix.system whose
-#: module posix is blocked" for one it blocks outright (torch 2.6 to 2.13)
-_PICKLED_OBJECT = re.compile(r"unsupported global", re.IGNORECASE)
-
-
-def _unpickler_reason(e: BaseException) -> str:
-    """The line of torch's weights_only failure that says what went wrong."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    for line in lines:
-        if line.startswith("WeightsUnpickler error:") and line != "WeightsUnpickler error:":
-            return line.removeprefix("WeightsUnpickler error:").strip()
-    useful = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation", "Please file an issue", "(1)", "(2)"))]
-    return useful[0] if useful else first_line(e)
-
-
-def _torch_load(path: Path, what: str, error: type[ActsparseError]) -> Any:
-    """``torch.load(weights_only=True)``: objects that could run code are refused,
-    anything else that is not a torch file is named as such."""
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if _PICKLED_OBJECT.search(str(e)):
-            raise error(
-                f"{what} {path} refused: holds objects that could run code (Python objects other than tensors); "
-                "save tensors only (model.state_dict(), a tensor or a dict of tensors), ideally as .safetensors"
-            ) from e
-        raise error(
-            f"{what} {path} is corrupted or not a torch file (not written by torch.save: {_unpickler_reason(e)})"
-        ) from e
-    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise error(f"{what} {path} is corrupted or not a torch file ({type(e).__name__}: {first_line(e)})") from e
-
-
 def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
@@ -290,7 +216,7 @@ def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
             if not unreadable(e):
                 raise
             raise WeightsError(f"weights file {path} is not a readable .safetensors file ({reason(e)})") from e
-    obj = _torch_load(path, "weights file", WeightsError)
+    obj = torch_load(path, "weights file", WeightsError)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -327,206 +253,4 @@ def _few(items: list[str], limit: int = 5) -> str:
 
 # --- data ------------------------------------------------------------------------
 
-#: the largest compression ratio deflate can reach (a zip member that claims more
-#: uncompressed bytes than this times its compressed size is lying)
-_MAX_DEFLATE_RATIO = 1032
 
-
-def _to_tensor(name: str, array: Any, source: str) -> torch.Tensor:
-    if isinstance(array, torch.Tensor) and array.layout != torch.strided:
-        raise DataError(f"array {name!r} in {source} is a {array.layout} tensor: save it dense (tensor.to_dense())")
-    if array.ndim == 0:
-        raise DataError(f"array {name!r} in {source} is a scalar: it needs a batch axis first")
-    if not isinstance(array, torch.Tensor):
-        if array.dtype.kind not in "biuf":
-            raise DataError(f"array {name!r} in {source} has dtype {array.dtype}, which a model cannot take")
-        if not array.dtype.isnative:  # saved big-endian (or little-endian on a big-endian machine): the same numbers, native
-            array = array.astype(array.dtype.newbyteorder("="))
-        array = torch.from_numpy(np.ascontiguousarray(array))
-    t = array
-    if t.dtype == torch.float64:
-        t = t.to(torch.float32)  # numpy's default; models here run in float32
-    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool, torch.uint8):
-        raise DataError(f"array {name!r} in {source} has dtype {t.dtype}, which a model cannot take")
-    if t.shape[0] == 0:
-        raise DataError(f"array {name!r} in {source} is empty (0 samples)")
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise DataError(f"array {name!r} in {source} holds NaN or Inf")
-    return t
-
-
-def _npy_bytes(stream: Any, where: str) -> int:
-    """The data bytes a .npy header declares (read before anything is allocated)."""
-    version = np.lib.format.read_magic(stream)
-    if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
-    elif version == (2, 0):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
-    else:
-        raise DataError(f"{where} is a .npy of format version {version}, which is not supported")
-    return int(np.prod(shape, dtype=object)) * dtype.itemsize
-
-
-def _check_npy(path: Path) -> None:
-    with open(path, "rb") as f:
-        declared = _npy_bytes(f, f"data file {path}")
-        available = os.fstat(f.fileno()).st_size - f.tell()
-    if declared > available:
-        raise DataError(
-            f"data file {path} declares {declared:,} bytes of array data but holds {available:,}: it is truncated or its header lies"
-        )
-
-
-def _check_npz(path: Path) -> None:
-    with zipfile.ZipFile(path) as archive:
-        for info in archive.infolist():
-            where = f"data file {path} (member {info.filename})"
-            ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO
-            if info.file_size > ratio * info.compress_size + 1024:
-                raise DataError(f"{where} declares {info.file_size:,} bytes from {info.compress_size:,} compressed: its zip entry lies")
-            with archive.open(info) as member:
-                if member.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
-                    raise DataError(f"{where} is not a .npy array: an .npz file holds arrays only (numpy.savez)")
-            with archive.open(info) as member:
-                declared = _npy_bytes(member, where)
-                header = member.tell()
-            if declared > info.file_size - header:
-                raise DataError(
-                    f"{where} declares {declared:,} bytes of array data but holds {info.file_size - header:,}: "
-                    "it is truncated or its header lies"
-                )
-
-
-def _read_arrays(path: Path) -> dict[str, torch.Tensor] | torch.Tensor:
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".npy":
-            _check_npy(path)
-            return _to_tensor("array", np.load(path, allow_pickle=False), str(path))
-        if suffix == ".npz":
-            _check_npz(path)
-            with np.load(path, allow_pickle=False) as npz:
-                raw = {k: npz[k] for k in npz.files}
-        elif suffix == ".safetensors":
-            raw = load_file(str(path))
-        elif suffix in (".pt", ".pth"):
-            obj = _torch_load(path, "data file", DataError)
-            if isinstance(obj, torch.Tensor):
-                return _to_tensor("tensor", obj, str(path))
-            if isinstance(obj, (list, tuple)):  # positional inputs: tuple batches
-                obj = {f"{POSITIONAL}{i}": t for i, t in enumerate(obj)}
-            if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-                raise DataError(f"data file {path} must hold a tensor, a list of tensors or a dict of tensors")
-            raw = dict(obj)
-        else:
-            raise DataError(f"data file {path}: unsupported type {suffix or '(none)'}; use .npy, .npz, .safetensors or .pt")
-    except DataError:
-        raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-        raise DataError(f"data file {path} is corrupted or unreadable ({reason(e)})") from e
-    except BaseException as e:
-        if not unreadable(e):
-            raise
-        raise DataError(f"data file {path} is corrupted or unreadable ({reason(e)})") from e
-    if not raw:
-        raise DataError(f"data file {path} holds no arrays")
-    tensors = {k: _to_tensor(k, v, str(path)) for k, v in raw.items()}
-    lengths = {k: t.shape[0] for k, t in tensors.items()}
-    if len(set(lengths.values())) > 1:
-        raise DataError(f"arrays in {path} differ in their number of samples: {lengths}")
-    return next(iter(tensors.values())) if len(tensors) == 1 else tensors
-
-
-def _is_function_spec(text: str) -> bool:
-    return ":" in text and not Path(text).exists() and not (len(text) > 1 and text[1] == ":")
-
-
-def load_data(source: str | Path, batch_size: int = 32) -> Stream | Iterable[Batch]:
-    """Batches from a data file, a directory of them or a glob of shards (a
-    :class:`~actsparse_deploy.data.streams.ArrayStream`: read batch by batch on each
-    iteration, never whole; every file's header is checked and the first batch
-    read now), or the iterable a ``module:function`` returns."""
-    if batch_size < 1:
-        raise DataError(f"batch size must be at least 1, got {batch_size}")
-    text = str(source)
-    if _is_function_spec(text):
-        fn: Callable[[], Iterable[Batch]] = _import_attr(text, "data function", DataError)
-        try:
-            return fn()
-        except Exception as e:
-            raise DataError(f"data function {text!r} failed: {type(e).__name__}: {e}") from e
-    from ..data.streams import array_stream
-
-    stream = array_stream(source, batch_size)
-    next(iter(stream))  # a file that fails on its first rows fails here, before any work
-    return stream
-
-
-def load_labels(source: str | Path) -> torch.Tensor:
-    """Class labels for held-out data: a file of one integer array (one label per sample)."""
-    path = Path(source)
-    arrays = _read_arrays(path)
-    if not isinstance(arrays, torch.Tensor):
-        raise DataError(f"labels file {path} holds {len(arrays)} arrays ({', '.join(arrays)}): give one integer array")
-    if arrays.is_floating_point() or arrays.dtype == torch.bool:
-        raise DataError(f"labels file {path} holds {arrays.dtype} values: labels are integer class indices")
-    if arrays.ndim != 1:
-        raise DataError(f"labels file {path} has shape {tuple(arrays.shape)}: give one class index per sample (a 1-D array)")
-    return arrays.to(torch.int64)
-
-
-def check_distinct_data(data: str | Path, heldout: str | Path) -> None:
-    """Held-out data must not be the calibration data: the same path, a link to
-    it, or a byte-identical copy is refused (its figures would be calibration figures).
-    A directory or a glob of shards is its data files: a held-out file that is one of
-    the calibration files (or a byte-identical copy of one) is refused."""
-    a, b = str(data), str(heldout)
-    if _is_function_spec(a) or _is_function_spec(b):
-        same = a == b
-    else:
-        from ..data.streams import data_paths
-
-        try:
-            ours, theirs = data_paths(a), data_paths(b)
-        except DataError:
-            return  # the loader names the missing file, the empty directory or glob
-        ours, theirs = [p for p in ours if p.is_file()], [p for p in theirs if p.is_file()]
-        pair = _shared_file(ours, theirs)
-        same = pair is not None
-        if pair is not None and (len(ours) > 1 or len(theirs) > 1):
-            b = f"{heldout} (its file {pair[1]} is the calibration file {pair[0]}, or a copy of it)"
-    if same:
-        raise DataError(
-            f"held-out data {b} is the calibration data {data}: figures measured on it would be calibration "
-            "figures; pass samples that calibration did not see"
-        )
-
-
-def _shared_file(ours: list[Path], theirs: list[Path]) -> tuple[Path, Path] | None:
-    """A held-out file that is a calibration file (the same file, a link) or a byte-identical copy of one.
-    Only files of equal size and equal first 64 KiB are compared whole: each file is read once, not once per pair."""
-    def key(p: Path) -> tuple[int, bytes]:
-        with open(p, "rb") as f:
-            return os.fstat(f.fileno()).st_size, f.read(65536)
-
-    try:
-        ids = {(s.st_dev, s.st_ino): (p, s.st_size) for p in ours for s in [p.stat()]}
-        held = [(p, p.stat()) for p in theirs]
-        for p, s in held:
-            if (s.st_dev, s.st_ino) in ids:
-                return ids[(s.st_dev, s.st_ino)][0], p
-        common = {size for _, size in ids.values()} & {s.st_size for _, s in held}
-        keyed: dict[tuple[int, bytes], list[Path]] = {}
-        for p, size in ids.values():
-            if size in common:
-                keyed.setdefault(key(p), []).append(p)
-        for p, s in held:
-            if s.st_size in common:
-                for q in keyed.get(key(p), []):
-                    if filecmp.cmp(q, p, shallow=False):
-                        return q, p
-    except OSError:
-        return None  # an unreadable file: the loader names it
-    return None

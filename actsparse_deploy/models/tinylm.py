@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..base.constants import hub_offline
+from ..base.constants import hub_offline, models_dir
 from ..base.errors import DataError, ModelLoadError, WeightsError, first_line, is_panic
 
 if TYPE_CHECKING:
@@ -171,12 +171,6 @@ def split_texts(split: str) -> list[str]:
 
 
 # -------------------------------------------------------------------- tokenizer
-
-
-def models_dir() -> Path:
-    from .zoo import models_dir as zoo_models_dir
-
-    return zoo_models_dir()
 
 
 @functools.lru_cache(maxsize=4)

@@ -24,7 +24,6 @@ With the weights in place (``load_builtin`` raises ``ModelLoadError`` if not):
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +35,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from actsparse_deploy.base.constants import MODELS_DIR_ENV, models_dir
 from actsparse_deploy.base.errors import DataError, ModelLoadError, WeightsError, first_line
 from actsparse_deploy.base.serialize import reason, unreadable
 from actsparse_deploy.models import minilm, tinylm
 
 if TYPE_CHECKING:
-    from actsparse_deploy.onnx.export import IOSpec
+    from actsparse_deploy.data.iospec import IOSpec
 
 __all__ = [
     "SPLIT_SEED",
@@ -74,7 +74,6 @@ SPLIT_SIZES: dict[str, int] = {"train": 1197, "calibration": 200, "test": 400}
 TASKS = ("classification", "embedding", "causal-lm")
 """What a built-in does; a ``causal-lm``'s cost is its held-out perplexity (dense, sparse, ONNX)."""
 
-MODELS_DIR_ENV = "ACTSPARSE_MODELS_DIR"
 """Environment variable that overrides where the shipped weights are looked up."""
 
 TRAIN_SCRIPT = "python tools/train_digits.py"
@@ -272,7 +271,7 @@ class BuiltinModel:
 
     def io_spec(self) -> IOSpec:
         """The model's I/O spec: names and dynamic axes of its inputs and outputs."""
-        from actsparse_deploy.onnx.export import IOSpec
+        from actsparse_deploy.data.iospec import IOSpec
 
         return IOSpec(self.input_names, self.output_names, self.dynamic_axes())
 
@@ -381,14 +380,6 @@ def get_builtin(name: str) -> BuiltinModel:
         raise ModelLoadError(
             f"unknown built-in model {name!r}; known models: {', '.join(builtin_names())}"
         ) from None
-
-
-def models_dir() -> Path:
-    """Shipped weights and recipes dir: ``$ACTSPARSE_MODELS_DIR``, else the repo's ``models/``."""
-    override = os.environ.get(MODELS_DIR_ENV)
-    if override:
-        return Path(override).expanduser()
-    return Path(__file__).resolve().parents[2] / "models"
 
 
 def builtin_weights_path(name: str) -> Path | None:

@@ -36,7 +36,7 @@ from ..base.errors import ValidationError
 
 if TYPE_CHECKING:
     from ..data.batches import Batch
-    from .export import IOSpec
+    from ..data.iospec import IOSpec
 
 __all__ = [
     "CONVERT_RUNS", "CONVERT_SAMPLES", "CONVERT_WARMUP", "DEFAULT_RUNS", "DEFAULT_THREADS", "DEFAULT_WARMUP", "SAME_BAND",

@@ -3,11 +3,9 @@
 :func:`accuracy` is the one top-1 accuracy of a classifier (a PyTorch model, or
 an ONNX model run by onnxruntime) on batches with their labels;
 :func:`cosine_stats` compares two models output by output (max abs difference,
-per-sample cosine similarity); :func:`sparsification_cost` puts them together
-for a :class:`~actsparse_deploy.app.workload.Workload` (what ``report.json``'s
-``cost`` holds; for a built-in with other data, MiniLM, also ``other_text``:
-the cosine on English that is neither calibration nor held-out data; for a
-causal language model, tiny-lm, its held-out :func:`perplexity`, dense and sparse).
+per-sample cosine similarity); :func:`perplexity` a causal language model's
+held-out next-token perplexity. :func:`actsparse_deploy.app.cost.sparsification_cost`
+puts them together for a workload.
 
     >>> import torch
     >>> from torch import nn
@@ -33,13 +31,13 @@ import torch
 from torch import nn
 
 from ..base.errors import DataError
-from ..data.batches import Batch, batch_size, call_args, flatten_outputs, run_batch, total_samples, unpadded
+from ..data.batches import Batch, batch_size, call_args, flatten_outputs, run_batch
+from ..nn.modules import eval_mode
 
 if TYPE_CHECKING:
-    from ..app.workload import Workload
-    from .export import IOSpec
+    from ..data.iospec import IOSpec
 
-__all__ = ["accuracy", "cosine_stats", "perplexity", "predictions", "sparsification_cost", "token_ids"]
+__all__ = ["Counted", "accuracy", "cosine_stats", "nll_sum", "perplexity", "predictions", "token_ids"]
 
 
 def predictions(model: nn.Module | str | Path, batches: Iterable[Batch], io_spec: IOSpec | None = None) -> np.ndarray:
@@ -52,9 +50,7 @@ def predictions(model: nn.Module | str | Path, batches: Iterable[Batch], io_spec
         session = onnx_session(model)
         found = [run_session(session, onnx_feeds(session, b, io_spec))[0].argmax(axis=-1) for b in batches]
         return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
-    from .validate import _eval
-
-    with torch.no_grad(), _eval(model):
+    with torch.no_grad(), eval_mode(model):
         parts = [flatten_outputs(run_batch(model, b))[0].argmax(dim=-1) for b in batches]
     return torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.int64)
 
@@ -83,7 +79,7 @@ def token_ids(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     return args[0], None
 
 
-def _nll_sum(logits: torch.Tensor, batch: Batch, what: str) -> tuple[float, int]:
+def nll_sum(logits: torch.Tensor, batch: Batch, what: str) -> tuple[float, int]:
     """Summed next-token negative log-likelihood (float64) of a batch and the tokens it predicts
     (positions 1.. of the token ids, those the ``attention_mask`` keeps)."""
     ids, mask = token_ids(batch)
@@ -110,14 +106,12 @@ def perplexity(model: nn.Module | str | Path, batches: Iterable[Batch], io_spec:
         session = onnx_session(model)
         for batch in batches:
             logits = torch.from_numpy(np.asarray(run_session(session, onnx_feeds(session, batch, io_spec))[0]))
-            nll, n = _nll_sum(logits, batch, "ONNX model")
+            nll, n = nll_sum(logits, batch, "ONNX model")
             total, count = total + nll, count + n
     else:
-        from .validate import _eval
-
-        with torch.no_grad(), _eval(model):
+        with torch.no_grad(), eval_mode(model):
             for batch in batches:
-                nll, n = _nll_sum(flatten_outputs(run_batch(model, batch))[0], batch, "model")
+                nll, n = nll_sum(flatten_outputs(run_batch(model, batch))[0], batch, "model")
                 total, count = total + nll, count + n
     if count == 0:
         raise DataError("perplexity: the batches hold no next token to predict (rows of one token, or all masked)")
@@ -127,11 +121,9 @@ def perplexity(model: nn.Module | str | Path, batches: Iterable[Batch], io_spec:
 def cosine_stats(dense: nn.Module, sparse: nn.Module, batches: Iterable[Batch]) -> list[dict[str, Any]]:
     """Per output of the two models: max abs diff and per-sample cosine
     similarity (mean and worst) of the sparse model's outputs to the dense one's."""
-    from .validate import _eval
-
     stats: list[dict[str, Any]] = []
     cosines: list[list[np.ndarray]] = []
-    with torch.no_grad(), _eval(dense, sparse):
+    with torch.no_grad(), eval_mode(dense, sparse):
         for batch in batches:
             a = flatten_outputs(run_batch(dense, batch))
             b = flatten_outputs(run_batch(sparse, batch))
@@ -150,7 +142,7 @@ def cosine_stats(dense: nn.Module, sparse: nn.Module, batches: Iterable[Batch]) 
     return stats
 
 
-class _Counted:
+class Counted:
     """``batches``, counting the samples that pass (data that cannot say how many it holds)."""
 
     def __init__(self, batches: Iterable[Batch]) -> None:
@@ -163,50 +155,3 @@ class _Counted:
             yield batch
 
 
-def _is_causal_lm(work: Workload) -> bool:
-    """Whether ``work`` is a causal language model: a ``causal-lm`` built-in, or a
-    workload whose ``task`` (a Hugging Face model's) is ``causal-lm``."""
-    task = work.builtin.task if work.builtin is not None else work.task
-    return task == "causal-lm"
-
-
-def sparsification_cost(
-    work: Workload, sparse: nn.Module, onnx_path: Path | None = None, io_spec: IOSpec | None = None
-) -> dict[str, Any]:
-    """Dense vs sparse on the held-out data: per-output difference and cosine
-    similarity; test accuracy for a classifier (dense, sparse, and the ONNX model);
-    held-out perplexity for a causal language model (``perplexity_dense``,
-    ``perplexity_sparse``, ``perplexity_onnx``). ``io_spec``: what the ONNX model
-    was exported with (default: the workload's)."""
-    held = work.require_heldout()
-    io = io_spec or work.io
-    io_names = io.output_names if io else None
-    # cosine and perplexity on token batches without their padding (the same figures, less work: a
-    # model's per-token outputs at padding positions are not compared); accuracy keeps the labels' order
-    regrouped = unpadded(held)
-    counted = _Counted(regrouped)
-    outputs = cosine_stats(work.model, sparse, counted)
-    for row in outputs:
-        if io_names is not None:
-            row["output"] = io_names[row["output"]]
-    known = total_samples(held)
-    cost: dict[str, Any] = {"outputs": outputs, "heldout_samples": known if known is not None else counted.samples}
-    other = work.builtin.other_data if work.builtin is not None else None
-    if other is not None:  # the cost under domain shift: text that is neither calibration nor held-out data
-        batches = other(work.builtin.batch_size)  # type: ignore[union-attr]
-        rows = cosine_stats(work.model, sparse, unpadded(list(batches)))
-        for row in rows:
-            if io_names is not None:
-                row["output"] = io_names[row["output"]]
-        cost["other_text"] = {"outputs": rows, "samples": total_samples(batches)}
-    if _is_causal_lm(work):  # a language model's quality: held-out next-token perplexity
-        cost["perplexity_dense"] = perplexity(work.model, regrouped)
-        cost["perplexity_sparse"] = perplexity(sparse, regrouped)
-        if onnx_path is not None:
-            cost["perplexity_onnx"] = perplexity(onnx_path, held, io)
-    if work.labels is not None:
-        cost["accuracy_dense"] = accuracy(work.model, held, work.labels)
-        cost["accuracy_sparse"] = accuracy(sparse, held, work.labels)
-        if onnx_path is not None:
-            cost["accuracy_onnx"] = accuracy(onnx_path, held, work.labels, io)
-    return cost

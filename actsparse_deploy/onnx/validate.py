@@ -44,7 +44,6 @@ is missing or not a regular file, or claims more bytes than the file holds.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -62,10 +61,10 @@ import torch
 from torch import nn
 
 from ..base.errors import DataError, ValidationError, first_line
-from ..calibration.calibrate import eval_mode
 from ..data.batches import Batch, cut_axes, flatten_outputs, input_names, is_named, named_tensors, numpy_feeds, resize_batches, run_batch
 from ..data.compare import OutputDiff, Tolerance
-from .export import BATCH, IOSpec, forward_input_names
+from ..data.iospec import BATCH, IOSpec, forward_input_names
+from ..nn.modules import eval_mode
 
 __all__ = [
     "OutputDiff", "ValidationReport", "check_external_data", "describe_onnx", "external_tensors", "onnx_feeds", "onnx_session",
@@ -433,19 +432,8 @@ def validate(
         return ValidationError(f"validation of {onnx_path} timed out after {timeout:g} s while the tokenizer made the held-out "
                                "batches; give a larger `timeout`, or shorter texts")
 
-    with _eval(model), reading_deadline(deadline, held_up):
+    with eval_mode(model), reading_deadline(deadline, held_up):
         return _validate(onnx_path, model, batches, atol, rtol, batch_sizes, max_samples, output_names, io_spec, timeout, deadline)
-
-
-@contextlib.contextmanager
-def _eval(*models: Any) -> Iterator[None]:
-    """Eval mode for the duration (flags restored); a torch.export program's
-    module cannot switch modes and is run as it is (it was captured in eval)."""
-    with contextlib.ExitStack() as stack:
-        for model in models:
-            if isinstance(model, nn.Module) and not isinstance(model, torch.fx.GraphModule):
-                stack.enter_context(eval_mode(model))
-        yield
 
 
 def _validate(

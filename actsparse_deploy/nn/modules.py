@@ -1,0 +1,62 @@
+"""What the stages need to know about a whole model: eval mode for a while (one
+definition for calibration, squash, export, validation and the budget), and weights
+that are finite.
+
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
+    >>> with eval_mode(model):
+    ...     model.training
+    False
+    >>> model.training
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..base.errors import WeightsError
+
+__all__ = ["check_finite_weights", "eval_mode"]
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Raise :class:`WeightsError` naming the first parameter that holds NaN or
+    Inf, or buffer that holds NaN (buffers may hold -inf on purpose: attention
+    masks). Calibration on such a model would blame the data for the NaN."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if not (t.is_floating_point() or t.is_complex()):
+                continue
+            bad = ~torch.isfinite(t) if kind == "parameter" else torch.isnan(t)
+            count = int(bad.sum())
+            if count:
+                what = "NaN or Inf" if kind == "parameter" else "NaN"
+                raise WeightsError(
+                    f"{kind} {name!r} of the model holds {what} ({count} of {t.numel()} values): "
+                    "the weights are corrupted; check the weights file or the training run that made it"
+                )
+
+
+@contextlib.contextmanager
+def eval_mode(*models: Any) -> Iterator[None]:
+    """eval mode and no grad for the duration; every module's training flag restored
+    after. A torch.export program's module (a ``GraphModule``) cannot switch modes
+    and is run as it is (it was captured in eval); what is no module is passed over."""
+    modes = {
+        m: m.training for model in models if isinstance(model, nn.Module) and not isinstance(model, torch.fx.GraphModule)
+        for m in model.modules()
+    }
+    for module in modes:
+        module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes.items():
+            module.train(training)
