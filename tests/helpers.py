@@ -380,7 +380,7 @@ class DigitsFiles:
 
 
 def _interrupt_cases(root: Path) -> Any:
-    from .test_interrupt import run_interrupt_cases
+    from .app.test_interrupt import run_interrupt_cases
 
     return run_interrupt_cases(root)
 

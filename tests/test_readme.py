@@ -6,7 +6,7 @@ tests/test_examples.py runs in a copy of examples/. The MiniLM command is the se
 MiniLM run (tests/helpers.py: BACKGROUND_COMMANDS, run once in the background):
 `test_readme_minilm_commands` checks that the README shows exactly that command
 and that it ran as written. ```shell blocks are launcher commands and templates
-(torchrun, `MODEL` placeholders), not run here: tests/test_distributed.py runs the
+(torchrun, `MODEL` placeholders), not run here: tests/calibration/test_distributed.py runs the
 torchrun form."""
 
 from __future__ import annotations
