@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONVERT_RUNS", "CONVERT_SAMPLES", "CONVERT_WARMUP", "DEFAULT_RUNS", "DEFAULT_THREADS", "DEFAULT_WARMUP", "SAME_BAND",
-    "alternate", "dense_latency", "first_samples", "latency_ratio", "ort_session", "slower_note", "torch_threads", "verdict",
+    "alternate", "dense_latency", "latency_ratio", "ort_session", "slower_note", "torch_threads", "verdict",
 ]
 
 #: the benchmark's fixed thread count (``ort_session``'s default); ``latency_ratio`` takes the command's
@@ -154,21 +154,6 @@ def latency_ratio(
     }
 
 
-def first_samples(batches: Iterable[Batch], limit: int) -> list[Batch]:
-    """The batches in order up to ``limit`` samples (the last one cut), shapes otherwise kept."""
-    from ..data.batches import batch_size, slice_batch
-
-    out: list[Batch] = []
-    taken = 0
-    for batch in batches:
-        if taken >= limit:
-            break
-        n = batch_size(batch)
-        out.append(batch if taken + n <= limit else slice_batch(batch, 0, limit - taken))
-        taken += min(n, limit - taken)
-    return out
-
-
 def dense_latency(
     dense: Any,
     sparse_onnx: str | Path,
@@ -191,6 +176,7 @@ def dense_latency(
     import shutil
 
     from ..base.errors import ExportError
+    from ..data.batches import head_samples
     from .export import export_onnx
 
     folder = Path(folder)
@@ -202,7 +188,7 @@ def dense_latency(
             raise ExportError(
                 f"exporting the dense model for the latency comparison failed ({e}); `no_latency` skips the comparison"
             ) from e
-        return latency_ratio(folder / "dense.onnx", sparse_onnx, first_samples(batches, max_samples), io_spec=io_spec,
+        return latency_ratio(folder / "dense.onnx", sparse_onnx, list(head_samples(batches, max_samples)), io_spec=io_spec,
                              warmup=warmup, runs=runs)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
