@@ -35,6 +35,12 @@ _API = {
     "calibration_batches": ("models.zoo", "calibration_batches"),
     "heldout_batches": ("models.zoo", "heldout_batches"),
     "convert": ("app.pipeline", "convert"),
+    "ConvertOptions": ("app.options", "ConvertOptions"),
+    "LoadOptions": ("app.options", "LoadOptions"),
+    "CalibrateOptions": ("app.options", "CalibrateOptions"),
+    "SquashOptions": ("app.options", "SquashOptions"),
+    "ExportOptions": ("app.options", "ExportOptions"),
+    "ValidateOptions": ("app.options", "ValidateOptions"),
     "use_threads": ("base.threads", "use_threads"),
 }
 

@@ -204,10 +204,10 @@ class _Meter:
                 raise RecipeError(f"budget function {self.budget.function} returned {type(value).__name__}, not a number")
             return float(value)
         outputs = _outputs(sparse, self.batches)
-        if kind == "cosine":
-            sims = [torch.nn.functional.cosine_similarity(d[-1].double().flatten(1), s[-1].double().flatten(1), dim=1, eps=1e-12)
-                    for d, s in zip(self.reference, outputs)]
-            return float(torch.cat(sims).mean())
+        if kind == "cosine":  # per sample, as the report's cost counts it (metrics.cosine_stats)
+            from ..onnx.metrics import sample_cosines
+
+            return float(torch.cat([sample_cosines(d[-1], s[-1]) for d, s in zip(self.reference, outputs)]).mean())
         if kind == "accuracy-drop":
             dense_pred = torch.cat([d[0].argmax(-1) for d in self.reference])
             sparse_pred = torch.cat([s[0].argmax(-1) for s in outputs])
@@ -389,9 +389,7 @@ def search_budget(
     sparsity whose cost on the tuning split keeps ``budget`` (see the module
     docstring). ``batches``: the calibration data (the tuning split is carved
     from it); the model is not changed."""
-    from ..bake.squash import squash
-    from ..calibration.calibrate import collect, select
-    from ..calibration.masks import Masks
+    from ..calibration.calibrate import collect
 
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
     recipe = Recipe.coerce(recipe)
@@ -399,40 +397,75 @@ def search_budget(
     stats = collect(model, recipe, unpadded(calibration), model_name=model_name, on_batch=on_batch)
     meter = _Meter(budget, model, unpadded(tuning))
     names = list(stats.layers)
-    one_layer: dict[tuple[str, int], Any] = {}
-    measured: dict[tuple[int, ...], float] = {}
-
     orders = _obs_orders(model, stats, recipe, names, OBS_GRID)
     grid = OBS_GRID if orders and len(orders) == len(names) else GRID
-
-    def masks_for(ks: Mapping[str, int]) -> Masks:
-        layers = {}
-        for name in names:
-            key = (name, ks[name])
-            if key not in one_layer:
-                one_recipe = _one_layer_recipe(recipe, stats, name, ks[name] / grid)
-                if name in orders:  # the mask from the layer's obs removal order, computed once
-                    one_layer[key] = orders[name].layer_mask(name, stats, one_recipe, model, ks[name])
-                else:
-                    one_layer[key] = select(stats, one_recipe, model=model)[name]
-            layers[name] = one_layer[key]
-        levels = {name: ks[name] / grid for name in names}
-        return Masks(layers=layers, recipe=recipe_at_levels(recipe, levels), num_samples=stats.num_samples,
-                     num_batches=stats.num_batches, model=model_name, extra={"skipped": dict(stats.skipped)} if stats.skipped else {})
-
-    def cost(ks: Mapping[str, int]) -> float:
-        key = tuple(ks[name] for name in names)
-        if key not in measured:
-            if len(measured) >= max_evaluations:
-                raise _Exhausted()
-            sparse = squash(model, masks_for(ks), "mul").model
-            measured[key] = meter.cost(sparse)
-        return measured[key]
-
-    sizes = {name: max(1, sum(t.numel() for t in masks_for(dict.fromkeys(names, 0))[name].tensors)) for name in names}
-    top = grid - 1
+    search = _Candidates(model, recipe, stats, meter, orders, grid, model_name, max_evaluations)
     if grid == OBS_GRID:
-        return _search_by_threshold(names, sizes, orders, cost, masks_for, budget, grid, measured, tuning)
+        return _search_by_threshold(search, budget, tuning)
+    return _search_upward(search, budget, tuning)
+
+
+class _Candidates:
+    """The allocations (a level ``k / grid`` per layer) one search measures: the
+    masks of each (each layer's mask at each level made once, from its ``obs``
+    removal order where it has one) and their cost on the tuning split (each
+    allocation measured once, with the masks applied in ``mul`` mode; at most
+    ``max_evaluations`` of them, then :class:`_Exhausted`)."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, stats: Any, meter: _Meter, orders: Mapping[str, _ObsOrder], grid: int,
+                 model_name: str | None, max_evaluations: int) -> None:
+        self.model, self.recipe, self.stats, self.meter, self.orders = model, recipe, stats, meter, orders
+        self.grid, self.model_name, self.max_evaluations = grid, model_name, max_evaluations
+        self.names = list(stats.layers)
+        self.one_layer: dict[tuple[str, int], Any] = {}
+        self.measured: dict[tuple[int, ...], float] = {}
+        zero = self.masks_for(dict.fromkeys(self.names, 0))
+        #: each layer's mask size (features), the unit its steps are priced in
+        self.sizes = {name: max(1, sum(t.numel() for t in zero[name].tensors)) for name in self.names}
+
+    def masks_for(self, ks: Mapping[str, int]) -> Masks:
+        from ..calibration.calibrate import select
+        from ..calibration.masks import Masks
+
+        stats, grid, layers = self.stats, self.grid, {}
+        for name in self.names:
+            key = (name, ks[name])
+            if key not in self.one_layer:
+                one_recipe = _one_layer_recipe(self.recipe, stats, name, ks[name] / grid)
+                if name in self.orders:  # the mask from the layer's obs removal order, computed once
+                    self.one_layer[key] = self.orders[name].layer_mask(name, stats, one_recipe, self.model, ks[name])
+                else:
+                    self.one_layer[key] = select(stats, one_recipe, model=self.model)[name]
+            layers[name] = self.one_layer[key]
+        levels = {name: ks[name] / grid for name in self.names}
+        return Masks(layers=layers, recipe=recipe_at_levels(self.recipe, levels), num_samples=stats.num_samples,
+                     num_batches=stats.num_batches, model=self.model_name, extra={"skipped": dict(stats.skipped)} if stats.skipped else {})
+
+    def cost(self, ks: Mapping[str, int]) -> float:
+        from ..bake.squash import squash
+
+        key = tuple(ks[name] for name in self.names)
+        if key not in self.measured:
+            if len(self.measured) >= self.max_evaluations:
+                raise _Exhausted()
+            sparse = squash(self.model, self.masks_for(ks), "mul").model
+            self.measured[key] = self.meter.cost(sparse)
+        return self.measured[key]
+
+    def result(self, budget: Budget, ks: Mapping[str, int], cost: float, uniform: int, tuning: Iterable[Batch],
+               grid: int | None = None) -> BudgetResult:
+        """The search's result: levels ``ks`` (reported on ``grid``, default the search's), their masks and tuning ``cost``."""
+        grid = grid or self.grid
+        return BudgetResult(
+            budget=budget, levels={name: ks[name] / grid for name in self.names}, masks=self.masks_for(ks), tuning_cost=cost,
+            uniform_level=uniform / grid, evaluations=len(self.measured), tuning_samples=_samples(tuning),
+        )
+
+
+def _search_upward(search: _Candidates, budget: Budget, tuning: Iterable[Batch]) -> BudgetResult:
+    """The highest uniform level within the budget (levels tried upward: the first
+    over it stops), then :func:`_greedy` steps one layer at a time from there."""
+    names, cost, top = search.names, search.cost, search.grid - 1
     uniform = 0
     current = budget.badness(1.0) if budget.higher_is_better else 0.0
     try:
@@ -444,15 +477,11 @@ def search_budget(
         ks = dict.fromkeys(names, uniform)
         if uniform == 0:
             current = cost(ks)
-        current = _greedy(names, ks, sizes, current, cost, budget, top)
+        current = _greedy(names, ks, search.sizes, current, cost, budget, top)
     except _Exhausted:
         ks = ks if "ks" in locals() else dict.fromkeys(names, uniform)
-        current = measured.get(tuple(ks[n] for n in names), current)
-    final = masks_for(ks)
-    return BudgetResult(
-        budget=budget, levels={name: ks[name] / GRID for name in names}, masks=final, tuning_cost=current,
-        uniform_level=uniform / GRID, evaluations=len(measured), tuning_samples=_samples(tuning),
-    )
+        current = search.measured.get(tuple(ks[n] for n in names), current)
+    return search.result(budget, ks, current, uniform, tuning, GRID)
 
 
 def _samples(batches: Iterable[Batch]) -> int:
@@ -591,11 +620,7 @@ def _obs_orders(model: nn.Module, stats: Any, recipe: Recipe, names: list[str], 
     return orders
 
 
-def _search_by_threshold(
-    names: list[str], sizes: Mapping[str, int], orders: Mapping[str, _ObsOrder],
-    cost: Callable[[Mapping[str, int]], float], masks_for: Callable[[Mapping[str, int]], Masks],
-    budget: Budget, grid: int, measured: Mapping[tuple[int, ...], float], tuning: Iterable[Batch],
-) -> BudgetResult:
+def _search_by_threshold(search: _Candidates, budget: Budget, tuning: Iterable[Batch]) -> BudgetResult:
     """Levels from one threshold on every layer's marginal cost per feature.
 
     A layer's cost curve is its ``obs`` objective (free from its removal order)
@@ -607,29 +632,12 @@ def _search_by_threshold(
     ones go far above it. The threshold is bisected on the measured tuning cost,
     then the greedy step-up of :func:`_greedy` uses what is left of the budget.
     The uniform level is kept if it is better."""
+    names, cost, sizes, grid = search.names, search.cost, search.sizes, search.grid
     top = grid - 1
     zero = dict.fromkeys(names, 0)
     base = cost(zero)
-    lo, hi, uniform_cost = 0, top, base
-    try:
-        while lo < hi:  # the highest uniform level within the budget (the cost rises with it)
-            mid = (lo + hi + 1) // 2
-            value = cost(dict.fromkeys(names, mid))
-            lo, hi, uniform_cost = (mid, hi, value) if budget.within(value) else (lo, mid - 1, uniform_cost)
-    except _Exhausted:
-        pass
-    uniform = lo
-    probe = min(top, max(uniform + grid // 8, grid // 4))  # near where the allocation will be
-    slopes: list[tuple[float, int, int]] = []  # (marginal cost per feature, layer index, step)
-    for i, name in enumerate(names):
-        curve = orders[name].error[[orders[name].removed(k) for k in range(top + 1)]]
-        rise = budget.badness(cost({**zero, name: probe})) - budget.badness(base)
-        scale = max(rise, 1e-12) / max(float(curve[probe]), 1e-300)
-        marginal = 0.0
-        for k in range(1, top + 1):
-            marginal = max(marginal, scale * float(curve[k] - curve[k - 1]) / (sizes[name] / grid))
-            slopes.append((marginal, i, k))
-    slopes.sort()
+    uniform, uniform_cost = _highest(lambda k: dict.fromkeys(names, k), top, base, cost, budget, stop_early=True)
+    slopes = _slopes(search, uniform, base, budget)
 
     def prefix(n: int) -> dict[str, int]:
         ks = dict(zero)
@@ -637,30 +645,58 @@ def _search_by_threshold(
             ks[names[i]] = max(ks[names[i]], k)
         return ks
 
-    def highest(candidate: Callable[[int], dict[str, int]], hi: int) -> tuple[int, float]:
-        lo, value = 0, base
-        while lo < hi:  # the cost rises with n: the highest n within the budget
-            mid = (lo + hi + 1) // 2
-            measured_mid = cost(candidate(mid))
-            if budget.within(measured_mid):
-                lo, value = mid, measured_mid
-            else:
-                hi = mid - 1
-        return lo, value
-
     try:
-        n, current = highest(prefix, len(slopes))
+        n, current = _highest(prefix, len(slopes), base, cost, budget)
         ks = prefix(n)
         if uniform * sum(sizes.values()) > sum(ks[name] * sizes[name] for name in names):
             ks, current = dict.fromkeys(names, uniform), uniform_cost
         current = _greedy(names, ks, sizes, current, cost, budget, top)
     except _Exhausted:
         ks = ks if "ks" in locals() else dict(zero)
-        current = measured.get(tuple(ks[name] for name in names), base)
-    return BudgetResult(
-        budget=budget, levels={name: ks[name] / grid for name in names}, masks=masks_for(ks), tuning_cost=current,
-        uniform_level=uniform / grid, evaluations=len(measured), tuning_samples=_samples(tuning),
-    )
+        current = search.measured.get(tuple(ks[name] for name in names), base)
+    return search.result(budget, ks, current, uniform, tuning)
+
+
+def _highest(candidate: Callable[[int], dict[str, int]], hi: int, base: float, cost: Callable[[Mapping[str, int]], float],
+             budget: Budget, stop_early: bool = False) -> tuple[int, float]:
+    """The highest ``n`` in ``[0, hi]`` whose ``candidate(n)`` keeps the budget,
+    bisected (its cost rises with ``n``), and that cost (``base`` at 0).
+    ``stop_early``: out of evaluations, what was found so far."""
+    lo, value = 0, base
+    try:
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            measured_mid = cost(candidate(mid))
+            if budget.within(measured_mid):
+                lo, value = mid, measured_mid
+            else:
+                hi = mid - 1
+    except _Exhausted:
+        if not stop_early:
+            raise
+    return lo, value
+
+
+def _slopes(search: _Candidates, uniform: int, base: float, budget: Budget) -> list[tuple[float, int, int]]:
+    """``(marginal cost per feature, layer index, step)`` of every step of every
+    layer, least first: the layer's ``obs`` curve scaled by one measurement of the
+    layer alone a little above the ``uniform`` level (where the allocation will be);
+    a step's marginal cost is at least that of the steps before it."""
+    names, orders, grid = search.names, search.orders, search.grid
+    top = grid - 1
+    zero = dict.fromkeys(names, 0)
+    probe = min(top, max(uniform + grid // 8, grid // 4))  # near where the allocation will be
+    slopes: list[tuple[float, int, int]] = []
+    for i, name in enumerate(names):
+        curve = orders[name].error[[orders[name].removed(k) for k in range(top + 1)]]
+        rise = budget.badness(search.cost({**zero, name: probe})) - budget.badness(base)
+        scale = max(rise, 1e-12) / max(float(curve[probe]), 1e-300)
+        marginal = 0.0
+        for k in range(1, top + 1):
+            marginal = max(marginal, scale * float(curve[k] - curve[k - 1]) / (search.sizes[name] / grid))
+            slopes.append((marginal, i, k))
+    slopes.sort()
+    return slopes
 
 
 # --- the pipeline's use -------------------------------------------------------------

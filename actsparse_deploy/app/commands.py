@@ -52,8 +52,9 @@ from ..models.loading import LoadedModel, ModelOptions, load_model, load_text_da
 from ..onnx.export import export_onnx, layer_metadata
 from ..onnx.validate import validate
 from .cost import sparsification_cost
+from .options import CalibrateOptions, LoadOptions
 from .report import Calibration, Report, named_input_shape
-from .workload import load_workload, squash_workload
+from .workload import load_workload, resolve_io_spec, squash_workload
 
 __all__ = [
     "Source",
@@ -102,27 +103,14 @@ class Source:
 
 
 @dataclass(frozen=True)
-class SourceOptions:
-    """What to load a source with: ``masks`` squashed in ``mode`` (dense
-    without); the model's ``weights``; ``data`` (calibration inputs, the export
-    example) and ``heldout`` data files; ``batch_size`` (None: the built-in
-    model's, else 32); ``labels``, class indices of the held-out samples; ``model``:
-    a Hugging Face model's task and text files, a factory's arguments."""
+class SourceOptions(LoadOptions):
+    """What to load a source with: the model, its weights and data as
+    :class:`~actsparse_deploy.app.options.LoadOptions` says (``model``: a Hugging
+    Face model's task and text files, a factory's arguments), then ``masks``
+    squashed in ``mode`` (dense without)."""
 
     masks: str | Path | None = None
     mode: str = DEFAULT_MODE
-    weights: str | Path | None = None
-    data: str | None = None
-    heldout: str | None = None
-    batch_size: int | None = None
-    labels: str | Path | None = None
-    model: ModelOptions | None = None
-
-    def workload(self, spec: str) -> Workload:
-        """``spec`` (a model, not a ``.pt2``) with its weights and data (``model``:
-        the task, factory arguments and text files of :class:`~actsparse_deploy.models.loading.ModelOptions`)."""
-        return load_workload(spec, self.weights, self.data, self.heldout, self.batch_size, labels=self.labels,
-                             model_options=self.model)
 
 
 def is_pt2(spec: str | Path) -> bool:
@@ -218,9 +206,7 @@ def calibrate_to_file(
     ``group``: a :class:`~actsparse_deploy.calibration.distributed.Session` (or process
     group): each rank collects its share of the batches, rank 0 writes and
     returns the report, the other ranks return None."""
-    if group is not None and max_cost is not None:
-        raise RecipeError("a cost budget (`max_cost`) searches over several passes of the data: it is not supported in distributed "
-                          "calibration; run it in one process, or give a sparsity")
+    CalibrateOptions(max_cost=max_cost, max_samples=max_samples, group=group)  # its checks: a budget, distributed, the samples
     if stats_only and max_cost is not None:
         raise RecipeError("a cost budget selects masks: it cannot be given with `stats_only` (select from the statistics later)")
     start = time.perf_counter()
@@ -286,7 +272,7 @@ def stats_report(stats: Statistics, output: str | Path, seconds: float, parts: i
                   calibration=Calibration(samples=stats.num_samples, batches=stats.num_batches), layers=rows,
                   recipe=stats.recipe.to_dict() if stats.recipe is not None else None,
                   notes=[f"layer {name!r}: {why}" for name, why in stats.skipped.items()],
-                  seconds={"total": round(seconds, 3)}, files={str(output): _size(Path(output))}, extra=extra)
+                  seconds={"total": round(seconds, 3)}, files={str(output): _size(Path(output))}, **extra)
 
 
 def merge_stats_files(parts: Sequence[str | Path], output: str | Path) -> Report:
@@ -463,9 +449,8 @@ def validate_against(
     seconds = {"validate": round(time.perf_counter() - start, 3)}
     cost = None
     if source.work is not None and (options.masks is not None or options.labels is not None):
-        held = source.require_heldout()
-        if io is None and held:  # what export names the inputs and outputs by default
-            io = IOSpec.from_model(source.module, next(iter(held)), data=shape_examples(held))
+        if io is None:  # what export names the inputs and outputs by default
+            io = resolve_io_spec(source.module, source.require_heldout(), infer=True)
         cost = sparsification_cost(source.work, source.module, Path(onnx_model), io)
     seconds["total"] = round(time.perf_counter() - start, 3)
     return Report(model=source.name, squash_mode=source.mode, layers=source.layers,
@@ -589,4 +574,4 @@ def budget_to_file(
     seconds = round(time.perf_counter() - start, 3)
     report = masks_report(result.masks, files={str(output): _size(Path(output))}, seconds={"calibrate": seconds, "total": seconds},
                           notes=loaded.notes)
-    return report.replace(extra={**report.extra, "budget": result.to_json()})
+    return report.replace(budget=result.to_json())

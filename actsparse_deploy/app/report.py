@@ -13,6 +13,16 @@ keys, so ``to_json()`` writes exactly the keys ``report.json`` has always had.
     >>> list(report.to_json()) == list(KEYS) and Report.from_json(report.to_json()) == report
     True
 
+A stage's JSON (a dict) becomes its section where it is handed over, so what is
+read back is typed: the budget a ``--max-cost`` search chose, the perplexity and
+the other-text cosine of the cost, the exporter asked for, an ONNX file's graph.
+
+    >>> cost = Report(cost={"outputs": [], "heldout_samples": 8, "perplexity_dense": 9.0, "perplexity_sparse": 9.9}).cost
+    >>> cost.perplexity, round(cost.perplexity.ratio, 3), cost.to_json()["perplexity_sparse"]
+    (Perplexity(dense=9.0, sparse=9.9, onnx=None), 1.1, 9.9)
+
+The results of a sweep (``sweep.json``) are a :class:`SweepResult`.
+
 This module imports nothing heavy (no torch, no onnx): the command line renders
 reports without paying for them.
 """
@@ -21,12 +31,31 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, Self, TypeVar
 
 from ..base.version import __version__
 
-__all__ = ["KEYS", "Calibration", "Cost", "Export", "Latency", "Report", "Section", "Validation", "named_input_shape"]
+__all__ = [
+    "KEYS",
+    "BudgetSearch",
+    "Calibration",
+    "Cost",
+    "Export",
+    "ExportRequest",
+    "HeldoutCost",
+    "Latency",
+    "OnnxGraph",
+    "OtherText",
+    "Perplexity",
+    "Report",
+    "Section",
+    "SweepLatency",
+    "SweepResult",
+    "SweepRow",
+    "Validation",
+    "named_input_shape",
+]
 
 S = TypeVar("S", bound="Section")
 
@@ -45,46 +74,82 @@ def _plain(value: Any) -> Any:
 @dataclass(frozen=True, kw_only=True)
 class Section:
     """A part of a report. Its fields are its JSON keys, in order; a field whose
-    metadata says ``omit_none`` is left out of the JSON while it is ``None``.
-    Keys this version does not know (from a newer tool, or a stage that added
-    one) are kept in ``extra`` and written back after the known ones."""
+    metadata says ``omit_none`` is left out of the JSON while it is ``None``; a
+    field whose metadata says ``flat`` (a prefix) is a section whose keys sit
+    beside the others, each with that prefix (``perplexity_dense``). Keys this
+    version does not know (from a newer tool) are kept in ``unknown`` and
+    written back after the known ones."""
 
-    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    unknown: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     #: field name -> the Section class its JSON parses into (a dict given there is parsed)
     SECTIONS: ClassVar[Mapping[str, type[Section]]] = {}
+    #: list field name -> the Section class of its rows (dicts given there are parsed)
+    ROWS: ClassVar[Mapping[str, type[Section]]] = {}
 
     def __post_init__(self) -> None:
         for name, section in self.SECTIONS.items():
             value = getattr(self, name)
             if isinstance(value, Mapping):
                 object.__setattr__(self, name, section.from_json(value))
+        for name, row in self.ROWS.items():
+            value = getattr(self, name)
+            if isinstance(value, list) and any(isinstance(v, Mapping) for v in value):
+                object.__setattr__(self, name, [row.from_json(v) if isinstance(v, Mapping) else v for v in value])
 
     @classmethod
     def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name != "extra"]
+        """The keys of the fields written as themselves (not ``flat``), in order."""
+        return [f.name for f in fields(cls) if f.name != "unknown" and "flat" not in f.metadata]
+
+    @classmethod
+    def required(cls) -> list[str]:
+        """The keys without which the JSON is not this section."""
+        return [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Self:
         """The section ``data`` (a ``to_json()`` result, or the dict a stage returns) describes."""
         if not isinstance(data, Mapping):
             raise TypeError(f"{cls.__name__} is read from a JSON object, not {type(data).__name__}")
-        names = cls.keys()
-        known = {name: data[name] for name in names if name in data}
-        return cls(**known, extra={k: v for k, v in data.items() if k not in names})
+        known: dict[str, Any] = {name: data[name] for name in cls.keys() if name in data}
+        taken = set(known)
+        for f in fields(cls):
+            if "flat" in f.metadata:
+                prefix, section = f.metadata["flat"], cls.SECTIONS[f.name]
+                part = {key: data[prefix + key] for key in section.keys() if prefix + key in data}
+                if all(key in part for key in section.required()):
+                    known[f.name] = section.from_json(part)
+                    taken |= {prefix + key for key in part}
+        return cls(**known, unknown={k: v for k, v in data.items() if k not in taken})
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "extra" or (value is None and f.metadata.get("omit_none")):
+            if f.name == "unknown" or (value is None and (f.metadata.get("omit_none") or "flat" in f.metadata)):
                 continue
-            out[f.name] = _plain(value)
-        out.update(_plain(self.extra))
+            if "flat" in f.metadata:
+                out.update({f.metadata["flat"] + key: item for key, item in value.to_json().items()})
+            else:
+                out[f.name] = _plain(value)
+        out.update(_plain(self.unknown))
         return out
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """The JSON keys beyond this section's own fields: its ``flat`` sections'
+        and the ``unknown`` ones (read the typed fields; this is what the JSON holds)."""
+        own = set(self.keys())
+        return {k: v for k, v in self.to_json().items() if k not in own}
 
 
 _OMIT_NONE = {"omit_none": True}
+
+
+def _flat(prefix: str) -> Any:
+    """A section field whose keys sit in its parent's JSON, each after ``prefix`` (absent while None)."""
+    return field(default=None, metadata={"flat": prefix})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,8 +161,41 @@ class Calibration(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ExportRequest(Section):
+    """What the export was asked for (``export`` and ``convert``): the exporter
+    and opset requested, and why another exporter was used (``fallback``; None
+    where none was)."""
+
+    requested_exporter: str
+    fallback: str | None
+    requested_opset: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class OnnxGraph(Section):
+    """What an ONNX file's graph holds (``inspect MODEL.onnx``; ``validate.describe_onnx``):
+    each input's and output's dtype and shape, the opsets, operator counts,
+    initializers and their parameters and bytes, the external data files."""
+
+    input_shapes: list[dict[str, Any]]
+    output_shapes: list[dict[str, Any]]
+    file_bytes: int
+    ir_version: int
+    producer: str
+    opsets: dict[str, int]
+    nodes: int
+    ops: dict[str, int]
+    initializers: int
+    parameters: int
+    initializer_bytes: int
+    metadata: dict[str, str]
+    data_files: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, kw_only=True)
 class Export(Section):
-    """The ONNX file written (``ExportResult.to_json()``)."""
+    """The ONNX file written (``ExportResult.to_json()``: ``request`` says what was
+    asked for), or the one ``inspect`` read (``seconds`` None; ``graph`` what it holds)."""
 
     path: str
     exporter: str
@@ -105,14 +203,20 @@ class Export(Section):
     inputs: list[str]
     outputs: list[str]
     dynamic_axes: dict[str, dict[str, str]]
-    seconds: float
+    seconds: float | None
     external_data: bool
     size_bytes: int
+    request: ExportRequest | None = _flat("")
+    graph: OnnxGraph | None = _flat("")
+
+    SECTIONS: ClassVar[Mapping[str, type[Section]]] = {"request": ExportRequest, "graph": OnnxGraph}
 
 
 @dataclass(frozen=True, kw_only=True)
 class Validation(Section):
-    """ONNX vs PyTorch on held-out data (``ValidationReport.to_json()``)."""
+    """ONNX vs PyTorch on held-out data (``ValidationReport.to_json()``): with the
+    input shapes validated (``shapes``) and the lengths of each sequence axis
+    (``sequence_lengths``, ``{label: [lengths]}``)."""
 
     onnx: str
     passed: bool
@@ -122,18 +226,80 @@ class Validation(Section):
     samples: int
     max_abs_diff: float
     outputs: list[dict[str, Any]]
+    shapes: list[dict[str, list[int]]] | None = field(default=None, metadata=_OMIT_NONE)
+    sequence_lengths: dict[str, list[int]] | None = field(default=None, metadata=_OMIT_NONE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OtherText(Section):
+    """The cost under domain shift (a built-in with other data, MiniLM): per output,
+    the cosine of the sparse to the dense model on text that is neither
+    calibration nor held-out data."""
+
+    outputs: list[dict[str, Any]]
+    samples: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Perplexity(Section):
+    """Held-out next-token perplexity of a causal language model: dense, sparse and
+    (where an ONNX model was run) ONNX. In the cost's JSON as ``perplexity_dense``, ..."""
+
+    dense: float
+    sparse: float
+    onnx: float | None = field(default=None, metadata=_OMIT_NONE)
+
+    @property
+    def ratio(self) -> float:
+        """Sparse over dense: above 1 is worse."""
+        return self.sparse / self.dense
 
 
 @dataclass(frozen=True, kw_only=True)
 class Cost(Section):
     """What sparsification cost: dense vs sparse per output, and accuracy for a
-    classifier with labels (dense, sparse, ONNX; absent otherwise)."""
+    classifier with labels (dense, sparse, ONNX; absent otherwise); the cosine
+    on other text and the perplexity of a language model where they apply."""
 
     outputs: list[dict[str, Any]]
     heldout_samples: int
     accuracy_dense: float | None = field(default=None, metadata=_OMIT_NONE)
     accuracy_sparse: float | None = field(default=None, metadata=_OMIT_NONE)
     accuracy_onnx: float | None = field(default=None, metadata=_OMIT_NONE)
+    other_text: OtherText | None = field(default=None, metadata=_OMIT_NONE)
+    perplexity: Perplexity | None = _flat("perplexity_")
+
+    SECTIONS: ClassVar[Mapping[str, type[Section]]] = {"other_text": OtherText, "perplexity": Perplexity}
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeldoutCost(Section):
+    """A budget's cost on held-out data and whether it keeps the budget; without
+    held-out data both None and a note that says so. In the budget's JSON as
+    ``heldout_cost``, ``heldout_within``, ``heldout_note``."""
+
+    cost: float | None
+    within: bool | None
+    note: str | None = field(default=None, metadata=_OMIT_NONE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetSearch(Section):
+    """What a ``--max-cost`` search chose (``budget.BudgetResult.to_json()``): the
+    level per layer, the overall sparsity and the uniform level it started from,
+    the cost on the tuning split of the calibration data, how many allocations
+    it measured, and the held-out cost."""
+
+    budget: str
+    levels: dict[str, float]
+    overall_sparsity: float
+    uniform_level: float
+    tuning_cost: float
+    tuning_samples: int
+    evaluations: int
+    heldout: HeldoutCost | None = _flat("heldout_")
+
+    SECTIONS: ClassVar[Mapping[str, type[Section]]] = {"heldout": HeldoutCost}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,7 +321,9 @@ class Latency(Section):
 
 @dataclass(frozen=True, kw_only=True)
 class Report(Section):
-    """What a command did. Every key is always present in the JSON.
+    """What a command did. Every key of :data:`KEYS` is always present in the JSON;
+    ``budget`` (a ``--max-cost`` search), ``fingerprint`` and ``parts`` (a
+    statistics file: its model's fingerprint, the parts it merges) only where they apply.
 
     ``layers`` holds one row per layer; its keys depend on what ran: ``calibrate``
     and ``inspect`` of a masks file give the masks' rows (layer, mask_shape,
@@ -184,9 +352,13 @@ class Report(Section):
     files: dict[str, int] | None = None
     threads: int | None = None
     latency: Latency | None = None
+    budget: BudgetSearch | None = field(default=None, metadata=_OMIT_NONE)
+    fingerprint: str | None = field(default=None, metadata=_OMIT_NONE)
+    parts: int | None = field(default=None, metadata=_OMIT_NONE)
 
     SECTIONS: ClassVar[Mapping[str, type[Section]]] = {
         "calibration": Calibration, "export": Export, "validation": Validation, "cost": Cost, "latency": Latency,
+        "budget": BudgetSearch,
     }
 
     @property
@@ -203,7 +375,70 @@ class Report(Section):
 
 
 #: the top-level keys of every report, in order
-KEYS = tuple(Report.keys())
+KEYS = tuple(f.name for f in fields(Report) if f.name in Report.keys() and not f.metadata.get("omit_none"))
+
+
+# --- sweep.json ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepLatency(Section):
+    """How a sweep timed each model: ``runs`` onnxruntime passes (median) over ``batches`` held-out batches."""
+
+    batches: int
+    runs: int
+    threads: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepValidation(Section):
+    """The tolerances every exported model of a sweep was validated with."""
+
+    atol: float
+    rtol: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepRow(Section):
+    """One method at one level: its overall sparsity, the cosine of its last output
+    to the dense model's (mean and worst), the latency ratio to dense, accuracy
+    for a classifier and the other-text cost where the model has other data."""
+
+    method: str
+    level: float
+    overall_sparsity: float
+    output: str | int
+    cosine_mean: float
+    cosine_min: float
+    heldout_samples: int
+    latency_ratio: float
+    dense_ms: float
+    sparse_ms: float
+    threads: int
+    #: the largest difference of the exported model's outputs to the squashed PyTorch model's (validated)
+    onnx_max_abs_diff: float
+    accuracy_dense: float | None = field(default=None, metadata=_OMIT_NONE)
+    accuracy_sparse: float | None = field(default=None, metadata=_OMIT_NONE)
+    other_text: OtherText | None = field(default=None, metadata=_OMIT_NONE)
+
+    SECTIONS: ClassVar[Mapping[str, type[Section]]] = {"other_text": OtherText}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepResult(Section):
+    """What ``sweep`` measured (``sweep.json``): one row per method and level."""
+
+    model: str
+    levels: list[float]
+    methods: list[str]
+    compensate: str | None
+    heldout_samples: int
+    latency: SweepLatency
+    validation: SweepValidation
+    rows: list[SweepRow]
+
+    SECTIONS: ClassVar[Mapping[str, type[Section]]] = {"latency": SweepLatency, "validation": SweepValidation}
+    ROWS: ClassVar[Mapping[str, type[Section]]] = {"rows": SweepRow}
 
 
 def named_input_shape(row: Mapping[str, Any]) -> list[int | str] | None:

@@ -4,7 +4,9 @@ For each method (default: the model's recipe as it is, plus the activation
 ``topk`` baseline: ``max_abs`` statistic, no method, no compensation) the
 statistics are collected once on the calibration data; for each level the
 masks are selected from them, squashed (``auto``: pruned where exact), exported
-to ONNX, and measured: the cost on the held-out data (cosine of each output to
+to ONNX, validated against the squashed PyTorch model on the held-out data (as
+``convert`` does, by the same stage runner: :class:`actsparse_deploy.app.pipeline.Stages`;
+each row's ``onnx_max_abs_diff``), and measured: the cost on the held-out data (cosine of each output to
 the dense model's; accuracy for a classifier with labels) and the latency ratio
 to the dense export under onnxruntime (:func:`actsparse_deploy.onnx.latency.latency_ratio`).
 ``sweep.json`` holds every row; ``sweep.png`` plots cost against sparsity per
@@ -32,12 +34,15 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..base.constants import MAX_RUNS
-from ..base.errors import OutputError, RecipeError, UsageError
-from ..base.files import os_reason
+from ..base.errors import RecipeError, UsageError
 from ..calibration.recipe import LayerSettings, Recipe
+from .options import ValidateOptions
+
+if TYPE_CHECKING:
+    from .pipeline import Stages
 
 __all__ = ["BASELINE", "MAX_LEVELS", "OUT_FILES", "RECIPE", "parse_levels", "plot_sweep", "sweep"]
 
@@ -142,76 +147,91 @@ def sweep(
     runs: int = 15,
     overwrite: bool = False,
     on_step: Callable[[str], None] | None = None,
+    validation: ValidateOptions | None = None,
 ) -> dict[str, Any]:
     """Measure every level x method (see the module docstring), each model timed
-    ``runs`` times (1 to :data:`~actsparse_deploy.base.constants.MAX_RUNS`); write
-    ``outdir/sweep.json`` and ``outdir/sweep.png``; return what ``sweep.json`` holds."""
-    from ..base.files import check_output_path, output_folder, publish, staging_dir
-    from .workload import load_workload
+    ``runs`` times (1 to :data:`~actsparse_deploy.base.constants.MAX_RUNS`) and
+    validated against PyTorch on the held-out data (``validation``: the tolerances;
+    a model outside them stops the sweep with a ValidationError, writing nothing);
+    write ``outdir/sweep.json`` and ``outdir/sweep.png``; return what ``sweep.json`` holds."""
+    from ..base.files import staging_dir
+    from .options import LoadOptions
+    from .pipeline import Stages, locked_outputs, publish_staged
 
     if isinstance(runs, bool) or not isinstance(runs, int) or not 1 <= runs <= MAX_RUNS:
         raise UsageError(f"`runs` must be an integer from 1 to {MAX_RUNS}, got {runs!r}")
+    load = LoadOptions(weights=weights, data=data, heldout=heldout, batch_size=batch_size)
+    checks = validation if validation is not None else ValidateOptions()
     outdir = Path(outdir)
-    with output_folder(outdir):  # one run at a time writes here
-        for name in OUT_FILES:
-            check_output_path(outdir / name, overwrite)
-        work = load_workload(model, weights, data, heldout, batch_size)
-        recipes = _recipes(work, recipe, methods, compensate)
+    with locked_outputs(outdir, OUT_FILES, overwrite):  # one run at a time writes here
+        stages = Stages(load.workload(model))
+        recipes = _recipes(stages.work, recipe, methods, compensate)
         with staging_dir(outdir) as staging:  # the scratch exports too: removed with it, or by the next run if killed
-            result = _measure(work, recipes, compensate, staging, levels, runs, on_step)
-            try:
-                (staging / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
-                plot_sweep(result, staging / "sweep.png")
-            except OSError as e:
-                raise OutputError(f"cannot write the sweep to {outdir}: {os_reason(e)}") from e
-            publish(staging, outdir, OUT_FILES, overwrite)
+            result = _measure(stages, recipes, compensate, staging, levels, runs, on_step, checks)
+            writers = {"sweep.json": lambda path: path.write_text(json.dumps(result, indent=2) + "\n"),
+                       "sweep.png": lambda path: plot_sweep(result, path)}
+            publish_staged(staging, outdir, writers, OUT_FILES, overwrite, what="the sweep")
     return result
 
 
-def _measure(work: Any, recipes: dict[str, Recipe], compensate: str | None, scratch: Path, levels: Sequence[float],
-             runs: int, on_step: Callable[[str], None] | None) -> dict[str, Any]:
-    """The rows of every level x method: ONNX exports in ``scratch``; what ``sweep.json`` holds."""
-    from ..calibration.calibrate import collect, select
-    from ..onnx.export import export_onnx
-    from ..onnx.latency import latency_ratio
-    from .cost import sparsification_cost
-    from .workload import squash_workload
+def _measure(stages: Stages, recipes: dict[str, Recipe], compensate: str | None, scratch: Path, levels: Sequence[float],
+             runs: int, on_step: Callable[[str], None] | None, checks: ValidateOptions) -> dict[str, Any]:
+    """The rows of every level x method (:func:`_level`): ONNX exports in ``scratch``; what ``sweep.json`` holds."""
+    from .options import ExportOptions
 
-    held = work.require_heldout()
-    timing_batches = list(itertools.islice(held, 2))
+    work = stages.work
+    timing_batches = list(itertools.islice(work.require_heldout(), 2))
     rows: list[dict[str, Any]] = []
-    dense_path = scratch / "dense.onnx"
-    export_onnx(work.model, work.example(), dense_path, io_spec=work.io)
+    dense = stages.export(work.model, scratch / "dense.onnx", ExportOptions())
     for index, (method, the_recipe) in enumerate(recipes.items()):
         if on_step is not None:
             on_step(f"{method}: collecting statistics")
-        stats = collect(work.model, the_recipe, work.require_calibration(), model_name=work.name)
+        with stages.timer("calibrate"):
+            stats = stages.statistics(the_recipe, work.require_calibration())
         for level in levels:
             if on_step is not None:
                 on_step(f"{method} at {level:.0%}")
-            masks = select(stats, the_recipe.with_sparsity(level), model=work.model)
-            squashed = squash_workload(work, masks, "auto")
             path = scratch / f"{index}-{len(rows)}.onnx"
-            export_onnx(squashed.model, work.example(), path, io_spec=work.io)
-            cost = sparsification_cost(work, squashed.model)
-            speed = latency_ratio(dense_path, path, timing_batches, io_spec=work.io, runs=runs, warmup=min(3, runs))
-            rows.append(_row(method, level, masks, cost, speed))
-            path.unlink()
+            row = _level(stages, stats, the_recipe.with_sparsity(level), path, dense.path, timing_batches, runs, checks)
+            rows.append({"method": method, "level": level, **row})
     return {
         "model": work.name, "levels": list(levels), "methods": list(recipes), "compensate": compensate,
         "heldout_samples": rows[0]["heldout_samples"] if rows else 0,
         "latency": {"batches": len(timing_batches), "runs": runs, "threads": rows[0]["threads"] if rows else None},
+        "validation": {"atol": checks.atol, "rtol": checks.rtol},
         "rows": rows,
     }
 
 
-def _row(method: str, level: float, masks: Any, cost: dict[str, Any], speed: dict[str, Any]) -> dict[str, Any]:
+def _level(stages: Stages, stats: Any, recipe: Recipe, path: Path, dense: Path, timing: list[Any], runs: int,
+           checks: ValidateOptions) -> dict[str, Any]:
+    """One row: the masks of ``recipe`` (at its level) from ``stats``, squashed
+    (``auto``), exported to ``path``, validated against the squashed PyTorch model,
+    its held-out cost and its latency against ``dense``; the export is removed after."""
+    from ..calibration.calibrate import select
+    from ..onnx.export import layer_metadata
+    from ..onnx.latency import latency_ratio
+    from .options import ExportOptions
+
+    masks = select(stats, recipe, model=stages.work.model)
+    squashed = stages.squash(masks, "auto")
+    exported = stages.export(squashed.model, path, ExportOptions(), layer_metadata(squashed.report(), "auto"))
+    checked = stages.validate(path, squashed.model, exported, checks)
+    cost, _ = stages.cost(squashed.model)
+    with stages.timer("latency"):
+        speed = latency_ratio(dense, path, timing, io_spec=exported.io, runs=runs, warmup=min(3, runs))
+    path.unlink()
+    return _row(masks, cost, speed, checked.max_abs)
+
+
+def _row(masks: Any, cost: dict[str, Any], speed: dict[str, Any], max_abs_diff: float) -> dict[str, Any]:
     last = cost["outputs"][-1]
     row: dict[str, Any] = {
-        "method": method, "level": level, "overall_sparsity": masks.overall_sparsity(),
+        "overall_sparsity": masks.overall_sparsity(),
         "output": last["output"], "cosine_mean": last["cosine_mean"], "cosine_min": last["cosine_min"],
         "heldout_samples": cost["heldout_samples"],
         "latency_ratio": speed["ratio"], "dense_ms": speed["dense_ms"], "sparse_ms": speed["sparse_ms"], "threads": speed["threads"],
+        "onnx_max_abs_diff": max_abs_diff,
     }
     if "accuracy_sparse" in cost:
         row["accuracy_dense"], row["accuracy_sparse"] = cost["accuracy_dense"], cost["accuracy_sparse"]

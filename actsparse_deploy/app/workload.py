@@ -25,14 +25,19 @@ from ..data.batches import batch_size as batch_size_of
 from ..data.readers import check_distinct_data, load_data, load_labels
 from ..data.workload import EXAMPLE_BATCH_SIZE, Workload
 from ..models import zoo
-from ..models.loading import ModelOptions, load_model, load_text_data
+from ..models.loading import LoadedModel, ModelOptions, load_model, load_text_data
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from ..bake.squash import SquashResult
     from ..calibration.masks import Masks
     from ..calibration.recipe import Recipe
+    from ..data.iospec import IOSpec
+    from ..models.zoo import BuiltinModel
 
-__all__ = ["EXAMPLE_BATCH_SIZE", "Workload", "load_recipe", "load_workload", "squash_workload"]
+__all__ = ["EXAMPLE_BATCH_SIZE", "Workload", "check_distinct_inputs", "load_recipe", "load_workload", "resolve_io_spec",
+           "squash_workload"]
 
 
 def squash_workload(work: Workload, masks: Masks, mode: str) -> SquashResult:
@@ -74,6 +79,39 @@ def _first(batches: list[Batch] | Iterable[Batch] | None) -> Batch | None:
     return next(iter(batches), None) if isinstance(batches, Stream) else None
 
 
+def check_distinct_inputs(data: str | None, heldout: str | None, model_options: ModelOptions | None = None) -> None:
+    """Held-out data that is the calibration data (``data`` and ``heldout`` files, or
+    ``model_options``' text files) is refused, naming both."""
+    if data is not None and heldout is not None:
+        check_distinct_data(data, heldout)
+    if model_options is not None and model_options.text and model_options.heldout_text:
+        check_distinct_data(model_options.text, model_options.heldout_text)
+
+
+def resolve_io_spec(model: LoadedModel | nn.Module, batches: list[Batch] | Iterable[Batch] | None, builtin: BuiltinModel | None = None,
+                    *, infer: bool = False) -> IOSpec | None:
+    """A model's one I/O spec (input / output names and dynamic axes): a built-in's
+    own (``builtin``), a Hugging Face model's for batches like the first of
+    ``batches``; else, with ``infer``, what export names it by default
+    (:meth:`~actsparse_deploy.data.iospec.IOSpec.from_model` on the first batch,
+    the shapes of all), else None (export infers it then).
+
+    >>> import torch
+    >>> resolve_io_spec(torch.nn.Linear(3, 2), [torch.zeros(4, 3)], infer=True).output_names
+    ('output',)
+    """
+    if builtin is not None:
+        return builtin.io_spec()
+    if isinstance(model, LoadedModel):
+        return model.io_spec(_first(batches))
+    if not infer or not batches:
+        return None
+    from ..data.iospec import IOSpec
+    from ..data.streams import shape_examples
+
+    return IOSpec.from_model(model, next(iter(batches)), data=shape_examples(batches))
+
+
 def load_workload(
     spec: str,
     weights: str | Path | None = None,
@@ -88,11 +126,9 @@ def load_workload(
     with its data; ``labels``: a file of class indices for the held-out samples (your own
     classifier's accuracy); ``model_options``: a task, factory arguments, text files.
     Held-out data that is the calibration data is refused (``check_distinct=False``:
-    the caller checks it later with ``check_distinct_data``)."""
-    if check_distinct and data is not None and heldout is not None:
-        check_distinct_data(data, heldout)
-    if check_distinct and model_options is not None and model_options.text and model_options.heldout_text:
-        check_distinct_data(model_options.text, model_options.heldout_text)
+    the caller checks it later with :func:`check_distinct_inputs`)."""
+    if check_distinct:
+        check_distinct_inputs(data, heldout, model_options)
     if labels is not None and heldout is None:
         raise DataError(f"`labels` {labels} needs `heldout`: the labels are those of the held-out samples")
     loaded = load_model(spec, weights, model_options)
@@ -113,6 +149,6 @@ def load_workload(
         samples = samples if samples is not None else sum(batch_size_of(b) for b in held or [])
         if len(the_labels) != samples:
             raise DataError(f"labels file {labels} has {len(the_labels)} labels for {samples} held-out samples in {heldout}")
-    io = entry.io_spec() if entry is not None else loaded.io_spec(_first(held) if held else _first(calibration))
+    io = resolve_io_spec(loaded, held if held else calibration, entry)
     task = loaded.hf.model.task if loaded.hf is not None else None
     return Workload(loaded.name, loaded.module, entry, calibration, held, the_labels, io, task, loaded.notes)

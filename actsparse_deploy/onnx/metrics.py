@@ -37,7 +37,7 @@ from ..nn.modules import eval_mode
 if TYPE_CHECKING:
     from ..data.iospec import IOSpec
 
-__all__ = ["Counted", "accuracy", "cosine_stats", "nll_sum", "perplexity", "predictions", "token_ids"]
+__all__ = ["Counted", "accuracy", "cosine_stats", "nll_sum", "perplexity", "predictions", "sample_cosines", "token_ids"]
 
 
 def predictions(model: nn.Module | str | Path, batches: Iterable[Batch], io_spec: IOSpec | None = None) -> np.ndarray:
@@ -118,6 +118,13 @@ def perplexity(model: nn.Module | str | Path, batches: Iterable[Batch], io_spec:
     return float(np.exp(total / count))
 
 
+def sample_cosines(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample cosine similarity of two outputs of the same shape, in float64
+    (a scalar output, a loss or a count: one value)."""
+    rows = x.shape[0] if x.ndim else 1
+    return torch.nn.functional.cosine_similarity(x.double().reshape(rows, -1), y.double().reshape(rows, -1), dim=1, eps=1e-12)
+
+
 def cosine_stats(dense: nn.Module, sparse: nn.Module, batches: Iterable[Batch]) -> list[dict[str, Any]]:
     """Per output of the two models: max abs diff and per-sample cosine
     similarity (mean and worst) of the sparse model's outputs to the dense one's."""
@@ -134,7 +141,7 @@ def cosine_stats(dense: nn.Module, sparse: nn.Module, batches: Iterable[Batch]) 
                 rows = x.shape[0] if x.ndim else 1  # a scalar output (a loss, a count): one value per batch
                 x64, y64 = x.double().reshape(rows, -1), y.double().reshape(rows, -1)
                 stats[i]["max_abs_diff"] = max(stats[i]["max_abs_diff"], float((x64 - y64).abs().max()))
-                cosines[i].append(torch.nn.functional.cosine_similarity(x64, y64, dim=1, eps=1e-12).numpy())
+                cosines[i].append(sample_cosines(x64, y64).numpy())
     for stat, cos in zip(stats, cosines):
         values = np.concatenate(cos)
         stat["cosine_mean"] = float(values.mean())

@@ -1,0 +1,116 @@
+"""``calibrate``'s work from what its command line gives: the recipe the flags
+describe (:class:`RecipeFlags`, :func:`build_recipe`; a Hugging Face model given
+none gets its MLPs' default), the model loaded where calibration runs, then
+:func:`~actsparse_deploy.app.commands.calibrate_to_file`.
+
+    >>> from actsparse_deploy.app.calibrate import RecipeFlags, build_recipe
+    >>> flags = RecipeFlags(layers=["fc*"], sparsity=0.5, method="wanda")
+    >>> recipe = build_recipe("mine:build", False, None, flags.layers, None, flags.sparsity, None, None, False, flags.method)
+    >>> [rule.name for rule in recipe.layers], recipe.defaults.sparse_config, recipe.defaults.method
+    ([('fc*',)], (('sparsity_level', 0.5),), 'wanda')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..base.files import check_output_path
+
+if TYPE_CHECKING:
+    from ..calibration.recipe import Recipe
+    from ..models.loading import LoadedModel, ModelOptions
+    from .report import Report
+
+__all__ = ["RecipeFlags", "build_recipe", "calibrate_model", "recipe_for"]
+
+
+@dataclass(frozen=True)
+class RecipeFlags:
+    """The recipe a command line describes: a ``recipe`` file, or a one-rule recipe
+    from ``layers`` / ``layer_types`` (with ``sparsity`` or ``threshold``,
+    ``aggregate``, ``structured``), else the model's own; ``sparsity`` alone,
+    ``method`` and ``compensate`` override a file's or the model's recipe."""
+
+    recipe: Path | None = None
+    layers: list[str] | None = None
+    layer_types: list[str] | None = None
+    sparsity: float | None = None
+    threshold: float | None = None
+    aggregate: str | None = None
+    structured: bool = False
+    method: str | None = None
+    compensate: str | None = None
+
+    @property
+    def one_rule(self) -> bool:
+        """Whether the flags name the layers (a one-rule recipe)."""
+        return bool(self.layers or self.layer_types)
+
+
+def build_recipe(
+    model_name: str,
+    builtin: bool,
+    recipe: Recipe | Path | None,
+    layers: list[str] | None,
+    layer_types: list[str] | None,
+    sparsity: float | None,
+    threshold: float | None,
+    aggregate: str | None,
+    structured: bool,
+    method: str | None = None,
+    compensate: str | None = None,
+) -> Recipe:
+    """The recipe the flags describe: a file, a one-rule recipe from flags, or
+    the built-in model's own (with --sparsity, --method and --compensate applied
+    to it); see :func:`actsparse_deploy.calibration.recipe.resolve_recipe`."""
+    from ..calibration.recipe import resolve_recipe
+    from ..models.zoo import builtin_recipe_path
+
+    return resolve_recipe(
+        model_name, builtin_recipe_path(model_name) if builtin else None, recipe, layers=layers, layer_types=layer_types,
+        sparsity=sparsity, threshold=threshold, aggregate=aggregate, structured=structured, method=method, compensate=compensate,
+    )
+
+
+def recipe_for(model: str, loaded: LoadedModel, flags: RecipeFlags) -> Recipe:
+    """The recipe ``flags`` describe for ``loaded`` (named ``model`` on the command
+    line); a Hugging Face model without a recipe or layers: its MLPs' default."""
+    base: Recipe | Path | None = flags.recipe
+    if flags.recipe is None and not flags.one_rule and loaded.hf is not None:
+        from ..models.hf import default_recipe
+
+        base = default_recipe(loaded.module)
+    return build_recipe(model, loaded.builtin, base, flags.layers, flags.layer_types, flags.sparsity, flags.threshold,
+                        flags.aggregate, flags.structured, flags.method, flags.compensate)
+
+
+def calibrate_model(
+    model: str, output: str | Path, flags: RecipeFlags, *, weights: str | Path | None = None,
+    model_options: ModelOptions | None = None, data: str | None = None, batch_size: int = 32, max_cost: str | None = None,
+    max_samples: int | None = None, stats_only: bool = False, device: Any = None, group: Any = None, overwrite: bool = False,
+    on_stage: Callable[[str, int | None], None] | None = None, on_batch: Callable[[int], None] | None = None,
+) -> Report | None:
+    """``actsparse calibrate``: check the budget (before the model loads) and the
+    output (on the rank that writes it), load ``model`` on ``device``, calibrate
+    it with the recipe ``flags`` describe and write ``output``. ``group``: a
+    distributed session, whose other ranks than 0 return None (rank 0 reports)."""
+    from ..models.loading import load_model
+    from .commands import calibrate_to_file
+
+    if max_cost is not None:
+        from .budget import check_budget
+
+        check_budget(max_cost)  # a malformed budget fails before the model loads
+        if flags.one_rule:
+            flags = dataclasses.replace(flags, sparsity=0.0)  # a one-rule recipe needs a level: the search sets it per layer
+    if getattr(group, "writer", True):
+        check_output_path(Path(output), overwrite)
+    loaded = load_model(model, weights, model_options, device=device)
+    return calibrate_to_file(
+        loaded, recipe_for(model, loaded, flags), output, data=data, batch_size=batch_size, on_stage=on_stage, on_batch=on_batch,
+        max_cost=max_cost, model_options=model_options, max_samples=max_samples, stats_only=stats_only, group=group,
+    )

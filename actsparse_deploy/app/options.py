@@ -1,0 +1,273 @@
+"""What ``convert`` takes, one frozen group per stage, each checked once (in its ``__post_init__``).
+
+:class:`ConvertOptions` holds ``load`` (:class:`LoadOptions`: the model's weights and
+data, with the :class:`~actsparse_deploy.models.loading.ModelOptions` of a Hugging Face
+model or a factory), ``calibrate`` (:class:`CalibrateOptions`), ``squash``
+(:class:`SquashOptions`), ``export`` (:class:`ExportOptions`) and ``validate``
+(:class:`ValidateOptions`), each taken by its stage, and what the run as a whole
+takes (``overwrite``, ``threads``, ``latency``, ``on_stage``). Flat keywords (those
+of :func:`~actsparse_deploy.app.pipeline.convert`) go to their group.
+
+    >>> from actsparse_deploy.app.options import ConvertOptions, SquashOptions, ValidateOptions, recipe_from_flags
+    >>> options = ConvertOptions(mode="fold", atol=1e-4)
+    >>> options.squash == SquashOptions("fold"), options.validate.atol, options.export.exporter
+    (True, 0.0001, 'auto')
+    >>> ValidateOptions(atol=-1.0)
+    Traceback (most recent call last):
+    ...
+    actsparse_deploy.base.errors.ValidationError: tolerances must be non-negative numbers, finite (atol -1.0, rtol 0.0)
+    >>> options.calibrate.recipe, recipe_from_flags("digits-mlp", None, 0.5, layers=["fc1"])[1]
+    (None, None)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..base.constants import COMPENSATIONS, DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAULT_RTOL, EXPORTERS, MODES
+from ..base.errors import DataError, ExportError, RecipeError, SquashError, ValidationError
+from ..base.threads import check_threads
+from ..models.loading import ModelOptions
+
+if TYPE_CHECKING:
+    from ..calibration.recipe import Recipe
+    from ..data.workload import Workload
+
+__all__ = ["CalibrateOptions", "ConvertOptions", "ExportOptions", "LoadOptions", "SquashOptions", "ValidateOptions",
+           "recipe_from_flags"]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_count(value: Any) -> bool:
+    """A positive integer (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """The model's ``weights`` and its data: ``data`` (calibration) and ``heldout``
+    files (never the same data), ``batch_size`` (None: the built-in model's, else 32),
+    ``labels`` (class indices of the held-out samples), and ``model``: a Hugging Face
+    model's task and text files, a factory's arguments."""
+
+    weights: str | Path | None = None
+    data: str | None = None
+    heldout: str | None = None
+    batch_size: int | None = None
+    labels: str | Path | None = None
+    model: ModelOptions = field(default_factory=ModelOptions)
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and not _is_count(self.batch_size):
+            raise DataError(f"batch size must be a positive integer, got {self.batch_size!r}")
+
+    def workload(self, spec: str, check_distinct: bool = True) -> Workload:
+        """``spec`` loaded with these options (:func:`actsparse_deploy.app.workload.load_workload`)."""
+        from .workload import load_workload
+
+        return load_workload(spec, self.weights, self.data, self.heldout, self.batch_size, labels=self.labels,
+                             check_distinct=check_distinct, model_options=self.model)
+
+    def check_distinct(self) -> None:
+        """Held-out data that is the calibration data (files, or text files): refused."""
+        from .workload import check_distinct_inputs
+
+        check_distinct_inputs(self.data, self.heldout, self.model)
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """How the masks are learnt: the ``recipe`` (None: the model's own) at
+    ``sparsity`` (None: the recipe's), the selection ``method`` and the
+    ``compensate`` of every layer over the recipe's, or a cost budget
+    (``max_cost``, see :mod:`actsparse_deploy.app.budget`) instead of one sparsity;
+    the first ``max_samples`` calibration samples only; ``device`` where it runs;
+    ``group``: distributed calibration (a :class:`~actsparse_deploy.calibration.distributed.Session`
+    or a process group: rank 0 writes); ``on_batch(samples)`` after each batch."""
+
+    recipe: Recipe | str | Path | None = None
+    sparsity: float | None = None
+    method: str | None = None
+    compensate: str | None = None
+    max_cost: str | None = None
+    max_samples: int | None = None
+    device: str | None = None
+    group: Any = None
+    on_batch: Callable[[int], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.device is not None:  # a bad device, or CUDA where there is none: before the model loads
+            from ..calibration.distributed import check_budget_device, resolve_device
+
+            check_budget_device(self.max_cost, self.device)
+            resolve_device(self.device)
+        if self.max_cost is not None and self.group is not None:
+            raise RecipeError("a cost budget (`max_cost`) searches over several passes of the data: it is not supported in "
+                              "distributed calibration; run it in one process, or give a sparsity")
+        if self.max_cost is not None:
+            from .budget import check_budget
+
+            check_budget(self.max_cost)
+            if self.sparsity is not None:
+                raise RecipeError("give a sparsity or a cost budget (max_cost), not both")
+        if self.method is not None and not (isinstance(self.method, str) and self.method):
+            raise RecipeError(f"method must be the name of a selection method, got {self.method!r}")
+        if self.compensate is not None and self.compensate not in COMPENSATIONS:
+            raise RecipeError(f"unknown compensation {self.compensate!r}; known: {', '.join(COMPENSATIONS)}")
+        if self.max_samples is not None and not _is_count(self.max_samples):
+            raise DataError(f"max_samples must be a positive integer, got {self.max_samples!r}")
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the outputs (distributed: rank 0 only)."""
+        return bool(getattr(self.group, "writer", True))
+
+
+@dataclass(frozen=True)
+class SquashOptions:
+    """How the masks become part of the model (:data:`~actsparse_deploy.base.constants.MODES`)."""
+
+    mode: str = DEFAULT_MODE
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise SquashError(f"unknown squash mode {self.mode!r}; known: {', '.join(MODES)}")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """The ONNX export: ``exporter`` and ``opset``, weights in an ``external_data``
+    file, input axes to export as ``dynamic_axes`` besides those inferred
+    (``NAME:AXIS:LABEL`` each), the exporter's own output (``verbose``)."""
+
+    exporter: str = DEFAULT_EXPORTER
+    opset: int | None = None
+    external_data: bool = False
+    dynamic_axes: tuple[str, ...] = ()
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        from ..data.iospec import parse_dynamic_axis
+        from ..onnx.export import check_opset
+
+        object.__setattr__(self, "dynamic_axes", tuple(self.dynamic_axes))
+        for axis in self.dynamic_axes:
+            parse_dynamic_axis(axis)
+        if self.exporter not in EXPORTERS:
+            raise ExportError(f"unknown exporter {self.exporter!r}; known: {', '.join(EXPORTERS)}")
+        check_opset(self.opset, self.exporter)
+
+
+@dataclass(frozen=True)
+class ValidateOptions:
+    """ONNX against PyTorch on the held-out data: ``atol`` and ``rtol``, and the
+    seconds onnxruntime may take in all (``timeout``; None: no limit)."""
+
+    atol: float = DEFAULT_ATOL
+    rtol: float = DEFAULT_RTOL
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if not all(_is_number(t) and 0 <= t < math.inf for t in (self.atol, self.rtol)):  # NaN fails too; inf passes anything
+            raise ValidationError(f"tolerances must be non-negative numbers, finite (atol {self.atol}, rtol {self.rtol})")
+        if self.timeout is not None and not (_is_number(self.timeout) and self.timeout > 0):
+            raise ValidationError(f"timeout must be a positive number of seconds, got {self.timeout}")
+
+
+#: the flat keywords of each group, in the order the groups are made (and checked)
+_FLAT: dict[str, tuple[str, ...]] = {
+    "model": ("task", "text", "heldout_text", "max_length", "factory_args"),
+    "export": ("exporter", "opset", "external_data", "dynamic_axes", "verbose"),
+    "calibrate": ("recipe", "sparsity", "method", "compensate", "max_cost", "max_samples", "device", "group", "on_batch"),
+    "squash": ("mode",),
+    "validate": ("atol", "rtol", "timeout"),
+    "load": ("weights", "data", "heldout", "batch_size", "labels"),
+}
+_MADE: dict[str, Callable[..., Any]] = {"model": ModelOptions, "export": ExportOptions, "calibrate": CalibrateOptions,
+                                        "squash": SquashOptions, "validate": ValidateOptions, "load": LoadOptions}
+
+
+@dataclass(frozen=True, init=False)
+class ConvertOptions:
+    """Everything ``convert`` takes besides the model and the output directory:
+    one group per stage, or the flat keywords of :func:`~actsparse_deploy.app.pipeline.convert`,
+    each sent to its group; all checked before any work. ``threads``: torch's and
+    onnxruntime's intra-op threads each (None: :func:`actsparse_deploy.base.threads.default_threads`);
+    ``latency``: time the dense and the converted model under onnxruntime;
+    ``on_stage(name, total)`` as each stage starts."""
+
+    load: LoadOptions
+    calibrate: CalibrateOptions
+    squash: SquashOptions
+    export: ExportOptions
+    validate: ValidateOptions
+    overwrite: bool = False
+    threads: int | None = None
+    latency: bool = True
+    on_stage: Callable[[str, int | None], None] | None = None
+
+    def __init__(
+        self, load: LoadOptions | None = None, calibrate: CalibrateOptions | None = None, squash: SquashOptions | None = None,
+        export: ExportOptions | None = None, validate: ValidateOptions | None = None, *, overwrite: bool = False,
+        threads: int | None = None, latency: bool = True, on_stage: Callable[[str, int | None], None] | None = None, **flat: Any,
+    ) -> None:
+        unknown = sorted(set(flat) - {name for names in _FLAT.values() for name in names})
+        if unknown:
+            raise TypeError(f"ConvertOptions() got an unexpected keyword argument {unknown[0]!r}")
+        given = {"load": load, "calibrate": calibrate, "squash": squash, "export": export, "validate": validate,
+                 "model": load.model if load is not None else None}
+        made: dict[str, Any] = {}
+        for group, names in _FLAT.items():
+            keywords = {name: flat[name] for name in names if name in flat}
+            if given[group] is not None and keywords:
+                raise TypeError(f"ConvertOptions() got `{group}` and its keyword {next(iter(keywords))!r}: give one of them")
+            if group == "load" and given[group] is None:
+                keywords["model"] = made["model"]
+            made[group] = given[group] if given[group] is not None else _MADE[group](**keywords)
+            if group == "export" and threads is not None:  # after the dynamic axes, before the device: as always
+                check_threads(threads)
+        for name in ("load", "calibrate", "squash", "export", "validate"):
+            object.__setattr__(self, name, made[name])
+        for name, value in (("overwrite", overwrite), ("threads", threads), ("latency", latency), ("on_stage", on_stage)):
+            object.__setattr__(self, name, value)
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the outputs (distributed calibration: rank 0 only)."""
+        return self.calibrate.writer
+
+    def model_options(self) -> ModelOptions:
+        """The model's task, factory arguments and text files (``load.model``)."""
+        return self.load.model
+
+
+def recipe_from_flags(
+    model: str, recipe: Recipe | str | Path | None, sparsity: float | None, *, max_cost: str | None = None,
+    layers: list[str] | None = None, layer_types: list[str] | None = None, threshold: float | None = None,
+    aggregate: str | None = None, structured: bool = False,
+) -> tuple[Recipe | str | Path | None, float | None]:
+    """``(recipe, sparsity)`` for :class:`CalibrateOptions` from a command line's
+    recipe flags: ``layers`` / ``layer_types`` (with ``threshold``, ``aggregate``,
+    ``structured``) make a one-rule recipe that holds the sparsity (a cost budget
+    sets its level per layer); otherwise ``recipe`` and ``sparsity`` as given
+    (see :func:`actsparse_deploy.calibration.recipe.resolve_recipe`)."""
+    if max_cost is not None and (layers or layer_types):
+        sparsity = 0.0  # a one-rule recipe needs a level: the search sets it per layer
+    if not (layers or layer_types or threshold is not None or aggregate is not None or structured):
+        return recipe, sparsity
+    from ..calibration.recipe import resolve_recipe
+    from ..models.zoo import builtin_recipe_path
+
+    one_rule = resolve_recipe(
+        model, builtin_recipe_path(model) if ":" not in model else None, recipe, layers=layers, layer_types=layer_types,
+        sparsity=sparsity, threshold=threshold, aggregate=aggregate, structured=structured,
+    )
+    return one_rule, None  # the sparsity is in the one-rule recipe (the method and compensation are applied by convert)
+
