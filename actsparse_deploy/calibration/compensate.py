@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ..base.errors import ConfigError
+from ..nn.layers import layer_kind
 from .functions import STAT_DTYPE
 from .methods import DEFAULT_DAMPING, feature_moments, gram_matrix, weight_columns, weight_from_columns
 
@@ -78,24 +79,27 @@ def compensate(
         raise ConfigError(f"compensation {kind!r} is not one of {', '.join(COMPENSATIONS)}")
     if not (isinstance(damping, (int, float)) and not isinstance(damping, bool) and math.isfinite(damping) and damping >= 0):
         raise ConfigError(f"compensation: damping must be a finite number >= 0, got {damping!r}")
-    columns = weight_columns(layer)  # (out, d, positions)
+    columns = weight_columns(layer)  # (out, d, positions), through the layer's kind
     out, d, _ = columns.shape
     if mask.numel() != d:
         raise ConfigError(f"compensation: {type(layer).__name__} has {d} input features, got a mask of {mask.numel()} values")
-    weight = layer.weight.detach()
-    old_bias = getattr(layer, "bias", None)
-    bias = old_bias.detach().to(STAT_DTYPE) if isinstance(old_bias, torch.Tensor) else torch.zeros(out, dtype=STAT_DTYPE)
+    weight = weight_from_columns(layer, columns).clone()  # the layer's own (exact: float64 holds every float type's values)
+    kind_of = layer_kind(layer)
+    assert kind_of is not None  # weight_columns refused the rest
+    old_bias = kind_of.bias(layer)
+    bias = old_bias.detach().to(STAT_DTYPE) if old_bias is not None else torch.zeros(out, dtype=STAT_DTYPE)
     keep = mask.detach().reshape(-1) != 0
     if kind == "none":
-        return weight.clone(), bias.to(weight.dtype)
+        return weight, bias.to(weight.dtype)
     what = f"compensation {kind!r}"
     if kind == "bias":
         mean, _ = feature_moments(stats, what)
         removed = ~keep
         new_bias = bias + torch.einsum("ojk,j->o", columns[:, removed], mean[removed])
-        return weight.clone(), new_bias.to(weight.dtype)
+        return weight, new_bias.to(weight.dtype)
     if columns.shape[2] != 1:
-        raise ConfigError(f"{what}: {type(layer).__name__}'s kernel {tuple(layer.kernel_size)} is larger than 1x1: use 'bias'")
+        kernel = tuple(getattr(layer, "kernel_size", (columns.shape[2],)))
+        raise ConfigError(f"{what}: {type(layer).__name__}'s kernel {kernel} is larger than 1x1: use 'bias'")
     g = gram_matrix(stats, what)
     if g.shape[0] != d + 1:
         raise ConfigError(f"{what}: the statistics hold {g.shape[0] - 1} input features, the layer {d}")

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from ..base.errors import ConfigError, UnknownFunctionError
-from ..nn.layers import WeightedKind, layer_kind
+from ..nn.layers import LayerKind, layer_kind
 from .functions import STAT_DTYPE, RunningStat, zero_smallest
 
 if TYPE_CHECKING:
@@ -86,38 +86,35 @@ DEFAULT_DAMPING = 0.001
 def weight_columns(layer: nn.Module) -> torch.Tensor:
     """The consumer's weight as ``(out, d, k)`` float64: column group ``j`` is what
     input feature ``j`` multiplies (``k`` kernel positions of a conv, 1 for a
-    Linear or GPT-2's ``Conv1D``), read through the layer's kind
-    (:meth:`~actsparse_deploy.nn.layers.LayerKind.standard_weight`). Refused
+    Linear or GPT-2's ``Conv1D``), as the layer's kind lays it out
+    (:meth:`~actsparse_deploy.nn.layers.LayerKind.weight_columns`). Refused
     (:class:`ConfigError`) for a layer whose kind has no weight columns (only a
-    ``Linear``, a ``Conv1D``, a ``ConvNd`` without groups and kinds registered
-    like them have)."""
+    ``Linear``, a ``Conv1D``, a ``ConvNd`` without groups and kinds that say their
+    weight layout have)."""
+    return _kind(layer).weight_columns(layer, STAT_DTYPE)
+
+
+def weight_from_columns(layer: nn.Module, columns: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`weight_columns`: ``(out, d, k)`` (or ``(out, d)``)
+    columns as a weight of ``layer``'s own shape, layout and dtype."""
+    return _kind(layer).weight_from_columns(layer, columns)
+
+
+def _kind(layer: nn.Module) -> LayerKind:
     kind = layer_kind(layer)
     if kind is None:
         raise ConfigError(
             f"{type(layer).__name__} is not a registered layer kind: methods and compensation need the consumer's "
             "weight columns (mask the input of a Linear or a Conv)"
         )
-    why = kind.why_no_weight_columns(layer)
-    if why is not None:
-        raise ConfigError(why)
-    w = kind.standard_weight(layer).detach().to(STAT_DTYPE)
-    return w.reshape(w.shape[0], w.shape[1], -1)
-
-
-def weight_from_columns(layer: nn.Module, columns: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`weight_columns`: ``(out, d, k)`` (or ``(out, d)``)
-    columns as a weight of ``layer``'s own shape, layout and dtype."""
-    kind = layer_kind(layer)
-    assert kind is not None  # weight_columns refused the rest
-    standard = columns.reshape(kind.standard_weight(layer).shape)
-    return kind.native_weight(layer, standard).contiguous().to(layer.weight.dtype)
+    return kind
 
 
 def structured_shape(layer: nn.Module, d: int) -> tuple[int, ...]:
     """The shape of a structured mask over ``d`` input features of ``layer``:
     ``(d,)`` for a Linear, ``(d, 1, 1)`` for a Conv2d."""
     kind = layer_kind(layer)
-    axis = kind.feature_axis(layer) if isinstance(kind, WeightedKind) else -1
+    axis = kind.feature_axis(layer) if kind is not None else -1
     return (d,) + (1,) * (-(axis or -1) - 1)
 
 

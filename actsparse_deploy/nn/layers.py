@@ -42,6 +42,8 @@ not imported for it). A new module type is registered, not added as a branch:
     >>> small = layer_kind(dense).shrink(dense, Cut(in_keep=torch.tensor([0, 2])))
     >>> small.weight.shape
     torch.Size([2, 2])
+    >>> layer_kind(dense).weight_columns(dense).shape  # (out, in, kernel positions): what methods score
+    torch.Size([2, 4, 1])
     >>> from actsparse_deploy.nn.layers import unregister_layer_kind
     >>> _ = unregister_layer_kind(Dense)
 """
@@ -100,6 +102,13 @@ def _tensor(layer: nn.Module, name: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{type(layer).__name__}.{name} is a {type(value).__name__}, not a tensor")
     return value
+
+
+def _no_weight_columns(layer: nn.Module) -> str:
+    return (
+        f"{type(layer).__name__} is not a Linear, a Conv1D or a ConvNd: methods and compensation need the "
+        "consumer's weight columns (mask the input of a Linear or a Conv)"
+    )
 
 
 def default_sample_ndim(input_ndim: int) -> int:
@@ -191,15 +200,16 @@ class LayerKind(ABC):
         its values there."""
         raise SquashError(self.why_not_foldable(layer) or f"{type(layer).__name__} cannot be folded")
 
-    # --- weight columns (selection methods and compensation) --------------------------
+    # --- weight layout (selection methods and compensation) ---------------------------
+    #
+    # A kind says its weight layout with :meth:`standard_weight` and :meth:`native_weight`;
+    # the columns methods score and compensation refits, and the bias it refits, follow.
 
     def why_no_weight_columns(self, layer: nn.Module) -> str | None:
         """None if :meth:`standard_weight` gives the columns each input feature
-        multiplies (what methods score and compensation refits), else why not."""
-        return (
-            f"{type(layer).__name__} is not a Linear, a Conv1D or a ConvNd: methods and compensation need the "
-            "consumer's weight columns (mask the input of a Linear or a Conv)"
-        )
+        multiplies (what methods score and compensation refits), else why not.
+        By default a kind that says its weight layout (overrides :meth:`standard_weight`) has them."""
+        return None if type(self).standard_weight is not LayerKind.standard_weight else _no_weight_columns(layer)
 
     def standard_weight(self, layer: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
         """``weight`` (default: the layer's) in the layout every kind shares,
@@ -209,6 +219,28 @@ class LayerKind(ABC):
     def native_weight(self, layer: nn.Module, standard: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`standard_weight`: ``(out, in, *kernel)`` in the layer's own layout."""
         raise ConfigError(self.why_no_weight_columns(layer) or f"{type(layer).__name__} has no weight columns")
+
+    def weight_columns(self, layer: nn.Module, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The layer's weight as ``(out, d, k)`` in ``dtype``: column group ``j`` is
+        what input feature ``j`` multiplies (``k`` kernel positions of a conv, 1 for a
+        Linear). Refused (:class:`ConfigError`, :meth:`why_no_weight_columns`) where the kind has none."""
+        why = self.why_no_weight_columns(layer)
+        if why is not None:
+            raise ConfigError(why)
+        w = self.standard_weight(layer).detach().to(dtype)
+        return w.reshape(w.shape[0], w.shape[1], -1)
+
+    def weight_from_columns(self, layer: nn.Module, columns: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`weight_columns`: ``(out, d, k)`` (or ``(out, d)``)
+        columns as a weight of the layer's own shape, layout and dtype."""
+        current = self.standard_weight(layer)
+        return self.native_weight(layer, columns.reshape(current.shape)).contiguous().to(current.dtype)
+
+    def bias(self, layer: nn.Module) -> torch.Tensor | None:
+        """The layer's per-output-feature bias (what compensation refits), None
+        where it has none (compensation gives it one). Default: ``layer.bias``."""
+        value = getattr(layer, "bias", None)
+        return value if isinstance(value, torch.Tensor) else None
 
     # --- prune --------------------------------------------------------------------------
 
@@ -523,7 +555,7 @@ class ConvTransposeKind(ConvKind):
         return f"{type(layer).__name__} is a transposed conv: its producer side is not traced"
 
     def why_no_weight_columns(self, layer: nn.Module) -> str | None:
-        return LayerKind.why_no_weight_columns(self, layer)
+        return _no_weight_columns(layer)
 
     def shrink(self, layer: nn.Module, cut: Cut) -> nn.Module:
         return WeightedKind.shrink(self, layer, cut)
