@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..base.errors import DataError
-from ..data.batches import Batch, Stream, reiterable, total_samples
+from ..data.batches import Batch, first_batch, reiterable, total_samples
 from ..data.batches import batch_size as batch_size_of
 from ..data.readers import check_distinct_data, load_data, load_labels
 from ..data.workload import EXAMPLE_BATCH_SIZE, Workload
@@ -72,13 +72,6 @@ def load_recipe(
     return resolve_recipe(work.name, own, recipe, sparsity=sparsity, method=method, compensate=compensate)
 
 
-def _first(batches: list[Batch] | Iterable[Batch] | None) -> Batch | None:
-    """The first batch of a list or a stream (an iterable from a data function is not read twice)."""
-    if isinstance(batches, list):
-        return batches[0] if batches else None
-    return next(iter(batches), None) if isinstance(batches, Stream) else None
-
-
 def check_distinct_inputs(data: str | None, heldout: str | None, model_options: ModelOptions | None = None) -> None:
     """Held-out data that is the calibration data (``data`` and ``heldout`` files, or
     ``model_options``' text files) is refused, naming both."""
@@ -103,7 +96,7 @@ def resolve_io_spec(model: LoadedModel | nn.Module, batches: list[Batch] | Itera
     if builtin is not None:
         return builtin.io_spec()
     if isinstance(model, LoadedModel):
-        return model.io_spec(_first(batches))
+        return model.io_spec(first_batch(batches))
     if not infer or not batches:
         return None
     from ..data.iospec import IOSpec

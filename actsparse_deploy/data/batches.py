@@ -32,6 +32,7 @@ import torch
 from ..base.errors import DataError, ExportError
 
 __all__ = [
+    "first_batch",
     "Generated",
     "Stream",
     "reiterable",
@@ -414,3 +415,10 @@ class Generated(Stream):
 def reiterable(batches: Any) -> bool:
     """Whether ``batches`` can be gone over again (a list or a :class:`Stream`), not a one-shot iterable."""
     return isinstance(batches, (list, tuple, Stream))
+
+
+def first_batch(batches: list[Batch] | Iterable[Batch] | None) -> Batch | None:
+    """The first batch of a list or a stream (an iterable from a data function is not read twice)."""
+    if isinstance(batches, list):
+        return batches[0] if batches else None
+    return next(iter(batches), None) if isinstance(batches, Stream) else None

@@ -125,6 +125,7 @@ def load_model(
     weights; ``options``: the task of a Hugging Face model, a factory's arguments;
     ``device``: move the model there (None: where it was built)."""
     loaded = _load_model(spec, weights, options)
+    check_finite_weights(loaded.module)  # NaN weights are the weights' fault, not the data's (exit 5)
     if device is not None:
         loaded.module.to(device)
     return loaded
@@ -144,7 +145,6 @@ def _load_model(spec: str, weights: str | Path | None, options: ModelOptions | N
         if weights is not None:
             module = zoo.get_builtin(spec).factory()
             load_state_dict_file(module, Path(weights))
-            check_finite_weights(module)
             return LoadedModel(module.eval(), spec, builtin=True)
         return LoadedModel(zoo.load_builtin(spec), spec, builtin=True)
     factory = import_attr(spec, "model factory", ModelLoadError)
@@ -161,7 +161,6 @@ def _load_model(spec: str, weights: str | Path | None, options: ModelOptions | N
         raise ModelLoadError(f"model factory {spec!r} returned a {type(module).__name__}, not a torch.nn.Module")
     if weights is not None:
         load_state_dict_file(module, Path(weights))
-    check_finite_weights(module)  # NaN weights are the weights' fault, not the data's (exit 5)
     hf = None
     if is_pretrained(module):  # a transformers model: named tensors in, named tensors out, no cache
         hf = HFSource(wrap_pretrained(module, options.task, spec), None, options.max_length)
@@ -177,7 +176,6 @@ def _load_hf(spec: str, directory: Path, weights: str | Path | None, options: Mo
     if options.factory_args is not None:
         raise ModelLoadError(f"`factory_args` are keyword arguments of a package.module:factory, and {spec!r} is a model directory")
     source = load_hf(directory, options.task, options.max_length)
-    check_finite_weights(source.model)
     return LoadedModel(source.model, spec, builtin=False, hf=source)
 
 
