@@ -28,7 +28,7 @@ import logging
 import re
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -202,43 +202,9 @@ def check_pt2(data: bytes, path: str | Path) -> dict[str, Any]:
     def refuse(what: str) -> ExportError:
         return ExportError(f"{where} {what}, which is refused: a .pt2 may hold only what torch.export.save writes for a program")
 
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-        infos = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise ExportError(f"{where} is not a torch.export program (.pt2 zip archive): {first_line(e)}") from e
-    if not infos or "/" not in infos[0].filename:
-        raise ExportError(f"{where} is not a torch.export program (.pt2 zip archive): no archive folder")
-    root = infos[0].filename.split("/")[0]  # torch's reader takes the folder of the first member
-    if not _ROOT.fullmatch(root) or root in (".", ".."):
-        raise refuse(f"has an archive folder named {root!r}")
-    members: list[str] = []
+    infos, root = _archive_listing(data, where, refuse)
     folded: set[str] = set()
-    for info in infos:
-        name = info.filename
-        if not name.isascii() or not name.isprintable() or "\\" in name or name.startswith("/"):
-            raise refuse(f"holds a member named {name!r} (not a plain relative path)")
-        if not name.startswith(root + "/"):
-            raise refuse(f"holds {name!r}, outside its archive folder {root!r}")
-        rel = name[len(root) + 1 :]
-        parts = rel.split("/")
-        if any(part in ("", ".", "..") for part in parts):
-            raise refuse(f"holds {name!r} (an empty, '.' or '..' path component)")
-        lowered = rel.lower()
-        if "opaque_obj" in lowered or "custom_obj" in lowered:
-            raise ExportError(
-                f"{where} holds pickled Python objects ({name}), which are refused: loading them could run code"
-            )
-        if "aotinductor" in lowered:
-            raise refuse(f"holds AOTInductor files ({name}: native code that loading would run or compile)")
-        if lowered in folded:
-            raise refuse(f"holds {name!r} twice (a duplicate zip entry)")
-        folded.add(lowered)
-        if not (rel in _MEMBERS or any(rel.startswith(d) and p.fullmatch(rel[len(d):]) for d, p in _PAYLOADS.items())):
-            raise refuse(f"holds {name!r}")
-        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
-            raise refuse(f"holds {name!r} compressed or encrypted (torch.export.save stores members as they are)")
-        members.append(rel)
+    members = [_checked_member(info, root, folded, where, refuse) for info in infos]
     missing = sorted(_REQUIRED - set(members))
     if missing:
         raise ExportError(f"{where} is not a torch.export program: it lacks {', '.join(missing)}")
@@ -252,6 +218,51 @@ def check_pt2(data: bytes, path: str | Path) -> dict[str, Any]:
     if f"extra/{PT2_META}" not in members:
         return {}
     return check_meta(read(f"extra/{PT2_META}"), f"{where}: extra/{PT2_META}")
+
+
+def _archive_listing(data: bytes, where: str, refuse: Callable[[str], ExportError]) -> tuple[list[zipfile.ZipInfo], str]:
+    """The zip's members, as Python's zip reader lists them, and the archive's folder (that of the first member,
+    which torch's reader takes)."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise ExportError(f"{where} is not a torch.export program (.pt2 zip archive): {first_line(e)}") from e
+    if not infos or "/" not in infos[0].filename:
+        raise ExportError(f"{where} is not a torch.export program (.pt2 zip archive): no archive folder")
+    root = infos[0].filename.split("/")[0]  # torch's reader takes the folder of the first member
+    if not _ROOT.fullmatch(root) or root in (".", ".."):
+        raise refuse(f"has an archive folder named {root!r}")
+    return infos, root
+
+
+def _checked_member(info: zipfile.ZipInfo, root: str, folded: set[str], where: str, refuse: Callable[[str], ExportError]) -> str:
+    """One member's path below ``root``, once it is shown to be one ``torch.export.save`` writes, stored raw
+    and not seen before (``folded``: the lower-cased paths so far, this one added)."""
+    name = info.filename
+    if not name.isascii() or not name.isprintable() or "\\" in name or name.startswith("/"):
+        raise refuse(f"holds a member named {name!r} (not a plain relative path)")
+    if not name.startswith(root + "/"):
+        raise refuse(f"holds {name!r}, outside its archive folder {root!r}")
+    rel = name[len(root) + 1 :]
+    parts = rel.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise refuse(f"holds {name!r} (an empty, '.' or '..' path component)")
+    lowered = rel.lower()
+    if "opaque_obj" in lowered or "custom_obj" in lowered:
+        raise ExportError(
+            f"{where} holds pickled Python objects ({name}), which are refused: loading them could run code"
+        )
+    if "aotinductor" in lowered:
+        raise refuse(f"holds AOTInductor files ({name}: native code that loading would run or compile)")
+    if lowered in folded:
+        raise refuse(f"holds {name!r} twice (a duplicate zip entry)")
+    folded.add(lowered)
+    if not (rel in _MEMBERS or any(rel.startswith(d) and p.fullmatch(rel[len(d):]) for d, p in _PAYLOADS.items())):
+        raise refuse(f"holds {name!r}")
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        raise refuse(f"holds {name!r} compressed or encrypted (torch.export.save stores members as they are)")
+    return rel
 
 
 def _torch_reader(data: bytes, members: list[str], where: str) -> Any:
@@ -481,6 +492,13 @@ def _check_expression(text: str, symbols: set[str], refuse: Any) -> None:
 
     if len(text) > _MAX_EXPRESSION:
         raise bad("too long")
+    parser = _ExpressionParser(_expression_tokens(text, bad), symbols, bad)
+    parser.expression(0)
+    parser.take("end")
+
+
+def _expression_tokens(text: str, bad: Callable[[str], ExportError]) -> list[tuple[str, str]]:
+    """``text``'s tokens (kind, text), then ``("end", "")``; anything else in it is ``bad``."""
     tokens: list[tuple[str, str]] = []
     pos = 0
     while pos < len(text):
@@ -493,53 +511,66 @@ def _check_expression(text: str, symbols: set[str], refuse: Any) -> None:
         tokens.append((kind, match.group(kind)))
         pos = match.end()
     tokens.append(("end", ""))
-    at = 0
+    return tokens
 
-    def take(kind: str, value: str | None = None) -> str:
-        nonlocal at
-        got_kind, got = tokens[at]
+
+class _ExpressionParser:
+    """A recursive-descent reader of size expression tokens: ``Integer(n)``,
+    ``Symbol('s', assumption=True, ...)`` of a declared symbol, or one of
+    :data:`_FUNCTIONS` of its number of arguments; anything else is ``bad``."""
+
+    def __init__(self, tokens: list[tuple[str, str]], symbols: set[str], bad: Callable[[str], ExportError]) -> None:
+        self.tokens, self.symbols, self.bad, self.at = tokens, symbols, bad, 0
+
+    def take(self, kind: str, value: str | None = None) -> str:
+        got_kind, got = self.tokens[self.at]
         if got_kind != kind or (value is not None and got != value):
-            raise bad(f"expected {value or kind}, got {got or 'the end'!r}")
-        at += 1
+            raise self.bad(f"expected {value or kind}, got {got or 'the end'!r}")
+        self.at += 1
         return got
 
-    def expression(depth: int) -> tuple[str, int | None]:
+    def _next_is(self, token: tuple[str, str]) -> bool:
+        return self.tokens[self.at] == token
+
+    def expression(self, depth: int) -> tuple[str, int | None]:
+        """One expression: its function's name, and its value where it is an ``Integer``."""
         if depth > 64:
-            raise bad("nested too deeply")
-        name = take("name")
-        take("punct", "(")
+            raise self.bad("nested too deeply")
+        name = self.take("name")
+        self.take("punct", "(")
         if name == "Integer":
-            number = int(take("int"))
-            take("punct", ")")
+            number = int(self.take("int"))
+            self.take("punct", ")")
             return name, number
         if name == "Symbol":
-            symbol = take("str")[1:-1]
-            if symbol not in symbols:
-                raise bad(f"symbol {symbol!r} is not declared in range_constraints")
-            while tokens[at] == ("punct", ","):
-                take("punct", ",")
-                assumption = take("name")
-                take("punct", "=")
-                if assumption not in _ASSUMPTIONS or take("name") not in ("True", "False"):
-                    raise bad(f"assumption {assumption!r}")
-            take("punct", ")")
+            self._symbol()
             return name, None
         if name not in _FUNCTIONS:
-            raise bad(f"{name} is not integer arithmetic")
+            raise self.bad(f"{name} is not integer arithmetic")
         low, high = _FUNCTIONS[name]
-        args = [expression(depth + 1)]
-        while tokens[at] == ("punct", ","):
-            take("punct", ",")
-            args.append(expression(depth + 1))
-        take("punct", ")")
+        args = [self.expression(depth + 1)]
+        while self._next_is(("punct", ",")):
+            self.take("punct", ",")
+            args.append(self.expression(depth + 1))
+        self.take("punct", ")")
         if not low <= len(args) <= high:
-            raise bad(f"{name} takes {low} to {high} arguments")
+            raise self.bad(f"{name} takes {low} to {high} arguments")
         if name == "Pow" and not (args[1][0] == "Integer" and 0 <= (args[1][1] or 0) <= 64):
-            raise bad("a power must be a small non-negative integer")
+            raise self.bad("a power must be a small non-negative integer")
         return name, None
 
-    expression(0)
-    take("end")
+    def _symbol(self) -> None:
+        """The rest of ``Symbol(``: a declared symbol's name, its assumptions, ``)``."""
+        symbol = self.take("str")[1:-1]
+        if symbol not in self.symbols:
+            raise self.bad(f"symbol {symbol!r} is not declared in range_constraints")
+        while self._next_is(("punct", ",")):
+            self.take("punct", ",")
+            assumption = self.take("name")
+            self.take("punct", "=")
+            if assumption not in _ASSUMPTIONS or self.take("name") not in ("True", "False"):
+                raise self.bad(f"assumption {assumption!r}")
+        self.take("punct", ")")
 
 
 def _check_loaded(program: torch.export.ExportedProgram, path: Path) -> None:

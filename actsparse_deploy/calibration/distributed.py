@@ -76,6 +76,7 @@ from ..base.errors import (
     WeightsError,
     first_line,
 )
+from ..base.waiting import run_in_worker
 from ..data.batches import model_device
 
 __all__ = [
@@ -513,11 +514,13 @@ class Session:
         layout; ``mine``: this rank's ``LayerStats``, None where it never called it)."""
         import torch.distributed as dist
 
-        from .functions import STAT_DTYPE, LayerStats, RunningStat
+        from .functions import STAT_DTYPE, RunningStat
+        from .stats import layer_from_row, part_shapes
 
         rows = [s["layers"][name] for s in statuses if s["layers"] is not None and name in s["layers"]]
+        count = sum(r["count"] for r in rows)
         parts = []
-        for i, shape in enumerate(row["stat_shapes"]):
+        for i, shape in enumerate(part_shapes(row)):
             if mine is not None:
                 value = mine.parts[i].value.to(device=device, dtype=STAT_DTYPE).clone()
             else:  # the identity of the reduction: this rank saw no batch, or never called the layer
@@ -525,17 +528,10 @@ class Session:
                 value = torch.full(shape, fill, dtype=STAT_DTYPE, device=device)
             op = dist.ReduceOp.SUM if row["combine"] == "sum" else dist.ReduceOp.MAX
             dist.all_reduce(value, op=op, group=self.group)
-            parts.append(RunningStat(value, sum(r["counts"][i] for r in rows), row["combine"]))
-        return LayerStats(
-            stat=tuple(parts) if row["features"] is not None else parts[0],
-            input_shape=tuple(row["input_shape"]),
-            input_dtype=_dtype(row["input_dtype"]),
-            aggregate=mine.aggregate if mine is not None else row["aggregate"],
-            features=tuple(row["features"]) if row["features"] is not None else None,
-            feature_dim=row["feature_dim"],
-            layer_types=tuple(row["layer_types"]),
-            num_samples=sum(r["num_samples"] for r in rows),
-            num_batches=sum(r["num_batches"] for r in rows),
+            parts.append(RunningStat(value, count, row["combine"]))
+        return layer_from_row(
+            row, parts, _dtype(row["input_dtype"]), aggregate=mine.aggregate if mine is not None else row["aggregate"],
+            num_samples=sum(r["num_samples"] for r in rows), num_batches=sum(r["num_batches"] for r in rows),
         )
 
     def confirm(self) -> None:
@@ -594,17 +590,11 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _layout(per_layer: Mapping[str, Any]) -> dict[str, Any]:
-    """What must agree across ranks, and the counts to add, per layer."""
-    return {
-        name: {
-            "aggregate": ls.aggregate, "combine": ls.combine, "features": list(ls.features) if ls.features is not None else None,
-            "feature_dim": ls.feature_dim, "stat_shapes": [list(p.value.shape) for p in ls.parts],
-            "input_shape": list(ls.input_shape), "input_dtype": str(ls.input_dtype).removeprefix("torch."),
-            "counts": [p.count for p in ls.parts], "num_samples": ls.num_samples, "num_batches": ls.num_batches,
-            "layer_types": list(ls.layer_types),
-        }
-        for name, ls in per_layer.items()
-    }
+    """What must agree across ranks, and the counts to add, per layer: each layer's
+    statistics-file row (:func:`~actsparse_deploy.calibration.stats.layer_row`)."""
+    from .stats import layer_row
+
+    return {name: layer_row(ls) for name, ls in per_layer.items()}
 
 
 def _agreed_layers(statuses: list[dict[str, Any]], world: int) -> dict[str, dict[str, Any]]:
@@ -635,8 +625,15 @@ def _agreed_layers(statuses: list[dict[str, Any]], world: int) -> dict[str, dict
     return rows
 
 
+#: what every rank that called a layer must agree on (``stat_shapes``: each part's shape)
+_AGREED = ("aggregate", "combine", "features", "feature_dim", "stat_shapes", "input_dtype")
+
+
 def _check_layer(name: str, reference: Mapping[str, Any], other: Mapping[str, Any], first: int, rank: int) -> None:
-    for key in ("aggregate", "combine", "features", "feature_dim", "stat_shapes", "input_dtype"):
+    from .stats import part_shapes
+
+    reference, other = {**reference, "stat_shapes": part_shapes(reference)}, {**other, "stat_shapes": part_shapes(other)}
+    for key in _AGREED:
         if reference[key] != other[key]:
             raise CalibrationError(
                 f"layer {name!r}: rank {rank} collected a statistic with {key.replace('_', ' ')} {other[key]} and rank "
@@ -706,24 +703,11 @@ def _join(backend: str, timeout: float, rank: int) -> None:
     few seconds' grace for torch's own message."""
     import torch.distributed as dist
 
-    outcome: dict[str, BaseException] = {}
-    done = threading.Event()
-
     def join() -> None:
-        try:
-            dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout))
-        except BaseException as e:  # handed to the waiting thread
-            outcome["error"] = e
-        finally:
-            done.set()
+        dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout))
 
-    threading.Thread(target=join, name="actsparse-rendezvous", daemon=True).start()
-    deadline = time.monotonic() + timeout + _JOIN_GRACE
-    while not done.wait(_POLL):
-        if time.monotonic() > deadline:
-            raise TimeoutError("rank 0, which holds the rendezvous, did not answer" if rank else "not every rank came")
-    if "error" in outcome:
-        raise outcome["error"]
+    run_in_worker(join, name="actsparse-rendezvous", deadline=time.monotonic() + timeout + _JOIN_GRACE, poll=_POLL,
+                  expired=lambda: TimeoutError("rank 0, which holds the rendezvous, did not answer" if rank else "not every rank came"))
 
 
 def _init_from_env(device: torch.device, timeout: float) -> Session:

@@ -35,7 +35,7 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ from .fields import MAX_DENSE_VALUES, feature_indices, is_int, layer_name_in_fil
 from .functions import AGGREGATE_FNS, MAX_COUNT, STAT_DTYPE, Aggregate, LayerStats, RunningStat, same_statistic, stat_tensor
 from .recipe import LayerSettings, Recipe, ResolvedLayer
 
-__all__ = ["Statistics", "dtype_named", "model_fingerprint", "new_run_id", "type_names"]
+__all__ = ["Statistics", "dtype_named", "layer_from_row", "layer_row", "model_fingerprint", "new_run_id", "part_keys", "part_shapes", "type_names"]
 
 FORMAT = "actsparse.statistics"
 FORMAT_VERSION = 1
@@ -107,6 +107,58 @@ def model_fingerprint(model: nn.Module, layers: Iterable[str]) -> str:
             digest.update(f"w {layer}.{name}\n".encode())
             digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
+
+
+# --- one layer's layout: a statistics file's metadata row and tensors, and what the ranks exchange -----------------
+
+
+def layer_row(ls: LayerStats) -> dict[str, Any]:
+    """``ls`` without its values, in JSON types: a statistics file's metadata row
+    of the layer (less its name) and what a rank tells the others of it
+    (:mod:`~actsparse_deploy.calibration.distributed`). ``count`` is every part's;
+    ``stat_shape`` is a list of shapes, one per part, where ``features`` is set
+    (:func:`part_shapes`)."""
+    return {
+        "aggregate": ls.aggregate,
+        "combine": ls.combine,
+        "count": ls.count,
+        "stat_shape": ls.stat_shape,
+        "input_shape": list(ls.input_shape),
+        "input_dtype": str(ls.input_dtype).removeprefix("torch."),
+        "features": list(ls.features) if ls.features is not None else None,
+        "feature_dim": ls.feature_dim,
+        "num_samples": ls.num_samples,
+        "num_batches": ls.num_batches,
+        "layer_types": list(ls.layer_types),
+    }
+
+
+def part_shapes(row: Mapping[str, Any]) -> Any:
+    """The shape of each part of the statistic a :func:`layer_row` row describes (as the row holds them, unchecked)."""
+    return row["stat_shape"] if row.get("features") is not None else [row["stat_shape"]]
+
+
+def part_keys(name: str, features: Sequence[Any] | None) -> list[str]:
+    """The names of layer ``name``'s tensors in a statistics file, one per part: ``name``, else ``name/i`` per feature."""
+    return [f"{name}{SEP}{i}" for i in range(len(features))] if features is not None else [name]
+
+
+def layer_from_row(row: Mapping[str, Any], parts: Sequence[RunningStat], input_dtype: torch.dtype, **checked: Any) -> LayerStats:
+    """The :class:`LayerStats` a :func:`layer_row` row describes, with ``parts`` its
+    statistic (one per feature where the row has ``features``); ``checked``: fields
+    read and checked by the caller, in place of the row's."""
+    features = row.get("features")
+    fields: dict[str, Any] = {
+        "input_shape": tuple(row["input_shape"]),
+        "aggregate": row["aggregate"],
+        "features": tuple(features) if features is not None else None,
+        "feature_dim": row.get("feature_dim"),
+        "num_samples": row["num_samples"],
+        "num_batches": row["num_batches"],
+        "layer_types": tuple(row.get("layer_types", [])),
+        **checked,
+    }
+    return LayerStats(stat=tuple(parts) if features is not None else parts[0], input_dtype=input_dtype, **fields)
 
 
 @dataclass
@@ -278,24 +330,9 @@ class Statistics:
                     f"layer {name!r}: the statistic of a user aggregate function cannot be saved (it has no portable "
                     "name): collect with a built-in aggregate_fn"
                 )
-            for i, part in enumerate(ls.parts):
-                tensors[f"{name}{SEP}{i}" if ls.features is not None else name] = stat_tensor(part).to("cpu", STAT_DTYPE)
-            rows.append(
-                {
-                    "layer": name,
-                    "aggregate": ls.aggregate,
-                    "combine": ls.combine,
-                    "count": ls.count,
-                    "stat_shape": ls.stat_shape,
-                    "input_shape": list(ls.input_shape),
-                    "input_dtype": str(ls.input_dtype).removeprefix("torch."),
-                    "features": list(ls.features) if ls.features is not None else None,
-                    "feature_dim": ls.feature_dim,
-                    "num_samples": ls.num_samples,
-                    "num_batches": ls.num_batches,
-                    "layer_types": list(ls.layer_types),
-                }
-            )
+            for key, part in zip(part_keys(name, ls.features), ls.parts):
+                tensors[key] = stat_tensor(part).to("cpu", STAT_DTYPE)
+            rows.append({"layer": name, **layer_row(ls)})
         metadata = {
             "model": self.model or "",
             "num_samples": str(self.num_samples),
@@ -330,7 +367,7 @@ class Statistics:
                 if name in layers:
                     raise MaskError(f"layer {name!r} is listed twice")
                 layers[name] = _layer_from_row(name, row, tensors)
-            expected = {f"{n}{SEP}{i}" if ls.features is not None else n for n, ls in layers.items() for i in range(len(ls.parts))}
+            expected = {key for n, ls in layers.items() for key in part_keys(n, ls.features)}
             if set(tensors) != expected:
                 raise MaskError(f"holds tensors {sorted(set(tensors) ^ expected)[:8]} its metadata does not describe")
             recipe = Recipe.from_toml(metadata["recipe"], f"recipe in {path}") if metadata.get("recipe") else None
@@ -427,8 +464,8 @@ def _layer_from_row(name: str, row: dict[str, Any], tensors: dict[str, torch.Ten
     features = row.get("features")
     if features is not None:
         feature_indices(features, name)  # before they name tensors
-    keys = [f"{name}{SEP}{i}" for i in range(len(features))] if features is not None else [name]
-    declared = row["stat_shape"] if features is not None else [row["stat_shape"]]
+    keys = part_keys(name, features)
+    declared = part_shapes(row)
     if not isinstance(declared, list) or len(declared) != len(keys):
         raise MaskError(f"layer {name!r}: stat_shape {str(row['stat_shape'])[:80]} does not describe {len(keys)} statistic(s)")
     parts = []
@@ -447,17 +484,8 @@ def _layer_from_row(name: str, row: dict[str, Any], tensors: dict[str, torch.Ten
     if features is None and row.get("feature_dim") is not None:
         raise MaskError(f"layer {name!r}: feature_dim {str(row['feature_dim'])[:40]} is given without features")
     _check_fits_input(agg, name, [tuple(p.value.shape) for p in parts], input_shape, features is not None)
-    return LayerStats(
-        stat=tuple(parts) if features is not None else parts[0],
-        input_shape=input_shape,
-        input_dtype=dtype,
-        aggregate=agg.spec,
-        features=tuple(features) if features is not None else None,
-        feature_dim=row.get("feature_dim"),
-        num_samples=row["num_samples"],
-        num_batches=row["num_batches"],
-        layer_types=_strings(row.get("layer_types", []), name),
-    )
+    return layer_from_row(row, parts, dtype, input_shape=input_shape, aggregate=agg.spec,
+                          layer_types=_strings(row.get("layer_types", []), name))
 
 
 def _check_fits_input(agg: Aggregate, name: str, shapes: list[tuple[int, ...]], input_shape: tuple[int, ...], per_feature: bool) -> None:

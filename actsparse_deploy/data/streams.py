@@ -51,8 +51,6 @@ import os
 import re
 import sys
 import tempfile
-import threading
-import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -63,6 +61,7 @@ import numpy as np
 import torch
 
 from ..base.errors import ActsparseError, DataError, first_line, is_panic
+from ..base.waiting import run_in_worker
 from .batches import Batch, Stream
 
 __all__ = ["CHARS_PER_TOKEN", "DATA_SUFFIXES", "MAX_LINE_BYTES", "ArrayStream", "TextStream", "array_stream",
@@ -602,29 +601,24 @@ def run_tokenizer(fn: Callable[[], T], fails: Callable[[BaseException], Actspars
     """``fn()``, a tokenizer loading or tokenizing, in a worker thread while this thread waits: a signal
     (KeyboardInterrupt, Terminated) or the :func:`reading_deadline` ends the wait (inside the tokenizers library
     the worker cannot be stopped: it is left to end with the process). Its errors and its Rust panics become
-    ``fails(e)``; the panic's own report on stderr is dropped (what else it writes there is kept)."""
-    outcome: dict[str, Any] = {}
-    done = threading.Event()  # an Event, not Thread.join: a join interrupted by a signal can mark a running thread as stopped
+    ``fails(e)``; the panic's own report on stderr is dropped (what else it writes there is kept)
+    (:func:`~actsparse_deploy.base.waiting.run_in_worker`)."""
 
-    def work() -> None:
+    def attempt() -> tuple[bool, Any]:  # the tokenizer's own failure (a panic too) comes back as a value: it is translated here
         try:
-            outcome["value"] = fn()
+            return True, fn()
         except BaseException as e:  # handed to the waiting thread
-            outcome["error"] = e
-        finally:
-            done.set()
+            return False, e
 
     limit = _deadline.get()
     with _stderr_held() as drop:
-        threading.Thread(target=work, name="actsparse-tokenizer", daemon=True).start()
-        while not done.wait(POLL_SECONDS):  # a timed wait: the signal handlers run between waits
-            if limit is not None and time.monotonic() >= limit[0]:
-                raise limit[1]()
-        error = outcome.get("error")
+        ok, value = run_in_worker(attempt, name="actsparse-tokenizer", deadline=limit[0] if limit is not None else None,
+                                  expired=limit[1] if limit is not None else None, poll=POLL_SECONDS)
+        error: BaseException | None = None if ok else value
         if error is not None and is_panic(error):
             drop(error)
     if error is None:
-        return outcome["value"]  # type: ignore[no-any-return]
+        return value  # type: ignore[no-any-return]
     if isinstance(error, ActsparseError):
         raise error
     if isinstance(error, Exception) or is_panic(error):

@@ -352,51 +352,16 @@ def _export_staged(
     requested = exporter
     exporter, fallback = _run_exporters(wrapped, args, raw, spec, path, exporter, opset, verbose, on_fallback)
     seconds = time.perf_counter() - start
-    try:  # the graph only: weights the exporter wrote to files of their own stay there until copied, never all in memory
-        proto = onnx.load(str(raw), load_external_data=False)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {os_reason(e)}") from e
+    proto = _load_raw(raw, path)
     _name_dims(proto.graph, spec)
-    meta = {f"{METADATA_PREFIX}version": __version__, f"{METADATA_PREFIX}exporter": exporter, **(metadata or {})}
-    existing = {p.key for p in proto.metadata_props}
-    for key, value in meta.items():
-        if key not in existing:
-            proto.metadata_props.add(key=key, value=str(value))
-    from .validate import check_external_data, external_tensors
-
-    try:
-        check_external_data(raw, proto)  # the exporter's own files: inside raw's folder, whole
-    except ValidationError as e:
-        raise ExportError(f"the {exporter} exporter wrote external data that cannot be read: {e}") from e
-    outside = 0 if external_data else sum(
-        int(entries["length"]) if "length" in entries else (raw.parent / entries["location"]).stat().st_size
-        for _, entries in external_tensors(proto)
-    )
+    meta = _stamp_metadata(proto, exporter, metadata)
+    outside = _outside_bytes(proto, raw, exporter, external_data)
     external = needs_external_data(proto.ByteSize(), outside, asked=external_data)
     if external and not external_data:  # over 2 GB: its data file's name must fit, and may not clobber
         check_output_path(data_path, overwrite)
     staged = staging / path.name
-    moved = 0
-    try:
-        if external:
-            moved = _gather_external_data(proto, raw.parent, staging / data_name)
-        elif outside:  # under 2 GB and not asked for: back into the one file
-            onnx.load_external_data_for_model(proto, str(raw.parent))
-        shutil.rmtree(raw.parent)  # its copy of the weights, before the checker reads ours
-        onnx.save_model(proto, str(staged))
-    except (OSError, ValueError) as e:
-        raise OutputError(f"cannot write {path}: {os_reason(e)}") from e
-    try:
-        onnx.checker.check_model(str(staged), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise ExportError(f"the exported model fails onnx.checker: {first_line(e)}") from e
-    opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    asked = _opset_of(exporter, opset)
-    if asked is not None and opset_found != asked:
-        raise ExportError(
-            f"the {exporter} exporter wrote opset {opset_found}, not the opset {asked} asked for: it cannot write this "
-            f"model at opset {asked}; give another `opset` or `exporter`"
-        )
+    moved = _save_staged(proto, raw, staged, staging / data_name, external, outside, path)
+    opset_found = _check_saved(staged, proto, exporter, opset)
     # every tensor under the size threshold: no data file is needed
     if external and not moved:
         (staging / data_name).unlink(missing_ok=True)
@@ -404,6 +369,73 @@ def _export_staged(
     _move_into_place(staged, path, staging / data_name if external else None, data_path, staging, overwrite)
     total = path.stat().st_size + (data_path.stat().st_size if external else 0)
     return ExportResult(path, exporter, opset_found, spec, seconds, external, total, dict(meta), requested, fallback, opset)
+
+
+def _load_raw(raw: Path, path: Path) -> Any:
+    """The exporter's graph only: weights it wrote to files of their own stay there until copied, never all in memory."""
+    try:
+        return onnx.load(str(raw), load_external_data=False)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {os_reason(e)}") from e
+
+
+def _stamp_metadata(proto: Any, exporter: str, metadata: Mapping[str, str] | None) -> dict[str, Any]:
+    """This tool's version, the exporter and ``metadata`` written into the model's
+    metadata (a key the exporter wrote already is kept); all of them, as asked."""
+    meta = {f"{METADATA_PREFIX}version": __version__, f"{METADATA_PREFIX}exporter": exporter, **(metadata or {})}
+    existing = {p.key for p in proto.metadata_props}
+    for key, value in meta.items():
+        if key not in existing:
+            proto.metadata_props.add(key=key, value=str(value))
+    return meta
+
+
+def _outside_bytes(proto: Any, raw: Path, exporter: str, external_data: bool) -> int:
+    """The bytes of the tensors the exporter wrote beside ``raw`` (checked: inside its
+    folder, whole); 0 where ``external_data`` keeps them outside anyway."""
+    from .validate import check_external_data, external_tensors
+
+    try:
+        check_external_data(raw, proto)  # the exporter's own files: inside raw's folder, whole
+    except ValidationError as e:
+        raise ExportError(f"the {exporter} exporter wrote external data that cannot be read: {e}") from e
+    return 0 if external_data else sum(
+        int(entries["length"]) if "length" in entries else (raw.parent / entries["location"]).stat().st_size
+        for _, entries in external_tensors(proto)
+    )
+
+
+def _save_staged(proto: Any, raw: Path, staged: Path, data: Path, external: bool, outside: int, path: Path) -> int:
+    """Write ``proto`` to ``staged``: its large tensors gathered into ``data`` where
+    ``external``, else the exporter's own files read back into it; the exporter's
+    folder removed. The number of tensors written to ``data``."""
+    moved = 0
+    try:
+        if external:
+            moved = _gather_external_data(proto, raw.parent, data)
+        elif outside:  # under 2 GB and not asked for: back into the one file
+            onnx.load_external_data_for_model(proto, str(raw.parent))
+        shutil.rmtree(raw.parent)  # its copy of the weights, before the checker reads ours
+        onnx.save_model(proto, str(staged))
+    except (OSError, ValueError) as e:
+        raise OutputError(f"cannot write {path}: {os_reason(e)}") from e
+    return moved
+
+
+def _check_saved(staged: Path, proto: Any, exporter: str, opset: int | None) -> int:
+    """The saved model checked by ``onnx.checker`` and of the opset asked for; its opset."""
+    try:
+        onnx.checker.check_model(str(staged), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"the exported model fails onnx.checker: {first_line(e)}") from e
+    opset_found: int = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    asked = _opset_of(exporter, opset)
+    if asked is not None and opset_found != asked:
+        raise ExportError(
+            f"the {exporter} exporter wrote opset {opset_found}, not the opset {asked} asked for: it cannot write this "
+            f"model at opset {asked}; give another `opset` or `exporter`"
+        )
+    return opset_found
 
 
 def _name_dims(graph: Any, spec: IOSpec) -> None:

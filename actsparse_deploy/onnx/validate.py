@@ -49,7 +49,6 @@ import math
 import os
 import re
 import stat
-import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +60,7 @@ import torch
 from torch import nn
 
 from ..base.errors import DataError, ValidationError, first_line
+from ..base.waiting import run_in_worker
 from ..data.batches import Batch, cut_axes, flatten_outputs, input_names, is_named, named_tensors, numpy_feeds, resize_batches, run_batch
 from ..data.compare import OutputDiff, Tolerance
 from ..data.iospec import BATCH, IOSpec, forward_input_names
@@ -319,44 +319,17 @@ def run_session(session: Any, feeds: Mapping[str, np.ndarray], deadline: float |
     a signal (KeyboardInterrupt, Terminated) or the ``time.monotonic()``
     ``deadline`` sets ``RunOptions.terminate``, which stops onnxruntime (between
     nodes and loop iterations); the signal's exception then unwinds as usual, and
-    the deadline raises :class:`TimeoutError`. onnxruntime's own errors raise as they are."""
+    the deadline raises :class:`TimeoutError`. onnxruntime's own errors raise as they are
+    (:func:`~actsparse_deploy.base.waiting.run_in_worker`)."""
     import onnxruntime as ort
 
     options = ort.RunOptions()
     options.log_severity_level = ORT_LOG_SEVERITY
-    outcome: dict[str, Any] = {}
-    # an Event, not Thread.join: a join interrupted by a signal can mark a running thread as stopped
-    done = threading.Event()
-
-    def work() -> None:
-        try:
-            outcome["outputs"] = session.run(None, dict(feeds), options)
-        except BaseException as e:  # handed to the waiting thread
-            outcome["error"] = e
-        finally:
-            done.set()
-
-    threading.Thread(target=work, name="actsparse-onnxruntime", daemon=True).start()
-    timed_out = False
-    try:
-        while not done.is_set():
-            # a timed wait: the signal handlers run between waits (session.run would hold them off)
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                timed_out = True
-                options.terminate = True
-                done.wait()
-                break
-            done.wait(POLL_SECONDS if left is None else min(POLL_SECONDS, left))
-    except BaseException:
-        options.terminate = True
-        done.wait()  # onnxruntime stops at its next node or loop iteration; never unwind while it runs
-        raise
-    if timed_out:
-        raise TimeoutError("onnxruntime was stopped")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["outputs"]
+    outputs: list[Any] = run_in_worker(
+        lambda: session.run(None, dict(feeds), options), name="actsparse-onnxruntime", deadline=deadline,
+        expired=lambda: TimeoutError("onnxruntime was stopped"), stop=lambda: setattr(options, "terminate", True), poll=POLL_SECONDS,
+    )
+    return outputs
 
 
 def _named_inputs(batch: Batch, input_names: Sequence[str] | None) -> dict[str, torch.Tensor]:
@@ -442,105 +415,144 @@ def _validate(
     io_spec: IOSpec | None, timeout: float | None, deadline: float | None,
 ) -> ValidationReport:
     session = onnx_session(onnx_path)
-    onnx_names = [o.name for o in session.get_outputs()]
     declared = _declared_outputs(onnx_path)
-    tolerance = Tolerance(atol, rtol)
-    problems: list[str] = []
-    shape_problems: list[str] = []
-    if output_names is not None and list(output_names) != onnx_names:
-        problems.append(f"output names: ONNX has {onnx_names}, expected {list(output_names)}")
-    diffs = [OutputDiff(name) for name in onnx_names]
-    sizes_run: list[int] = []
-    samples = 0
-    count_mismatch = False
     spec = _feed_spec(session, model, batches, io_spec)
-    sequence_axes = _sequence_axes(session, spec)
-    shapes: list[dict[str, list[int]]] = []
-    lengths: dict[str, list[int]] = {}
+    run = _Comparison(str(onnx_path), session, model, spec, declared, Tolerance(atol, rtol), timeout, deadline)
+    if output_names is not None and list(output_names) != run.onnx_names:
+        run.problems.append(f"output names: ONNX has {run.onnx_names}, expected {list(output_names)}")
+    sizes_run = _compare_batch_sizes(run, batches, batch_sizes, max_samples)
+    if run.sequence_axes and not run.count_mismatch:  # a second length on each sequence axis: the held-out pieces cut to half
+        _compare_second_lengths(run, batches, sizes_run[-1], max_samples)
+    return run.report(sizes_run)
 
-    def timed_out(where: str, what: str) -> ValidationError:
+
+class _Comparison:
+    """One validation under way: the ONNX session and the PyTorch model compared
+    piece by piece, every failure collected (and each output's differences)."""
+
+    def __init__(
+        self, onnx_path: str, session: Any, model: Any, spec: IOSpec, declared: list[tuple[str, list[int | str | None] | None]],
+        tolerance: Tolerance, timeout: float | None, deadline: float | None,
+    ) -> None:
+        self.onnx_path, self.session, self.model, self.spec, self.declared = onnx_path, session, model, spec, declared
+        self.tolerance, self.timeout, self.deadline = tolerance, timeout, deadline
+        self.onnx_names = [o.name for o in session.get_outputs()]
+        self.diffs = [OutputDiff(name) for name in self.onnx_names]
+        self.problems: list[str] = []
+        self.shape_problems: list[str] = []
+        self.samples = 0
+        self.count_mismatch = False
+        self.sequence_axes = _sequence_axes(session, spec)
+        self.shapes: list[dict[str, list[int]]] = []
+        self.lengths: dict[str, list[int]] = {}
+
+    def timed_out(self, where: str, what: str) -> ValidationError:
         return ValidationError(
-            f"validation of {onnx_path} timed out after {timeout:g} s at {where}: {what}; "
+            f"validation of {self.onnx_path} timed out after {self.timeout:g} s at {where}: {what}; "
             "give a larger `timeout` if the model is only slow"
         )
 
-    def check(piece: Batch, where: str) -> bool:
+    def check(self, piece: Batch, where: str) -> bool:
         """Compare one piece; False once the output counts differ (said once)."""
-        nonlocal samples
-        feeds = onnx_feeds(session, piece, spec)
+        feeds = onnx_feeds(self.session, piece, self.spec)
+        seen = self._seen(feeds)
+        want = self._torch_outputs(piece, where, seen)
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise self.timed_out(where, "the PyTorch model was running")
+        got = self._onnx_outputs(feeds, where)
+        if len(want) != len(got):
+            self.problems.append(f"the ONNX model has {len(got)} outputs, the PyTorch model {len(want)}")
+            return False
+        self.samples += len(next(iter(feeds.values()))) if feeds else 0
+        for problem in _declared_output_problems(self.declared, want, self.spec):
+            if problem not in self.shape_problems:
+                self.shape_problems.append(problem)
+        for diff, g, w in zip(self.diffs, got, want):
+            diff.compare(g, w, self.tolerance, where=f"{where}: ")
+        return True
+
+    def _seen(self, feeds: Mapping[str, np.ndarray]) -> dict[str, list[int]]:
+        """The feeds' shapes, recorded (with the lengths on the sequence axes) where new."""
         seen = {name: list(array.shape) for name, array in feeds.items()}
-        if seen not in shapes:
-            shapes.append(seen)
-        for label, axes in sequence_axes.items():
+        if seen not in self.shapes:
+            self.shapes.append(seen)
+        for label, axes in self.sequence_axes.items():
             length = seen[axes[0][0]][axes[0][1]]
-            if length not in lengths.setdefault(label, []):
-                lengths[label].append(length)
+            if length not in self.lengths.setdefault(label, []):
+                self.lengths[label].append(length)
+        return seen
+
+    def _torch_outputs(self, piece: Batch, where: str, seen: Mapping[str, list[int]]) -> list[np.ndarray]:
         try:
             with torch.no_grad():
-                want = [t.detach().cpu().numpy() for t in flatten_outputs(run_batch(model, piece))]
+                return [t.detach().cpu().numpy() for t in flatten_outputs(run_batch(self.model, piece))]
         except (RuntimeError, TypeError, ValueError, IndexError) as e:
             raise ValidationError(
                 f"the PyTorch model fails at {where} ({', '.join(f'{n} {v}' for n, v in seen.items())}): "
                 f"{type(e).__name__}: {first_line(e)}"
             ) from e
-        if deadline is not None and time.monotonic() >= deadline:
-            raise timed_out(where, "the PyTorch model was running")
+
+    def _onnx_outputs(self, feeds: Mapping[str, np.ndarray], where: str) -> list[Any]:
         try:
-            got = run_session(session, feeds, deadline)
+            return run_session(self.session, feeds, self.deadline)
         except TimeoutError as e:
-            raise timed_out(where, "onnxruntime was stopped") from e
+            raise self.timed_out(where, "onnxruntime was stopped") from e
         except Exception as e:
             raise ValidationError(f"onnxruntime failed at {where}: {first_line(e)}") from e
-        if len(want) != len(got):
-            problems.append(f"the ONNX model has {len(got)} outputs, the PyTorch model {len(want)}")
-            return False
-        samples += len(next(iter(feeds.values()))) if feeds else 0
-        for problem in _declared_output_problems(declared, want, spec):
-            if problem not in shape_problems:
-                shape_problems.append(problem)
-        for diff, g, w in zip(diffs, got, want):
-            diff.compare(g, w, tolerance, where=f"{where}: ")
-        return True
 
+    def report(self, sizes_run: list[int]) -> ValidationReport:
+        """The report; every failure collected raised as one :class:`ValidationError`."""
+        problems = self.problems
+        if self.shape_problems:
+            problems.append("the declared output shapes do not fit what PyTorch gives: " + "; ".join(self.shape_problems))
+        for diff in self.diffs:
+            problems.extend(diff.problems(self.tolerance))
+        report = ValidationReport(self.onnx_path, not problems, self.tolerance.atol, self.tolerance.rtol, sizes_run, self.samples,
+                                  self.diffs, self.shapes, self.lengths)
+        if problems:
+            summary = "; ".join(f"{d.name} max abs {d.max_abs:.3g} max rel {d.max_rel:.3g}" for d in self.diffs)
+            raise ValidationError(
+                f"{self.onnx_path} does not match the PyTorch model: " + " | ".join(problems) + f" (all outputs: {summary})"
+            ) from None
+        return report
+
+
+def _compare_batch_sizes(run: _Comparison, batches: Iterable[Batch], batch_sizes: Sequence[int], max_samples: int | None) -> list[int]:
+    """Compare the held-out batches re-cut to each of ``batch_sizes``; the sizes there was data for (2 at least)."""
+    sizes_run: list[int] = []
     for size in batch_sizes:
         pieces = resize_batches(batches, size, max_samples)
         if not pieces:
             continue
         sizes_run.append(size)
         for piece in pieces:
-            if count_mismatch:
+            if run.count_mismatch:
                 break
-            count_mismatch = not check(piece, f"batch size {size}")
+            run.count_mismatch = not run.check(piece, f"batch size {size}")
     if len(sizes_run) < min(2, len(batch_sizes)):
         raise ValidationError(
             f"too little held-out data to validate at {min(2, len(batch_sizes))} batch sizes of {list(batch_sizes)}"
         )
-    if sequence_axes and not count_mismatch:  # a second length on each sequence axis: the held-out pieces cut to half
-        for label, axes in sequence_axes.items():
-            for piece in resize_batches(batches, sizes_run[-1], max_samples):
-                cut = _cut_piece(piece, spec, axes)
-                if cut is None:
-                    continue
-                length = named_tensors(cut, spec.input_names)[axes[0][0]].shape[axes[0][1]]
-                if not check(cut, f"batch size {sizes_run[-1]}, {label} {length}"):
-                    break
-            if len(lengths.get(label, [])) < 2:
-                where = ", ".join(f"axis {a} of {n}" for n, a in axes)
-                raise ValidationError(
-                    f"cannot validate a second length of the dynamic axis {label!r} ({where}): every held-out batch "
-                    f"has length {lengths.get(label, ['?'])[0]} there; give held-out data at least 2 long on it"
-                )
-    if shape_problems:
-        problems.append("the declared output shapes do not fit what PyTorch gives: " + "; ".join(shape_problems))
-    for diff in diffs:
-        problems.extend(diff.problems(tolerance))
-    report = ValidationReport(str(onnx_path), not problems, atol, rtol, sizes_run, samples, diffs, shapes, lengths)
-    if problems:
-        summary = "; ".join(f"{d.name} max abs {d.max_abs:.3g} max rel {d.max_rel:.3g}" for d in diffs)
-        raise ValidationError(
-            f"{onnx_path} does not match the PyTorch model: " + " | ".join(problems) + f" (all outputs: {summary})"
-        ) from None
-    return report
+    return sizes_run
+
+
+def _compare_second_lengths(run: _Comparison, batches: Iterable[Batch], size: int, max_samples: int | None) -> None:
+    """Compare the pieces of batch size ``size`` cut to half their length on each sequence axis;
+    a sequence axis that shows no second length is a :class:`ValidationError`."""
+    for label, axes in run.sequence_axes.items():
+        for piece in resize_batches(batches, size, max_samples):
+            cut = _cut_piece(piece, run.spec, axes)
+            if cut is None:
+                continue
+            length = named_tensors(cut, run.spec.input_names)[axes[0][0]].shape[axes[0][1]]
+            if not run.check(cut, f"batch size {size}, {label} {length}"):
+                break
+        if len(run.lengths.get(label, [])) < 2:
+            where = ", ".join(f"axis {a} of {n}" for n, a in axes)
+            raise ValidationError(
+                f"cannot validate a second length of the dynamic axis {label!r} ({where}): every held-out batch "
+                f"has length {run.lengths.get(label, ['?'])[0]} there; give held-out data at least 2 long on it"
+            )
 
 
 def _feed_spec(session: Any, model: Any, batches: Iterable[Batch], io_spec: IOSpec | None) -> IOSpec:
