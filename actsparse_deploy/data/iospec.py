@@ -55,6 +55,17 @@ class IOSpec:
             for input_name in self.input_names
         )
 
+    def with_axes(self, user: Sequence[tuple[str, int, str]], example: Batch) -> IOSpec:
+        """This spec with the user's dynamic axes (``(input, axis, label)``) added,
+        each checked against its input on ``example``."""
+        if not user:
+            return self
+        check_user_axes(named_tensors(example, self.input_names), user)
+        axes = {name: dict(per) for name, per in self.dynamic_axes.items()}
+        for name, axis, label in user:
+            axes.setdefault(name, {})[axis] = label
+        return IOSpec(self.input_names, self.output_names, axes)
+
     @classmethod
     def infer(cls, example: Batch, n_outputs: int, sequence_axis: bool = False) -> IOSpec:
         """Default names (``input`` / dict keys, ``output`` / ``output_i``), batch axis

@@ -64,8 +64,8 @@ from ..base.errors import DataError, ExportError, OutputError, UsageError, Valid
 from ..base.files import check_output_path, os_reason, output_lock, remove_stale_staging, set_output_mode, staging_dir
 from ..base.quiet import quiet
 from ..base.version import __version__
-from ..data.batches import Batch, describe_batch, flatten_outputs, is_named, named_tensors, positional, run_batch
-from ..data.iospec import IOSpec, PositionalAdapter, check_user_axes, parse_dynamic_axis
+from ..data.batches import Batch, describe_batch, flatten_outputs, is_named, positional, run_batch
+from ..data.iospec import IOSpec, PositionalAdapter, parse_dynamic_axis
 from ..nn.modules import eval_mode
 
 __all__ = [
@@ -244,17 +244,6 @@ def _say_on_stderr(message: str) -> None:
     print(f"actsparse: {message}", file=sys.stderr, flush=True)
 
 
-def _with_axes(spec: IOSpec, user: Sequence[tuple[str, int, str]], example: Batch) -> IOSpec:
-    """``spec`` with the user's dynamic axes added (checked against its inputs on ``example``)."""
-    if not user:
-        return spec
-    check_user_axes(named_tensors(example, spec.input_names), user)
-    axes = {name: dict(per) for name, per in spec.dynamic_axes.items()}
-    for name, axis, label in user:
-        axes.setdefault(name, {})[axis] = label
-    return IOSpec(spec.input_names, spec.output_names, axes)
-
-
 def _export(
     model: Any, program: Any, example: Batch, path: Path, exporter: str, opset: int | None, io_spec: IOSpec | None,
     sequence_axis: bool, metadata: Mapping[str, str] | None, external_data: bool, overwrite: bool, verbose: bool,
@@ -276,7 +265,7 @@ def _export(
         spec = IOSpec.infer(example, n_outputs, sequence_axis)
     else:
         spec = IOSpec.from_model(model, example, data=data, dynamic_axes=user_axes, outputs=outputs)
-    spec = _with_axes(spec, user_axes, example)
+    spec = spec.with_axes(user_axes, example)
     if len(spec.output_names) != n_outputs:
         raise ExportError(f"the model returns {n_outputs} outputs but {len(spec.output_names)} output names were given")
     wrapped: Any = program if program is not None else PositionalAdapter(model, spec.input_names if is_named(example) else None)
