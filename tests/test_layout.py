@@ -129,3 +129,17 @@ def test_the_package_face_imports_nothing_heavy():
 
 def test_cycle_finder_finds_a_circle():
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+
+
+def test_the_readme_maps_every_wing_and_module():
+    """The README's layout table names each wing, then each of its modules."""
+    text = (PACKAGE.parent / "README.md").read_text()
+    table = text[text.index("## Layout"):]
+    table = table[: table.index("\n\n", table.index("| wing / module |"))]
+    wings = [w for w in WINGS if f"**`{w}/`**" in table]
+    assert wings == list(WINGS)
+    for w in WINGS:
+        section = table[table.index(f"**`{w}/`**"):]
+        section = section[: section.index("**`", section.index("**`") + 3) if w != WINGS[-1] else len(section)]
+        modules = sorted(p.name for p in (PACKAGE / w).glob("*.py") if p.name != "__init__.py")
+        assert [m for m in modules if f"`{m}`" not in section] == [], w

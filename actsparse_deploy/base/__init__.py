@@ -1,1 +1,1 @@
-"""Ground floor: errors and exit codes, shared names, the version, outputs written whole, safetensors containers, threads."""
+"""Ground floor: errors and exit codes, shared names, the version, outputs written whole, containers, threads, waits."""

@@ -1,12 +1,11 @@
-"""Models, weights and data from users, loaded safely.
+"""Models and weights from users, loaded safely (their data files:
+:mod:`actsparse_deploy.data.readers`).
 
 A model is a built-in name or ``package.module:factory`` (a callable returning an
 ``nn.Module``) plus optional weights: ``.safetensors``, or a ``.pt`` / ``.pth``
 state dict read with ``torch.load(weights_only=True)``: no pickle from a user's
-file is ever executed. Data is a ``.npy`` / ``.npz`` / ``.safetensors`` / ``.pt``
-file of input tensors (several named arrays become dict batches, passed to the
-model as keyword arguments), cut into batches; or ``module:function`` returning
-an iterable of batches. A local Hugging Face model directory (or ``hf:PATH``)
+file is ever executed; every loaded model's weights are checked for NaN / Inf
+once. A local Hugging Face model directory (or ``hf:PATH``)
 loads with :mod:`actsparse_deploy.models.hf`, and its tokenizer makes batches of text
 files (:class:`ModelOptions`: ``task``, ``text``, ``heldout_text``, ``max_length``;
 ``factory_args``: keyword arguments of a ``module:factory``).
