@@ -288,7 +288,7 @@ def _check_exact(model: nn.Module, reference: nn.Module, batches: list[Batch]) -
     tolerance = Tolerance(PRUNE_ATOL, PRUNE_RTOL, scale_atol=True, nan_equal=True)
     fallback = 'a bug in the dataflow analysis: use mode "fold" meanwhile'
     worst = 0.0
-    with eval_mode(model), eval_mode(reference):
+    with eval_mode(model, reference):
         for i, batch in enumerate(batches):
             try:
                 want = flatten_outputs(run_batch(reference, batch))
