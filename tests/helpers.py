@@ -1,6 +1,7 @@
 """Plain helpers the tests import (conftest.py holds only fixtures and hooks):
-tiny models, a user's own model file, the CLI runner (in this process or a real
-one), and commands run in a background thread.
+tiny models, a user's own model file, the CLI runner (``invoke`` in this process,
+``start_cli`` in a real one) and the check of a one-line error of either
+(``one_line_error``), and commands run in a background thread.
 
     >>> TinyMLP()(torch.zeros(2, 6)).shape
     torch.Size([2, 3])
@@ -27,27 +28,67 @@ from torch import nn
 from typer.testing import CliRunner
 
 runner = CliRunner()
+#: a terminal wide enough that rich wraps no line of a table or a help text
+WIDE = {"COLUMNS": "200", "TERMINAL_WIDTH": "200"}
+
+
+def _cli_command_built_once() -> None:
+    """typer's CliRunner turns the Typer app into its click command again on every
+    call (~35 ms for this CLI, a thousand calls in the suite). The command holds
+    no state between runs (the callbacks look up what they call at run time), so
+    the CLI's is built once per test process; any other app as before."""
+    import typer.testing
+
+    build = typer.testing._get_command
+    built: dict[Any, Any] = {}
+
+    def get_command(app: Any) -> Any:
+        from actsparse_deploy.app import cli
+
+        if app is not cli.app:
+            return build(app)
+        if app not in built:
+            built[app] = build(app)
+        return built[app]
+
+    typer.testing._get_command = get_command
+
+
+_cli_command_built_once()
 
 
 def invoke(*args: object, env: dict[str, str] | None = None):
     """``actsparse ARGS`` in this process (typer's CliRunner); every argument as a
-    string, ``env``: variables set for the run."""
+    string, ``env``: variables set for the run (``WIDE``: a wide terminal)."""
     from actsparse_deploy.app.cli import app
 
     return runner.invoke(app, [str(a) for a in args], env=env)
 
 
-def one_line_error(result: Any, code: int, *needles: str) -> str:
-    """The run of :func:`invoke` failed with ``code`` and exactly one line on
-    stderr, no traceback and no escape sequence, naming every needle; that line."""
-    err = result.stderr
-    assert result.exit_code == code, (result.exit_code, result.stdout, err, result.exception)
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err and "\x1b" not in err
+def one_line_error(result: Any, code: int, *needles: str, start: str = "error: ") -> str:
+    """The run failed with exit ``code`` and said why in exactly one line on
+    stderr, starting with ``start`` and naming every needle, with no traceback and
+    no escape sequence, and nothing on stdout; that line.
+
+    ``result``: a run of :func:`invoke` (which must have ended in ``SystemExit``,
+    not an exception the CLI let through) or a finished real process
+    (``subprocess.CompletedProcess``).
+    """
+    if isinstance(result, subprocess.CompletedProcess):
+        got, out, err = result.returncode, result.stdout, result.stderr
+        assert got == code, (got, out[-3000:], err[-3000:])
+    else:
+        got, out, err = result.exit_code, result.stdout, result.stderr
+        assert got == code, (got, out, err, result.exception)
+        assert isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = err.splitlines()
+    assert len(lines) == 1 and err.endswith("\n"), err[-3000:]
+    assert "Traceback" not in err and "\x1b" not in err, err
+    assert lines[0].startswith(start), lines[0]
     for needle in needles:
-        assert needle in err, err
-    return err
+        assert needle in lines[0], lines[0]
+    assert out.strip() == "", out[-3000:]
+    return lines[0]
 
 
 class TinyMLP(nn.Module):
@@ -374,6 +415,10 @@ class DigitsFiles:
     def dense_onnx(self, model: str) -> Path:
         """``actsparse export MODEL`` without masks."""
         return self._make(f"{model}-dense.onnx", "export", model)
+
+    def pt2_onnx(self, model: str) -> Path:
+        """``actsparse export pt2(MODEL)``: the squashed program's ONNX model."""
+        return self._make(f"{model}-pt2.onnx", "export", self.pt2(model))
 
 
 # --- work started in a thread when the session begins ------------------------------------

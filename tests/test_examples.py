@@ -13,13 +13,9 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
 
-from actsparse_deploy.app.cli import app
-
+from .helpers import invoke
 from .test_readme import ROOT, in_examples, readme_commands
-
-runner = CliRunner()
 
 
 def example_commands() -> list[list[str]]:
@@ -44,7 +40,7 @@ def _run(words: list[str]) -> None:
         runpy.run_path("make_data.py", run_name="__main__")
         return
     assert words[0] == "actsparse", words
-    result = runner.invoke(app, words[1:])
+    result = invoke(*words[1:])
     assert result.exit_code == 0, f"`{shlex.join(words)}` exited {result.exit_code}: {result.output}"
 
 
@@ -102,6 +98,6 @@ def readme_demo_output() -> list[str]:
 def test_the_readme_demo_output_is_what_the_demo_prints(tmp_path):
     makefile = (ROOT / "Makefile").read_text()
     assert "actsparse convert digits-cnn -o out/digits-cnn --overwrite" in makefile
-    result = runner.invoke(app, ["convert", "digits-cnn", "-o", str(tmp_path / "digits-cnn"), "--overwrite"], env={"COLUMNS": "100"})
+    result = invoke("convert", "digits-cnn", "-o", tmp_path / "digits-cnn", "--overwrite", env={"COLUMNS": "100"})
     assert result.exit_code == 0, result.output
     assert _comparable(result.output.splitlines()) == _comparable(readme_demo_output())

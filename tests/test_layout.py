@@ -5,6 +5,7 @@ imports only downwards, no circle, no one else's private names."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "actsparse_deploy"
@@ -50,7 +51,9 @@ def imports(path: Path, modules: set[str]) -> list[tuple[str, str, int]]:
     return found
 
 
+@functools.cache
 def graph() -> dict[str, list[tuple[str, str, int]]]:
+    """Module -> its imports of the package's modules (read once per test process: only read)."""
     files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     return {m: [(t, n, line) for t, n, line in imports(p, set(files)) if t in files and t != m] for m, p in files.items()}
 

@@ -20,14 +20,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from actsparse_deploy.app.cli import app
-
-from .helpers import BACKGROUND_COMMANDS, MINILM_OUTDIRS
+from .helpers import BACKGROUND_COMMANDS, MINILM_OUTDIRS, invoke
 
 ROOT = Path(__file__).resolve().parent.parent
-runner = CliRunner()
 
 
 def readme_commands() -> list[list[str]]:
@@ -59,7 +55,7 @@ def _runnable(minilm: bool) -> list[list[str]]:
 def _run_in(directory: Path, commands: list[list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(directory)
     for words in commands:
-        result = runner.invoke(app, words[1:])
+        result = invoke(*words[1:])
         assert result.exit_code == 0, f"`{shlex.join(words)}` exited {result.exit_code}: {result.stderr}"
 
 

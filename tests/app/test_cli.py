@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 from actsparse_deploy import Masks
-from actsparse_deploy.app.cli import app
 from actsparse_deploy.base.errors import ModelLoadError, OutputError
 
-runner = CliRunner()
+from ..helpers import invoke, one_line_error
 
 USER_MODULE = '''
 import torch
@@ -26,10 +24,6 @@ def build():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
 '''
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def test_calibrate_builtin_out_of_the_box(tmp_path):
@@ -116,6 +110,5 @@ def test_python_dash_m_runs_the_cli(tmp_path):
     """A failure through a real process: one line, the exit code (a real process
     that succeeds: test_pt2.py::test_squash_other_suffix_prints_no_torch_warning)."""
     proc = subprocess.run([sys.executable, "-m", "actsparse_deploy", "calibrate", "nope", "-o", str(tmp_path / "other.safetensors")], capture_output=True, text=True)
-    assert proc.returncode == ModelLoadError.exit_code
-    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: unknown built-in model")
+    one_line_error(proc, ModelLoadError.exit_code, start="error: unknown built-in model")
     assert list(tmp_path.iterdir()) == []

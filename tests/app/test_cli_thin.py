@@ -9,18 +9,10 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
 
-from actsparse_deploy.app.cli import app
 from actsparse_deploy.base.constants import DEFAULT_EXPORTER, EXPORTERS, MODES
 
-runner = CliRunner()
-WIDE = {"COLUMNS": "200", "TERMINAL_WIDTH": "200"}
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], env=WIDE)
-
+from ..helpers import WIDE, invoke, one_line_error
 
 # --- --mode and --exporter are choices: a bad value is a usage error (exit 2) ---------------------
 
@@ -37,35 +29,29 @@ def _with_mode(tmp_path, command: str, mode: str) -> list[str]:
 
 @pytest.mark.parametrize("command", ["squash", "export", "validate", "convert"])
 def test_unknown_mode_is_a_usage_error(tmp_path, command):
-    result = invoke(*_with_mode(tmp_path, command, "sideways"))
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and "'sideways'" in lines[0] and "--mode" in lines[0], lines
-    assert all(mode in lines[0] for mode in MODES), lines
+    result = invoke(*_with_mode(tmp_path, command, "sideways"), env=WIDE)
+    one_line_error(result, 2, "'sideways'", "--mode", *MODES)
     assert result.stdout == "" and list(tmp_path.iterdir()) == []  # nothing ran, nothing written
 
 
 @pytest.mark.parametrize("command", ["export", "convert"])
 def test_unknown_exporter_is_a_usage_error(tmp_path, command):
     out = tmp_path / ("m.onnx" if command == "export" else "out")
-    result = invoke(command, "digits-mlp", "-o", out, "--exporter", "tflite")
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and "'tflite'" in lines[0] and "--exporter" in lines[0], lines
-    assert all(name in lines[0] for name in EXPORTERS), lines
+    result = invoke(command, "digits-mlp", "-o", out, "--exporter", "tflite", env=WIDE)
+    one_line_error(result, 2, "'tflite'", "--exporter", *EXPORTERS)
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("command", ["squash", "export", "validate", "convert"])
 def test_help_lists_the_modes(command):
-    result = invoke(command, "--help")
+    result = invoke(command, "--help", env=WIDE)
     assert result.exit_code == 0, result.output
     assert "|".join(MODES) in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("command", ["export", "convert"])
 def test_help_lists_the_exporters(command):
-    result = invoke(command, "--help")
+    result = invoke(command, "--help", env=WIDE)
     assert result.exit_code == 0, result.output
     assert "|".join(EXPORTERS) in result.stdout and f"default {DEFAULT_EXPORTER}" in result.stdout
 
@@ -73,9 +59,9 @@ def test_help_lists_the_exporters(command):
 def test_a_choice_is_passed_on_as_its_name(tmp_path):
     """The choice reaches the library as the plain name (in the report and the file metadata)."""
     masks = tmp_path / "masks.safetensors"
-    assert invoke("calibrate", "digits-mlp", "-o", masks).exit_code == 0
+    assert invoke("calibrate", "digits-mlp", "-o", masks, env=WIDE).exit_code == 0
     result = invoke("export", "digits-mlp", "--masks", masks, "--mode", "mul", "--exporter", "torchscript",
-                    "-o", tmp_path / "m.onnx", "--json")
+                    "-o", tmp_path / "m.onnx", "--json", env=WIDE)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["squash_mode"] == "mul" and report["export"]["exporter"] == "torchscript"

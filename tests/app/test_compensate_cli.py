@@ -11,19 +11,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from actsparse_deploy.app.cli import app
 from actsparse_deploy.base.constants import COMPENSATIONS, METHODS
 from actsparse_deploy.calibration.masks import Masks
 from actsparse_deploy.models import zoo
 
-runner = CliRunner()
-WIDE = {"COLUMNS": "200", "TERMINAL_WIDTH": "200"}
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], env=WIDE)
+from ..helpers import WIDE, invoke, one_line_error
 
 
 def test_the_cli_choices_are_the_registered_methods():
@@ -39,24 +32,21 @@ def test_the_cli_choices_are_the_registered_methods():
 @pytest.mark.parametrize("flag, value, choices", [("--method", "magic", METHODS), ("--compensate", "ridge", COMPENSATIONS)])
 def test_an_unknown_choice_is_a_usage_error(tmp_path, command, flag, value, choices):
     out = tmp_path / ("masks.safetensors" if command == "calibrate" else "out")
-    result = invoke(command, "digits-mlp", "-o", out, flag, value)
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and f"'{value}'" in lines[0] and flag in lines[0], lines
-    assert all(name in lines[0] for name in choices), lines
+    result = invoke(command, "digits-mlp", "-o", out, flag, value, env=WIDE)
+    one_line_error(result, 2, f"'{value}'", flag, *choices)
     assert result.stdout == "" and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("command", ["calibrate", "convert"])
 def test_help_lists_the_choices(command):
-    result = invoke(command, "--help")
+    result = invoke(command, "--help", env=WIDE)
     assert result.exit_code == 0, result.output
     assert "|".join(METHODS) in result.stdout and "|".join(COMPENSATIONS) in result.stdout, result.stdout
 
 
 def test_calibrate_with_method_and_compensation_stores_the_edits(tmp_path):
     masks_path = tmp_path / "masks.safetensors"
-    result = invoke("calibrate", "digits-mlp", "-o", masks_path, "--method", "fluctuation", "--compensate", "lstsq", "--json")
+    result = invoke("calibrate", "digits-mlp", "-o", masks_path, "--method", "fluctuation", "--compensate", "lstsq", "--json", env=WIDE)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert [(row["layer"], row["method"], row["compensate"]) for row in report["layers"]] == [
@@ -82,7 +72,7 @@ def _onnx_outputs(path, inputs: np.ndarray) -> np.ndarray:
 def test_convert_with_compensation_equals_calibrate_then_squash_from_the_file(tmp_path):
     out = tmp_path / "out"
     result = invoke("convert", "digits-mlp", "-o", out, "-b", "32", "--method", "fluctuation", "--compensate", "lstsq",
-                    "--sparsity", "0.5", "--json")
+                    "--sparsity", "0.5", "--json", env=WIDE)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["validation"]["passed"]
@@ -94,20 +84,20 @@ def test_convert_with_compensation_equals_calibrate_then_squash_from_the_file(tm
     # the same through the stages: calibrate (same batch size), then export and squash from the file
     masks_path = tmp_path / "masks.safetensors"
     assert invoke("calibrate", "digits-mlp", "-o", masks_path, "-b", "32", "--method", "fluctuation",
-                  "--compensate", "lstsq", "--sparsity", "0.5").exit_code == 0
+                  "--compensate", "lstsq", "--sparsity", "0.5", env=WIDE).exit_code == 0
     from_file, from_convert = Masks.load(masks_path), Masks.load(out / "masks.safetensors")
     for name in from_convert:
         torch.testing.assert_close(from_file[name].dense(), from_convert[name].dense(), rtol=0, atol=0)
         torch.testing.assert_close(from_file[name].weight, from_convert[name].weight)
         torch.testing.assert_close(from_file[name].bias, from_convert[name].bias)
     onnx_path = tmp_path / "m.onnx"
-    exported = invoke("export", "digits-mlp", "--masks", masks_path, "-o", onnx_path, "--json")
+    exported = invoke("export", "digits-mlp", "--masks", masks_path, "-o", onnx_path, "--json", env=WIDE)
     assert exported.exit_code == 0, exported.output
     assert {row["compensate"] for row in json.loads(exported.stdout)["layers"]} == {"lstsq"}
     inputs = torch.cat([b for b in zoo.heldout_batches("digits-mlp", 64)]).numpy()
     np.testing.assert_allclose(_onnx_outputs(onnx_path, inputs), _onnx_outputs(out / "model.onnx", inputs), rtol=0, atol=1e-5)
     pt2 = tmp_path / "m.pt2"
-    assert invoke("squash", "digits-mlp", "--masks", out / "masks.safetensors", "-o", pt2).exit_code == 0
+    assert invoke("squash", "digits-mlp", "--masks", out / "masks.safetensors", "-o", pt2, env=WIDE).exit_code == 0
     program = torch.export.load(str(pt2)).module()
     with torch.no_grad():
         squashed = program(torch.from_numpy(inputs[:2])).numpy()
@@ -117,7 +107,7 @@ def test_convert_with_compensation_equals_calibrate_then_squash_from_the_file(tm
 def test_compensation_keeps_the_digits_mlp_accurate_at_half_its_features(tmp_path):
     out = tmp_path / "out"
     result = invoke("convert", "digits-mlp", "-o", out, "--method", "fluctuation", "--compensate", "lstsq",
-                    "--sparsity", "0.5", "--json")
+                    "--sparsity", "0.5", "--json", env=WIDE)
     assert result.exit_code == 0, result.output
     cost = json.loads(result.stdout)["cost"]
     assert cost["accuracy_sparse"] >= cost["accuracy_dense"] - 0.01, cost
@@ -135,7 +125,7 @@ name = ["fc2", "fc3"]
 
 
 def test_builtin_recipes_select_with_obs_and_compensate_with_lstsq(tmp_path):
-    result = invoke("calibrate", "digits-mlp", "-o", tmp_path / "masks.safetensors", "--json")
+    result = invoke("calibrate", "digits-mlp", "-o", tmp_path / "masks.safetensors", "--json", env=WIDE)
     assert result.exit_code == 0, result.output
     assert {(row["method"], row["compensate"]) for row in json.loads(result.stdout)["layers"]} == {("obs", "lstsq")}
 
@@ -143,17 +133,16 @@ def test_builtin_recipes_select_with_obs_and_compensate_with_lstsq(tmp_path):
 def test_rows_without_a_method_say_so(tmp_path):
     masks_path = tmp_path / "masks.safetensors"
     (tmp_path / "classic.toml").write_text(CLASSIC_MLP_RECIPE)
-    result = invoke("calibrate", "digits-mlp", "--recipe", tmp_path / "classic.toml", "-o", masks_path, "--json")
+    result = invoke("calibrate", "digits-mlp", "--recipe", tmp_path / "classic.toml", "-o", masks_path, "--json", env=WIDE)
     assert result.exit_code == 0, result.output
     assert {(row["method"], row["compensate"]) for row in json.loads(result.stdout)["layers"]} == {(None, "none")}
-    result = invoke("export", "digits-mlp", "--masks", masks_path, "-o", tmp_path / "m.onnx", "--json")
+    result = invoke("export", "digits-mlp", "--masks", masks_path, "-o", tmp_path / "m.onnx", "--json", env=WIDE)
     assert result.exit_code == 0, result.output
     assert {(row["method"], row["compensate"]) for row in json.loads(result.stdout)["layers"]} == {(None, "none")}
 
 
 def test_compensation_without_a_method_is_a_recipe_error(tmp_path):
     (tmp_path / "classic.toml").write_text(CLASSIC_MLP_RECIPE)
-    result = invoke("convert", "digits-mlp", "--recipe", tmp_path / "classic.toml", "-o", tmp_path / "out", "--compensate", "lstsq")
-    assert result.exit_code == 3, result.output
-    assert len(result.stderr.splitlines()) == 1 and "needs a method" in result.stderr
+    result = invoke("convert", "digits-mlp", "--recipe", tmp_path / "classic.toml", "-o", tmp_path / "out", "--compensate", "lstsq", env=WIDE)
+    one_line_error(result, 3, "needs a method")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["classic.toml"]

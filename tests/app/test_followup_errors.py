@@ -77,7 +77,7 @@ def test_a_panic_in_a_command_is_one_line_exit_1(panic: BaseException, monkeypat
     from actsparse_deploy.models import zoo
 
     monkeypatch.setattr(zoo, "builtin_names", _raising(panic))
-    line = one_line_error(invoke("models"), 1, "internal error", "PanicException", str(panic)[:20])
+    line = one_line_error(invoke("models"), 1, "PanicException", str(panic)[:20], start="internal error: ")
     assert "--verbose" in line
 
 
@@ -199,15 +199,18 @@ def test_a_panic_loading_a_builtin_language_model_is_its_files_class(panic: Base
         with pytest.raises(WeightsError, match="PanicException"):
             minilm.load_minilm()
 
+    # MiniLM's first: transformers imports its tokenizer modules on first use, and one imported
+    # while tokenizers.Tokenizer is the stand-in below would keep it for the rest of the process
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", _raising(panic))
+    with pytest.raises(ModelLoadError, match="MiniLM tokenizer .*PanicException"):
+        minilm.get_tokenizer.__wrapped__()
+
     class Panicking:
         from_file = staticmethod(_raising(panic))
 
     monkeypatch.setattr(tokenizers, "Tokenizer", Panicking)
     with pytest.raises(ModelLoadError, match="tiny-lm tokenizer .*PanicException"):
         tinylm._tokenizer_at.__wrapped__(tinylm.models_dir() / tinylm.TOKENIZER_FILENAME)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", _raising(panic))
-    with pytest.raises(ModelLoadError, match="MiniLM tokenizer .*PanicException"):
-        minilm.get_tokenizer.__wrapped__()
 
 # --- malformed headers that torch cannot take: the file's class, not an internal error -----------
 

@@ -20,17 +20,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from typer.testing import CliRunner
 
 from actsparse_deploy import ActivationSparsifier, Recipe, calibrate
-from actsparse_deploy.app.cli import app
 from actsparse_deploy.bake.squash import squash
 from actsparse_deploy.base.errors import CalibrationError, ConfigError, MaskError, RecipeError, WeightsError
 from actsparse_deploy.calibration.masks import LayerMask, Masks
 
-from ..helpers import UserFolder, user_module, user_module_source
-
-runner = CliRunner()
+from ..helpers import UserFolder, invoke, one_line_error, user_module, user_module_source
 
 USER_MODULE = user_module_source(extra='''
 def nan_weights():
@@ -65,11 +61,7 @@ def _refused(w: World, args: list[Any], code: int, message: str) -> None:
     """The CLI exits with ``code``, one line on stderr holding ``message``, no
     traceback, no new file (except the user module's __pycache__)."""
     before = {p.name for p in w.tmp.iterdir()}
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, result.output
-    assert message in result.stderr, result.stderr
-    assert "Traceback" not in result.output
-    assert result.stderr.startswith("error: ") and result.stderr.strip().count("\n") == 0, result.stderr
+    one_line_error(invoke(*args), code, message)
     after = {p.name for p in w.tmp.iterdir()}
     assert after - before <= {"__pycache__"}, f"left {after - before}"
 
@@ -162,7 +154,7 @@ def test_good_masks_files_still_load(world):
     """The edits above are the only thing wrong: the untouched files work."""
     for per_feature in (False, True):
         path = _good_masks(world, per_feature)
-        result = runner.invoke(app, ["squash", world.user(), "--masks", str(path), "--heldout", str(world.data()), "-o", str(world.file("m.pt2")), "--overwrite"])
+        result = invoke("squash", world.user(), "--masks", path, "--heldout", world.data(), "-o", world.file("m.pt2"), "--overwrite")
         assert result.exit_code == 0, result.output
     bool_mask = _edited(world, tensors=_mask_values(torch.tensor([True, False] * 4)))
     assert Masks.load(bool_mask)["fc2"].sparsity == 0.5
@@ -384,10 +376,7 @@ def full_disk(world, monkeypatch):
 def test_disk_full_during_calibrate(world, full_disk):
     target = full_disk / "masks.safetensors"
     args = ["calibrate", world.user(), "--data", world.data(), "--recipe", world.recipe(RECIPE_HEAD), "-o", target]
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 11, result.output
-    assert "the disk is full" in result.stderr and str(target) in result.stderr
-    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.output
+    one_line_error(invoke(*args), 11, "the disk is full", str(target))
     assert list(full_disk.iterdir()) == []
 
 

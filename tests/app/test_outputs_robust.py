@@ -15,28 +15,13 @@ from pathlib import Path
 
 import onnx
 import pytest
-from typer.testing import CliRunner
 
-from actsparse_deploy.app.cli import app
 from actsparse_deploy.calibration.masks import Masks
 
-runner = CliRunner()
+from ..helpers import invoke, one_line_error
+
 OUT_FILES = ["masks.safetensors", "model.onnx", "report.json"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def _invoke(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def _error(result, code: int, *needles: str) -> None:
-    """Exit ``code``, exactly one line on stderr naming every needle, no traceback."""
-    assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in result.stderr, result.stderr
 
 
 def _names(directory: Path) -> list[str]:
@@ -66,17 +51,17 @@ def test_convert_external_data_keeps_an_existing_data_file(tmp_path):
     out.mkdir()
     data = out / "model.onnx.data"
     data.write_bytes(b"another model's weights")
-    result = _invoke("convert", "digits-mlp", "-o", out, "--external-data")
-    _error(result, 11, str(data), "--overwrite")
+    result = invoke("convert", "digits-mlp", "-o", out, "--external-data")
+    one_line_error(result, 11, str(data), "--overwrite")
     assert data.read_bytes() == b"another model's weights"
     assert _names(out) == ["model.onnx.data"]  # refused before any work: nothing else written
 
 
 def test_convert_overwrite_removes_the_data_of_the_model_it_replaces(tmp_path):
     out = tmp_path / "out"
-    assert _invoke("convert", "digits-mlp", "-o", out, "--external-data").exit_code == 0
+    assert invoke("convert", "digits-mlp", "-o", out, "--external-data").exit_code == 0
     assert _names(out) == sorted([*OUT_FILES, "model.onnx.data"])
-    result = _invoke("convert", "digits-mlp", "-o", out, "--overwrite")
+    result = invoke("convert", "digits-mlp", "-o", out, "--overwrite")
     assert result.exit_code == 0, result.output
     assert _names(out) == OUT_FILES  # no data file left that nothing refers to
 
@@ -99,10 +84,9 @@ def test_two_converts_into_one_folder_at_once(tmp_path):
     codes = [proc.returncode for proc, _, _ in results]
     assert sorted(codes) == [0, 11], [err for _, _, err in results]
     winner = levels[codes.index(0)]
-    loser_err = results[codes.index(11)][2]
-    lines = loser_err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in loser_err, loser_err
-    assert f"another actsparse run is writing to {out}" in lines[0] or "already exists" in lines[0], lines[0]
+    loser, loser_out, loser_err = results[codes.index(11)]
+    line = one_line_error(subprocess.CompletedProcess(loser.args, 11, loser_out, loser_err), 11)
+    assert f"another actsparse run is writing to {out}" in line or "already exists" in line, line
     # every file comes from the one run that succeeded
     assert _names(out) == OUT_FILES
     report = json.loads((out / "report.json").read_text())
@@ -145,14 +129,14 @@ def test_a_locked_folder_is_refused_and_a_dead_runs_lock_taken_over(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         for extra in ([], ["--overwrite"]):
-            result = _invoke("convert", "digits-mlp", "-o", out, *extra)
-            _error(result, 11, f"another actsparse run is writing to {out} (pid {holder.pid})")
+            result = invoke("convert", "digits-mlp", "-o", out, *extra)
+            one_line_error(result, 11, f"another actsparse run is writing to {out} (pid {holder.pid})")
             assert _names(out) == [".actsparse.lock"]
     finally:
         holder.kill()  # SIGKILL: its lock file stays behind
         holder.wait()
     assert _names(out) == [".actsparse.lock"]
-    result = _invoke("convert", "digits-mlp", "-o", out)
+    result = invoke("convert", "digits-mlp", "-o", out)
     assert result.exit_code == 0, result.output
     assert _names(out) == OUT_FILES  # the lock is gone with the run that took it over
 
@@ -161,22 +145,22 @@ def test_a_locked_folder_is_refused_and_a_dead_runs_lock_taken_over(tmp_path):
 
 
 def _calibrate(target: Path, *extra: str):
-    return _invoke("calibrate", "digits-mlp", "-o", target, *extra)
+    return invoke("calibrate", "digits-mlp", "-o", target, *extra)
 
 
 def _convert(target: Path, *extra: str):
-    return _invoke("convert", "digits-mlp", "-o", target.parent, *extra)
+    return invoke("convert", "digits-mlp", "-o", target.parent, *extra)
 
 
 def _export(target: Path, *extra: str):
-    return _invoke("export", "digits-mlp", "-o", target, *extra)
+    return invoke("export", "digits-mlp", "-o", target, *extra)
 
 
 def _squash(target: Path, *extra: str):
     masks = target.parent.parent / "masks.safetensors"
     if not masks.exists():
         assert _calibrate(masks).exit_code == 0
-    return _invoke("squash", "digits-mlp", "--masks", masks, "-o", target, *extra)
+    return invoke("squash", "digits-mlp", "--masks", masks, "-o", target, *extra)
 
 
 COMMANDS = {
@@ -201,7 +185,7 @@ def test_a_dangling_symlink_is_never_replaced(tmp_path, command, overwrite):
     run, link = _output(tmp_path, command)
     link.symlink_to(tmp_path / "nowhere")
     result = run(link, *(["--overwrite"] if overwrite else []))
-    _error(result, 11, str(link))
+    one_line_error(result, 11, str(link))
     assert link.is_symlink() and os.readlink(link) == str(tmp_path / "nowhere")
     assert not (tmp_path / "nowhere").exists() and _names(link.parent) == [link.name]
 
@@ -215,7 +199,7 @@ def test_overwrite_replaces_only_regular_files(tmp_path, command, kind):
     else:
         target.symlink_to("/dev/null")
     result = run(target, "--overwrite")
-    _error(result, 11, str(target), "not a regular file")
+    one_line_error(result, 11, str(target), "not a regular file")
     if kind == "fifo":
         assert stat.S_ISFIFO(os.lstat(target).st_mode)
     else:
@@ -252,10 +236,10 @@ def test_every_output_gets_the_mode_the_umask_gives(tmp_path, umask_002):
     from actsparse_deploy.models.zoo import load_builtin
 
     masks, pt2, onnx_path, out = tmp_path / "m.safetensors", tmp_path / "s.pt2", tmp_path / "e.onnx", tmp_path / "c"
-    assert _invoke("calibrate", "digits-mlp", "-o", masks).exit_code == 0
-    assert _invoke("squash", "digits-mlp", "--masks", masks, "-o", pt2).exit_code == 0
-    assert _invoke("export", "digits-mlp", "--masks", masks, "-o", onnx_path).exit_code == 0
-    assert _invoke("convert", "digits-mlp", "-o", out, "--external-data").exit_code == 0
+    assert invoke("calibrate", "digits-mlp", "-o", masks).exit_code == 0
+    assert invoke("squash", "digits-mlp", "--masks", masks, "-o", pt2).exit_code == 0
+    assert invoke("export", "digits-mlp", "--masks", masks, "-o", onnx_path).exit_code == 0
+    assert invoke("convert", "digits-mlp", "-o", out, "--external-data").exit_code == 0
     model = load_builtin("digits-mlp")
     sp = ActivationSparsifier(model, aggregate_fn="sum_abs", reduce_fn="mean", mask_fn="topk", sparsity_level=0.5)
     sp.register_layer(model.fc2)
@@ -268,7 +252,7 @@ def test_every_output_gets_the_mode_the_umask_gives(tmp_path, umask_002):
 
 def test_export_external_data_gets_the_mode_the_umask_gives(tmp_path, umask_002):
     onnx_path = tmp_path / "e.onnx"
-    assert _invoke("export", "digits-mlp", "-o", onnx_path, "--external-data").exit_code == 0
+    assert invoke("export", "digits-mlp", "-o", onnx_path, "--external-data").exit_code == 0
     files = [onnx_path, tmp_path / "e.onnx.data"]
     assert _modes(files) == {p.name: oct(umask_002) for p in files}
 
@@ -325,7 +309,7 @@ def test_a_legal_long_name_is_written(tmp_path, command, suffix):
 
 def test_convert_into_a_folder_with_a_legal_long_name(tmp_path):
     out = tmp_path / ("d" * 250)
-    result = _invoke("convert", "digits-mlp", "-o", out)
+    result = invoke("convert", "digits-mlp", "-o", out)
     assert result.exit_code == 0, result.output
     assert _names(out) == OUT_FILES
 
@@ -337,11 +321,11 @@ def test_a_name_over_the_limit_is_an_output_error(tmp_path, command, length):
     out.mkdir()
     long_name = "n" * length
     if command == "convert-folder":
-        result = _invoke("convert", "digits-mlp", "-o", out / long_name)
+        result = invoke("convert", "digits-mlp", "-o", out / long_name)
     elif command == "convert-parent":
-        result = _invoke("convert", "digits-mlp", "-o", out / long_name / "inner")
+        result = invoke("convert", "digits-mlp", "-o", out / long_name / "inner")
     else:
         run, _ = COMMANDS[command]
         result = run(out / long_name)
-    _error(result, 11, f"{length} bytes", "at most 255")
+    one_line_error(result, 11, f"{length} bytes", "at most 255")
     assert _names(out) == []

@@ -6,23 +6,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from actsparse_deploy.app.cli import app
 from actsparse_deploy.app.report import KEYS, Calibration, Cost, Report, Validation
 from actsparse_deploy.base.errors import DataError, MaskError
 
-runner = CliRunner()
+from ..helpers import invoke, one_line_error
 
 #: report.json's top-level keys before the report became an object: they stay
 REPORT_JSON_KEYS = [
     "tool_version", "model", "squash_mode", "calibration", "overall_sparsity", "layers", "recipe", "notes",
     "export", "validation", "cost", "seconds", "files", "threads", "latency",
 ]
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -140,5 +134,4 @@ def test_library_names_parameters_and_the_cli_names_flags(tmp_path):
     result = invoke("export", pt2, "--masks", tmp_path / "masks.safetensors", "-o", tmp_path / "m.onnx")
     assert result.exit_code == MaskError.exit_code and "pass no --masks" in result.stderr and "`" not in result.stderr
     result = invoke("validate", tmp_path / "m.onnx", pt2, "--labels", tmp_path / "labels.npy")
-    assert result.exit_code == DataError.exit_code and "--labels need a model (with --masks)" in result.stderr
-    assert len(result.stderr.splitlines()) == 1
+    one_line_error(result, DataError.exit_code, "--labels need a model (with --masks)")

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from actsparse_deploy.base.files import output_lock
-from tests.helpers import invoke
+
+from ..helpers import invoke, one_line_error
 
 PNG = b"\x89PNG\r\n\x1a\n"
 OUT_FILES = ["sweep.json", "sweep.png"]
@@ -23,16 +24,6 @@ QUICK = ("--runs", "1", "--method", "topk")
 
 def _sweep(out: Path, *extra: object, levels: str = "0.5"):
     return invoke("sweep", "digits-mlp", "--sparsity", levels, *QUICK, "-o", out, *extra)
-
-
-def _error(result, code: int, *needles: str) -> str:
-    """Exit ``code``, exactly one line on stderr naming every needle, no traceback."""
-    assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.output, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def _names(directory: Path) -> list[str]:
@@ -72,7 +63,7 @@ def test_overwrite_replaces_a_link_to_an_outside_file_never_the_file(tmp_path, o
 def test_a_dangling_link_is_never_written_through(tmp_path, out, name, overwrite):
     nowhere = tmp_path / "nowhere"
     (out / name).symlink_to(nowhere)
-    _error(_sweep(out, *overwrite), 11, str(out / name))
+    one_line_error(_sweep(out, *overwrite), 11, str(out / name))
     assert not nowhere.exists() and os.readlink(out / name) == str(nowhere)
     assert _names(out) == [name]  # refused before any work
 
@@ -85,7 +76,7 @@ def test_a_special_file_is_never_replaced(out, name, kind):
         os.mkfifo(target)
     else:
         target.symlink_to("/dev/null")
-    _error(_sweep(out, "--overwrite"), 11, str(target), "not a regular file")
+    one_line_error(_sweep(out, "--overwrite"), 11, str(target), "not a regular file")
     assert stat.S_ISFIFO(os.lstat(target).st_mode) if kind == "fifo" else os.readlink(target) == "/dev/null"
     assert _names(out) == [name]
 
@@ -93,13 +84,13 @@ def test_a_special_file_is_never_replaced(out, name, kind):
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
 def test_a_directory_at_sweep_png_is_refused_before_any_work(out, overwrite):
     (out / "sweep.png").mkdir()
-    _error(_sweep(out, *overwrite), 11, str(out / "sweep.png"), "is a directory")
+    one_line_error(_sweep(out, *overwrite), 11, str(out / "sweep.png"), "is a directory")
     assert _names(out) == ["sweep.png"] and not any((out / "sweep.png").iterdir())
 
 
 def test_overwrite_replaces_both_and_without_it_an_existing_png_is_kept(out):
     (out / "sweep.png").write_bytes(b"an older plot")
-    _error(_sweep(out), 11, str(out / "sweep.png"), "--overwrite")
+    one_line_error(_sweep(out), 11, str(out / "sweep.png"), "--overwrite")
     assert _names(out) == ["sweep.png"] and (out / "sweep.png").read_bytes() == b"an older plot"
     (out / "sweep.json").write_text("{}")
     assert _sweep(out, "--overwrite").exit_code == 0
@@ -126,8 +117,7 @@ def test_a_failed_plot_leaves_no_sweep_json(tmp_path, monkeypatch, error, code, 
     monkeypatch.setattr("actsparse_deploy.app.sweep.plot_sweep", _plot_fails(error))
     out = tmp_path / "new" / "out"
     result = _sweep(out)
-    assert result.exit_code == code, result.output
-    assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    one_line_error(result, code, needle, start="")
     assert _names(tmp_path) == []  # nothing written, and the folders it made are gone
 
 
@@ -142,7 +132,7 @@ def test_a_failed_plot_keeps_the_old_outputs_with_overwrite(out, monkeypatch):
 def test_a_second_sweep_into_a_locked_folder_stops(out):
     with output_lock(out):  # another run writing there (flock: a second open file is refused in this process too)
         for extra in ([], ["--overwrite"]):
-            _error(_sweep(out, *extra), 11, f"another actsparse run is writing to {out}")
+            one_line_error(_sweep(out, *extra), 11, f"another actsparse run is writing to {out}")
             assert _names(out) == [".actsparse.lock"]
     assert _sweep(out).exit_code == 0
     _assert_sweep_outputs(out)
@@ -162,26 +152,26 @@ def test_a_bad_mplbackend_does_not_stop_the_plot(out):
 
 def test_a_file_where_the_folder_should_be(tmp_path):
     (tmp_path / "out").write_text("a file")
-    _error(_sweep(tmp_path / "out"), 11, str(tmp_path / "out"), "is a file")
+    one_line_error(_sweep(tmp_path / "out"), 11, str(tmp_path / "out"), "is a file")
     assert (tmp_path / "out").read_text() == "a file"
 
 
 @pytest.mark.parametrize("command", ["sweep", "calibrate", "convert"])
 def test_an_unknown_method_is_a_usage_error(tmp_path, command):
     result = invoke(command, "digits-mlp", "--method", "evil", "-o", tmp_path / "out")
-    _error(result, 2, "--method", "evil")
+    one_line_error(result, 2, "--method", "evil")
     assert _names(tmp_path) == []
 
 
 @pytest.mark.parametrize("levels", ["0:1:1e-9", "0:0.5:1e-320", "0:0.5:0.0004", ",".join(["0.5"] * 1001)])
 def test_too_many_levels_are_refused_at_once(tmp_path, levels):
-    _error(_sweep(tmp_path / "out", levels=levels), 3, "at most 1000")
+    one_line_error(_sweep(tmp_path / "out", levels=levels), 3, "at most 1000")
     assert _names(tmp_path) == []
 
 
 @pytest.mark.parametrize("levels", ["nan:0.5:0.1", "0:nan:0.1", "0:0.5:inf", "0:inf:0.1"])
 def test_levels_that_are_not_numbers_are_refused(tmp_path, levels):
-    _error(_sweep(tmp_path / "out", levels=levels), 3, "0.1:0.8:0.1")
+    one_line_error(_sweep(tmp_path / "out", levels=levels), 3, "0.1:0.8:0.1")
     assert _names(tmp_path) == []
 
 

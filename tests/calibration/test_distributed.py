@@ -28,7 +28,7 @@ from actsparse_deploy.base.errors import CalibrationError, UsageError
 from actsparse_deploy.calibration.distributed import check_reducible, resolve_device
 from actsparse_deploy.calibration.masks import Masks
 
-from ..helpers import invoke
+from ..helpers import invoke, one_line_error
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -196,10 +196,7 @@ def _calibrate_args(out: str = "masks.safetensors", *extra: object) -> list[str]
 def test_cli_failing_rank_stops_every_rank_with_one_line_naming_it(user_model: Path) -> None:
     done = _launch(_calibrate_args(), 2, user_model, PYTHONPATH=str(user_model), FAIL_ON_RANK="1")
     for p in done:
-        assert p.returncode == 6, p.stderr
-        lines = p.stderr.strip().splitlines()
-        assert len(lines) == 1, p.stderr
-        assert lines[0].startswith("error: rank 1: the model failed on calibration batch 1 (float32[4, 8]): RuntimeError: cuBLAS exploded")
+        one_line_error(p, 6, start="error: rank 1: the model failed on calibration batch 1 (float32[4, 8]): RuntimeError: cuBLAS exploded")
         assert p.stdout == ""
     assert sorted(q.name for q in user_model.iterdir() if not q.name.startswith("__")) == ["calib.npy", "distnet.py"]
 
@@ -209,11 +206,8 @@ def test_cli_rank_killed_stops_the_others_without_hanging(user_model: Path) -> N
     done = _launch(_calibrate_args(), 2, user_model, timeout=30, PYTHONPATH=str(user_model), DIE_ON_RANK="1")
     assert done[1].returncode == -9
     p = done[0]
-    assert p.returncode == 7, p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1, p.stderr
-    assert lines[0].startswith("error: rank 0: distributed calibration stopped: ")
-    assert "a rank died" in lines[0] or "within 5 s (--dist-timeout)" in lines[0]
+    line = one_line_error(p, 7, start="error: rank 0: distributed calibration stopped: ")
+    assert "a rank died" in line or "within 5 s (--dist-timeout)" in line, line
     assert not (user_model / "masks.safetensors").exists()
 
 
@@ -246,10 +240,7 @@ def test_cli_three_ranks_through_torchrun_equal_one_process(tmp_path: Path) -> N
 def test_device_cuda_without_cuda_is_refused_before_work(tmp_path: Path) -> None:
     assert not torch.cuda.is_available()  # this suite runs on CPU; there the refusal is what is tested
     for command in (["calibrate", "digits-mlp", "-o", tmp_path / "m.safetensors"], ["convert", "digits-mlp", "-o", tmp_path / "out"]):
-        result = invoke(*command, "--device", "cuda")
-        assert result.exit_code == 2, result.output
-        lines = result.output.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: --device cuda: no CUDA device is available"), result.output
+        one_line_error(invoke(*command, "--device", "cuda"), 2, start="error: --device cuda: no CUDA device is available")
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(UsageError, match="not one of cpu, cuda"):
         resolve_device("tpu")
@@ -292,26 +283,18 @@ def test_unreducible_statistics_refused() -> None:
 # --- review: usage errors, the torchrun environment of one process, sharding ----------
 
 
-def _one_line(result: Any, code: int, start: str) -> None:
-    assert result.exit_code == code, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(start), result.output
-
-
 @pytest.mark.parametrize("value", ["nan", "inf", "1e300"])
 def test_dist_timeout_not_a_finite_positive_number_is_a_usage_error(tmp_path: Path, value: str) -> None:
     """typer's min= lets inf and 1e300 through (the timedelta overflows); checked in one process too, not only under torchrun."""
     result = invoke("calibrate", "digits-mlp", "--max-samples", "8", "-o", tmp_path / "m.safetensors", "--dist-timeout", value)
-    _one_line(result, 2, "error: ")
-    assert "--dist-timeout" in result.output  # typer's own refusal (nan) or the check's
+    one_line_error(result, 2, "--dist-timeout")  # typer's own refusal (nan) or the check's
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "-inf"])
 def test_dist_timeout_zero_or_negative_is_a_usage_error(tmp_path: Path, value: str) -> None:
     result = invoke("convert", "digits-mlp", "-o", tmp_path / "out", "--dist-timeout", value)
-    _one_line(result, 2, "error: ")
-    assert "--dist-timeout" in result.output
+    one_line_error(result, 2, "--dist-timeout")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -319,7 +302,7 @@ def test_dist_timeout_zero_or_negative_is_a_usage_error(tmp_path: Path, value: s
 def test_malformed_device_is_a_usage_error(tmp_path: Path, device: str) -> None:
     """A non-ASCII digit (\u00b2 passes str.isdigit, int() refuses it) is exit 2, not an internal error."""
     result = invoke("calibrate", "digits-mlp", "-o", tmp_path / "m.safetensors", "--device", device)
-    _one_line(result, 2, "error: --device ")
+    one_line_error(result, 2, start="error: --device ")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -337,7 +320,7 @@ def test_malformed_launcher_environment_is_a_usage_error_before_work(tmp_path: P
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     result = invoke("calibrate", "digits-mlp", "-o", tmp_path / "m.safetensors", "--dist-timeout", "2")
-    _one_line(result, 2, start)
+    one_line_error(result, 2, start=start)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -420,11 +403,8 @@ def test_cli_convert_two_ranks_rank0_writes_masks_of_one_process_and_a_rank0_fai
     (tmp_path / "bad").mkdir()
     done = _launch(_cli(*CONVERT, "-o", "out", "--dist-timeout", "60", "--timeout", "1e-9"), 2, tmp_path / "bad")
     for p in done:
-        assert p.returncode == 10, p.stderr
-        lines = p.stderr.strip().splitlines()
-        assert len(lines) == 1, p.stderr
+        one_line_error(p, 10, "timed out", start="error: rank 0: validation of ")  # its own code, 10, not 7
         assert p.stdout == ""
-        assert lines[0].startswith("error: rank 0: validation of ") and "timed out" in lines[0]  # its own code, 10, not 7
     assert list((tmp_path / "bad").iterdir()) == []
 
 
@@ -453,9 +433,7 @@ def test_cli_stats_only_two_ranks_equal_one_process_and_a_rank_with_other_weight
     done = _launch(_calibrate_args("bad.stats.safetensors", "--stats-only"), 2, user_model, PYTHONPATH=str(user_model),
                    SEED_ON_RANK="1")
     for p in done:
-        assert p.returncode == 7, p.stderr
-        lines = p.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: rank 1's model differs from rank 0's"), p.stderr
+        one_line_error(p, 7, start="error: rank 1's model differs from rank 0's")
     assert not (user_model / "bad.stats.safetensors").exists()
 
 
@@ -523,7 +501,6 @@ def test_a_cost_budget_on_another_device_than_the_cpu_is_refused_before_work(tmp
     assert not (tmp_path / "out").exists()
     for command in ("calibrate", "convert"):
         result = invoke(command, "digits-mlp", "--max-cost", "cosine=0.9", "--device", "cuda:0", "-o", tmp_path / command)
-        assert result.exit_code == 2, result.output
-        assert "the cost budget search runs on the CPU" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        one_line_error(result, 2, "the cost budget search runs on the CPU")
         assert not (tmp_path / command).exists()
     assert convert("digits-mlp", tmp_path / "cpu", max_cost="cosine=0.9", device="cpu", latency=False) is not None  # cpu: fine

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ..helpers import invoke
+from ..helpers import invoke, one_line_error
 from .test_distributed import MODEL, _cli, _env, _free_port
 
 # A practically endless share of batches (the ranks stop only when told to):
@@ -85,13 +85,6 @@ def _until(*paths: Path, procs: list[subprocess.Popen[str]]) -> None:
         time.sleep(0.05)
 
 
-def _one_line(p: subprocess.CompletedProcess[str], code: int, start: str) -> str:
-    assert p.returncode == code, p.stderr[-3000:]
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(start), p.stderr[-3000:]
-    return lines[0]
-
-
 def _slow_calibrate(out: str = "masks.safetensors") -> list[str]:
     return _cli("calibrate", "distnet:build", "--data", "slowdata:batches", "--layers", "fc2", "--sparsity", "0.5", "-o", out,
                 "--dist-timeout", "600")
@@ -122,8 +115,8 @@ def test_a_signalled_rank_tells_the_others_at_once_and_every_rank_exits_with_its
     procs[victim].send_signal(sig)
     done = _finish(procs)
     code, own, relayed = SIGNALS[sig]
-    _one_line(done[victim], code, own)
-    _one_line(done[1 - victim], code, f"error: rank {victim}: {relayed}")
+    one_line_error(done[victim], code, start=own)
+    one_line_error(done[1 - victim], code, start=f"error: rank {victim}: {relayed}")
     assert all(p.stdout == "" for p in done)
     assert not (slow_run / "masks.safetensors").exists()
 
@@ -158,7 +151,7 @@ def test_the_rank_serving_the_store_leaves_on_a_signal_while_a_peer_is_stuck_in_
         procs[0].send_signal(sig)
         out, err = procs[0].communicate(timeout=WAIT)
         code, own, _ = SIGNALS[sig]
-        _one_line(subprocess.CompletedProcess(procs[0].args, procs[0].returncode, out, err), code, own)
+        one_line_error(subprocess.CompletedProcess(procs[0].args, procs[0].returncode, out, err), code, start=own)
         assert procs[1].poll() is None  # still in its batch
     finally:
         for p in procs:
@@ -176,7 +169,7 @@ def test_a_failing_rank_stops_the_others_at_their_next_batch(slow_run: Path) -> 
     procs = _start([_cli("calibrate", "distnet:build", "--data", "baddata:batches", "--layers", "fc2", "-s", "0.5", "-o", "m.safetensors",
                          "--dist-timeout", "600")] * 2, slow_run)
     for p in _finish(procs):
-        _one_line(p, 6, "error: rank 1: the model failed on calibration batch ")
+        one_line_error(p, 6, start="error: rank 1: the model failed on calibration batch ")
     assert not (slow_run / "m.safetensors").exists()
 
 
@@ -187,7 +180,7 @@ def test_a_rank_alone_at_the_rendezvous_is_one_line_naming_the_address_and_the_t
         port = _free_port()
         p = subprocess.run(_cli("calibrate", "digits-mlp", "-o", "m.safetensors", "--dist-timeout", "2"), cwd=tmp_path,
                            env=_env(rank, 2, port), capture_output=True, text=True, timeout=WAIT)
-        _one_line(p, 7, f"error: rank {rank}: could not join the other 1 rank(s) at 127.0.0.1:{port} within 2 s (--dist-timeout)")
+        one_line_error(p, 7, start=f"error: rank {rank}: could not join the other 1 rank(s) at 127.0.0.1:{port} within 2 s (--dist-timeout)")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -203,7 +196,7 @@ def test_a_signal_while_waiting_at_the_rendezvous_ends_the_rank_at_once(tmp_path
             assert procs[0].poll() is None, procs[0].communicate()
             time.sleep(0.05)
     procs[0].send_signal(signal.SIGTERM)
-    _one_line(_finish(procs)[0], 143, "terminated (SIGTERM)")
+    one_line_error(_finish(procs)[0], 143, start="terminated (SIGTERM)")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -226,7 +219,7 @@ def test_ranks_running_other_commands_or_options_are_refused_on_every_rank(tmp_p
     timeout = ["--dist-timeout", "60"]
     procs = _start([_cli(*RANK0, *timeout), _cli(*rank1, *timeout)], tmp_path)
     for p in _finish(procs):
-        line = _one_line(p, 2, "error: rank 1 runs ")
+        line = one_line_error(p, 2, start="error: rank 1 runs ")
         assert differs in line and "every rank must run the same command with the same options" in line, line
     assert list(tmp_path.iterdir()) == []
 
@@ -283,10 +276,7 @@ def test_a_launcher_variable_out_of_range_is_a_usage_error_before_work(tmp_path:
         monkeypatch.delenv(name, raising=False)
     for name, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", **env}.items():
         monkeypatch.setenv(name, value)
-    result = invoke("calibrate", "digits-mlp", "-o", tmp_path / "m.safetensors", "--dist-timeout", "2")
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(start), result.output
+    one_line_error(invoke("calibrate", "digits-mlp", "-o", tmp_path / "m.safetensors", "--dist-timeout", "2"), 2, start=start)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -332,10 +322,7 @@ def test_a_command_of_one_process_under_torchrun_is_refused_before_work(tmp_path
     the others 11: the output exists); only calibrate and convert share their work."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    result = invoke(*command)
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {command[0]} runs in one process, not under torchrun (WORLD_SIZE=2)")
+    one_line_error(invoke(*command), 2, start=f"error: {command[0]} runs in one process, not under torchrun (WORLD_SIZE=2)")
     assert list(tmp_path.iterdir()) == []
     assert invoke("models").exit_code == 0  # a listing: every rank prints it
     monkeypatch.setenv("WORLD_SIZE", "1")
@@ -407,12 +394,12 @@ def test_a_rank_stopped_while_it_waits_for_rank_0_leaves_no_output(gated_run: Pa
     done = _finish(procs)
     if sig == signal.SIGKILL:
         assert done[1].returncode == -9
-        line = _one_line(done[0], 7, "error: rank 0: distributed calibration stopped: lost the connection to another rank")
+        line = one_line_error(done[0], 7, start="error: rank 0: distributed calibration stopped: lost the connection to another rank")
         assert "before writing the outputs" in line, line
     else:
         code, own, relayed = SIGNALS[sig]
-        _one_line(done[1], code, own)
-        _one_line(done[0], code, f"error: rank 1: {relayed}")
+        one_line_error(done[1], code, start=own)
+        one_line_error(done[0], code, start=f"error: rank 1: {relayed}")
     assert all(p.stdout == "" for p in done)
     assert sorted(p.name for p in gated_run.iterdir() if p.name not in ("gate.0", "go", "__pycache__")) == before
 
@@ -496,6 +483,6 @@ def test_never_called_layers_are_skipped_under_torchrun_as_in_one_process(attend
 def test_a_rule_of_never_called_layers_only_is_the_same_calibration_error_on_every_rank(attending: Path) -> None:
     done = _finish(_start([_cli(*_attending("--layers", "attn.*", "-o", "m.safetensors", "--dist-timeout", "60"))] * 2, attending))
     for p in done:
-        line = _one_line(p, 7, "error: layers[0] (")
+        line = one_line_error(p, 7, start="error: layers[0] (")
         assert "attn.*" in line and "attn.out_proj" in line and "never calls" in line, line
     assert not (attending / "m.safetensors").exists()

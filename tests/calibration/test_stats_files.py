@@ -15,7 +15,7 @@ from actsparse_deploy import Masks, Statistics, calibrate
 from actsparse_deploy.calibration.recipe import resolve_recipe
 from actsparse_deploy.models.zoo import builtin_recipe_path, calibration_batches, load_builtin
 
-from ..helpers import invoke
+from ..helpers import invoke, one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +60,12 @@ def test_merged_parts_select_the_masks_of_one_run_over_all_data(parts: Path):
     assert Masks.load(parts / "half.safetensors").overall_sparsity() == pytest.approx(0.5)
 
 
-def _one_line(result, code: int, *needles: str) -> str:
-    assert result.exit_code == code, result.output
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    for needle in needles:
-        assert needle in result.stderr, result.stderr
-    return result.stderr
-
-
 def test_parts_of_another_model_recipe_or_version_are_refused(parts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     part0 = parts / "part0.stats.safetensors"
     other_recipe = tmp_path / "other-recipe.stats.safetensors"
     assert invoke("calibrate", "digits-mlp", "--data", parts / "shard0.npy", "--method", "wanda", "--stats-only", "-o",
                   other_recipe).exit_code == 0  # another statistic (per-feature moments, not the Gram matrix)
-    _one_line(invoke("merge", part0, other_recipe, "-o", tmp_path / "m.safetensors"), 7, "different recipes", str(other_recipe))
+    one_line_error(invoke("merge", part0, other_recipe, "-o", tmp_path / "m.safetensors"), 7, "different recipes", str(other_recipe))
     # the same architecture with other weights in a masked layer: another fingerprint
     weights = tmp_path / "w.safetensors"
     model = load_builtin("digits-mlp")
@@ -85,8 +77,8 @@ def test_parts_of_another_model_recipe_or_version_are_refused(parts: Path, tmp_p
     other_weights = tmp_path / "other-weights.stats.safetensors"
     assert invoke("calibrate", "digits-mlp", "--weights", weights, "--data", parts / "shard0.npy", "--stats-only", "-o",
                   other_weights).exit_code == 0
-    _one_line(invoke("merge", part0, other_weights, "-o", tmp_path / "m.safetensors"), 7, "two different models")
-    _one_line(invoke("select", other_weights, "-o", tmp_path / "s.safetensors"), 7, "is not the model the statistics")
+    one_line_error(invoke("merge", part0, other_weights, "-o", tmp_path / "m.safetensors"), 7, "two different models")
+    one_line_error(invoke("select", other_weights, "-o", tmp_path / "s.safetensors"), 7, "is not the model the statistics")
     # a part written by another major version of the tool (the version every file's header records)
     from actsparse_deploy.base import serialize
 
@@ -95,15 +87,15 @@ def test_parts_of_another_model_recipe_or_version_are_refused(parts: Path, tmp_p
         patch.setattr(serialize, "__version__", "9.0.0")
         Statistics.load(part0).save(future)
     assert Statistics.load(future).tool_version == "9.0.0"
-    _one_line(invoke("merge", part0, future, "-o", tmp_path / "m.safetensors"), 7, "different major versions", "9.0.0")
+    one_line_error(invoke("merge", part0, future, "-o", tmp_path / "m.safetensors"), 7, "different major versions", "9.0.0")
     assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "s.safetensors").exists()
 
 
 def test_stats_only_is_not_a_budget_and_merge_needs_existing_files(parts: Path, tmp_path: Path):
-    _one_line(invoke("calibrate", "digits-mlp", "--stats-only", "--max-cost", "cosine=0.99", "-o", tmp_path / "x.safetensors"), 3,
+    one_line_error(invoke("calibrate", "digits-mlp", "--stats-only", "--max-cost", "cosine=0.99", "-o", tmp_path / "x.safetensors"), 3,
               "--stats-only")
-    _one_line(invoke("merge", tmp_path / "missing.stats.safetensors", "-o", tmp_path / "m.safetensors"), 8, "missing.stats.safetensors")
+    one_line_error(invoke("merge", tmp_path / "missing.stats.safetensors", "-o", tmp_path / "m.safetensors"), 8, "missing.stats.safetensors")
     masks = tmp_path / "masks.safetensors"
     assert invoke("calibrate", "digits-mlp", "-o", masks).exit_code == 0
-    _one_line(invoke("merge", parts / "part0.stats.safetensors", masks, "-o", tmp_path / "m.safetensors"), 8)
+    one_line_error(invoke("merge", parts / "part0.stats.safetensors", masks, "-o", tmp_path / "m.safetensors"), 8)
     assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "x.safetensors").exists()

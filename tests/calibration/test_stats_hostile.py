@@ -100,8 +100,7 @@ def test_a_file_naming_a_crash_or_a_prompt_is_refused_in_a_real_process(real: Pa
     stats = forge(real, tmp_path / "crash.stats.safetensors", {"model": payload})
     done = subprocess.run([sys.executable, "-m", "actsparse_deploy", "select", str(stats), "-o", str(tmp_path / "m.safetensors")],
                           stdin=subprocess.PIPE, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 4, (done.returncode, done.stdout, done.stderr)
-    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1 and repr(payload) in done.stderr, done.stderr
+    one_line_error(done, 4, repr(payload))
     assert not (tmp_path / "m.safetensors").exists()
 
 

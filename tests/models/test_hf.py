@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from ..helpers import invoke, user_module
+from ..helpers import invoke, one_line_error, user_module
 
 LINES = [
     "the quick brown fox jumps over the lazy dog",
@@ -93,13 +93,6 @@ class HFFiles:
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory: pytest.TempPathFactory) -> HFFiles:
     return HFFiles(tmp_path_factory.mktemp("hf"))
-
-
-def _error(result) -> str:
-    """The one line on stderr (typer's CliRunner mixes it into output)."""
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 # --- the done-when: a Llama directory converts with default flags -------------------------
@@ -228,12 +221,11 @@ def test_task_that_the_config_does_not_tell_is_asked_for(hf: HFFiles) -> None:
     config = json.loads((masked_lm / "config.json").read_text())
     (masked_lm / "config.json").write_text(json.dumps({**config, "architectures": ["BertForMaskedLM"]}))
     result = invoke("inspect", masked_lm)
-    assert result.exit_code == 4
-    line = _error(result)
+    line = one_line_error(result, 4)
     assert "BertForMaskedLM" in line and "--task" in line and "causal-lm" in line and "sentence-embedding" in line
     assert invoke("inspect", masked_lm, "--task", "feature-extraction").exit_code == 0
     bad = invoke("inspect", masked_lm, "--task", "translation")
-    assert bad.exit_code == 2 and "translation" in _error(bad)
+    one_line_error(bad, 2, "translation")
 
 
 def test_pickle_weights_are_refused_unread(hf: HFFiles, tmp_path: Path) -> None:
@@ -246,28 +238,26 @@ def test_pickle_weights_are_refused_unread(hf: HFFiles, tmp_path: Path) -> None:
 
     torch.save({"evil": Evil()}, directory / "pytorch_model.bin")
     result = invoke("inspect", directory)
-    assert result.exit_code == 5
-    line = _error(result)
+    line = one_line_error(result, 5)
     assert "pytorch_model.bin" in line and "pickle" in line and ".safetensors" in line
     assert not marker.exists()
     empty = hf.copy(hf.llama, "no-weights", drop=("*.safetensors",))
     result = invoke("inspect", empty)
-    assert result.exit_code == 5 and "no .safetensors weights" in _error(result)
+    one_line_error(result, 5, "no .safetensors weights")
 
 
 def test_weights_that_leave_the_task_head_random_are_refused(hf: HFFiles) -> None:
     result = invoke("inspect", hf.bert, "--task", "sequence-classification")
-    assert result.exit_code == 5
-    line = _error(result)
+    line = one_line_error(result, 5)
     assert "classifier" in line and "random" in line
 
 
 def test_directory_without_config_or_missing_hf_path(hf: HFFiles, tmp_path: Path) -> None:
     (tmp_path / "plain").mkdir()
     result = invoke("inspect", tmp_path / "plain")
-    assert result.exit_code == 4 and "config.json" in _error(result)
+    one_line_error(result, 4, "config.json")
     result = invoke("inspect", f"hf:{tmp_path / 'absent'}")
-    assert result.exit_code == 4 and "does not exist" in _error(result)
+    one_line_error(result, 4, "does not exist")
 
 
 @pytest.mark.parametrize(
@@ -289,8 +279,7 @@ def test_bad_text_files_are_data_errors(hf: HFFiles, tmp_path: Path, name: str |
     else:
         path = hf.text(name, content)
     result = invoke("calibrate", hf.llama, "--text", path, "-o", tmp_path / "m.safetensors")
-    assert result.exit_code == 6
-    line = _error(result)
+    line = one_line_error(result, 6)
     assert expected in line and str(path.name) in line
     assert not (tmp_path / "m.safetensors").exists()
 
@@ -298,15 +287,14 @@ def test_bad_text_files_are_data_errors(hf: HFFiles, tmp_path: Path, name: str |
 def test_text_without_a_tokenizer_or_for_another_model(hf: HFFiles, tmp_path: Path) -> None:
     bare = hf.copy(hf.llama, "no-tokenizer", drop=("tokenizer*", "special_tokens_map.json"))
     result = invoke("calibrate", bare, "--text", hf.calib, "-o", tmp_path / "m.safetensors")
-    assert result.exit_code == 6
-    line = _error(result)
+    line = one_line_error(result, 6)
     assert "no tokenizer" in line and "--text" in line and "--data" in line
     result = invoke("calibrate", "digits-mlp", "--text", hf.calib, "-o", tmp_path / "m.safetensors")
-    assert result.exit_code == 2 and "Hugging Face" in _error(result)  # a flag for another kind of model: usage
+    one_line_error(result, 2, "Hugging Face")  # a flag for another kind of model: usage
     result = invoke("calibrate", "digits-mlp", "--task", "causal-lm", "-o", tmp_path / "m.safetensors")
-    assert result.exit_code == 4 and "--task" in _error(result)
+    one_line_error(result, 4, "--task")
     result = invoke("convert", hf.llama, "--text", hf.calib, "--heldout-text", hf.calib, "-o", tmp_path / "out")
-    assert result.exit_code == 6 and "calibration" in _error(result)
+    one_line_error(result, 6, "calibration")
 
 
 def test_tokenizer_of_another_vocabulary_is_named(hf: HFFiles, tmp_path: Path) -> None:
@@ -319,8 +307,7 @@ def test_tokenizer_of_another_vocabulary_is_named(hf: HFFiles, tmp_path: Path) -
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(hf.llama / name, small / name)
     result = invoke("calibrate", small, "--text", hf.calib, "--layers", "*.down_proj", "--sparsity", 0.5, "-o", tmp_path / "m.safetensors")
-    assert result.exit_code == 6
-    assert "vocabulary has 40 entries" in _error(result)
+    one_line_error(result, 6, "vocabulary has 40 entries")
 
 
 # --- a module:factory: keyword arguments, and a raw transformers model ------------------------
@@ -355,10 +342,9 @@ def test_factory_args(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         for args, expected in (('{"hidden": 12', "not valid JSON"), ("[12]", "must be a JSON object"),
                                ('{"width": 3}', 'does not take --factory-args {"width": 3}')):
             result = invoke("inspect", f"{name}:build", "--data", data, "--factory-args", args)
-            assert result.exit_code == 4, result.output
-            assert expected in _error(result)
+            one_line_error(result, 4, expected)
         result = invoke("inspect", "digits-mlp", "--factory-args", "{}")
-        assert result.exit_code == 4 and "package.module:factory" in _error(result)
+        one_line_error(result, 4, "package.module:factory")
 
 
 def test_factory_returning_a_transformers_model_gives_named_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -410,13 +396,14 @@ def test_a_directory_that_names_its_own_code_is_refused_unrun(hf: HFFiles, tmp_p
     config["auto_map"] = {"AutoModelForCausalLM": "evil.EvilForCausalLM"}
     (model / "config.json").write_text(json.dumps(config))
     result = invoke("inspect", model, "--json")
-    assert result.exit_code == 4 and "auto_map" in _error(result) and result.stdout == ""
+    one_line_error(result, 4, "auto_map")
+    assert result.stdout == ""
     tokenizer = _copy(hf, tmp_path, "tokmap")
     tok_config = json.loads((tokenizer / "tokenizer_config.json").read_text())
     tok_config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
     (tokenizer / "tokenizer_config.json").write_text(json.dumps(tok_config))
     result = invoke("calibrate", tokenizer, "--text", hf.calib, "-o", tmp_path / "m.safetensors")
-    assert result.exit_code == 6 and "auto_map" in _error(result)
+    one_line_error(result, 6, "auto_map")
     assert not (model / "PWNED").exists() and not (tokenizer / "PWNED").exists() and not (tmp_path / "m.safetensors").exists()
 
 
@@ -430,7 +417,7 @@ def test_broken_weights_and_tokenizers_are_one_line_with_their_codes(hf: HFFiles
     tok["model"]["type"] = "Nope"
     (badtok / "tokenizer.json").write_text(json.dumps(tok))
     result = invoke("calibrate", badtok, "--text", hf.calib, "-o", tmp_path / "m.safetensors")
-    assert result.exit_code == 6 and "tokenizer" in _error(result)
+    one_line_error(result, 6, "tokenizer")
     result = invoke("calibrate", hf.llama, "--task", "feature-extraction", "--text", hf.calib, "-o", tmp_path / "fe.safetensors", "--json")
     assert result.exit_code == 0, result.output
     assert "LOAD REPORT" not in result.stderr and "\x1b" not in result.stderr  # transformers' report stays quiet

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-from ..helpers import invoke, start_cli, user_module
+from ..helpers import invoke, one_line_error, start_cli, user_module
 from .test_hf import LINES, HFFiles
 
 #: a pre-tokenizer regex that takes quadratic time on a long run of "a" (seconds at 20,000 characters)
@@ -34,13 +34,6 @@ PANIC_REGEX = "(a|a)*$"
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory: pytest.TempPathFactory) -> HFFiles:
     return HFFiles(tmp_path_factory.mktemp("hf-hostile"))
-
-
-def _line(result: Any) -> str:
-    """The one line on stderr (typer's CliRunner mixes it into output)."""
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def _edited(hf: HFFiles, name: str, file: str, edit: Callable[[dict[str, Any]], Any], source: Path | None = None) -> Path:
@@ -163,12 +156,6 @@ def _run(directory: Path, *args: str, timeout: float = 60) -> subprocess.Complet
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
-def _one_stderr_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err[-3000:]
-    return lines[0]
-
-
 @pytest.mark.slow
 def test_a_slow_pre_tokenizer_on_a_long_line_finishes(hf: HFFiles, tmp_path: Path) -> None:
     """A pre-tokenizer regex quadratic in the text's length, on a 300,000-character
@@ -211,12 +198,11 @@ def test_a_signal_stops_the_tokenizer(hf: HFFiles, tmp_path: Path, name: str, co
     _wait_until_open(proc, text)
     proc.send_signal(getattr(signal, name))
     try:
-        _, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
         pytest.fail(f"{name} did not stop the tokenizer within 60 s")
-    assert proc.returncode == code, err[-3000:]
-    assert "no partial output" in _one_stderr_line(err)
+    one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), code, "no partial output", start="")
     assert not (tmp_path / "m.safetensors").exists()
 
 
@@ -231,8 +217,7 @@ def test_the_validation_timeout_stops_the_tokenizer(hf: HFFiles, tmp_path: Path)
     (tmp_path / "slow.txt").write_text("\n".join(LINES[:4]) + "\n" + "a" * 400_000 + "b\n")
     done = _run(tmp_path, "validate", "m.onnx", str(directory), "--heldout-text", "slow.txt", "--batch-size", "1",
                 "--max-length", "1000000", "--timeout", "5")
-    assert done.returncode == 10, done.stderr[-3000:]
-    line = _one_stderr_line(done.stderr)
+    line = one_line_error(done, 10)
     assert "timed out" in line and "--timeout" in line
 
 
@@ -256,8 +241,7 @@ def test_config_sizes_the_weights_cannot_fill_are_refused_unbuilt(hf: HFFiles, m
 
     _forbid(monkeypatch, transformers.AutoModelForCausalLM, "from_pretrained")
     result = invoke("inspect", directory)
-    assert result.exit_code == 5, result.output
-    line = _line(result)
+    line = one_line_error(result, 5)
     assert "config.json" in line and "parameters" in line and "model.safetensors" in line
 
 
@@ -290,8 +274,7 @@ def test_a_tokenizer_that_panics_is_one_line(hf: HFFiles, tmp_path: Path, capfd:
     directory = _panicking(hf, kind)
     text = hf.text("aaa.txt", "a" * 500 + "b\n")
     result = invoke("calibrate", directory, "--text", text, "-o", tmp_path / "m.safetensors")
-    assert result.exit_code == 6, (result.exception, result.output)
-    line = _line(result)
+    line = one_line_error(result, 6)
     assert "tokenizer" in line and "aaa.txt" in line and "panicked" in line
     assert "panicked at" not in capfd.readouterr().err  # the library's own report stays off the terminal
     assert not (tmp_path / "m.safetensors").exists()
@@ -305,8 +288,7 @@ def test_a_panic_on_a_text_tokenized_again_names_its_line(hf: HFFiles, tmp_path:
         source=_word_tokenizer_directory(hf))
     text = hf.text("panic-sixth.txt", "\n".join(LINES[:5]) + "\n" + "a" * 500 + "b\n")
     result = invoke("calibrate", directory, "--text", text, "--max-length", "16", "--batch-size", "8", "-o", tmp_path / "m.safetensors")
-    assert result.exit_code == 6, (result.exception, result.output)
-    line = _line(result)
+    line = one_line_error(result, 6)
     assert "panicked" in line and "(text 6)" in line, line
 
 
@@ -339,8 +321,7 @@ def test_a_tokenizer_panic_in_a_real_process_is_one_line(hf: HFFiles, tmp_path: 
     directory = _panicking(hf, "split")
     (tmp_path / "aaa.txt").write_text("a" * 500 + "b\n")
     done = _run(tmp_path, "calibrate", str(directory), "--text", "aaa.txt", "-o", "m.safetensors")
-    assert done.returncode == 6, done.stderr[-3000:]
-    assert "tokenizer" in _one_stderr_line(done.stderr)
+    one_line_error(done, 6, "tokenizer")
 
 
 # --- config.json fields of the wrong type, JSON nested too deep ------------------------------------
@@ -361,8 +342,7 @@ def test_config_fields_of_the_wrong_type_are_model_errors(hf: HFFiles, change: d
     directory = _edited(hf, "typed-" + named, "config.json", lambda c: c.update(change))
     for task in ((), ("--task", "causal-lm")):
         result = invoke("inspect", directory, *task)
-        assert result.exit_code == 4, (task, result.output)
-        line = _line(result)
+        line = one_line_error(result, 4)
         assert named in line and "config.json" in line
 
 
@@ -371,27 +351,27 @@ def test_json_nested_too_deep_is_refused_with_its_class(hf: HFFiles, tmp_path: P
     shutil.copytree(hf.llama, config, dirs_exist_ok=True)
     (config / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "x": ' + _deep() + "}")
     result = invoke("inspect", config)
-    assert result.exit_code == 4 and "config.json" in _line(result) and "deep" in _line(result)
+    one_line_error(result, 4, "config.json", "deep")
 
     tok = hf.root / "deep-tokenizer-config"
     shutil.copytree(hf.llama, tok, dirs_exist_ok=True)
     (tok / "tokenizer_config.json").write_text('{"x": ' + _deep() + "}")
     result = invoke("calibrate", tok, "--text", hf.calib, "-o", tmp_path / "m.safetensors")
-    assert result.exit_code == 6 and "tokenizer_config.json" in _line(result)
+    one_line_error(result, 6, "tokenizer_config.json")
 
     jsonl = hf.text("deep.jsonl", '{"text": "fine"}\n{"text": ' + _deep() + "}\n")
     result = invoke("calibrate", hf.llama, "--text", jsonl, "-o", tmp_path / "m.safetensors")
-    assert result.exit_code == 6 and "deep.jsonl, line 2" in _line(result)
+    one_line_error(result, 6, "deep.jsonl, line 2")
 
     index = hf.root / "deep-index"
     shutil.copytree(hf.llama, index, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors"))
     (index / "model.safetensors.index.json").write_text('{"weight_map": ' + _deep() + "}")
     result = invoke("inspect", index)
-    assert result.exit_code == 5 and "model.safetensors.index.json" in _line(result)
+    one_line_error(result, 5, "model.safetensors.index.json")
 
     with user_module(tmp_path, "def build(**kwargs):\n    raise AssertionError\n", monkeypatch) as name:
         result = invoke("inspect", f"{name}:build", "--factory-args", _deep(60_000))
-    assert result.exit_code == 4 and "--factory-args" in _line(result)
+    one_line_error(result, 4, "--factory-args")
     assert not (tmp_path / "m.safetensors").exists()
 
 
@@ -444,8 +424,7 @@ def test_an_index_never_leads_to_a_pickle_or_outside(hf: HFFiles, tmp_path: Path
 
     _forbid(monkeypatch, torch, "load")
     result = invoke("inspect", directory)
-    assert result.exit_code == 5, result.output
-    line = _line(result)
+    line = one_line_error(result, 5)
     assert shard in line and ".safetensors" in line
     assert index in line or "pickle" in line
     assert "weights_only" not in line and "trust" not in line
@@ -469,8 +448,7 @@ def test_config_naming_its_weights_file_never_leads_to_a_pickle_or_outside(
 
     _forbid(monkeypatch, torch, "load")
     result = invoke("inspect", directory)
-    assert result.exit_code == 5, result.output
-    line = _line(result)
+    line = one_line_error(result, 5)
     assert "transformers_weights" in line and named in line and "weights_only" not in line
     assert not marker.exists()
 
@@ -483,8 +461,7 @@ def test_an_index_that_is_not_a_weight_map_is_refused(hf: HFFiles) -> None:
         shutil.copytree(hf.llama, directory, ignore=shutil.ignore_patterns("*.safetensors"))
         (directory / "model.safetensors.index.json").write_text(content)
         result = invoke("inspect", directory)
-        assert result.exit_code == 5, (content, result.output)
-        assert "model.safetensors.index.json" in _line(result)
+        one_line_error(result, 5, "model.safetensors.index.json")
 
 
 # --- flags that do not go together: usage errors ---------------------------------------------------
@@ -496,16 +473,13 @@ def test_text_flags_with_the_data_flags_are_usage_errors(hf: HFFiles, tmp_path: 
     data = tmp_path / "x.npy"
     np.save(data, np.arange(24, dtype=np.int64).reshape(4, 6))
     result = invoke("calibrate", hf.llama, "--text", hf.calib, "--data", data, "-o", tmp_path / "m.safetensors")
-    assert result.exit_code == 2, result.output
-    line = _line(result)
+    line = one_line_error(result, 2)
     assert "--text" in line and "--data" in line
     result = invoke("convert", hf.llama, "--text", hf.calib, "--heldout-text", hf.held, "--heldout", data, "-o", tmp_path / "out")
-    assert result.exit_code == 2, result.output
-    line = _line(result)
+    line = one_line_error(result, 2)
     assert "--heldout-text" in line and "--heldout" in line
     result = invoke("calibrate", "digits-mlp", "--text", hf.calib, "-o", tmp_path / "m.safetensors")
-    assert result.exit_code == 2, result.output
-    assert "--text" in _line(result) and "Hugging Face" in _line(result)
+    one_line_error(result, 2, "--text", "Hugging Face")
     assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "out").exists()
 
 
@@ -526,8 +500,7 @@ def test_text_for_a_factory_model_without_tokenizer_is_a_usage_error(hf: HFFiles
     with user_module(tmp_path, FACTORY, monkeypatch) as name:
         result = invoke("calibrate", f"{name}:llama", "--text", hf.calib, "--layers", "*.down_proj", "--sparsity", 0.5,
                         "-o", tmp_path / "m.safetensors")
-    assert result.exit_code == 2, result.output
-    assert "--text" in _line(result) and "tokenizer" in _line(result)
+    one_line_error(result, 2, "--text", "tokenizer")
 
 
 # --- tokenizer files, and what a directory without text or task is told ---------------------------
@@ -537,20 +510,19 @@ def test_a_tokenizer_class_without_its_files_is_named(hf: HFFiles, tmp_path: Pat
     directory = _edited(hf, "llama-tokenizer-class", "tokenizer_config.json", lambda c: c.update(tokenizer_class="LlamaTokenizer"))
     (directory / "tokenizer.json").unlink()
     result = invoke("calibrate", directory, "--text", hf.calib, "-o", tmp_path / "m.safetensors")
-    assert result.exit_code == 6, result.output
-    line = _line(result)
+    line = one_line_error(result, 6)
     assert "LlamaTokenizer" in line and "tokenizer.model" in line and "makes no tokens" not in line
 
 
 def test_a_directory_without_text_is_pointed_to_the_text_flags(hf: HFFiles, tmp_path: Path) -> None:
     result = invoke("convert", hf.llama, "-o", tmp_path / "out")
-    assert result.exit_code == 6 and "--heldout-text" in _line(result)
+    one_line_error(result, 6, "--heldout-text")
     result = invoke("convert", hf.llama, "--heldout-text", hf.held, "-o", tmp_path / "out")
-    assert result.exit_code == 6 and "--text" in _line(result)
+    one_line_error(result, 6, "--text")
     result = invoke("export", hf.llama, "-o", tmp_path / "m.onnx")
-    assert result.exit_code == 6 and "--heldout-text" in _line(result)
+    one_line_error(result, 6, "--heldout-text")
     result = invoke("calibrate", hf.llama, "-o", tmp_path / "m.safetensors")
-    assert result.exit_code == 6 and "--text" in _line(result)
+    one_line_error(result, 6, "--text")
 
 
 def _notes(stderr: str) -> list[str]:

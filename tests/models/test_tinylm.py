@@ -23,7 +23,7 @@ from actsparse_deploy.data.workload import Workload
 from actsparse_deploy.models import tinylm, zoo
 from actsparse_deploy.onnx.metrics import perplexity
 
-from ..helpers import invoke
+from ..helpers import invoke, one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_missing_or_foreign_files_name_the_training_script(tmp_path: Path, monke
     with pytest.raises(WeightsError, match="ties its output layer.*lm_head.weight differs"):
         zoo.load_builtin("tiny-lm")
     result = invoke("inspect", "tiny-lm")  # the command line: one line, the weights exit code
-    assert result.exit_code == WeightsError.exit_code and result.stderr.count("\n") == 1, result.stderr
+    one_line_error(result, WeightsError.exit_code)
 
 
 def test_models_command_lists_tiny_lm() -> None:

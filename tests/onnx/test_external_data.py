@@ -27,18 +27,9 @@ from actsparse_deploy.onnx import export as export_module
 from actsparse_deploy.onnx.export import export_onnx
 from actsparse_deploy.onnx.validate import check_external_data, validate
 
-from ..helpers import TinyMLP, invoke
+from ..helpers import TinyMLP, invoke, one_line_error
 
 DATA = "model.onnx.data"
-
-
-def one_line(result, code: int, *needles: str) -> str:
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +82,7 @@ def test_inspect_reads_the_graph_only(converted: Path, tmp_path: Path) -> None:
     params = sum(int(np.prod(t.dims)) for t in onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.initializer)
     assert f"{params:,}" in result.stdout
     # validate, which runs the model, needs it: one line naming the file
-    one_line(invoke("validate", tmp_path / "model.onnx", "digits-mlp"), 10, DATA, "does not exist")
+    one_line_error(invoke("validate", tmp_path / "model.onnx", "digits-mlp"), 10, DATA, "does not exist")
 
 
 def test_over_2gb_is_written_as_external_data_unasked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -190,11 +181,11 @@ def no_onnxruntime(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.mark.parametrize("case", HOSTILE)
 def test_hostile_location_refused_before_onnxruntime(converted: Path, tmp_path: Path, case: str, no_onnxruntime: list[str]) -> None:
     path, tensor = hostile(converted, tmp_path, case)
-    line = one_line(invoke("validate", path, "digits-mlp"), 10, str(path), tensor)
+    line = one_line_error(invoke("validate", path, "digits-mlp"), 10, str(path), tensor)
     assert no_onnxruntime == [], line
     # inspect reads no data, but neither does it accept a model that points out of its folder
     if case not in ("missing", "too long", "fifo", "folder"):
-        one_line(invoke("inspect", path), 10, tensor)
+        one_line_error(invoke("inspect", path), 10, tensor)
     assert no_onnxruntime == []
 
 
@@ -274,13 +265,13 @@ def test_hard_link_and_shared_file_accepted_case_and_offset_refused(converted: P
     entries = {e.key: e for e in tensors[1].external_data}
     entries["location"].value = DATA.upper()
     onnx.save(proto, str(folder / "model.onnx"))
-    one_line(invoke("validate", folder / "model.onnx", "digits-mlp"), 10, DATA.upper(), "does not exist")
+    one_line_error(invoke("validate", folder / "model.onnx", "digits-mlp"), 10, DATA.upper(), "does not exist")
 
     entries["location"].value = DATA
     entries["offset"].value = str((folder / DATA).stat().st_size + 4096)
     del tensors[1].external_data[[e.key for e in tensors[1].external_data].index("length")]
     onnx.save(proto, str(folder / "model.onnx"))
-    one_line(invoke("validate", folder / "model.onnx", "digits-mlp"), 10, tensors[1].name, "claims bytes")
+    one_line_error(invoke("validate", folder / "model.onnx", "digits-mlp"), 10, tensors[1].name, "claims bytes")
 
 
 def test_a_full_disk_while_writing_the_data_file_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -316,7 +307,7 @@ def test_a_full_disk_while_writing_the_data_file_leaves_nothing(tmp_path: Path, 
 
     monkeypatch.setattr(export_module, "open", fake_open, raising=False)
     (tmp_path / "m.onnx").write_bytes(b"old model")
-    line = one_line(invoke("export", "digits-mlp", "--external-data", "--overwrite", "-o", tmp_path / "m.onnx"), 11, "m.onnx",
+    line = one_line_error(invoke("export", "digits-mlp", "--external-data", "--overwrite", "-o", tmp_path / "m.onnx"), 11, "m.onnx",
                     "disk is full")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"], line
     assert (tmp_path / "m.onnx").read_bytes() == b"old model"

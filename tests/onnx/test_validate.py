@@ -18,17 +18,13 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from typer.testing import CliRunner
 
-from actsparse_deploy.app.cli import app
 from actsparse_deploy.base.errors import OutputError, ValidationError
 from actsparse_deploy.data.iospec import IOSpec
 from actsparse_deploy.onnx.export import export_onnx
 from actsparse_deploy.onnx.validate import validate
 
-from ..helpers import UserFolder, user_module, user_module_source
-
-runner = CliRunner()
+from ..helpers import UserFolder, invoke, one_line_error, user_module, user_module_source
 
 USER_MODULE = user_module_source(
     forward_first='''
@@ -101,14 +97,7 @@ def world(tmp_path, monkeypatch):
 
 
 def _validate_cli(w: World, onnx_path: Path, factory: str = "build", *extra: str):
-    return runner.invoke(app, ["validate", str(onnx_path), w.user(factory), "--heldout", str(w.data), *extra])
-
-
-def _one_line_error(result, code: int) -> str:
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    assert result.stderr.startswith("error: ") and result.stderr.strip().count("\n") == 0, result.stderr
-    return result.stderr
+    return invoke("validate", onnx_path, w.user(factory), "--heldout", w.data, *extra)
 
 
 # --- ONNX models built for the cases ---------------------------------------------------
@@ -216,7 +205,7 @@ def test_non_finite_output_fails_because_of_it(world, onnx_bias, reference, word
     path = world.onnx()
     if onnx_bias is not None:
         path = _edit(path, world.file("bad.onnx"), _set_bias(onnx_bias))
-    message = _one_line_error(_validate_cli(world, path, reference), 10)
+    message = one_line_error(_validate_cli(world, path, reference), 10)
     assert f"output: {word} in the {side} output" in message, message
     assert "max abs diff 0 " not in message
 
@@ -233,7 +222,7 @@ def test_non_finite_on_both_sides_still_fails(world):
 def test_renamed_input_fails(world):
     renamed = _edit(world.onnx(), world.file("renamed.onnx"), _rename_input)
     assert _validate_cli(world, world.onnx(name="good.onnx")).exit_code == 0
-    message = _one_line_error(_validate_cli(world, renamed), 10)
+    message = one_line_error(_validate_cli(world, renamed), 10)
     assert "input names do not match the ONNX model's: it takes renamed; given x" in message, message
 
 
@@ -248,7 +237,7 @@ def test_renamed_input_fails_against_the_io_spec(world):
 
 def test_fixed_dimension_against_the_batch_and_the_io_spec(world):
     fixed = _edit(world.onnx(), world.file("fixed.onnx"), _fix_batch(3))
-    message = _one_line_error(_validate_cli(world, fixed), 10)
+    message = one_line_error(_validate_cli(world, fixed), 10)
     assert "input x axis 0: the ONNX model fixes it to 3, the batch has 1" in message, message
     # at the one batch size it fixes, onnxruntime runs; the I/O spec still says the axis is dynamic
     spec = IOSpec(("x",), ("output",), {"x": {0: "batch"}, "output": {0: "batch"}})
@@ -296,7 +285,7 @@ def test_signal_stops_onnxruntime(world, sig, code):
 
 def test_timeout_fails_validation(world):
     loop = _huge_loop(world.file("loop.onnx"))
-    message = _one_line_error(_validate_cli(world, loop, "build", "--timeout", "1"), 10)
+    message = one_line_error(_validate_cli(world, loop, "build", "--timeout", "1"), 10)
     assert "timed out after 1 s" in message and "onnxruntime was stopped" in message, message
     with pytest.raises(ValidationError, match="timed out after 0.5 s"):
         validate(loop, world.model(), [torch.randn(8, 4)], timeout=0.5)
@@ -306,7 +295,7 @@ def test_timeout_fails_validation(world):
 
 def test_onnxruntime_logs_nothing(world, capfd):
     path = _huge_allocation(world.file("alloc.onnx"))
-    message = _one_line_error(_validate_cli(world, path), 10)
+    message = one_line_error(_validate_cli(world, path), 10)
     assert "onnxruntime failed at batch size 1" in message, message
     assert capfd.readouterr().err == ""  # nothing from onnxruntime's own logger on file descriptor 2
 
@@ -316,7 +305,7 @@ def test_onnxruntime_logs_nothing(world, capfd):
 
 def test_output_count_mismatch_said_once(world):
     path = world.onnx("build_two")
-    message = _one_line_error(_validate_cli(world, path), 10)
+    message = one_line_error(_validate_cli(world, path), 10)
     assert message.count("2 outputs") == 1, message
     assert "the ONNX model has 2 outputs, the PyTorch model 1" in message
 
@@ -324,7 +313,7 @@ def test_output_count_mismatch_said_once(world):
 def test_directory_as_onnx_path(world):
     folder = world.file("folder.onnx")
     folder.mkdir()
-    message = _one_line_error(_validate_cli(world, folder), 10)
+    message = one_line_error(_validate_cli(world, folder), 10)
     assert f"{folder} is a directory" in message and "does not exist" not in message, message
 
 
@@ -373,8 +362,8 @@ def _disk_full_at(where: str, monkeypatch) -> str:
 def test_export_on_full_disk(world, monkeypatch, where):
     exporter = _disk_full_at(where, monkeypatch)
     out = world.file("model.onnx")
-    result = runner.invoke(app, ["export", world.user(), "--heldout", str(world.data), "--exporter", exporter, "-o", str(out)])
-    message = _one_line_error(result, 11)
+    result = invoke("export", world.user(), "--heldout", world.data, "--exporter", exporter, "-o", out)
+    message = one_line_error(result, 11)
     assert "the disk is full" in message and "try --exporter" not in message, message
     assert (f"cannot write to {world.tmp}:" if where == "staging" else f"cannot write {out}:") in message, message
     assert world.leftovers() == []
@@ -415,7 +404,7 @@ def test_export_rename_failure_restores_the_external_data(world, monkeypatch):
 @pytest.mark.parametrize("length", [240, 250, 255])
 def test_export_with_a_long_legal_name(world, length):
     name = "m" * (length - len(".onnx")) + ".onnx"
-    result = runner.invoke(app, ["export", world.user(), "--heldout", str(world.data), "-o", str(world.file(name))])
+    result = invoke("export", world.user(), "--heldout", world.data, "-o", world.file(name))
     assert result.exit_code == 0, result.output
     assert world.leftovers() == [name]
     assert validate(world.file(name), world.model(), [torch.randn(8, 4)]).passed
@@ -432,7 +421,7 @@ def test_export_with_a_too_long_name(world, length, external):
 
 def test_export_cli_with_a_too_long_name(world):
     name = "m" * 295 + ".onnx"
-    result = runner.invoke(app, ["export", world.user(), "--heldout", str(world.data), "-o", str(world.file(name))])
-    message = _one_line_error(result, 11)
+    result = invoke("export", world.user(), "--heldout", world.data, "-o", world.file(name))
+    message = one_line_error(result, 11)
     assert "is 300 bytes long; the file system allows at most 255 bytes" in message, message
     assert world.leftovers() == []
