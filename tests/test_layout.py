@@ -118,6 +118,12 @@ def test_wings_import_only_downwards():
     assert upward == []
 
 
+def test_no_module_imports_itself():
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    selves = [f"{m}:{line}" for m, p in files.items() for t, _, line in imports(p, set(files)) if t == m]
+    assert selves == []
+
+
 def test_no_private_name_of_another_module():
     private = [f"{m}:{line} takes {t}.{n}" for m, found in graph().items() for t, n, line in found if n.startswith("_") and not n.startswith("__")]
     assert private == []

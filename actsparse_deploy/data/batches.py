@@ -128,8 +128,6 @@ def total_samples(batches: Iterable[Batch] | None) -> int | None:
 
 
 def _is_stream(batches: Any) -> bool:
-    from .batches import Stream
-
     return isinstance(batches, Stream)
 
 
@@ -184,8 +182,6 @@ def unpadded(batches: Iterable[Batch], size: int = 32) -> Iterable[Batch]:
     (lazily, on each iteration: never held whole), except one known to hold
     tensors or tuples (its ``form``), which is returned as it is."""
     if _is_stream(batches):
-        from .batches import Generated
-
         stream: Any = batches
         if stream.form in ("tensor", "tuple"):  # nothing to unpad: the stream stays one (a rank then reads its rows only)
             return stream
