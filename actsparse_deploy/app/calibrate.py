@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ..models.loading import LoadedModel, ModelOptions
     from .report import Report
 
-__all__ = ["RecipeFlags", "build_recipe", "calibrate_model", "recipe_for"]
+__all__ = ["RecipeFlags", "build_recipe", "calibrate_model", "recipe_for", "recipe_from_flags"]
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,16 @@ class RecipeFlags:
         """Whether the flags name the layers (a one-rule recipe)."""
         return bool(self.layers or self.layer_types)
 
+    def for_budget(self, max_cost: str | None) -> RecipeFlags:
+        """The flags under a cost budget: a one-rule recipe needs a level, which
+        the search then sets per layer (0); as they are without a budget."""
+        return dataclasses.replace(self, sparsity=0.0) if max_cost is not None and self.one_rule else self
+
 
 def build_recipe(
     model_name: str,
     builtin: bool,
-    recipe: Recipe | Path | None,
+    recipe: Recipe | str | Path | None,
     layers: list[str] | None,
     layer_types: list[str] | None,
     sparsity: float | None,
@@ -74,6 +79,30 @@ def build_recipe(
         model_name, builtin_recipe_path(model_name) if builtin else None, recipe, layers=layers, layer_types=layer_types,
         sparsity=sparsity, threshold=threshold, aggregate=aggregate, structured=structured, method=method, compensate=compensate,
     )
+
+
+def recipe_from_flags(
+    model: str, recipe: Recipe | str | Path | None, sparsity: float | None, *, max_cost: str | None = None,
+    layers: list[str] | None = None, layer_types: list[str] | None = None, threshold: float | None = None,
+    aggregate: str | None = None, structured: bool = False,
+) -> tuple[Recipe | str | Path | None, float | None]:
+    """``(recipe, sparsity)`` for :class:`~actsparse_deploy.app.options.CalibrateOptions`
+    from a command line's recipe flags, before the model loads: ``layers`` /
+    ``layer_types`` (with ``threshold``, ``aggregate``, ``structured``) make a
+    one-rule recipe that holds the sparsity (:func:`build_recipe`; a cost budget sets
+    its level per layer); otherwise ``recipe`` and ``sparsity`` as given (the model's
+    own recipe is resolved once it is loaded).
+
+    >>> recipe, sparsity = recipe_from_flags("digits-mlp", None, 0.5, layers=["fc1"])
+    >>> recipe.layers[0].name, recipe.defaults.sparse_config, sparsity
+    (('fc1',), (('sparsity_level', 0.5),), None)
+    """
+    flags = RecipeFlags(None, layers, layer_types, sparsity, threshold, aggregate, structured).for_budget(max_cost)
+    if not (flags.one_rule or threshold is not None or aggregate is not None or structured):
+        return recipe, sparsity
+    # a one-rule recipe, or the error that the flags need layers: never the model's own recipe
+    one_rule = build_recipe(model, False, recipe, flags.layers, flags.layer_types, flags.sparsity, threshold, aggregate, structured)
+    return one_rule, None  # the method and compensation are applied by convert
 
 
 def recipe_for(model: str, loaded: LoadedModel, flags: RecipeFlags) -> Recipe:
@@ -105,8 +134,7 @@ def calibrate_model(
         from .budget import check_budget
 
         check_budget(max_cost)  # a malformed budget fails before the model loads
-        if flags.one_rule:
-            flags = dataclasses.replace(flags, sparsity=0.0)  # a one-rule recipe needs a level: the search sets it per layer
+    flags = flags.for_budget(max_cost)
     if getattr(group, "writer", True):
         check_output_path(Path(output), overwrite)
     loaded = load_model(model, weights, model_options, device=device)

@@ -459,7 +459,8 @@ def _convert_options(flags: dict[str, Any]) -> tuple[Any, Callable[[Any, Any], A
     from types import SimpleNamespace
 
     from ..calibration.distributed import check_budget_device, resolve_device
-    from .options import CalibrateOptions, ConvertOptions, ExportOptions, LoadOptions, SquashOptions, ValidateOptions, recipe_from_flags
+    from .calibrate import recipe_from_flags
+    from .options import CalibrateOptions, ConvertOptions, ExportOptions, LoadOptions, SquashOptions, ValidateOptions
 
     f = SimpleNamespace(**flags)
     _check_max_cost(f.max_cost, f.sparsity, "convert")

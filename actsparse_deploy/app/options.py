@@ -8,7 +8,7 @@ model or a factory), ``calibrate`` (:class:`CalibrateOptions`), ``squash``
 takes (``overwrite``, ``threads``, ``latency``, ``on_stage``). Flat keywords (those
 of :func:`~actsparse_deploy.app.pipeline.convert`) go to their group.
 
-    >>> from actsparse_deploy.app.options import ConvertOptions, SquashOptions, ValidateOptions, recipe_from_flags
+    >>> from actsparse_deploy.app.options import ConvertOptions, SquashOptions, ValidateOptions
     >>> options = ConvertOptions(mode="fold", atol=1e-4)
     >>> options.squash == SquashOptions("fold"), options.validate.atol, options.export.exporter
     (True, 0.0001, 'auto')
@@ -16,8 +16,7 @@ of :func:`~actsparse_deploy.app.pipeline.convert`) go to their group.
     Traceback (most recent call last):
     ...
     actsparse_deploy.base.errors.ValidationError: tolerances must be non-negative numbers, finite (atol -1.0, rtol 0.0)
-    >>> options.calibrate.recipe, recipe_from_flags("digits-mlp", None, 0.5, layers=["fc1"])[1]
-    (None, None)
+    >>> options.calibrate.recipe
 """
 
 from __future__ import annotations
@@ -37,8 +36,7 @@ if TYPE_CHECKING:
     from ..calibration.recipe import Recipe
     from ..data.workload import Workload
 
-__all__ = ["CalibrateOptions", "ConvertOptions", "ExportOptions", "LoadOptions", "SquashOptions", "ValidateOptions",
-           "recipe_from_flags"]
+__all__ = ["CalibrateOptions", "ConvertOptions", "ExportOptions", "LoadOptions", "SquashOptions", "ValidateOptions"]
 
 
 def _is_number(value: Any) -> bool:
@@ -246,28 +244,3 @@ class ConvertOptions:
     def model_options(self) -> ModelOptions:
         """The model's task, factory arguments and text files (``load.model``)."""
         return self.load.model
-
-
-def recipe_from_flags(
-    model: str, recipe: Recipe | str | Path | None, sparsity: float | None, *, max_cost: str | None = None,
-    layers: list[str] | None = None, layer_types: list[str] | None = None, threshold: float | None = None,
-    aggregate: str | None = None, structured: bool = False,
-) -> tuple[Recipe | str | Path | None, float | None]:
-    """``(recipe, sparsity)`` for :class:`CalibrateOptions` from a command line's
-    recipe flags: ``layers`` / ``layer_types`` (with ``threshold``, ``aggregate``,
-    ``structured``) make a one-rule recipe that holds the sparsity (a cost budget
-    sets its level per layer); otherwise ``recipe`` and ``sparsity`` as given
-    (see :func:`actsparse_deploy.calibration.recipe.resolve_recipe`)."""
-    if max_cost is not None and (layers or layer_types):
-        sparsity = 0.0  # a one-rule recipe needs a level: the search sets it per layer
-    if not (layers or layer_types or threshold is not None or aggregate is not None or structured):
-        return recipe, sparsity
-    from ..calibration.recipe import resolve_recipe
-    from ..models.zoo import builtin_recipe_path
-
-    one_rule = resolve_recipe(
-        model, builtin_recipe_path(model) if ":" not in model else None, recipe, layers=layers, layer_types=layer_types,
-        sparsity=sparsity, threshold=threshold, aggregate=aggregate, structured=structured,
-    )
-    return one_rule, None  # the sparsity is in the one-rule recipe (the method and compensation are applied by convert)
-

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from actsparse_deploy.app.calibrate import recipe_from_flags
 from actsparse_deploy.app.options import (
     CalibrateOptions,
     ConvertOptions,
@@ -14,7 +15,6 @@ from actsparse_deploy.app.options import (
     LoadOptions,
     SquashOptions,
     ValidateOptions,
-    recipe_from_flags,
 )
 from actsparse_deploy.app.pipeline import convert
 from actsparse_deploy.base.errors import DataError, ExportError, ModelLoadError, RecipeError, SquashError, UsageError, ValidationError

@@ -421,3 +421,13 @@ def test_broken_weights_and_tokenizers_are_one_line_with_their_codes(hf: HFFiles
     result = invoke("calibrate", hf.llama, "--task", "feature-extraction", "--text", hf.calib, "-o", tmp_path / "fe.safetensors", "--json")
     assert result.exit_code == 0, result.output
     assert "LOAD REPORT" not in result.stderr and "\x1b" not in result.stderr  # transformers' report stays quiet
+
+
+def test_a_directory_converts_with_its_layers_named(hf: HFFiles, tmp_path: Path) -> None:
+    """`--layers` on a model directory: a one-rule recipe, never a built-in's (the directory is none)."""
+    result = invoke("convert", hf.llama, "--task", "causal-lm", "--text", hf.calib, "--heldout-text", hf.held,
+                    "--layers", "model.layers.0.mlp.down_proj", "--sparsity", "0.25", "-o", tmp_path / "out", "--json", "--no-latency")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [row["layer"] for row in report["layers"]] == ["model.layers.0.mlp.down_proj"]
+    assert report["layers"][0]["sparsity"] == pytest.approx(0.25, abs=0.05)
