@@ -240,7 +240,3 @@ class ConvertOptions:
     def writer(self) -> bool:
         """Whether this process writes the outputs (distributed calibration: rank 0 only)."""
         return self.calibrate.writer
-
-    def model_options(self) -> ModelOptions:
-        """The model's task, factory arguments and text files (``load.model``)."""
-        return self.load.model

@@ -152,13 +152,14 @@ def _apply_in_place(model: nn.Module, plan: SquashPlan) -> None:
     """mul, fold, and auto without an example: the layers the plan checked, changed in place."""
     for name, layer in plan.layers.items():
         prep = plan.prepared[name]
+        target = model.get_submodule(name)  # the model's own layer, as the swapping path takes it
         if prep.edits != (None, None):  # the new weight / bias first: the mask scales or gathers its input
-            _apply_edits(prep.layer, prep.edits)
+            _apply_edits(target, prep.edits)
         if layer.mode == "fold":
             assert prep.vector is not None
-            _fold(prep.layer, prep.vector)
+            _fold(target, prep.vector)
         else:
-            _replace_module(model, name, _masked(prep.layer, prep.mask))
+            _replace_module(model, name, _masked(target, prep.mask))
 
 
 def _fold(layer: nn.Module, vector: torch.Tensor) -> None:

@@ -60,7 +60,7 @@ def test_flat_keywords_go_to_their_group():
     )
     assert flat == grouped
     assert flat.export.dynamic_axes == ("x:1:seq",)  # a list given is kept as a tuple (frozen all the way down)
-    assert flat.model_options() == ModelOptions(task="causal-lm") and flat.writer
+    assert flat.load.model == ModelOptions(task="causal-lm") and flat.writer
 
 
 def test_defaults_are_the_groups_defaults():
