@@ -40,6 +40,7 @@ from ..base.files import atomic_output, check_output_path
 from ..base.version import __version__
 from ..data.batches import as_positional, flatten_outputs, is_named, positional, run_batch
 from ..data.iospec import IOSpec, PositionalAdapter
+from ..nn.modules import eval_mode
 
 if TYPE_CHECKING:
     from ..data.workload import Workload
@@ -56,6 +57,11 @@ def save_pt2(work: Workload, squashed: SquashResult, path: Path, overwrite: bool
     """A ``torch.export`` program with the masks baked in (dynamic batch / sequence)."""
     check_output_path(path, overwrite)
     example = work.example()
+    with eval_mode(squashed.model):  # captured in eval; the caller's flags come back after
+        return _save_program(work, squashed, example, path, overwrite)
+
+
+def _save_program(work: Workload, squashed: SquashResult, example: Any, path: Path, overwrite: bool) -> None:
     with torch.no_grad():
         n_outputs = len(flatten_outputs(run_batch(squashed.model, example)))
     io_spec = work.io or IOSpec.infer(example, n_outputs)  # the model's one spec: export and validation use it too

@@ -187,7 +187,7 @@ class Registry(Generic[T]):
             ) from None
         if params:
             _check_params(fn, params)
-            fn = _replace_params(fn, tuple(sorted(params.items())))
+            fn = replace(fn, params=tuple(sorted(params.items())))
         return fn
 
     def resolve(self, fn: Any) -> Any:
@@ -203,12 +203,6 @@ class Registry(Generic[T]):
                 raise ConfigError(f"{self.kind}_fn spec {fn!r} needs a 'name'")
             return self.get(name, **params)
         raise ConfigError(f"{fn!r} must be callable or the name of a built-in {self.kind} function")
-
-
-def _replace_params(fn: BuiltinFn, params: tuple[tuple[str, Any], ...]) -> BuiltinFn:
-    from dataclasses import replace
-
-    return replace(fn, params=params)
 
 
 def _check_params(fn: BuiltinFn, params: dict[str, Any]) -> None:

@@ -53,6 +53,7 @@ from torch import nn
 
 from ..base.errors import CalibrationError, ConfigError, RecipeError
 from .compensate import COMPENSATIONS, DEFAULT_DAMPING
+from .fields import is_int
 from .functions import AGGREGATE_FNS, MASK_FNS, REDUCE_FNS, BuiltinFn, Registry, check_mask_config
 from .methods import METHODS, Method
 
@@ -276,8 +277,6 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)

@@ -225,9 +225,7 @@ def export_onnx(
     check_output_path(path, overwrite)
     if external_data:  # its name must fit too (and not clobber a file without --overwrite)
         check_output_path(path.parent / f"{path.name}.data", overwrite)
-    with contextlib.ExitStack() as stack:
-        if program is None and isinstance(model, nn.Module):
-            stack.enter_context(eval_mode(model))  # the caller's train/eval flags come back after
+    with eval_mode(model if program is None else None):  # the caller's train/eval flags come back after
         return _export(model, program, example, path, exporter, opset, io_spec, sequence_axis, metadata, external_data, overwrite,
                        verbose, data, user_axes, on_fallback)
 

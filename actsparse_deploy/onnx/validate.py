@@ -74,8 +74,6 @@ __all__ = [
 from ..base.constants import DEFAULT_ATOL, DEFAULT_RTOL  # noqa: E402  (one definition, light for the CLI)
 
 DEFAULT_BATCH_SIZES = (1, 3, 5)
-#: how often the waiting thread looks at the clock (and takes signals) while onnxruntime runs
-POLL_SECONDS = 0.05
 #: onnxruntime's severity FATAL: its logger prints nothing (errors still raise)
 ORT_LOG_SEVERITY = 4
 # onnxruntime's input type names -> torch / numpy dtype names
@@ -327,7 +325,7 @@ def run_session(session: Any, feeds: Mapping[str, np.ndarray], deadline: float |
     options.log_severity_level = ORT_LOG_SEVERITY
     outputs: list[Any] = run_in_worker(
         lambda: session.run(None, dict(feeds), options), name="actsparse-onnxruntime", deadline=deadline,
-        expired=lambda: TimeoutError("onnxruntime was stopped"), stop=lambda: setattr(options, "terminate", True), poll=POLL_SECONDS,
+        expired=lambda: TimeoutError("onnxruntime was stopped"), stop=lambda: setattr(options, "terminate", True),
     )
     return outputs
 

@@ -409,3 +409,19 @@ def test_size_grammar_refuses_anything_else(text):
 
     with pytest.raises(ExportError, match="size expression"):
         _check_expression(text, {"s77", "s50"}, ExportError)
+
+
+def test_saving_a_program_leaves_the_model_in_the_mode_it_was(tmp_path):
+    """The program is captured in eval mode (dropout off); the caller's model keeps its own flags."""
+    from actsparse_deploy.bake.pt2 import load_pt2, save_pt2
+    from actsparse_deploy.bake.squash import SquashResult
+    from actsparse_deploy.data.workload import Workload
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)).train()
+    work = Workload("drop", model, heldout=[torch.randn(4, 4)])
+    save_pt2(work, SquashResult(model, {}, {}, {}), tmp_path / "drop.pt2")
+    assert model.training and all(m.training for m in model.modules())
+    program, _ = load_pt2(tmp_path / "drop.pt2")
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(program.module()(x), model.eval()(x))  # no dropout in the program

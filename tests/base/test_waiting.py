@@ -83,10 +83,6 @@ def test_the_deadline_stops_the_work_and_waits_for_it_before_raising() -> None:
     assert stopped.is_set() and ended.is_set()
 
 
-def test_a_passed_deadline_still_returns_work_that_is_done() -> None:
-    assert run_in_worker(lambda: "done", name="test-worker", deadline=time.monotonic() + 60) == "done"
-
-
 @pytest.mark.parametrize("signum, error", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_while_waiting_unwinds_at_once(signum: int, error: type[BaseException]) -> None:
     release = threading.Event()
