@@ -48,13 +48,13 @@ from ..data.readers import load_data
 from ..data.streams import shape_examples
 from ..data.workload import Workload
 from ..models import zoo
-from ..models.loading import LoadedModel, ModelOptions, load_model, load_text_data
+from ..models.loading import LoadedModel, ModelOptions, load_model, load_text_data, resolve_io_spec
 from ..onnx.export import export_onnx, layer_metadata
 from ..onnx.validate import validate
 from .cost import sparsification_cost
 from .options import CalibrateOptions, LoadOptions
 from .report import Calibration, Report, named_input_shape
-from .workload import load_workload, resolve_io_spec, squash_workload
+from .workload import load_workload, squash_workload
 
 __all__ = [
     "Source",

@@ -51,7 +51,7 @@ from ..onnx.latency import dense_latency, slower_note, verdict
 from ..onnx.validate import ValidationReport, validate
 from .cost import sparsification_cost
 from .options import CalibrateOptions, ConvertOptions, ExportOptions, ValidateOptions
-from .report import Calibration, Cost, Export, Latency, Report, Validation, named_input_shape
+from .report import Report, named_input_shape
 from .workload import load_recipe, squash_workload
 
 if TYPE_CHECKING:
@@ -290,16 +290,8 @@ def _staged_report(stages: Stages, masks: Masks, budget: BudgetResult | None, sq
     if o.latency:  # dense vs converted under onnxruntime, on held-out data; the dense export is scratch
         speed = stages.latency(onnx_path, exported, staging / ".dense-latency", o.export.verbose)
     masks.save(staging / "masks.safetensors")
-    report = build_report(stages.work, masks, squashed, exported, validation, cost, stages.timer, stages.timer.total(), o.squash.mode,
-                          onnx_path=outdir / "model.onnx")
-    if budget is not None:  # the budget, the levels chosen per layer, tuning and held-out cost
-        report = report.replace(budget=budget.to_json())
-    report = report.replace(threads=current_threads())
-    if speed is not None:  # the ratio in words, and a note where prune was asked for and made it slower
-        note = slower_note(o.squash.mode, [row.get("mode", "") for row in report.layers or []], speed["ratio"])
-        report = report.replace(latency=Latency.from_json({**speed, "verdict": verdict(speed["ratio"])}),
-                                notes=[*report.notes, *([note] if note else [])])
-    return report
+    return build_report(stages.work, masks, squashed, exported, validation, cost, stages.timer, stages.timer.total(), o.squash.mode,
+                        onnx_path=outdir / "model.onnx", budget=budget, speed=speed)
 
 
 def _publish(report: Report, staging: Path, outdir: Path, o: ConvertOptions) -> Report:
@@ -327,11 +319,15 @@ def _publish(report: Report, staging: Path, outdir: Path, o: ConvertOptions) -> 
 def build_report(
     work: Workload, masks: Masks, squashed: SquashResult, exported: ExportResult, validation: Any,
     cost: Mapping[str, Any], timer: Timer, total: float, mode: str, onnx_path: str | Path | None = None,
+    budget: BudgetResult | None = None, speed: Mapping[str, Any] | None = None,
 ) -> Report:
     """The report of a ``convert`` run, built once: ``report.json`` is its
     ``to_json()``. ``validation``: a ``ValidationReport`` (or its JSON);
     ``onnx_path``: where the ONNX model ends up (the export and validation ran
-    on a staged copy), default where it was exported to."""
+    on a staged copy), default where it was exported to; ``budget``: a
+    ``--max-cost`` search's result (the levels chosen per layer, tuning and
+    held-out cost); ``speed``: the latency stage's figures (the ratio in words
+    added, and a note where prune was asked for and made it slower)."""
     modes = squashed.rows()
     # merged: the squash rows also say how each layer's features were chosen (method) and compensated
     layers = [{**row, "input_shape": named_input_shape(row), **next(m for m in modes if m["layer"] == row["layer"])}
@@ -342,18 +338,25 @@ def build_report(
         files["model.onnx.data"] = os.path.getsize(f"{exported.path}.data")
     final = str(onnx_path if onnx_path is not None else exported.path)
     checked = validation.to_json() if hasattr(validation, "to_json") else dict(validation)
+    note = slower_note(mode, [row.get("mode", "") for row in layers], speed["ratio"]) if speed is not None else None
+    sections: dict[str, Any] = {  # JSON, parsed by the report's sections
+        "calibration": {"samples": masks.num_samples, "batches": masks.num_batches},
+        "export": {**exported.to_json(), "path": final},
+        "validation": {**checked, "onnx": final},
+        "cost": dict(cost),
+        "budget": budget.to_json() if budget is not None else None,
+        "latency": {**speed, "verdict": verdict(speed["ratio"])} if speed is not None else None,
+    }
     return Report(
         tool_version=__version__,
         model=work.name,
         squash_mode=mode,
-        calibration=Calibration(samples=masks.num_samples, batches=masks.num_batches),
         overall_sparsity=masks.overall_sparsity(),
         layers=layers,
         recipe=masks.recipe.to_dict() if masks.recipe else None,
-        notes=[*work.notes, *masks.notes()],
-        export=Export.from_json({**exported.to_json(), "path": final}),
-        validation=Validation.from_json({**checked, "onnx": final}),
-        cost=Cost.from_json(cost),
+        notes=[*work.notes, *masks.notes(), *([note] if note else [])],
         seconds={**timer.seconds, "total": round(total, 3)},
         files=files,
+        threads=current_threads(),
+        **sections,
     )

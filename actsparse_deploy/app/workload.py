@@ -20,23 +20,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..base.errors import DataError
-from ..data.batches import Batch, first_batch, reiterable, total_samples
+from ..data.batches import Batch, reiterable, total_samples
 from ..data.batches import batch_size as batch_size_of
 from ..data.readers import check_distinct_data, load_data, load_labels
 from ..data.workload import EXAMPLE_BATCH_SIZE, Workload
 from ..models import zoo
-from ..models.loading import LoadedModel, ModelOptions, load_model, load_text_data
+from ..models.loading import ModelOptions, load_model, load_text_data, resolve_io_spec
 
 if TYPE_CHECKING:
-    from torch import nn
 
     from ..bake.squash import SquashResult
     from ..calibration.masks import Masks
     from ..calibration.recipe import Recipe
-    from ..data.iospec import IOSpec
-    from ..models.zoo import BuiltinModel
 
-__all__ = ["EXAMPLE_BATCH_SIZE", "Workload", "check_distinct_inputs", "load_recipe", "load_workload", "resolve_io_spec",
+__all__ = ["EXAMPLE_BATCH_SIZE", "Workload", "check_distinct_inputs", "load_recipe", "load_workload",
            "squash_workload"]
 
 
@@ -79,30 +76,6 @@ def check_distinct_inputs(data: str | None, heldout: str | None, model_options: 
         check_distinct_data(data, heldout)
     if model_options is not None and model_options.text and model_options.heldout_text:
         check_distinct_data(model_options.text, model_options.heldout_text)
-
-
-def resolve_io_spec(model: LoadedModel | nn.Module, batches: list[Batch] | Iterable[Batch] | None, builtin: BuiltinModel | None = None,
-                    *, infer: bool = False) -> IOSpec | None:
-    """A model's one I/O spec (input / output names and dynamic axes): a built-in's
-    own (``builtin``), a Hugging Face model's for batches like the first of
-    ``batches``; else, with ``infer``, what export names it by default
-    (:meth:`~actsparse_deploy.data.iospec.IOSpec.from_model` on the first batch,
-    the shapes of all), else None (export infers it then).
-
-    >>> import torch
-    >>> resolve_io_spec(torch.nn.Linear(3, 2), [torch.zeros(4, 3)], infer=True).output_names
-    ('output',)
-    """
-    if builtin is not None:
-        return builtin.io_spec()
-    if isinstance(model, LoadedModel):
-        return model.io_spec(first_batch(batches))
-    if not infer or not batches:
-        return None
-    from ..data.iospec import IOSpec
-    from ..data.streams import shape_examples
-
-    return IOSpec.from_model(model, next(iter(batches)), data=shape_examples(batches))
 
 
 def load_workload(

@@ -21,7 +21,7 @@ files (:class:`ModelOptions`: ``task``, ``text``, ``heldout_text``, ``max_length
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,10 +35,12 @@ from ..base.errors import DataError, ModelLoadError, UsageError, WeightsError, f
 from ..base.imports import import_attr
 from ..base.serialize import reason, unreadable
 from ..data.arrays import torch_load
-from ..data.batches import Batch, Stream
+from ..data.batches import Batch, Stream, first_batch
+from ..data.iospec import IOSpec
 from ..nn.modules import check_finite_weights
 from . import zoo
 from .hf import HF_PREFIX, HFSource, hf_directory, is_pretrained, load_hf, wrap_pretrained
+from .zoo import BuiltinModel
 
 __all__ = [
     "LoadedModel",
@@ -47,6 +49,7 @@ __all__ = [
     "load_state_dict_file",
     "load_text_data",
     "parse_factory_args",
+    "resolve_io_spec",
 ]
 
 
@@ -69,8 +72,6 @@ class LoadedModel:
         """A Hugging Face model's I/O spec for batches like ``example`` (None for other models)."""
         if self.hf is None:
             return None
-        from ..data.iospec import IOSpec
-
         inputs, axes = self.hf.io_names(example)
         return IOSpec(inputs, (self.hf.model.output_name,), axes)
 
@@ -251,3 +252,24 @@ def _few(items: list[str], limit: int = 5) -> str:
 # --- data ------------------------------------------------------------------------
 
 
+def resolve_io_spec(model: LoadedModel | nn.Module, batches: list[Batch] | Iterable[Batch] | None, builtin: BuiltinModel | None = None,
+                    *, infer: bool = False) -> IOSpec | None:
+    """A model's one I/O spec (input / output names and dynamic axes): a built-in's
+    own (``builtin``), a Hugging Face model's for batches like the first of
+    ``batches``; else, with ``infer``, what export names it by default
+    (:meth:`~actsparse_deploy.data.iospec.IOSpec.from_model` on the first batch,
+    the shapes of all), else None (export infers it then).
+
+    >>> import torch
+    >>> resolve_io_spec(torch.nn.Linear(3, 2), [torch.zeros(4, 3)], infer=True).output_names
+    ('output',)
+    """
+    if builtin is not None:
+        return builtin.io_spec()
+    if isinstance(model, LoadedModel):
+        return model.io_spec(first_batch(batches))
+    if not infer or not batches:
+        return None
+    from ..data.streams import shape_examples
+
+    return IOSpec.from_model(model, next(iter(batches)), data=shape_examples(batches))

@@ -232,3 +232,16 @@ def test_a_superscript_digit_in_omp_num_threads_is_not_a_count(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "\u00b2")
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert default_threads() == machine_threads()
+
+
+def test_a_slower_prune_is_noted_in_the_report_after_the_other_notes(tmp_path, monkeypatch):
+    # a converted model slower than dense cannot be caused on demand: the timing is replaced, the rest is real
+    from actsparse_deploy.app import pipeline
+
+    slow = {"dense_ms": 1.0, "sparse_ms": 1.3, "ratio": 1.3, "samples": 8, "runs": 3, "warmup": 1, "threads": 1}
+    monkeypatch.setattr(pipeline, "dense_latency", lambda *a, **k: dict(slow))
+    report = pipeline.convert("digits-mlp", tmp_path / "out", threads=1, mode="prune")
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert written["latency"] == {**slow, "verdict": "slower than dense: 1.30x"}
+    assert written["notes"][-1] == slower_note("prune", ["prune"], 1.3)
+    assert report.notes == written["notes"] and Report.from_json(written).latency == report.latency
