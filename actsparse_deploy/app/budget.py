@@ -52,7 +52,7 @@ import fnmatch
 import inspect
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +62,7 @@ from torch import nn
 from ..base.errors import ActsparseError, DataError, RecipeError, first_line
 from ..calibration.recipe import LayerRule, LayerSettings, Recipe
 from ..data.batches import Batch, batch_size, flatten_outputs, reiterable, run_batch, take_rows, total_samples, unpadded
+from ..data.scores import cost_figure, figure_needs
 from ..nn.modules import eval_mode
 
 if TYPE_CHECKING:
@@ -159,10 +160,14 @@ class Budget:
         """The measured cost oriented so that more is worse."""
         return -measured if self.higher_is_better else measured
 
-    def measure(self, dense: nn.Module, sparse: nn.Module, batches: Iterable[Batch], labels: torch.Tensor | None = None) -> float:
+    def measure(self, dense: nn.Module, sparse: nn.Module, batches: Iterable[Batch], labels: torch.Tensor | None = None,
+                outputs: Sequence[list[list[torch.Tensor]]] | None = None) -> float:
         """The cost of ``sparse`` against ``dense`` on ``batches`` (``labels``: class
-        indices of their samples, for ``accuracy-drop``)."""
-        return _Meter(self, dense, batches, labels).cost(sparse)
+        indices of their samples, for ``accuracy-drop``). ``outputs``: the two
+        models' outputs on ``batches`` (flattened, batch by batch) where they were
+        computed already: a built-in kind is measured from them, the models not run again."""
+        dense_outputs, sparse_outputs = outputs if outputs is not None else (None, None)
+        return _Meter(self, dense, batches, labels, dense_outputs).cost(sparse, sparse_outputs)
 
 
 def check_budget(text: str) -> Budget:
@@ -175,101 +180,53 @@ def check_budget(text: str) -> Budget:
 
 
 class _Meter:
-    """A budget's cost on fixed batches, the dense model's outputs computed once."""
+    """A budget's cost on fixed batches, the dense model's outputs computed once
+    (or given: ``reference``, flattened, batch by batch); a built-in kind's
+    arithmetic is :func:`~actsparse_deploy.data.scores.cost_figure`."""
 
-    def __init__(self, budget: Budget, dense: nn.Module, batches: Iterable[Batch], labels: torch.Tensor | None = None) -> None:
+    def __init__(self, budget: Budget, dense: nn.Module, batches: Iterable[Batch], labels: torch.Tensor | None = None,
+                 reference: list[list[torch.Tensor]] | None = None) -> None:
         if not batches:
             raise DataError("the budget's cost needs at least one batch")
         self.budget, self.dense, self.batches, self.labels = budget, dense, batches, labels
         self.user: Callable[..., Any] | None = None
         if budget.kind == "user":
             self.user = budget.cost_function()
-        else:
-            self.reference = _outputs(dense, batches)
-            _check_metric(budget, self.reference, batches)
+            return
+        self.reference = reference if reference is not None else _outputs(dense, batches)
+        needs = figure_needs(self.reference, batches)  # a kind the model's outputs do not allow: those they allow named
+        need = needs.get(budget.kind, "")
+        if need:
+            has = ", ".join(f"{kind}=..." for kind, missing in needs.items() if not missing) or "no built-in cost"
+            raise RecipeError(f"budget {budget} needs {need}: this model allows {has} or package.module:function=VALUE")
 
-    def cost(self, sparse: nn.Module) -> float:
-        kind = self.budget.kind
+    def cost(self, sparse: nn.Module, outputs: list[list[torch.Tensor]] | None = None) -> float:
+        """The cost of ``sparse``: its outputs on the batches computed (or given: ``outputs``), then
+        the budget's figure; a user's function is called on the models."""
         if self.user is not None:
-            try:
-                with eval_mode(self.dense, sparse):
-                    value = self.user(self.dense, sparse, self.batches)
-            except ActsparseError:
-                raise
-            except Exception as e:  # the user's code may fail in any way: their budget cannot be measured
-                raise RecipeError(f"budget function {self.budget.function} failed: {type(e).__name__}: {first_line(e)}") from e
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = value.item()
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise RecipeError(f"budget function {self.budget.function} returned {type(value).__name__}, not a number")
-            return float(value)
-        outputs = _outputs(sparse, self.batches)
-        if kind == "cosine":  # per sample, as the report's cost counts it (metrics.cosine_stats)
-            from ..onnx.metrics import sample_cosines
+            return self._user_cost(sparse)
+        outputs = outputs if outputs is not None else _outputs(sparse, self.batches)
+        return cost_figure(self.budget.kind, self.reference, outputs, self.batches, self.labels)
 
-            return float(torch.cat([sample_cosines(d[-1], s[-1]) for d, s in zip(self.reference, outputs)]).mean())
-        if kind == "accuracy-drop":
-            dense_pred = torch.cat([d[0].argmax(-1) for d in self.reference])
-            sparse_pred = torch.cat([s[0].argmax(-1) for s in outputs])
-            if self.labels is not None:
-                if self.labels.shape != dense_pred.shape:
-                    raise DataError(f"{len(self.labels)} labels for predictions of shape {list(dense_pred.shape)}")
-                return float((dense_pred == self.labels).double().mean() - (sparse_pred == self.labels).double().mean())
-            return float((dense_pred != sparse_pred).double().mean())
-        dense_nll = _mean_nll([d[0] for d in self.reference], self.batches)
-        return math.exp(_mean_nll([s[0] for s in outputs], self.batches) - dense_nll)
-
-
-def _metrics_of(reference: list[list[torch.Tensor]], batches: Iterable[Batch]) -> dict[str, str]:
-    """The built-in budget kinds a model's outputs allow, each -> what it needs
-    (``""`` where the model has it)."""
-    from ..onnx.metrics import token_ids
-
-    first = reference[0][0] if reference and reference[0] else None
-    ids, _ = token_ids(next(iter(batches)))
-    shown = f"its first output is {list(first.shape) if first is not None else 'none'} for inputs {list(ids.shape)}"
-    classifier = first is not None and first.ndim >= 2
-    language = (classifier and first.ndim == 3 and ids.ndim == 2 and not ids.is_floating_point()  # type: ignore[union-attr]
-                and tuple(first.shape[:2]) == tuple(ids.shape))  # type: ignore[union-attr]
-    return {
-        "cosine": "" if first is not None else f"an output to compare ({shown})",
-        "accuracy-drop": "" if classifier else f"a classifier, whose first output is (batch, classes) ({shown})",
-        "perplexity-ratio": "" if language else (
-            f"a language model, whose first output is logits (batch, tokens, vocabulary) for integer token ids "
-            f"(batch, tokens) ({shown})"
-        ),
-    }
-
-
-def _check_metric(budget: Budget, reference: list[list[torch.Tensor]], batches: Iterable[Batch]) -> None:
-    """A built-in budget kind the model's outputs do not allow: a RecipeError naming those they allow."""
-    metrics = _metrics_of(reference, batches)
-    need = metrics.get(budget.kind, "")
-    if need:
-        has = [f"{kind}=..." for kind, missing in metrics.items() if not missing]
-        raise RecipeError(
-            f"budget {budget} needs {need}: this model allows {', '.join(has) or 'no built-in cost'} "
-            "or package.module:function=VALUE"
-        )
+    def _user_cost(self, sparse: nn.Module) -> float:
+        assert self.user is not None
+        try:
+            with eval_mode(self.dense, sparse):
+                value = self.user(self.dense, sparse, self.batches)
+        except ActsparseError:
+            raise
+        except Exception as e:  # the user's code may fail in any way: their budget cannot be measured
+            raise RecipeError(f"budget function {self.budget.function} failed: {type(e).__name__}: {first_line(e)}") from e
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"budget function {self.budget.function} returned {type(value).__name__}, not a number")
+        return float(value)
 
 
 def _outputs(model: nn.Module, batches: Iterable[Batch]) -> list[list[torch.Tensor]]:
     with eval_mode(model):
         return [list(flatten_outputs(run_batch(model, b))) for b in batches]
-
-
-def _mean_nll(logits: list[torch.Tensor], batches: Iterable[Batch]) -> float:
-    """Mean next-token negative log-likelihood (targets: the batch's token ids),
-    as :func:`actsparse_deploy.onnx.metrics.perplexity` counts it."""
-    from ..onnx.metrics import nll_sum
-
-    total, count = 0.0, 0
-    for out, batch in zip(logits, batches):
-        nll, n = nll_sum(out, batch, "model (perplexity-ratio)")
-        total, count = total + nll, count + n
-    if count == 0:
-        raise DataError("perplexity-ratio: the batches hold no next token to predict")
-    return total / count
 
 
 # --- the tuning split ---------------------------------------------------------------
@@ -710,13 +667,16 @@ def calibrate_to_budget(
     return search_budget(model, recipe, batches, budget, model_name=model_name, on_batch=on_batch)
 
 
-def heldout_budget(result: BudgetResult, work: Workload | None, sparse: nn.Module) -> BudgetResult:
+def heldout_budget(
+    result: BudgetResult, work: Workload | None, sparse: nn.Module, outputs: Sequence[list[list[torch.Tensor]]] | None = None,
+) -> BudgetResult:
     """``result`` with the held-out cost of ``sparse`` (``heldout_cost``, and
-    ``heldout_within``: whether it keeps the budget); a note where there is no held-out data."""
+    ``heldout_within``: whether it keeps the budget); a note where there is no held-out data.
+    ``outputs``: the dense and the sparse model's outputs on ``work.heldout``
+    (flattened, batch by batch) where they were computed already: a built-in kind
+    is measured from them (:func:`actsparse_deploy.app.cost.cost_stage`)."""
     if work is None or work.heldout is None:
         return replace(result, heldout={"heldout_cost": None, "heldout_within": None,
                                         "heldout_note": "no held-out data: the held-out cost was not measured"})
-    value = result.budget.measure(work.model, sparse, work.heldout if reiterable(work.heldout) else list(work.heldout), labels=work.labels)
+    value = result.budget.measure(work.model, sparse, work.heldout if reiterable(work.heldout) else list(work.heldout), labels=work.labels, outputs=outputs)
     return replace(result, heldout={"heldout_cost": value, "heldout_within": result.budget.within(value)})
-
-

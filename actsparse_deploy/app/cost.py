@@ -1,11 +1,14 @@
 """What sparsification cost on a workload: the figures behind ``report.json``'s ``cost``.
 
-:func:`sparsification_cost` puts :mod:`actsparse_deploy.onnx.metrics` together for
-a :class:`~actsparse_deploy.data.workload.Workload`: dense vs sparse on its
-held-out data (per-output difference, cosine); for a built-in with other data
-(MiniLM) also ``other_text``, the cosine on English that is neither calibration
-nor held-out data; for a classifier, test accuracy (dense, sparse, ONNX); for a
-causal language model (tiny-lm), held-out perplexity.
+:func:`sparsification_cost` reads them for a
+:class:`~actsparse_deploy.data.workload.Workload` from the passes of
+:func:`actsparse_deploy.onnx.metrics.cost_tallies` (each model run once per
+batch): dense vs sparse on its held-out data (per-output difference, cosine);
+for a built-in with other data (MiniLM) also ``other_text``, the cosine on
+English that is neither calibration nor held-out data; for a classifier, test
+accuracy (dense, sparse, ONNX); for a causal language model (tiny-lm),
+held-out perplexity. :func:`cost_stage` adds a cost budget's held-out cost,
+measured from the same outputs.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from typing import Any
 
 from torch import nn
 
-from ..data.batches import total_samples, unpadded
+from ..data.batches import total_samples
 from ..data.iospec import IOSpec
 from ..data.workload import Workload
-from ..onnx.metrics import Counted, accuracy, cosine_stats, perplexity
+from ..onnx.metrics import cost_tallies
+from .budget import BudgetResult, heldout_budget
 
-__all__ = ["sparsification_cost"]
+__all__ = ["cost_stage", "sparsification_cost"]
 
 
 def _is_causal_lm(work: Workload) -> bool:
@@ -38,35 +42,42 @@ def sparsification_cost(
     held-out perplexity for a causal language model (``perplexity_dense``,
     ``perplexity_sparse``, ``perplexity_onnx``). ``io_spec``: what the ONNX model
     was exported with (default: the workload's)."""
+    return cost_stage(work, sparse, onnx_path, io_spec)[0]
+
+
+def cost_stage(
+    work: Workload, sparse: nn.Module, onnx_path: Path | None = None, io_spec: IOSpec | None = None,
+    budget: BudgetResult | None = None,
+) -> tuple[dict[str, Any], BudgetResult | None]:
+    """:func:`sparsification_cost`, and ``budget`` with its held-out cost
+    (:func:`~actsparse_deploy.app.budget.heldout_budget`): a built-in budget kind
+    from the outputs the cost's passes kept, a user's function on the models."""
     held = work.require_heldout()
     io = io_spec or work.io
-    io_names = io.output_names if io else None
+    names = io.output_names if io else None
+    language = _is_causal_lm(work)
+    other = work.builtin.other_data if work.builtin is not None else None
+    # the cost under domain shift: text that is neither calibration nor held-out data
+    other_batches = list(other(work.builtin.batch_size)) if other is not None else None  # type: ignore[union-attr]
+    keep = budget is not None and budget.budget.kind != "user"
     # cosine and perplexity on token batches without their padding (the same figures, less work: a
     # model's per-token outputs at padding positions are not compared); accuracy keeps the labels' order
-    regrouped = unpadded(held)
-    counted = Counted(regrouped)
-    outputs = cosine_stats(work.model, sparse, counted)
-    for row in outputs:
-        if io_names is not None:
-            row["output"] = io_names[row["output"]]
+    tallies = cost_tallies(work.model, sparse, held, tokens=language, classes=work.labels is not None, keep=keep,
+                           other=other_batches, onnx_path=onnx_path, io_spec=io)
     known = total_samples(held)
-    cost: dict[str, Any] = {"outputs": outputs, "heldout_samples": known if known is not None else counted.samples}
-    other = work.builtin.other_data if work.builtin is not None else None
-    if other is not None:  # the cost under domain shift: text that is neither calibration nor held-out data
-        batches = other(work.builtin.batch_size)  # type: ignore[union-attr]
-        rows = cosine_stats(work.model, sparse, unpadded(list(batches)))
-        for row in rows:
-            if io_names is not None:
-                row["output"] = io_names[row["output"]]
-        cost["other_text"] = {"outputs": rows, "samples": total_samples(batches)}
-    if _is_causal_lm(work):  # a language model's quality: held-out next-token perplexity
-        cost["perplexity_dense"] = perplexity(work.model, regrouped)
-        cost["perplexity_sparse"] = perplexity(sparse, regrouped)
-        if onnx_path is not None:
-            cost["perplexity_onnx"] = perplexity(onnx_path, held, io)
+    cost: dict[str, Any] = {"outputs": tallies.heldout.output_stats(names),
+                            "heldout_samples": known if known is not None else tallies.heldout.samples}
+    if tallies.other is not None:
+        cost["other_text"] = {"outputs": tallies.other.output_stats(names), "samples": total_samples(other_batches)}
+    if language:  # a language model's quality: held-out next-token perplexity
+        cost["perplexity_dense"], cost["perplexity_sparse"] = tallies.heldout.perplexity_of(0), tallies.heldout.perplexity_of(1)
+        if tallies.onnx is not None:
+            cost["perplexity_onnx"] = tallies.onnx.perplexity_of(0)
     if work.labels is not None:
-        cost["accuracy_dense"] = accuracy(work.model, held, work.labels)
-        cost["accuracy_sparse"] = accuracy(sparse, held, work.labels)
-        if onnx_path is not None:
-            cost["accuracy_onnx"] = accuracy(onnx_path, held, work.labels, io)
-    return cost
+        cost["accuracy_dense"] = tallies.ordered.accuracy_of(0, work.labels)
+        cost["accuracy_sparse"] = tallies.ordered.accuracy_of(1, work.labels)
+        if tallies.onnx is not None:
+            cost["accuracy_onnx"] = tallies.onnx.accuracy_of(0, work.labels)
+    if budget is not None:
+        budget = heldout_budget(budget, work, sparse, tallies.ordered.kept if keep else None)
+    return cost, budget

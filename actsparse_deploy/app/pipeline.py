@@ -49,7 +49,7 @@ from ..data.workload import Workload
 from ..onnx.export import ExportResult, export_onnx, layer_metadata
 from ..onnx.latency import dense_latency, slower_note, verdict
 from ..onnx.validate import ValidationReport, validate
-from .cost import sparsification_cost
+from .cost import cost_stage
 from .options import CalibrateOptions, ConvertOptions, ExportOptions, ValidateOptions
 from .report import Report, named_input_shape
 from .workload import load_recipe, squash_workload
@@ -177,15 +177,10 @@ class Stages:
 
     def cost(self, model: nn.Module, path: Path | None = None, exported: ExportResult | None = None,
              budget: BudgetResult | None = None) -> tuple[dict[str, Any], BudgetResult | None]:
-        """What sparsification cost on the held-out data (:func:`~actsparse_deploy.app.cost.sparsification_cost`;
+        """What sparsification cost on the held-out data (:func:`~actsparse_deploy.app.cost.cost_stage`;
         the ONNX model's figures too where ``path`` is given), and ``budget`` with its held-out cost."""
         with self.timer("cost"):
-            cost = sparsification_cost(self.work, model, path, exported.io if exported is not None else None)
-            if budget is not None:
-                from .budget import heldout_budget
-
-                budget = heldout_budget(budget, self.work, model)
-        return cost, budget
+            return cost_stage(self.work, model, path, exported.io if exported is not None else None, budget)
 
     def latency(self, path: Path, exported: ExportResult, scratch: Path, verbose: bool = False) -> dict[str, Any]:
         """The dense model (exported into ``scratch``, removed after) against the ONNX

@@ -108,6 +108,7 @@ def load_workload(
         held = held if reiterable(held) else list(held)  # a data function's one-shot iterable is used several times
     elif entry is not None:
         held = zoo.heldout_batches(spec, size)
+    io = resolve_io_spec(loaded, held if held else calibration, entry)
     the_labels = entry.labels() if entry is not None and entry.labels is not None and heldout is None else None
     if labels is not None:
         the_labels = load_labels(labels)
@@ -115,6 +116,5 @@ def load_workload(
         samples = samples if samples is not None else sum(batch_size_of(b) for b in held or [])
         if len(the_labels) != samples:
             raise DataError(f"labels file {labels} has {len(the_labels)} labels for {samples} held-out samples in {heldout}")
-    io = resolve_io_spec(loaded, held if held else calibration, entry)
     task = loaded.hf.model.task if loaded.hf is not None else None
     return Workload(loaded.name, loaded.module, entry, calibration, held, the_labels, io, task, loaded.notes)

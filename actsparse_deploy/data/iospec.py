@@ -1,11 +1,17 @@
 """The I/O spec: a model's input and output names and dynamic axes, read from the
 model and its data (``forward``'s parameter names, a dict batch's keys, a returned
 dict's keys; axes whose length varies), in one place for export, validation and
-``.pt2`` programs.
+``.pt2`` programs; and the export plan (:func:`export_plan`): all an exporter is
+handed, read from the model in one call.
 
     >>> import torch
     >>> IOSpec.infer(torch.zeros(2, 3), 1).dynamic_axes
     {'input': {0: 'batch'}, 'output': {0: 'batch'}}
+    >>> plan = export_plan(torch.nn.Linear(3, 2), torch.zeros(2, 3))
+    >>> plan.spec.input_names, plan.spec.output_names, [tuple(a.shape) for a in plan.args]
+    (('input',), ('output',), [(2, 3)])
+    >>> plan.dynamic_shapes
+    ({0: Dim('batch', min=0)},)
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ from ..base.errors import DataError, ExportError, UsageError, first_line
 from .batches import Batch, cut_axes, describe_batch, flatten_outputs, input_names, is_named, named_tensors, positional, run_batch
 
 __all__ = [
-    "BATCH", "SEQUENCE", "IOSpec", "PositionalAdapter", "check_dynamic_axes", "forward_input_names", "output_names_of",
-    "parse_dynamic_axis", "positional_inputs",
+    "BATCH", "SEQUENCE", "ExportPlan", "IOSpec", "PositionalAdapter", "check_dynamic_axes", "export_plan", "forward_input_names",
+    "output_names_of", "parse_dynamic_axis", "positional_inputs",
 ]
 
 #: the label of every input's and output's axis 0
@@ -274,3 +280,56 @@ class PositionalAdapter(nn.Module):
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(**dict(zip(self.names, args))) if self.names is not None else self.model(*args)
         return flatten_outputs(out)
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """All an exporter is handed, read from the model once (:func:`export_plan`)."""
+
+    #: what the exporter runs: the model behind a :class:`PositionalAdapter`, or a torch.export program as it is
+    module: Any
+    #: the example's tensors in input order
+    args: tuple[torch.Tensor, ...]
+    #: input and output names, dynamic axes
+    spec: IOSpec
+    #: ``spec``'s :meth:`IOSpec.export_dynamic_shapes` (the dynamo exporter's); None where torch.export
+    #: refuses one of its labels (not an identifier): ``shapes_error`` then says why, the dynamo exporter's failure
+    dynamic_shapes: tuple[dict[int, Any], ...] | None = None
+    shapes_error: Exception | None = None
+
+
+def export_plan(
+    model: Any, example: Batch, *, io_spec: IOSpec | None = None, sequence_axis: bool = False, data: Iterable[Batch] = (),
+    dynamic_axes: Sequence[tuple[str, int, str]] = (),
+) -> ExportPlan:
+    """``model`` (a module, or a torch.export program) run once on ``example`` (a
+    :class:`DataError` where it fails) and what exporting it takes: ``io_spec``, else
+    :meth:`IOSpec.infer` (a program, or ``sequence_axis``), else :meth:`IOSpec.from_model`
+    (``data``: batches whose shapes show which axes vary), with the user's
+    ``dynamic_axes`` (``(input, axis, label)``) added either way."""
+    program = model if isinstance(model, torch.export.ExportedProgram) else None
+    callable_model: Any = program.module() if program is not None else model
+    try:
+        with torch.no_grad():
+            # a program takes positional inputs only, a dict's in its own order
+            outputs = run_batch(callable_model, example if program is None else positional(example))
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        raise DataError(
+            f"the model fails on the example input ({describe_batch(example)}): {type(e).__name__}: {first_line(e)}"
+        ) from e
+    n_outputs = len(flatten_outputs(outputs))
+    if io_spec is not None:
+        spec = io_spec
+    elif program is not None or sequence_axis:
+        spec = IOSpec.infer(example, n_outputs, sequence_axis)
+    else:
+        spec = IOSpec.from_model(model, example, data=data, dynamic_axes=dynamic_axes, outputs=outputs)
+    spec = spec.with_axes(dynamic_axes, example)
+    if len(spec.output_names) != n_outputs:
+        raise ExportError(f"the model returns {n_outputs} outputs but {len(spec.output_names)} output names were given")
+    module = program if program is not None else PositionalAdapter(model, spec.input_names if is_named(example) else None)
+    try:
+        shapes = spec.export_dynamic_shapes()
+    except Exception as e:  # kept for the dynamo exporter, which fails with it; the TorchScript exporter does not need them
+        return ExportPlan(module, positional(example, spec.input_names), spec, None, e)
+    return ExportPlan(module, positional(example, spec.input_names), spec, shapes)

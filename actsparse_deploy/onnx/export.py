@@ -60,12 +60,12 @@ import onnx
 import torch
 from torch import nn
 
-from ..base.errors import DataError, ExportError, OutputError, UsageError, ValidationError, first_line
+from ..base.errors import ExportError, OutputError, UsageError, ValidationError, first_line
 from ..base.files import check_output_path, os_reason, output_lock, remove_stale_staging, set_output_mode, staging_dir
 from ..base.quiet import quiet
 from ..base.version import __version__
-from ..data.batches import Batch, describe_batch, flatten_outputs, is_named, positional, run_batch
-from ..data.iospec import IOSpec, PositionalAdapter, parse_dynamic_axis
+from ..data.batches import Batch, flatten_outputs  # noqa: F401  (flatten_outputs: its old import path)
+from ..data.iospec import ExportPlan, IOSpec, export_plan, parse_dynamic_axis
 from ..nn.modules import eval_mode
 
 __all__ = [
@@ -162,9 +162,8 @@ class ExportResult:
         }
 
 
-def _run_exporter(
-    wrapped: Any, args: tuple[torch.Tensor, ...], path: Path, exporter: str, opset: int | None, spec: IOSpec
-) -> None:
+def _run_exporter(plan: ExportPlan, path: Path, exporter: str, opset: int | None) -> None:
+    spec, wrapped, args = plan.spec, plan.module, plan.args
     common: dict[str, Any] = {
         "input_names": list(spec.input_names), "output_names": list(spec.output_names), "opset_version": opset,
     }
@@ -178,9 +177,10 @@ def _run_exporter(
         axes = {name: dict(axes) for name, axes in spec.dynamic_axes.items()}
         torch.onnx.export(wrapped, args, str(path), dynamo=False, dynamic_axes=axes, **common)
         return
-    shapes = spec.export_dynamic_shapes()
+    if plan.shapes_error is not None:  # a label torch.export cannot name
+        raise plan.shapes_error
     # forward(*args): the dynamic shapes of the one var-positional argument
-    program = torch.onnx.export(wrapped, args, dynamo=True, dynamic_shapes=(shapes,), **common)
+    program = torch.onnx.export(wrapped, args, dynamo=True, dynamic_shapes=(plan.dynamic_shapes,), **common)
     if program is None:
         raise ExportError("the dynamo exporter returned no program")
     program.save(str(path), external_data=True)
@@ -206,7 +206,9 @@ def export_onnx(
     """Export ``model`` (called on ``example``) to ``path``. External data
     (``<name>.data`` beside it) when asked or when the model is over 2 GB.
 
-    Without ``io_spec``, names and dynamic axes come from the model and its data
+    What the exporter is handed is read from the model in one call
+    (:func:`~actsparse_deploy.data.iospec.export_plan`). Without ``io_spec``,
+    names and dynamic axes come from the model and its data
     (:meth:`IOSpec.from_model`: ``data`` are batches whose shapes show which axes
     vary); ``dynamic_axes`` (``(input, axis, label)`` or ``"NAME:AXIS:LABEL"``)
     adds axes either way. ``exporter="auto"``: the exporters of
@@ -226,8 +228,8 @@ def export_onnx(
     if external_data:  # its name must fit too (and not clobber a file without --overwrite)
         check_output_path(path.parent / f"{path.name}.data", overwrite)
     with eval_mode(model if program is None else None):  # the caller's train/eval flags come back after
-        return _export(model, program, example, path, exporter, opset, io_spec, sequence_axis, metadata, external_data, overwrite,
-                       verbose, data, user_axes, on_fallback)
+        plan = export_plan(model, example, io_spec=io_spec, sequence_axis=sequence_axis, data=data, dynamic_axes=user_axes)
+        return _export(plan, path, exporter, opset, metadata, external_data, overwrite, verbose, on_fallback or _say_on_stderr)
 
 
 def _opset_change(exporter: str, opset: int | None) -> str:
@@ -243,46 +245,22 @@ def _say_on_stderr(message: str) -> None:
 
 
 def _export(
-    model: Any, program: Any, example: Batch, path: Path, exporter: str, opset: int | None, io_spec: IOSpec | None,
-    sequence_axis: bool, metadata: Mapping[str, str] | None, external_data: bool, overwrite: bool, verbose: bool,
-    data: Iterable[Batch] = (), user_axes: Sequence[tuple[str, int, str]] = (), on_fallback: Callable[[str], None] | None = None,
+    plan: ExportPlan, path: Path, exporter: str, opset: int | None, metadata: Mapping[str, str] | None, external_data: bool,
+    overwrite: bool, verbose: bool, on_fallback: Callable[[str], None],
 ) -> ExportResult:
-    callable_model: Any = program.module() if program is not None else model
-    try:
-        with torch.no_grad():
-            # a program takes positional inputs only, a dict's in its own order
-            outputs = run_batch(callable_model, example if program is None else positional(example))
-    except (RuntimeError, TypeError, ValueError, IndexError) as e:
-        raise DataError(
-            f"the model fails on the example input ({describe_batch(example)}): {type(e).__name__}: {first_line(e)}"
-        ) from e
-    n_outputs = len(flatten_outputs(outputs))
-    if io_spec is not None:
-        spec = io_spec
-    elif program is not None or sequence_axis:
-        spec = IOSpec.infer(example, n_outputs, sequence_axis)
-    else:
-        spec = IOSpec.from_model(model, example, data=data, dynamic_axes=user_axes, outputs=outputs)
-    spec = spec.with_axes(user_axes, example)
-    if len(spec.output_names) != n_outputs:
-        raise ExportError(f"the model returns {n_outputs} outputs but {len(spec.output_names)} output names were given")
-    wrapped: Any = program if program is not None else PositionalAdapter(model, spec.input_names if is_named(example) else None)
-    args = positional(example, spec.input_names)
+    """``plan`` exported to ``path`` by way of a staging folder beside it."""
     with output_lock(path.parent, path.name):  # one run at a time writes this name: never one run's model beside another's data
         remove_stale_staging(path.parent)
         with staging_dir(path.parent) as staging:
-            return _export_staged(wrapped, args, spec, path, staging, exporter, opset, metadata, external_data, overwrite, verbose,
-                                  on_fallback or _say_on_stderr)
+            return _export_staged(plan, path, staging, exporter, opset, metadata, external_data, overwrite, verbose, on_fallback)
 
 
-def _try_exporter(
-    wrapped: Any, args: tuple[torch.Tensor, ...], raw: Path, exporter: str, opset: int | None, spec: IOSpec, path: Path, verbose: bool
-) -> ExportError | None:
+def _try_exporter(plan: ExportPlan, raw: Path, exporter: str, opset: int | None, path: Path, verbose: bool) -> ExportError | None:
     """Run one exporter into ``raw``; its failure as an ExportError (returned,
     for ``auto`` to try the other), a full disk raised as an OutputError."""
     try:
         with quiet(verbose), torch.no_grad():
-            _run_exporter(wrapped, args, raw, exporter, opset, spec)
+            _run_exporter(plan, raw, exporter, opset)
     except ExportError as e:
         return e
     except Exception as e:
@@ -296,8 +274,7 @@ def _try_exporter(
 
 
 def _run_exporters(
-    wrapped: Any, args: tuple[torch.Tensor, ...], raw: Path, spec: IOSpec, path: Path, exporter: str, opset: int | None,
-    verbose: bool, on_fallback: Callable[[str], None],
+    plan: ExportPlan, raw: Path, exporter: str, opset: int | None, path: Path, verbose: bool, on_fallback: Callable[[str], None],
 ) -> tuple[str, str | None]:
     """Export into ``raw`` with ``exporter`` (``auto``: each of its order in turn,
     from a clean staging folder); the exporter that made the model, and why
@@ -310,7 +287,7 @@ def _run_exporters(
         for leftover in raw.parent.parent.iterdir():  # a failed exporter's partial files
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         raw.parent.mkdir()
-        failed = _try_exporter(wrapped, args, raw, exporter, _opset_of(exporter, opset), spec, path, verbose)
+        failed = _try_exporter(plan, raw, exporter, _opset_of(exporter, opset), path, verbose)
         if failed is None:
             return exporter, fallback
         failures.append(failed)
@@ -328,7 +305,7 @@ def _run_exporters(
 
 
 def _export_staged(
-    wrapped: Any, args: tuple[torch.Tensor, ...], spec: IOSpec, path: Path, staging: Path,
+    plan: ExportPlan, path: Path, staging: Path,
     exporter: str, opset: int | None, metadata: Mapping[str, str] | None, external_data: bool, overwrite: bool, verbose: bool,
     on_fallback: Callable[[str], None],
 ) -> ExportResult:
@@ -337,10 +314,10 @@ def _export_staged(
     raw = staging / "raw" / "raw.onnx"  # a folder of its own: an exporter's per-tensor files never meet ours
     start = time.perf_counter()
     requested = exporter
-    exporter, fallback = _run_exporters(wrapped, args, raw, spec, path, exporter, opset, verbose, on_fallback)
+    exporter, fallback = _run_exporters(plan, raw, exporter, opset, path, verbose, on_fallback)
     seconds = time.perf_counter() - start
     proto = _load_raw(raw, path)
-    _name_dims(proto.graph, spec)
+    _name_dims(proto.graph, plan.spec)
     meta = _stamp_metadata(proto, exporter, metadata)
     outside = _outside_bytes(proto, raw, exporter, external_data)
     external = needs_external_data(proto.ByteSize(), outside, asked=external_data)
@@ -355,7 +332,7 @@ def _export_staged(
     external = external and moved > 0
     _move_into_place(staged, path, staging / data_name if external else None, data_path, staging, overwrite)
     total = path.stat().st_size + (data_path.stat().st_size if external else 0)
-    return ExportResult(path, exporter, opset_found, spec, seconds, external, total, dict(meta), requested, fallback, opset)
+    return ExportResult(path, exporter, opset_found, plan.spec, seconds, external, total, dict(meta), requested, fallback, opset)
 
 
 def _load_raw(raw: Path, path: Path) -> Any:

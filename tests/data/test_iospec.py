@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from actsparse_deploy.base.constants import DEFAULT_EXPORTER
-from actsparse_deploy.base.errors import ValidationError
-from actsparse_deploy.data.iospec import IOSpec
+from actsparse_deploy.base.errors import ExportError, ValidationError
+from actsparse_deploy.data.iospec import IOSpec, export_plan
 from actsparse_deploy.models import minilm, zoo
 from actsparse_deploy.onnx.export import export_onnx
 from actsparse_deploy.onnx.validate import validate
@@ -31,6 +31,32 @@ def _declared(proto: onnx.ModelProto, name: str) -> list[int | str]:
 
 
 # --- the spec itself -------------------------------------------------------------------------
+
+
+class _Twice(nn.Module):
+    def forward(self, x):
+        return {"doubled": x * 2}
+
+
+def test_the_export_plan_holds_what_the_exporter_is_handed():
+    """One call: the inputs in order, the model behind a positional adapter, the names,
+    the axes (the user's added) and the dynamo exporter's dynamic shapes."""
+    x = torch.randn(2, 3)
+    plan = export_plan(_Twice(), x, dynamic_axes=[("x", 1, "width")])
+    assert plan.spec == IOSpec(("x",), ("doubled",), {"x": {0: "batch", 1: "width"}, "doubled": {0: "batch", 1: "width"}})
+    torch.testing.assert_close(plan.args[0], x)
+    torch.testing.assert_close(plan.module(*plan.args)[0], x * 2)
+    assert plan.dynamic_shapes is not None and plan.shapes_error is None
+    assert [{a: d.__name__ for a, d in per.items()} for per in plan.dynamic_shapes] == [{0: "batch", 1: "width"}]
+
+
+def test_a_label_torch_export_cannot_name_fails_the_dynamo_exporter_only(tmp_path):
+    plan = export_plan(_Twice(), torch.randn(2, 3), dynamic_axes=[("x", 1, "my-axis")])
+    assert plan.dynamic_shapes is None and plan.shapes_error is not None
+    with pytest.raises(ExportError, match=r"^the dynamo exporter failed: AssertionError: .*my-axis; try `exporter` torchscript$"):
+        export_onnx(_Twice(), torch.randn(2, 3), tmp_path / "d.onnx", exporter="dynamo", dynamic_axes=["x:1:my-axis"])
+    result = export_onnx(_Twice(), torch.randn(2, 3), tmp_path / "t.onnx", exporter="torchscript", dynamic_axes=["x:1:my-axis"])
+    assert dict(result.io.dynamic_axes["x"]) == {0: "batch", 1: "my-axis"}
 
 
 def test_builtin_specs_give_each_tensor_its_own_axes():

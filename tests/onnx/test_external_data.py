@@ -103,8 +103,8 @@ def test_exporter_files_are_gathered_into_one_data_file(tmp_path: Path, monkeypa
     a small model exported so comes back into one file when no external data is wanted."""
     real = export_module._run_exporter
 
-    def per_tensor(wrapped, args, path, exporter, opset, spec):  # what TorchScript does over 2 GB
-        real(wrapped, args, path, exporter, opset, spec)
+    def per_tensor(plan, path, exporter, opset):  # what TorchScript does over 2 GB
+        real(plan, path, exporter, opset)
         proto = onnx.load(str(path))
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
 

@@ -1,0 +1,208 @@
+"""Figures from model outputs already computed: per-sample cosine, next-token NLL, top-1 predictions.
+
+Pure arithmetic, batch by batch: the models run elsewhere
+(:mod:`actsparse_deploy.onnx.metrics`, the budget's meter) and hand their
+flattened outputs (see :func:`actsparse_deploy.data.batches.flatten_outputs`)
+here. :func:`sample_cosines` and :func:`nll_sum` (with :func:`token_ids`, its
+targets) are the two measures; a :class:`Tally` folds one batch's outputs of
+one or more models in at a time and gives the cost stage's figures at the end
+(per-output max abs difference and cosine of the second model's outputs to the
+first's, each model's perplexity and accuracy); :func:`cost_figure` is a cost
+budget's figure over two lists of outputs, :func:`figure_needs` what the
+outputs allow.
+
+    >>> import torch
+    >>> from actsparse_deploy.data.scores import Tally
+    >>> tally = Tally(("dense", "sparse"), compare=True, classes=True)
+    >>> logits = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    >>> tally.add(logits, (logits,), (2 * logits,))
+    >>> stats = tally.output_stats()
+    >>> stats[0]["max_abs_diff"], round(stats[0]["cosine_min"], 6)
+    (2.0, 1.0)
+    >>> tally.accuracy_of(1, torch.tensor([1, 1]))
+    0.5
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..base.errors import DataError
+from .batches import Batch, batch_size, call_args
+
+__all__ = ["Tally", "cost_figure", "figure_needs", "nll_sum", "sample_cosines", "token_ids"]
+
+
+def token_ids(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A language model batch's token ids (``input_ids``, else its first tensor) and ``attention_mask``."""
+    args, kwargs = call_args(batch)
+    if kwargs:
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else next(iter(kwargs.values()))
+        return ids, kwargs.get("attention_mask")
+    return args[0], None
+
+
+def nll_sum(logits: torch.Tensor, batch: Batch, what: str) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood (float64) of a batch and the tokens it predicts
+    (positions 1.. of the token ids, those the ``attention_mask`` keeps)."""
+    ids, mask = token_ids(batch)
+    if logits.ndim != 3 or ids.ndim != 2 or tuple(logits.shape[:2]) != tuple(ids.shape) or ids.is_floating_point():
+        raise DataError(
+            f"perplexity needs a language model: the {what}'s first output must be logits (batch, tokens, vocabulary) "
+            f"for integer token ids (batch, tokens); got logits {list(logits.shape)} for inputs {list(ids.shape)}"
+        )
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].double().transpose(1, 2), ids[:, 1:], reduction="none")
+    keep = mask[:, 1:].bool() if mask is not None else torch.ones_like(nll, dtype=torch.bool)
+    return float(nll[keep].sum()), int(keep.sum())
+
+
+def sample_cosines(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample cosine similarity of two outputs of the same shape, in float64
+    (a scalar output, a loss or a count: one value)."""
+    rows = x.shape[0] if x.ndim else 1
+    return torch.nn.functional.cosine_similarity(x.double().reshape(rows, -1), y.double().reshape(rows, -1), dim=1, eps=1e-12)
+
+
+def _top1(x: Any) -> np.ndarray:
+    """The arg-max over the last axis, as numpy (a torch tensor's, or an onnxruntime array's)."""
+    return x.argmax(dim=-1).numpy() if isinstance(x, torch.Tensor) else np.asarray(x).argmax(axis=-1)
+
+
+class Tally:
+    """One pass's figures, a batch at a time: :meth:`add` folds in each batch's
+    flattened outputs, one sequence per model (``sides`` names them, as messages
+    do: ``"model"``, ``"ONNX model"``), and the figures are read at the end.
+
+    ``compare``: per output, max abs difference and per-sample cosine of the
+    second model's outputs to the first's; ``tokens``: each model's summed
+    next-token NLL (first output: logits) for :meth:`perplexity_of`; ``classes``:
+    each model's top-1 predictions (arg-max of the first output) for
+    :meth:`accuracy_of`; ``keep``: every output, as it came (``kept[side]``, batch
+    by batch); ``count``: the samples seen (``samples``)."""
+
+    def __init__(self, sides: Sequence[str] = ("model",), *, compare: bool = False, tokens: bool = False,
+                 classes: bool = False, keep: bool = False, count: bool = False) -> None:
+        self.sides = tuple(sides)
+        self.compare, self.tokens, self.classes, self.keep, self.count = compare, tokens, classes, keep, count
+        self.samples = 0
+        self.stats: list[dict[str, Any]] = []
+        self.cosines: list[list[np.ndarray]] = []
+        self.nll = [(0.0, 0) for _ in self.sides]
+        self.predicted: list[list[np.ndarray]] = [[] for _ in self.sides]
+        self.kept: list[list[list[Any]]] = [[] for _ in self.sides]
+
+    def add(self, batch: Batch, *outputs: Sequence[Any]) -> None:
+        """One batch's outputs, one flat sequence per side (torch tensors, or the ONNX model's arrays)."""
+        if self.count:
+            self.samples += batch_size(batch)
+        if self.compare:
+            self._compare(outputs[0], outputs[1])
+        for side, (what, out) in enumerate(zip(self.sides, outputs)):
+            if self.tokens:
+                logits = out[0] if isinstance(out[0], torch.Tensor) else torch.from_numpy(np.asarray(out[0]))
+                nll, n = nll_sum(logits, batch, what)
+                self.nll[side] = (self.nll[side][0] + nll, self.nll[side][1] + n)
+            if self.classes:
+                self.predicted[side].append(_top1(out[0]))
+            if self.keep:
+                self.kept[side].append(list(out))
+
+    def _compare(self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
+        if not self.stats:
+            self.stats = [{"output": i, "max_abs_diff": 0.0} for i in range(len(a))]
+            self.cosines = [[] for _ in a]
+        for i, (x, y) in enumerate(zip(a, b)):
+            rows = x.shape[0] if x.ndim else 1  # a scalar output (a loss, a count): one value per batch
+            x64, y64 = x.double().reshape(rows, -1), y.double().reshape(rows, -1)
+            self.stats[i]["max_abs_diff"] = max(self.stats[i]["max_abs_diff"], float((x64 - y64).abs().max()))
+            self.cosines[i].append(sample_cosines(x64, y64).numpy())
+
+    def output_stats(self, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Per output: ``max_abs_diff``, ``cosine_mean``, ``cosine_min`` (``output``: its index, or its name from ``names``)."""
+        rows = []
+        for stat, cos in zip(self.stats, self.cosines):
+            values = np.concatenate(cos)
+            name = names[stat["output"]] if names is not None else stat["output"]
+            rows.append({**stat, "output": name, "cosine_mean": float(values.mean()), "cosine_min": float(values.min())})
+        return rows
+
+    def perplexity_of(self, side: int) -> float:
+        """exp of the mean next-token negative log-likelihood of side ``side``'s logits."""
+        total, count = self.nll[side]
+        if count == 0:
+            raise DataError("perplexity: the batches hold no next token to predict (rows of one token, or all masked)")
+        return float(np.exp(total / count))
+
+    def predictions_of(self, side: int) -> np.ndarray:
+        """Side ``side``'s top-1 predictions, every batch's in order."""
+        found = self.predicted[side]
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+    def accuracy_of(self, side: int, labels: torch.Tensor) -> float:
+        """Top-1 accuracy of side ``side`` on the samples ``labels`` (class indices) label in order."""
+        found = self.predictions_of(side)
+        if found.shape != tuple(labels.shape):
+            raise DataError(
+                f"the {self.sides[side]}'s first output gives predictions of shape {list(found.shape)} for {len(labels)} "
+                "labels: accuracy needs a classifier whose first output is (batch, classes)"
+            )
+        return float((found == labels.numpy()).mean())
+
+
+def figure_needs(outputs: Sequence[Sequence[torch.Tensor]], batches: Iterable[Batch]) -> dict[str, str]:
+    """The cost figures (``cosine``, ``accuracy-drop``, ``perplexity-ratio``) a
+    model's outputs (batch by batch, flattened) allow, each -> what it needs
+    (``""`` where the model has it): what its first output and the first batch show."""
+    first = outputs[0][0] if outputs and outputs[0] else None
+    ids, _ = token_ids(next(iter(batches)))
+    shown = f"its first output is {list(first.shape) if first is not None else 'none'} for inputs {list(ids.shape)}"
+    classifier = first is not None and first.ndim >= 2
+    language = (classifier and first.ndim == 3 and ids.ndim == 2 and not ids.is_floating_point()  # type: ignore[union-attr]
+                and tuple(first.shape[:2]) == tuple(ids.shape))  # type: ignore[union-attr]
+    return {
+        "cosine": "" if first is not None else f"an output to compare ({shown})",
+        "accuracy-drop": "" if classifier else f"a classifier, whose first output is (batch, classes) ({shown})",
+        "perplexity-ratio": "" if language else (
+            f"a language model, whose first output is logits (batch, tokens, vocabulary) for integer token ids "
+            f"(batch, tokens) ({shown})"
+        ),
+    }
+
+
+def cost_figure(
+    kind: str, dense: Sequence[Sequence[torch.Tensor]], sparse: Sequence[Sequence[torch.Tensor]],
+    batches: Iterable[Batch], labels: torch.Tensor | None = None,
+) -> float:
+    """The figure of a built-in cost budget ``kind`` for the sparse model's outputs
+    against the dense one's (flattened, batch by batch, on ``batches``): ``cosine``,
+    the mean per-sample cosine of the last output; ``accuracy-drop``, dense minus
+    sparse accuracy on ``labels``, without labels the share of changed predictions
+    (arg-max of the first output); ``perplexity-ratio``, sparse over dense perplexity."""
+    if kind == "cosine":  # per sample, as the report's cost counts it (Tally.output_stats)
+        return float(torch.cat([sample_cosines(d[-1], s[-1]) for d, s in zip(dense, sparse)]).mean())
+    if kind == "accuracy-drop":
+        dense_pred = torch.cat([d[0].argmax(-1) for d in dense])
+        sparse_pred = torch.cat([s[0].argmax(-1) for s in sparse])
+        if labels is not None:
+            if labels.shape != dense_pred.shape:
+                raise DataError(f"{len(labels)} labels for predictions of shape {list(dense_pred.shape)}")
+            return float((dense_pred == labels).double().mean() - (sparse_pred == labels).double().mean())
+        return float((dense_pred != sparse_pred).double().mean())
+    dense_nll = _mean_nll([d[0] for d in dense], batches)
+    return math.exp(_mean_nll([s[0] for s in sparse], batches) - dense_nll)
+
+
+def _mean_nll(logits: list[torch.Tensor], batches: Iterable[Batch]) -> float:
+    """Mean next-token negative log-likelihood (targets: the batch's token ids), as :meth:`Tally.perplexity_of` counts it."""
+    total, count = 0.0, 0
+    for out, batch in zip(logits, batches):
+        nll, n = nll_sum(out, batch, "model (perplexity-ratio)")
+        total, count = total + nll, count + n
+    if count == 0:
+        raise DataError("perplexity-ratio: the batches hold no next token to predict")
+    return total / count

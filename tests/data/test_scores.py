@@ -1,0 +1,95 @@
+"""Figures from outputs already computed (actsparse_deploy.data.scores): the arithmetic, no model run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from actsparse_deploy.base.errors import DataError
+from actsparse_deploy.data.scores import Tally, cost_figure, figure_needs, nll_sum, sample_cosines
+
+
+def _token_batch(seed: int, rows: int = 3, tokens: int = 6, vocab: int = 11) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, tokens), generator=g)
+    mask = torch.ones(rows, tokens, dtype=torch.long)
+    mask[0, 4:] = 0  # a padded row: its last tokens are not predicted
+    return {"input_ids": ids, "attention_mask": mask}, torch.randn(rows, tokens, vocab, generator=g)
+
+
+def test_compare_folds_max_abs_diff_and_per_sample_cosines_over_batches():
+    torch.manual_seed(0)
+    dense = [(torch.randn(4, 3), torch.tensor(2.0)), (torch.randn(2, 3), torch.tensor(1.0))]  # a scalar output: one value
+    sparse = [(d + 0.1 * torch.randn_like(d), s * 3) for d, s in dense]
+    tally = Tally(("model", "model"), compare=True, count=True)
+    for (a, s), (b, t) in zip(dense, sparse):
+        tally.add(torch.zeros(len(a), 1), (a, s), (b, t))
+    cosines = torch.cat([torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1) for (a, _), (b, _) in zip(dense, sparse)])
+    rows = tally.output_stats(["features", "loss"])
+    assert [row["output"] for row in rows] == ["features", "loss"] and tally.samples == 6
+    assert rows[0]["max_abs_diff"] == pytest.approx(max(float((a - b).abs().max()) for (a, _), (b, _) in zip(dense, sparse)))
+    assert rows[0]["cosine_mean"] == pytest.approx(float(cosines.mean())) and rows[0]["cosine_min"] == pytest.approx(float(cosines.min()))
+    assert rows[1]["max_abs_diff"] == 4.0 and rows[1]["cosine_min"] == pytest.approx(1.0)
+    assert tally.output_stats()[0]["output"] == 0  # unnamed: the index
+    torch.testing.assert_close(sample_cosines(dense[0][0], sparse[0][0]), cosines[:4])
+
+
+def test_tokens_sum_the_next_token_nll_the_mask_keeps_per_side():
+    batches = [_token_batch(seed) for seed in range(3)]
+    tally = Tally(("model", "ONNX model"), tokens=True)
+    for batch, logits in batches:
+        tally.add(batch, (logits,), (logits.numpy() * 2,))  # an onnxruntime side: numpy arrays
+    for side, scale in ((0, 1.0), (1, 2.0)):
+        total, count = 0.0, 0
+        for batch, logits in batches:
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            nll = torch.nn.functional.cross_entropy((scale * logits[:, :-1]).double().transpose(1, 2), ids[:, 1:], reduction="none")
+            total += float(nll[mask[:, 1:].bool()].sum())
+            count += int(mask[:, 1:].sum())
+        assert count == 3 * (3 * 5 - 2) and tally.perplexity_of(side) == pytest.approx(math.exp(total / count))
+    with pytest.raises(DataError, match="no next token"):
+        Tally(tokens=True).perplexity_of(0)
+    with pytest.raises(DataError, match="ONNX model's first output must be logits"):
+        nll_sum(torch.randn(3, 4), batches[0][0], "ONNX model")
+
+
+def test_classes_give_predictions_in_order_and_accuracy_on_labels():
+    logits = [torch.tensor([[0.0, 1.0], [3.0, 0.0]]), torch.tensor([[0.0, 2.0]])]
+    tally = Tally(("model", "ONNX model"), classes=True, keep=True)
+    for x in logits:
+        tally.add(x, (x,), (-x.numpy(),))
+    np.testing.assert_array_equal(tally.predictions_of(0), [1, 0, 1])
+    np.testing.assert_array_equal(tally.predictions_of(1), [0, 1, 0])
+    assert tally.accuracy_of(0, torch.tensor([1, 0, 0])) == pytest.approx(2 / 3)
+    assert tally.kept[0] == [[logits[0]], [logits[1]]] and len(tally.kept[1]) == 2
+    with pytest.raises(DataError, match=r"the ONNX model's first output gives predictions of shape \[3\] for 2 labels"):
+        tally.accuracy_of(1, torch.tensor([1, 0]))
+    assert Tally(classes=True).predictions_of(0).shape == (0,)
+
+
+def test_cost_figures_of_two_output_lists():
+    dense = [[torch.tensor([[2.0, 0.0], [0.0, 1.0]])], [torch.tensor([[1.0, 3.0]])]]
+    sparse = [[torch.tensor([[2.0, 0.0], [1.0, 0.0]])], [torch.tensor([[1.0, 3.0]])]]
+    batches = [torch.zeros(2, 1), torch.zeros(1, 1)]
+    assert cost_figure("cosine", dense, sparse, batches) == pytest.approx(2 / 3)
+    assert cost_figure("accuracy-drop", dense, sparse, batches) == pytest.approx(1 / 3)  # no labels: changed predictions
+    assert cost_figure("accuracy-drop", dense, sparse, batches, torch.tensor([0, 1, 1])) == pytest.approx(1 / 3)
+    with pytest.raises(DataError, match="2 labels for predictions of shape"):
+        cost_figure("accuracy-drop", dense, sparse, batches, torch.tensor([0, 1]))
+    batch, logits = _token_batch(5)
+    ratio = cost_figure("perplexity-ratio", [[logits]], [[logits * 2]], [batch])
+    direct = Tally(("model", "model"), tokens=True)
+    direct.add(batch, (logits,), (logits * 2,))
+    assert ratio == pytest.approx(direct.perplexity_of(1) / direct.perplexity_of(0))
+
+
+def test_figure_needs_name_what_the_outputs_lack():
+    batch, logits = _token_batch(1)
+    assert figure_needs([[logits]], [batch]) == {"cosine": "", "accuracy-drop": "", "perplexity-ratio": ""}
+    needs = figure_needs([[torch.randn(3, 4)]], [torch.randn(3, 2)])
+    assert needs["cosine"] == needs["accuracy-drop"] == "" and needs["perplexity-ratio"].startswith("a language model")
+    assert "a classifier" in figure_needs([[torch.randn(3)]], [torch.randn(3, 2)])["accuracy-drop"]
+    assert "an output to compare" in figure_needs([[]], [torch.randn(3, 2)])["cosine"]
