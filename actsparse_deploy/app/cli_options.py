@@ -67,6 +67,7 @@ __all__ = [
     "ModeOpt",
     "ModelArg",
     "NoLatencyOpt",
+    "CacheOpt",
     "OpsetOpt",
     "OverwriteOpt",
     "RecipeFileOpt",
@@ -215,7 +216,7 @@ TaskOpt = Annotated[
         "--task",
         metavar="<task>",
         help="What a Hugging Face model directory is loaded as: feature-extraction (last_hidden_state), sentence-embedding "
-        "(mean-pooled, normalised sentence_embedding), causal-lm (logits), sequence-classification (logits). "
+        "(last_hidden_state, then its mean-pooled, normalised sentence_embedding), causal-lm (logits), sequence-classification (logits). "
         "Default: from config.json's architectures.",
         show_default=False,
     ),
@@ -341,6 +342,11 @@ CalibrateSparsityOpt = Annotated[
 StatsOnlyOpt = Annotated[
     bool,
     typer.Option("--stats-only", help="Write the collected statistics (for `actsparse merge` and `actsparse select`) instead of masks."),
+]
+CacheOpt = Annotated[
+    bool | None,
+    typer.Option("--cache/--no-cache", help="A causal language model as a decoder with a KV cache, as Optimum exports it "
+                 "(default: every causal language model); --no-cache: one full pass per call.", show_default=False),
 ]
 NoLatencyOpt = Annotated[
     bool,

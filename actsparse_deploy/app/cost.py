@@ -13,12 +13,13 @@ measured from the same outputs.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..data.batches import total_samples
+from ..data.batches import Batch, total_samples
 from ..data.iospec import IOSpec
 from ..data.workload import Workload
 from ..onnx.metrics import cost_tallies
@@ -47,11 +48,12 @@ def sparsification_cost(
 
 def cost_stage(
     work: Workload, sparse: nn.Module, onnx_path: Path | None = None, io_spec: IOSpec | None = None,
-    budget: BudgetResult | None = None,
+    budget: BudgetResult | None = None, onnx_batches: Callable[[Iterable[Batch]], Iterable[Batch]] | None = None,
 ) -> tuple[dict[str, Any], BudgetResult | None]:
     """:func:`sparsification_cost`, and ``budget`` with its held-out cost
     (:func:`~actsparse_deploy.app.budget.heldout_budget`): a built-in budget kind
-    from the outputs the cost's passes kept, a user's function on the models."""
+    from the outputs the cost's passes kept, a user's function on the models. ``onnx_batches``: the held-out
+    batches as the ONNX model takes them (a decoder with a cache: first steps)."""
     held = work.require_heldout()
     io = io_spec or work.io
     names = io.output_names if io else None
@@ -63,7 +65,8 @@ def cost_stage(
     # cosine and perplexity on token batches without their padding (the same figures, less work: a
     # model's per-token outputs at padding positions are not compared); accuracy keeps the labels' order
     tallies = cost_tallies(work.model, sparse, held, tokens=language, classes=work.labels is not None, keep=keep,
-                           other=other_batches, onnx_path=onnx_path, io_spec=io)
+                           other=other_batches, onnx_path=onnx_path, io_spec=io,
+                           onnx_batches=onnx_batches(held) if onnx_batches is not None else None)
     known = total_samples(held)
     cost: dict[str, Any] = {"outputs": tallies.heldout.output_stats(names),
                             "heldout_samples": known if known is not None else tallies.heldout.samples}

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..base.constants import COMPENSATIONS, DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAULT_RTOL, EXPORTERS, MODES
-from ..base.errors import DataError, ExportError, RecipeError, SquashError, ValidationError
+from ..base.errors import DataError, ExportError, RecipeError, SquashError, UsageError, ValidationError
 from ..base.threads import check_threads
 from ..models.loading import ModelOptions
 
@@ -143,13 +143,16 @@ class SquashOptions:
 class ExportOptions:
     """The ONNX export: ``exporter`` and ``opset``, weights in an ``external_data``
     file, input axes to export as ``dynamic_axes`` besides those inferred
-    (``NAME:AXIS:LABEL`` each), the exporter's own output (``verbose``)."""
+    (``NAME:AXIS:LABEL`` each), the exporter's own output (``verbose``);
+    ``cache``: a causal language model as a decoder with a KV cache (None: for
+    every causal language model; False: one full pass per call)."""
 
     exporter: str = DEFAULT_EXPORTER
     opset: int | None = None
     external_data: bool = False
     dynamic_axes: tuple[str, ...] = ()
     verbose: bool = False
+    cache: bool | None = None
 
     def __post_init__(self) -> None:
         from ..data.iospec import parse_dynamic_axis
@@ -161,6 +164,8 @@ class ExportOptions:
         if self.exporter not in EXPORTERS:
             raise ExportError(f"unknown exporter {self.exporter!r}; known: {', '.join(EXPORTERS)}")
         check_opset(self.opset, self.exporter)
+        if self.cache not in (None, True, False):
+            raise UsageError(f"`cache` is True, False or None (for every causal language model), not {self.cache!r}")
 
 
 @dataclass(frozen=True)
@@ -182,7 +187,7 @@ class ValidateOptions:
 #: the flat keywords of each group, in the order the groups are made (and checked)
 _FLAT: dict[str, tuple[str, ...]] = {
     "model": ("task", "text", "heldout_text", "max_length", "factory_args"),
-    "export": ("exporter", "opset", "external_data", "dynamic_axes", "verbose"),
+    "export": ("exporter", "opset", "external_data", "dynamic_axes", "verbose", "cache"),
     "calibrate": ("recipe", "sparsity", "method", "compensate", "max_cost", "max_samples", "device", "group", "on_batch"),
     "squash": ("mode",),
     "validate": ("atol", "rtol", "timeout"),

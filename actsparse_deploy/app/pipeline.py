@@ -7,7 +7,9 @@ batches (never the calibration ones), labels for a classifier, and its I/O spec.
 and method (:mod:`actsparse_deploy.app.sweep`). Both write their files into a
 staging folder in the output folder, locked for the run (:func:`locked_outputs`),
 and move them into place together (:func:`publish_staged`), or not at all.
-``convert`` writes ``masks.safetensors``, ``model.onnx`` and ``report.json`` and
+``convert`` writes ``masks.safetensors``, ``model.onnx`` and ``report.json`` (and, for
+a Hugging Face or built-in text model, what a runtime loads beside ``model.onnx``:
+:mod:`actsparse_deploy.models.folder`) and
 returns the :class:`~actsparse_deploy.app.report.Report` that ``report.json``
 holds (the same typed object as every command's ``--json``); what it takes is one
 :class:`~actsparse_deploy.app.options.ConvertOptions`, a group per stage.
@@ -28,7 +30,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,10 +48,13 @@ from ..data.batches import Batch, first_samples, total_samples, unpadded
 from ..data.iospec import check_dynamic_axes
 from ..data.streams import shape_examples
 from ..data.workload import Workload
+from ..models.folder import RuntimeFiles, write_workload_files
 from ..onnx.export import ExportResult, export_onnx, layer_metadata
+from ..onnx.generate import check_generation, decode_latency, held_out_prompts
 from ..onnx.latency import dense_latency, slower_note, verdict
 from ..onnx.validate import ValidationReport, validate
 from .cost import cost_stage
+from .decoding import Target, export_target
 from .options import CalibrateOptions, ConvertOptions, ExportOptions, ValidateOptions
 from .report import Report, named_input_shape
 from .workload import load_recipe, squash_workload
@@ -104,6 +109,8 @@ class Stages:
 
     work: Workload
     timer: Timer = field(default_factory=Timer)
+    #: what export, validation and latency run: the model as it is, or its decoder with a cache
+    target: Target = field(default_factory=Target)
 
     @classmethod
     def load(cls, model: str, o: ConvertOptions) -> tuple[Stages, Recipe, Iterable[Batch]]:
@@ -118,9 +125,11 @@ class Stages:
             o.load.check_distinct()  # after the recipe: a missing recipe is named first
             work.require_heldout()
             check_dynamic_axes(work.model, work.example(), o.export.dynamic_axes, work.io)  # before any work
+            target = export_target(work, o.export.cache)
+            target.exporter(o.export.exporter)
             calibration = first_samples(work.require_calibration(), c.max_samples)
             timer.totals["calibrate"] = total_samples(calibration) if c.group is None else None  # distributed: a share
-        return cls(work, timer), recipe, calibration
+        return cls(work, timer, target), recipe, calibration
 
     def calibrate(self, recipe: Recipe, batches: Iterable[Batch], o: CalibrateOptions) -> tuple[Masks, BudgetResult | None] | None:
         """The masks of ``recipe`` on ``batches``: to the cost budget ``o.max_cost``
@@ -159,36 +168,51 @@ class Stages:
 
     def export(self, model: nn.Module, path: Path, o: ExportOptions, metadata: Mapping[str, str] | None = None) -> ExportResult:
         """``model`` to ONNX at ``path`` with the workload's I/O spec (inferred from
-        the model and the shapes of its data where it has none)."""
-        work = self.work
+        the model and the shapes of its data where it has none); a causal language
+        model as its decoder with a cache (:attr:`target`)."""
+        work, target = self.work, self.target
+        data = () if target.cached else shape_examples(work.require_heldout(), work.calibration)
         with self.timer("export"):
             return export_onnx(
-                model, work.example(), path, exporter=o.exporter, opset=o.opset, io_spec=work.io, metadata=metadata,
-                external_data=o.external_data, verbose=o.verbose, data=shape_examples(work.require_heldout(), work.calibration),
+                target.model(model), target.example(work), path, exporter=target.exporter(o.exporter), opset=o.opset,
+                io_spec=target.io(work), metadata=metadata, external_data=o.external_data, verbose=o.verbose, data=data,
                 dynamic_axes=o.dynamic_axes,
             )
 
     def validate(self, path: Path, model: nn.Module, exported: ExportResult, o: ValidateOptions) -> ValidationReport:
         """The ONNX model at ``path`` against ``model`` on the held-out data: a
         ValidationError where an output is outside the tolerances."""
+        target, held = self.target, self.work.require_heldout()
+        io = target.validation_io(exported.io)
         with self.timer("validate"):
-            return validate(path, model, self.work.require_heldout(), atol=o.atol, rtol=o.rtol,
-                            output_names=exported.io.output_names, io_spec=exported.io, timeout=o.timeout)
+            checked = validate(path, target.model(model), target.batches(held), atol=o.atol, rtol=o.rtol,
+                               output_names=io.output_names, io_spec=io, timeout=o.timeout)
+            if not target.cached:
+                return checked
+            # a decoder is checked as it is used: prefill, then token by token, and greedy generation
+            generation = check_generation(path, target.model(model), held, atol=o.atol, rtol=o.rtol, timeout=o.timeout)
+            return replace(checked, generation=generation)
 
     def cost(self, model: nn.Module, path: Path | None = None, exported: ExportResult | None = None,
              budget: BudgetResult | None = None) -> tuple[dict[str, Any], BudgetResult | None]:
         """What sparsification cost on the held-out data (:func:`~actsparse_deploy.app.cost.cost_stage`;
         the ONNX model's figures too where ``path`` is given), and ``budget`` with its held-out cost."""
         with self.timer("cost"):
-            return cost_stage(self.work, model, path, exported.io if exported is not None else None, budget)
+            io = self.target.validation_io(exported.io) if exported is not None else None
+            return cost_stage(self.work, model, path, io, budget, onnx_batches=self.target.batches)
 
     def latency(self, path: Path, exported: ExportResult, scratch: Path, verbose: bool = False) -> dict[str, Any]:
         """The dense model (exported into ``scratch``, removed after) against the ONNX
         model at ``path`` under onnxruntime, on held-out data."""
-        work = self.work
+        work, target, held = self.work, self.target, self.work.require_heldout()
+
+        def decode(dense: Path) -> dict[str, Any]:  # a decoder's figure users compare: ms per generated token
+            return {"decode": decode_latency(dense, path, held_out_prompts(held, 1, max_tokens=None)[0])}
+
         with self.timer("latency"):
-            return dense_latency(work.model, path, work.require_heldout(), scratch, exporter=exported.exporter, opset=exported.opset,
-                                 io_spec=exported.io, example=work.example(), verbose=verbose)
+            return dense_latency(target.model(work.model), path, target.batches(held), scratch,
+                                 exporter=exported.exporter, opset=exported.opset, io_spec=exported.io, example=target.example(work),
+                                 verbose=verbose, also=decode if target.cached else None)
 
 
 @contextlib.contextmanager
@@ -216,8 +240,8 @@ def publish_staged(
             write(staging / name)
     except OSError as e:
         raise OutputError(f"cannot write {what} to {outdir}: {os_reason(e)}") from e
-    if names is None:
-        names = sorted((p.name for p in staging.iterdir()), key=lambda n: n == "report.json")
+    if names is None:  # the files of subfolders too (1_Pooling/config.json)
+        names = sorted((p.relative_to(staging).as_posix() for p in staging.rglob("*") if not p.is_dir()), key=lambda n: n == "report.json")
     if confirm is not None:
         confirm()
     publish(staging, outdir, names, overwrite)
@@ -240,7 +264,9 @@ def convert(model: str, outdir: str | Path, options: ConvertOptions | None = Non
     (:mod:`actsparse_deploy.calibration.distributed`: rank 0 writes and returns the report, the
     other ranks return None and touch no file); ``on_batch`` (``calibrate``). ``mode`` (``squash``).
     ``exporter``, ``opset``, ``external_data``, ``verbose``; ``dynamic_axes``: ``NAME:AXIS:LABEL``
-    input axes to export as dynamic besides those inferred from the model and data (``export``).
+    input axes to export as dynamic besides those inferred from the model and data; ``cache``: a
+    causal language model as a decoder with a KV cache (None, the default: every causal language
+    model; False: one full pass per call) (``export``).
     ``atol``, ``rtol``; ``timeout``: seconds onnxruntime may take for the whole validation (None:
     no limit) (``validate``). ``overwrite``; ``threads``: torch's and onnxruntime's intra-op threads
     (None: ``OMP_NUM_THREADS`` where set, else the free cores; see :mod:`actsparse_deploy.base.threads`);
@@ -285,8 +311,11 @@ def _staged_report(stages: Stages, masks: Masks, budget: BudgetResult | None, sq
     if o.latency:  # dense vs converted under onnxruntime, on held-out data; the dense export is scratch
         speed = stages.latency(onnx_path, exported, staging / ".dense-latency", o.export.verbose)
     masks.save(staging / "masks.safetensors")
-    return build_report(stages.work, masks, squashed, exported, validation, cost, stages.timer, stages.timer.total(), o.squash.mode,
-                        onnx_path=outdir / "model.onnx", budget=budget, speed=speed)
+    runtime = write_workload_files(staging, stages.work, squashed.model, outdir=outdir,  # config.json, tokenizer, ... beside model.onnx
+                                   cache=any(name.startswith("past_key_values.") for name in exported.io.input_names))
+    report = build_report(stages.work, masks, squashed, exported, validation, cost, stages.timer, stages.timer.total(), o.squash.mode,
+                          onnx_path=outdir / "model.onnx", budget=budget, speed=speed, runtime=runtime)
+    return report.replace(export=replace(report.export, cache=stages.target.cached)) if report.export is not None else report
 
 
 def _publish(report: Report, staging: Path, outdir: Path, o: ConvertOptions) -> Report:
@@ -314,7 +343,7 @@ def _publish(report: Report, staging: Path, outdir: Path, o: ConvertOptions) -> 
 def build_report(
     work: Workload, masks: Masks, squashed: SquashResult, exported: ExportResult, validation: Any,
     cost: Mapping[str, Any], timer: Timer, total: float, mode: str, onnx_path: str | Path | None = None,
-    budget: BudgetResult | None = None, speed: Mapping[str, Any] | None = None,
+    budget: BudgetResult | None = None, speed: Mapping[str, Any] | None = None, runtime: RuntimeFiles | None = None,
 ) -> Report:
     """The report of a ``convert`` run, built once: ``report.json`` is its
     ``to_json()``. ``validation``: a ``ValidationReport`` (or its JSON);
@@ -322,7 +351,8 @@ def build_report(
     on a staged copy), default where it was exported to; ``budget``: a
     ``--max-cost`` search's result (the levels chosen per layer, tuning and
     held-out cost); ``speed``: the latency stage's figures (the ratio in words
-    added, and a note where prune was asked for and made it slower)."""
+    added, and a note where prune was asked for and made it slower); ``runtime``:
+    the files written for the runtime beside the ONNX model, and their notes."""
     modes = squashed.rows()
     # merged: the squash rows also say how each layer's features were chosen (method) and compensated
     layers = [{**row, "input_shape": named_input_shape(row), **next(m for m in modes if m["layer"] == row["layer"])}
@@ -331,13 +361,16 @@ def build_report(
     files = {name: (outdir / name).stat().st_size for name in ("masks.safetensors", "model.onnx") if (outdir / name).exists()}
     if exported.external_data:
         files["model.onnx.data"] = os.path.getsize(f"{exported.path}.data")
+    runtime = runtime or RuntimeFiles()
+    files.update({name: (outdir / name).stat().st_size for name in runtime.names})
     final = str(onnx_path if onnx_path is not None else exported.path)
     checked = validation.to_json() if hasattr(validation, "to_json") else dict(validation)
     note = slower_note(mode, [row.get("mode", "") for row in layers], speed["ratio"]) if speed is not None else None
     sections: dict[str, Any] = {  # JSON, parsed by the report's sections
         "calibration": {"samples": masks.num_samples, "batches": masks.num_batches},
         "export": {**exported.to_json(), "path": final},
-        "validation": {**checked, "onnx": final},
+        "validation": {**checked, "onnx": final,
+                       **({"generation": {**checked["generation"], "onnx": final}} if checked.get("generation") else {})},
         "cost": dict(cost),
         "budget": budget.to_json() if budget is not None else None,
         "latency": {**speed, "verdict": verdict(speed["ratio"])} if speed is not None else None,
@@ -349,7 +382,7 @@ def build_report(
         overall_sparsity=masks.overall_sparsity(),
         layers=layers,
         recipe=masks.recipe.to_dict() if masks.recipe else None,
-        notes=[*work.notes, *masks.notes(), *([note] if note else [])],
+        notes=[*work.notes, *masks.notes(), *runtime.notes, *([note] if note else [])],
         seconds={**timer.seconds, "total": round(total, 3)},
         files=files,
         threads=current_threads(),

@@ -33,7 +33,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 from rich.text import Text
 
-from .report import BudgetSearch, Cost, Report, SweepResult
+from ..onnx.latency import verdict
+from .report import BudgetSearch, Cost, DecodeLatency, Generation, Report, SweepResult
 
 __all__ = [
     "Notices",
@@ -341,6 +342,7 @@ def convert_summary(report: Report) -> list[RenderableType]:
         request = export.request
         if request is not None and request.fallback:
             lines.append(f"exporter {request.requested_exporter}: {request.fallback}; exported with {export.exporter}")
+        lines += generation_lines(validation.generation)
     lines += [*cost_lines(report.cost), *budget_lines(report.budget)]
     latency = report.latency
     if latency is not None:
@@ -349,7 +351,26 @@ def convert_summary(report: Report) -> list[RenderableType]:
             f"passes over {latency.samples} held-out samples): dense {milliseconds(latency.dense_ms)}, converted "
             f"{milliseconds(latency.sparse_ms)}: {latency.verdict}"
         )
+        lines += decode_lines(latency.decode)
     return lines
+
+
+def generation_lines(generation: Generation | None) -> list[RenderableType]:
+    """A decoder's generation check, in one line."""
+    if generation is None:
+        return []
+    return [f"decoder with KV cache: prefill and token-by-token logits within {generation.prefill_max_abs_diff:.2e}; "
+            f"{generation.new_tokens} greedy tokens after {_plural(generation.prompts, 'held-out prompt')}: "
+            f"{'identical' if generation.tokens_identical else 'DIFFERENT'} (max abs diff {generation.max_abs_diff:.2e})"]
+
+
+def decode_lines(decode: DecodeLatency | None) -> list[RenderableType]:
+    """A decoder's speed per generated token, dense and converted, both with their cache."""
+    if decode is None:
+        return []
+    return [f"decode with cache (batch 1, {decode.prompt_tokens}-token prompt, {decode.new_tokens} new tokens, median of "
+            f"{decode.runs}): dense {decode.dense_ms_per_token:.3g} ms/token ({decode.dense_tokens_per_s:.0f} tokens/s), converted "
+            f"{decode.sparse_ms_per_token:.3g} ms/token ({decode.sparse_tokens_per_s:.0f} tokens/s): {verdict(decode.ratio)}"]
 
 
 def files_line(report: Report) -> str:

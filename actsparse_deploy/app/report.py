@@ -208,8 +208,31 @@ class Export(Section):
     size_bytes: int
     request: ExportRequest | None = _flat("")
     graph: OnnxGraph | None = _flat("")
+    #: a causal language model exported as a decoder with a KV cache (``convert``; None where not said)
+    cache: bool | None = field(default=None, metadata=_OMIT_NONE)
 
     SECTIONS: ClassVar[Mapping[str, type[Section]]] = {"request": ExportRequest, "graph": OnnxGraph}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Generation(Section):
+    """A decoder with a KV cache checked as it is used (``generate.GenerationReport.to_json()``):
+    prompts fed whole, in a prefill and one token at a time against one PyTorch pass, then
+    ``new_tokens`` greedy tokens after each prompt, ONNX against PyTorch with its own cache."""
+
+    onnx: str
+    passed: bool
+    atol: float
+    rtol: float
+    prompts: int
+    prompt_tokens: list[int]
+    new_tokens: int
+    tokens_identical: bool
+    max_abs_diff: float
+    prefill_max_abs_diff: float
+    step_max_abs_diff: list[float]
+    prompt_ids: list[list[int]]
+    tokens: list[list[int]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,6 +251,9 @@ class Validation(Section):
     outputs: list[dict[str, Any]]
     shapes: list[dict[str, list[int]]] | None = field(default=None, metadata=_OMIT_NONE)
     sequence_lengths: dict[str, list[int]] | None = field(default=None, metadata=_OMIT_NONE)
+    generation: Generation | None = field(default=None, metadata=_OMIT_NONE)
+
+    SECTIONS: ClassVar[Mapping[str, type[Section]]] = {"generation": Generation}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -303,6 +329,26 @@ class BudgetSearch(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class DecodeLatency(Section):
+    """A decoder's generation speed, dense and converted, both with their cache
+    (``generate.decode_latency``): batch 1, a held-out prompt, ``new_tokens``
+    greedy tokens; ms per new token (the prefill apart), median over ``runs``."""
+
+    dense_ms_per_token: float
+    sparse_ms_per_token: float
+    ratio: float
+    dense_tokens_per_s: float
+    sparse_tokens_per_s: float
+    dense_prefill_ms: float
+    sparse_prefill_ms: float
+    prompt_tokens: int
+    new_tokens: int
+    runs: int
+    warmup: int
+    threads: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class Latency(Section):
     """onnxruntime latency of the dense and the converted model on held-out data
     (``latency.latency_ratio``: median milliseconds per pass over ``samples``
@@ -317,6 +363,9 @@ class Latency(Section):
     runs: int
     warmup: int
     threads: int
+    decode: DecodeLatency | None = field(default=None, metadata=_OMIT_NONE)
+
+    SECTIONS: ClassVar[Mapping[str, type[Section]]] = {"decode": DecodeLatency}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -496,10 +496,15 @@ def output_folder(outdir: Path) -> Iterator[Path]:
 def publish(staging: Path, outdir: Path, names: Sequence[str], overwrite: bool = False) -> None:
     """Move ``staging/NAME`` to ``outdir/NAME`` for each name: all checked first
     (:func:`check_output_path`: a link is replaced, never written through), then
-    renamed; where one fails, those this call added are taken back."""
+    renamed; where one fails, those this call added are taken back. A name in a
+    subfolder (``1_Pooling/config.json``) has its folder made where missing (and
+    removed again, if still empty, where this call fails); a folder's name held by
+    anything but a folder (a file, a link) is refused."""
     added: list[Path] = []
+    made: list[Path] = []
     try:
         for name in names:
+            _make_subfolders(outdir, name, made)
             check_output_path(outdir / name, overwrite)
             set_output_mode(staging / name)
         for name in names:
@@ -514,9 +519,25 @@ def publish(staging: Path, outdir: Path, names: Sequence[str], overwrite: bool =
     except OSError as e:
         for target in added:
             target.unlink(missing_ok=True)
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         if isinstance(e, OutputError):
             raise
         raise OutputError(f"cannot write the outputs to {outdir}: {os_reason(e)}") from e
+
+
+def _make_subfolders(outdir: Path, name: str, made: list[Path]) -> None:
+    """The folders of ``name`` below ``outdir`` made where missing, each added to ``made``."""
+    folder = outdir
+    for part in Path(name).parts[:-1]:
+        folder = folder / part
+        if not _exists(folder):
+            os.mkdir(folder)
+            made.append(folder)
+        elif folder.is_symlink() or not folder.is_dir():
+            raise OutputError(f"output {folder} is not a folder (a file or a link where the outputs' folder goes): "
+                              "remove it or choose another output directory")
 
 
 def _move_no_replace(tmp: Path, path: Path) -> None:

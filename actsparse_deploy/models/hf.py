@@ -9,7 +9,7 @@ sizes are checked against the weights' headers on a model built on the meta
 device, with ``use_cache=False`` and eager attention, and wrapped in
 an :class:`HFModel`: named tensors in (``input_ids``, ``attention_mask``, and
 ``token_type_ids`` where the model takes them), a dict of named tensors out
-(``logits``, ``last_hidden_state``, ``sentence_embedding``), never a
+(``logits``, ``last_hidden_state``, and ``sentence_embedding`` after it), never a
 ``ModelOutput`` or a cache. Its tokenizer turns a text file (one text per line,
 or ``.jsonl`` with a ``text`` field) into dict batches, padded per batch to the
 longest text.
@@ -74,12 +74,13 @@ TASKS = HF_TASKS
 HF_PREFIX = "hf:"
 #: the dynamic axes of token inputs and per-token outputs
 SEQUENCE_AXES: Mapping[int, str] = {0: "batch", 1: "sequence"}
-#: the output each task returns, and whether it has a sequence axis
-_OUTPUTS: dict[str, tuple[str, bool]] = {
-    "feature-extraction": ("last_hidden_state", True),
-    "sentence-embedding": ("sentence_embedding", False),
-    "causal-lm": ("logits", True),
-    "sequence-classification": ("logits", False),
+#: the outputs each task returns, in order, and whether each has a sequence axis: a sentence embedding comes after
+#: the last hidden state it pools (what feature-extraction loaders such as Optimum's and sentence-transformers' read)
+_OUTPUTS: dict[str, tuple[tuple[str, bool], ...]] = {
+    "feature-extraction": (("last_hidden_state", True),),
+    "sentence-embedding": (("last_hidden_state", True), ("sentence_embedding", False)),
+    "causal-lm": (("logits", True),),
+    "sequence-classification": (("logits", False),),
 }
 #: the longest text without --max-length when the config names no limit
 DEFAULT_MAX_LENGTH = 512
@@ -255,9 +256,9 @@ def _auto_class(task: str) -> Any:
 class HFModel(nn.Module):
     """A ``transformers`` model called with named tensors, returning a dict of
     named tensors: ``logits`` (causal LM: per token; sequence classification:
-    per text), ``last_hidden_state`` (feature extraction) or
-    ``sentence_embedding`` (the attention-masked mean of the last hidden
-    state, L2-normalised). Per-token outputs are zero at padding positions
+    per text), ``last_hidden_state`` (feature extraction), or
+    ``last_hidden_state`` then ``sentence_embedding`` (the attention-masked
+    mean of the last hidden state, L2-normalised). Per-token outputs are zero at padding positions
     (they carry no meaning). A missing ``attention_mask`` is all ones.
 
     Not built directly: :func:`wrap_pretrained` makes the model an instance of
@@ -272,11 +273,16 @@ class HFModel(nn.Module):
 
     @property
     def output_name(self) -> str:
-        return _OUTPUTS[self.actsparse_task][0]
+        """The task's own output (the last of :attr:`output_names`)."""
+        return _OUTPUTS[self.actsparse_task][-1][0]
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in _OUTPUTS[self.actsparse_task])
 
     @property
     def per_token(self) -> bool:
-        return _OUTPUTS[self.actsparse_task][1]
+        return _OUTPUTS[self.actsparse_task][-1][1]
 
     def input_names(self) -> tuple[str, ...]:
         return ("input_ids", "attention_mask")
@@ -297,7 +303,7 @@ class HFModel(nn.Module):
                 return {"last_hidden_state": masked}
             weights = keep.to(hidden.dtype)
             mean = masked.sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-            return {"sentence_embedding": mean / mean.norm(p=2, dim=1, keepdim=True).clamp(min=1e-12)}
+            return {"last_hidden_state": masked, "sentence_embedding": mean / mean.norm(p=2, dim=1, keepdim=True).clamp(min=1e-12)}
         logits = out.logits
         if self.per_token:
             logits = logits * keep.to(logits.dtype)
@@ -477,9 +483,9 @@ class HFSource:
             inputs = ("input_ids",)
         else:
             inputs = ("input_ids", "attention_mask")
-        output = self.model.output_name
         axes = {name: dict(SEQUENCE_AXES) for name in inputs}
-        axes[output] = dict(SEQUENCE_AXES) if self.model.per_token else {0: "batch"}
+        for output, per_token in _OUTPUTS[self.model.task]:
+            axes[output] = dict(SEQUENCE_AXES) if per_token else {0: "batch"}
         return inputs, axes
 
 

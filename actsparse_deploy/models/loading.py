@@ -73,7 +73,7 @@ class LoadedModel:
         if self.hf is None:
             return None
         inputs, axes = self.hf.io_names(example)
-        return IOSpec(inputs, (self.hf.model.output_name,), axes)
+        return IOSpec(inputs, self.hf.model.output_names, axes)
 
 
 @dataclass(frozen=True)

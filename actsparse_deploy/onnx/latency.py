@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -168,11 +168,14 @@ def dense_latency(
     max_samples: int = CONVERT_SAMPLES,
     warmup: int = CONVERT_WARMUP,
     runs: int = CONVERT_RUNS,
+    also: Callable[[Path], Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """:func:`latency_ratio` of ``sparse_onnx`` against the dense PyTorch model
     ``dense``, exported into ``folder`` (a scratch folder, removed after) with the
     sparse export's exporter, opset and I/O spec, on the first ``max_samples`` of
-    ``batches`` (held-out data), at the command's thread count."""
+    ``batches`` (held-out data), at the command's thread count. ``also``: more
+    figures measured on the dense export while it exists (a decoder's decode
+    speed), merged into the result."""
     import shutil
 
     from ..base.errors import ExportError
@@ -188,8 +191,9 @@ def dense_latency(
             raise ExportError(
                 f"exporting the dense model for the latency comparison failed ({e}); `no_latency` skips the comparison"
             ) from e
-        return latency_ratio(folder / "dense.onnx", sparse_onnx, list(head_samples(batches, max_samples)), io_spec=io_spec,
-                             warmup=warmup, runs=runs)
+        figures = latency_ratio(folder / "dense.onnx", sparse_onnx, list(head_samples(batches, max_samples)), io_spec=io_spec,
+                                warmup=warmup, runs=runs)
+        return {**figures, **(also(folder / "dense.onnx") if also is not None else {})}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

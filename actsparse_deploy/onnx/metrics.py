@@ -130,6 +130,7 @@ class CostTallies:
 def cost_tallies(
     dense: nn.Module, sparse: nn.Module, held: Iterable[Batch], *, tokens: bool = False, classes: bool = False,
     keep: bool = False, other: Iterable[Batch] | None = None, onnx_path: str | Path | None = None, io_spec: IOSpec | None = None,
+    onnx_batches: Iterable[Batch] | None = None,
 ) -> CostTallies:
     """Every pass of the cost stage, each model once per batch. On ``unpadded(held)``
     (token batches without their padding): dense vs sparse per output, and with
@@ -137,7 +138,8 @@ def cost_tallies(
     label): with ``classes`` each one's top-1 predictions, with ``keep`` every
     output. One pass where regrouping leaves ``held`` as it is, else a second over
     ``held`` where it is needed. ``other``: dense vs sparse on other data
-    (regrouped too); ``onnx_path``: the ONNX model's NLL and predictions on ``held``."""
+    (regrouped too); ``onnx_path``: the ONNX model's NLL and predictions on ``held`` (as ``onnx_batches``
+    gives it, where the ONNX model takes other inputs: a decoder's first steps)."""
     sides = ("model", "model")
     tallies = CostTallies(Tally(sides, compare=True, tokens=tokens, count=True), Tally(sides, classes=classes, keep=keep),
                           Tally(sides, compare=True) if other is not None else None,
@@ -151,7 +153,7 @@ def cost_tallies(
     if other is not None and tallies.other is not None:
         passes.append(((dense, sparse), unpadded(other), [tallies.other]))
     if onnx_path is not None and tallies.onnx is not None:
-        passes.append((onnx_path, held, [tallies.onnx]))
+        passes.append((onnx_path, onnx_batches if onnx_batches is not None else held, [tallies.onnx]))
     for models, batches, fed in passes:
         run(models, batches, *fed, io_spec=io_spec)
     return tallies

@@ -100,6 +100,8 @@ class ValidationReport:
     shapes: list[dict[str, list[int]]] = dataclasses.field(default_factory=list)
     #: the lengths validated on the sequence (non-batch dynamic) axes: ``{label: [lengths]}``
     sequence_lengths: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    #: a decoder with a KV cache: its generation checked (``generate.GenerationReport``; None for any other model)
+    generation: Any = None
 
     @property
     def max_abs(self) -> float:
@@ -117,6 +119,7 @@ class ValidationReport:
             "outputs": [o.to_json() for o in self.outputs],
             "shapes": self.shapes,
             "sequence_lengths": self.sequence_lengths,
+            **({"generation": self.generation.to_json()} if self.generation is not None else {}),
         }
 
 

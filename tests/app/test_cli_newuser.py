@@ -46,7 +46,9 @@ def test_help_at_80_columns_is_whole_and_shows_flags_as_flags(name):
             assert _squeezed(param.help) in _squeezed(out), (param.name, param.help, out)
         if getattr(param, "is_flag", False):  # `--overwrite`, never `--overwrite <value>`
             flag = max(param.opts, key=len)
-            assert any(line.split()[-1] == flag or f"{flag}  " in line for line in out.splitlines() if flag in line), out
+            pair = f"{flag} / {param.secondary_opts[0]}" if getattr(param, "secondary_opts", None) else None  # --cache / --no-cache
+            assert any(line.split()[-1] == flag or f"{flag}  " in line or (pair and pair in line)
+                       for line in out.splitlines() if flag in line), out
 
 
 def test_main_help_lists_each_command_with_its_whole_summary():

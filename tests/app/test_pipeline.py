@@ -57,7 +57,8 @@ def minilm_convert(request, background):
 @pytest.mark.background("minilm-torchscript", "minilm-dynamo")
 def test_convert_minilm_end_to_end(minilm_convert):
     exporter, out, report, stdout = minilm_convert
-    assert sorted(p.name for p in out.iterdir()) == ["masks.safetensors", "model.onnx", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "masks.safetensors", "model.onnx", "report.json",  # and what loaders read beside model.onnx
+                                                 "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
     assert "PASSED" in stdout and "sentence_embedding" in stdout  # the summary, as in the README
     assert report["export"]["exporter"] == exporter
     assert report["calibration"]["samples"] == {"torchscript": 808, "dynamo": 64}[exporter]  # dynamo: --max-samples 64

@@ -53,7 +53,7 @@ def test_gpt2_directory_converts_with_default_flags(gpt2: GPT2Files, tmp_path: P
     """Before, exit 8: "weight of layer 'transformer.h.0.mlp.c_proj' has 256 input
     features, its mask of shape [1024] does not: the masks file is corrupted"."""
     result = invoke("convert", gpt2.directory, "--task", "causal-lm", "--text", gpt2.calib, "--heldout-text", gpt2.held,
-                    "-o", tmp_path / "out", "--json")
+                    "-o", tmp_path / "out", "--json", "--no-latency", "--no-cache")  # GPT-2 with its cache: test_generate.py
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert [row["layer"] for row in report["layers"]] == PROJ

@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -98,29 +97,60 @@ def hf(tmp_path_factory: pytest.TempPathFactory) -> HFFiles:
 # --- the done-when: a Llama directory converts with default flags -------------------------
 
 
+@pytest.mark.slow  # a dynamo export with a cache and the generation check: about 20 s
 def test_llama_directory_converts_with_default_flags(hf: HFFiles, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    result = invoke("convert", hf.llama, "--task", "causal-lm", "--text", hf.calib, "--heldout-text", hf.held, "-o", out, "--json")
+    out = tmp_path / "out"  # the latency (two more exports with a cache) is the slow tier's: test_decoder.py
+    result = invoke("convert", hf.llama, "--task", "causal-lm", "--text", hf.calib, "--heldout-text", hf.held, "-o", out, "--json",
+                    "--no-latency")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["export"]["inputs"] == ["input_ids", "attention_mask"]
-    assert report["export"]["outputs"] == ["logits"]
-    for name in ("input_ids", "attention_mask", "logits"):
-        assert report["export"]["dynamic_axes"][name] == {"0": "batch", "1": "sequence"}
+    # a causal LM is a decoder with a KV cache, Optimum's names and layout
+    past = [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert report["export"]["inputs"] == ["input_ids", "attention_mask", "position_ids", *past]
+    assert report["export"]["outputs"] == ["logits", *[f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]]
+    assert report["export"]["cache"] is True
+    axes = report["export"]["dynamic_axes"]
+    assert axes["input_ids"] == axes["position_ids"] == axes["logits"] == {"0": "batch_size", "1": "sequence_length"}
+    assert axes["attention_mask"] == {"0": "batch_size", "1": "total_sequence_length"}
+    assert all(axes[name] == {"0": "batch_size", "2": "past_sequence_length"} for name in past)
     # the default recipe: each layer's MLP down projection, per feature, half of them
     assert [row["layer"] for row in report["layers"]] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     assert report["overall_sparsity"] == pytest.approx(0.5)
     assert {(row["method"], row["compensate"]) for row in report["layers"]} == {("obs", "lstsq")}  # the tool's default method
     assert report["validation"]["passed"] is True
     assert report["calibration"]["samples"] == len(LINES)  # the blank line skipped
-    graph = onnx.load(str(out / "model.onnx")).graph
-    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
-    assert all(isinstance(d, str) for d in dims["input_ids"]), dims  # batch and sequence both symbolic
+    assert report["cost"]["perplexity_onnx"] == pytest.approx(report["cost"]["perplexity_sparse"], rel=1e-4)
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    for batch, length in ((1, 3), (3, 11)):  # two sequence lengths, neither that of the export example
+    kv = {i.name: i.shape for i in session.get_inputs()}[past[0]]
+    for batch, length, before in ((1, 3, 0), (3, 11, 4)):  # lengths and a past none of the export example's
         ids = np.arange(batch * length, dtype=np.int64).reshape(batch, length) % hf.vocab
-        (logits,) = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
-        assert logits.shape == (batch, length, hf.vocab)
+        feeds = {"input_ids": ids, "attention_mask": np.ones((batch, before + length), np.int64),
+                 "position_ids": np.arange(before, before + length)[None].repeat(batch, 0),
+                 **{name: np.zeros((batch, kv[1], before, kv[3]), np.float32) for name in past}}
+        logits, *present = session.run(None, feeds)
+        assert logits.shape == (batch, length, hf.vocab) and present[0].shape == (batch, kv[1], before + length, kv[3])
+
+
+def test_llama_directory_without_cache_is_one_full_pass(hf: HFFiles, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = invoke("convert", hf.llama, "--task", "causal-lm", "--text", hf.calib, "--heldout-text", hf.held, "-o", out, "--json",
+                    "--no-cache", "--no-latency")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["export"]["inputs"] == ["input_ids", "attention_mask"] and report["export"]["outputs"] == ["logits"]
+    assert report["export"]["cache"] is False
+    for name in ("input_ids", "attention_mask", "logits"):
+        assert report["export"]["dynamic_axes"][name] == {"0": "batch", "1": "sequence"}
+
+
+def test_cache_is_for_causal_language_models_and_dynamo(hf: HFFiles, tmp_path: Path) -> None:
+    result = invoke("convert", hf.bert, "--task", "feature-extraction", "--text", hf.calib, "--heldout-text", hf.held,
+                    "-o", tmp_path / "a", "--cache")
+    one_line_error(result, 2, "--cache is for causal language models")
+    result = invoke("convert", hf.llama, "--task", "causal-lm", "--text", hf.calib, "--heldout-text", hf.held,
+                    "-o", tmp_path / "b", "--exporter", "torchscript")
+    one_line_error(result, 9, "dynamo exporter only", "--no-cache")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_bert_directory_sentence_embedding_converts(hf: HFFiles, tmp_path: Path) -> None:
@@ -129,7 +159,7 @@ def test_bert_directory_sentence_embedding_converts(hf: HFFiles, tmp_path: Path)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["export"]["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
-    assert report["export"]["outputs"] == ["sentence_embedding"]
+    assert report["export"]["outputs"] == ["last_hidden_state", "sentence_embedding"]  # what feature-extraction loaders read, too
     assert report["export"]["dynamic_axes"]["sentence_embedding"] == {"0": "batch"}
     assert [row["layer"] for row in report["layers"]] == ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]
 
@@ -165,9 +195,12 @@ def test_sentence_embedding_is_the_normalised_masked_mean(hf: HFFiles) -> None:
     loaded = load_model(str(hf.bert), options=ModelOptions(task="sentence-embedding"))
     batch = loaded.hf.text_batches(hf.held, batch_size=3)[0]
     with torch.no_grad():
-        embedding = loaded.module(**batch)["sentence_embedding"]
+        out = loaded.module(**batch)
         hidden = AutoModel.from_pretrained(hf.bert, local_files_only=True, attn_implementation="eager")(**batch).last_hidden_state
+    assert list(out) == ["last_hidden_state", "sentence_embedding"]  # the hidden state it pools, first
+    embedding = out["sentence_embedding"]
     weights = batch["attention_mask"].unsqueeze(-1).float()
+    torch.testing.assert_close(out["last_hidden_state"], hidden * weights)
     mean = (hidden * weights).sum(1) / weights.sum(1)
     torch.testing.assert_close(embedding, mean / mean.norm(dim=1, keepdim=True))
     torch.testing.assert_close(embedding.norm(dim=1), torch.ones(3))
@@ -426,7 +459,8 @@ def test_broken_weights_and_tokenizers_are_one_line_with_their_codes(hf: HFFiles
 def test_a_directory_converts_with_its_layers_named(hf: HFFiles, tmp_path: Path) -> None:
     """`--layers` on a model directory: a one-rule recipe, never a built-in's (the directory is none)."""
     result = invoke("convert", hf.llama, "--task", "causal-lm", "--text", hf.calib, "--heldout-text", hf.held,
-                    "--layers", "model.layers.0.mlp.down_proj", "--sparsity", "0.25", "-o", tmp_path / "out", "--json", "--no-latency")
+                    "--layers", "model.layers.0.mlp.down_proj", "--sparsity", "0.25", "-o", tmp_path / "out", "--json", "--no-latency",
+                    "--no-cache")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert [row["layer"] for row in report["layers"]] == ["model.layers.0.mlp.down_proj"]
