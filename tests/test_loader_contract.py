@@ -36,7 +36,6 @@ import pytest
 from onnx import TensorProto, helper
 
 from .helpers import invoke
-from .models.test_folder import POOLING
 from .models.test_hf import HFFiles
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -210,16 +209,7 @@ def _convert(hf: HFFiles, source: Path, task: str, out: Path, *extra: object) ->
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory: pytest.TempPathFactory) -> HFFiles:
     files = HFFiles(tmp_path_factory.mktemp("contract-sources"))
-    st = files.copy(files.bert, "tiny-st")  # the BERT directory as sentence-transformers saves one
-    (st / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-    ]))
-    (st / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 8, "do_lower_case": False}))
-    (st / "config_sentence_transformers.json").write_text(json.dumps({"__version__": {"sentence_transformers": "5.0.0"}}))
-    (st / "1_Pooling").mkdir()
-    (st / "1_Pooling" / "config.json").write_text(json.dumps(POOLING))
+    files.sentence_transformers()  # the BERT directory as sentence-transformers saves one
     return files
 
 

@@ -21,29 +21,19 @@ import pytest
 import torch
 
 from ..helpers import MINILM_OUTDIRS, invoke
-from .test_hf import HELD, HFFiles
+from .test_hf import HELD, ST_POOLING, HFFiles
 
 TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json")
 #: what Optimum's ORTModelForCausalLM reads of config.json (the kv heads for model types such as llama)
 DECODER_KEYS = ("model_type", "num_attention_heads", "num_key_value_heads", "hidden_size", "num_hidden_layers", "vocab_size")
-POOLING = {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
-           "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}
+POOLING = ST_POOLING
 
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory: pytest.TempPathFactory) -> HFFiles:
     files = HFFiles(tmp_path_factory.mktemp("hf-folder"))
-    st = files.copy(files.bert, "tiny-st")  # the BERT directory as sentence-transformers saves one
-    (st / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-    ], indent=2))
-    (st / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 8, "do_lower_case": False}))
-    (st / "config_sentence_transformers.json").write_text(json.dumps({"__version__": {"sentence_transformers": "5.0.0"}}))
-    (st / "1_Pooling").mkdir()
-    (st / "1_Pooling" / "config.json").write_text(json.dumps(POOLING, indent=2))
+    files.sentence_transformers()  # the BERT directory as sentence-transformers saves one
     return files
 
 

@@ -63,6 +63,11 @@ def _bert(vocab: int):
     return BertModel(config).eval()
 
 
+#: a sentence-transformers directory's 1_Pooling/config.json for the tiny BERT (hidden 32): masked mean
+ST_POOLING = {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+              "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}
+
+
 class HFFiles:
     """A Llama and a BERT directory (model + tokenizer), text files, and copies to break."""
 
@@ -81,6 +86,20 @@ class HFFiles:
         path = self.root / name
         path.write_text(content, encoding="utf-8")
         return path
+
+    def sentence_transformers(self, name: str = "tiny-st") -> Path:
+        """A copy of the BERT directory as sentence-transformers saves one: modules.json, its configs, 1_Pooling/."""
+        st = self.copy(self.bert, name)
+        (st / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        ], indent=2))
+        (st / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 8, "do_lower_case": False}))
+        (st / "config_sentence_transformers.json").write_text(json.dumps({"__version__": {"sentence_transformers": "5.0.0"}}))
+        (st / "1_Pooling").mkdir(exist_ok=True)
+        (st / "1_Pooling" / "config.json").write_text(json.dumps(ST_POOLING, indent=2))
+        return st
 
     def copy(self, source: Path, name: str, drop: tuple[str, ...] = ()) -> Path:
         target = self.root / name
