@@ -39,6 +39,7 @@ _API = {
     "LoadOptions": ("app.options", "LoadOptions"),
     "CalibrateOptions": ("app.options", "CalibrateOptions"),
     "SquashOptions": ("app.options", "SquashOptions"),
+    "QuantizeOptions": ("app.options", "QuantizeOptions"),
     "ExportOptions": ("app.options", "ExportOptions"),
     "ValidateOptions": ("app.options", "ValidateOptions"),
     "use_threads": ("base.threads", "use_threads"),

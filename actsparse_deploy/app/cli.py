@@ -70,6 +70,7 @@ from .cli_options import (
     NoLatencyOpt,
     OpsetOpt,
     OverwriteOpt,
+    QuantizeOpt,
     RecipeFileOpt,
     RtolOpt,
     StatsOnlyOpt,
@@ -400,6 +401,36 @@ def export_cmd(
     _show(*([render.modes_table(report.layers, f"{source}: squashed")] if report.layers else []), render.export_line(report, output))
 
 
+@app.command("quantize")
+@handle_errors
+@with_threads
+def quantize_cmd(
+    onnx_model: Annotated[Path, typer.Argument(help="The ONNX model to quantize (float).", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The int8 ONNX model to write.", show_default=False)],
+    mode: Annotated[str, typer.Option("--mode", help="int8 (dynamic, per-channel int8 weights) or int8-static "
+                                      "(activation ranges from --data).")] = "int8",
+    data: DataOpt = None,
+    batch: BatchSizeOpt = 32,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Quantize an ONNX model with onnxruntime's quantizer (what convert --quantize does after validation).
+
+    Prints the nodes quantized and the sizes before and after. The int8 model
+    is judged by its cost: `actsparse convert --quantize` measures it against
+    the dense model, beside the other alternatives.
+    """
+    from .quantize import quantize_file
+
+    report = quantize_file(onnx_model, output, mode, data, batch, overwrite)
+    if as_json:
+        _emit_json(report)
+        return
+    _show(*render.quantization_lines(report.quantization))
+
+
 @app.command("validate")
 @handle_errors
 @with_threads
@@ -461,7 +492,7 @@ def _convert_options(flags: dict[str, Any]) -> tuple[Any, Callable[[Any, Any], A
 
     from ..calibration.distributed import check_budget_device, resolve_device
     from .calibrate import recipe_from_flags
-    from .options import CalibrateOptions, ConvertOptions, ExportOptions, LoadOptions, SquashOptions, ValidateOptions
+    from .options import CalibrateOptions, ConvertOptions, ExportOptions, LoadOptions, QuantizeOptions, SquashOptions, ValidateOptions
 
     f = SimpleNamespace(**flags)
     _check_max_cost(f.max_cost, f.sparsity, "convert")
@@ -478,7 +509,7 @@ def _convert_options(flags: dict[str, Any]) -> tuple[Any, Callable[[Any, Any], A
                              progress.on_batch),
             SquashOptions(str(f.mode)),
             ExportOptions(str(f.exporter), f.opset, f.external_data, tuple(f.dynamic_axis or ()), f.verbose, f.cache),
-            ValidateOptions(f.atol, f.rtol, f.timeout),
+            ValidateOptions(f.atol, f.rtol, f.timeout), QuantizeOptions(f.quantize),
             overwrite=f.overwrite, threads=f.threads, latency=not f.no_latency, on_stage=progress.on_stage,
         )
 
@@ -516,6 +547,7 @@ def convert_cmd(
     exporter: ExporterOpt = Exporter(DEFAULT_EXPORTER),
     dynamic_axis: DynamicAxisOpt = None,
     cache: CacheOpt = None,
+    quantize: QuantizeOpt = "none",
     opset: OpsetOpt = None,
     external_data: ExternalOpt = False,
     atol: AtolOpt = DEFAULT_ATOL,
@@ -529,12 +561,10 @@ def convert_cmd(
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Calibrate, squash, export and validate in one go.
+    """Calibrate, squash, export and validate in one go (then quantize, with --quantize).
 
-    Writes OUTDIR/masks.safetensors, OUTDIR/model.onnx and OUTDIR/report.json, and
-    prints a summary: layers, sparsity, squash mode, ONNX max diff, the accuracy
-    (or cosine) cost, file sizes.
-    """
+    Writes OUTDIR/masks.safetensors, model.onnx, the runtime's files (config, tokenizer) and report.json;
+    prints a summary: layers, modes, ONNX max diff, cost, latency, file sizes."""
     command = ("convert", dict(locals()))  # as parsed: every rank of a distributed run must run the same
     from ..calibration.distributed import launched
     from .pipeline import convert

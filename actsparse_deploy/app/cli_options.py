@@ -68,6 +68,7 @@ __all__ = [
     "ModelArg",
     "NoLatencyOpt",
     "CacheOpt",
+    "QuantizeOpt",
     "OpsetOpt",
     "OverwriteOpt",
     "RecipeFileOpt",
@@ -342,6 +343,11 @@ CalibrateSparsityOpt = Annotated[
 StatsOnlyOpt = Annotated[
     bool,
     typer.Option("--stats-only", help="Write the collected statistics (for `actsparse merge` and `actsparse select`) instead of masks."),
+]
+QuantizeOpt = Annotated[
+    str,
+    typer.Option("--quantize", help="After validation, quantize the ONNX model with onnxruntime: none, int8 (dynamic, "
+                 "per-channel int8 weights) or int8-static (activation ranges from the calibration data).", show_default=False),
 ]
 CacheOpt = Annotated[
     bool | None,

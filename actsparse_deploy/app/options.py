@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from ..calibration.recipe import Recipe
     from ..data.workload import Workload
 
-__all__ = ["CalibrateOptions", "ConvertOptions", "ExportOptions", "LoadOptions", "SquashOptions", "ValidateOptions"]
+__all__ = ["QUANTIZE_MODES", "CalibrateOptions", "ConvertOptions", "ExportOptions", "LoadOptions", "QuantizeOptions", "SquashOptions",
+           "ValidateOptions"]
 
 
 def _is_number(value: Any) -> bool:
@@ -139,6 +140,22 @@ class SquashOptions:
             raise SquashError(f"unknown squash mode {self.mode!r}; known: {', '.join(MODES)}")
 
 
+#: what ``--quantize`` takes: none; int8 (dynamic, per-channel int8 weights); int8-static (QDQ, activation ranges from the calibration data)
+QUANTIZE_MODES = ("none", "int8", "int8-static")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """After export and validation, the ONNX model quantized by onnxruntime's quantizer
+    (:data:`QUANTIZE_MODES`; ``none``: left in float)."""
+
+    mode: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.mode not in QUANTIZE_MODES:
+            raise UsageError(f"unknown quantization {self.mode!r}; known: {', '.join(QUANTIZE_MODES)}")
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     """The ONNX export: ``exporter`` and ``opset``, weights in an ``external_data``
@@ -191,10 +208,12 @@ _FLAT: dict[str, tuple[str, ...]] = {
     "calibrate": ("recipe", "sparsity", "method", "compensate", "max_cost", "max_samples", "device", "group", "on_batch"),
     "squash": ("mode",),
     "validate": ("atol", "rtol", "timeout"),
+    "quantize": ("quantize",),
     "load": ("weights", "data", "heldout", "batch_size", "labels"),
 }
 _MADE: dict[str, Callable[..., Any]] = {"model": ModelOptions, "export": ExportOptions, "calibrate": CalibrateOptions,
-                                        "squash": SquashOptions, "validate": ValidateOptions, "load": LoadOptions}
+                                        "squash": SquashOptions, "validate": ValidateOptions, "load": LoadOptions,
+                                        "quantize": lambda quantize="none": QuantizeOptions(quantize)}
 
 
 @dataclass(frozen=True, init=False)
@@ -211,6 +230,7 @@ class ConvertOptions:
     squash: SquashOptions
     export: ExportOptions
     validate: ValidateOptions
+    quantize: QuantizeOptions
     overwrite: bool = False
     threads: int | None = None
     latency: bool = True
@@ -218,14 +238,17 @@ class ConvertOptions:
 
     def __init__(
         self, load: LoadOptions | None = None, calibrate: CalibrateOptions | None = None, squash: SquashOptions | None = None,
-        export: ExportOptions | None = None, validate: ValidateOptions | None = None, *, overwrite: bool = False,
-        threads: int | None = None, latency: bool = True, on_stage: Callable[[str, int | None], None] | None = None, **flat: Any,
+        export: ExportOptions | None = None, validate: ValidateOptions | None = None, quantize: QuantizeOptions | str | None = None, *,
+        overwrite: bool = False, threads: int | None = None, latency: bool = True,
+        on_stage: Callable[[str, int | None], None] | None = None, **flat: Any,
     ) -> None:
         unknown = sorted(set(flat) - {name for names in _FLAT.values() for name in names})
         if unknown:
             raise TypeError(f"ConvertOptions() got an unexpected keyword argument {unknown[0]!r}")
+        if isinstance(quantize, str):  # the flat keyword (its group's one field) shares the group's name
+            flat["quantize"], quantize = quantize, None
         given = {"load": load, "calibrate": calibrate, "squash": squash, "export": export, "validate": validate,
-                 "model": load.model if load is not None else None}
+                 "quantize": quantize, "model": load.model if load is not None else None}
         made: dict[str, Any] = {}
         for group, names in _FLAT.items():
             keywords = {name: flat[name] for name in names if name in flat}
@@ -236,7 +259,10 @@ class ConvertOptions:
             made[group] = given[group] if given[group] is not None else _MADE[group](**keywords)
             if group == "export" and threads is not None:  # after the dynamic axes, before the device: as always
                 check_threads(threads)
-        for name in ("load", "calibrate", "squash", "export", "validate"):
+        if made["calibrate"].max_cost is not None and made["quantize"].mode != "none":
+            raise UsageError("a cost budget (max_cost) with quantize: the budget search does not count the quantization's "
+                             "cost yet; give one of them")
+        for name in ("load", "calibrate", "squash", "export", "validate", "quantize"):
             object.__setattr__(self, name, made[name])
         for name, value in (("overwrite", overwrite), ("threads", threads), ("latency", latency), ("on_stage", on_stage)):
             object.__setattr__(self, name, value)

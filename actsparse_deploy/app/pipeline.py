@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -52,10 +53,12 @@ from ..models.folder import RuntimeFiles, write_workload_files
 from ..onnx.export import ExportResult, export_onnx, layer_metadata
 from ..onnx.generate import check_generation, decode_latency, held_out_prompts
 from ..onnx.latency import dense_latency, slower_note, verdict
+from ..onnx.quantize import QuantizeResult
 from ..onnx.validate import ValidationReport, validate
 from .cost import cost_stage
 from .decoding import Target, export_target
-from .options import CalibrateOptions, ConvertOptions, ExportOptions, ValidateOptions
+from .options import CalibrateOptions, ConvertOptions, ExportOptions, QuantizeOptions, ValidateOptions
+from .quantize import FLOAT_FOLDER, frontier, quantization_json, quantize_staged
 from .report import Report, named_input_shape
 from .workload import load_recipe, squash_workload
 
@@ -68,7 +71,7 @@ __all__ = ["STAGES", "ConvertOptions", "Stages", "Timer", "build_report", "conve
 
 #: what the stages tell ``on_stage`` as each starts (``load`` is silent)
 STAGES = {"calibrate": "calibrating", "squash": "squashing", "export": "exporting", "validate": "validating", "cost": "measuring cost",
-          "latency": "measuring latency"}
+          "quantize": "quantizing", "latency": "measuring latency"}
 
 
 @dataclass
@@ -201,18 +204,37 @@ class Stages:
             io = self.target.validation_io(exported.io) if exported is not None else None
             return cost_stage(self.work, model, path, io, budget, onnx_batches=self.target.batches)
 
-    def latency(self, path: Path, exported: ExportResult, scratch: Path, verbose: bool = False) -> dict[str, Any]:
+    def quantize(self, path: Path, exported: ExportResult, o: QuantizeOptions, verbose: bool = False) -> tuple[QuantizeResult, Path] | None:
+        """The validated ONNX model at ``path`` quantized in its place (``o.mode``; None for ``none``), the
+        float one moved aside (:func:`~actsparse_deploy.app.quantize.quantize_staged`): the result and its path."""
+        if o.mode == "none":
+            return None
+        target = self.target
+        with self.timer("quantize"):
+            calibration = target.batches(self.work.require_calibration()) if o.mode == "int8-static" else None
+            return quantize_staged(path, o.mode, calibration, target.validation_io(exported.io), verbose)
+
+    def latency(self, path: Path, exported: ExportResult, scratch: Path, verbose: bool = False,
+                quantized: tuple[QuantizeResult, Path] | None = None) -> dict[str, Any]:
         """The dense model (exported into ``scratch``, removed after) against the ONNX
         model at ``path`` under onnxruntime, on held-out data."""
         work, target, held = self.work, self.target, self.work.require_heldout()
 
-        def decode(dense: Path) -> dict[str, Any]:  # a decoder's figure users compare: ms per generated token
-            return {"decode": decode_latency(dense, path, held_out_prompts(held, 1, max_tokens=None)[0])}
+        def also(dense: Path) -> dict[str, Any]:  # measured on the dense export while it exists
+            figures: dict[str, Any] = {}
+            if target.cached:  # a decoder's figure users compare: ms per generated token
+                figures["decode"] = decode_latency(dense, path, held_out_prompts(held, 1, max_tokens=None)[0])
+            if quantized is not None:  # the alternatives side by side: dense, int8 alone, sparse, sparse + int8
+                task = work.builtin.task if work.builtin is not None else work.task
+                figures["frontier"] = frontier(
+                    target.model(work.model), {"dense": dense, "sparse": quantized[1], "sparse+int8": path}, target.batches(held),
+                    io=target.validation_io(exported.io), mode=quantized[0].mode, tokens=task == "causal-lm", labels=work.labels)
+            return figures
 
         with self.timer("latency"):
             return dense_latency(target.model(work.model), path, target.batches(held), scratch,
                                  exporter=exported.exporter, opset=exported.opset, io_spec=exported.io, example=target.example(work),
-                                 verbose=verbose, also=decode if target.cached else None)
+                                 verbose=verbose, also=also)
 
 
 @contextlib.contextmanager
@@ -307,14 +329,17 @@ def _staged_report(stages: Stages, masks: Masks, budget: BudgetResult | None, sq
     exported = stages.export(squashed.model, onnx_path, o.export, layer_metadata(squashed.report(), o.squash.mode))
     validation = stages.validate(onnx_path, squashed.model, exported, o.validate)
     cost, budget = stages.cost(squashed.model, onnx_path, exported, budget)
+    quantized = stages.quantize(onnx_path, exported, o.quantize, o.export.verbose)  # the float model validated above, moved aside
     speed = None
     if o.latency:  # dense vs converted under onnxruntime, on held-out data; the dense export is scratch
-        speed = stages.latency(onnx_path, exported, staging / ".dense-latency", o.export.verbose)
+        speed = stages.latency(onnx_path, exported, staging / ".dense-latency", o.export.verbose, quantized)
+    shutil.rmtree(staging / FLOAT_FOLDER, ignore_errors=True)
     masks.save(staging / "masks.safetensors")
     runtime = write_workload_files(staging, stages.work, squashed.model, outdir=outdir,  # config.json, tokenizer, ... beside model.onnx
                                    cache=any(name.startswith("past_key_values.") for name in exported.io.input_names))
     report = build_report(stages.work, masks, squashed, exported, validation, cost, stages.timer, stages.timer.total(), o.squash.mode,
-                          onnx_path=outdir / "model.onnx", budget=budget, speed=speed, runtime=runtime)
+                          onnx_path=outdir / "model.onnx", budget=budget, speed=speed, runtime=runtime,
+                          quantized=quantized[0] if quantized is not None else None)
     return report.replace(export=replace(report.export, cache=stages.target.cached)) if report.export is not None else report
 
 
@@ -344,6 +369,7 @@ def build_report(
     work: Workload, masks: Masks, squashed: SquashResult, exported: ExportResult, validation: Any,
     cost: Mapping[str, Any], timer: Timer, total: float, mode: str, onnx_path: str | Path | None = None,
     budget: BudgetResult | None = None, speed: Mapping[str, Any] | None = None, runtime: RuntimeFiles | None = None,
+    quantized: QuantizeResult | None = None,
 ) -> Report:
     """The report of a ``convert`` run, built once: ``report.json`` is its
     ``to_json()``. ``validation``: a ``ValidationReport`` (or its JSON);
@@ -352,7 +378,8 @@ def build_report(
     ``--max-cost`` search's result (the levels chosen per layer, tuning and
     held-out cost); ``speed``: the latency stage's figures (the ratio in words
     added, and a note where prune was asked for and made it slower); ``runtime``:
-    the files written for the runtime beside the ONNX model, and their notes."""
+    the files written for the runtime beside the ONNX model, and their notes; ``quantized``: what
+    ``--quantize`` did (with the latency stage's frontier of the alternatives)."""
     modes = squashed.rows()
     # merged: the squash rows also say how each layer's features were chosen (method) and compensated
     layers = [{**row, "input_shape": named_input_shape(row), **next(m for m in modes if m["layer"] == row["layer"])}
@@ -373,7 +400,9 @@ def build_report(
                        **({"generation": {**checked["generation"], "onnx": final}} if checked.get("generation") else {})},
         "cost": dict(cost),
         "budget": budget.to_json() if budget is not None else None,
-        "latency": {**speed, "verdict": verdict(speed["ratio"])} if speed is not None else None,
+        "latency": ({k: v for k, v in speed.items() if k != "frontier"} | {"verdict": verdict(speed["ratio"])}
+                    if speed is not None else None),
+        "quantization": quantization_json(quantized, (speed or {}).get("frontier")) if quantized is not None else None,
     }
     return Report(
         tool_version=__version__,

@@ -34,7 +34,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from ..onnx.latency import verdict
-from .report import BudgetSearch, Cost, DecodeLatency, Generation, Report, SweepResult
+from .report import BudgetSearch, Cost, DecodeLatency, Generation, Quantization, Report, SweepResult
 
 __all__ = [
     "Notices",
@@ -352,6 +352,36 @@ def convert_summary(report: Report) -> list[RenderableType]:
             f"{milliseconds(latency.sparse_ms)}: {latency.verdict}"
         )
         lines += decode_lines(latency.decode)
+    return [*lines, *quantization_lines(report.quantization)]
+
+
+def _variant_cost(row: dict[str, Any]) -> str:
+    """A frontier row's cost against the dense PyTorch model, the figures the model has."""
+    parts = []
+    if row.get("perplexity_ratio") is not None:
+        parts.append(f"perplexity x{row['perplexity_ratio']:.3f}")
+    if row.get("accuracy") is not None:
+        parts.append(f"accuracy {row['accuracy']:.4f}")
+    last = (row.get("outputs") or [{}])[-1]
+    if "cosine_mean" in last:
+        parts.append(f"cosine {last['cosine_mean']:.4f} (worst {last['cosine_min']:.4f})")
+    return ", ".join(parts)
+
+
+def quantization_lines(quantization: Quantization | None) -> list[RenderableType]:
+    """What ``--quantize`` did, and the alternatives side by side (the frontier)."""
+    if quantization is None:
+        return []
+    ops = ", ".join(f"{n} {op}" for op, n in quantization.quantized.items()) or "no node"
+    lines: list[RenderableType] = [
+        f"quantized ({quantization.mode}, onnxruntime, per-channel weights): {ops}; "
+        f"{size(quantization.size_before)} -> {size(quantization.size_after)}"]
+    if quantization.frontier:
+        table = Table("variant", "size", "latency", "cost against the dense model",
+                      title="the alternatives on held-out data (latency: onnxruntime, the dense export = 1.00x)")
+        for row in quantization.frontier:
+            table.add_row(row["variant"], size(row["size_bytes"]), f"{row['latency_ratio']:.2f}x", _variant_cost(row))
+        lines.append(table)
     return lines
 
 

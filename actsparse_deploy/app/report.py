@@ -369,6 +369,28 @@ class Latency(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Quantization(Section):
+    """``--quantize``: what onnxruntime's quantizer did to the validated model (``mode``, the
+    op types asked for, the nodes quantized per float op type, bytes before and after,
+    its pre-processing), and where the latency stage ran, the ``frontier``: the dense
+    export, int8 alone, the sparse float and the sparse int8 model side by side (latency
+    ratio to the dense export, cost against the dense PyTorch model, size)."""
+
+    mode: str
+    op_types: list[str]
+    quantized: dict[str, int]
+    nodes_quantized: int
+    size_before: int
+    size_after: int
+    size_ratio: float
+    preprocess: str
+    external_data: bool
+    seconds: float
+    calibration_samples: int | None = field(default=None, metadata=_OMIT_NONE)
+    frontier: list[dict[str, Any]] | None = field(default=None, metadata=_OMIT_NONE)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Report(Section):
     """What a command did. Every key of :data:`KEYS` is always present in the JSON;
     ``budget`` (a ``--max-cost`` search), ``fingerprint`` and ``parts`` (a
@@ -404,10 +426,11 @@ class Report(Section):
     budget: BudgetSearch | None = field(default=None, metadata=_OMIT_NONE)
     fingerprint: str | None = field(default=None, metadata=_OMIT_NONE)
     parts: int | None = field(default=None, metadata=_OMIT_NONE)
+    quantization: Quantization | None = field(default=None, metadata=_OMIT_NONE)
 
     SECTIONS: ClassVar[Mapping[str, type[Section]]] = {
         "calibration": Calibration, "export": Export, "validation": Validation, "cost": Cost, "latency": Latency,
-        "budget": BudgetSearch,
+        "budget": BudgetSearch, "quantization": Quantization,
     }
 
     @property

@@ -1,4 +1,4 @@
-"""onnxruntime latency: a dense and a sparse ONNX model timed the same way.
+"""onnxruntime latency: a dense and a sparse ONNX model (or any number of them) timed the same way.
 
 The method (shared with ``tools/benchmark.py``): a fixed thread count (torch
 and onnxruntime's ``intra_op_num_threads``, one inter-op thread; by default the
@@ -9,6 +9,8 @@ rotated every round) so that drift hits each alike; the median of the timed runs
 ``convert`` uses :func:`dense_latency`: the dense model exported like the
 converted one into a scratch folder, both timed on held-out batches, the ratio
 reported (sparse / dense: below 1 is faster) and said in words (:func:`verdict`).
+:func:`latencies` times any number of ONNX files that way (dense, int8, sparse,
+sparse + int8: the frontier's variants), each one's median and ratio to the first.
 
     >>> import tempfile, torch
     >>> from torch import nn
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONVERT_RUNS", "CONVERT_SAMPLES", "CONVERT_WARMUP", "DEFAULT_RUNS", "DEFAULT_THREADS", "DEFAULT_WARMUP", "SAME_BAND",
-    "alternate", "dense_latency", "latency_ratio", "ort_session", "slower_note", "torch_threads", "verdict",
+    "alternate", "dense_latency", "latencies", "latency_ratio", "ort_session", "slower_note", "torch_threads", "verdict",
 ]
 
 #: the benchmark's fixed thread count (``ort_session``'s default); ``latency_ratio`` takes the command's
@@ -112,9 +114,8 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def latency_ratio(
-    dense_onnx: str | Path,
-    sparse_onnx: str | Path,
+def latencies(
+    models: Mapping[str, str | Path],
     batches: Sequence[Batch],
     *,
     io_spec: IOSpec | None = None,
@@ -122,19 +123,24 @@ def latency_ratio(
     warmup: int = DEFAULT_WARMUP,
     runs: int = DEFAULT_RUNS,
 ) -> dict[str, Any]:
-    """Median milliseconds of one pass over ``batches`` under onnxruntime, dense
-    and sparse, timed alternately (see the module docstring), and their ratio
-    (sparse / dense: below 1 is faster). ``io_spec`` names a tensor or tuple batch's
-    inputs; ``threads``: None for the command's (:func:`~actsparse_deploy.base.threads.current_threads`)."""
+    """Median milliseconds of one pass over ``batches`` under onnxruntime for
+    each of ``models`` (``{name: ONNX file}``, two or more, or one), timed
+    alternately on the same feeds (see the module docstring): ``ms`` and
+    ``min_ms`` per name, and ``ratio``, each one's median over the first one's
+    (the baseline, ``baseline``: below 1 is faster). ``io_spec`` names a tensor
+    or tuple batch's inputs; ``threads``: None for the command's
+    (:func:`~actsparse_deploy.base.threads.current_threads`)."""
     from ..base.threads import check_threads, current_threads
     from ..data.batches import batch_size
     from .validate import onnx_feeds
 
     if not batches:
         raise ValidationError("latency needs at least one batch")
+    if not models:
+        raise ValidationError("latency needs at least one ONNX model")
     threads = current_threads() if threads is None else check_threads(threads)
     with torch_threads(threads):
-        sessions = {"dense": ort_session(dense_onnx, threads), "sparse": ort_session(sparse_onnx, threads)}
+        sessions = {name: ort_session(path, threads) for name, path in models.items()}
         feeds = {name: [onnx_feeds(s, b, io_spec) for b in batches] for name, s in sessions.items()}
 
         def run(name: str) -> Callable[[], None]:
@@ -147,10 +153,37 @@ def latency_ratio(
             return one_pass
 
         timings = alternate({name: run(name) for name in sessions}, warmup, runs)
-    dense, sparse = timings["dense"]["median_ms"], timings["sparse"]["median_ms"]
+    baseline = next(iter(models))
+    first = timings[baseline]["median_ms"]
     return {
-        "dense_ms": dense, "sparse_ms": sparse, "ratio": sparse / dense if dense > 0 else float("nan"),
-        "runs": runs, "warmup": warmup, "threads": threads, "samples": sum(batch_size(b) for b in batches),
+        "ms": {name: t["median_ms"] for name, t in timings.items()},
+        "min_ms": {name: t["min_ms"] for name, t in timings.items()},
+        "ratio": {name: t["median_ms"] / first if first > 0 else float("nan") for name, t in timings.items()},
+        "baseline": baseline, "runs": runs, "warmup": warmup, "threads": threads,
+        "samples": sum(batch_size(b) for b in batches),
+    }
+
+
+def latency_ratio(
+    dense_onnx: str | Path,
+    sparse_onnx: str | Path,
+    batches: Sequence[Batch],
+    *,
+    io_spec: IOSpec | None = None,
+    threads: int | None = None,
+    warmup: int = DEFAULT_WARMUP,
+    runs: int = DEFAULT_RUNS,
+) -> dict[str, Any]:
+    """Median milliseconds of one pass over ``batches`` under onnxruntime, dense
+    and sparse, timed alternately (see the module docstring), and their ratio
+    (sparse / dense: below 1 is faster): :func:`latencies` of the two. ``io_spec`` names a tensor or tuple batch's
+    inputs; ``threads``: None for the command's (:func:`~actsparse_deploy.base.threads.current_threads`)."""
+    figures = latencies({"dense": dense_onnx, "sparse": sparse_onnx}, batches, io_spec=io_spec, threads=threads,
+                        warmup=warmup, runs=runs)
+    dense, sparse = figures["ms"]["dense"], figures["ms"]["sparse"]
+    return {
+        "dense_ms": dense, "sparse_ms": sparse, "ratio": figures["ratio"]["sparse"],
+        "runs": runs, "warmup": warmup, "threads": figures["threads"], "samples": figures["samples"],
     }
 
 

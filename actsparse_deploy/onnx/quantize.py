@@ -1,0 +1,456 @@
+"""Stage 3c: int8 quantization of an ONNX export, by onnxruntime's own quantizer.
+
+:func:`quantize_onnx` writes the int8 model beside nothing else (whole or not at
+all, as export writes), :func:`variant_costs` says what it cost against the
+dense PyTorch model and against its float source, and
+:func:`~actsparse_deploy.onnx.latency.latencies` times it beside the others.
+
+Two modes, both ``onnxruntime.quantization`` with per-channel int8 weights:
+
+- ``int8``: ``quantize_dynamic`` (activations quantized at run time, no data).
+  What is quantized: :data:`DEFAULT_OP_TYPES`. ``Gemm`` needs no entry:
+  onnxruntime's dynamic quantizer turns each ``Gemm`` into ``MatMul`` + ``Add``
+  itself (the digits MLP's three layers are quantized so).
+- ``int8-static``: ``quantize_static`` in QDQ form, activation ranges (MinMax)
+  from calibration batches (:class:`CalibrationFeeds` feeds our batches,
+  :data:`DEFAULT_CALIBRATION_SAMPLES` samples), uint8 activations.
+
+Both run onnxruntime's ``quant_pre_process`` first (symbolic shape inference,
+its basic graph optimizations, ONNX shape inference); where the symbolic shape
+inference cannot finish (the MiniLM export: "Incomplete symbolic shape
+inference") it runs without it, and the result says so (:attr:`QuantizeResult.preprocess`).
+
+Why these choices: measured on an AMD EPYC (AVX2, no VNNI), onnxruntime 1.32,
+one thread, the built-in models' held-out batches (MiniLM: 64 sentences in
+batches of 8, 24 to 49 tokens; tiny-lm: its decoder's first step, 64 x 64
+tokens), median of 9 to 21 alternated passes, the dense float export = 1.00x;
+a shared machine, so latency within about 0.05 is noise:
+
+=============================  ==============  ===================  =========  ===========
+MiniLM                         latency         cosine mean / worst  size MB    MatMuls
+=============================  ==============  ===================  =========  ===========
+dense float                    1.00x           1 / 1                90.4       0 of 36
+MatMul                         0.67-0.76x      0.99247 / 0.98480    58.7       36
+MatMul + Gather (chosen)       0.69-0.76x      0.99214 / 0.98419    22.9       36
+the same, pre-processed        0.69-0.75x      0.99214 / 0.98419    22.9       36
+uint8 weights                  0.84x           0.99319 / 0.98090    22.9       36
+reduce_range                   0.70x           0.99163 / 0.98226    22.9       36
+int8-static (QDQ, MinMax)      0.72x           0.934 / 0.887        58.7       36 + 12
+=============================  ==============  ===================  =========  ===========
+
+=============================  ==============  ===================  =========  ===========
+tiny-lm                        latency         perplexity (94.79)   size MB    MatMuls
+=============================  ==============  ===================  =========  ===========
+MatMul + Gather                0.79-0.80x      94.76                5.1        28
+the same, pre-processed        0.63-0.77x      94.69                5.6        29
+int8-static (QDQ, MinMax)      0.68x           94.99                8.8        37
+=============================  ==============  ===================  =========  ===========
+
+- Pre-processing: on tiny-lm it folds the ``Transpose`` of the tied embedding
+  into a constant, so the language-model head (the largest MatMul) is quantized
+  too (0.80x -> 0.72x, alternated in one run); on MiniLM the same nodes are quantized either way. Kept on.
+- ``Gather`` (the embedding tables): a quarter of the size (MiniLM 58.7 -> 22.9
+  MB) for a cosine 0.0003 lower; no latency change. Kept.
+- ``Attention``: none of our exports has the fused contrib op (onnxruntime's
+  BERT optimizer does not fuse MiniLM's export either); it is quantized where a graph has it.
+- Weights int8 (not uint8: slower on AVX2), full range (``reduce_range`` no faster, less faithful).
+- ``int8-static`` loses on this CPU on both counts (MiniLM cosine 0.934 against
+  0.992, and no faster; the Percentile and moving-average MinMax calibrations
+  give 0.937 / 0.939): it stays behind ``mode="int8-static"``.
+
+The digits MLP: accuracy 0.9725 before and after, 70 -> 24 kB (no faster: a pass
+is 0.08 ms, per-node overhead; the quantize nodes add three). ``tools/measure_quantize.py``
+gives the frontier (dense / int8 / sparse / sparse + int8) of the built-in models.
+
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> from actsparse_deploy.onnx.export import export_onnx
+    >>> from actsparse_deploy.onnx.quantize import quantize_onnx
+    >>> folder = tempfile.mkdtemp()
+    >>> model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+    >>> _ = export_onnx(model, torch.randn(4, 64), folder + "/model.onnx")
+    >>> result = quantize_onnx(folder + "/model.onnx", folder + "/model.int8.onnx")
+    >>> result.mode, result.quantized, result.size_after < result.size_before / 2
+    ('int8', {'Gemm': 2}, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..base.errors import ActsparseError, DataError, ExportError, OutputError, UsageError, ValidationError, first_line
+from ..base.files import check_output_path, os_reason, output_lock, publish, remove_stale_staging, staging_dir
+from ..base.quiet import quiet
+from ..data.batches import Batch, batch_size, flatten_outputs, head_samples, run_batch
+from ..data.scores import Tally
+from ..nn.modules import eval_mode
+from .validate import check_external_data, onnx_feeds, onnx_session, read_graph, run_session
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..data.iospec import IOSpec
+
+__all__ = [
+    "DEFAULT_CALIBRATION_SAMPLES", "DEFAULT_OP_TYPES", "MODES", "STATIC_OP_TYPES", "CalibrationFeeds", "QuantizeResult",
+    "VariantCost", "model_bytes", "quantize_onnx", "variant_costs",
+]
+
+#: the quantization modes, each onnxruntime's quantizer with per-channel int8 weights
+MODES = ("int8", "int8-static")
+#: ``int8``: the op types quantized (a ``Gemm`` is turned into ``MatMul`` + ``Add`` by onnxruntime's dynamic quantizer)
+DEFAULT_OP_TYPES = ("MatMul", "Gather", "Attention")
+#: ``int8-static``: the op types quantized (QDQ form keeps ``Gemm`` as it is)
+STATIC_OP_TYPES = ("MatMul", "Gemm")
+#: ``int8-static``: calibration samples read (the first of the batches given)
+DEFAULT_CALIBRATION_SAMPLES = 128
+#: ops only a quantized graph holds: such a graph is not quantized again
+_QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul",
+    "QLinearConv", "QGemm", "QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "DynamicQuantizeLSTM",
+})
+#: a quantized node's op type -> the float op type it replaced
+_FLOAT_OP = {"MatMulInteger": "MatMul", "DynamicQuantizeMatMul": "MatMul", "MatMulIntegerToFloat": "MatMul",
+             "QAttention": "Attention", "ConvInteger": "Conv", "QGemm": "Gemm", "DynamicQuantizeLSTM": "LSTM"}
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """What :func:`quantize_onnx` did."""
+
+    path: Path
+    source: Path
+    mode: str
+    #: the op types asked for
+    op_types: tuple[str, ...]
+    #: nodes quantized per float op type (``{"MatMul": 36, "Gather": 3}``)
+    quantized: dict[str, int]
+    #: bytes on disk, the model file with its external data: the float source, the quantized model
+    size_before: int
+    size_after: int
+    #: onnxruntime's pre-processing: "shapes and graph", "graph only (...)", or "off"
+    preprocess: str
+    external_data: bool
+    seconds: float
+    #: ``int8-static``: the calibration samples read (None for ``int8``)
+    calibration_samples: int | None = None
+
+    @property
+    def nodes_quantized(self) -> int:
+        return sum(self.quantized.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "source": str(self.source), "mode": self.mode, "op_types": list(self.op_types),
+            "quantized": dict(self.quantized), "nodes_quantized": self.nodes_quantized,
+            "size_before": self.size_before, "size_after": self.size_after,
+            "size_ratio": self.size_after / self.size_before if self.size_before else float("nan"),
+            "preprocess": self.preprocess, "external_data": self.external_data, "seconds": round(self.seconds, 3),
+            **({"calibration_samples": self.calibration_samples} if self.calibration_samples is not None else {}),
+        }
+
+
+class CalibrationFeeds:
+    """``int8-static``'s calibration data for onnxruntime (a ``CalibrationDataReader``:
+    ``get_next`` gives one batch's feeds, then None): ``batches`` as the ONNX model
+    at ``path`` takes them (:func:`~actsparse_deploy.onnx.validate.onnx_feeds`, checked
+    against its inputs), the first ``max_samples`` only, read as onnxruntime asks."""
+
+    def __init__(self, path: str | Path, batches: Iterable[Batch], io_spec: IOSpec | None = None,
+                 max_samples: int = DEFAULT_CALIBRATION_SAMPLES) -> None:
+        session = onnx_session(path)
+        self.samples = 0
+
+        def feeds() -> Iterator[dict[str, np.ndarray]]:
+            for batch in head_samples(batches, max_samples):
+                self.samples += batch_size(batch)
+                yield onnx_feeds(session, batch, io_spec)
+
+        self._feeds = feeds()
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self._feeds
+
+
+def model_bytes(path: str | Path) -> int:
+    """Bytes on disk of the ONNX model at ``path`` and the external data files it reads."""
+    path = Path(path)
+    sizes = check_external_data(path)
+    return path.stat().st_size + sum(size or 0 for size in sizes.values())
+
+
+def quantize_onnx(
+    float_path: str | Path,
+    out_path: str | Path,
+    mode: str = "int8",
+    *,
+    op_types: Sequence[str] | None = None,
+    preprocess: bool = True,
+    calibration: Iterable[Batch] | None = None,
+    io_spec: IOSpec | None = None,
+    max_samples: int = DEFAULT_CALIBRATION_SAMPLES,
+    external_data: bool | None = None,
+    overwrite: bool = True,
+    verbose: bool = False,
+) -> QuantizeResult:
+    """The float ONNX model at ``float_path`` quantized by onnxruntime to
+    ``out_path`` (``mode``: see the module docstring), written by way of a staging
+    folder beside it, the model and its data file both or neither.
+    ``op_types``: default :data:`DEFAULT_OP_TYPES` (``int8``) or :data:`STATIC_OP_TYPES`;
+    ``calibration``: ``int8-static``'s batches (the calibration split, never the held-out
+    one; ``io_spec`` names a tensor or tuple batch's inputs), the first ``max_samples``;
+    ``external_data``: the weights in ``<out>.data`` (None: where the source has external data:
+    a model over 2 GB). A file that is not ONNX is a ValidationError, an unknown mode or a
+    model already quantized a UsageError, a quantizer failure an ExportError."""
+    start = time.perf_counter()
+    source, out = Path(float_path), Path(out_path)
+    proto = _check_source(source, out, mode, calibration)
+    ops = tuple(op_types) if op_types is not None else (DEFAULT_OP_TYPES if mode == "int8" else STATIC_OP_TYPES)
+    external = bool(external_data) if external_data is not None else bool(check_external_data(source, proto))
+    data_name = f"{out.name}.data"
+    check_output_path(out, overwrite)
+    if external:
+        check_output_path(out.parent / data_name, overwrite)
+    with output_lock(out.parent, out.name):
+        remove_stale_staging(out.parent)
+        with staging_dir(out.parent) as staging:
+            staged = staging / out.name
+            prepared, how = _preprocess(source, staging / "pre" / "pre.onnx", preprocess, external, verbose)
+            static = calibration if mode == "int8-static" else None  # checked: given for int8-static
+            reader = CalibrationFeeds(prepared, static, io_spec, max_samples) if static is not None else None
+            try:
+                _quantize(prepared, staged, ops, external, reader, verbose)
+            except ActsparseError:  # ours, from the calibration batches (they do not fit the model): as it is
+                raise
+            except Exception as e:  # onnxruntime's quantizer raises RuntimeError, ValueError, onnx's errors
+                raise _quantizer_error(source, mode, e) from e
+            quantized = _quantized_ops(read_graph(staged))
+            written = external and (staging / data_name).is_file()
+            check_external_data(staged)  # what it wrote reads from beside it only, whole
+            size = model_bytes(staged)
+            publish(staging, out.parent, [data_name, out.name] if written else [out.name], overwrite=overwrite)
+    return QuantizeResult(out, source, mode, ops, quantized, model_bytes(source), size, how, written,
+                          time.perf_counter() - start, reader.samples if reader is not None else None)
+
+
+def _check_source(source: Path, out: Path, mode: str, calibration: Iterable[Batch] | None) -> Any:
+    """The source's graph (not its data), after the checks that need no work: the mode, the
+    calibration data it needs, an ONNX file that exists and is not quantized, an output elsewhere."""
+    if mode not in MODES:
+        raise UsageError(f"unknown quantization mode {mode!r}; known: {', '.join(MODES)}")
+    if mode == "int8-static" and calibration is None:
+        raise DataError("int8-static quantization needs calibration batches (the activation ranges come from them)")
+    if source.is_dir():
+        raise ValidationError(f"ONNX model {source} is a directory: give the .onnx file")
+    if not source.is_file():
+        raise ValidationError(f"ONNX model {source} does not exist")
+    if out.resolve() == source.resolve():
+        raise UsageError(f"the quantized model would overwrite its float source {source}: give another output name")
+    proto = read_graph(source)
+    found = Counter(node.op_type for node in proto.graph.node if node.op_type in _QUANTIZED_OPS)
+    if found:
+        ops = ", ".join(f"{n} {op}" for op, n in sorted(found.items()))
+        raise UsageError(f"ONNX model {source} is quantized already ({ops}): quantize the float export")
+    return proto
+
+
+def _preprocess(source: Path, target: Path, asked: bool, external: bool, verbose: bool) -> tuple[Path, str]:
+    """onnxruntime's ``quant_pre_process`` of ``source`` into ``target`` (its own folder): the
+    model to quantize and what was done. Where symbolic shape inference cannot finish, without it."""
+    if not asked:
+        return source, "off"
+    from onnxruntime.quantization import quant_pre_process
+
+    target.parent.mkdir()
+    options = {"save_as_external_data": external, "all_tensors_to_one_file": True,
+               "external_data_location": f"{target.name}.data" if external else None}
+    try:
+        with quiet(verbose), _working_in(target.parent):
+            quant_pre_process(str(source.resolve()), str(target.resolve()), **options)
+        return target, "shapes and graph"
+    except Exception as e:  # onnxruntime's symbolic shape inference raises a bare Exception
+        reason = first_line(e)
+    _clear(target.parent)
+    try:
+        with quiet(verbose), _working_in(target.parent):
+            quant_pre_process(str(source.resolve()), str(target.resolve()), skip_symbolic_shape=True, **options)
+    except Exception as e:
+        raise _quantizer_error(source, "pre-processing", e) from e
+    return target, f"graph only (symbolic shape inference: {reason})"
+
+
+@contextlib.contextmanager
+def _working_in(folder: Path) -> Iterator[None]:
+    """The working directory ``folder`` for the duration: onnxruntime's symbolic shape inference
+    leaves its temporary model and data file in the working directory when it fails (MiniLM's
+    export), so they land in the staging folder, removed with it, not in the user's."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def _clear(folder: Path) -> None:
+    for entry in folder.iterdir():
+        entry.unlink()
+
+
+def _quantize(source: Path, target: Path, op_types: tuple[str, ...], external: bool, reader: CalibrationFeeds | None,
+              verbose: bool) -> None:
+    """onnxruntime's quantizer from ``source`` to ``target``, int8 per-channel weights: dynamic,
+    or static (QDQ, uint8 activations) with the ranges ``reader``'s batches give."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    with quiet(verbose):
+        if reader is None:
+            quantize_dynamic(str(source), str(target), op_types_to_quantize=list(op_types), per_channel=True,
+                             weight_type=QuantType.QInt8, use_external_data_format=external)
+        else:
+            quantize_static(str(source), str(target), reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(op_types), per_channel=True, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QUInt8, use_external_data_format=external)
+
+
+#: errors of the file system, not of the quantizer: the output cannot be written
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
+def _quantizer_error(source: Path, what: str, e: BaseException) -> ExportError | OutputError:
+    """The quantizer's failure in one line; a full disk (or another write error) an OutputError."""
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+        return OutputError(f"cannot quantize {source.name} ({what}): {os_reason(e)}")
+    return ExportError(f"onnxruntime's quantizer failed on {source.name} ({what}): {first_line(e)}")
+
+
+def _quantized_ops(proto: Any) -> dict[str, int]:
+    """Nodes that take a quantized weight (``NAME_quantized``, directly or through
+    a DequantizeLinear), counted by the float op type they replaced (a MatMul onnxruntime
+    made of a Gemm, whose weight it named ``NAME_Transposed``, counts as a Gemm)."""
+    graph = proto.graph
+    weights = {t.name for t in graph.initializer if t.name.endswith("_quantized")}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found: dict[str, Any] = {}
+    for weight in sorted(weights):
+        for node in consumers.get(weight, []):
+            users = [u for out in node.output for u in consumers.get(out, [])] if node.op_type == "DequantizeLinear" else [node]
+            for user in users:
+                gemm = re.search(r"_Transposed(_\d+)?_quantized$", weight) is not None and node.op_type != "DequantizeLinear"
+                found[user.name or str(id(user))] = "Gemm" if gemm else _FLOAT_OP.get(user.op_type, user.op_type)
+    return dict(sorted(Counter(found.values()).items()))
+
+
+@dataclass(frozen=True)
+class VariantCost:
+    """One ONNX variant's cost on the held-out batches, as :func:`variant_costs` measures
+    every variant: against the dense PyTorch model (per output: max abs difference, per-sample
+    cosine mean and worst; perplexity and accuracy where asked, and their change from the
+    dense model's), and against its reference ONNX variant (its float source) where it has one."""
+
+    name: str
+    path: str
+    size_bytes: int
+    outputs: list[dict[str, Any]]
+    perplexity: float | None = None
+    accuracy: float | None = None
+    dense_perplexity: float | None = None
+    dense_accuracy: float | None = None
+    reference: str | None = None
+    against_reference: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def cosine_mean(self) -> float:
+        """The last output's mean per-sample cosine to the dense model (a budget's ``cosine``)."""
+        return float(self.outputs[-1]["cosine_mean"])
+
+    def to_json(self) -> dict[str, Any]:
+        ratio = (self.perplexity / self.dense_perplexity
+                 if self.perplexity is not None and self.dense_perplexity else None)
+        drop = self.dense_accuracy - self.accuracy if self.accuracy is not None and self.dense_accuracy is not None else None
+        return {
+            "name": self.name, "path": self.path, "size_bytes": self.size_bytes, "outputs": self.outputs,
+            **({"perplexity": self.perplexity, "perplexity_ratio": ratio} if self.perplexity is not None else {}),
+            **({"accuracy": self.accuracy, "accuracy_drop": drop} if self.accuracy is not None else {}),
+            **({"reference": self.reference, "against_reference": self.against_reference} if self.reference else {}),
+        }
+
+
+def _tensors(outputs: Sequence[Any]) -> list[torch.Tensor]:
+    return [o if isinstance(o, torch.Tensor) else torch.from_numpy(np.asarray(o)) for o in outputs]
+
+
+def _figures(tally: Tally, tokens: bool, labels: torch.Tensor | None) -> tuple[float | None, float | None]:
+    """A one-side tally's perplexity (with ``tokens``) and accuracy (with ``labels``), else None."""
+    return tally.perplexity_of(0) if tokens else None, tally.accuracy_of(0, labels) if labels is not None else None
+
+
+def _check_references(variants: Mapping[str, Any], references: Mapping[str, str] | None) -> dict[str, str]:
+    references = dict(references or {})
+    missing = sorted({r for r in references.values() if r not in variants} | set(references) - set(variants))
+    if missing:
+        raise UsageError(f"variant_costs: references name variants not given: {', '.join(missing)}")
+    return references
+
+
+def variant_costs(
+    dense: nn.Module,
+    variants: Mapping[str, str | Path],
+    batches: Iterable[Batch],
+    *,
+    references: Mapping[str, str] | None = None,
+    io_spec: IOSpec | None = None,
+    tokens: bool = False,
+    labels: torch.Tensor | None = None,
+) -> dict[str, VariantCost]:
+    """Each ONNX variant (``{name: file}``: dense float, dense int8, sparse float,
+    sparse int8, ...) against the dense PyTorch model ``dense`` on ``batches``
+    (held-out data as the ONNX models take them), measured alike in one pass: each
+    batch through the dense model once (eval mode, no grad) and through every variant
+    once, its outputs folded into :class:`~actsparse_deploy.data.scores.Tally`-s: per
+    output cosine and max abs difference to the dense model, with ``tokens`` next-token
+    perplexity, with ``labels`` top-1 accuracy. ``references`` (``{variant: its float
+    source}``, e.g. ``{"int8": "dense", "sparse+int8": "sparse"}``) adds each one's
+    closeness to its source (the quantization's own share)."""
+    references = _check_references(variants, references)
+    sessions = {name: onnx_session(path) for name, path in variants.items()}
+    model = Tally(("model",), tokens=tokens, classes=labels is not None)
+    alone = {name: Tally(("ONNX model",), tokens=tokens, classes=labels is not None) for name in variants}
+    to_dense = {name: Tally(("model", "ONNX model"), compare=True) for name in variants}
+    to_source = {name: Tally(("ONNX model", "ONNX model"), compare=True) for name in references}
+    with eval_mode(dense):
+        for batch in batches:
+            want = flatten_outputs(run_batch(dense, batch))
+            model.add(batch, want)
+            got = {name: _tensors(run_session(s, onnx_feeds(s, batch, io_spec))) for name, s in sessions.items()}
+            for name, out in got.items():
+                alone[name].add(batch, out)
+                to_dense[name].add(batch, want, out)
+                if name in to_source:
+                    to_source[name].add(batch, got[references[name]], out)
+    ppl, acc = _figures(model, tokens, labels)
+    costs = {}
+    for name, path in variants.items():
+        outputs = [o.name for o in sessions[name].get_outputs()]
+        costs[name] = VariantCost(name, str(path), model_bytes(path), to_dense[name].output_stats(outputs),
+                                  *_figures(alone[name], tokens, labels), ppl, acc, references.get(name),
+                                  to_source[name].output_stats(outputs) if name in to_source else [])
+    return costs

@@ -1,0 +1,86 @@
+"""``convert --quantize``: the validated export quantized by onnxruntime, the alternatives side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+
+from actsparse_deploy.app.pipeline import convert
+from actsparse_deploy.app.report import Report
+
+from ..helpers import invoke, one_line_error
+
+QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm"}
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Report]:
+    out = tmp_path_factory.mktemp("quantize") / "out"
+    return out, convert("digits-mlp", out, threads=1, quantize="int8")
+
+
+def test_model_onnx_is_the_quantized_model_and_the_report_says_what_was_done(quantized):
+    out, report = quantized
+    ops = {node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node}
+    assert ops & QUANTIZED_OPS, ops
+    written = json.loads((out / "report.json").read_text())
+    q = written["quantization"]
+    assert q["mode"] == "int8" and q["nodes_quantized"] == 3 and q["quantized"] == {"Gemm": 3}
+    assert q["size_after"] == (out / "model.onnx").stat().st_size == written["files"]["model.onnx"]
+    assert q["size_after"] < 0.5 * q["size_before"]  # int8 weights: a quarter of float32, plus the graph
+    assert "path" not in q and "source" not in q  # the staged files' places mean nothing after the run
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["masks.safetensors", "model.onnx", "report.json"]
+    assert not any(p.name == ".float" for p in out.rglob("*"))
+    assert Report.from_json(written).quantization == report.quantization
+    # the float model was validated strictly against PyTorch before it was quantized
+    assert written["validation"]["passed"] is True and written["validation"]["max_abs_diff"] < 1e-4
+
+
+def test_the_frontier_has_the_four_alternatives_and_int8_keeps_the_accuracy(quantized):
+    _, report = quantized
+    rows = {row["variant"]: row for row in report.quantization.frontier}
+    assert list(rows) == ["dense", "int8", "sparse", "sparse+int8"]
+    assert rows["dense"]["latency_ratio"] == 1.0 and all(row["latency_ratio"] > 0 for row in rows.values())
+    assert rows["int8"]["size_bytes"] < rows["dense"]["size_bytes"] and rows["sparse+int8"]["size_bytes"] < rows["sparse"]["size_bytes"]
+    assert rows["sparse"]["accuracy"] == pytest.approx(report.cost.accuracy_onnx)
+    assert abs(rows["sparse+int8"]["accuracy"] - rows["sparse"]["accuracy"]) <= 0.005 + 1e-9  # within half a point
+    assert rows["sparse+int8"]["reference"] == "sparse" and rows["int8"]["reference"] == "dense"
+    assert 0.99 < rows["sparse+int8"]["against_reference"][0]["cosine_mean"] < 1.0  # close, not bit-exact
+
+
+def test_the_summary_shows_the_alternatives(tmp_path):
+    result = invoke("convert", "digits-mlp", "-o", tmp_path / "out", "--threads", "1", "--quantize", "int8")
+    assert result.exit_code == 0, result.output
+    assert "quantized (int8, onnxruntime, per-channel weights): 3 Gemm" in result.stdout
+    for variant in ("dense", "int8", "sparse+int8"):
+        assert variant in result.stdout
+
+
+def test_without_latency_there_is_no_frontier(tmp_path):
+    report = convert("digits-mlp", tmp_path / "out", threads=1, quantize="int8", latency=False)
+    assert report.quantization is not None and report.quantization.frontier is None
+
+
+def test_bad_quantize_and_a_budget_with_it_are_refused_before_any_work(tmp_path):
+    one_line_error(invoke("convert", "digits-mlp", "-o", tmp_path / "a", "--quantize", "int4"), 2, "unknown quantization 'int4'")
+    one_line_error(invoke("convert", "digits-mlp", "-o", tmp_path / "b", "--quantize", "int8", "--max-cost", "cosine=0.99"), 2,
+                   "does not count the quantization")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_quantize_command_on_an_onnx_file(tmp_path, quantized):
+    out, _ = quantized
+    float_model = tmp_path / "float"
+    assert convert("digits-mlp", float_model, threads=1, latency=False).quantization is None  # no --quantize: float, as before
+    result = invoke("quantize", float_model / "model.onnx", "-o", tmp_path / "int8.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["quantization"]["quantized"] == {"Gemm": 3}
+    assert report["files"][str(tmp_path / "int8.onnx")] == (tmp_path / "int8.onnx").stat().st_size
+    one_line_error(invoke("quantize", out / "model.onnx", "-o", tmp_path / "again.onnx"), 2, "quantized already")
+    one_line_error(invoke("quantize", float_model / "model.onnx", "-o", tmp_path / "int8.onnx"), 11)  # exists: --overwrite
+    one_line_error(invoke("quantize", float_model / "model.onnx", "-o", tmp_path / "s.onnx", "--mode", "int8-static"), 2, "--data")
+    assert not (tmp_path / "again.onnx").exists() and not (tmp_path / "s.onnx").exists()
