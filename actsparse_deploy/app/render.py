@@ -362,9 +362,11 @@ def _variant_cost(row: dict[str, Any]) -> str:
         parts.append(f"perplexity x{row['perplexity_ratio']:.3f}")
     if row.get("accuracy") is not None:
         parts.append(f"accuracy {row['accuracy']:.4f}")
-    last = (row.get("outputs") or [{}])[-1]
-    if "cosine_mean" in last:
-        parts.append(f"cosine {last['cosine_mean']:.4f} (worst {last['cosine_min']:.4f})")
+    outputs = row.get("outputs") or [{}]
+    # a decoder's logits (not its cache), else the last output (a sentence embedding, what a budget's cosine reads)
+    shown = next((o for o in outputs if o.get("output") == "logits"), outputs[-1])
+    if "cosine_mean" in shown:
+        parts.append(f"cosine {shown['cosine_mean']:.4f} (worst {shown['cosine_min']:.4f})")
     return ", ".join(parts)
 
 
