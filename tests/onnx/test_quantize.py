@@ -116,6 +116,7 @@ def decoder(tmp_path_factory):
     return model, folder, [decoder_batch(b, model.layout) for b in raw], exported
 
 
+@pytest.mark.slow  # a dynamo export with a cache: about 15 s
 def test_a_decoder_quantized_keeps_its_perplexity(decoder):
     model, folder, held, _ = decoder
     result = quantize_onnx(folder / "decoder.onnx", folder / "decoder.int8.onnx")
@@ -236,6 +237,7 @@ def test_a_quantizer_failure_is_one_line_and_writes_nothing(digits, tmp_path, mo
     assert _entries(tmp_path) == []
 
 
+@pytest.mark.slow  # a BERT convert and its quantization: about 7 s
 def test_a_failed_shape_inference_leaves_nothing_in_the_working_directory(tmp_path, monkeypatch):
     """onnxruntime's symbolic shape inference fails on BERT-like exports and leaves its temporary
     model and data file in the working directory: before, two files (87 MB for MiniLM) per run."""
