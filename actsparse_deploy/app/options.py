@@ -259,9 +259,9 @@ class ConvertOptions:
             made[group] = given[group] if given[group] is not None else _MADE[group](**keywords)
             if group == "export" and threads is not None:  # after the dynamic axes, before the device: as always
                 check_threads(threads)
-        if made["calibrate"].max_cost is not None and made["quantize"].mode != "none":
-            raise UsageError("a cost budget (max_cost) with quantize: the budget search does not count the quantization's "
-                             "cost yet; give one of them")
+        if made["calibrate"].max_cost is not None and made["quantize"].mode != "none" and ":" in made["calibrate"].max_cost.partition("=")[0]:
+            raise UsageError("a budget function (max_cost=package.module:function=VALUE) with quantize: it is called on PyTorch "
+                             "models, and the int8 model is ONNX; use a built-in budget kind, or leave out quantize")
         for name in ("load", "calibrate", "squash", "export", "validate", "quantize"):
             object.__setattr__(self, name, made[name])
         for name, value in (("overwrite", overwrite), ("threads", threads), ("latency", latency), ("on_stage", on_stage)):

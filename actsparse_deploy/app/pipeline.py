@@ -58,7 +58,7 @@ from ..onnx.validate import ValidationReport, validate
 from .cost import cost_stage
 from .decoding import Target, export_target
 from .options import CalibrateOptions, ConvertOptions, ExportOptions, QuantizeOptions, ValidateOptions
-from .quantize import FLOAT_FOLDER, frontier, quantization_json, quantize_staged
+from .quantize import FLOAT_FOLDER, check_budget, frontier, quantization_json, quantize_staged
 from .report import Report, named_input_shape
 from .workload import load_recipe, squash_workload
 
@@ -214,6 +214,14 @@ class Stages:
             calibration = target.batches(self.work.require_calibration()) if o.mode == "int8-static" else None
             return quantize_staged(path, o.mode, calibration, target.validation_io(exported.io), verbose)
 
+    def quantized_budget(self, path: Path, exported: ExportResult, budget: BudgetResult) -> dict[str, Any]:
+        """The quantized model at ``path`` held to the ``--max-cost`` budget on the held-out data (exit 10 over it)."""
+        work, target = self.work, self.target
+        task = work.builtin.task if work.builtin is not None else work.task
+        with self.timer("quantize"):
+            return check_budget(budget.budget, target.model(work.model), path, target.batches(work.require_heldout()),
+                                io=target.validation_io(exported.io), tokens=task == "causal-lm", labels=work.labels)
+
     def latency(self, path: Path, exported: ExportResult, scratch: Path, verbose: bool = False,
                 quantized: tuple[QuantizeResult, Path] | None = None) -> dict[str, Any]:
         """The dense model (exported into ``scratch``, removed after) against the ONNX
@@ -330,6 +338,7 @@ def _staged_report(stages: Stages, masks: Masks, budget: BudgetResult | None, sq
     validation = stages.validate(onnx_path, squashed.model, exported, o.validate)
     cost, budget = stages.cost(squashed.model, onnx_path, exported, budget)
     quantized = stages.quantize(onnx_path, exported, o.quantize, o.export.verbose)  # the float model validated above, moved aside
+    kept = stages.quantized_budget(onnx_path, exported, budget) if quantized is not None and budget is not None else None
     speed = None
     if o.latency:  # dense vs converted under onnxruntime, on held-out data; the dense export is scratch
         speed = stages.latency(onnx_path, exported, staging / ".dense-latency", o.export.verbose, quantized)
@@ -339,7 +348,7 @@ def _staged_report(stages: Stages, masks: Masks, budget: BudgetResult | None, sq
                                    cache=any(name.startswith("past_key_values.") for name in exported.io.input_names))
     report = build_report(stages.work, masks, squashed, exported, validation, cost, stages.timer, stages.timer.total(), o.squash.mode,
                           onnx_path=outdir / "model.onnx", budget=budget, speed=speed, runtime=runtime,
-                          quantized=quantized[0] if quantized is not None else None)
+                          quantized=quantized[0] if quantized is not None else None, quantized_budget=kept)
     return report.replace(export=replace(report.export, cache=stages.target.cached)) if report.export is not None else report
 
 
@@ -369,7 +378,7 @@ def build_report(
     work: Workload, masks: Masks, squashed: SquashResult, exported: ExportResult, validation: Any,
     cost: Mapping[str, Any], timer: Timer, total: float, mode: str, onnx_path: str | Path | None = None,
     budget: BudgetResult | None = None, speed: Mapping[str, Any] | None = None, runtime: RuntimeFiles | None = None,
-    quantized: QuantizeResult | None = None,
+    quantized: QuantizeResult | None = None, quantized_budget: Mapping[str, Any] | None = None,
 ) -> Report:
     """The report of a ``convert`` run, built once: ``report.json`` is its
     ``to_json()``. ``validation``: a ``ValidationReport`` (or its JSON);
@@ -402,7 +411,9 @@ def build_report(
         "budget": budget.to_json() if budget is not None else None,
         "latency": ({k: v for k, v in speed.items() if k != "frontier"} | {"verdict": verdict(speed["ratio"])}
                     if speed is not None else None),
-        "quantization": quantization_json(quantized, (speed or {}).get("frontier")) if quantized is not None else None,
+        "quantization": ({**quantization_json(quantized, (speed or {}).get("frontier")),
+                          **({"budget": dict(quantized_budget)} if quantized_budget is not None else {})}
+                         if quantized is not None else None),
     }
     return Report(
         tool_version=__version__,

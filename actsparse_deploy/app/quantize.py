@@ -28,7 +28,7 @@ from ..onnx.latency import latencies
 from ..onnx.quantize import QuantizeResult, quantize_onnx, variant_costs
 from .report import Report
 
-__all__ = ["FLOAT_FOLDER", "VARIANTS", "frontier", "quantization_json", "quantize_file", "quantize_staged"]
+__all__ = ["FLOAT_FOLDER", "VARIANTS", "check_budget", "frontier", "quantization_json", "quantize_file", "quantize_staged"]
 
 #: where the float export waits inside the staging folder while the quantized one is measured (removed before publishing)
 FLOAT_FOLDER = ".float"
@@ -96,3 +96,30 @@ def quantize_file(onnx_model: Path, output: Path, mode: str, data: str | None = 
     result = quantize_onnx(onnx_model, output, mode, calibration=batches, overwrite=overwrite)
     return Report(model=str(onnx_model), quantization=quantization_json(result, None),  # type: ignore[arg-type]
                   files={str(output): result.size_after})
+
+
+def budget_figure(kind: str, cost: Any) -> float:
+    """A budget kind's figure of a :class:`~actsparse_deploy.onnx.quantize.VariantCost` (a decoder's
+    cosine is its logits', as the PyTorch model's only output is; else the last output's)."""
+    if kind == "accuracy-drop":
+        return float(cost.dense_accuracy - cost.accuracy)
+    if kind == "perplexity-ratio":
+        return float(cost.perplexity / cost.dense_perplexity)
+    shown = next((o for o in cost.outputs if o.get("output") == "logits"), cost.outputs[-1])
+    return float(shown["cosine_mean"])
+
+
+def check_budget(budget: Any, dense: nn.Module, path: Path, batches: Iterable[Batch], *, io: IOSpec | None, tokens: bool,
+                 labels: Any = None) -> dict[str, Any]:
+    """The quantized model at ``path`` measured by ``budget`` (a :class:`~actsparse_deploy.app.budget.Budget`)
+    against the dense PyTorch model on the held-out ``batches`` (as the ONNX model takes them): the
+    figure and that it keeps the budget; over it, a ValidationError (exit 10: nothing is written)."""
+    from ..base.errors import ValidationError
+
+    cost = variant_costs(dense, {"int8": path}, batches, io_spec=io, tokens=budget.kind == "perplexity-ratio" or tokens,
+                         labels=labels if budget.kind == "accuracy-drop" else None)["int8"]
+    value = budget_figure(budget.kind, cost)
+    if not budget.within(value):
+        raise ValidationError(f"the int8 model's held-out cost {budget.kind}={value:.6g} is over the budget {budget} "
+                              "(the quantization's error adds to the sparsity's): give a looser budget, or leave out --quantize")
+    return {"budget": str(budget), "heldout_cost": value, "within": True}

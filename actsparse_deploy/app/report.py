@@ -388,6 +388,8 @@ class Quantization(Section):
     seconds: float
     calibration_samples: int | None = field(default=None, metadata=_OMIT_NONE)
     frontier: list[dict[str, Any]] | None = field(default=None, metadata=_OMIT_NONE)
+    #: ``--max-cost``: the quantized model's held-out cost by the budget, which it keeps (over it: exit 10)
+    budget: dict[str, Any] | None = field(default=None, metadata=_OMIT_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)

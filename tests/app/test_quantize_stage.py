@@ -64,11 +64,22 @@ def test_without_latency_there_is_no_frontier(tmp_path):
     assert report.quantization is not None and report.quantization.frontier is None
 
 
-def test_bad_quantize_and_a_budget_with_it_are_refused_before_any_work(tmp_path):
+def test_bad_quantize_and_a_budget_function_with_it_are_refused_before_any_work(tmp_path):
     one_line_error(invoke("convert", "digits-mlp", "-o", tmp_path / "a", "--quantize", "int4"), 2, "unknown quantization 'int4'")
-    one_line_error(invoke("convert", "digits-mlp", "-o", tmp_path / "b", "--quantize", "int8", "--max-cost", "cosine=0.99"), 2,
-                   "does not count the quantization")
+    one_line_error(invoke("convert", "digits-mlp", "-o", tmp_path / "b", "--quantize", "int8", "--max-cost", "tests.app.test_budget:disagreement=0.5"), 2,
+                   "budget function", "with quantize")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_budget_holds_the_int8_model_too(tmp_path):
+    """Before, --max-cost checked the float model only: the int8 model's own error was never held to it."""
+    report = convert("digits-mlp", tmp_path / "kept", threads=1, quantize="int8", max_cost="accuracy-drop=0.9", latency=False)
+    kept = report.quantization.budget
+    assert kept["within"] is True and kept["budget"] == "accuracy-drop=0.9" and kept["heldout_cost"] <= 0.9
+    result = invoke("convert", "digits-mlp", "-o", tmp_path / "over", "--threads", "1", "--quantize", "int8",
+                    "--max-cost", "cosine=0.99999", "--no-latency")
+    one_line_error(result, 10, "the int8 model's held-out cost cosine=", "over the budget cosine=0.99999")
+    assert not (tmp_path / "over").exists()
 
 
 def test_the_quantize_command_on_an_onnx_file(tmp_path, quantized):
