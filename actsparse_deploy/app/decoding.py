@@ -72,16 +72,20 @@ class Target:
                           "pass --exporter dynamo, or --no-cache for one full pass per call")
 
 
-def export_target(work: Workload, cache: bool | None) -> Target:
+def export_target(work: Workload, cache: bool | None, exporter: str | None = None) -> Target:
     """The workload's :class:`Target`: a causal language model with a cache unless
-    ``cache`` is False; ``cache=True`` for any other model is a :class:`UsageError`."""
+    ``cache`` is False; ``cache=True`` for any other model is a :class:`UsageError`,
+    an ``exporter`` the target cannot be exported with an :class:`ExportError`."""
     task = work.builtin.task if work.builtin is not None else work.task
     lm = causal_lm(work.model) if task == "causal-lm" and cache is not False else None
     if lm is None:
         if cache:
             raise UsageError(f"--cache is for causal language models (Hugging Face causal-lm, tiny-lm); {work.name!r} is not one")
         return Target()
-    return Target(CacheLayout.of(lm))
+    target = Target(CacheLayout.of(lm))
+    if exporter is not None:
+        target.exporter(exporter)
+    return target
 
 
 def describe(target: Target) -> dict[str, Any]:

@@ -53,12 +53,11 @@ from ..models.folder import RuntimeFiles, write_workload_files
 from ..onnx.export import ExportResult, export_onnx, layer_metadata
 from ..onnx.generate import check_generation, decode_latency, held_out_prompts
 from ..onnx.latency import dense_latency, slower_note, verdict
-from ..onnx.quantize import QuantizeResult
 from ..onnx.validate import ValidationReport, validate
 from .cost import cost_stage
 from .decoding import Target, export_target
 from .options import CalibrateOptions, ConvertOptions, ExportOptions, QuantizeOptions, ValidateOptions
-from .quantize import FLOAT_FOLDER, check_budget, frontier, quantization_json, quantize_staged
+from .quantize import FLOAT_FOLDER, Quantized, frontier, quantize_stage
 from .report import Report, named_input_shape
 from .workload import load_recipe, squash_workload
 
@@ -124,12 +123,11 @@ class Stages:
         with timer("load"):
             work = o.load.workload(model, check_distinct=False)
             c = o.calibrate
+            target = export_target(work, o.export.cache, o.export.exporter)  # a decoder with a cache, or the model as it is
             recipe = load_recipe(work, c.recipe, c.sparsity, method=c.method, compensate=c.compensate)
             o.load.check_distinct()  # after the recipe: a missing recipe is named first
             work.require_heldout()
             check_dynamic_axes(work.model, work.example(), o.export.dynamic_axes, work.io)  # before any work
-            target = export_target(work, o.export.cache)
-            target.exporter(o.export.exporter)
             calibration = first_samples(work.require_calibration(), c.max_samples)
             timer.totals["calibrate"] = total_samples(calibration) if c.group is None else None  # distributed: a share
         return cls(work, timer, target), recipe, calibration
@@ -204,26 +202,18 @@ class Stages:
             io = self.target.validation_io(exported.io) if exported is not None else None
             return cost_stage(self.work, model, path, io, budget, onnx_batches=self.target.batches)
 
-    def quantize(self, path: Path, exported: ExportResult, o: QuantizeOptions, verbose: bool = False) -> tuple[QuantizeResult, Path] | None:
-        """The validated ONNX model at ``path`` quantized in its place (``o.mode``; None for ``none``), the
-        float one moved aside (:func:`~actsparse_deploy.app.quantize.quantize_staged`): the result and its path."""
+    def quantize(self, path: Path, exported: ExportResult, o: QuantizeOptions, budget: BudgetResult | None = None,
+                 verbose: bool = False) -> Quantized | None:
+        """The validated ONNX model at ``path`` quantized in its place (``o.mode``; None for ``none``),
+        the float one moved aside, and held to ``budget`` where there is one
+        (:func:`~actsparse_deploy.app.quantize.quantize_stage`)."""
         if o.mode == "none":
             return None
-        target = self.target
         with self.timer("quantize"):
-            calibration = target.batches(self.work.require_calibration()) if o.mode == "int8-static" else None
-            return quantize_staged(path, o.mode, calibration, target.validation_io(exported.io), verbose)
-
-    def quantized_budget(self, path: Path, exported: ExportResult, budget: BudgetResult) -> dict[str, Any]:
-        """The quantized model at ``path`` held to the ``--max-cost`` budget on the held-out data (exit 10 over it)."""
-        work, target = self.work, self.target
-        task = work.builtin.task if work.builtin is not None else work.task
-        with self.timer("quantize"):
-            return check_budget(budget.budget, target.model(work.model), path, target.batches(work.require_heldout()),
-                                io=target.validation_io(exported.io), tokens=task == "causal-lm", labels=work.labels)
+            return quantize_stage(self.work, self.target, path, exported.io, o.mode, budget.budget if budget else None, verbose)
 
     def latency(self, path: Path, exported: ExportResult, scratch: Path, verbose: bool = False,
-                quantized: tuple[QuantizeResult, Path] | None = None) -> dict[str, Any]:
+                quantized: Quantized | None = None) -> dict[str, Any]:
         """The dense model (exported into ``scratch``, removed after) against the ONNX
         model at ``path`` under onnxruntime, on held-out data."""
         work, target, held = self.work, self.target, self.work.require_heldout()
@@ -235,8 +225,8 @@ class Stages:
             if quantized is not None:  # the alternatives side by side: dense, int8 alone, sparse, sparse + int8
                 task = work.builtin.task if work.builtin is not None else work.task
                 figures["frontier"] = frontier(
-                    target.model(work.model), {"dense": dense, "sparse": quantized[1], "sparse+int8": path}, target.batches(held),
-                    io=target.validation_io(exported.io), mode=quantized[0].mode, tokens=task == "causal-lm", labels=work.labels)
+                    target.model(work.model), {"dense": dense, "sparse": quantized.floated, "sparse+int8": path}, target.batches(held),
+                    io=target.validation_io(exported.io), mode=quantized.result.mode, tokens=task == "causal-lm", labels=work.labels)
             return figures
 
         with self.timer("latency"):
@@ -337,8 +327,7 @@ def _staged_report(stages: Stages, masks: Masks, budget: BudgetResult | None, sq
     exported = stages.export(squashed.model, onnx_path, o.export, layer_metadata(squashed.report(), o.squash.mode))
     validation = stages.validate(onnx_path, squashed.model, exported, o.validate)
     cost, budget = stages.cost(squashed.model, onnx_path, exported, budget)
-    quantized = stages.quantize(onnx_path, exported, o.quantize, o.export.verbose)  # the float model validated above, moved aside
-    kept = stages.quantized_budget(onnx_path, exported, budget) if quantized is not None and budget is not None else None
+    quantized = stages.quantize(onnx_path, exported, o.quantize, budget, o.export.verbose)  # the float model validated above, moved aside
     speed = None
     if o.latency:  # dense vs converted under onnxruntime, on held-out data; the dense export is scratch
         speed = stages.latency(onnx_path, exported, staging / ".dense-latency", o.export.verbose, quantized)
@@ -348,7 +337,7 @@ def _staged_report(stages: Stages, masks: Masks, budget: BudgetResult | None, sq
                                    cache=any(name.startswith("past_key_values.") for name in exported.io.input_names))
     report = build_report(stages.work, masks, squashed, exported, validation, cost, stages.timer, stages.timer.total(), o.squash.mode,
                           onnx_path=outdir / "model.onnx", budget=budget, speed=speed, runtime=runtime,
-                          quantized=quantized[0] if quantized is not None else None, quantized_budget=kept)
+                          quantized=quantized)
     return report.replace(export=replace(report.export, cache=stages.target.cached)) if report.export is not None else report
 
 
@@ -378,7 +367,7 @@ def build_report(
     work: Workload, masks: Masks, squashed: SquashResult, exported: ExportResult, validation: Any,
     cost: Mapping[str, Any], timer: Timer, total: float, mode: str, onnx_path: str | Path | None = None,
     budget: BudgetResult | None = None, speed: Mapping[str, Any] | None = None, runtime: RuntimeFiles | None = None,
-    quantized: QuantizeResult | None = None, quantized_budget: Mapping[str, Any] | None = None,
+    quantized: Quantized | None = None,
 ) -> Report:
     """The report of a ``convert`` run, built once: ``report.json`` is its
     ``to_json()``. ``validation``: a ``ValidationReport`` (or its JSON);
@@ -411,9 +400,7 @@ def build_report(
         "budget": budget.to_json() if budget is not None else None,
         "latency": ({k: v for k, v in speed.items() if k != "frontier"} | {"verdict": verdict(speed["ratio"])}
                     if speed is not None else None),
-        "quantization": ({**quantization_json(quantized, (speed or {}).get("frontier")),
-                          **({"budget": dict(quantized_budget)} if quantized_budget is not None else {})}
-                         if quantized is not None else None),
+        "quantization": quantized.to_json((speed or {}).get("frontier")) if quantized is not None else None,
     }
     return Report(
         tool_version=__version__,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,14 @@ from torch import nn
 
 from ..data.batches import Batch, head_samples
 from ..data.iospec import IOSpec
+from ..data.workload import Workload
 from ..onnx.latency import latencies
 from ..onnx.quantize import QuantizeResult, quantize_onnx, variant_costs
+from .decoding import Target
 from .report import Report
 
-__all__ = ["FLOAT_FOLDER", "VARIANTS", "check_budget", "frontier", "quantization_json", "quantize_file", "quantize_staged"]
+__all__ = ["FLOAT_FOLDER", "VARIANTS", "Quantized", "check_budget", "frontier", "quantization_json", "quantize_file", "quantize_stage",
+           "quantize_staged"]
 
 #: where the float export waits inside the staging folder while the quantized one is measured (removed before publishing)
 FLOAT_FOLDER = ".float"
@@ -123,3 +127,33 @@ def check_budget(budget: Any, dense: nn.Module, path: Path, batches: Iterable[Ba
         raise ValidationError(f"the int8 model's held-out cost {budget.kind}={value:.6g} is over the budget {budget} "
                               "(the quantization's error adds to the sparsity's): give a looser budget, or leave out --quantize")
     return {"budget": str(budget), "heldout_cost": value, "within": True}
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """What ``convert``'s quantize stage did: onnxruntime's result, where the float model waits
+    (inside the staging folder), and the budget's figure of the quantized model (``--max-cost``)."""
+
+    result: QuantizeResult
+    floated: Path
+    budget: dict[str, Any] | None = None
+
+    def to_json(self, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """``report.json``'s ``quantization``, with the latency stage's frontier ``rows`` where it ran."""
+        return {**quantization_json(self.result, rows), **({"budget": self.budget} if self.budget is not None else {})}
+
+
+def quantize_stage(work: Workload, target: Target, path: Path, exported: IOSpec, mode: str, budget: Any = None,
+                   verbose: bool = False) -> Quantized:
+    """``convert``'s quantize stage: the validated model at ``path`` quantized in its place
+    (:func:`quantize_staged`; ``int8-static``'s ranges from the calibration data), then held to
+    ``budget`` (a :class:`~actsparse_deploy.app.budget.Budget`) on the held-out data (:func:`check_budget`)."""
+    io = target.validation_io(exported)
+    calibration = target.batches(work.require_calibration()) if mode == "int8-static" else None
+    result, floated = quantize_staged(path, mode, calibration, io, verbose)
+    if budget is None:
+        return Quantized(result, floated)
+    task = work.builtin.task if work.builtin is not None else work.task
+    kept = check_budget(budget, target.model(work.model), path, target.batches(work.require_heldout()), io=io,
+                        tokens=task == "causal-lm", labels=work.labels)
+    return Quantized(result, floated, kept)
