@@ -28,13 +28,6 @@ from .budget import BudgetResult, heldout_budget
 __all__ = ["cost_stage", "sparsification_cost"]
 
 
-def _is_causal_lm(work: Workload) -> bool:
-    """Whether ``work`` is a causal language model: a ``causal-lm`` built-in, or a
-    workload whose ``task`` (a Hugging Face model's) is ``causal-lm``."""
-    task = work.builtin.task if work.builtin is not None else work.task
-    return task == "causal-lm"
-
-
 def sparsification_cost(
     work: Workload, sparse: nn.Module, onnx_path: Path | None = None, io_spec: IOSpec | None = None
 ) -> dict[str, Any]:
@@ -57,7 +50,7 @@ def cost_stage(
     held = work.require_heldout()
     io = io_spec or work.io
     names = io.output_names if io else None
-    language = _is_causal_lm(work)
+    language = work.causal_lm
     other = work.builtin.other_data if work.builtin is not None else None
     # the cost under domain shift: text that is neither calibration nor held-out data
     other_batches = list(other(work.builtin.batch_size)) if other is not None else None  # type: ignore[union-attr]

@@ -66,8 +66,10 @@ class Target:
 
     def exporter(self, asked: str) -> str:
         """The exporter a decoder with a cache needs (dynamo: the cache's tensors are traced through ``DynamicCache``)."""
-        if self.layout is None or asked in ("dynamo", "auto"):
-            return asked if self.layout is None else "dynamo"
+        if self.layout is None:
+            return asked
+        if asked in ("dynamo", "auto"):
+            return "dynamo"
         raise ExportError(f"a decoder with a KV cache exports with the dynamo exporter only, not {asked}: "
                           "pass --exporter dynamo, or --no-cache for one full pass per call")
 
@@ -76,8 +78,7 @@ def export_target(work: Workload, cache: bool | None, exporter: str | None = Non
     """The workload's :class:`Target`: a causal language model with a cache unless
     ``cache`` is False; ``cache=True`` for any other model is a :class:`UsageError`,
     an ``exporter`` the target cannot be exported with an :class:`ExportError`."""
-    task = work.builtin.task if work.builtin is not None else work.task
-    lm = causal_lm(work.model) if task == "causal-lm" and cache is not False else None
+    lm = causal_lm(work.model) if work.causal_lm and cache is not False else None
     if lm is None:
         if cache:
             raise UsageError(f"--cache is for causal language models (Hugging Face causal-lm, tiny-lm); {work.name!r} is not one")

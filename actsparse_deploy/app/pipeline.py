@@ -223,10 +223,9 @@ class Stages:
             if target.cached:  # a decoder's figure users compare: ms per generated token
                 figures["decode"] = decode_latency(dense, path, held_out_prompts(held, 1, max_tokens=None)[0])
             if quantized is not None:  # the alternatives side by side: dense, int8 alone, sparse, sparse + int8
-                task = work.builtin.task if work.builtin is not None else work.task
                 figures["frontier"] = frontier(
                     target.model(work.model), {"dense": dense, "sparse": quantized.floated, "sparse+int8": path}, target.batches(held),
-                    io=target.validation_io(exported.io), mode=quantized.result.mode, tokens=task == "causal-lm", labels=work.labels)
+                    io=target.validation_io(exported.io), mode=quantized.result.mode, tokens=work.causal_lm, labels=work.labels)
             return figures
 
         with self.timer("latency"):
@@ -334,11 +333,10 @@ def _staged_report(stages: Stages, masks: Masks, budget: BudgetResult | None, sq
     shutil.rmtree(staging / FLOAT_FOLDER, ignore_errors=True)
     masks.save(staging / "masks.safetensors")
     runtime = write_workload_files(staging, stages.work, squashed.model, outdir=outdir,  # config.json, tokenizer, ... beside model.onnx
-                                   cache=any(name.startswith("past_key_values.") for name in exported.io.input_names))
-    report = build_report(stages.work, masks, squashed, exported, validation, cost, stages.timer, stages.timer.total(), o.squash.mode,
-                          onnx_path=outdir / "model.onnx", budget=budget, speed=speed, runtime=runtime,
-                          quantized=quantized)
-    return report.replace(export=replace(report.export, cache=stages.target.cached)) if report.export is not None else report
+                                   cache=stages.target.cached)
+    return build_report(stages.work, masks, squashed, exported, validation, cost, stages.timer, stages.timer.total(), o.squash.mode,
+                        onnx_path=outdir / "model.onnx", budget=budget, speed=speed, runtime=runtime, quantized=quantized,
+                        cache=stages.target.cached)
 
 
 def _publish(report: Report, staging: Path, outdir: Path, o: ConvertOptions) -> Report:
@@ -367,7 +365,7 @@ def build_report(
     work: Workload, masks: Masks, squashed: SquashResult, exported: ExportResult, validation: Any,
     cost: Mapping[str, Any], timer: Timer, total: float, mode: str, onnx_path: str | Path | None = None,
     budget: BudgetResult | None = None, speed: Mapping[str, Any] | None = None, runtime: RuntimeFiles | None = None,
-    quantized: Quantized | None = None,
+    quantized: Quantized | None = None, cache: bool | None = None,
 ) -> Report:
     """The report of a ``convert`` run, built once: ``report.json`` is its
     ``to_json()``. ``validation``: a ``ValidationReport`` (or its JSON);
@@ -377,7 +375,8 @@ def build_report(
     held-out cost); ``speed``: the latency stage's figures (the ratio in words
     added, and a note where prune was asked for and made it slower); ``runtime``:
     the files written for the runtime beside the ONNX model, and their notes; ``quantized``: what
-    ``--quantize`` did (with the latency stage's frontier of the alternatives)."""
+    ``--quantize`` did (with the latency stage's frontier of the alternatives); ``cache``: whether the
+    export is a decoder with a KV cache (``export.cache``)."""
     modes = squashed.rows()
     # merged: the squash rows also say how each layer's features were chosen (method) and compensated
     layers = [{**row, "input_shape": named_input_shape(row), **next(m for m in modes if m["layer"] == row["layer"])}
@@ -393,7 +392,7 @@ def build_report(
     note = slower_note(mode, [row.get("mode", "") for row in layers], speed["ratio"]) if speed is not None else None
     sections: dict[str, Any] = {  # JSON, parsed by the report's sections
         "calibration": {"samples": masks.num_samples, "batches": masks.num_batches},
-        "export": {**exported.to_json(), "path": final},
+        "export": {**exported.to_json(), "path": final, **({"cache": cache} if cache is not None else {})},
         "validation": {**checked, "onnx": final,
                        **({"generation": {**checked["generation"], "onnx": final}} if checked.get("generation") else {})},
         "cost": dict(cost),

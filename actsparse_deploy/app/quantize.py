@@ -153,7 +153,6 @@ def quantize_stage(work: Workload, target: Target, path: Path, exported: IOSpec,
     result, floated = quantize_staged(path, mode, calibration, io, verbose)
     if budget is None:
         return Quantized(result, floated)
-    task = work.builtin.task if work.builtin is not None else work.task
     kept = check_budget(budget, target.model(work.model), path, target.batches(work.require_heldout()), io=io,
-                        tokens=task == "causal-lm", labels=work.labels)
+                        tokens=work.causal_lm, labels=work.labels)
     return Quantized(result, floated, kept)

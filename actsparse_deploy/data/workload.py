@@ -50,6 +50,12 @@ class Workload:
     #: what the user is told about how the model was loaded (a Hugging Face model's task inferred)
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def causal_lm(self) -> bool:
+        """Whether the model is a causal language model: a ``causal-lm`` built-in (tiny-lm), or a
+        Hugging Face model loaded for ``causal-lm`` (its held-out cost has a perplexity)."""
+        return (self.builtin.task if self.builtin is not None else self.task) == "causal-lm"
+
     def require_calibration(self) -> Iterable[Batch]:
         if self.calibration is None:
             if self.task is not None:
