@@ -55,9 +55,10 @@ torch.set_num_threads(THREADS)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from actsparse_deploy import ActivationSparsifier, Recipe, calibrate, squash  # noqa: E402
-from actsparse_deploy.app.workload import load_recipe, load_workload  # noqa: E402
+from actsparse_deploy.app.workload import load_workload  # noqa: E402
 from actsparse_deploy.calibration.functions import MASK_FNS  # noqa: E402
 from actsparse_deploy.data.batches import resize_batches  # noqa: E402
+from actsparse_deploy.models.loading import load_recipe  # noqa: E402
 from actsparse_deploy.onnx.export import export_onnx  # noqa: E402
 from actsparse_deploy.onnx.latency import alternate, ort_session  # noqa: E402
 from actsparse_deploy.onnx.metrics import accuracy, cosine_stats  # noqa: E402

@@ -49,8 +49,8 @@ def exports(model: str, folder: Path, mode: str) -> tuple[Any, dict[str, Path], 
     """The model converted, its dense export beside it, both quantized: the workload's
     pieces (dense model as exported, held-out batches as the ONNX takes them, I/O spec, labels,
     task), the four files, the report and the quantizers' results."""
-    from actsparse_deploy.app.decoding import export_target
     from actsparse_deploy.app.workload import load_workload
+    from actsparse_deploy.models.decoder import export_target
     from actsparse_deploy.onnx.export import export_onnx
     from actsparse_deploy.onnx.quantize import quantize_onnx
 

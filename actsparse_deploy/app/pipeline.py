@@ -49,17 +49,19 @@ from ..data.batches import Batch, first_samples, total_samples, unpadded
 from ..data.iospec import check_dynamic_axes
 from ..data.streams import shape_examples
 from ..data.workload import Workload
+from ..models.decoder import Target, export_target
 from ..models.folder import RuntimeFiles, write_workload_files
+from ..models.loading import load_recipe
 from ..onnx.export import ExportResult, export_onnx, layer_metadata
 from ..onnx.generate import check_generation, decode_latency, held_out_prompts
-from ..onnx.latency import dense_latency, slower_note, verdict
+from ..onnx.latency import dense_export, dense_latency, slower_note, verdict
+from ..onnx.quantize import FLOAT_FOLDER, Quantized, frontier
 from ..onnx.validate import ValidationReport, validate
 from .cost import cost_stage
-from .decoding import Target, export_target
 from .options import CalibrateOptions, ConvertOptions, ExportOptions, QuantizeOptions, ValidateOptions
-from .quantize import FLOAT_FOLDER, Quantized, frontier, quantize_stage
+from .quantize import quantize_stage
 from .report import Report, named_input_shape
-from .workload import load_recipe, squash_workload
+from .workload import squash_workload
 
 if TYPE_CHECKING:
     from ..calibration.stats import Statistics
@@ -113,6 +115,8 @@ class Stages:
     timer: Timer = field(default_factory=Timer)
     #: what export, validation and latency run: the model as it is, or its decoder with a cache
     target: Target = field(default_factory=Target)
+    #: the files the export wrote for a runtime beside the ONNX model (``export(..., outdir=...)``)
+    runtime: RuntimeFiles = field(default_factory=RuntimeFiles)
 
     @classmethod
     def load(cls, model: str, o: ConvertOptions) -> tuple[Stages, Recipe, Iterable[Batch]]:
@@ -167,13 +171,17 @@ class Stages:
         with self.timer("squash"):
             return squash_workload(self.work, masks, mode)
 
-    def export(self, model: nn.Module, path: Path, o: ExportOptions, metadata: Mapping[str, str] | None = None) -> ExportResult:
+    def export(self, model: nn.Module, path: Path, o: ExportOptions, metadata: Mapping[str, str] | None = None,
+               outdir: Path | None = None) -> ExportResult:
         """``model`` to ONNX at ``path`` with the workload's I/O spec (inferred from
         the model and the shapes of its data where it has none); a causal language
-        model as its decoder with a cache (:attr:`target`)."""
+        model as its decoder with a cache (:attr:`target`). With ``outdir`` (where the
+        files end up), what a runtime loads beside it too (:attr:`runtime`)."""
         work, target = self.work, self.target
-        data = () if target.cached else shape_examples(work.require_heldout(), work.calibration)
         with self.timer("export"):
+            if outdir is not None:  # config.json, tokenizer, ... beside model.onnx
+                self.runtime = write_workload_files(path.parent, work, model, outdir=outdir, cache=target.cached)
+            data = () if target.cached else shape_examples(work.require_heldout(), work.calibration)
             return export_onnx(
                 target.model(model), target.example(work), path, exporter=target.exporter(o.exporter), opset=o.opset,
                 io_spec=target.io(work), metadata=metadata, external_data=o.external_data, verbose=o.verbose, data=data,
@@ -215,23 +223,20 @@ class Stages:
     def latency(self, path: Path, exported: ExportResult, scratch: Path, verbose: bool = False,
                 quantized: Quantized | None = None) -> dict[str, Any]:
         """The dense model (exported into ``scratch``, removed after) against the ONNX
-        model at ``path`` under onnxruntime, on held-out data."""
+        model at ``path`` under onnxruntime, on held-out data; a decoder's decode speed and
+        ``--quantize``'s alternatives side by side measured on the same dense export."""
         work, target, held = self.work, self.target, self.work.require_heldout()
-
-        def also(dense: Path) -> dict[str, Any]:  # measured on the dense export while it exists
-            figures: dict[str, Any] = {}
+        dense, batches = target.model(work.model), target.batches(held)
+        with self.timer("latency"), dense_export(dense, scratch, exporter=exported.exporter, opset=exported.opset, io_spec=exported.io,
+                                                 example=target.example(work), verbose=verbose) as dense_path:
+            figures = dense_latency(dense_path, path, batches, io_spec=exported.io)
             if target.cached:  # a decoder's figure users compare: ms per generated token
-                figures["decode"] = decode_latency(dense, path, held_out_prompts(held, 1, max_tokens=None)[0])
+                figures["decode"] = decode_latency(dense_path, path, held_out_prompts(held, 1, max_tokens=None)[0])
             if quantized is not None:  # the alternatives side by side: dense, int8 alone, sparse, sparse + int8
-                figures["frontier"] = frontier(
-                    target.model(work.model), {"dense": dense, "sparse": quantized.floated, "sparse+int8": path}, target.batches(held),
-                    io=target.validation_io(exported.io), mode=quantized.result.mode, tokens=work.causal_lm, labels=work.labels)
+                figures["frontier"] = frontier(dense, {"dense": dense_path, "sparse": quantized.floated, "sparse+int8": path}, batches,
+                                               io=target.validation_io(exported.io), mode=quantized.result.mode, tokens=work.causal_lm,
+                                               labels=work.labels)
             return figures
-
-        with self.timer("latency"):
-            return dense_latency(target.model(work.model), path, target.batches(held), scratch,
-                                 exporter=exported.exporter, opset=exported.opset, io_spec=exported.io, example=target.example(work),
-                                 verbose=verbose, also=also)
 
 
 @contextlib.contextmanager
@@ -323,7 +328,7 @@ def _staged_report(stages: Stages, masks: Masks, budget: BudgetResult | None, sq
                    outdir: Path, o: ConvertOptions) -> Report:
     """Export, validate and measure into ``staging``; the report of the run."""
     onnx_path = staging / "model.onnx"
-    exported = stages.export(squashed.model, onnx_path, o.export, layer_metadata(squashed.report(), o.squash.mode))
+    exported = stages.export(squashed.model, onnx_path, o.export, layer_metadata(squashed.report(), o.squash.mode), outdir=outdir)
     validation = stages.validate(onnx_path, squashed.model, exported, o.validate)
     cost, budget = stages.cost(squashed.model, onnx_path, exported, budget)
     quantized = stages.quantize(onnx_path, exported, o.quantize, budget, o.export.verbose)  # the float model validated above, moved aside
@@ -332,10 +337,8 @@ def _staged_report(stages: Stages, masks: Masks, budget: BudgetResult | None, sq
         speed = stages.latency(onnx_path, exported, staging / ".dense-latency", o.export.verbose, quantized)
     shutil.rmtree(staging / FLOAT_FOLDER, ignore_errors=True)
     masks.save(staging / "masks.safetensors")
-    runtime = write_workload_files(staging, stages.work, squashed.model, outdir=outdir,  # config.json, tokenizer, ... beside model.onnx
-                                   cache=stages.target.cached)
     return build_report(stages.work, masks, squashed, exported, validation, cost, stages.timer, stages.timer.total(), o.squash.mode,
-                        onnx_path=outdir / "model.onnx", budget=budget, speed=speed, runtime=runtime, quantized=quantized,
+                        onnx_path=outdir / "model.onnx", budget=budget, speed=speed, runtime=stages.runtime, quantized=quantized,
                         cache=stages.target.cached)
 
 

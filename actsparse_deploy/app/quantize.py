@@ -1,86 +1,26 @@
-"""``convert --quantize``: the validated sparse export quantized, and the alternatives side by side.
+"""``convert --quantize`` and ``actsparse quantize``: an ONNX model quantized by onnxruntime, held to the budget.
 
-:func:`quantize_staged` quantizes the staged ``model.onnx`` with onnxruntime's quantizer
-(:func:`actsparse_deploy.onnx.quantize.quantize_onnx`): the quantized model becomes
+:func:`quantize_stage` quantizes the staged ``model.onnx`` with onnxruntime's quantizer
+(:func:`actsparse_deploy.onnx.quantize.quantize_staged`): the quantized model becomes
 ``model.onnx`` (what a runtime loads), the float one is kept aside until the run
 ends (its validation against PyTorch is the strict one; the quantized model is
-judged by its cost). :func:`frontier` puts what the user could ship side by side,
-from one run, on the same held-out batches: the dense export, the dense export
-quantized alone (what onnxruntime's one call gives), the sparse float export and
-the sparse quantized one: latency (alternated, the first = 1.00x), cost against
-the dense PyTorch model (cosine per output; perplexity and accuracy where the
-model has them), the quantization's own share (against its float source), size
-on disk.
+judged by its cost, and held to the budget: :func:`~actsparse_deploy.onnx.quantize.check_quantized`).
+The latency stage puts the alternatives side by side
+(:func:`~actsparse_deploy.onnx.quantize.frontier`).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
-from ..data.batches import Batch, head_samples
 from ..data.iospec import IOSpec
 from ..data.workload import Workload
-from ..onnx.latency import latencies
-from ..onnx.quantize import QuantizeResult, quantize_onnx, variant_costs
-from .decoding import Target
+from ..models.decoder import Target
+from ..onnx.quantize import Quantized, check_quantized, quantization_json, quantize_onnx, quantize_staged
 from .report import Report
 
-__all__ = ["FLOAT_FOLDER", "VARIANTS", "Quantized", "check_budget", "frontier", "quantization_json", "quantize_file", "quantize_stage",
-           "quantize_staged"]
-
-#: where the float export waits inside the staging folder while the quantized one is measured (removed before publishing)
-FLOAT_FOLDER = ".float"
-#: the frontier's rows: what each is, in order (the first is the latency's baseline)
-VARIANTS = ("dense", "int8", "sparse", "sparse+int8")
-
-
-def quantize_staged(onnx_path: Path, mode: str, calibration: Iterable[Batch] | None, io: IOSpec | None,
-                    verbose: bool = False) -> tuple[QuantizeResult, Path]:
-    """The float model at ``onnx_path`` (with its data file) moved into :data:`FLOAT_FOLDER`
-    beside it and quantized back to ``onnx_path``; the result and the float model's new path."""
-    aside = onnx_path.parent / FLOAT_FOLDER
-    aside.mkdir(exist_ok=True)
-    floated = aside / onnx_path.name
-    for name in (onnx_path.name, f"{onnx_path.name}.data"):  # the graph names its data file: the same name, beside it
-        if (onnx_path.parent / name).exists():
-            os.replace(onnx_path.parent / name, aside / name)
-    result = quantize_onnx(floated, onnx_path, mode, calibration=calibration if mode == "int8-static" else None, io_spec=io,
-                           verbose=verbose)
-    return result, floated
-
-
-def frontier(dense: nn.Module, files: dict[str, Path], batches: Iterable[Batch], *, io: IOSpec | None, mode: str,
-             tokens: bool, labels: Any = None, max_samples: int = 64) -> list[dict[str, Any]]:
-    """The rows of :data:`VARIANTS` (``files``: the dense and sparse float exports as ``dense`` /
-    ``sparse``, the sparse quantized one as ``sparse+int8``; the dense one is quantized here beside
-    itself as ``int8``): name, file size, latency ratio to the dense export, cost against the dense
-    PyTorch model, and for the quantized ones their closeness to their float source."""
-    dense_path = files["dense"]
-    int8 = dense_path.with_name(f"{dense_path.stem}.int8.onnx")
-    quantize_onnx(dense_path, int8, mode, calibration=batches if mode == "int8-static" else None, io_spec=io)
-    paths = {"dense": dense_path, "int8": int8, "sparse": files["sparse"], "sparse+int8": files["sparse+int8"]}
-    timed = latencies(paths, list(head_samples(batches, max_samples)), io_spec=io)
-    costs = variant_costs(dense, paths, batches if labels is not None else head_samples(batches, max_samples),
-                          references={"int8": "dense", "sparse+int8": "sparse"}, io_spec=io, tokens=tokens, labels=labels)
-    rows = []
-    for name in VARIANTS:
-        cost = costs[name].to_json()
-        rows.append({"variant": name, "size_bytes": cost["size_bytes"], "ms": timed["ms"][name], "latency_ratio": timed["ratio"][name],
-                     **{k: v for k, v in cost.items() if k not in ("name", "path", "size_bytes")}})
-    return rows
-
-
-def quantization_json(result: QuantizeResult, rows: list[dict[str, Any]] | None) -> dict[str, Any]:
-    """``report.json``'s ``quantization``: what was quantized (not where: the files were staged), and the frontier."""
-    done = {k: v for k, v in result.to_json().items() if k not in ("path", "source")}
-    return {**done, **({"frontier": rows} if rows is not None else {})}
-
+__all__ = ["quantize_file", "quantize_stage"]
 
 def quantize_file(onnx_model: Path, output: Path, mode: str, data: str | None = None, batch_size: int = 32,
                   overwrite: bool = False) -> Report:
@@ -102,57 +42,17 @@ def quantize_file(onnx_model: Path, output: Path, mode: str, data: str | None = 
                   files={str(output): result.size_after})
 
 
-def budget_figure(kind: str, cost: Any) -> float:
-    """A budget kind's figure of a :class:`~actsparse_deploy.onnx.quantize.VariantCost` (a decoder's
-    cosine is its logits', as the PyTorch model's only output is; else the last output's)."""
-    if kind == "accuracy-drop":
-        return float(cost.dense_accuracy - cost.accuracy)
-    if kind == "perplexity-ratio":
-        return float(cost.perplexity / cost.dense_perplexity)
-    shown = next((o for o in cost.outputs if o.get("output") == "logits"), cost.outputs[-1])
-    return float(shown["cosine_mean"])
-
-
-def check_budget(budget: Any, dense: nn.Module, path: Path, batches: Iterable[Batch], *, io: IOSpec | None, tokens: bool,
-                 labels: Any = None) -> dict[str, Any]:
-    """The quantized model at ``path`` measured by ``budget`` (a :class:`~actsparse_deploy.app.budget.Budget`)
-    against the dense PyTorch model on the held-out ``batches`` (as the ONNX model takes them): the
-    figure and that it keeps the budget; over it, a ValidationError (exit 10: nothing is written)."""
-    from ..base.errors import ValidationError
-
-    cost = variant_costs(dense, {"int8": path}, batches, io_spec=io, tokens=budget.kind == "perplexity-ratio" or tokens,
-                         labels=labels if budget.kind == "accuracy-drop" else None)["int8"]
-    value = budget_figure(budget.kind, cost)
-    if not budget.within(value):
-        raise ValidationError(f"the int8 model's held-out cost {budget.kind}={value:.6g} is over the budget {budget} "
-                              "(the quantization's error adds to the sparsity's): give a looser budget, or leave out --quantize")
-    return {"budget": str(budget), "heldout_cost": value, "within": True}
-
-
-@dataclass(frozen=True)
-class Quantized:
-    """What ``convert``'s quantize stage did: onnxruntime's result, where the float model waits
-    (inside the staging folder), and the budget's figure of the quantized model (``--max-cost``)."""
-
-    result: QuantizeResult
-    floated: Path
-    budget: dict[str, Any] | None = None
-
-    def to_json(self, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        """``report.json``'s ``quantization``, with the latency stage's frontier ``rows`` where it ran."""
-        return {**quantization_json(self.result, rows), **({"budget": self.budget} if self.budget is not None else {})}
-
-
 def quantize_stage(work: Workload, target: Target, path: Path, exported: IOSpec, mode: str, budget: Any = None,
                    verbose: bool = False) -> Quantized:
     """``convert``'s quantize stage: the validated model at ``path`` quantized in its place
-    (:func:`quantize_staged`; ``int8-static``'s ranges from the calibration data), then held to
-    ``budget`` (a :class:`~actsparse_deploy.app.budget.Budget`) on the held-out data (:func:`check_budget`)."""
-    io = target.validation_io(exported)
+    (:func:`~actsparse_deploy.onnx.quantize.quantize_staged`; ``int8-static``'s ranges from the calibration data), then held to
+    ``budget`` (a :class:`~actsparse_deploy.app.budget.Budget`) on the held-out data
+    (:func:`~actsparse_deploy.onnx.quantize.check_quantized`)."""
+    io, dense = target.validation_io(exported), target.model(work.model)
     calibration = target.batches(work.require_calibration()) if mode == "int8-static" else None
+    held = target.batches(work.require_heldout()) if budget is not None else None
     result, floated = quantize_staged(path, mode, calibration, io, verbose)
-    if budget is None:
+    if budget is None or held is None:
         return Quantized(result, floated)
-    kept = check_budget(budget, target.model(work.model), path, target.batches(work.require_heldout()), io=io,
-                        tokens=work.causal_lm, labels=work.labels)
+    kept = check_quantized(budget, dense, path, held, io=io, tokens=work.causal_lm, labels=work.labels)
     return Quantized(result, floated, kept)

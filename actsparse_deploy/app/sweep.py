@@ -113,7 +113,7 @@ def _baseline(recipe: Recipe) -> Recipe:
 
 def _recipes(work: Any, recipe: Recipe | str | Path | None, methods: Sequence[str] | None,
              compensate: str | None) -> dict[str, Recipe]:
-    from .workload import load_recipe
+    from ..models.loading import load_recipe
 
     base = load_recipe(work, recipe)
     if not methods:

@@ -31,9 +31,8 @@ if TYPE_CHECKING:
 
     from ..bake.squash import SquashResult
     from ..calibration.masks import Masks
-    from ..calibration.recipe import Recipe
 
-__all__ = ["EXAMPLE_BATCH_SIZE", "Workload", "check_distinct_inputs", "load_recipe", "load_workload",
+__all__ = ["EXAMPLE_BATCH_SIZE", "Workload", "check_distinct_inputs", "load_workload",
            "squash_workload"]
 
 
@@ -44,29 +43,6 @@ def squash_workload(work: Workload, masks: Masks, mode: str) -> SquashResult:
 
     checks = list(itertools.islice(work.heldout or [], 2))  # of a stream, its first two batches only
     return squash(work.model, masks, mode, example=work.example(), check_batches=checks)
-
-
-def load_recipe(
-    work: Workload,
-    recipe: Recipe | str | Path | None = None,
-    sparsity: float | None = None,
-    *,
-    method: str | None = None,
-    compensate: str | None = None,
-) -> Recipe:
-    """The recipe for ``work``: ``recipe``, else its built-in one (``sparsity``
-    overrides the level, ``method`` and ``compensate`` those of every layer);
-    see :func:`actsparse_deploy.calibration.recipe.resolve_recipe`."""
-    from ..calibration.recipe import resolve_recipe
-
-    if recipe is None and work.builtin is None and work.task is not None:  # a Hugging Face model: its MLPs' default
-        from ..models.hf import default_recipe
-
-        recipe = default_recipe(work.model)
-    from ..models.zoo import builtin_recipe_path
-
-    own = builtin_recipe_path(work.name) if work.builtin is not None else None
-    return resolve_recipe(work.name, own, recipe, sparsity=sparsity, method=method, compensate=compensate)
 
 
 def check_distinct_inputs(data: str | None, heldout: str | None, model_options: ModelOptions | None = None) -> None:
@@ -98,7 +74,7 @@ def load_workload(
     if labels is not None and heldout is None:
         raise DataError(f"`labels` {labels} needs `heldout`: the labels are those of the held-out samples")
     loaded = load_model(spec, weights, model_options)
-    entry = zoo.get_builtin(spec) if loaded.builtin else None
+    entry = loaded.entry
     size = batch_size or (entry.batch_size if entry else 32)
     text, held_text = load_text_data(loaded, model_options, data, heldout, size)
     calibration = load_data(data, size) if data is not None else (zoo.calibration_batches(spec, size) if entry else text)

@@ -68,6 +68,11 @@ def sample_cosines(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(x.double().reshape(rows, -1), y.double().reshape(rows, -1), dim=1, eps=1e-12)
 
 
+def _tensor(x: Any) -> torch.Tensor:
+    """A torch tensor as it is, an onnxruntime array as a tensor (sharing its memory)."""
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+
+
 def _top1(x: Any) -> np.ndarray:
     """The arg-max over the last axis, as numpy (a torch tensor's, or an onnxruntime array's)."""
     return x.argmax(dim=-1).numpy() if isinstance(x, torch.Tensor) else np.asarray(x).argmax(axis=-1)
@@ -104,19 +109,18 @@ class Tally:
             self._compare(outputs[0], outputs[1])
         for side, (what, out) in enumerate(zip(self.sides, outputs)):
             if self.tokens:
-                logits = out[0] if isinstance(out[0], torch.Tensor) else torch.from_numpy(np.asarray(out[0]))
-                nll, n = nll_sum(logits, batch, what)
+                nll, n = nll_sum(_tensor(out[0]), batch, what)
                 self.nll[side] = (self.nll[side][0] + nll, self.nll[side][1] + n)
             if self.classes:
                 self.predicted[side].append(_top1(out[0]))
             if self.keep:
                 self.kept[side].append(list(out))
 
-    def _compare(self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
+    def _compare(self, a: Sequence[Any], b: Sequence[Any]) -> None:
         if not self.stats:
             self.stats = [{"output": i, "max_abs_diff": 0.0} for i in range(len(a))]
             self.cosines = [[] for _ in a]
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(map(_tensor, a), map(_tensor, b))):
             rows = x.shape[0] if x.ndim else 1  # a scalar output (a loss, a count): one value per batch
             x64, y64 = x.double().reshape(rows, -1), y.double().reshape(rows, -1)
             self.stats[i]["max_abs_diff"] = max(self.stats[i]["max_abs_diff"], float((x64 - y64).abs().max()))
@@ -142,6 +146,12 @@ class Tally:
         """Side ``side``'s top-1 predictions, every batch's in order."""
         found = self.predicted[side]
         return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+    def figures(self, side: int = 0, labels: torch.Tensor | None = None) -> tuple[float | None, float | None]:
+        """Side ``side``'s perplexity (where the tally counts tokens) and accuracy on ``labels``
+        (where it counts classes and labels are given), else None."""
+        return (self.perplexity_of(side) if self.tokens else None,
+                self.accuracy_of(side, labels) if self.classes and labels is not None else None)
 
     def accuracy_of(self, side: int, labels: torch.Tensor) -> float:
         """Top-1 accuracy of side ``side`` on the samples ``labels`` (class indices) label in order."""

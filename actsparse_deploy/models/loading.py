@@ -24,7 +24,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
@@ -34,18 +34,23 @@ from ..base.constants import MAX_LENGTH
 from ..base.errors import DataError, ModelLoadError, UsageError, WeightsError, first_line
 from ..base.imports import import_attr
 from ..base.serialize import reason, unreadable
+from ..calibration.recipe import Recipe, resolve_recipe
 from ..data.arrays import torch_load
 from ..data.batches import Batch, Stream, first_batch
 from ..data.iospec import IOSpec
 from ..nn.modules import check_finite_weights
 from . import zoo
-from .hf import HF_PREFIX, HFSource, hf_directory, is_pretrained, load_hf, wrap_pretrained
+from .hf import HF_PREFIX, HFSource, default_recipe, hf_directory, is_pretrained, load_hf, wrap_pretrained
 from .zoo import BuiltinModel
+
+if TYPE_CHECKING:
+    from ..data.workload import Workload
 
 __all__ = [
     "LoadedModel",
     "ModelOptions",
     "load_model",
+    "load_recipe",
     "load_state_dict_file",
     "load_text_data",
     "parse_factory_args",
@@ -55,13 +60,17 @@ __all__ = [
 
 @dataclass
 class LoadedModel:
-    """A model ready for calibration, and where it came from (``hf``: a Hugging
-    Face model, with its directory for the tokenizer)."""
+    """A model ready for calibration, and where it came from (``entry``: a built-in
+    model's, its data with it; ``hf``: a Hugging Face model, with its directory for the tokenizer)."""
 
     module: nn.Module
     name: str
-    builtin: bool
+    entry: BuiltinModel | None = None
     hf: Any = None
+
+    @property
+    def builtin(self) -> bool:
+        return self.entry is not None
 
     @property
     def notes(self) -> list[str]:
@@ -142,11 +151,12 @@ def _load_model(spec: str, weights: str | Path | None, options: ModelOptions | N
     if options.factory_args is not None and ":" not in spec:
         raise ModelLoadError(f"`factory_args` are keyword arguments of a package.module:factory, and {spec!r} is not one")
     if ":" not in spec:
+        entry = zoo.get_builtin(spec)
         if weights is not None:
-            module = zoo.get_builtin(spec).factory()
+            module = entry.factory()
             load_state_dict_file(module, Path(weights))
-            return LoadedModel(module.eval(), spec, builtin=True)
-        return LoadedModel(zoo.load_builtin(spec), spec, builtin=True)
+            return LoadedModel(module.eval(), spec, entry)
+        return LoadedModel(zoo.load_builtin(spec), spec, entry)
     factory = import_attr(spec, "model factory", ModelLoadError)
     kwargs = dict(options.factory_args or {})
     try:
@@ -167,7 +177,7 @@ def _load_model(spec: str, weights: str | Path | None, options: ModelOptions | N
         module = hf.model
     elif options.task is not None:
         raise ModelLoadError(f"`task` is for Hugging Face models; model factory {spec!r} returned a {type(module).__name__}")
-    return LoadedModel(module.eval(), spec, builtin=False, hf=hf)
+    return LoadedModel(module.eval(), spec, hf=hf)
 
 
 def _load_hf(spec: str, directory: Path, weights: str | Path | None, options: ModelOptions) -> LoadedModel:
@@ -176,7 +186,7 @@ def _load_hf(spec: str, directory: Path, weights: str | Path | None, options: Mo
     if options.factory_args is not None:
         raise ModelLoadError(f"`factory_args` are keyword arguments of a package.module:factory, and {spec!r} is a model directory")
     source = load_hf(directory, options.task, options.max_length)
-    return LoadedModel(source.model, spec, builtin=False, hf=source)
+    return LoadedModel(source.model, spec, hf=source)
 
 
 def load_text_data(
@@ -273,3 +283,20 @@ def resolve_io_spec(model: LoadedModel | nn.Module, batches: list[Batch] | Itera
     from ..data.streams import shape_examples
 
     return IOSpec.from_model(model, next(iter(batches)), data=shape_examples(batches))
+
+
+def load_recipe(
+    work: Workload,
+    recipe: Recipe | str | Path | None = None,
+    sparsity: float | None = None,
+    *,
+    method: str | None = None,
+    compensate: str | None = None,
+) -> Recipe:
+    """The recipe for ``work``: ``recipe``, else its built-in one (``sparsity``
+    overrides the level, ``method`` and ``compensate`` those of every layer);
+    see :func:`actsparse_deploy.calibration.recipe.resolve_recipe`."""
+    if recipe is None and work.builtin is None and work.task is not None:  # a Hugging Face model: its MLPs' default
+        recipe = default_recipe(work.model)
+    own = zoo.builtin_recipe_path(work.name) if work.builtin is not None else None
+    return resolve_recipe(work.name, own, recipe, sparsity=sparsity, method=method, compensate=compensate)

@@ -7,7 +7,7 @@ runs, then the variants alternated in one process (round robin, the order
 rotated every round) so that drift hits each alike; the median of the timed runs.
 
 ``convert`` uses :func:`dense_latency`: the dense model exported like the
-converted one into a scratch folder, both timed on held-out batches, the ratio
+converted one into a scratch folder (:func:`dense_export`), both timed on held-out batches, the ratio
 reported (sparse / dense: below 1 is faster) and said in words (:func:`verdict`).
 :func:`latencies` times any number of ONNX files that way (dense, int8, sparse,
 sparse + int8: the frontier's variants), each one's median and ratio to the first.
@@ -187,32 +187,15 @@ def latency_ratio(
     }
 
 
-def dense_latency(
-    dense: Any,
-    sparse_onnx: str | Path,
-    batches: Iterable[Batch],
-    folder: str | Path,
-    *,
-    exporter: str,
-    opset: int | None,
-    io_spec: IOSpec,
-    example: Batch,
-    verbose: bool = False,
-    max_samples: int = CONVERT_SAMPLES,
-    warmup: int = CONVERT_WARMUP,
-    runs: int = CONVERT_RUNS,
-    also: Callable[[Path], Mapping[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """:func:`latency_ratio` of ``sparse_onnx`` against the dense PyTorch model
-    ``dense``, exported into ``folder`` (a scratch folder, removed after) with the
-    sparse export's exporter, opset and I/O spec, on the first ``max_samples`` of
-    ``batches`` (held-out data), at the command's thread count. ``also``: more
-    figures measured on the dense export while it exists (a decoder's decode
-    speed), merged into the result."""
+@contextlib.contextmanager
+def dense_export(dense: Any, folder: str | Path, *, exporter: str, opset: int | None, io_spec: IOSpec, example: Batch,
+                 verbose: bool = False) -> Iterator[Path]:
+    """The dense PyTorch model ``dense`` exported into ``folder`` (a scratch folder,
+    removed after the block) with the sparse export's exporter, opset and I/O spec:
+    what ``convert``'s latency stage measures the converted model against."""
     import shutil
 
     from ..base.errors import ExportError
-    from ..data.batches import head_samples
     from .export import export_onnx
 
     folder = Path(folder)
@@ -224,11 +207,19 @@ def dense_latency(
             raise ExportError(
                 f"exporting the dense model for the latency comparison failed ({e}); `no_latency` skips the comparison"
             ) from e
-        figures = latency_ratio(folder / "dense.onnx", sparse_onnx, list(head_samples(batches, max_samples)), io_spec=io_spec,
-                                warmup=warmup, runs=runs)
-        return {**figures, **(also(folder / "dense.onnx") if also is not None else {})}
+        yield folder / "dense.onnx"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def dense_latency(dense_onnx: Path, sparse_onnx: str | Path, batches: Iterable[Batch], *, io_spec: IOSpec,
+                  max_samples: int = CONVERT_SAMPLES, warmup: int = CONVERT_WARMUP, runs: int = CONVERT_RUNS) -> dict[str, Any]:
+    """:func:`latency_ratio` of ``sparse_onnx`` against the dense export ``dense_onnx``
+    (:func:`dense_export`) on the first ``max_samples`` of ``batches`` (held-out
+    data), at the command's thread count."""
+    from ..data.batches import head_samples
+
+    return latency_ratio(dense_onnx, sparse_onnx, list(head_samples(batches, max_samples)), io_spec=io_spec, warmup=warmup, runs=runs)
 
 
 def verdict(ratio: float, band: float = SAME_BAND) -> str:

@@ -4,6 +4,15 @@
 all, as export writes), :func:`variant_costs` says what it cost against the
 dense PyTorch model and against its float source, and
 :func:`~actsparse_deploy.onnx.latency.latencies` times it beside the others.
+In ``convert``, :func:`quantize_staged` quantizes the validated export in its
+place (the float one waits in :data:`FLOAT_FOLDER`), :func:`check_quantized` holds
+it to the cost budget, and :class:`Quantized` is what the report says of it.
+:func:`frontier` puts what the user could ship side by side, from one run, on
+the same held-out batches: the dense export, the dense export quantized alone
+(what onnxruntime's one call gives), the sparse float export and the sparse
+quantized one: latency (alternated, the first = 1.00x), cost against the dense
+PyTorch model (cosine per output; perplexity and accuracy where the model has
+them), the quantization's own share (against its float source), size on disk.
 
 Two modes, both ``onnxruntime.quantization`` with per-channel int8 weights:
 
@@ -85,7 +94,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -96,6 +105,7 @@ from ..base.quiet import quiet
 from ..data.batches import Batch, batch_size, flatten_outputs, head_samples, run_batch
 from ..data.scores import Tally
 from ..nn.modules import eval_mode
+from .latency import latencies
 from .validate import check_external_data, onnx_feeds, onnx_session, read_graph, run_session
 
 if TYPE_CHECKING:
@@ -104,8 +114,9 @@ if TYPE_CHECKING:
     from ..data.iospec import IOSpec
 
 __all__ = [
-    "DEFAULT_CALIBRATION_SAMPLES", "DEFAULT_OP_TYPES", "MODES", "STATIC_OP_TYPES", "CalibrationFeeds", "QuantizeResult",
-    "VariantCost", "model_bytes", "quantize_onnx", "variant_costs",
+    "DEFAULT_CALIBRATION_SAMPLES", "DEFAULT_OP_TYPES", "FLOAT_FOLDER", "MODES", "STATIC_OP_TYPES", "CalibrationFeeds", "CostBudget",
+    "QuantizeResult", "Quantized", "VARIANTS", "VariantCost", "check_quantized", "frontier", "model_bytes", "quantization_json", "quantize_onnx",
+    "quantize_staged", "variant_costs",
 ]
 
 #: the quantization modes, each onnxruntime's quantizer with per-channel int8 weights
@@ -382,6 +393,18 @@ class VariantCost:
         """The last output's mean per-sample cosine to the dense model (a budget's ``cosine``)."""
         return float(self.outputs[-1]["cosine_mean"])
 
+    def figure(self, kind: str) -> float:
+        """A built-in budget kind's figure (``cosine``: a decoder's logits', as the PyTorch model's
+        only output is; else the last output's)."""
+        if kind == "accuracy-drop":
+            assert self.accuracy is not None and self.dense_accuracy is not None, "measured without labels"
+            return float(self.dense_accuracy - self.accuracy)
+        if kind == "perplexity-ratio":
+            assert self.perplexity is not None and self.dense_perplexity is not None, "measured without tokens"
+            return float(self.perplexity / self.dense_perplexity)
+        shown = next((o for o in self.outputs if o.get("output") == "logits"), self.outputs[-1])
+        return float(shown["cosine_mean"])
+
     def to_json(self) -> dict[str, Any]:
         ratio = (self.perplexity / self.dense_perplexity
                  if self.perplexity is not None and self.dense_perplexity else None)
@@ -392,15 +415,6 @@ class VariantCost:
             **({"accuracy": self.accuracy, "accuracy_drop": drop} if self.accuracy is not None else {}),
             **({"reference": self.reference, "against_reference": self.against_reference} if self.reference else {}),
         }
-
-
-def _tensors(outputs: Sequence[Any]) -> list[torch.Tensor]:
-    return [o if isinstance(o, torch.Tensor) else torch.from_numpy(np.asarray(o)) for o in outputs]
-
-
-def _figures(tally: Tally, tokens: bool, labels: torch.Tensor | None) -> tuple[float | None, float | None]:
-    """A one-side tally's perplexity (with ``tokens``) and accuracy (with ``labels``), else None."""
-    return tally.perplexity_of(0) if tokens else None, tally.accuracy_of(0, labels) if labels is not None else None
 
 
 def _check_references(variants: Mapping[str, Any], references: Mapping[str, str] | None) -> dict[str, str]:
@@ -431,6 +445,7 @@ def variant_costs(
     source}``, e.g. ``{"int8": "dense", "sparse+int8": "sparse"}``) adds each one's
     closeness to its source (the quantization's own share)."""
     references = _check_references(variants, references)
+    sizes = {name: model_bytes(path) for name, path in variants.items()}
     sessions = {name: onnx_session(path) for name, path in variants.items()}
     model = Tally(("model",), tokens=tokens, classes=labels is not None)
     alone = {name: Tally(("ONNX model",), tokens=tokens, classes=labels is not None) for name in variants}
@@ -440,17 +455,104 @@ def variant_costs(
         for batch in batches:
             want = flatten_outputs(run_batch(dense, batch))
             model.add(batch, want)
-            got = {name: _tensors(run_session(s, onnx_feeds(s, batch, io_spec))) for name, s in sessions.items()}
+            got = {name: run_session(s, onnx_feeds(s, batch, io_spec)) for name, s in sessions.items()}
             for name, out in got.items():
                 alone[name].add(batch, out)
                 to_dense[name].add(batch, want, out)
                 if name in to_source:
                     to_source[name].add(batch, got[references[name]], out)
-    ppl, acc = _figures(model, tokens, labels)
+    ppl, acc = model.figures(0, labels)
     costs = {}
     for name, path in variants.items():
         outputs = [o.name for o in sessions[name].get_outputs()]
-        costs[name] = VariantCost(name, str(path), model_bytes(path), to_dense[name].output_stats(outputs),
-                                  *_figures(alone[name], tokens, labels), ppl, acc, references.get(name),
+        costs[name] = VariantCost(name, str(path), sizes[name], to_dense[name].output_stats(outputs),
+                                  *alone[name].figures(0, labels), ppl, acc, references.get(name),
                                   to_source[name].output_stats(outputs) if name in to_source else [])
     return costs
+
+
+#: where the float export waits inside the staging folder while the quantized one is measured (removed before publishing)
+FLOAT_FOLDER = ".float"
+
+
+def quantize_staged(onnx_path: Path, mode: str, calibration: Iterable[Batch] | None, io: IOSpec | None,
+                    verbose: bool = False) -> tuple[QuantizeResult, Path]:
+    """The float model at ``onnx_path`` (with its data file) moved into :data:`FLOAT_FOLDER`
+    beside it and quantized back to ``onnx_path``; the result and the float model's new path."""
+    aside = onnx_path.parent / FLOAT_FOLDER
+    aside.mkdir(exist_ok=True)
+    floated = aside / onnx_path.name
+    for name in (onnx_path.name, f"{onnx_path.name}.data"):  # the graph names its data file: the same name, beside it
+        if (onnx_path.parent / name).exists():
+            os.replace(onnx_path.parent / name, aside / name)
+    result = quantize_onnx(floated, onnx_path, mode, calibration=calibration if mode == "int8-static" else None, io_spec=io,
+                           verbose=verbose)
+    return result, floated
+
+
+class CostBudget(Protocol):
+    """What :func:`check_quantized` reads of a cost budget (an :class:`actsparse_deploy.app.budget.Budget`)."""
+
+    @property
+    def kind(self) -> str: ...
+
+    def within(self, measured: float) -> bool: ...
+
+
+def check_quantized(budget: CostBudget, dense: nn.Module, path: Path, batches: Iterable[Batch], *, io: IOSpec | None, tokens: bool,
+                    labels: torch.Tensor | None = None) -> dict[str, Any]:
+    """The quantized model at ``path`` measured by ``budget`` (an :class:`~actsparse_deploy.app.budget.Budget`)
+    against the dense PyTorch model on the held-out ``batches`` (as the ONNX model takes them): the
+    figure and that it keeps the budget; over it, a ValidationError (exit 10: nothing is written)."""
+    cost = variant_costs(dense, {"int8": path}, batches, io_spec=io, tokens=budget.kind == "perplexity-ratio" or tokens,
+                         labels=labels if budget.kind == "accuracy-drop" else None)["int8"]
+    value = cost.figure(budget.kind)
+    if not budget.within(value):
+        raise ValidationError(f"the int8 model's held-out cost {budget.kind}={value:.6g} is over the budget {budget} "
+                              "(the quantization's error adds to the sparsity's): give a looser budget, or leave out --quantize")
+    return {"budget": str(budget), "heldout_cost": value, "within": True}
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """What ``convert``'s quantize stage did: onnxruntime's result, where the float model waits
+    (inside the staging folder), and the budget's figure of the quantized model (``--max-cost``)."""
+
+    result: QuantizeResult
+    floated: Path
+    budget: dict[str, Any] | None = None
+
+    def to_json(self, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """``report.json``'s ``quantization``, with the latency stage's frontier ``rows`` where it ran."""
+        return {**quantization_json(self.result, rows), **({"budget": self.budget} if self.budget is not None else {})}
+
+
+def quantization_json(result: QuantizeResult, rows: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """``report.json``'s ``quantization``: what was quantized (not where: the files were staged), and the frontier."""
+    done = {k: v for k, v in result.to_json().items() if k not in ("path", "source")}
+    return {**done, **({"frontier": rows} if rows is not None else {})}
+
+
+#: the frontier's rows: what each is, in order (the first is the latency's baseline)
+VARIANTS = ("dense", "int8", "sparse", "sparse+int8")
+
+
+def frontier(dense: nn.Module, files: dict[str, Path], batches: Iterable[Batch], *, io: IOSpec | None, mode: str,
+             tokens: bool, labels: Any = None, max_samples: int = 64) -> list[dict[str, Any]]:
+    """The rows of :data:`VARIANTS` (``files``: the dense and sparse float exports as ``dense`` /
+    ``sparse``, the sparse quantized one as ``sparse+int8``; the dense one is quantized here beside
+    itself as ``int8``): name, file size, latency ratio to the dense export, cost against the dense
+    PyTorch model, and for the quantized ones their closeness to their float source."""
+    dense_path = files["dense"]
+    int8 = dense_path.with_name(f"{dense_path.stem}.int8.onnx")
+    quantize_onnx(dense_path, int8, mode, calibration=batches if mode == "int8-static" else None, io_spec=io)
+    paths = {"dense": dense_path, "int8": int8, "sparse": files["sparse"], "sparse+int8": files["sparse+int8"]}
+    timed = latencies(paths, list(head_samples(batches, max_samples)), io_spec=io)
+    costs = variant_costs(dense, paths, batches if labels is not None else head_samples(batches, max_samples),
+                          references={"int8": "dense", "sparse+int8": "sparse"}, io_spec=io, tokens=tokens, labels=labels)
+    rows = []
+    for name in VARIANTS:
+        cost = costs[name].to_json()
+        rows.append({"variant": name, "size_bytes": cost["size_bytes"], "ms": timed["ms"][name], "latency_ratio": timed["ratio"][name],
+                     **{k: v for k, v in cost.items() if k not in ("name", "path", "size_bytes")}})
+    return rows

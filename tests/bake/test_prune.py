@@ -16,11 +16,12 @@ from torch import nn
 from torch.testing import assert_close
 
 from actsparse_deploy import Recipe, calibrate, squash_
-from actsparse_deploy.app.workload import load_recipe, load_workload
+from actsparse_deploy.app.workload import load_workload
 from actsparse_deploy.bake.graph import Chain, Dataflow
 from actsparse_deploy.bake.squash import MaskedInput, PrunedInput, squash
 from actsparse_deploy.base.errors import SquashError
 from actsparse_deploy.calibration.masks import LayerMask, Masks
+from actsparse_deploy.models.loading import load_recipe
 from actsparse_deploy.onnx.export import export_onnx
 from actsparse_deploy.onnx.validate import validate
 

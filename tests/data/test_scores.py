@@ -37,6 +37,27 @@ def test_compare_folds_max_abs_diff_and_per_sample_cosines_over_batches():
     torch.testing.assert_close(sample_cosines(dense[0][0], sparse[0][0]), cosines[:4])
 
 
+def test_compare_takes_onnxruntime_arrays_as_they_come():
+    torch.manual_seed(1)
+    dense = torch.randn(4, 3)
+    onnx = (dense + 0.1 * torch.randn_like(dense)).numpy()  # what onnxruntime returns
+    as_arrays, as_tensors = Tally(("model", "ONNX model"), compare=True), Tally(("model", "ONNX model"), compare=True)
+    as_arrays.add(dense, (dense,), (onnx,))
+    as_tensors.add(dense, (dense,), (torch.from_numpy(onnx),))
+    assert as_arrays.output_stats() == as_tensors.output_stats()
+
+
+def test_figures_are_what_the_tally_counts():
+    batch, logits = _token_batch(0)
+    tally = Tally(("ONNX model",), tokens=True, classes=True)
+    tally.add(batch, (logits.numpy(),))
+    labels = torch.from_numpy(tally.predictions_of(0)[:, 0])
+    assert tally.figures(0, None) == (tally.perplexity_of(0), None)
+    with pytest.raises(DataError):  # predictions per token: not one per labelled sample
+        tally.figures(0, labels)
+    assert Tally(classes=True).figures() == (None, None)  # no labels: no accuracy
+
+
 def test_tokens_sum_the_next_token_nll_the_mask_keeps_per_side():
     batches = [_token_batch(seed) for seed in range(3)]
     tally = Tally(("model", "ONNX model"), tokens=True)

@@ -12,11 +12,12 @@ from onnx import numpy_helper
 from torch import nn
 
 from actsparse_deploy import calibrate
-from actsparse_deploy.app.workload import load_recipe, load_workload
+from actsparse_deploy.app.workload import load_workload
 from actsparse_deploy.bake.squash import squash
 from actsparse_deploy.base.errors import ExportError, ValidationError
 from actsparse_deploy.data.batches import resize_batches
 from actsparse_deploy.data.iospec import IOSpec
+from actsparse_deploy.models.loading import load_recipe
 from actsparse_deploy.onnx.export import export_onnx, layer_metadata
 from actsparse_deploy.onnx.validate import validate
 
