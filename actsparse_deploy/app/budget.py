@@ -69,7 +69,7 @@ if TYPE_CHECKING:
     from ..calibration.masks import Masks
     from ..data.workload import Workload
 
-__all__ = ["FORMS", "GRID", "TUNING_FRACTION", "Budget", "BudgetResult", "calibrate_to_budget",
+__all__ = ["FORMS", "GRID", "MAX_SEARCHES", "TUNING_FRACTION", "Budget", "BudgetResult", "calibrate_to_budget",
            "check_budget", "heldout_budget", "search_budget", "split_tuning"]
 
 #: the accepted forms of a budget, for messages and help
@@ -78,6 +78,8 @@ FORMS = "cosine=0.98, accuracy-drop=0.01, perplexity-ratio=1.05 or package.modul
 GRID = 32
 #: ... k / OBS_GRID where every layer selects with ``obs`` (its masks for all levels come from one order)
 OBS_GRID = 64
+#: the most searches :func:`search_budget` runs on one set of candidates (``again``)
+MAX_SEARCHES = 4
 #: the share of the calibration samples (every fifth, spread through the data) the search tunes on
 TUNING_FRACTION = 0.2
 _KINDS = ("cosine", "accuracy-drop", "perplexity-ratio")
@@ -155,6 +157,30 @@ class Budget:
         if not math.isfinite(measured):
             return False
         return measured >= self.value if self.higher_is_better else measured <= self.value
+
+    def after(self, share: float) -> Budget | None:
+        """What is left of this budget for the sparsity once another step's own cost ``share``
+        (its figure alone, of this kind) has taken its part: the errors add (cosine: ``1 - c``;
+        accuracy drops), perplexity ratios multiply. None where ``share`` leaves no room."""
+        if self.kind == "cosine":
+            left = self.value + (1.0 - share)
+            return Budget(self.kind, left) if math.isfinite(left) and left <= 1.0 else None
+        if self.kind == "perplexity-ratio":
+            left = self.value / share if share > 0 else math.inf
+            return Budget(self.kind, left) if math.isfinite(left) and left >= 1.0 else None
+        if self.kind == "accuracy-drop":
+            left = self.value - share
+            return Budget(self.kind, left) if math.isfinite(left) and left >= 0.0 else None
+        raise RecipeError(f"budget {self}: a budget function's cost cannot be shared with another step")
+
+    def miss(self, measured: float) -> float:
+        """How far ``measured`` is over this budget, as a cost share :meth:`after` takes (cosine:
+        ``1 - shortfall``; perplexity ratio: ``measured / value``; accuracy drop: the excess)."""
+        if self.kind == "cosine":
+            return 1.0 - (self.value - measured)
+        if self.kind == "perplexity-ratio":
+            return measured / self.value
+        return measured - self.value
 
     def badness(self, measured: float) -> float:
         """The measured cost oriented so that more is worse."""
@@ -303,6 +329,8 @@ class BudgetResult:
     evaluations: int
     tuning_samples: int
     heldout: dict[str, Any] = field(default_factory=dict)
+    #: ``--quantize`` with the budget: what int8 alone costs on the tuning split and the budget the sparsity was searched to
+    quantization: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -314,6 +342,7 @@ class BudgetResult:
             "tuning_samples": self.tuning_samples,
             "evaluations": self.evaluations,
             **self.heldout,
+            **({"quantization": self.quantization} if self.quantization is not None else {}),
         }
 
 
@@ -341,11 +370,15 @@ def search_budget(
     model_name: str | None = None,
     on_batch: Callable[[int], None] | None = None,
     max_evaluations: int = 400,
+    again: Callable[[BudgetResult], Budget | None] | None = None,
 ) -> BudgetResult:
     """The per-layer levels of ``recipe``'s layers with the highest overall
     sparsity whose cost on the tuning split keeps ``budget`` (see the module
     docstring). ``batches``: the calibration data (the tuning split is carved
-    from it); the model is not changed."""
+    from it); the model is not changed. ``again(result)``: another budget to search
+    the same candidates to (their costs measured once), or None to stop there (at
+    most :data:`MAX_SEARCHES` searches: ``convert --quantize`` searches again where
+    the quantized model misses the budget)."""
     from ..calibration.calibrate import collect
 
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
@@ -357,9 +390,14 @@ def search_budget(
     orders = _obs_orders(model, stats, recipe, names, OBS_GRID)
     grid = OBS_GRID if orders and len(orders) == len(names) else GRID
     search = _Candidates(model, recipe, stats, meter, orders, grid, model_name, max_evaluations)
-    if grid == OBS_GRID:
-        return _search_by_threshold(search, budget, tuning)
-    return _search_upward(search, budget, tuning)
+    run = _search_by_threshold if grid == OBS_GRID else _search_upward
+    result = run(search, budget, tuning)
+    for searches in range(1, MAX_SEARCHES + 1):
+        searched = again(result) if again is not None else None  # told of every result, the last one too
+        if searched is None or searches == MAX_SEARCHES:
+            break
+        result = run(search, searched, tuning)
+    return result
 
 
 class _Candidates:
@@ -662,9 +700,10 @@ def _slopes(search: _Candidates, uniform: int, base: float, budget: Budget) -> l
 def calibrate_to_budget(
     model: nn.Module, recipe: Recipe, batches: Iterable[Batch], budget: Budget | str, *,
     model_name: str | None = None, on_batch: Callable[[int], None] | None = None,
+    again: Callable[[BudgetResult], Budget | None] | None = None,
 ) -> BudgetResult:
     """:func:`search_budget` for ``convert`` and ``calibrate``: the masks to write and the levels to report."""
-    return search_budget(model, recipe, batches, budget, model_name=model_name, on_batch=on_batch)
+    return search_budget(model, recipe, batches, budget, model_name=model_name, on_batch=on_batch, again=again)
 
 
 def heldout_budget(

@@ -347,7 +347,8 @@ StatsOnlyOpt = Annotated[
 QuantizeOpt = Annotated[
     str,
     typer.Option("--quantize", help="After validation, quantize the ONNX model with onnxruntime: none, int8 (dynamic, "
-                 "per-channel int8 weights) or int8-static (activation ranges from the calibration data).", show_default=False),
+                 "per-channel int8 weights), int8-static (activation ranges from the calibration data) or auto (int8 where "
+                 "--max-cost has room for it; without --max-cost, int8).", show_default=False),
 ]
 CacheOpt = Annotated[
     bool | None,

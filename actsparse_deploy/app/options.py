@@ -140,8 +140,9 @@ class SquashOptions:
             raise SquashError(f"unknown squash mode {self.mode!r}; known: {', '.join(MODES)}")
 
 
-#: what ``--quantize`` takes: none; int8 (dynamic, per-channel int8 weights); int8-static (QDQ, activation ranges from the calibration data)
-QUANTIZE_MODES = ("none", "int8", "int8-static")
+#: what ``--quantize`` takes: none; int8 (dynamic, per-channel int8 weights); int8-static (QDQ, activation ranges from the
+#: calibration data); auto (int8 where the cost budget has room for it, else none; without a budget, int8)
+QUANTIZE_MODES = ("none", "int8", "int8-static", "auto")
 
 
 @dataclass(frozen=True)

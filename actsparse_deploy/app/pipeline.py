@@ -45,7 +45,7 @@ from ..base.version import __version__
 from ..calibration.calibrate import collect, select
 from ..calibration.masks import Masks
 from ..calibration.recipe import Recipe
-from ..data.batches import Batch, first_samples, total_samples, unpadded
+from ..data.batches import Batch, first_samples, reiterable, total_samples, unpadded
 from ..data.iospec import check_dynamic_axes
 from ..data.streams import shape_examples
 from ..data.workload import Workload
@@ -55,17 +55,17 @@ from ..models.loading import load_recipe
 from ..onnx.export import ExportResult, export_onnx, layer_metadata
 from ..onnx.generate import check_generation, decode_latency, held_out_prompts
 from ..onnx.latency import dense_export, dense_latency, slower_note, verdict
-from ..onnx.quantize import FLOAT_FOLDER, Quantized, frontier
+from ..onnx.quantize import FLOAT_FOLDER, Quantized, frontier, quantize_onnx, quantized_cost
 from ..onnx.validate import ValidationReport, validate
 from .cost import cost_stage
 from .options import CalibrateOptions, ConvertOptions, ExportOptions, QuantizeOptions, ValidateOptions
-from .quantize import quantize_stage
+from .quantize import Int8Plan, int8_room, quantize_stage
 from .report import Report, named_input_shape
 from .workload import squash_workload
 
 if TYPE_CHECKING:
     from ..calibration.stats import Statistics
-    from .budget import BudgetResult
+    from .budget import Budget, BudgetResult
 
 __all__ = ["STAGES", "ConvertOptions", "Stages", "Timer", "build_report", "convert", "locked_outputs", "publish_staged"]
 
@@ -136,18 +136,22 @@ class Stages:
             timer.totals["calibrate"] = total_samples(calibration) if c.group is None else None  # distributed: a share
         return cls(work, timer, target), recipe, calibration
 
-    def calibrate(self, recipe: Recipe, batches: Iterable[Batch], o: CalibrateOptions) -> tuple[Masks, BudgetResult | None] | None:
+    def calibrate(self, recipe: Recipe, batches: Iterable[Batch], o: CalibrateOptions,
+                  int8: Int8Plan | None = None) -> tuple[Masks, BudgetResult | None] | None:
         """The masks of ``recipe`` on ``batches``: to the cost budget ``o.max_cost``
         where given (levels per layer, tuned on a split of the batches: the budget's
         result too), else at the recipe's level. None on a rank other than 0 of a
-        distributed run (it collected its share)."""
+        distributed run (it collected its share). ``int8``: ``--quantize`` with the
+        budget, the quantized model held to it (:meth:`calibrate_with_int8`)."""
         with self.timer("calibrate"):
             if o.max_cost is not None:
-                from .budget import calibrate_to_budget
+                from .budget import Budget, calibrate_to_budget
 
-                work = self.work
-                budget = calibrate_to_budget(work.model, recipe, batches, o.max_cost, model_name=work.name, on_batch=o.on_batch)
-                return budget.masks, budget
+                work, budget = self.work, Budget.parse(o.max_cost)
+                if int8 is not None and int8.mode != "none":
+                    return self.calibrate_with_int8(recipe, batches, o, budget, int8)
+                result = calibrate_to_budget(work.model, recipe, batches, budget, model_name=work.name, on_batch=o.on_batch)
+                return result.masks, result
             stats = self.statistics(recipe, batches, o)
             if stats is None:
                 return None
@@ -167,18 +171,64 @@ class Stages:
                         group=o.group if o.group is not None else False)
         return stats if o.writer else None
 
+    def calibrate_with_int8(self, recipe: Recipe, batches: Iterable[Batch], o: CalibrateOptions, budget: Budget,
+                            plan: Int8Plan) -> tuple[Masks, BudgetResult]:
+        """``--max-cost`` with ``--quantize``: the most sparsity that still keeps ``budget`` once quantized.
+        The dense model quantized alone first: what it leaves of the budget (:func:`~actsparse_deploy.app.quantize.int8_room`;
+        no room: ``auto`` leaves int8 out, else exit 10) is what the sparsity is searched to; the chosen
+        masks are then squashed, exported, quantized and measured on the tuning split, and the search runs
+        again on the same candidates, tighter by what the quantized model missed, until it keeps the budget."""
+        from .budget import calibrate_to_budget, split_tuning
+
+        work, asked = self.work, plan.mode
+        batches = batches if reiterable(batches) else list(batches)
+        calibration, tuning = split_tuning(batches)
+        tuning = list(unpadded(tuning))
+        measured: list[float] = []
+        with staging_dir(plan.scratch) as folder:
+            def cost(model: nn.Module) -> float:
+                return self.quantized_cost(model, calibration, tuning, budget.kind, "int8" if asked == "auto" else asked, plan.export,
+                                           folder / str(len(measured)))
+
+            room = int8_room(budget, cost(work.model), asked)
+
+            def again(result: BudgetResult) -> Budget | None:
+                measured.append(cost(squash_workload(work, result.masks, plan.squash).model))
+                return None if budget.within(measured[-1]) else result.budget.after(budget.miss(measured[-1]))
+
+            result = calibrate_to_budget(work.model, recipe, batches, room.searched, model_name=work.name, on_batch=o.on_batch,
+                                         again=again if room.mode != "none" else None)
+        found = {"searched_budget": str(result.budget), "int8_tuning_cost": measured[-1], "searches": len(measured)} if measured else {}
+        return result.masks, replace(result, budget=budget, quantization={**room.to_json(), **found})
+
+    def quantized_cost(self, model: nn.Module, calibration: Iterable[Batch], tuning: list[Batch], kind: str, mode: str,
+                       o: ExportOptions, folder: Path) -> float:
+        """The budget ``kind``'s figure of ``model`` quantized by ``mode``: exported into ``folder`` (removed
+        after) as ``convert`` exports it, quantized, and measured against the dense PyTorch model on ``tuning``
+        as the budget search measures its candidates (``int8-static``: ranges from ``calibration``)."""
+        work, target = self.work, self.target
+        folder.mkdir()
+        try:
+            exported = self.export(model, folder / "model.onnx", o, timed=False)
+            io, path = target.validation_io(exported.io), folder / "model.int8.onnx"
+            quantize_onnx(exported.path, path, mode, calibration=target.batches(calibration) if mode == "int8-static" else None, io_spec=io)
+            return quantized_cost(work.model, path, tuning, target.batches(tuning), kind, io_spec=io)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
     def squash(self, masks: Masks, mode: str) -> SquashResult:
         with self.timer("squash"):
             return squash_workload(self.work, masks, mode)
 
     def export(self, model: nn.Module, path: Path, o: ExportOptions, metadata: Mapping[str, str] | None = None,
-               outdir: Path | None = None) -> ExportResult:
+               outdir: Path | None = None, timed: bool = True) -> ExportResult:
         """``model`` to ONNX at ``path`` with the workload's I/O spec (inferred from
         the model and the shapes of its data where it has none); a causal language
         model as its decoder with a cache (:attr:`target`). With ``outdir`` (where the
-        files end up), what a runtime loads beside it too (:attr:`runtime`)."""
+        files end up), what a runtime loads beside it too (:attr:`runtime`). ``timed``: as the
+        export stage (else a scratch export inside another stage)."""
         work, target = self.work, self.target
-        with self.timer("export"):
+        with self.timer("export") if timed else contextlib.nullcontext():
             if outdir is not None:  # config.json, tokenizer, ... beside model.onnx
                 self.runtime = write_workload_files(path.parent, work, model, outdir=outdir, cache=target.cached)
             data = () if target.cached else shape_examples(work.require_heldout(), work.calibration)
@@ -215,10 +265,13 @@ class Stages:
         """The validated ONNX model at ``path`` quantized in its place (``o.mode``; None for ``none``),
         the float one moved aside, and held to ``budget`` where there is one
         (:func:`~actsparse_deploy.app.quantize.quantize_stage`)."""
-        if o.mode == "none":
+        mode = o.mode
+        if mode == "auto":  # int8 where the budget left room for it (Stages.calibrate), int8 without a budget
+            mode = budget.quantization["mode"] if budget is not None and budget.quantization else "int8"
+        if mode == "none":
             return None
         with self.timer("quantize"):
-            return quantize_stage(self.work, self.target, path, exported.io, o.mode, budget.budget if budget else None, verbose)
+            return quantize_stage(self.work, self.target, path, exported.io, mode, budget.budget if budget else None, verbose)
 
     def latency(self, path: Path, exported: ExportResult, scratch: Path, verbose: bool = False,
                 quantized: Quantized | None = None) -> dict[str, Any]:
@@ -312,7 +365,8 @@ def convert(model: str, outdir: str | Path, options: ConvertOptions | None = Non
 
 def _convert(model: str, outdir: Path, o: ConvertOptions) -> Report | None:
     stages, recipe, calibration = Stages.load(model, o)
-    calibrated = stages.calibrate(recipe, calibration, o.calibrate)
+    int8 = Int8Plan(o.quantize.mode, o.export, o.squash.mode, outdir) if o.writer else None
+    calibrated = stages.calibrate(recipe, calibration, o.calibrate, int8)
     if calibrated is None:  # another rank than 0 of a distributed run
         return None
     masks, budget = calibrated
@@ -393,6 +447,8 @@ def build_report(
     final = str(onnx_path if onnx_path is not None else exported.path)
     checked = validation.to_json() if hasattr(validation, "to_json") else dict(validation)
     note = slower_note(mode, [row.get("mode", "") for row in layers], speed["ratio"]) if speed is not None else None
+    left_out = (budget.quantization or {}).get("why") if budget is not None else None
+    notes = [*([note] if note else []), *([f"--quantize auto: not quantized: {left_out}"] if left_out else [])]
     sections: dict[str, Any] = {  # JSON, parsed by the report's sections
         "calibration": {"samples": masks.num_samples, "batches": masks.num_batches},
         "export": {**exported.to_json(), "path": final, **({"cache": cache} if cache is not None else {})},
@@ -411,7 +467,7 @@ def build_report(
         overall_sparsity=masks.overall_sparsity(),
         layers=layers,
         recipe=masks.recipe.to_dict() if masks.recipe else None,
-        notes=[*work.notes, *masks.notes(), *runtime.notes, *([note] if note else [])],
+        notes=[*work.notes, *masks.notes(), *runtime.notes, *notes],
         seconds={**timer.seconds, "total": round(total, 3)},
         files=files,
         threads=current_threads(),

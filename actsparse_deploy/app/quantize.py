@@ -11,16 +11,21 @@ The latency stage puts the alternatives side by side
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..base.errors import ValidationError
 from ..data.iospec import IOSpec
 from ..data.workload import Workload
 from ..models.decoder import Target
 from ..onnx.quantize import Quantized, check_quantized, quantization_json, quantize_onnx, quantize_staged
 from .report import Report
 
-__all__ = ["quantize_file", "quantize_stage"]
+if TYPE_CHECKING:
+    from .budget import Budget
+
+__all__ = ["Int8Plan", "Int8Room", "int8_room", "quantize_file", "quantize_stage"]
 
 def quantize_file(onnx_model: Path, output: Path, mode: str, data: str | None = None, batch_size: int = 32,
                   overwrite: bool = False) -> Report:
@@ -40,6 +45,45 @@ def quantize_file(onnx_model: Path, output: Path, mode: str, data: str | None = 
     result = quantize_onnx(onnx_model, output, mode, calibration=batches, overwrite=overwrite)
     return Report(model=str(onnx_model), quantization=quantization_json(result, None),  # type: ignore[arg-type]
                   files={str(output): result.size_after})
+
+
+@dataclass(frozen=True)
+class Int8Plan:
+    """``--quantize`` (``mode``) under ``--max-cost``: how ``convert`` makes each model the budget
+    search has its quantized cost measured on (``export``, squashed in ``squash`` mode, staged in ``scratch``)."""
+
+    mode: str
+    export: Any
+    squash: str
+    scratch: Path
+
+
+@dataclass(frozen=True)
+class Int8Room:
+    """``--quantize`` under ``--max-cost``: what int8 alone costs on the tuning split (``share``, the
+    budget's figure), the budget the sparsity is searched to (``searched``: what int8 leaves of it),
+    and the quantization that runs (``none`` where ``auto`` found no room for int8, and ``why``)."""
+
+    mode: str
+    share: float
+    searched: Budget
+    why: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "share": self.share, "searched_budget": str(self.searched), **({"why": self.why} if self.why else {})}
+
+
+def int8_room(budget: Budget, share: float, asked: str) -> Int8Room:
+    """The room ``budget`` keeps for int8 that costs ``share`` alone (:meth:`Budget.after`). No room:
+    ``auto`` leaves int8 out (the whole budget goes to the sparsity); ``int8`` / ``int8-static``
+    asked for is a ValidationError (exit 10) before the search."""
+    left = budget.after(share)
+    if left is not None:
+        return Int8Room("int8" if asked == "auto" else asked, share, left)
+    why = f"{'int8' if asked == 'auto' else asked} alone costs {budget.kind}={share:.6g} on the tuning split of the calibration data, over the budget {budget}"
+    if asked != "auto":
+        raise ValidationError(f"{why}: give a looser budget, or leave out --quantize (--quantize auto leaves int8 out where it does not fit)")
+    return Int8Room("none", share, budget, why)
 
 
 def quantize_stage(work: Workload, target: Target, path: Path, exported: IOSpec, mode: str, budget: Any = None,

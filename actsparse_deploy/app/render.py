@@ -303,6 +303,20 @@ def cost_lines(cost: Cost | None) -> list[str]:
     return lines
 
 
+def _int8_room_lines(budget: BudgetSearch) -> list[RenderableType]:
+    """``--quantize`` under the budget: what int8 alone cost, what the sparsity was searched to, the quantized model's tuning cost."""
+    q = budget.quantization
+    if not q:
+        return []
+    if q["mode"] == "none":
+        return [f"budget {budget.budget}: int8 left out (--quantize auto): {q['why']}"]
+    line = f"budget {budget.budget}: {q['mode']} alone costs {figure(q['share'], 4)} on the tuning split"
+    if "searches" in q:
+        line += (f"; the sparsity searched to {q['searched_budget']} ({q['searches']} search(es)), the {q['mode']} model "
+                 f"{figure(q['int8_tuning_cost'], 4)} on the tuning split")
+    return [line]
+
+
 def budget_lines(budget: BudgetSearch | None) -> list[RenderableType]:
     """The levels a --max-cost search chose per layer, its tuning and held-out cost, and whether it kept the budget."""
     if budget is None:
@@ -315,6 +329,7 @@ def budget_lines(budget: BudgetSearch | None) -> list[RenderableType]:
         f"cost {figure(budget.tuning_cost, 4)} on the tuning split ({budget.tuning_samples} calibration samples, "
         f"{budget.evaluations} allocations measured)"
     )]
+    lines += _int8_room_lines(budget)
     heldout = budget.heldout
     if heldout is None or heldout.cost is None:
         note = heldout.note if heldout is not None and heldout.note is not None else "held-out cost not measured"

@@ -324,6 +324,9 @@ class BudgetSearch(Section):
     tuning_samples: int
     evaluations: int
     heldout: HeldoutCost | None = _flat("heldout_")
+    #: ``--quantize`` with the budget: ``mode`` (what runs: ``none`` where ``auto`` left int8 out, and ``why``),
+    #: ``share`` (int8 alone on the tuning split) and ``searched_budget`` (what the sparsity was searched to)
+    quantization: dict[str, Any] | None = field(default=None, metadata=_OMIT_NONE)
 
     SECTIONS: ClassVar[Mapping[str, type[Section]]] = {"heldout": HeldoutCost}
 

@@ -103,7 +103,7 @@ from ..base.errors import ActsparseError, DataError, ExportError, OutputError, U
 from ..base.files import check_output_path, os_reason, output_lock, publish, remove_stale_staging, staging_dir
 from ..base.quiet import quiet
 from ..data.batches import Batch, batch_size, flatten_outputs, head_samples, run_batch
-from ..data.scores import Tally
+from ..data.scores import Tally, cost_figure
 from ..nn.modules import eval_mode
 from .latency import latencies
 from .validate import check_external_data, onnx_feeds, onnx_session, read_graph, run_session
@@ -115,8 +115,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_CALIBRATION_SAMPLES", "DEFAULT_OP_TYPES", "FLOAT_FOLDER", "MODES", "STATIC_OP_TYPES", "CalibrationFeeds", "CostBudget",
-    "QuantizeResult", "Quantized", "VARIANTS", "VariantCost", "check_quantized", "frontier", "model_bytes", "quantization_json", "quantize_onnx",
-    "quantize_staged", "variant_costs",
+    "QuantizeResult", "Quantized", "VARIANTS", "VariantCost", "check_quantized", "frontier", "model_bytes", "quantization_json",
+    "quantize_onnx", "quantize_staged", "quantized_cost", "variant_costs",
 ]
 
 #: the quantization modes, each onnxruntime's quantizer with per-channel int8 weights
@@ -469,6 +469,22 @@ def variant_costs(
                                   *alone[name].figures(0, labels), ppl, acc, references.get(name),
                                   to_source[name].output_stats(outputs) if name in to_source else [])
     return costs
+
+
+def quantized_cost(dense: nn.Module, path: Path, batches: Iterable[Batch], onnx_batches: Iterable[Batch], kind: str,
+                   io_spec: IOSpec | None = None) -> float:
+    """A built-in budget ``kind``'s figure of the ONNX model at ``path`` against the dense PyTorch
+    model, measured as the budget search measures its candidates (:func:`~actsparse_deploy.data.scores.cost_figure`,
+    no labels): ``dense`` on ``batches``, the ONNX model on the same samples as it takes them
+    (``onnx_batches``: a decoder's first steps), its first outputs (as many as the PyTorch model gives) compared."""
+    from .metrics import run
+
+    reference, quantized = Tally(("model",), keep=True), Tally(("ONNX model",), keep=True)
+    run((dense,), batches, reference)
+    run(path, onnx_batches, quantized, io_spec=io_spec)
+    want = reference.kept[0]
+    got = [[torch.as_tensor(np.asarray(o)) for o in out[:len(d)]] for out, d in zip(quantized.kept[0], want)]
+    return cost_figure(kind, want, got, batches)
 
 
 #: where the float export waits inside the staging folder while the quantized one is measured (removed before publishing)

@@ -8,8 +8,12 @@ from pathlib import Path
 import onnx
 import pytest
 
+from actsparse_deploy.app.budget import Budget
 from actsparse_deploy.app.pipeline import convert
 from actsparse_deploy.app.report import Report
+from actsparse_deploy.app.workload import load_workload
+from actsparse_deploy.base.errors import ValidationError
+from actsparse_deploy.onnx.quantize import check_quantized
 
 from ..helpers import invoke, one_line_error
 
@@ -71,15 +75,16 @@ def test_bad_quantize_and_a_budget_function_with_it_are_refused_before_any_work(
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_a_budget_holds_the_int8_model_too(tmp_path):
+def test_a_budget_holds_the_int8_model_too(tmp_path, quantized):
     """Before, --max-cost checked the float model only: the int8 model's own error was never held to it."""
     report = convert("digits-mlp", tmp_path / "kept", threads=1, quantize="int8", max_cost="accuracy-drop=0.9", latency=False)
     kept = report.quantization.budget
     assert kept["within"] is True and kept["budget"] == "accuracy-drop=0.9" and kept["heldout_cost"] <= 0.9
-    result = invoke("convert", "digits-mlp", "-o", tmp_path / "over", "--threads", "1", "--quantize", "int8",
-                    "--max-cost", "cosine=0.99999", "--no-latency")
-    one_line_error(result, 10, "the int8 model's held-out cost cosine=", "over the budget cosine=0.99999")
-    assert not (tmp_path / "over").exists()
+    # on the held-out data, the int8 model over the budget is a validation failure (exit 10)
+    out, _ = quantized
+    work = load_workload("digits-mlp")
+    with pytest.raises(ValidationError, match=r"the int8 model's held-out cost cosine=0\.\d+ is over the budget cosine=0\.99999"):
+        check_quantized(Budget.parse("cosine=0.99999"), work.model, out / "model.onnx", work.heldout, io=work.io, tokens=False)
 
 
 def test_the_quantize_command_on_an_onnx_file(tmp_path, quantized):
@@ -95,3 +100,35 @@ def test_the_quantize_command_on_an_onnx_file(tmp_path, quantized):
     one_line_error(invoke("quantize", float_model / "model.onnx", "-o", tmp_path / "int8.onnx"), 11)  # exists: --overwrite
     one_line_error(invoke("quantize", float_model / "model.onnx", "-o", tmp_path / "s.onnx", "--mode", "int8-static"), 2, "--data")
     assert not (tmp_path / "again.onnx").exists() and not (tmp_path / "s.onnx").exists()
+
+
+def test_the_budget_search_leaves_room_for_int8(tmp_path):
+    """Before, the search filled the budget with sparsity alone and the int8 model then went over it (exit 10)."""
+    float_only = convert("digits-mlp", tmp_path / "float", threads=1, max_cost="cosine=0.99", latency=False)
+    report = convert("digits-mlp", tmp_path / "int8", threads=1, quantize="int8", max_cost="cosine=0.99", latency=False)
+    budget = report.budget
+    assert budget.budget == "cosine=0.99"  # what the user asked for, not what the sparsity was searched to
+    q = budget.quantization
+    assert q["mode"] == "int8" and 0.99 < q["share"] < 1.0  # int8 alone, on the tuning split (onnxruntime)
+    assert q["int8_tuning_cost"] >= 0.99 and 1 <= q["searches"] <= 4  # the chosen model quantized keeps it
+    assert float(q["searched_budget"].partition("=")[2]) >= 0.99 + 1 - q["share"] - 1e-12  # int8's part kept out of it
+    assert report.overall_sparsity < float_only.overall_sparsity  # less sparsity: int8 needs its part of the budget
+    assert report.quantization.budget["within"] is True and report.quantization.budget["heldout_cost"] >= 0.99
+
+
+def test_int8_alone_over_the_budget_fails_before_the_search_and_auto_leaves_it_out(tmp_path):
+    result = invoke("convert", "digits-mlp", "-o", tmp_path / "over", "--threads", "1", "--quantize", "int8",
+                    "--max-cost", "cosine=0.9995", "--no-latency")
+    one_line_error(result, 10, "int8 alone costs cosine=", "on the tuning split", "over the budget cosine=0.9995")
+    assert not (tmp_path / "over").exists()
+    report = convert("digits-mlp", tmp_path / "auto", threads=1, quantize="auto", max_cost="cosine=0.9995", latency=False)
+    assert report.quantization is None  # float: the budget has no room for int8
+    assert report.budget.quantization["mode"] == "none" and "int8 alone costs cosine=" in report.budget.quantization["why"]
+    assert any("--quantize auto" in note and "not quantized" in note for note in report.notes)
+
+
+def test_auto_quantizes_where_the_budget_allows_and_without_a_budget(tmp_path):
+    kept = convert("digits-mlp", tmp_path / "kept", threads=1, quantize="auto", max_cost="cosine=0.99", latency=False)
+    assert kept.quantization.mode == "int8" and kept.budget.quantization["mode"] == "int8"
+    free = convert("digits-mlp", tmp_path / "free", threads=1, quantize="auto", latency=False)
+    assert free.quantization.mode == "int8" and free.budget is None
