@@ -173,6 +173,11 @@ class Budget:
             return Budget(self.kind, left) if math.isfinite(left) and left >= 0.0 else None
         raise RecipeError(f"budget {self}: a budget function's cost cannot be shared with another step")
 
+    def doubted(self, measured: float, error: float) -> float:
+        """``measured`` moved ``error`` (its standard error) towards the worse side: a figure that keeps
+        the budget so keeps it on other samples of the same source too, more often than not."""
+        return measured - error if self.higher_is_better else measured + error
+
     def miss(self, measured: float) -> float:
         """How far ``measured`` is over this budget, as a cost share :meth:`after` takes (cosine:
         ``1 - shortfall``; perplexity ratio: ``measured / value``; accuracy drop: the excess)."""

@@ -184,28 +184,31 @@ class Stages:
         batches = batches if reiterable(batches) else list(batches)
         calibration, tuning = split_tuning(batches)
         tuning = list(unpadded(tuning))
-        measured: list[float] = []
+        measured: list[tuple[float, float]] = []
         with staging_dir(plan.scratch) as folder:
-            def cost(model: nn.Module) -> float:
+            def cost(model: nn.Module) -> tuple[float, float]:
                 return self.quantized_cost(model, calibration, tuning, budget.kind, "int8" if asked == "auto" else asked, plan.export,
                                            folder / str(len(measured)))
 
-            room = int8_room(budget, cost(work.model), asked)
+            room = int8_room(budget, cost(work.model)[0], asked)
 
-            def again(result: BudgetResult) -> Budget | None:
+            def again(result: BudgetResult) -> Budget | None:  # kept by one standard error: the held-out data is other samples
                 measured.append(cost(squash_workload(work, result.masks, plan.squash).model))
-                return None if budget.within(measured[-1]) else result.budget.after(budget.miss(measured[-1]))
+                doubted = budget.doubted(*measured[-1])
+                return None if budget.within(doubted) else result.budget.after(budget.miss(doubted))
 
             result = calibrate_to_budget(work.model, recipe, batches, room.searched, model_name=work.name, on_batch=o.on_batch,
                                          again=again if room.mode != "none" else None)
-        found = {"searched_budget": str(result.budget), "int8_tuning_cost": measured[-1], "searches": len(measured)} if measured else {}
+        found = {"searched_budget": str(result.budget), "int8_tuning_cost": measured[-1][0], "int8_tuning_error": measured[-1][1],
+                 "searches": len(measured)} if measured else {}
         return result.masks, replace(result, budget=budget, quantization={**room.to_json(), **found})
 
     def quantized_cost(self, model: nn.Module, calibration: Iterable[Batch], tuning: list[Batch], kind: str, mode: str,
-                       o: ExportOptions, folder: Path) -> float:
-        """The budget ``kind``'s figure of ``model`` quantized by ``mode``: exported into ``folder`` (removed
-        after) as ``convert`` exports it, quantized, and measured against the dense PyTorch model on ``tuning``
-        as the budget search measures its candidates (``int8-static``: ranges from ``calibration``)."""
+                       o: ExportOptions, folder: Path) -> tuple[float, float]:
+        """The budget ``kind``'s figure of ``model`` quantized by ``mode``, and its standard error: exported
+        into ``folder`` (removed after) as ``convert`` exports it, quantized, and measured against the dense
+        PyTorch model on ``tuning`` as the budget search measures its candidates (``int8-static``: ranges
+        from ``calibration``)."""
         work, target = self.work, self.target
         folder.mkdir()
         try:
@@ -286,9 +289,11 @@ class Stages:
             if target.cached:  # a decoder's figure users compare: ms per generated token
                 figures["decode"] = decode_latency(dense_path, path, held_out_prompts(held, 1, max_tokens=None)[0])
             if quantized is not None:  # the alternatives side by side: dense, int8 alone, sparse, sparse + int8
+                other, static = work.other_batches(), quantized.result.mode == "int8-static"
                 figures["frontier"] = frontier(dense, {"dense": dense_path, "sparse": quantized.floated, "sparse+int8": path}, batches,
                                                io=target.validation_io(exported.io), mode=quantized.result.mode, tokens=work.causal_lm,
-                                               labels=work.labels)
+                                               labels=work.labels, other=target.batches(other) if other is not None else None,
+                                               calibration=target.batches(work.require_calibration()) if static else None)
             return figures
 
 

@@ -313,7 +313,7 @@ def _int8_room_lines(budget: BudgetSearch) -> list[RenderableType]:
     line = f"budget {budget.budget}: {q['mode']} alone costs {figure(q['share'], 4)} on the tuning split"
     if "searches" in q:
         line += (f"; the sparsity searched to {q['searched_budget']} ({q['searches']} search(es)), the {q['mode']} model "
-                 f"{figure(q['int8_tuning_cost'], 4)} on the tuning split")
+                 f"{figure(q['int8_tuning_cost'], 4)} +- {figure(q['int8_tuning_error'], 2)} on the tuning split")
     return [line]
 
 
@@ -394,10 +394,12 @@ def quantization_lines(quantization: Quantization | None) -> list[RenderableType
         f"quantized ({quantization.mode}, onnxruntime, per-channel weights): {ops}; "
         f"{size(quantization.size_before)} -> {size(quantization.size_after)}"]
     if quantization.frontier:
-        table = Table("variant", "size", "latency", "cost against the dense model",
-                      title="the alternatives on held-out data (latency: onnxruntime, the dense export = 1.00x)")
+        other = "other_text" in quantization.frontier[0]
+        columns = ["variant", "size", "latency", "cost against the dense model", *(["on other text"] if other else [])]
+        table = Table(*columns, title="the alternatives on held-out data (latency: onnxruntime, the dense export = 1.00x)")
         for row in quantization.frontier:
-            table.add_row(row["variant"], size(row["size_bytes"]), f"{row['latency_ratio']:.2f}x", _variant_cost(row))
+            table.add_row(row["variant"], size(row["size_bytes"]), f"{row['latency_ratio']:.2f}x", _variant_cost(row),
+                          *([_variant_cost(row["other_text"])] if other else []))
         lines.append(table)
     return lines
 

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from ..base.errors import DataError
-from .batches import Batch, batch_size, call_args
+from .batches import Batch, batch_size, call_args, slice_batch
 
-__all__ = ["Tally", "cost_figure", "figure_needs", "nll_sum", "sample_cosines", "token_ids"]
+__all__ = ["Tally", "cost_error", "cost_figure", "figure_needs", "nll_sum", "sample_cosines", "token_ids"]
 
 
 def token_ids(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -205,6 +205,52 @@ def cost_figure(
         return float((dense_pred != sparse_pred).double().mean())
     dense_nll = _mean_nll([d[0] for d in dense], batches)
     return math.exp(_mean_nll([s[0] for s in sparse], batches) - dense_nll)
+
+
+def cost_error(
+    kind: str, dense: Sequence[Sequence[torch.Tensor]], sparse: Sequence[Sequence[torch.Tensor]],
+    batches: Iterable[Batch], labels: torch.Tensor | None = None,
+) -> float:
+    """The standard error of :func:`cost_figure` (same arguments) over the samples it averages: how far
+    the figure could move on other samples from the same source. ``cosine``: of the per-sample
+    cosines' mean; ``accuracy-drop``: of the mean per-sample change (correct, or without labels the
+    same prediction); ``perplexity-ratio``: the ratio's, each sequence's summed NLL one sample (a ratio
+    estimator)."""
+    if kind == "cosine":
+        cosines = torch.cat([sample_cosines(d[-1], s[-1]) for d, s in zip(dense, sparse)])
+        return _standard_error(cosines)
+    if kind == "accuracy-drop":
+        dense_pred = torch.cat([d[0].argmax(-1).reshape(-1) for d in dense])
+        sparse_pred = torch.cat([s[0].argmax(-1).reshape(-1) for s in sparse])
+        if labels is not None:
+            flat = labels.reshape(-1)
+            return _standard_error((dense_pred == flat).double() - (sparse_pred == flat).double())
+        return _standard_error((dense_pred != sparse_pred).double())
+    gaps, counts = _sequence_gaps(dense, sparse, batches)
+    if len(counts) < 2:
+        return 0.0
+    log_ratio = float(gaps.sum() / counts.sum())
+    residual = gaps - log_ratio * counts
+    spread = math.sqrt(float((residual ** 2).sum()) * len(counts) / (len(counts) - 1)) / float(counts.sum())
+    return math.exp(log_ratio) * spread
+
+
+def _sequence_gaps(dense: Sequence[Sequence[torch.Tensor]], sparse: Sequence[Sequence[torch.Tensor]],
+                   batches: Iterable[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence (a batch row that predicts a token): sparse minus dense summed next-token NLL, and its tokens."""
+    gaps, counts = [], []
+    for d, s, b in zip(dense, sparse, batches):
+        for i in range(batch_size(b)):
+            row = slice_batch(b, i, i + 1)
+            (dense_nll, count), (sparse_nll, _) = nll_sum(d[0][i:i + 1], row, "model"), nll_sum(s[0][i:i + 1], row, "ONNX model")
+            if count:
+                gaps.append(sparse_nll - dense_nll)
+                counts.append(count)
+    return torch.tensor(gaps, dtype=torch.float64), torch.tensor(counts, dtype=torch.float64)
+
+
+def _standard_error(values: torch.Tensor) -> float:
+    return float(values.double().std() / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
 def _mean_nll(logits: list[torch.Tensor], batches: Iterable[Batch]) -> float:

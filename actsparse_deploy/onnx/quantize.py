@@ -103,7 +103,7 @@ from ..base.errors import ActsparseError, DataError, ExportError, OutputError, U
 from ..base.files import check_output_path, os_reason, output_lock, publish, remove_stale_staging, staging_dir
 from ..base.quiet import quiet
 from ..data.batches import Batch, batch_size, flatten_outputs, head_samples, run_batch
-from ..data.scores import Tally, cost_figure
+from ..data.scores import Tally, cost_error, cost_figure
 from ..nn.modules import eval_mode
 from .latency import latencies
 from .validate import check_external_data, onnx_feeds, onnx_session, read_graph, run_session
@@ -472,11 +472,12 @@ def variant_costs(
 
 
 def quantized_cost(dense: nn.Module, path: Path, batches: Iterable[Batch], onnx_batches: Iterable[Batch], kind: str,
-                   io_spec: IOSpec | None = None) -> float:
+                   io_spec: IOSpec | None = None) -> tuple[float, float]:
     """A built-in budget ``kind``'s figure of the ONNX model at ``path`` against the dense PyTorch
     model, measured as the budget search measures its candidates (:func:`~actsparse_deploy.data.scores.cost_figure`,
-    no labels): ``dense`` on ``batches``, the ONNX model on the same samples as it takes them
-    (``onnx_batches``: a decoder's first steps), its first outputs (as many as the PyTorch model gives) compared."""
+    no labels), and its standard error over the samples (:func:`~actsparse_deploy.data.scores.cost_error`):
+    ``dense`` on ``batches``, the ONNX model on the same samples as it takes them (``onnx_batches``: a
+    decoder's first steps), its first outputs (as many as the PyTorch model gives) compared."""
     from .metrics import run
 
     reference, quantized = Tally(("model",), keep=True), Tally(("ONNX model",), keep=True)
@@ -484,7 +485,7 @@ def quantized_cost(dense: nn.Module, path: Path, batches: Iterable[Batch], onnx_
     run(path, onnx_batches, quantized, io_spec=io_spec)
     want = reference.kept[0]
     got = [[torch.as_tensor(np.asarray(o)) for o in out[:len(d)]] for out, d in zip(quantized.kept[0], want)]
-    return cost_figure(kind, want, got, batches)
+    return cost_figure(kind, want, got, batches), cost_error(kind, want, got, batches)
 
 
 #: where the float export waits inside the staging folder while the quantized one is measured (removed before publishing)
@@ -554,21 +555,32 @@ VARIANTS = ("dense", "int8", "sparse", "sparse+int8")
 
 
 def frontier(dense: nn.Module, files: dict[str, Path], batches: Iterable[Batch], *, io: IOSpec | None, mode: str,
-             tokens: bool, labels: Any = None, max_samples: int = 64) -> list[dict[str, Any]]:
+             tokens: bool, labels: Any = None, max_samples: int = 64, other: Iterable[Batch] | None = None,
+             calibration: Iterable[Batch] | None = None) -> list[dict[str, Any]]:
     """The rows of :data:`VARIANTS` (``files``: the dense and sparse float exports as ``dense`` /
     ``sparse``, the sparse quantized one as ``sparse+int8``; the dense one is quantized here beside
-    itself as ``int8``): name, file size, latency ratio to the dense export, cost against the dense
-    PyTorch model, and for the quantized ones their closeness to their float source."""
+    itself as ``int8``, ``int8-static`` with its ranges from ``calibration``): name, file size, latency
+    ratio to the dense export, cost against the dense PyTorch model on the held-out ``batches``, and for
+    the quantized ones their closeness to their float source; with ``other`` (text from another source
+    than the calibration data, as the ONNX models take it), each one's cost on it too (``other_text``)."""
+    if mode == "int8-static" and calibration is None:
+        raise UsageError("the frontier's int8-static needs calibration batches for the dense model's ranges (never the held-out data)")
     dense_path = files["dense"]
     int8 = dense_path.with_name(f"{dense_path.stem}.int8.onnx")
-    quantize_onnx(dense_path, int8, mode, calibration=batches if mode == "int8-static" else None, io_spec=io)
+    quantize_onnx(dense_path, int8, mode, calibration=calibration if mode == "int8-static" else None, io_spec=io)
     paths = {"dense": dense_path, "int8": int8, "sparse": files["sparse"], "sparse+int8": files["sparse+int8"]}
     timed = latencies(paths, list(head_samples(batches, max_samples)), io_spec=io)
+    references = {"int8": "dense", "sparse+int8": "sparse"}
     costs = variant_costs(dense, paths, batches if labels is not None else head_samples(batches, max_samples),
-                          references={"int8": "dense", "sparse+int8": "sparse"}, io_spec=io, tokens=tokens, labels=labels)
+                          references=references, io_spec=io, tokens=tokens, labels=labels)
+    elsewhere = variant_costs(dense, paths, other, io_spec=io, tokens=tokens) if other is not None else None
     rows = []
     for name in VARIANTS:
         cost = costs[name].to_json()
         rows.append({"variant": name, "size_bytes": cost["size_bytes"], "ms": timed["ms"][name], "latency_ratio": timed["ratio"][name],
                      **{k: v for k, v in cost.items() if k not in ("name", "path", "size_bytes")}})
+        if elsewhere is not None:
+            shown = elsewhere[name].to_json()
+            rows[-1]["other_text"] = {"samples": sum(batch_size(b) for b in other or ()),
+                                      **{k: v for k, v in shown.items() if k not in ("name", "path", "size_bytes")}}
     return rows

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from actsparse_deploy.base.errors import DataError
-from actsparse_deploy.data.scores import Tally, cost_figure, figure_needs, nll_sum, sample_cosines
+from actsparse_deploy.data.scores import Tally, cost_error, cost_figure, figure_needs, nll_sum, sample_cosines
 
 
 def _token_batch(seed: int, rows: int = 3, tokens: int = 6, vocab: int = 11) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -105,6 +105,30 @@ def test_cost_figures_of_two_output_lists():
     direct = Tally(("model", "model"), tokens=True)
     direct.add(batch, (logits,), (logits * 2,))
     assert ratio == pytest.approx(direct.perplexity_of(1) / direct.perplexity_of(0))
+
+
+def test_cost_errors_are_the_standard_errors_of_the_figures():
+    dense = [[torch.tensor([[2.0, 0.0], [0.0, 1.0]])], [torch.tensor([[1.0, 3.0]])]]
+    sparse = [[torch.tensor([[2.0, 0.0], [1.0, 0.0]])], [torch.tensor([[1.0, 3.0]])]]
+    batches = [torch.zeros(2, 1), torch.zeros(1, 1)]
+    cosines = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)  # per sample
+    assert cost_error("cosine", dense, sparse, batches) == pytest.approx(float(cosines.std() / math.sqrt(3)))
+    assert cost_error("accuracy-drop", dense, sparse, batches) == pytest.approx(float(torch.tensor([0.0, 1.0, 0.0]).std() / math.sqrt(3)))
+    assert cost_error("cosine", dense, dense, batches) == pytest.approx(0.0, abs=1e-12)  # the same model: no spread
+    batch, logits = _token_batch(5)
+    assert cost_error("perplexity-ratio", [[logits]], [[logits]], [batch]) == 0.0
+    noisy = logits + torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
+    error = cost_error("perplexity-ratio", [[logits]], [[noisy]], [batch])
+    # by hand: each row's summed NLL gap, a ratio estimator's standard error, times the ratio
+    gaps, counts = [], []
+    for i in range(3):
+        row = {k: v[i:i + 1] for k, v in batch.items()}
+        (d, n), (s_, _) = nll_sum(logits[i:i + 1], row, "model"), nll_sum(noisy[i:i + 1], row, "model")
+        gaps.append(s_ - d)
+        counts.append(n)
+    r = sum(gaps) / sum(counts)
+    spread = math.sqrt(sum((g - r * n) ** 2 for g, n in zip(gaps, counts)) * 3 / 2) / sum(counts)
+    assert error == pytest.approx(math.exp(r) * spread) and error > 0
 
 
 def test_figure_needs_name_what_the_outputs_lack():

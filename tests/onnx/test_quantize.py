@@ -254,3 +254,24 @@ def test_a_failed_shape_inference_leaves_nothing_in_the_working_directory(tmp_pa
     done = quantize_onnx(tmp_path / "out" / "model.onnx", tmp_path / "int8.onnx")
     assert done.preprocess.startswith("graph only (symbolic shape inference:")
     assert list(work.iterdir()) == [] and Path.cwd() == work
+
+
+def test_the_frontier_measures_the_other_text_too_and_calibrates_static_on_calibration_data(digits, tmp_path):
+    """Before, the frontier's cost was on held-out data only, and its int8-static dense model took its ranges from the held-out data."""
+    from actsparse_deploy.onnx.quantize import frontier
+
+    model, folder, _ = digits
+    io = get_builtin("digits-mlp").io_spec()
+    (tmp_path / "dense.onnx").write_bytes((folder / "dense.onnx").read_bytes())  # the frontier quantizes beside it
+    held, other = heldout_batches("digits-mlp")[:2], heldout_batches("digits-mlp")[2:4]
+    files = {"dense": tmp_path / "dense.onnx", "sparse": tmp_path / "dense.onnx", "sparse+int8": folder / "int8.onnx"}
+    rows = frontier(model, files, held, io=io, mode="int8", tokens=False, other=other)
+    assert [row["variant"] for row in rows] == ["dense", "int8", "sparse", "sparse+int8"]
+    alone = variant_costs(model, {"x": folder / "int8.onnx"}, other, io_spec=io)["x"]
+    assert rows[3]["other_text"]["outputs"] == alone.outputs and rows[0]["other_text"]["outputs"][0]["cosine_mean"] == pytest.approx(1.0)
+    assert rows[3]["other_text"]["samples"] == sum(len(b) for b in other)
+    assert "other_text" not in frontier(model, files, held, io=io, mode="int8", tokens=False)[0]
+    with pytest.raises(UsageError, match="int8-static needs calibration batches"):
+        frontier(model, files, held, io=io, mode="int8-static", tokens=False)
+    static = frontier(model, files, held, io=io, mode="int8-static", tokens=False, calibration=calibration_batches("digits-mlp")[:2])
+    assert static[1]["variant"] == "int8" and static[1]["reference"] == "dense"
