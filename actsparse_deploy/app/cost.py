@@ -51,7 +51,8 @@ def cost_stage(
     io = io_spec or work.io
     names = io.output_names if io else None
     language = work.causal_lm
-    other_batches = work.other_batches()  # the cost under domain shift: text that is neither calibration nor held-out data
+    # the cost under domain shift: text that is neither calibration nor held-out data
+    other_batches = work.builtin.other_batches() if work.builtin is not None else None
     keep = budget is not None and budget.budget.kind != "user"
     # cosine and perplexity on token batches without their padding (the same figures, less work: a
     # model's per-token outputs at padding positions are not compared); accuracy keeps the labels' order

@@ -192,7 +192,7 @@ class Stages:
 
             room = int8_room(budget, cost(work.model)[0], asked)
 
-            def again(result: BudgetResult) -> Budget | None:  # kept by one standard error: the held-out data is other samples
+            def again(result: BudgetResult) -> Budget | None:  # kept by two standard errors: the held-out data is other samples
                 measured.append(cost(squash_workload(work, result.masks, plan.squash).model))
                 doubted = budget.doubted(*measured[-1])
                 return None if budget.within(doubted) else result.budget.after(budget.miss(doubted))
@@ -289,7 +289,8 @@ class Stages:
             if target.cached:  # a decoder's figure users compare: ms per generated token
                 figures["decode"] = decode_latency(dense_path, path, held_out_prompts(held, 1, max_tokens=None)[0])
             if quantized is not None:  # the alternatives side by side: dense, int8 alone, sparse, sparse + int8
-                other, static = work.other_batches(), quantized.result.mode == "int8-static"
+                other = work.builtin.other_batches() if work.builtin is not None else None
+                static = quantized.result.mode == "int8-static"
                 figures["frontier"] = frontier(dense, {"dense": dense_path, "sparse": quantized.floated, "sparse+int8": path}, batches,
                                                io=target.validation_io(exported.io), mode=quantized.result.mode, tokens=work.causal_lm,
                                                labels=work.labels, other=target.batches(other) if other is not None else None,

@@ -214,8 +214,8 @@ def cost_error(
     """The standard error of :func:`cost_figure` (same arguments) over the samples it averages: how far
     the figure could move on other samples from the same source. ``cosine``: of the per-sample
     cosines' mean; ``accuracy-drop``: of the mean per-sample change (correct, or without labels the
-    same prediction); ``perplexity-ratio``: the ratio's, each sequence's summed NLL one sample (a ratio
-    estimator)."""
+    same prediction, its share taken as (changed + 1) / (samples + 2)); ``perplexity-ratio``: the ratio's,
+    each sequence's summed NLL one sample (a ratio estimator)."""
     if kind == "cosine":
         cosines = torch.cat([sample_cosines(d[-1], s[-1]) for d, s in zip(dense, sparse)])
         return _standard_error(cosines)
@@ -225,7 +225,9 @@ def cost_error(
         if labels is not None:
             flat = labels.reshape(-1)
             return _standard_error((dense_pred == flat).double() - (sparse_pred == flat).double())
-        return _standard_error((dense_pred != sparse_pred).double())
+        changed, n = int((dense_pred != sparse_pred).sum()), len(dense_pred)
+        share = (changed + 1) / (n + 2)  # none changed on a few samples is not certainty: Laplace's rule of succession
+        return math.sqrt(share * (1 - share) / n) if n else 0.0
     gaps, counts = _sequence_gaps(dense, sparse, batches)
     if len(counts) < 2:
         return 0.0

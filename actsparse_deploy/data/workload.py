@@ -56,12 +56,6 @@ class Workload:
         Hugging Face model loaded for ``causal-lm`` (its held-out cost has a perplexity)."""
         return (self.builtin.task if self.builtin is not None else self.task) == "causal-lm"
 
-    def other_batches(self) -> list[Batch] | None:
-        """Inputs from another source than the calibration and held-out data (a built-in's
-        second text, the cost under domain shift), in its batch size; None where there is none."""
-        other = self.builtin.other_data if self.builtin is not None else None
-        return list(other(self.builtin.batch_size)) if other is not None else None
-
     def require_calibration(self) -> Iterable[Batch]:
         if self.calibration is None:
             if self.task is not None:

@@ -275,6 +275,11 @@ class BuiltinModel:
 
         return IOSpec(self.input_names, self.output_names, self.dynamic_axes())
 
+    def other_batches(self) -> list[Any] | None:
+        """Inputs from another source than its calibration and held-out data (the cost under domain
+        shift), in its batch size; None where it has none."""
+        return list(self.other_data(self.batch_size)) if self.other_data is not None else None
+
 
 def _digits_data(split: str, batch_size: int) -> list[torch.Tensor]:
     return _batches(digits_split("test" if split == "heldout" else split)[0], batch_size)

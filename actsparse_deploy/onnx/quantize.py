@@ -570,17 +570,17 @@ def frontier(dense: nn.Module, files: dict[str, Path], batches: Iterable[Batch],
     quantize_onnx(dense_path, int8, mode, calibration=calibration if mode == "int8-static" else None, io_spec=io)
     paths = {"dense": dense_path, "int8": int8, "sparse": files["sparse"], "sparse+int8": files["sparse+int8"]}
     timed = latencies(paths, list(head_samples(batches, max_samples)), io_spec=io)
-    references = {"int8": "dense", "sparse+int8": "sparse"}
-    costs = variant_costs(dense, paths, batches if labels is not None else head_samples(batches, max_samples),
-                          references=references, io_spec=io, tokens=tokens, labels=labels)
-    elsewhere = variant_costs(dense, paths, other, io_spec=io, tokens=tokens) if other is not None else None
+    sets = {"heldout": batches if labels is not None else head_samples(batches, max_samples), **({"other_text": other} if other else {})}
+    costs = {where: variant_costs(dense, paths, on, references={"int8": "dense", "sparse+int8": "sparse"} if where == "heldout" else None,
+                                  io_spec=io, tokens=tokens, labels=labels if where == "heldout" else None)
+             for where, on in sets.items()}
     rows = []
     for name in VARIANTS:
-        cost = costs[name].to_json()
+        cost = costs["heldout"][name].to_json()
         rows.append({"variant": name, "size_bytes": cost["size_bytes"], "ms": timed["ms"][name], "latency_ratio": timed["ratio"][name],
                      **{k: v for k, v in cost.items() if k not in ("name", "path", "size_bytes")}})
-        if elsewhere is not None:
-            shown = elsewhere[name].to_json()
+        if "other_text" in costs:
+            shown = costs["other_text"][name].to_json()
             rows[-1]["other_text"] = {"samples": sum(batch_size(b) for b in other or ()),
                                       **{k: v for k, v in shown.items() if k not in ("name", "path", "size_bytes")}}
     return rows

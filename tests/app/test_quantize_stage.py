@@ -110,7 +110,7 @@ def test_the_budget_search_leaves_room_for_int8(tmp_path):
     assert budget.budget == "cosine=0.99"  # what the user asked for, not what the sparsity was searched to
     q = budget.quantization
     assert q["mode"] == "int8" and 0.99 < q["share"] < 1.0  # int8 alone, on the tuning split (onnxruntime)
-    assert q["int8_tuning_cost"] - q["int8_tuning_error"] >= 0.99 and q["int8_tuning_error"] > 0 and 1 <= q["searches"] <= 4  # kept by one standard error
+    assert q["int8_tuning_cost"] - 2 * q["int8_tuning_error"] >= 0.99 and q["int8_tuning_error"] > 0 and 1 <= q["searches"] <= 4  # by 2 errors
     assert float(q["searched_budget"].partition("=")[2]) >= 0.99 + 1 - q["share"] - 1e-12  # int8's part kept out of it
     assert report.overall_sparsity < float_only.overall_sparsity  # less sparsity: int8 needs its part of the budget
     assert report.quantization.budget["within"] is True and report.quantization.budget["heldout_cost"] >= 0.99

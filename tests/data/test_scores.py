@@ -113,7 +113,8 @@ def test_cost_errors_are_the_standard_errors_of_the_figures():
     batches = [torch.zeros(2, 1), torch.zeros(1, 1)]
     cosines = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)  # per sample
     assert cost_error("cosine", dense, sparse, batches) == pytest.approx(float(cosines.std() / math.sqrt(3)))
-    assert cost_error("accuracy-drop", dense, sparse, batches) == pytest.approx(float(torch.tensor([0.0, 1.0, 0.0]).std() / math.sqrt(3)))
+    assert cost_error("accuracy-drop", dense, sparse, batches) == pytest.approx(math.sqrt(0.4 * 0.6 / 3))  # (1 + 1) / (3 + 2) changed
+    assert cost_error("accuracy-drop", dense, dense, batches) == pytest.approx(math.sqrt(0.2 * 0.8 / 3))  # none changed: still not certain
     assert cost_error("cosine", dense, dense, batches) == pytest.approx(0.0, abs=1e-12)  # the same model: no spread
     batch, logits = _token_batch(5)
     assert cost_error("perplexity-ratio", [[logits]], [[logits]], [batch]) == 0.0
