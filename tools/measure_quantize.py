@@ -19,6 +19,7 @@ Prints a Markdown table and, with ``--json``, writes every figure.
 
     python tools/measure_quantize.py                                 # minilm, tiny-lm, digits-mlp
     python tools/measure_quantize.py --models digits-mlp --runs 9 --json frontier.json
+    python tools/measure_quantize.py --models minilm tiny-lm --tokens 128   # timed on 8 x 128 tokens
 """
 
 from __future__ import annotations
@@ -45,10 +46,22 @@ def convert(model: str, out: Path) -> dict[str, Any]:
     return report
 
 
-def exports(model: str, folder: Path, mode: str) -> tuple[Any, dict[str, Path], dict[str, Any], dict[str, Any]]:
+def long_batches(batches: Any, tokens: int, rows: int = 8) -> list[dict[str, Any]]:
+    """Latency batches of ``rows`` x ``tokens`` token ids: the held-out batches' real tokens one
+    after another, cut into rows (sentences run into each other: the timing does not read them)."""
+    import torch
+
+    stream = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in batches])
+    count = len(stream) // tokens
+    ids = stream[: count * tokens].reshape(count, tokens)
+    return [{"input_ids": ids[i:i + rows], "attention_mask": torch.ones_like(ids[i:i + rows])} for i in range(0, count - rows + 1, rows)]
+
+
+def exports(model: str, folder: Path, mode: str, tokens: int | None = None) -> tuple[Any, dict[str, Path], dict[str, Any], dict[str, Any]]:
     """The model converted, its dense export beside it, both quantized: the workload's
     pieces (dense model as exported, held-out batches as the ONNX takes them, I/O spec, labels,
-    task), the four files, the report and the quantizers' results."""
+    task, the batches timed: the held-out ones, or with ``tokens`` rows of that many tokens),
+    the four files, the report and the quantizers' results."""
     from actsparse_deploy.app.workload import load_workload
     from actsparse_deploy.models.decoder import export_target
     from actsparse_deploy.onnx.export import export_onnx
@@ -69,21 +82,22 @@ def exports(model: str, folder: Path, mode: str) -> tuple[Any, dict[str, Path], 
         files[name] = folder / f"{name.replace('+', '-')}.onnx"
         quantized[name] = quantize_onnx(source, files[name], mode, calibration=calibration, io_spec=io).to_json()
     task = work.builtin.task if work.builtin is not None else work.task
-    return (dense, held, io, work.labels, task), {v: files[v] for v in VARIANTS}, report, quantized
+    timed = list(target.batches(long_batches(work.require_heldout(), tokens))) if tokens else held
+    return (dense, held, io, work.labels, task, timed), {v: files[v] for v in VARIANTS}, report, quantized
 
 
-def measure(model: str, folder: Path, mode: str, samples: int, runs: int, warmup: int) -> dict[str, Any]:
+def measure(model: str, folder: Path, mode: str, samples: int, runs: int, warmup: int, tokens: int | None = None) -> dict[str, Any]:
     """Every figure of one model's four variants."""
     from actsparse_deploy.base.threads import use_threads
     from actsparse_deploy.data.batches import head_samples
     from actsparse_deploy.onnx.latency import latencies
     from actsparse_deploy.onnx.quantize import variant_costs
 
-    (dense, held, io, labels, task), files, report, quantized = exports(model, folder, mode)
+    (dense, held, io, labels, task, timed), files, report, quantized = exports(model, folder, mode, tokens)
     with use_threads(1):
         costs = variant_costs(dense, files, held, references=REFERENCES, io_spec=io, tokens=task == "causal-lm",
                               labels=labels)
-        speed = latencies(files, list(head_samples(held, samples)), io_spec=io, threads=1, warmup=warmup, runs=runs)
+        speed = latencies(files, list(head_samples(timed, samples)), io_spec=io, threads=1, warmup=warmup, runs=runs)
     return {"model": model, "task": task, "overall_sparsity": report["overall_sparsity"], "latency": speed,
             "costs": {name: cost.to_json() for name, cost in costs.items()}, "quantize": quantized,
             "convert_latency_ratio": report["latency"]["ratio"]}
@@ -126,6 +140,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64, help="held-out samples timed (the convert command's 64)")
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--tokens", type=int, help="time rows of this many tokens (8 per batch) instead of the held-out batches")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
     rows = []
@@ -133,7 +148,7 @@ def main() -> None:
         for model in args.models:
             folder = Path(tmp) / model
             folder.mkdir()
-            rows.append(measure(model, folder, args.mode, args.samples, args.runs, args.warmup))
+            rows.append(measure(model, folder, args.mode, args.samples, args.runs, args.warmup, args.tokens if model != "digits-mlp" else None))
             print(f"{model}: done", file=sys.stderr, flush=True)
     print(table(rows))
     if args.json is not None:
