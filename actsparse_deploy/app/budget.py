@@ -338,6 +338,8 @@ class BudgetResult:
     heldout: dict[str, Any] = field(default_factory=dict)
     #: ``--quantize`` with the budget: what int8 alone costs on the tuning split and the budget the sparsity was searched to
     quantization: dict[str, Any] | None = None
+    #: ``--max-cost-other``: the other text's samples, its cost at the levels chosen, and (after the cost stage) its held-out-like cost
+    other_text: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -350,6 +352,7 @@ class BudgetResult:
             "evaluations": self.evaluations,
             **self.heldout,
             **({"quantization": self.quantization} if self.quantization is not None else {}),
+            **({"other_text": self.other_text} if self.other_text is not None else {}),
         }
 
 
@@ -378,11 +381,14 @@ def search_budget(
     on_batch: Callable[[int], None] | None = None,
     max_evaluations: int = 400,
     again: Callable[[BudgetResult], Budget | None] | None = None,
+    other: Iterable[Batch] | None = None,
 ) -> BudgetResult:
     """The per-layer levels of ``recipe``'s layers with the highest overall
     sparsity whose cost on the tuning split keeps ``budget`` (see the module
     docstring). ``batches``: the calibration data (the tuning split is carved
-    from it); the model is not changed. ``again(result)``: another budget to search
+    from it); the model is not changed. ``other``: text from another source that
+    each candidate is measured on too, the worse of the two held to the budget
+    (``--max-cost-other``). ``again(result)``: another budget to search
     the same candidates to (their costs measured once), or None to stop there (at
     most :data:`MAX_SEARCHES` searches: ``convert --quantize`` searches again where
     the quantized model misses the budget)."""
@@ -396,7 +402,8 @@ def search_budget(
     names = list(stats.layers)
     orders = _obs_orders(model, stats, recipe, names, OBS_GRID)
     grid = OBS_GRID if orders and len(orders) == len(names) else GRID
-    search = _Candidates(model, recipe, stats, meter, orders, grid, model_name, max_evaluations)
+    elsewhere = _Meter(budget, model, list(unpadded(other))) if other is not None else None
+    search = _Candidates(model, recipe, stats, meter, orders, grid, model_name, max_evaluations, elsewhere)
     run = _search_by_threshold if grid == OBS_GRID else _search_upward
     result = run(search, budget, tuning)
     for searches in range(1, MAX_SEARCHES + 1):
@@ -412,12 +419,15 @@ class _Candidates:
     masks of each (each layer's mask at each level made once, from its ``obs``
     removal order where it has one) and their cost on the tuning split (each
     allocation measured once, with the masks applied in ``mul`` mode; at most
-    ``max_evaluations`` of them, then :class:`_Exhausted`)."""
+    ``max_evaluations`` of them, then :class:`_Exhausted`); with an ``other`` meter, each
+    allocation's cost is the worse of the tuning split's and the other text's."""
 
     def __init__(self, model: nn.Module, recipe: Recipe, stats: Any, meter: _Meter, orders: Mapping[str, _ObsOrder], grid: int,
-                 model_name: str | None, max_evaluations: int) -> None:
+                 model_name: str | None, max_evaluations: int, other: _Meter | None = None) -> None:
         self.model, self.recipe, self.stats, self.meter, self.orders = model, recipe, stats, meter, orders
-        self.grid, self.model_name, self.max_evaluations = grid, model_name, max_evaluations
+        self.grid, self.model_name, self.max_evaluations, self.other = grid, model_name, max_evaluations, other
+        #: with an other meter: each allocation's (tuning, other text) costs
+        self.parts: dict[tuple[int, ...], tuple[float, float]] = {}
         self.names = list(stats.layers)
         self.one_layer: dict[tuple[str, int], Any] = {}
         self.measured: dict[tuple[int, ...], float] = {}
@@ -452,15 +462,20 @@ class _Candidates:
                 raise _Exhausted()
             sparse = squash(self.model, self.masks_for(ks), "mul").model
             self.measured[key] = self.meter.cost(sparse)
+            if self.other is not None:  # the worse of the two is what the budget holds
+                self.parts[key] = (self.measured[key], self.other.cost(sparse))
+                self.measured[key] = max(self.parts[key], key=self.meter.budget.badness)
         return self.measured[key]
 
     def result(self, budget: Budget, ks: Mapping[str, int], cost: float, uniform: int, tuning: Iterable[Batch],
                grid: int | None = None) -> BudgetResult:
         """The search's result: levels ``ks`` (reported on ``grid``, default the search's), their masks and tuning ``cost``."""
         grid = grid or self.grid
+        tuned, elsewhere = self.parts.get(tuple(ks[name] for name in self.names), (cost, None))
+        other = {"samples": _samples(self.other.batches), "tuning_cost": elsewhere} if self.other is not None else None
         return BudgetResult(
-            budget=budget, levels={name: ks[name] / grid for name in self.names}, masks=self.masks_for(ks), tuning_cost=cost,
-            uniform_level=uniform / grid, evaluations=len(self.measured), tuning_samples=_samples(tuning),
+            budget=budget, levels={name: ks[name] / grid for name in self.names}, masks=self.masks_for(ks), tuning_cost=tuned,
+            uniform_level=uniform / grid, evaluations=len(self.measured), tuning_samples=_samples(tuning), other_text=other,
         )
 
 
@@ -707,10 +722,10 @@ def _slopes(search: _Candidates, uniform: int, base: float, budget: Budget) -> l
 def calibrate_to_budget(
     model: nn.Module, recipe: Recipe, batches: Iterable[Batch], budget: Budget | str, *,
     model_name: str | None = None, on_batch: Callable[[int], None] | None = None,
-    again: Callable[[BudgetResult], Budget | None] | None = None,
+    again: Callable[[BudgetResult], Budget | None] | None = None, other: Iterable[Batch] | None = None,
 ) -> BudgetResult:
     """:func:`search_budget` for ``convert`` and ``calibrate``: the masks to write and the levels to report."""
-    return search_budget(model, recipe, batches, budget, model_name=model_name, on_batch=on_batch, again=again)
+    return search_budget(model, recipe, batches, budget, model_name=model_name, on_batch=on_batch, again=again, other=other)
 
 
 def heldout_budget(
@@ -725,4 +740,8 @@ def heldout_budget(
         return replace(result, heldout={"heldout_cost": None, "heldout_within": None,
                                         "heldout_note": "no held-out data: the held-out cost was not measured"})
     value = result.budget.measure(work.model, sparse, work.heldout if reiterable(work.heldout) else list(work.heldout), labels=work.labels, outputs=outputs)
-    return replace(result, heldout={"heldout_cost": value, "heldout_within": result.budget.within(value)})
+    other = result.other_text
+    if other is not None and work.other is not None:  # the other text, all of it, on the final model
+        elsewhere = result.budget.measure(work.model, sparse, list(unpadded(work.other)))
+        other = {**other, "cost": elsewhere, "within": result.budget.within(elsewhere)}
+    return replace(result, heldout={"heldout_cost": value, "heldout_within": result.budget.within(value)}, other_text=other)

@@ -61,6 +61,7 @@ from .cli_options import (
     MasksOpt,
     MasksOutputOpt,
     MaxCostOpt,
+    MaxCostOtherOpt,
     MaxLengthOpt,
     MaxSamplesOpt,
     MethodOpt,
@@ -69,6 +70,7 @@ from .cli_options import (
     ModeOpt,
     NoLatencyOpt,
     OpsetOpt,
+    OtherTextOpt,
     OverwriteOpt,
     QuantizeOpt,
     RecipeFileOpt,
@@ -442,6 +444,7 @@ def validate_cmd(
     weights: WeightsOpt = None,
     heldout: HeldoutOpt = None,
     heldout_text: HeldoutTextOpt = None,
+    other_text: OtherTextOpt = None,
     task: TaskOpt = None,
     max_length: MaxLengthOpt = None,
     factory_args: FactoryArgsOpt = None,
@@ -465,7 +468,7 @@ def validate_cmd(
 
     options = SourceOptions(masks=masks, mode=str(mode), weights=weights, heldout=heldout,
                             batch_size=batch if heldout or heldout_text else None, labels=labels,
-                            model=_model_options(task, None, heldout_text, max_length, factory_args))
+                            model=_model_options(task, None, heldout_text, max_length, factory_args, other_text))
     report = validate_against(onnx_model, reference, options, atol=atol, rtol=rtol, timeout=timeout)
     if as_json:
         _emit_json(report)
@@ -498,7 +501,7 @@ def _convert_options(flags: dict[str, Any]) -> tuple[Any, Callable[[Any, Any], A
     _check_max_cost(f.max_cost, f.sparsity, "convert")
     check_budget_device(f.max_cost, f.device)
     where = resolve_device(f.device)  # --device cuda without CUDA: exit 2 before any work
-    model_options = _model_options(f.task, f.text, f.heldout_text, f.max_length, f.factory_args)
+    model_options = _model_options(f.task, f.text, f.heldout_text, f.max_length, f.factory_args, f.other_text)
     recipe, sparsity = recipe_from_flags(f.model, f.recipe, f.sparsity, max_cost=f.max_cost, layers=f.layers, layer_types=f.layer_types,
                                          threshold=f.threshold, aggregate=f.aggregate, structured=f.structured)
 
@@ -506,7 +509,7 @@ def _convert_options(flags: dict[str, Any]) -> tuple[Any, Callable[[Any, Any], A
         return ConvertOptions(
             LoadOptions(f.weights, f.data, f.heldout, f.batch, f.labels, model_options),
             CalibrateOptions(recipe, sparsity, _choice(f.method), _choice(f.compensate), f.max_cost, f.max_samples, f.device, session,
-                             progress.on_batch),
+                             progress.on_batch, f.max_cost_other),
             SquashOptions(str(f.mode)),
             ExportOptions(str(f.exporter), f.opset, f.external_data, tuple(f.dynamic_axis or ()), f.verbose, f.cache),
             ValidateOptions(f.atol, f.rtol, f.timeout), QuantizeOptions(f.quantize),
@@ -533,11 +536,13 @@ def convert_cmd(
     method: MethodOpt = None,
     compensate: CompensateOpt = None,
     max_cost: MaxCostOpt = None,
+    max_cost_other: MaxCostOtherOpt = False,
     data: DataOpt = None,
     max_samples: MaxSamplesOpt = None,
     heldout: HeldoutOpt = None,
     text: TextOpt = None,
     heldout_text: HeldoutTextOpt = None,
+    other_text: OtherTextOpt = None,
     task: TaskOpt = None,
     max_length: MaxLengthOpt = None,
     factory_args: FactoryArgsOpt = None,

@@ -52,6 +52,8 @@ __all__ = [
     "FactoryArgsOpt",
     "HeldoutOpt",
     "HeldoutTextOpt",
+    "MaxCostOtherOpt",
+    "OtherTextOpt",
     "JsonOpt",
     "LabelsOpt",
     "LayerTypesOpt",
@@ -234,6 +236,15 @@ HeldoutTextOpt = Annotated[
     Path | None,
     typer.Option("--heldout-text", help="Held-out text, same form as --text (never the calibration text). Instead of --heldout."),
 ]
+OtherTextOpt = Annotated[
+    Path | None,
+    typer.Option("--other-text", help="Text from another source than the calibration and held-out text, same form as --text: "
+                 "the cost on it is reported beside the held-out cost (any text model; the built-in ones have their own)."),
+]
+MaxCostOtherOpt = Annotated[
+    bool,
+    typer.Option("--max-cost-other", help="With --max-cost: hold the budget on the other text too (the worse of the two)."),
+]
 MaxLengthOpt = Annotated[
     int | None,
     typer.Option("--max-length", min=1, max=MAX_LENGTH,
@@ -372,13 +383,13 @@ def _path(value: Path | None) -> str | None:
 
 def model_options(
     task: enum.StrEnum | None = None, text: Path | None = None, heldout_text: Path | None = None,
-    max_length: int | None = None, factory_args: str | None = None,
+    max_length: int | None = None, factory_args: str | None = None, other_text: Path | None = None,
 ) -> Any:
-    """--task, --text, --heldout-text, --max-length and --factory-args as one ``loading.ModelOptions``."""
+    """--task, --text, --heldout-text, --max-length, --factory-args and --other-text as one ``loading.ModelOptions``."""
     from ..models.loading import ModelOptions, parse_factory_args
 
     return ModelOptions(task=choice(task), factory_args=parse_factory_args(factory_args), text=_path(text),
-                        heldout_text=_path(heldout_text), max_length=max_length)
+                        heldout_text=_path(heldout_text), max_length=max_length, other_text=_path(other_text))
 
 
 def check_max_cost(max_cost: str | None, sparsity: float | None, command: str) -> None:

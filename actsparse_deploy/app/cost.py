@@ -51,19 +51,19 @@ def cost_stage(
     io = io_spec or work.io
     names = io.output_names if io else None
     language = work.causal_lm
-    # the cost under domain shift: text that is neither calibration nor held-out data
-    other_batches = work.builtin.other_batches() if work.builtin is not None else None
     keep = budget is not None and budget.budget.kind != "user"
     # cosine and perplexity on token batches without their padding (the same figures, less work: a
     # model's per-token outputs at padding positions are not compared); accuracy keeps the labels' order
     tallies = cost_tallies(work.model, sparse, held, tokens=language, classes=work.labels is not None, keep=keep,
-                           other=other_batches, onnx_path=onnx_path, io_spec=io,
+                           other=work.other, onnx_path=onnx_path, io_spec=io,
                            onnx_batches=onnx_batches(held) if onnx_batches is not None else None)
     known = total_samples(held)
     cost: dict[str, Any] = {"outputs": tallies.heldout.output_stats(names),
                             "heldout_samples": known if known is not None else tallies.heldout.samples}
-    if tallies.other is not None:
-        cost["other_text"] = {"outputs": tallies.other.output_stats(names), "samples": total_samples(other_batches)}
+    if tallies.other is not None:  # the cost under domain shift: text that is neither calibration nor held-out data
+        cost["other_text"] = {"outputs": tallies.other.output_stats(names), "samples": tallies.other.samples,
+                              **({"perplexity_dense": tallies.other.perplexity_of(0), "perplexity_sparse": tallies.other.perplexity_of(1)}
+                                 if language else {})}
     if language:  # a language model's quality: held-out next-token perplexity
         cost["perplexity_dense"], cost["perplexity_sparse"] = tallies.heldout.perplexity_of(0), tallies.heldout.perplexity_of(1)
         if tallies.onnx is not None:

@@ -100,6 +100,8 @@ class CalibrateOptions:
     device: str | None = None
     group: Any = None
     on_batch: Callable[[int], None] | None = None
+    #: hold the budget on the other text too (the worse of the two; needs one: ``other_text`` or a built-in's own)
+    max_cost_other: bool = False
 
     def __post_init__(self) -> None:
         if self.device is not None:  # a bad device, or CUDA where there is none: before the model loads
@@ -110,6 +112,8 @@ class CalibrateOptions:
         if self.max_cost is not None and self.group is not None:
             raise RecipeError("a cost budget (`max_cost`) searches over several passes of the data: it is not supported in "
                               "distributed calibration; run it in one process, or give a sparsity")
+        if self.max_cost_other and self.max_cost is None:
+            raise UsageError("--max-cost-other holds a cost budget on the other text too: give --max-cost as well")
         if self.max_cost is not None:
             from .budget import check_budget
 
@@ -204,9 +208,10 @@ class ValidateOptions:
 
 #: the flat keywords of each group, in the order the groups are made (and checked)
 _FLAT: dict[str, tuple[str, ...]] = {
-    "model": ("task", "text", "heldout_text", "max_length", "factory_args"),
+    "model": ("task", "text", "heldout_text", "max_length", "factory_args", "other_text"),
     "export": ("exporter", "opset", "external_data", "dynamic_axes", "verbose", "cache"),
-    "calibrate": ("recipe", "sparsity", "method", "compensate", "max_cost", "max_samples", "device", "group", "on_batch"),
+    "calibrate": ("recipe", "sparsity", "method", "compensate", "max_cost", "max_samples", "device", "group", "on_batch",
+                  "max_cost_other"),
     "squash": ("mode",),
     "validate": ("atol", "rtol", "timeout"),
     "quantize": ("quantize",),

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from ..bake.squash import SquashResult
-from ..base.errors import OutputError
+from ..base.errors import OutputError, UsageError
 from ..base.files import check_output_path, os_reason, output_folder, publish, staging_dir
 from ..base.threads import current_threads, use_threads
 from ..base.version import __version__
@@ -131,6 +131,9 @@ class Stages:
             recipe = load_recipe(work, c.recipe, c.sparsity, method=c.method, compensate=c.compensate)
             o.load.check_distinct()  # after the recipe: a missing recipe is named first
             work.require_heldout()
+            if c.max_cost_other and work.other is None:
+                raise UsageError(f"--max-cost-other holds the budget on text from another source too, and {work.name!r} has none: "
+                                 "give --other-text FILE")
             check_dynamic_axes(work.model, work.example(), o.export.dynamic_axes, work.io)  # before any work
             calibration = first_samples(work.require_calibration(), c.max_samples)
             timer.totals["calibrate"] = total_samples(calibration) if c.group is None else None  # distributed: a share
@@ -150,7 +153,8 @@ class Stages:
                 work, budget = self.work, Budget.parse(o.max_cost)
                 if int8 is not None and int8.mode != "none":
                     return self.calibrate_with_int8(recipe, batches, o, budget, int8)
-                result = calibrate_to_budget(work.model, recipe, batches, budget, model_name=work.name, on_batch=o.on_batch)
+                result = calibrate_to_budget(work.model, recipe, batches, budget, model_name=work.name, on_batch=o.on_batch,
+                                             other=work.other if o.max_cost_other else None)
                 return result.masks, result
             stats = self.statistics(recipe, batches, o)
             if stats is None:
@@ -198,7 +202,7 @@ class Stages:
                 return None if budget.within(doubted) else result.budget.after(budget.miss(doubted))
 
             result = calibrate_to_budget(work.model, recipe, batches, room.searched, model_name=work.name, on_batch=o.on_batch,
-                                         again=again if room.mode != "none" else None)
+                                         again=again if room.mode != "none" else None, other=work.other if o.max_cost_other else None)
         found = {"searched_budget": str(result.budget), "int8_tuning_cost": measured[-1][0], "int8_tuning_error": measured[-1][1],
                  "searches": len(measured)} if measured else {}
         return result.masks, replace(result, budget=budget, quantization={**room.to_json(), **found})
@@ -289,8 +293,7 @@ class Stages:
             if target.cached:  # a decoder's figure users compare: ms per generated token
                 figures["decode"] = decode_latency(dense_path, path, held_out_prompts(held, 1, max_tokens=None)[0])
             if quantized is not None:  # the alternatives side by side: dense, int8 alone, sparse, sparse + int8
-                other = work.builtin.other_batches() if work.builtin is not None else None
-                static = quantized.result.mode == "int8-static"
+                other, static = work.other, quantized.result.mode == "int8-static"
                 figures["frontier"] = frontier(dense, {"dense": dense_path, "sparse": quantized.floated, "sparse+int8": path}, batches,
                                                io=target.validation_io(exported.io), mode=quantized.result.mode, tokens=work.causal_lm,
                                                labels=work.labels, other=target.batches(other) if other is not None else None,
@@ -424,6 +427,15 @@ def _publish(report: Report, staging: Path, outdir: Path, o: ConvertOptions) -> 
     return sized[0]
 
 
+def _other_text_note(work: Workload) -> list[str]:
+    """A text model's cost measured without text from another source: what its held-out text can and cannot say."""
+    if work.other is not None or work.task is None:
+        return []
+    return ["no --other-text: the cost was measured on the held-out text only, which says little about text unlike the "
+            "calibration text where both come from one source; give --other-text FILE (text from another source) for the cost "
+            "out of domain"]
+
+
 def build_report(
     work: Workload, masks: Masks, squashed: SquashResult, exported: ExportResult, validation: Any,
     cost: Mapping[str, Any], timer: Timer, total: float, mode: str, onnx_path: str | Path | None = None,
@@ -454,7 +466,7 @@ def build_report(
     checked = validation.to_json() if hasattr(validation, "to_json") else dict(validation)
     note = slower_note(mode, [row.get("mode", "") for row in layers], speed["ratio"]) if speed is not None else None
     left_out = (budget.quantization or {}).get("why") if budget is not None else None
-    notes = [*([note] if note else []), *([f"--quantize auto: not quantized: {left_out}"] if left_out else [])]
+    notes = [*([note] if note else []), *([f"--quantize auto: not quantized: {left_out}"] if left_out else []), *_other_text_note(work)]
     sections: dict[str, Any] = {  # JSON, parsed by the report's sections
         "calibration": {"samples": masks.num_samples, "batches": masks.num_batches},
         "export": {**exported.to_json(), "path": final, **({"cache": cache} if cache is not None else {})},

@@ -300,7 +300,23 @@ def cost_lines(cost: Cost | None) -> list[str]:
     if ppl is not None:
         lines.append(f"held-out perplexity dense {ppl.dense:.3f} -> sparse {ppl.sparse:.3f} (x{ppl.ratio:.3f})"
                      + (f" (ONNX {ppl.onnx:.3f})" if ppl.onnx is not None else ""))
+    other = cost.other_text
+    if other is not None and other.perplexity_dense is not None and other.perplexity_sparse is not None:
+        lines.append(f"other text perplexity dense {other.perplexity_dense:.3f} -> sparse {other.perplexity_sparse:.3f} "
+                     f"(x{other.perplexity_sparse / other.perplexity_dense:.3f})")
     return lines
+
+
+def _other_text_budget_lines(budget: BudgetSearch) -> list[RenderableType]:
+    """``--max-cost-other``: the other text the budget held on too, and the final model's cost on it."""
+    other = budget.other_text
+    if not other:
+        return []
+    line = (f"budget {budget.budget}: held on the other text too ({other['samples']} samples): "
+            f"{figure(other['tuning_cost'], 4)} at the levels chosen")
+    if other.get("cost") is not None:
+        line += f"; the sparse model {figure(other['cost'], 4)} on it: " + ("within the budget" if other["within"] else "MISSED")
+    return [line]
 
 
 def _int8_room_lines(budget: BudgetSearch) -> list[RenderableType]:
@@ -329,7 +345,7 @@ def budget_lines(budget: BudgetSearch | None) -> list[RenderableType]:
         f"cost {figure(budget.tuning_cost, 4)} on the tuning split ({budget.tuning_samples} calibration samples, "
         f"{budget.evaluations} allocations measured)"
     )]
-    lines += _int8_room_lines(budget)
+    lines += [*_int8_room_lines(budget), *_other_text_budget_lines(budget)]
     heldout = budget.heldout
     if heldout is None or heldout.cost is None:
         note = heldout.note if heldout is not None and heldout.note is not None else "held-out cost not measured"

@@ -258,12 +258,14 @@ class Validation(Section):
 
 @dataclass(frozen=True, kw_only=True)
 class OtherText(Section):
-    """The cost under domain shift (a built-in with other data, MiniLM): per output,
-    the cosine of the sparse to the dense model on text that is neither
-    calibration nor held-out data."""
+    """The cost under domain shift (``--other-text``, or a built-in's own second text): per
+    output, the cosine of the sparse to the dense model on text that is neither
+    calibration nor held-out data; a language model's perplexity there, dense and sparse."""
 
     outputs: list[dict[str, Any]]
     samples: int | None
+    perplexity_dense: float | None = field(default=None, metadata=_OMIT_NONE)
+    perplexity_sparse: float | None = field(default=None, metadata=_OMIT_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -327,6 +329,9 @@ class BudgetSearch(Section):
     #: ``--quantize`` with the budget: ``mode`` (what runs: ``none`` where ``auto`` left int8 out, and ``why``),
     #: ``share`` (int8 alone on the tuning split) and ``searched_budget`` (what the sparsity was searched to)
     quantization: dict[str, Any] | None = field(default=None, metadata=_OMIT_NONE)
+    #: ``--max-cost-other``: the other text the budget held on too: ``samples``, ``tuning_cost`` (the search's
+    #: figure there at the levels chosen), ``cost`` / ``within`` (the final model on it)
+    other_text: dict[str, Any] | None = field(default=None, metadata=_OMIT_NONE)
 
     SECTIONS: ClassVar[Mapping[str, type[Section]]] = {"heldout": HeldoutCost}
 

@@ -25,7 +25,7 @@ from ..data.batches import batch_size as batch_size_of
 from ..data.readers import check_distinct_data, load_data, load_labels
 from ..data.workload import EXAMPLE_BATCH_SIZE, Workload
 from ..models import zoo
-from ..models.loading import ModelOptions, load_model, load_text_data, resolve_io_spec
+from ..models.loading import ModelOptions, load_model, load_other_text, load_text_data, resolve_io_spec
 
 if TYPE_CHECKING:
 
@@ -52,6 +52,12 @@ def check_distinct_inputs(data: str | None, heldout: str | None, model_options: 
         check_distinct_data(data, heldout)
     if model_options is not None and model_options.text and model_options.heldout_text:
         check_distinct_data(model_options.text, model_options.heldout_text)
+    other = model_options.other_text if model_options is not None else None
+    if model_options is not None and other is not None:
+        for known, what in ((model_options.text, "calibration"), (model_options.heldout_text, "held-out")):
+            if known:
+                check_distinct_data(known, other, what="other text", of=f"the {what} text",
+                                    why="its cost would not be a cost out of domain; give text from another source")
 
 
 def load_workload(
@@ -93,4 +99,5 @@ def load_workload(
         if len(the_labels) != samples:
             raise DataError(f"labels file {labels} has {len(the_labels)} labels for {samples} held-out samples in {heldout}")
     task = loaded.hf.model.task if loaded.hf is not None else None
-    return Workload(loaded.name, loaded.module, entry, calibration, held, the_labels, io, task, loaded.notes)
+    other = load_other_text(loaded, model_options, size)
+    return Workload(loaded.name, loaded.module, entry, calibration, held, the_labels, io, task, loaded.notes, other)

@@ -57,11 +57,13 @@ def load_labels(source: str | Path) -> torch.Tensor:
     return arrays.to(torch.int64)
 
 
-def check_distinct_data(data: str | Path, heldout: str | Path) -> None:
+def check_distinct_data(data: str | Path, heldout: str | Path, *, what: str = "held-out data", of: str = "the calibration data",
+                        why: str = "figures measured on it would be calibration figures; pass samples that calibration did not see") -> None:
     """Held-out data must not be the calibration data: the same path, a link to
     it, or a byte-identical copy is refused (its figures would be calibration figures).
     A directory or a glob of shards is its data files: a held-out file that is one of
-    the calibration files (or a byte-identical copy of one) is refused."""
+    the calibration files (or a byte-identical copy of one) is refused. ``what`` / ``of``:
+    how the message names the two, and ``why`` it matters (other text is neither the calibration nor the held-out text)."""
     a, b = str(data), str(heldout)
     if _is_function_spec(a) or _is_function_spec(b):
         same = a == b
@@ -79,8 +81,7 @@ def check_distinct_data(data: str | Path, heldout: str | Path) -> None:
             b = f"{heldout} (its file {pair[1]} is the calibration file {pair[0]}, or a copy of it)"
     if same:
         raise DataError(
-            f"held-out data {b} is the calibration data {data}: figures measured on it would be calibration "
-            "figures; pass samples that calibration did not see"
+            f"{what} {b} is {of} {data}: {why}"
         )
 
 

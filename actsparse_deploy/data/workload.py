@@ -49,6 +49,9 @@ class Workload:
     task: str | None = None
     #: what the user is told about how the model was loaded (a Hugging Face model's task inferred)
     notes: list[str] = field(default_factory=list)
+    #: inputs from another source than the calibration and held-out data (``--other-text``, or a
+    #: built-in's own second text): the cost out of domain; None where there is none
+    other: list[Batch] | Iterable[Batch] | None = None
 
     @property
     def causal_lm(self) -> bool:

@@ -52,6 +52,7 @@ __all__ = [
     "load_model",
     "load_recipe",
     "load_state_dict_file",
+    "load_other_text",
     "load_text_data",
     "parse_factory_args",
     "resolve_io_spec",
@@ -90,14 +91,16 @@ class ModelOptions:
     """How to build a model and read its text: ``task`` of a Hugging Face model
     (see :data:`actsparse_deploy.models.hf.TASKS`; None: from its config), ``factory_args``
     (keyword arguments of a ``module:factory``), ``text`` / ``heldout_text`` (text
-    files its tokenizer makes calibration / held-out batches of) and
-    ``max_length`` (tokens per text, longer ones are cut)."""
+    files its tokenizer makes calibration / held-out batches of), ``other_text`` (a text
+    file from another source than both: the cost out of domain; any text model, the
+    built-in ones too) and ``max_length`` (tokens per text, longer ones are cut)."""
 
     task: str | None = None
     factory_args: Mapping[str, Any] | None = None
     text: str | None = None
     heldout_text: str | None = None
     max_length: int | None = None
+    other_text: str | None = None
 
     def __post_init__(self) -> None:
         from .hf import check_task
@@ -212,6 +215,25 @@ def load_text_data(
     calibration = TextStream(loaded.hf, options.text, batch_size) if options.text is not None else None
     held = TextStream(loaded.hf, options.heldout_text, batch_size) if options.heldout_text is not None else None
     return calibration, held
+
+
+def load_other_text(loaded: LoadedModel, options: ModelOptions | None, batch_size: int) -> Iterable[Batch] | None:
+    """The model's batches of text from another source: ``options.other_text`` made by its tokenizer (a
+    Hugging Face model's, a stream read line by line; a built-in text model's), else the built-in's own
+    second source, else None. ``other_text`` for a model without text is a :class:`UsageError`."""
+    path = options.other_text if options is not None else None
+    entry = loaded.entry
+    if path is None:
+        return entry.other_batches() if entry is not None else None
+    if loaded.hf is not None:
+        from ..data.streams import TextStream
+
+        return TextStream(loaded.hf, path, batch_size)
+    if entry is None or entry.text_data is None:
+        raise UsageError(f"`other_text` needs a text model (a Hugging Face model directory, minilm or tiny-lm); {loaded.name!r} is not one")
+    from ..data.streams import text_lines
+
+    return entry.text_data(list(text_lines(path)), batch_size)
 
 
 def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:

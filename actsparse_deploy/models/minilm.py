@@ -71,6 +71,7 @@ __all__ = [
     "load_minilm",
     "minilm_batches",
     "model_dir",
+    "text_batches",
     "tokenize",
 ]
 
@@ -402,11 +403,13 @@ def minilm_batches(
     The last batch holds the remainder; sequence lengths differ between batches.
     """
     _check_positive("batch_size", batch_size)
-    sentences = english_sentences(split)
-    return [
-        tokenize(sentences[start : start + batch_size], max_length=max_length)
-        for start in range(0, len(sentences), batch_size)
-    ]
+    return text_batches(english_sentences(split), batch_size, max_length)
+
+
+def text_batches(sentences: Sequence[str], batch_size: int = 8, max_length: int = 128) -> list[dict[str, torch.Tensor]]:
+    """``sentences`` in order, tokenized in batches of ``batch_size``, each padded to its own longest."""
+    _check_positive("batch_size", batch_size)
+    return [tokenize(sentences[start : start + batch_size], max_length=max_length) for start in range(0, len(sentences), batch_size)]
 
 
 def fixed_length_batches(

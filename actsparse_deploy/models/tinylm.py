@@ -68,8 +68,10 @@ __all__ = [
     "encode_texts",
     "load_tiny_lm",
     "load_tokenizer",
+    "other_batches",
     "split_texts",
     "split_topics",
+    "text_batches",
     "tiny_lm_batches",
     "token_rows",
     "token_stream",
@@ -246,6 +248,26 @@ def tiny_lm_batches(
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
     ids = token_rows(token_stream(split, tokenizer), _ROWS[split])
     return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in ids.split(batch_size)]
+
+
+def text_batches(texts: list[str], batch_size: int = 8, rows: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """``texts`` as tiny-lm's batches: one token stream (each text, then ``<|endoftext|>``) cut into
+    rows of ``SEQ_LEN`` tokens, ``rows`` of them spread evenly (None: every whole row); a text too
+    short for one row is a :class:`DataError`."""
+    stream = encode_texts(texts, load_tokenizer())
+    available = len(stream) // SEQ_LEN
+    if available == 0:
+        raise DataError(f"the text holds {len(stream)} tiny-lm tokens: fewer than one row of {SEQ_LEN}; give more text")
+    ids = token_rows(stream, min(rows or available, available))
+    return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in ids.split(batch_size)]
+
+
+def other_batches(batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    """tiny-lm's second source, English of another kind than its documentation (the sentences of
+    scikit-learn's dataset descriptions that MiniLM's "other" text is made of): up to ``HELDOUT_ROWS`` rows."""
+    from .minilm import english_sentences
+
+    return text_batches(english_sentences("other"), batch_size, HELDOUT_ROWS)
 
 
 # ------------------------------------------------------------------------ model

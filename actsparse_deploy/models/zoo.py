@@ -237,6 +237,8 @@ class BuiltinModel:
     axes: Mapping[str, Mapping[int, str]] | None = None
     batch_size: int = 32
     other_data: Callable[[int], list[Any]] | None = None
+    #: a text model's batches of texts (one per line of a user's ``--other-text``): ``text_data(texts, batch_size)``
+    text_data: Callable[[list[str], int], list[Any]] | None = None
     train_script: str = TRAIN_SCRIPT
 
     def __post_init__(self) -> None:
@@ -313,6 +315,24 @@ def _minilm_other(batch_size: int) -> list[Any]:
     return _minilm_data("other", batch_size)
 
 
+def _minilm_text(texts: list[str], batch_size: int) -> list[Any]:
+    from .minilm import text_batches
+
+    return text_batches(texts, batch_size)
+
+
+def _tiny_lm_other(batch_size: int) -> list[Any]:
+    from .tinylm import other_batches
+
+    return other_batches(batch_size)
+
+
+def _tiny_lm_text(texts: list[str], batch_size: int) -> list[Any]:
+    from .tinylm import text_batches
+
+    return text_batches(texts, batch_size)
+
+
 def _tiny_lm_factory() -> nn.Module:
     from .tinylm import build_tiny_lm
 
@@ -352,6 +372,7 @@ _BUILTINS: dict[str, BuiltinModel] = {
             axes=minilm.DYNAMIC_AXES,
             batch_size=8,
             other_data=_minilm_other,
+            text_data=_minilm_text,
         ),
         BuiltinModel(
             name="tiny-lm",
@@ -366,6 +387,8 @@ _BUILTINS: dict[str, BuiltinModel] = {
             output_names=tinylm.OUTPUT_NAMES,
             axes=tinylm.DYNAMIC_AXES,
             batch_size=8,
+            other_data=_tiny_lm_other,
+            text_data=_tiny_lm_text,
             train_script=tinylm.TRAIN_SCRIPT,
         ),
     )

@@ -138,11 +138,11 @@ def cost_tallies(
     label): with ``classes`` each one's top-1 predictions, with ``keep`` every
     output. One pass where regrouping leaves ``held`` as it is, else a second over
     ``held`` where it is needed. ``other``: dense vs sparse on other data
-    (regrouped too); ``onnx_path``: the ONNX model's NLL and predictions on ``held`` (as ``onnx_batches``
+    (regrouped too; with ``tokens`` each one's NLL there too); ``onnx_path``: the ONNX model's NLL and predictions on ``held`` (as ``onnx_batches``
     gives it, where the ONNX model takes other inputs: a decoder's first steps)."""
     sides = ("model", "model")
     tallies = CostTallies(Tally(sides, compare=True, tokens=tokens, count=True), Tally(sides, classes=classes, keep=keep),
-                          Tally(sides, compare=True) if other is not None else None,
+                          Tally(sides, compare=True, tokens=tokens, count=True) if other is not None else None,
                           Tally(("ONNX model",), tokens=tokens, classes=classes) if onnx_path is not None else None)
     regrouped = unpadded(held)
     same = regrouped is held

@@ -581,6 +581,6 @@ def frontier(dense: nn.Module, files: dict[str, Path], batches: Iterable[Batch],
                      **{k: v for k, v in cost.items() if k not in ("name", "path", "size_bytes")}})
         if "other_text" in costs:
             shown = costs["other_text"][name].to_json()
-            rows[-1]["other_text"] = {"samples": sum(batch_size(b) for b in other or ()),
+            rows[-1]["other_text"] = {"samples": sum(batch_size(b) for b in other or []),
                                       **{k: v for k, v in shown.items() if k not in ("name", "path", "size_bytes")}}
     return rows

@@ -143,7 +143,7 @@ def test_cost_on_other_data_of_a_builtin_is_reported_and_printed(work):
 
     other = torch.rand(24, 1, 8, 8)
     entry = dataclasses.replace(work.builtin, other_data=lambda size: list(other.split(size)))
-    with_other = dataclasses.replace(work, builtin=entry)
+    with_other = dataclasses.replace(work, builtin=entry, other=entry.other_batches())  # what loading does with it
     sparse = squash(work.model, search_budget(work.model, recipe_of(work), list(work.calibration),
                                                Budget.parse("cosine=0.9")).masks, "mul").model
     cost = sparsification_cost(with_other, sparse)

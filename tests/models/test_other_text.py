@@ -1,0 +1,96 @@
+"""A second text, everywhere: ``--other-text FILE`` for any text model and the built-ins' own
+second source, its cost beside the held-out cost, and a budget that holds on both when asked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from actsparse_deploy.app.pipeline import convert
+from actsparse_deploy.app.workload import load_workload
+from actsparse_deploy.models.tinylm import CONFIG, SEQ_LEN
+
+from ..helpers import invoke, one_line_error
+from .test_hf import HFFiles
+
+OTHER = ["an entirely different kind of sentence about the weather", "rain falls on the quiet town tonight",
+         "markets opened higher after the long weekend", "the river runs cold in early spring"]
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory: pytest.TempPathFactory) -> HFFiles:
+    files = HFFiles(tmp_path_factory.mktemp("hf-other"))
+    files.other = files.text("other.txt", "\n".join(OTHER) + "\n")  # type: ignore[attr-defined]
+    return files
+
+
+def test_a_hugging_face_decoder_reports_its_cost_on_the_other_text(hf, tmp_path):
+    """Before, only MiniLM had a second text: --other-text did not exist."""
+    result = invoke("convert", hf.llama, "--text", hf.calib, "--heldout-text", hf.held, "--other-text", hf.other,
+                    "--max-length", 8, "--no-latency", "--no-cache", "--threads", "1", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    other = report["cost"]["other_text"]
+    assert other["samples"] == len(OTHER) and other["outputs"][0]["output"] == "logits"
+    assert other["perplexity_dense"] > 1 and other["perplexity_sparse"] > 1  # a language model: perplexity on it too
+    assert "other text (4 samples)" in result.stdout and "perplexity" in result.stdout.split("other text (4 samples)")[1]
+
+
+def test_an_encoder_and_the_python_api_take_it_too(hf, tmp_path):
+    report = convert(str(hf.bert), tmp_path / "out", task="feature-extraction", text=str(hf.calib), heldout_text=str(hf.held),
+                     other_text=str(hf.other), max_length=8, latency=False, threads=1)
+    assert report.cost.other_text.samples == len(OTHER) and 0 < report.cost.other_text.outputs[-1]["cosine_mean"] <= 1 + 1e-6
+
+
+def test_other_text_that_is_the_calibration_or_held_out_text_or_for_a_model_without_text_is_refused(hf, tmp_path):
+    for same, what in ((hf.calib, "calibration"), (hf.held, "held-out")):
+        result = invoke("convert", hf.llama, "--text", hf.calib, "--heldout-text", hf.held, "--other-text", same, "-o", tmp_path / "x")
+        one_line_error(result, 6, f"other text {same} is the {what} text")
+    one_line_error(invoke("convert", "digits-mlp", "--other-text", hf.other, "-o", tmp_path / "y"), 2, "--other-text needs a text model")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_tiny_lm_has_a_second_source_of_its_own():
+    work = load_workload("tiny-lm")
+    other = list(work.other)
+    ids = torch.cat([b["input_ids"] for b in other])
+    assert ids.shape[1] == SEQ_LEN and 8 <= len(ids) and int(ids.max()) < CONFIG["vocab_size"]
+    held = torch.cat([b["input_ids"] for b in work.heldout])
+    assert not any(torch.equal(row, h) for row in ids for h in held)  # not the held-out text
+    assert load_workload("minilm").other is not None and load_workload("digits-mlp").other is None
+
+
+def test_a_user_other_text_replaces_the_built_in_one(hf, tmp_path):
+    text = tmp_path / "mine.txt"
+    text.write_text("\n".join(OTHER * 20) + "\n")
+    work = load_workload("tiny-lm", model_options=_options(other_text=str(text)))
+    rows = sum(b["input_ids"].shape[0] for b in work.other)
+    assert rows == len(torch.cat([b["input_ids"] for b in work.other])) and rows >= 1
+
+
+def test_without_a_second_text_the_summary_says_what_the_held_out_text_is(hf, tmp_path):
+    result = invoke("convert", hf.llama, "--text", hf.calib, "--heldout-text", hf.held, "--max-length", 8, "--no-latency",
+                    "--no-cache", "--threads", "1", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "note: no --other-text" in result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert any("--other-text" in note for note in report["notes"])
+
+
+def test_the_budget_can_hold_on_the_other_text_as_well(hf, tmp_path):
+    both = convert(str(hf.llama), tmp_path / "both", text=str(hf.calib), heldout_text=str(hf.held), other_text=str(hf.other),
+                   max_length=8, latency=False, threads=1, cache=False, max_cost="perplexity-ratio=1.2", max_cost_other=True)
+    budget = both.budget
+    assert budget.other_text is not None and budget.other_text["samples"] == len(OTHER)
+    assert budget.other_text["tuning_cost"] <= 1.2 and budget.tuning_cost <= 1.2  # the search kept the worse of the two
+    assert budget.other_text["cost"] <= 1.2 and budget.other_text["within"] is True  # the final model, on all of it
+    one_line_error(invoke("convert", hf.llama, "--text", hf.calib, "--heldout-text", hf.held, "--max-cost", "perplexity-ratio=1.2",
+                          "--max-cost-other", "-o", tmp_path / "none"), 2, "--max-cost-other", "--other-text")
+
+
+def _options(**keywords):
+    from actsparse_deploy.models.loading import ModelOptions
+
+    return ModelOptions(**keywords)
