@@ -580,8 +580,7 @@ def convert_cmd(
     if report is None:  # another rank than 0 of a distributed run: rank 0 prints
         return
     if as_json:
-        _emit_json(report)
-        return
+        return _emit_json(report)
     print_convert_summary(report)
 
 
