@@ -290,14 +290,16 @@ class Stages:
         with self.timer("latency"), dense_export(dense, scratch, exporter=exported.exporter, opset=exported.opset, io_spec=exported.io,
                                                  example=target.example(work), verbose=verbose) as dense_path:
             figures = dense_latency(dense_path, path, batches, io_spec=exported.io)
-            if target.cached:  # a decoder's figure users compare: ms per generated token
-                figures["decode"] = decode_latency(dense_path, path, held_out_prompts(held, 1, max_tokens=None)[0])
+            prompt = held_out_prompts(held, 1, max_tokens=None)[0] if target.cached else None
+            if prompt is not None:  # a decoder's figure users compare: ms per generated token
+                figures["decode"] = decode_latency(dense_path, path, prompt)
             if quantized is not None:  # the alternatives side by side: dense, int8 alone, sparse, sparse + int8
                 other, static = work.other, quantized.result.mode == "int8-static"
                 figures["frontier"] = frontier(dense, {"dense": dense_path, "sparse": quantized.floated, "sparse+int8": path}, batches,
                                                io=target.validation_io(exported.io), mode=quantized.result.mode, tokens=work.causal_lm,
                                                labels=work.labels, other=target.batches(other) if other is not None else None,
-                                               calibration=target.batches(work.require_calibration()) if static else None)
+                                               calibration=target.batches(work.require_calibration()) if static else None,
+                                               decode_prompt=prompt)
             return figures
 
 

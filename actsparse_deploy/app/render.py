@@ -410,12 +410,14 @@ def quantization_lines(quantization: Quantization | None) -> list[RenderableType
         f"quantized ({quantization.mode}, onnxruntime, per-channel weights): {ops}; "
         f"{size(quantization.size_before)} -> {size(quantization.size_after)}"]
     if quantization.frontier:
-        other = "other_text" in quantization.frontier[0]
-        columns = ["variant", "size", "latency", "cost against the dense model", *(["on other text"] if other else [])]
+        other, decode = "other_text" in quantization.frontier[0], "decode_ratio" in quantization.frontier[0]
+        columns = ["variant", "size", "latency", *(["decode"] if decode else []), "cost against the dense model",
+                   *(["on other text"] if other else [])]
         table = Table(*columns, title="the alternatives on held-out data (latency: onnxruntime, the dense export = 1.00x)")
         for row in quantization.frontier:
-            table.add_row(row["variant"], size(row["size_bytes"]), f"{row['latency_ratio']:.2f}x", _variant_cost(row),
-                          *([_variant_cost(row["other_text"])] if other else []))
+            table.add_row(row["variant"], size(row["size_bytes"]), f"{row['latency_ratio']:.2f}x",
+                          *([f"{row['decode_ms_per_token']:.2f} ms/token ({row['decode_ratio']:.2f}x)"] if decode else []),
+                          _variant_cost(row), *([_variant_cost(row["other_text"])] if other else []))
         lines.append(table)
     return lines
 

@@ -61,7 +61,7 @@ from .validate import onnx_session, run_session
 
 __all__ = [
     "DECODE_RUNS", "DECODE_TOKENS", "DECODE_WARMUP", "DecoderIO", "Decoding", "GenerationReport", "Step",
-    "check_generation", "decode_latency", "greedy", "held_out_prompts", "onnx_step", "torch_step",
+    "check_generation", "decode_latencies", "decode_latency", "greedy", "held_out_prompts", "onnx_step", "torch_step",
 ]
 
 #: :func:`check_generation`'s defaults: prompts, new tokens each, the longest prompt (tokens)
@@ -429,25 +429,43 @@ def decode_latency(
     runs: int = DECODE_RUNS,
 ) -> dict[str, Any]:
     """Decode speed of two decoders with a cache under onnxruntime (batch 1),
-    timed alternately as :mod:`~actsparse_deploy.onnx.latency` times passes.
+    timed alternately as :mod:`~actsparse_deploy.onnx.latency` times passes
+    (:func:`decode_latencies`): ``dense_*`` / ``sparse_*`` ms per token (the prefill
+    excluded), tokens per s and prefill ms, and ``ratio``: sparse / dense ms per
+    token (below 1 is faster)."""
+    timed = decode_latencies({"dense": dense_path, "sparse": sparse_path}, prompt, new_tokens, threads=threads, warmup=warmup, runs=runs)
+    sides = {f"{name}_{key}": value for name, figures in timed.pop("decoders").items() for key, value in figures.items() if key != "ratio"}
+    return {**sides, "ratio": sides["sparse_ms_per_token"] / sides["dense_ms_per_token"], **timed}
 
-    One run is a greedy generation: the prompt's pass (the prefill, which picks
-    the first token), then ``new_tokens`` steps of one token each. The ms per
-    token are the median over ``runs`` (after ``warmup``) of those steps' time /
-    ``new_tokens``: **the prefill is excluded**, and reported apart
-    (``*_prefill_ms``, its median). ``ratio``: sparse / dense ms per token (below 1
-    is faster). ``threads``: None for the command's. Neither decoder stops at an
-    end-of-sequence token, so both run the same number of steps."""
+
+def decode_latencies(
+    paths: Mapping[str, str | Path],
+    prompt: Sequence[int] | np.ndarray | torch.Tensor,
+    new_tokens: int = DECODE_TOKENS,
+    *,
+    threads: int | None = None,
+    warmup: int = DECODE_WARMUP,
+    runs: int = DECODE_RUNS,
+) -> dict[str, Any]:
+    """Decode speed of decoders with a cache under onnxruntime (batch 1), each
+    ``paths`` entry timed alternately as :mod:`~actsparse_deploy.onnx.latency`
+    times passes. One run is a greedy generation: the prompt's pass (the prefill,
+    which picks the first token), then ``new_tokens`` steps of one token each. Per
+    decoder (``decoders``, in order): ``ms_per_token``, the median over ``runs``
+    (after ``warmup``) of those steps' time / ``new_tokens``, **the prefill
+    excluded** and reported apart (``prefill_ms``, its median), ``tokens_per_s``,
+    and ``ratio`` to the first decoder's ms per token. ``threads``: None for the
+    command's. No decoder stops at an end-of-sequence token: all run the same steps."""
     from ..base.threads import check_threads, current_threads
 
     ids = _prompt(prompt)
     if new_tokens < 1:
         raise ValidationError(f"decode latency needs 1 new token at least, got {new_tokens}")
     threads = current_threads() if threads is None else check_threads(threads)
-    times: dict[str, list[tuple[float, float]]] = {"dense": [], "sparse": []}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
     with torch_threads(threads):
         steps: dict[str, tuple[Step, DecoderIO]] = {}
-        for name, path in (("dense", dense_path), ("sparse", sparse_path)):
+        for name, path in paths.items():
             session = ort_session(path, threads)
             io = DecoderIO.of(session, path)
             steps[name] = (onnx_step(session, io, interruptible=False), io)
@@ -456,12 +474,14 @@ def decode_latency(
             return lambda: times[name].append(_timed(*steps[name], ids, new_tokens))
 
         alternate({name: variant(name) for name in steps}, warmup, runs)
-    result: dict[str, Any] = {}
+    decoders: dict[str, dict[str, float]] = {}
     for name, measured in times.items():
         timed = measured[-runs:]  # the warm-up rounds came first
         per_token = statistics.median(d for _, d in timed) / new_tokens * 1e3
-        result |= {f"{name}_ms_per_token": per_token, f"{name}_tokens_per_s": 1e3 / per_token,
-                   f"{name}_prefill_ms": statistics.median(p for p, _ in timed) * 1e3}
-    ratio = result["sparse_ms_per_token"] / result["dense_ms_per_token"]
-    return {**result, "ratio": ratio, "prompt_tokens": int(ids.size), "new_tokens": new_tokens,
-            "runs": runs, "warmup": warmup, "threads": threads}
+        decoders[name] = {"ms_per_token": per_token, "tokens_per_s": 1e3 / per_token,
+                          "prefill_ms": statistics.median(p for p, _ in timed) * 1e3}
+    first = next(iter(decoders.values()))["ms_per_token"]
+    for figures in decoders.values():
+        figures["ratio"] = figures["ms_per_token"] / first
+    return {"decoders": decoders, "prompt_tokens": int(ids.size), "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
+            "threads": threads}

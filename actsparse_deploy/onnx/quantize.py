@@ -556,13 +556,15 @@ VARIANTS = ("dense", "int8", "sparse", "sparse+int8")
 
 def frontier(dense: nn.Module, files: dict[str, Path], batches: Iterable[Batch], *, io: IOSpec | None, mode: str,
              tokens: bool, labels: Any = None, max_samples: int = 64, other: Iterable[Batch] | None = None,
-             calibration: Iterable[Batch] | None = None) -> list[dict[str, Any]]:
+             calibration: Iterable[Batch] | None = None, decode_prompt: Any = None) -> list[dict[str, Any]]:
     """The rows of :data:`VARIANTS` (``files``: the dense and sparse float exports as ``dense`` /
     ``sparse``, the sparse quantized one as ``sparse+int8``; the dense one is quantized here beside
     itself as ``int8``, ``int8-static`` with its ranges from ``calibration``): name, file size, latency
     ratio to the dense export, cost against the dense PyTorch model on the held-out ``batches``, and for
     the quantized ones their closeness to their float source; with ``other`` (text from another source
-    than the calibration data, as the ONNX models take it), each one's cost on it too (``other_text``)."""
+    than the calibration data, as the ONNX models take it), each one's cost on it too (``other_text``); with
+    ``decode_prompt`` (decoders with a cache: a held-out prompt's token ids), each one's decode speed
+    (``decode_ms_per_token``, ``decode_ratio`` to the dense one: :func:`~actsparse_deploy.onnx.generate.decode_latencies`)."""
     if mode == "int8-static" and calibration is None:
         raise UsageError("the frontier's int8-static needs calibration batches for the dense model's ranges (never the held-out data)")
     dense_path = files["dense"]
@@ -570,6 +572,10 @@ def frontier(dense: nn.Module, files: dict[str, Path], batches: Iterable[Batch],
     quantize_onnx(dense_path, int8, mode, calibration=calibration if mode == "int8-static" else None, io_spec=io)
     paths = {"dense": dense_path, "int8": int8, "sparse": files["sparse"], "sparse+int8": files["sparse+int8"]}
     timed = latencies(paths, list(head_samples(batches, max_samples)), io_spec=io)
+    if decode_prompt is not None:
+        from .generate import decode_latencies
+
+        decoding = decode_latencies(paths, decode_prompt)["decoders"]
     sets = {"heldout": batches if labels is not None else head_samples(batches, max_samples), **({"other_text": other} if other else {})}
     costs = {where: variant_costs(dense, paths, on, references={"int8": "dense", "sparse+int8": "sparse"} if where == "heldout" else None,
                                   io_spec=io, tokens=tokens, labels=labels if where == "heldout" else None)
@@ -579,6 +585,8 @@ def frontier(dense: nn.Module, files: dict[str, Path], batches: Iterable[Batch],
         cost = costs["heldout"][name].to_json()
         rows.append({"variant": name, "size_bytes": cost["size_bytes"], "ms": timed["ms"][name], "latency_ratio": timed["ratio"][name],
                      **{k: v for k, v in cost.items() if k not in ("name", "path", "size_bytes")}})
+        if decode_prompt is not None:
+            rows[-1] |= {"decode_ms_per_token": decoding[name]["ms_per_token"], "decode_ratio": decoding[name]["ratio"]}
         if "other_text" in costs:
             shown = costs["other_text"][name].to_json()
             rows[-1]["other_text"] = {"samples": sum(batch_size(b) for b in other or []),

@@ -132,6 +132,21 @@ def test_decode_latency_times_both_decoders(llama):
     assert result["ratio"] == pytest.approx(result["sparse_ms_per_token"] / result["dense_ms_per_token"])
 
 
+def test_decode_latencies_time_any_number_of_decoders_against_the_first(llama):
+    """The frontier's four decoders (dense, int8, sparse, sparse + int8) are timed token by token alike."""
+    from actsparse_deploy.onnx.generate import decode_latencies
+
+    path, _ = llama
+    prompt = held_out_prompts(_held_out(), 1, max_tokens=None)[0]
+    result = decode_latencies({"a": path, "b": path, "c": path}, prompt, new_tokens=4, runs=2, warmup=1, threads=1)
+    assert list(result["decoders"]) == ["a", "b", "c"] and result["new_tokens"] == 4 and result["prompt_tokens"] == 9
+    first = result["decoders"]["a"]
+    assert first["ratio"] == 1.0 and first["ms_per_token"] > 0 and first["prefill_ms"] > 0
+    for timed in result["decoders"].values():
+        assert timed["ratio"] == pytest.approx(timed["ms_per_token"] / first["ms_per_token"])
+        assert timed["tokens_per_s"] == pytest.approx(1000 / timed["ms_per_token"])
+
+
 def test_a_decoder_without_a_cache_is_a_clear_error(tmp_path):
     class Plain(nn.Module):
         def __init__(self) -> None:

@@ -130,6 +130,21 @@ def test_a_decoder_quantized_keeps_its_perplexity(decoder):
     assert costs["int8"].outputs[0]["cosine_min"] > 0.99
 
 
+@pytest.mark.slow  # the decoder fixture's dynamo export, then four decoders timed token by token
+def test_a_decoder_frontier_has_each_alternative_s_decode_speed(decoder, tmp_path):
+    """Before, the frontier timed a decoder's first step only: what a user compares is ms per generated token."""
+    from actsparse_deploy.onnx.quantize import frontier
+
+    model, folder, held, _ = decoder
+    dense = tmp_path / "decoder.onnx"
+    dense.write_bytes((folder / "decoder.onnx").read_bytes())
+    quantize_onnx(dense, tmp_path / "sparse.int8.onnx")
+    rows = frontier(model, {"dense": dense, "sparse": dense, "sparse+int8": tmp_path / "sparse.int8.onnx"}, held,
+                    io=model.layout.first_step_spec(), mode="int8", tokens=True, decode_prompt=[5, 6, 7, 8])
+    assert rows[0]["decode_ratio"] == 1.0 and all(row["decode_ms_per_token"] > 0 for row in rows)
+    assert all(row["decode_ratio"] == pytest.approx(row["decode_ms_per_token"] / rows[0]["decode_ms_per_token"]) for row in rows)
+
+
 def test_static_int8_calibrates_on_our_batches(digits, tmp_path):
     model, folder, _ = digits
     result = quantize_onnx(folder / "dense.onnx", tmp_path / "static.onnx", "int8-static",
