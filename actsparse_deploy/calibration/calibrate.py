@@ -39,7 +39,7 @@ from ..base.errors import ActsparseError, ConfigError, DataError, RecipeError, f
 from ..data.batches import Batch, batch_size, describe_batch, model_device, run_batch, to_device
 from ..nn.layers import layer_kind
 from ..nn.modules import check_finite_weights, eval_mode
-from .compensate import compensate, effective_compensation
+from .compensate import compensate, effective_compensation, lstsq_refit
 from .functions import LayerStats, RunningStat
 from .masks import LayerMask, Masks, checked_layer_mask
 from .recipe import Recipe, ResolvedLayer, uncalled_layers
@@ -242,14 +242,18 @@ def method_mask(name: str, ls: LayerStats, config: ResolvedLayer, model: nn.Modu
         mask = method(layer, ls, config.sparse_config["sparsity_level"], damping=config.damping)
         lm = checked_layer_mask(name, _as_dtype(mask, ls.input_dtype), None, None, (1, *ls.input_shape))
         weight = bias = None
-        if how != "none":
-            weight, bias = compensate(layer, ls, mask, how, config.damping)
+        damping = config.damping
+        if how != "none" and not bool((mask != 0).all()):  # a layer that loses no feature keeps its weight and bias
+            if how == "lstsq" and config.refit_damping is None:  # the damping chosen by cross-validation, recorded
+                weight, bias, damping = lstsq_refit(layer, ls, mask)
+            else:
+                weight, bias = compensate(layer, ls, mask, how, config.damping)
             kind = layer_kind(layer)
             assert kind is not None  # the method read its weight columns
             weight = kind.standard_weight(layer, weight).contiguous()  # a masks file's layout, (out, in, *kernel)
     except ConfigError as e:
         raise ConfigError(f"layer {name!r}: {e}") from e
-    return replace(lm, weight=weight, bias=bias, method=method.name, compensate=how, damping=config.damping, note=note)
+    return replace(lm, weight=weight, bias=bias, method=method.name, compensate=how, damping=damping, note=note)
 
 
 def _on_cpu(ls: LayerStats) -> LayerStats:

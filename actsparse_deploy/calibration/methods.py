@@ -73,10 +73,12 @@ __all__ = [
 
 #: the statistics a method may need, from least to most
 NEEDS = ("moments", "gram")
-#: the ridge of ``obs`` and of ``lstsq`` compensation, relative to the Gram
-#: matrix's mean diagonal (measured on MiniLM, tools/fidelity_methods.py: 0.001
-#: beats 0.01 at 25 % and 50 % with 256 or 808 calibration sentences; lower
-#: changes nothing there)
+#: the ridge of ``obs`` (and of ``lstsq`` compensation called with no other),
+#: relative to the Gram matrix's mean diagonal (measured on MiniLM,
+#: tools/fidelity_methods.py: 0.001 beats 0.01 at 25 % and 50 % with 256 or 808
+#: calibration sentences; lower changes nothing there). A recipe that sets no
+#: ``damping`` refits ``lstsq`` with one chosen per layer by cross-validation
+#: (:func:`actsparse_deploy.calibration.compensate.lstsq_refit`)
 DEFAULT_DAMPING = 0.001
 
 

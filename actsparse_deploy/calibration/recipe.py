@@ -29,7 +29,8 @@ replaces the three functions: ``method = "obs"`` (or ``"wanda"``,
 ``"fluctuation"``), with ``compensate = "none" | "bias" | "lstsq"`` (the layer's
 weight and bias refit to make up for the removed features:
 :mod:`actsparse_deploy.calibration.compensate`) and ``damping`` (the ridge of ``obs`` and
-``lstsq``, relative to the Gram matrix's mean diagonal). The statistic collected
+``lstsq``, relative to the Gram matrix's mean diagonal; unset, ``obs`` takes 0.001
+and ``lstsq`` chooses one per layer by cross-validation). The statistic collected
 is then what they need (``gram`` for ``obs`` or ``lstsq``, else ``moments``):
 
     >>> with_method = recipe.with_method("obs", "lstsq")
@@ -220,6 +221,7 @@ class LayerSettings:
             method=method,
             compensate=compensate,
             damping=damping,
+            refit_damping=self.damping,
         )
 
 
@@ -292,6 +294,8 @@ class ResolvedLayer:
     method: Method | None = None
     compensate: str = "none"
     damping: float = DEFAULT_DAMPING
+    #: the ``lstsq`` refit's damping where the recipe sets one; None: chosen per layer by cross-validation
+    refit_damping: float | None = None
 
     def register_kwargs(self) -> dict[str, Any]:
         return {

@@ -12,7 +12,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from actsparse_deploy.base.errors import ConfigError
-from actsparse_deploy.calibration.compensate import COMPENSATIONS, compensate
+from actsparse_deploy.calibration.compensate import COMPENSATIONS, DAMPING_GRID, compensate, gcv_scores, lstsq_refit
 from actsparse_deploy.calibration.functions import AGGREGATE_FNS, LayerStats
 
 
@@ -80,23 +80,93 @@ def test_lstsq_without_damping_equals_torch_lstsq():
     assert bool((weight[:, mask == 0] == 0).all())
 
 
-def test_lstsq_damping_shrinks_towards_zero_and_is_relative_to_the_mean_diagonal():
+def test_lstsq_damping_pulls_towards_the_original_weights_and_is_relative_to_the_mean_diagonal():
+    """The ridge is ``l ||W'_K - W_K||^2`` (the bias as the constant feature's
+    column): ``W'_K = (W G[:, K'] + l W_K') (G[K', K'] + l I)^-1``; a large
+    damping keeps the kept columns and the bias as they were."""
     torch.manual_seed(4)
     layer = nn.Linear(6, 2).double()
     x = torch.randn(100, 6, dtype=torch.float64)
     mask = torch.tensor([1.0, 1, 0, 1, 0, 1], dtype=torch.float64)
-    norms = [float(compensate(layer, _stats(x, "gram"), mask, "lstsq", damping=d)[0].norm()) for d in (0.0, 0.1, 10.0)]
-    assert norms[0] > norms[1] > norms[2]
+    kept = torch.tensor([0, 1, 3, 5, 6])
+    original = torch.cat([layer.weight.detach(), layer.bias.detach()[:, None]], dim=1)  # [W, b]
+
+    def refit(damping: float) -> torch.Tensor:
+        weight, bias = compensate(layer, _stats(x, "gram"), mask, "lstsq", damping=damping)
+        assert bool((weight[:, mask == 0] == 0).all())
+        return torch.cat([weight, bias[:, None]], dim=1)[:, kept]
+
+    distances = [float((refit(d) - original[:, kept]).norm()) for d in (0.0, 0.1, 10.0, 1e6)]
+    assert distances[0] > distances[1] > distances[2] > distances[3]
+    assert_close(refit(1e9), original[:, kept], atol=1e-6, rtol=1e-6)
     # relative to the mean diagonal of the kept block (constant included), as documented
     g = torch.cat([x, torch.ones(100, 1, dtype=torch.float64)], dim=1)
     g = g.T @ g / 100
-    kept = torch.tensor([0, 1, 3, 5, 6])
     block = g[kept][:, kept]
     lam = 0.1 * block.diagonal().mean()
-    expected = torch.cat([layer.weight.detach(), layer.bias.detach()[:, None]], dim=1) @ g[:, kept] @ torch.linalg.inv(block + lam * torch.eye(5, dtype=torch.float64))
-    weight, bias = compensate(layer, _stats(x, "gram"), mask, "lstsq", damping=0.1)
-    assert_close(weight[:, kept[:-1]], expected[:, :-1])
-    assert_close(bias, expected[:, -1])
+    expected = (original @ g[:, kept] + lam * original[:, kept]) @ torch.linalg.inv(block + lam * torch.eye(5, dtype=torch.float64))
+    assert_close(refit(0.1), expected)
+
+
+@pytest.mark.parametrize("kind", COMPENSATIONS)
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_a_layer_that_loses_no_feature_is_left_bit_identical(kind, has_bias):
+    torch.manual_seed(8)
+    layer = nn.Linear(8, 4, bias=has_bias)
+    x = _dependent_inputs()  # dependent features: a refit of all of them would move the weight
+    for damping in (0.0, 0.001, 0.1):
+        weight, bias = compensate(layer, _stats(x, "gram"), torch.ones(8), kind, damping=damping)
+        assert torch.equal(weight, layer.weight.detach()), (kind, damping)
+        assert torch.equal(bias, layer.bias.detach() if has_bias else torch.zeros(4)), (kind, damping)
+
+
+def test_a_conv_that_loses_no_channel_is_left_bit_identical():
+    torch.manual_seed(9)
+    x = _dependent_inputs(7 * 16).reshape(7, 4, 4, 8).permute(0, 3, 1, 2).contiguous()
+    for layer, kind in ((nn.Conv2d(8, 3, 1), "lstsq"), (nn.Conv2d(8, 3, 3), "bias")):
+        weight, bias = compensate(layer, _stats(x, "gram"), torch.ones(8, 1, 1), kind, damping=0.001)
+        assert torch.equal(weight, layer.weight.detach()) and torch.equal(bias, layer.bias.detach()), kind
+
+
+def test_gcv_scores_equal_generalised_cross_validation_on_the_data_and_lstsq_refit_takes_the_least():
+    """``RSS / (1 - tr(H) / n)^2`` from the Gram matrix equals the same computed on
+    the samples with the explicit hat matrix; the refit is compensate's at the damping chosen."""
+    torch.manual_seed(10)
+    n, d = 60, 20
+    x = torch.randn(n, d, dtype=torch.float64) @ torch.randn(d, d, dtype=torch.float64) * 0.5 + 0.2
+    layer = nn.Linear(d, 3).double()
+    mask = torch.ones(d, dtype=torch.float64)
+    mask[::3] = 0
+    stats = _stats(x, "gram")
+    z = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], dim=1)
+    kept = torch.cat([mask.nonzero().flatten(), torch.tensor([d])])
+    scale = float((z[:, kept].T @ z[:, kept] / n).diagonal().mean())
+    expected = []
+    for damping in DAMPING_GRID:
+        weight, bias = compensate(layer, stats, mask, "lstsq", damping=damping)
+        rss = float(((layer(x).detach() - (x @ weight.T + bias)) ** 2).sum()) / n
+        hat = z[:, kept] @ torch.linalg.inv(z[:, kept].T @ z[:, kept] + n * damping * scale * torch.eye(len(kept), dtype=torch.float64)) @ z[:, kept].T
+        expected.append(rss / (1 - float(hat.trace()) / n) ** 2)
+    augmented = torch.cat([layer.weight.detach(), layer.bias.detach()[:, None]], dim=1)
+    scores = gcv_scores(z.T @ z / n, kept, augmented, n, DAMPING_GRID)
+    assert_close(torch.tensor(scores), torch.tensor(expected), rtol=1e-9, atol=0)
+    weight, bias, chosen = lstsq_refit(layer, stats, mask)
+    assert chosen == DAMPING_GRID[min(range(len(scores)), key=scores.__getitem__)]
+    fixed = compensate(layer, stats, mask, "lstsq", damping=chosen)
+    assert_close(weight, fixed[0], rtol=1e-9, atol=1e-12)
+    assert_close(bias, fixed[1], rtol=1e-9, atol=1e-12)
+
+
+def test_gcv_takes_little_damping_where_the_kept_features_explain_the_removed_ones_and_more_where_they_do_not():
+    torch.manual_seed(11)
+    layer = nn.Linear(8, 4).double()
+    mask = torch.tensor([1.0, 1, 1, 1, 1, 0, 0, 0], dtype=torch.float64)
+    exact = _dependent_inputs(200).double()  # removed features are affine combinations of the kept ones
+    assert lstsq_refit(layer, _stats(exact, "gram"), mask)[2] == DAMPING_GRID[0]
+    noisy = torch.randn(12, 8, dtype=torch.float64)  # few samples, independent features: the refit fits noise
+    assert lstsq_refit(layer, _stats(noisy, "gram"), mask)[2] > DAMPING_GRID[0]
+    with pytest.raises(ConfigError, match="damping grid"):
+        lstsq_refit(layer, _stats(noisy, "gram"), mask, grid=(0.0, 0.1))
 
 
 @pytest.mark.parametrize("aggregate", ["moments", "gram"])

@@ -269,6 +269,21 @@ def test_calibrate_with_a_method_computes_masks_and_edits(compensation, tmp_path
         assert error < plain_error
 
 
+def test_lstsq_chooses_its_damping_per_layer_unless_the_recipe_sets_one_and_the_masks_record_it():
+    from actsparse_deploy.calibration.compensate import DAMPING_GRID, lstsq_refit
+
+    model, batches = _mlp(), _batches()
+    stats = collect(model, _recipe(method="obs", compensate="lstsq"), batches)
+    lm = select(stats, model=model)["fc3"]
+    weight, bias, damping = lstsq_refit(model.fc3, stats["fc3"], lm.mask)
+    assert lm.damping == damping and damping in DAMPING_GRID
+    assert torch.equal(lm.weight, weight) and torch.equal(lm.bias, bias)
+    assert select(stats, model=model).summary()[0]["damping"] == damping  # the layer row says how it was compensated
+    lm.check("fc3")
+    fixed = select(stats, _recipe(method="obs", compensate="lstsq", damping=0.05), model=model)["fc3"]
+    assert fixed.damping == 0.05 and not torch.equal(fixed.weight, lm.weight)
+
+
 def test_select_needs_the_model_for_a_method():
     model = _mlp()
     stats = collect(model, _recipe(method="wanda"), _batches())
