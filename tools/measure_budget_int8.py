@@ -57,11 +57,12 @@ def table(model: str, budget: str, report: dict[str, Any]) -> str:
              f"in {q.get('searches')} search(es); the int8 model on the tuning split: {q.get('int8_tuning_cost')}",
              f"- overall sparsity {report['overall_sparsity']:.3f}; held-out cost of the int8 model: {kept.get('heldout_cost')} "
              f"(within: {kept.get('within')})", "",
-             "| variant | latency / dense | cost against dense PyTorch (mean / worst) | on the other text | size MB |",
-             "|---|---|---|---|---|"]
+             "| variant | latency / dense | decode ms/token (/ dense) | cost against dense PyTorch (mean / worst) | on the other text | size MB |",
+             "|---|---|---|---|---|---|"]
     for row in report["quantization"].get("frontier") or []:
         other = _cost(row["other_text"]) if "other_text" in row else "-"
-        lines.append(f"| {row['variant']} | {row['latency_ratio']:.3f}x | {_cost(row)} | {other} | {row['size_bytes'] / 1e6:.1f} |")
+        decode = f"{row['decode_ms_per_token']:.2f} ({row['decode_ratio']:.3f}x)" if "decode_ratio" in row else "-"
+        lines.append(f"| {row['variant']} | {row['latency_ratio']:.3f}x | {decode} | {_cost(row)} | {other} | {row['size_bytes'] / 1e6:.1f} |")
     return "\n".join(lines)
 
 
