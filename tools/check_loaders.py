@@ -13,7 +13,7 @@ Then, step by step, each step's seconds printed:
    and held-out text from the same README; the packaged all-MiniLM-L6-v2 directory;
 2. ``actsparse convert`` (this environment's, one thread, ``--no-latency``) of each
    :data:`CASES` entry into ``OUT/NAME``: the two directories with ``--task causal-lm``
-   (the default recipe: half of every MLP down projection's inputs), ``tiny-lm``, the
+   (the default recipe: a quarter of every MLP down projection's inputs), ``tiny-lm``, the
    MiniLM directory with ``--task feature-extraction`` and ``--task sentence-embedding``;
 3. here: ``AutoTokenizer.from_pretrained(folder)`` (ids of a few texts), and, for encoders,
    ``model.onnx`` run by onnxruntime on those ids (the references);

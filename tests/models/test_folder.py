@@ -92,8 +92,8 @@ def test_a_converted_llama_folder_has_what_loaders_read(hf: HFFiles, llama_out: 
     assert config.model_type == "llama" and config.architectures == ["LlamaForCausalLM"]
     written = _json(out / "config.json")
     assert {k: written[k] for k in DECODER_KEYS} == {k: source[k] for k in DECODER_KEYS}
-    # every MLP pruned to half its width: the config says so; use_cache, whether the graph has a KV cache
-    assert written["intermediate_size"] == 64 and source["intermediate_size"] == 128
+    # every MLP pruned to three quarters of its width (the default recipe): the config says so; use_cache, whether the graph has a KV cache
+    assert written["intermediate_size"] == 96 and source["intermediate_size"] == 128
     graph = onnx.load(str(out / "model.onnx")).graph
     assert graph.output[0].name == "logits"
     assert written["use_cache"] is False and not any(i.name.startswith("past_key_values.") for i in graph.input)

@@ -132,9 +132,10 @@ def test_llama_directory_converts_with_default_flags(hf: HFFiles, tmp_path: Path
     assert axes["input_ids"] == axes["position_ids"] == axes["logits"] == {"0": "batch_size", "1": "sequence_length"}
     assert axes["attention_mask"] == {"0": "batch_size", "1": "total_sequence_length"}
     assert all(axes[name] == {"0": "batch_size", "2": "past_sequence_length"} for name in past)
-    # the default recipe: each layer's MLP down projection, per feature, half of them
+    # the default recipe: each layer's MLP down projection, per feature, a quarter of them (chosen by the cost on text
+    # unlike the calibration text: tools/measure_hf_default.py; half of them cost MiniLM 0.12 cosine there)
     assert [row["layer"] for row in report["layers"]] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
-    assert report["overall_sparsity"] == pytest.approx(0.5)
+    assert report["overall_sparsity"] == pytest.approx(0.25)
     assert {(row["method"], row["compensate"]) for row in report["layers"]} == {("obs", "lstsq")}  # the tool's default method
     assert report["validation"]["passed"] is True
     assert report["calibration"]["samples"] == len(LINES)  # the blank line skipped
