@@ -210,7 +210,7 @@ def calibrate_to_file(
     if stats_only and max_cost is not None:
         raise RecipeError("a cost budget selects masks: it cannot be given with `stats_only` (select from the statistics later)")
     start = time.perf_counter()
-    text, _ = load_text_data(loaded, model_options, data, None, batch_size)
+    text, _, _ = load_text_data(loaded, model_options, data, None, batch_size)
     batches: list[Batch] | Iterable[Batch]
     if text is not None:
         batches = text

@@ -25,7 +25,7 @@ from ..data.batches import batch_size as batch_size_of
 from ..data.readers import check_distinct_data, load_data, load_labels
 from ..data.workload import EXAMPLE_BATCH_SIZE, Workload
 from ..models import zoo
-from ..models.loading import ModelOptions, load_model, load_other_text, load_text_data, resolve_io_spec
+from ..models.loading import ModelOptions, load_model, load_text_data, resolve_io_spec
 
 if TYPE_CHECKING:
 
@@ -82,7 +82,7 @@ def load_workload(
     loaded = load_model(spec, weights, model_options)
     entry = loaded.entry
     size = batch_size or (entry.batch_size if entry else 32)
-    text, held_text = load_text_data(loaded, model_options, data, heldout, size)
+    text, held_text, other = load_text_data(loaded, model_options, data, heldout, size)
     calibration = load_data(data, size) if data is not None else (zoo.calibration_batches(spec, size) if entry else text)
     held: list[Batch] | Iterable[Batch] | None = held_text
     if heldout is not None:
@@ -99,5 +99,4 @@ def load_workload(
         if len(the_labels) != samples:
             raise DataError(f"labels file {labels} has {len(the_labels)} labels for {samples} held-out samples in {heldout}")
     task = loaded.hf.model.task if loaded.hf is not None else None
-    other = load_other_text(loaded, model_options, size)
     return Workload(loaded.name, loaded.module, entry, calibration, held, the_labels, io, task, loaded.notes, other)

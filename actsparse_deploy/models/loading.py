@@ -194,13 +194,15 @@ def _load_hf(spec: str, directory: Path, weights: str | Path | None, options: Mo
 
 def load_text_data(
     loaded: LoadedModel, options: ModelOptions | None, data: str | None, heldout: str | None, batch_size: int
-) -> tuple[Stream | None, Stream | None]:
+) -> tuple[Stream | None, Stream | None, Iterable[Batch] | None]:
     """Calibration and held-out batches from ``options.text`` / ``options.heldout_text``
     (None for each not given), made by the model's tokenizer: streams that read
-    the file line by line and tokenize a batch at a time (:class:`~actsparse_deploy.data.streams.TextStream`).
-    Text with ``data`` / ``heldout`` as well, or for a model without a tokenizer, is a :class:`UsageError`."""
+    the file line by line and tokenize a batch at a time (:class:`~actsparse_deploy.data.streams.TextStream`);
+    and the other text's (:func:`load_other_text`). Text with ``data`` / ``heldout`` as well,
+    or for a model without a tokenizer, is a :class:`UsageError`."""
+    other = load_other_text(loaded, options, batch_size)
     if options is None or (options.text is None and options.heldout_text is None):
-        return None, None
+        return None, None, other
     if options.text is not None and data is not None:
         raise UsageError("give calibration data as `data` or as `text`, not both")
     if options.heldout_text is not None and heldout is not None:
@@ -214,7 +216,7 @@ def load_text_data(
 
     calibration = TextStream(loaded.hf, options.text, batch_size) if options.text is not None else None
     held = TextStream(loaded.hf, options.heldout_text, batch_size) if options.heldout_text is not None else None
-    return calibration, held
+    return calibration, held, other
 
 
 def load_other_text(loaded: LoadedModel, options: ModelOptions | None, batch_size: int) -> Iterable[Batch] | None:
