@@ -146,3 +146,17 @@ def test_minilm_frontier_has_the_other_text_cost_of_the_four_alternatives(tmp_pa
     # the sparse float model on the other text: the cost stage's figure, measured again on the ONNX export
     assert rows["sparse"]["other_text"]["outputs"][-1]["cosine_mean"] == pytest.approx(
         report.cost.other_text.outputs[-1]["cosine_mean"], abs=2e-3)
+
+
+@pytest.mark.slow  # a random Llama directory's decoder exported and quantized for each search: about a minute
+def test_a_llama_directory_keeps_a_perplexity_budget_after_int8(tmp_path):
+    from ..models.test_hf import HFFiles
+
+    hf = HFFiles(tmp_path / "hf")
+    report = convert(str(hf.llama), tmp_path / "out", text=str(hf.calib), heldout_text=str(hf.held), max_length=8, threads=1,
+                     quantize="int8", max_cost="perplexity-ratio=1.05", latency=False)
+    assert report.export.cache is True and report.quantization.mode == "int8"  # the decoder with its cache, quantized
+    searched = report.budget.quantization
+    assert searched["mode"] == "int8" and searched["searches"] >= 1 and searched["share"] > 0
+    kept = report.quantization.budget
+    assert kept["budget"] == "perplexity-ratio=1.05" and kept["within"] is True and kept["heldout_cost"] <= 1.05
