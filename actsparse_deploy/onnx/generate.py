@@ -418,22 +418,15 @@ def _timed(step: Step, io: DecoderIO, prompt: np.ndarray, new_tokens: int) -> tu
     return prefilled - start, time.perf_counter() - prefilled
 
 
-def decode_latency(
-    dense_path: str | Path,
-    sparse_path: str | Path,
-    prompt: Sequence[int] | np.ndarray | torch.Tensor,
-    new_tokens: int = DECODE_TOKENS,
-    *,
-    threads: int | None = None,
-    warmup: int = DECODE_WARMUP,
-    runs: int = DECODE_RUNS,
-) -> dict[str, Any]:
+def decode_latency(dense_path: str | Path, sparse_path: str | Path, prompt: Sequence[int] | np.ndarray | torch.Tensor,
+                   **options: Any) -> dict[str, Any]:
     """Decode speed of two decoders with a cache under onnxruntime (batch 1),
     timed alternately as :mod:`~actsparse_deploy.onnx.latency` times passes
-    (:func:`decode_latencies`): ``dense_*`` / ``sparse_*`` ms per token (the prefill
+    (:func:`decode_latencies`, which takes ``options``: ``new_tokens``, ``threads``,
+    ``warmup``, ``runs``): ``dense_*`` / ``sparse_*`` ms per token (the prefill
     excluded), tokens per s and prefill ms, and ``ratio``: sparse / dense ms per
     token (below 1 is faster)."""
-    timed = decode_latencies({"dense": dense_path, "sparse": sparse_path}, prompt, new_tokens, threads=threads, warmup=warmup, runs=runs)
+    timed = decode_latencies({"dense": dense_path, "sparse": sparse_path}, prompt, **options)
     sides = {f"{name}_{key}": value for name, figures in timed.pop("decoders").items() for key, value in figures.items() if key != "ratio"}
     return {**sides, "ratio": sides["sparse_ms_per_token"] / sides["dense_ms_per_token"], **timed}
 
