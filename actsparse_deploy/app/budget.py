@@ -740,10 +740,9 @@ def heldout_budget(
         return replace(result, heldout={"heldout_cost": None, "heldout_within": None,
                                         "heldout_note": "no held-out data: the held-out cost was not measured"})
     held = work.heldout if reiterable(work.heldout) else list(work.heldout)
-    other = result.other_text if work.other is not None else None  # --max-cost-other: the other text, all of it, on the final model
-    texts = {"heldout": (held, work.labels, outputs), **({"other": (list(work.other), None, None)} if other is not None and work.other is not None else {})}
-    values = {name: result.budget.measure(work.model, sparse, batches, labels=labels, outputs=kept) for name, (batches, labels, kept) in texts.items()}
-    if other is not None:
-        other = {**other, "cost": values["other"], "within": result.budget.within(values["other"])}
-    value = values["heldout"]
+    value = result.budget.measure(work.model, sparse, held, labels=work.labels, outputs=outputs)
+    other = result.other_text
+    if other is not None and work.other is not None:  # --max-cost-other: the other text, all of it, on the final model
+        elsewhere = result.budget.measure(work.model, sparse, list(work.other))
+        other = {**other, "cost": elsewhere, "within": result.budget.within(elsewhere)}
     return replace(result, heldout={"heldout_cost": value, "heldout_within": result.budget.within(value)}, other_text=other)

@@ -287,7 +287,6 @@ class Stages:
         ``--quantize``'s alternatives side by side measured on the same dense export."""
         work, target, held = self.work, self.target, self.work.require_heldout()
         dense, batches = target.model(work.model), target.batches(held)
-        other = target.batches(work.other) if work.other is not None else None  # the frontier's other text, as the ONNX models take it
         with self.timer("latency"), dense_export(dense, scratch, exporter=exported.exporter, opset=exported.opset, io_spec=exported.io,
                                                  example=target.example(work), verbose=verbose) as dense_path:
             figures = dense_latency(dense_path, path, batches, io_spec=exported.io)
@@ -295,10 +294,10 @@ class Stages:
             if prompt is not None:  # a decoder's figure users compare: ms per generated token
                 figures["decode"] = decode_latency(dense_path, path, prompt)
             if quantized is not None:  # the alternatives side by side: dense, int8 alone, sparse, sparse + int8
-                static = quantized.result.mode == "int8-static"
+                static, other = quantized.result.mode == "int8-static", work.other  # the other text as the ONNX models take it
                 figures["frontier"] = frontier(dense, {"dense": dense_path, "sparse": quantized.floated, "sparse+int8": path}, batches,
                                                io=target.validation_io(exported.io), mode=quantized.result.mode, tokens=work.causal_lm,
-                                               labels=work.labels, other=other,
+                                               labels=work.labels, other=target.batches(other) if other is not None else None,
                                                calibration=target.batches(work.require_calibration()) if static else None,
                                                decode_prompt=prompt)
             return figures
@@ -455,7 +454,6 @@ def build_report(
     the files written for the runtime beside the ONNX model, and their notes; ``quantized``: what
     ``--quantize`` did (with the latency stage's frontier of the alternatives); ``cache``: whether the
     export is a decoder with a KV cache (``export.cache``)."""
-    other_note = _other_text_note(work)
     modes = squashed.rows()
     # merged: the squash rows also say how each layer's features were chosen (method) and compensated
     layers = [{**row, "input_shape": named_input_shape(row), **next(m for m in modes if m["layer"] == row["layer"])}
@@ -470,7 +468,7 @@ def build_report(
     checked = validation.to_json() if hasattr(validation, "to_json") else dict(validation)
     note = slower_note(mode, [row.get("mode", "") for row in layers], speed["ratio"]) if speed is not None else None
     left_out = (budget.quantization or {}).get("why") if budget is not None else None
-    notes = [*([note] if note else []), *([f"--quantize auto: not quantized: {left_out}"] if left_out else []), *other_note]
+    notes = [*([note] if note else []), *([f"--quantize auto: not quantized: {left_out}"] if left_out else []), *_other_text_note(work)]
     sections: dict[str, Any] = {  # JSON, parsed by the report's sections
         "calibration": {"samples": masks.num_samples, "batches": masks.num_batches},
         "export": {**exported.to_json(), "path": final, **({"cache": cache} if cache is not None else {})},

@@ -24,6 +24,7 @@ from .report import Report
 
 if TYPE_CHECKING:
     from .budget import Budget
+    from .options import ExportOptions
 
 __all__ = ["Int8Plan", "Int8Room", "int8_room", "quantize_file", "quantize_stage"]
 
@@ -53,7 +54,7 @@ class Int8Plan:
     search has its quantized cost measured on (``export``, squashed in ``squash`` mode, staged in ``scratch``)."""
 
     mode: str
-    export: Any
+    export: ExportOptions
     squash: str
     scratch: Path
 

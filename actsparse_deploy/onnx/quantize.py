@@ -300,31 +300,20 @@ def _preprocess(source: Path, target: Path, asked: bool, external: bool, verbose
     options = {"save_as_external_data": external, "all_tensors_to_one_file": True,
                "external_data_location": f"{target.name}.data" if external else None}
     try:
-        with quiet(verbose), _working_in(target.parent):
+        # in the staging folder: symbolic shape inference leaves its temporary model and data file in the working
+        # directory when it fails (MiniLM's export), removed with the folder, not left in the user's
+        with quiet(verbose), contextlib.chdir(target.parent):
             quant_pre_process(str(source.resolve()), str(target.resolve()), **options)
         return target, "shapes and graph"
     except Exception as e:  # onnxruntime's symbolic shape inference raises a bare Exception
         reason = first_line(e)
     _clear(target.parent)
     try:
-        with quiet(verbose), _working_in(target.parent):
+        with quiet(verbose), contextlib.chdir(target.parent):
             quant_pre_process(str(source.resolve()), str(target.resolve()), skip_symbolic_shape=True, **options)
     except Exception as e:
         raise _quantizer_error(source, "pre-processing", e) from e
     return target, f"graph only (symbolic shape inference: {reason})"
-
-
-@contextlib.contextmanager
-def _working_in(folder: Path) -> Iterator[None]:
-    """The working directory ``folder`` for the duration: onnxruntime's symbolic shape inference
-    leaves its temporary model and data file in the working directory when it fails (MiniLM's
-    export), so they land in the staging folder, removed with it, not in the user's."""
-    before = os.getcwd()
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(before)
 
 
 def _clear(folder: Path) -> None:

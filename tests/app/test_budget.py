@@ -234,3 +234,17 @@ def test_token_batches_are_regrouped_without_padding_and_others_kept():
     assert unpadded(left) is left
     plain = [torch.rand(4, 3)]
     assert unpadded(plain) is plain
+
+
+def test_a_budget_held_on_other_data_too_keeps_it_there_and_prunes_less(work):
+    """--max-cost-other: each candidate's cost is the worse of the tuning split's and the other data's."""
+    calibration = list(work.calibration)
+    alone = search_budget(work.model, recipe_of(work), calibration, Budget.parse("cosine=0.99"))
+    g = torch.Generator().manual_seed(0)
+    other = [torch.rand(32, 1, 8, 8, generator=g) for _ in range(2)]  # noise: unlike any digit
+    both = search_budget(work.model, recipe_of(work), calibration, Budget.parse("cosine=0.99"), other=other)
+    assert alone.other_text is None and both.other_text["samples"] == 64
+    assert both.other_text["tuning_cost"] >= 0.99 and both.tuning_cost >= 0.99  # both keep the budget
+    assert both.masks.overall_sparsity() < alone.masks.overall_sparsity()  # the other data is the harder one here
+    sparse = squash(work.model, alone.masks, "mul").model
+    assert Budget.parse("cosine=0.99").measure(work.model, sparse, other) < 0.99  # what held on the tuning split alone misses there
