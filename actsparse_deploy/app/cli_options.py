@@ -24,6 +24,7 @@ from ..base.constants import (
     COMPENSATIONS,
     DEFAULT_AGGREGATE,
     DEFAULT_EXPORTER,
+    EXPORT_DTYPES,
     EXPORTERS,
     HF_TASKS,
     MAX_LENGTH,
@@ -46,6 +47,8 @@ __all__ = [
     "DeviceOpt",
     "DistTimeoutOpt",
     "DynamicAxisOpt",
+    "Dtype",
+    "DtypeOpt",
     "Exporter",
     "ExporterOpt",
     "ExternalOpt",
@@ -360,6 +363,12 @@ QuantizeOpt = Annotated[
     typer.Option("--quantize", help="After validation, quantize the ONNX model with onnxruntime: none, int8 (dynamic, "
                  "per-channel int8 weights), int8-static (activation ranges from the calibration data) or auto (int8 where "
                  "--max-cost has room for it; without --max-cost, int8).", show_default=False),
+]
+Dtype = enum.StrEnum("Dtype", {name: name for name in EXPORT_DTYPES})  # type: ignore[misc]
+DtypeOpt = Annotated[
+    Dtype,
+    typer.Option("--dtype", help="The weights' dtype in the ONNX model: auto (float16 where the model's weights are bfloat16 "
+                 "or float16, else as they are), float32, or float16 (half the size; validated at float16's tolerance)."),
 ]
 CacheOpt = Annotated[
     bool | None,

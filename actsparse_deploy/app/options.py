@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..base.constants import COMPENSATIONS, DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAULT_RTOL, EXPORTERS, MODES
+from ..base.constants import COMPENSATIONS, DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAULT_RTOL, EXPORT_DTYPES, EXPORTERS, MODES
 from ..base.errors import DataError, ExportError, RecipeError, SquashError, UsageError, ValidationError
 from ..base.threads import check_threads
 from ..models.loading import ModelOptions
@@ -175,6 +175,8 @@ class ExportOptions:
     dynamic_axes: tuple[str, ...] = ()
     verbose: bool = False
     cache: bool | None = None
+    #: the weights' dtype in the ONNX model (:data:`~actsparse_deploy.base.constants.EXPORT_DTYPES`)
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         from ..data.iospec import parse_dynamic_axis
@@ -188,6 +190,8 @@ class ExportOptions:
         check_opset(self.opset, self.exporter)
         if self.cache not in (None, True, False):
             raise UsageError(f"`cache` is True, False or None (for every causal language model), not {self.cache!r}")
+        if self.dtype not in EXPORT_DTYPES:
+            raise ExportError(f"unknown dtype {self.dtype!r} for the exported weights; known: {', '.join(EXPORT_DTYPES)}")
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,7 @@ class ValidateOptions:
 #: the flat keywords of each group, in the order the groups are made (and checked)
 _FLAT: dict[str, tuple[str, ...]] = {
     "model": ("task", "text", "heldout_text", "max_length", "factory_args", "other_text"),
-    "export": ("exporter", "opset", "external_data", "dynamic_axes", "verbose", "cache"),
+    "export": ("exporter", "opset", "external_data", "dynamic_axes", "verbose", "cache", "dtype"),
     "calibrate": ("recipe", "sparsity", "method", "compensate", "max_cost", "max_samples", "device", "group", "on_batch",
                   "max_cost_other"),
     "squash": ("mode",),
@@ -268,6 +272,9 @@ class ConvertOptions:
         if made["calibrate"].max_cost is not None and made["quantize"].mode != "none" and ":" in made["calibrate"].max_cost.partition("=")[0]:
             raise UsageError("a budget function (max_cost=package.module:function=VALUE) with quantize: it is called on PyTorch "
                              "models, and the int8 model is ONNX; use a built-in budget kind, or leave out quantize")
+        if made["export"].dtype == "float16" and made["quantize"].mode != "none":
+            raise UsageError("dtype float16 with quantize: onnxruntime's quantizer takes a float32 model (its int8 weights "
+                             "replace the float ones); leave out dtype (auto exports float32 where it quantizes) or quantize")
         for name in ("load", "calibrate", "squash", "export", "validate", "quantize"):
             object.__setattr__(self, name, made[name])
         for name, value in (("overwrite", overwrite), ("threads", threads), ("latency", latency), ("on_stage", on_stage)):

@@ -127,7 +127,12 @@ class Stages:
         with timer("load"):
             work = o.load.workload(model, check_distinct=False)
             c = o.calibrate
-            target = export_target(work, o.export.cache, o.export.exporter)  # a decoder with a cache, or the model as it is
+            # a decoder with a cache, or the model as it is; in the dtype the export writes (the weights cast in place)
+            dtype = o.export.dtype if o.quantize.mode == "none" else "float32"  # onnxruntime's quantizer takes float32
+            target = export_target(work, o.export.cache, o.export.exporter, dtype)
+            if target.dtype != target.source:
+                work.cast(target.dtype)
+                work.notes.append(str(target.dtype_note(*target.tolerances(o.validate.atol, o.validate.rtol))))
             recipe = load_recipe(work, c.recipe, c.sparsity, method=c.method, compensate=c.compensate)
             o.load.check_distinct()  # after the recipe: a missing recipe is named first
             work.require_heldout()
@@ -249,14 +254,14 @@ class Stages:
         """The ONNX model at ``path`` against ``model`` on the held-out data: a
         ValidationError where an output is outside the tolerances."""
         target, held = self.target, self.work.require_heldout()
-        io = target.validation_io(exported.io)
+        io, (atol, rtol) = target.validation_io(exported.io), target.tolerances(o.atol, o.rtol)
         with self.timer("validate"):
-            checked = validate(path, target.model(model), target.batches(held), atol=o.atol, rtol=o.rtol,
+            checked = validate(path, target.model(model), target.batches(held), atol=atol, rtol=rtol,
                                output_names=io.output_names, io_spec=io, timeout=o.timeout)
             if not target.cached:
                 return checked
             # a decoder is checked as it is used: prefill, then token by token, and greedy generation
-            generation = check_generation(path, target.model(model), held, atol=o.atol, rtol=o.rtol, timeout=o.timeout)
+            generation = check_generation(path, target.model(model), held, atol=atol, rtol=rtol, timeout=o.timeout)
             return replace(checked, generation=generation)
 
     def cost(self, model: nn.Module, path: Path | None = None, exported: ExportResult | None = None,
@@ -404,7 +409,7 @@ def _staged_report(stages: Stages, masks: Masks, budget: BudgetResult | None, sq
     masks.save(staging / "masks.safetensors")
     return build_report(stages.work, masks, squashed, exported, validation, cost, stages.timer, stages.timer.total(), o.squash.mode,
                         onnx_path=outdir / "model.onnx", budget=budget, speed=speed, runtime=stages.runtime, quantized=quantized,
-                        cache=stages.target.cached)
+                        cache=stages.target.cached, precision=stages.target.precision())
 
 
 def _publish(report: Report, staging: Path, outdir: Path, o: ConvertOptions) -> Report:
@@ -442,7 +447,7 @@ def build_report(
     work: Workload, masks: Masks, squashed: SquashResult, exported: ExportResult, validation: Any,
     cost: Mapping[str, Any], timer: Timer, total: float, mode: str, onnx_path: str | Path | None = None,
     budget: BudgetResult | None = None, speed: Mapping[str, Any] | None = None, runtime: RuntimeFiles | None = None,
-    quantized: Quantized | None = None, cache: bool | None = None,
+    quantized: Quantized | None = None, cache: bool | None = None, precision: Mapping[str, str] | None = None,
 ) -> Report:
     """The report of a ``convert`` run, built once: ``report.json`` is its
     ``to_json()``. ``validation``: a ``ValidationReport`` (or its JSON);
@@ -453,7 +458,8 @@ def build_report(
     added, and a note where prune was asked for and made it slower); ``runtime``:
     the files written for the runtime beside the ONNX model, and their notes; ``quantized``: what
     ``--quantize`` did (with the latency stage's frontier of the alternatives); ``cache``: whether the
-    export is a decoder with a KV cache (``export.cache``)."""
+    export is a decoder with a KV cache (``export.cache``); ``precision``: the weights' ``dtype`` written and
+    their ``source_dtype`` (``export.dtype``, ``export.source_dtype``)."""
     modes = squashed.rows()
     # merged: the squash rows also say how each layer's features were chosen (method) and compensated
     layers = [{**row, "input_shape": named_input_shape(row), **next(m for m in modes if m["layer"] == row["layer"])}
@@ -471,7 +477,7 @@ def build_report(
     notes = [*([note] if note else []), *([f"--quantize auto: not quantized: {left_out}"] if left_out else []), *_other_text_note(work)]
     sections: dict[str, Any] = {  # JSON, parsed by the report's sections
         "calibration": {"samples": masks.num_samples, "batches": masks.num_batches},
-        "export": {**exported.to_json(), "path": final, **({"cache": cache} if cache is not None else {})},
+        "export": {**exported.to_json(), "path": final, **({"cache": cache} if cache is not None else {}), **(precision or {})},
         "validation": {**checked, "onnx": final,
                        **({"generation": {**checked["generation"], "onnx": final}} if checked.get("generation") else {})},
         "cost": dict(cost),

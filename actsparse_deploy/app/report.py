@@ -210,6 +210,9 @@ class Export(Section):
     graph: OnnxGraph | None = _flat("")
     #: a causal language model exported as a decoder with a KV cache (``convert``; None where not said)
     cache: bool | None = field(default=None, metadata=_OMIT_NONE)
+    #: the weights' dtype in the ONNX model, and the one they were stored in (``convert``; None where not said)
+    dtype: str | None = field(default=None, metadata=_OMIT_NONE)
+    source_dtype: str | None = field(default=None, metadata=_OMIT_NONE)
 
     SECTIONS: ClassVar[Mapping[str, type[Section]]] = {"request": ExportRequest, "graph": OnnxGraph}
 

@@ -26,6 +26,9 @@ __all__ = [
     "DEFAULT_MODE",
     "DEFAULT_RTOL",
     "EXPORTERS",
+    "EXPORT_DTYPES",
+    "HALF_ATOL",
+    "HALF_RTOL",
     "HF_TASKS",
     "MAX_LENGTH",
     "MAX_RUNS",
@@ -64,6 +67,13 @@ MAX_RUNS = 1000
 #: ONNX vs PyTorch tolerances (see validate.py)
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 0.0
+#: a float16 export's tolerances where none were asked for (float16 keeps about three significant digits)
+HALF_ATOL = 1e-2
+HALF_RTOL = 1e-2
+
+#: the weights' dtype an export writes (``--dtype``): auto (float16 where the source weights are half
+#: precision, bfloat16 or float16, else float32), float32, float16 (onnxruntime runs no bfloat16 MatMul on CPU)
+EXPORT_DTYPES = ("auto", "float32", "float16")
 
 
 def hub_offline() -> None:

@@ -105,7 +105,7 @@ def model_fingerprint(model: nn.Module, layers: Iterable[str]) -> str:
             continue
         for name, tensor in sorted(modules[layer].named_parameters(recurse=False)):
             digest.update(f"w {layer}.{name}\n".encode())
-            digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+            digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype: bfloat16 too
     return digest.hexdigest()[:32]
 
 

@@ -32,6 +32,8 @@ import torch
 from ..base.errors import DataError, ExportError
 
 __all__ = [
+    "cast_floats",
+    "map_batches",
     "first_batch",
     "Generated",
     "Stream",
@@ -91,6 +93,32 @@ def run_batch(model: Any, batch: Batch) -> Any:
 def _tensors(batch: Batch) -> list[Any]:
     args, kwargs = call_args(batch)
     return list(kwargs.values()) if kwargs else list(args)
+
+
+def cast_floats(batch: Batch, dtype: torch.dtype) -> Batch:
+    """``batch`` with each floating tensor in ``dtype`` (token ids, masks of integers and
+    booleans kept as they are): the inputs of a model whose weights are in ``dtype``.
+
+    >>> cast_floats({"x": torch.ones(1, 2), "ids": torch.ones(1, 2, dtype=torch.long)}, torch.float16)["x"].dtype
+    torch.float16
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if batch.is_floating_point() else batch
+    if isinstance(batch, Mapping):
+        return {k: cast_floats(v, dtype) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(cast_floats(v, dtype) for v in batch)
+    return batch
+
+
+def map_batches(batches: Iterable[Batch], fn: Callable[[Batch], Batch]) -> Iterable[Batch]:
+    """Each batch through ``fn``, in the form ``batches`` came in: a stream stays a stream
+    (read afresh on each use), a list a list, any other iterable is mapped as it is read."""
+    if isinstance(batches, Stream):
+        return batches.map(fn)
+    if isinstance(batches, list):
+        return [fn(b) for b in batches]
+    return (fn(b) for b in batches)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

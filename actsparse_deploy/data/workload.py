@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..base.errors import DataError
-from .batches import Batch, reiterable, resize_batches
+from .batches import Batch, cast_floats, map_batches, reiterable, resize_batches
 from .iospec import IOSpec
 
 __all__ = ["EXAMPLE_BATCH_SIZE", "Workload"]
@@ -76,6 +76,21 @@ class Workload:
                 f"{self.name!r} has no built-in held-out data: pass `heldout`, a file of held-out inputs (never the calibration data)"
             )
         return self.heldout
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """The model's weights, and the floating inputs of its data, in ``dtype``: the model
+        changed in place (never a second copy of its weights), the data as it is read.
+
+        >>> work = Workload("mine", torch.nn.Linear(3, 2), heldout=[torch.zeros(4, 3)])
+        >>> work.cast(torch.float16)
+        >>> work.model.weight.dtype, work.example().dtype
+        (torch.float16, torch.float16)
+        """
+        self.model.to(dtype)
+        for name in ("calibration", "heldout", "other"):
+            batches = getattr(self, name)
+            if batches is not None:
+                setattr(self, name, map_batches(batches, lambda b: cast_floats(b, dtype)))
 
     def example(self) -> Batch:
         """A small batch for export tracing (from the held-out data, else calibration)."""

@@ -46,13 +46,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..base.constants import DEFAULT_ATOL, DEFAULT_RTOL, HALF_ATOL, HALF_RTOL
 from ..base.errors import ExportError, UsageError
 from ..data.batches import Batch, Stream
 from ..data.iospec import IOSpec
 from ..data.workload import Workload
+from ..nn.modules import float_dtype
 from .hf import HFModel
 
-__all__ = ["CacheLayout", "Target", "WithPast", "causal_lm", "decoder_batch", "decoder_example", "export_target", "position_ids"]
+__all__ = ["CacheLayout", "Target", "WithPast", "causal_lm", "decoder_batch", "decoder_example", "export_dtype", "export_target", "position_ids"]
 
 #: the inputs before the cache's
 STEP_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -208,9 +210,32 @@ def decoder_example(batch: Batch, layout: CacheLayout, dtype: torch.dtype = torc
 
 @dataclass(frozen=True)
 class Target:
-    """How a workload's model is exported: as it is (``layout`` None), or as its decoder with a cache of ``layout``."""
+    """How a workload's model is exported: as it is (``layout`` None), or as its decoder with a cache of ``layout``;
+    its weights (and floating inputs, the cache too) in ``dtype``, from weights stored in ``source``."""
 
     layout: CacheLayout | None = None
+    dtype: torch.dtype = torch.float32
+    source: torch.dtype = torch.float32
+
+    def precision(self) -> dict[str, str]:
+        """The report's ``export.dtype`` (the weights written) and ``export.source_dtype`` (as they were stored)."""
+        return {"dtype": _name(self.dtype), "source_dtype": _name(self.source)}
+
+    def tolerances(self, atol: float, rtol: float) -> tuple[float, float]:
+        """The tolerances validation holds the export to: ``atol`` and ``rtol``, or a float16 export's where they
+        are float32's defaults (float16 keeps about three significant digits: ``HALF_ATOL``, ``HALF_RTOL``)."""
+        if self.dtype == torch.float16 and (atol, rtol) == (DEFAULT_ATOL, DEFAULT_RTOL):
+            return HALF_ATOL, HALF_RTOL
+        return atol, rtol
+
+    def dtype_note(self, atol: float, rtol: float) -> str | None:
+        """What the report says where the export's dtype is not the source's (validated at ``atol`` / ``rtol``)."""
+        if self.dtype == self.source:
+            return None
+        written, stored = _name(self.dtype), _name(self.source)
+        why = "onnxruntime runs no bfloat16 MatMul on CPU" if self.source == torch.bfloat16 and written == "float16" else f"--dtype {written}"
+        checked = f"; validated at atol {atol:g}, rtol {rtol:g}, as float16 allows" if self.dtype == torch.float16 else ""
+        return f"the weights were {stored}: the model was calibrated, pruned and written in {written} ({why}){checked}"
 
     @property
     def cached(self) -> bool:
@@ -225,7 +250,7 @@ class Target:
         return WithPast(lm).eval()
 
     def example(self, work: Workload) -> Batch:
-        return work.example() if self.layout is None else decoder_example(work.example(), self.layout)
+        return work.example() if self.layout is None else decoder_example(work.example(), self.layout, self.dtype)
 
     def io(self, work: Workload) -> IOSpec | None:
         return work.io if self.layout is None else self.layout.io_spec()
@@ -236,8 +261,8 @@ class Target:
         if layout is None:
             return batches
         if isinstance(batches, Stream):
-            return batches.map(lambda b: decoder_batch(b, layout))
-        return [decoder_batch(b, layout) for b in batches]
+            return batches.map(lambda b: decoder_batch(b, layout, self.dtype))
+        return [decoder_batch(b, layout, self.dtype) for b in batches]
 
     def validation_io(self, exported: IOSpec) -> IOSpec:
         """The I/O spec validation and the cost's ONNX pass use on :meth:`batches` (a decoder's first steps)."""
@@ -253,16 +278,35 @@ class Target:
                           "pass --exporter dynamo, or --no-cache for one full pass per call")
 
 
-def export_target(work: Workload, cache: bool | None, exporter: str | None = None) -> Target:
+def export_dtype(asked: str, source: torch.dtype) -> torch.dtype:
+    """The dtype an export asked for as ``asked`` writes (``auto``: float16 for half-precision
+    weights, bfloat16 or float16, which onnxruntime runs on CPU as float16 only; else the source's).
+
+    >>> export_dtype("auto", torch.bfloat16), export_dtype("auto", torch.float32), export_dtype("float16", torch.float32)
+    (torch.float16, torch.float32, torch.float16)
+    """
+    if asked == "auto":
+        return torch.float16 if source in (torch.bfloat16, torch.float16) else source
+    return {"float32": torch.float32, "float16": torch.float16}[asked]
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def export_target(work: Workload, cache: bool | None, exporter: str | None = None, dtype: str = "auto") -> Target:
     """The workload's :class:`Target`: a causal language model with a cache unless
     ``cache`` is False; ``cache=True`` for any other model is a :class:`UsageError`,
-    an ``exporter`` the target cannot be exported with an :class:`ExportError`."""
+    an ``exporter`` the target cannot be exported with an :class:`ExportError`; the weights
+    in the dtype ``dtype`` asks for (:func:`export_dtype`) from the one they are stored in."""
+    source = float_dtype(work.model)
+    precision = {"dtype": export_dtype(dtype, source), "source": source}
     lm = causal_lm(work.model) if work.causal_lm and cache is not False else None
     if lm is None:
         if cache:
             raise UsageError(f"--cache is for causal language models (Hugging Face causal-lm, tiny-lm); {work.name!r} is not one")
-        return Target()
-    target = Target(CacheLayout.of(lm))
+        return Target(**precision)
+    target = Target(CacheLayout.of(lm), **precision)
     if exporter is not None:
         target.exporter(exporter)
     return target

@@ -51,6 +51,7 @@ from torch import nn
 
 from ..base.errors import ModelLoadError, OutputError
 from ..base.files import os_reason
+from ..nn.modules import float_dtype
 from .hf import HF_PREFIX, MLP_DOWN_PATTERNS, hf_directory, is_pretrained, read_json_object
 
 if TYPE_CHECKING:
@@ -161,15 +162,17 @@ def config_changes(config: Mapping[str, Any], model: nn.Module | None) -> tuple[
     pretrained = next((m for m in model.modules() if is_pretrained(m)), None) if model is not None else None
     if pretrained is None:
         return {}, []
+    written = str(float_dtype(pretrained)).removeprefix("torch.")  # a bfloat16 source written as float16 says so
+    dtype = {k: written for k in ("dtype", "torch_dtype") if k in config and config[k] != written}
     widths = _mlp_widths(pretrained)
     field = next((f for f in WIDTH_FIELDS if hasattr(pretrained.config, f)), None)
     changes = {field: widths[0]} if field is not None and widths and len(set(widths)) == 1 else {}
     differ = _shapes_differ(pretrained, changes)
     if not differ:
-        return {k: v for k, v in changes.items() if config.get(k) != v}, []
+        return {**dtype, **{k: v for k, v in changes.items() if config.get(k) != v}}, []
     said = f"{field} {config.get(field)}" if field is not None else "its sizes"
     why = f"MLP widths {', '.join(map(str, widths))} by layer" if len(set(widths)) > 1 else f"{differ[0]}, which no standard field says"
-    return {}, [f"config.json keeps the source's {said}: the converted model has {why}; config.json describes model.onnx's "
+    return dtype, [f"config.json keeps the source's {said}: the converted model has {why}; config.json describes model.onnx's "
                 "inputs and outputs, not a PyTorch checkpoint of the converted model"]
 
 

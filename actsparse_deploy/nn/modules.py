@@ -1,6 +1,6 @@
 """What the stages need to know about a whole model: eval mode for a while (one
-definition for calibration, squash, export, validation and the budget), and weights
-that are finite.
+definition for calibration, squash, export, validation and the budget), weights
+that are finite, and the dtype they are stored in.
 
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
@@ -22,7 +22,7 @@ from torch import nn
 
 from ..base.errors import WeightsError
 
-__all__ = ["check_finite_weights", "eval_mode"]
+__all__ = ["check_finite_weights", "eval_mode", "float_dtype"]
 
 
 def check_finite_weights(model: nn.Module) -> None:
@@ -60,3 +60,17 @@ def eval_mode(*models: Any) -> Iterator[None]:
     finally:
         for module, training in modes.items():
             module.train(training)
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype that holds most of ``model``'s parameter elements (float32 for a
+    model without floating parameters): the dtype its weights were stored in.
+
+    >>> float_dtype(nn.Linear(2, 2).to(torch.bfloat16)), float_dtype(nn.Module())
+    (torch.bfloat16, torch.float32)
+    """
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=lambda d: counts[d]) if counts else torch.float32
