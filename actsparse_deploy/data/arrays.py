@@ -42,10 +42,14 @@ def _unpickler_reason(e: BaseException) -> str:
     return useful[0] if useful else first_line(e)
 
 
-def torch_load(path: Path, what: str, error: type[ActsparseError]) -> Any:
+def torch_load(path: Path, what: str, error: type[ActsparseError], mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)``: objects that could run code are refused,
-    anything else that is not a torch file is named as such."""
+    anything else that is not a torch file is named as such. ``mmap``: the tensors
+    memory-mapped from the file, read as they are used (a file in torch's legacy
+    format, which cannot be mapped, is read whole)."""
     try:
+        if mmap and zipfile.is_zipfile(path):
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if _PICKLED_OBJECT.search(str(e)):

@@ -20,14 +20,15 @@ files (:class:`ModelOptions`: ``task``, ``text``, ``heldout_text``, ``max_length
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 
 from ..base.constants import MAX_LENGTH
@@ -238,17 +239,48 @@ def load_other_text(loaded: LoadedModel, options: ModelOptions | None, batch_siz
     return entry.text_data(list(text_lines(path)), batch_size)
 
 
+class _SafetensorsFile(Mapping[str, torch.Tensor]):
+    """A ``.safetensors`` file as a mapping that reads a tensor when it is asked for (shapes from the header)."""
+
+    def __init__(self, path: Path, handle: Any) -> None:
+        self.path, self.handle = path, handle
+        self.names = dict.fromkeys(handle.keys())  # in the file's order
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:  # the file opened for each tensor: what one read maps is let go with that tensor, never the whole file
+            with safe_open(str(self.path), framework="pt") as one:
+                return one.get_tensor(name)
+        except BaseException as e:
+            if not unreadable(e):
+                raise
+            raise WeightsError(f"weights file {self.path} is not a readable .safetensors file ({reason(e)})") from e
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.handle.get_slice(name).get_shape())
+
+
 def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+    """The weights file's tensors by name, read as they are used: a ``.safetensors`` file a tensor at a
+    time, a torch file memory-mapped (never the whole file in memory beside the model)."""
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path))
+            return _SafetensorsFile(path, safe_open(str(path), framework="pt"))
         except BaseException as e:
             if not unreadable(e):
                 raise
             raise WeightsError(f"weights file {path} is not a readable .safetensors file ({reason(e)})") from e
-    obj = torch_load(path, "weights file", WeightsError)
+    obj = torch_load(path, "weights file", WeightsError, mmap=True)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -256,16 +288,23 @@ def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     return obj
 
 
+def _shape(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    return state.shape(name) if isinstance(state, _SafetensorsFile) else tuple(state[name].shape)
+
+
 def load_state_dict_file(module: nn.Module, path: Path) -> None:
-    """Load weights strictly; missing / unexpected keys and shape mismatches are named."""
+    """Load weights strictly (missing / unexpected keys and shape mismatches are named), a
+    tensor at a time: each is copied into the model's own, or, where the model was built on
+    the meta device, becomes it (in the dtype the model declares); tied weights stay tied.
+    Never the whole file in memory beside the model."""
     state = _read_state_dict(path)
-    expected = module.state_dict()
+    expected = module.state_dict(keep_vars=True)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        f"{k}: file {_shape(state, k)} vs model {tuple(expected[k].shape)}"
         for k in expected
-        if k in state and state[k].shape != expected[k].shape
+        if k in state and _shape(state, k) != tuple(expected[k].shape)
     ]
     problems = []
     if missing:
@@ -276,7 +315,48 @@ def load_state_dict_file(module: nn.Module, path: Path) -> None:
         problems.append(f"shape mismatch {_few(wrong)}")
     if problems:
         raise WeightsError(f"weights file {path} does not fit the model: {'; '.join(problems)}")
-    module.load_state_dict(state, strict=True)
+    if not all(_owner(module, name) is not None for name in expected):  # a state dict renamed by hooks: torch's own load
+        module.load_state_dict(dict(state), strict=True, assign=any(t.is_meta for t in expected.values()))
+    else:
+        filled: dict[int, torch.Tensor] = {}  # a tensor the model holds under two names (tied weights) is read once
+        for name, current in expected.items():
+            if id(current) not in filled:
+                filled[id(current)] = _fill(current, state[name])
+            _set(module, name, filled[id(current)])
+    left = [name for name, t in itertools.chain(module.named_parameters(), module.named_buffers()) if t.is_meta]
+    if left:
+        raise WeightsError(f"weights file {path} leaves {_few(left)} of the model on the meta device (not saved in the file: "
+                           "a buffer the model computes); build the model on the CPU, or make those tensors in the factory")
+
+
+def _fill(current: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` in ``current``'s place: copied into it, or, on the meta device, a new tensor of its dtype."""
+    with torch.no_grad():
+        if not current.is_meta:
+            current.copy_(value)
+            return current
+        made = value.to(current.dtype, copy=True)  # never a view of a memory-mapped file
+        return nn.Parameter(made, requires_grad=current.requires_grad) if isinstance(current, nn.Parameter) else made
+
+
+def _owner(module: nn.Module, name: str) -> nn.Module | None:
+    """The module that holds state dict entry ``name`` as a parameter or buffer, None where none does."""
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        owner = module.get_submodule(owner_name)
+    except AttributeError:
+        return None
+    return owner if attr in owner._parameters or attr in owner._buffers else None
+
+
+def _set(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner, attr = _owner(module, name), name.rpartition(".")[2]
+    assert owner is not None
+    if isinstance(tensor, nn.Parameter) and attr in owner._parameters:
+        if owner._parameters[attr] is not tensor:
+            owner._parameters[attr] = tensor
+    elif attr in owner._buffers and owner._buffers[attr] is not tensor:
+        owner._buffers[attr] = tensor
 
 
 def _few(items: list[str], limit: int = 5) -> str:

@@ -37,6 +37,28 @@ def broken():
 def batches():
     return [torch.ones(2, 4), torch.zeros(3, 4)]
 
+def build_lazy():
+    """The same model on the meta device: no memory until the weights fill it."""
+    with torch.device("meta"):
+        return Net()
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(5, 4)
+        self.head = nn.Linear(4, 5, bias=False)
+        self.head.weight = self.embed.weight
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+
+def build_tied():
+    torch.manual_seed(0)
+    return Tied()
+
+def build_tied_lazy():
+    with torch.device("meta"):
+        return Tied()
+
 VALUE = 3
 '''
 
@@ -64,6 +86,44 @@ def test_builtin_and_factory(user_pkg, tmp_path):
         model = load_model(f"{user_pkg}:build", tmp_path / weights).module
         x = torch.randn(3, 4)
         assert_close(model(x), source(x))
+
+
+def test_weights_fill_a_model_built_on_the_meta_device(user_pkg, tmp_path):
+    """A factory may build its model on the meta device (no memory for weights it does not have yet):
+    the weights file fills it, a tensor at a time, in the dtypes the model declares."""
+    torch.manual_seed(1)
+    source = load_model(f"{user_pkg}:build").module
+    for p in source.parameters():
+        p.data.normal_()
+    x = torch.randn(3, 4)
+    for name, state in (("w.safetensors", None), ("w.pt", None), ("half.safetensors", torch.float16)):
+        tensors = {k: v.to(state) if state else v for k, v in source.state_dict().items()}
+        if name.endswith(".pt"):
+            torch.save(tensors, tmp_path / name)
+        else:
+            save_file(tensors, str(tmp_path / name))
+        model = load_model(f"{user_pkg}:build_lazy", tmp_path / name).module
+        assert not any(p.is_meta for p in model.parameters()), name
+        assert {p.dtype for p in model.parameters()} == {torch.float32}, name  # the model's dtype, as load_state_dict keeps it
+        assert_close(model(x), source(x), atol=1e-2 if state else 1e-6, rtol=1e-2 if state else 1e-6)
+
+
+def test_tied_weights_stay_tied(user_pkg, tmp_path):
+    torch.manual_seed(2)
+    source = load_model(f"{user_pkg}:build_tied").module
+    torch.save(source.state_dict(), tmp_path / "tied.pt")  # both names, one storage
+    for factory in ("build_tied", "build_tied_lazy"):
+        model = load_model(f"{user_pkg}:{factory}", tmp_path / "tied.pt").module
+        assert model.head.weight is model.embed.weight, factory
+        assert_close(model.embed.weight, source.embed.weight)
+
+
+def test_weights_left_on_the_meta_device_are_named(user_pkg, tmp_path):
+    """A meta-device model whose weights file lacks a tensor is refused by name (strict, as always)."""
+    good = load_model(f"{user_pkg}:build").module.state_dict()
+    save_file({k: v for k, v in good.items() if k != "fc2.bias"}, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(WeightsError, match="missing keys fc2.bias"):
+        load_model(f"{user_pkg}:build_lazy", tmp_path / "missing.safetensors")
 
 
 @pytest.mark.parametrize(
