@@ -730,19 +730,22 @@ def calibrate_to_budget(
 
 def heldout_budget(
     result: BudgetResult, work: Workload | None, sparse: nn.Module, outputs: Sequence[list[list[torch.Tensor]]] | None = None,
+    dense: nn.Module | None = None,
 ) -> BudgetResult:
     """``result`` with the held-out cost of ``sparse`` (``heldout_cost``, and
     ``heldout_within``: whether it keeps the budget); a note where there is no held-out data.
     ``outputs``: the dense and the sparse model's outputs on ``work.heldout``
     (flattened, batch by batch) where they were computed already: a built-in kind
-    is measured from them (:func:`actsparse_deploy.app.cost.cost_stage`)."""
+    is measured from them (:func:`actsparse_deploy.app.cost.cost_stage`). ``dense``: what stands for the dense
+    model (its recorded outputs; None: ``work.model``)."""
     if work is None or work.heldout is None:
         return replace(result, heldout={"heldout_cost": None, "heldout_within": None,
                                         "heldout_note": "no held-out data: the held-out cost was not measured"})
     held = work.heldout if reiterable(work.heldout) else list(work.heldout)
-    value = result.budget.measure(work.model, sparse, held, labels=work.labels, outputs=outputs)
+    dense = dense if dense is not None else work.model
+    value = result.budget.measure(dense, sparse, held, labels=work.labels, outputs=outputs)
     other = result.other_text
     if other is not None and work.other is not None:  # --max-cost-other: the other text, all of it, on the final model
-        elsewhere = result.budget.measure(work.model, sparse, list(work.other))
+        elsewhere = result.budget.measure(dense, sparse, list(work.other))
         other = {**other, "cost": elsewhere, "within": result.budget.within(elsewhere)}
     return replace(result, heldout={"heldout_cost": value, "heldout_within": result.budget.within(value)}, other_text=other)

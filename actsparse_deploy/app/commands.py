@@ -49,6 +49,7 @@ from ..data.streams import shape_examples
 from ..data.workload import Workload
 from ..models import zoo
 from ..models.loading import LoadedModel, ModelOptions, load_model, load_text_data, resolve_io_spec
+from ..nn.recorded import Recorded
 from ..onnx.export import export_onnx, layer_metadata
 from ..onnx.validate import validate
 from .cost import sparsification_cost
@@ -93,6 +94,8 @@ class Source:
     layers: list[dict[str, Any]]
     mode: str
     work: Workload | None
+    #: what stands for the dense model in the cost: ``work.model``, or its outputs recorded before squash changed it in place
+    dense: nn.Module | None = None
 
     def require_heldout(self) -> list[Batch] | Iterable[Batch]:
         if self.heldout is None:
@@ -119,19 +122,24 @@ def is_pt2(spec: str | Path) -> bool:
 
 def load_source(spec: str, options: SourceOptions | None = None, *, need_heldout: bool = False) -> Source:
     """``spec`` (a model, or a ``.pt2``) resolved with ``options``: the model
-    squashed with its masks (dense without), or the program the ``.pt2`` holds.
+    squashed with its masks in place (dense without), or the program the ``.pt2`` holds.
     ``need_heldout``: a ``.pt2`` also loads held-out data (``heldout``, else the
-    built-in data of the model it names)."""
+    built-in data of the model it names), and a model's dense outputs on it are
+    recorded before squash (what the cost compares with: one copy of the weights, never two)."""
     options = options or SourceOptions()
     masks, heldout, batch_size = options.masks, options.heldout, options.batch_size
     if not is_pt2(spec):
         work = options.workload(spec)
-        module, rows, the_mode = work.model, [], DENSE
+        module, rows, the_mode, dense = work.model, [], DENSE, work.model
         if masks is not None:
-            squashed = squash_workload(work, Masks.load(masks), options.mode)
+            loaded = Masks.load(masks)
+            if need_heldout and work.heldout is not None:  # the data the cost runs the dense model on
+                data = [work.heldout, *([work.other] if work.other is not None else [])]
+                dense = Recorded.of(work.model, [*data, *map(unpadded, data)])
+            squashed = squash_workload(work, loaded, options.mode, in_place=True)
             module, rows, the_mode = squashed.model, squashed.rows(), options.mode
         example = work.example() if need_heldout is False else None
-        return Source(work.name, module, module, example, work.heldout, work.io, rows, the_mode, work)
+        return Source(work.name, module, module, example, work.heldout, work.io, rows, the_mode, work, dense)
     if masks is not None:
         raise MaskError(f"{spec}: a .pt2 program already has its masks baked in: pass no `masks`")
     if options.model is not None and options.model != ModelOptions():
@@ -451,7 +459,7 @@ def validate_against(
     if source.work is not None and (options.masks is not None or options.labels is not None):
         if io is None:  # what export names the inputs and outputs by default
             io = resolve_io_spec(source.module, source.require_heldout(), infer=True)
-        cost = sparsification_cost(source.work, source.module, Path(onnx_model), io)
+        cost = sparsification_cost(source.work, source.module, Path(onnx_model), io, dense=source.dense)
     seconds["total"] = round(time.perf_counter() - start, 3)
     return Report(model=source.name, squash_mode=source.mode, layers=source.layers,
                   validation=validation.to_json(), cost=cost, seconds=seconds)  # type: ignore[arg-type]

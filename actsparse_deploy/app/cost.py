@@ -29,24 +29,26 @@ __all__ = ["cost_stage", "sparsification_cost"]
 
 
 def sparsification_cost(
-    work: Workload, sparse: nn.Module, onnx_path: Path | None = None, io_spec: IOSpec | None = None
+    work: Workload, sparse: nn.Module, onnx_path: Path | None = None, io_spec: IOSpec | None = None, dense: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Dense vs sparse on the held-out data: per-output difference and cosine
     similarity; test accuracy for a classifier (dense, sparse, and the ONNX model);
     held-out perplexity for a causal language model (``perplexity_dense``,
     ``perplexity_sparse``, ``perplexity_onnx``). ``io_spec``: what the ONNX model
-    was exported with (default: the workload's)."""
-    return cost_stage(work, sparse, onnx_path, io_spec)[0]
+    was exported with (default: the workload's); ``dense``: what stands for the dense model (default: ``work.model``)."""
+    return cost_stage(work, sparse, onnx_path, io_spec, dense=dense)[0]
 
 
 def cost_stage(
     work: Workload, sparse: nn.Module, onnx_path: Path | None = None, io_spec: IOSpec | None = None,
     budget: BudgetResult | None = None, onnx_batches: Callable[[Iterable[Batch]], Iterable[Batch]] | None = None,
+    dense: nn.Module | None = None,
 ) -> tuple[dict[str, Any], BudgetResult | None]:
     """:func:`sparsification_cost`, and ``budget`` with its held-out cost
     (:func:`~actsparse_deploy.app.budget.heldout_budget`): a built-in budget kind
     from the outputs the cost's passes kept, a user's function on the models. ``onnx_batches``: the held-out
-    batches as the ONNX model takes them (a decoder with a cache: first steps)."""
+    batches as the ONNX model takes them (a decoder with a cache: first steps). ``dense``: what stands for
+    the dense model (its recorded outputs, once squash changed it in place; None: ``work.model``)."""
     held = work.require_heldout()
     io = io_spec or work.io
     names = io.output_names if io else None
@@ -54,7 +56,8 @@ def cost_stage(
     keep = budget is not None and budget.budget.kind != "user"
     # cosine and perplexity on token batches without their padding (the same figures, less work: a
     # model's per-token outputs at padding positions are not compared); accuracy keeps the labels' order
-    tallies = cost_tallies(work.model, sparse, held, tokens=language, classes=work.labels is not None, keep=keep,
+    dense = dense if dense is not None else work.model
+    tallies = cost_tallies(dense, sparse, held, tokens=language, classes=work.labels is not None, keep=keep,
                            other=work.other, onnx_path=onnx_path, io_spec=io,
                            onnx_batches=onnx_batches(held) if onnx_batches is not None else None)
     known = total_samples(held)
@@ -74,5 +77,5 @@ def cost_stage(
         if tallies.onnx is not None:
             cost["accuracy_onnx"] = tallies.onnx.accuracy_of(0, work.labels)
     if budget is not None:
-        budget = heldout_budget(budget, work, sparse, tallies.ordered.kept if keep else None)
+        budget = heldout_budget(budget, work, sparse, tallies.ordered.kept if keep else None, dense=dense)
     return cost, budget

@@ -52,9 +52,11 @@ from ..data.workload import Workload
 from ..models.decoder import Target, export_target
 from ..models.folder import RuntimeFiles, write_workload_files
 from ..models.loading import load_recipe
+from ..nn.modules import release_weights
+from ..nn.recorded import Recorded
 from ..onnx.export import ExportResult, export_onnx, layer_metadata
 from ..onnx.generate import check_generation, decode_latency, held_out_prompts
-from ..onnx.latency import dense_export, dense_latency, slower_note, verdict
+from ..onnx.latency import dense_export, dense_export_errors, dense_latency, slower_note, verdict
 from ..onnx.quantize import FLOAT_FOLDER, Quantized, frontier, quantize_onnx, quantized_cost
 from ..onnx.validate import ValidationReport, validate
 from .cost import cost_stage
@@ -71,8 +73,8 @@ __all__ = ["STAGES", "ConvertOptions", "Stages", "Timer", "build_report", "conve
 
 
 #: what the stages tell ``on_stage`` as each starts (``load`` is silent)
-STAGES = {"calibrate": "calibrating", "squash": "squashing", "export": "exporting", "validate": "validating", "cost": "measuring cost",
-          "quantize": "quantizing", "latency": "measuring latency"}
+STAGES = {"calibrate": "calibrating", "reference": "recording the dense model", "squash": "squashing", "export": "exporting",
+          "validate": "validating", "cost": "measuring cost", "quantize": "quantizing", "latency": "measuring latency"}
 
 
 @dataclass
@@ -104,12 +106,30 @@ OUT_FILES = ("masks.safetensors", "model.onnx", "report.json")
 DATA_FILE = "model.onnx.data"
 
 
+@dataclass(frozen=True)
+class DenseReference:
+    """The dense model as the stages after squash compare against it: ``model`` (the PyTorch model, or
+    its outputs recorded on the data those stages feed it: :class:`~actsparse_deploy.nn.recorded.Recorded`),
+    ``target`` (the same as it is exported: a decoder with its cache) and ``onnx`` (its export for the
+    latency stage; None: the latency stage exports it)."""
+
+    model: nn.Module
+    target: nn.Module
+    onnx: Path | None = None
+
+    @property
+    def recorded(self) -> bool:
+        """Whether the dense model's outputs stand in for it (squash may then change the model in place)."""
+        return isinstance(self.model, Recorded)
+
+
 @dataclass
 class Stages:
     """The stage runner: each stage on ``work``, timed by ``timer`` (which tells
-    its ``on_stage`` as the stage starts). The dense model's weights are never
-    changed (squash works on a copy); calibration may move it to its device and
-    back to the CPU."""
+    its ``on_stage`` as the stage starts). Squash works on a copy (the dense model's
+    weights are never changed), or, once the dense model's outputs are recorded
+    (:meth:`dense_reference`), on the model itself; calibration may move it to its
+    device and back to the CPU."""
 
     work: Workload
     timer: Timer = field(default_factory=Timer)
@@ -228,9 +248,38 @@ class Stages:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def squash(self, masks: Masks, mode: str) -> SquashResult:
+    @contextlib.contextmanager
+    def dense_reference(self, o: ConvertOptions, folder: Path, user_budget: bool = False) -> Iterator[DenseReference]:
+        """What the stages after squash compare against, made before squash: the dense model's outputs
+        recorded on the held-out and other data as the cost, the int8 check and the frontier feed them, and
+        with ``o.latency`` its export for the latency stage (in ``folder``, removed after the block); squash
+        may then change the model in place (one copy of the weights, never two). ``user_budget``: a budget
+        function of the user's is called on the dense model itself, which is kept."""
+        work, target = self.work, self.target
+        if user_budget:
+            yield DenseReference(work.model, target.model(work.model))
+            return
+        held, other = work.require_heldout(), work.other
+        try:
+            with self.timer("reference"):
+                onnx = None
+                if o.latency:  # exported as the converted model will be; timed against it by the latency stage
+                    folder.mkdir(parents=True, exist_ok=True)
+                    with dense_export_errors():
+                        onnx = self.export(work.model, folder / "dense.onnx", o.export, timed=False)
+                sets = [held, unpadded(held), *([other, unpadded(other)] if other is not None else [])]
+                model = Recorded.of(work.model, sets)
+                exported = [target.batches(held), *([target.batches(other)] if other is not None else [])]
+                quantized = o.quantize.mode != "none"
+                as_exported = (Recorded.of(target.model(work.model), exported) if target.cached and quantized else model)
+            yield DenseReference(model, as_exported, onnx.path if onnx is not None else None)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def squash(self, masks: Masks, mode: str, in_place: bool = False) -> SquashResult:
+        """``masks`` baked into a copy of the model, or ``in_place`` into the model itself."""
         with self.timer("squash"):
-            return squash_workload(self.work, masks, mode)
+            return squash_workload(self.work, masks, mode, in_place)
 
     def export(self, model: nn.Module, path: Path, o: ExportOptions, metadata: Mapping[str, str] | None = None,
                outdir: Path | None = None, timed: bool = True) -> ExportResult:
@@ -265,15 +314,16 @@ class Stages:
             return replace(checked, generation=generation)
 
     def cost(self, model: nn.Module, path: Path | None = None, exported: ExportResult | None = None,
-             budget: BudgetResult | None = None) -> tuple[dict[str, Any], BudgetResult | None]:
+             budget: BudgetResult | None = None, dense: nn.Module | None = None) -> tuple[dict[str, Any], BudgetResult | None]:
         """What sparsification cost on the held-out data (:func:`~actsparse_deploy.app.cost.cost_stage`;
-        the ONNX model's figures too where ``path`` is given), and ``budget`` with its held-out cost."""
+        the ONNX model's figures too where ``path`` is given), and ``budget`` with its held-out cost.
+        ``dense``: what stands for the dense model (:attr:`DenseReference.model`; None: ``work.model``)."""
         with self.timer("cost"):
             io = self.target.validation_io(exported.io) if exported is not None else None
-            return cost_stage(self.work, model, path, io, budget, onnx_batches=self.target.batches)
+            return cost_stage(self.work, model, path, io, budget, onnx_batches=self.target.batches, dense=dense)
 
     def quantize(self, path: Path, exported: ExportResult, o: QuantizeOptions, budget: BudgetResult | None = None,
-                 verbose: bool = False) -> Quantized | None:
+                 verbose: bool = False, dense: nn.Module | None = None) -> Quantized | None:
         """The validated ONNX model at ``path`` quantized in its place (``o.mode``; None for ``none``),
         the float one moved aside, and held to ``budget`` where there is one
         (:func:`~actsparse_deploy.app.quantize.quantize_stage`)."""
@@ -283,17 +333,21 @@ class Stages:
         if mode == "none":
             return None
         with self.timer("quantize"):
-            return quantize_stage(self.work, self.target, path, exported.io, mode, budget.budget if budget else None, verbose)
+            return quantize_stage(self.work, self.target, path, exported.io, mode, budget.budget if budget else None, verbose,
+                                  dense=dense)
 
     def latency(self, path: Path, exported: ExportResult, scratch: Path, verbose: bool = False,
-                quantized: Quantized | None = None) -> dict[str, Any]:
-        """The dense model (exported into ``scratch``, removed after) against the ONNX
-        model at ``path`` under onnxruntime, on held-out data; a decoder's decode speed and
+                quantized: Quantized | None = None, reference: DenseReference | None = None) -> dict[str, Any]:
+        """The dense model (exported into ``scratch``, removed after, unless ``reference`` holds its export)
+        against the ONNX model at ``path`` under onnxruntime, on held-out data; a decoder's decode speed and
         ``--quantize``'s alternatives side by side measured on the same dense export."""
         work, target, held = self.work, self.target, self.work.require_heldout()
-        dense, batches = target.model(work.model), target.batches(held)
-        with self.timer("latency"), dense_export(dense, scratch, exporter=exported.exporter, opset=exported.opset, io_spec=exported.io,
-                                                 example=target.example(work), verbose=verbose) as dense_path:
+        reference = reference or DenseReference(work.model, target.model(work.model))
+        dense, batches = reference.target, target.batches(held)
+        exporting = dense_export(dense, scratch, exporter=exported.exporter, opset=exported.opset, io_spec=exported.io,
+                                 example=target.example(work), verbose=verbose) if reference.onnx is None else None
+        with self.timer("latency"), exporting or contextlib.nullcontext(reference.onnx) as dense_path:
+            assert dense_path is not None
             figures = dense_latency(dense_path, path, batches, io_spec=exported.io)
             prompt = held_out_prompts(held, 1, max_tokens=None)[0] if target.cached else None
             if prompt is not None:  # a decoder's figure users compare: ms per generated token
@@ -386,25 +440,30 @@ def _convert(model: str, outdir: Path, o: ConvertOptions) -> Report | None:
     if calibrated is None:  # another rank than 0 of a distributed run
         return None
     masks, budget = calibrated
-    squashed = stages.squash(masks, o.squash.mode)
     # everything is written into a staging directory inside outdir and moved into
     # place only when validation passed: an error or an interrupt leaves nothing
     with staging_dir(outdir) as staging:
-        report = _staged_report(stages, masks, budget, squashed, staging, outdir, o)
+        # the dense model's outputs (and its export for the latency stage) first: then squash changes the model in place
+        with stages.dense_reference(o, staging / ".dense-latency", user_budget=budget is not None and budget.budget.kind == "user") as dense:
+            squashed = stages.squash(masks, o.squash.mode, in_place=dense.recorded)
+            report = _staged_report(stages, masks, budget, squashed, staging, outdir, o, dense)
         return _publish(report, staging, outdir, o)
 
 
 def _staged_report(stages: Stages, masks: Masks, budget: BudgetResult | None, squashed: SquashResult, staging: Path,
-                   outdir: Path, o: ConvertOptions) -> Report:
-    """Export, validate and measure into ``staging``; the report of the run."""
+                   outdir: Path, o: ConvertOptions, dense: DenseReference) -> Report:
+    """Export, validate and measure into ``staging`` against ``dense``; the report of the run."""
     onnx_path = staging / "model.onnx"
     exported = stages.export(squashed.model, onnx_path, o.export, layer_metadata(squashed.report(), o.squash.mode), outdir=outdir)
     validation = stages.validate(onnx_path, squashed.model, exported, o.validate)
-    cost, budget = stages.cost(squashed.model, onnx_path, exported, budget)
-    quantized = stages.quantize(onnx_path, exported, o.quantize, budget, o.export.verbose)  # the float model validated above, moved aside
+    cost, budget = stages.cost(squashed.model, onnx_path, exported, budget, dense=dense.model)
+    # the float model validated above, moved aside
+    quantized = stages.quantize(onnx_path, exported, o.quantize, budget, o.export.verbose, dense=dense.target)
+    release_weights(squashed.model)  # onnxruntime's sessions from here on: no PyTorch weights beside them (the dense model's
+    # too, where squash changed it in place; else the latency stage exports it)
     speed = None
     if o.latency:  # dense vs converted under onnxruntime, on held-out data; the dense export is scratch
-        speed = stages.latency(onnx_path, exported, staging / ".dense-latency", o.export.verbose, quantized)
+        speed = stages.latency(onnx_path, exported, staging / ".dense-latency", o.export.verbose, quantized, dense)
     shutil.rmtree(staging / FLOAT_FOLDER, ignore_errors=True)
     masks.save(staging / "masks.safetensors")
     return build_report(stages.work, masks, squashed, exported, validation, cost, stages.timer, stages.timer.total(), o.squash.mode,

@@ -23,6 +23,8 @@ from ..onnx.quantize import Quantized, check_quantized, quantization_json, quant
 from .report import Report
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from .budget import Budget
     from .options import ExportOptions
 
@@ -88,12 +90,13 @@ def int8_room(budget: Budget, share: float, asked: str) -> Int8Room:
 
 
 def quantize_stage(work: Workload, target: Target, path: Path, exported: IOSpec, mode: str, budget: Any = None,
-                   verbose: bool = False) -> Quantized:
+                   verbose: bool = False, dense: nn.Module | None = None) -> Quantized:
     """``convert``'s quantize stage: the validated model at ``path`` quantized in its place
     (:func:`~actsparse_deploy.onnx.quantize.quantize_staged`; ``int8-static``'s ranges from the calibration data), then held to
     ``budget`` (a :class:`~actsparse_deploy.app.budget.Budget`) on the held-out data
-    (:func:`~actsparse_deploy.onnx.quantize.check_quantized`)."""
-    io, dense = target.validation_io(exported), target.model(work.model)
+    (:func:`~actsparse_deploy.onnx.quantize.check_quantized`) against ``dense``, the dense model as it is
+    exported (its recorded outputs, once squash changed it in place; None: ``work.model``'s)."""
+    io, dense = target.validation_io(exported), dense if dense is not None else target.model(work.model)
     calibration = target.batches(work.require_calibration()) if mode == "int8-static" else None
     held = target.batches(work.require_heldout()) if budget is not None else None
     result, floated = quantize_staged(path, mode, calibration, io, verbose)

@@ -36,13 +36,14 @@ __all__ = ["EXAMPLE_BATCH_SIZE", "Workload", "check_distinct_inputs", "load_work
            "squash_workload"]
 
 
-def squash_workload(work: Workload, masks: Masks, mode: str) -> SquashResult:
+def squash_workload(work: Workload, masks: Masks, mode: str, in_place: bool = False) -> SquashResult:
     """Squash ``work.model`` with an example batch (the dataflow for ``prune``)
-    and a few held-out batches to check the result against ``mul``."""
-    from ..bake.squash import squash
+    and a few held-out batches to check the result against ``mul``: a copy of it, or
+    ``in_place`` the model itself (no second copy of its weights; ``work.model`` is then the squashed model)."""
+    from ..bake.squash import squash, squash_
 
     checks = list(itertools.islice(work.heldout or [], 2))  # of a stream, its first two batches only
-    return squash(work.model, masks, mode, example=work.example(), check_batches=checks)
+    return (squash_ if in_place else squash)(work.model, masks, mode, example=work.example(), check_batches=checks)
 
 
 def check_distinct_inputs(data: str | None, heldout: str | None, model_options: ModelOptions | None = None) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..base.errors import WeightsError
 
-__all__ = ["check_finite_weights", "eval_mode", "float_dtype"]
+__all__ = ["check_finite_weights", "eval_mode", "float_dtype", "release_weights"]
 
 
 def check_finite_weights(model: nn.Module) -> None:
@@ -74,3 +74,16 @@ def float_dtype(model: nn.Module) -> torch.dtype:
         if p.is_floating_point():
             counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
     return max(counts, key=lambda d: counts[d]) if counts else torch.float32
+
+
+def release_weights(*models: nn.Module) -> None:
+    """The weights of ``models`` let go: every parameter and buffer moved to the meta device in
+    place (names, shapes and dtypes kept; no memory), for a model no stage runs any more.
+
+    >>> model = nn.Linear(2, 2)
+    >>> release_weights(model)
+    >>> model.weight.is_meta, tuple(model.weight.shape)
+    (True, (2, 2))
+    """
+    for model in models:
+        model.to("meta")

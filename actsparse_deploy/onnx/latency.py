@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..base.errors import ValidationError
+from ..base.errors import ExportError, ValidationError
 
 if TYPE_CHECKING:
     from ..data.batches import Batch
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONVERT_RUNS", "CONVERT_SAMPLES", "CONVERT_WARMUP", "DEFAULT_RUNS", "DEFAULT_THREADS", "DEFAULT_WARMUP", "SAME_BAND",
-    "alternate", "dense_latency", "latencies", "latency_ratio", "ort_session", "slower_note", "torch_threads", "verdict",
+    "alternate", "dense_export", "dense_export_errors", "dense_latency", "latencies", "latency_ratio", "ort_session", "slower_note", "torch_threads", "verdict",
 ]
 
 #: the benchmark's fixed thread count (``ort_session``'s default); ``latency_ratio`` takes the command's
@@ -195,21 +195,25 @@ def dense_export(dense: Any, folder: str | Path, *, exporter: str, opset: int | 
     what ``convert``'s latency stage measures the converted model against."""
     import shutil
 
-    from ..base.errors import ExportError
     from .export import export_onnx
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        try:
+        with dense_export_errors():
             export_onnx(dense, example, folder / "dense.onnx", exporter=exporter, opset=opset, io_spec=io_spec, verbose=verbose)
-        except ExportError as e:
-            raise ExportError(
-                f"exporting the dense model for the latency comparison failed ({e}); `no_latency` skips the comparison"
-            ) from e
         yield folder / "dense.onnx"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def dense_export_errors() -> Iterator[None]:
+    """An export of the dense model for the latency comparison that fails says so (and how to skip it)."""
+    try:
+        yield
+    except ExportError as e:
+        raise ExportError(f"exporting the dense model for the latency comparison failed ({e}); `no_latency` skips the comparison") from e
 
 
 def dense_latency(dense_onnx: Path, sparse_onnx: str | Path, batches: Iterable[Batch], *, io_spec: IOSpec,

@@ -103,7 +103,7 @@ def test_a_panic_reading_weights_is_a_weights_error(panic: BaseException, user: 
     from actsparse_deploy.models import loading
 
     weights = _saved(user.file("w.safetensors"), {k: v.contiguous() for k, v in torch.nn.Linear(1, 1).state_dict().items()})
-    monkeypatch.setattr(loading, "load_file", _raising(panic))
+    monkeypatch.setattr(loading, "safe_open", _raising(panic))  # the file is opened a tensor at a time
     one_line_error(invoke(*_calibrate(user, "--weights", weights)), 5, "w.safetensors", "PanicException")
     assert not user.file("m.safetensors").exists()
 

@@ -1,0 +1,101 @@
+"""``convert`` holds one copy of the weights (issue: real model sizes): the dense model's
+outputs are recorded on the data the later stages compare against, and squash then
+changes the model in place, so that no stage after squash holds the dense weights
+beside the squashed ones. Counted by the live tensors of the layers' weight shape at
+each stage (``on_stage``), the figures checked against the dense model as before."""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from actsparse_deploy import convert
+from actsparse_deploy.app.calibrate import recipe_from_flags
+
+from ..helpers import invoke, user_module
+
+#: a model whose weights have a shape nothing else has: (WIDE, 6)
+WIDE = 37
+MODULE = f'''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, {WIDE})
+        self.fc2 = nn.Linear({WIDE}, 6)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+'''
+
+
+def _copies() -> int:
+    """How many tensors of fc1's weight shape hold memory (distinct storages; the exporters' fake and meta tensors hold none)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    gc.collect()
+    return len({o.untyped_storage().data_ptr() for o in gc.get_objects()
+                if isinstance(o, torch.Tensor) and not isinstance(o, FakeTensor) and not o.is_meta and tuple(o.shape) == (WIDE, 6)})
+
+
+@pytest.fixture
+def user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.standard_normal((64, 6)).astype(np.float32))
+    np.save(tmp_path / "held.npy", rng.standard_normal((16, 6)).astype(np.float32))
+    with user_module(tmp_path, MODULE, monkeypatch) as name:
+        yield tmp_path, f"{name}:build"
+
+
+@pytest.mark.parametrize("mode", ["fold", "prune"])
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_no_stage_after_squash_holds_the_dense_weights(user, mode: str, quantize: str) -> None:
+    tmp, spec = user
+    seen: dict[str, int] = {}
+    recipe, sparsity = recipe_from_flags(spec, None, 0.5, layers=["fc2"])
+    report = convert(spec, tmp / "out", data=str(tmp / "calib.npy"), heldout=str(tmp / "held.npy"), recipe=recipe, sparsity=sparsity,
+                     mode=mode, quantize=quantize, threads=1, on_stage=lambda name, total: seen.setdefault(name, _copies()))
+    assert report is not None and report.validation is not None and report.validation.passed
+    # fold keeps fc1's shape (one copy: the squashed model's); prune cuts fc1's rows (none of the dense shape left);
+    # the latency stage runs onnxruntime's sessions only: the PyTorch weights are let go before it
+    after = {name: count for name, count in seen.items() if name not in ("calibrating", "recording the dense model", "squashing")}
+    assert seen["measuring latency"] == 0 and after and set(after.values()) == {1 if mode == "fold" else 0, 0}, seen
+    assert seen["validating"] == (1 if mode == "fold" else 0), seen
+    # the cost is still against the dense model: nonzero, and the held-out cosine below 1
+    assert report.cost is not None and 0.0 < report.cost.outputs[0]["max_abs_diff"]
+    assert report.latency is not None and report.latency.ratio > 0
+
+
+def test_a_budget_function_keeps_the_dense_model(user) -> None:
+    """A user's budget function is called on the dense PyTorch model: it is kept (squash works on a copy)."""
+    tmp, spec = user
+    module = spec.split(":")[0]
+    (tmp / f"{module}_budget.py").write_text("def cost(dense, sparse, batches):\n    return 0.0\n")
+    result = invoke("convert", spec, "--data", tmp / "calib.npy", "--heldout", tmp / "held.npy", "--layers", "fc2",
+                    "--max-cost", f"{module}_budget:cost=0.5", "-o", tmp / "out", "--json", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["budget"]["heldout_cost"] == 0.0
+
+
+def test_the_recorded_dense_model_refuses_inputs_it_did_not_see() -> None:
+    from actsparse_deploy.nn.recorded import Recorded
+
+    dense = torch.nn.Linear(2, 2)
+    recorded = Recorded.of(dense, [[torch.ones(1, 2)], [torch.zeros(3, 2), torch.ones(1, 2)]])
+    with pytest.raises(RuntimeError, match="not recorded"):
+        recorded(torch.zeros(1, 2))
+    assert len(recorded.outputs) == 2  # a batch seen twice ran once
+    assert torch.equal(recorded(torch.zeros(3, 2)), dense(torch.zeros(3, 2)))
