@@ -65,6 +65,7 @@ from .cli_options import (
     MaxCostOpt,
     MaxCostOtherOpt,
     MaxLengthOpt,
+    MaxMemoryOpt,
     MaxSamplesOpt,
     MethodOpt,
     Mode,
@@ -515,7 +516,7 @@ def _convert_options(flags: dict[str, Any]) -> tuple[Any, Callable[[Any, Any], A
             SquashOptions(str(f.mode)),
             ExportOptions(str(f.exporter), f.opset, f.external_data, tuple(f.dynamic_axis or ()), f.verbose, f.cache, str(f.dtype)),
             ValidateOptions(f.atol, f.rtol, f.timeout), QuantizeOptions(f.quantize),
-            overwrite=f.overwrite, threads=f.threads, latency=not f.no_latency, on_stage=progress.on_stage,
+            overwrite=f.overwrite, threads=f.threads, latency=not f.no_latency, on_stage=progress.on_stage, max_memory=f.max_memory,
         )
 
     return where, build
@@ -566,6 +567,7 @@ def convert_cmd(
     no_latency: NoLatencyOpt = False,
     device: DeviceOpt = None,
     dist_timeout: DistTimeoutOpt = DEFAULT_DIST_TIMEOUT,
+    max_memory: MaxMemoryOpt = None,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:

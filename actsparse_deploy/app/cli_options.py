@@ -49,6 +49,7 @@ __all__ = [
     "DynamicAxisOpt",
     "Dtype",
     "DtypeOpt",
+    "MaxMemoryOpt",
     "Exporter",
     "ExporterOpt",
     "ExternalOpt",
@@ -331,6 +332,12 @@ MaxCostOpt = Annotated[
     ),
 ]
 
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option("--max-memory", metavar="<amount>", show_default=False,
+                 help="The memory convert may take, e.g. 8GB (default: what the machine has free). Over it: exit 13 before any "
+                 "work; where two onnxruntime sessions side by side would be, the latency check times one after the other."),
+]
 ThreadsOpt = Annotated[
     int | None,
     typer.Option(

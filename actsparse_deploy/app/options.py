@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..base.constants import COMPENSATIONS, DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAULT_RTOL, EXPORT_DTYPES, EXPORTERS, MODES
 from ..base.errors import DataError, ExportError, RecipeError, SquashError, UsageError, ValidationError
+from ..base.memory import parse_memory
 from ..base.threads import check_threads
 from ..models.loading import ModelOptions
 
@@ -233,7 +234,8 @@ class ConvertOptions:
     each sent to its group; all checked before any work. ``threads``: torch's and
     onnxruntime's intra-op threads each (None: :func:`actsparse_deploy.base.threads.default_threads`);
     ``latency``: time the dense and the converted model under onnxruntime;
-    ``on_stage(name, total)`` as each stage starts."""
+    ``on_stage(name, total)`` as each stage starts; ``max_memory``: the memory the run may take
+    (``8GB``, or bytes; None: what the machine has free; see :mod:`actsparse_deploy.base.memory`)."""
 
     load: LoadOptions
     calibrate: CalibrateOptions
@@ -245,12 +247,13 @@ class ConvertOptions:
     threads: int | None = None
     latency: bool = True
     on_stage: Callable[[str, int | None], None] | None = None
+    max_memory: int | None = None
 
     def __init__(
         self, load: LoadOptions | None = None, calibrate: CalibrateOptions | None = None, squash: SquashOptions | None = None,
         export: ExportOptions | None = None, validate: ValidateOptions | None = None, quantize: QuantizeOptions | str | None = None, *,
         overwrite: bool = False, threads: int | None = None, latency: bool = True,
-        on_stage: Callable[[str, int | None], None] | None = None, **flat: Any,
+        on_stage: Callable[[str, int | None], None] | None = None, max_memory: str | int | None = None, **flat: Any,
     ) -> None:
         unknown = sorted(set(flat) - {name for names in _FLAT.values() for name in names})
         if unknown:
@@ -277,7 +280,9 @@ class ConvertOptions:
                              "replace the float ones); leave out dtype (auto exports float32 where it quantizes) or quantize")
         for name in ("load", "calibrate", "squash", "export", "validate", "quantize"):
             object.__setattr__(self, name, made[name])
-        for name, value in (("overwrite", overwrite), ("threads", threads), ("latency", latency), ("on_stage", on_stage)):
+        memory = parse_memory(max_memory) if max_memory is not None else None
+        for name, value in (("overwrite", overwrite), ("threads", threads), ("latency", latency), ("on_stage", on_stage),
+                            ("max_memory", memory)):
             object.__setattr__(self, name, value)
 
     @property

@@ -40,6 +40,7 @@ from torch import nn
 from ..bake.squash import SquashResult
 from ..base.errors import OutputError, UsageError
 from ..base.files import check_output_path, os_reason, output_folder, publish, staging_dir
+from ..base.memory import MemoryPlan, memory_plan
 from ..base.threads import current_threads, use_threads
 from ..base.version import __version__
 from ..calibration.calibrate import collect, select
@@ -52,11 +53,11 @@ from ..data.workload import Workload
 from ..models.decoder import Target, export_target
 from ..models.folder import RuntimeFiles, write_workload_files
 from ..models.loading import load_recipe
-from ..nn.modules import release_weights
+from ..nn.modules import release_weights, weight_bytes
 from ..nn.recorded import Recorded
 from ..onnx.export import ExportResult, export_onnx, layer_metadata
 from ..onnx.generate import check_generation, decode_latency, held_out_prompts
-from ..onnx.latency import dense_export, dense_export_errors, dense_latency, slower_note, verdict
+from ..onnx.latency import dense_export, dense_export_errors, dense_latency, one_at_a_time, slower_note, verdict
 from ..onnx.quantize import FLOAT_FOLDER, Quantized, frontier, quantize_onnx, quantized_cost
 from ..onnx.validate import ValidationReport, validate
 from .cost import cost_stage
@@ -137,6 +138,8 @@ class Stages:
     target: Target = field(default_factory=Target)
     #: the files the export wrote for a runtime beside the ONNX model (``export(..., outdir=...)``)
     runtime: RuntimeFiles = field(default_factory=RuntimeFiles)
+    #: how the run keeps within the memory allowed (``--max-memory``): None, unchecked (another rank than 0)
+    memory: MemoryPlan | None = None
 
     @classmethod
     def load(cls, model: str, o: ConvertOptions) -> tuple[Stages, Recipe, Iterable[Batch]]:
@@ -160,9 +163,11 @@ class Stages:
                 raise UsageError(f"--max-cost-other holds the budget on text from another source too, and {work.name!r} has none: "
                                  "give --other-text FILE")
             check_dynamic_axes(work.model, work.example(), o.export.dynamic_axes, work.io)  # before any work
+            # one copy of the weights in PyTorch and one in onnxruntime must fit (exit 13 here, before any work)
+            memory = memory_plan(weight_bytes(work.model), o.max_memory, asked=o.max_memory is not None) if o.writer else None
             calibration = first_samples(work.require_calibration(), c.max_samples)
             timer.totals["calibrate"] = total_samples(calibration) if c.group is None else None  # distributed: a share
-        return cls(work, timer, target), recipe, calibration
+        return cls(work, timer, target, memory=memory), recipe, calibration
 
     def calibrate(self, recipe: Recipe, batches: Iterable[Batch], o: CalibrateOptions,
                   int8: Int8Plan | None = None) -> tuple[Masks, BudgetResult | None] | None:
@@ -346,7 +351,8 @@ class Stages:
         dense, batches = reference.target, target.batches(held)
         exporting = dense_export(dense, scratch, exporter=exported.exporter, opset=exported.opset, io_spec=exported.io,
                                  example=target.example(work), verbose=verbose) if reference.onnx is None else None
-        with self.timer("latency"), exporting or contextlib.nullcontext(reference.onnx) as dense_path:
+        apart = one_at_a_time(self.memory is not None and self.memory.one_at_a_time)  # where two sessions are over --max-memory
+        with self.timer("latency"), apart, exporting or contextlib.nullcontext(reference.onnx) as dense_path:
             assert dense_path is not None
             figures = dense_latency(dense_path, path, batches, io_spec=exported.io)
             prompt = held_out_prompts(held, 1, max_tokens=None)[0] if target.cached else None

@@ -375,6 +375,8 @@ class Latency(Section):
     warmup: int
     threads: int
     decode: DecodeLatency | None = field(default=None, metadata=_OMIT_NONE)
+    #: timed one after the other, a session at a time (two side by side are over ``--max-memory``); None: alternated
+    one_at_a_time: bool | None = field(default=None, metadata=_OMIT_NONE)
 
     SECTIONS: ClassVar[Mapping[str, type[Section]]] = {"decode": DecodeLatency}
 

@@ -147,6 +147,13 @@ class OutputError(ActsparseError, OSError):
     exit_code = 11
 
 
+class MemoryBudgetError(ActsparseError, MemoryError):
+    """A model that cannot be converted within the memory allowed (``--max-memory``, default what the
+    machine has free): said before any work, with what it needs."""
+
+    exit_code = 13
+
+
 class Terminated(BaseException):
     """SIGTERM, raised like KeyboardInterrupt so that every ``finally`` and
     temporary-file cleanup runs before the process exits with 143."""

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..base.errors import WeightsError
 
-__all__ = ["check_finite_weights", "eval_mode", "float_dtype", "release_weights"]
+__all__ = ["check_finite_weights", "eval_mode", "float_dtype", "release_weights", "weight_bytes"]
 
 
 def check_finite_weights(model: nn.Module) -> None:
@@ -87,3 +87,13 @@ def release_weights(*models: nn.Module) -> None:
     """
     for model in models:
         model.to("meta")
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """The bytes of ``model``'s parameters and buffers (a tensor shared by two names once).
+
+    >>> weight_bytes(nn.Linear(4, 2))
+    40
+    """
+    seen = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in seen.values())

@@ -56,7 +56,7 @@ from ..base.errors import ValidationError, first_line
 from ..data.batches import Batch, model_device
 from ..data.compare import OutputDiff, Tolerance
 from ..nn.modules import eval_mode
-from .latency import alternate, ort_session, torch_threads
+from .latency import ort_session, time_variants, torch_threads
 from .validate import onnx_session, run_session
 
 __all__ = [
@@ -457,16 +457,15 @@ def decode_latencies(
     threads = current_threads() if threads is None else check_threads(threads)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
     with torch_threads(threads):
-        steps: dict[str, tuple[Step, DecoderIO]] = {}
-        for name, path in paths.items():
-            session = ort_session(path, threads)
-            io = DecoderIO.of(session, path)
-            steps[name] = (onnx_step(session, io, interruptible=False), io)
+        def variant(name: str, path: str | Path) -> Callable[[], Callable[[], None]]:
+            def open_() -> Callable[[], None]:
+                session = ort_session(path, threads)
+                io = DecoderIO.of(session, path)
+                step = onnx_step(session, io, interruptible=False)
+                return lambda: times[name].append(_timed(step, io, ids, new_tokens))
+            return open_
 
-        def variant(name: str) -> Callable[[], None]:
-            return lambda: times[name].append(_timed(*steps[name], ids, new_tokens))
-
-        alternate({name: variant(name) for name in steps}, warmup, runs)
+        time_variants({name: variant(name, path) for name, path in paths.items()}, warmup, runs)
     decoders: dict[str, dict[str, float]] = {}
     for name, measured in times.items():
         timed = measured[-runs:]  # the warm-up rounds came first

@@ -28,6 +28,7 @@ sparse + int8: the frontier's variants), each one's median and ratio to the firs
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -41,8 +42,9 @@ if TYPE_CHECKING:
     from ..data.iospec import IOSpec
 
 __all__ = [
-    "CONVERT_RUNS", "CONVERT_SAMPLES", "CONVERT_WARMUP", "DEFAULT_RUNS", "DEFAULT_THREADS", "DEFAULT_WARMUP", "SAME_BAND",
-    "alternate", "dense_export", "dense_export_errors", "dense_latency", "latencies", "latency_ratio", "ort_session", "slower_note", "torch_threads", "verdict",
+    "CONVERT_RUNS", "CONVERT_SAMPLES", "CONVERT_WARMUP", "DEFAULT_RUNS", "DEFAULT_THREADS", "DEFAULT_WARMUP",
+    "SAME_BAND", "alternate", "dense_export", "dense_export_errors", "dense_latency", "latencies", "latency_ratio",
+    "one_at_a_time", "ort_session", "slower_note", "time_variants", "torch_threads", "verdict",
 ]
 
 #: the benchmark's fixed thread count (``ort_session``'s default); ``latency_ratio`` takes the command's
@@ -78,6 +80,34 @@ def alternate(variants: dict[str, Callable[[], Any]], warmup: int, runs: int) ->
         name: {"median_ms": statistics.median(t) * 1e3, "min_ms": min(t) * 1e3, "max_ms": max(t) * 1e3, "runs": len(t)}
         for name, t in times.items()
     }
+
+
+#: where memory is short, sessions are timed one after the other (:func:`one_at_a_time`) instead of side by side
+_ONE_AT_A_TIME: contextvars.ContextVar[bool] = contextvars.ContextVar("one_at_a_time", default=False)
+
+
+@contextlib.contextmanager
+def one_at_a_time(flag: bool = True) -> Iterator[None]:
+    """For the block, :func:`time_variants` (so :func:`latencies` and the decode timing) opens one
+    onnxruntime session at a time, times it, and lets it go before the next: one model's weights in
+    memory instead of all of them, at the price of the alternation (drift is no longer shared alike)."""
+    token = _ONE_AT_A_TIME.set(flag)
+    try:
+        yield
+    finally:
+        _ONE_AT_A_TIME.reset(token)
+
+
+def time_variants(variants: Mapping[str, Callable[[], Callable[[], Any]]], warmup: int, runs: int) -> dict[str, dict[str, float]]:
+    """:func:`alternate` over the runs that ``variants`` make (``{name: open}``, ``open()`` opening a
+    session and giving its run): all opened first and alternated, or inside :func:`one_at_a_time`, each
+    opened, timed and let go in turn (``one_at_a_time``: 1 in each variant's figures)."""
+    if not _ONE_AT_A_TIME.get():
+        return alternate({name: open_() for name, open_ in variants.items()}, warmup, runs)
+    timings: dict[str, dict[str, float]] = {}
+    for name, open_ in variants.items():
+        timings[name] = {**alternate({name: open_()}, warmup, runs)[name], "one_at_a_time": 1}  # the session goes here
+    return timings
 
 
 def ort_session(path: str | Path, threads: int | None = DEFAULT_THREADS) -> Any:
@@ -140,19 +170,19 @@ def latencies(
         raise ValidationError("latency needs at least one ONNX model")
     threads = current_threads() if threads is None else check_threads(threads)
     with torch_threads(threads):
-        sessions = {name: ort_session(path, threads) for name, path in models.items()}
-        feeds = {name: [onnx_feeds(s, b, io_spec) for b in batches] for name, s in sessions.items()}
+        def opened(path: str | Path) -> Callable[[], Callable[[], None]]:
+            def open_() -> Callable[[], None]:
+                session = ort_session(path, threads)
+                fed = [onnx_feeds(session, b, io_spec) for b in batches]
 
-        def run(name: str) -> Callable[[], None]:
-            session, fed = sessions[name], feeds[name]
+                def one_pass() -> None:
+                    for f in fed:
+                        session.run(None, f)
 
-            def one_pass() -> None:
-                for f in fed:
-                    session.run(None, f)
+                return one_pass
+            return open_
 
-            return one_pass
-
-        timings = alternate({name: run(name) for name in sessions}, warmup, runs)
+        timings = time_variants({name: opened(path) for name, path in models.items()}, warmup, runs)
     baseline = next(iter(models))
     first = timings[baseline]["median_ms"]
     return {
@@ -160,7 +190,7 @@ def latencies(
         "min_ms": {name: t["min_ms"] for name, t in timings.items()},
         "ratio": {name: t["median_ms"] / first if first > 0 else float("nan") for name, t in timings.items()},
         "baseline": baseline, "runs": runs, "warmup": warmup, "threads": threads,
-        "samples": sum(batch_size(b) for b in batches),
+        "samples": sum(batch_size(b) for b in batches), **({"one_at_a_time": True} if _ONE_AT_A_TIME.get() else {}),
     }
 
 
@@ -184,6 +214,7 @@ def latency_ratio(
     return {
         "dense_ms": dense, "sparse_ms": sparse, "ratio": figures["ratio"]["sparse"],
         "runs": runs, "warmup": warmup, "threads": figures["threads"], "samples": figures["samples"],
+        **({"one_at_a_time": True} if figures.get("one_at_a_time") else {}),
     }
 
 

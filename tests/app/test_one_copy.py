@@ -99,3 +99,39 @@ def test_the_recorded_dense_model_refuses_inputs_it_did_not_see() -> None:
         recorded(torch.zeros(1, 2))
     assert len(recorded.outputs) == 2  # a batch seen twice ran once
     assert torch.equal(recorded(torch.zeros(3, 2)), dense(torch.zeros(3, 2)))
+
+
+# --- --max-memory -----------------------------------------------------------------------------------------
+
+
+def test_a_memory_budget_under_one_copy_in_each_runtime_is_exit_13_before_any_work(tmp_path: Path) -> None:
+    from ..helpers import one_line_error
+
+    line = one_line_error(invoke("convert", "digits-mlp", "-o", tmp_path / "out", "--max-memory", "1MB"), 13, "--max-memory 1.00 MB",
+                          "PyTorch", "onnxruntime")
+    assert "need about" in line
+    assert not (tmp_path / "out").exists()
+    one_line_error(invoke("convert", "digits-mlp", "-o", tmp_path / "out", "--max-memory", "lots"), 2, "--max-memory", "lots")
+
+
+def test_without_a_budget_what_the_machine_has_free_is_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from actsparse_deploy.base import memory
+
+    from ..helpers import one_line_error
+
+    monkeypatch.setattr(memory, "available_memory", lambda: 1000)
+    one_line_error(invoke("convert", "digits-mlp", "-o", tmp_path / "out"), 13, "this machine has free")
+
+
+def test_where_two_sessions_do_not_fit_the_latency_check_times_one_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from actsparse_deploy.base import memory
+    from actsparse_deploy.models.loading import load_model
+    from actsparse_deploy.nn.modules import weight_bytes
+
+    weights = weight_bytes(load_model("digits-mlp").module)
+    monkeypatch.setattr(memory, "resident_memory", lambda: 0)  # the budget in weights alone: validation fits, two sessions do not
+    report = convert("digits-mlp", tmp_path / "out", max_memory=int(weights * (memory.VALIDATE + memory.SIDE_BY_SIDE) / 2), threads=1)
+    assert report is not None and report.latency is not None and report.latency.one_at_a_time is True
+    assert report.latency.ratio > 0
+    side = convert("digits-mlp", tmp_path / "side", max_memory="100GB", threads=1)
+    assert side is not None and side.latency is not None and side.latency.one_at_a_time is None

@@ -1,0 +1,105 @@
+"""Memory: how much the machine has free, how much this process holds, and ``--max-memory``.
+
+``convert`` holds the model's weights once in PyTorch and once in onnxruntime while it
+validates (squash works in place; the dense model's outputs are recorded first), and
+onnxruntime's latency check times two models side by side. :func:`memory_plan` says,
+from the weights' size, whether that fits what the user allows (``--max-memory``,
+default: what the machine has free), whether the latency check must time the models
+one after the other, or that it cannot fit at all (a
+:class:`~actsparse_deploy.base.errors.MemoryBudgetError`, exit 13, before any work).
+
+    >>> parse_memory("8GB"), parse_memory("1.5 GiB"), parse_memory("512MB")
+    (8000000000, 1610612736, 512000000)
+    >>> memory_plan(2 * 10**9, budget=10 * 10**9, held=3 * 10**8).one_at_a_time
+    False
+    >>> memory_plan(2 * 10**9, budget=48 * 10**8, held=3 * 10**8).one_at_a_time
+    True
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from .errors import MemoryBudgetError, UsageError
+
+__all__ = ["SIDE_BY_SIDE", "VALIDATE", "MemoryPlan", "available_memory", "format_bytes", "memory_plan", "parse_memory", "resident_memory"]
+
+#: what validation holds, in weights: PyTorch's copy and onnxruntime's (its weights prepacked, one tensor more at the peak)
+VALIDATE = 2.2
+#: what the latency check holds timing the dense and the converted model side by side, in weights: two sessions
+SIDE_BY_SIDE = 2.3
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_memory(text: str | int) -> int:
+    """Bytes from ``8GB``, ``1.5 GiB``, ``512MB`` or a number of bytes; a UsageError (exit 2) otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
+        return text
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([KMGT]?I?B?)\s*", str(text).upper())
+    if not match or float(match.group(1)) <= 0 or match.group(2) not in _UNITS:
+        raise UsageError(f"--max-memory takes an amount like 8GB, 1.5GiB or 512MB, not {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def format_bytes(n: float) -> str:
+    """``3.21 GB``: decimal units, as ``--max-memory`` takes them."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def available_memory() -> int | None:
+    """What the machine has free for a new allocation (``MemAvailable`` of ``/proc/meminfo``); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def resident_memory() -> int:
+    """This process's resident memory now, in bytes (0 where unknown)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How ``convert`` runs within ``budget`` bytes: ``one_at_a_time``, the latency check times the dense
+    and the converted model one after the other (a session at a time) instead of side by side."""
+
+    budget: int | None
+    need: int
+    one_at_a_time: bool
+
+
+def memory_plan(weights: int, budget: int | None = None, held: int | None = None, asked: bool = False) -> MemoryPlan:
+    """The plan for a model of ``weights`` bytes in a process that ``held`` bytes already
+    (default: :func:`resident_memory`), within ``budget`` (default: :func:`available_memory`
+    plus what is held); a :class:`MemoryBudgetError` where even one copy in PyTorch and one
+    in onnxruntime (validation's :data:`VALIDATE`) is over it. ``asked``: the budget is the
+    user's ``--max-memory`` (said so in the message)."""
+    held = resident_memory() if held is None else held
+    if budget is None:
+        free = available_memory()
+        budget = None if free is None else free + held
+    need = held + int(VALIDATE * weights)
+    if budget is None:
+        return MemoryPlan(None, need, False)
+    if need > budget:
+        allowed = f"--max-memory {format_bytes(budget)}" if asked else f"the {format_bytes(budget)} this machine has free"
+        raise MemoryBudgetError(
+            f"the model's weights ({format_bytes(weights)}) need about {format_bytes(need)} to convert (held once by PyTorch and "
+            f"once by onnxruntime while validating, beside {format_bytes(held)} already in use), over {allowed}: free memory, "
+            "or convert on a machine with more")
+    return MemoryPlan(budget, need, held + int(SIDE_BY_SIDE * weights) > budget)
