@@ -38,11 +38,15 @@ from ..nn.modules import eval_mode
 from .explain import explain
 from .plan import Edits, Prepared, Reason, SquashPlan
 
-__all__ = ["PRUNE_ATOL", "PRUNE_RTOL", "MaskedInput", "PrunedInput", "SquashResult", "apply_plan"]
+__all__ = ["HALF_PRUNE_ATOL", "HALF_PRUNE_RTOL", "PRUNE_ATOL", "PRUNE_RTOL", "MaskedInput", "PrunedInput", "SquashResult", "apply_plan"]
 
 #: prune vs mul on the check batches: ``|pruned - mul| <= ATOL * max(1, max|mul|) + RTOL * |mul|``.
 PRUNE_RTOL = 1e-4
 PRUNE_ATOL = 1e-5
+#: the same check where the model computes in float16 / bfloat16 (about three significant digits): the
+#: pruned model sums in another order than mul's, and half precision rounds each partial sum
+HALF_PRUNE_RTOL = 1e-2
+HALF_PRUNE_ATOL = 5e-3
 
 
 class _Wrapper(nn.Module):
@@ -283,10 +287,12 @@ def _check_exact(model: nn.Module, reference: nn.Module, batches: list[Batch]) -
     """The largest difference between ``model`` and ``reference`` (the ``mul``
     squash) over ``batches``; raises if any output is over the tolerance
     (:mod:`actsparse_deploy.data.compare`: ``PRUNE_ATOL`` scaled by the output's
-    magnitude, plus ``PRUNE_RTOL``; integer outputs equal; the same NaN agrees)."""
+    magnitude, plus ``PRUNE_RTOL``; ``HALF_PRUNE_ATOL`` / ``HALF_PRUNE_RTOL`` where the outputs are
+    float16 or bfloat16; integer outputs equal; the same NaN agrees)."""
     from ..data.compare import Tolerance, compare_outputs
 
-    tolerance = Tolerance(PRUNE_ATOL, PRUNE_RTOL, scale_atol=True, nan_equal=True)
+    exact = Tolerance(PRUNE_ATOL, PRUNE_RTOL, scale_atol=True, nan_equal=True)
+    half = Tolerance(HALF_PRUNE_ATOL, HALF_PRUNE_RTOL, scale_atol=True, nan_equal=True)
     fallback = 'a bug in the dataflow analysis: use mode "fold" meanwhile'
     worst = 0.0
     with eval_mode(model, reference):
@@ -305,6 +311,7 @@ def _check_exact(model: nn.Module, reference: nn.Module, batches: list[Batch]) -
                     f"the pruned model fails on check batch {i} ({describe_batch(batch)}) where the mul squash runs: "
                     f"{type(e).__name__}: {first_line(e)}; the model is left as it was ({fallback})"
                 ) from e
+            tolerance = half if any(w.dtype in (torch.float16, torch.bfloat16) for w in want) else exact
             diffs, problems = compare_outputs(got, want, tolerance, sides=("pruned", "mul"))
             worst = max([worst, *(d.max_abs for d in diffs)])
             if problems:

@@ -33,8 +33,16 @@ class HalfFiles:
             self.dirs[name] = root / name
             model.to(dtype).save_pretrained(self.dirs[name])
             tokenizer.save_pretrained(self.dirs[name])
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)  # wide enough that float16's rounding shows in a 64-token pass
+        wide = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                                            num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128))
+        self.dirs["llama-wide-bf16"] = root / "llama-wide-bf16"
+        wide.to(torch.bfloat16).save_pretrained(self.dirs["llama-wide-bf16"])
+        tokenizer.save_pretrained(self.dirs["llama-wide-bf16"])
         self.calib, self.held = root / "calib.txt", root / "held.txt"
-        self.calib.write_text("\n".join(LINES) + "\n")
+        self.calib.write_text("\n".join([*LINES, " ".join(LINES)]) + "\n")  # one line of 64 tokens and more
         self.held.write_text("\n".join(HELD) + "\n")
 
     def convert(self, name: str, out: Path, *extra: object):
@@ -108,6 +116,15 @@ def test_bfloat16_decoder_without_a_cache_converts(half: HalfFiles, tmp_path: Pa
     report = json.loads(result.stdout)
     assert report["export"]["dtype"] == "float16" and report["validation"]["passed"] is True
     assert report["cost"]["perplexity_sparse"] > 0
+
+
+def test_a_float16_model_prunes_checked_at_float16s_tolerance(half: HalfFiles, tmp_path: Path) -> None:
+    """The pruned model is checked against the mul squash in the model's own dtype: float16's rounding
+    is not a dataflow bug (auto used to fall back from prune on every layer of a half-precision model)."""
+    for mode in ("prune", "auto"):
+        result = half.convert("llama-wide-bf16", tmp_path / mode, "--task", "causal-lm", "--no-cache", "--mode", mode)
+        assert result.exit_code == 0, result.output
+        assert {row["mode"] for row in json.loads(result.stdout)["layers"]} == {"prune"}, mode
 
 
 @pytest.mark.slow  # a dynamo export with a cache and the generation check
