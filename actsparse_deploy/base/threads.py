@@ -26,7 +26,7 @@ from typing import Any
 
 from .errors import UsageError
 
-__all__ = ["MAX_THREADS", "check_threads", "current_threads", "default_threads", "machine_threads", "session_options", "use_threads"]
+__all__ = ["MAX_THREADS", "check_threads", "half_arithmetic", "current_threads", "default_threads", "machine_threads", "session_options", "use_threads"]
 
 #: more threads than any machine this runs on has cores: a typo, refused
 MAX_THREADS = 1024
@@ -107,3 +107,16 @@ def session_options(threads: int | None = None) -> Any:
     options.intra_op_num_threads = current_threads() if threads is None else check_threads(threads)
     options.inter_op_num_threads = 1
     return options
+
+
+def half_arithmetic() -> bool | None:
+    """Whether this CPU computes in float16 natively (AVX512-FP16 or AMX-FP16: onnxruntime's float16
+    MatMuls run at full speed); None where its flags are unknown (no ``/proc/cpuinfo``). Without them,
+    float16 kernels convert on the fly (``tools/measure_half_speed.py``: a decode step 1.9x slower than float32
+    on a 2-core AVX2 machine)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if flags is None else bool({"avx512_fp16", "amx_fp16"} & set(flags))

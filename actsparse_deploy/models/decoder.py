@@ -48,6 +48,7 @@ from torch import nn
 
 from ..base.constants import DEFAULT_ATOL, DEFAULT_RTOL, HALF_ATOL, HALF_RTOL
 from ..base.errors import ExportError, UsageError
+from ..base.threads import half_arithmetic
 from ..data.batches import Batch, Stream
 from ..data.iospec import IOSpec
 from ..data.workload import Workload
@@ -235,7 +236,9 @@ class Target:
         written, stored = _name(self.dtype), _name(self.source)
         why = "onnxruntime runs no bfloat16 MatMul on CPU" if self.source == torch.bfloat16 and written == "float16" else f"--dtype {written}"
         checked = f"; validated at atol {atol:g}, rtol {rtol:g}, as float16 allows" if self.dtype == torch.float16 else ""
-        return f"the weights were {stored}: the model was calibrated, pruned and written in {written} ({why}){checked}"
+        slow = ("; this CPU has no float16 arithmetic (AVX512-FP16 / AMX): onnxruntime runs float16 slower than float32 here "
+                "(--dtype float32: faster, twice the size)") if self.dtype == torch.float16 and half_arithmetic() is False else ""
+        return f"the weights were {stored}: the model was calibrated, pruned and written in {written} ({why}){checked}{slow}"
 
     @property
     def cached(self) -> bool:
