@@ -457,6 +457,7 @@ def validate_cmd(
     timeout: TimeoutOpt = None,
     labels: LabelsOpt = None,
     as_json: JsonOpt = False,
+    max_memory: MaxMemoryOpt = None,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -472,7 +473,7 @@ def validate_cmd(
     options = SourceOptions(masks=masks, mode=str(mode), weights=weights, heldout=heldout,
                             batch_size=batch if heldout or heldout_text else None, labels=labels,
                             model=_model_options(task, None, heldout_text, max_length, factory_args, other_text))
-    report = validate_against(onnx_model, reference, options, atol=atol, rtol=rtol, timeout=timeout)
+    report = validate_against(onnx_model, reference, options, atol=atol, rtol=rtol, timeout=timeout, max_memory=max_memory)
     if as_json:
         _emit_json(report)
         return

@@ -38,6 +38,7 @@ from ..bake.pt2 import load_pt2, pt2_io, save_pt2
 from ..base.constants import DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAULT_RTOL
 from ..base.errors import CalibrationError, DataError, MaskError, ModelLoadError, OutputError, RecipeError
 from ..base.files import publish, remove_stale_staging, staging_dir
+from ..base.memory import memory_plan, parse_memory
 from ..calibration.calibrate import collect, select
 from ..calibration.masks import Masks
 from ..calibration.recipe import Recipe
@@ -49,6 +50,7 @@ from ..data.streams import shape_examples
 from ..data.workload import Workload
 from ..models import zoo
 from ..models.loading import LoadedModel, ModelOptions, load_model, load_text_data, resolve_io_spec
+from ..nn.modules import release_weights, weight_bytes
 from ..nn.recorded import Recorded
 from ..onnx.export import export_onnx, layer_metadata
 from ..onnx.validate import validate
@@ -134,8 +136,7 @@ def load_source(spec: str, options: SourceOptions | None = None, *, need_heldout
         if masks is not None:
             loaded = Masks.load(masks)
             if need_heldout and work.heldout is not None:  # the data the cost runs the dense model on
-                data = [work.heldout, *([work.other] if work.other is not None else [])]
-                dense = Recorded.of(work.model, [*data, *map(unpadded, data)])
+                dense = Recorded.of(work.model, work.compared_data())
             squashed = squash_workload(work, loaded, options.mode, in_place=True)
             module, rows, the_mode = squashed.model, squashed.rows(), options.mode
         example = work.example() if need_heldout is False else None
@@ -444,22 +445,32 @@ def validate_against(
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
     timeout: float | None = None,
+    max_memory: str | int | None = None,
 ) -> Report:
     """Validate ``onnx_model`` against ``reference`` (a model with or without
     the ``options``' masks, or a ``.pt2``) on the held-out data; with masks or
-    labels, also what sparsification cost against the dense model."""
+    labels, also what sparsification cost against the dense model. ``max_memory``
+    (default: what the machine has free; :mod:`actsparse_deploy.base.memory`): where one
+    copy of the weights in PyTorch and one in onnxruntime are over it, validation runs in
+    two passes (the PyTorch outputs first, its weights let go, then onnxruntime alone)."""
     start = time.perf_counter()
     options = options or SourceOptions()
+    budget = parse_memory(max_memory) if max_memory is not None else None
     source = load_source(reference, options, need_heldout=True)
-    io = source.io
-    validation = validate(onnx_model, source.module, source.require_heldout(), atol=atol, rtol=rtol,
-                          output_names=io.output_names if io else None, io_spec=io, timeout=timeout)
+    io, module = source.io, source.module
+    plan = memory_plan(weight_bytes(module), budget, asked=budget is not None)
+    apart = plan.apart and source.work is not None and source.work.heldout is not None
+    sparse = Recorded.of(module, source.work.compared_data()) if apart and source.work is not None else module
+    validation = validate(onnx_model, module, source.require_heldout(), atol=atol, rtol=rtol,
+                          output_names=io.output_names if io else None, io_spec=io, timeout=timeout,
+                          release=(lambda: release_weights(module)) if apart else None)
     seconds = {"validate": round(time.perf_counter() - start, 3)}
     cost = None
     if source.work is not None and (options.masks is not None or options.labels is not None):
         if io is None:  # what export names the inputs and outputs by default
             io = resolve_io_spec(source.module, source.require_heldout(), infer=True)
-        cost = sparsification_cost(source.work, source.module, Path(onnx_model), io, dense=source.dense)
+        dense = sparse if source.dense is module else source.dense  # without masks the model is the dense one
+        cost = sparsification_cost(source.work, sparse, Path(onnx_model), io, dense=dense)
     seconds["total"] = round(time.perf_counter() - start, 3)
     return Report(model=source.name, squash_mode=source.mode, layers=source.layers,
                   validation=validation.to_json(), cost=cost, seconds=seconds)  # type: ignore[arg-type]

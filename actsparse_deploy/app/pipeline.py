@@ -164,7 +164,8 @@ class Stages:
                                  "give --other-text FILE")
             check_dynamic_axes(work.model, work.example(), o.export.dynamic_axes, work.io)  # before any work
             # one copy of the weights in PyTorch and one in onnxruntime must fit (exit 13 here, before any work)
-            memory = memory_plan(weight_bytes(work.model), o.max_memory, asked=o.max_memory is not None) if o.writer else None
+            memory = (memory_plan(weight_bytes(work.model), o.max_memory, asked=o.max_memory is not None, can_part=not target.cached)
+                      if o.writer else None)
             calibration = first_samples(work.require_calibration(), c.max_samples)
             timer.totals["calibrate"] = total_samples(calibration) if c.group is None else None  # distributed: a share
         return cls(work, timer, target, memory=memory), recipe, calibration
@@ -272,8 +273,7 @@ class Stages:
                     folder.mkdir(parents=True, exist_ok=True)
                     with dense_export_errors():
                         onnx = self.export(work.model, folder / "dense.onnx", o.export, timed=False)
-                sets = [held, unpadded(held), *([other, unpadded(other)] if other is not None else [])]
-                model = Recorded.of(work.model, sets)
+                model = Recorded.of(work.model, work.compared_data())
                 exported = [target.batches(held), *([target.batches(other)] if other is not None else [])]
                 quantized = o.quantize.mode != "none"
                 as_exported = (Recorded.of(target.model(work.model), exported) if target.cached and quantized else model)
@@ -304,14 +304,16 @@ class Stages:
                 dynamic_axes=o.dynamic_axes,
             )
 
-    def validate(self, path: Path, model: nn.Module, exported: ExportResult, o: ValidateOptions) -> ValidationReport:
+    def validate(self, path: Path, model: nn.Module, exported: ExportResult, o: ValidateOptions,
+                 release: Callable[[], None] | None = None) -> ValidationReport:
         """The ONNX model at ``path`` against ``model`` on the held-out data: a
-        ValidationError where an output is outside the tolerances."""
+        ValidationError where an output is outside the tolerances. ``release``: in two passes,
+        ``release()`` letting the model's weights go between them (not for a decoder with a cache)."""
         target, held = self.target, self.work.require_heldout()
         io, (atol, rtol) = target.validation_io(exported.io), target.tolerances(o.atol, o.rtol)
         with self.timer("validate"):
             checked = validate(path, target.model(model), target.batches(held), atol=atol, rtol=rtol,
-                               output_names=io.output_names, io_spec=io, timeout=o.timeout)
+                               output_names=io.output_names, io_spec=io, timeout=o.timeout, release=None if target.cached else release)
             if not target.cached:
                 return checked
             # a decoder is checked as it is used: prefill, then token by token, and greedy generation
@@ -461,8 +463,13 @@ def _staged_report(stages: Stages, masks: Masks, budget: BudgetResult | None, sq
     """Export, validate and measure into ``staging`` against ``dense``; the report of the run."""
     onnx_path = staging / "model.onnx"
     exported = stages.export(squashed.model, onnx_path, o.export, layer_metadata(squashed.report(), o.squash.mode), outdir=outdir)
-    validation = stages.validate(onnx_path, squashed.model, exported, o.validate)
-    cost, budget = stages.cost(squashed.model, onnx_path, exported, budget, dense=dense.model)
+    # where one copy at a time is all that fits: the squashed model's outputs kept for the cost, its weights let go once
+    # validation has its outputs, and onnxruntime validates alone
+    apart = stages.memory is not None and stages.memory.apart
+    sparse = Recorded.of(squashed.model, stages.work.compared_data()) if apart else squashed.model
+    validation = stages.validate(onnx_path, squashed.model, exported, o.validate,
+                                 release=(lambda: release_weights(squashed.model)) if apart else None)
+    cost, budget = stages.cost(sparse, onnx_path, exported, budget, dense=dense.model)
     # the float model validated above, moved aside
     quantized = stages.quantize(onnx_path, exported, o.quantize, budget, o.export.verbose, dense=dense.target)
     release_weights(squashed.model)  # onnxruntime's sessions from here on: no PyTorch weights beside them (the dense model's

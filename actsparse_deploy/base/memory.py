@@ -4,15 +4,18 @@
 validates (squash works in place; the dense model's outputs are recorded first), and
 onnxruntime's latency check times two models side by side. :func:`memory_plan` says,
 from the weights' size, whether that fits what the user allows (``--max-memory``,
-default: what the machine has free), whether the latency check must time the models
-one after the other, or that it cannot fit at all (a
-:class:`~actsparse_deploy.base.errors.MemoryBudgetError`, exit 13, before any work).
+default: what the machine has free); else whether validating in two passes (the PyTorch
+outputs first, then onnxruntime alone) and timing one session at a time fit; else that
+it cannot fit at all (a :class:`~actsparse_deploy.base.errors.MemoryBudgetError`, exit 13,
+before any work).
 
     >>> parse_memory("8GB"), parse_memory("1.5 GiB"), parse_memory("512MB")
     (8000000000, 1610612736, 512000000)
     >>> memory_plan(2 * 10**9, budget=10 * 10**9, held=3 * 10**8).one_at_a_time
     False
     >>> memory_plan(2 * 10**9, budget=48 * 10**8, held=3 * 10**8).one_at_a_time
+    True
+    >>> memory_plan(2 * 10**9, budget=35 * 10**8, held=3 * 10**8).apart
     True
 """
 
@@ -24,12 +27,15 @@ from dataclasses import dataclass
 
 from .errors import MemoryBudgetError, UsageError
 
-__all__ = ["SIDE_BY_SIDE", "VALIDATE", "MemoryPlan", "available_memory", "format_bytes", "memory_plan", "parse_memory", "resident_memory"]
+__all__ = ["APART", "SIDE_BY_SIDE", "VALIDATE", "MemoryPlan", "available_memory", "format_bytes", "memory_plan", "parse_memory", "resident_memory"]
 
 #: what validation holds, in weights: PyTorch's copy and onnxruntime's (its weights prepacked, one tensor more at the peak)
 VALIDATE = 2.2
 #: what the latency check holds timing the dense and the converted model side by side, in weights: two sessions
 SIDE_BY_SIDE = 2.3
+#: what a run holds with validation in two passes and one session at a time, in weights: one copy, its largest tensors
+#: twice while a stage swaps them, and the outputs kept
+APART = 1.4
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -76,30 +82,35 @@ def resident_memory() -> int:
 @dataclass(frozen=True)
 class MemoryPlan:
     """How ``convert`` runs within ``budget`` bytes: ``one_at_a_time``, the latency check times the dense
-    and the converted model one after the other (a session at a time) instead of side by side."""
+    and the converted model one after the other (a session at a time) instead of side by side; ``apart``,
+    validation runs in two passes (the PyTorch outputs first, the weights let go, then onnxruntime alone)."""
 
     budget: int | None
     need: int
     one_at_a_time: bool
+    apart: bool = False
 
 
-def memory_plan(weights: int, budget: int | None = None, held: int | None = None, asked: bool = False) -> MemoryPlan:
+def memory_plan(weights: int, budget: int | None = None, held: int | None = None, asked: bool = False,
+                can_part: bool = True) -> MemoryPlan:
     """The plan for a model of ``weights`` bytes in a process that ``held`` bytes already
     (default: :func:`resident_memory`), within ``budget`` (default: :func:`available_memory`
-    plus what is held); a :class:`MemoryBudgetError` where even one copy in PyTorch and one
-    in onnxruntime (validation's :data:`VALIDATE`) is over it. ``asked``: the budget is the
-    user's ``--max-memory`` (said so in the message)."""
+    plus what is held): side by side (:data:`VALIDATE`); else, where ``can_part`` (a model validated
+    without a cache), in two passes and a session at a time (:data:`APART`); else a
+    :class:`MemoryBudgetError`. ``asked``: the budget is the user's ``--max-memory`` (said so in the message)."""
     held = resident_memory() if held is None else held
     if budget is None:
         free = available_memory()
         budget = None if free is None else free + held
     need = held + int(VALIDATE * weights)
-    if budget is None:
-        return MemoryPlan(None, need, False)
-    if need > budget:
-        allowed = f"--max-memory {format_bytes(budget)}" if asked else f"the {format_bytes(budget)} this machine has free"
-        raise MemoryBudgetError(
-            f"the model's weights ({format_bytes(weights)}) need about {format_bytes(need)} to convert (held once by PyTorch and "
-            f"once by onnxruntime while validating, beside {format_bytes(held)} already in use), over {allowed}: free memory, "
-            "or convert on a machine with more")
-    return MemoryPlan(budget, need, held + int(SIDE_BY_SIDE * weights) > budget)
+    if budget is None or need <= budget:
+        return MemoryPlan(budget, need, budget is not None and held + int(SIDE_BY_SIDE * weights) > budget)
+    parted = held + int(APART * weights)
+    if can_part and parted <= budget:
+        return MemoryPlan(budget, parted, True, apart=True)
+    allowed = f"--max-memory {format_bytes(budget)}" if asked else f"the {format_bytes(budget)} this machine has free"
+    how = ("once by PyTorch, then by onnxruntime" if can_part else "once by PyTorch and once by onnxruntime while a decoder with its "
+           "cache is validated")
+    raise MemoryBudgetError(
+        f"the model's weights ({format_bytes(weights)}) need about {format_bytes(parted if can_part else need)} to convert (held {how}, "
+        f"beside {format_bytes(held)} already in use), over {allowed}: free memory, or convert on a machine with more")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..base.errors import DataError
-from .batches import Batch, cast_floats, map_batches, reiterable, resize_batches
+from .batches import Batch, cast_floats, map_batches, reiterable, resize_batches, unpadded
 from .iospec import IOSpec
 
 __all__ = ["EXAMPLE_BATCH_SIZE", "Workload"]
@@ -91,6 +91,13 @@ class Workload:
             batches = getattr(self, name)
             if batches is not None:
                 setattr(self, name, map_batches(batches, lambda b: cast_floats(b, dtype)))
+
+    def compared_data(self) -> list[Iterable[Batch]]:
+        """The data the cost runs the dense and the sparse model on, in each form it feeds them: the
+        held-out and the other data, as they are and without their padding (what a recording of a
+        model's outputs must cover: :class:`actsparse_deploy.nn.recorded.Recorded`)."""
+        held, other = self.require_heldout(), self.other
+        return [held, unpadded(held), *([other, unpadded(other)] if other is not None else [])]
 
     def example(self) -> Batch:
         """A small batch for export tracing (from the held-out data, else calibration)."""

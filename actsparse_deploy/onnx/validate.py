@@ -44,13 +44,14 @@ is missing or not a regular file, or claims more bytes than the file holds.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
 import re
 import stat
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,10 +294,12 @@ def describe_onnx(path: str | Path) -> dict[str, Any]:
     }
 
 
-def onnx_session(path: str | Path) -> Any:
+def onnx_session(path: str | Path, prepack: bool = True) -> Any:
     """An onnxruntime CPU session that logs nothing; a missing or corrupted file
     (or a folder) is a ValidationError, and so is external data from anywhere
-    but beside the model (:func:`check_external_data`, before onnxruntime opens it)."""
+    but beside the model (:func:`check_external_data`, before onnxruntime opens it).
+    ``prepack=False``: onnxruntime packs no weights into memory of its own (external data is
+    then read from the file as it is used): a session for the model's inputs and outputs."""
     import onnxruntime as ort
 
     from ..base.threads import session_options
@@ -309,6 +312,8 @@ def onnx_session(path: str | Path) -> Any:
     check_external_data(path)
     options = session_options()  # the command's intra-op threads, one inter-op (actsparse_deploy.base.threads)
     options.log_severity_level = ORT_LOG_SEVERITY
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
@@ -383,10 +388,14 @@ def validate(
     output_names: Sequence[str] | None = None,
     io_spec: IOSpec | None = None,
     timeout: float | None = None,
+    release: Callable[[], None] | None = None,
 ) -> ValidationReport:
     """Compare onnxruntime with ``model`` (run in eval mode) on ``batches`` re-cut to
     each of ``batch_sizes`` (at most ``max_samples`` samples each); raise on any mismatch.
     ``batches`` is read several times: a list, or a stream that reads again on each pass.
+    ``release``: validate in two passes, the model's outputs on every piece first, then
+    ``release()`` (the caller lets the model's weights go), then onnxruntime's session:
+    one copy of the weights in memory at a time instead of two.
 
     ``io_spec`` (what the model was exported with) names a tensor / tuple batch's
     inputs, gives the output names (unless ``output_names`` does) and the axes
@@ -407,24 +416,35 @@ def validate(
                                "batches; give a larger `timeout`, or shorter texts")
 
     with eval_mode(model), reading_deadline(deadline, held_up):
-        return _validate(onnx_path, model, batches, atol, rtol, batch_sizes, max_samples, output_names, io_spec, timeout, deadline)
+        return _validate(onnx_path, model, batches, atol, rtol, batch_sizes, max_samples, output_names, io_spec, timeout, deadline,
+                         release)
 
 
 def _validate(
     onnx_path: str | Path, model: Any, batches: Iterable[Batch], atol: float, rtol: float,
     batch_sizes: Sequence[int], max_samples: int | None, output_names: Sequence[str] | None,
-    io_spec: IOSpec | None, timeout: float | None, deadline: float | None,
+    io_spec: IOSpec | None, timeout: float | None, deadline: float | None, release: Callable[[], None] | None = None,
 ) -> ValidationReport:
-    session = onnx_session(onnx_path)
+    session = onnx_session(onnx_path, prepack=release is None)  # two passes: the first reads the model's inputs only
     declared = _declared_outputs(onnx_path)
     spec = _feed_spec(session, model, batches, io_spec)
     run = _Comparison(str(onnx_path), session, model, spec, declared, Tolerance(atol, rtol), timeout, deadline)
     if output_names is not None and list(output_names) != run.onnx_names:
         run.problems.append(f"output names: ONNX has {run.onnx_names}, expected {list(output_names)}")
+    if release is not None:  # the PyTorch outputs of every piece, then the weights let go, then onnxruntime alone
+        run.wants = collections.deque()
+        _compare_pieces(run, batches, batch_sizes, max_samples)
+        release()
+        run.start_onnx_pass(onnx_session(onnx_path))
+    return run.report(_compare_pieces(run, batches, batch_sizes, max_samples))
+
+
+def _compare_pieces(run: _Comparison, batches: Iterable[Batch], batch_sizes: Sequence[int], max_samples: int | None) -> list[int]:
+    """Every piece compared (or, in a two-pass validation's first pass, the PyTorch outputs kept); the batch sizes run."""
     sizes_run = _compare_batch_sizes(run, batches, batch_sizes, max_samples)
     if run.sequence_axes and not run.count_mismatch:  # a second length on each sequence axis: the held-out pieces cut to half
         _compare_second_lengths(run, batches, sizes_run[-1], max_samples)
-    return run.report(sizes_run)
+    return sizes_run
 
 
 class _Comparison:
@@ -446,6 +466,14 @@ class _Comparison:
         self.sequence_axes = _sequence_axes(session, spec)
         self.shapes: list[dict[str, list[int]]] = []
         self.lengths: dict[str, list[int]] = {}
+        #: a two-pass validation's PyTorch outputs, piece by piece: filled by the first pass (``recording``), used by the second
+        self.wants: collections.deque[list[np.ndarray]] | None = None
+        self.recording = True
+
+    def start_onnx_pass(self, session: Any) -> None:
+        """The second pass of a two-pass validation: onnxruntime's ``session`` against the outputs kept."""
+        self.session, self.model, self.recording = session, None, False
+        self.shapes, self.lengths, self.samples = [], {}, 0
 
     def timed_out(self, where: str, what: str) -> ValidationError:
         return ValidationError(
@@ -457,7 +485,10 @@ class _Comparison:
         """Compare one piece; False once the output counts differ (said once)."""
         feeds = onnx_feeds(self.session, piece, self.spec)
         seen = self._seen(feeds)
-        want = self._torch_outputs(piece, where, seen)
+        if self.wants is not None and self.recording:
+            self.wants.append(self._torch_outputs(piece, where, seen))
+            return True
+        want = self.wants.popleft() if self.wants is not None else self._torch_outputs(piece, where, seen)
         if self.deadline is not None and time.monotonic() >= self.deadline:
             raise self.timed_out(where, "the PyTorch model was running")
         got = self._onnx_outputs(feeds, where)

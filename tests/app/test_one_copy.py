@@ -135,3 +135,65 @@ def test_where_two_sessions_do_not_fit_the_latency_check_times_one_at_a_time(tmp
     assert report.latency.ratio > 0
     side = convert("digits-mlp", tmp_path / "side", max_memory="100GB", threads=1)
     assert side is not None and side.latency is not None and side.latency.one_at_a_time is None
+
+
+def test_where_only_one_copy_fits_validation_runs_in_two_passes_with_the_same_figures(tmp_path: Path, monkeypatch) -> None:
+    from actsparse_deploy.base import memory
+    from actsparse_deploy.models.loading import load_model
+    from actsparse_deploy.nn.modules import weight_bytes
+
+    weights = weight_bytes(load_model("digits-mlp").module)
+    monkeypatch.setattr(memory, "resident_memory", lambda: 0)
+    side = convert("digits-mlp", tmp_path / "side", max_memory="100GB", threads=1, latency=False)
+    apart = convert("digits-mlp", tmp_path / "apart", max_memory=int(weights * (memory.APART + memory.VALIDATE) / 2), threads=1)
+    assert side is not None and apart is not None and apart.validation is not None and apart.validation.passed
+    assert apart.latency is not None and apart.latency.one_at_a_time is True
+    assert apart.validation.to_json()["outputs"] == side.validation.to_json()["outputs"]  # the same comparison, in two passes
+    assert apart.cost is not None and side.cost is not None
+    assert apart.cost.to_json() == side.cost.to_json()  # the sparse model's recorded outputs give the same cost
+    from actsparse_deploy.base.errors import MemoryBudgetError
+
+    with pytest.raises(MemoryBudgetError, match="once by PyTorch, then by onnxruntime"):  # not even one copy at a time
+        convert("digits-mlp", tmp_path / "none", max_memory=int(weights * memory.APART * 0.9), threads=1)
+    assert not (tmp_path / "none").exists()
+
+
+def test_two_pass_validation_lets_the_weights_go_between_the_passes(tmp_path: Path) -> None:
+    from actsparse_deploy.nn.modules import release_weights
+    from actsparse_deploy.onnx.export import export_onnx
+    from actsparse_deploy.onnx.validate import validate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, WIDE), torch.nn.ReLU(), torch.nn.Linear(WIDE, 3))
+    batches = [torch.randn(8, 6), torch.randn(5, 6)]
+    export_onnx(model, batches[0], tmp_path / "m.onnx")
+    once = validate(tmp_path / "m.onnx", model, batches)
+    released: list[int] = []
+    twice = validate(tmp_path / "m.onnx", model, batches, release=lambda: (released.append(_copies()), release_weights(model)))
+    assert released == [1] and model[0].weight.is_meta and _copies() == 0
+    assert twice.passed and twice.to_json()["outputs"] == once.to_json()["outputs"] and twice.samples == once.samples
+
+
+def test_validate_in_two_passes_under_max_memory_gives_the_same_report(tmp_path: Path, monkeypatch) -> None:
+    import json as _json
+
+    from actsparse_deploy.base import memory
+    from actsparse_deploy.models.loading import load_model
+    from actsparse_deploy.nn.modules import weight_bytes
+
+    out = tmp_path / "out"
+    assert invoke("convert", "digits-mlp", "-o", out, "--no-latency", "--threads", "1").exit_code == 0
+    weights = weight_bytes(load_model("digits-mlp").module)
+    monkeypatch.setattr(memory, "resident_memory", lambda: 0)
+    runs = {}
+    for name, budget in (("side", "100GB"), ("apart", str(int(weights * (memory.APART + memory.VALIDATE) / 2)))):
+        result = invoke("validate", out / "model.onnx", "digits-mlp", "--masks", out / "masks.safetensors", "--json",
+                        "--max-memory", budget, "--threads", "1")
+        assert result.exit_code == 0, result.output
+        runs[name] = _json.loads(result.stdout)
+    assert runs["apart"]["validation"]["outputs"] == runs["side"]["validation"]["outputs"]
+    assert runs["apart"]["cost"] == runs["side"]["cost"]
+    from ..helpers import one_line_error
+
+    one_line_error(invoke("validate", out / "model.onnx", "digits-mlp", "--masks", out / "masks.safetensors", "--max-memory", "1kB"),
+                   13, "--max-memory")
