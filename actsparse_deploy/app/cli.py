@@ -115,6 +115,14 @@ logging.getLogger("actsparse_deploy").addHandler(render.Notices(logging.WARNING)
 # --- what a command shows: render's tables and lines, printed on this module's stdout and stderr ---------
 
 
+def _output(as_json: bool, data: Any, show: Callable[[], object]) -> None:
+    """``data`` as JSON on stdout with ``--json``, else ``show()``: the summary for people."""
+    if as_json:
+        _emit_json(data)
+    else:
+        show()
+
+
 def _show(*items: RenderableType) -> None:
     """Tables and lines of text on stdout, in order."""
     for item in items:
@@ -171,10 +179,7 @@ def models_cmd(as_json: JsonOpt = False, verbose: VerboseOpt = False) -> None:
     from .catalog import builtin_models
 
     rows = builtin_models()
-    if as_json:
-        _emit_json(rows)
-        return
-    _show(render.models_table(rows))
+    _output(as_json, rows, lambda: _show(render.models_table(rows)))
 
 
 # --- calibrate -------------------------------------------------------------------
@@ -263,10 +268,7 @@ def merge_cmd(
 
     check_output_path(output, overwrite)
     report = merge_stats_files(parts, output)
-    if as_json:
-        _emit_json(report)
-        return
-    _show(*render.stats_lines(report, output))
+    _output(as_json, report, lambda: _show(*render.stats_lines(report, output)))
 
 
 @app.command("select")
@@ -344,10 +346,7 @@ def squash_cmd(
                             batch_size=batch if data or heldout or text or heldout_text else None,
                             model=_model_options(task, text, heldout_text, max_length, factory_args))
     report = squash_to_pt2(model, output, options, overwrite=overwrite)
-    if as_json:
-        _emit_json(report)
-        return
-    _show(render.modes_table(report.layers or [], f"{model}: squashed ({mode})"), f"torch.export program written to {output}")
+    _output(as_json, report, lambda: _show(render.modes_table(report.layers or [], f"{model}: squashed ({mode})"), f"torch.export program written to {output}"))
 
 
 @app.command("export")
@@ -400,10 +399,8 @@ def export_cmd(
         source, output, options, exporter=str(exporter) if exporter else None, opset=opset,
         external_data=external_data, overwrite=overwrite, verbose=verbose, dynamic_axes=tuple(dynamic_axis or ()),
     )
-    if as_json:
-        _emit_json(report)
-        return
-    _show(*([render.modes_table(report.layers, f"{source}: squashed")] if report.layers else []), render.export_line(report, output))
+    table = [render.modes_table(report.layers, f"{source}: squashed")] if report.layers else []
+    _output(as_json, report, lambda: _show(*table, render.export_line(report, output)))
 
 
 @app.command("quantize")
@@ -430,10 +427,7 @@ def quantize_cmd(
     from .quantize import quantize_file
 
     report = quantize_file(onnx_model, output, mode, data, batch, overwrite)
-    if as_json:
-        _emit_json(report)
-        return
-    _show(*render.quantization_lines(report.quantization))
+    _output(as_json, report, lambda: _show(*render.quantization_lines(report.quantization)))
 
 
 @app.command("validate")
@@ -474,10 +468,8 @@ def validate_cmd(
                             batch_size=batch if heldout or heldout_text else None, labels=labels,
                             model=_model_options(task, None, heldout_text, max_length, factory_args, other_text))
     report = validate_against(onnx_model, reference, options, atol=atol, rtol=rtol, timeout=timeout, max_memory=max_memory)
-    if as_json:
-        _emit_json(report)
-        return
-    _show(*render.validation_lines(report, f"{onnx_model} vs {reference}: PASSED", atol, rtol), *render.cost_lines(report.cost))
+    passed = render.validation_lines(report, f"{onnx_model} vs {reference}: PASSED", atol, rtol)
+    _output(as_json, report, lambda: _show(*passed, *render.cost_lines(report.cost)))
 
 
 #: convert's --sparsity and the --batch-size of convert and sweep (default: the built-in model's)
@@ -583,11 +575,8 @@ def convert_cmd(
     where, options = _convert_options(command[1])  # the usage checks, the model's options and the recipe: before any work
     with launched(where, dist_timeout, command) as session, stage_progress(quiet=as_json or not (session is None or session.writer)) as progress:
         report = convert(model, output, options(session, progress))  # the options checked there, on every rank
-    if report is None:  # another rank than 0 of a distributed run: rank 0 prints
-        return
-    if as_json:
-        return _emit_json(report)
-    print_convert_summary(report)
+    if report is not None:  # None: another rank than 0 of a distributed run (rank 0 prints)
+        _output(as_json, report, lambda: print_convert_summary(report))
 
 
 @app.command("sweep")
@@ -636,10 +625,7 @@ def sweep_cmd(
             data=data, heldout=heldout, batch_size=batch, runs=runs, overwrite=overwrite,
             on_step=lambda what: progress.on_stage(what),
         )
-    if as_json:
-        _emit_json([result])
-        return
-    _show(*render.sweep_lines(SweepResult.from_json(result), output))
+    _output(as_json, [result], lambda: _show(*render.sweep_lines(SweepResult.from_json(result), output)))
 
 
 @app.command("inspect")

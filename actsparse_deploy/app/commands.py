@@ -458,7 +458,7 @@ def validate_against(
     budget = parse_memory(max_memory) if max_memory is not None else None
     source = load_source(reference, options, need_heldout=True)
     io, module = source.io, source.module
-    plan = memory_plan(weight_bytes(module), budget, asked=budget is not None)
+    plan = memory_plan(weight_bytes(module), budget, asked=budget is not None, loaded=True)
     apart = plan.apart and source.work is not None and source.work.heldout is not None
     sparse = Recorded.of(module, source.work.compared_data()) if apart and source.work is not None else module
     validation = validate(onnx_model, module, source.require_heldout(), atol=atol, rtol=rtol,

@@ -164,7 +164,7 @@ class Stages:
                                  "give --other-text FILE")
             check_dynamic_axes(work.model, work.example(), o.export.dynamic_axes, work.io)  # before any work
             # one copy of the weights in PyTorch and one in onnxruntime must fit (exit 13 here, before any work)
-            memory = (memory_plan(weight_bytes(work.model), o.max_memory, asked=o.max_memory is not None, can_part=not target.cached)
+            memory = (memory_plan(weight_bytes(work.model), o.max_memory, asked=o.max_memory is not None, can_part=not target.cached, loaded=True)
                       if o.writer else None)
             calibration = first_samples(work.require_calibration(), c.max_samples)
             timer.totals["calibrate"] = total_samples(calibration) if c.group is None else None  # distributed: a share

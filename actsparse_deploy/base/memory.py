@@ -92,14 +92,19 @@ class MemoryPlan:
 
 
 def memory_plan(weights: int, budget: int | None = None, held: int | None = None, asked: bool = False,
-                can_part: bool = True) -> MemoryPlan:
-    """The plan for a model of ``weights`` bytes in a process that ``held`` bytes already
-    (default: :func:`resident_memory`), within ``budget`` (default: :func:`available_memory`
-    plus what is held): side by side (:data:`VALIDATE`); else, where ``can_part`` (a model validated
-    without a cache), in two passes and a session at a time (:data:`APART`); else a
+                can_part: bool = True, loaded: bool = False) -> MemoryPlan:
+    """The plan for a model of ``weights`` bytes in a process that holds ``held`` bytes beside them
+    (default: :func:`resident_memory`, less the weights where the model is ``loaded`` already),
+    within ``budget`` (default: :func:`available_memory` plus what the process holds): side by side
+    (:data:`VALIDATE`); else, where ``can_part`` (a model validated without a cache), in two passes and a session at a time (:data:`APART`); else a
     :class:`MemoryBudgetError`. ``asked``: the budget is the user's ``--max-memory`` (said so in the message)."""
-    held = resident_memory() if held is None else held
-    if budget is None:
+    if held is None:
+        now = resident_memory()
+        held = max(0, now - weights) if loaded else now
+        if budget is None:
+            free = available_memory()
+            budget = None if free is None else free + now
+    elif budget is None:
         free = available_memory()
         budget = None if free is None else free + held
     need = held + int(VALIDATE * weights)

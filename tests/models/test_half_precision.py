@@ -45,6 +45,15 @@ class HalfFiles:
         self.calib.write_text("\n".join([*LINES, " ".join(LINES)]) + "\n")  # one line of 64 tokens and more
         self.held.write_text("\n".join(HELD) + "\n")
 
+    def report(self, name: str, out: Path, *extra: object) -> dict:
+        """``convert`` of model ``name`` into ``out``: it passed; its report, the export's dtypes checked against its weights."""
+        result = self.convert(name, out, *extra)
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        names = {"float16": "FLOAT16", "float32": "FLOAT"}
+        assert _weight_types(out / "model.onnx") == {names[report["export"]["dtype"]]}
+        return report
+
     def convert(self, name: str, out: Path, *extra: object):
         return invoke("convert", self.dirs[name], "--text", self.calib, "--heldout-text", self.held, "-o", out, "--json",
                       "--no-latency", *extra)
@@ -69,11 +78,8 @@ def _float_bytes(path: Path) -> int:
 
 
 def test_bfloat16_directory_exports_float16_validated_at_a_float16_tolerance(half: HalfFiles, tmp_path: Path) -> None:
-    result = half.convert("bert-bf16", tmp_path / "out")
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = half.report("bert-bf16", tmp_path / "out")
     assert report["export"]["dtype"] == "float16" and report["export"]["source_dtype"] == "bfloat16"
-    assert _weight_types(tmp_path / "out" / "model.onnx") == {"FLOAT16"}
     assert report["validation"]["passed"] is True
     assert report["validation"]["atol"] > 1e-4  # float16's tolerance, not float32's
     note = next(note for note in report["notes"] if "float16" in note and "bfloat16" in note)
@@ -86,20 +92,14 @@ def test_bfloat16_directory_exports_float16_validated_at_a_float16_tolerance(hal
 
 
 def test_dtype_float32_writes_float32_weights_at_the_float32_tolerance(half: HalfFiles, tmp_path: Path) -> None:
-    result = half.convert("bert-bf16", tmp_path / "out", "--dtype", "float32")
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = half.report("bert-bf16", tmp_path / "out", "--dtype", "float32")
     assert report["export"]["dtype"] == "float32" and report["export"]["source_dtype"] == "bfloat16"
-    assert _weight_types(tmp_path / "out" / "model.onnx") == {"FLOAT"}
     assert report["validation"]["passed"] is True and report["validation"]["atol"] == 1e-4
 
 
 def test_float16_directory_stays_float16(half: HalfFiles, tmp_path: Path) -> None:
-    result = half.convert("bert-fp16", tmp_path / "out")
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = half.report("bert-fp16", tmp_path / "out")
     assert report["export"]["dtype"] == "float16" and report["export"]["source_dtype"] == "float16"
-    assert _weight_types(tmp_path / "out" / "model.onnx") == {"FLOAT16"}
 
 
 def test_float32_model_with_dtype_float16_halves_its_weights(half: HalfFiles, tmp_path: Path) -> None:
