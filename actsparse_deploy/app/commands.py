@@ -458,19 +458,20 @@ def validate_against(
     budget = parse_memory(max_memory) if max_memory is not None else None
     source = load_source(reference, options, need_heldout=True)
     io, module = source.io, source.module
-    plan = memory_plan(weight_bytes(module), budget, asked=budget is not None, loaded=True)
+    plan = memory_plan(weight_bytes(module), budget, asked=budget is not None, loaded=True, what="validate")
     apart = plan.apart and source.work is not None and source.work.heldout is not None
+    measured = source.work is not None and (options.masks is not None or options.labels is not None)
+    # what export names the inputs and outputs by default, from the model: before two passes let its weights go
+    cost_io = resolve_io_spec(module, source.require_heldout(), infer=True) if measured and io is None else io
     sparse = Recorded.of(module, source.work.compared_data()) if apart and source.work is not None else module
     validation = validate(onnx_model, module, source.require_heldout(), atol=atol, rtol=rtol,
                           output_names=io.output_names if io else None, io_spec=io, timeout=timeout,
                           release=(lambda: release_weights(module)) if apart else None)
     seconds = {"validate": round(time.perf_counter() - start, 3)}
     cost = None
-    if source.work is not None and (options.masks is not None or options.labels is not None):
-        if io is None:  # what export names the inputs and outputs by default
-            io = resolve_io_spec(source.module, source.require_heldout(), infer=True)
+    if measured and source.work is not None:
         dense = sparse if source.dense is module else source.dense  # without masks the model is the dense one
-        cost = sparsification_cost(source.work, sparse, Path(onnx_model), io, dense=dense)
+        cost = sparsification_cost(source.work, sparse, Path(onnx_model), cost_io, dense=dense)
     seconds["total"] = round(time.perf_counter() - start, 3)
     return Report(model=source.name, squash_mode=source.mode, layers=source.layers,
                   validation=validation.to_json(), cost=cost, seconds=seconds)  # type: ignore[arg-type]

@@ -92,12 +92,13 @@ class MemoryPlan:
 
 
 def memory_plan(weights: int, budget: int | None = None, held: int | None = None, asked: bool = False,
-                can_part: bool = True, loaded: bool = False) -> MemoryPlan:
+                can_part: bool = True, loaded: bool = False, what: str = "convert") -> MemoryPlan:
     """The plan for a model of ``weights`` bytes in a process that holds ``held`` bytes beside them
     (default: :func:`resident_memory`, less the weights where the model is ``loaded`` already),
     within ``budget`` (default: :func:`available_memory` plus what the process holds): side by side
     (:data:`VALIDATE`); else, where ``can_part`` (a model validated without a cache), in two passes and a session at a time (:data:`APART`); else a
-    :class:`MemoryBudgetError`. ``asked``: the budget is the user's ``--max-memory`` (said so in the message)."""
+    :class:`MemoryBudgetError`. ``asked``: the budget is the user's ``--max-memory`` (said so in the message);
+    ``what``: the command, as the message names it."""
     if held is None:
         now = resident_memory()
         held = max(0, now - weights) if loaded else now
@@ -117,5 +118,5 @@ def memory_plan(weights: int, budget: int | None = None, held: int | None = None
     how = ("once by PyTorch, then by onnxruntime" if can_part else "once by PyTorch and once by onnxruntime while a decoder with its "
            "cache is validated")
     raise MemoryBudgetError(
-        f"the model's weights ({format_bytes(weights)}) need about {format_bytes(parted if can_part else need)} to convert (held {how}, "
+        f"the model's weights ({format_bytes(weights)}) need about {format_bytes(parted if can_part else need)} to {what} (held {how}, "
         f"beside {format_bytes(held)} already in use), over {allowed}: free memory, or convert on a machine with more")

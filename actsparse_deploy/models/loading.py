@@ -239,6 +239,10 @@ def load_other_text(loaded: LoadedModel, options: ModelOptions | None, batch_siz
     return entry.text_data(list(text_lines(path)), batch_size)
 
 
+#: the most bytes of a weights file read into memory at once (a slice of a tensor)
+READ_BYTES = 32 * 2**20
+
+
 class _SafetensorsFile(Mapping[str, torch.Tensor]):
     """A ``.safetensors`` file as a mapping that reads a tensor when it is asked for (shapes from the header)."""
 
@@ -266,6 +270,24 @@ class _SafetensorsFile(Mapping[str, torch.Tensor]):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.handle.get_slice(name).get_shape())
+
+    def copy_into(self, name: str, target: torch.Tensor) -> None:
+        """Tensor ``name`` copied into ``target`` (its shape) :data:`READ_BYTES` at a time, the file opened for
+        each slice: what a read maps is let go with it (a whole tensor mapped at once would count twice)."""
+        rows = target.shape[0] if target.ndim else 0
+        row_bytes = target[0].numel() * target.element_size() if rows else 0
+        step = max(1, READ_BYTES // row_bytes) if row_bytes else rows
+        if rows <= step:
+            target.copy_(self[name])
+            return
+        for start in range(0, rows, step):
+            try:
+                with safe_open(str(self.path), framework="pt") as one:
+                    target[start:start + step].copy_(one.get_slice(name)[start:start + step])
+            except BaseException as e:
+                if not unreadable(e):
+                    raise
+                raise WeightsError(f"weights file {self.path} is not a readable .safetensors file ({reason(e)})") from e
 
 
 def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
@@ -321,7 +343,7 @@ def load_state_dict_file(module: nn.Module, path: Path) -> None:
         filled: dict[int, torch.Tensor] = {}  # a tensor the model holds under two names (tied weights) is read once
         for name, current in expected.items():
             if id(current) not in filled:
-                filled[id(current)] = _fill(current, state[name])
+                filled[id(current)] = _fill(current, state, name)
             _set(module, name, filled[id(current)])
     left = [name for name, t in itertools.chain(module.named_parameters(), module.named_buffers()) if t.is_meta]
     if left:
@@ -329,14 +351,18 @@ def load_state_dict_file(module: nn.Module, path: Path) -> None:
                            "a buffer the model computes); build the model on the CPU, or make those tensors in the factory")
 
 
-def _fill(current: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``value`` in ``current``'s place: copied into it, or, on the meta device, a new tensor of its dtype."""
+def _fill(current: torch.Tensor, state: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    """``state[name]`` in ``current``'s place: copied into it, or, on the meta device, into a new tensor of
+    its dtype (never a view of a memory-mapped file); a ``.safetensors`` tensor a slice at a time."""
     with torch.no_grad():
-        if not current.is_meta:
-            current.copy_(value)
+        target = current if not current.is_meta else torch.empty(current.shape, dtype=current.dtype)
+        if isinstance(state, _SafetensorsFile):
+            state.copy_into(name, target)
+        else:
+            target.copy_(state[name])
+        if target is current:
             return current
-        made = value.to(current.dtype, copy=True)  # never a view of a memory-mapped file
-        return nn.Parameter(made, requires_grad=current.requires_grad) if isinstance(current, nn.Parameter) else made
+        return nn.Parameter(target, requires_grad=current.requires_grad) if isinstance(current, nn.Parameter) else target
 
 
 def _owner(module: nn.Module, name: str) -> nn.Module | None:

@@ -33,8 +33,7 @@ def check_finite_weights(model: nn.Module) -> None:
         for name, t in named:
             if not (t.is_floating_point() or t.is_complex()):
                 continue
-            bad = ~torch.isfinite(t) if kind == "parameter" else torch.isnan(t)
-            count = int(bad.sum())
+            count = _bad_values(t, nan_only=kind == "buffer")
             if count:
                 what = "NaN or Inf" if kind == "parameter" else "NaN"
                 raise WeightsError(
@@ -60,6 +59,22 @@ def eval_mode(*models: Any) -> Iterator[None]:
     finally:
         for module, training in modes.items():
             module.train(training)
+
+
+#: the elements checked at once (a few MB of flags, never a copy of a whole weight)
+_CHECK_ELEMENTS = 2**22
+
+
+def _bad_values(t: torch.Tensor, nan_only: bool = False) -> int:
+    """How many values of ``t`` are NaN or infinite (``nan_only``: NaN), a slice at a time."""
+    flat = t.detach().reshape(-1)
+    count = 0
+    for start in range(0, flat.numel(), _CHECK_ELEMENTS):
+        piece = flat[start:start + _CHECK_ELEMENTS]
+        good = ~torch.isnan(piece) if nan_only else torch.isfinite(piece)
+        if not bool(good.all()):
+            count += int(piece.numel() - good.count_nonzero())
+    return count
 
 
 def float_dtype(model: nn.Module) -> torch.dtype:

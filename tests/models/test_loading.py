@@ -214,3 +214,29 @@ def test_data_errors(tmp_path):
         with pytest.raises(DataError) as info:
             load_data(tmp_path / name)
         assert message in str(info.value), name
+
+
+def test_a_safetensors_tensor_is_read_a_slice_at_a_time(user_pkg, tmp_path, monkeypatch):
+    """Large tensors are copied a slice at a time (here: slices of 2 rows of fc1's weight), into an allocated
+    model and into one built on the meta device alike: the same weights as one read."""
+    from actsparse_deploy.models import loading
+
+    torch.manual_seed(3)
+    source = load_model(f"{user_pkg}:build").module
+    for p in source.parameters():
+        p.data.normal_()
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    monkeypatch.setattr(loading, "READ_BYTES", 2 * 4 * 4)  # two rows of fc1.weight (6 x 4 float32)
+    reads: list[int] = []
+    opened = loading.safe_open
+
+    def counting(*args, **kwargs):
+        reads.append(1)
+        return opened(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "safe_open", counting)
+    for factory in ("build", "build_lazy"):
+        model = load_model(f"{user_pkg}:{factory}", tmp_path / "w.safetensors").module
+        for name, p in source.state_dict().items():
+            assert torch.equal(model.state_dict()[name], p), (factory, name)
+    assert len(reads) > 2 * 4  # more opens than tensors: fc1.weight (6 rows) and fc2.weight (2 rows of 6 = 1 slice each) in slices

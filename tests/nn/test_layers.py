@@ -353,3 +353,22 @@ def test_a_subclass_that_overrides_forward_is_not_folded(consumer):
         result = squash(model, masks, mode)
         assert result.modes == {"2": "mul" if overrides else "fold"}
         assert_close(result.model(x), reference, atol=1e-6, rtol=1e-5)
+
+
+def test_non_finite_weights_are_counted_a_slice_at_a_time(monkeypatch) -> None:
+    """The check reads a weight a slice at a time (never a flag per value of a whole large weight): the
+    count is the same across slices."""
+    import pytest
+    import torch
+    from torch import nn
+
+    from actsparse_deploy.base.errors import WeightsError
+    from actsparse_deploy.nn import modules
+
+    monkeypatch.setattr(modules, "_CHECK_ELEMENTS", 5)
+    layer = nn.Linear(4, 4)
+    with torch.no_grad():
+        layer.weight[0, 1] = float("nan")
+        layer.weight[3, 2] = float("inf")  # in another slice than the NaN
+    with pytest.raises(WeightsError, match=r"NaN or Inf \(2 of 16 values\)"):
+        modules.check_finite_weights(layer)
