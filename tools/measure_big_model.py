@@ -21,6 +21,7 @@ and model.onnx.data present, validation passed, inspect lists the data file), an
 a table at the end (``--json FILE`` writes the rows too).
 
     OMP_NUM_THREADS=1 python tools/measure_big_model.py --workdir /tmp/big   # ~2.4 GB weights, ~5 GB of files
+    OMP_NUM_THREADS=1 python tools/measure_big_model.py --workdir /tmp/big --max-memory 4GB   # one copy at a time
     python tools/measure_big_model.py --workdir /tmp/big --hidden 1024 --layers 3 --external-data   # a quick dry run
 """
 
@@ -119,6 +120,7 @@ def main() -> int:
     parser.add_argument("--mode", default="fold", help="squash mode (fold keeps the model's size: over 2 GB, external data unasked)")
     parser.add_argument("--external-data", action="store_true", help="pass --external-data to convert (else automatic over 2 GB)")
     parser.add_argument("--no-latency", action="store_true", help="pass --no-latency to convert")
+    parser.add_argument("--max-memory", help="pass --max-memory to convert and validate (e.g. 4GB: one copy of the weights at a time)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--build-only", action="store_true", help="only write the module, weights and data (the build stage)")
     args = parser.parse_args()
@@ -144,12 +146,13 @@ def main() -> int:
     cli = [python, "-m", "actsparse_deploy"]
     convert = [*cli, "convert", "big_stack:build", "--weights", str(weights), "--data", "calib.npy", "--heldout", "heldout.npy",
                "--layers", "layers.*", "--sparsity", str(args.sparsity), "--mode", args.mode, "--batch-size", "16", "-o", str(out),
-               "--json", *(["--external-data"] if args.external_data else []), *(["--no-latency"] if args.no_latency else [])]
+               "--json", *(["--external-data"] if args.external_data else []), *(["--no-latency"] if args.no_latency else []),
+               *(["--max-memory", args.max_memory] if args.max_memory else [])]
     rows.append(run("convert", convert, workdir, env))
     if rows[-1]["rc"] == 0:
         rows.append(run("validate", [*cli, "validate", str(out / "model.onnx"), "big_stack:build", "--weights", str(weights),
                                      "--masks", str(out / "masks.safetensors"), "--mode", args.mode, "--heldout", "heldout.npy",
-                                     "--json"], workdir, env))
+                                     "--json", *(["--max-memory", args.max_memory] if args.max_memory else [])], workdir, env))
         rows.append(run("inspect", [*cli, "inspect", str(out / "model.onnx"), "--json"], workdir, env))
     return report(rows, args, out=out, weights=weights)
 

@@ -38,7 +38,7 @@ from ..bake.pt2 import load_pt2, pt2_io, save_pt2
 from ..base.constants import DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAULT_RTOL
 from ..base.errors import CalibrationError, DataError, MaskError, ModelLoadError, OutputError, RecipeError
 from ..base.files import publish, remove_stale_staging, staging_dir
-from ..base.memory import memory_plan, parse_memory
+from ..base.memory import MemoryPlan, memory_plan, parse_memory
 from ..calibration.calibrate import collect, select
 from ..calibration.masks import Masks
 from ..calibration.recipe import Recipe
@@ -122,16 +122,20 @@ def is_pt2(spec: str | Path) -> bool:
     return str(spec).endswith(".pt2")
 
 
-def load_source(spec: str, options: SourceOptions | None = None, *, need_heldout: bool = False) -> Source:
+def load_source(spec: str, options: SourceOptions | None = None, *, need_heldout: bool = False,
+                memory: Callable[[nn.Module], object] | None = None) -> Source:
     """``spec`` (a model, or a ``.pt2``) resolved with ``options``: the model
     squashed with its masks in place (dense without), or the program the ``.pt2`` holds.
     ``need_heldout``: a ``.pt2`` also loads held-out data (``heldout``, else the
     built-in data of the model it names), and a model's dense outputs on it are
-    recorded before squash (what the cost compares with: one copy of the weights, never two)."""
+    recorded before squash (what the cost compares with: one copy of the weights, never two).
+    ``memory(model)``: called once the model is loaded, before any work (the memory budget's check)."""
     options = options or SourceOptions()
     masks, heldout, batch_size = options.masks, options.heldout, options.batch_size
     if not is_pt2(spec):
         work = options.workload(spec)
+        if memory is not None:
+            memory(work.model)
         module, rows, the_mode, dense = work.model, [], DENSE, work.model
         if masks is not None:
             loaded = Masks.load(masks)
@@ -456,9 +460,11 @@ def validate_against(
     start = time.perf_counter()
     options = options or SourceOptions()
     budget = parse_memory(max_memory) if max_memory is not None else None
-    source = load_source(reference, options, need_heldout=True)
+    plans: list[MemoryPlan] = []  # the memory budget checked once the model loads, before any work
+    source = load_source(reference, options, need_heldout=True, memory=lambda model: plans.append(
+        memory_plan(weight_bytes(model), budget, asked=budget is not None, loaded=True, what="validate")))
     io, module = source.io, source.module
-    plan = memory_plan(weight_bytes(module), budget, asked=budget is not None, loaded=True, what="validate")
+    plan = plans[0] if plans else MemoryPlan(budget, 0, False)  # a .pt2 program: validated side by side
     apart = plan.apart and source.work is not None and source.work.heldout is not None
     measured = source.work is not None and (options.masks is not None or options.labels is not None)
     # what export names the inputs and outputs by default, from the model: before two passes let its weights go

@@ -195,5 +195,11 @@ def test_validate_in_two_passes_under_max_memory_gives_the_same_report(tmp_path:
     assert runs["apart"]["cost"] == runs["side"]["cost"]
     from ..helpers import one_line_error
 
+    from actsparse_deploy.app import commands
+
+    def never(*args, **kwargs):
+        raise AssertionError("squash ran before the memory check")
+
+    monkeypatch.setattr(commands, "squash_workload", never)  # the check comes once the model loads, before any work
     one_line_error(invoke("validate", out / "model.onnx", "digits-mlp", "--masks", out / "masks.safetensors", "--max-memory", "1kB"),
-                   13, "--max-memory")
+                   13, "--max-memory", "to validate")
