@@ -481,7 +481,7 @@ def _staged_report(stages: Stages, masks: Masks, budget: BudgetResult | None, sq
     masks.save(staging / "masks.safetensors")
     return build_report(stages.work, masks, squashed, exported, validation, cost, stages.timer, stages.timer.total(), o.squash.mode,
                         onnx_path=outdir / "model.onnx", budget=budget, speed=speed, runtime=stages.runtime, quantized=quantized,
-                        cache=stages.target.cached, precision=stages.target.precision())
+                        cache=stages.target.cached, precision=stages.target.precision(), memory=stages.memory)
 
 
 def _publish(report: Report, staging: Path, outdir: Path, o: ConvertOptions) -> Report:
@@ -520,6 +520,7 @@ def build_report(
     cost: Mapping[str, Any], timer: Timer, total: float, mode: str, onnx_path: str | Path | None = None,
     budget: BudgetResult | None = None, speed: Mapping[str, Any] | None = None, runtime: RuntimeFiles | None = None,
     quantized: Quantized | None = None, cache: bool | None = None, precision: Mapping[str, str] | None = None,
+    memory: MemoryPlan | None = None,
 ) -> Report:
     """The report of a ``convert`` run, built once: ``report.json`` is its
     ``to_json()``. ``validation``: a ``ValidationReport`` (or its JSON);
@@ -531,7 +532,8 @@ def build_report(
     the files written for the runtime beside the ONNX model, and their notes; ``quantized``: what
     ``--quantize`` did (with the latency stage's frontier of the alternatives); ``cache``: whether the
     export is a decoder with a KV cache (``export.cache``); ``precision``: the weights' ``dtype`` written and
-    their ``source_dtype`` (``export.dtype``, ``export.source_dtype``)."""
+    their ``source_dtype`` (``export.dtype``, ``export.source_dtype``); ``memory``: how the run kept within its
+    memory budget (the report's ``memory``, with the peak so far, where a budget was asked for or changed the run)."""
     modes = squashed.rows()
     # merged: the squash rows also say how each layer's features were chosen (method) and compensated
     layers = [{**row, "input_shape": named_input_shape(row), **next(m for m in modes if m["layer"] == row["layer"])}
@@ -557,6 +559,7 @@ def build_report(
         "latency": ({k: v for k, v in speed.items() if k != "frontier"} | {"verdict": verdict(speed["ratio"])}
                     if speed is not None else None),
         "quantization": quantized.to_json((speed or {}).get("frontier")) if quantized is not None else None,
+        "memory": memory.to_json() if memory is not None and memory.said else None,
     }
     return Report(
         tool_version=__version__,

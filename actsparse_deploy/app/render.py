@@ -445,7 +445,8 @@ def files_line(report: Report) -> str:
     """``convert``'s last line: the files written, the seconds in all and the threads."""
     files = ", ".join(f"{name} {size(n)}" for name, n in (report.files or {}).items())
     threads = f", {_plural(report.threads, 'thread')}" if report.threads is not None else ""
-    return f"files: {files}; {(report.seconds or {}).get('total', 0.0):.1f} s in all{threads}"
+    peak = f", peak memory {report.memory.peak_bytes / 1e9:.2f} GB" if report.memory is not None else ""
+    return f"files: {files}; {(report.seconds or {}).get('total', 0.0):.1f} s in all{threads}{peak}"
 
 
 def onnx_lines(target: str, report: Report) -> list[RenderableType]:

@@ -406,6 +406,20 @@ class Quantization(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Memory(Section):
+    """``convert``'s memory (:mod:`actsparse_deploy.base.memory`): the process's peak resident memory,
+    the model's weights, the budget it kept within (``--max-memory``, else what the machine had free;
+    None where unknown), and whether validation ran in two passes (``apart``) and the latency check a
+    session at a time (``one_at_a_time``) to keep within it."""
+
+    peak_bytes: int
+    weights_bytes: int
+    budget_bytes: int | None
+    apart: bool
+    one_at_a_time: bool
+
+
+@dataclass(frozen=True, kw_only=True)
 class Report(Section):
     """What a command did. Every key of :data:`KEYS` is always present in the JSON;
     ``budget`` (a ``--max-cost`` search), ``fingerprint`` and ``parts`` (a
@@ -420,7 +434,8 @@ class Report(Section):
     its output directory). ``seconds``: per stage, and ``total``. ``threads``: the
     thread count torch and onnxruntime ran with (``--threads``). ``latency``:
     ``convert``'s dense vs converted onnxruntime latency (None with ``--no-latency``
-    and for the other commands).
+    and for the other commands); ``memory``: ``convert``'s peak memory and how it kept within ``--max-memory``
+    (where one was given, or the memory the machine had free changed how the run went).
     """
 
     tool_version: str = __version__
@@ -442,10 +457,11 @@ class Report(Section):
     fingerprint: str | None = field(default=None, metadata=_OMIT_NONE)
     parts: int | None = field(default=None, metadata=_OMIT_NONE)
     quantization: Quantization | None = field(default=None, metadata=_OMIT_NONE)
+    memory: Memory | None = field(default=None, metadata=_OMIT_NONE)
 
     SECTIONS: ClassVar[Mapping[str, type[Section]]] = {
         "calibration": Calibration, "export": Export, "validation": Validation, "cost": Cost, "latency": Latency,
-        "budget": BudgetSearch, "quantization": Quantization,
+        "budget": BudgetSearch, "quantization": Quantization, "memory": Memory,
     }
 
     @property

@@ -27,7 +27,10 @@ from dataclasses import dataclass
 
 from .errors import MemoryBudgetError, UsageError
 
-__all__ = ["APART", "SIDE_BY_SIDE", "VALIDATE", "MemoryPlan", "available_memory", "format_bytes", "memory_plan", "parse_memory", "resident_memory"]
+__all__ = [
+    "APART", "SIDE_BY_SIDE", "VALIDATE", "MemoryPlan", "available_memory", "format_bytes", "memory_plan", "parse_memory",
+    "peak_memory", "resident_memory",
+]
 
 #: what validation holds, in weights: PyTorch's copy and onnxruntime's (its weights prepacked, one tensor more at the peak)
 VALIDATE = 2.2
@@ -70,6 +73,13 @@ def available_memory() -> int | None:
     return None
 
 
+def peak_memory() -> int:
+    """This process's peak resident memory so far, in bytes (``ru_maxrss``)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def resident_memory() -> int:
     """This process's resident memory now, in bytes (0 where unknown)."""
     try:
@@ -89,6 +99,20 @@ class MemoryPlan:
     need: int
     one_at_a_time: bool
     apart: bool = False
+    #: the model's weights, in bytes
+    weights: int = 0
+    #: the budget is the user's (``--max-memory``)
+    asked: bool = False
+
+    @property
+    def said(self) -> bool:
+        """Whether the report says it (a budget asked for, or one that changed how the run went)."""
+        return self.asked or self.apart or self.one_at_a_time
+
+    def to_json(self) -> dict[str, int | bool | None]:
+        """The report's ``memory`` section, with the process's peak so far (:func:`peak_memory`)."""
+        return {"peak_bytes": peak_memory(), "weights_bytes": self.weights, "budget_bytes": self.budget, "apart": self.apart,
+                "one_at_a_time": self.one_at_a_time}
 
 
 def memory_plan(weights: int, budget: int | None = None, held: int | None = None, asked: bool = False,
@@ -110,10 +134,10 @@ def memory_plan(weights: int, budget: int | None = None, held: int | None = None
         budget = None if free is None else free + held
     need = held + int(VALIDATE * weights)
     if budget is None or need <= budget:
-        return MemoryPlan(budget, need, budget is not None and held + int(SIDE_BY_SIDE * weights) > budget)
+        return MemoryPlan(budget, need, budget is not None and held + int(SIDE_BY_SIDE * weights) > budget, weights=weights, asked=asked)
     parted = held + int(APART * weights)
     if can_part and parted <= budget:
-        return MemoryPlan(budget, parted, True, apart=True)
+        return MemoryPlan(budget, parted, True, apart=True, weights=weights, asked=asked)
     allowed = f"--max-memory {format_bytes(budget)}" if asked else f"the {format_bytes(budget)} this machine has free"
     how = ("once by PyTorch, then by onnxruntime" if can_part else "once by PyTorch and once by onnxruntime while a decoder with its "
            "cache is validated")

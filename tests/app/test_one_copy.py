@@ -148,6 +148,9 @@ def test_where_only_one_copy_fits_validation_runs_in_two_passes_with_the_same_fi
     apart = convert("digits-mlp", tmp_path / "apart", max_memory=int(weights * (memory.APART + memory.VALIDATE) / 2), threads=1)
     assert side is not None and apart is not None and apart.validation is not None and apart.validation.passed
     assert apart.latency is not None and apart.latency.one_at_a_time is True
+    assert apart.memory is not None and apart.memory.apart and apart.memory.weights_bytes == weights and apart.memory.peak_bytes > 0
+    assert side.memory is not None and not side.memory.apart and not side.memory.one_at_a_time  # asked for: said
+    assert convert("digits-mlp", tmp_path / "plain", threads=1, latency=False).memory is None  # neither asked for nor needed
     assert apart.validation.to_json()["outputs"] == side.validation.to_json()["outputs"]  # the same comparison, in two passes
     assert apart.cost is not None and side.cost is not None
     assert apart.cost.to_json() == side.cost.to_json()  # the sparse model's recorded outputs give the same cost
@@ -193,9 +196,9 @@ def test_validate_in_two_passes_under_max_memory_gives_the_same_report(tmp_path:
         runs[name] = _json.loads(result.stdout)
     assert runs["apart"]["validation"]["outputs"] == runs["side"]["validation"]["outputs"]
     assert runs["apart"]["cost"] == runs["side"]["cost"]
-    from ..helpers import one_line_error
-
     from actsparse_deploy.app import commands
+
+    from ..helpers import one_line_error
 
     def never(*args, **kwargs):
         raise AssertionError("squash ran before the memory check")
