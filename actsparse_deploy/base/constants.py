@@ -67,9 +67,10 @@ MAX_RUNS = 1000
 #: ONNX vs PyTorch tolerances (see validate.py)
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 0.0
-#: a float16 export's tolerances where none were asked for (float16 keeps about three significant digits)
-HALF_ATOL = 1e-2
-HALF_RTOL = 1e-2
+#: a float16 export's tolerances where none were asked for: float16 keeps about three significant digits, and
+#: over a deep model's layers two float16 implementations drift apart (a 22-layer Llama's logits: 0.014)
+HALF_ATOL = 5e-2
+HALF_RTOL = 2e-2
 
 #: the weights' dtype an export writes (``--dtype``): auto (float16 where the source weights are half
 #: precision, bfloat16 or float16, else float32), float32, float16 (onnxruntime runs no bfloat16 MatMul on CPU)
