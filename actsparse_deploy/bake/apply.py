@@ -222,16 +222,29 @@ def _depth(fqn: str) -> int:
 # --- the traced plan: module swaps, checked against mul ------------------------------------
 
 
-def _mul_reference(model: nn.Module, prepared: dict[str, Prepared]) -> nn.Module:
-    """A copy of ``model`` squashed with ``mul`` and the same edits: what the traced result must equal."""
-    reference = copy.deepcopy(model)
-    modules = dict(reference.named_modules())
-    for name, prep in prepared.items():
-        layer = modules[name]
-        if prep.edits != (None, None):
-            _apply_edits(layer, prep.edits)
-        _replace_module(reference, name, _masked(layer, prep.mask))
-    return reference
+def _mul_outputs(model: nn.Module, prepared: dict[str, Prepared], batches: list[Batch]) -> list[list[torch.Tensor]]:
+    """The outputs of ``model`` squashed with ``mul`` and the same edits on each batch: what the
+    traced result must equal. The prepared layers are wrapped (an edited one copied first) for the
+    run and put back after it: only those layers are ever copied, never the whole model."""
+    originals = {name: model.get_submodule(name) for name in prepared}
+    try:
+        for name, prep in prepared.items():
+            layer = originals[name] if prep.edits == (None, None) else _edited(originals[name], prep.edits)
+            _replace_module(model, name, _masked(layer, prep.mask))
+        outputs = []
+        with eval_mode(model):
+            for i, batch in enumerate(batches):
+                try:
+                    outputs.append(flatten_outputs(run_batch(model, batch)))
+                except (RuntimeError, ValueError, IndexError, TypeError) as e:
+                    raise DataError(
+                        f"the model fails on check batch {i} ({describe_batch(batch)}): {type(e).__name__}: "
+                        f"{first_line(e)}"
+                    ) from e
+        return outputs
+    finally:
+        for name, layer in originals.items():
+            _replace_module(model, name, layer)
 
 
 def _cuts_and_wraps(plan: SquashPlan) -> tuple[dict[str, Cut], dict[str, Callable[[nn.Module], nn.Module]]]:
@@ -259,7 +272,9 @@ def _cuts_and_wraps(plan: SquashPlan) -> tuple[dict[str, Cut], dict[str, Callabl
 def _apply_swapping(model: nn.Module, plan: SquashPlan, check_batches: list[Batch]) -> float:
     """prune, and auto with an example: module swaps only (the new weight / bias,
     the cuts, the wraps), checked against mul; undone on failure. The largest difference from mul."""
-    reference = _mul_reference(model, plan.prepared)
+    assert plan.example is not None
+    batches = [plan.example, *check_batches]
+    wanted = _mul_outputs(model, plan.prepared, batches)
     cuts, wraps = _cuts_and_wraps(plan)
     swapped: list[tuple[str, nn.Module]] = []
 
@@ -275,17 +290,16 @@ def _apply_swapping(model: nn.Module, plan: SquashPlan, check_batches: list[Batc
             swap(fqn, _shrunk(model.get_submodule(fqn), cuts[fqn]))
         for fqn in sorted(wraps, key=_depth, reverse=True):
             swap(fqn, wraps[fqn](model.get_submodule(fqn)))
-        assert plan.example is not None
-        return _check_exact(model, reference, [plan.example, *check_batches])
+        return _check_exact(model, wanted, batches)
     except BaseException:
         for fqn, old in reversed(swapped):
             _replace_module(model, fqn, old)
         raise
 
 
-def _check_exact(model: nn.Module, reference: nn.Module, batches: list[Batch]) -> float:
-    """The largest difference between ``model`` and ``reference`` (the ``mul``
-    squash) over ``batches``; raises if any output is over the tolerance
+def _check_exact(model: nn.Module, wanted: list[list[torch.Tensor]], batches: list[Batch]) -> float:
+    """The largest difference between ``model``'s outputs on ``batches`` and ``wanted`` (the ``mul``
+    squash's, :func:`_mul_outputs`); raises if any output is over the tolerance
     (:mod:`actsparse_deploy.data.compare`: ``PRUNE_ATOL`` scaled by the output's
     magnitude, plus ``PRUNE_RTOL``; ``HALF_PRUNE_ATOL`` / ``HALF_PRUNE_RTOL`` where the outputs are
     float16 or bfloat16; integer outputs equal; the same NaN agrees)."""
@@ -295,15 +309,8 @@ def _check_exact(model: nn.Module, reference: nn.Module, batches: list[Batch]) -
     half = Tolerance(HALF_PRUNE_ATOL, HALF_PRUNE_RTOL, scale_atol=True, nan_equal=True)
     fallback = 'a bug in the dataflow analysis: use mode "fold" meanwhile'
     worst = 0.0
-    with eval_mode(model, reference):
-        for i, batch in enumerate(batches):
-            try:
-                want = flatten_outputs(run_batch(reference, batch))
-            except (RuntimeError, ValueError, IndexError, TypeError) as e:
-                raise DataError(
-                    f"the model fails on check batch {i} ({describe_batch(batch)}): {type(e).__name__}: "
-                    f"{first_line(e)}"
-                ) from e
+    with eval_mode(model):
+        for i, (batch, want) in enumerate(zip(batches, wanted, strict=True)):
             try:
                 got = flatten_outputs(run_batch(model, batch))
             except (RuntimeError, ValueError, IndexError, TypeError) as e:

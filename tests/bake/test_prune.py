@@ -633,3 +633,23 @@ def test_a_layer_whose_weight_is_also_read_elsewhere_keeps_its_mask_a_multiply()
         squash(model, masks, "prune", example=x, check_batches=more)
     with pytest.raises(SquashError, match=r"layer 'fc' cannot be folded: fc.weight is also read by aten.linear"):
         squash(model, masks, "fold", example=x)
+
+
+class _NoCopy(nn.Linear):
+    """A layer that refuses to be copied: a squash that copies the whole model fails on it."""
+
+    def __deepcopy__(self, memo):
+        raise AssertionError("a layer the squash does not change was copied")
+
+
+def test_prune_copies_only_the_layers_it_changes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4), nn.ReLU(), _NoCopy(4, 3))
+    masks = Masks({"2": _mask([1, 0, 1, 0, 0.5, 1, 0, 1])})
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        want = model[4](model[3](model[2](model[1](model[0](x)) * masks["2"].mask)))
+    result = squash_(model, masks, "prune", example=torch.randn(4, 6), check_batches=[torch.randn(3, 6)])
+    assert result.model is model and model[0].out_features == 5 and isinstance(model[4], _NoCopy)
+    with torch.no_grad():
+        assert_close(model(x), want, rtol=1e-4, atol=1e-5)

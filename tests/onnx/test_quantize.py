@@ -58,9 +58,10 @@ def test_variant_costs_compare_each_file_with_the_dense_model_and_its_source(dig
     assert list(costs) == ["dense", "int8"]
     assert dense.outputs[0]["output"] == "logits" and dense.outputs[0]["cosine_min"] > 1 - 1e-6
     assert dense.accuracy == dense.dense_accuracy  # the float export is the model
-    assert 0.999 > int8.cosine_mean > 0.99 and int8.outputs[0]["max_abs_diff"] > 1e-3  # close, not bit-exact
+    # close, not bit-exact (how close depends on the CPU: with AVX512-VNNI onnxruntime's int8 products do not saturate, with AVX2 they may)
+    assert 1 - 1e-7 > int8.cosine_mean > 0.99 and int8.outputs[0]["max_abs_diff"] > 1e-4
     assert abs(int8.accuracy - dense.accuracy) <= 0.01
-    assert int8.reference == "dense" and 0.999 > int8.against_reference[0]["cosine_mean"] > 0.99
+    assert int8.reference == "dense" and int8.against_reference[0]["cosine_mean"] == pytest.approx(int8.cosine_mean, abs=1e-6)
     out = int8.to_json()
     assert out["accuracy_drop"] == pytest.approx(int8.dense_accuracy - int8.accuracy)
     assert out["size_bytes"] == model_bytes(folder / "int8.onnx") and "against_reference" not in dense.to_json()
