@@ -222,7 +222,7 @@ def _depth(fqn: str) -> int:
 # --- the traced plan: module swaps, checked against mul ------------------------------------
 
 
-def _mul_outputs(model: nn.Module, prepared: dict[str, Prepared], batches: list[Batch]) -> list[list[torch.Tensor]]:
+def _mul_outputs(model: nn.Module, prepared: dict[str, Prepared], batches: list[Batch]) -> list[tuple[torch.Tensor, ...]]:
     """The outputs of ``model`` squashed with ``mul`` and the same edits on each batch: what the
     traced result must equal. The prepared layers are wrapped (an edited one copied first) for the
     run and put back after it: only those layers are ever copied, never the whole model."""
@@ -297,7 +297,7 @@ def _apply_swapping(model: nn.Module, plan: SquashPlan, check_batches: list[Batc
         raise
 
 
-def _check_exact(model: nn.Module, wanted: list[list[torch.Tensor]], batches: list[Batch]) -> float:
+def _check_exact(model: nn.Module, wanted: list[tuple[torch.Tensor, ...]], batches: list[Batch]) -> float:
     """The largest difference between ``model``'s outputs on ``batches`` and ``wanted`` (the ``mul``
     squash's, :func:`_mul_outputs`); raises if any output is over the tolerance
     (:mod:`actsparse_deploy.data.compare`: ``PRUNE_ATOL`` scaled by the output's
