@@ -50,7 +50,7 @@ from ..data.streams import shape_examples
 from ..data.workload import Workload
 from ..models import zoo
 from ..models.loading import LoadedModel, ModelOptions, load_model, load_text_data, resolve_io_spec
-from ..nn.modules import release_weights, weight_bytes
+from ..nn.modules import float_dtype, release_weights, weight_bytes
 from ..nn.recorded import Recorded
 from ..onnx.export import export_onnx, layer_metadata
 from ..onnx.validate import validate
@@ -462,7 +462,8 @@ def validate_against(
     budget = parse_memory(max_memory) if max_memory is not None else None
     plans: list[MemoryPlan] = []  # the memory budget checked once the model loads, before any work
     source = load_source(reference, options, need_heldout=True, memory=lambda model: plans.append(
-        memory_plan(weight_bytes(model), budget, asked=budget is not None, loaded=True, what="validate")))
+        memory_plan(weight_bytes(model), budget, asked=budget is not None, loaded=True, what="validate",
+                    half=float_dtype(model) in (torch.float16, torch.bfloat16))))
     io, module = source.io, source.module
     plan = plans[0] if plans else MemoryPlan(budget, 0, False)  # a .pt2 program: validated side by side
     apart = plan.apart and source.work is not None and source.work.heldout is not None

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from ..bake.squash import SquashResult
@@ -164,8 +165,8 @@ class Stages:
                                  "give --other-text FILE")
             check_dynamic_axes(work.model, work.example(), o.export.dynamic_axes, work.io)  # before any work
             # one copy of the weights in PyTorch and one in onnxruntime must fit (exit 13 here, before any work)
-            memory = (memory_plan(weight_bytes(work.model), o.max_memory, asked=o.max_memory is not None, can_part=not target.cached, loaded=True)
-                      if o.writer else None)
+            memory = (memory_plan(weight_bytes(work.model), o.max_memory, asked=o.max_memory is not None, can_part=not target.cached, loaded=True,
+                                  half=target.dtype == torch.float16) if o.writer else None)
             calibration = first_samples(work.require_calibration(), c.max_samples)
             timer.totals["calibrate"] = total_samples(calibration) if c.group is None else None  # distributed: a share
         return cls(work, timer, target, memory=memory), recipe, calibration

@@ -17,6 +17,8 @@ before any work).
     True
     >>> memory_plan(2 * 10**9, budget=35 * 10**8, held=3 * 10**8).apart
     True
+    >>> memory_plan(10**9, budget=35 * 10**8, held=3 * 10**8, half=True).one_at_a_time  # a float16 session holds twice its file
+    True
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from .errors import MemoryBudgetError, UsageError
 
 __all__ = [
-    "APART", "SIDE_BY_SIDE", "VALIDATE", "MemoryPlan", "available_memory", "format_bytes", "memory_plan", "parse_memory",
+    "APART", "HALF_RUNTIME", "SIDE_BY_SIDE", "VALIDATE", "MemoryPlan", "available_memory", "format_bytes", "memory_plan", "parse_memory",
     "peak_memory", "resident_memory",
 ]
 
@@ -39,6 +41,10 @@ SIDE_BY_SIDE = 2.3
 #: what a run holds with validation in two passes and one session at a time, in weights: one copy, its largest tensors
 #: twice while a stage swaps them, and the outputs kept
 APART = 1.4
+#: what onnxruntime's CPU provider holds of a float16 model, per byte of its weights: it runs float16 MatMuls in float32
+#: and keeps the weights cast (measured: 1.82 GB of float16 weights, a decoder of TinyLlama's shape, a 4.0-4.6 GB session;
+#: ``tools/measure_session_memory.py``)
+HALF_RUNTIME = 2.0
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -116,13 +122,14 @@ class MemoryPlan:
 
 
 def memory_plan(weights: int, budget: int | None = None, held: int | None = None, asked: bool = False,
-                can_part: bool = True, loaded: bool = False, what: str = "convert") -> MemoryPlan:
+                can_part: bool = True, loaded: bool = False, what: str = "convert", half: bool = False) -> MemoryPlan:
     """The plan for a model of ``weights`` bytes in a process that holds ``held`` bytes beside them
     (default: :func:`resident_memory`, less the weights where the model is ``loaded`` already),
     within ``budget`` (default: :func:`available_memory` plus what the process holds): side by side
     (:data:`VALIDATE`); else, where ``can_part`` (a model validated without a cache), in two passes and a session at a time (:data:`APART`); else a
     :class:`MemoryBudgetError`. ``asked``: the budget is the user's ``--max-memory`` (said so in the message);
-    ``what``: the command, as the message names it."""
+    ``what``: the command, as the message names it; ``half``: the ONNX model is float16 (onnxruntime holds it in float32:
+    :data:`HALF_RUNTIME`)."""
     if held is None:
         now = resident_memory()
         held = max(0, now - weights) if loaded else now
@@ -132,15 +139,18 @@ def memory_plan(weights: int, budget: int | None = None, held: int | None = None
     elif budget is None:
         free = available_memory()
         budget = None if free is None else free + held
-    need = held + int(VALIDATE * weights)
+    runtime = HALF_RUNTIME if half else 1.0  # onnxruntime's copy, per byte of the weights PyTorch holds
+    need = held + int((1 + (VALIDATE - 1) * runtime) * weights)
     if budget is None or need <= budget:
-        return MemoryPlan(budget, need, budget is not None and held + int(SIDE_BY_SIDE * weights) > budget, weights=weights, asked=asked)
-    parted = held + int(APART * weights)
+        return MemoryPlan(budget, need, budget is not None and held + int(SIDE_BY_SIDE * runtime * weights) > budget, weights=weights,
+                          asked=asked)
+    parted = held + int(max(APART, (VALIDATE - 1) * runtime) * weights)
     if can_part and parted <= budget:
         return MemoryPlan(budget, parted, True, apart=True, weights=weights, asked=asked)
     allowed = f"--max-memory {format_bytes(budget)}" if asked else f"the {format_bytes(budget)} this machine has free"
     how = ("once by PyTorch, then by onnxruntime" if can_part else "once by PyTorch and once by onnxruntime while a decoder with its "
            "cache is validated")
+    how += ", which holds float16 weights as float32" if half else ""
     raise MemoryBudgetError(
         f"the model's weights ({format_bytes(weights)}) need about {format_bytes(parted if can_part else need)} to {what} (held {how}, "
         f"beside {format_bytes(held)} already in use), over {allowed}: free memory, or convert on a machine with more")

@@ -206,3 +206,20 @@ def test_validate_in_two_passes_under_max_memory_gives_the_same_report(tmp_path:
     monkeypatch.setattr(commands, "squash_workload", never)  # the check comes once the model loads, before any work
     one_line_error(invoke("validate", out / "model.onnx", "digits-mlp", "--masks", out / "masks.safetensors", "--max-memory", "1kB"),
                    13, "--max-memory", "to validate")
+
+
+def test_a_float16_export_counts_onnxruntime_holding_its_weights_as_float32(tmp_path: Path, monkeypatch) -> None:
+    """onnxruntime's CPU provider keeps a float16 model's weights cast to float32: twice the bytes PyTorch holds.
+    A budget that fits float16 weights counted once on each side does not fit that: validation runs in two passes."""
+    from actsparse_deploy.base import memory
+    from actsparse_deploy.models.loading import load_model
+    from actsparse_deploy.nn.modules import weight_bytes
+
+    half = weight_bytes(load_model("digits-mlp").module) // 2  # the weights as the float16 run holds them
+    monkeypatch.setattr(memory, "resident_memory", lambda: 0)
+    budget = int(half * 2.5)  # over VALIDATE (2.2) float16 weights, under one float16 copy and one float32 copy (3.4)
+    report = convert("digits-mlp", tmp_path / "half", dtype="float16", max_memory=budget, threads=1, latency=False)
+    assert report is not None and report.export.dtype == "float16" and report.validation is not None and report.validation.passed
+    assert report.memory is not None and report.memory.weights_bytes == half and report.memory.apart
+    full = convert("digits-mlp", tmp_path / "full", max_memory=int(half * 2 * 2.5), threads=1, latency=False)  # float32: fits
+    assert full is not None and full.memory is not None and not full.memory.apart
