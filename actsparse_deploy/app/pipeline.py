@@ -354,6 +354,8 @@ class Stages:
         dense, batches = reference.target, target.batches(held)
         exporting = dense_export(dense, scratch, exporter=exported.exporter, opset=exported.opset, io_spec=exported.io,
                                  example=target.example(work), verbose=verbose) if reference.onnx is None else None
+        if self.memory is not None and not self.memory.one_at_a_time and not self.memory.sessions_fit():
+            self.memory = replace(self.memory, one_at_a_time=True)  # what the stages before left held: two sessions are over it now
         apart = one_at_a_time(self.memory is not None and self.memory.one_at_a_time)  # where two sessions are over --max-memory
         with self.timer("latency"), apart, exporting or contextlib.nullcontext(reference.onnx) as dense_path:
             assert dense_path is not None

@@ -109,11 +109,25 @@ class MemoryPlan:
     weights: int = 0
     #: the budget is the user's (``--max-memory``)
     asked: bool = False
+    #: what onnxruntime holds of the model, per byte of its weights (:data:`HALF_RUNTIME` for float16)
+    runtime: float = 1.0
 
     @property
     def said(self) -> bool:
         """Whether the report says it (a budget asked for, or one that changed how the run went)."""
         return self.asked or self.apart or self.one_at_a_time
+
+    def sessions_fit(self, held: int | None = None) -> bool:
+        """Whether the latency check's two sessions side by side fit the budget beside ``held`` bytes
+        (default: what the process holds now, :func:`resident_memory`, known only once the stages
+        before it ran: a decoder's cache validation and an exporter's leftovers are not in the plan).
+
+        >>> plan = memory_plan(10**9, budget=4 * 10**9, held=10**8)
+        >>> plan.one_at_a_time, plan.sessions_fit(held=10**8), plan.sessions_fit(held=2 * 10**9)
+        (False, True, False)
+        """
+        held = resident_memory() if held is None else held
+        return self.budget is None or held + int(SIDE_BY_SIDE * self.runtime * self.weights) <= self.budget
 
     def to_json(self) -> dict[str, int | bool | None]:
         """The report's ``memory`` section, with the process's peak so far (:func:`peak_memory`)."""
@@ -143,10 +157,10 @@ def memory_plan(weights: int, budget: int | None = None, held: int | None = None
     need = held + int((1 + (VALIDATE - 1) * runtime) * weights)
     if budget is None or need <= budget:
         return MemoryPlan(budget, need, budget is not None and held + int(SIDE_BY_SIDE * runtime * weights) > budget, weights=weights,
-                          asked=asked)
+                          asked=asked, runtime=runtime)
     parted = held + int(max(APART, (VALIDATE - 1) * runtime) * weights)
     if can_part and parted <= budget:
-        return MemoryPlan(budget, parted, True, apart=True, weights=weights, asked=asked)
+        return MemoryPlan(budget, parted, True, apart=True, weights=weights, asked=asked, runtime=runtime)
     allowed = f"--max-memory {format_bytes(budget)}" if asked else f"the {format_bytes(budget)} this machine has free"
     how = ("once by PyTorch, then by onnxruntime" if can_part else "once by PyTorch and once by onnxruntime while a decoder with its "
            "cache is validated")

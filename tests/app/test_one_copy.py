@@ -223,3 +223,28 @@ def test_a_float16_export_counts_onnxruntime_holding_its_weights_as_float32(tmp_
     assert report.memory is not None and report.memory.weights_bytes == half and report.memory.apart
     full = convert("digits-mlp", tmp_path / "full", max_memory=int(half * 2 * 2.5), threads=1, latency=False)  # float32: fits
     assert full is not None and full.memory is not None and not full.memory.apart
+
+
+def test_the_latency_check_times_one_session_at_a_time_where_what_the_stages_left_held_is_over_the_budget(tmp_path: Path,
+                                                                                                          monkeypatch) -> None:
+    """The plan made at load counts the weights; what the stages before the latency check leave held (a decoder's
+    cache validation, an exporter's leftovers) is known only then: two sessions over the budget by then, one at a time."""
+    from actsparse_deploy.base import memory
+    from actsparse_deploy.models.loading import load_model
+    from actsparse_deploy.nn.modules import weight_bytes
+
+    weights = weight_bytes(load_model("digits-mlp").module)
+    budget = weights * 10
+    held = {"now": 0}
+    monkeypatch.setattr(memory, "resident_memory", lambda: held["now"])
+
+    def on_stage(stage: str, total: int | None) -> None:
+        if stage == "measuring cost":  # the stage before the latency check: the process holds most of the budget from here on
+            held["now"] = budget - weights
+
+    report = convert("digits-mlp", tmp_path / "late", max_memory=budget, threads=1, on_stage=on_stage)
+    assert report is not None and report.latency is not None and report.latency.one_at_a_time is True
+    assert report.memory is not None and report.memory.one_at_a_time and not report.memory.apart
+    held["now"] = 0
+    roomy = convert("digits-mlp", tmp_path / "roomy", max_memory=budget, threads=1)
+    assert roomy is not None and roomy.latency is not None and not roomy.latency.one_at_a_time
