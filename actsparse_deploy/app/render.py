@@ -377,7 +377,7 @@ def convert_summary(report: Report) -> list[RenderableType]:
     lines += [*cost_lines(report.cost), *budget_lines(report.budget)]
     latency = report.latency
     if latency is not None:
-        apart = ", one model at a time (--max-memory)" if latency.one_at_a_time else ""
+        apart = ", one model at a time to keep within the memory budget" if latency.one_at_a_time else ""
         lines.append(
             f"onnxruntime latency ({_plural(latency.threads, 'thread')}, median of {latency.runs} "
             f"passes over {latency.samples} held-out samples{apart}): dense {milliseconds(latency.dense_ms)}, converted "

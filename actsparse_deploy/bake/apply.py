@@ -232,7 +232,7 @@ def _mul_outputs(model: nn.Module, prepared: dict[str, Prepared], batches: list[
             layer = originals[name] if prep.edits == (None, None) else _edited(originals[name], prep.edits)
             _replace_module(model, name, _masked(layer, prep.mask))
         outputs = []
-        with eval_mode(model):
+        with eval_mode(model):  # no grad: outputs kept across the swaps, never an autograd graph
             for i, batch in enumerate(batches):
                 try:
                     outputs.append(flatten_outputs(run_batch(model, batch)))

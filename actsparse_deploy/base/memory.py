@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import MemoryBudgetError, UsageError
 
@@ -156,8 +156,8 @@ def memory_plan(weights: int, budget: int | None = None, held: int | None = None
     runtime = HALF_RUNTIME if half else 1.0  # onnxruntime's copy, per byte of the weights PyTorch holds
     need = held + int((1 + (VALIDATE - 1) * runtime) * weights)
     if budget is None or need <= budget:
-        return MemoryPlan(budget, need, budget is not None and held + int(SIDE_BY_SIDE * runtime * weights) > budget, weights=weights,
-                          asked=asked, runtime=runtime)
+        plan = MemoryPlan(budget, need, False, weights=weights, asked=asked, runtime=runtime)
+        return replace(plan, one_at_a_time=not plan.sessions_fit(held))
     parted = held + int(max(APART, (VALIDATE - 1) * runtime) * weights)
     if can_part and parted <= budget:
         return MemoryPlan(budget, parted, True, apart=True, weights=weights, asked=asked, runtime=runtime)

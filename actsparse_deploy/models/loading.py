@@ -20,6 +20,7 @@ files (:class:`ModelOptions`: ``task``, ``text``, ``heldout_text``, ``max_length
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from collections.abc import Iterable, Iterator, Mapping
@@ -243,33 +244,40 @@ def load_other_text(loaded: LoadedModel, options: ModelOptions | None, batch_siz
 READ_BYTES = 32 * 2**20
 
 
+@contextlib.contextmanager
+def _safetensors_read(path: Path) -> Iterator[Any]:
+    """``safe_open(path)`` for the block; a file it cannot read (at opening or while reading) is a WeightsError."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
+    except BaseException as e:
+        if not unreadable(e):
+            raise
+        raise WeightsError(f"weights file {path} is not a readable .safetensors file ({reason(e)})") from e
+
+
 class _SafetensorsFile(Mapping[str, torch.Tensor]):
     """A ``.safetensors`` file as a mapping that reads a tensor when it is asked for (shapes from the header)."""
 
     def __init__(self, path: Path, handle: Any) -> None:
-        self.path, self.handle = path, handle
-        self.names = dict.fromkeys(handle.keys())  # in the file's order
+        self.path = path
+        self.shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # in the file's order
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        try:  # the file opened for each tensor: what one read maps is let go with that tensor, never the whole file
-            with safe_open(str(self.path), framework="pt") as one:
-                return one.get_tensor(name)
-        except BaseException as e:
-            if not unreadable(e):
-                raise
-            raise WeightsError(f"weights file {self.path} is not a readable .safetensors file ({reason(e)})") from e
+        with _safetensors_read(self.path) as one:  # opened for each tensor: what a read maps goes with it, never the whole file
+            return one.get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
+        return iter(self.shapes)
 
     def __contains__(self, name: object) -> bool:
-        return name in self.names
+        return name in self.shapes
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.shapes)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.handle.get_slice(name).get_shape())
+        return self.shapes[name]
 
     def copy_into(self, name: str, target: torch.Tensor) -> None:
         """Tensor ``name`` copied into ``target`` (its shape) :data:`READ_BYTES` at a time, the file opened for
@@ -281,13 +289,8 @@ class _SafetensorsFile(Mapping[str, torch.Tensor]):
             target.copy_(self[name])
             return
         for start in range(0, rows, step):
-            try:
-                with safe_open(str(self.path), framework="pt") as one:
-                    target[start:start + step].copy_(one.get_slice(name)[start:start + step])
-            except BaseException as e:
-                if not unreadable(e):
-                    raise
-                raise WeightsError(f"weights file {self.path} is not a readable .safetensors file ({reason(e)})") from e
+            with _safetensors_read(self.path) as one:
+                target[start:start + step].copy_(one.get_slice(name)[start:start + step])
 
 
 def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
@@ -296,12 +299,8 @@ def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        try:
-            return _SafetensorsFile(path, safe_open(str(path), framework="pt"))
-        except BaseException as e:
-            if not unreadable(e):
-                raise
-            raise WeightsError(f"weights file {path} is not a readable .safetensors file ({reason(e)})") from e
+        with _safetensors_read(path) as handle:  # the header: names and shapes
+            return _SafetensorsFile(path, handle)
     obj = torch_load(path, "weights file", WeightsError, mmap=True)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]

@@ -62,7 +62,7 @@ class Recorded(nn.Module):
     def of(cls, model: nn.Module, batch_sets: Iterable[Iterable[Batch]]) -> Recorded:
         """``model``'s outputs on every batch of ``batch_sets`` (eval mode, no grad; a batch seen twice runs once)."""
         outputs: dict[str, Any] = {}
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model):  # no grad too
             for batches in batch_sets:
                 for batch in batches:
                     key = inputs_digest(*call_args(batch))

@@ -245,6 +245,11 @@ def test_the_latency_check_times_one_session_at_a_time_where_what_the_stages_lef
     report = convert("digits-mlp", tmp_path / "late", max_memory=budget, threads=1, on_stage=on_stage)
     assert report is not None and report.latency is not None and report.latency.one_at_a_time is True
     assert report.memory is not None and report.memory.one_at_a_time and not report.memory.apart
+    from actsparse_deploy.app.render import convert_summary, files_line
+
+    said = " ".join(str(line) for line in convert_summary(report))
+    assert "one model at a time to keep within the memory budget" in said and "peak memory" in files_line(report)
     held["now"] = 0
     roomy = convert("digits-mlp", tmp_path / "roomy", max_memory=budget, threads=1)
     assert roomy is not None and roomy.latency is not None and not roomy.latency.one_at_a_time
+    assert "one model at a time" not in " ".join(str(line) for line in convert_summary(roomy))
