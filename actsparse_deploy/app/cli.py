@@ -78,6 +78,7 @@ from .cli_options import (
     QuantizeOpt,
     RecipeFileOpt,
     RtolOpt,
+    SmoothOpt,
     StatsOnlyOpt,
     StructuredOpt,
     SweepMethod,
@@ -508,7 +509,7 @@ def _convert_options(flags: dict[str, Any]) -> tuple[Any, Callable[[Any, Any], A
                              progress.on_batch, f.max_cost_other),
             SquashOptions(str(f.mode)),
             ExportOptions(str(f.exporter), f.opset, f.external_data, tuple(f.dynamic_axis or ()), f.verbose, f.cache, str(f.dtype)),
-            ValidateOptions(f.atol, f.rtol, f.timeout), QuantizeOptions(f.quantize),
+            ValidateOptions(f.atol, f.rtol, f.timeout), QuantizeOptions(f.quantize, f.smooth),
             overwrite=f.overwrite, threads=f.threads, latency=not f.no_latency, on_stage=progress.on_stage, max_memory=f.max_memory,
         )
 
@@ -550,6 +551,7 @@ def convert_cmd(
     cache: CacheOpt = None,
     dtype: DtypeOpt = Dtype("auto"),
     quantize: QuantizeOpt = "none",
+    smooth: SmoothOpt = True,
     opset: OpsetOpt = None,
     external_data: ExternalOpt = False,
     atol: AtolOpt = DEFAULT_ATOL,

@@ -75,6 +75,7 @@ __all__ = [
     "NoLatencyOpt",
     "CacheOpt",
     "QuantizeOpt",
+    "SmoothOpt",
     "OpsetOpt",
     "OverwriteOpt",
     "RecipeFileOpt",
@@ -370,6 +371,11 @@ QuantizeOpt = Annotated[
     typer.Option("--quantize", help="After validation, quantize the ONNX model with onnxruntime: none, int8 (dynamic, "
                  "per-channel int8 weights), int8-static (activation ranges from the calibration data) or auto (int8 where "
                  "--max-cost has room for it; without --max-cost, int8).", show_default=False),
+]
+SmoothOpt = Annotated[
+    bool,
+    typer.Option("--smooth/--no-smooth", help="With --quantize: before export, move part of each matrix product's input range "
+                 "into its weight (SmoothQuant; the strength chosen per layer on the calibration data) where that lowers its int8 error."),
 ]
 Dtype = enum.StrEnum("Dtype", {name: name for name in EXPORT_DTYPES})  # type: ignore[misc]
 DtypeOpt = Annotated[

@@ -156,6 +156,8 @@ class QuantizeOptions:
     (:data:`QUANTIZE_MODES`; ``none``: left in float)."""
 
     mode: str = "none"
+    #: before int8, the matrix products' inputs smoothed where it lowers their int8 error (:mod:`actsparse_deploy.bake.smooth`)
+    smooth: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in QUANTIZE_MODES:
@@ -219,12 +221,12 @@ _FLAT: dict[str, tuple[str, ...]] = {
                   "max_cost_other"),
     "squash": ("mode",),
     "validate": ("atol", "rtol", "timeout"),
-    "quantize": ("quantize",),
+    "quantize": ("quantize", "smooth"),
     "load": ("weights", "data", "heldout", "batch_size", "labels"),
 }
 _MADE: dict[str, Callable[..., Any]] = {"model": ModelOptions, "export": ExportOptions, "calibrate": CalibrateOptions,
                                         "squash": SquashOptions, "validate": ValidateOptions, "load": LoadOptions,
-                                        "quantize": lambda quantize="none": QuantizeOptions(quantize)}
+                                        "quantize": lambda quantize="none", smooth=True: QuantizeOptions(quantize, smooth)}
 
 
 @dataclass(frozen=True, init=False)
@@ -258,7 +260,7 @@ class ConvertOptions:
         unknown = sorted(set(flat) - {name for names in _FLAT.values() for name in names})
         if unknown:
             raise TypeError(f"ConvertOptions() got an unexpected keyword argument {unknown[0]!r}")
-        if isinstance(quantize, str):  # the flat keyword (its group's one field) shares the group's name
+        if isinstance(quantize, str):  # the flat keyword (its group's first field) shares the group's name
             flat["quantize"], quantize = quantize, None
         given = {"load": load, "calibrate": calibrate, "squash": squash, "export": export, "validate": validate,
                  "quantize": quantize, "model": load.model if load is not None else None}

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..bake.smooth import Smoothing, plan_smoothing, smoothed
 from ..bake.squash import SquashResult
 from ..base.errors import OutputError, UsageError
 from ..base.files import check_output_path, os_reason, output_folder, publish, staging_dir
@@ -63,7 +64,7 @@ from ..onnx.quantize import FLOAT_FOLDER, Quantized, frontier, quantize_onnx, qu
 from ..onnx.validate import ValidationReport, validate
 from .cost import cost_stage
 from .options import CalibrateOptions, ConvertOptions, ExportOptions, QuantizeOptions, ValidateOptions
-from .quantize import Int8Plan, int8_room, quantize_stage
+from .quantize import Int8Plan, int8_room, quantize_stage, smooth_stage
 from .report import Report, named_input_shape
 from .workload import squash_workload
 
@@ -76,7 +77,7 @@ __all__ = ["STAGES", "ConvertOptions", "Stages", "Timer", "build_report", "conve
 
 #: what the stages tell ``on_stage`` as each starts (``load`` is silent)
 STAGES = {"calibrate": "calibrating", "reference": "recording the dense model", "squash": "squashing", "export": "exporting",
-          "validate": "validating", "cost": "measuring cost", "quantize": "quantizing", "latency": "measuring latency"}
+          "validate": "validating", "cost": "measuring cost", "smooth": "smoothing", "quantize": "quantizing", "latency": "measuring latency"}
 
 
 @dataclass
@@ -224,7 +225,7 @@ class Stages:
         with staging_dir(plan.scratch) as folder:
             def cost(model: nn.Module) -> tuple[float, float]:
                 return self.quantized_cost(model, calibration, tuning, budget.kind, "int8" if asked == "auto" else asked, plan.export,
-                                           folder / str(len(measured)))
+                                           folder / str(len(measured)), plan.smooth)
 
             room = int8_room(budget, cost(work.model)[0], asked)
 
@@ -240,15 +241,18 @@ class Stages:
         return result.masks, replace(result, budget=budget, quantization={**room.to_json(), **found})
 
     def quantized_cost(self, model: nn.Module, calibration: Iterable[Batch], tuning: list[Batch], kind: str, mode: str,
-                       o: ExportOptions, folder: Path) -> tuple[float, float]:
+                       o: ExportOptions, folder: Path, smooth: bool = True) -> tuple[float, float]:
         """The budget ``kind``'s figure of ``model`` quantized by ``mode``, and its standard error: exported
-        into ``folder`` (removed after) as ``convert`` exports it, quantized, and measured against the dense
-        PyTorch model on ``tuning`` as the budget search measures its candidates (``int8-static``: ranges
-        from ``calibration``)."""
+        into ``folder`` (removed after) as ``convert`` exports it (``smooth``: smoothed as convert smooths it,
+        its ranges from ``calibration`` and its strengths chosen on ``tuning``; the model as it was after),
+        quantized, and measured against the dense PyTorch model on ``tuning`` as the budget search measures
+        its candidates (``int8-static``: ranges from ``calibration``)."""
         work, target = self.work, self.target
         folder.mkdir()
         try:
-            exported = self.export(model, folder / "model.onnx", o, timed=False)
+            plan = plan_smoothing(model, unpadded(calibration), tuning, mode) if smooth else None
+            with smoothed(model, plan) if plan is not None else contextlib.nullcontext(model):
+                exported = self.export(model, folder / "model.onnx", o, timed=False)
             io, path = target.validation_io(exported.io), folder / "model.int8.onnx"
             quantize_onnx(exported.path, path, mode, calibration=target.batches(calibration) if mode == "int8-static" else None, io_spec=io)
             return quantized_cost(work.model, path, tuning, target.batches(tuning), kind, io_spec=io)
@@ -331,18 +335,25 @@ class Stages:
             return cost_stage(self.work, model, path, io, budget, onnx_batches=self.target.batches, dense=dense)
 
     def quantize(self, path: Path, exported: ExportResult, o: QuantizeOptions, budget: BudgetResult | None = None,
-                 verbose: bool = False, dense: nn.Module | None = None) -> Quantized | None:
+                 verbose: bool = False, dense: nn.Module | None = None, smoothing: Smoothing | None = None) -> Quantized | None:
         """The validated ONNX model at ``path`` quantized in its place (``o.mode``; None for ``none``),
         the float one moved aside, and held to ``budget`` where there is one
-        (:func:`~actsparse_deploy.app.quantize.quantize_stage`)."""
-        mode = o.mode
-        if mode == "auto":  # int8 where the budget left room for it (Stages.calibrate), int8 without a budget
-            mode = budget.quantization["mode"] if budget is not None and budget.quantization else "int8"
+        (:func:`~actsparse_deploy.app.quantize.quantize_stage`); ``smoothing``: what :meth:`smooth` did before export."""
+        mode = quantize_mode(o, budget)
         if mode == "none":
             return None
         with self.timer("quantize"):
             return quantize_stage(self.work, self.target, path, exported.io, mode, budget.budget if budget else None, verbose,
-                                  dense=dense)
+                                  dense=dense, smoothing=smoothing)
+
+    def smooth(self, model: nn.Module, o: ConvertOptions, budget: BudgetResult | None = None) -> Smoothing | None:
+        """Before export, ``model``'s matrix products smoothed for the int8 that ``o.quantize`` will run, where
+        that lowers their int8 error (:func:`~actsparse_deploy.app.quantize.smooth_stage`); None: no int8, or ``--no-smooth``."""
+        mode = quantize_mode(o.quantize, budget)
+        if mode == "none" or not o.quantize.smooth:
+            return None
+        with self.timer("smooth"):
+            return smooth_stage(self.work, model, mode, o.calibrate.max_samples)
 
     def latency(self, path: Path, exported: ExportResult, scratch: Path, verbose: bool = False,
                 quantized: Quantized | None = None, reference: DenseReference | None = None) -> dict[str, Any]:
@@ -371,6 +382,14 @@ class Stages:
                                                calibration=target.batches(work.require_calibration()) if static else None,
                                                decode_prompt=prompt)
             return figures
+
+
+def quantize_mode(o: QuantizeOptions, budget: BudgetResult | None) -> str:
+    """The quantization that runs: ``o.mode``, where ``auto`` is int8 where the budget left room for it
+    (:meth:`Stages.calibrate`), int8 without a budget."""
+    if o.mode == "auto":
+        return str(budget.quantization["mode"]) if budget is not None and budget.quantization else "int8"
+    return o.mode
 
 
 @contextlib.contextmanager
@@ -446,7 +465,7 @@ def convert(model: str, outdir: str | Path, options: ConvertOptions | None = Non
 
 def _convert(model: str, outdir: Path, o: ConvertOptions) -> Report | None:
     stages, recipe, calibration = Stages.load(model, o)
-    int8 = Int8Plan(o.quantize.mode, o.export, o.squash.mode, outdir) if o.writer else None
+    int8 = Int8Plan(o.quantize.mode, o.export, o.squash.mode, outdir, o.quantize.smooth) if o.writer else None
     calibrated = stages.calibrate(recipe, calibration, o.calibrate, int8)
     if calibrated is None:  # another rank than 0 of a distributed run
         return None
@@ -465,6 +484,7 @@ def _staged_report(stages: Stages, masks: Masks, budget: BudgetResult | None, sq
                    outdir: Path, o: ConvertOptions, dense: DenseReference) -> Report:
     """Export, validate and measure into ``staging`` against ``dense``; the report of the run."""
     onnx_path = staging / "model.onnx"
+    smoothing = stages.smooth(squashed.model, o, budget)  # before export: the float model validated is the one quantized
     exported = stages.export(squashed.model, onnx_path, o.export, layer_metadata(squashed.report(), o.squash.mode), outdir=outdir)
     # where one copy at a time is all that fits: the squashed model's outputs kept for the cost, its weights let go once
     # validation has its outputs, and onnxruntime validates alone
@@ -474,7 +494,7 @@ def _staged_report(stages: Stages, masks: Masks, budget: BudgetResult | None, sq
                                  release=(lambda: release_weights(squashed.model)) if apart else None)
     cost, budget = stages.cost(sparse, onnx_path, exported, budget, dense=dense.model)
     # the float model validated above, moved aside
-    quantized = stages.quantize(onnx_path, exported, o.quantize, budget, o.export.verbose, dense=dense.target)
+    quantized = stages.quantize(onnx_path, exported, o.quantize, budget, o.export.verbose, dense=dense.target, smoothing=smoothing)
     release_weights(squashed.model)  # onnxruntime's sessions from here on: no PyTorch weights beside them (the dense model's
     # too, where squash changed it in place; else the latency stage exports it)
     speed = None

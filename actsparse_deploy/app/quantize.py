@@ -6,16 +6,24 @@
 ends (its validation against PyTorch is the strict one; the quantized model is
 judged by its cost, and held to the budget: :func:`~actsparse_deploy.onnx.quantize.check_quantized`).
 The latency stage puts the alternatives side by side
-(:func:`~actsparse_deploy.onnx.quantize.frontier`).
+(:func:`~actsparse_deploy.onnx.quantize.frontier`). Before export, :func:`smooth_stage`
+smooths the squashed model's matrix products where that lowers their int8 error
+(:mod:`actsparse_deploy.bake.smooth`), so the float model validated is the one quantized.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from ..bake.apply import HALF_PRUNE_ATOL, HALF_PRUNE_RTOL, PRUNE_ATOL, PRUNE_RTOL
+from ..bake.smooth import Smoothing, apply_smoothing, plan_smoothing
 from ..base.errors import ValidationError
+from ..data.batches import Batch, first_samples, unpadded
 from ..data.iospec import IOSpec
 from ..data.workload import Workload
 from ..models.decoder import Target
@@ -23,12 +31,15 @@ from ..onnx.quantize import Quantized, check_quantized, quantization_json, quant
 from .report import Report
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from torch import nn
 
     from .budget import Budget
     from .options import ExportOptions
 
-__all__ = ["Int8Plan", "Int8Room", "int8_room", "quantize_file", "quantize_stage"]
+__all__ = ["Int8Plan", "Int8Room", "int8_room", "quantize_file", "quantize_stage", "smooth_stage", "smoothing_plan"]
+
 
 def quantize_file(onnx_model: Path, output: Path, mode: str, data: str | None = None, batch_size: int = 32,
                   overwrite: bool = False) -> Report:
@@ -59,6 +70,8 @@ class Int8Plan:
     export: ExportOptions
     squash: str
     scratch: Path
+    #: the matrix products smoothed before int8 where it helps (``--no-smooth``: never)
+    smooth: bool = True
 
 
 @dataclass(frozen=True)
@@ -89,18 +102,40 @@ def int8_room(budget: Budget, share: float, asked: str) -> Int8Room:
     return Int8Room("none", share, budget, why)
 
 
+def smoothing_plan(model: nn.Module, calibration: Iterable[Batch], mode: str) -> Smoothing:
+    """Which of ``model``'s matrix products to smooth before ``mode`` (``int8`` / ``int8-static``), at which
+    strength: their inputs' ranges from the calibration part of ``calibration``, each strength's int8 error
+    on its tuning split (:func:`~actsparse_deploy.app.budget.split_tuning`; padding left out)."""
+    from .budget import split_tuning
+
+    fitted, tuning = split_tuning(calibration)
+    return plan_smoothing(model, unpadded(fitted), unpadded(tuning), mode)
+
+
+def smooth_stage(work: Workload, model: nn.Module, mode: str, max_samples: int | None = None) -> Smoothing:
+    """``convert``'s smoothing before ``--quantize``: :func:`smoothing_plan` on ``model`` (the squashed model;
+    the first ``max_samples`` calibration samples) baked into it, checked on two held-out batches against its
+    outputs before (squash's tolerance: a SquashError, and the model as it was, where they differ)."""
+    plan = smoothing_plan(model, first_samples(work.require_calibration(), max_samples), mode)
+    half = next((p.dtype for p in model.parameters() if p.is_floating_point()), None) in (torch.float16, torch.bfloat16)
+    tolerance = (HALF_PRUNE_ATOL, HALF_PRUNE_RTOL) if half else (PRUNE_ATOL, PRUNE_RTOL)
+    return apply_smoothing(model, plan, check=list(itertools.islice(work.heldout or [], 2)), atol=tolerance[0], rtol=tolerance[1])
+
+
 def quantize_stage(work: Workload, target: Target, path: Path, exported: IOSpec, mode: str, budget: Any = None,
-                   verbose: bool = False, dense: nn.Module | None = None) -> Quantized:
+                   verbose: bool = False, dense: nn.Module | None = None, smoothing: Smoothing | None = None) -> Quantized:
     """``convert``'s quantize stage: the validated model at ``path`` quantized in its place
     (:func:`~actsparse_deploy.onnx.quantize.quantize_staged`; ``int8-static``'s ranges from the calibration data), then held to
     ``budget`` (a :class:`~actsparse_deploy.app.budget.Budget`) on the held-out data
     (:func:`~actsparse_deploy.onnx.quantize.check_quantized`) against ``dense``, the dense model as it is
-    exported (its recorded outputs, once squash changed it in place; None: ``work.model``'s)."""
+    exported (its recorded outputs, once squash changed it in place; None: ``work.model``'s); ``smoothing``:
+    what :func:`smooth_stage` did before export (the report's ``quantization.smoothing``)."""
     io, dense = target.validation_io(exported), dense if dense is not None else target.model(work.model)
     calibration = target.batches(work.require_calibration()) if mode == "int8-static" else None
     held = target.batches(work.require_heldout()) if budget is not None else None
     result, floated = quantize_staged(path, mode, calibration, io, verbose)
+    smoothed = smoothing.to_json() if smoothing is not None else None
     if budget is None or held is None:
-        return Quantized(result, floated)
+        return Quantized(result, floated, smoothing=smoothed)
     kept = check_quantized(budget, dense, path, held, io=io, tokens=work.causal_lm, labels=work.labels)
-    return Quantized(result, floated, kept)
+    return Quantized(result, floated, kept, smoothed)

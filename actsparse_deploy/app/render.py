@@ -410,6 +410,8 @@ def quantization_lines(quantization: Quantization | None) -> list[RenderableType
     lines: list[RenderableType] = [
         f"quantized ({quantization.mode}, onnxruntime, per-channel weights): {ops}; "
         f"{size(quantization.size_before)} -> {size(quantization.size_after)}"]
+    if quantization.smoothing is not None:
+        lines.append(f"smoothing: {quantization.smoothing['summary']} (report.json: quantization.smoothing, per layer and why)")
     if quantization.frontier:
         other, decode = "other_text" in quantization.frontier[0], "decode_ratio" in quantization.frontier[0]
         columns = ["variant", "size", "latency", *(["decode"] if decode else []), "cost against the dense model",

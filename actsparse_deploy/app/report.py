@@ -403,6 +403,9 @@ class Quantization(Section):
     frontier: list[dict[str, Any]] | None = field(default=None, metadata=_OMIT_NONE)
     #: ``--max-cost``: the quantized model's held-out cost by the budget, which it keeps (over it: exit 10)
     budget: dict[str, Any] | None = field(default=None, metadata=_OMIT_NONE)
+    #: the matrix products smoothed before int8 (``mode``, ``smoothed``, ``summary``, per layer ``layers``: smoothed,
+    #: ``alpha``, its int8 error on the tuning split without and with, ``why``); absent with ``--no-smooth``
+    smoothing: dict[str, Any] | None = field(default=None, metadata=_OMIT_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -532,15 +532,19 @@ def check_quantized(budget: CostBudget, dense: nn.Module, path: Path, batches: I
 @dataclass(frozen=True)
 class Quantized:
     """What ``convert``'s quantize stage did: onnxruntime's result, where the float model waits
-    (inside the staging folder), and the budget's figure of the quantized model (``--max-cost``)."""
+    (inside the staging folder), the budget's figure of the quantized model (``--max-cost``), and
+    the smoothing baked in before export."""
 
     result: QuantizeResult
     floated: Path
     budget: dict[str, Any] | None = None
+    #: the matrix products smoothed before it, per layer (:meth:`actsparse_deploy.bake.smooth.Smoothing.to_json`)
+    smoothing: dict[str, Any] | None = None
 
     def to_json(self, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """``report.json``'s ``quantization``, with the latency stage's frontier ``rows`` where it ran."""
-        return {**quantization_json(self.result, rows), **({"budget": self.budget} if self.budget is not None else {})}
+        return {**quantization_json(self.result, rows), **({"budget": self.budget} if self.budget is not None else {}),
+                **({"smoothing": self.smoothing} if self.smoothing is not None else {})}
 
 
 def quantization_json(result: QuantizeResult, rows: list[dict[str, Any]] | None) -> dict[str, Any]:

@@ -1,0 +1,343 @@
+"""Activation smoothing before int8 (SmoothQuant), from the calibration data's own statistics.
+
+onnxruntime's int8 quantizes each matrix product's input with one range for the
+whole tensor, so a few input features far larger than the rest (an outlier
+feature) take the range and leave the others a handful of steps. Smoothing moves
+part of that spread into the weight, whose rows each get their own range: per
+input feature ``j`` of a layer, ``s_j = max|x_j|^a / max|W[:, j]|^(1-a)``; the
+weight's column ``j`` is multiplied by ``s_j`` and the input divided by it (a
+constant ``Mul`` before the product: :class:`~actsparse_deploy.bake.apply.MaskedInput`),
+so the float model computes the same function and is validated like any squash.
+
+:func:`plan_smoothing` decides per layer, on data: the per-feature ranges of each
+layer's input over the calibration batches, then, on the tuning batches, the
+product's error when both sides are quantized as onnxruntime quantizes them
+(:func:`fake_int8`: ``int8``: one uint8 range per input tensor, found at run time;
+``int8-static``: one fixed range, the calibration data's; weights int8 per output
+row) for each ``a`` of :data:`ALPHAS` and without smoothing. A layer is smoothed
+at its best ``a`` where that lowers its error by :data:`MIN_GAIN` or more; every
+layer's row says why it is or is not. :func:`apply_smoothing` bakes the plan in
+(checked against the model's outputs before), :func:`smoothed` for the length of a block.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from actsparse_deploy.bake.smooth import apply_smoothing, plan_smoothing
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    >>> batches = [torch.randn(64, 16) * torch.tensor([40.0] + [1.0] * 15) for _ in range(4)]  # feature 0: an outlier
+    >>> plan = plan_smoothing(model, batches[:3], batches[3:])
+    >>> row = plan.layers["0"]
+    >>> row.smoothed, row.smoothed_error < row.error / 2
+    (True, True)
+    >>> before = model(batches[0])
+    >>> apply_smoothing(model, plan, check=batches[:1]).smoothed
+    ['0', '2']
+    >>> bool(torch.allclose(model(batches[0]), before, atol=1e-5)), type(model[0]).__name__
+    (True, 'MaskedInput')
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..base.errors import SquashError
+from ..data.batches import Batch, flatten_outputs, run_batch
+from ..nn.layers import layer_kind
+from ..nn.modules import eval_mode
+
+__all__ = ["ALPHAS", "KINDS", "MIN_GAIN", "MAX_ROWS", "LayerSmoothing", "Smoothing", "apply_smoothing", "fake_int8", "plan_smoothing", "smoothed"]
+
+#: the migration strengths tried per layer (SmoothQuant's ``alpha``: 0 leaves the input as it is, 1 moves it all into the weight)
+ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+#: a layer is smoothed where its best ``a`` lowers its product's int8 error by this fraction or more (the ``Mul``
+#: it adds costs time: MiniLM's 36 products smoothed ran 8 % slower before layers of one input shared theirs)
+MIN_GAIN = 0.2
+#: the layer kinds smoothed: those exported as a matrix product (onnxruntime's int8 leaves convolutions float)
+KINDS = ("linear", "conv1d")
+#: the rows of one input tensor whose products' errors are measured (evenly spread; the range is every row's)
+MAX_ROWS = 512
+#: the smallest range a feature's scale is made from (a feature that is always 0 keeps scale 1)
+_TINY = 1e-5
+
+
+@dataclass(frozen=True)
+class LayerSmoothing:
+    """One layer's decision: ``alpha`` (None: not smoothed), its product's relative int8 error
+    on the tuning batches without smoothing (``error``) and at ``alpha`` (``smoothed_error``), why."""
+
+    name: str
+    alpha: float | None
+    why: str
+    error: float | None = None
+    smoothed_error: float | None = None
+    #: per input feature, what the weight column is multiplied by (None: not smoothed)
+    scale: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def smoothed(self) -> bool:
+        return self.alpha is not None
+
+    def to_json(self) -> dict[str, Any]:
+        figures = {k: round(v, 6) for k, v in (("int8_error", self.error), ("smoothed_int8_error", self.smoothed_error)) if v is not None}
+        return {"layer": self.name, "smoothed": self.smoothed, "alpha": self.alpha, **figures, "why": self.why}
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """:func:`plan_smoothing`'s plan: per candidate layer, its :class:`LayerSmoothing`; ``mode``: the int8 it is for."""
+
+    mode: str
+    layers: dict[str, LayerSmoothing]
+
+    @property
+    def smoothed(self) -> list[str]:
+        return [name for name, row in self.layers.items() if row.smoothed]
+
+    def summary(self) -> str:
+        """One line: how many layers were smoothed, at which strengths."""
+        alphas = sorted({row.alpha for row in self.layers.values() if row.alpha is not None})
+        shown = f" (a {alphas[0]:g}-{alphas[-1]:g})" if len(alphas) > 1 else f" (a {alphas[0]:g})" if alphas else ""
+        return f"{len(self.smoothed)} of {len(self.layers)} matrix products smoothed before {self.mode}{shown}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "smoothed": len(self.smoothed), "summary": self.summary(),
+                "layers": [row.to_json() for row in self.layers.values()]}
+
+
+def fake_int8(x: torch.Tensor, weight: torch.Tensor, static: tuple[float, float] | None = None) -> torch.Tensor:
+    """``x @ weight.T`` as onnxruntime's int8 computes it (float arithmetic on the rounded values):
+    ``x`` (rows, in) on one uint8 grid that holds 0 and its range (``static``: the range ``(lo, hi)`` fixed
+    beforehand, values outside it clipped), ``weight`` (out, in) symmetric int8 per output row.
+
+        >>> x, w = torch.tensor([[0.5, -1.0]]), torch.tensor([[1.0, 2.0]])
+        >>> round(float(fake_int8(x, w)), 2), float(x @ w.T)
+        (-1.5, -1.5)
+    """
+    lo, hi = static if static is not None else (float(x.min()), float(x.max()))
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    step = (hi - lo) / 255 if hi > lo else 1.0
+    zero = min(max(round(-lo / step), 0), 255)
+    xq = (torch.clamp(torch.round(x / step) + zero, 0, 255) - zero) * step
+    row = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+    return xq @ (torch.round(weight / row).clamp(-127, 127) * row).T
+
+
+def _candidates(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The layers that could be smoothed (by name), and why each other matrix-product layer is not."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and name:
+            owners.setdefault(id(weight), []).append(name)
+    layers, skipped = {}, {}
+    for name, module in model.named_modules():
+        kind = layer_kind(module)
+        if kind is None or kind.name not in KINDS or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            continue
+        others = [o for o in owners.get(id(module.weight), []) if o != name]
+        if others:
+            skipped[name] = f"not smoothed: its weight is also {others[0]}'s (a tied weight keeps its values)"
+        elif kind.why_not_foldable(module) is not None:
+            skipped[name] = f"not smoothed: {kind.why_not_foldable(module)}"
+        else:
+            layers[name] = module
+    return layers, skipped
+
+
+@contextlib.contextmanager
+def _hooked(layers: dict[str, nn.Module], record: Any) -> Iterator[None]:
+    """``record(name, input, rows)`` with each layer's input as it is and as (rows, in features), float32, while the block runs."""
+    def hook(name: str) -> Any:
+        def pre(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            record(name, x, x.detach().reshape(-1, x.shape[-1]).float())
+        return pre
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _ranges(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Batch]
+            ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[list[str]]]:
+    """Per layer, its input's per-feature minimum and maximum over ``batches``; and the layers that read
+    one input tensor together (a query, key and value projection: one scale, one ``Mul``, shared)."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    first: dict[str, torch.Tensor] = {}  # the first batch's inputs, held: no two are the same object by chance
+
+    def record(name: str, x: torch.Tensor, rows: torch.Tensor) -> None:
+        lo, hi = rows.amin(0), rows.amax(0)
+        old = seen.get(name)
+        seen[name] = (lo, hi) if old is None else (torch.minimum(old[0], lo), torch.maximum(old[1], hi))
+        if not done:
+            first.setdefault(name, x)
+
+    done = False
+    with eval_mode(model), _hooked(layers, record):
+        for batch in batches:
+            run_batch(model, batch)
+            done = True
+    groups: list[list[str]] = []
+    for name, x in first.items():
+        group = next((g for g in groups if first[g[0]] is x), None)
+        group.append(name) if group is not None else groups.append([name])
+    groups += [[name] for name in seen if name not in first]  # first run after the first batch: alone
+    first.clear()
+    return seen, groups
+
+
+def _weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as (out, in), float32."""
+    kind = layer_kind(layer)
+    assert kind is not None
+    return kind.standard_weight(layer).detach().reshape(kind.out_features(layer), -1).float()
+
+
+def _scale(span: torch.Tensor, wmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-feature scale from the input's and the weight columns' largest magnitudes;
+    1 where the input or the weight column is always 0."""
+    dead = (span <= _TINY) | (wmax <= _TINY)
+    s = span.clamp(min=_TINY) ** alpha / wmax.clamp(min=_TINY) ** (1 - alpha)
+    return torch.where(dead, torch.ones_like(s), s)
+
+
+@dataclass
+class _Errors:
+    """One layer's candidate scales (None: unsmoothed) and their products' squared errors so far."""
+
+    scales: dict[float | None, torch.Tensor | None]
+    static: dict[float | None, tuple[float, float] | None]
+    weights: dict[float | None, torch.Tensor] = field(default_factory=dict)
+    error: dict[float | None, float] = field(default_factory=dict)
+    norm: float = 0.0
+
+
+def _group_errors(layers: dict[str, nn.Module], ranges: tuple[torch.Tensor, torch.Tensor], alphas: Sequence[float],
+                  static: bool) -> dict[str, _Errors]:
+    """The candidate scales of layers that read one input (its ``ranges``), one per strength for all of them
+    (SmoothQuant's, from the largest weight column of any of them), and each one's fixed input range (``static``)."""
+    lo, hi = ranges
+    weights = {name: _weight(layer) for name, layer in layers.items()}
+    span, wmax = torch.maximum(lo.abs(), hi.abs()), torch.stack([w.abs().amax(0) for w in weights.values()]).amax(0)
+    scales: dict[float | None, torch.Tensor | None] = {None: None, **{a: _scale(span, wmax, a) for a in alphas}}
+    fixed = {a: ((float((lo / s).min()), float((hi / s).max())) if s is not None else (float(lo.min()), float(hi.max())))
+             if static else None for a, s in scales.items()}
+    return {name: _Errors(scales, fixed, {a: w * s if s is not None else w for a, s in scales.items()}) for name, w in weights.items()}
+
+
+def plan_smoothing(model: nn.Module, calibration: Iterable[Batch], tuning: Iterable[Batch], mode: str = "int8",
+                   alphas: Sequence[float] = ALPHAS, min_gain: float = MIN_GAIN) -> Smoothing:
+    """Per matrix-product layer of ``model``: smoothed or not, at which ``a``, and why (see the module
+    docstring): input ranges from ``calibration``, each candidate's int8 error (``mode``: ``int8`` or
+    ``int8-static``) on ``tuning``. Nothing in the model is changed."""
+    layers, skipped = _candidates(model)
+    ranges, groups = _ranges(model, layers, calibration)
+    errors = {name: e for group in groups
+              for name, e in _group_errors({n: layers[n] for n in group}, ranges[group[0]], alphas, mode == "int8-static").items()}
+
+    def record(name: str, x: torch.Tensor, rows: torch.Tensor) -> None:
+        e, step = errors[name], -(-rows.shape[0] // MAX_ROWS)  # the range from every row, the error from some
+        want = rows[::step] @ e.weights[None].T
+        e.norm += float(want.square().sum())
+        for a, s in e.scales.items():
+            scaled = rows / s if s is not None else rows
+            fixed = e.static[a] or (float(scaled.min()), float(scaled.max()))
+            got = fake_int8(scaled[::step], e.weights[a], fixed)
+            e.error[a] = e.error.get(a, 0.0) + float((got - want).square().sum())
+
+    with eval_mode(model), _hooked({n: layers[n] for n in errors}, record):
+        for batch in tuning:
+            run_batch(model, batch)
+    rows = {name: LayerSmoothing(name, None, why) for name, why in skipped.items()}
+    rows |= {name: LayerSmoothing(name, None, _NOT_RUN) for name in layers if name not in errors}
+    for group in groups:
+        rows |= _decide(group, [errors[n] for n in group], min_gain)
+    order = list(dict(model.named_modules()))
+    return Smoothing(mode, {name: rows[name] for name in sorted(rows, key=order.index)})
+
+
+_NOT_RUN = "not smoothed: it did not run on the calibration data"
+
+
+def _decide(group: list[str], errors: list[_Errors], min_gain: float) -> dict[str, LayerSmoothing]:
+    """The rows of layers that read one input, from their candidates' errors: one decision for all of them."""
+    norm = sum(e.norm for e in errors)
+    if norm == 0 or not errors[0].error:
+        return {name: LayerSmoothing(name, None, "not smoothed: its output was 0 on the tuning data") for name in group}
+    relative = {a: (sum(e.error.get(a, 0.0) for e in errors) / norm) ** 0.5 for a in errors[0].error}
+    base = relative.pop(None)
+    best = min(relative, key=lambda a: relative[a])
+    shared = f" (one scale with {', '.join(group[1:])}: they read the same input)" if len(group) > 1 else ""
+    if relative[best] > base * (1 - min_gain):
+        why = f"not smoothed: its int8 error {base:.4g} falls by under {min_gain:.0%} (best a {best:g}: {relative[best]:.4g})"
+        return {name: LayerSmoothing(name, None, why, base, relative[best]) for name in group}
+    why = f"smoothed at a {best:g}: its int8 error {base:.4g} -> {relative[best]:.4g}"
+    scale = errors[0].scales[best]
+    return {name: LayerSmoothing(name, best, why + (shared if name == group[0] else f" (one scale with {group[0]})"),
+                                 base, relative[best], scale) for name in group}
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _apply(model: nn.Module, plan: Smoothing) -> list[tuple[str, nn.Module, torch.Tensor]]:
+    """The plan's smoothed layers changed: weight columns scaled (a new parameter), the layer wrapped in a
+    ``Mul`` of the inverse; what undoes it (name, the layer, its old weight)."""
+    from .apply import MaskedInput
+
+    undo: list[tuple[str, nn.Module, torch.Tensor]] = []
+    inverse: dict[int, torch.Tensor] = {}
+    for name in plan.smoothed:
+        layer, row = model.get_submodule(name), plan.layers[name]
+        kind = layer_kind(layer)
+        assert kind is not None and row.scale is not None
+        undo.append((name, layer, layer.weight))
+        scale = row.scale.to(device=layer.weight.device)
+        kind.fold(layer, scale)
+        # layers of one input share one buffer: the export writes one constant, and one Mul reads it
+        shared = inverse.setdefault(id(row.scale), (1 / scale).to(layer.weight.dtype))
+        _replace(model, name, MaskedInput(layer, shared))
+    return undo
+
+
+def _undo(model: nn.Module, undo: list[tuple[str, nn.Module, torch.Tensor]]) -> None:
+    for name, layer, weight in reversed(undo):
+        layer.weight = weight
+        _replace(model, name, layer)
+
+
+def apply_smoothing(model: nn.Module, plan: Smoothing, check: Iterable[Batch] = (), atol: float = 1e-5, rtol: float = 1e-4) -> Smoothing:
+    """``plan`` (made on ``model``) baked into ``model`` in place, checked on the ``check`` batches: every output as
+    before within ``atol * max(1, max|before|) + rtol * |before|``, else a SquashError and the model as it was."""
+    check = list(check)
+    with eval_mode(model):
+        before = [flatten_outputs(run_batch(model, b)) for b in check]
+        undo = _apply(model, plan)
+        for batch, want in zip(check, before):
+            for w, g in zip(want, flatten_outputs(run_batch(model, batch))):
+                if w.is_floating_point() and not bool(((g - w).abs() <= atol * max(1.0, float(w.abs().max())) + rtol * w.abs()).all()):
+                    _undo(model, undo)
+                    raise SquashError(f"smoothing changed the model's outputs (max diff {float((g - w).abs().max()):.3g}): "
+                                      "a smoothed layer's weight is read elsewhere in the model; leave out the smoothing (--no-smooth)")
+    return plan
+
+
+@contextlib.contextmanager
+def smoothed(model: nn.Module, plan: Smoothing) -> Iterator[nn.Module]:
+    """``model`` with ``plan`` baked in for the block, then as it was (the same parameters)."""
+    undo = _apply(model, plan)
+    try:
+        yield model
+    finally:
+        _undo(model, undo)
