@@ -608,6 +608,11 @@ def sweep_cmd(
     runs: Annotated[
         int, typer.Option("--runs", min=1, max=MAX_RUNS, help="Timed onnxruntime runs per model (median; after warm-up).")
     ] = 15,
+    quantize: Annotated[
+        str, typer.Option("--quantize", help="Also measure each level quantized by onnxruntime: a list of none, int8, "
+                          "int8-static (e.g. none,int8), and the dense export quantized alone.")
+    ] = "none",
+    smooth: SmoothOpt = True,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
     threads: ThreadsOpt = None,
@@ -616,16 +621,18 @@ def sweep_cmd(
     """For each sparsity level and method: held-out cost and onnxruntime latency of the pruned model (auto squash).
 
     Prints a table and writes OUTDIR/sweep.json and OUTDIR/sweep.png (cost against
-    sparsity per method, latency ratio to dense on a second axis).
+    sparsity per method, latency ratio to dense on a second axis; with --quantize,
+    cost against latency beside it, int8 alone marked).
     """
-    from .sweep import parse_levels, sweep
+    from .sweep import parse_levels, parse_quantize, sweep
 
     levels = parse_levels(sparsity)
+    modes = parse_quantize(quantize)
     with stage_progress(quiet=as_json) as progress:
         result = sweep(
             model, output, levels=levels, methods=[str(m) for m in method or ()], compensate=_choice(compensate), recipe=recipe, weights=weights,
             data=data, heldout=heldout, batch_size=batch, runs=runs, overwrite=overwrite,
-            on_step=lambda what: progress.on_stage(what),
+            on_step=lambda what: progress.on_stage(what), quantize=modes, smooth=smooth,
         )
     _output(as_json, [result], lambda: _show(*render.sweep_lines(SweepResult.from_json(result), output)))
 

@@ -482,6 +482,9 @@ def sweep_lines(result: SweepResult, output: Path) -> list[RenderableType]:
                         title=f"{result.model}: held-out cost and onnxruntime latency ({result.latency.threads} thread)")
     for row in result.rows:
         accuracy = f"{row.accuracy_sparse:.4f} (dense {row.accuracy_dense:.4f})" if row.accuracy_sparse is not None else "-"
-        table.add_row(row.method, f"{row.level:.1%}", f"{row.overall_sparsity:.1%}",
+        table.add_row(row.variant, f"{row.level:.1%}", f"{row.overall_sparsity:.1%}",
                       f"{row.cosine_mean:.4f} / {row.cosine_min:.4f}", accuracy, f"{row.latency_ratio:.3f}x")
-    return [table, f"written: {output / 'sweep.json'}, {output / 'sweep.png'}"]
+    alone = [f"{mode} alone (the dense export quantized by onnxruntime's one call): latency {a['latency_ratio']:.3f}x, cosine "
+             f"{a['cosine_mean']:.4f} / {a['cosine_min']:.4f}" + (f", accuracy {a['accuracy_sparse']:.4f}" if "accuracy_sparse" in a else "")
+             for mode, a in (result.int8_alone or {}).items()]
+    return [table, *alone, f"written: {output / 'sweep.json'}, {output / 'sweep.png'}"]

@@ -521,13 +521,25 @@ class SweepRow(Section):
     dense_ms: float
     sparse_ms: float
     threads: int
-    #: the largest difference of the exported model's outputs to the squashed PyTorch model's (validated)
-    onnx_max_abs_diff: float
+    #: the largest difference of the exported model's outputs to the squashed PyTorch model's (validated;
+    #: None for an int8 row: its float source was validated, it is judged by its cost)
+    onnx_max_abs_diff: float | None = field(default=None, metadata=_OMIT_NONE)
     accuracy_dense: float | None = field(default=None, metadata=_OMIT_NONE)
     accuracy_sparse: float | None = field(default=None, metadata=_OMIT_NONE)
     other_text: OtherText | None = field(default=None, metadata=_OMIT_NONE)
+    #: with ``--quantize``: ``none`` (the float model) or the int8 mode; an int8 row's products smoothed before
+    quantize: str | None = field(default=None, metadata=_OMIT_NONE)
+    smoothed: int | None = field(default=None, metadata=_OMIT_NONE)
+    perplexity_ratio: float | None = field(default=None, metadata=_OMIT_NONE)
+    #: with ``--quantize``: the model's bytes on disk
+    size_bytes: int | None = field(default=None, metadata=_OMIT_NONE)
 
     SECTIONS: ClassVar[Mapping[str, type[Section]]] = {"other_text": OtherText}
+
+    @property
+    def variant(self) -> str:
+        """The method, with its int8 mode where quantized (``recipe + int8``)."""
+        return self.method if self.quantize in (None, "none") else f"{self.method} + {self.quantize}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -542,6 +554,11 @@ class SweepResult(Section):
     latency: SweepLatency
     validation: SweepValidation
     rows: list[SweepRow]
+    #: with ``--quantize``: the int8 modes measured, whether smoothed before, and per mode the dense export
+    #: quantized alone (``latency_ratio``, ``cosine_mean``, ``accuracy_sparse``, ``size_bytes``, ...)
+    quantize: list[str] | None = field(default=None, metadata=_OMIT_NONE)
+    smooth: bool | None = field(default=None, metadata=_OMIT_NONE)
+    int8_alone: dict[str, dict[str, Any]] | None = field(default=None, metadata=_OMIT_NONE)
 
     SECTIONS: ClassVar[Mapping[str, type[Section]]] = {"latency": SweepLatency, "validation": SweepValidation}
     ROWS: ClassVar[Mapping[str, type[Section]]] = {"rows": SweepRow}

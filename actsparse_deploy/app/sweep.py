@@ -10,7 +10,13 @@ each row's ``onnx_max_abs_diff``), and measured: the cost on the held-out data (
 the dense model's; accuracy for a classifier with labels) and the latency ratio
 to the dense export under onnxruntime (:func:`actsparse_deploy.onnx.latency.latency_ratio`).
 ``sweep.json`` holds every row; ``sweep.png`` plots cost against sparsity per
-method with the latency ratio on a second axis. Both are written like
+method with the latency ratio on a second axis. With ``quantize`` (``int8``,
+``int8-static``), each level's float model is also smoothed as ``convert --quantize``
+smooths it (unless ``smooth=False``), exported, validated and quantized by onnxruntime,
+and measured the same way (a row per mode, its ``quantize``), and the dense export
+quantized alone (onnxruntime's one call: what a user ships instead) is measured once
+(``int8_alone``); ``sweep.png`` then also plots cost against latency, every row, with
+the dense model and int8 alone as the reference points. Both are written like
 ``convert``'s outputs (:mod:`actsparse_deploy.base.files`): the folder locked for
 the run, both staged and moved into place together or not at all, a link at
 either name replaced (with ``overwrite``), never written through.
@@ -44,7 +50,7 @@ from .options import ValidateOptions
 if TYPE_CHECKING:
     from .pipeline import Stages
 
-__all__ = ["BASELINE", "MAX_LEVELS", "OUT_FILES", "RECIPE", "parse_levels", "plot_sweep", "sweep"]
+__all__ = ["BASELINE", "MAX_LEVELS", "OUT_FILES", "QUANTIZE", "RECIPE", "parse_levels", "parse_quantize", "plot_sweep", "sweep"]
 
 #: the method names a sweep knows besides those of --method: the recipe as is, and the topk baseline
 RECIPE = "recipe"
@@ -54,6 +60,23 @@ _BASELINE_FNS = {"aggregate_fn": "max_abs", "reduce_fn": "feature_mean", "mask_f
 MAX_LEVELS = 1000
 OUT_FILES = ("sweep.json", "sweep.png")
 _FORMS = "give START:STOP:STEP (0.1:0.8:0.1) or a list (0.25,0.5)"
+#: what a sweep's ``quantize`` takes besides ``none`` (the float rows, always measured)
+QUANTIZE = ("int8", "int8-static")
+
+
+def parse_quantize(modes: str | Sequence[str]) -> list[str]:
+    """``none,int8,int8-static`` (a string or its parts) as the int8 modes a sweep measures besides
+    the float models (``none``: those alone). ``auto`` chooses and a sweep measures: refused.
+
+    >>> parse_quantize("none,int8"), parse_quantize(["int8-static", "int8"])
+    (['int8'], ['int8-static', 'int8'])
+    """
+    parts = [m.strip() for m in (modes.split(",") if isinstance(modes, str) else modes) if m.strip()]
+    wrong = [m for m in parts if m not in ("none", *QUANTIZE)]
+    if wrong:
+        raise UsageError(f"a sweep's quantize {wrong[0]!r} is not none, int8 or int8-static (auto chooses one; a sweep "
+                         "measures each: list them, e.g. none,int8)")
+    return list(dict.fromkeys(m for m in parts if m != "none"))
 
 
 def parse_levels(text: str) -> list[float]:
@@ -148,20 +171,25 @@ def sweep(
     overwrite: bool = False,
     on_step: Callable[[str], None] | None = None,
     validation: ValidateOptions | None = None,
+    quantize: str | Sequence[str] = (),
+    smooth: bool = True,
 ) -> dict[str, Any]:
     """Measure every level x method (see the module docstring), each model timed
     ``runs`` times (1 to :data:`~actsparse_deploy.base.constants.MAX_RUNS`) and
     validated against PyTorch on the held-out data (``validation``: the tolerances;
     a model outside them stops the sweep with a ValidationError, writing nothing);
-    write ``outdir/sweep.json`` and ``outdir/sweep.png``; return what ``sweep.json`` holds."""
+    ``quantize``: the int8 modes also measured (:func:`parse_quantize`), ``smooth``: smoothed
+    before (as ``convert --quantize``); write ``outdir/sweep.json`` and ``outdir/sweep.png``;
+    return what ``sweep.json`` holds."""
     from ..base.files import staging_dir
     from .options import LoadOptions
     from .pipeline import Stages, locked_outputs, publish_staged
 
     if isinstance(runs, bool) or not isinstance(runs, int) or not 1 <= runs <= MAX_RUNS:
         raise UsageError(f"`runs` must be an integer from 1 to {MAX_RUNS}, got {runs!r}")
+    modes = parse_quantize(quantize)
     load = LoadOptions(weights=weights, data=data, heldout=heldout, batch_size=batch_size)
-    checks = validation if validation is not None else ValidateOptions()
+    checks = validation if validation is not None else ValidateOptions(), _Int8(tuple(modes), smooth)
     outdir = Path(outdir)
     with locked_outputs(outdir, OUT_FILES, overwrite):  # one run at a time writes here
         stages = Stages(load.workload(model))
@@ -174,15 +202,24 @@ def sweep(
     return result
 
 
+@dataclasses.dataclass(frozen=True)
+class _Int8:
+    """A sweep's int8: the modes measured besides the float models, smoothed before or not."""
+
+    modes: tuple[str, ...]
+    smooth: bool
+
+
 def _measure(stages: Stages, recipes: dict[str, Recipe], compensate: str | None, scratch: Path, levels: Sequence[float],
-             runs: int, on_step: Callable[[str], None] | None, checks: ValidateOptions) -> dict[str, Any]:
+             runs: int, on_step: Callable[[str], None] | None, checks: tuple[ValidateOptions, _Int8]) -> dict[str, Any]:
     """The rows of every level x method (:func:`_level`): ONNX exports in ``scratch``; what ``sweep.json`` holds."""
     from .options import ExportOptions
 
-    work = stages.work
+    work, (tolerance, int8) = stages.work, checks
     timing_batches = list(itertools.islice(work.require_heldout(), 2))
     rows: list[dict[str, Any]] = []
     dense = stages.export(work.model, scratch / "dense.onnx", ExportOptions())
+    alone = {mode: _int8_alone(stages, dense, mode, timing_batches, runs) for mode in int8.modes}
     for index, (method, the_recipe) in enumerate(recipes.items()):
         if on_step is not None:
             on_step(f"{method}: collecting statistics")
@@ -192,36 +229,102 @@ def _measure(stages: Stages, recipes: dict[str, Recipe], compensate: str | None,
             if on_step is not None:
                 on_step(f"{method} at {level:.0%}")
             path = scratch / f"{index}-{len(rows)}.onnx"
-            row = _level(stages, stats, the_recipe.with_sparsity(level), path, dense.path, timing_batches, runs, checks)
-            rows.append({"method": method, "level": level, **row})
+            measured = _level(stages, stats, the_recipe.with_sparsity(level), path, dense.path, timing_batches, runs, checks)
+            rows += [{"method": method, "level": level, **row} for row in measured]
     return {
         "model": work.name, "levels": list(levels), "methods": list(recipes), "compensate": compensate,
         "heldout_samples": rows[0]["heldout_samples"] if rows else 0,
         "latency": {"batches": len(timing_batches), "runs": runs, "threads": rows[0]["threads"] if rows else None},
-        "validation": {"atol": checks.atol, "rtol": checks.rtol},
+        "validation": {"atol": tolerance.atol, "rtol": tolerance.rtol},
+        **({"quantize": list(int8.modes), "smooth": int8.smooth, "int8_alone": alone} if int8.modes else {}),
         "rows": rows,
     }
 
 
 def _level(stages: Stages, stats: Any, recipe: Recipe, path: Path, dense: Path, timing: list[Any], runs: int,
-           checks: ValidateOptions) -> dict[str, Any]:
-    """One row: the masks of ``recipe`` (at its level) from ``stats``, squashed
+           checks: tuple[ValidateOptions, _Int8]) -> list[dict[str, Any]]:
+    """One level's rows: the masks of ``recipe`` (at its level) from ``stats``, squashed
     (``auto``), exported to ``path``, validated against the squashed PyTorch model,
-    its held-out cost and its latency against ``dense``; the export is removed after."""
+    its held-out cost and its latency against ``dense``; then each int8 mode of
+    ``checks`` (:func:`_int8_row`). The exports are removed after."""
     from ..calibration.calibrate import select
     from ..onnx.export import layer_metadata
     from ..onnx.latency import latency_ratio
+    from ..onnx.quantize import model_bytes
     from .options import ExportOptions
 
+    tolerance, int8 = checks
     masks = select(stats, recipe, model=stages.work.model)
     squashed = stages.squash(masks, "auto")
     exported = stages.export(squashed.model, path, ExportOptions(), layer_metadata(squashed.report(), "auto"))
-    checked = stages.validate(path, squashed.model, exported, checks)
+    checked = stages.validate(path, squashed.model, exported, tolerance)
     cost, _ = stages.cost(squashed.model)
     with stages.timer("latency"):
         speed = latency_ratio(dense, path, timing, io_spec=exported.io, runs=runs, warmup=min(3, runs))
+    rows = [{**_row(masks, cost, speed, checked.max_abs), **({"quantize": "none", "size_bytes": model_bytes(path)} if int8.modes else {})}]
+    for mode in int8.modes:
+        rows.append(_int8_row(stages, squashed.model, mode, int8.smooth, exported, dense, timing, runs, tolerance)
+                    | {"overall_sparsity": masks.overall_sparsity(), "heldout_samples": rows[0]["heldout_samples"]})
     path.unlink()
-    return _row(masks, cost, speed, checked.max_abs)
+    return rows
+
+
+def _int8_alone(stages: Stages, dense: Any, mode: str, timing: list[Any], runs: int) -> dict[str, Any]:
+    """The dense export quantized by ``mode`` as onnxruntime's one call does it (no smoothing): its latency
+    against the dense export and its cost against the dense PyTorch model on the held-out data."""
+    from ..onnx.latency import latency_ratio
+    from ..onnx.quantize import quantize_onnx, variant_costs
+
+    work, target = stages.work, stages.target
+    path, io = dense.path.with_name(f"dense.{mode}.onnx"), target.validation_io(dense.io)
+    static = target.batches(work.require_calibration()) if mode == "int8-static" else None
+    quantize_onnx(dense.path, path, mode, calibration=static, io_spec=io)
+    cost = variant_costs(target.model(work.model), {mode: path}, target.batches(work.require_heldout()), io_spec=io,
+                         tokens=work.causal_lm, labels=work.labels)[mode]
+    with stages.timer("latency"):
+        speed = latency_ratio(dense.path, path, timing, io_spec=dense.io, runs=runs, warmup=min(3, runs))
+    return _int8_figures(cost, speed)
+
+
+def _int8_figures(cost: Any, speed: dict[str, Any]) -> dict[str, Any]:
+    """An int8 model's row figures: its last output's cosine to the dense model, accuracy / perplexity, size, latency."""
+    last = cost.outputs[-1]
+    measured = cost.to_json()
+    return {"output": last["output"], "cosine_mean": last["cosine_mean"], "cosine_min": last["cosine_min"],
+            **({"accuracy_dense": cost.dense_accuracy, "accuracy_sparse": cost.accuracy} if cost.accuracy is not None else {}),
+            **({"perplexity_ratio": measured["perplexity_ratio"]} if cost.perplexity is not None else {}),
+            "size_bytes": cost.size_bytes, "latency_ratio": speed["ratio"], "dense_ms": speed["dense_ms"],
+            "sparse_ms": speed["sparse_ms"], "threads": speed["threads"]}
+
+
+def _int8_row(stages: Stages, model: Any, mode: str, smooth: bool, exported: Any, dense: Path, timing: list[Any], runs: int,
+              tolerance: ValidateOptions) -> dict[str, Any]:
+    """The squashed ``model`` (its float export: ``exported``) quantized by ``mode``: smoothed first where
+    ``smooth`` (exported beside it and validated strictly, as ``convert --quantize`` does; the model as it
+    was after), then its cost and latency as :func:`_int8_alone` measures int8 alone; how many products were smoothed."""
+    from ..bake.smooth import smoothed
+    from ..onnx.latency import latency_ratio
+    from ..onnx.quantize import quantize_onnx, variant_costs
+    from .options import ExportOptions
+    from .quantize import smoothing_plan
+
+    work, target, path = stages.work, stages.target, exported.path
+    plan = smoothing_plan(model, work.require_calibration(), mode) if smooth else None
+    source, out = path, path.with_name(f"{path.stem}.{mode}.onnx")
+    with smoothed(model, plan) if plan is not None else contextlib.nullcontext(model):
+        if plan is not None and plan.smoothed:
+            source = path.with_name(f"{path.stem}.smoothed.onnx")
+            stages.validate(source, model, stages.export(model, source, ExportOptions()), tolerance)
+    io = target.validation_io(exported.io)
+    static = target.batches(work.require_calibration()) if mode == "int8-static" else None
+    quantize_onnx(source, out, mode, calibration=static, io_spec=io)
+    cost = variant_costs(target.model(work.model), {mode: out}, target.batches(work.require_heldout()), io_spec=io,
+                         tokens=work.causal_lm, labels=work.labels)[mode]
+    with stages.timer("latency"):
+        speed = latency_ratio(dense, out, timing, io_spec=exported.io, runs=runs, warmup=min(3, runs))
+    for done in {source, out} - {path}:
+        done.unlink()
+    return {**_int8_figures(cost, speed), "quantize": mode, "smoothed": len(plan.smoothed) if plan is not None else 0}
 
 
 def _row(masks: Any, cost: dict[str, Any], speed: dict[str, Any], max_abs_diff: float) -> dict[str, Any]:
@@ -255,8 +358,9 @@ def _without_mplbackend() -> Iterator[None]:
 
 def plot_sweep(result: dict[str, Any], path: Path) -> None:
     """Cost (accuracy where known, else mean cosine) against sparsity per method;
-    the latency ratio to dense on a second axis (dashed). Drawn with matplotlib's
-    Agg canvas: no backend, display or pyplot state involved."""
+    the latency ratio to dense on a second axis (dashed). With int8 rows, a second
+    panel: cost against latency, every method and mode, the dense model and int8 alone
+    marked. Drawn with matplotlib's Agg canvas: no backend, display or pyplot state involved."""
     with _without_mplbackend():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -264,12 +368,14 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
     rows = result["rows"]
     accuracy = bool(rows) and all("accuracy_sparse" in r for r in rows)
     key, label = ("accuracy_sparse", "held-out accuracy") if accuracy else ("cosine_mean", "held-out cosine to dense (mean)")
-    fig = Figure(figsize=(7, 4.5))
+    quantized = bool(result.get("int8_alone"))
+    fig = Figure(figsize=(13, 4.5) if quantized else (7, 4.5))
     FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    axes = fig.subplots(1, 2) if quantized else [fig.subplots()]
+    ax = axes[0]
     latency = ax.twinx()
     for i, method in enumerate(result["methods"]):
-        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["level"])
+        mine = sorted((r for r in rows if r["method"] == method and r.get("quantize", "none") == "none"), key=lambda r: r["level"])
         color = f"C{i}"
         ax.plot([r["level"] for r in mine], [r[key] for r in mine], "o-", color=color, label=f"{method}: {label.split(' (')[0]}")
         latency.plot([r["level"] for r in mine], [r["latency_ratio"] for r in mine], "s--", color=color, alpha=0.6,
@@ -277,11 +383,33 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("sparsity level (fraction of the recipe layers' input features masked)")
     ax.set_ylabel(label)
     latency.set_ylabel("onnxruntime latency / dense")
-    ax.set_title(f"{result['model']}: cost and latency per sparsity level")
+    ax.set_title(f"{result['model']}: cost and latency per sparsity level{' (float)' if quantized else ''}")
     handles, labels = ax.get_legend_handles_labels()
     more_handles, more_labels = latency.get_legend_handles_labels()
     ax.legend(handles + more_handles, labels + more_labels, fontsize=8, loc="lower left")
     ax.grid(alpha=0.3)
+    if quantized:
+        _plot_frontier(axes[1], result, key, label)
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
 
+
+def _plot_frontier(ax: Any, result: dict[str, Any], key: str, label: str) -> None:
+    """Cost against latency: one line per method and mode (float: ``none``) through its levels, the
+    dense model at 1.00x and each int8 mode alone (the dense export quantized) as the reference points."""
+    rows = result["rows"]
+    dense = rows[0]["accuracy_dense"] if key == "accuracy_sparse" else 1.0
+    ax.plot([1.0], [dense], "k*", markersize=12, label="dense")
+    for j, (mode, alone) in enumerate(result["int8_alone"].items()):
+        ax.plot([alone["latency_ratio"]], [alone[key]], "P", color="black", alpha=0.5 + 0.5 * (j == 0), markersize=11,
+                label=f"{mode} alone (the dense export)")
+    for i, method in enumerate(result["methods"]):
+        for k, mode in enumerate(["none", *result["quantize"]]):
+            mine = sorted((r for r in rows if r["method"] == method and r.get("quantize") == mode), key=lambda r: r["level"])
+            ax.plot([r["latency_ratio"] for r in mine], [r[key] for r in mine], ("o-", "s--", "^:")[k % 3], color=f"C{i}",
+                    label=f"{method}{'' if mode == 'none' else ' + ' + mode}")
+    ax.set_xlabel("onnxruntime latency / dense (lower is faster)")
+    ax.set_ylabel(label)
+    ax.set_title("what each choice costs against what it saves")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
