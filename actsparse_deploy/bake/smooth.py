@@ -39,8 +39,9 @@ layer's row says why it is or is not. :func:`apply_smoothing` bakes the plan in
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -79,6 +80,8 @@ class LayerSmoothing:
     smoothed_error: float | None = None
     #: per input feature, what the weight column is multiplied by (None: not smoothed)
     scale: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    #: the per-feature norm that makes the input and takes the division (None: a ``Mul`` before the layer)
+    producer: str | None = None
 
     @property
     def smoothed(self) -> bool:
@@ -86,7 +89,8 @@ class LayerSmoothing:
 
     def to_json(self) -> dict[str, Any]:
         figures = {k: round(v, 6) for k, v in (("int8_error", self.error), ("smoothed_int8_error", self.smoothed_error)) if v is not None}
-        return {"layer": self.name, "smoothed": self.smoothed, "alpha": self.alpha, **figures, "why": self.why}
+        where = {"divided_in": self.producer or "mul"} if self.smoothed else {}
+        return {"layer": self.name, "smoothed": self.smoothed, "alpha": self.alpha, **figures, **where, "why": self.why}
 
 
 @dataclass(frozen=True)
@@ -168,32 +172,69 @@ def _hooked(layers: dict[str, nn.Module], record: Any) -> Iterator[None]:
             handle.remove()
 
 
-def _ranges(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Batch]
-            ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[list[str]]]:
-    """Per layer, its input's per-feature minimum and maximum over ``batches``; and the layers that read
-    one input tensor together (a query, key and value projection: one scale, one ``Mul``, shared)."""
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    first: dict[str, torch.Tensor] = {}  # the first batch's inputs, held: no two are the same object by chance
+def _norms(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The modules that could take a smoothing's division: no children, a 1-d ``weight`` (and at most a
+    1-d ``bias``) of a size some candidate reads (a LayerNorm, an RMSNorm; each is tried, and kept only where exact)."""
+    sizes = {int(_weight(layer).shape[1]) for layer in layers.values()}
+    found = {}
+    for name, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        weight = params.get("weight")
+        if (next(module.children(), None) is None and name not in layers and isinstance(weight, torch.Tensor) and weight.ndim == 1
+                and int(weight.shape[0]) in sizes and set(params) <= {"weight", "bias"}
+                and all(p.ndim == 1 and p.shape == weight.shape for p in params.values())):
+            found[name] = module
+    return found
+
+
+@dataclass
+class _Seen:
+    """What the calibration pass saw: per layer its input's per-feature (min, max), the layers that read one
+    input tensor together (groups), the norm whose output that tensor is (by group's first layer), the first batch."""
+
+    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    groups: list[list[str]] = field(default_factory=list)
+    producers: dict[str, str] = field(default_factory=dict)
+    batch: Batch | None = None
+
+
+def _ranges(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Batch]) -> _Seen:
+    """Per layer, its input's per-feature minimum and maximum over ``batches``; the layers that read one
+    input tensor together (a query, key and value projection: one scale, one ``Mul``, shared); the norm
+    that made it, where one did (:func:`_norms`)."""
+    seen = _Seen()
+    first: dict[str, torch.Tensor] = {}  # the first batch's inputs and norm outputs, held: no two are one object by chance
+    made: dict[int, tuple[str, torch.Tensor]] = {}
 
     def record(name: str, x: torch.Tensor, rows: torch.Tensor) -> None:
         lo, hi = rows.amin(0), rows.amax(0)
-        old = seen.get(name)
-        seen[name] = (lo, hi) if old is None else (torch.minimum(old[0], lo), torch.maximum(old[1], hi))
-        if not done:
+        old = seen.ranges.get(name)
+        seen.ranges[name] = (lo, hi) if old is None else (torch.minimum(old[0], lo), torch.maximum(old[1], hi))
+        if seen.batch is None:
             first.setdefault(name, x)
 
-    done = False
-    with eval_mode(model), _hooked(layers, record):
-        for batch in batches:
-            run_batch(model, batch)
-            done = True
-    groups: list[list[str]] = []
+    def output(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if seen.batch is None and isinstance(out, torch.Tensor):
+                made.setdefault(id(out), (name, out))
+        return hook
+
+    handles = [norm.register_forward_hook(output(name)) for name, norm in _norms(model, layers).items()]
+    try:
+        with eval_mode(model), _hooked(layers, record):
+            for batch in batches:
+                run_batch(model, batch)
+                seen.batch = batch if seen.batch is None else seen.batch
+    finally:
+        for handle in handles:
+            handle.remove()
     for name, x in first.items():
-        group = next((g for g in groups if first[g[0]] is x), None)
-        group.append(name) if group is not None else groups.append([name])
-    groups += [[name] for name in seen if name not in first]  # first run after the first batch: alone
-    first.clear()
-    return seen, groups
+        group = next((g for g in seen.groups if first[g[0]] is x), None)
+        group.append(name) if group is not None else seen.groups.append([name])
+        if group is None and id(x) in made and made[id(x)][1] is x:
+            seen.producers[name] = made[id(x)][0]
+    seen.groups += [[name] for name in seen.ranges if name not in first]  # first run after the first batch: alone
+    return seen
 
 
 def _weight(layer: nn.Module) -> torch.Tensor:
@@ -241,9 +282,9 @@ def plan_smoothing(model: nn.Module, calibration: Iterable[Batch], tuning: Itera
     docstring): input ranges from ``calibration``, each candidate's int8 error (``mode``: ``int8`` or
     ``int8-static``) on ``tuning``. Nothing in the model is changed."""
     layers, skipped = _candidates(model)
-    ranges, groups = _ranges(model, layers, calibration)
-    errors = {name: e for group in groups
-              for name, e in _group_errors({n: layers[n] for n in group}, ranges[group[0]], alphas, mode == "int8-static").items()}
+    seen = _ranges(model, layers, calibration)
+    errors = {name: e for group in seen.groups
+              for name, e in _group_errors({n: layers[n] for n in group}, seen.ranges[group[0]], alphas, mode == "int8-static").items()}
 
     def record(name: str, x: torch.Tensor, rows: torch.Tensor) -> None:
         e, step = errors[name], -(-rows.shape[0] // MAX_ROWS)  # the range from every row, the error from some
@@ -260,10 +301,36 @@ def plan_smoothing(model: nn.Module, calibration: Iterable[Batch], tuning: Itera
             run_batch(model, batch)
     rows = {name: LayerSmoothing(name, None, why) for name, why in skipped.items()}
     rows |= {name: LayerSmoothing(name, None, _NOT_RUN) for name in layers if name not in errors}
-    for group in groups:
+    for group in seen.groups:
         rows |= _decide(group, [errors[n] for n in group], min_gain)
+        if rows[group[0]].smoothed and group[0] in seen.producers and seen.batch is not None:
+            rows |= _divided_in(model, mode, {n: rows[n] for n in group}, seen.producers[group[0]], seen.batch)
     order = list(dict(model.named_modules()))
     return Smoothing(mode, {name: rows[name] for name in sorted(rows, key=order.index)})
+
+
+def _divided_in(model: nn.Module, mode: str, rows: dict[str, LayerSmoothing], norm: str, batch: Batch) -> dict[str, LayerSmoothing]:
+    """``rows`` (one group, smoothed) with the division taken by ``norm``, the per-feature norm that makes their
+    input, where that gives the model's outputs on ``batch`` as before (nothing else reads the norm's output:
+    a decoder's RMSNorm before its projections); else as they were (a ``Mul``), saying why."""
+    trial = {name: replace(row, producer=norm) for name, row in rows.items()}
+    with eval_mode(model):
+        want = flatten_outputs(run_batch(model, batch))
+        with smoothed(model, Smoothing(mode, trial)):
+            exact = _close(want, flatten_outputs(run_batch(model, batch)), 1e-5, 1e-4) is None
+    if exact:
+        return {name: replace(row, why=f"{row.why}; divided out of {norm}'s weight (no Mul)") for name, row in trial.items()}
+    return {name: replace(row, why=f"{row.why}; a Mul before it ({norm}, which makes its input, is also read elsewhere)")
+            for name, row in rows.items()}
+
+
+def _close(want: Sequence[torch.Tensor], got: Sequence[torch.Tensor], atol: float, rtol: float) -> float | None:
+    """None where every floating output of ``got`` is ``want``'s within ``atol * max(1, max|want|) + rtol * |want|``,
+    else the largest difference."""
+    for w, g in zip(want, got):
+        if w.is_floating_point() and not bool(((g - w).abs() <= atol * max(1.0, float(w.abs().max())) + rtol * w.abs()).all()):
+            return float((g - w).abs().max())
+    return None
 
 
 _NOT_RUN = "not smoothed: it did not run on the calibration data"
@@ -292,30 +359,49 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _apply(model: nn.Module, plan: Smoothing) -> list[tuple[str, nn.Module, torch.Tensor]]:
-    """The plan's smoothed layers changed: weight columns scaled (a new parameter), the layer wrapped in a
-    ``Mul`` of the inverse; what undoes it (name, the layer, its old weight)."""
+_Undo = list[Callable[[], None]]
+
+
+def _apply(model: nn.Module, plan: Smoothing) -> _Undo:
+    """The plan's smoothed layers changed: weight columns scaled (a new parameter); the input divided by the
+    norm that makes it (its weight and bias, new parameters) or by a ``Mul`` the layer is wrapped in; what
+    undoes it, step by step (the same parameters back)."""
     from .apply import MaskedInput
 
-    undo: list[tuple[str, nn.Module, torch.Tensor]] = []
+    undo: _Undo = []
     inverse: dict[int, torch.Tensor] = {}
     for name in plan.smoothed:
         layer, row = model.get_submodule(name), plan.layers[name]
         kind = layer_kind(layer)
         assert kind is not None and row.scale is not None
-        undo.append((name, layer, layer.weight))
+        undo.append(partial(setattr, layer, "weight", layer.weight))
         scale = row.scale.to(device=layer.weight.device)
         kind.fold(layer, scale)
-        # layers of one input share one buffer: the export writes one constant, and one Mul reads it
+        # layers of one input share one inverse: one norm change, or one constant that one Mul reads
+        first = id(row.scale) not in inverse
         shared = inverse.setdefault(id(row.scale), (1 / scale).to(layer.weight.dtype))
-        _replace(model, name, MaskedInput(layer, shared))
+        if row.producer is not None:
+            if first:
+                undo += _divide_norm(model.get_submodule(row.producer), shared)
+        else:
+            _replace(model, name, MaskedInput(layer, shared))
+            undo.append(partial(_replace, model, name, layer))
     return undo
 
 
-def _undo(model: nn.Module, undo: list[tuple[str, nn.Module, torch.Tensor]]) -> None:
-    for name, layer, weight in reversed(undo):
-        layer.weight = weight
-        _replace(model, name, layer)
+def _divide_norm(norm: nn.Module, inverse: torch.Tensor) -> _Undo:
+    """``norm``'s weight and bias multiplied by ``inverse`` (new parameters); what puts the old ones back."""
+    undo: _Undo = []
+    with torch.no_grad():
+        for pname, param in list(norm.named_parameters(recurse=False)):
+            undo.append(partial(setattr, norm, pname, param))
+            setattr(norm, pname, nn.Parameter(param * inverse.to(param.dtype), requires_grad=param.requires_grad))
+    return undo
+
+
+def _undo(undo: _Undo) -> None:
+    for step in reversed(undo):
+        step()
 
 
 def apply_smoothing(model: nn.Module, plan: Smoothing, check: Iterable[Batch] = (), atol: float = 1e-5, rtol: float = 1e-4) -> Smoothing:
@@ -326,11 +412,11 @@ def apply_smoothing(model: nn.Module, plan: Smoothing, check: Iterable[Batch] = 
         before = [flatten_outputs(run_batch(model, b)) for b in check]
         undo = _apply(model, plan)
         for batch, want in zip(check, before):
-            for w, g in zip(want, flatten_outputs(run_batch(model, batch))):
-                if w.is_floating_point() and not bool(((g - w).abs() <= atol * max(1.0, float(w.abs().max())) + rtol * w.abs()).all()):
-                    _undo(model, undo)
-                    raise SquashError(f"smoothing changed the model's outputs (max diff {float((g - w).abs().max()):.3g}): "
-                                      "a smoothed layer's weight is read elsewhere in the model; leave out the smoothing (--no-smooth)")
+            diff = _close(want, flatten_outputs(run_batch(model, batch)), atol, rtol)
+            if diff is not None:
+                _undo(undo)
+                raise SquashError(f"smoothing changed the model's outputs (max diff {diff:.3g}): a smoothed layer's weight "
+                                  "is read elsewhere in the model; leave out the smoothing (--no-smooth)")
     return plan
 
 
@@ -341,4 +427,4 @@ def smoothed(model: nn.Module, plan: Smoothing) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        _undo(model, undo)
+        _undo(undo)

@@ -139,3 +139,69 @@ def test_static_int8_plans_with_the_calibration_range():
     assert static.mode == "int8-static" and static.summary().endswith(")") and "before int8-static" in static.summary()
     # a fixed range is never tighter than each tensor's own: static's unsmoothed error is at least dynamic's
     assert static.layers["0"].error >= dynamic.layers["0"].error - 1e-9
+
+
+class _Normed(nn.Module):
+    """A LayerNorm that makes a Linear's input; with ``residual``, its output is also added to the Linear's."""
+
+    def __init__(self, residual: bool) -> None:
+        super().__init__()
+        self.norm, self.fc, self.residual = nn.LayerNorm(32), nn.Linear(32, 32), residual
+        with torch.no_grad():
+            self.norm.weight.copy_(torch.ones(32) + 30 * (torch.arange(32) < 3))  # three outlier features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return self.fc(h) + h if self.residual else self.fc(h)
+
+
+def test_the_division_goes_into_the_norm_that_makes_the_input_where_that_is_exact():
+    torch.manual_seed(0)
+    batches = [torch.randn(64, 32) for _ in range(4)]
+    for residual in (False, True):
+        model = _Normed(residual).eval()
+        with torch.no_grad():
+            before = model(batches[0])
+        plan = plan_smoothing(model, batches[:3], batches[3:])
+        row = plan.layers["fc"]
+        assert row.smoothed, row
+        apply_smoothing(model, plan, check=batches[:1])
+        with torch.no_grad():
+            torch.testing.assert_close(model(batches[0]), before, atol=1e-4, rtol=1e-4)
+        if residual:  # the norm's output is also the residual: dividing it there would change the sum
+            assert row.producer is None and row.to_json()["divided_in"] == "mul" and isinstance(model.fc, MaskedInput)
+            assert "a Mul before it (norm, which makes its input, is also read elsewhere)" in row.why
+        else:  # no Mul: the norm's weight and bias take the division
+            assert row.producer == "norm" and row.to_json()["divided_in"] == "norm" and isinstance(model.fc, nn.Linear)
+            assert "divided out of norm's weight (no Mul)" in row.why
+
+
+def test_a_decoder_s_rms_norms_take_the_division_of_its_projections():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, use_cache=False)
+    model = LlamaForCausalLM(config).eval()
+    batches = [{"input_ids": torch.randint(0, 100, (4, 16))} for _ in range(4)]
+    norms = {name: model.get_submodule(name).weight for name in ("model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm")}
+    with torch.no_grad():
+        before = model(**batches[0]).logits
+    plan = plan_smoothing(model, batches[:3], batches[3:], min_gain=0.0)
+    layer = "model.layers.0."
+    groups = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
+    smoothed_norms = set()
+    for norm, names in groups.items():
+        rows = [plan.layers[layer + name] for name in names]
+        assert len({row.alpha for row in rows}) == 1  # one input, one scale
+        if rows[0].smoothed:
+            assert all(row.producer == layer + norm for row in rows)
+            smoothed_norms.add(layer + norm)
+    assert smoothed_norms  # min_gain 0: at least one of them smoothed
+    apply_smoothing(model, plan, check=batches[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batches[0]).logits, before, atol=1e-4, rtol=1e-4)
+    for name in smoothed_norms:
+        assert model.get_submodule(name).weight is not norms[name]
+    assert not any(isinstance(m, MaskedInput) for n, m in model.named_modules() if "q_proj" in n or "gate_proj" in n)
