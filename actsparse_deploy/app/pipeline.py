@@ -26,6 +26,7 @@ holds (the same typed object as every command's ``--json``); what it takes is on
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -64,7 +65,7 @@ from ..onnx.quantize import FLOAT_FOLDER, Quantized, frontier, quantize_onnx, qu
 from ..onnx.validate import ValidationReport, validate
 from .cost import cost_stage
 from .options import CalibrateOptions, ConvertOptions, ExportOptions, QuantizeOptions, ValidateOptions
-from .quantize import Int8Plan, int8_room, quantize_stage, smooth_stage
+from .quantize import Int8Plan, Int8Search, int8_room, quantize_stage, smooth_stage
 from .report import Report, named_input_shape
 from .workload import squash_workload
 
@@ -221,23 +222,21 @@ class Stages:
         batches = batches if reiterable(batches) else list(batches)
         calibration, tuning = split_tuning(batches)
         tuning = list(unpadded(tuning))
-        measured: list[tuple[float, float]] = []
         with staging_dir(plan.scratch) as folder:
+            costs = itertools.count()
+
             def cost(model: nn.Module) -> tuple[float, float]:
                 return self.quantized_cost(model, calibration, tuning, budget.kind, "int8" if asked == "auto" else asked, plan.export,
-                                           folder / str(len(measured)), plan.smooth)
+                                           folder / str(next(costs)), plan.smooth)
 
             room = int8_room(budget, cost(work.model)[0], asked)
-
-            def again(result: BudgetResult) -> Budget | None:  # kept by two standard errors: the held-out data is other samples
-                measured.append(cost(squash_workload(work, result.masks, plan.squash).model))
-                doubted = budget.doubted(*measured[-1])
-                return None if budget.within(doubted) else result.budget.after(budget.miss(doubted))
-
-            result = calibrate_to_budget(work.model, recipe, batches, room.searched, model_name=work.name, on_batch=o.on_batch,
-                                         again=again if room.mode != "none" else None, other=work.other if o.max_cost_other else None)
-        found = {"searched_budget": str(result.budget), "int8_tuning_cost": measured[-1][0], "int8_tuning_error": measured[-1][1],
-                 "searches": len(measured)} if measured else {}
+            # kept by DOUBT standard errors: the held-out data is other samples
+            search = Int8Search(budget, lambda result: cost(squash_workload(work, result.masks, plan.squash).model))
+            last = calibrate_to_budget(work.model, recipe, batches, room.searched, model_name=work.name, on_batch=o.on_batch,
+                                       again=search if room.mode != "none" else None, other=work.other if o.max_cost_other else None)
+        result, figure = search.chosen(last)
+        found = {"searched_budget": str(result.budget), "int8_tuning_cost": figure[0], "int8_tuning_error": figure[1],
+                 "searches": len(search.measured)} if figure is not None else {}
         return result.masks, replace(result, budget=budget, quantization={**room.to_json(), **found})
 
     def quantized_cost(self, model: nn.Module, calibration: Iterable[Batch], tuning: list[Batch], kind: str, mode: str,

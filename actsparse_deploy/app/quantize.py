@@ -14,7 +14,8 @@ smooths the squashed model's matrix products where that lowers their int8 error
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,10 +36,10 @@ if TYPE_CHECKING:
 
     from torch import nn
 
-    from .budget import Budget
+    from .budget import Budget, BudgetResult
     from .options import ExportOptions
 
-__all__ = ["Int8Plan", "Int8Room", "int8_room", "quantize_file", "quantize_stage", "smooth_stage", "smoothing_plan"]
+__all__ = ["Int8Plan", "Int8Room", "Int8Search", "int8_room", "quantize_file", "quantize_stage", "smooth_stage", "smoothing_plan"]
 
 
 def quantize_file(onnx_model: Path, output: Path, mode: str, data: str | None = None, batch_size: int = 32,
@@ -87,6 +88,50 @@ class Int8Room:
 
     def to_json(self) -> dict[str, Any]:
         return {"mode": self.mode, "share": self.share, "searched_budget": str(self.searched), **({"why": self.why} if self.why else {})}
+
+
+@dataclass
+class Int8Search:
+    """``--max-cost`` with ``--quantize``: the budget the sparsity is searched to, narrowed until the quantized
+    model keeps the user's ``budget`` on the tuning split by :data:`~actsparse_deploy.app.budget.DOUBT` standard errors (``measure``: a search result's
+    quantized figure and its error). Where a search's int8 model misses, the next is tighter by what it missed;
+    once one keeps it and a looser one missed, the next searches halve the gap between them (the loosest that keeps
+    the budget is the most sparsity). Called on each search's result (:func:`~actsparse_deploy.app.budget.calibrate_to_budget`'s
+    ``again``); :attr:`kept` is the loosest result that kept it, with its figure."""
+
+    budget: Budget
+    measure: Callable[[BudgetResult], tuple[float, float]]
+    measured: list[tuple[float, float]] = field(default_factory=list)
+    kept: tuple[BudgetResult, tuple[float, float]] | None = None
+    missed: Budget | None = None
+
+    def __call__(self, result: BudgetResult) -> Budget | None:
+        figure = self.measure(result)
+        self.measured.append(figure)
+        doubted = self.budget.doubted(*figure)
+        if self.budget.within(doubted):
+            if self.kept is None or self.kept[0].masks.overall_sparsity() <= result.masks.overall_sparsity():
+                self.kept = (result, figure)
+            return self._between(result.budget, self.missed) if self.missed is not None else None
+        self.missed = result.budget
+        if self.kept is not None:
+            return self._between(self.kept[0].budget, result.budget)
+        return result.budget.after(self.budget.miss(doubted))
+
+    @staticmethod
+    def _between(kept: Budget, missed: Budget) -> Budget | None:
+        """Halfway between a searched budget that kept the user's and a looser one that missed; None where they
+        are as good as one (a relative gap under 1e-4)."""
+        if abs(missed.value - kept.value) <= 1e-4 * max(abs(kept.value), 1e-12):
+            return None
+        return type(kept)(kept.kind, (kept.value + missed.value) / 2)
+
+    def chosen(self, last: BudgetResult) -> tuple[BudgetResult, tuple[float, float] | None]:
+        """The result to keep after the last search (``last``): the loosest that kept the budget, else ``last``
+        (the held-out check then decides), with its measured figure."""
+        if self.kept is not None:
+            return self.kept
+        return last, self.measured[-1] if self.measured else None
 
 
 def int8_room(budget: Budget, share: float, asked: str) -> Int8Room:
