@@ -52,7 +52,8 @@ from ..data.batches import Batch, flatten_outputs, run_batch
 from ..nn.layers import layer_kind
 from ..nn.modules import eval_mode
 
-__all__ = ["ALPHAS", "KINDS", "MIN_GAIN", "MAX_ROWS", "LayerSmoothing", "Smoothing", "apply_smoothing", "fake_int8", "plan_smoothing", "smoothed"]
+__all__ = ["ALPHAS", "KINDS", "MAKERS_TRIED", "MIN_GAIN", "MAX_ROWS", "LayerSmoothing", "Smoothing", "apply_smoothing", "fake_int8",
+           "plan_smoothing", "smoothed"]
 
 #: the migration strengths tried per layer (SmoothQuant's ``alpha``: 0 leaves the input as it is, 1 moves it all into the weight)
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -80,7 +81,7 @@ class LayerSmoothing:
     smoothed_error: float | None = None
     #: per input feature, what the weight column is multiplied by (None: not smoothed)
     scale: torch.Tensor | None = field(default=None, compare=False, repr=False)
-    #: the per-feature norm that makes the input and takes the division (None: a ``Mul`` before the layer)
+    #: the module that makes the input and takes the division, a per-feature norm or a layer (None: a ``Mul`` before the layer)
     producer: str | None = None
 
     @property
@@ -196,6 +197,8 @@ class _Seen:
     groups: list[list[str]] = field(default_factory=list)
     producers: dict[str, str] = field(default_factory=dict)
     batch: Batch | None = None
+    #: the layers in the order the first batch called them
+    order: list[str] = field(default_factory=list)
 
 
 def _ranges(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Batch]) -> _Seen:
@@ -210,8 +213,9 @@ def _ranges(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Ba
         lo, hi = rows.amin(0), rows.amax(0)
         old = seen.ranges.get(name)
         seen.ranges[name] = (lo, hi) if old is None else (torch.minimum(old[0], lo), torch.maximum(old[1], hi))
-        if seen.batch is None:
-            first.setdefault(name, x)
+        if seen.batch is None and name not in first:
+            first[name] = x
+            seen.order.append(name)
 
     def output(name: str) -> Any:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
@@ -301,27 +305,45 @@ def plan_smoothing(model: nn.Module, calibration: Iterable[Batch], tuning: Itera
             run_batch(model, batch)
     rows = {name: LayerSmoothing(name, None, why) for name, why in skipped.items()}
     rows |= {name: LayerSmoothing(name, None, _NOT_RUN) for name in layers if name not in errors}
+    taken: set[str] = set()
     for group in seen.groups:
         rows |= _decide(group, [errors[n] for n in group], min_gain)
-        if rows[group[0]].smoothed and group[0] in seen.producers and seen.batch is not None:
-            rows |= _divided_in(model, mode, {n: rows[n] for n in group}, seen.producers[group[0]], seen.batch)
+        if rows[group[0]].smoothed and seen.batch is not None:
+            rows |= _producer(model, mode, {n: rows[n] for n in group}, _makers(seen, layers, group, taken), seen.batch)
+            taken.update(row.producer for n in group if (row := rows[n]).producer is not None)
     order = list(dict(model.named_modules()))
     return Smoothing(mode, {name: rows[name] for name in sorted(rows, key=order.index)})
 
 
-def _divided_in(model: nn.Module, mode: str, rows: dict[str, LayerSmoothing], norm: str, batch: Batch) -> dict[str, LayerSmoothing]:
-    """``rows`` (one group, smoothed) with the division taken by ``norm``, the per-feature norm that makes their
-    input, where that gives the model's outputs on ``batch`` as before (nothing else reads the norm's output:
-    a decoder's RMSNorm before its projections); else as they were (a ``Mul``), saying why."""
-    trial = {name: replace(row, producer=norm) for name, row in rows.items()}
+#: the layers tried, nearest first, as the maker of a group's input where no norm makes it (the value projection
+#: before an attention output, the up projection before a gated MLP's down projection)
+MAKERS_TRIED = 2
+
+
+def _makers(seen: _Seen, layers: dict[str, nn.Module], group: list[str], taken: set[str]) -> list[str]:
+    """The modules that may make ``group``'s input, to try in order: the norm whose output it is; else the
+    :data:`MAKERS_TRIED` layers called last before it with as many outputs as it has inputs (none twice)."""
+    if group[0] in seen.producers:
+        return [seen.producers[group[0]]]
+    width, before = int(_weight(layers[group[0]]).shape[1]), seen.order[:seen.order.index(group[0])] if group[0] in seen.order else []
+    made = [n for n in reversed(before) if n not in group and n not in taken and int(_weight(layers[n]).shape[0]) == width]
+    return made[:MAKERS_TRIED]
+
+
+def _producer(model: nn.Module, mode: str, rows: dict[str, LayerSmoothing], makers: list[str], batch: Batch) -> dict[str, LayerSmoothing]:
+    """``rows`` (one group, smoothed) with the division taken by the first of ``makers`` (a norm's weight, a layer's
+    output rows) that gives the model's outputs on ``batch`` as before (nothing else reads what it makes, and
+    nothing between it and the group but per-feature linear steps); else as they were (a ``Mul``), saying why."""
     with eval_mode(model):
         want = flatten_outputs(run_batch(model, batch))
-        with smoothed(model, Smoothing(mode, trial)):
-            exact = _close(want, flatten_outputs(run_batch(model, batch)), 1e-5, 1e-4) is None
-    if exact:
-        return {name: replace(row, why=f"{row.why}; divided out of {norm}'s weight (no Mul)") for name, row in trial.items()}
-    return {name: replace(row, why=f"{row.why}; a Mul before it ({norm}, which makes its input, is also read elsewhere)")
-            for name, row in rows.items()}
+        for maker in makers:
+            trial = {name: replace(row, producer=maker) for name, row in rows.items()}
+            with smoothed(model, Smoothing(mode, trial)):
+                if _close(want, flatten_outputs(run_batch(model, batch)), 1e-5, 1e-4) is None:
+                    what = "output rows" if layer_kind(model.get_submodule(maker)) is not None else "weight"
+                    return {name: replace(row, why=f"{row.why}; divided out of {maker}'s {what} (no Mul)") for name, row in trial.items()}
+    tried = f"{', '.join(makers)} {'does' if len(makers) == 1 else 'do'} not take it exactly" if makers else "nothing before it could take it"
+    return {name: replace(row, why=f"{row.why}; a Mul before it ({tried})") for name, row in rows.items()}
 
 
 def _close(want: Sequence[torch.Tensor], got: Sequence[torch.Tensor], atol: float, rtol: float) -> float | None:
@@ -370,8 +392,9 @@ def _apply(model: nn.Module, plan: Smoothing) -> _Undo:
 
     undo: _Undo = []
     inverse: dict[int, torch.Tensor] = {}
+    modules = dict(model.named_modules())  # as they are before any is wrapped: a producer may be smoothed too
     for name in plan.smoothed:
-        layer, row = model.get_submodule(name), plan.layers[name]
+        layer, row = modules[name], plan.layers[name]
         kind = layer_kind(layer)
         assert kind is not None and row.scale is not None
         undo.append(partial(setattr, layer, "weight", layer.weight))
@@ -382,20 +405,27 @@ def _apply(model: nn.Module, plan: Smoothing) -> _Undo:
         shared = inverse.setdefault(id(row.scale), (1 / scale).to(layer.weight.dtype))
         if row.producer is not None:
             if first:
-                undo += _divide_norm(model.get_submodule(row.producer), shared)
+                undo += _divide_output(modules[row.producer], shared)
         else:
             _replace(model, name, MaskedInput(layer, shared))
             undo.append(partial(_replace, model, name, layer))
     return undo
 
 
-def _divide_norm(norm: nn.Module, inverse: torch.Tensor) -> _Undo:
-    """``norm``'s weight and bias multiplied by ``inverse`` (new parameters); what puts the old ones back."""
+def _divide_output(module: nn.Module, inverse: torch.Tensor) -> _Undo:
+    """``module``'s output features multiplied by ``inverse``: a layer's weight rows and bias, a norm's weight and
+    bias (new parameters); what puts the old ones back."""
+    kind = layer_kind(module)
     undo: _Undo = []
     with torch.no_grad():
-        for pname, param in list(norm.named_parameters(recurse=False)):
-            undo.append(partial(setattr, norm, pname, param))
-            setattr(norm, pname, nn.Parameter(param * inverse.to(param.dtype), requires_grad=param.requires_grad))
+        for pname, param in list(module.named_parameters(recurse=False)):
+            undo.append(partial(setattr, module, pname, param))
+            if kind is not None and pname == "weight":
+                rows = kind.standard_weight(module, param)
+                new = kind.native_weight(module, rows * inverse.to(param.dtype).reshape(-1, *[1] * (rows.ndim - 1)))
+            else:
+                new = param * inverse.to(param.dtype)
+            setattr(module, pname, nn.Parameter(new.contiguous(), requires_grad=param.requires_grad))
     return undo
 
 

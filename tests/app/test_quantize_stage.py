@@ -85,8 +85,11 @@ def test_no_smooth_quantizes_the_matrix_products_as_they_are(tmp_path):
     smoothed = invoke("convert", "digits-mlp", "-o", tmp_path / "smoothed", "--threads", "1", "--quantize", "int8", "--no-latency")
     assert "smoothing: " in smoothed.stdout and "matrix products smoothed before int8" in smoothed.stdout
     muls = [sum(node.op_type == "Mul" for node in onnx.load(str(tmp_path / name / "model.onnx")).graph.node) for name in ("out", "smoothed")]
-    count = json.loads((tmp_path / "smoothed" / "report.json").read_text())["quantization"]["smoothing"]["smoothed"]
-    assert muls[1] == muls[0] + count  # one constant Mul before each smoothed product, none without
+    rows = json.loads((tmp_path / "smoothed" / "report.json").read_text())["quantization"]["smoothing"]["layers"]
+    count = sum(row["smoothed"] and row["divided_in"] == "mul" for row in rows)
+    assert muls[1] == muls[0] + count  # one constant Mul before each product smoothed by one, none without
+    # a ReLU between two Linears passes a positive scale through: the first one's rows take the second's division
+    assert all(row["divided_in"] == "fc1" for row in rows if row["layer"] == "fc2" and row["smoothed"])
 
 
 def test_without_latency_there_is_no_frontier(tmp_path):

@@ -170,7 +170,7 @@ def test_the_division_goes_into_the_norm_that_makes_the_input_where_that_is_exac
             torch.testing.assert_close(model(batches[0]), before, atol=1e-4, rtol=1e-4)
         if residual:  # the norm's output is also the residual: dividing it there would change the sum
             assert row.producer is None and row.to_json()["divided_in"] == "mul" and isinstance(model.fc, MaskedInput)
-            assert "a Mul before it (norm, which makes its input, is also read elsewhere)" in row.why
+            assert row.why.endswith("; a Mul before it (norm does not take it exactly)")
         else:  # no Mul: the norm's weight and bias take the division
             assert row.producer == "norm" and row.to_json()["divided_in"] == "norm" and isinstance(model.fc, nn.Linear)
             assert "divided out of norm's weight (no Mul)" in row.why
@@ -199,9 +199,13 @@ def test_a_decoder_s_rms_norms_take_the_division_of_its_projections():
             assert all(row.producer == layer + norm for row in rows)
             smoothed_norms.add(layer + norm)
     assert smoothed_norms  # min_gain 0: at least one of them smoothed
+    down = plan.layers[layer + "mlp.down_proj"]  # its input is act(gate(x)) * up(x): up's output rows take the division
+    assert down.smoothed and down.producer == layer + "mlp.up_proj" and "divided out of model.layers.0.mlp.up_proj's output rows" in down.why
+    up_weight = model.get_submodule(layer + "mlp.up_proj").weight
     apply_smoothing(model, plan, check=batches[:1])
     with torch.no_grad():
         torch.testing.assert_close(model(**batches[0]).logits, before, atol=1e-4, rtol=1e-4)
     for name in smoothed_norms:
         assert model.get_submodule(name).weight is not norms[name]
-    assert not any(isinstance(m, MaskedInput) for n, m in model.named_modules() if "q_proj" in n or "gate_proj" in n)
+    assert not any(isinstance(m, MaskedInput) for n, m in model.named_modules() if "q_proj" in n or "gate_proj" in n or "down_proj" in n)
+    assert model.get_submodule(layer + "mlp.up_proj").weight is not up_weight
