@@ -176,7 +176,7 @@ def _hooked(layers: dict[str, nn.Module], record: Any) -> Iterator[None]:
 def _norms(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """The modules that could take a smoothing's division: no children, a 1-d ``weight`` (and at most a
     1-d ``bias``) of a size some candidate reads (a LayerNorm, an RMSNorm; each is tried, and kept only where exact)."""
-    sizes = {int(_weight(layer).shape[1]) for layer in layers.values()}
+    sizes = {_width(layer) for layer in layers.values()}
     found = {}
     for name, module in model.named_modules():
         params = dict(module.named_parameters(recurse=False))
@@ -202,25 +202,30 @@ class _Seen:
 
 
 def _ranges(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Batch]) -> _Seen:
-    """Per layer, its input's per-feature minimum and maximum over ``batches``; the layers that read one
-    input tensor together (a query, key and value projection: one scale, one ``Mul``, shared); the norm
-    that made it, where one did (:func:`_norms`)."""
+    """Per layer, its input's per-feature minimum and maximum over ``batches``; the layers called one after
+    another on one input tensor (a query, key and value projection: one scale, one ``Mul``, shared); the norm
+    that made it, where the last norm to run did (:func:`_norms`). One input and one norm output held at a time."""
     seen = _Seen()
-    first: dict[str, torch.Tensor] = {}  # the first batch's inputs and norm outputs, held: no two are one object by chance
-    made: dict[int, tuple[str, torch.Tensor]] = {}
+    last: dict[str, Any] = {}  # on the first batch: the layer called last and its input, the norm run last and its output
 
     def record(name: str, x: torch.Tensor, rows: torch.Tensor) -> None:
         lo, hi = rows.amin(0), rows.amax(0)
         old = seen.ranges.get(name)
         seen.ranges[name] = (lo, hi) if old is None else (torch.minimum(old[0], lo), torch.maximum(old[1], hi))
-        if seen.batch is None and name not in first:
-            first[name] = x
+        if seen.batch is None and name not in seen.order:
             seen.order.append(name)
+            if last.get("input") is x:
+                next(g for g in seen.groups if last["layer"] in g).append(name)
+            else:
+                seen.groups.append([name])
+                if last.get("made") is x:
+                    seen.producers[name] = last["norm"]
+            last.update(layer=name, input=x)
 
     def output(name: str) -> Any:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if seen.batch is None and isinstance(out, torch.Tensor):
-                made.setdefault(id(out), (name, out))
+                last.update(norm=name, made=out)
         return hook
 
     handles = [norm.register_forward_hook(output(name)) for name, norm in _norms(model, layers).items()]
@@ -228,17 +233,21 @@ def _ranges(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Ba
         with eval_mode(model), _hooked(layers, record):
             for batch in batches:
                 run_batch(model, batch)
-                seen.batch = batch if seen.batch is None else seen.batch
+                if seen.batch is None:
+                    seen.batch = batch
+                    last.clear()  # the first batch's tensors let go
     finally:
         for handle in handles:
             handle.remove()
-    for name, x in first.items():
-        group = next((g for g in seen.groups if first[g[0]] is x), None)
-        group.append(name) if group is not None else seen.groups.append([name])
-        if group is None and id(x) in made and made[id(x)][1] is x:
-            seen.producers[name] = made[id(x)][0]
-    seen.groups += [[name] for name in seen.ranges if name not in first]  # first run after the first batch: alone
+    seen.groups += [[name] for name in seen.ranges if name not in seen.order]  # first run after the first batch: alone
     return seen
+
+
+def _width(layer: nn.Module, out: bool = False) -> int:
+    """The layer's input features (``out``: output features)."""
+    kind = layer_kind(layer)
+    assert kind is not None
+    return kind.out_features(layer) if out else kind.in_features(layer)
 
 
 def _weight(layer: nn.Module) -> torch.Tensor:
@@ -325,8 +334,8 @@ def _makers(seen: _Seen, layers: dict[str, nn.Module], group: list[str], taken: 
     :data:`MAKERS_TRIED` layers called last before it with as many outputs as it has inputs (none twice)."""
     if group[0] in seen.producers:
         return [seen.producers[group[0]]]
-    width, before = int(_weight(layers[group[0]]).shape[1]), seen.order[:seen.order.index(group[0])] if group[0] in seen.order else []
-    made = [n for n in reversed(before) if n not in group and n not in taken and int(_weight(layers[n]).shape[0]) == width]
+    width, before = _width(layers[group[0]]), seen.order[:seen.order.index(group[0])] if group[0] in seen.order else []
+    made = [n for n in reversed(before) if n not in group and n not in taken and _width(layers[n], out=True) == width]
     return made[:MAKERS_TRIED]
 
 
