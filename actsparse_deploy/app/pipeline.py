@@ -250,7 +250,7 @@ class Stages:
         folder.mkdir()
         try:
             plan = plan_smoothing(model, unpadded(calibration), tuning, mode) if smooth else None
-            with smoothed(model, plan) if plan is not None else contextlib.nullcontext(model):
+            with smoothed(model, plan, check=tuning[:2]) if plan is not None else contextlib.nullcontext(model):
                 exported = self.export(model, folder / "model.onnx", o, timed=False)
             io, path = target.validation_io(exported.io), folder / "model.int8.onnx"
             quantize_onnx(exported.path, path, mode, calibration=target.batches(calibration) if mode == "int8-static" else None, io_spec=io)

@@ -311,7 +311,8 @@ def _int8_row(stages: Stages, model: Any, mode: str, smooth: bool, exported: Any
     work, target, path = stages.work, stages.target, exported.path
     plan = smoothing_plan(model, work.require_calibration(), mode) if smooth else None
     source, out = path, path.with_name(f"{path.stem}.{mode}.onnx")
-    with smoothed(model, plan) if plan is not None else contextlib.nullcontext(model):
+    checks = list(itertools.islice(work.require_heldout(), 2))  # as convert checks its smoothing
+    with smoothed(model, plan, check=checks) if plan is not None else contextlib.nullcontext(model):
         if plan is not None and plan.smoothed:
             source = path.with_name(f"{path.stem}.smoothed.onnx")
             stages.validate(source, model, stages.export(model, source, ExportOptions()), tolerance)

@@ -309,16 +309,18 @@ def plan_smoothing(model: nn.Module, calibration: Iterable[Batch], tuning: Itera
             got = fake_int8(scaled[::step], e.weights[a], fixed)
             e.error[a] = e.error.get(a, 0.0) + float((got - want).square().sum())
 
+    trials = [seen.batch] if seen.batch is not None else []  # the makers are tried on a calibration and a tuning batch
     with eval_mode(model), _hooked({n: layers[n] for n in errors}, record):
         for batch in tuning:
             run_batch(model, batch)
+            trials += [batch] if len(trials) == 1 else []
     rows = {name: LayerSmoothing(name, None, why) for name, why in skipped.items()}
     rows |= {name: LayerSmoothing(name, None, _NOT_RUN) for name in layers if name not in errors}
     taken: set[str] = set()
     for group in seen.groups:
         rows |= _decide(group, [errors[n] for n in group], min_gain)
-        if rows[group[0]].smoothed and seen.batch is not None:
-            rows |= _producer(model, mode, {n: rows[n] for n in group}, _makers(seen, layers, group, taken), seen.batch)
+        if rows[group[0]].smoothed and trials:
+            rows |= _producer(model, mode, {n: rows[n] for n in group}, _makers(seen, layers, group, taken), trials)
             taken.update(row.producer for n in group if (row := rows[n]).producer is not None)
     order = list(dict(model.named_modules()))
     return Smoothing(mode, {name: rows[name] for name in sorted(rows, key=order.index)})
@@ -339,16 +341,18 @@ def _makers(seen: _Seen, layers: dict[str, nn.Module], group: list[str], taken: 
     return made[:MAKERS_TRIED]
 
 
-def _producer(model: nn.Module, mode: str, rows: dict[str, LayerSmoothing], makers: list[str], batch: Batch) -> dict[str, LayerSmoothing]:
+def _producer(model: nn.Module, mode: str, rows: dict[str, LayerSmoothing], makers: list[str], batches: list[Batch]
+              ) -> dict[str, LayerSmoothing]:
     """``rows`` (one group, smoothed) with the division taken by the first of ``makers`` (a norm's weight, a layer's
-    output rows) that gives the model's outputs on ``batch`` as before (nothing else reads what it makes, and
-    nothing between it and the group but per-feature linear steps); else as they were (a ``Mul``), saying why."""
+    output rows) that gives the model's outputs on ``batches`` (a calibration and a tuning batch) as before (nothing
+    else reads what it makes, and nothing between it and the group but per-feature linear steps); else as they were
+    (a ``Mul``), saying why."""
     with eval_mode(model):
-        want = flatten_outputs(run_batch(model, batch))
+        want = [flatten_outputs(run_batch(model, batch)) for batch in batches]
         for maker in makers:
             trial = {name: replace(row, producer=maker) for name, row in rows.items()}
             with smoothed(model, Smoothing(mode, trial)):
-                if _close(want, flatten_outputs(run_batch(model, batch)), 1e-5, 1e-4) is None:
+                if all(_close(w, flatten_outputs(run_batch(model, b)), 1e-5, 1e-4) is None for w, b in zip(want, batches)):
                     what = "output rows" if layer_kind(model.get_submodule(maker)) is not None else "weight"
                     return {name: replace(row, why=f"{row.why}; divided out of {maker}'s {what} (no Mul)") for name, row in trial.items()}
     tried = f"{', '.join(makers)} {'does' if len(makers) == 1 else 'do'} not take it exactly" if makers else "nothing before it could take it"
@@ -396,10 +400,20 @@ _Undo = list[Callable[[], None]]
 def _apply(model: nn.Module, plan: Smoothing) -> _Undo:
     """The plan's smoothed layers changed: weight columns scaled (a new parameter); the input divided by the
     norm that makes it (its weight and bias, new parameters) or by a ``Mul`` the layer is wrapped in; what
-    undoes it, step by step (the same parameters back)."""
+    undoes it, step by step (the same parameters back); a step that fails undoes the ones before it."""
+    undo: _Undo = []
+    try:
+        _apply_steps(model, plan, undo)
+    except BaseException:  # a layer that refuses a new weight (a parametrization): the steps done so far undone
+        _undo(undo)
+        raise
+    return undo
+
+
+def _apply_steps(model: nn.Module, plan: Smoothing, undo: _Undo) -> None:
+    """:func:`_apply`'s steps, each one's undo added to ``undo`` as it is done."""
     from .apply import MaskedInput
 
-    undo: _Undo = []
     inverse: dict[int, torch.Tensor] = {}
     modules = dict(model.named_modules())  # as they are before any is wrapped: a producer may be smoothed too
     for name in plan.smoothed:
@@ -418,7 +432,6 @@ def _apply(model: nn.Module, plan: Smoothing) -> _Undo:
         else:
             _replace(model, name, MaskedInput(layer, shared))
             undo.append(partial(_replace, model, name, layer))
-    return undo
 
 
 def _divide_output(module: nn.Module, inverse: torch.Tensor) -> _Undo:
@@ -446,7 +459,12 @@ def _undo(undo: _Undo) -> None:
 def apply_smoothing(model: nn.Module, plan: Smoothing, check: Iterable[Batch] = (), atol: float = 1e-5, rtol: float = 1e-4) -> Smoothing:
     """``plan`` (made on ``model``) baked into ``model`` in place, checked on the ``check`` batches: every output as
     before within ``atol * max(1, max|before|) + rtol * |before|``, else a SquashError and the model as it was."""
-    check = list(check)
+    _checked(model, plan, list(check), atol, rtol)
+    return plan
+
+
+def _checked(model: nn.Module, plan: Smoothing, check: list[Batch], atol: float, rtol: float) -> _Undo:
+    """:func:`_apply`, then the model's outputs on ``check`` compared with those before (see :func:`apply_smoothing`)."""
     with eval_mode(model):
         before = [flatten_outputs(run_batch(model, b)) for b in check]
         undo = _apply(model, plan)
@@ -454,15 +472,17 @@ def apply_smoothing(model: nn.Module, plan: Smoothing, check: Iterable[Batch] = 
             diff = _close(want, flatten_outputs(run_batch(model, batch)), atol, rtol)
             if diff is not None:
                 _undo(undo)
-                raise SquashError(f"smoothing changed the model's outputs (max diff {diff:.3g}): a smoothed layer's weight "
-                                  "is read elsewhere in the model; leave out the smoothing (--no-smooth)")
-    return plan
+                raise SquashError(f"smoothing changed the model's outputs (max diff {diff:.3g}): a smoothed layer's weight is read "
+                                  "elsewhere in the model, or its half-precision weights round; leave out the smoothing (--no-smooth)")
+    return undo
 
 
 @contextlib.contextmanager
-def smoothed(model: nn.Module, plan: Smoothing) -> Iterator[nn.Module]:
-    """``model`` with ``plan`` baked in for the block, then as it was (the same parameters)."""
-    undo = _apply(model, plan)
+def smoothed(model: nn.Module, plan: Smoothing, check: Iterable[Batch] = (), atol: float = 1e-5, rtol: float = 1e-4
+             ) -> Iterator[nn.Module]:
+    """``model`` with ``plan`` baked in for the block (checked on ``check`` as :func:`apply_smoothing` checks it),
+    then as it was (the same parameters)."""
+    undo = _checked(model, plan, list(check), atol, rtol)
     try:
         yield model
     finally:

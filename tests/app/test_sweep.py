@@ -50,6 +50,7 @@ def test_sweep_quantize_measures_each_level_in_int8_beside_int8_alone(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((out / "sweep.json").read_text())
     assert data["quantize"] == ["int8"] and data["smooth"] is True
+    assert sum(row["smoothed"] for row in data["rows"] if row["quantize"] == "int8") >= 1  # the digits MLP's products smooth
     cells = {(row["level"], row["quantize"]) for row in data["rows"]}
     assert cells == {(lv, q) for lv in (0.25, 0.5) for q in ("none", "int8")}
     alone = data["int8_alone"]["int8"]
@@ -59,7 +60,7 @@ def test_sweep_quantize_measures_each_level_in_int8_beside_int8_alone(tmp_path):
         assert float_row["onnx_max_abs_diff"] < 1e-4 and "onnx_max_abs_diff" not in int8_row  # judged by its cost
         assert int8_row["size_bytes"] < 0.5 * float_row["size_bytes"]
         assert abs(int8_row["accuracy_sparse"] - float_row["accuracy_sparse"]) <= 0.005 + 1e-9  # within half a point
-        assert int8_row["overall_sparsity"] == float_row["overall_sparsity"] and 0 <= int8_row["smoothed"] <= 3
+        assert int8_row["overall_sparsity"] == float_row["overall_sparsity"]
     png = (out / "sweep.png").read_bytes()
     assert png.startswith(PNG) and len(png) > 20000  # two panels: the second, cost against latency
     assert "│ recipe +" in result.stdout and "int8 alone (the dense export quantized" in result.stdout  # recipe + int8, wrapped

@@ -104,22 +104,50 @@ def test_tied_weights_and_convolutions_are_not_smoothed():
     assert not plan.layers["b"].smoothed
 
 
+class _ReadsWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + x @ self.fc.weight.T  # the weight read besides the layer's call
+
+
 def test_a_weight_read_outside_its_layer_fails_the_check_and_leaves_the_model_as_it_was():
-    class ReadsWeight(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(32, 8)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(x) + x @ self.fc.weight.T  # the weight read besides the layer's call
-
     torch.manual_seed(0)
-    model = ReadsWeight().eval()
+    model = _ReadsWeight().eval()
     weight = model.fc.weight
     plan = plan_smoothing(model, _outlier_batches(3), _outlier_batches(1, seed=1))
     assert plan.layers["fc"].smoothed
     with pytest.raises(SquashError, match="smoothing changed the model's outputs"):
         apply_smoothing(model, plan, check=_outlier_batches(1, seed=2))
+    assert type(model.fc) is nn.Linear and model.fc.weight is weight
+
+
+def test_a_maker_is_kept_only_where_it_takes_the_division_on_a_calibration_and_a_tuning_batch():
+    """Before, one calibration batch decided: a ReLU6 its values stayed under passed a scale through there, not elsewhere."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU6(), nn.Linear(32, 8)).eval()
+    small = [torch.randn(64, 32) * 0.05 for _ in range(3)]  # under 6 after the first layer: ReLU6 is a ReLU there
+    large = [torch.randn(64, 32) * 40 for _ in range(2)]
+    plan = plan_smoothing(model, small, large, min_gain=-100.0)  # smoothed whatever its error
+    row = plan.layers["2"]
+    assert row.smoothed and row.producer is None and row.why.endswith("; a Mul before it (0 does not take it exactly)"), row
+    with torch.no_grad():
+        before = model(large[1])
+    apply_smoothing(model, plan, check=large)
+    with torch.no_grad():
+        torch.testing.assert_close(model(large[1]), before, atol=1e-4, rtol=1e-4)
+
+
+def test_smoothed_for_a_block_checks_the_outputs_where_given_batches():
+    torch.manual_seed(0)
+    model = _ReadsWeight().eval()
+    weight = model.fc.weight
+    plan = plan_smoothing(model, _outlier_batches(3), _outlier_batches(1, seed=1))
+    with pytest.raises(SquashError, match="smoothing changed the model's outputs"):
+        with smoothed(model, plan, check=_outlier_batches(1, seed=2)):
+            pass
     assert type(model.fc) is nn.Linear and model.fc.weight is weight
 
 
