@@ -13,15 +13,11 @@ smooths the squashed model's matrix products where that lowers their int8 error
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..bake.apply import HALF_PRUNE_ATOL, HALF_PRUNE_RTOL, PRUNE_ATOL, PRUNE_RTOL
 from ..bake.smooth import Smoothing, apply_smoothing, plan_smoothing
 from ..base.errors import ValidationError
 from ..data.batches import Batch, first_samples, unpadded
@@ -161,10 +157,10 @@ def smooth_stage(work: Workload, model: nn.Module, mode: str, max_samples: int |
     """``convert``'s smoothing before ``--quantize``: :func:`smoothing_plan` on ``model`` (the squashed model;
     the first ``max_samples`` calibration samples) baked into it, checked on two held-out batches against its
     outputs before (squash's tolerance: a SquashError, and the model as it was, where they differ)."""
+    from .workload import check_batches
+
     plan = smoothing_plan(model, first_samples(work.require_calibration(), max_samples), mode)
-    half = next((p.dtype for p in model.parameters() if p.is_floating_point()), None) in (torch.float16, torch.bfloat16)
-    tolerance = (HALF_PRUNE_ATOL, HALF_PRUNE_RTOL) if half else (PRUNE_ATOL, PRUNE_RTOL)
-    return apply_smoothing(model, plan, check=list(itertools.islice(work.heldout or [], 2)), atol=tolerance[0], rtol=tolerance[1])
+    return apply_smoothing(model, plan, check=check_batches(work))
 
 
 def quantize_stage(work: Workload, target: Target, path: Path, exported: IOSpec, mode: str, budget: Any = None,

@@ -189,13 +189,14 @@ def sweep(
         raise UsageError(f"`runs` must be an integer from 1 to {MAX_RUNS}, got {runs!r}")
     modes = parse_quantize(quantize)
     load = LoadOptions(weights=weights, data=data, heldout=heldout, batch_size=batch_size)
-    checks = validation if validation is not None else ValidateOptions(), _Int8(tuple(modes), smooth)
+    checks = validation if validation is not None else ValidateOptions()
+    int8 = _Int8(tuple(modes), smooth)
     outdir = Path(outdir)
     with locked_outputs(outdir, OUT_FILES, overwrite):  # one run at a time writes here
         stages = Stages(load.workload(model))
         recipes = _recipes(stages.work, recipe, methods, compensate)
         with staging_dir(outdir) as staging:  # the scratch exports too: removed with it, or by the next run if killed
-            result = _measure(stages, recipes, compensate, staging, levels, runs, on_step, checks)
+            result = _measure(stages, recipes, compensate, staging, levels, runs, on_step, checks, int8)
             writers = {"sweep.json": lambda path: path.write_text(json.dumps(result, indent=2) + "\n"),
                        "sweep.png": lambda path: plot_sweep(result, path)}
             publish_staged(staging, outdir, writers, OUT_FILES, overwrite, what="the sweep")
@@ -211,11 +212,11 @@ class _Int8:
 
 
 def _measure(stages: Stages, recipes: dict[str, Recipe], compensate: str | None, scratch: Path, levels: Sequence[float],
-             runs: int, on_step: Callable[[str], None] | None, checks: tuple[ValidateOptions, _Int8]) -> dict[str, Any]:
+             runs: int, on_step: Callable[[str], None] | None, checks: ValidateOptions, int8: _Int8) -> dict[str, Any]:
     """The rows of every level x method (:func:`_level`): ONNX exports in ``scratch``; what ``sweep.json`` holds."""
     from .options import ExportOptions
 
-    work, (tolerance, int8) = stages.work, checks
+    work = stages.work
     timing_batches = list(itertools.islice(work.require_heldout(), 2))
     rows: list[dict[str, Any]] = []
     dense = stages.export(work.model, scratch / "dense.onnx", ExportOptions())
@@ -229,41 +230,40 @@ def _measure(stages: Stages, recipes: dict[str, Recipe], compensate: str | None,
             if on_step is not None:
                 on_step(f"{method} at {level:.0%}")
             path = scratch / f"{index}-{len(rows)}.onnx"
-            measured = _level(stages, stats, the_recipe.with_sparsity(level), path, dense.path, timing_batches, runs, checks)
+            measured = _level(stages, stats, the_recipe.with_sparsity(level), path, dense.path, timing_batches, runs, checks, int8)
             rows += [{"method": method, "level": level, **row} for row in measured]
     return {
         "model": work.name, "levels": list(levels), "methods": list(recipes), "compensate": compensate,
         "heldout_samples": rows[0]["heldout_samples"] if rows else 0,
         "latency": {"batches": len(timing_batches), "runs": runs, "threads": rows[0]["threads"] if rows else None},
-        "validation": {"atol": tolerance.atol, "rtol": tolerance.rtol},
+        "validation": {"atol": checks.atol, "rtol": checks.rtol},
         **({"quantize": list(int8.modes), "smooth": int8.smooth, "int8_alone": alone} if int8.modes else {}),
         "rows": rows,
     }
 
 
 def _level(stages: Stages, stats: Any, recipe: Recipe, path: Path, dense: Path, timing: list[Any], runs: int,
-           checks: tuple[ValidateOptions, _Int8]) -> list[dict[str, Any]]:
+           checks: ValidateOptions, int8: _Int8) -> list[dict[str, Any]]:
     """One level's rows: the masks of ``recipe`` (at its level) from ``stats``, squashed
     (``auto``), exported to ``path``, validated against the squashed PyTorch model,
-    its held-out cost and its latency against ``dense``; then each int8 mode of
-    ``checks`` (:func:`_int8_row`). The exports are removed after."""
+    its held-out cost and its latency against ``dense``; then each mode of ``int8``
+    (:func:`_int8_row`). The exports are removed after."""
     from ..calibration.calibrate import select
     from ..onnx.export import layer_metadata
     from ..onnx.latency import latency_ratio
     from ..onnx.quantize import model_bytes
     from .options import ExportOptions
 
-    tolerance, int8 = checks
     masks = select(stats, recipe, model=stages.work.model)
     squashed = stages.squash(masks, "auto")
     exported = stages.export(squashed.model, path, ExportOptions(), layer_metadata(squashed.report(), "auto"))
-    checked = stages.validate(path, squashed.model, exported, tolerance)
+    checked = stages.validate(path, squashed.model, exported, checks)
     cost, _ = stages.cost(squashed.model)
     with stages.timer("latency"):
         speed = latency_ratio(dense, path, timing, io_spec=exported.io, runs=runs, warmup=min(3, runs))
     rows = [{**_row(masks, cost, speed, checked.max_abs), **({"quantize": "none", "size_bytes": model_bytes(path)} if int8.modes else {})}]
     for mode in int8.modes:
-        rows.append(_int8_row(stages, squashed.model, mode, int8.smooth, exported, dense, timing, runs, tolerance)
+        rows.append(_int8_row(stages, squashed.model, mode, int8.smooth, exported, dense, timing, runs, checks)
                     | {"overall_sparsity": masks.overall_sparsity(), "heldout_samples": rows[0]["heldout_samples"]})
     path.unlink()
     return rows
@@ -272,24 +272,25 @@ def _level(stages: Stages, stats: Any, recipe: Recipe, path: Path, dense: Path, 
 def _int8_alone(stages: Stages, dense: Any, mode: str, timing: list[Any], runs: int) -> dict[str, Any]:
     """The dense export quantized by ``mode`` as onnxruntime's one call does it (no smoothing): its latency
     against the dense export and its cost against the dense PyTorch model on the held-out data."""
+    return _quantized(stages, dense.path, dense.path.with_name(f"dense.{mode}.onnx"), mode, dense.io, dense.path, timing, runs)
+
+
+def _quantized(stages: Stages, source: Path, out: Path, mode: str, io: Any, dense: Path, timing: list[Any], runs: int) -> dict[str, Any]:
+    """The float export at ``source`` (inputs ``io``) quantized by ``mode`` to ``out`` (``int8-static``: ranges from the
+    calibration data), then its row figures: its last output's cosine to the dense PyTorch model, accuracy / perplexity
+    where the model has them, size, and its latency against the dense export at ``dense``."""
     from ..onnx.latency import latency_ratio
     from ..onnx.quantize import quantize_onnx, variant_costs
 
     work, target = stages.work, stages.target
-    path, io = dense.path.with_name(f"dense.{mode}.onnx"), target.validation_io(dense.io)
+    checked_io = target.validation_io(io)
     static = target.batches(work.require_calibration()) if mode == "int8-static" else None
-    quantize_onnx(dense.path, path, mode, calibration=static, io_spec=io)
-    cost = variant_costs(target.model(work.model), {mode: path}, target.batches(work.require_heldout()), io_spec=io,
+    quantize_onnx(source, out, mode, calibration=static, io_spec=checked_io)
+    cost = variant_costs(target.model(work.model), {mode: out}, target.batches(work.require_heldout()), io_spec=checked_io,
                          tokens=work.causal_lm, labels=work.labels)[mode]
     with stages.timer("latency"):
-        speed = latency_ratio(dense.path, path, timing, io_spec=dense.io, runs=runs, warmup=min(3, runs))
-    return _int8_figures(cost, speed)
-
-
-def _int8_figures(cost: Any, speed: dict[str, Any]) -> dict[str, Any]:
-    """An int8 model's row figures: its last output's cosine to the dense model, accuracy / perplexity, size, latency."""
-    last = cost.outputs[-1]
-    measured = cost.to_json()
+        speed = latency_ratio(dense, out, timing, io_spec=io, runs=runs, warmup=min(3, runs))
+    last, measured = cost.outputs[-1], cost.to_json()
     return {"output": last["output"], "cosine_mean": last["cosine_mean"], "cosine_min": last["cosine_min"],
             **({"accuracy_dense": cost.dense_accuracy, "accuracy_sparse": cost.accuracy} if cost.accuracy is not None else {}),
             **({"perplexity_ratio": measured["perplexity_ratio"]} if cost.perplexity is not None else {}),
@@ -301,31 +302,23 @@ def _int8_row(stages: Stages, model: Any, mode: str, smooth: bool, exported: Any
               tolerance: ValidateOptions) -> dict[str, Any]:
     """The squashed ``model`` (its float export: ``exported``) quantized by ``mode``: smoothed first where
     ``smooth`` (exported beside it and validated strictly, as ``convert --quantize`` does; the model as it
-    was after), then its cost and latency as :func:`_int8_alone` measures int8 alone; how many products were smoothed."""
+    was after), then measured as :func:`_int8_alone` measures int8 alone; how many products were smoothed."""
     from ..bake.smooth import smoothed
-    from ..onnx.latency import latency_ratio
-    from ..onnx.quantize import quantize_onnx, variant_costs
     from .options import ExportOptions
     from .quantize import smoothing_plan
+    from .workload import check_batches
 
-    work, target, path = stages.work, stages.target, exported.path
-    plan = smoothing_plan(model, work.require_calibration(), mode) if smooth else None
+    path = exported.path
+    plan = smoothing_plan(model, stages.work.require_calibration(), mode) if smooth else None
     source, out = path, path.with_name(f"{path.stem}.{mode}.onnx")
-    checks = list(itertools.islice(work.require_heldout(), 2))  # as convert checks its smoothing
-    with smoothed(model, plan, check=checks) if plan is not None else contextlib.nullcontext(model):
+    with smoothed(model, plan, check=check_batches(stages.work)) if plan is not None else contextlib.nullcontext(model):
         if plan is not None and plan.smoothed:
             source = path.with_name(f"{path.stem}.smoothed.onnx")
             stages.validate(source, model, stages.export(model, source, ExportOptions()), tolerance)
-    io = target.validation_io(exported.io)
-    static = target.batches(work.require_calibration()) if mode == "int8-static" else None
-    quantize_onnx(source, out, mode, calibration=static, io_spec=io)
-    cost = variant_costs(target.model(work.model), {mode: out}, target.batches(work.require_heldout()), io_spec=io,
-                         tokens=work.causal_lm, labels=work.labels)[mode]
-    with stages.timer("latency"):
-        speed = latency_ratio(dense, out, timing, io_spec=exported.io, runs=runs, warmup=min(3, runs))
+    row = _quantized(stages, source, out, mode, exported.io, dense, timing, runs)
     for done in {source, out} - {path}:
         done.unlink()
-    return {**_int8_figures(cost, speed), "quantize": mode, "smoothed": len(plan.smoothed) if plan is not None else 0}
+    return {**row, "quantize": mode, "smoothed": len(plan.smoothed) if plan is not None else 0}
 
 
 def _row(masks: Any, cost: dict[str, Any], speed: dict[str, Any], max_abs_diff: float) -> dict[str, Any]:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ..bake.squash import SquashResult
     from ..calibration.masks import Masks
 
-__all__ = ["EXAMPLE_BATCH_SIZE", "Workload", "check_distinct_inputs", "load_workload",
+__all__ = ["EXAMPLE_BATCH_SIZE", "Workload", "check_batches", "check_distinct_inputs", "load_workload",
            "squash_workload"]
 
 
@@ -42,8 +42,13 @@ def squash_workload(work: Workload, masks: Masks, mode: str, in_place: bool = Fa
     ``in_place`` the model itself (no second copy of its weights; ``work.model`` is then the squashed model)."""
     from ..bake.squash import squash, squash_
 
-    checks = list(itertools.islice(work.heldout or [], 2))  # of a stream, its first two batches only
-    return (squash_ if in_place else squash)(work.model, masks, mode, example=work.example(), check_batches=checks)
+    return (squash_ if in_place else squash)(work.model, masks, mode, example=work.example(), check_batches=check_batches(work))
+
+
+def check_batches(work: Workload) -> list[Batch]:
+    """The held-out batches a change that keeps the model's function is checked on (squash, smoothing): the first two
+    (of a stream, only those are read)."""
+    return list(itertools.islice(work.heldout or [], 2))
 
 
 def check_distinct_inputs(data: str | None, heldout: str | None, model_options: ModelOptions | None = None) -> None:

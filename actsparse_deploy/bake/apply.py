@@ -23,7 +23,7 @@ module back.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -33,12 +33,14 @@ from torch import nn
 
 from ..base.errors import DataError, SquashError, first_line
 from ..data.batches import Batch, describe_batch, flatten_outputs, run_batch
+from ..data.compare import Tolerance
 from ..nn.layers import Cut, layer_kind
 from ..nn.modules import eval_mode
 from .explain import explain
 from .plan import Edits, Prepared, Reason, SquashPlan
 
-__all__ = ["HALF_PRUNE_ATOL", "HALF_PRUNE_RTOL", "PRUNE_ATOL", "PRUNE_RTOL", "MaskedInput", "PrunedInput", "SquashResult", "apply_plan"]
+__all__ = ["HALF_PRUNE_ATOL", "HALF_PRUNE_RTOL", "PRUNE_ATOL", "PRUNE_RTOL", "MaskedInput", "PrunedInput", "SquashResult", "apply_plan",
+           "squash_tolerance"]
 
 #: prune vs mul on the check batches: ``|pruned - mul| <= ATOL * max(1, max|mul|) + RTOL * |mul|``.
 PRUNE_RTOL = 1e-4
@@ -297,16 +299,23 @@ def _apply_swapping(model: nn.Module, plan: SquashPlan, check_batches: list[Batc
         raise
 
 
+def squash_tolerance(want: Sequence[torch.Tensor]) -> Tolerance:
+    """How close a changed model's outputs must stay to ``want`` (the model's before a change that keeps its
+    function: prune against mul, smoothing): ``PRUNE_ATOL`` scaled by each output's magnitude, plus ``PRUNE_RTOL``;
+    ``HALF_PRUNE_ATOL`` / ``HALF_PRUNE_RTOL`` where an output is float16 or bfloat16; the same NaN agrees."""
+    if any(w.dtype in (torch.float16, torch.bfloat16) for w in want):
+        return Tolerance(HALF_PRUNE_ATOL, HALF_PRUNE_RTOL, scale_atol=True, nan_equal=True)
+    return Tolerance(PRUNE_ATOL, PRUNE_RTOL, scale_atol=True, nan_equal=True)
+
+
 def _check_exact(model: nn.Module, wanted: list[tuple[torch.Tensor, ...]], batches: list[Batch]) -> float:
     """The largest difference between ``model``'s outputs on ``batches`` and ``wanted`` (the ``mul``
     squash's, :func:`_mul_outputs`); raises if any output is over the tolerance
     (:mod:`actsparse_deploy.data.compare`: ``PRUNE_ATOL`` scaled by the output's
     magnitude, plus ``PRUNE_RTOL``; ``HALF_PRUNE_ATOL`` / ``HALF_PRUNE_RTOL`` where the outputs are
     float16 or bfloat16; integer outputs equal; the same NaN agrees)."""
-    from ..data.compare import Tolerance, compare_outputs
+    from ..data.compare import compare_outputs
 
-    exact = Tolerance(PRUNE_ATOL, PRUNE_RTOL, scale_atol=True, nan_equal=True)
-    half = Tolerance(HALF_PRUNE_ATOL, HALF_PRUNE_RTOL, scale_atol=True, nan_equal=True)
     fallback = 'a bug in the dataflow analysis: use mode "fold" meanwhile'
     worst = 0.0
     with eval_mode(model):
@@ -318,8 +327,7 @@ def _check_exact(model: nn.Module, wanted: list[tuple[torch.Tensor, ...]], batch
                     f"the pruned model fails on check batch {i} ({describe_batch(batch)}) where the mul squash runs: "
                     f"{type(e).__name__}: {first_line(e)}; the model is left as it was ({fallback})"
                 ) from e
-            tolerance = half if any(w.dtype in (torch.float16, torch.bfloat16) for w in want) else exact
-            diffs, problems = compare_outputs(got, want, tolerance, sides=("pruned", "mul"))
+            diffs, problems = compare_outputs(got, want, squash_tolerance(want), sides=("pruned", "mul"))
             worst = max([worst, *(d.max_abs for d in diffs)])
             if problems:
                 raise SquashError(

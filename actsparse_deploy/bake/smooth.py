@@ -300,13 +300,14 @@ def plan_smoothing(model: nn.Module, calibration: Iterable[Batch], tuning: Itera
               for name, e in _group_errors({n: layers[n] for n in group}, seen.ranges[group[0]], alphas, mode == "int8-static").items()}
 
     def record(name: str, x: torch.Tensor, rows: torch.Tensor) -> None:
-        e, step = errors[name], -(-rows.shape[0] // MAX_ROWS)  # the range from every row, the error from some
-        want = rows[::step] @ e.weights[None].T
+        # the range from every row (a tensor's extremes divided by s are its per-feature extremes divided by s), the error from some
+        e, step, lo, hi = errors[name], -(-rows.shape[0] // MAX_ROWS), rows.amin(0), rows.amax(0)
+        sample = rows[::step]
+        want = sample @ e.weights[None].T
         e.norm += float(want.square().sum())
         for a, s in e.scales.items():
-            scaled = rows / s if s is not None else rows
-            fixed = e.static[a] or (float(scaled.min()), float(scaled.max()))
-            got = fake_int8(scaled[::step], e.weights[a], fixed)
+            fixed = e.static[a] or ((float((lo / s).min()), float((hi / s).max())) if s is not None else (float(lo.min()), float(hi.max())))
+            got = fake_int8(sample / s if s is not None else sample, e.weights[a], fixed)
             e.error[a] = e.error.get(a, 0.0) + float((got - want).square().sum())
 
     trials = [seen.batch] if seen.batch is not None else []  # the makers are tried on a calibration and a tuning batch
@@ -352,20 +353,21 @@ def _producer(model: nn.Module, mode: str, rows: dict[str, LayerSmoothing], make
         for maker in makers:
             trial = {name: replace(row, producer=maker) for name, row in rows.items()}
             with smoothed(model, Smoothing(mode, trial)):
-                if all(_close(w, flatten_outputs(run_batch(model, b)), 1e-5, 1e-4) is None for w, b in zip(want, batches)):
+                if all(_differs(w, flatten_outputs(run_batch(model, b))) is None for w, b in zip(want, batches)):
                     what = "output rows" if layer_kind(model.get_submodule(maker)) is not None else "weight"
                     return {name: replace(row, why=f"{row.why}; divided out of {maker}'s {what} (no Mul)") for name, row in trial.items()}
     tried = f"{', '.join(makers)} {'does' if len(makers) == 1 else 'do'} not take it exactly" if makers else "nothing before it could take it"
     return {name: replace(row, why=f"{row.why}; a Mul before it ({tried})") for name, row in rows.items()}
 
 
-def _close(want: Sequence[torch.Tensor], got: Sequence[torch.Tensor], atol: float, rtol: float) -> float | None:
-    """None where every floating output of ``got`` is ``want``'s within ``atol * max(1, max|want|) + rtol * |want|``,
-    else the largest difference."""
-    for w, g in zip(want, got):
-        if w.is_floating_point() and not bool(((g - w).abs() <= atol * max(1.0, float(w.abs().max())) + rtol * w.abs()).all()):
-            return float((g - w).abs().max())
-    return None
+def _differs(want: Sequence[torch.Tensor], got: Sequence[torch.Tensor]) -> str | None:
+    """None where ``got`` is ``want`` within squash's tolerance (:func:`~actsparse_deploy.bake.apply.squash_tolerance`),
+    else the first difference, in words."""
+    from ..data.compare import compare_outputs
+    from .apply import squash_tolerance
+
+    _, problems = compare_outputs(got, want, squash_tolerance(want), sides=("smoothed", "before"))
+    return problems[0] if problems else None
 
 
 _NOT_RUN = "not smoothed: it did not run on the calibration data"
@@ -456,33 +458,33 @@ def _undo(undo: _Undo) -> None:
         step()
 
 
-def apply_smoothing(model: nn.Module, plan: Smoothing, check: Iterable[Batch] = (), atol: float = 1e-5, rtol: float = 1e-4) -> Smoothing:
+def apply_smoothing(model: nn.Module, plan: Smoothing, check: Iterable[Batch] = ()) -> Smoothing:
     """``plan`` (made on ``model``) baked into ``model`` in place, checked on the ``check`` batches: every output as
-    before within ``atol * max(1, max|before|) + rtol * |before|``, else a SquashError and the model as it was."""
-    _checked(model, plan, list(check), atol, rtol)
+    before within squash's tolerance (:func:`~actsparse_deploy.bake.apply.squash_tolerance`), else a SquashError and
+    the model as it was."""
+    _checked(model, plan, list(check))
     return plan
 
 
-def _checked(model: nn.Module, plan: Smoothing, check: list[Batch], atol: float, rtol: float) -> _Undo:
+def _checked(model: nn.Module, plan: Smoothing, check: list[Batch]) -> _Undo:
     """:func:`_apply`, then the model's outputs on ``check`` compared with those before (see :func:`apply_smoothing`)."""
     with eval_mode(model):
         before = [flatten_outputs(run_batch(model, b)) for b in check]
         undo = _apply(model, plan)
         for batch, want in zip(check, before):
-            diff = _close(want, flatten_outputs(run_batch(model, batch)), atol, rtol)
-            if diff is not None:
+            problem = _differs(want, flatten_outputs(run_batch(model, batch)))
+            if problem is not None:
                 _undo(undo)
-                raise SquashError(f"smoothing changed the model's outputs (max diff {diff:.3g}): a smoothed layer's weight is read "
+                raise SquashError(f"smoothing changed the model's outputs ({problem}): a smoothed layer's weight is read "
                                   "elsewhere in the model, or its half-precision weights round; leave out the smoothing (--no-smooth)")
     return undo
 
 
 @contextlib.contextmanager
-def smoothed(model: nn.Module, plan: Smoothing, check: Iterable[Batch] = (), atol: float = 1e-5, rtol: float = 1e-4
-             ) -> Iterator[nn.Module]:
+def smoothed(model: nn.Module, plan: Smoothing, check: Iterable[Batch] = ()) -> Iterator[nn.Module]:
     """``model`` with ``plan`` baked in for the block (checked on ``check`` as :func:`apply_smoothing` checks it),
     then as it was (the same parameters)."""
-    undo = _checked(model, plan, list(check), atol, rtol)
+    undo = _checked(model, plan, list(check))
     try:
         yield model
     finally:

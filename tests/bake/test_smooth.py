@@ -162,11 +162,11 @@ def test_smoothed_for_a_block_gives_the_model_back_with_its_own_parameters():
 
 def test_static_int8_plans_with_the_calibration_range():
     model = _model()
-    calibration, tuning = _outlier_batches(3), _outlier_batches(1, seed=1)
+    calibration, tuning = [b * 4 for b in _outlier_batches(3)], _outlier_batches(1, seed=1)  # calibration 4x wider
     dynamic, static = plan_smoothing(model, calibration, tuning), plan_smoothing(model, calibration, tuning, "int8-static")
     assert static.mode == "int8-static" and static.summary().endswith(")") and "before int8-static" in static.summary()
-    # a fixed range is never tighter than each tensor's own: static's unsmoothed error is at least dynamic's
-    assert static.layers["0"].error >= dynamic.layers["0"].error - 1e-9
+    # static rounds the tuning inputs on the calibration's fixed range, 4x wider than their own: larger steps
+    assert static.layers["0"].error > 2 * dynamic.layers["0"].error
 
 
 class _Normed(nn.Module):
