@@ -59,10 +59,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..bake.savings import work_per_feature
 from ..base.errors import ActsparseError, DataError, RecipeError, first_line
-from ..calibration.recipe import LayerRule, LayerSettings, Recipe
-from ..data.batches import Batch, batch_size, flatten_outputs, reiterable, run_batch, take_rows, total_samples, unpadded
+from ..calibration.recipe import LayerRule, LayerSettings, Recipe, exact_glob
+from ..data.batches import Batch, batch_size, flatten_outputs, mean_tokens, reiterable, run_batch, take_rows, total_samples, unpadded
 from ..data.scores import cost_figure, figure_needs
+from ..nn.attention import Heads, find_heads
 from ..nn.modules import eval_mode
 
 if TYPE_CHECKING:
@@ -359,16 +361,11 @@ class BudgetResult:
         }
 
 
-def _escape(name: str) -> str:
-    """``name`` as a glob that matches only itself."""
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
 def recipe_at_levels(recipe: Recipe, levels: Mapping[str, float]) -> Recipe:
     """``recipe`` with one more rule per layer that sets its ``sparsity_level``
     (later rules win): method, compensation and functions stay the recipe's."""
     rules = tuple(
-        LayerRule(name=(_escape(name),), settings=LayerSettings(sparse_config=(("sparsity_level", float(level)),)))
+        LayerRule(name=(exact_glob(name),), settings=LayerSettings(sparse_config=(("sparsity_level", float(level)),)))
         for name, level in levels.items()
     )
     return replace(recipe, layers=recipe.layers + rules)
@@ -403,10 +400,11 @@ def search_budget(
     stats = collect(model, recipe, unpadded(calibration), model_name=model_name, on_batch=on_batch)
     meter = _Meter(budget, model, unpadded(tuning))
     names = list(stats.layers)
-    orders = _obs_orders(model, stats, recipe, names, OBS_GRID)
+    heads = _layer_heads(model, stats, recipe, names)
+    orders = _obs_orders(model, stats, recipe, names, OBS_GRID, heads)
     grid = OBS_GRID if orders and len(orders) == len(names) else GRID
     elsewhere = _Meter(budget, model, list(unpadded(other))) if other is not None else None
-    search = _Candidates(model, recipe, stats, meter, orders, grid, model_name, max_evaluations, elsewhere)
+    search = _Candidates(model, recipe, stats, meter, orders, grid, model_name, max_evaluations, elsewhere, heads)
     run = _search_by_threshold if grid == OBS_GRID else _search_upward
     result = run(search, budget, tuning)
     for searches in range(1, MAX_SEARCHES + 1):
@@ -426,17 +424,22 @@ class _Candidates:
     allocation's cost is the worse of the tuning split's and the other text's."""
 
     def __init__(self, model: nn.Module, recipe: Recipe, stats: Any, meter: _Meter, orders: Mapping[str, _ObsOrder], grid: int,
-                 model_name: str | None, max_evaluations: int, other: _Meter | None = None) -> None:
+                 model_name: str | None, max_evaluations: int, other: _Meter | None = None,
+                 heads: Mapping[str, Heads] | None = None) -> None:
         self.model, self.recipe, self.stats, self.meter, self.orders = model, recipe, stats, meter, orders
         self.grid, self.model_name, self.max_evaluations, self.other = grid, model_name, max_evaluations, other
         #: with an other meter: each allocation's (tuning, other text) costs
         self.parts: dict[tuple[int, ...], tuple[float, float]] = {}
+        #: the layers of attention heads (``heads = true``): their levels are whole heads
+        self.heads = dict(heads or {})
         self.names = list(stats.layers)
         self.one_layer: dict[tuple[str, int], Any] = {}
         self.measured: dict[tuple[int, ...], float] = {}
         zero = self.masks_for(dict.fromkeys(self.names, 0))
-        #: each layer's mask size (features), the unit its steps are priced in
-        self.sizes = {name: max(1, sum(t.numel() for t in zero[name].tensors)) for name in self.names}
+        # with heads among the layers, a step is priced per multiply-add it saves, not per feature
+        work = work_per_feature(model, self.names, self.heads, next(iter(meter.batches)), mean_tokens(meter.batches)) if self.heads else {}
+        #: each layer's mask size (features; times the work a feature saves, with heads), the unit its steps are priced in
+        self.sizes = {name: max(1, sum(t.numel() for t in zero[name].tensors)) * work.get(name, 1.0) for name in self.names}
 
     def masks_for(self, ks: Mapping[str, int]) -> Masks:
         from ..calibration.calibrate import select
@@ -452,9 +455,21 @@ class _Candidates:
                 else:
                     self.one_layer[key] = select(stats, one_recipe, model=self.model)[name]
             layers[name] = self.one_layer[key]
-        levels = {name: ks[name] / grid for name in self.names}
+        levels = {name: self.level(name, ks[name]) for name in self.names}
         return Masks(layers=layers, recipe=recipe_at_levels(self.recipe, levels), num_samples=stats.num_samples,
                      num_batches=stats.num_batches, model=self.model_name, extra={"skipped": dict(stats.skipped)} if stats.skipped else {})
+
+    def level(self, name: str, k: int, grid: int | None = None) -> float:
+        """Layer ``name``'s sparsity at step ``k`` of ``grid`` (default the search's): ``k / grid``, or for a
+        layer of heads the share of whole heads its removal order takes there."""
+        from ..calibration.methods import removed_count
+
+        order, heads = self.orders.get(name), self.heads.get(name)
+        if order is not None and heads is not None:
+            return order.removed(k) / order.d
+        if heads is not None:
+            return removed_count(heads.width, k / (grid or self.grid), heads.block) / heads.width
+        return k / (grid or self.grid)
 
     def cost(self, ks: Mapping[str, int]) -> float:
         from ..bake.squash import squash
@@ -477,7 +492,7 @@ class _Candidates:
         tuned, elsewhere = self.parts.get(tuple(ks[name] for name in self.names), (cost, None))
         other = {"samples": _samples(self.other.batches), "tuning_cost": elsewhere} if self.other is not None else None
         return BudgetResult(
-            budget=budget, levels={name: ks[name] / grid for name in self.names}, masks=self.masks_for(ks), tuning_cost=tuned,
+            budget=budget, levels={name: self.level(name, ks[name], grid) for name in self.names}, masks=self.masks_for(ks), tuning_cost=tuned,
             uniform_level=uniform / grid, evaluations=len(self.measured), tuning_samples=_samples(tuning), other_text=other,
         )
 
@@ -527,7 +542,7 @@ def _one_layer_recipe(recipe: Recipe, stats: Any, name: str, level: float) -> Re
         ):
             settings = settings.merged(rule.settings)
     settings = settings.merged(LayerSettings(sparse_config=(("sparsity_level", float(level)),)))
-    return replace(recipe, layers=(LayerRule(name=(_escape(name),), settings=settings),))
+    return replace(recipe, layers=(LayerRule(name=(exact_glob(name),), settings=settings),))
 
 
 def _greedy(
@@ -584,9 +599,13 @@ class _ObsOrder:
     error: torch.Tensor  # (len(order) + 1,) float64, error[0] = 0
     d: int
     grid: int
+    #: features removed together (an attention head: :mod:`actsparse_deploy.nn.attention`)
+    block: int = 1
 
     def removed(self, k: int) -> int:
-        return int(round(k / self.grid * self.d))
+        from ..calibration.methods import removed_count
+
+        return min(len(self.order), removed_count(self.d, k / self.grid, self.block))
 
     def layer_mask(self, name: str, stats: Any, recipe: Recipe, model: nn.Module, k: int) -> Any:
         """The layer's mask and compensation edits at level ``k / grid``, as
@@ -601,7 +620,7 @@ class _ObsOrder:
         return method_mask(name, stats[name], replace(config, method=ordered), model)
 
 
-def obs_order(layer: nn.Module, layer_stats: Any, count: int, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+def obs_order(layer: nn.Module, layer_stats: Any, count: int, damping: float, block: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``(order, error)``: the first ``count`` features the ``obs`` method removes,
     in its order, and its cumulative objective after each (``error[0] = 0``; within
     a jointly removed group, interpolated): the steps of
@@ -613,7 +632,7 @@ def obs_order(layer: nn.Module, layer_stats: Any, count: int, damping: float) ->
     error = torch.zeros(count + 1, dtype=STAT_DTYPE)
     done, total = 0, 0.0
     with torch.no_grad():
-        for chosen, added in obs_steps(layer, layer_stats, count, damping):
+        for chosen, added in obs_steps(layer, layer_stats, count, damping, block):
             n = len(chosen)
             order[done:done + n] = chosen
             error[done + 1:done + n + 1] = total + added * torch.arange(1, n + 1, dtype=STAT_DTYPE) / n
@@ -622,8 +641,15 @@ def obs_order(layer: nn.Module, layer_stats: Any, count: int, damping: float) ->
     return order, error
 
 
-def _obs_orders(model: nn.Module, stats: Any, recipe: Recipe, names: list[str], grid: int) -> dict[str, _ObsOrder]:
-    """The ``obs`` removal order of every layer whose recipe selects with ``obs``."""
+def _layer_heads(model: nn.Module, stats: Any, recipe: Recipe, names: list[str]) -> dict[str, Heads]:
+    """The attention heads of the layers whose recipe says ``heads = true``."""
+    return {name: find_heads(model, name) for name in names if stats.resolve(_one_layer_recipe(recipe, stats, name, 0.0))[name].heads}
+
+
+def _obs_orders(model: nn.Module, stats: Any, recipe: Recipe, names: list[str], grid: int,
+                heads: Mapping[str, Heads]) -> dict[str, _ObsOrder]:
+    """The ``obs`` removal order of every layer whose recipe selects with ``obs`` (of
+    ``heads`` layers, whole heads; one stays)."""
     orders: dict[str, _ObsOrder] = {}
     for name in names:
         config = stats.resolve(_one_layer_recipe(recipe, stats, name, 0.0))[name]
@@ -633,10 +659,16 @@ def _obs_orders(model: nn.Module, stats: Any, recipe: Recipe, names: list[str], 
 
         if METHODS.get("obs") is not config.method:
             continue
+        from ..calibration.methods import removed_count
+
         layer = model.get_submodule(name)
         d = stats[name].stat.value.shape[0] - 1
-        order, error = obs_order(layer, stats[name], int(round((grid - 1) / grid * d)), config.damping)
-        orders[name] = _ObsOrder(order, error, d, grid)
+        block = heads[name].block if name in heads else 1
+        count = removed_count(d, (grid - 1) / grid, block)
+        if block > 1:  # a layer of heads keeps one group
+            count = min(count, d - block)
+        order, error = obs_order(layer, stats[name], count, config.damping, block)
+        orders[name] = _ObsOrder(order, error, d, grid, block)
     return orders
 
 
@@ -708,13 +740,19 @@ def _slopes(search: _Candidates, uniform: int, base: float, budget: Budget) -> l
     probe = min(top, max(uniform + grid // 8, grid // 4))  # near where the allocation will be
     slopes: list[tuple[float, int, int]] = []
     for i, name in enumerate(names):
-        curve = orders[name].error[[orders[name].removed(k) for k in range(top + 1)]]
+        order = orders[name]
+        removed = [order.removed(k) for k in range(top + 1)]
+        curve = order.error[removed]
         rise = budget.badness(search.cost({**zero, name: probe})) - budget.badness(base)
         scale = max(rise, 1e-12) / max(float(curve[probe]), 1e-300)
-        marginal = 0.0
+        per_feature = search.sizes[name] / order.d  # the work a feature saves (1: features are the unit)
+        marginal, last = 0.0, 0
         for k in range(1, top + 1):
-            marginal = max(marginal, scale * float(curve[k] - curve[k - 1]) / (search.sizes[name] / grid))
+            if removed[k] == removed[last]:  # a step of a layer of heads that removes no whole head
+                continue
+            marginal = max(marginal, scale * float(curve[k] - curve[last]) / ((removed[k] - removed[last]) * per_feature))
             slopes.append((marginal, i, k))
+            last = k
     slopes.sort()
     return slopes
 

@@ -57,6 +57,7 @@ __all__ = [
     "HeldoutOpt",
     "HeldoutTextOpt",
     "MaxCostOtherOpt",
+    "HeadsOpt",
     "OtherTextOpt",
     "JsonOpt",
     "LabelsOpt",
@@ -249,6 +250,11 @@ OtherTextOpt = Annotated[
 MaxCostOtherOpt = Annotated[
     bool,
     typer.Option("--max-cost-other", help="With --max-cost: hold the budget on the other text too (the worse of the two)."),
+]
+HeadsOpt = Annotated[
+    bool,
+    typer.Option("--heads", help="Prune attention heads too: the attention output projections' inputs, whole heads "
+                 "(query, key and value rows with them; grouped-query attention: whole key/value groups), by the recipe's method."),
 ]
 MaxLengthOpt = Annotated[
     int | None,

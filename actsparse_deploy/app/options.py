@@ -103,6 +103,8 @@ class CalibrateOptions:
     on_batch: Callable[[int], None] | None = None
     #: hold the budget on the other text too (the worse of the two; needs one: ``other_text`` or a built-in's own)
     max_cost_other: bool = False
+    #: prune attention heads too (:meth:`~actsparse_deploy.calibration.recipe.Recipe.with_heads`)
+    heads: bool = False
 
     def __post_init__(self) -> None:
         if self.device is not None:  # a bad device, or CUDA where there is none: before the model loads
@@ -218,7 +220,7 @@ _FLAT: dict[str, tuple[str, ...]] = {
     "model": ("task", "text", "heldout_text", "max_length", "factory_args", "other_text"),
     "export": ("exporter", "opset", "external_data", "dynamic_axes", "verbose", "cache", "dtype"),
     "calibrate": ("recipe", "sparsity", "method", "compensate", "max_cost", "max_samples", "device", "group", "on_batch",
-                  "max_cost_other"),
+                  "max_cost_other", "heads"),
     "squash": ("mode",),
     "validate": ("atol", "rtol", "timeout"),
     "quantize": ("quantize", "smooth"),

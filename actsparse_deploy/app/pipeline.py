@@ -159,7 +159,10 @@ class Stages:
             if target.dtype != target.source:
                 work.cast(target.dtype)
                 work.notes.append(str(target.dtype_note(*target.tolerances(o.validate.atol, o.validate.rtol))))
-            recipe = load_recipe(work, c.recipe, c.sparsity, method=c.method, compensate=c.compensate)
+            if c.heads and target.cached:
+                raise UsageError("--heads with a decoder exported with a cache: the runtime's config describes one number of "
+                                 "key/value heads for every layer, which pruned heads would differ from; give --no-cache or leave out --heads")
+            recipe = load_recipe(work, c.recipe, c.sparsity, method=c.method, compensate=c.compensate, heads=c.heads)
             o.load.check_distinct()  # after the recipe: a missing recipe is named first
             work.require_heldout()
             if c.max_cost_other and work.other is None:

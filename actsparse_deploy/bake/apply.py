@@ -260,10 +260,10 @@ def _cuts_and_wraps(plan: SquashPlan) -> tuple[dict[str, Cut], dict[str, Callabl
             wraps[name] = partial(_masked, mask=prep.mask)
             continue
         cuts.setdefault(name, Cut()).in_scale = prep.vector
-        if layer.reason is Reason.PRUNED:
+        if layer.reason in (Reason.PRUNED, Reason.HEADS):
             cuts[name].in_keep = layer.kept
-            for fqn in (*layer.producers, *layer.norms):
-                cuts.setdefault(fqn, Cut()).out_keep = layer.kept
+            for fqn, rows in layer.rows.items():
+                cuts.setdefault(fqn, Cut()).out_keep = rows
         elif layer.reason is Reason.GATHERED:
             assert layer.kept is not None and prep.axis is not None
             cuts[name].in_keep = layer.kept

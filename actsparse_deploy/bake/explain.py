@@ -75,6 +75,18 @@ def _pruned(layer: LayerPlan, multiple: int) -> str:
     return f"removed {layer.removed} of {layer.features} features from {producer}{via} and this layer{_rounding(layer, multiple)}"
 
 
+def _heads(layer: LayerPlan, multiple: int) -> str:
+    heads = layer.heads
+    assert heads is not None and layer.kept is not None
+    head = "head" if heads.heads == 1 else "heads"
+    gone = layer.removed // heads.head_dim
+    stay = ""
+    if layer.because is Because.EMPTY:
+        stay = f" ({layer.masked // heads.head_dim} are masked: one group stays, zeroed in the weight, so that no tensor is empty)"
+    return (f"removed {gone} of {heads.heads} attention {head} ({layer.removed} of {layer.features} features) from "
+            f"{', '.join(layer.producers)} and this layer{stay}")
+
+
 def _gathered(layer: LayerPlan, multiple: int) -> str:
     return (
         f"consumer only: removed {layer.removed} of {layer.features} input features of this layer, gathered before it "
@@ -90,5 +102,6 @@ _WORDS: dict[Reason, Callable[[LayerPlan, int], str]] = {
     Reason.NOT_PRUNED: lambda layer, m: f"{FOLD_WORDS} (not pruned: {_unpruned(layer, m)})",
     Reason.PRUNED: _pruned,
     Reason.GATHERED: _gathered,
+    Reason.HEADS: _heads,
     Reason.NOTHING_REMOVED: lambda layer, m: f"no feature of {layer.features} is removed ({_unpruned(layer, m)}): the mask is folded into the weight",
 }

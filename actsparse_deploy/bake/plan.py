@@ -29,9 +29,10 @@ import torch
 from torch import nn
 
 from ..base.constants import MODES
-from ..base.errors import MaskError, SquashError
+from ..base.errors import ConfigError, MaskError, SquashError
 from ..calibration.masks import LayerMask, Masks
 from ..data.batches import Batch
+from ..nn.attention import Heads, find_heads, head_blocks
 from ..nn.layers import LayerKind, WeightedKind, layer_kind, why_unregistered
 from .graph import Dataflow
 
@@ -75,6 +76,8 @@ class Reason(StrEnum):
     GATHERED = "gathered"
     #: prune: no feature is removed (because says why); the mask is folded
     NOTHING_REMOVED = "nothing-removed"
+    #: prune: whole attention heads removed: the query, key and value projections lose their rows, this layer its inputs
+    HEADS = "heads"
 
 
 class Because(StrEnum):
@@ -128,6 +131,18 @@ class LayerPlan:
     edited: tuple[str, ...] = ()
     #: the selection method that chose the mask (None: a recipe's mask_fn)
     method: str | None = None
+    #: ``HEADS``: the attention heads of this layer's input (:class:`~actsparse_deploy.nn.attention.Heads`)
+    heads: Heads | None = None
+
+    @property
+    def rows(self) -> dict[str, torch.Tensor]:
+        """The output features each producer keeps: ``HEADS``, the query, key and value rows of the
+        heads kept; ``PRUNED``, the kept input features, in every producer and norm."""
+        if self.kept is None:
+            return {}
+        if self.heads is not None:
+            return self.heads.rows(self.kept)
+        return {name: self.kept for name in (*self.producers, *self.norms)}
 
     @property
     def removed(self) -> int:
@@ -402,7 +417,29 @@ def _plan_traced(model: nn.Module, mode: str, example: Batch, prepared: dict[str
             if mode == "prune":
                 raise
             flow_error = str(e)
-    return {name: _traced_layer(name, prep, mode, flow, flow_error, tuple(prepared), multiple) for name, prep in prepared.items()}
+    layers = {name: _traced_layer(name, prep, mode, flow, flow_error, tuple(prepared), multiple) for name, prep in prepared.items()}
+    return {name: _as_heads(model, layer, prepared[name]) for name, layer in layers.items()}
+
+
+def _as_heads(model: nn.Module, layer: LayerPlan, prep: Prepared) -> LayerPlan:
+    """A layer whose producer the dataflow walk could not find (it ends at the attention's
+    matmuls) but whose input is attention heads and whose mask removes whole heads: the
+    query, key and value projections lose the heads' rows (``HEADS``); else the plan as it was."""
+    vector = prep.vector
+    if layer.mode == "mul" or vector is None or not bool((vector == 0).any()) or layer.reason is Reason.PRUNED:
+        return layer
+    try:
+        heads = find_heads(model, layer.name)
+    except ConfigError:
+        return layer
+    if not head_blocks(vector, heads.block):
+        return layer
+    kept = torch.nonzero(vector != 0).flatten()
+    because = None
+    if kept.numel() == 0:  # keep one group of heads, multiplied by 0, so no tensor is empty
+        kept, because = torch.arange(heads.block), Because.EMPTY
+    return _layer(layer.name, prep, "prune", Reason.HEADS, because=because, kept=kept, heads=heads,
+                  producers=(heads.query, heads.key, heads.value), sparsity=(vector.numel() - kept.numel()) / vector.numel())
 
 
 def _traced_layer(

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..base.errors import ActsparseError, ConfigError, DataError, RecipeError, first_line
 from ..data.batches import Batch, batch_size, describe_batch, model_device, run_batch, to_device
+from ..nn.attention import find_heads
 from ..nn.layers import layer_kind
 from ..nn.modules import check_finite_weights, eval_mode
 from .compensate import compensate, effective_compensation, lstsq_refit
@@ -239,7 +240,8 @@ def method_mask(name: str, ls: LayerStats, config: ResolvedLayer, model: nn.Modu
         raise ConfigError(f"layer {name!r} of the statistics is not in the model passed to select: pass the model they came from") from e
     how, note = effective_compensation(layer, config.compensate)
     try:
-        mask = method(layer, ls, config.sparse_config["sparsity_level"], damping=config.damping)
+        block = find_heads(model, name).block if config.heads else 1
+        mask = method(layer, ls, config.sparse_config["sparsity_level"], block=block, damping=config.damping)
         lm = checked_layer_mask(name, _as_dtype(mask, ls.input_dtype), None, None, (1, *ls.input_shape))
         weight = bias = None
         damping = config.damping

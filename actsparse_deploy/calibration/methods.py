@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from ..base.errors import ConfigError, UnknownFunctionError
+from ..nn.attention import head_blocks
 from ..nn.layers import LayerKind, layer_kind
 from .functions import STAT_DTYPE, RunningStat, zero_smallest
 
@@ -67,6 +68,7 @@ __all__ = [
     "register_method",
     "structured_shape",
     "obs_steps",
+    "removed_count",
     "weight_columns",
     "weight_from_columns",
 ]
@@ -156,7 +158,9 @@ class Method:
     needs: str
     impl: Callable[..., torch.Tensor] = field(compare=False, repr=False)
 
-    def __call__(self, layer: nn.Module, stats: LayerStats, sparsity_level: float, **config: Any) -> torch.Tensor:
+    def __call__(self, layer: nn.Module, stats: LayerStats, sparsity_level: float, block: int = 1, **config: Any) -> torch.Tensor:
+        """The mask; ``block`` > 1: whole runs of ``block`` features removed together (attention
+        heads), ``round(sparsity_level * d / block)`` of them (the method is given ``block``)."""
         if not (isinstance(sparsity_level, (int, float)) and not isinstance(sparsity_level, bool) and 0.0 <= sparsity_level <= 1.0):
             raise ConfigError(f"method {self.name!r}: sparsity_level must be a number in [0, 1], got {sparsity_level!r}")
         columns = weight_columns(layer)
@@ -166,11 +170,15 @@ class Method:
                 f"method {self.name!r}: the statistics hold {d} input features, the layer {type(layer).__name__} takes "
                 f"{columns.shape[1]}: these statistics are not of this layer"
             )
+        if block < 1 or d % block:
+            raise ConfigError(f"method {self.name!r}: {d} input features do not split into blocks of {block}")
         _value(stats, self.needs, f"method {self.name!r}")
         with torch.no_grad():
-            mask = self.impl(layer, stats, sparsity_level, **config)
+            mask = self.impl(layer, stats, sparsity_level, **({"block": block} if block > 1 else {}), **config)
         if not isinstance(mask, torch.Tensor) or mask.numel() != d:
             raise ConfigError(f"method {self.name!r} returned {type(mask).__name__} {getattr(mask, 'shape', '')}, not a mask of {d} features")
+        if not head_blocks(mask.reshape(-1), block):
+            raise ConfigError(f"method {self.name!r} returned a mask that splits blocks of {block} features (attention heads)")
         return mask.to(torch.float32).reshape(structured_shape(layer, d))
 
 
@@ -235,16 +243,21 @@ def _column_norms_sq(layer: nn.Module) -> torch.Tensor:
     return (weight_columns(layer) ** 2).sum(dim=(0, 2))
 
 
+def _blockwise(score: torch.Tensor, sparsity_level: float, block: int) -> torch.Tensor:
+    """The mask that zeroes the blocks of ``block`` features with the least summed score."""
+    return zero_smallest(score.reshape(-1, block).sum(1), sparsity_level).repeat_interleave(block)
+
+
 @register_method("wanda", needs="moments")
-def _wanda(layer: nn.Module, stats: LayerStats, sparsity_level: float, **config: Any) -> torch.Tensor:
+def _wanda(layer: nn.Module, stats: LayerStats, sparsity_level: float, block: int = 1, **config: Any) -> torch.Tensor:
     _, square = feature_moments(stats)
-    return zero_smallest(square.clamp_min(0).sqrt() * _column_norms_sq(layer).sqrt(), sparsity_level)
+    return _blockwise(square.clamp_min(0).sqrt() * _column_norms_sq(layer).sqrt(), sparsity_level, block)
 
 
 @register_method("fluctuation", needs="moments")
-def _fluctuation(layer: nn.Module, stats: LayerStats, sparsity_level: float, **config: Any) -> torch.Tensor:
+def _fluctuation(layer: nn.Module, stats: LayerStats, sparsity_level: float, block: int = 1, **config: Any) -> torch.Tensor:
     mean, square = feature_moments(stats)
-    return zero_smallest((square - mean * mean).clamp_min(0) * _column_norms_sq(layer), sparsity_level)
+    return _blockwise((square - mean * mean).clamp_min(0) * _column_norms_sq(layer), sparsity_level, block)
 
 
 def damped_inverse(h: torch.Tensor, damping: float, what: str) -> torch.Tensor:
@@ -269,7 +282,7 @@ def damped_inverse(h: torch.Tensor, damping: float, what: str) -> torch.Tensor:
 OBS_EXACT_WIDTH = 256
 
 
-def obs_steps(layer: nn.Module, stats: LayerStats, count: int, damping: float) -> Iterator[tuple[torch.Tensor, float]]:
+def obs_steps(layer: nn.Module, stats: LayerStats, count: int, damping: float, block: int = 1) -> Iterator[tuple[torch.Tensor, float]]:
     """The greedy optimal-brain-surgeon removal of ``count`` input features of
     ``layer``: per step, the group of ``round(d / OBS_EXACT_WIDTH)`` features (the
     last one smaller) whose removal, with the kept columns refit, adds the least
@@ -277,9 +290,13 @@ def obs_steps(layer: nn.Module, stats: LayerStats, count: int, damping: float) -
     each step's ``(features, added error)``. ``H^-1`` is kept as its inverse at the
     start less the low-rank terms of the steps so far: a step reads its rows and
     the diagonal (``O(removed x d)``) instead of updating the whole ``d x d``
-    matrix (the same arithmetic up to rounding, a few times faster on MiniLM)."""
+    matrix (the same arithmetic up to rounding, a few times faster on MiniLM).
+    ``block`` > 1: the groups are the runs of ``block`` features (attention heads),
+    each step the one whose joint removal adds the least (``count`` a multiple of ``block``)."""
     h = gram_matrix(stats)
     d = h.shape[0] - 1
+    if block > 1 and (d % block or count % block):
+        raise ConfigError(f"method 'obs': {count} of {d} features are not whole blocks of {block}")
     if count <= 0:
         return
     hinv0 = damped_inverse(h, damping, "method 'obs'")
@@ -295,15 +312,19 @@ def obs_steps(layer: nn.Module, stats: LayerStats, count: int, damping: float) -
     right = torch.zeros(d + 1, count, dtype=STAT_DTYPE)
     m = 0
     group = max(1, round(d / OBS_EXACT_WIDTH))
+    blocks = list(torch.arange(d).reshape(-1, block)) if block > 1 else []
     while m < count:
-        error = torch.where(removed | (diag <= 0), inf, (w * w).sum(0) / diag)
-        n = min(group, count - m)
-        chosen = torch.topk(error, n, largest=False, sorted=True).indices if n > 1 else torch.argmin(error).reshape(1)
-        # remove the group jointly: W -= W_S [H^-1]_SS^-1 [H^-1]_S: ; H^-1 -= [H^-1]_:S [H^-1]_SS^-1 [H^-1]_S:
-        rows = hinv0[chosen] - left[chosen, :m] @ right[:, :m].T  # (n, d + 1)
-        inv_block = torch.linalg.pinv(rows[:, chosen], hermitian=True)
+        if blocks:  # the block whose joint removal adds the least
+            joint = [_joint_removal(hinv0, left[:, :m], right[:, :m], w, b) for b in blocks]
+            best = min(range(len(blocks)), key=lambda i: joint[i][0])
+            chosen, (added, rows, inv_block) = blocks.pop(best), joint[best]
+            n = block
+        else:
+            error = torch.where(removed | (diag <= 0), inf, (w * w).sum(0) / diag)
+            n = min(group, count - m)
+            chosen = torch.topk(error, n, largest=False, sorted=True).indices if n > 1 else torch.argmin(error).reshape(1)
+            added, rows, inv_block = _joint_removal(hinv0, left[:, :m], right[:, :m], w, chosen)
         ws = w[:, chosen]
-        added = float(((ws @ inv_block) * ws).sum())
         w -= (ws @ inv_block) @ rows
         scaled = inv_block @ rows  # (n, d + 1)
         left[:, m:m + n] = rows.T
@@ -314,10 +335,26 @@ def obs_steps(layer: nn.Module, stats: LayerStats, count: int, damping: float) -
         yield chosen, added
 
 
+def _joint_removal(hinv0: torch.Tensor, left: torch.Tensor, right: torch.Tensor, w: torch.Tensor,
+                   chosen: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Removing features ``chosen`` jointly: the error it adds, ``||W_S [H^-1]_SS^-1 W_S^T||``, the
+    rows ``[H^-1]_S:`` (``H^-1 = hinv0 - left @ right.T``) and ``[H^-1]_SS^-1``."""
+    rows = hinv0[chosen] - left[chosen] @ right.T  # (n, d + 1)
+    inv_block = torch.linalg.pinv(rows[:, chosen], hermitian=True)
+    ws = w[:, chosen]
+    return float(((ws @ inv_block) * ws).sum()), rows, inv_block
+
+
+def removed_count(d: int, sparsity_level: float, block: int = 1) -> int:
+    """How many of ``d`` features a level removes: ``round(level * d)``, in whole blocks of ``block``."""
+    return block * int(round(sparsity_level * d / block))
+
+
 @register_method("obs", needs="gram")
-def _obs(layer: nn.Module, stats: LayerStats, sparsity_level: float, damping: float = DEFAULT_DAMPING, **config: Any) -> torch.Tensor:
+def _obs(layer: nn.Module, stats: LayerStats, sparsity_level: float, damping: float = DEFAULT_DAMPING, block: int = 1,
+         **config: Any) -> torch.Tensor:
     d = gram_matrix(stats).shape[0] - 1
     keep = torch.ones(d, dtype=torch.float32)
-    for chosen, _ in obs_steps(layer, stats, int(round(sparsity_level * d)), damping):
+    for chosen, _ in obs_steps(layer, stats, removed_count(d, sparsity_level, block), damping, block):
         keep[chosen] = 0.0
     return keep

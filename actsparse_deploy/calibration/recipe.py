@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -58,7 +59,7 @@ from .fields import is_int
 from .functions import AGGREGATE_FNS, MASK_FNS, REDUCE_FNS, BuiltinFn, Registry, check_mask_config
 from .methods import METHODS, Method
 
-__all__ = ["FnSpec", "LayerRule", "LayerSettings", "Recipe", "ResolvedLayer", "resolve_recipe"]
+__all__ = ["exact_glob", "FnSpec", "LayerRule", "LayerSettings", "Recipe", "ResolvedLayer", "resolve_recipe"]
 
 RECIPE_VERSION = 1
 _REGISTRIES: dict[str, Registry[Any]] = {"aggregate_fn": AGGREGATE_FNS, "reduce_fn": REDUCE_FNS, "mask_fn": MASK_FNS}
@@ -112,6 +113,7 @@ class LayerSettings:
     method: str | None = None  # a selection method (actsparse_deploy.calibration.methods): replaces the three functions
     compensate: str | None = None  # "none" | "bias" | "lstsq" (actsparse_deploy.calibration.compensate)
     damping: float | None = None  # ridge of obs / lstsq, relative to the Gram block's mean diagonal
+    heads: bool | None = None  # the input is attention heads: the method removes whole heads (actsparse_deploy.nn.attention)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> LayerSettings:
@@ -139,6 +141,8 @@ class LayerSettings:
         for key in ("method", "compensate", "damping"):
             if data.get(key) is not None:
                 kwargs[key] = _check_method_setting(key, data[key], f"{where}.{key}")
+        if data.get("heads") is not None:
+            kwargs["heads"] = _check_heads(data["heads"], f"{where}.heads")
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,7 +157,7 @@ class LayerSettings:
             out["features"] = list(self.features)
         if self.feature_dim is not None:
             out["feature_dim"] = self.feature_dim
-        for key in ("method", "compensate", "damping"):
+        for key in ("method", "compensate", "damping", "heads"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -179,6 +183,12 @@ class LayerSettings:
                     _check_method_setting(key, getattr(self, key), key)
             config = {k: _thaw(v) for k, v in (self.sparse_config or ())}
             _check_sparse_config(config)
+            if self.heads is not None:
+                _check_heads(self.heads, "heads")
+                if self.heads and self.method is None:
+                    raise RecipeError(
+                        f"heads = true selects whole attention heads with a method: set method (one of {', '.join(METHODS.names())})"
+                    )
             if self.method is not None:
                 method = METHODS.get(self.method)
                 if self.features is not None:
@@ -222,6 +232,7 @@ class LayerSettings:
             compensate=compensate,
             damping=damping,
             refit_damping=self.damping,
+            heads=bool(self.heads),
         )
 
 
@@ -236,6 +247,17 @@ def _check_method_setting(key: str, value: Any, where: str) -> Any:
             raise RecipeError(f"{where} must be one of {', '.join(COMPENSATIONS)}, got {_short(value)}")
     elif not (_is_number(value) and math.isfinite(value) and value >= 0):
         raise RecipeError(f"{where} must be a finite number >= 0 (relative to the Gram matrix's mean diagonal), got {_short(value)}")
+    return value
+
+
+def exact_glob(name: str) -> str:
+    """``name`` as a glob that matches only itself."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _check_heads(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise RecipeError(f"{where} must be true or false, got {_short(value)}")
     return value
 
 
@@ -296,6 +318,8 @@ class ResolvedLayer:
     damping: float = DEFAULT_DAMPING
     #: the ``lstsq`` refit's damping where the recipe sets one; None: chosen per layer by cross-validation
     refit_damping: float | None = None
+    #: the layer's input is attention heads: its method removes whole heads (:mod:`actsparse_deploy.nn.attention`)
+    heads: bool = False
 
     def register_kwargs(self) -> dict[str, Any]:
         return {
@@ -476,6 +500,19 @@ class Recipe:
         override = LayerSettings(**changes)
         rules = tuple(replace(rule, settings=rule.settings.merged(override)) for rule in self.layers)
         return replace(self, defaults=self.defaults.merged(override), layers=rules)
+
+    def with_heads(self, layers: Iterable[str]) -> Recipe:
+        """The same recipe with one more rule: ``layers`` (attention output projections, by name) take
+        ``heads = true`` (whole heads removed; see :mod:`actsparse_deploy.nn.attention`), selected by the
+        recipe's method (``obs`` with ``lstsq`` where the defaults set none): what ``--heads`` does."""
+        names = tuple(exact_glob(name) for name in layers)
+        if not names:
+            raise RecipeError("--heads: the model has no attention heads this tool can prune (an output projection named "
+                              "*.o_proj, *attention.output.dense, ... with query, key and value nn.Linear beside it; a fused "
+                              "projection such as GPT-2's c_attn is not)")
+        own = self.defaults.method is not None  # else obs with lstsq, the tool's default method
+        settings = LayerSettings(heads=True) if own else LayerSettings(method="obs", compensate="lstsq", heads=True)
+        return replace(self, layers=(*self.layers, LayerRule(name=names, settings=settings)))
 
     def with_sparsity(self, level: float) -> Recipe:
         """The same recipe with ``sparsity_level`` set to ``level`` everywhere."""

@@ -35,6 +35,7 @@ __all__ = [
     "cast_floats",
     "map_batches",
     "first_batch",
+    "mean_tokens",
     "Generated",
     "Stream",
     "reiterable",
@@ -446,3 +447,23 @@ def first_batch(batches: list[Batch] | Iterable[Batch] | None) -> Batch | None:
     if isinstance(batches, list):
         return batches[0] if batches else None
     return next(iter(batches), None) if isinstance(batches, Stream) else None
+
+
+def mean_tokens(batches: Iterable[Batch]) -> float:
+    """The mean number of positions a sample of token batches has (a dict with ``input_ids``:
+    its ``attention_mask``'s ones, else its length); 0 where no batch is one of tokens.
+
+        >>> import torch
+        >>> mean_tokens([{"input_ids": torch.zeros(2, 4), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])}])
+        3.0
+    """
+    positions = samples = 0
+    for batch in batches:
+        if not isinstance(batch, Mapping):
+            continue
+        ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+        if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
+            continue
+        positions += int(mask.sum()) if isinstance(mask, torch.Tensor) and mask.shape == ids.shape else ids.numel()
+        samples += ids.shape[0]
+    return positions / samples if samples else 0.0

@@ -170,7 +170,7 @@ def config_changes(config: Mapping[str, Any], model: nn.Module | None) -> tuple[
     differ = _shapes_differ(pretrained, changes)
     if not differ:
         return {**dtype, **{k: v for k, v in changes.items() if config.get(k) != v}}, []
-    said = f"{field} {config.get(field)}" if field is not None else "its sizes"
+    said = f"{field} {config.get(field)}" if field is not None and len(set(widths)) > 1 else "sizes"
     why = f"MLP widths {', '.join(map(str, widths))} by layer" if len(set(widths)) > 1 else f"{differ[0]}, which no standard field says"
     return dtype, [f"config.json keeps the source's {said}: the converted model has {why}; config.json describes model.onnx's "
                 "inputs and outputs, not a PyTorch checkpoint of the converted model"]

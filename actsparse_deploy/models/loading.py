@@ -40,6 +40,7 @@ from ..calibration.recipe import Recipe, resolve_recipe
 from ..data.arrays import torch_load
 from ..data.batches import Batch, Stream, first_batch
 from ..data.iospec import IOSpec
+from ..nn.attention import attention_outputs
 from ..nn.modules import check_finite_weights
 from . import zoo
 from .hf import HF_PREFIX, HFSource, default_recipe, hf_directory, is_pretrained, load_hf, wrap_pretrained
@@ -421,11 +422,14 @@ def load_recipe(
     *,
     method: str | None = None,
     compensate: str | None = None,
+    heads: bool = False,
 ) -> Recipe:
     """The recipe for ``work``: ``recipe``, else its built-in one (``sparsity``
     overrides the level, ``method`` and ``compensate`` those of every layer);
-    see :func:`actsparse_deploy.calibration.recipe.resolve_recipe`."""
+    see :func:`actsparse_deploy.calibration.recipe.resolve_recipe`. ``heads``: the
+    model's attention heads too (:meth:`~actsparse_deploy.calibration.recipe.Recipe.with_heads`)."""
     if recipe is None and work.builtin is None and work.task is not None:  # a Hugging Face model: its MLPs' default
         recipe = default_recipe(work.model)
     own = zoo.builtin_recipe_path(work.name) if work.builtin is not None else None
-    return resolve_recipe(work.name, own, recipe, sparsity=sparsity, method=method, compensate=compensate)
+    resolved = resolve_recipe(work.name, own, recipe, sparsity=sparsity, method=method, compensate=compensate)
+    return resolved.with_heads(attention_outputs(work.model)) if heads else resolved
