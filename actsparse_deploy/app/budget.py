@@ -31,7 +31,11 @@ prefixes of it: only the compensation is refit per level), the layers' cost
 curves come from ``obs``'s own objective scaled by one measurement each, and
 one threshold on the marginal cost per feature, bisected on the tuning cost,
 sets every layer's level, sensitive layers below the uniform level and robust
-ones above it (see ``_search_by_threshold``). Token batches (dicts with a
+ones above it (see ``_search_by_threshold``). Layers of attention heads
+(``heads = true``, ``--heads``) step by whole heads, and where there are any, every
+step is priced per multiply-add it saves rather than per feature
+(:func:`~actsparse_deploy.bake.savings.work_per_feature`): a head's feature takes its
+query, key and value rows and its share of the attention with it. Token batches (dicts with a
 right-padded ``attention_mask``) are regrouped by length without padding first
 (:func:`actsparse_deploy.data.batches.unpadded`).
 

@@ -44,6 +44,8 @@ class RecipeFlags:
     structured: bool = False
     method: str | None = None
     compensate: str | None = None
+    #: attention heads too (``--heads``: :meth:`~actsparse_deploy.calibration.recipe.Recipe.with_heads`)
+    heads: bool = False
 
     @property
     def one_rule(self) -> bool:
@@ -113,8 +115,13 @@ def recipe_for(model: str, loaded: LoadedModel, flags: RecipeFlags) -> Recipe:
         from ..models.hf import default_recipe
 
         base = default_recipe(loaded.module)
-    return build_recipe(model, loaded.builtin, base, flags.layers, flags.layer_types, flags.sparsity, flags.threshold,
-                        flags.aggregate, flags.structured, flags.method, flags.compensate)
+    recipe = build_recipe(model, loaded.builtin, base, flags.layers, flags.layer_types, flags.sparsity, flags.threshold,
+                          flags.aggregate, flags.structured, flags.method, flags.compensate)
+    if flags.heads:
+        from ..nn.attention import attention_outputs
+
+        recipe = recipe.with_heads(attention_outputs(loaded.module))
+    return recipe
 
 
 def calibrate_model(

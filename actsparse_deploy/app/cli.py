@@ -203,6 +203,7 @@ def calibrate_cmd(
     structured: StructuredOpt = False,
     method: MethodOpt = None,
     compensate: CompensateOpt = None,
+    heads: HeadsOpt = False,
     max_cost: MaxCostOpt = None,
     data: DataOpt = None,
     max_samples: MaxSamplesOpt = None,
@@ -233,7 +234,7 @@ def calibrate_cmd(
     _check_max_cost(max_cost, sparsity, "calibrate")
     check_budget_device(max_cost, device)
     where = resolve_device(device)  # --device cuda without CUDA: exit 2 before any work
-    flags = RecipeFlags(recipe, layers, layer_types, sparsity, threshold, aggregate, structured, _choice(method), _choice(compensate))
+    flags = RecipeFlags(recipe, layers, layer_types, sparsity, threshold, aggregate, structured, _choice(method), _choice(compensate), heads)
     with launched(where, dist_timeout, command) as session, stage_progress(quiet=as_json or not (session is None or session.writer)) as progress:
         report = calibrate_model(
             model, output, flags, weights=weights, model_options=_model_options(task, text, None, max_length, factory_args),
@@ -602,6 +603,7 @@ def sweep_cmd(
         ),
     ] = None,
     compensate: CompensateOpt = None,
+    heads: HeadsOpt = False,
     weights: WeightsOpt = None,
     recipe: Annotated[Path | None, typer.Option("--recipe", "-r", help="A recipe TOML file (default: the built-in model's).")] = None,
     data: DataOpt = None,
@@ -634,7 +636,7 @@ def sweep_cmd(
         result = sweep(
             model, output, levels=levels, methods=[str(m) for m in method or ()], compensate=_choice(compensate), recipe=recipe, weights=weights,
             data=data, heldout=heldout, batch_size=batch, runs=runs, overwrite=overwrite,
-            on_step=lambda what: progress.on_stage(what), quantize=modes, smooth=smooth,
+            on_step=lambda what: progress.on_stage(what), quantize=modes, smooth=smooth, heads=heads,
         )
     _output(as_json, [result], lambda: _show(*render.sweep_lines(SweepResult.from_json(result), output)))
 

@@ -135,12 +135,15 @@ def _baseline(recipe: Recipe) -> Recipe:
 
 
 def _recipes(work: Any, recipe: Recipe | str | Path | None, methods: Sequence[str] | None,
-             compensate: str | None) -> dict[str, Recipe]:
+             compensate: str | None, heads: bool = False) -> dict[str, Recipe]:
     from ..models.loading import load_recipe
 
-    base = load_recipe(work, recipe)
+    base = load_recipe(work, recipe, heads=heads)
+    if heads and methods and BASELINE in methods:
+        raise UsageError(f"--heads with the {BASELINE} baseline: it masks single features, not whole heads; "
+                         "sweep recipe or a selection method (wanda, fluctuation, obs)")
     if not methods:
-        methods = [RECIPE, BASELINE]
+        methods = [RECIPE] if heads else [RECIPE, BASELINE]
     out: dict[str, Recipe] = {}
     for name in methods:
         if name == RECIPE:
@@ -173,13 +176,15 @@ def sweep(
     validation: ValidateOptions | None = None,
     quantize: str | Sequence[str] = (),
     smooth: bool = True,
+    heads: bool = False,
 ) -> dict[str, Any]:
     """Measure every level x method (see the module docstring), each model timed
     ``runs`` times (1 to :data:`~actsparse_deploy.base.constants.MAX_RUNS`) and
     validated against PyTorch on the held-out data (``validation``: the tolerances;
     a model outside them stops the sweep with a ValidationError, writing nothing);
     ``quantize``: the int8 modes also measured (:func:`parse_quantize`), ``smooth``: smoothed
-    before (as ``convert --quantize``); write ``outdir/sweep.json`` and ``outdir/sweep.png``;
+    before (as ``convert --quantize``); ``heads``: attention heads pruned too (as ``convert --heads``;
+    the ``topk`` baseline, which cannot select heads, is then left out of the default methods); write ``outdir/sweep.json`` and ``outdir/sweep.png``;
     return what ``sweep.json`` holds."""
     from ..base.files import staging_dir
     from .options import LoadOptions
@@ -194,7 +199,7 @@ def sweep(
     outdir = Path(outdir)
     with locked_outputs(outdir, OUT_FILES, overwrite):  # one run at a time writes here
         stages = Stages(load.workload(model))
-        recipes = _recipes(stages.work, recipe, methods, compensate)
+        recipes = _recipes(stages.work, recipe, methods, compensate, heads)
         with staging_dir(outdir) as staging:  # the scratch exports too: removed with it, or by the next run if killed
             result = _measure(stages, recipes, compensate, staging, levels, runs, on_step, checks, int8)
             writers = {"sweep.json": lambda path: path.write_text(json.dumps(result, indent=2) + "\n"),

@@ -36,6 +36,11 @@ the layer (see :mod:`actsparse_deploy.calibration.recipe`); in Python:
     >>> METHODS.get("fluctuation")(layer, stats, 0.5)  # constant features 1 and 2 carry no variance
     tensor([1., 0., 0., 1.])
 
+A layer of attention heads (a recipe's ``heads = true``) is given ``block``, the
+features of a key/value head's query heads: ``obs`` then removes the block whose joint
+removal adds the least each step, ``wanda`` and ``fluctuation`` the blocks with the least
+summed score; a mask that splits a block is refused.
+
 Register your own with ``@register_method("name", needs="moments" | "gram")``.
 """
 

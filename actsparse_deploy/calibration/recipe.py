@@ -30,7 +30,9 @@ replaces the three functions: ``method = "obs"`` (or ``"wanda"``,
 weight and bias refit to make up for the removed features:
 :mod:`actsparse_deploy.calibration.compensate`) and ``damping`` (the ridge of ``obs`` and
 ``lstsq``, relative to the Gram matrix's mean diagonal; unset, ``obs`` takes 0.001
-and ``lstsq`` chooses one per layer by cross-validation). The statistic collected
+and ``lstsq`` chooses one per layer by cross-validation). ``heads = true`` on an
+attention output projection (with a method) removes whole attention heads
+(:mod:`actsparse_deploy.nn.attention`); ``--heads`` adds such a rule. The statistic collected
 is then what they need (``gram`` for ``obs`` or ``lstsq``, else ``moments``):
 
     >>> with_method = recipe.with_method("obs", "lstsq")

@@ -93,3 +93,21 @@ def test_the_budget_search_allocates_whole_heads_priced_per_multiply_add(hf: HFF
         assert result.levels[name] in (0.0, 0.5)  # whole heads: one of two at most (one stays)
         assert head_blocks(result.masks[name].dense().reshape(-1), 16)
     assert torch.isfinite(torch.tensor(result.tuning_cost))
+
+
+def test_calibrate_with_heads_writes_whole_head_masks(hf: HFFiles, tmp_path: Path) -> None:
+    from actsparse_deploy.calibration.masks import Masks
+
+    out = tmp_path / "masks.safetensors"
+    result = invoke("calibrate", hf.bert, "--task", "feature-extraction", "--text", hf.calib, "--heads", "--sparsity", "0.5", "-o", out)
+    assert result.exit_code == 0, result.output
+    masks = Masks.load(out)
+    vector = masks["encoder.layer.1.attention.output.dense"].dense().reshape(-1)
+    assert head_blocks(vector, 16) and int((vector == 0).sum()) == 16
+    assert masks["encoder.layer.1.attention.output.dense"].method == "obs"
+
+
+def test_sweep_refuses_heads_with_the_topk_baseline(tmp_path: Path) -> None:
+    result = invoke("sweep", "minilm", "--heads", "--method", "topk", "--sparsity", "0.25", "-o", tmp_path / "sweep")
+    one_line_error(result, 2, "--heads with the topk baseline")
+    assert not (tmp_path / "sweep" / "sweep.json").exists()
