@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -82,7 +82,7 @@ from .cli_options import (
     SmoothOpt,
     StatsOnlyOpt,
     StructuredOpt,
-    SweepMethod,
+    SweepMethodsOpt,
     TaskOpt,
     TextOpt,
     ThreadsOpt,
@@ -115,6 +115,15 @@ logging.getLogger("actsparse_deploy").addHandler(render.Notices(logging.WARNING)
 
 
 # --- what a command shows: render's tables and lines, printed on this module's stdout and stderr ---------
+
+
+@contextlib.contextmanager
+def _ranked(where: Any, timeout: float, command: tuple[str, dict[str, Any]], as_json: bool) -> Iterator[tuple[Any, Any]]:
+    """A command's distributed session (None in one process) and progress display (quiet with --json and on ranks but 0)."""
+    from ..calibration.distributed import launched
+
+    with launched(where, timeout, command) as session, stage_progress(quiet=as_json or not (session is None or session.writer)) as progress:
+        yield session, progress
 
 
 def _output(as_json: bool, data: Any, show: Callable[[], object]) -> None:
@@ -228,25 +237,26 @@ def calibrate_cmd(
     Under torchrun each process calibrates on its share of the batches, rank 0
     writes the file (see the README, "Calibrating at scale")."""
     command = ("calibrate", dict(locals()))  # as parsed: every rank of a distributed run must run the same
-    from ..calibration.distributed import check_budget_device, launched, resolve_device
+    from ..calibration.distributed import check_budget_device, resolve_device
     from .calibrate import calibrate_model
 
     _check_max_cost(max_cost, sparsity, "calibrate")
     check_budget_device(max_cost, device)
     where = resolve_device(device)  # --device cuda without CUDA: exit 2 before any work
     flags = RecipeFlags(recipe, layers, layer_types, sparsity, threshold, aggregate, structured, _choice(method), _choice(compensate), heads)
-    with launched(where, dist_timeout, command) as session, stage_progress(quiet=as_json or not (session is None or session.writer)) as progress:
+    with _ranked(where, dist_timeout, command, as_json) as (session, progress):
         report = calibrate_model(
             model, output, flags, weights=weights, model_options=_model_options(task, text, None, max_length, factory_args),
             data=data, batch_size=batch, max_cost=max_cost, max_samples=max_samples, stats_only=stats_only,
             device=where if device is not None else None, group=session, overwrite=overwrite,
             on_stage=progress.on_stage, on_batch=progress.on_batch,
         )
-    if report is None:  # another rank than 0: rank 0 prints
-        return
-    if as_json:
-        _emit_json(report)
-        return
+    if report is not None:  # None: another rank than 0 (rank 0 prints)
+        _output(as_json, report, lambda: _masks_summary(report, model, output, stats_only))
+
+
+def _masks_summary(report: Report, model: object, output: Path, stats_only: bool = False) -> None:
+    """What ``calibrate`` and ``select`` print: the layers and their masks (``--stats-only``: the statistics), the budget, the notes."""
     samples = report.calibration.samples if report.calibration else "?"
     _show(*(render.stats_lines(report, output) if stats_only else render.masks_lines(report, f"{model}: {samples} calibration samples", output)),
           *render.budget_lines(report.budget))
@@ -303,12 +313,7 @@ def select_cmd(
     check_output_path(output, overwrite)
     report = select_to_file(stats, output, recipe=recipe, sparsity=sparsity, model=model, weights=weights,
                             model_options=_model_options(None, None, None, None, factory_args))
-    if as_json:
-        _emit_json(report)
-        return
-    samples = report.calibration.samples if report.calibration else "?"
-    _show(*render.masks_lines(report, f"{report.model or stats}: {samples} calibration samples", output))
-    _print_notes(report.notes)
+    _output(as_json, report, lambda: _masks_summary(report, report.model or stats, output))
 
 
 # --- squash / export / validate / convert / inspect ----------------------------------
@@ -574,11 +579,10 @@ def convert_cmd(
     Writes OUTDIR/masks.safetensors, model.onnx, the runtime's files (config, tokenizer) and report.json;
     prints a summary: layers, modes, ONNX max diff, cost, latency, file sizes."""
     command = ("convert", dict(locals()))  # as parsed: every rank of a distributed run must run the same
-    from ..calibration.distributed import launched
     from .pipeline import convert
 
     where, options = _convert_options(command[1])  # the usage checks, the model's options and the recipe: before any work
-    with launched(where, dist_timeout, command) as session, stage_progress(quiet=as_json or not (session is None or session.writer)) as progress:
+    with _ranked(where, dist_timeout, command, as_json) as (session, progress):
         report = convert(model, output, options(session, progress))  # the options checked there, on every rank
     if report is not None:  # None: another rank than 0 of a distributed run (rank 0 prints)
         _output(as_json, report, lambda: print_convert_summary(report))
@@ -593,15 +597,7 @@ def sweep_cmd(
     sparsity: Annotated[
         str, typer.Option("--sparsity", "-s", help="Levels: START:STOP:STEP (inclusive) or a list, e.g. 0.1:0.8:0.1 or 0.25,0.5.")
     ] = "0.1:0.8:0.1",
-    method: Annotated[
-        list[SweepMethod] | None,
-        typer.Option(
-            "--method",
-            metavar="<method>",
-            help="A method to sweep (repeatable): recipe (the model's recipe as it is), topk (activation top-k baseline), "
-            "or a selection method (wanda, fluctuation, obs). Default: recipe and topk.",
-        ),
-    ] = None,
+    method: SweepMethodsOpt = None,
     compensate: CompensateOpt = None,
     heads: HeadsOpt = False,
     weights: WeightsOpt = None,

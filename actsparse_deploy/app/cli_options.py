@@ -84,6 +84,7 @@ __all__ = [
     "StatsOnlyOpt",
     "StructuredOpt",
     "SweepMethod",
+    "SweepMethodsOpt",
     "Task",
     "TaskOpt",
     "TextOpt",
@@ -289,6 +290,16 @@ Method = enum.StrEnum("Method", {name: name for name in METHODS})  # type: ignor
 Compensation = enum.StrEnum("Compensation", {name: name for name in COMPENSATIONS})  # type: ignore[misc]
 #: sweep's --method: besides the methods, the recipe as it is and the topk baseline (sweep.RECIPE, sweep.BASELINE)
 SweepMethod = enum.StrEnum("SweepMethod", {name: name for name in ("recipe", "topk", *METHODS)})  # type: ignore[misc]
+#: sweep's --method, repeatable
+SweepMethodsOpt = Annotated[
+    list[SweepMethod] | None,  # type: ignore[valid-type]
+    typer.Option(
+        "--method",
+        metavar="<method>",
+        help="A method to sweep (repeatable): recipe (the model's recipe as it is), topk (activation top-k baseline), "
+        "or a selection method (wanda, fluctuation, obs). Default: recipe and topk (with --heads: recipe).",
+    ),
+]
 MethodOpt = Annotated[
     Method | None,
     typer.Option(

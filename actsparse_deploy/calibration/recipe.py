@@ -186,11 +186,7 @@ class LayerSettings:
             config = {k: _thaw(v) for k, v in (self.sparse_config or ())}
             _check_sparse_config(config)
             if self.heads is not None:
-                _check_heads(self.heads, "heads")
-                if self.heads and self.method is None:
-                    raise RecipeError(
-                        f"heads = true selects whole attention heads with a method: set method (one of {', '.join(METHODS.names())})"
-                    )
+                _check_heads(self.heads, "heads", without_method=self.method is None)
             if self.method is not None:
                 method = METHODS.get(self.method)
                 if self.features is not None:
@@ -215,10 +211,8 @@ class LayerSettings:
                         f"aggregate_fn {fns['aggregate_fn'].name!r} is a statistic of all input features: it does not "
                         "take per-feature masks (features / feature_dim)"
                     )
-            if self.features is not None and self.feature_dim is None:
-                raise ConfigError("features were given without feature_dim")
             if self.features is not None:  # settings made in Python, not read by from_dict
-                _features(self.features, "features")
+                _features(self.features, "features", self.feature_dim)
             if self.feature_dim == 0:
                 raise RecipeError("feature_dim 0 is the batch axis: give the axis the features lie on")
         except (ConfigError, RecipeError) as e:
@@ -257,15 +251,21 @@ def exact_glob(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
-def _check_heads(value: Any, where: str) -> bool:
+def _check_heads(value: Any, where: str, without_method: bool = False) -> bool:
+    """``heads`` true or false; true needs a method (``without_method``: the layer's settings have none)."""
     if not isinstance(value, bool):
         raise RecipeError(f"{where} must be true or false, got {_short(value)}")
+    if value and without_method:
+        raise RecipeError(f"heads = true selects whole attention heads with a method: set method (one of {', '.join(METHODS.names())})")
     return value
 
 
-def _features(feats: Any, where: str) -> tuple[int, ...]:
+def _features(feats: Any, where: str, feature_dim: int | None | bool = False) -> tuple[int, ...]:
     """A non-empty list of distinct, non-negative feature indices (checked once
-    here, so that a wrong list fails before any data is read)."""
+    here, so that a wrong list fails before any data is read); ``feature_dim`` given (None or
+    an axis): the axis they are on, which must be given."""
+    if feature_dim is None:
+        raise ConfigError("features were given without feature_dim")
     if not isinstance(feats, (list, tuple)) or not feats:
         raise RecipeError(f"{where} must be a non-empty list of integer indices, got {_short(feats)}")
     seen: set[int] = set()

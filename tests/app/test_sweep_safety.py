@@ -176,7 +176,7 @@ def test_levels_that_are_not_numbers_are_refused(tmp_path, levels):
 
 
 def test_the_cli_knows_every_method_a_sweep_does():
-    from actsparse_deploy.app.cli import SweepMethod
+    from actsparse_deploy.app.cli_options import SweepMethod
     from actsparse_deploy.app.sweep import BASELINE, RECIPE
     from actsparse_deploy.base.constants import METHODS
 
