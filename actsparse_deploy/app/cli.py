@@ -78,6 +78,7 @@ from .cli_options import (
     OverwriteOpt,
     QuantizeOpt,
     RecipeFileOpt,
+    RecoverOpt,
     RtolOpt,
     SmoothOpt,
     StatsOnlyOpt,
@@ -491,15 +492,17 @@ BuiltinBatchSizeOpt = Annotated[
 ]
 
 
-def _convert_options(flags: dict[str, Any]) -> tuple[Any, Callable[[Any, Any], Any]]:
+def _convert_run(flags: dict[str, Any]) -> tuple[Any, Callable[[Any, Any], Any]]:
     """convert_cmd's flags: the usage checks, the model's options and the recipe
     (before any work), and a function of the distributed session and the progress
-    display that groups them into one ``ConvertOptions`` (checked there, on every rank)."""
+    display that groups them into one ``ConvertOptions`` (checked there, on every rank)
+    and converts with them."""
     from types import SimpleNamespace
 
     from ..calibration.distributed import check_budget_device, resolve_device
     from .calibrate import recipe_from_flags
     from .options import CalibrateOptions, ConvertOptions, ExportOptions, LoadOptions, QuantizeOptions, SquashOptions, ValidateOptions
+    from .pipeline import convert
 
     f = SimpleNamespace(**flags)
     _check_max_cost(f.max_cost, f.sparsity, "convert")
@@ -513,14 +516,14 @@ def _convert_options(flags: dict[str, Any]) -> tuple[Any, Callable[[Any, Any], A
         return ConvertOptions(
             LoadOptions(f.weights, f.data, f.heldout, f.batch, f.labels, model_options),
             CalibrateOptions(recipe, sparsity, _choice(f.method), _choice(f.compensate), f.max_cost, f.max_samples, f.device, session,
-                             progress.on_batch, f.max_cost_other, f.heads),
+                             progress.on_batch, f.max_cost_other, f.heads, f.recover),
             SquashOptions(str(f.mode)),
             ExportOptions(str(f.exporter), f.opset, f.external_data, tuple(f.dynamic_axis or ()), f.verbose, f.cache, str(f.dtype)),
             ValidateOptions(f.atol, f.rtol, f.timeout), QuantizeOptions(f.quantize, f.smooth),
             overwrite=f.overwrite, threads=f.threads, latency=not f.no_latency, on_stage=progress.on_stage, max_memory=f.max_memory,
         )
 
-    return where, build
+    return where, lambda session, progress: convert(f.model, f.output, build(session, progress))
 
 
 @app.command("convert")
@@ -540,6 +543,7 @@ def convert_cmd(
     method: MethodOpt = None,
     compensate: CompensateOpt = None,
     heads: HeadsOpt = False,
+    recover: RecoverOpt = False,
     max_cost: MaxCostOpt = None,
     max_cost_other: MaxCostOtherOpt = False,
     data: DataOpt = None,
@@ -579,11 +583,9 @@ def convert_cmd(
     Writes OUTDIR/masks.safetensors, model.onnx, the runtime's files (config, tokenizer) and report.json;
     prints a summary: layers, modes, ONNX max diff, cost, latency, file sizes."""
     command = ("convert", dict(locals()))  # as parsed: every rank of a distributed run must run the same
-    from .pipeline import convert
-
-    where, options = _convert_options(command[1])  # the usage checks, the model's options and the recipe: before any work
+    where, run = _convert_run(command[1])  # the usage checks, the model's options and the recipe: before any work
     with _ranked(where, dist_timeout, command, as_json) as (session, progress):
-        report = convert(model, output, options(session, progress))  # the options checked there, on every rank
+        report = run(session, progress)  # the options checked there, on every rank
     if report is not None:  # None: another rank than 0 of a distributed run (rank 0 prints)
         _output(as_json, report, lambda: print_convert_summary(report))
 

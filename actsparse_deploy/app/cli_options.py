@@ -58,6 +58,7 @@ __all__ = [
     "HeldoutTextOpt",
     "MaxCostOtherOpt",
     "HeadsOpt",
+    "RecoverOpt",
     "OtherTextOpt",
     "JsonOpt",
     "LabelsOpt",
@@ -256,6 +257,11 @@ HeadsOpt = Annotated[
     bool,
     typer.Option("--heads", help="Prune attention heads too: the attention output projections' inputs, whole heads "
                  "(query, key and value rows with them; grouped-query attention: whole key/value groups), by the recipe's method."),
+]
+RecoverOpt = Annotated[
+    bool,
+    typer.Option("--recover", help="After selection, train the masked layers' weights and biases a few epochs towards the dense "
+                 "model's outputs on the calibration data (slower; the masks file keeps the result)."),
 ]
 MaxLengthOpt = Annotated[
     int | None,

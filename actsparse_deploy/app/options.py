@@ -105,6 +105,8 @@ class CalibrateOptions:
     max_cost_other: bool = False
     #: prune attention heads too (:meth:`~actsparse_deploy.calibration.recipe.Recipe.with_heads`)
     heads: bool = False
+    #: train the masked layers towards the dense outputs after selection (:mod:`actsparse_deploy.bake.recover`)
+    recover: bool = False
 
     def __post_init__(self) -> None:
         if self.device is not None:  # a bad device, or CUDA where there is none: before the model loads
@@ -115,6 +117,9 @@ class CalibrateOptions:
         if self.max_cost is not None and self.group is not None:
             raise RecipeError("a cost budget (`max_cost`) searches over several passes of the data: it is not supported in "
                               "distributed calibration; run it in one process, or give a sparsity")
+        if self.recover and self.group is not None:
+            raise UsageError("--recover trains on all the calibration data in one process: it is not supported in distributed "
+                             "calibration; run it in one process")
         if self.max_cost_other and self.max_cost is None:
             raise UsageError("--max-cost-other holds a cost budget on the other text too: give --max-cost as well")
         if self.max_cost is not None:
@@ -220,7 +225,7 @@ _FLAT: dict[str, tuple[str, ...]] = {
     "model": ("task", "text", "heldout_text", "max_length", "factory_args", "other_text"),
     "export": ("exporter", "opset", "external_data", "dynamic_axes", "verbose", "cache", "dtype"),
     "calibrate": ("recipe", "sparsity", "method", "compensate", "max_cost", "max_samples", "device", "group", "on_batch",
-                  "max_cost_other", "heads"),
+                  "max_cost_other", "heads", "recover"),
     "squash": ("mode",),
     "validate": ("atol", "rtol", "timeout"),
     "quantize": ("quantize", "smooth"),

@@ -77,7 +77,7 @@ __all__ = ["STAGES", "ConvertOptions", "Stages", "Timer", "build_report", "conve
 
 
 #: what the stages tell ``on_stage`` as each starts (``load`` is silent)
-STAGES = {"calibrate": "calibrating", "reference": "recording the dense model", "squash": "squashing", "export": "exporting",
+STAGES = {"calibrate": "calibrating", "recover": "recovering", "reference": "recording the dense model", "squash": "squashing", "export": "exporting",
           "validate": "validating", "cost": "measuring cost", "smooth": "smoothing", "quantize": "quantizing", "latency": "measuring latency"}
 
 
@@ -198,6 +198,16 @@ class Stages:
                 return None
             self.work.model.to("cpu")  # squash, export and validation run on CPU
             return select(stats, model=self.work.model), None
+
+    def recover(self, masks: Masks, batches: Iterable[Batch]) -> Masks:
+        """The ``recover`` stage: the masked layers trained towards the dense outputs on ``batches``
+        (:func:`~actsparse_deploy.bake.recover.recover`); the report's notes say what it did."""
+        from ..bake.recover import recover
+
+        with self.timer("recover"):
+            recovered, recovery = recover(self.work.model, masks, batches)
+        self.work.notes.append(recovery.note())
+        return recovered
 
     def statistics(self, recipe: Recipe, batches: Iterable[Batch], o: CalibrateOptions | None = None) -> Statistics | None:
         """The statistics ``recipe`` selects from, collected on ``batches`` (token
@@ -472,6 +482,8 @@ def _convert(model: str, outdir: Path, o: ConvertOptions) -> Report | None:
     if calibrated is None:  # another rank than 0 of a distributed run
         return None
     masks, budget = calibrated
+    if o.calibrate.recover:
+        masks = stages.recover(masks, calibration)
     # everything is written into a staging directory inside outdir and moved into
     # place only when validation passed: an error or an interrupt leaves nothing
     with staging_dir(outdir) as staging:

@@ -111,3 +111,17 @@ def test_sweep_refuses_heads_with_the_topk_baseline(tmp_path: Path) -> None:
     result = invoke("sweep", "minilm", "--heads", "--method", "topk", "--sparsity", "0.25", "-o", tmp_path / "sweep")
     one_line_error(result, 2, "--heads with the topk baseline")
     assert not (tmp_path / "sweep" / "sweep.json").exists()
+
+
+def test_a_budget_with_heads_by_wanda_reports_the_heads_it_removed(hf: HFFiles) -> None:
+    from actsparse_deploy.app.options import ModelOptions
+    from actsparse_deploy.app.workload import load_workload
+
+    work = load_workload(str(hf.bert), model_options=ModelOptions(task="feature-extraction", text=hf.calib, heldout_text=hf.held))
+    recipe = Recipe.simple(["encoder.layer.*.output.dense"], None, 0.5, None, "sum_abs", structured=True).with_method("wanda")
+    recipe = recipe.with_heads(["encoder.layer.0.attention.output.dense", "encoder.layer.1.attention.output.dense"])
+    result = search_budget(work.model, recipe, list(work.calibration) * 4, "cosine=0.5")
+    for name in ("encoder.layer.0.attention.output.dense", "encoder.layer.1.attention.output.dense"):
+        vector = result.masks[name].dense().reshape(-1)
+        assert head_blocks(vector, 16)
+        assert result.levels[name] == float((vector == 0).sum()) / 32  # the level is the heads removed, not the grid's step
