@@ -23,16 +23,20 @@ from pathlib import Path
 from typing import Any
 
 
+def run_convert(model: str, flags: list[str], out: Path) -> dict[str, Any]:
+    """``actsparse convert MODEL FLAGS`` on one thread into ``out``, its report (a failure ends the script, saying why)."""
+    command = [sys.executable, "-m", "actsparse_deploy", "convert", model, *flags, "--threads", "1", "-o", str(out), "--json", "--overwrite"]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"convert {model} {' '.join(flags)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    report: dict[str, Any] = json.loads((out / "report.json").read_text())
+    return report
+
+
 def convert(run: str, heads: bool, out: Path, extra: list[str]) -> dict[str, Any]:
     """``actsparse convert minilm`` at level or budget ``run`` (``0.25`` or ``cosine=0.98``), its report."""
     level = ["--max-cost", run] if "=" in run else ["--sparsity", run]
-    command = [sys.executable, "-m", "actsparse_deploy", "convert", "minilm", *level, *(["--heads"] if heads else []), *extra,
-               "--threads", "1", "-o", str(out), "--json", "--overwrite"]
-    proc = subprocess.run(command, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"convert {run} {'--heads' if heads else ''} failed ({proc.returncode}): {proc.stderr.strip()}")
-    report: dict[str, Any] = json.loads((out / "report.json").read_text())
-    return report
+    return run_convert("minilm", [*level, *(["--heads"] if heads else []), *extra], out)
 
 
 def _sentence(outputs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -15,21 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 
 def convert(model: str, level: float, recover: bool, heads: bool, out: Path) -> dict[str, Any]:
-    command = [sys.executable, "-m", "actsparse_deploy", "convert", model, "--sparsity", str(level), "--no-latency", "--threads", "1",
-               *(["--recover"] if recover else []), *(["--heads"] if heads else []), "-o", str(out), "--json", "--overwrite"]
-    proc = subprocess.run(command, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"convert {model} at {level} failed ({proc.returncode}): {proc.stderr.strip()}")
-    report: dict[str, Any] = json.loads((out / "report.json").read_text())
-    return report
+    from measure_heads import run_convert  # tools/ is on the path of a script run from it
+
+    return run_convert(model, ["--sparsity", str(level), "--no-latency", *(["--recover"] if recover else []),
+                               *(["--heads"] if heads else [])], out)
 
 
 def _last(outputs: list[dict[str, Any]]) -> dict[str, Any]:
