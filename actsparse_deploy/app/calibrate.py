@@ -46,6 +46,8 @@ class RecipeFlags:
     compensate: str | None = None
     #: attention heads too (``--heads``: :meth:`~actsparse_deploy.calibration.recipe.Recipe.with_heads`)
     heads: bool = False
+    #: the masked layers trained towards the dense outputs after selection (``--recover``)
+    recover: bool = False
 
     @property
     def one_rule(self) -> bool:
@@ -148,4 +150,5 @@ def calibrate_model(
     return calibrate_to_file(
         loaded, recipe_for(model, loaded, flags), output, data=data, batch_size=batch_size, on_stage=on_stage, on_batch=on_batch,
         max_cost=max_cost, model_options=model_options, max_samples=max_samples, stats_only=stats_only, group=group,
+        recover=flags.recover,
     )

@@ -214,6 +214,7 @@ def calibrate_cmd(
     method: MethodOpt = None,
     compensate: CompensateOpt = None,
     heads: HeadsOpt = False,
+    recover: RecoverOpt = False,
     max_cost: MaxCostOpt = None,
     data: DataOpt = None,
     max_samples: MaxSamplesOpt = None,
@@ -244,7 +245,8 @@ def calibrate_cmd(
     _check_max_cost(max_cost, sparsity, "calibrate")
     check_budget_device(max_cost, device)
     where = resolve_device(device)  # --device cuda without CUDA: exit 2 before any work
-    flags = RecipeFlags(recipe, layers, layer_types, sparsity, threshold, aggregate, structured, _choice(method), _choice(compensate), heads)
+    flags = RecipeFlags(recipe, layers, layer_types, sparsity, threshold, aggregate, structured, _choice(method), _choice(compensate), heads,
+                        recover)
     with _ranked(where, dist_timeout, command, as_json) as (session, progress):
         report = calibrate_model(
             model, output, flags, weights=weights, model_options=_model_options(task, text, None, max_length, factory_args),

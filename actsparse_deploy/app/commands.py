@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -208,37 +208,29 @@ def calibrate_to_file(
     max_samples: int | None = None,
     stats_only: bool = False,
     group: Any = None,
+    recover: bool = False,
 ) -> Report | None:
     """Calibrate ``loaded`` on ``data`` (else ``model_options.text``, else its
     built-in calibration split; the first ``max_samples`` samples where given;
     token batches without their padding) and write the masks to ``output``
     (checked by the caller); ``max_cost``: a cost budget instead of the recipe's
     level (see :mod:`actsparse_deploy.app.budget`); ``stats_only``: write the
-    collected statistics instead (:func:`merge_stats_files`, :func:`select_to_file`).
+    collected statistics instead (:func:`merge_stats_files`, :func:`select_to_file`); ``recover``: the masked
+    layers trained towards the dense outputs after selection (:mod:`actsparse_deploy.bake.recover`).
 
     ``group``: a :class:`~actsparse_deploy.calibration.distributed.Session` (or process
     group): each rank collects its share of the batches, rank 0 writes and
     returns the report, the other ranks return None."""
-    CalibrateOptions(max_cost=max_cost, max_samples=max_samples, group=group)  # its checks: a budget, distributed, the samples
-    if stats_only and max_cost is not None:
-        raise RecipeError("a cost budget selects masks: it cannot be given with `stats_only` (select from the statistics later)")
+    CalibrateOptions(max_cost=max_cost, max_samples=max_samples, group=group, recover=recover)  # its checks: budget, ranks, samples
+    if stats_only and (max_cost is not None or recover):
+        raise RecipeError("a cost budget and --recover make masks: they cannot be given with `stats_only` (select from the statistics later)")
     start = time.perf_counter()
-    text, _, _ = load_text_data(loaded, model_options, data, None, batch_size)
-    batches: list[Batch] | Iterable[Batch]
-    if text is not None:
-        batches = text
-    elif data is not None:
-        batches = load_data(data, batch_size)
-    elif loaded.builtin:
-        batches = zoo.calibration_batches(loaded.name, batch_size)
-    else:
-        more = " (or `text`, a text file its tokenizer reads)" if loaded.hf is not None and loaded.hf.directory else ""
-        raise DataError(f"{loaded.name!r} has no built-in data: pass `data`, a file of calibration inputs{more}")
-    batches = first_samples(batches, max_samples)
+    batches = first_samples(_calibration_data(loaded, model_options, data, batch_size), max_samples)
     if on_stage is not None:
         on_stage("calibrating", total_samples(batches) if group is None else None)  # distributed: this rank's share, count unknown
     if max_cost is not None:
-        return budget_to_file(loaded, recipe, batches, max_cost, output, batch_size=batch_size, on_batch=on_batch, start=start)
+        return budget_to_file(loaded, recipe, batches, max_cost, output, batch_size=batch_size, on_batch=on_batch, start=start,
+                              recover=recover)
     batches = unpadded(batches)
     stats = collect(loaded.module, recipe, batches,
                     model_name=loaded.name, on_batch=on_batch, group=group if group is not None else False)
@@ -247,10 +239,34 @@ def calibrate_to_file(
     if stats_only:
         _save(stats.save, output, group)
         return stats_report(stats, output, time.perf_counter() - start)
-    masks = select(stats, model=loaded.module)
+    masks, notes = select(stats, model=loaded.module), loaded.notes
+    if recover:
+        masks, notes = _recovered(loaded, masks, batches)
     _save(masks.save, output, group)
     seconds = round(time.perf_counter() - start, 3)
-    return masks_report(masks, files={str(output): _size(Path(output))}, seconds={"calibrate": seconds, "total": seconds}, notes=loaded.notes)
+    return masks_report(masks, files={str(output): _size(Path(output))}, seconds={"calibrate": seconds, "total": seconds}, notes=notes)
+
+
+def _calibration_data(loaded: LoadedModel, model_options: ModelOptions | None, data: str | None, batch_size: int) -> Iterable[Batch]:
+    """What ``calibrate`` calibrates on: the text (``model_options.text``), else ``data``, else the built-in's split."""
+    text, _, _ = load_text_data(loaded, model_options, data, None, batch_size)
+    if text is not None:
+        return text
+    if data is not None:
+        return load_data(data, batch_size)
+    if loaded.builtin:
+        return zoo.calibration_batches(loaded.name, batch_size)
+    more = " (or `text`, a text file its tokenizer reads)" if loaded.hf is not None and loaded.hf.directory else ""
+    raise DataError(f"{loaded.name!r} has no built-in data: pass `data`, a file of calibration inputs{more}")
+
+
+def _recovered(loaded: LoadedModel, masks: Masks, batches: Iterable[Batch]) -> tuple[Masks, list[str]]:
+    """``masks`` after recovery on ``batches`` (:func:`~actsparse_deploy.bake.recover.recover`), and the
+    report's notes: the model's, then what recovery did."""
+    from ..bake.recover import recover
+
+    recovered, recovery = recover(loaded.module, masks, batches)
+    return recovered, [*loaded.notes, recovery.note()]
 
 
 def _save(save: Callable[[Path], None], output: str | Path, group: Any) -> None:
@@ -581,15 +597,19 @@ def onnx_report(target: str | Path, given: bool = False) -> Report:
 
 def budget_to_file(
     loaded: LoadedModel, recipe: Recipe, batches: Iterable[Batch], max_cost: str, output: Any, *,
-    batch_size: int = 32, on_batch: Callable[[int], None] | None = None, start: float | None = None,
+    batch_size: int = 32, on_batch: Callable[[int], None] | None = None, start: float | None = None, recover: bool = False,
 ) -> Report:
-    """``calibrate --max-cost``: search, write the masks to ``output``, and report
+    """``calibrate --max-cost``: search (then ``recover``), write the masks to ``output``, and report
     the levels with the tuning cost and, for a built-in model, the held-out cost."""
     from ..bake.squash import squash
     from .budget import calibrate_to_budget, heldout_budget
 
     start = time.perf_counter() if start is None else start
     result = calibrate_to_budget(loaded.module, recipe, batches, max_cost, model_name=loaded.name, on_batch=on_batch)
+    notes = loaded.notes
+    if recover:
+        masks, notes = _recovered(loaded, result.masks, unpadded(batches))
+        result = replace(result, masks=masks)
     work = None
     if loaded.builtin:
         entry = zoo.get_builtin(loaded.name)
@@ -600,5 +620,5 @@ def budget_to_file(
     result.masks.save(output)
     seconds = round(time.perf_counter() - start, 3)
     report = masks_report(result.masks, files={str(output): _size(Path(output))}, seconds={"calibrate": seconds, "total": seconds},
-                          notes=loaded.notes)
+                          notes=notes)
     return report.replace(budget=result.to_json())

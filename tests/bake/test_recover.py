@@ -89,3 +89,22 @@ def test_recover_in_distributed_calibration_is_refused():
 
     with pytest.raises(UsageError, match="--recover trains on all the calibration data in one process"):
         CalibrateOptions(recover=True, group=object())
+
+
+@pytest.mark.parametrize("budget", [[], ["--max-cost", "cosine=0.99"]])
+def test_calibrate_recover_writes_the_recovered_weights(tmp_path, budget):
+    from actsparse_deploy.calibration.masks import Masks
+
+    out = tmp_path / "masks.safetensors"
+    result = invoke("calibrate", "digits-mlp", "--recover", *budget, "-o", out)
+    assert result.exit_code == 0, result.output
+    masks = Masks.load(out)
+    assert all(masks[name].note and "recovered" in masks[name].note and masks[name].weight is not None for name in masks)
+    assert "recovered: " in result.stderr
+
+
+def test_calibrate_recover_with_stats_only_is_one_line(tmp_path):
+    from ..helpers import one_line_error
+
+    result = invoke("calibrate", "digits-mlp", "--recover", "--stats-only", "-o", tmp_path / "stats.safetensors")
+    one_line_error(result, 3, "--recover make masks", "--stats-only")
