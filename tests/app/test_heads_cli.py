@@ -44,11 +44,15 @@ def test_convert_with_heads_prunes_heads_and_mlp_features_and_validates(hf: HFFi
     assert report["validation"]["passed"] is True
 
 
-def test_convert_without_heads_leaves_attention_alone(hf: HFFiles, tmp_path: Path) -> None:
-    result = invoke("convert", hf.bert, "--task", "feature-extraction", "--text", hf.calib, "--heldout-text", hf.held,
-                    "--sparsity", "0.5", "-o", tmp_path / "out", "--json", "--no-latency")
-    assert result.exit_code == 0, result.output
-    assert not any("attention" in name for name in _rows(json.loads(result.stdout)))
+def test_without_heads_the_recipe_leaves_attention_alone(hf: HFFiles) -> None:
+    from actsparse_deploy.app.options import ModelOptions
+    from actsparse_deploy.app.workload import load_workload
+    from actsparse_deploy.models.loading import load_recipe
+
+    work = load_workload(str(hf.bert), model_options=ModelOptions(task="feature-extraction", text=hf.calib, heldout_text=hf.held))
+    assert not any("attention" in name for name in load_recipe(work).select(work.model))
+    assert sorted(name for name in load_recipe(work, heads=True).select(work.model) if "attention" in name) == [
+        "encoder.layer.0.attention.output.dense", "encoder.layer.1.attention.output.dense"]
 
 
 def test_heads_of_a_decoder_without_a_cache_go_by_key_value_group(hf: HFFiles, tmp_path: Path) -> None:

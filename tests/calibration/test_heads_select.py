@@ -33,10 +33,22 @@ def _recipe(method: str, level: float, **extra) -> Recipe:
                              "layers": [{"name": LAYER.format("*"), "heads": True}]})
 
 
+@pytest.fixture(scope="module")
+def collected():
+    """The tiny BERT and its statistics (``gram``: what every method reads), collected once."""
+    from actsparse_deploy.calibration.calibrate import collect
+
+    model = _bert()
+    return model, collect(model, _recipe("obs", 0.5), _batches())
+
+
 @pytest.mark.parametrize("method", ["obs", "wanda", "fluctuation"])
 @pytest.mark.parametrize(("level", "removed"), [(0.25, 1), (0.5, 2), (0.6, 2), (0.0, 0)])
-def test_each_method_removes_whole_heads(method, level, removed):
-    masks = calibrate(_bert(), _recipe(method, level), _batches())
+def test_each_method_removes_whole_heads(collected, method, level, removed):
+    from actsparse_deploy.calibration.calibrate import select
+
+    model, stats = collected
+    masks = select(stats, _recipe(method, level), model=model)
     for i in range(2):
         vector = masks[LAYER.format(i)].dense().reshape(-1)
         assert head_blocks(vector, 8)
