@@ -12,6 +12,7 @@ text, and the overall sparsity. One thread, ``--no-latency``.
 
     python tools/measure_hf_default.py                       # levels 0.125 0.25 0.375 0.5
     python tools/measure_hf_default.py --levels 0.25 --json hf-default.json
+    python tools/measure_hf_default.py --levels 0.25 0.5 --other tools/everyday.txt
 """
 
 from __future__ import annotations
@@ -51,12 +52,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", type=float, nargs="+", default=[0.125, 0.25, 0.375, 0.5])
     parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--other", type=Path, help="another text to measure on instead of scikit-learn's descriptions "
+                        "(tools/everyday.txt: twenty everyday sentences, written for this and never calibrated on)")
     args = parser.parse_args()
     from actsparse_deploy.models.minilm import model_dir
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         files = text_files(Path(tmp))
+        if args.other is not None:
+            files["other"] = args.other
         print("| level | overall sparsity | held-out cosine mean / worst | other text mean / worst |\n|---|---|---|---|")
         for i, level in enumerate(args.levels):
             report = convert(model_dir(), files, level, Path(tmp) / f"out{i}")
