@@ -50,6 +50,8 @@ def _unpruned(layer: LayerPlan, multiple: int) -> str:
         return f"{layer.note}; {GATHER_NOT_AUTO}"
     if layer.because is Because.PER_FEATURE:
         return PER_FEATURE_CONSUMER
+    if layer.because is Because.HEADS_FAILED:
+        return f"its mask removes whole attention heads, but the model does not compute the same without them ({layer.note})"
     if layer.because is Because.KEPT_WHOLE:
         return f"the {layer.features} channels are kept whole: pruned convs keep a multiple of {multiple} channels"
     return "no mask value is 0"

@@ -21,7 +21,7 @@ is the three in a row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -47,6 +47,7 @@ __all__ = [
     "SquashPlan",
     "fold_vector",
     "plan_squash",
+    "without_heads",
 ]
 
 #: onnxruntime's CPU convolutions run blocked by 8 channels: 14 channels ran
@@ -96,6 +97,8 @@ class Because(StrEnum):
     NO_ZERO = "no-zero"
     #: only this layer could lose them (its producer keeps them: note says why), a gather auto does not choose
     CONSUMER_ONLY = "consumer-only"
+    #: whole attention heads, but the model did not compute the same with them removed (note: how it failed)
+    HEADS_FAILED = "heads-failed"
 
 
 #: a layer's new (weight, bias) from its masks; either may be None (that parameter stays)
@@ -473,6 +476,14 @@ def _traced_layer(
     if removed:  # only the consumer could lose them: a gather, which auto does not choose
         return _layer(name, prep, "fold", Reason.NOT_PRUNED, because=Because.CONSUMER_ONLY, note=not_why)
     return _layer(name, prep, "fold", Reason.NOT_PRUNED, because=nothing)
+
+
+def without_heads(plan: SquashPlan, why: str) -> SquashPlan:
+    """``plan`` with its ``HEADS`` layers folded instead (auto, where the model did not compute the same
+    with the heads removed: ``why``)."""
+    layers = {name: _layer(name, plan.prepared[name], "fold", Reason.NOT_PRUNED, because=Because.HEADS_FAILED, note=why)
+              if layer.reason is Reason.HEADS else layer for name, layer in plan.layers.items()}
+    return replace(plan, layers=layers)
 
 
 def _kept(vector: torch.Tensor, layer: nn.Module, multiple: int) -> tuple[torch.Tensor, Because | None]:

@@ -55,11 +55,12 @@ from typing import Any
 from torch import nn
 
 from ..base.constants import MODES
+from ..base.errors import SquashError, first_line
 from ..calibration.masks import Masks
 from ..data.batches import Batch
 from .apply import PRUNE_ATOL, PRUNE_RTOL, MaskedInput, PrunedInput, SquashResult, apply_plan
 from .explain import explain
-from .plan import CONV_CHANNEL_MULTIPLE, LayerPlan, Reason, SquashPlan, fold_vector, plan_squash
+from .plan import CONV_CHANNEL_MULTIPLE, LayerPlan, Reason, SquashPlan, fold_vector, plan_squash, without_heads
 
 __all__ = [
     "CONV_CHANNEL_MULTIPLE",
@@ -103,7 +104,13 @@ def squash_(
     ``CONV_CHANNEL_MULTIPLE``; 1 keeps exactly the unmasked ones).
     """
     plan = plan_squash(model, masks, mode, example, channel_multiple=channel_multiple)
-    return apply_plan(model, plan, check_batches)
+    checks = list(check_batches)
+    try:
+        return apply_plan(model, plan, checks)
+    except SquashError as e:  # auto: heads whose removal the model's code does not follow are folded (the model as it was)
+        if mode != "auto" or not any(layer.reason is Reason.HEADS for layer in plan.layers.values()):
+            raise
+        return apply_plan(model, without_heads(plan, first_line(e, 200)), checks)
 
 
 def squash(

@@ -99,3 +99,38 @@ def test_every_head_masked_keeps_one_zeroed_so_no_tensor_is_empty():
     assert "one group stays, zeroed in the weight" in result.reasons["encoder.layer.0.attention.output.dense"]
     assert model.encoder.layer[0].attention.self.query.out_features == 8
     torch.testing.assert_close(_outputs(model, batch), want, atol=1e-5, rtol=1e-4)
+
+
+class _FixedHeads(torch.nn.Module):
+    """Attention whose code reshapes by its own head count, not the tensors': it cannot lose heads."""
+
+    def __init__(self, width: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(width, width) for _ in range(3))
+        self.o_proj = torch.nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, self.heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_auto_folds_heads_the_models_code_cannot_lose_and_prune_says_why():
+    from actsparse_deploy.base.errors import SquashError
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("attn", _FixedHeads())
+    example = torch.randn(2, 5, 16)
+    vector = torch.ones(16)
+    vector[4:8] = 0  # head 1, whole
+    masks = Masks({"attn.o_proj": LayerMask(vector, input_shape=(5, 16))})
+    want = squash(model, masks, "mul").model(example)
+    result = squash(model, masks, "auto", example=example)
+    assert result.modes == {"attn.o_proj": "fold"}
+    assert "removes whole attention heads, but the model does not compute the same without them" in result.reasons["attn.o_proj"]
+    torch.testing.assert_close(result.model(example), want)
+    with pytest.raises(SquashError, match="fails on check batch 0"):
+        squash(model, masks, "prune", example=example)
