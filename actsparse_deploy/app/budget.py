@@ -65,6 +65,7 @@ from torch import nn
 
 from ..bake.savings import work_per_feature
 from ..base.errors import ActsparseError, DataError, RecipeError, first_line
+from ..calibration.methods import removed_count
 from ..calibration.recipe import LayerRule, LayerSettings, Recipe, exact_glob
 from ..data.batches import Batch, batch_size, flatten_outputs, mean_tokens, reiterable, run_batch, take_rows, total_samples, unpadded
 from ..data.scores import cost_figure, figure_needs
@@ -404,8 +405,9 @@ def search_budget(
     stats = collect(model, recipe, unpadded(calibration), model_name=model_name, on_batch=on_batch)
     meter = _Meter(budget, model, unpadded(tuning))
     names = list(stats.layers)
-    heads = _layer_heads(model, stats, recipe, names)
-    orders = _obs_orders(model, stats, recipe, names, OBS_GRID, heads)
+    configs = {name: stats.resolve(_one_layer_recipe(recipe, stats, name, 0.0))[name] for name in names}  # each layer's settings
+    heads = {name: find_heads(model, name) for name, config in configs.items() if config.heads}
+    orders = _obs_orders(model, stats, configs, OBS_GRID, heads)
     grid = OBS_GRID if orders and len(orders) == len(names) else GRID
     elsewhere = _Meter(budget, model, list(unpadded(other))) if other is not None else None
     search = _Candidates(model, recipe, stats, meter, orders, grid, model_name, max_evaluations, elsewhere, heads)
@@ -466,8 +468,6 @@ class _Candidates:
     def level(self, name: str, k: int, grid: int | None = None) -> float:
         """Layer ``name``'s sparsity at step ``k`` of ``grid`` (default the search's): ``k / grid``, or for a
         layer of heads the share of whole heads its removal order takes there."""
-        from ..calibration.methods import removed_count
-
         order, heads = self.orders.get(name), self.heads.get(name)
         if order is not None and heads is not None:
             return order.removed(k) / order.d
@@ -607,8 +607,6 @@ class _ObsOrder:
     block: int = 1
 
     def removed(self, k: int) -> int:
-        from ..calibration.methods import removed_count
-
         return min(len(self.order), removed_count(self.d, k / self.grid, self.block))
 
     def layer_mask(self, name: str, stats: Any, recipe: Recipe, model: nn.Module, k: int) -> Any:
@@ -645,26 +643,18 @@ def obs_order(layer: nn.Module, layer_stats: Any, count: int, damping: float, bl
     return order, error
 
 
-def _layer_heads(model: nn.Module, stats: Any, recipe: Recipe, names: list[str]) -> dict[str, Heads]:
-    """The attention heads of the layers whose recipe says ``heads = true``."""
-    return {name: find_heads(model, name) for name in names if stats.resolve(_one_layer_recipe(recipe, stats, name, 0.0))[name].heads}
-
-
-def _obs_orders(model: nn.Module, stats: Any, recipe: Recipe, names: list[str], grid: int,
+def _obs_orders(model: nn.Module, stats: Any, configs: Mapping[str, Any], grid: int,
                 heads: Mapping[str, Heads]) -> dict[str, _ObsOrder]:
-    """The ``obs`` removal order of every layer whose recipe selects with ``obs`` (of
-    ``heads`` layers, whole heads; one stays)."""
+    """The ``obs`` removal order of every layer whose settings (``configs``: each layer's, resolved)
+    select with ``obs`` (of ``heads`` layers, whole heads; one stays)."""
     orders: dict[str, _ObsOrder] = {}
-    for name in names:
-        config = stats.resolve(_one_layer_recipe(recipe, stats, name, 0.0))[name]
+    for name, config in configs.items():
         if config.method is None or config.method.name != "obs":
             continue
         from ..calibration.methods import METHODS
 
         if METHODS.get("obs") is not config.method:
             continue
-        from ..calibration.methods import removed_count
-
         layer = model.get_submodule(name)
         d = stats[name].stat.value.shape[0] - 1
         block = heads[name].block if name in heads else 1

@@ -40,7 +40,7 @@ from .explain import explain
 from .plan import Edits, Prepared, Reason, SquashPlan
 
 __all__ = ["HALF_PRUNE_ATOL", "HALF_PRUNE_RTOL", "PRUNE_ATOL", "PRUNE_RTOL", "MaskedInput", "PrunedInput", "SquashResult", "apply_plan",
-           "squash_tolerance"]
+           "edited", "replace_module", "squash_tolerance"]
 
 #: prune vs mul on the check batches: ``|pruned - mul| <= ATOL * max(1, max|mul|) + RTOL * |mul|``.
 PRUNE_RTOL = 1e-4
@@ -147,7 +147,7 @@ def apply_plan(model: nn.Module, plan: SquashPlan, check_batches: Iterable[Batch
     return result
 
 
-def _replace_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
     """``setattr(parent, child_name, new)``: the one place modules are swapped."""
     parent_name, _, child = fqn.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -165,7 +165,7 @@ def _apply_in_place(model: nn.Module, plan: SquashPlan) -> None:
             assert prep.vector is not None
             _fold(target, prep.vector)
         else:
-            _replace_module(model, name, _masked(target, prep.mask))
+            replace_module(model, name, _masked(target, prep.mask))
 
 
 def _fold(layer: nn.Module, vector: torch.Tensor) -> None:
@@ -193,7 +193,7 @@ def _apply_edits(layer: nn.Module, edits: Edits) -> None:
             layer.bias = nn.Parameter(bias.detach().to(dtype=current.dtype, device=current.device).clone(), requires_grad=grad)
 
 
-def _edited(layer: nn.Module, edits: Edits) -> nn.Module:
+def edited(layer: nn.Module, edits: Edits) -> nn.Module:
     """A copy of ``layer`` with the edits applied (prune swaps modules, never changes them)."""
     new = copy.deepcopy(layer)
     _apply_edits(new, edits)
@@ -231,8 +231,8 @@ def _mul_outputs(model: nn.Module, prepared: dict[str, Prepared], batches: list[
     originals = {name: model.get_submodule(name) for name in prepared}
     try:
         for name, prep in prepared.items():
-            layer = originals[name] if prep.edits == (None, None) else _edited(originals[name], prep.edits)
-            _replace_module(model, name, _masked(layer, prep.mask))
+            layer = originals[name] if prep.edits == (None, None) else edited(originals[name], prep.edits)
+            replace_module(model, name, _masked(layer, prep.mask))
         outputs = []
         with eval_mode(model):  # no grad: outputs kept across the swaps, never an autograd graph
             for i, batch in enumerate(batches):
@@ -246,7 +246,7 @@ def _mul_outputs(model: nn.Module, prepared: dict[str, Prepared], batches: list[
         return outputs
     finally:
         for name, layer in originals.items():
-            _replace_module(model, name, layer)
+            replace_module(model, name, layer)
 
 
 def _cuts_and_wraps(plan: SquashPlan) -> tuple[dict[str, Cut], dict[str, Callable[[nn.Module], nn.Module]]]:
@@ -282,12 +282,12 @@ def _apply_swapping(model: nn.Module, plan: SquashPlan, check_batches: list[Batc
 
     def swap(fqn: str, new: nn.Module) -> None:
         swapped.append((fqn, model.get_submodule(fqn)))
-        _replace_module(model, fqn, new)
+        replace_module(model, fqn, new)
 
     try:
         for fqn, prep in plan.prepared.items():  # the new weight / bias first: cuts and wraps start from them
             if prep.edits != (None, None):
-                swap(fqn, _edited(model.get_submodule(fqn), prep.edits))
+                swap(fqn, edited(model.get_submodule(fqn), prep.edits))
         for fqn in sorted(cuts, key=_depth, reverse=True):
             swap(fqn, _shrunk(model.get_submodule(fqn), cuts[fqn]))
         for fqn in sorted(wraps, key=_depth, reverse=True):
@@ -295,7 +295,7 @@ def _apply_swapping(model: nn.Module, plan: SquashPlan, check_batches: list[Batc
         return _check_exact(model, wanted, batches)
     except BaseException:
         for fqn, old in reversed(swapped):
-            _replace_module(model, fqn, old)
+            replace_module(model, fqn, old)
         raise
 
 

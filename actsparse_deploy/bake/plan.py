@@ -46,6 +46,7 @@ __all__ = [
     "Reason",
     "SquashPlan",
     "fold_vector",
+    "layer_edits",
     "plan_squash",
     "without_heads",
 ]
@@ -258,7 +259,7 @@ def _check_fits(name: str, layer: nn.Module, mask: torch.Tensor, lm: LayerMask) 
         )
 
 
-def _edits(name: str, layer: nn.Module, lm: LayerMask) -> Edits:
+def layer_edits(name: str, layer: nn.Module, lm: LayerMask) -> Edits:
     """The new weight and bias ``lm`` gives the layer (compensation, see
     :mod:`actsparse_deploy.calibration.compensate`), checked against the layer: a weight of
     the layer's weight's shape in the ``(out, in, *kernel)`` layout of a masks
@@ -320,12 +321,12 @@ def _prepare(model: nn.Module, masks: Masks, refuse: str | None, traced: bool) -
         layer, lm = modules[name], masks[name]
         mask = _dense(name, layer, lm)
         _check_fits(name, layer, mask, lm)
-        edits = _edits(name, layer, lm) if traced else None
+        edits = layer_edits(name, layer, lm) if traced else None
         vector, why = fold_vector(layer, mask)
         if refuse is not None and vector is None:
             raise SquashError(f"layer {name!r} cannot be {refuse}: {why}; use mode='mul' or 'auto'")
         if edits is None:
-            edits = _edits(name, layer, lm)
+            edits = layer_edits(name, layer, lm)
         prepared[name] = Prepared(layer, lm, mask, vector, why, edits, _feature_axis(layer))
     return prepared
 

@@ -24,7 +24,6 @@ recovered. Deterministic: a fixed seed, the batches in their order.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -39,7 +38,8 @@ from ..calibration.masks import LayerMask, Masks
 from ..data.batches import Batch, flatten_outputs, run_batch
 from ..nn.layers import WeightedKind, layer_kind
 from ..nn.modules import eval_mode
-from .apply import MaskedInput
+from .apply import MaskedInput, edited, replace_module
+from .plan import layer_edits
 
 __all__ = ["RECOVER_EPOCHS", "RECOVER_LR", "Recovery", "recover"]
 
@@ -83,16 +83,16 @@ def _distance(outputs: tuple[torch.Tensor, ...], targets: tuple[torch.Tensor, ..
 
 
 def _trainable(name: str, layer: nn.Module, lm: LayerMask) -> nn.Module:
-    """A copy of ``layer`` with the masks' weight and bias, those two trainable."""
+    """A copy of ``layer`` with the masks' weight and bias (as squash applies them), those two trainable
+    (a layer without a bias gains one of zeros)."""
     kind = layer_kind(layer)
     if not isinstance(kind, WeightedKind) or not isinstance(getattr(layer, "weight", None), torch.Tensor):
         raise UsageError(f"recovery trains the masked layers' weights, and layer {name!r} ({type(layer).__name__}) has none")
-    new = copy.deepcopy(layer)
-    weight = layer.weight if lm.weight is None else lm.weight if lm.weight_layout == "native" else kind.native_weight(layer, lm.weight)
-    new.weight = nn.Parameter(weight.detach().to(layer.weight.dtype).clone())
-    bias = lm.bias if lm.bias is not None else getattr(layer, "bias", None)
-    new.bias = nn.Parameter(bias.detach().to(layer.weight.dtype).clone() if isinstance(bias, torch.Tensor)
-                            else torch.zeros(kind.out_features(layer), dtype=layer.weight.dtype))
+    new = edited(layer, layer_edits(name, layer, lm))
+    if not isinstance(getattr(new, "bias", None), torch.Tensor):
+        new.bias = nn.Parameter(torch.zeros(kind.out_features(layer), dtype=layer.weight.dtype))
+    for p in (new.weight, new.bias):
+        p.requires_grad_(True)
     return new
 
 
@@ -108,18 +108,13 @@ def _masked_and_trainable(model: nn.Module, masks: Masks) -> Iterator[dict[str, 
             p.requires_grad_(False)
         for name, layer in originals.items():
             copies[name] = _trainable(name, layer, masks[name])
-            _swap(model, name, MaskedInput(copies[name], masks[name].dense().detach().to(layer.weight.dtype)))
+            replace_module(model, name, MaskedInput(copies[name], masks[name].dense().detach().to(layer.weight.dtype)))
         yield copies
     finally:
         for name, layer in originals.items():
-            _swap(model, name, layer)
+            replace_module(model, name, layer)
         for p, flag in flags.items():
             p.requires_grad_(flag)
-
-
-def _swap(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent, _, child = fqn.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def _mean_distance(model: nn.Module, batches: list[Batch], targets: list[tuple[torch.Tensor, ...]]) -> float:

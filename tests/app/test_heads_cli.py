@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from actsparse_deploy import Recipe
 from actsparse_deploy.app.budget import search_budget
@@ -96,7 +95,8 @@ def test_the_budget_search_allocates_whole_heads_priced_per_multiply_add(hf: HFF
     for name in ("encoder.layer.0.attention.output.dense", "encoder.layer.1.attention.output.dense"):
         assert result.levels[name] in (0.0, 0.5)  # whole heads: one of two at most (one stays)
         assert head_blocks(result.masks[name].dense().reshape(-1), 16)
-    assert torch.isfinite(torch.tensor(result.tuning_cost))
+    assert result.tuning_cost >= 0.5  # the budget kept on the tuning split
+    assert any(result.levels[name] > 0 for name in ("encoder.layer.0.attention.output.dense", "encoder.layer.1.attention.output.dense"))
 
 
 def test_calibrate_with_heads_writes_whole_head_masks(hf: HFFiles, tmp_path: Path) -> None:

@@ -76,9 +76,13 @@ def test_recovery_refuses_half_precision_weights():
 def test_convert_recover_trains_and_says_so(tmp_path):
     import json
 
+    from actsparse_deploy.calibration.masks import Masks
+
     result = invoke("convert", "digits-mlp", "--recover", "-o", tmp_path / "out", "--json", "--no-latency")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
+    masks = Masks.load(tmp_path / "out" / "masks.safetensors")  # the masks written are the recovered ones
+    assert all("recovered" in (masks[name].note or "") for name in masks)
     assert "recover" in report["seconds"]
     assert any(note.startswith("recovered: ") for note in report["notes"])
     assert report["validation"]["passed"] is True
