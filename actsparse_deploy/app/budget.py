@@ -39,6 +39,14 @@ query, key and value rows and its share of the attention with it. Token batches 
 right-padded ``attention_mask``) are regrouped by length without padding first
 (:func:`actsparse_deploy.data.batches.unpadded`).
 
+The tuning split is a sample of the user's data, and the search stops where a candidate just keeps
+the budget there: on other samples such a candidate misses about half the time (MiniLM's held-out
+cosine landed 0.0013-0.002 under its tuning figure). So a ``cosine`` or ``perplexity-ratio``
+candidate keeps the budget only with its tuning figure moved :data:`DOUBT` standard errors (over
+the tuning samples, :func:`~actsparse_deploy.data.scores.cost_error`) towards the worse side;
+``accuracy-drop`` (a count: one changed prediction of a few dozen is a step of several per cent)
+and a budget function of yours are held as measured.
+
     >>> from actsparse_deploy.app.budget import Budget, search_budget
     >>> from actsparse_deploy.calibration.recipe import Recipe
     >>> from actsparse_deploy.app.workload import load_workload
@@ -68,7 +76,7 @@ from ..base.errors import ActsparseError, DataError, RecipeError, first_line
 from ..calibration.methods import removed_count
 from ..calibration.recipe import LayerRule, LayerSettings, Recipe, exact_glob
 from ..data.batches import Batch, batch_size, flatten_outputs, mean_tokens, reiterable, run_batch, take_rows, total_samples, unpadded
-from ..data.scores import cost_figure, figure_needs
+from ..data.scores import cost_error, cost_figure, figure_needs
 from ..nn.attention import Heads, find_heads
 from ..nn.modules import eval_mode
 
@@ -85,7 +93,7 @@ FORMS = "cosine=0.98, accuracy-drop=0.01, perplexity-ratio=1.05 or package.modul
 GRID = 32
 #: ... k / OBS_GRID where every layer selects with ``obs`` (its masks for all levels come from one order)
 OBS_GRID = 64
-#: standard errors a quantized model's tuning cost must keep the budget by (:meth:`Budget.doubted`). Three, not
+#: standard errors a candidate's (and a quantized model's) tuning cost must keep the budget by (:meth:`Budget.doubted`). Three, not
 #: two: the per-sample error misses that neighbouring samples (sentences of one document) are alike, and MiniLM's
 #: held-out cost landed 0.0013-0.002 under its tuning cost, over two errors (0.0012): `cosine=0.98` missed at 0.9792
 DOUBT = 3.0
@@ -94,6 +102,8 @@ MAX_SEARCHES = 4
 #: the share of the calibration samples (every fifth, spread through the data) the search tunes on
 TUNING_FRACTION = 0.2
 _KINDS = ("cosine", "accuracy-drop", "perplexity-ratio")
+#: the kinds a search holds with :data:`DOUBT` standard errors (figures that vary smoothly from sample to sample)
+DOUBTED = ("cosine", "perplexity-ratio")
 _FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
@@ -184,11 +194,11 @@ class Budget:
             return Budget(self.kind, left) if math.isfinite(left) and left >= 0.0 else None
         raise RecipeError(f"budget {self}: a budget function's cost cannot be shared with another step")
 
-    def doubted(self, measured: float, error: float) -> float:
-        """``measured`` moved :data:`DOUBT` times ``error`` (its standard error) towards the worse side: a
+    def doubted(self, measured: float, error: float, times: float = DOUBT) -> float:
+        """``measured`` moved ``times`` (:data:`DOUBT`) ``error`` (its standard error) towards the worse side: a
         figure that keeps the budget so keeps it on other samples of the same source too (about 999 times in 1000
         were the samples independent; they are not quite)."""
-        return measured - DOUBT * error if self.higher_is_better else measured + DOUBT * error
+        return measured - times * error if self.higher_is_better else measured + times * error
 
     def miss(self, measured: float) -> float:
         """How far ``measured`` is over this budget, as a cost share :meth:`after` takes (cosine:
@@ -225,13 +235,16 @@ def check_budget(text: str) -> Budget:
 class _Meter:
     """A budget's cost on fixed batches, the dense model's outputs computed once
     (or given: ``reference``, flattened, batch by batch); a built-in kind's
-    arithmetic is :func:`~actsparse_deploy.data.scores.cost_figure`."""
+    arithmetic is :func:`~actsparse_deploy.data.scores.cost_figure`. ``doubt``: the
+    standard errors :meth:`doubted` moves a figure by (None: :data:`DOUBT` for the
+    kinds of :data:`DOUBTED`, else 0)."""
 
     def __init__(self, budget: Budget, dense: nn.Module, batches: Iterable[Batch], labels: torch.Tensor | None = None,
-                 reference: list[list[torch.Tensor]] | None = None) -> None:
+                 reference: list[list[torch.Tensor]] | None = None, doubt: float | None = None) -> None:
         if not batches:
             raise DataError("the budget's cost needs at least one batch")
         self.budget, self.dense, self.batches, self.labels = budget, dense, batches, labels
+        self.doubt = (DOUBT if budget.kind in DOUBTED else 0.0) if doubt is None else doubt
         self.user: Callable[..., Any] | None = None
         if budget.kind == "user":
             self.user = budget.cost_function()
@@ -250,6 +263,17 @@ class _Meter:
             return self._user_cost(sparse)
         outputs = outputs if outputs is not None else _outputs(sparse, self.batches)
         return cost_figure(self.budget.kind, self.reference, outputs, self.batches, self.labels)
+
+    def doubted(self, sparse: nn.Module) -> tuple[float, float, float]:
+        """``(figure, standard error, figure moved by doubt errors towards the worse side)`` of ``sparse``
+        (a budget function's figure as it is, no error)."""
+        if self.user is not None:
+            value = self.cost(sparse)
+            return value, 0.0, value
+        outputs = _outputs(sparse, self.batches)
+        value = cost_figure(self.budget.kind, self.reference, outputs, self.batches, self.labels)
+        error = cost_error(self.budget.kind, self.reference, outputs, self.batches, self.labels)
+        return value, error, self.budget.doubted(value, error, self.doubt)
 
     def _user_cost(self, sparse: nn.Module) -> float:
         assert self.user is not None
@@ -350,6 +374,10 @@ class BudgetResult:
     quantization: dict[str, Any] | None = None
     #: ``--max-cost-other``: the other text's samples, its cost at the levels chosen, and (after the cost stage) its held-out-like cost
     other_text: dict[str, Any] | None = None
+    #: the standard error of :attr:`tuning_cost` over the tuning samples (0 where the search held it as measured)
+    tuning_error: float = 0.0
+    #: the standard errors the candidates kept the budget by (:data:`DOUBT`; 0: as measured)
+    doubt: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -358,6 +386,8 @@ class BudgetResult:
             "overall_sparsity": self.masks.overall_sparsity(),
             "uniform_level": self.uniform_level,
             "tuning_cost": self.tuning_cost,
+            "tuning_error": self.tuning_error,
+            "doubt": self.doubt,
             "tuning_samples": self.tuning_samples,
             "evaluations": self.evaluations,
             **self.heldout,
@@ -387,6 +417,7 @@ def search_budget(
     max_evaluations: int = 400,
     again: Callable[[BudgetResult], Budget | None] | None = None,
     other: Iterable[Batch] | None = None,
+    doubt: float | None = None,
 ) -> BudgetResult:
     """The per-layer levels of ``recipe``'s layers with the highest overall
     sparsity whose cost on the tuning split keeps ``budget`` (see the module
@@ -396,20 +427,22 @@ def search_budget(
     (``--max-cost-other``). ``again(result)``: another budget to search
     the same candidates to (their costs measured once), or None to stop there (at
     most :data:`MAX_SEARCHES` searches: ``convert --quantize`` searches again where
-    the quantized model misses the budget)."""
+    the quantized model misses the budget). ``doubt``: the standard errors a candidate's tuning
+    figure must keep the budget by (None: :data:`DOUBT` for ``cosine`` and ``perplexity-ratio``, 0
+    for the other kinds; see the module docstring)."""
     from ..calibration.calibrate import collect
 
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
     recipe = Recipe.coerce(recipe)
     calibration, tuning = split_tuning(batches)
     stats = collect(model, recipe, unpadded(calibration), model_name=model_name, on_batch=on_batch)
-    meter = _Meter(budget, model, unpadded(tuning))
+    meter = _Meter(budget, model, unpadded(tuning), doubt=doubt)
     names = list(stats.layers)
     configs = {name: stats.resolve(_one_layer_recipe(recipe, stats, name, 0.0))[name] for name in names}  # each layer's settings
     heads = {name: find_heads(model, name) for name, config in configs.items() if config.heads}
     orders = _obs_orders(model, stats, configs, OBS_GRID, heads)
     grid = OBS_GRID if orders and len(orders) == len(names) else GRID
-    elsewhere = _Meter(budget, model, list(unpadded(other))) if other is not None else None
+    elsewhere = _Meter(budget, model, list(unpadded(other)), doubt=doubt) if other is not None else None
     search = _Candidates(model, recipe, stats, meter, orders, grid, model_name, max_evaluations, elsewhere, heads)
     run = _search_by_threshold if grid == OBS_GRID else _search_upward
     result = run(search, budget, tuning)
@@ -427,7 +460,8 @@ class _Candidates:
     removal order where it has one) and their cost on the tuning split (each
     allocation measured once, with the masks applied in ``mul`` mode; at most
     ``max_evaluations`` of them, then :class:`_Exhausted`); with an ``other`` meter, each
-    allocation's cost is the worse of the tuning split's and the other text's."""
+    allocation's cost is the worse of the tuning split's and the other text's. :meth:`cost`
+    is what the budget holds (moved by the meters' doubt), :meth:`figure` what was measured."""
 
     def __init__(self, model: nn.Module, recipe: Recipe, stats: Any, meter: _Meter, orders: Mapping[str, _ObsOrder], grid: int,
                  model_name: str | None, max_evaluations: int, other: _Meter | None = None,
@@ -436,6 +470,8 @@ class _Candidates:
         self.grid, self.model_name, self.max_evaluations, self.other = grid, model_name, max_evaluations, other
         #: with an other meter: each allocation's (tuning, other text) costs
         self.parts: dict[tuple[int, ...], tuple[float, float]] = {}
+        #: each allocation's (figure, standard error) on the tuning split, as measured (the worse side with an other meter)
+        self.figures: dict[tuple[int, ...], tuple[float, float]] = {}
         #: the layers of attention heads (``heads = true``): their levels are whole heads
         self.heads = dict(heads or {})
         self.names = list(stats.layers)
@@ -476,6 +512,8 @@ class _Candidates:
         return k / (grid or self.grid)
 
     def cost(self, ks: Mapping[str, int]) -> float:
+        """The allocation's cost as the budget holds it: its tuning figure moved by the meter's doubt (with an
+        other meter, the worse of the two so moved)."""
         from ..bake.squash import squash
 
         key = tuple(ks[name] for name in self.names)
@@ -483,21 +521,33 @@ class _Candidates:
             if len(self.measured) >= self.max_evaluations:
                 raise _Exhausted()
             sparse = squash(self.model, self.masks_for(ks), "mul").model
-            self.measured[key] = self.meter.cost(sparse)
+            value, error, self.measured[key] = self.meter.doubted(sparse)
+            self.figures[key] = (value, error)
             if self.other is not None:  # the worse of the two is what the budget holds
-                self.parts[key] = (self.measured[key], self.other.cost(sparse))
-                self.measured[key] = max(self.parts[key], key=self.meter.budget.badness)
+                there, there_error, doubted = self.other.doubted(sparse)
+                self.parts[key] = (value, there)
+                badness = self.meter.budget.badness
+                if badness(doubted) > badness(self.measured[key]):
+                    self.measured[key], self.figures[key] = doubted, (there, there_error)
         return self.measured[key]
+
+    def figure(self, ks: Mapping[str, int]) -> float:
+        """The allocation's figure as measured (:meth:`cost` without the doubt)."""
+        self.cost(ks)
+        return self.figures[tuple(ks[name] for name in self.names)][0]
 
     def result(self, budget: Budget, ks: Mapping[str, int], cost: float, uniform: int, tuning: Iterable[Batch],
                grid: int | None = None) -> BudgetResult:
         """The search's result: levels ``ks`` (reported on ``grid``, default the search's), their masks and tuning ``cost``."""
-        grid = grid or self.grid
-        tuned, elsewhere = self.parts.get(tuple(ks[name] for name in self.names), (cost, None))
+        grid, key = grid or self.grid, tuple(ks[name] for name in self.names)
+        figure, error = self.figures.get(key, (cost, 0.0))
+        tuned, elsewhere = self.parts.get(key, (figure, None))
+        error = error if tuned == figure else 0.0  # the other text was the worse: its error is not the tuning split's
         other = {"samples": _samples(self.other.batches), "tuning_cost": elsewhere} if self.other is not None else None
         return BudgetResult(
             budget=budget, levels={name: self.level(name, ks[name], grid) for name in self.names}, masks=self.masks_for(ks), tuning_cost=tuned,
             uniform_level=uniform / grid, evaluations=len(self.measured), tuning_samples=_samples(tuning), other_text=other,
+            tuning_error=error, doubt=self.meter.doubt,
         )
 
 
@@ -683,7 +733,7 @@ def _search_by_threshold(search: _Candidates, budget: Budget, tuning: Iterable[B
     zero = dict.fromkeys(names, 0)
     base = cost(zero)
     uniform, uniform_cost = _highest(lambda k: dict.fromkeys(names, k), top, base, cost, budget, stop_early=True)
-    slopes = _slopes(search, uniform, base, budget)
+    slopes = _slopes(search, uniform, budget)
 
     def prefix(n: int) -> dict[str, int]:
         ks = dict(zero)
@@ -723,21 +773,22 @@ def _highest(candidate: Callable[[int], dict[str, int]], hi: int, base: float, c
     return lo, value
 
 
-def _slopes(search: _Candidates, uniform: int, base: float, budget: Budget) -> list[tuple[float, int, int]]:
+def _slopes(search: _Candidates, uniform: int, budget: Budget) -> list[tuple[float, int, int]]:
     """``(marginal cost per feature, layer index, step)`` of every step of every
     layer, least first: the layer's ``obs`` curve scaled by one measurement of the
     layer alone a little above the ``uniform`` level (where the allocation will be);
-    a step's marginal cost is at least that of the steps before it."""
+    a step's marginal cost is at least that of the steps before it (figures as measured, not doubted)."""
     names, orders, grid = search.names, search.orders, search.grid
     top = grid - 1
     zero = dict.fromkeys(names, 0)
+    base = budget.badness(search.figure(zero))
     probe = min(top, max(uniform + grid // 8, grid // 4))  # near where the allocation will be
     slopes: list[tuple[float, int, int]] = []
     for i, name in enumerate(names):
         order = orders[name]
         removed = [order.removed(k) for k in range(top + 1)]
         curve = order.error[removed]
-        rise = budget.badness(search.cost({**zero, name: probe})) - budget.badness(base)
+        rise = budget.badness(search.figure({**zero, name: probe})) - base
         scale = max(rise, 1e-12) / max(float(curve[probe]), 1e-300)
         per_feature = search.sizes[name] / order.d  # the work a feature saves (1: features are the unit)
         marginal, last = 0.0, 0
@@ -757,10 +808,11 @@ def _slopes(search: _Candidates, uniform: int, base: float, budget: Budget) -> l
 def calibrate_to_budget(
     model: nn.Module, recipe: Recipe, batches: Iterable[Batch], budget: Budget | str, *,
     model_name: str | None = None, on_batch: Callable[[int], None] | None = None,
-    again: Callable[[BudgetResult], Budget | None] | None = None, other: Iterable[Batch] | None = None,
+    again: Callable[[BudgetResult], Budget | None] | None = None, other: Iterable[Batch] | None = None, doubt: float | None = None,
 ) -> BudgetResult:
     """:func:`search_budget` for ``convert`` and ``calibrate``: the masks to write and the levels to report."""
-    return search_budget(model, recipe, batches, budget, model_name=model_name, on_batch=on_batch, again=again, other=other)
+    return search_budget(model, recipe, batches, budget, model_name=model_name, on_batch=on_batch, again=again, other=other,
+                         doubt=doubt)
 
 
 def heldout_budget(

@@ -246,7 +246,8 @@ class Stages:
             # kept by DOUBT standard errors: the held-out data is other samples
             search = Int8Search(budget, lambda result: cost(squash_workload(work, result.masks, plan.squash).model))
             last = calibrate_to_budget(work.model, recipe, batches, room.searched, model_name=work.name, on_batch=o.on_batch,
-                                       again=search if room.mode != "none" else None, other=work.other if o.max_cost_other else None)
+                                       again=search if room.mode != "none" else None, other=work.other if o.max_cost_other else None,
+                                       doubt=0.0 if room.mode != "none" else None)  # the int8 check holds the margin
         result, figure = search.chosen(last)
         found = {"searched_budget": str(result.budget), "int8_tuning_cost": figure[0], "int8_tuning_error": figure[1],
                  "searches": len(search.measured)} if figure is not None else {}

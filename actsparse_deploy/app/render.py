@@ -333,6 +333,13 @@ def _int8_room_lines(budget: BudgetSearch) -> list[RenderableType]:
     return [line]
 
 
+def _kept_by(budget: BudgetSearch) -> str:
+    """`` +- 0.0004 (kept by 3 standard errors)`` where the search held its candidates with a margin."""
+    if not budget.doubt or not budget.tuning_error:
+        return ""
+    return f" +- {figure(budget.tuning_error, 2)} (kept by {budget.doubt:g} standard errors)"
+
+
 def budget_lines(budget: BudgetSearch | None) -> list[RenderableType]:
     """The levels a --max-cost search chose per layer, its tuning and held-out cost, and whether it kept the budget."""
     if budget is None:
@@ -342,7 +349,7 @@ def budget_lines(budget: BudgetSearch | None) -> list[RenderableType]:
         table.add_row(name, f"{level:.1%}")
     lines: list[RenderableType] = [table, (
         f"budget {budget.budget}: overall sparsity {budget.overall_sparsity:.1%} (uniform start {budget.uniform_level:.1%}), "
-        f"cost {figure(budget.tuning_cost, 4)} on the tuning split ({budget.tuning_samples} calibration samples, "
+        f"cost {figure(budget.tuning_cost, 4)}{_kept_by(budget)} on the tuning split ({budget.tuning_samples} calibration samples, "
         f"{budget.evaluations} allocations measured)"
     )]
     lines += [*_int8_room_lines(budget), *_other_text_budget_lines(budget)]

@@ -328,6 +328,10 @@ class BudgetSearch(Section):
     tuning_cost: float
     tuning_samples: int
     evaluations: int
+    #: the tuning cost's standard error over the tuning samples, and the errors the candidates kept the budget by
+    #: (``budget.DOUBT`` for cosine and perplexity-ratio; 0: as measured)
+    tuning_error: float | None = field(default=None, metadata=_OMIT_NONE)
+    doubt: float | None = field(default=None, metadata=_OMIT_NONE)
     heldout: HeldoutCost | None = _flat("heldout_")
     #: ``--quantize`` with the budget: ``mode`` (what runs: ``none`` where ``auto`` left int8 out, and ``why``),
     #: ``share`` (int8 alone on the tuning split) and ``searched_budget`` (what the sparsity was searched to)

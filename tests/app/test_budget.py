@@ -83,6 +83,30 @@ def test_search_respects_the_budget_on_the_tuning_split(work, text):
     assert {name: result.masks[name].sparsity for name in result.levels} == pytest.approx(result.levels, abs=0.01)
 
 
+def test_the_search_keeps_a_continuous_budget_by_three_standard_errors(work):
+    """The tuning split is a sample: a candidate just inside the budget there lands outside it on other
+    samples about half the time. cosine / perplexity-ratio candidates are held to the budget with their
+    figure moved DOUBT standard errors towards the worse side; accuracy-drop's are not (a count)."""
+    from actsparse_deploy.app.budget import DOUBT, _Meter, _outputs
+    from actsparse_deploy.data.batches import unpadded
+    from actsparse_deploy.data.scores import cost_error
+
+    budget = Budget.parse("cosine=0.97")
+    recipe = recipe_of(work)
+    held = search_budget(work.model, recipe, list(work.calibration), budget)
+    bare = search_budget(work.model, recipe, list(work.calibration), budget, doubt=0.0)
+    _, tuning = split_tuning(list(work.calibration))
+    sparse = squash(work.model, held.masks, "mul").model
+    error = cost_error("cosine", _outputs(work.model, tuning), _outputs(sparse, tuning), tuning)
+    assert held.tuning_error == pytest.approx(error) and error > 0
+    assert held.tuning_cost - DOUBT * error >= 0.97  # kept with the margin
+    assert held.to_json()["tuning_error"] == pytest.approx(error) and held.to_json()["doubt"] == DOUBT
+    assert bare.tuning_cost - DOUBT * bare.tuning_error < 0.97 <= bare.tuning_cost  # without it, the search goes to the edge
+    assert held.masks.overall_sparsity() < bare.masks.overall_sparsity()
+    assert _Meter(budget, work.model, list(unpadded(tuning))).doubt == DOUBT
+    assert _Meter(Budget.parse("accuracy-drop=0.02"), work.model, tuning).doubt == 0.0
+
+
 def test_a_looser_budget_never_gives_less_sparsity(work):
     recipe = recipe_of(work)
     found = [
@@ -121,6 +145,10 @@ def test_calibrate_with_max_cost_writes_masks_at_the_levels(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert out.is_file() and report["budget"]["tuning_cost"] >= 0.98
+    budget = report["budget"]
+    assert budget["doubt"] == 3.0 and budget["tuning_cost"] - 3.0 * budget["tuning_error"] >= 0.98  # kept with the margin
+    text = invoke("calibrate", "digits-mlp", "-o", tmp_path / "n.safetensors", "--max-cost", "cosine=0.98")
+    assert text.exit_code == 0 and f"+- {budget['tuning_error']:.2g} (kept by 3 standard errors)" in text.stdout, text.stdout
     assert {row["layer"]: row["sparsity"] for row in report["layers"]} == pytest.approx(report["budget"]["levels"], abs=0.01)
 
 
