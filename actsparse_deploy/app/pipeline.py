@@ -159,9 +159,10 @@ class Stages:
             if target.dtype != target.source:
                 work.cast(target.dtype)
                 work.notes.append(str(target.dtype_note(*target.tolerances(o.validate.atol, o.validate.rtol))))
-            if c.heads and target.cached:
-                raise UsageError("--heads with a decoder exported with a cache: the runtime's config describes one number of "
-                                 "key/value heads for every layer, which pruned heads would differ from; give --no-cache or leave out --heads")
+            if c.heads and target.cached and c.max_cost is not None:
+                raise UsageError("--heads with --max-cost on a decoder exported with a cache: the runtime's config describes one number "
+                                 "of key/value heads for every layer, and the search gives each layer its own; give --sparsity (one "
+                                 "level for every layer), or --no-cache")
             recipe = load_recipe(work, c.recipe, c.sparsity, method=c.method, compensate=c.compensate, heads=c.heads)
             o.load.check_distinct()  # after the recipe: a missing recipe is named first
             work.require_heldout()
@@ -244,7 +245,8 @@ class Stages:
 
             room = int8_room(budget, cost(work.model)[0], asked)
             # kept by DOUBT standard errors: the held-out data is other samples
-            search = Int8Search(budget, lambda result: cost(squash_workload(work, result.masks, plan.squash).model))
+            search = Int8Search(budget, lambda result: cost(squash_workload(work, result.masks, plan.squash,
+                                                                            one_head_count=self.target.cached).model))
             last = calibrate_to_budget(work.model, recipe, batches, room.searched, model_name=work.name, on_batch=o.on_batch,
                                        again=search if room.mode != "none" else None, other=work.other if o.max_cost_other else None,
                                        doubt=0.0 if room.mode != "none" else None)  # the int8 check holds the margin
@@ -302,7 +304,7 @@ class Stages:
     def squash(self, masks: Masks, mode: str, in_place: bool = False) -> SquashResult:
         """``masks`` baked into a copy of the model, or ``in_place`` into the model itself."""
         with self.timer("squash"):
-            return squash_workload(self.work, masks, mode, in_place)
+            return squash_workload(self.work, masks, mode, in_place, one_head_count=self.target.cached)
 
     def export(self, model: nn.Module, path: Path, o: ExportOptions, metadata: Mapping[str, str] | None = None,
                outdir: Path | None = None, timed: bool = True) -> ExportResult:
@@ -311,7 +313,7 @@ class Stages:
         model as its decoder with a cache (:attr:`target`). With ``outdir`` (where the
         files end up), what a runtime loads beside it too (:attr:`runtime`). ``timed``: as the
         export stage (else a scratch export inside another stage)."""
-        work, target = self.work, self.target
+        work, target = self.work, self.target.of_model(model)  # a decoder whose heads were pruned: a smaller cache
         with self.timer("export") if timed else contextlib.nullcontext():
             if outdir is not None:  # config.json, tokenizer, ... beside model.onnx
                 self.runtime = write_workload_files(path.parent, work, model, outdir=outdir, cache=target.cached)

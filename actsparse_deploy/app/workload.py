@@ -36,13 +36,15 @@ __all__ = ["EXAMPLE_BATCH_SIZE", "Workload", "check_batches", "check_distinct_in
            "squash_workload"]
 
 
-def squash_workload(work: Workload, masks: Masks, mode: str, in_place: bool = False) -> SquashResult:
+def squash_workload(work: Workload, masks: Masks, mode: str, in_place: bool = False, one_head_count: bool = False) -> SquashResult:
     """Squash ``work.model`` with an example batch (the dataflow for ``prune``)
     and a few held-out batches to check the result against ``mul``: a copy of it, or
-    ``in_place`` the model itself (no second copy of its weights; ``work.model`` is then the squashed model)."""
+    ``in_place`` the model itself (no second copy of its weights; ``work.model`` is then the squashed model).
+    ``one_head_count``: a decoder exported with a cache (see :func:`~actsparse_deploy.bake.squash.squash_`)."""
     from ..bake.squash import squash, squash_
 
-    return (squash_ if in_place else squash)(work.model, masks, mode, example=work.example(), check_batches=check_batches(work))
+    return (squash_ if in_place else squash)(work.model, masks, mode, example=work.example(), check_batches=check_batches(work),
+                                             one_head_count=one_head_count)
 
 
 def check_batches(work: Workload) -> list[Batch]:

@@ -52,6 +52,9 @@ def _unpruned(layer: LayerPlan, multiple: int) -> str:
         return PER_FEATURE_CONSUMER
     if layer.because is Because.HEADS_FAILED:
         return f"its mask removes whole attention heads, but the model does not compute the same without them ({layer.note})"
+    if layer.because is Because.HEADS_UNEVEN:
+        return (f"its mask removes whole attention heads, but a decoder with a cache keeps one number of attention heads in every "
+                f"layer, which its config says ({layer.note})")
     if layer.because is Because.KEPT_WHOLE:
         return f"the {layer.features} channels are kept whole: pruned convs keep a multiple of {multiple} channels"
     return "no mask value is 0"

@@ -32,7 +32,7 @@ from ..base.constants import MODES
 from ..base.errors import ConfigError, MaskError, SquashError
 from ..calibration.masks import LayerMask, Masks
 from ..data.batches import Batch
-from ..nn.attention import Heads, find_heads, head_blocks
+from ..nn.attention import HEAD_FIELDS, Heads, attention_outputs, find_heads, head_blocks, head_config_refusal
 from ..nn.layers import LayerKind, WeightedKind, layer_kind, why_unregistered
 from .graph import Dataflow
 
@@ -100,6 +100,8 @@ class Because(StrEnum):
     CONSUMER_ONLY = "consumer-only"
     #: whole attention heads, but the model did not compute the same with them removed (note: how it failed)
     HEADS_FAILED = "heads-failed"
+    #: whole attention heads, but other layers keep another number of them, which a decoder's cache cannot describe (note)
+    HEADS_UNEVEN = "heads-uneven"
 
 
 #: a layer's new (weight, bias) from its masks; either may be None (that parameter stays)
@@ -479,12 +481,27 @@ def _traced_layer(
     return _layer(name, prep, "fold", Reason.NOT_PRUNED, because=nothing)
 
 
-def without_heads(plan: SquashPlan, why: str) -> SquashPlan:
+def without_heads(plan: SquashPlan, why: str, because: Because = Because.HEADS_FAILED) -> SquashPlan:
     """``plan`` with its ``HEADS`` layers folded instead (auto, where the model did not compute the same
-    with the heads removed: ``why``)."""
-    layers = {name: _layer(name, plan.prepared[name], "fold", Reason.NOT_PRUNED, because=Because.HEADS_FAILED, note=why)
+    with the heads removed, or ``because`` another reason: ``why``)."""
+    layers = {name: _layer(name, plan.prepared[name], "fold", Reason.NOT_PRUNED, because=because, note=why)
               if layer.reason is Reason.HEADS else layer for name, layer in plan.layers.items()}
     return replace(plan, layers=layers)
+
+
+def head_count_problem(model: nn.Module, plan: SquashPlan) -> str | None:
+    """Why the model's config cannot say the attention heads ``plan`` leaves (a decoder's cache is laid out by
+    its config, one number of heads for every layer): which layers keep how many where they differ, or
+    the config's own refusal of the count (:func:`~actsparse_deploy.nn.attention.head_config_refusal`); None where it can."""
+    left: dict[str, tuple[int, int, int]] = {}
+    for name in attention_outputs(model):
+        heads, layer = find_heads(model, name), plan.layers.get(name)
+        kept = layer.kept if layer is not None and layer.reason is Reason.HEADS and layer.kept is not None else None
+        count = kept.numel() // heads.head_dim if kept is not None else heads.heads
+        left[name] = (count, count // heads.group, heads.head_dim)
+    if len(set(left.values())) > 1:
+        return "; ".join(f"{name} keeps {count} of {find_heads(model, name).heads}" for name, (count, _, _) in left.items())
+    return head_config_refusal(model, dict(zip(HEAD_FIELDS, next(iter(left.values()))))) if left else None
 
 
 def _kept(vector: torch.Tensor, layer: nn.Module, multiple: int) -> tuple[torch.Tensor, Because | None]:

@@ -58,9 +58,10 @@ from ..base.constants import MODES
 from ..base.errors import SquashError, first_line
 from ..calibration.masks import Masks
 from ..data.batches import Batch
+from ..nn.attention import describe_heads
 from .apply import PRUNE_ATOL, PRUNE_RTOL, MaskedInput, PrunedInput, SquashResult, apply_plan
 from .explain import explain
-from .plan import CONV_CHANNEL_MULTIPLE, LayerPlan, Reason, SquashPlan, fold_vector, plan_squash, without_heads
+from .plan import CONV_CHANNEL_MULTIPLE, Because, LayerPlan, Reason, SquashPlan, fold_vector, head_count_problem, plan_squash, without_heads
 
 __all__ = [
     "CONV_CHANNEL_MULTIPLE",
@@ -90,6 +91,7 @@ def squash_(
     *,
     check_batches: Iterable[Batch] = (),
     channel_multiple: int | None = None,
+    one_head_count: bool = False,
 ) -> SquashResult:
     """Bake ``masks`` (a :class:`Masks` or a live ``ActivationSparsifier`` after
     ``step()``) into ``model`` in place; returns the model and what each layer got.
@@ -102,15 +104,27 @@ def squash_(
     that read), where ``auto`` keeps such a mask a multiply.
     Pruned convolutions keep a multiple of ``channel_multiple`` channels (default
     ``CONV_CHANNEL_MULTIPLE``; 1 keeps exactly the unmasked ones).
+    ``one_head_count``: every attention layer must keep one number of heads (a decoder exported
+    with a cache, whose runtime's config says one): where the masks remove different numbers (or a number
+    its config cannot say), ``auto`` folds the heads' masks and ``prune`` refuses. Where every layer keeps one
+    number of heads, the model's config says the new counts (:func:`~actsparse_deploy.nn.attention.describe_heads`).
     """
     plan = plan_squash(model, masks, mode, example, channel_multiple=channel_multiple)
     checks = list(check_batches)
+    if one_head_count and (problem := head_count_problem(model, plan)) is not None:
+        if mode != "auto":
+            raise SquashError(f"a decoder exported with a cache keeps one number of attention heads in every layer, which its config "
+                              f"says, and the masks leave heads it cannot say: {problem}; give every attention output one level whose "
+                              "count the config takes, or export with --no-cache")
+        plan = without_heads(plan, problem, Because.HEADS_UNEVEN)
     try:
-        return apply_plan(model, plan, checks)
+        result = apply_plan(model, plan, checks)
     except SquashError as e:  # auto: heads whose removal the model's code does not follow are folded (the model as it was)
         if mode != "auto" or not any(layer.reason is Reason.HEADS for layer in plan.layers.values()):
             raise
-        return apply_plan(model, without_heads(plan, first_line(e, 200)), checks)
+        result = apply_plan(model, without_heads(plan, first_line(e, 200)), checks)
+    describe_heads(model)  # pruned heads, one number in every layer: the config says it (a cache's layout, a loader's shapes)
+    return result
 
 
 def squash(
@@ -121,6 +135,8 @@ def squash(
     *,
     check_batches: Iterable[Batch] = (),
     channel_multiple: int | None = None,
+    one_head_count: bool = False,
 ) -> SquashResult:
     """Like :func:`squash_` on a deep copy: ``model`` is left as it was."""
-    return squash_(copy.deepcopy(model), masks, mode, example, check_batches=check_batches, channel_multiple=channel_multiple)
+    return squash_(copy.deepcopy(model), masks, mode, example, check_batches=check_batches, channel_multiple=channel_multiple,
+                   one_head_count=one_head_count)

@@ -117,14 +117,18 @@ class Tally:
                 self.kept[side].append(list(out))
 
     def _compare(self, a: Sequence[Any], b: Sequence[Any]) -> None:
+        """Per output of the same shape on both sides: a pruned decoder's cache (fewer key/value heads than the
+        dense model's) is another tensor, not a different value of the same one, and is left out."""
         if not self.stats:
-            self.stats = [{"output": i, "max_abs_diff": 0.0} for i in range(len(a))]
-            self.cosines = [[] for _ in a]
-        for i, (x, y) in enumerate(zip(map(_tensor, a), map(_tensor, b))):
+            self.stats = [{"output": i, "max_abs_diff": 0.0} for i, (x, y) in enumerate(zip(a, b))
+                          if _tensor(x).shape == _tensor(y).shape]
+            self.cosines = [[] for _ in self.stats]
+        for stat, cosines in zip(self.stats, self.cosines):
+            x, y = _tensor(a[stat["output"]]), _tensor(b[stat["output"]])
             rows = x.shape[0] if x.ndim else 1  # a scalar output (a loss, a count): one value per batch
             x64, y64 = x.double().reshape(rows, -1), y.double().reshape(rows, -1)
-            self.stats[i]["max_abs_diff"] = max(self.stats[i]["max_abs_diff"], float((x64 - y64).abs().max()))
-            self.cosines[i].append(sample_cosines(x64, y64).numpy())
+            stat["max_abs_diff"] = max(stat["max_abs_diff"], float((x64 - y64).abs().max()))
+            cosines.append(sample_cosines(x64, y64).numpy())
 
     def output_stats(self, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Per output: ``max_abs_diff``, ``cosine_mean``, ``cosine_min`` (``output``: its index, or its name from ``names``)."""

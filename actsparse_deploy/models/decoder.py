@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -166,9 +166,12 @@ class WithPast(nn.Module):
         from transformers.cache_utils import DynamicCache
 
         cache = DynamicCache()  # no config: a sliding-window layer would crop what it returns
-        names = self.layout.past_names()
-        for i in range(self.layout.layers):
-            cache.update(past[names[2 * i]], past[names[2 * i + 1]], i)
+        names, layout = self.layout.past_names(), self.layout
+        for i in range(layout.layers):
+            key, value = past[names[2 * i]], past[names[2 * i + 1]]
+            if key.shape[1] != layout.kv_heads and key.shape[2] == 0:  # an empty cache laid out for another model (the dense one)
+                key = value = key.new_zeros((key.shape[0], layout.kv_heads, 0, layout.head_dim))
+            cache.update(key, value, i)
         out = _hf_forward(self.lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    use_cache=True, return_dict=True, **{self.cache_keyword: cache})
         present = getattr(out, self.cache_keyword, None) or out.past_key_values
@@ -243,6 +246,15 @@ class Target:
     @property
     def cached(self) -> bool:
         return self.layout is not None
+
+    def of_model(self, model: nn.Module) -> Target:
+        """This target for ``model`` (the dense or the squashed one): a decoder's cache laid out as its config
+        says now (a decoder whose attention heads were pruned has fewer key/value heads)."""
+        if self.layout is None:
+            return self
+        lm = causal_lm(model)
+        assert lm is not None  # export_target checked the dense one, squash keeps its class
+        return replace(self, layout=CacheLayout.of(lm))
 
     def model(self, model: nn.Module) -> nn.Module:
         """``model`` (the dense or the squashed one) as it is exported."""

@@ -51,6 +51,7 @@ from torch import nn
 
 from ..base.errors import ModelLoadError, OutputError
 from ..base.files import os_reason
+from ..nn.attention import HEAD_FIELDS
 from ..nn.modules import float_dtype
 from .hf import HF_PREFIX, MLP_DOWN_PATTERNS, hf_directory, is_pretrained, read_json_object
 
@@ -167,6 +168,8 @@ def config_changes(config: Mapping[str, Any], model: nn.Module | None) -> tuple[
     widths = _mlp_widths(pretrained)
     field = next((f for f in WIDTH_FIELDS if hasattr(pretrained.config, f)), None)
     changes = {field: widths[0]} if field is not None and widths and len(set(widths)) == 1 else {}
+    if config.get(HEAD_FIELDS[0]) != getattr(pretrained.config, HEAD_FIELDS[0], None):  # pruned heads (a decoder with a cache)
+        changes.update({k: getattr(pretrained.config, k) for k in HEAD_FIELDS if hasattr(pretrained.config, k)})
     differ = _shapes_differ(pretrained, changes)
     if not differ:
         return {**dtype, **{k: v for k, v in changes.items() if config.get(k) != v}}, []

@@ -29,13 +29,15 @@ module (``head_dim``, ``attention_head_size``) or its config.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..base.errors import ConfigError
 
-__all__ = ["KEY", "OUTPUT", "QUERY", "VALUE", "Heads", "attention_outputs", "find_heads", "head_blocks"]
+__all__ = ["HEAD_FIELDS", "KEY", "OUTPUT", "QUERY", "VALUE", "Heads", "attention_outputs", "describe_heads", "find_heads", "head_blocks",
+           "head_config_refusal"]
 
 #: the last part of a query / key / value projection's name, as model families call them
 QUERY = ("query", "q_proj", "q_lin", "q")
@@ -45,6 +47,8 @@ VALUE = ("value", "v_proj", "v_lin", "v")
 SEARCH_UP = 2
 #: the names attention output projections end with, as model families call them
 OUTPUT = ("attention.output.dense", ".o_proj", ".out_proj", ".out_lin")
+#: the fields of a transformers config that say its attention's head counts and size (Llama's names)
+HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads", "head_dim")
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,62 @@ def attention_outputs(model: nn.Module) -> list[str]:
                 continue
             found.append(name)
     return found
+
+
+def describe_heads(model: nn.Module) -> dict[str, int]:
+    """Where every attention layer of ``model`` has one number of query heads, one of key/value heads and one
+    head size, and they are not what the config of each transformers model inside it says, that config says
+    them now (:data:`HEAD_FIELDS`: a runtime lays out a decoder's cache by them, a loader builds the layers by
+    them), where its class takes them (:func:`head_config_refusal`); the fields it set, else {}.
+
+        >>> import transformers
+        >>> config = transformers.LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=32,
+        ...                                   num_hidden_layers=1, vocab_size=16)
+        >>> model = transformers.LlamaForCausalLM(config)
+        >>> describe_heads(model)  # as it says
+        {}
+        >>> attention = model.model.layers[0].self_attn
+        >>> for name in ("q_proj", "k_proj", "v_proj"):  # one key/value head and its two query heads removed
+        ...     layer = getattr(attention, name)
+        ...     setattr(attention, name, torch.nn.Linear(32, layer.out_features // 2, bias=False))
+        >>> attention.o_proj = torch.nn.Linear(16, 32, bias=False)
+        >>> describe_heads(model), model.config.num_key_value_heads
+        ({'num_attention_heads': 2, 'num_key_value_heads': 1, 'head_dim': 8}, 1)
+    """
+    counts = set()
+    for name in attention_outputs(model):
+        heads = find_heads(model, name)
+        value = model.get_submodule(heads.key)
+        assert isinstance(value, nn.Linear)
+        counts.add((heads.heads, value.out_features // heads.head_dim, heads.head_dim))
+    if len(counts) != 1:
+        return {}
+    fields = dict(zip(HEAD_FIELDS, counts.pop()))
+    configs = [c for c in _head_configs(model) if any(getattr(c, k, v) != v for k, v in fields.items() if k != "head_dim")]
+    if not configs or head_config_refusal(model, fields) is not None:
+        return {}
+    for config in configs:
+        for key, value in fields.items():
+            if key != "num_key_value_heads" or hasattr(config, key):
+                setattr(config, key, value)
+    return fields
+
+
+def head_config_refusal(model: nn.Module, fields: dict[str, int]) -> str | None:
+    """Why the config of a transformers model inside ``model`` cannot say the head counts ``fields`` (its class's
+    own checks, made on a copy: transformers' Llama config takes no head count that does not divide the hidden
+    size); None where each can."""
+    for config in _head_configs(model):
+        try:
+            type(config).from_dict({**config.to_dict(), **fields})
+        except Exception as e:  # a config class checks its fields in its own ways
+            return f"the config cannot say {fields[HEAD_FIELDS[0]]} attention heads: {type(e).__name__}: {str(e).strip().splitlines()[-1]}"
+    return None
+
+
+def _head_configs(model: nn.Module) -> list[Any]:
+    """The configs (each once) of the transformers models inside ``model`` that say a number of attention heads."""
+    return list({id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), HEAD_FIELDS[0])}.values())
 
 
 def find_heads(model: nn.Module, consumer: str) -> Heads:

@@ -364,7 +364,7 @@ def onnx_feeds(session: Any, batch: Batch, io_spec: IOSpec | None = None) -> dic
         )
     problems: list[str] = []
     for meta in declared:
-        tensor = given[meta.name]
+        tensor = given[meta.name] = _empty_as_declared(given[meta.name], list(meta.shape or []))
         shape = list(meta.shape or [])
         if shape:  # [] is also what onnxruntime says for an unknown rank
             problems += _shape_problems(f"input {meta.name}", shape, tuple(tensor.shape), "the batch has", io_spec)
@@ -374,6 +374,16 @@ def onnx_feeds(session: Any, batch: Batch, io_spec: IOSpec | None = None) -> dic
     if problems:
         raise ValidationError("the inputs do not fit the ONNX model: " + "; ".join(problems))
     return numpy_feeds(given, expected)
+
+
+def _empty_as_declared(tensor: torch.Tensor, shape: list[Any]) -> torch.Tensor:
+    """An input with no elements (a decoder's empty cache at its first step, laid out for another model: the
+    dense one beside a pruned one with fewer key/value heads) in the fixed sizes the ONNX model declares; any
+    other input as it is."""
+    if tensor.numel() or len(shape) != tensor.dim():
+        return tensor
+    sizes = [d if isinstance(d, int) and d > 0 else n for d, n in zip(shape, tensor.shape)]
+    return tensor if sizes == list(tensor.shape) or 0 not in sizes else tensor.new_zeros(sizes)
 
 
 def validate(

@@ -62,12 +62,69 @@ def test_heads_of_a_decoder_without_a_cache_go_by_key_value_group(hf: HFFiles, t
     row = _rows(report)["model.layers.0.self_attn.o_proj"]
     assert row["reason"].startswith("removed 2 of 4 attention heads (32 of 64 features)")  # one key/value head and its two query heads
     assert report["validation"]["passed"] is True
+    assert _config_heads(tmp_path / "out") == (2, 1, 16)  # one number in every layer: config.json says it
 
 
-def test_heads_with_a_cache_are_refused_before_any_work(hf: HFFiles, tmp_path: Path) -> None:
+def _config_heads(folder: Path) -> tuple[int, int, int]:
+    config = json.loads((folder / "config.json").read_text())
+    return config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+
+
+def _cache_inputs(onnx_path: Path) -> dict[str, list[int]]:
+    import onnx
+
+    graph = onnx.load(onnx_path).graph
+    return {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input if i.name.startswith("past_key_values")}
+
+
+def test_heads_of_a_decoder_with_a_cache_keep_one_count_in_every_layer(hf: HFFiles, tmp_path: Path) -> None:
+    """The runtime's config describes one number of key/value heads for every layer: a uniform level removes the same
+    number everywhere, config.json says the new counts, the cache inputs have them, validated token by token."""
+    out = tmp_path / "out"
     result = invoke("convert", hf.llama, "--task", "causal-lm", "--text", hf.calib, "--heldout-text", hf.held, "--heads",
-                    "-o", tmp_path / "out")
-    one_line_error(result, 2, "--heads with a decoder exported with a cache", "--no-cache")
+                    "--sparsity", "0.5", "-o", out, "--json", "--no-latency")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    for i in range(2):
+        assert _rows(report)[f"model.layers.{i}.self_attn.o_proj"]["reason"].startswith("removed 2 of 4 attention heads")
+    assert report["export"]["cache"] is True and report["validation"]["passed"] is True
+    assert report["validation"]["generation"]["passed"] is True
+    assert _config_heads(out) == (2, 1, 16)
+    past = _cache_inputs(out / "model.onnx")
+    assert past["past_key_values.0.key"][1] == 1 and past["past_key_values.1.value"][3] == 16
+
+
+@pytest.mark.slow
+def test_a_pruned_decoders_smaller_cache_is_timed_and_costed_beside_the_dense_one(hf: HFFiles, tmp_path: Path) -> None:
+    """The dense export (two key/value heads) and the pruned one (one) side by side: latency, decode speed and
+    the int8 frontier, each fed its own empty cache; a cache of another shape is not compared to the dense one's."""
+    out = tmp_path / "out"
+    result = invoke("convert", hf.llama, "--task", "causal-lm", "--text", hf.calib, "--heldout-text", hf.held, "--heads",
+                    "--sparsity", "0.5", "--quantize", "int8", "-o", out, "--json", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    frontier = {row["variant"]: row for row in report["quantization"]["frontier"]}
+    assert [o["output"] for o in frontier["sparse"]["outputs"]] == ["logits"]
+    assert "present.0.key" in [o["output"] for o in frontier["int8"]["outputs"]]
+    assert frontier["sparse+int8"]["decode_ratio"] > 0 and report["latency"]["decode"]["sparse_ms_per_token"] > 0
+    assert _config_heads(out) == (2, 1, 16) and _cache_inputs(out / "model.onnx")["past_key_values.0.key"][1] == 1
+
+
+def test_heads_of_a_decoder_with_a_cache_at_levels_that_differ_by_layer_are_refused_by_prune(hf: HFFiles, tmp_path: Path) -> None:
+    """(auto folds them instead: tests/bake/test_heads.py)"""
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('version = 1\n\n[[layers]]\nname = "model.layers.0.self_attn.o_proj"\nheads = true\nmethod = "obs"\n'
+                      'sparse_config = { sparsity_level = 0.5 }\n')
+    refused = invoke("convert", hf.llama, "--task", "causal-lm", "--text", hf.calib, "--heldout-text", hf.held, "--recipe", recipe,
+                     "--mode", "prune", "--no-latency", "-o", tmp_path / "prune")
+    one_line_error(refused, 12, "one number of attention heads in every layer", "model.layers.1.self_attn.o_proj keeps 4 of 4")
+    assert not (tmp_path / "prune").exists()
+
+
+def test_a_budget_with_heads_on_a_decoder_with_a_cache_is_refused_before_any_work(hf: HFFiles, tmp_path: Path) -> None:
+    result = invoke("convert", hf.llama, "--task", "causal-lm", "--text", hf.calib, "--heldout-text", hf.held, "--heads",
+                    "--max-cost", "perplexity-ratio=1.5", "-o", tmp_path / "out")
+    one_line_error(result, 2, "--heads with --max-cost", "--no-cache")
     assert not (tmp_path / "out").exists()
 
 

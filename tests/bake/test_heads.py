@@ -134,3 +134,38 @@ def test_auto_folds_heads_the_models_code_cannot_lose_and_prune_says_why():
     torch.testing.assert_close(result.model(example), want)
     with pytest.raises(SquashError, match="fails on check batch 0"):
         squash(model, masks, "prune", example=example)
+
+
+def test_one_head_count_where_the_config_cannot_say_the_count_folds_or_refuses():
+    """A decoder with a cache: its config must say the heads left, and transformers' Llama config takes no head count
+    that does not divide the hidden size (64 with 3 of 4 heads): auto folds, prune says why; 2 of 4 is said."""
+    from actsparse_deploy.base.errors import SquashError
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=64,
+                                          num_hidden_layers=2, vocab_size=50, use_cache=False)
+        return transformers.LlamaForCausalLM(config).eval()
+
+    def masks(heads: int) -> Masks:
+        vector = torch.ones(64)
+        vector[: 16 * heads] = 0
+        return Masks({f"model.layers.{i}.self_attn.o_proj": LayerMask(vector.clone(), input_shape=(8, 64)) for i in range(2)})
+
+    batch = _batch()
+    folded = squash(model(), masks(1), "auto", example=batch, one_head_count=True)
+    assert set(folded.modes.values()) == {"fold"} and folded.model.config.num_attention_heads == 4
+    reason = folded.reasons["model.layers.0.self_attn.o_proj"]
+    assert "keeps one number of attention heads in every layer, which its config says" in reason
+    assert "not a multiple of the number of attention heads (3)" in reason
+    with pytest.raises(SquashError, match="not a multiple of the number of attention heads"):
+        squash(model(), masks(1), "prune", example=batch, one_head_count=True)
+    pruned = squash(model(), masks(2), "prune", example=batch, one_head_count=True)
+    config = pruned.model.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 2, 16)
+    torch.testing.assert_close(_outputs(pruned.model, batch), _outputs(squash(model(), masks(2), "mul").model, batch))
+    uneven = masks(2)
+    uneven.layers["model.layers.1.self_attn.o_proj"] = LayerMask(torch.ones(64), input_shape=(8, 64))
+    with pytest.raises(SquashError, match="model.layers.1.self_attn.o_proj keeps 4 of 4"):
+        squash(model(), uneven, "prune", example=batch, one_head_count=True)
+    assert squash(model(), uneven, "prune", example=batch).model.config.num_attention_heads == 4  # no cache: per layer, config as it was
