@@ -36,7 +36,7 @@ from torch import nn
 
 from ..bake.pt2 import load_pt2, pt2_io, save_pt2
 from ..base.constants import DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAULT_RTOL
-from ..base.errors import CalibrationError, DataError, MaskError, ModelLoadError, OutputError, RecipeError
+from ..base.errors import CalibrationError, DataError, MaskError, ModelLoadError, OutputError, RecipeError, ValidationError
 from ..base.files import publish, remove_stale_staging, staging_dir
 from ..base.memory import MemoryPlan, memory_plan, parse_memory
 from ..calibration.calibrate import collect, select
@@ -49,15 +49,16 @@ from ..data.readers import load_data
 from ..data.streams import shape_examples
 from ..data.workload import Workload
 from ..models import zoo
+from ..models.decoder import Target, export_target
 from ..models.loading import LoadedModel, ModelOptions, load_model, load_text_data, resolve_io_spec
 from ..nn.modules import float_dtype, release_weights, weight_bytes
 from ..nn.recorded import Recorded
 from ..onnx.export import export_onnx, layer_metadata
-from ..onnx.validate import validate
-from .cost import sparsification_cost
+from ..onnx.validate import read_graph
+from .cost import cost_stage
 from .options import CalibrateOptions, LoadOptions
 from .report import Calibration, Report, named_input_shape
-from .workload import load_workload, squash_workload
+from .workload import load_workload, squash_workload, validate_target
 
 __all__ = [
     "Source",
@@ -481,23 +482,44 @@ def validate_against(
         memory_plan(weight_bytes(model), budget, asked=budget is not None, loaded=True, what="validate",
                     half=float_dtype(model) in (torch.float16, torch.bfloat16))))
     io, module = source.io, source.module
+    target = onnx_target(onnx_model, source.work)  # a decoder exported with a cache is run as one
     plan = plans[0] if plans else MemoryPlan(budget, 0, False)  # a .pt2 program: validated side by side
-    apart = plan.apart and source.work is not None and source.work.heldout is not None
+    apart = plan.apart and source.work is not None and source.work.heldout is not None and not target.cached
     measured = source.work is not None and (options.masks is not None or options.labels is not None)
     # what export names the inputs and outputs by default, from the model: before two passes let its weights go
     cost_io = resolve_io_spec(module, source.require_heldout(), infer=True) if measured and io is None else io
+    cost_io = target.of_model(module).validation_io(cost_io) if target.cached and cost_io is not None else cost_io
     sparse = Recorded.of(module, source.work.compared_data()) if apart and source.work is not None else module
-    validation = validate(onnx_model, module, source.require_heldout(), atol=atol, rtol=rtol,
-                          output_names=io.output_names if io else None, io_spec=io, timeout=timeout,
-                          release=(lambda: release_weights(module)) if apart else None)
+    validation = validate_target(Path(onnx_model), module, source.require_heldout(), target, io, atol, rtol, timeout,
+                                 release=(lambda: release_weights(module)) if apart else None)
     seconds = {"validate": round(time.perf_counter() - start, 3)}
     cost = None
     if measured and source.work is not None:
         dense = sparse if source.dense is module else source.dense  # without masks the model is the dense one
-        cost = sparsification_cost(source.work, sparse, Path(onnx_model), cost_io, dense=dense)
+        cost = cost_stage(source.work, sparse, Path(onnx_model), cost_io, dense=dense,
+                          onnx_batches=target.of_model(module).batches)[0]
     seconds["total"] = round(time.perf_counter() - start, 3)
     return Report(model=source.name, squash_mode=source.mode, layers=source.layers,
                   validation=validation.to_json(), cost=cost, seconds=seconds)  # type: ignore[arg-type]
+
+
+def onnx_target(onnx_model: str | Path, work: Workload | None) -> Target:
+    """How ``work``'s model is run beside the ONNX model at ``onnx_model``: as its decoder with a cache where the
+    file takes one (``past_key_values.*`` inputs; float16 where they are, as ``convert`` wrote it), else as it is."""
+    import onnx
+
+    try:
+        graph = read_graph(onnx_model).graph if Path(onnx_model).is_file() else None
+    except ValidationError:  # validation says what is wrong with the file, in its words
+        graph = None
+    inputs = {i.name: i.type.tensor_type.elem_type for i in graph.input} if graph is not None else {}
+    past = [kind for name, kind in inputs.items() if name.startswith("past_key_values.")]
+    if work is None or not past:
+        return Target()
+    target = export_target(work, True, dtype="float16" if past[0] == onnx.TensorProto.FLOAT16 else "float32")
+    if target.dtype != target.source:
+        work.cast(target.dtype)  # as convert casts it before calibration
+    return target
 
 
 def layer_table(work: Workload) -> list[dict[str, Any]]:

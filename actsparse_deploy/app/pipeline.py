@@ -59,15 +59,15 @@ from ..models.loading import load_recipe
 from ..nn.modules import release_weights, weight_bytes
 from ..nn.recorded import Recorded
 from ..onnx.export import ExportResult, export_onnx, layer_metadata
-from ..onnx.generate import check_generation, decode_latency, held_out_prompts
+from ..onnx.generate import decode_latency, held_out_prompts
 from ..onnx.latency import dense_export, dense_export_errors, dense_latency, one_at_a_time, slower_note, verdict
 from ..onnx.quantize import FLOAT_FOLDER, Quantized, frontier, quantize_onnx, quantized_cost
-from ..onnx.validate import ValidationReport, validate
+from ..onnx.validate import ValidationReport
 from .cost import cost_stage
 from .options import CalibrateOptions, ConvertOptions, ExportOptions, QuantizeOptions, ValidateOptions
 from .quantize import Int8Plan, Int8Search, int8_room, quantize_stage, smooth_stage
 from .report import Report, named_input_shape
-from .workload import squash_workload
+from .workload import squash_workload, validate_target
 
 if TYPE_CHECKING:
     from ..calibration.stats import Statistics
@@ -329,16 +329,9 @@ class Stages:
         """The ONNX model at ``path`` against ``model`` on the held-out data: a
         ValidationError where an output is outside the tolerances. ``release``: in two passes,
         ``release()`` letting the model's weights go between them (not for a decoder with a cache)."""
-        target, held = self.target, self.work.require_heldout()
-        io, (atol, rtol) = target.validation_io(exported.io), target.tolerances(o.atol, o.rtol)
         with self.timer("validate"):
-            checked = validate(path, target.model(model), target.batches(held), atol=atol, rtol=rtol,
-                               output_names=io.output_names, io_spec=io, timeout=o.timeout, release=None if target.cached else release)
-            if not target.cached:
-                return checked
-            # a decoder is checked as it is used: prefill, then token by token, and greedy generation
-            generation = check_generation(path, target.model(model), held, atol=atol, rtol=rtol, timeout=o.timeout)
-            return replace(checked, generation=generation)
+            return validate_target(path, model, self.work.require_heldout(), self.target, exported.io, o.atol, o.rtol, o.timeout,
+                                   release)
 
     def cost(self, model: nn.Module, path: Path | None = None, exported: ExportResult | None = None,
              budget: BudgetResult | None = None, dense: nn.Module | None = None) -> tuple[dict[str, Any], BudgetResult | None]:

@@ -28,12 +28,18 @@ from ..models import zoo
 from ..models.loading import ModelOptions, load_model, load_text_data, resolve_io_spec
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from torch import nn
 
     from ..bake.squash import SquashResult
     from ..calibration.masks import Masks
+    from ..data.iospec import IOSpec
+    from ..models.decoder import Target
+    from ..onnx.validate import ValidationReport
 
 __all__ = ["EXAMPLE_BATCH_SIZE", "Workload", "check_batches", "check_distinct_inputs", "load_workload",
-           "squash_workload"]
+           "squash_workload", "validate_target"]
 
 
 def squash_workload(work: Workload, masks: Masks, mode: str, in_place: bool = False, one_head_count: bool = False) -> SquashResult:
@@ -45,6 +51,30 @@ def squash_workload(work: Workload, masks: Masks, mode: str, in_place: bool = Fa
 
     return (squash_ if in_place else squash)(work.model, masks, mode, example=work.example(), check_batches=check_batches(work),
                                              one_head_count=one_head_count)
+
+
+def validate_target(path: Path, model: nn.Module, held: Iterable[Batch], target: Target, io: IOSpec | None, atol: float, rtol: float,
+                    timeout: float | None = None, release: Callable[[], None] | None = None) -> ValidationReport:
+    """The ONNX model at ``path`` against ``model`` on ``held`` as ``target`` exports it (``io``: the spec it
+    was exported with; the tolerances widened for a float16 target): a ValidationError where an output is
+    outside them. A decoder with a cache is checked as it is used: first steps, then token by token against
+    PyTorch's own cache, and greedy generation. ``release``: in two passes, ``release()`` letting the model's
+    weights go between them (not for a decoder with a cache, which runs both side by side)."""
+    from dataclasses import replace
+
+    from ..onnx.generate import check_generation
+    from ..onnx.validate import validate
+
+    target = target.of_model(model)
+    spec = target.layout.first_step_spec() if target.layout is not None else io  # a decoder's: its first steps
+    atol, rtol = target.tolerances(atol, rtol)
+    checked = validate(path, target.model(model), target.batches(held), atol=atol, rtol=rtol,
+                       output_names=spec.output_names if spec is not None else None, io_spec=spec, timeout=timeout,
+                       release=None if target.cached else release)
+    if not target.cached:
+        return checked
+    generation = check_generation(path, target.model(model), held, atol=atol, rtol=rtol, timeout=timeout)
+    return replace(checked, generation=generation)
 
 
 def check_batches(work: Workload) -> list[Batch]:

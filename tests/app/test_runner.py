@@ -29,9 +29,9 @@ def _names(directory: Path) -> list[str]:
 def _fail_on_call(monkeypatch: pytest.MonkeyPatch, failing: int) -> list[int]:
     """The runner's validation, failing (a model outside the tolerances) on its
     ``failing``-th call; the calls made, each the number of held-out samples seen."""
-    from actsparse_deploy.app import pipeline
+    from actsparse_deploy.onnx import validate as validate_module
 
-    real = pipeline.validate
+    real = validate_module.validate
     calls: list[int] = []
 
     def validate(*args, **kwargs):
@@ -40,7 +40,7 @@ def _fail_on_call(monkeypatch: pytest.MonkeyPatch, failing: int) -> list[int]:
             raise ValidationError(f"ONNX model {args[0]} does not match PyTorch: max abs diff 1.0 > atol {kwargs['atol']}")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "validate", validate)
+    monkeypatch.setattr(validate_module, "validate", validate)
     return calls
 
 

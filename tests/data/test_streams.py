@@ -228,7 +228,7 @@ def test_changed_data_mid_convert_is_exit_6_with_nothing_written(tmp_path: Path,
         os.replace(tmp_path / "new.npy", tmp_path / "held.npy")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("actsparse_deploy.app.pipeline.validate", swap_then_validate, raising=False)
+    monkeypatch.setattr(validate_module, "validate", swap_then_validate)
     result = invoke("convert", "digits-mlp", "--data", tmp_path / "x.npy", "--heldout", tmp_path / "held.npy", "--batch-size", 8,
                     "--no-latency", "-o", tmp_path / "out")
     one_line_error(result, 6, "held.npy", "changed")

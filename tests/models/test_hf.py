@@ -149,6 +149,13 @@ def test_llama_directory_converts_with_default_flags(hf: HFFiles, tmp_path: Path
                  **{name: np.zeros((batch, kv[1], before, kv[3]), np.float32) for name in past}}
         logits, *present = session.run(None, feeds)
         assert logits.shape == (batch, length, hf.vocab) and present[0].shape == (batch, kv[1], before + length, kv[3])
+    # validate checks the decoder as convert did: first steps, then token by token against PyTorch's cache
+    checked = invoke("validate", out / "model.onnx", hf.llama, "--task", "causal-lm", "--heldout-text", hf.held,
+                     "--masks", out / "masks.safetensors", "--json")
+    assert checked.exit_code == 0, checked.output
+    again = json.loads(checked.stdout)
+    assert again["validation"]["passed"] is True and again["validation"]["generation"]["passed"] is True
+    assert again["cost"]["perplexity_onnx"] == pytest.approx(report["cost"]["perplexity_onnx"], rel=1e-4)
 
 
 def test_llama_directory_without_cache_is_one_full_pass(hf: HFFiles, tmp_path: Path) -> None:
