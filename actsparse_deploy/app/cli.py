@@ -387,6 +387,7 @@ def export_cmd(
     opset: OpsetOpt = None,
     dynamic_axis: DynamicAxisOpt = None,
     external_data: ExternalOpt = False,
+    cache: CacheOpt = None,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
     threads: ThreadsOpt = None,
@@ -408,7 +409,7 @@ def export_cmd(
                             model=_model_options(task, text, heldout_text, max_length, factory_args))
     report = export_source(
         source, output, options, exporter=str(exporter) if exporter else None, opset=opset,
-        external_data=external_data, overwrite=overwrite, verbose=verbose, dynamic_axes=tuple(dynamic_axis or ()),
+        external_data=external_data, overwrite=overwrite, verbose=verbose, dynamic_axes=tuple(dynamic_axis or ()), cache=cache,
     )
     table = [render.modes_table(report.layers, f"{source}: squashed")] if report.layers else []
     _output(as_json, report, lambda: _show(*table, render.export_line(report, output)))

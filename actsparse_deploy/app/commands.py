@@ -36,7 +36,7 @@ from torch import nn
 
 from ..bake.pt2 import load_pt2, pt2_io, save_pt2
 from ..base.constants import DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAULT_RTOL
-from ..base.errors import CalibrationError, DataError, MaskError, ModelLoadError, OutputError, RecipeError, ValidationError
+from ..base.errors import CalibrationError, DataError, MaskError, ModelLoadError, OutputError, RecipeError, UsageError, ValidationError
 from ..base.files import publish, remove_stale_staging, staging_dir
 from ..base.memory import MemoryPlan, memory_plan, parse_memory
 from ..calibration.calibrate import collect, select
@@ -434,21 +434,33 @@ def export_source(
     overwrite: bool = False,
     verbose: bool = False,
     dynamic_axes: Sequence[tuple[str, int, str] | str] = (),
+    cache: bool | None = None,
 ) -> Report:
     """Export ``spec`` (squashed with the ``options``' masks, dense without, or a
     ``.pt2``) to ONNX. ``exporter``: None picks ``dynamo`` for a ``.pt2``, else
     the default. Without the model's own I/O spec, names and dynamic axes come
     from the model and the shapes of its data; ``dynamic_axes``
-    (``"NAME:AXIS:LABEL"``) adds axes."""
+    (``"NAME:AXIS:LABEL"``) adds axes. ``cache``: a causal language model as its decoder
+    with a KV cache, as ``convert`` writes it (None: every causal language model; False: one full pass)."""
     start = time.perf_counter()
     exporter = exporter or ("dynamo" if is_pt2(spec) else DEFAULT_EXPORTER)
     source = load_source(spec, options)
     if source.example is None:
         raise DataError(f"{spec!r} needs `data` or `heldout` to give the exporter an example input")
+    program, example, io = source.program, source.example, source.io
+    data: Iterable[Batch] = shape_examples(source.heldout)
+    if source.work is not None and (target := export_target(source.work, cache, exporter)).cached:
+        if target.dtype != target.source:
+            source.work.cast(target.dtype)  # half precision as float16, as convert writes it
+        target = target.of_model(source.module)
+        program, example, io, data, exporter = (target.model(source.module), target.example(source.work), target.io(source.work), (),
+                                                target.exporter(exporter))
+    elif cache:
+        raise UsageError(f"--cache is for causal language models (Hugging Face causal-lm, tiny-lm); {spec!r} is not one")
     result = export_onnx(
-        source.program, source.example, output, exporter=exporter, opset=opset, io_spec=source.io,
+        program, example, output, exporter=exporter, opset=opset, io_spec=io,
         metadata=layer_metadata(source.layers, source.mode), external_data=external_data, overwrite=overwrite, verbose=verbose,
-        data=shape_examples(source.heldout), dynamic_axes=dynamic_axes,
+        data=data, dynamic_axes=dynamic_axes,
     )
     files = {str(output): _size(Path(output))}
     if result.external_data:

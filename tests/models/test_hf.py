@@ -156,6 +156,16 @@ def test_llama_directory_converts_with_default_flags(hf: HFFiles, tmp_path: Path
     again = json.loads(checked.stdout)
     assert again["validation"]["passed"] is True and again["validation"]["generation"]["passed"] is True
     assert again["cost"]["perplexity_onnx"] == pytest.approx(report["cost"]["perplexity_onnx"], rel=1e-4)
+    # the export stage writes the decoder convert writes (with its cache; --no-cache: one full pass), and validate takes it
+    staged = tmp_path / "staged.onnx"
+    exported = invoke("export", hf.llama, "--task", "causal-lm", "--heldout-text", hf.held, "--masks", out / "masks.safetensors",
+                      "-o", staged, "--json")
+    assert exported.exit_code == 0, exported.output
+    assert json.loads(exported.stdout)["export"]["inputs"] == report["export"]["inputs"]
+    checked = invoke("validate", staged, hf.llama, "--task", "causal-lm", "--heldout-text", hf.held, "--masks", out / "masks.safetensors")
+    assert checked.exit_code == 0, checked.output
+    full = invoke("export", hf.llama, "--task", "causal-lm", "--heldout-text", hf.held, "--no-cache", "-o", tmp_path / "full.onnx", "--json")
+    assert full.exit_code == 0 and json.loads(full.stdout)["export"]["inputs"] == ["input_ids", "attention_mask"], full.output
 
 
 def test_llama_directory_without_cache_is_one_full_pass(hf: HFFiles, tmp_path: Path) -> None:
@@ -265,7 +275,8 @@ def test_calibrate_then_export_and_validate_a_directory(hf: HFFiles, tmp_path: P
     result = invoke("calibrate", hf.llama, "--text", hf.calib, "--layers", "model.layers.*.mlp.down_proj", "--sparsity", 0.25,
                     "--structured", "-o", masks)
     assert result.exit_code == 0, result.output
-    result = invoke("export", hf.llama, "--masks", masks, "--mode", "fold", "--heldout-text", hf.held, "-o", onnx_path, "--json")
+    result = invoke("export", hf.llama, "--masks", masks, "--mode", "fold", "--heldout-text", hf.held, "-o", onnx_path, "--json",
+                    "--no-cache")  # one full pass (with its cache: test_llama_directory_converts_with_default_flags)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["export"]["inputs"] == ["input_ids", "attention_mask"]
     result = invoke("validate", onnx_path, hf.llama, "--masks", masks, "--mode", "fold", "--heldout-text", hf.held, "--json")
