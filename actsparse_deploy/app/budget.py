@@ -418,6 +418,7 @@ def search_budget(
     again: Callable[[BudgetResult], Budget | None] | None = None,
     other: Iterable[Batch] | None = None,
     doubt: float | None = None,
+    one_head_count: bool = False,
 ) -> BudgetResult:
     """The per-layer levels of ``recipe``'s layers with the highest overall
     sparsity whose cost on the tuning split keeps ``budget`` (see the module
@@ -429,7 +430,8 @@ def search_budget(
     most :data:`MAX_SEARCHES` searches: ``convert --quantize`` searches again where
     the quantized model misses the budget). ``doubt``: the standard errors a candidate's tuning
     figure must keep the budget by (None: :data:`DOUBT` for ``cosine`` and ``perplexity-ratio``, 0
-    for the other kinds; see the module docstring)."""
+    for the other kinds; see the module docstring). ``one_head_count``: the layers of attention heads keep
+    one level, stepped together (a decoder exported with a cache, whose config says one number of heads)."""
     from ..calibration.calibrate import collect
 
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
@@ -443,7 +445,8 @@ def search_budget(
     orders = _obs_orders(model, stats, configs, OBS_GRID, heads)
     grid = OBS_GRID if orders and len(orders) == len(names) else GRID
     elsewhere = _Meter(budget, model, list(unpadded(other)), doubt=doubt) if other is not None else None
-    search = _Candidates(model, recipe, stats, meter, orders, grid, model_name, max_evaluations, elsewhere, heads)
+    search = _Candidates(model, recipe, stats, meter, orders, grid, model_name, max_evaluations, elsewhere, heads,
+                         tied=tuple(heads) if one_head_count and len(heads) > 1 else ())
     run = _search_by_threshold if grid == OBS_GRID else _search_upward
     result = run(search, budget, tuning)
     for searches in range(1, MAX_SEARCHES + 1):
@@ -465,7 +468,7 @@ class _Candidates:
 
     def __init__(self, model: nn.Module, recipe: Recipe, stats: Any, meter: _Meter, orders: Mapping[str, _ObsOrder], grid: int,
                  model_name: str | None, max_evaluations: int, other: _Meter | None = None,
-                 heads: Mapping[str, Heads] | None = None) -> None:
+                 heads: Mapping[str, Heads] | None = None, tied: tuple[str, ...] = ()) -> None:
         self.model, self.recipe, self.stats, self.meter, self.orders = model, recipe, stats, meter, orders
         self.grid, self.model_name, self.max_evaluations, self.other = grid, model_name, max_evaluations, other
         #: with an other meter: each allocation's (tuning, other text) costs
@@ -475,6 +478,10 @@ class _Candidates:
         #: the layers of attention heads (``heads = true``): their levels are whole heads
         self.heads = dict(heads or {})
         self.names = list(stats.layers)
+        #: layers that keep one level, stepped together (the first stands for all: :meth:`tie`)
+        self.tied = tied
+        #: what a search steps: each layer, the tied ones as one (named by the first)
+        self.units = [name for name in self.names if name not in tied[1:]]
         self.one_layer: dict[tuple[str, int], Any] = {}
         self.measured: dict[tuple[int, ...], float] = {}
         zero = self.masks_for(dict.fromkeys(self.names, 0))
@@ -482,12 +489,27 @@ class _Candidates:
         work = work_per_feature(model, self.names, self.heads, next(iter(meter.batches)), mean_tokens(meter.batches)) if self.heads else {}
         #: each layer's mask size (features; times the work a feature saves, with heads), the unit its steps are priced in
         self.sizes = {name: max(1, sum(t.numel() for t in zero[name].tensors)) * work.get(name, 1.0) for name in self.names}
+        #: each unit's: the tied layers' together
+        self.unit_sizes = {unit: sum(self.sizes[name] for name in self.members(unit)) for unit in self.units}
+
+    def members(self, unit: str) -> tuple[str, ...]:
+        """The layers a unit of the search stands for."""
+        return self.tied if self.tied and unit == self.tied[0] else (unit,)
+
+    def tie(self, ks: Mapping[str, int]) -> dict[str, int]:
+        """``ks`` with every tied layer at the first one's level."""
+        return {**ks, **dict.fromkeys(self.tied, ks[self.tied[0]])} if self.tied else dict(ks)
+
+    def key(self, ks: Mapping[str, int]) -> tuple[int, ...]:
+        """An allocation's key in :attr:`measured`."""
+        tied = self.tie(ks)
+        return tuple(tied[name] for name in self.names)
 
     def masks_for(self, ks: Mapping[str, int]) -> Masks:
         from ..calibration.calibrate import select
         from ..calibration.masks import Masks
 
-        stats, grid, layers = self.stats, self.grid, {}
+        stats, grid, layers, ks = self.stats, self.grid, {}, self.tie(ks)
         for name in self.names:
             key = (name, ks[name])
             if key not in self.one_layer:
@@ -516,7 +538,7 @@ class _Candidates:
         other meter, the worse of the two so moved)."""
         from ..bake.squash import squash
 
-        key = tuple(ks[name] for name in self.names)
+        key = self.key(ks)
         if key not in self.measured:
             if len(self.measured) >= self.max_evaluations:
                 raise _Exhausted()
@@ -534,12 +556,12 @@ class _Candidates:
     def figure(self, ks: Mapping[str, int]) -> float:
         """The allocation's figure as measured (:meth:`cost` without the doubt)."""
         self.cost(ks)
-        return self.figures[tuple(ks[name] for name in self.names)][0]
+        return self.figures[self.key(ks)][0]
 
     def result(self, budget: Budget, ks: Mapping[str, int], cost: float, uniform: int, tuning: Iterable[Batch],
                grid: int | None = None) -> BudgetResult:
         """The search's result: levels ``ks`` (reported on ``grid``, default the search's), their masks and tuning ``cost``."""
-        grid, key = grid or self.grid, tuple(ks[name] for name in self.names)
+        grid, key, ks = grid or self.grid, self.key(ks), self.tie(ks)
         figure, error = self.figures.get(key, (cost, 0.0))
         tuned, elsewhere = self.parts.get(key, (figure, None))
         error = error if tuned == figure else 0.0  # the other text was the worse: its error is not the tuning split's
@@ -554,7 +576,7 @@ class _Candidates:
 def _search_upward(search: _Candidates, budget: Budget, tuning: Iterable[Batch]) -> BudgetResult:
     """The highest uniform level within the budget (levels tried upward: the first
     over it stops), then :func:`_greedy` steps one layer at a time from there."""
-    names, cost, top = search.names, search.cost, search.grid - 1
+    names, units, cost, top = search.names, search.units, search.cost, search.grid - 1
     uniform = 0
     current = budget.badness(1.0) if budget.higher_is_better else 0.0
     try:
@@ -566,10 +588,10 @@ def _search_upward(search: _Candidates, budget: Budget, tuning: Iterable[Batch])
         ks = dict.fromkeys(names, uniform)
         if uniform == 0:
             current = cost(ks)
-        current = _greedy(names, ks, search.sizes, current, cost, budget, top)
+        current = _greedy(units, ks, search.unit_sizes, current, cost, budget, top)
     except _Exhausted:
         ks = ks if "ks" in locals() else dict.fromkeys(names, uniform)
-        current = search.measured.get(tuple(ks[n] for n in names), current)
+        current = search.measured.get(search.key(ks), current)
     return search.result(budget, ks, current, uniform, tuning, GRID)
 
 
@@ -728,7 +750,7 @@ def _search_by_threshold(search: _Candidates, budget: Budget, tuning: Iterable[B
     ones go far above it. The threshold is bisected on the measured tuning cost,
     then the greedy step-up of :func:`_greedy` uses what is left of the budget.
     The uniform level is kept if it is better."""
-    names, cost, sizes, grid = search.names, search.cost, search.sizes, search.grid
+    names, units, cost, sizes, grid = search.names, search.units, search.cost, search.unit_sizes, search.grid
     top = grid - 1
     zero = dict.fromkeys(names, 0)
     base = cost(zero)
@@ -738,18 +760,18 @@ def _search_by_threshold(search: _Candidates, budget: Budget, tuning: Iterable[B
     def prefix(n: int) -> dict[str, int]:
         ks = dict(zero)
         for _, i, k in slopes[:n]:
-            ks[names[i]] = max(ks[names[i]], k)
-        return ks
+            ks[units[i]] = max(ks[units[i]], k)
+        return search.tie(ks)
 
     try:
         n, current = _highest(prefix, len(slopes), base, cost, budget)
         ks = prefix(n)
-        if uniform * sum(sizes.values()) > sum(ks[name] * sizes[name] for name in names):
+        if uniform * sum(sizes.values()) > sum(ks[unit] * sizes[unit] for unit in units):
             ks, current = dict.fromkeys(names, uniform), uniform_cost
-        current = _greedy(names, ks, sizes, current, cost, budget, top)
+        current = _greedy(units, ks, sizes, current, cost, budget, top)
     except _Exhausted:
         ks = ks if "ks" in locals() else dict(zero)
-        current = search.measured.get(tuple(ks[name] for name in names), base)
+        current = search.measured.get(search.key(ks), base)
     return search.result(budget, ks, current, uniform, tuning)
 
 
@@ -774,23 +796,25 @@ def _highest(candidate: Callable[[int], dict[str, int]], hi: int, base: float, c
 
 
 def _slopes(search: _Candidates, uniform: int, budget: Budget) -> list[tuple[float, int, int]]:
-    """``(marginal cost per feature, layer index, step)`` of every step of every
-    layer, least first: the layer's ``obs`` curve scaled by one measurement of the
-    layer alone a little above the ``uniform`` level (where the allocation will be);
-    a step's marginal cost is at least that of the steps before it (figures as measured, not doubted)."""
-    names, orders, grid = search.names, search.orders, search.grid
+    """``(marginal cost per feature, unit index, step)`` of every step of every
+    unit of the search (a layer, or tied layers together), least first: the unit's ``obs`` curve (tied
+    layers' summed) scaled by one measurement of the unit alone a little above the ``uniform`` level (where
+    the allocation will be); a step's marginal cost is at least that of the steps before it (figures as
+    measured, not doubted)."""
+    orders, grid = search.orders, search.grid
     top = grid - 1
-    zero = dict.fromkeys(names, 0)
+    zero = dict.fromkeys(search.names, 0)
     base = budget.badness(search.figure(zero))
     probe = min(top, max(uniform + grid // 8, grid // 4))  # near where the allocation will be
     slopes: list[tuple[float, int, int]] = []
-    for i, name in enumerate(names):
-        order = orders[name]
-        removed = [order.removed(k) for k in range(top + 1)]
-        curve = order.error[removed]
-        rise = budget.badness(search.figure({**zero, name: probe})) - base
+    for i, unit in enumerate(search.units):
+        members = [orders[name] for name in search.members(unit)]
+        removed = [sum(order.removed(k) for order in members) for k in range(top + 1)]
+        curve = sum(order.error[[order.removed(k) for k in range(top + 1)]] for order in members)
+        assert isinstance(curve, torch.Tensor)
+        rise = budget.badness(search.figure({**zero, unit: probe})) - base
         scale = max(rise, 1e-12) / max(float(curve[probe]), 1e-300)
-        per_feature = search.sizes[name] / order.d  # the work a feature saves (1: features are the unit)
+        per_feature = search.unit_sizes[unit] / sum(order.d for order in members)  # the work a feature saves (1: features)
         marginal, last = 0.0, 0
         for k in range(1, top + 1):
             if removed[k] == removed[last]:  # a step of a layer of heads that removes no whole head
@@ -809,10 +833,11 @@ def calibrate_to_budget(
     model: nn.Module, recipe: Recipe, batches: Iterable[Batch], budget: Budget | str, *,
     model_name: str | None = None, on_batch: Callable[[int], None] | None = None,
     again: Callable[[BudgetResult], Budget | None] | None = None, other: Iterable[Batch] | None = None, doubt: float | None = None,
+    one_head_count: bool = False,
 ) -> BudgetResult:
     """:func:`search_budget` for ``convert`` and ``calibrate``: the masks to write and the levels to report."""
     return search_budget(model, recipe, batches, budget, model_name=model_name, on_batch=on_batch, again=again, other=other,
-                         doubt=doubt)
+                         doubt=doubt, one_head_count=one_head_count)
 
 
 def heldout_budget(

@@ -159,10 +159,6 @@ class Stages:
             if target.dtype != target.source:
                 work.cast(target.dtype)
                 work.notes.append(str(target.dtype_note(*target.tolerances(o.validate.atol, o.validate.rtol))))
-            if c.heads and target.cached and c.max_cost is not None:
-                raise UsageError("--heads with --max-cost on a decoder exported with a cache: the runtime's config describes one number "
-                                 "of key/value heads for every layer, and the search gives each layer its own; give --sparsity (one "
-                                 "level for every layer), or --no-cache")
             recipe = load_recipe(work, c.recipe, c.sparsity, method=c.method, compensate=c.compensate, heads=c.heads)
             o.load.check_distinct()  # after the recipe: a missing recipe is named first
             work.require_heldout()
@@ -192,7 +188,7 @@ class Stages:
                 if int8 is not None and int8.mode != "none":
                     return self.calibrate_with_int8(recipe, batches, o, budget, int8)
                 result = calibrate_to_budget(work.model, recipe, batches, budget, model_name=work.name, on_batch=o.on_batch,
-                                             other=work.other if o.max_cost_other else None)
+                                             other=work.other if o.max_cost_other else None, one_head_count=self.target.cached)
                 return result.masks, result
             stats = self.statistics(recipe, batches, o)
             if stats is None:
@@ -249,7 +245,8 @@ class Stages:
                                                                             one_head_count=self.target.cached).model))
             last = calibrate_to_budget(work.model, recipe, batches, room.searched, model_name=work.name, on_batch=o.on_batch,
                                        again=search if room.mode != "none" else None, other=work.other if o.max_cost_other else None,
-                                       doubt=0.0 if room.mode != "none" else None)  # the int8 check holds the margin
+                                       doubt=0.0 if room.mode != "none" else None,  # the int8 check holds the margin
+                                       one_head_count=self.target.cached)
         result, figure = search.chosen(last)
         found = {"searched_budget": str(result.budget), "int8_tuning_cost": figure[0], "int8_tuning_error": figure[1],
                  "searches": len(search.measured)} if figure is not None else {}
