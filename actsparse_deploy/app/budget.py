@@ -77,7 +77,7 @@ from ..calibration.methods import removed_count
 from ..calibration.recipe import LayerRule, LayerSettings, Recipe, exact_glob
 from ..data.batches import Batch, batch_size, flatten_outputs, mean_tokens, reiterable, run_batch, take_rows, total_samples, unpadded
 from ..data.scores import cost_error, cost_figure, figure_needs
-from ..nn.attention import Heads, find_heads
+from ..nn.attention import HEAD_FIELDS, Heads, find_heads, head_config_refusal
 from ..nn.modules import eval_mode
 
 if TYPE_CHECKING:
@@ -482,6 +482,8 @@ class _Candidates:
         self.tied = tied
         #: what a search steps: each layer, the tied ones as one (named by the first)
         self.units = [name for name in self.names if name not in tied[1:]]
+        #: per step of the tied layers: whether the model's config takes the heads they keep (:meth:`tie`)
+        self.sayable: dict[int, bool] = {}
         self.one_layer: dict[tuple[str, int], Any] = {}
         self.measured: dict[tuple[int, ...], float] = {}
         zero = self.masks_for(dict.fromkeys(self.names, 0))
@@ -497,8 +499,24 @@ class _Candidates:
         return self.tied if self.tied and unit == self.tied[0] else (unit,)
 
     def tie(self, ks: Mapping[str, int]) -> dict[str, int]:
-        """``ks`` with every tied layer at the first one's level."""
-        return {**ks, **dict.fromkeys(self.tied, ks[self.tied[0]])} if self.tied else dict(ks)
+        """``ks`` with every tied layer at the first one's level, lowered to the nearest whose number of heads
+        the model's config takes (:func:`~actsparse_deploy.nn.attention.head_config_refusal`: a decoder's
+        runtime lays out its cache by it)."""
+        if not self.tied:
+            return dict(ks)
+        k = ks[self.tied[0]]
+        while k > 0 and not self._sayable(k):
+            k -= 1
+        return {**ks, **dict.fromkeys(self.tied, k)}
+
+    def _sayable(self, k: int) -> bool:
+        """Whether the config takes the number of heads the tied layers keep at step ``k`` (asked once per step)."""
+        if k not in self.sayable:
+            heads = self.heads[self.tied[0]]
+            kept = round((1 - self.level(self.tied[0], k)) * heads.width) // heads.head_dim
+            fields = dict(zip(HEAD_FIELDS, (kept, kept // heads.group, heads.head_dim)))
+            self.sayable[k] = head_config_refusal(self.model, fields) is None
+        return self.sayable[k]
 
     def key(self, ks: Mapping[str, int]) -> tuple[int, ...]:
         """An allocation's key in :attr:`measured`."""

@@ -28,12 +28,17 @@ def _rows(report: dict) -> dict[str, dict]:
     return {row["layer"]: row for row in report["layers"]}
 
 
+def _convert(hf: HFFiles, model: str, *args: object) -> dict:
+    """``convert`` of the Hugging Face directory ``model`` (``bert`` or ``llama``) on the text files, its report."""
+    task = "feature-extraction" if model == "bert" else "causal-lm"
+    result = invoke("convert", getattr(hf, model), "--task", task, "--text", hf.calib, "--heldout-text", hf.held, *args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
 def test_convert_with_heads_prunes_heads_and_mlp_features_and_validates(hf: HFFiles, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = invoke("convert", hf.bert, "--task", "feature-extraction", "--text", hf.calib, "--heldout-text", hf.held, "--heads",
-                    "--sparsity", "0.5", "-o", out, "--json", "--no-latency")
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = _convert(hf, "bert", "--heads", "--sparsity", "0.5", "-o", out, "--no-latency")
     rows = _rows(report)
     for i in range(2):
         heads = rows[f"encoder.layer.{i}.attention.output.dense"]
@@ -55,10 +60,7 @@ def test_without_heads_the_recipe_leaves_attention_alone(hf: HFFiles) -> None:
 
 
 def test_heads_of_a_decoder_without_a_cache_go_by_key_value_group(hf: HFFiles, tmp_path: Path) -> None:
-    result = invoke("convert", hf.llama, "--task", "causal-lm", "--text", hf.calib, "--heldout-text", hf.held, "--heads", "--no-cache",
-                    "--sparsity", "0.5", "-o", tmp_path / "out", "--json", "--no-latency")
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = _convert(hf, "llama", "--heads", "--no-cache", "--sparsity", "0.5", "-o", tmp_path / "out", "--no-latency")
     row = _rows(report)["model.layers.0.self_attn.o_proj"]
     assert row["reason"].startswith("removed 2 of 4 attention heads (32 of 64 features)")  # one key/value head and its two query heads
     assert report["validation"]["passed"] is True
@@ -81,10 +83,7 @@ def test_heads_of_a_decoder_with_a_cache_keep_one_count_in_every_layer(hf: HFFil
     """The runtime's config describes one number of key/value heads for every layer: a uniform level removes the same
     number everywhere, config.json says the new counts, the cache inputs have them, validated token by token."""
     out = tmp_path / "out"
-    result = invoke("convert", hf.llama, "--task", "causal-lm", "--text", hf.calib, "--heldout-text", hf.held, "--heads",
-                    "--sparsity", "0.5", "-o", out, "--json", "--no-latency")
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = _convert(hf, "llama", "--heads", "--sparsity", "0.5", "-o", out, "--no-latency")
     for i in range(2):
         assert _rows(report)[f"model.layers.{i}.self_attn.o_proj"]["reason"].startswith("removed 2 of 4 attention heads")
     assert report["export"]["cache"] is True and report["validation"]["passed"] is True
@@ -99,10 +98,7 @@ def test_a_pruned_decoders_smaller_cache_is_timed_and_costed_beside_the_dense_on
     """The dense export (two key/value heads) and the pruned one (one) side by side: latency, decode speed and
     the int8 frontier, each fed its own empty cache; a cache of another shape is not compared to the dense one's."""
     out = tmp_path / "out"
-    result = invoke("convert", hf.llama, "--task", "causal-lm", "--text", hf.calib, "--heldout-text", hf.held, "--heads",
-                    "--sparsity", "0.5", "--quantize", "int8", "-o", out, "--json", "--threads", "1")
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = _convert(hf, "llama", "--heads", "--sparsity", "0.5", "--quantize", "int8", "-o", out, "--threads", "1")
     frontier = {row["variant"]: row for row in report["quantization"]["frontier"]}
     assert [o["output"] for o in frontier["sparse"]["outputs"]] == ["logits"]
     assert "present.0.key" in [o["output"] for o in frontier["int8"]["outputs"]]
@@ -138,14 +134,17 @@ def test_a_budget_search_with_one_head_count_moves_every_layers_heads_together()
     heads = {tied.levels[f"lm.model.layers.{i}.self_attn.o_proj"] for i in range(4)}
     assert len(heads) == 1  # one number of heads in every layer
     assert tied.tuning_cost <= 1.2 and all(tied.levels[f"lm.model.layers.{i}.mlp.down_proj"] > 0.3 for i in range(4))
+    # heads alone: without the tie 1.5 takes one head of four in three layers and two in one (0.25 0.25 0.25 0.5), and
+    # 3 takes 0.5 0.75 0.5 0.5; tied, only counts the config takes (2 or 1 of 4 kept: hidden 256 is no multiple of 3)
+    names = [f"lm.model.layers.{i}.self_attn.o_proj" for i in range(4)]
+    alone = Recipe.simple(names, None, 0.5, None, "sum_abs", structured=True).with_method("obs", "lstsq").with_heads(names)
+    for budget, want in (("perplexity-ratio=1.5", 0.0), ("perplexity-ratio=3", 0.5)):
+        result = search_budget(work.model, alone, list(work.calibration), budget, one_head_count=True)
+        assert [result.levels[name] for name in names] == [want] * 4, budget
 
 
 def test_a_budget_with_heads_on_a_decoder_with_a_cache_keeps_one_count_in_every_layer(hf: HFFiles, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    result = invoke("convert", hf.llama, "--task", "causal-lm", "--text", hf.calib, "--heldout-text", hf.held, "--heads",
-                    "--max-cost", "perplexity-ratio=1.5", "-o", out, "--json", "--no-latency")
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = _convert(hf, "llama", "--heads", "--max-cost", "perplexity-ratio=1.5", "-o", tmp_path / "out", "--no-latency")
     levels = report["budget"]["levels"]
     assert levels["model.layers.0.self_attn.o_proj"] == levels["model.layers.1.self_attn.o_proj"]
     assert report["validation"]["generation"]["passed"] is True
