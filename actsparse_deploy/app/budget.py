@@ -473,7 +473,7 @@ class _Candidates:
         self.grid, self.model_name, self.max_evaluations, self.other = grid, model_name, max_evaluations, other
         #: with an other meter: each allocation's (tuning, other text) costs
         self.parts: dict[tuple[int, ...], tuple[float, float]] = {}
-        #: each allocation's (figure, standard error) on the tuning split, as measured (the worse side with an other meter)
+        #: each allocation's figure as measured (the worse side's with an other meter), and the tuning split's standard error
         self.figures: dict[tuple[int, ...], tuple[float, float]] = {}
         #: the layers of attention heads (``heads = true``): their levels are whole heads
         self.heads = dict(heads or {})
@@ -564,11 +564,11 @@ class _Candidates:
             value, error, self.measured[key] = self.meter.doubted(sparse)
             self.figures[key] = (value, error)
             if self.other is not None:  # the worse of the two is what the budget holds
-                there, there_error, doubted = self.other.doubted(sparse)
+                there, _, doubted = self.other.doubted(sparse)
                 self.parts[key] = (value, there)
                 badness = self.meter.budget.badness
                 if badness(doubted) > badness(self.measured[key]):
-                    self.measured[key], self.figures[key] = doubted, (there, there_error)
+                    self.measured[key], self.figures[key] = doubted, (there, error)
         return self.measured[key]
 
     def figure(self, ks: Mapping[str, int]) -> float:
@@ -582,7 +582,6 @@ class _Candidates:
         grid, key, ks = grid or self.grid, self.key(ks), self.tie(ks)
         figure, error = self.figures.get(key, (cost, 0.0))
         tuned, elsewhere = self.parts.get(key, (figure, None))
-        error = error if tuned == figure else 0.0  # the other text was the worse: its error is not the tuning split's
         other = {"samples": _samples(self.other.batches), "tuning_cost": elsewhere} if self.other is not None else None
         return BudgetResult(
             budget=budget, levels={name: self.level(name, ks[name], grid) for name in self.names}, masks=self.masks_for(ks), tuning_cost=tuned,

@@ -274,5 +274,6 @@ def test_a_budget_held_on_other_data_too_keeps_it_there_and_prunes_less(work):
     assert alone.other_text is None and both.other_text["samples"] == 64
     assert both.other_text["tuning_cost"] >= 0.99 and both.tuning_cost >= 0.99  # both keep the budget
     assert both.masks.overall_sparsity() < alone.masks.overall_sparsity()  # the other data is the harder one here
+    assert both.tuning_error > 0 and both.doubt == 3.0  # the tuning split's error, though the other data held the budget
     sparse = squash(work.model, alone.masks, "mul").model
     assert Budget.parse("cosine=0.99").measure(work.model, sparse, other) < 0.99  # what held on the tuning split alone misses there
