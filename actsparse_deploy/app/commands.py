@@ -450,13 +450,12 @@ def export_source(
     program, example, io = source.program, source.example, source.io
     data: Iterable[Batch] = shape_examples(source.heldout)
     if source.work is not None and (target := export_target(source.work, cache, exporter)).cached:
-        if target.dtype != target.source:
-            source.work.cast(target.dtype)  # half precision as float16, as convert writes it
+        target.cast(source.work)  # half precision as float16, as convert writes it
         target = target.of_model(source.module)
         program, example, io, data, exporter = (target.model(source.module), target.example(source.work), target.io(source.work), (),
                                                 target.exporter(exporter))
-    elif cache:
-        raise UsageError(f"--cache is for causal language models (Hugging Face causal-lm, tiny-lm); {spec!r} is not one")
+    elif cache and source.work is None:  # a model that is no causal language model: export_target said so
+        raise UsageError(f"--cache: {spec!r} is a .pt2 program, exported as it is; export the model it was made from")
     result = export_onnx(
         program, example, output, exporter=exporter, opset=opset, io_spec=io,
         metadata=layer_metadata(source.layers, source.mode), external_data=external_data, overwrite=overwrite, verbose=verbose,
@@ -494,13 +493,13 @@ def validate_against(
         memory_plan(weight_bytes(model), budget, asked=budget is not None, loaded=True, what="validate",
                     half=float_dtype(model) in (torch.float16, torch.bfloat16))))
     io, module = source.io, source.module
-    target = onnx_target(onnx_model, source.work)  # a decoder exported with a cache is run as one
+    target = onnx_target(onnx_model, source.work).of_model(module)  # a decoder exported with a cache is run as one
     plan = plans[0] if plans else MemoryPlan(budget, 0, False)  # a .pt2 program: validated side by side
     apart = plan.apart and source.work is not None and source.work.heldout is not None and not target.cached
     measured = source.work is not None and (options.masks is not None or options.labels is not None)
     # what export names the inputs and outputs by default, from the model: before two passes let its weights go
     cost_io = resolve_io_spec(module, source.require_heldout(), infer=True) if measured and io is None else io
-    cost_io = target.of_model(module).validation_io(cost_io) if target.cached and cost_io is not None else cost_io
+    cost_io = target.validation_io(cost_io)
     sparse = Recorded.of(module, source.work.compared_data()) if apart and source.work is not None else module
     validation = validate_target(Path(onnx_model), module, source.require_heldout(), target, io, atol, rtol, timeout,
                                  release=(lambda: release_weights(module)) if apart else None)
@@ -508,8 +507,7 @@ def validate_against(
     cost = None
     if measured and source.work is not None:
         dense = sparse if source.dense is module else source.dense  # without masks the model is the dense one
-        cost = cost_stage(source.work, sparse, Path(onnx_model), cost_io, dense=dense,
-                          onnx_batches=target.of_model(module).batches)[0]
+        cost = cost_stage(source.work, sparse, Path(onnx_model), cost_io, dense=dense, onnx_batches=target.batches)[0]
     seconds["total"] = round(time.perf_counter() - start, 3)
     return Report(model=source.name, squash_mode=source.mode, layers=source.layers,
                   validation=validation.to_json(), cost=cost, seconds=seconds)  # type: ignore[arg-type]
@@ -529,8 +527,7 @@ def onnx_target(onnx_model: str | Path, work: Workload | None) -> Target:
     if work is None or not past:
         return Target()
     target = export_target(work, True, dtype="float16" if past[0] == onnx.TensorProto.FLOAT16 else "float32")
-    if target.dtype != target.source:
-        work.cast(target.dtype)  # as convert casts it before calibration
+    target.cast(work)  # as convert casts it before calibration
     return target
 
 

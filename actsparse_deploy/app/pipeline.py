@@ -156,8 +156,7 @@ class Stages:
             # a decoder with a cache, or the model as it is; in the dtype the export writes (the weights cast in place)
             dtype = o.export.dtype if o.quantize.mode == "none" else "float32"  # onnxruntime's quantizer takes float32
             target = export_target(work, o.export.cache, o.export.exporter, dtype)
-            if target.dtype != target.source:
-                work.cast(target.dtype)
+            if target.cast(work):
                 work.notes.append(str(target.dtype_note(*target.tolerances(o.validate.atol, o.validate.rtol))))
             recipe = load_recipe(work, c.recipe, c.sparsity, method=c.method, compensate=c.compensate, heads=c.heads)
             o.load.check_distinct()  # after the recipe: a missing recipe is named first

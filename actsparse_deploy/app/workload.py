@@ -66,7 +66,7 @@ def validate_target(path: Path, model: nn.Module, held: Iterable[Batch], target:
     from ..onnx.validate import validate
 
     target = target.of_model(model)
-    spec = target.layout.first_step_spec() if target.layout is not None else io  # a decoder's: its first steps
+    spec = target.validation_io(io)
     atol, rtol = target.tolerances(atol, rtol)
     checked = validate(path, target.model(model), target.batches(held), atol=atol, rtol=rtol,
                        output_names=spec.output_names if spec is not None else None, io_spec=spec, timeout=timeout,

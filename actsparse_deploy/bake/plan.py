@@ -494,13 +494,15 @@ def head_count_problem(model: nn.Module, plan: SquashPlan) -> str | None:
     its config, one number of heads for every layer): which layers keep how many where they differ, or
     the config's own refusal of the count (:func:`~actsparse_deploy.nn.attention.head_config_refusal`); None where it can."""
     left: dict[str, tuple[int, int, int]] = {}
+    said: list[str] = []
     for name in attention_outputs(model):
         heads, layer = find_heads(model, name), plan.layers.get(name)
         kept = layer.kept if layer is not None and layer.reason is Reason.HEADS and layer.kept is not None else None
         count = kept.numel() // heads.head_dim if kept is not None else heads.heads
         left[name] = (count, count // heads.group, heads.head_dim)
+        said.append(f"{name} keeps {count} of {heads.heads}")
     if len(set(left.values())) > 1:
-        return "; ".join(f"{name} keeps {count} of {find_heads(model, name).heads}" for name, (count, _, _) in left.items())
+        return "; ".join(said)
     return head_config_refusal(model, dict(zip(HEAD_FIELDS, next(iter(left.values()))))) if left else None
 
 

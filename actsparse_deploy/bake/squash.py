@@ -117,13 +117,15 @@ def squash_(
                               f"says, and the masks leave heads it cannot say: {problem}; give every attention output one level whose "
                               "count the config takes, or export with --no-cache")
         plan = without_heads(plan, problem, Because.HEADS_UNEVEN)
+    heads = any(layer.reason is Reason.HEADS for layer in plan.layers.values())
     try:
         result = apply_plan(model, plan, checks)
     except SquashError as e:  # auto: heads whose removal the model's code does not follow are folded (the model as it was)
-        if mode != "auto" or not any(layer.reason is Reason.HEADS for layer in plan.layers.values()):
+        if mode != "auto" or not heads:
             raise
-        result = apply_plan(model, without_heads(plan, first_line(e, 200)), checks)
-    describe_heads(model)  # pruned heads, one number in every layer: the config says it (a cache's layout, a loader's shapes)
+        return apply_plan(model, without_heads(plan, first_line(e, 200)), checks)
+    if heads:  # pruned heads, one number in every layer: the config says it (a cache's layout, a loader's shapes)
+        describe_heads(model)
     return result
 
 

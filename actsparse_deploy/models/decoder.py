@@ -41,7 +41,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -247,6 +247,14 @@ class Target:
     def cached(self) -> bool:
         return self.layout is not None
 
+    def cast(self, work: Workload) -> bool:
+        """``work``'s model cast in place to the dtype this target writes, where its weights are in another;
+        whether it was."""
+        if self.dtype == self.source:
+            return False
+        work.cast(self.dtype)
+        return True
+
     def of_model(self, model: nn.Module) -> Target:
         """This target for ``model`` (the dense or the squashed one): a decoder's cache laid out as its config
         says now (a decoder whose attention heads were pruned has fewer key/value heads)."""
@@ -279,8 +287,13 @@ class Target:
             return batches.map(lambda b: decoder_batch(b, layout, self.dtype))
         return [decoder_batch(b, layout, self.dtype) for b in batches]
 
-    def validation_io(self, exported: IOSpec) -> IOSpec:
-        """The I/O spec validation and the cost's ONNX pass use on :meth:`batches` (a decoder's first steps)."""
+    @overload
+    def validation_io(self, exported: IOSpec) -> IOSpec: ...
+    @overload
+    def validation_io(self, exported: IOSpec | None) -> IOSpec | None: ...
+    def validation_io(self, exported: IOSpec | None) -> IOSpec | None:
+        """The I/O spec validation and the cost's ONNX pass use on :meth:`batches` (a decoder's first steps;
+        else ``exported``, the spec the model was exported with, None where unknown)."""
         return exported if self.layout is None else self.layout.first_step_spec()
 
     def exporter(self, asked: str) -> str:
