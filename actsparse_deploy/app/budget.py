@@ -194,6 +194,13 @@ class Budget:
             return Budget(self.kind, left) if math.isfinite(left) and left >= 0.0 else None
         raise RecipeError(f"budget {self}: a budget function's cost cannot be shared with another step")
 
+    def free(self) -> Budget:
+        """The budget of this kind that allows no cost at all (cosine 1, perplexity ratio 1, accuracy drop 0):
+        a search to it removes nothing that changes an output."""
+        if self.kind not in ("cosine", "perplexity-ratio", "accuracy-drop"):
+            raise RecipeError(f"budget {self}: a budget function's cost has no known value for \"no cost\"")
+        return Budget(self.kind, 0.0 if self.kind == "accuracy-drop" else 1.0)
+
     def doubted(self, measured: float, error: float, times: float = DOUBT) -> float:
         """``measured`` moved ``times`` (:data:`DOUBT`) ``error`` (its standard error) towards the worse side: a
         figure that keeps the budget so keeps it on other samples of the same source too (about 999 times in 1000

@@ -90,7 +90,8 @@ class Int8Room:
 class Int8Search:
     """``--max-cost`` with ``--quantize``: the budget the sparsity is searched to, narrowed until the quantized
     model keeps the user's ``budget`` on the tuning split by :data:`~actsparse_deploy.app.budget.DOUBT` standard errors (``measure``: a search result's
-    quantized figure and its error). Where a search's int8 model misses, the next is tighter by what it missed;
+    quantized figure and its error). Where a search's int8 model misses, the next is tighter by what it missed
+    (by half the searched budget's room where it missed by more than that room);
     once one keeps it and a looser one missed, the next searches halve the gap between them (the loosest that keeps
     the budget is the most sparsity). Called on each search's result (:func:`~actsparse_deploy.app.budget.calibrate_to_budget`'s
     ``again``); :attr:`kept` is the loosest result that kept it, with its figure."""
@@ -112,7 +113,9 @@ class Int8Search:
         self.missed = result.budget
         if self.kept is not None:
             return self._between(self.kept[0].budget, result.budget)
-        return result.budget.after(self.budget.miss(doubted))
+        tighter = result.budget.after(self.budget.miss(doubted))
+        # a miss larger than the room searched: halfway to no sparsity at all, not the end of the search
+        return tighter if tighter is not None else self._between(result.budget.free(), result.budget)
 
     @staticmethod
     def _between(kept: Budget, missed: Budget) -> Budget | None:

@@ -230,3 +230,30 @@ def test_the_int8_search_halves_the_gap_between_the_budget_that_kept_and_the_one
     chosen, figure = search.chosen(last)
     assert chosen.budget.value == pytest.approx(tried[3]) and figure[0] <= 1.03  # the loosest that kept it
     assert len(search.measured) == 4
+
+
+def test_an_int8_miss_that_leaves_no_room_halves_the_searched_budget_instead_of_ending_the_search():
+    """Before, a miss by more than the searched budget's room ended the search with the model that missed
+    (tiny-lm under perplexity-ratio=1.03: searched to x1.0285, its int8 model at x1.0317 +- 0.0099, three
+    standard errors x1.0614: "no room" ended it, and convert stopped with exit 10 on the held-out data)."""
+    from types import SimpleNamespace
+
+    from actsparse_deploy.app.quantize import Int8Search
+
+    def result(value: float) -> SimpleNamespace:
+        return SimpleNamespace(budget=Budget("perplexity-ratio", value), masks=SimpleNamespace(overall_sparsity=lambda: value - 1))
+
+    figures = iter([(1.0317, 0.0099), (1.012, 0.004), (1.02, 0.005)])
+    search = Int8Search(Budget("perplexity-ratio", 1.03), lambda found: next(figures))
+    tighter = search(result(1.0285))
+    assert tighter is not None and tighter.value == pytest.approx((1.0 + 1.0285) / 2)  # halfway to no sparsity at all
+    looser = search(result(tighter.value))  # x1.012 + 3 x 0.004 keeps x1.03: halfway back to the one that missed
+    assert looser is not None and looser.value == pytest.approx((tighter.value + 1.0285) / 2)
+    search(result(looser.value))  # x1.02 + 3 x 0.005 misses
+    chosen, figure = search.chosen(result(looser.value))
+    assert chosen.budget.value == pytest.approx(tighter.value) and figure == (1.012, 0.004)  # the one that kept it
+
+
+@pytest.mark.parametrize(("kind", "value", "free"), [("cosine", 0.98, 1.0), ("accuracy-drop", 0.02, 0.0), ("perplexity-ratio", 1.03, 1.0)])
+def test_the_free_budget_of_each_kind_allows_no_cost(kind: str, value: float, free: float) -> None:
+    assert Budget(kind, value).free().value == free and Budget(kind, value).free().within(free)
