@@ -9,9 +9,12 @@ modules for each). Then runs ``actsparse convert DIR --task causal-lm`` (the dec
 with its KV cache in float16, 25 % of the MLP features pruned, validation with the
 generation check, the cost, the latency and decode speed against the dense export)
 in a child process under ``tools/measure_stage_memory.py``: wall time, peak RSS per
-stage and over the weights, and the report's figures. Not part of the test suite.
+stage and over the weights, and the report's figures. ``--calibrate``: ``actsparse
+calibrate`` instead (with ``--max-memory`` under the weights: block by block). Not part
+of the test suite.
 
     OMP_NUM_THREADS=2 python tools/measure_big_decoder.py --workdir /tmp/llama1b --json llama1b.json
+    OMP_NUM_THREADS=2 python tools/measure_big_decoder.py --workdir /tmp/llama1b --calibrate --extra '--max-memory 1.5GB'  # block by block
     python tools/measure_big_decoder.py --workdir /tmp/llama-small --layers 2 --hidden 256 --intermediate 704   # a dry run
 """
 
@@ -100,6 +103,7 @@ def main() -> int:
     parser.add_argument("--sparsity", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--extra", default="", help="more convert flags, one string (e.g. '--no-latency')")
+    parser.add_argument("--calibrate", action="store_true", help="run `actsparse calibrate` (the masks only) instead of convert")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -107,10 +111,11 @@ def main() -> int:
     built = build(args.workdir, args)
     built["build_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(built), file=sys.stderr, flush=True)
-    command = [sys.executable, str(HERE / "measure_stage_memory.py"), "--weights-bytes", str(built["weights_bytes"]), "--",
-               "convert", str(args.workdir / "model"), "--task", "causal-lm", "--text", str(args.workdir / "calib.txt"),
-               "--heldout-text", str(args.workdir / "held.txt"), "--max-length", str(args.max_length), "--sparsity", str(args.sparsity),
-               "-o", str(args.workdir / "out"), "--overwrite", "--json", *args.extra.split()]
+    stage = (["calibrate", str(args.workdir / "model"), "-o", str(args.workdir / "masks.safetensors")] if args.calibrate else
+             ["convert", str(args.workdir / "model"), "--heldout-text", str(args.workdir / "held.txt"), "-o", str(args.workdir / "out")])
+    command = [sys.executable, str(HERE / "measure_stage_memory.py"), "--weights-bytes", str(built["weights_bytes"]), "--", *stage,
+               "--task", "causal-lm", "--text", str(args.workdir / "calib.txt"), "--max-length", str(args.max_length), "--sparsity",
+               str(args.sparsity), "--overwrite", "--json", *args.extra.split()]
     print(" ".join(command), file=sys.stderr, flush=True)
     done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
     if done.returncode != 0:
@@ -122,7 +127,7 @@ def main() -> int:
                                                                               if k.startswith("perplexity")},
               "latency": report.get("latency"), "export": {k: (report.get("export") or {}).get(k) for k in ("dtype", "source_dtype", "cache", "size_bytes")},
               "validation": {k: (report.get("validation") or {}).get(k) for k in ("passed", "max_abs_diff", "atol", "rtol")},
-              "sparsity": report.get("overall_sparsity")}
+              "sparsity": report.get("overall_sparsity"), "memory": report.get("memory")}
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,6 +1,7 @@
 """``calibrate``'s work from what its command line gives: the recipe the flags
 describe (:class:`RecipeFlags`, :func:`build_recipe`; a Hugging Face model given
-none gets its MLPs' default), the model loaded where calibration runs, then
+none gets its MLPs' default), the model loaded where calibration runs (block by block where its weights do
+not fit the memory budget: :func:`memory_plan`), then
 :func:`~actsparse_deploy.app.commands.calibrate_to_file`.
 
     >>> from actsparse_deploy.app.calibrate import RecipeFlags, build_recipe
@@ -18,14 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..base.errors import MemoryBudgetError
 from ..base.files import check_output_path
+from ..base.memory import CalibrationPlan, calibration_plan, format_bytes, parse_memory, peak_memory, resident_memory
+from .report import Memory
 
 if TYPE_CHECKING:
     from ..calibration.recipe import Recipe
     from ..models.loading import LoadedModel, ModelOptions
     from .report import Report
 
-__all__ = ["RecipeFlags", "build_recipe", "calibrate_model", "recipe_for", "recipe_from_flags"]
+__all__ = ["RecipeFlags", "build_recipe", "calibrate_model", "checked_plan", "memory_plan", "recipe_for", "recipe_from_flags"]
 
 
 @dataclass(frozen=True)
@@ -131,11 +135,14 @@ def calibrate_model(
     model_options: ModelOptions | None = None, data: str | None = None, batch_size: int = 32, max_cost: str | None = None,
     max_samples: int | None = None, stats_only: bool = False, device: Any = None, group: Any = None, overwrite: bool = False,
     on_stage: Callable[[str, int | None], None] | None = None, on_batch: Callable[[int], None] | None = None,
+    max_memory: str | int | None = None,
 ) -> Report | None:
     """``actsparse calibrate``: check the budget (before the model loads) and the
     output (on the rank that writes it), load ``model`` on ``device``, calibrate
     it with the recipe ``flags`` describe and write ``output``. ``group``: a
-    distributed session, whose other ranks than 0 return None (rank 0 reports)."""
+    distributed session, whose other ranks than 0 return None (rank 0 reports).
+    ``max_memory``: the memory it keeps within (default: what the machine has free); a Hugging Face
+    directory whose weights do not fit is calibrated block by block (:func:`memory_plan`)."""
     from ..models.loading import load_model
     from .commands import calibrate_to_file
 
@@ -146,9 +153,52 @@ def calibrate_model(
     flags = flags.for_budget(max_cost)
     if getattr(group, "writer", True):
         check_output_path(Path(output), overwrite)
-    loaded = load_model(model, weights, model_options, device=device)
-    return calibrate_to_file(
-        loaded, recipe_for(model, loaded, flags), output, data=data, batch_size=batch_size, on_stage=on_stage, on_batch=on_batch,
+    plan = memory_plan(model, max_memory)
+    by_block = plan is not None and plan.by_block
+    if plan is not None and by_block and (max_cost is not None or flags.recover or group is not None):
+        raise MemoryBudgetError(f"{_NEEDS_ALL[0 if max_cost is not None else 1 if flags.recover else 2]}, and the model's weights "
+                                f"({format_bytes(plan.weights)}) are over the memory budget: calibrate without it, or on a machine with more")
+    loaded = load_model(model, weights, model_options, device=device, by_block=by_block)
+    recipe = recipe_for(model, loaded, flags)
+    plan = checked_plan(plan, loaded, recipe, max_memory)
+    report = calibrate_to_file(
+        loaded, recipe, output, data=data, batch_size=batch_size, on_stage=on_stage, on_batch=on_batch,
         max_cost=max_cost, model_options=model_options, max_samples=max_samples, stats_only=stats_only, group=group,
         recover=flags.recover,
     )
+    if report is None or plan is None or not (plan.by_block or plan.asked):
+        return report
+    return dataclasses.replace(report, memory=Memory(peak_bytes=peak_memory(), weights_bytes=plan.weights, budget_bytes=plan.budget, apart=False,
+                                         one_at_a_time=False, by_block=True if plan.by_block else None))
+
+
+#: what needs the whole model in memory (it cannot run block by block)
+_NEEDS_ALL = ("a cost budget (--max-cost) measures sparse copies of the model", "--recover trains the masked layers",
+              "a distributed calibration runs a model in each process")
+
+
+def memory_plan(model: str, max_memory: str | int | None) -> CalibrationPlan | None:
+    """How ``calibrate`` keeps ``model`` within ``max_memory`` (default: what the machine has free), decided
+    before it loads where its weights' size is known then (a Hugging Face directory: its files); None otherwise."""
+    from ..models.loading import stored_weight_bytes
+
+    budget = parse_memory(max_memory) if max_memory is not None else None
+    stored = stored_weight_bytes(model)
+    return calibration_plan(stored, budget, asked=max_memory is not None) if stored is not None else None
+
+
+def checked_plan(plan: CalibrationPlan | None, loaded: LoadedModel, recipe: Recipe, max_memory: str | int | None) -> CalibrationPlan | None:
+    """``plan`` (None: made now, from the loaded model's weights) checked against what the recipe's
+    statistics and, block by block, the largest block will take (exit 13 before any work where they do not
+    fit): where the run goes block by block or the budget was asked for."""
+    from ..calibration.stats import statistics_bytes
+    from ..nn.modules import block_bytes, weight_bytes
+
+    if plan is None:
+        if max_memory is None:
+            return None
+        size = weight_bytes(loaded.module)
+        plan = calibration_plan(size, parse_memory(max_memory), held=max(0, resident_memory() - size), asked=True, can_split=False)
+    if plan.by_block or plan.asked:
+        plan.check(resident_memory(), block_bytes(loaded.module) if plan.by_block else 0, statistics_bytes(loaded.module, recipe.select(loaded.module)))
+    return plan

@@ -224,6 +224,7 @@ def calibrate_cmd(
     factory_args: FactoryArgsOpt = None,
     batch: BatchSizeOpt = 32,
     stats_only: StatsOnlyOpt = False,
+    max_memory: MaxMemoryOpt = None,
     device: DeviceOpt = None,
     dist_timeout: DistTimeoutOpt = DEFAULT_DIST_TIMEOUT,
     overwrite: OverwriteOpt = False,
@@ -252,7 +253,7 @@ def calibrate_cmd(
             model, output, flags, weights=weights, model_options=_model_options(task, text, None, max_length, factory_args),
             data=data, batch_size=batch, max_cost=max_cost, max_samples=max_samples, stats_only=stats_only,
             device=where if device is not None else None, group=session, overwrite=overwrite,
-            on_stage=progress.on_stage, on_batch=progress.on_batch,
+            on_stage=progress.on_stage, on_batch=progress.on_batch, max_memory=max_memory,
         )
     if report is not None:  # None: another rank than 0 (rank 0 prints)
         _output(as_json, report, lambda: _masks_summary(report, model, output, stats_only))

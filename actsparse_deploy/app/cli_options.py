@@ -359,8 +359,9 @@ MaxCostOpt = Annotated[
 MaxMemoryOpt = Annotated[
     str | None,
     typer.Option("--max-memory", metavar="<amount>", show_default=False,
-                 help="The memory convert may take, e.g. 8GB (default: what the machine has free). Over it: exit 13 before any "
-                 "work; where two onnxruntime sessions side by side would be, the latency check times one after the other."),
+                 help="The memory the command may take, e.g. 8GB (default: what the machine has free). Over it: exit 13 before any "
+                 "work; convert: where two onnxruntime sessions side by side would be, the latency check times one after the other; "
+                 "calibrate: a Hugging Face model whose weights are over it is calibrated block by block."),
 ]
 ThreadsOpt = Annotated[
     int | None,

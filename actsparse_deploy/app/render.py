@@ -51,6 +51,7 @@ __all__ = [
     "layers_table",
     "masks_lines",
     "masks_table",
+    "memory_lines",
     "milliseconds",
     "models_table",
     "modes_table",
@@ -218,8 +219,21 @@ def masks_table(report: Report, title: str) -> Table:
 
 
 def masks_lines(report: Report, title: str, output: Path) -> list[RenderableType]:
-    """``calibrate`` and ``select``: the masks' table, the overall sparsity and where they went."""
-    return [masks_table(report, title), f"overall sparsity {report.overall_sparsity or 0:.1%}; masks written to {output}"]
+    """``calibrate`` and ``select``: the masks' table, the overall sparsity and where they went (and, where
+    ``calibrate`` kept within a memory budget, how)."""
+    lines: list[RenderableType] = [masks_table(report, title), f"overall sparsity {report.overall_sparsity or 0:.1%}; masks written to {output}"]
+    return lines + memory_lines(report)
+
+
+def memory_lines(report: Report) -> list[RenderableType]:
+    """``calibrate``'s memory where it kept within a budget: block by block or not, the peak."""
+    memory = report.memory
+    if memory is None:
+        return []
+    budget = f" of {memory.budget_bytes / 1e9:.2f} GB" if memory.budget_bytes is not None else ""
+    how = (f"calibrated block by block (the weights, {memory.weights_bytes / 1e9:.2f} GB, read from their files a layer at a time)"
+           if memory.by_block else f"calibrated with the weights ({memory.weights_bytes / 1e9:.2f} GB) in memory")
+    return [f"{how}; peak memory {memory.peak_bytes / 1e9:.2f} GB{budget}"]
 
 
 def stats_lines(report: Report, output: Path) -> list[RenderableType]:

@@ -414,7 +414,7 @@ class Quantization(Section):
 
 @dataclass(frozen=True, kw_only=True)
 class Memory(Section):
-    """``convert``'s memory (:mod:`actsparse_deploy.base.memory`): the process's peak resident memory,
+    """``convert``'s and ``calibrate``'s memory (:mod:`actsparse_deploy.base.memory`): the process's peak resident memory,
     the model's weights, the budget it kept within (``--max-memory``, else what the machine had free;
     None where unknown), and whether validation ran in two passes (``apart``) and the latency check a
     session at a time (``one_at_a_time``) to keep within it."""
@@ -424,6 +424,8 @@ class Memory(Section):
     budget_bytes: int | None
     apart: bool
     one_at_a_time: bool
+    #: ``calibrate`` read the blocks' weights from their files a layer at a time (the whole model was over the budget)
+    by_block: bool | None = field(default=None, metadata=_OMIT_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -30,8 +30,8 @@ from dataclasses import dataclass, replace
 from .errors import MemoryBudgetError, UsageError
 
 __all__ = [
-    "APART", "HALF_RUNTIME", "SIDE_BY_SIDE", "VALIDATE", "MemoryPlan", "available_memory", "format_bytes", "memory_plan", "parse_memory",
-    "peak_memory", "resident_memory",
+    "APART", "BLOCK", "CALIBRATE", "HALF_RUNTIME", "SIDE_BY_SIDE", "VALIDATE", "CalibrationPlan", "MemoryPlan", "available_memory",
+    "calibration_plan", "format_bytes", "memory_plan", "parse_memory", "peak_memory", "resident_memory",
 ]
 
 #: what validation holds, in weights: PyTorch's copy and onnxruntime's (its weights prepacked, one tensor more at the peak)
@@ -45,6 +45,12 @@ APART = 1.4
 #: and keeps the weights cast (measured: 1.82 GB of float16 weights, a decoder of TinyLlama's shape, a 4.0-4.6 GB session;
 #: ``tools/measure_session_memory.py``)
 HALF_RUNTIME = 2.0
+
+#: what ``calibrate`` holds, in weights: the model, and a batch's activations beside it
+CALIBRATE = 1.2
+#: what calibrating block by block holds of its largest block, in that block's weights: the weights read from
+#: their file, the same cast to the model's dtype, and the block's activations on a batch
+BLOCK = 3.0
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -168,3 +174,62 @@ def memory_plan(weights: int, budget: int | None = None, held: int | None = None
     raise MemoryBudgetError(
         f"the model's weights ({format_bytes(weights)}) need about {format_bytes(parted if can_part else need)} to {what} (held {how}, "
         f"beside {format_bytes(held)} already in use), over {allowed}: free memory, or convert on a machine with more")
+
+
+@dataclass(frozen=True)
+class CalibrationPlan:
+    """How ``calibrate`` runs within ``budget`` bytes: the whole model in memory, or ``by_block`` (its
+    blocks' weights left in their files, each layer's read while it runs)."""
+
+    budget: int | None
+    weights: int
+    by_block: bool
+    asked: bool = False
+
+    def check(self, held: int, block: int, statistics: int) -> int:
+        """What the calibration will hold at most (``held``: what the process holds now, the loaded part of
+        the model in it; ``block``: the largest block's weights where it runs block by block; ``statistics``:
+        what the recipe's statistics take), or a :class:`MemoryBudgetError` (exit 13, before any work) where
+        it is over the budget.
+
+        >>> CalibrationPlan(10**9, 4 * 10**9, by_block=True).check(held=3 * 10**8, block=10**8, statistics=10**7)
+        610000000
+        """
+        extra = int(BLOCK * block) if self.by_block else int((CALIBRATE - 1) * self.weights)
+        need = held + extra + statistics
+        if self.budget is None or need <= self.budget:
+            return need
+        allowed = f"--max-memory {format_bytes(self.budget)}" if self.asked else f"the {format_bytes(self.budget)} this machine has free"
+        how = (f"block by block (one block's weights, {format_bytes(block)}, at a time)" if self.by_block else
+               f"with its weights ({format_bytes(self.weights)}) in memory")
+        raise MemoryBudgetError(
+            f"calibrating {how} needs about {format_bytes(need)} (statistics {format_bytes(statistics)}, beside {format_bytes(held)} "
+            f"held), over {allowed}: free memory, give the recipe fewer layers or a method without a Gram matrix, or calibrate on a "
+            "machine with more"
+        )
+
+
+def calibration_plan(weights: int, budget: int | None = None, held: int | None = None, asked: bool = False,
+                     can_split: bool = True) -> CalibrationPlan:
+    """The plan for calibrating a model of ``weights`` bytes in a process that holds ``held`` bytes
+    (default: :func:`resident_memory`) within ``budget`` (default: what the machine has free, plus
+    ``held``): the whole model where :data:`CALIBRATE` times its weights fit, else block by block where the
+    model ``can_split`` (a Hugging Face directory), else a :class:`MemoryBudgetError` (exit 13).
+
+    >>> calibration_plan(10**9, budget=2 * 10**9, held=10**8).by_block, calibration_plan(10**9, budget=10**9, held=10**8).by_block
+    (False, True)
+    """
+    held = resident_memory() if held is None else held
+    if budget is None:
+        free = available_memory()
+        budget = None if free is None else free + held
+    if budget is None or held + int(CALIBRATE * weights) <= budget:
+        return CalibrationPlan(budget, weights, False, asked)
+    if can_split:
+        return CalibrationPlan(budget, weights, True, asked)
+    allowed = f"--max-memory {format_bytes(budget)}" if asked else f"the {format_bytes(budget)} this machine has free"
+    raise MemoryBudgetError(
+        f"the model's weights ({format_bytes(weights)}) need about {format_bytes(held + int(CALIBRATE * weights))} to calibrate (beside "
+        f"{format_bytes(held)} already in use), over {allowed}; only a Hugging Face model directory calibrates block by block: "
+        "free memory, or calibrate on a machine with more"
+    )

@@ -39,7 +39,7 @@ from ..base.errors import ActsparseError, ConfigError, DataError, RecipeError, f
 from ..data.batches import Batch, batch_size, describe_batch, model_device, run_batch, to_device
 from ..nn.attention import find_heads
 from ..nn.layers import layer_kind
-from ..nn.modules import check_finite_weights, eval_mode
+from ..nn.modules import check_finite_weights, eval_mode, resident
 from .compensate import compensate, effective_compensation, lstsq_refit
 from .functions import LayerStats, RunningStat
 from .masks import LayerMask, Masks, checked_layer_mask
@@ -238,6 +238,13 @@ def method_mask(name: str, ls: LayerStats, config: ResolvedLayer, model: nn.Modu
         layer = model.get_submodule(name)
     except AttributeError as e:
         raise ConfigError(f"layer {name!r} of the statistics is not in the model passed to select: pass the model they came from") from e
+    with resident(layer):  # a layer whose weights wait on disk (calibrated block by block): read while its mask is chosen
+        return _method_mask(name, ls, config, model, layer)
+
+
+def _method_mask(name: str, ls: LayerStats, config: ResolvedLayer, model: nn.Module, layer: nn.Module) -> LayerMask:
+    method = config.method
+    assert method is not None
     how, note = effective_compensation(layer, config.compensate)
     try:
         block = find_heads(model, name).block if config.heads else 1

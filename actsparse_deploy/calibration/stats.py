@@ -46,11 +46,15 @@ from torch import nn
 from ..base.errors import CalibrationError, ConfigError, MaskError, RecipeError, first_line
 from ..base.serialize import SEP, read_container, write_container
 from ..base.version import __version__
+from ..nn.modules import resident
 from .fields import MAX_DENSE_VALUES, feature_indices, is_int, layer_name_in_file, model_name_in_file, skipped_in_file
 from .functions import AGGREGATE_FNS, MAX_COUNT, STAT_DTYPE, Aggregate, LayerStats, RunningStat, same_statistic, stat_tensor
 from .recipe import LayerSettings, Recipe, ResolvedLayer
 
-__all__ = ["Statistics", "dtype_named", "layer_from_row", "layer_row", "model_fingerprint", "new_run_id", "part_keys", "part_shapes", "type_names"]
+__all__ = [
+    "Statistics", "dtype_named", "layer_from_row", "layer_row", "model_fingerprint", "new_run_id", "part_keys", "part_shapes", "statistics_bytes",
+    "type_names",
+]
 
 FORMAT = "actsparse.statistics"
 FORMAT_VERSION = 1
@@ -86,6 +90,29 @@ def matches_type(wanted: tuple[str, ...], types: tuple[str, ...]) -> bool:
     return any(t in names for t in wanted)
 
 
+def statistics_bytes(model: nn.Module, layers: Mapping[str, ResolvedLayer]) -> int:
+    """About what the statistics of ``layers`` (a recipe's selection of ``model``) take while they are
+    collected, in float64: a layer with a method or a compensation its inputs' Gram matrix (``(n + 1)^2``
+    values for ``n`` input features), any other a few vectors of its features.
+
+    >>> from actsparse_deploy.calibration.recipe import Recipe
+    >>> model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    >>> statistics_bytes(model, Recipe.simple(layers=["1"], sparsity=0.5).select(model))
+    96
+    >>> statistics_bytes(model, Recipe.simple(layers=["1"], sparsity=0.5).with_method("obs", "lstsq").select(model))
+    128
+    """
+    from ..nn.layers import WeightedKind, layer_kind
+
+    total = 0
+    for name, config in layers.items():
+        kind = layer_kind(module := model.get_submodule(name))
+        width = kind.in_features(module) if isinstance(kind, WeightedKind) else max(1, len(config.features or ()))
+        gram = config.method is not None or config.compensate != "none"
+        total += 8 * ((width + 1) ** 2 if gram else 4 * width)
+    return total
+
+
 def model_fingerprint(model: nn.Module, layers: Iterable[str]) -> str:
     """A digest of ``model``'s architecture (every module's name and class, every
     parameter's and buffer's name, shape and dtype) and of the weights of
@@ -103,9 +130,10 @@ def model_fingerprint(model: nn.Module, layers: Iterable[str]) -> str:
         if layer not in modules:  # statistics of a layer this model does not have: another model
             digest.update(f"missing {layer}\n".encode())
             continue
-        for name, tensor in sorted(modules[layer].named_parameters(recurse=False)):
-            digest.update(f"w {layer}.{name}\n".encode())
-            digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype: bfloat16 too
+        with resident(modules[layer]):  # weights that wait on disk: read for the digest
+            for name, tensor in sorted(modules[layer].named_parameters(recurse=False)):
+                digest.update(f"w {layer}.{name}\n".encode())
+                digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype: bfloat16 too
     return digest.hexdigest()[:32]
 
 

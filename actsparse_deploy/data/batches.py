@@ -134,8 +134,9 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def model_device(model: Any) -> torch.device:
-    """Where ``model``'s parameters are (the CPU for a model without any)."""
-    first = next(iter(model.parameters()), None)
+    """Where ``model``'s parameters are (the CPU for a model without any; parameters on the meta device,
+    whose weights wait on disk until their layer runs, are not where it runs)."""
+    first = next((p for p in model.parameters() if not p.is_meta), None)
     return first.device if first is not None else torch.device("cpu")
 
 

@@ -32,11 +32,14 @@ Loading one (``tiny-llama/`` written by ``model.save_pretrained`` and
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import inspect
 import json
 import math
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +49,7 @@ import torch
 from torch import nn
 
 from ..base.constants import HF_TASKS, hub_offline
-from ..base.errors import ActsparseError, DataError, ModelLoadError, UsageError, WeightsError, first_line, is_panic
+from ..base.errors import ActsparseError, DataError, MemoryBudgetError, ModelLoadError, UsageError, WeightsError, first_line, is_panic
 from ..data.batches import Batch
 
 hub_offline()  # before transformers is first imported
@@ -519,15 +522,22 @@ def _refuse_custom_code(path: Path, error: type[ActsparseError], what: str) -> d
 
 @contextlib.contextmanager
 def _transformers_quiet() -> Iterator[None]:
-    """transformers' load report and warnings are errors or nothing: one line is ours to print."""
+    """transformers' load report and warnings are errors or nothing (accelerate's too, which loads a model
+    block by block): one line is ours to print."""
+    import logging
+
     from transformers.utils import logging as hf_logging
 
     before = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    accelerate = logging.getLogger("accelerate")
+    level = accelerate.level
+    accelerate.setLevel(max(level, logging.ERROR))
     try:
         yield
     finally:
         hf_logging.set_verbosity(before)
+        accelerate.setLevel(level)
 
 
 def _reason(e: BaseException) -> str:
@@ -575,11 +585,12 @@ def _header_sizes(files: Sequence[Path]) -> tuple[int, int]:
     return tensors, elements
 
 
-def check_config_fits(directory: Path, auto: Any, config: Any, files: Sequence[Path]) -> None:
+def check_config_fits(directory: Path, auto: Any, config: Any, files: Sequence[Path]) -> nn.Module:
     """The model config.json describes, built on the meta device (no memory for its weights), against the
     weights' headers: a model with far more parameters than the files hold numbers (see
     :data:`PARAMETERS_PER_WEIGHT`), or with more than :data:`MODULES_PER_TENSOR` modules per tensor (stopped
-    while it is built), could never be filled by them, and is refused before it is built for real."""
+    while it is built), could never be filled by them, and is refused before it is built for real.
+    Returns the model on the meta device (its layout, no weights)."""
     from torch.nn.modules.module import register_module_module_registration_hook
 
     tensors, elements = _header_sizes(files)
@@ -612,6 +623,7 @@ def check_config_fits(directory: Path, auto: Any, config: Any, files: Sequence[P
             f"tensors of {elements:,} parameters cannot fill it; fix config.json's sizes (num_hidden_layers, hidden_size, "
             "vocab_size, ...) or save the model again with model.save_pretrained(DIR)"
         )
+    return model
 
 
 def _read_model_config(directory: Path, task: str | None) -> tuple[dict[str, Any], str, list[str]]:
@@ -625,11 +637,13 @@ def _read_model_config(directory: Path, task: str | None) -> tuple[dict[str, Any
     return config, the_task, [_task_note(directory, the_task, architectures)]
 
 
-def load_hf(directory: str | Path, task: str | None = None, max_length: int | None = None) -> HFSource:
+def load_hf(directory: str | Path, task: str | None = None, max_length: int | None = None, by_block: bool = False) -> HFSource:
     """The model saved in ``directory``, for ``task`` (default: the one its
     ``config.json`` architectures imply, said in the source's ``notes``), wrapped
     as an :class:`HFModel`. Its weights are checked first (:func:`weight_files`),
-    and so are config.json's sizes against them (:func:`check_config_fits`)."""
+    and so are config.json's sizes against them (:func:`check_config_fits`).
+    ``by_block``: its blocks' weights (:func:`~actsparse_deploy.nn.modules.largest_blocks`) stay in
+    their files and are read a layer at a time while the layer runs (:func:`offload_blocks`)."""
     check_task(task)
     directory = Path(directory)
     config, the_task, notes = _read_model_config(directory, task)
@@ -640,14 +654,15 @@ def load_hf(directory: str | Path, task: str | None = None, max_length: int | No
     except ImportError as e:
         raise ModelLoadError(f"a Hugging Face model directory needs transformers: {e}") from e
     hf_config = _hf_config(directory)
-    check_config_fits(directory, auto, hf_config, files)
+    layout = check_config_fits(directory, auto, hf_config, files)
+    offload = offload_blocks(directory, layout) if by_block else {}
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Loading weights" bar on the user's terminal
     try:
         with _transformers_quiet():
             model, info = auto.from_pretrained(
                 str(directory), config=hf_config, local_files_only=True, use_safetensors=True, attn_implementation="eager",
-                output_loading_info=True, trust_remote_code=False, ignore_mismatched_sizes=True,
+                output_loading_info=True, trust_remote_code=False, ignore_mismatched_sizes=True, **offload,
             )
     except BaseException as e:  # transformers raises many types; a weights file it cannot read is the weights' fault
         if not (isinstance(e, Exception) or is_panic(e)):
@@ -662,6 +677,27 @@ def load_hf(directory: str | Path, task: str | None = None, max_length: int | No
             hf_logging.enable_progress_bar()
     _check_filled(directory, model, info, the_task, config)
     return HFSource(wrap_pretrained(model.eval(), the_task, str(directory)), directory, max_length, notes=notes)
+
+
+def offload_blocks(directory: Path, layout: nn.Module) -> dict[str, Any]:
+    """``from_pretrained``'s arguments that leave the blocks of ``layout`` (the model on the meta device) in
+    their ``.safetensors`` files, each layer's weights read while it runs (accelerate's offloading; files that
+    need no conversion are read in place, others are written once into a folder removed when the process
+    ends): a :class:`MemoryBudgetError` where the model has no list of blocks to split it into."""
+    from ..nn.modules import block_device_map, largest_blocks
+
+    blocks = largest_blocks(layout)
+    device_map = block_device_map(layout, blocks) if blocks is not None else None
+    if device_map is None:
+        raise MemoryBudgetError(f"{directory} cannot be calibrated block by block: its model ({type(layout).__name__}) has no list of "
+                                "blocks that holds most of its weights; calibrate it on a machine with memory for all of them")
+    try:
+        import accelerate  # noqa: F401 (transformers reads offloaded weights through it)
+    except ImportError as e:
+        raise MemoryBudgetError(f"calibrating block by block needs the accelerate package ({e}): pip install accelerate") from e
+    folder = tempfile.mkdtemp(prefix="actsparse-offload-")
+    atexit.register(shutil.rmtree, folder, True)
+    return {"device_map": device_map, "offload_folder": folder}
 
 
 def _check_filled(directory: Path, model: nn.Module, info: Mapping[str, Any], task: str, config: Mapping[str, Any]) -> None:

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..base.constants import MAX_LENGTH
-from ..base.errors import DataError, ModelLoadError, UsageError, WeightsError, first_line
+from ..base.errors import DataError, MemoryBudgetError, ModelLoadError, UsageError, WeightsError, first_line
 from ..base.imports import import_attr
 from ..base.serialize import reason, unreadable
 from ..calibration.recipe import Recipe, resolve_recipe
@@ -59,6 +59,7 @@ __all__ = [
     "load_text_data",
     "parse_factory_args",
     "resolve_io_spec",
+    "stored_weight_bytes",
 ]
 
 
@@ -133,25 +134,46 @@ def parse_factory_args(text: str | None) -> dict[str, Any] | None:
 
 
 def load_model(
-    spec: str, weights: str | Path | None = None, options: ModelOptions | None = None, device: torch.device | str | None = None
+    spec: str, weights: str | Path | None = None, options: ModelOptions | None = None, device: torch.device | str | None = None,
+    by_block: bool = False,
 ) -> LoadedModel:
     """A built-in name, a Hugging Face model directory (``hf:PATH`` or a
     directory with ``config.json``), or ``package.module:factory`` with optional
     weights; ``options``: the task of a Hugging Face model, a factory's arguments;
-    ``device``: move the model there (None: where it was built)."""
-    loaded = _load_model(spec, weights, options)
+    ``device``: move the model there (None: where it was built); ``by_block``: a Hugging Face
+    directory's blocks left in their files, each layer read while it runs (:func:`~actsparse_deploy.models.hf.load_hf`)."""
+    if by_block and device is not None and torch.device(device).type != "cpu":
+        raise UsageError(f"a model calibrated block by block runs on the CPU, not on {device}")
+    loaded = _load_model(spec, weights, options, by_block)
     check_finite_weights(loaded.module)  # NaN weights are the weights' fault, not the data's (exit 5)
     if device is not None:
         loaded.module.to(device)
     return loaded
 
 
-def _load_model(spec: str, weights: str | Path | None, options: ModelOptions | None) -> LoadedModel:
+def stored_weight_bytes(spec: str) -> int | None:
+    """The size of a Hugging Face directory's weights files (its model's weights, before it loads); None
+    for another model (its size is known once it is built)."""
+    if not (spec.startswith(HF_PREFIX) or (":" not in spec and spec not in zoo.builtin_names())):
+        return None
+    directory = hf_directory(spec)
+    if directory is None:
+        return None
+    from .hf import read_json_object, weight_files
+
+    config = read_json_object(directory / "config.json", ModelLoadError)
+    return sum(path.stat().st_size for path in weight_files(directory, config))
+
+
+def _load_model(spec: str, weights: str | Path | None, options: ModelOptions | None, by_block: bool = False) -> LoadedModel:
     options = options or ModelOptions()
     if spec.startswith(HF_PREFIX) or (":" not in spec and spec not in zoo.builtin_names()):
         directory = hf_directory(spec)
         if directory is not None:
-            return _load_hf(spec, directory, weights, options)
+            return _load_hf(spec, directory, weights, options, by_block)
+    if by_block:
+        raise MemoryBudgetError(f"only a Hugging Face model directory calibrates block by block; {spec!r} is not one: free memory, "
+                                "or calibrate on a machine with more")
     if options.task is not None and ":" not in spec:
         raise ModelLoadError(f"`task` is for Hugging Face models; {spec!r} is a built-in model with its own task")
     if options.factory_args is not None and ":" not in spec:
@@ -186,12 +208,12 @@ def _load_model(spec: str, weights: str | Path | None, options: ModelOptions | N
     return LoadedModel(module.eval(), spec, hf=hf)
 
 
-def _load_hf(spec: str, directory: Path, weights: str | Path | None, options: ModelOptions) -> LoadedModel:
+def _load_hf(spec: str, directory: Path, weights: str | Path | None, options: ModelOptions, by_block: bool = False) -> LoadedModel:
     if weights is not None:
         raise WeightsError(f"{directory} is a Hugging Face model directory with its own weights: pass no `weights`")
     if options.factory_args is not None:
         raise ModelLoadError(f"`factory_args` are keyword arguments of a package.module:factory, and {spec!r} is a model directory")
-    source = load_hf(directory, options.task, options.max_length)
+    source = load_hf(directory, options.task, options.max_length, by_block=by_block)
     return LoadedModel(source.model, spec, hf=source)
 
 
