@@ -173,7 +173,8 @@ def memory_plan(weights: int, budget: int | None = None, held: int | None = None
     how += ", which holds float16 weights as float32" if half else ""
     raise MemoryBudgetError(
         f"the model's weights ({format_bytes(weights)}) need about {format_bytes(parted if can_part else need)} to {what} (held {how}, "
-        f"beside {format_bytes(held)} already in use), over {allowed}: free memory, or convert on a machine with more")
+        f"beside {format_bytes(held)} already in use), over {allowed}: free memory, or {what} on a machine with more (`calibrate "
+        "--max-memory` makes the masks of a Hugging Face model block by block)")
 
 
 @dataclass(frozen=True)

@@ -60,14 +60,15 @@ def check_finite_weights(model: nn.Module) -> None:
     Inf, or buffer that holds NaN (buffers may hold -inf on purpose: attention
     masks). Calibration on such a model would blame the data for the NaN.
     Weights that wait on disk are read a module at a time (:func:`resident`)."""
-    seen: set[int] = set()
+    seen: set[int] = set()  # tensors shared by two modules, checked once (those read from disk live only while checked: each time)
     for prefix, module in model.named_modules():
+        offloaded = is_offloaded(module)
         with resident(module):
             for kind, named in (("parameter", module.named_parameters(recurse=False)), ("buffer", module.named_buffers(recurse=False))):
                 for name, t in named:
-                    if id(t) in seen or not (t.is_floating_point() or t.is_complex()):
+                    if (not offloaded and id(t) in seen) or not (t.is_floating_point() or t.is_complex()):
                         continue
-                    seen.add(id(t))
+                    seen.update(() if offloaded else (id(t),))
                     _check_values(kind, f"{prefix}.{name}" if prefix else name, t)
 
 

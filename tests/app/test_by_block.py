@@ -152,3 +152,24 @@ def test_statistics_collected_block_by_block_merge_with_the_whole_models(llama, 
         values = [getattr(p, "value", p) for p in (*ls.parts, *block[name].parts)]
         assert all(torch.equal(a, b) for a, b in zip(values[:len(ls.parts)], values[len(ls.parts):], strict=True)), name  # the same
     assert whole.merge(part).num_samples == whole.num_samples + 4
+
+
+def test_an_encoder_calibrates_block_by_block_to_the_same_masks(tmp_path: Path, weights_only) -> None:
+    """BERT's blocks are ``encoder.layer`` (a float32 model, its MLP narrow beside its attention)."""
+    from transformers import BertConfig, BertModel
+
+    from actsparse_deploy.models.loading import ModelOptions
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+                         max_position_embeddings=64)).save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    (tmp_path / "calib.txt").write_text("\n".join(LINES) + "\n")
+    options = ModelOptions(text=str(tmp_path / "calib.txt"))
+    for name, budget in (("whole", None), ("block", _weights(tmp_path / "bert"))):
+        report = calibrate_model(str(tmp_path / "bert"), tmp_path / f"{name}.safetensors", RecipeFlags(), model_options=options, batch_size=4,
+                                 max_memory=budget)
+        assert report is not None and (report.memory is not None and report.memory.by_block) == (name == "block")
+    a, b = Masks.load(tmp_path / "whole.safetensors"), Masks.load(tmp_path / "block.safetensors")
+    assert len(a.layers) == 4 and all(torch.equal(mask.mask, b[name].mask) for name, mask in a.layers.items())
