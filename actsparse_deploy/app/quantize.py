@@ -13,17 +13,19 @@ smooths the squashed model's matrix products where that lowers their int8 error
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from ..bake.smooth import Smoothing, apply_smoothing, plan_smoothing
 from ..base.errors import ValidationError
 from ..data.batches import Batch, first_samples, unpadded
 from ..data.iospec import IOSpec
 from ..data.workload import Workload
-from ..models.decoder import Target
+from ..models.decoder import CacheLayout, Target, decoder_batch
 from ..onnx.quantize import Quantized, check_quantized, quantization_json, quantize_onnx, quantize_staged
 from .report import Report
 
@@ -52,10 +54,29 @@ def quantize_file(onnx_model: Path, output: Path, mode: str, data: str | None = 
         raise UsageError("quantize --mode none does nothing: int8 or int8-static")
     if (mode == "int8-static") != (data is not None):
         raise UsageError("--data gives int8-static its calibration batches: give it with int8-static, and only then")
-    batches = load_data(data, batch_size) if data is not None else None
+    batches = first_steps(onnx_model, load_data(data, batch_size)) if data is not None else None
     result = quantize_onnx(onnx_model, output, mode, calibration=batches, overwrite=overwrite)
     return Report(model=str(onnx_model), quantization=quantization_json(result, None),  # type: ignore[arg-type]
                   files={str(output): result.size_after})
+
+
+def first_steps(onnx_model: Path, batches: Iterable[Batch]) -> Iterable[Batch]:
+    """``batches`` as the model at ``onnx_model`` takes them: where it is a decoder with a cache
+    (``past_key_values.*`` inputs) and a batch holds tokens only, the decoder's first step on them (their
+    positions, an empty cache in the cache's dtype), as ``convert`` feeds it; else as they are."""
+    import onnx
+
+    from ..onnx.validate import read_graph
+
+    graph = read_graph(onnx_model).graph
+    shapes = {i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    layout = CacheLayout.declared(shapes)
+    if layout is None:
+        return batches
+    kinds = {i.name: i.type.tensor_type.elem_type for i in graph.input}
+    dtype = torch.float16 if kinds[layout.past_names()[0]] == onnx.TensorProto.FLOAT16 else torch.float32
+    return [decoder_batch(b, layout, dtype) if isinstance(b, Mapping) and not any(k.startswith("past_key_values.") for k in b) else b
+            for b in batches]
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ wrapped, the export example (tokens after a short random past), the I/O spec
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, overload
 
@@ -97,6 +97,22 @@ class CacheLayout:
         kv_heads = _config_int(config, "num_key_value_heads") or heads
         head_dim = _config_int(config, "head_dim") or hidden // heads
         return cls(layers, kv_heads, head_dim)
+
+    @classmethod
+    def declared(cls, shapes: Mapping[str, Sequence[int | None]]) -> CacheLayout | None:
+        """Read from a model's declared inputs (name -> dims, None where not fixed): its
+        ``past_key_values.{i}.key`` / ``.value``, each ``(batch, kv_heads, past, head_dim)``; None where it takes none
+        or they do not say their heads and head size.
+
+        >>> CacheLayout.declared({"input_ids": [None, None], **{f"past_key_values.{i}.{kv}": [None, 2, None, 8]
+        ...                       for i in range(3) for kv in ("key", "value")}})
+        CacheLayout(layers=3, kv_heads=2, head_dim=8)
+        """
+        past = [dims for name, dims in shapes.items() if name.startswith("past_key_values.")]
+        if not past or len(past[0]) != 4 or past[0][1] is None or past[0][3] is None:
+            return None
+        layout = cls(len(past) // 2, past[0][1], past[0][3])
+        return layout if set(layout.past_names()) == {name for name in shapes if name.startswith("past_key_values.")} else None
 
     def past_names(self) -> tuple[str, ...]:
         return tuple(f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value"))

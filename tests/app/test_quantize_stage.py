@@ -257,3 +257,28 @@ def test_an_int8_miss_that_leaves_no_room_halves_the_searched_budget_instead_of_
 @pytest.mark.parametrize(("kind", "value", "free"), [("cosine", 0.98, 1.0), ("accuracy-drop", 0.02, 0.0), ("perplexity-ratio", 1.03, 1.0)])
 def test_the_free_budget_of_each_kind_allows_no_cost(kind: str, value: float, free: float) -> None:
     assert Budget(kind, value).free().value == free and Budget(kind, value).free().within(free)
+
+
+def test_static_int8_of_a_decoder_with_its_cache_takes_token_batches_as_first_steps(tmp_path):
+    """Before, ``quantize --mode int8-static`` of the decoder ``export`` writes (with its KV cache) refused every token
+    file: "input names do not match ... past_key_values.0.key" (exit 10); a user has no cache to give. The ranges
+    now come from the tokens as the decoder's first steps (an empty cache), as ``convert --quantize int8-static`` takes them."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from ..models.test_hf import HFFiles
+
+    hf = HFFiles(tmp_path / "hf")
+    exported = invoke("export", hf.llama, "--task", "causal-lm", "--heldout-text", hf.held, "-o", tmp_path / "model.onnx")
+    assert exported.exit_code == 0, exported.output
+    ids = np.random.default_rng(0).integers(4, 100, size=(6, 8))
+    np.savez(tmp_path / "tokens.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    result = invoke("quantize", tmp_path / "model.onnx", "-o", tmp_path / "int8.onnx", "--mode", "int8-static", "--data",
+                    tmp_path / "tokens.npz", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["quantization"]["mode"] == "int8-static"
+    session = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert "past_key_values.0.key" in names  # still the decoder with its cache
+    one_line_error(invoke("quantize", tmp_path / "model.onnx", "-o", tmp_path / "bad.onnx", "--mode", "int8-static", "--data",
+                          tmp_path / "tokens.npz", "--batch-size", "0"), 2)
