@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ..models.loading import LoadedModel, ModelOptions
     from .report import Report
 
-__all__ = ["RecipeFlags", "build_recipe", "calibrate_model", "checked_plan", "memory_plan", "recipe_for", "recipe_from_flags"]
+__all__ = ["RecipeFlags", "build_recipe", "calibrate_model", "memory_plan", "recipe_for", "recipe_from_flags"]
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,9 @@ def calibrate_model(
     distributed session, whose other ranks than 0 return None (rank 0 reports).
     ``max_memory``: the memory it keeps within (default: what the machine has free); a Hugging Face
     directory whose weights do not fit is calibrated block by block (:func:`memory_plan`)."""
+    from ..calibration.stats import statistics_bytes
     from ..models.loading import load_model
+    from ..nn.modules import weight_bytes
     from .commands import calibrate_to_file
 
     if max_cost is not None:
@@ -153,14 +155,17 @@ def calibrate_model(
     flags = flags.for_budget(max_cost)
     if getattr(group, "writer", True):
         check_output_path(Path(output), overwrite)
-    plan = memory_plan(model, max_memory)
+    plan = memory_plan(model, model_options, flags, max_memory)
     by_block = plan is not None and plan.by_block
     if plan is not None and by_block and (max_cost is not None or flags.recover or group is not None):
         raise MemoryBudgetError(f"{_NEEDS_ALL[0 if max_cost is not None else 1 if flags.recover else 2]}, and the model's weights "
                                 f"({format_bytes(plan.weights)}) are over the memory budget: calibrate without it, or on a machine with more")
     loaded = load_model(model, weights, model_options, device=device, by_block=by_block)
     recipe = recipe_for(model, loaded, flags)
-    plan = checked_plan(plan, loaded, recipe, max_memory)
+    if plan is None and max_memory is not None:  # not a Hugging Face directory: its size is known once it is built
+        size = weight_bytes(loaded.module)
+        plan = calibration_plan(size, parse_memory(max_memory), held=max(0, resident_memory() - size), asked=True,
+                                statistics=statistics_bytes(loaded.module, recipe.select(loaded.module)))
     report = calibrate_to_file(
         loaded, recipe, output, data=data, batch_size=batch_size, on_stage=on_stage, on_batch=on_batch,
         max_cost=max_cost, model_options=model_options, max_samples=max_samples, stats_only=stats_only, group=group,
@@ -168,8 +173,8 @@ def calibrate_model(
     )
     if report is None or plan is None or not (plan.by_block or plan.asked):
         return report
-    return dataclasses.replace(report, memory=Memory(peak_bytes=peak_memory(), weights_bytes=plan.weights, budget_bytes=plan.budget, apart=False,
-                                         one_at_a_time=False, by_block=True if plan.by_block else None))
+    return dataclasses.replace(report, memory=Memory(peak_bytes=peak_memory(), weights_bytes=plan.weights, budget_bytes=plan.budget,
+                                                     apart=False, one_at_a_time=False, by_block=True if plan.by_block else None))
 
 
 #: what needs the whole model in memory (it cannot run block by block)
@@ -177,28 +182,25 @@ _NEEDS_ALL = ("a cost budget (--max-cost) measures sparse copies of the model", 
               "a distributed calibration runs a model in each process")
 
 
-def memory_plan(model: str, max_memory: str | int | None) -> CalibrationPlan | None:
-    """How ``calibrate`` keeps ``model`` within ``max_memory`` (default: what the machine has free), decided
-    before it loads where its weights' size is known then (a Hugging Face directory: its files); None otherwise."""
-    from ..models.loading import stored_weight_bytes
-
-    budget = parse_memory(max_memory) if max_memory is not None else None
-    stored = stored_weight_bytes(model)
-    return calibration_plan(stored, budget, asked=max_memory is not None) if stored is not None else None
-
-
-def checked_plan(plan: CalibrationPlan | None, loaded: LoadedModel, recipe: Recipe, max_memory: str | int | None) -> CalibrationPlan | None:
-    """``plan`` (None: made now, from the loaded model's weights) checked against what the recipe's
-    statistics and, block by block, the largest block will take (exit 13 before any work where they do not
-    fit): where the run goes block by block or the budget was asked for."""
+def memory_plan(model: str, options: ModelOptions | None, flags: RecipeFlags, max_memory: str | int | None) -> CalibrationPlan | None:
+    """How ``calibrate`` keeps ``model`` within ``max_memory`` (default: what the machine has free), decided before it
+    loads for a Hugging Face directory (:func:`~actsparse_deploy.base.memory.calibration_plan`, exit 13 where it does not
+    fit even block by block): from its files' size and its layout on the meta device (the statistics of the recipe
+    ``flags`` describe, its blocks); None for another model."""
     from ..calibration.stats import statistics_bytes
-    from ..nn.modules import block_bytes, weight_bytes
+    from ..models.loading import load_layout
+    from ..nn.modules import block_bytes, largest_blocks, weight_bytes
 
-    if plan is None:
-        if max_memory is None:
-            return None
-        size = weight_bytes(loaded.module)
-        plan = calibration_plan(size, parse_memory(max_memory), held=max(0, resident_memory() - size), asked=True, can_split=False)
-    if plan.by_block or plan.asked:
-        plan.check(resident_memory(), block_bytes(loaded.module) if plan.by_block else 0, statistics_bytes(loaded.module, recipe.select(loaded.module)))
-    return plan
+    found = load_layout(model, options)
+    if found is None:
+        return None
+    layout, stored = found
+    module = layout.module
+    statistics = statistics_bytes(module, recipe_for(model, layout, flags).select(module))
+    scale = stored / max(1, weight_bytes(module))  # the layout is float32; the files may hold half precision
+    blocks = largest_blocks(module)
+    rest = block = None
+    if blocks is not None:
+        rest, block = int(scale * (weight_bytes(module) - weight_bytes(module.get_submodule(blocks)))), int(scale * block_bytes(module))
+    budget = parse_memory(max_memory) if max_memory is not None else None
+    return calibration_plan(stored, budget, asked=max_memory is not None, statistics=statistics, rest=rest, block=block)

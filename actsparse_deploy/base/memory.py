@@ -180,57 +180,45 @@ def memory_plan(weights: int, budget: int | None = None, held: int | None = None
 @dataclass(frozen=True)
 class CalibrationPlan:
     """How ``calibrate`` runs within ``budget`` bytes: the whole model in memory, or ``by_block`` (its
-    blocks' weights left in their files, each layer's read while it runs)."""
+    blocks' weights left in their files, each layer's read while it runs); ``need``: about what it holds."""
 
     budget: int | None
     weights: int
     by_block: bool
+    need: int
     asked: bool = False
 
-    def check(self, held: int, block: int, statistics: int) -> int:
-        """What the calibration will hold at most (``held``: what the process holds now, the loaded part of
-        the model in it; ``block``: the largest block's weights where it runs block by block; ``statistics``:
-        what the recipe's statistics take), or a :class:`MemoryBudgetError` (exit 13, before any work) where
-        it is over the budget.
 
-        >>> CalibrationPlan(10**9, 4 * 10**9, by_block=True).check(held=3 * 10**8, block=10**8, statistics=10**7)
-        610000000
-        """
-        extra = int(BLOCK * block) if self.by_block else int((CALIBRATE - 1) * self.weights)
-        need = held + extra + statistics
-        if self.budget is None or need <= self.budget:
-            return need
-        allowed = f"--max-memory {format_bytes(self.budget)}" if self.asked else f"the {format_bytes(self.budget)} this machine has free"
-        how = (f"block by block (one block's weights, {format_bytes(block)}, at a time)" if self.by_block else
-               f"with its weights ({format_bytes(self.weights)}) in memory")
-        raise MemoryBudgetError(
-            f"calibrating {how} needs about {format_bytes(need)} (statistics {format_bytes(statistics)}, beside {format_bytes(held)} "
-            f"held), over {allowed}: free memory, give the recipe fewer layers or a method without a Gram matrix, or calibrate on a "
-            "machine with more"
-        )
+def calibration_plan(weights: int, budget: int | None = None, held: int | None = None, asked: bool = False, *, statistics: int = 0,
+                     rest: int | None = None, block: int | None = None) -> CalibrationPlan:
+    """The plan for calibrating a model of ``weights`` bytes whose recipe's statistics take ``statistics``
+    bytes, in a process that holds ``held`` bytes (default: :func:`resident_memory`) within ``budget``
+    (default: what the machine has free, plus ``held``): the whole model where :data:`CALIBRATE` times its
+    weights and the statistics fit; else block by block where the model has blocks (``block``: its largest
+    block's bytes, ``rest``: its weights outside the blocks; None: it cannot be split), in memory the rest,
+    :data:`BLOCK` times one block and the statistics; else a :class:`MemoryBudgetError` (exit 13) naming
+    what it needs.
 
-
-def calibration_plan(weights: int, budget: int | None = None, held: int | None = None, asked: bool = False,
-                     can_split: bool = True) -> CalibrationPlan:
-    """The plan for calibrating a model of ``weights`` bytes in a process that holds ``held`` bytes
-    (default: :func:`resident_memory`) within ``budget`` (default: what the machine has free, plus
-    ``held``): the whole model where :data:`CALIBRATE` times its weights fit, else block by block where the
-    model ``can_split`` (a Hugging Face directory), else a :class:`MemoryBudgetError` (exit 13).
-
-    >>> calibration_plan(10**9, budget=2 * 10**9, held=10**8).by_block, calibration_plan(10**9, budget=10**9, held=10**8).by_block
-    (False, True)
+    >>> calibration_plan(10**9, budget=2 * 10**9, held=10**8).by_block
+    False
+    >>> calibration_plan(10**9, budget=10**9, held=10**8, rest=10**8, block=5 * 10**7).need
+    350000000
     """
     held = resident_memory() if held is None else held
     if budget is None:
         free = available_memory()
         budget = None if free is None else free + held
-    if budget is None or held + int(CALIBRATE * weights) <= budget:
-        return CalibrationPlan(budget, weights, False, asked)
-    if can_split:
-        return CalibrationPlan(budget, weights, True, asked)
+    whole = held + int(CALIBRATE * weights) + statistics
+    if budget is None or whole <= budget:
+        return CalibrationPlan(budget, weights, False, whole, asked)
+    parted = held + (rest or 0) + int(BLOCK * (block or 0)) + statistics if block is not None else None
+    if parted is not None and parted <= budget:
+        return CalibrationPlan(budget, weights, True, parted, asked)
     allowed = f"--max-memory {format_bytes(budget)}" if asked else f"the {format_bytes(budget)} this machine has free"
+    stats = f"statistics {format_bytes(statistics)}, beside {format_bytes(held)} held"
+    how = (f"block by block needs about {format_bytes(parted)} (one block's weights, {format_bytes(block or 0)}, at a time; {stats})"
+           if parted is not None else f"needs about {format_bytes(whole)} ({stats}); only a Hugging Face model directory calibrates block by block")
     raise MemoryBudgetError(
-        f"the model's weights ({format_bytes(weights)}) need about {format_bytes(held + int(CALIBRATE * weights))} to calibrate (beside "
-        f"{format_bytes(held)} already in use), over {allowed}; only a Hugging Face model directory calibrates block by block: "
-        "free memory, or calibrate on a machine with more"
+        f"calibrating the model (weights {format_bytes(weights)}) {how}, over {allowed}: free memory, give the recipe fewer layers "
+        "or a method without a Gram matrix, or calibrate on a machine with more"
     )

@@ -637,13 +637,15 @@ def _read_model_config(directory: Path, task: str | None) -> tuple[dict[str, Any
     return config, the_task, [_task_note(directory, the_task, architectures)]
 
 
-def load_hf(directory: str | Path, task: str | None = None, max_length: int | None = None, by_block: bool = False) -> HFSource:
+def load_hf(directory: str | Path, task: str | None = None, max_length: int | None = None, by_block: bool = False,
+            layout_only: bool = False) -> HFSource:
     """The model saved in ``directory``, for ``task`` (default: the one its
     ``config.json`` architectures imply, said in the source's ``notes``), wrapped
     as an :class:`HFModel`. Its weights are checked first (:func:`weight_files`),
     and so are config.json's sizes against them (:func:`check_config_fits`).
     ``by_block``: its blocks' weights (:func:`~actsparse_deploy.nn.modules.largest_blocks`) stay in
-    their files and are read a layer at a time while the layer runs (:func:`offload_blocks`)."""
+    their files and are read a layer at a time while the layer runs (:func:`offload_blocks`);
+    ``layout_only``: the model on the meta device, its weights unread (its modules' names and shapes)."""
     check_task(task)
     directory = Path(directory)
     config, the_task, notes = _read_model_config(directory, task)
@@ -655,6 +657,8 @@ def load_hf(directory: str | Path, task: str | None = None, max_length: int | No
         raise ModelLoadError(f"a Hugging Face model directory needs transformers: {e}") from e
     hf_config = _hf_config(directory)
     layout = check_config_fits(directory, auto, hf_config, files)
+    if layout_only:
+        return HFSource(wrap_pretrained(layout.eval(), the_task, str(directory)), directory, max_length, notes=notes)
     offload = offload_blocks(directory, layout) if by_block else {}
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Loading weights" bar on the user's terminal

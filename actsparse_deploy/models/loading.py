@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LoadedModel",
     "ModelOptions",
+    "load_layout",
     "load_model",
     "load_recipe",
     "load_state_dict_file",
@@ -59,7 +60,6 @@ __all__ = [
     "load_text_data",
     "parse_factory_args",
     "resolve_io_spec",
-    "stored_weight_bytes",
 ]
 
 
@@ -151,9 +151,9 @@ def load_model(
     return loaded
 
 
-def stored_weight_bytes(spec: str) -> int | None:
-    """The size of a Hugging Face directory's weights files (its model's weights, before it loads); None
-    for another model (its size is known once it is built)."""
+def load_layout(spec: str, options: ModelOptions | None = None) -> tuple[LoadedModel, int] | None:
+    """A Hugging Face directory's model on the meta device (its modules' names and shapes, no weights read)
+    and the size of its weights files, before it loads; None for another model (its size is known once it is built)."""
     if not (spec.startswith(HF_PREFIX) or (":" not in spec and spec not in zoo.builtin_names())):
         return None
     directory = hf_directory(spec)
@@ -161,8 +161,11 @@ def stored_weight_bytes(spec: str) -> int | None:
         return None
     from .hf import read_json_object, weight_files
 
+    options = options or ModelOptions()
     config = read_json_object(directory / "config.json", ModelLoadError)
-    return sum(path.stat().st_size for path in weight_files(directory, config))
+    stored = sum(path.stat().st_size for path in weight_files(directory, config))
+    source = load_hf(directory, options.task, options.max_length, layout_only=True)
+    return LoadedModel(source.model, spec, hf=source), stored
 
 
 def _load_model(spec: str, weights: str | Path | None, options: ModelOptions | None, by_block: bool = False) -> LoadedModel:

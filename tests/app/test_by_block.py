@@ -127,49 +127,67 @@ def test_a_model_that_does_not_fit_even_block_by_block_is_exit_13_before_any_wor
 
 @pytest.mark.parametrize(("flags", "needle"), [(("--max-cost", "cosine=0.99"), "--max-cost"), (("--recover",), "--recover")])
 def test_what_needs_the_whole_model_is_refused_block_by_block(llama, tmp_path: Path, weights_only, flags, needle: str) -> None:
-    from actsparse_deploy.app import calibrate
+    from actsparse_deploy.models import loading
 
     called = []
-    original = calibrate.recipe_for
-    calibrate.recipe_for = lambda *a: called.append(a) or original(*a)  # type: ignore[assignment]
+    original = loading.load_model
+    loading.load_model = lambda *a, **k: called.append(a) or original(*a, **k)  # type: ignore[assignment]
     try:
         result = invoke("calibrate", llama[0], "--text", llama[1], "-o", tmp_path / "m.safetensors", "--max-memory", _weights(llama[0]), *flags)
     finally:
-        calibrate.recipe_for = original  # type: ignore[assignment]
+        loading.load_model = original  # type: ignore[assignment]
     one_line_error(result, 13, needle, "over the memory budget")
     assert not called  # before the model loads
 
 
-def test_statistics_collected_block_by_block_merge_with_the_whole_models(llama, tmp_path: Path, weights_only) -> None:
-    from actsparse_deploy.calibration.stats import Statistics
-
-    _calibrate(llama, tmp_path / "whole.safetensors", stats_only=True)
-    _calibrate(llama, tmp_path / "block.safetensors", stats_only=True, max_memory=_weights(llama[0]))
-    _calibrate(llama, tmp_path / "part.safetensors", stats_only=True, max_memory=_weights(llama[0]), max_samples=4)
-    whole, block, part = (Statistics.load(tmp_path / f"{name}.safetensors") for name in ("whole", "block", "part"))
-    assert whole.fingerprint == block.fingerprint == part.fingerprint  # the same model: the layers' weights were read for the digest
-    for name, ls in whole.layers.items():
-        values = [getattr(p, "value", p) for p in (*ls.parts, *block[name].parts)]
-        assert all(torch.equal(a, b) for a, b in zip(values[:len(ls.parts)], values[len(ls.parts):], strict=True)), name  # the same
-    assert whole.merge(part).num_samples == whole.num_samples + 4
-
-
-def test_an_encoder_calibrates_block_by_block_to_the_same_masks(tmp_path: Path, weights_only) -> None:
-    """BERT's blocks are ``encoder.layer`` (a float32 model, its MLP narrow beside its attention)."""
+def _bert(vocab: int) -> torch.nn.Module:
     from transformers import BertConfig, BertModel
 
+    return BertModel(BertConfig(vocab_size=vocab, hidden_size=128, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                max_position_embeddings=64))
+
+
+def _gpt2(vocab: int) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=128, n_inner=32, n_layer=4, n_head=4, n_positions=64))
+
+
+@pytest.mark.parametrize("family", [_bert, _gpt2], ids=["bert", "gpt2"])
+def test_other_families_calibrate_block_by_block_to_the_same_masks(tmp_path: Path, weights_only, family) -> None:
+    """BERT's blocks are ``encoder.layer`` (float32), GPT-2's ``transformer.h`` (its ``Conv1D`` weights read for
+    the refit); both with their MLP narrow beside their attention, so that a block fits where the whole does not."""
     from actsparse_deploy.models.loading import ModelOptions
 
     tokenizer = _tokenizer()
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
-                         max_position_embeddings=64)).save_pretrained(tmp_path / "bert")
-    tokenizer.save_pretrained(tmp_path / "bert")
+    family(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
     (tmp_path / "calib.txt").write_text("\n".join(LINES) + "\n")
     options = ModelOptions(text=str(tmp_path / "calib.txt"))
-    for name, budget in (("whole", None), ("block", _weights(tmp_path / "bert"))):
-        report = calibrate_model(str(tmp_path / "bert"), tmp_path / f"{name}.safetensors", RecipeFlags(), model_options=options, batch_size=4,
-                                 max_memory=budget)
+    for name, budget in (("whole", None), ("block", _weights(tmp_path / "model"))):
+        report = calibrate_model(str(tmp_path / "model"), tmp_path / f"{name}.safetensors", RecipeFlags(), model_options=options,
+                                 batch_size=4, max_memory=budget)
         assert report is not None and (report.memory is not None and report.memory.by_block) == (name == "block")
     a, b = Masks.load(tmp_path / "whole.safetensors"), Masks.load(tmp_path / "block.safetensors")
-    assert len(a.layers) == 4 and all(torch.equal(mask.mask, b[name].mask) for name, mask in a.layers.items())
+    assert len(a.layers) == 4
+    for name, mask in a.layers.items():
+        assert torch.equal(mask.mask, b[name].mask), name
+        assert (mask.weight is None) == (b[name].weight is None) and (mask.weight is None or torch.equal(mask.weight, b[name].weight)), name
+
+
+def test_attention_heads_are_chosen_block_by_block_as_on_the_whole_model(llama, tmp_path: Path, weights_only) -> None:
+    """``--heads``: obs on whole heads reads the output projection's weight, and the refit its columns."""
+    from actsparse_deploy.models.loading import ModelOptions
+
+    directory, text = llama
+    # the heads' Gram matrices (2.25 MB) beside the weights (2.28 MB): the whole model does not fit twice its weights, a block does
+    for name, budget in (("whole", None), ("block", 2 * _weights(directory))):
+        report = calibrate_model(str(directory), tmp_path / f"{name}.safetensors", RecipeFlags(heads=True),
+                                 model_options=ModelOptions(text=str(text)), batch_size=4, max_memory=budget)
+        assert report is not None and (report.memory is not None and report.memory.by_block) == (name == "block")
+    a, b = Masks.load(tmp_path / "whole.safetensors"), Masks.load(tmp_path / "block.safetensors")
+    heads = [name for name in a.layers if name.endswith("o_proj")]
+    assert len(heads) == 4 and list(a.layers) == list(b.layers)
+    for name, mask in a.layers.items():
+        assert torch.equal(mask.mask, b[name].mask), name
