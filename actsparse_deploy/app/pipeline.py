@@ -563,6 +563,7 @@ def build_report(
     export is a decoder with a KV cache (``export.cache``); ``precision``: the weights' ``dtype`` written and
     their ``source_dtype`` (``export.dtype``, ``export.source_dtype``); ``memory``: how the run kept within its
     memory budget (the report's ``memory``, with the peak so far, where a budget was asked for or changed the run)."""
+    text_notes = _other_text_note(work)
     modes = squashed.rows()
     # merged: the squash rows also say how each layer's features were chosen (method) and compensated
     layers = [{**row, "input_shape": named_input_shape(row), **next(m for m in modes if m["layer"] == row["layer"])}
@@ -577,7 +578,7 @@ def build_report(
     checked = validation.to_json() if hasattr(validation, "to_json") else dict(validation)
     note = slower_note(mode, [row.get("mode", "") for row in layers], speed["ratio"]) if speed is not None else None
     left_out = (budget.quantization or {}).get("why") if budget is not None else None
-    notes = [*([note] if note else []), *([f"--quantize auto: not quantized: {left_out}"] if left_out else []), *_other_text_note(work)]
+    notes = [*([note] if note else []), *([f"--quantize auto: not quantized: {left_out}"] if left_out else []), *text_notes]
     sections: dict[str, Any] = {  # JSON, parsed by the report's sections
         "calibration": {"samples": masks.num_samples, "batches": masks.num_batches},
         "export": {**exported.to_json(), "path": final, **({"cache": cache} if cache is not None else {}), **(precision or {})},
