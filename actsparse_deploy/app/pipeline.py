@@ -164,12 +164,13 @@ class Stages:
             if c.max_cost_other and work.other is None:
                 raise UsageError(f"--max-cost-other holds the budget on text from another source too, and {work.name!r} has none: "
                                  "give --other-text FILE")
+            weights = weight_bytes(work.model)
             check_dynamic_axes(work.model, work.example(), o.export.dynamic_axes, work.io)  # before any work
-            # one copy of the weights in PyTorch and one in onnxruntime must fit (exit 13 here, before any work)
-            memory = (memory_plan(weight_bytes(work.model), o.max_memory, asked=o.max_memory is not None, can_part=not target.cached, loaded=True,
-                                  half=target.dtype == torch.float16) if o.writer else None)
             calibration = first_samples(work.require_calibration(), c.max_samples)
             timer.totals["calibrate"] = total_samples(calibration) if c.group is None else None  # distributed: a share
+            # one copy of the weights in PyTorch and one in onnxruntime must fit (exit 13 here, before any work)
+            memory = (memory_plan(weights, o.max_memory, asked=o.max_memory is not None, can_part=not target.cached, loaded=True,
+                                  half=target.dtype == torch.float16) if o.writer else None)
         return cls(work, timer, target, memory=memory), recipe, calibration
 
     def calibrate(self, recipe: Recipe, batches: Iterable[Batch], o: CalibrateOptions,
