@@ -198,8 +198,8 @@ def quantize_stage(work: Workload, target: Target, path: Path, exported: IOSpec,
     io, dense = target.validation_io(exported), dense if dense is not None else target.model(work.model)
     calibration = target.batches(work.require_calibration()) if mode == "int8-static" else None
     held = target.batches(work.require_heldout()) if budget is not None else None
-    result, floated = quantize_staged(path, mode, calibration, io, verbose)
     smoothed = smoothing.to_json() if smoothing is not None else None
+    result, floated = quantize_staged(path, mode, calibration, io, verbose)
     if budget is None or held is None:
         return Quantized(result, floated, smoothing=smoothed)
     kept = check_quantized(budget, dense, path, held, io=io, tokens=work.causal_lm, labels=work.labels)
