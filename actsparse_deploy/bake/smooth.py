@@ -366,7 +366,8 @@ def _differs(want: Sequence[torch.Tensor], got: Sequence[torch.Tensor]) -> str |
     from ..data.compare import compare_outputs
     from .apply import squash_tolerance
 
-    _, problems = compare_outputs(got, want, squash_tolerance(want), sides=("smoothed", "before"))
+    tolerance = squash_tolerance(want)
+    _, problems = compare_outputs(got, want, tolerance, sides=("smoothed", "before"))
     return problems[0] if problems else None
 
 
