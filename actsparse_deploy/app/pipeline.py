@@ -368,6 +368,11 @@ class Stages:
         work, target, held = self.work, self.target, self.work.require_heldout()
         reference = reference or DenseReference(work.model, target.model(work.model))
         dense, batches = reference.target, target.batches(held)
+        # what --quantize's alternatives are measured on too (the other text), as the ONNX models take it
+        other = work.other if quantized is not None else None
+        io, other_batches = target.validation_io(exported.io), target.batches(other) if other is not None else None
+        static = quantized is not None and quantized.result.mode == "int8-static"
+        calibration = target.batches(work.require_calibration()) if static else None
         exporting = dense_export(dense, scratch, exporter=exported.exporter, opset=exported.opset, io_spec=exported.io,
                                  example=target.example(work), verbose=verbose) if reference.onnx is None else None
         if self.memory is not None and not self.memory.one_at_a_time and not self.memory.sessions_fit():
@@ -380,12 +385,9 @@ class Stages:
             if prompt is not None:  # a decoder's figure users compare: ms per generated token
                 figures["decode"] = decode_latency(dense_path, path, prompt)
             if quantized is not None:  # the alternatives side by side: dense, int8 alone, sparse, sparse + int8
-                static, other = quantized.result.mode == "int8-static", work.other  # the other text as the ONNX models take it
                 figures["frontier"] = frontier(dense, {"dense": dense_path, "sparse": quantized.floated, "sparse+int8": path}, batches,
-                                               io=target.validation_io(exported.io), mode=quantized.result.mode, tokens=work.causal_lm,
-                                               labels=work.labels, other=target.batches(other) if other is not None else None,
-                                               calibration=target.batches(work.require_calibration()) if static else None,
-                                               decode_prompt=prompt)
+                                               io=io, mode=quantized.result.mode, tokens=work.causal_lm, labels=work.labels,
+                                               other=other_batches, calibration=calibration, decode_prompt=prompt)
             return figures
 
 
