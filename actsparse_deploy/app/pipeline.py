@@ -50,7 +50,7 @@ from ..calibration.calibrate import collect, select
 from ..calibration.masks import Masks
 from ..calibration.recipe import Recipe
 from ..data.batches import Batch, first_samples, reiterable, total_samples, unpadded
-from ..data.iospec import check_dynamic_axes
+from ..data.iospec import IOSpec, check_dynamic_axes
 from ..data.streams import shape_examples
 from ..data.workload import Workload
 from ..models.decoder import Target, export_target
@@ -330,13 +330,13 @@ class Stages:
             return validate_target(path, model, self.work.require_heldout(), self.target, exported.io, o.atol, o.rtol, o.timeout,
                                    release)
 
-    def cost(self, model: nn.Module, path: Path | None = None, exported: ExportResult | None = None,
+    def cost(self, model: nn.Module, path: Path | None = None, io: IOSpec | None = None,
              budget: BudgetResult | None = None, dense: nn.Module | None = None) -> tuple[dict[str, Any], BudgetResult | None]:
         """What sparsification cost on the held-out data (:func:`~actsparse_deploy.app.cost.cost_stage`;
-        the ONNX model's figures too where ``path`` is given), and ``budget`` with its held-out cost.
+        the ONNX model's figures too where ``path`` is given, fed as ``io`` says: :meth:`Target.validation_io`
+        of the export's spec), and ``budget`` with its held-out cost.
         ``dense``: what stands for the dense model (:attr:`DenseReference.model`; None: ``work.model``)."""
         with self.timer("cost"):
-            io = self.target.validation_io(exported.io) if exported is not None else None
             return cost_stage(self.work, model, path, io, budget, onnx_batches=self.target.batches, dense=dense)
 
     def quantize(self, path: Path, exported: ExportResult, o: QuantizeOptions, budget: BudgetResult | None = None,
@@ -495,13 +495,14 @@ def _staged_report(stages: Stages, masks: Masks, budget: BudgetResult | None, sq
     onnx_path = staging / "model.onnx"
     smoothing = stages.smooth(squashed.model, o, budget)  # before export: the float model validated is the one quantized
     exported = stages.export(squashed.model, onnx_path, o.export, layer_metadata(squashed.report(), o.squash.mode), outdir=outdir)
+    onnx_io = stages.target.validation_io(exported.io)  # what the ONNX model is fed (a decoder's first steps)
     # where one copy at a time is all that fits: the squashed model's outputs kept for the cost, its weights let go once
     # validation has its outputs, and onnxruntime validates alone
     apart = stages.memory is not None and stages.memory.apart
     sparse = Recorded.of(squashed.model, stages.work.compared_data()) if apart else squashed.model
     validation = stages.validate(onnx_path, squashed.model, exported, o.validate,
                                  release=(lambda: release_weights(squashed.model)) if apart else None)
-    cost, budget = stages.cost(sparse, onnx_path, exported, budget, dense=dense.model)
+    cost, budget = stages.cost(sparse, onnx_path, onnx_io, budget, dense=dense.model)
     # the float model validated above, moved aside
     quantized = stages.quantize(onnx_path, exported, o.quantize, budget, o.export.verbose, dense=dense.target, smoothing=smoothing)
     release_weights(squashed.model)  # onnxruntime's sessions from here on: no PyTorch weights beside them (the dense model's

@@ -92,7 +92,7 @@ def test_the_runner_times_and_tells_each_stage(tmp_path):
     squashed = stages.squash(masks, "auto")
     exported = stages.export(squashed.model, tmp_path / "m.onnx", ExportOptions())
     checked = stages.validate(tmp_path / "m.onnx", squashed.model, exported, ValidateOptions())
-    cost, budget = stages.cost(squashed.model, tmp_path / "m.onnx", exported)
+    cost, budget = stages.cost(squashed.model, tmp_path / "m.onnx", stages.target.validation_io(exported.io))
     assert [name for name, _ in told] == ["squashing", "exporting", "validating", "measuring cost"]
     assert set(stages.timer.seconds) == {"squash", "export", "validate", "cost"} and stages.timer.total() > 0
     assert checked.passed and checked.max_abs <= 1e-4 and budget is None
