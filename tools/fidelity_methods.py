@@ -179,8 +179,9 @@ def allocation(budgets: list[str], model: nn.Module, recipe: Recipe, calibration
     """Per budget: the budget search's per-layer levels vs every layer at the
     same overall level (obs + lstsq, the same statistics), on the held-out sentences."""
     from actsparse_deploy.app import budget as budget_search
-    from actsparse_deploy.app.budget import Budget, search_budget, split_tuning
+    from actsparse_deploy.app.budget import Budget, search_budget
     from actsparse_deploy.bake.squash import squash
+    from actsparse_deploy.data.batches import split_tuning
 
     chosen = recipe.with_method("obs", "lstsq", damping)
     part, tuning = split_tuning(calibration)

@@ -15,7 +15,7 @@ A :class:`Budget` is what the cost may be (``Budget.parse("cosine=0.98")``):
   a cost of yours (lower is better), at most V.
 
 :func:`search_budget` carves a tuning split off the calibration data (20 % of
-its samples, every fifth: :func:`split_tuning`; never the held-out data), collects the statistics once on
+its samples, every fifth: :func:`~actsparse_deploy.data.batches.split_tuning`; never the held-out data), collects the statistics once on
 the rest, then allocates a level per layer on a grid of 1/32 of its features:
 first the highest uniform level within the budget on the tuning split (levels
 tried upward), then, greedily, one more step for the layer whose step costs the
@@ -64,7 +64,7 @@ import fnmatch
 import inspect
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +75,7 @@ from ..bake.savings import work_per_feature
 from ..base.errors import ActsparseError, DataError, RecipeError, first_line
 from ..calibration.methods import removed_count
 from ..calibration.recipe import LayerRule, LayerSettings, Recipe, exact_glob
-from ..data.batches import Batch, batch_size, flatten_outputs, mean_tokens, reiterable, run_batch, take_rows, total_samples, unpadded
+from ..data.batches import Batch, batch_size, flatten_outputs, mean_tokens, reiterable, run_batch, split_tuning, total_samples, unpadded
 from ..data.scores import cost_error, cost_figure, figure_needs
 from ..nn.attention import HEAD_FIELDS, Heads, find_heads, head_config_refusal
 from ..nn.modules import eval_mode
@@ -84,8 +84,8 @@ if TYPE_CHECKING:
     from ..calibration.masks import Masks
     from ..data.workload import Workload
 
-__all__ = ["DOUBT", "FORMS", "GRID", "MAX_SEARCHES", "TUNING_FRACTION", "Budget", "BudgetResult", "calibrate_to_budget",
-           "check_budget", "heldout_budget", "search_budget", "split_tuning"]
+__all__ = ["DOUBT", "FORMS", "GRID", "MAX_SEARCHES", "Budget", "BudgetResult", "calibrate_to_budget",
+           "check_budget", "heldout_budget", "search_budget"]
 
 #: the accepted forms of a budget, for messages and help
 FORMS = "cosine=0.98, accuracy-drop=0.01, perplexity-ratio=1.05 or package.module:function=VALUE"
@@ -99,8 +99,6 @@ OBS_GRID = 64
 DOUBT = 3.0
 #: the most searches :func:`search_budget` runs on one set of candidates (``again``)
 MAX_SEARCHES = 4
-#: the share of the calibration samples (every fifth, spread through the data) the search tunes on
-TUNING_FRACTION = 0.2
 _KINDS = ("cosine", "accuracy-drop", "perplexity-ratio")
 #: the kinds a search holds with :data:`DOUBT` standard errors (figures that vary smoothly from sample to sample)
 DOUBTED = ("cosine", "perplexity-ratio")
@@ -301,62 +299,6 @@ class _Meter:
 def _outputs(model: nn.Module, batches: Iterable[Batch]) -> list[list[torch.Tensor]]:
     with eval_mode(model):
         return [list(flatten_outputs(run_batch(model, b))) for b in batches]
-
-
-# --- the tuning split ---------------------------------------------------------------
-
-
-def split_tuning(batches: Iterable[Batch], fraction: float = TUNING_FRACTION) -> tuple[Iterable[Batch], Iterable[Batch]]:
-    """``(calibration, tuning)``: ``fraction`` of the samples (at least one),
-    spread evenly through the data (sample ``i`` tunes where ``floor((i + 1) *
-    fraction)`` steps up: every fifth at 20 %), are the tuning split; the others
-    calibrate. Calibration data often comes in the order of its source
-    (documents, files, classes): an even spread keeps the tuning split like the
-    rest, where its last part would be a corner of it. A stream that knows its
-    size (:class:`~actsparse_deploy.data.streams.Stream`) gives two streams, each
-    carved as it is read (nothing held); other data is read into lists."""
-    from ..data.batches import Generated, Stream
-
-    if isinstance(batches, Stream) and batches.samples is not None:
-        stream, total = batches, batches.samples
-        _check_tuning_total(total, fraction)
-        count = max(1, round(fraction * total))
-        return (Generated(lambda: (p[0] for p in _carve(stream, total, count) if p[0] is not None), total - count),  # type: ignore[return-value]
-                Generated(lambda: (p[1] for p in _carve(stream, total, count) if p[1] is not None), count))
-    batches = list(batches)
-    total = sum(batch_size(b) for b in batches)
-    _check_tuning_total(total, fraction)
-    count = max(1, round(fraction * total))
-    calibration: list[Batch] = []
-    tuning: list[Batch] = []
-    for kept, tuned in _carve(batches, total, count):
-        if kept is not None:
-            calibration.append(kept)
-        if tuned is not None:
-            tuning.append(tuned)
-    return calibration, tuning
-
-
-def _check_tuning_total(total: int, fraction: float) -> None:
-    if total < 2:
-        raise DataError(f"a budget search needs at least 2 calibration samples (it tunes on {fraction:.0%} of them), got {total}")
-
-
-def _carve(batches: Iterable[Batch], total: int, count: int) -> Iterator[tuple[Batch | None, Batch | None]]:
-    """``(calibration part, tuning part)`` of each batch (None where empty), as :func:`split_tuning` spreads them."""
-    start = 0
-    for b in batches:
-        n = batch_size(b)
-        tunes = [j for j in range(n) if (start + j + 1) * count // total > (start + j) * count // total]
-        chosen = set(tunes)
-        keeps = [j for j in range(n) if j not in chosen]
-        if len(keeps) == n:
-            yield b, None
-        elif not keeps:
-            yield None, b
-        else:
-            yield take_rows(b, keeps), take_rows(b, tunes)
-        start += n
 
 
 # --- the search ---------------------------------------------------------------------

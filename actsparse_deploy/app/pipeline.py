@@ -49,7 +49,7 @@ from ..base.version import __version__
 from ..calibration.calibrate import collect, select
 from ..calibration.masks import Masks
 from ..calibration.recipe import Recipe
-from ..data.batches import Batch, first_samples, reiterable, total_samples, unpadded
+from ..data.batches import Batch, first_samples, reiterable, split_tuning, total_samples, unpadded
 from ..data.iospec import IOSpec, check_dynamic_axes
 from ..data.streams import shape_examples
 from ..data.workload import Workload
@@ -226,7 +226,7 @@ class Stages:
         no room: ``auto`` leaves int8 out, else exit 10) is what the sparsity is searched to; the chosen
         masks are then squashed, exported, quantized and measured on the tuning split, and the search runs
         again on the same candidates, tighter by what the quantized model missed, until it keeps the budget."""
-        from .budget import calibrate_to_budget, split_tuning
+        from .budget import calibrate_to_budget
 
         work, asked = self.work, plan.mode
         batches = batches if reiterable(batches) else list(batches)

@@ -22,7 +22,7 @@ import torch
 
 from ..bake.smooth import Smoothing, apply_smoothing, plan_smoothing
 from ..base.errors import ValidationError
-from ..data.batches import Batch, first_samples, unpadded
+from ..data.batches import Batch, first_samples, split_tuning, unpadded
 from ..data.iospec import IOSpec
 from ..data.workload import Workload
 from ..models.decoder import CacheLayout, Target, decoder_batch
@@ -170,9 +170,7 @@ def int8_room(budget: Budget, share: float, asked: str) -> Int8Room:
 def smoothing_plan(model: nn.Module, calibration: Iterable[Batch], mode: str) -> Smoothing:
     """Which of ``model``'s matrix products to smooth before ``mode`` (``int8`` / ``int8-static``), at which
     strength: their inputs' ranges from the calibration part of ``calibration``, each strength's int8 error
-    on its tuning split (:func:`~actsparse_deploy.app.budget.split_tuning`; padding left out)."""
-    from .budget import split_tuning
-
+    on its tuning split (:func:`~actsparse_deploy.data.batches.split_tuning`; padding left out)."""
     fitted, tuning = split_tuning(calibration)
     return plan_smoothing(model, unpadded(fitted), unpadded(tuning), mode)
 

@@ -32,6 +32,8 @@ import torch
 from ..base.errors import DataError, ExportError
 
 __all__ = [
+    "TUNING_FRACTION",
+    "split_tuning",
     "cast_floats",
     "map_batches",
     "first_batch",
@@ -468,3 +470,60 @@ def mean_tokens(batches: Iterable[Batch]) -> float:
         positions += int(mask.sum()) if isinstance(mask, torch.Tensor) and mask.shape == ids.shape else ids.numel()
         samples += ids.shape[0]
     return positions / samples if samples else 0.0
+
+
+# --- the tuning split ---------------------------------------------------------------
+
+#: the share of the calibration samples (every fifth, spread through the data) a budget search or smoothing tunes on
+TUNING_FRACTION = 0.2
+
+
+def split_tuning(batches: Iterable[Batch], fraction: float = TUNING_FRACTION) -> tuple[Iterable[Batch], Iterable[Batch]]:
+    """``(calibration, tuning)``: ``fraction`` of the samples (at least one),
+    spread evenly through the data (sample ``i`` tunes where ``floor((i + 1) *
+    fraction)`` steps up: every fifth at 20 %), are the tuning split; the others
+    calibrate. Calibration data often comes in the order of its source
+    (documents, files, classes): an even spread keeps the tuning split like the
+    rest, where its last part would be a corner of it. A stream that knows its
+    size (:class:`~actsparse_deploy.data.streams.Stream`) gives two streams, each
+    carved as it is read (nothing held); other data is read into lists."""
+    if isinstance(batches, Stream) and batches.samples is not None:
+        stream, total = batches, batches.samples
+        _check_tuning_total(total, fraction)
+        count = max(1, round(fraction * total))
+        return (Generated(lambda: (p[0] for p in _carve(stream, total, count) if p[0] is not None), total - count),  # type: ignore[return-value]
+                Generated(lambda: (p[1] for p in _carve(stream, total, count) if p[1] is not None), count))
+    batches = list(batches)
+    total = sum(batch_size(b) for b in batches)
+    _check_tuning_total(total, fraction)
+    count = max(1, round(fraction * total))
+    calibration: list[Batch] = []
+    tuning: list[Batch] = []
+    for kept, tuned in _carve(batches, total, count):
+        if kept is not None:
+            calibration.append(kept)
+        if tuned is not None:
+            tuning.append(tuned)
+    return calibration, tuning
+
+
+def _check_tuning_total(total: int, fraction: float) -> None:
+    if total < 2:
+        raise DataError(f"a budget search needs at least 2 calibration samples (it tunes on {fraction:.0%} of them), got {total}")
+
+
+def _carve(batches: Iterable[Batch], total: int, count: int) -> Iterator[tuple[Batch | None, Batch | None]]:
+    """``(calibration part, tuning part)`` of each batch (None where empty), as :func:`split_tuning` spreads them."""
+    start = 0
+    for b in batches:
+        n = batch_size(b)
+        tunes = [j for j in range(n) if (start + j + 1) * count // total > (start + j) * count // total]
+        chosen = set(tunes)
+        keeps = [j for j in range(n) if j not in chosen]
+        if len(keeps) == n:
+            yield b, None
+        elif not keeps:
+            yield None, b
+        else:
+            yield take_rows(b, keeps), take_rows(b, tunes)
+        start += n

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from actsparse_deploy.app.budget import Budget, search_budget, split_tuning
+from actsparse_deploy.app.budget import Budget, search_budget
 from actsparse_deploy.app.workload import load_workload
 from actsparse_deploy.bake.squash import squash
 from actsparse_deploy.base.errors import RecipeError
 from actsparse_deploy.calibration.recipe import Recipe
-from actsparse_deploy.data.batches import total_samples
+from actsparse_deploy.data.batches import split_tuning, total_samples
 from actsparse_deploy.models.zoo import builtin_recipe_path
 from tests.helpers import invoke, one_line_error
 

@@ -168,7 +168,7 @@ def test_text_is_read_line_by_line(tmp_path: Path):
 def test_budget_and_convert_on_a_stream(tmp_path: Path):
     """The budget's tuning split streams (every fifth sample), convert uses held-out
     data several times (example, validation, cost) from a stream."""
-    from actsparse_deploy.app.budget import split_tuning
+    from actsparse_deploy.data.batches import split_tuning
 
     np.save(tmp_path / "x.npy", _images(40, seed=1))
     stream = load_data(tmp_path / "x.npy", batch_size=8)
@@ -387,7 +387,7 @@ def test_text_files_crlf_bom_blank_invalid_long_and_empty(tmp_path: Path):
 @pytest.mark.parametrize(("samples", "size"), [(37, 6), (11, 4), (5, 5), (2, 1), (23, 32)])
 def test_tuning_split_of_a_stream_is_that_of_the_list(tmp_path: Path, samples: int, size: int):
     """Every fifth sample tunes, whether the data streams or sits in a list: the same samples, in the same batches."""
-    from actsparse_deploy.app.budget import split_tuning
+    from actsparse_deploy.data.batches import split_tuning
 
     np.save(tmp_path / "x.npy", _images(samples, seed=samples))
     stream = load_data(tmp_path / "x.npy", batch_size=size)
