@@ -1,7 +1,7 @@
 """``calibrate``'s work from what its command line gives: the recipe the flags
 describe (:class:`RecipeFlags`, :func:`build_recipe`; a Hugging Face model given
 none gets its MLPs' default), the model loaded where calibration runs (block by block where its weights do
-not fit the memory budget: :func:`memory_plan`), then
+not fit the memory budget: :func:`calibration_memory`), then
 :func:`~actsparse_deploy.app.commands.calibrate_to_file`.
 
     >>> from actsparse_deploy.app.calibrate import RecipeFlags, build_recipe
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ..models.loading import LoadedModel, ModelOptions
     from .report import Report
 
-__all__ = ["RecipeFlags", "build_recipe", "calibrate_model", "memory_plan", "recipe_for", "recipe_from_flags"]
+__all__ = ["RecipeFlags", "build_recipe", "calibrate_model", "calibration_memory", "recipe_for", "recipe_from_flags"]
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def calibrate_model(
     it with the recipe ``flags`` describe and write ``output``. ``group``: a
     distributed session, whose other ranks than 0 return None (rank 0 reports).
     ``max_memory``: the memory it keeps within (default: what the machine has free); a Hugging Face
-    directory whose weights do not fit is calibrated block by block (:func:`memory_plan`)."""
+    directory whose weights do not fit is calibrated block by block (:func:`calibration_memory`)."""
     from ..calibration.stats import statistics_bytes
     from ..models.loading import load_model
     from ..nn.modules import weight_bytes
@@ -155,7 +155,7 @@ def calibrate_model(
     flags = flags.for_budget(max_cost)
     if getattr(group, "writer", True):
         check_output_path(Path(output), overwrite)
-    plan = memory_plan(model, model_options, flags, max_memory)
+    plan = calibration_memory(model, model_options, flags, max_memory)
     by_block = plan is not None and plan.by_block
     if plan is not None and by_block and (max_cost is not None or flags.recover or group is not None):
         raise MemoryBudgetError(f"{_NEEDS_ALL[0 if max_cost is not None else 1 if flags.recover else 2]}, and the model's weights "
@@ -182,7 +182,7 @@ _NEEDS_ALL = ("a cost budget (--max-cost) measures sparse copies of the model", 
               "a distributed calibration runs a model in each process")
 
 
-def memory_plan(model: str, options: ModelOptions | None, flags: RecipeFlags, max_memory: str | int | None) -> CalibrationPlan | None:
+def calibration_memory(model: str, options: ModelOptions | None, flags: RecipeFlags, max_memory: str | int | None) -> CalibrationPlan | None:
     """How ``calibrate`` keeps ``model`` within ``max_memory`` (default: what the machine has free), decided before it
     loads for a Hugging Face directory (:func:`~actsparse_deploy.base.memory.calibration_plan`, exit 13 where it does not
     fit even block by block): from its files' size and its layout on the meta device (the statistics of the recipe
