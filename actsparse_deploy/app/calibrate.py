@@ -14,7 +14,7 @@ not fit the memory budget: :func:`calibration_memory`), then
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ..models.loading import LoadedModel, ModelOptions
     from .report import Report
 
-__all__ = ["RecipeFlags", "build_recipe", "calibrate_model", "calibration_memory", "recipe_for", "recipe_from_flags"]
+__all__ = ["RecipeFlags", "build_recipe", "calibrate_model", "calibration_memory", "passes", "recipe_for", "recipe_from_flags"]
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def calibrate_model(
     directory whose weights do not fit is calibrated block by block (:func:`calibration_memory`)."""
     from ..calibration.stats import statistics_bytes
     from ..models.loading import load_model
-    from ..nn.modules import weight_bytes
+    from ..nn.modules import largest_blocks, weight_bytes
     from .commands import calibrate_to_file
 
     if max_cost is not None:
@@ -155,7 +155,8 @@ def calibrate_model(
     flags = flags.for_budget(max_cost)
     if getattr(group, "writer", True):
         check_output_path(Path(output), overwrite)
-    plan = calibration_memory(model, model_options, flags, max_memory)
+    plan = calibration_memory(model, model_options, flags, max_memory,
+                              in_passes=not (stats_only or max_cost is not None or flags.recover or group is not None))
     by_block = plan is not None and plan.by_block
     if plan is not None and by_block and (max_cost is not None or flags.recover or group is not None):
         raise MemoryBudgetError(f"{_NEEDS_ALL[0 if max_cost is not None else 1 if flags.recover else 2]}, and the model's weights "
@@ -166,15 +167,21 @@ def calibrate_model(
         size = weight_bytes(loaded.module)
         plan = calibration_plan(size, parse_memory(max_memory), held=max(0, resident_memory() - size), asked=True,
                                 statistics=statistics_bytes(loaded.module, recipe.select(loaded.module)))
+    in_passes = None
+    if plan is not None and plan.blocks_per_pass is not None:
+        blocks = largest_blocks(loaded.module)
+        assert blocks is not None  # the layout had them
+        in_passes = passes(recipe.select(loaded.module), blocks, len(loaded.module.get_submodule(blocks)), plan.blocks_per_pass)
     report = calibrate_to_file(
         loaded, recipe, output, data=data, batch_size=batch_size, on_stage=on_stage, on_batch=on_batch,
         max_cost=max_cost, model_options=model_options, max_samples=max_samples, stats_only=stats_only, group=group,
-        recover=flags.recover,
+        recover=flags.recover, passes=in_passes,
     )
-    if report is None or plan is None or not (plan.by_block or plan.asked):
+    if report is None or plan is None or not (plan.by_block or plan.asked or in_passes):
         return report
-    return dataclasses.replace(report, memory=Memory(peak_bytes=peak_memory(), weights_bytes=plan.weights, budget_bytes=plan.budget,
-                                                     apart=False, one_at_a_time=False, by_block=True if plan.by_block else None))
+    return dataclasses.replace(report, memory=Memory(
+        peak_bytes=peak_memory(), weights_bytes=plan.weights, budget_bytes=plan.budget, apart=False, one_at_a_time=False,
+        by_block=True if plan.by_block else None, passes=len(in_passes) if in_passes else None))
 
 
 #: what needs the whole model in memory (it cannot run block by block)
@@ -182,12 +189,13 @@ _NEEDS_ALL = ("a cost budget (--max-cost) measures sparse copies of the model", 
               "a distributed calibration runs a model in each process")
 
 
-def calibration_memory(model: str, options: ModelOptions | None, flags: RecipeFlags, max_memory: str | int | None) -> CalibrationPlan | None:
+def calibration_memory(model: str, options: ModelOptions | None, flags: RecipeFlags, max_memory: str | int | None,
+                       in_passes: bool = True) -> CalibrationPlan | None:
     """How ``calibrate`` keeps ``model`` within ``max_memory`` (default: what the machine has free), decided before it
     loads for a Hugging Face directory (:func:`~actsparse_deploy.base.memory.calibration_plan`, exit 13 where it does not
     fit even block by block): from its files' size and its layout on the meta device (the statistics of the recipe
-    ``flags`` describe, its blocks); None for another model."""
-    from ..calibration.stats import statistics_bytes
+    ``flags`` describe, its blocks; ``in_passes``: the statistics may be collected a few blocks at a time); None for another model."""
+    from ..calibration.stats import layer_statistics_bytes, statistics_bytes
     from ..models.loading import load_layout
     from ..nn.modules import block_bytes, largest_blocks, weight_bytes
 
@@ -196,11 +204,41 @@ def calibration_memory(model: str, options: ModelOptions | None, flags: RecipeFl
         return None
     layout, stored = found
     module = layout.module
-    statistics = statistics_bytes(module, recipe_for(model, layout, flags).select(module))
+    layers = recipe_for(model, layout, flags).select(module)
     scale = stored / max(1, weight_bytes(module))  # the layout is float32; the files may hold half precision
     blocks = largest_blocks(module)
-    rest = block = None
+    rest = block = per_block = None
     if blocks is not None:
         rest, block = int(scale * (weight_bytes(module) - weight_bytes(module.get_submodule(blocks)))), int(scale * block_bytes(module))
+        if in_passes:
+            per_block = [0] * (len(module.get_submodule(blocks)) + 1)  # each block's statistics, then the layers' outside them
+            for name, config in layers.items():
+                per_block[_block_of(name, blocks, len(per_block) - 1)] += layer_statistics_bytes(module, name, config)
     budget = parse_memory(max_memory) if max_memory is not None else None
-    return calibration_plan(stored, budget, asked=max_memory is not None, statistics=statistics, rest=rest, block=block)
+    return calibration_plan(stored, budget, asked=max_memory is not None, statistics=statistics_bytes(module, layers), rest=rest, block=block,
+                            per_block=per_block)
+
+
+def _block_of(layer: str, blocks: str, outside: int) -> int:
+    """The index of the block of list ``blocks`` that holds ``layer``; ``outside`` for a layer in none."""
+    head, _, tail = layer.partition(blocks + ".")
+    index = tail.split(".", 1)[0]
+    return int(index) if head == "" and index.isdigit() else outside
+
+
+def passes(layers: Iterable[str], blocks: str, count: int, per_pass: int) -> list[tuple[list[str], str | None]]:
+    """The passes of :func:`~actsparse_deploy.calibration.calibrate.calibrate_in_passes` over ``count`` blocks of the list
+    ``blocks``, ``per_pass`` at a time: each pass's layers and the block after which its forward passes stop (the last
+    pass, with the layers outside the blocks, runs whole).
+
+    >>> passes(["m.0.fc", "m.1.fc", "m.2.fc", "head"], "m", 3, 2)
+    [(['m.0.fc', 'm.1.fc'], 'm.1'), (['m.2.fc', 'head'], None)]
+    """
+    names = list(layers)
+    starts = list(range(0, count, per_pass))
+    found: list[tuple[list[str], str | None]] = []
+    for i, start in enumerate(starts):
+        last = i == len(starts) - 1
+        inside = [n for n in names if start <= _block_of(n, blocks, count) < start + per_pass or (last and _block_of(n, blocks, count) == count)]
+        found.append((inside, None if last else f"{blocks}.{start + per_pass - 1}"))
+    return [(layers_of, stop) for layers_of, stop in found if layers_of]

@@ -39,7 +39,7 @@ from ..base.constants import DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAU
 from ..base.errors import CalibrationError, DataError, MaskError, ModelLoadError, OutputError, RecipeError, UsageError, ValidationError
 from ..base.files import publish, remove_stale_staging, staging_dir
 from ..base.memory import MemoryPlan, memory_plan, parse_memory
-from ..calibration.calibrate import collect, select
+from ..calibration.calibrate import calibrate_in_passes, collect, select
 from ..calibration.masks import Masks
 from ..calibration.recipe import Recipe
 from ..calibration.stats import Statistics
@@ -210,6 +210,7 @@ def calibrate_to_file(
     stats_only: bool = False,
     group: Any = None,
     recover: bool = False,
+    passes: Sequence[tuple[Sequence[str], str | None]] | None = None,
 ) -> Report | None:
     """Calibrate ``loaded`` on ``data`` (else ``model_options.text``, else its
     built-in calibration split; the first ``max_samples`` samples where given;
@@ -217,7 +218,8 @@ def calibrate_to_file(
     (checked by the caller); ``max_cost``: a cost budget instead of the recipe's
     level (see :mod:`actsparse_deploy.app.budget`); ``stats_only``: write the
     collected statistics instead (:func:`merge_stats_files`, :func:`select_to_file`); ``recover``: the masked
-    layers trained towards the dense outputs after selection (:mod:`actsparse_deploy.bake.recover`).
+    layers trained towards the dense outputs after selection (:mod:`actsparse_deploy.bake.recover`); ``passes``: the
+    statistics collected a few layers at a time (:func:`~actsparse_deploy.calibration.calibrate.calibrate_in_passes`).
 
     ``group``: a :class:`~actsparse_deploy.calibration.distributed.Session` (or process
     group): each rank collects its share of the batches, rank 0 writes and
@@ -233,6 +235,10 @@ def calibrate_to_file(
         return budget_to_file(loaded, recipe, batches, max_cost, output, batch_size=batch_size, on_batch=on_batch, start=start,
                               recover=recover)
     batches = unpadded(batches)
+    if passes is not None and not stats_only and group is None:
+        batches = batches if reiterable(batches) else list(batches)
+        masks = calibrate_in_passes(loaded.module, recipe, batches, passes, model_name=loaded.name, on_batch=on_batch)
+        return _masks_written(loaded, masks, batches, output, start, recover)
     stats = collect(loaded.module, recipe, batches,
                     model_name=loaded.name, on_batch=on_batch, group=group if group is not None else False)
     if group is not None and not getattr(group, "writer", True):
@@ -240,7 +246,13 @@ def calibrate_to_file(
     if stats_only:
         _save(stats.save, output, group)
         return stats_report(stats, output, time.perf_counter() - start)
-    masks, notes = select(stats, model=loaded.module), loaded.notes
+    return _masks_written(loaded, select(stats, model=loaded.module), batches, output, start, recover, group)
+
+
+def _masks_written(loaded: LoadedModel, masks: Masks, batches: Iterable[Batch], output: str | Path, start: float, recover: bool,
+                   group: Any = None) -> Report:
+    """``masks`` (trained where ``recover``) written to ``output``: ``calibrate``'s report."""
+    notes = loaded.notes
     if recover:
         masks, notes = _recovered(loaded, masks, batches)
     _save(masks.save, output, group)

@@ -233,7 +233,8 @@ def memory_lines(report: Report) -> list[RenderableType]:
     budget = f" of {memory.budget_bytes / 1e9:.2f} GB" if memory.budget_bytes is not None else ""
     how = (f"calibrated block by block (the weights, {memory.weights_bytes / 1e9:.2f} GB, read from their files a layer at a time)"
            if memory.by_block else f"calibrated with the weights ({memory.weights_bytes / 1e9:.2f} GB) in memory")
-    return [f"{how}; peak memory {memory.peak_bytes / 1e9:.2f} GB{budget}"]
+    passes = f", the statistics of a few blocks at a time ({memory.passes} passes over the data)" if memory.passes else ""
+    return [f"{how}{passes}; peak memory {memory.peak_bytes / 1e9:.2f} GB{budget}"]
 
 
 def stats_lines(report: Report, output: Path) -> list[RenderableType]:

@@ -426,6 +426,8 @@ class Memory(Section):
     one_at_a_time: bool
     #: ``calibrate`` read the blocks' weights from their files a layer at a time (the whole model was over the budget)
     by_block: bool | None = field(default=None, metadata=_OMIT_NONE)
+    #: ``calibrate`` collected the statistics of a few blocks at a time, in this many passes over the data (all at once were over the budget)
+    passes: int | None = field(default=None, metadata=_OMIT_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)

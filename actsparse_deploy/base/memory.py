@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from .errors import MemoryBudgetError, UsageError
@@ -180,44 +181,58 @@ def memory_plan(weights: int, budget: int | None = None, held: int | None = None
 @dataclass(frozen=True)
 class CalibrationPlan:
     """How ``calibrate`` runs within ``budget`` bytes: the whole model in memory, or ``by_block`` (its
-    blocks' weights left in their files, each layer's read while it runs); ``need``: about what it holds."""
+    blocks' weights left in their files, each layer's read while it runs); the statistics of all layers at
+    once, or of ``blocks_per_pass`` blocks at a time (the batches run once per pass); ``need``: about what it holds."""
 
     budget: int | None
     weights: int
     by_block: bool
     need: int
     asked: bool = False
+    blocks_per_pass: int | None = None
 
 
 def calibration_plan(weights: int, budget: int | None = None, held: int | None = None, asked: bool = False, *, statistics: int = 0,
-                     rest: int | None = None, block: int | None = None) -> CalibrationPlan:
+                     rest: int | None = None, block: int | None = None, per_block: Sequence[int] | None = None) -> CalibrationPlan:
     """The plan for calibrating a model of ``weights`` bytes whose recipe's statistics take ``statistics``
     bytes, in a process that holds ``held`` bytes (default: :func:`resident_memory`) within ``budget``
-    (default: what the machine has free, plus ``held``): the whole model where :data:`CALIBRATE` times its
-    weights and the statistics fit; else block by block where the model has blocks (``block``: its largest
-    block's bytes, ``rest``: its weights outside the blocks; None: it cannot be split), in memory the rest,
-    :data:`BLOCK` times one block and the statistics; else a :class:`MemoryBudgetError` (exit 13) naming
-    what it needs.
+    (default: what the machine has free, plus ``held``). In this order, the first that fits: the whole model
+    (:data:`CALIBRATE` times its weights) and all statistics; the whole model and the statistics of as many
+    blocks at a time as fit (``per_block``: each block's statistics, then those of the layers outside the
+    blocks; None: not in passes); block by block where the model has blocks (``block``: its largest block's
+    bytes, ``rest``: its weights outside the blocks; None: it cannot be split: the rest, :data:`BLOCK` times one
+    block) with all statistics, then in passes; else a :class:`MemoryBudgetError` (exit 13) naming what it needs.
 
     >>> calibration_plan(10**9, budget=2 * 10**9, held=10**8).by_block
     False
     >>> calibration_plan(10**9, budget=10**9, held=10**8, rest=10**8, block=5 * 10**7).need
     350000000
+    >>> plan = calibration_plan(10**9, budget=2 * 10**9, held=10**8, statistics=2 * 10**9, per_block=[2 * 10**8] * 10 + [0])
+    >>> plan.by_block, plan.blocks_per_pass
+    (False, 3)
     """
     held = resident_memory() if held is None else held
     if budget is None:
         free = available_memory()
         budget = None if free is None else free + held
-    whole = held + int(CALIBRATE * weights) + statistics
-    if budget is None or whole <= budget:
-        return CalibrationPlan(budget, weights, False, whole, asked)
-    parted = held + (rest or 0) + int(BLOCK * (block or 0)) + statistics if block is not None else None
-    if parted is not None and parted <= budget:
-        return CalibrationPlan(budget, weights, True, parted, asked)
+    fixed = [(False, held + int(CALIBRATE * weights))]
+    if block is not None:
+        fixed.append((True, held + (rest or 0) + int(BLOCK * block)))
+    for by_block, base in fixed:
+        if budget is None or base + statistics <= budget:
+            return CalibrationPlan(budget, weights, by_block, base + statistics, asked)
+        most = max(per_block[:-1], default=0) if per_block else 0
+        if per_block and most > 0 and base + most + per_block[-1] <= budget:
+            k = min(len(per_block) - 1, (budget - base - per_block[-1]) // most)
+            return CalibrationPlan(budget, weights, by_block, base + k * most + per_block[-1], asked, blocks_per_pass=int(k))
+    assert budget is not None
     allowed = f"--max-memory {format_bytes(budget)}" if asked else f"the {format_bytes(budget)} this machine has free"
-    stats = f"statistics {format_bytes(statistics)}, beside {format_bytes(held)} held"
-    how = (f"block by block needs about {format_bytes(parted)} (one block's weights, {format_bytes(block or 0)}, at a time; {stats})"
-           if parted is not None else f"needs about {format_bytes(whole)} ({stats}); only a Hugging Face model directory calibrates block by block")
+    least = max(per_block[:-1], default=0) + per_block[-1] if per_block else statistics
+    stats = f"statistics {format_bytes(least)}{' (one block at a time)' if per_block else ''}, beside {format_bytes(held)} held"
+    base = fixed[-1][1]
+    how = (f"block by block needs about {format_bytes(base + least)} (one block's weights, {format_bytes(block or 0)}, at a time; {stats})"
+           if block is not None else
+           f"needs about {format_bytes(base + least)} ({stats}); only a Hugging Face model directory calibrates block by block")
     raise MemoryBudgetError(
         f"calibrating the model (weights {format_bytes(weights)}) {how}, over {allowed}: free memory, give the recipe fewer layers "
         "or a method without a Gram matrix, or calibrate on a machine with more"

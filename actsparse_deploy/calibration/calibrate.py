@@ -27,7 +27,7 @@ not changed.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ __all__ = [
     "Batch",
     "batch_size",
     "calibrate",
+    "calibrate_in_passes",
     "collect",
     "describe_batch",
     "run_batch",
@@ -129,15 +130,31 @@ def collect(
     return session.reduce(local, model, list(layers), recipe=recipe, model=model_name)
 
 
+class _Stop(Exception):
+    """Raised after the last module a pass needs (:func:`calibrate_in_passes`): the rest of the forward pass is not run."""
+
+
+def _stop(module: nn.Module, args: Any, output: Any) -> None:
+    raise _Stop
+
+
 def _collect_local(
     model: nn.Module, layers: Mapping[str, ResolvedLayer], batches: Iterable[Batch] | None,
     forward_loop: Callable[[nn.Module], Any] | None, on_batch: Callable[[int], None] | None, empty_ok: bool = False,
     position: Callable[[int], int] | None = None, skip: Callable[[list[str]], list[str]] | None = None,
+    stop_after: str | None = None,
 ) -> tuple[dict[str, LayerStats] | None, int, int]:
     """This process's statistics, samples and batches (None statistics for no
     batch where ``empty_ok``: a rank whose share is empty); ``position``: this
     process's batch number -> its number in all the data (a rank's share);
-    ``skip(unreached)``: the layers never called to leave out (else they are an error)."""
+    ``skip(unreached)``: the layers never called to leave out (else they are an error);
+    ``stop_after``: the module after which each batch's forward pass stops (nothing after it is needed)."""
+    if stop_after is not None:
+        handle = model.get_submodule(stop_after).register_forward_hook(_stop)
+        try:
+            return _collect_local(model, layers, batches, forward_loop, on_batch, empty_ok, position, skip)
+        finally:
+            handle.remove()
     check_finite_weights(model)
     if batches is not None:
         device = model_device(model)
@@ -160,6 +177,8 @@ def _collect_local(
                 n = batch_size(batch)
                 try:
                     run_batch(model, batch)
+                except _Stop:
+                    pass
                 except ActsparseError:
                     raise
                 except (RuntimeError, TypeError, ValueError, IndexError) as e:
@@ -179,6 +198,47 @@ def _collect_local(
             _drop_uncalled(sparsifier, skip)
             per_layer = sparsifier.statistics()
     return per_layer, num_samples, num_batches
+
+
+def calibrate_in_passes(
+    model: nn.Module, recipe: Recipe | str | Path | Mapping[str, Any], batches: Iterable[Batch],
+    passes: Sequence[tuple[Sequence[str], str | None]], *, model_name: str | None = None, on_batch: Callable[[int], None] | None = None,
+) -> Masks:
+    """:func:`calibrate` with the statistics of a few layers at a time: per pass ``(layers, stop_after)`` the
+    batches run through the model (each forward pass stopped after ``stop_after``, None: run whole) with only
+    ``layers`` hooked, their masks are selected and their statistics let go before the next pass. The masks
+    are :func:`calibrate`'s (the same dense model, the same batches); the statistics held at once are one
+    pass's. ``batches`` must be iterable again; ``on_batch`` is called in the first pass only.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from actsparse_deploy import Recipe
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> recipe = Recipe.simple(layers=["2", "4"], sparsity=0.5)
+        >>> batches = [torch.randn(4, 8) for _ in range(3)]
+        >>> masks = calibrate_in_passes(model, recipe, batches, [(["2"], "2"), (["4"], None)])
+        >>> whole = calibrate(model, recipe, batches)
+        >>> all(torch.equal(masks[n].mask, whole[n].mask) for n in ("2", "4"))
+        True
+    """
+    recipe = Recipe.coerce(recipe)
+    layers = recipe.select(model)
+    found: dict[str, LayerMask] = {}
+    skipped: dict[str, str] = {}
+    num_samples = num_batches = 0
+    for i, (names, stop) in enumerate(passes):
+        def skip(unreached: list[str]) -> list[str]:
+            skipped.update(uncalled_layers(model, recipe, unreached))
+            return unreached
+
+        part = {name: layers[name] for name in names}
+        per_layer, num_samples, num_batches = _collect_local(model, part, batches, None, on_batch if i == 0 else None, skip=skip,
+                                                             stop_after=stop)
+        assert per_layer is not None
+        found.update({name: layer_mask(name, ls, layers[name], model) for name, ls in per_layer.items()})
+        del per_layer  # this pass's statistics let go before the next
+    return Masks(layers={name: found[name] for name in layers if name in found}, recipe=recipe, num_samples=num_samples,
+                 num_batches=num_batches, model=model_name, extra={"skipped": skipped} if skipped else {})
 
 
 def _drop_uncalled(sparsifier: ActivationSparsifier, skip: Callable[[list[str]], list[str]] | None) -> None:
@@ -213,16 +273,18 @@ def select(
     chosen = Recipe.coerce(recipe) if recipe is not None else stats.recipe
     if chosen is None:
         raise RecipeError("the statistics hold no recipe: pass recipe=")
-    result = {}
-    for name, config in stats.resolve(chosen).items():
-        ls = _on_cpu(stats[name])  # statistics stay on the model's device until masks are selected
-        if config.method is not None:
-            result[name] = method_mask(name, ls, config, model)
-            continue
-        mask = ls.mask(name, config.reduce_fn, config.mask_fn, config.sparse_config)
-        result[name] = checked_layer_mask(name, mask, config.features, config.feature_dim, (1, *ls.input_shape))
+    result = {name: layer_mask(name, stats[name], config, model) for name, config in stats.resolve(chosen).items()}
     return Masks(layers=result, recipe=chosen, num_samples=stats.num_samples, num_batches=stats.num_batches, model=stats.model,
                  extra={"skipped": dict(stats.skipped)} if stats.skipped else {})
+
+
+def layer_mask(name: str, ls: LayerStats, config: ResolvedLayer, model: nn.Module | None) -> LayerMask:
+    """Layer ``name``'s mask from its statistics ``ls`` and its resolved ``config`` (see :func:`select`)."""
+    ls = _on_cpu(ls)  # statistics stay on the model's device until masks are selected
+    if config.method is not None:
+        return method_mask(name, ls, config, model)
+    mask = ls.mask(name, config.reduce_fn, config.mask_fn, config.sparse_config)
+    return checked_layer_mask(name, mask, config.features, config.feature_dim, (1, *ls.input_shape))
 
 
 def method_mask(name: str, ls: LayerStats, config: ResolvedLayer, model: nn.Module | None) -> LayerMask:

@@ -52,8 +52,8 @@ from .functions import AGGREGATE_FNS, MAX_COUNT, STAT_DTYPE, Aggregate, LayerSta
 from .recipe import LayerSettings, Recipe, ResolvedLayer
 
 __all__ = [
-    "Statistics", "dtype_named", "layer_from_row", "layer_row", "model_fingerprint", "new_run_id", "part_keys", "part_shapes", "statistics_bytes",
-    "type_names",
+    "Statistics", "dtype_named", "layer_from_row", "layer_row", "layer_statistics_bytes", "model_fingerprint", "new_run_id", "part_keys",
+    "part_shapes", "statistics_bytes", "type_names",
 ]
 
 FORMAT = "actsparse.statistics"
@@ -102,15 +102,17 @@ def statistics_bytes(model: nn.Module, layers: Mapping[str, ResolvedLayer]) -> i
     >>> statistics_bytes(model, Recipe.simple(layers=["1"], sparsity=0.5).with_method("obs", "lstsq").select(model))
     128
     """
+    return sum(layer_statistics_bytes(model, name, config) for name, config in layers.items())
+
+
+def layer_statistics_bytes(model: nn.Module, name: str, config: ResolvedLayer) -> int:
+    """:func:`statistics_bytes` of one layer."""
     from ..nn.layers import WeightedKind, layer_kind
 
-    total = 0
-    for name, config in layers.items():
-        kind = layer_kind(module := model.get_submodule(name))
-        width = kind.in_features(module) if isinstance(kind, WeightedKind) else max(1, len(config.features or ()))
-        gram = config.method is not None or config.compensate != "none"
-        total += 8 * ((width + 1) ** 2 if gram else 4 * width)
-    return total
+    kind = layer_kind(module := model.get_submodule(name))
+    width = kind.in_features(module) if isinstance(kind, WeightedKind) else max(1, len(config.features or ()))
+    gram = config.method is not None or config.compensate != "none"
+    return 8 * ((width + 1) ** 2 if gram else 4 * width)
 
 
 def model_fingerprint(model: nn.Module, layers: Iterable[str]) -> str:

@@ -176,18 +176,36 @@ def test_other_families_calibrate_block_by_block_to_the_same_masks(tmp_path: Pat
         assert (mask.weight is None) == (b[name].weight is None) and (mask.weight is None or torch.equal(mask.weight, b[name].weight)), name
 
 
-def test_attention_heads_are_chosen_block_by_block_as_on_the_whole_model(llama, tmp_path: Path, weights_only) -> None:
-    """``--heads``: obs on whole heads reads the output projection's weight, and the refit its columns."""
+@pytest.mark.parametrize(("times", "by_block"), [(2.0, False), (1.1, True)])
+def test_statistics_over_the_budget_are_collected_a_few_blocks_at_a_time(llama, tmp_path: Path, weights_only, times: float,
+                                                                         by_block: bool) -> None:
+    """``--heads``: each attention output's Gram matrix (256 features: 2.25 MB for the four) is about the model's weights
+    (2.28 MB). Twice the weights hold the whole model and a few blocks' statistics: the data runs once per pass, each
+    forward pass stopped after the pass's last block; 1.1x hold only block by block, one block's statistics a pass.
+    The masks are the whole model's (obs on whole heads reads the output projection's weight, the refit its columns)."""
     from actsparse_deploy.models.loading import ModelOptions
 
     directory, text = llama
-    # the heads' Gram matrices (2.25 MB) beside the weights (2.28 MB): the whole model does not fit twice its weights, a block does
-    for name, budget in (("whole", None), ("block", 2 * _weights(directory))):
+    for name, budget in (("whole", None), ("parts", int(times * _weights(directory)))):
         report = calibrate_model(str(directory), tmp_path / f"{name}.safetensors", RecipeFlags(heads=True),
                                  model_options=ModelOptions(text=str(text)), batch_size=4, max_memory=budget)
-        assert report is not None and (report.memory is not None and report.memory.by_block) == (name == "block")
-    a, b = Masks.load(tmp_path / "whole.safetensors"), Masks.load(tmp_path / "block.safetensors")
+        assert report is not None
+    memory = report.memory
+    assert memory is not None and memory.passes is not None and memory.passes >= 2 and bool(memory.by_block) is by_block
+    a, b = Masks.load(tmp_path / "whole.safetensors"), Masks.load(tmp_path / "parts.safetensors")
     heads = [name for name in a.layers if name.endswith("o_proj")]
-    assert len(heads) == 4 and list(a.layers) == list(b.layers)
+    assert len(heads) == 4 and list(a.layers) == list(b.layers) and a.num_samples == b.num_samples
     for name, mask in a.layers.items():
         assert torch.equal(mask.mask, b[name].mask), name
+        assert (mask.weight is None) == (b[name].weight is None) and (mask.weight is None or torch.equal(mask.weight, b[name].weight)), name
+    assert any(mask.weight is not None for mask in a.layers.values())  # refits compared
+
+
+def test_the_cli_says_how_many_passes(llama, tmp_path: Path, weights_only) -> None:
+    result = invoke("calibrate", llama[0], "--text", llama[1], "--heads", "-o", tmp_path / "m.safetensors", "--max-memory",
+                    2 * _weights(llama[0]))
+    assert result.exit_code == 0, result.output
+    assert "the statistics of a few blocks at a time" in result.stdout and "passes over the data" in result.stdout
+    stats = invoke("calibrate", llama[0], "--text", llama[1], "--heads", "-o", tmp_path / "s.safetensors", "--stats-only", "--max-memory",
+                   2 * _weights(llama[0]))  # a statistics file holds them all: block by block, all at once
+    assert stats.exit_code == 0, stats.output
