@@ -143,7 +143,7 @@ def calibrate_model(
     distributed session, whose other ranks than 0 return None (rank 0 reports).
     ``max_memory``: the memory it keeps within (default: what the machine has free); a Hugging Face
     directory whose weights do not fit is calibrated block by block (:func:`calibration_memory`)."""
-    from ..calibration.stats import statistics_bytes
+    from ..calibration.stats import selection_bytes, statistics_bytes
     from ..models.loading import load_model
     from ..nn.modules import largest_blocks, weight_bytes
     from .commands import calibrate_to_file
@@ -165,8 +165,9 @@ def calibrate_model(
     recipe = recipe_for(model, loaded, flags)
     if plan is None and max_memory is not None:  # not a Hugging Face directory: its size is known once it is built
         size = weight_bytes(loaded.module)
+        layers = recipe.select(loaded.module)
         plan = calibration_plan(size, parse_memory(max_memory), held=max(0, resident_memory() - size), asked=True,
-                                statistics=statistics_bytes(loaded.module, recipe.select(loaded.module)))
+                                statistics=statistics_bytes(loaded.module, layers), selecting=selection_bytes(loaded.module, layers))
     in_passes = None
     if plan is not None and plan.blocks_per_pass is not None:
         blocks = largest_blocks(loaded.module)
@@ -195,7 +196,7 @@ def calibration_memory(model: str, options: ModelOptions | None, flags: RecipeFl
     loads for a Hugging Face directory (:func:`~actsparse_deploy.base.memory.calibration_plan`, exit 13 where it does not
     fit even block by block): from its files' size and its layout on the meta device (the statistics of the recipe
     ``flags`` describe, its blocks; ``in_passes``: the statistics may be collected a few blocks at a time); None for another model."""
-    from ..calibration.stats import layer_statistics_bytes, statistics_bytes
+    from ..calibration.stats import layer_statistics_bytes, selection_bytes, statistics_bytes
     from ..models.loading import load_layout
     from ..nn.modules import block_bytes, largest_blocks, weight_bytes
 
@@ -216,7 +217,7 @@ def calibration_memory(model: str, options: ModelOptions | None, flags: RecipeFl
                 per_block[_block_of(name, blocks, len(per_block) - 1)] += layer_statistics_bytes(module, name, config)
     budget = parse_memory(max_memory) if max_memory is not None else None
     return calibration_plan(stored, budget, asked=max_memory is not None, statistics=statistics_bytes(module, layers), rest=rest, block=block,
-                            per_block=per_block)
+                            per_block=per_block, selecting=selection_bytes(module, layers))
 
 
 def _block_of(layer: str, blocks: str, outside: int) -> int:

@@ -193,7 +193,8 @@ class CalibrationPlan:
 
 
 def calibration_plan(weights: int, budget: int | None = None, held: int | None = None, asked: bool = False, *, statistics: int = 0,
-                     rest: int | None = None, block: int | None = None, per_block: Sequence[int] | None = None) -> CalibrationPlan:
+                     rest: int | None = None, block: int | None = None, per_block: Sequence[int] | None = None,
+                     selecting: int = 0) -> CalibrationPlan:
     """The plan for calibrating a model of ``weights`` bytes whose recipe's statistics take ``statistics``
     bytes, in a process that holds ``held`` bytes (default: :func:`resident_memory`) within ``budget``
     (default: what the machine has free, plus ``held``). In this order, the first that fits: the whole model
@@ -202,6 +203,7 @@ def calibration_plan(weights: int, budget: int | None = None, held: int | None =
     blocks; None: not in passes); block by block where the model has blocks (``block``: its largest block's
     bytes, ``rest``: its weights outside the blocks; None: it cannot be split: the rest, :data:`BLOCK` times one
     block) with all statistics, then in passes; else a :class:`MemoryBudgetError` (exit 13) naming what it needs.
+    ``selecting``: what choosing one layer's mask holds beside the statistics, counted in each.
 
     >>> calibration_plan(10**9, budget=2 * 10**9, held=10**8).by_block
     False
@@ -215,9 +217,9 @@ def calibration_plan(weights: int, budget: int | None = None, held: int | None =
     if budget is None:
         free = available_memory()
         budget = None if free is None else free + held
-    fixed = [(False, held + int(CALIBRATE * weights))]
+    fixed = [(False, held + int(CALIBRATE * weights) + selecting)]
     if block is not None:
-        fixed.append((True, held + (rest or 0) + int(BLOCK * block)))
+        fixed.append((True, held + (rest or 0) + int(BLOCK * block) + selecting))
     for by_block, base in fixed:
         if budget is None or base + statistics <= budget:
             return CalibrationPlan(budget, weights, by_block, base + statistics, asked)
