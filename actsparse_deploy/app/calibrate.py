@@ -206,7 +206,7 @@ def calibration_memory(model: str, options: ModelOptions | None, flags: RecipeFl
     layout, stored = found
     module = layout.module
     layers = recipe_for(model, layout, flags).select(module)
-    scale = stored / max(1, weight_bytes(module))  # the layout is float32; the files may hold half precision
+    scale = stored / max(1, weight_bytes(module))  # the layout need not be in the files' dtype (half precision)
     blocks = largest_blocks(module)
     rest = block = per_block = None
     if blocks is not None:
