@@ -106,7 +106,8 @@ def statistics_bytes(model: nn.Module, layers: Mapping[str, ResolvedLayer]) -> i
 
 
 #: what choosing one layer's mask with a method (and its refit) holds beside its statistics, in its Gram matrices:
-#: the damped inverse, the weight columns in float64, the refit's eigenvectors (measured: 5.2 for a 2816-feature layer)
+#: the damped inverse, the weight columns in float64, the refit's eigenvectors (measured 4.3-5.2 for 2816 and 5632
+#: features: ``tools/measure_select_memory.py``)
 SELECT = 5.5
 
 
