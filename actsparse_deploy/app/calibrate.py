@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ..models.loading import LoadedModel, ModelOptions
     from .report import Report
 
-__all__ = ["RecipeFlags", "build_recipe", "calibrate_model", "calibration_memory", "passes", "recipe_for", "recipe_from_flags"]
+__all__ = ["Passes", "RecipeFlags", "build_recipe", "calibrate_model", "calibration_memory", "passes", "recipe_for", "recipe_from_flags"]
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def calibrate_model(
     directory whose weights do not fit is calibrated block by block (:func:`calibration_memory`)."""
     from ..calibration.stats import selection_bytes, statistics_bytes
     from ..models.loading import load_model
-    from ..nn.modules import largest_blocks, weight_bytes
+    from ..nn.modules import weight_bytes
     from .commands import calibrate_to_file
 
     if max_cost is not None:
@@ -155,8 +155,8 @@ def calibrate_model(
     flags = flags.for_budget(max_cost)
     if getattr(group, "writer", True):
         check_output_path(Path(output), overwrite)
-    plan = calibration_memory(model, model_options, flags, max_memory,
-                              in_passes=not (stats_only or max_cost is not None or flags.recover or group is not None))
+    plan, in_passes = calibration_memory(model, model_options, flags, max_memory,
+                                         in_passes=not (stats_only or max_cost is not None or flags.recover or group is not None))
     by_block = plan is not None and plan.by_block
     if plan is not None and by_block and (max_cost is not None or flags.recover or group is not None):
         raise MemoryBudgetError(f"{_NEEDS_ALL[0 if max_cost is not None else 1 if flags.recover else 2]}, and the model's weights "
@@ -168,11 +168,6 @@ def calibrate_model(
         layers = recipe.select(loaded.module)
         plan = calibration_plan(size, parse_memory(max_memory), held=max(0, resident_memory() - size), asked=True,
                                 statistics=statistics_bytes(loaded.module, layers), selecting=selection_bytes(loaded.module, layers))
-    in_passes = None
-    if plan is not None and plan.blocks_per_pass is not None:
-        blocks = largest_blocks(loaded.module)
-        assert blocks is not None  # the layout had them
-        in_passes = passes(recipe.select(loaded.module), blocks, len(loaded.module.get_submodule(blocks)), plan.blocks_per_pass)
     report = calibrate_to_file(
         loaded, recipe, output, data=data, batch_size=batch_size, on_stage=on_stage, on_batch=on_batch,
         max_cost=max_cost, model_options=model_options, max_samples=max_samples, stats_only=stats_only, group=group,
@@ -190,19 +185,23 @@ _NEEDS_ALL = ("a cost budget (--max-cost) measures sparse copies of the model", 
               "a distributed calibration runs a model in each process")
 
 
+Passes = list[tuple[list[str], str | None]]
+
+
 def calibration_memory(model: str, options: ModelOptions | None, flags: RecipeFlags, max_memory: str | int | None,
-                       in_passes: bool = True) -> CalibrationPlan | None:
+                       in_passes: bool = True) -> tuple[CalibrationPlan | None, Passes | None]:
     """How ``calibrate`` keeps ``model`` within ``max_memory`` (default: what the machine has free), decided before it
     loads for a Hugging Face directory (:func:`~actsparse_deploy.base.memory.calibration_plan`, exit 13 where it does not
     fit even block by block): from its files' size and its layout on the meta device (the statistics of the recipe
-    ``flags`` describe, its blocks; ``in_passes``: the statistics may be collected a few blocks at a time); None for another model."""
+    ``flags`` describe, its blocks; ``in_passes``: the statistics may be collected a few blocks at a time). The plan and,
+    where it takes the statistics a few blocks at a time, its :func:`passes`; ``(None, None)`` for another model."""
     from ..calibration.stats import layer_statistics_bytes, selection_bytes, statistics_bytes
     from ..models.loading import load_layout
     from ..nn.modules import block_bytes, largest_blocks, weight_bytes
 
     found = load_layout(model, options)
     if found is None:
-        return None
+        return None, None
     layout, stored = found
     module = layout.module
     layers = recipe_for(model, layout, flags).select(module)
@@ -210,14 +209,17 @@ def calibration_memory(model: str, options: ModelOptions | None, flags: RecipeFl
     blocks = largest_blocks(module)
     rest = block = per_block = None
     if blocks is not None:
-        rest, block = int(scale * (weight_bytes(module) - weight_bytes(module.get_submodule(blocks)))), int(scale * block_bytes(module))
+        rest, block = int(scale * (weight_bytes(module) - weight_bytes(module.get_submodule(blocks)))), int(scale * block_bytes(module, blocks))
         if in_passes:
             per_block = [0] * (len(module.get_submodule(blocks)) + 1)  # each block's statistics, then the layers' outside them
             for name, config in layers.items():
                 per_block[_block_of(name, blocks, len(per_block) - 1)] += layer_statistics_bytes(module, name, config)
     budget = parse_memory(max_memory) if max_memory is not None else None
-    return calibration_plan(stored, budget, asked=max_memory is not None, statistics=statistics_bytes(module, layers), rest=rest, block=block,
+    plan = calibration_plan(stored, budget, asked=max_memory is not None, statistics=statistics_bytes(module, layers), rest=rest, block=block,
                             per_block=per_block, selecting=selection_bytes(module, layers))
+    if plan.blocks_per_pass is None or blocks is None:
+        return plan, None
+    return plan, passes(layers, blocks, len(module.get_submodule(blocks)), plan.blocks_per_pass)
 
 
 def _block_of(layer: str, blocks: str, outside: int) -> int:
@@ -227,7 +229,7 @@ def _block_of(layer: str, blocks: str, outside: int) -> int:
     return int(index) if head == "" and index.isdigit() else outside
 
 
-def passes(layers: Iterable[str], blocks: str, count: int, per_pass: int) -> list[tuple[list[str], str | None]]:
+def passes(layers: Iterable[str], blocks: str, count: int, per_pass: int) -> Passes:
     """The passes of :func:`~actsparse_deploy.calibration.calibrate.calibrate_in_passes` over ``count`` blocks of the list
     ``blocks``, ``per_pass`` at a time: each pass's layers and the block after which its forward passes stop (the last
     pass, with the layers outside the blocks, runs whole).
@@ -235,11 +237,10 @@ def passes(layers: Iterable[str], blocks: str, count: int, per_pass: int) -> lis
     >>> passes(["m.0.fc", "m.1.fc", "m.2.fc", "head"], "m", 3, 2)
     [(['m.0.fc', 'm.1.fc'], 'm.1'), (['m.2.fc', 'head'], None)]
     """
-    names = list(layers)
-    starts = list(range(0, count, per_pass))
-    found: list[tuple[list[str], str | None]] = []
-    for i, start in enumerate(starts):
-        last = i == len(starts) - 1
-        inside = [n for n in names if start <= _block_of(n, blocks, count) < start + per_pass or (last and _block_of(n, blocks, count) == count)]
+    where = {name: _block_of(name, blocks, count) for name in layers}
+    found: Passes = []
+    for start in range(0, count, per_pass):
+        last = start + per_pass >= count  # the last pass takes the layers outside the blocks (index ``count``) too
+        inside = [name for name, index in where.items() if start <= index < start + per_pass or (last and index == count)]
         found.append((inside, None if last else f"{blocks}.{start + per_pass - 1}"))
-    return [(layers_of, stop) for layers_of, stop in found if layers_of]
+    return [(names, stop) for names, stop in found if names]

@@ -142,19 +142,12 @@ def _collect_local(
     model: nn.Module, layers: Mapping[str, ResolvedLayer], batches: Iterable[Batch] | None,
     forward_loop: Callable[[nn.Module], Any] | None, on_batch: Callable[[int], None] | None, empty_ok: bool = False,
     position: Callable[[int], int] | None = None, skip: Callable[[list[str]], list[str]] | None = None,
-    stop_after: str | None = None,
 ) -> tuple[dict[str, LayerStats] | None, int, int]:
     """This process's statistics, samples and batches (None statistics for no
     batch where ``empty_ok``: a rank whose share is empty); ``position``: this
     process's batch number -> its number in all the data (a rank's share);
-    ``skip(unreached)``: the layers never called to leave out (else they are an error);
-    ``stop_after``: the module after which each batch's forward pass stops (nothing after it is needed)."""
-    if stop_after is not None:
-        handle = model.get_submodule(stop_after).register_forward_hook(_stop)
-        try:
-            return _collect_local(model, layers, batches, forward_loop, on_batch, empty_ok, position, skip)
-        finally:
-            handle.remove()
+    ``skip(unreached)``: the layers never called to leave out (else they are an error).
+    A forward pass that raises :class:`_Stop` has run all it needed (:func:`calibrate_in_passes`)."""
     check_finite_weights(model)
     if batches is not None:
         device = model_device(model)
@@ -226,14 +219,18 @@ def calibrate_in_passes(
     found: dict[str, LayerMask] = {}
     skipped: dict[str, str] = {}
     num_samples = num_batches = 0
-    for i, (names, stop) in enumerate(passes):
-        def skip(unreached: list[str]) -> list[str]:
-            skipped.update(uncalled_layers(model, recipe, unreached))
-            return unreached
+    def skip(unreached: list[str]) -> list[str]:
+        skipped.update(uncalled_layers(model, recipe, unreached))
+        return unreached
 
+    for i, (names, stop) in enumerate(passes):
         part = {name: layers[name] for name in names}
-        per_layer, num_samples, num_batches = _collect_local(model, part, batches, None, on_batch if i == 0 else None, skip=skip,
-                                                             stop_after=stop)
+        handle = model.get_submodule(stop).register_forward_hook(_stop) if stop is not None else None
+        try:
+            per_layer, num_samples, num_batches = _collect_local(model, part, batches, None, on_batch if i == 0 else None, skip=skip)
+        finally:
+            if handle is not None:
+                handle.remove()
         assert per_layer is not None
         found.update({name: layer_mask(name, ls, layers[name], model) for name, ls in per_layer.items()})
         del per_layer  # this pass's statistics let go before the next

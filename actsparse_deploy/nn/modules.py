@@ -68,7 +68,8 @@ def check_finite_weights(model: nn.Module) -> None:
                 for name, t in named:
                     if (not offloaded and id(t) in seen) or not (t.is_floating_point() or t.is_complex()):
                         continue
-                    seen.update(() if offloaded else (id(t),))
+                    if not offloaded:
+                        seen.add(id(t))
                     _check_values(kind, f"{prefix}.{name}" if prefix else name, t)
 
 
@@ -168,15 +169,14 @@ def largest_blocks(model: nn.Module) -> str | None:
     return best[1] if best is not None and total and 2 * best[0] >= total else None
 
 
-def block_bytes(model: nn.Module) -> int:
-    """The weights of the largest block of ``model``'s :func:`largest_blocks` (0 where it has none), in bytes,
+def block_bytes(model: nn.Module, blocks: str) -> int:
+    """The weights of the largest block of ``model``'s list ``blocks`` (:func:`largest_blocks`), in bytes,
     wherever they are (on the meta device too).
 
-    >>> block_bytes(nn.Sequential(nn.Embedding(10, 4), nn.ModuleList(nn.Linear(4, 4) for _ in range(3))))
+    >>> block_bytes(nn.Sequential(nn.Embedding(10, 4), nn.ModuleList(nn.Linear(4, 4) for _ in range(3))), "1")
     80
     """
-    blocks = largest_blocks(model)
-    return max((weight_bytes(block) for block in model.get_submodule(blocks).children()), default=0) if blocks is not None else 0
+    return max((weight_bytes(block) for block in model.get_submodule(blocks).children()), default=0)
 
 
 def block_device_map(model: nn.Module, blocks: str) -> dict[str, str] | None:

@@ -60,9 +60,21 @@ def _calibrate(llama: tuple[Path, Path], out: Path, **kwargs) -> dict:
     return report.to_json()
 
 
-def test_a_model_over_the_budget_is_calibrated_block_by_block_to_the_masks_of_the_whole_model(llama, tmp_path: Path, weights_only) -> None:
+def test_a_model_over_the_budget_is_calibrated_block_by_block_to_the_masks_of_the_whole_model(llama, tmp_path: Path, weights_only,
+                                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from actsparse_deploy.models import loading
+
+    load_model, offloaded = loading.load_model, []
+
+    def spy(*args, **kwargs):  # the model calibrated is the one loaded block by block: its blocks on meta
+        loaded = load_model(*args, **kwargs)
+        offloaded.append(all(p.is_meta for p in loaded.module.model.layers.parameters()))
+        return loaded
+
+    monkeypatch.setattr(loading, "load_model", spy)
     whole = _calibrate(llama, tmp_path / "whole.safetensors")
     by_block = _calibrate(llama, tmp_path / "block.safetensors", max_memory=_weights(llama[0]))  # 1.2x the weights do not fit
+    assert offloaded == [False, True]
     assert "memory" not in whole  # neither asked for nor needed
     assert by_block["memory"]["by_block"] is True and by_block["memory"]["budget_bytes"] == _weights(llama[0])
     a, b = Masks.load(tmp_path / "whole.safetensors"), Masks.load(tmp_path / "block.safetensors")
@@ -81,7 +93,7 @@ def test_loaded_block_by_block_the_blocks_wait_on_disk(llama) -> None:
 
     loaded = load_model(str(llama[0]), by_block=True)
     model = loaded.module
-    assert largest_blocks(model) == "model.layers" and block_bytes(model) > 0
+    assert largest_blocks(model) == "model.layers" and block_bytes(model, "model.layers") > 0
     assert all(p.is_meta for p in model.model.layers.parameters())  # no memory for the blocks' weights
     assert not model.model.embed_tokens.weight.is_meta
     check_finite_weights(model)  # reads them a layer at a time, and lets them go
@@ -126,16 +138,14 @@ def test_a_model_that_does_not_fit_even_block_by_block_is_exit_13_before_any_wor
 
 
 @pytest.mark.parametrize(("flags", "needle"), [(("--max-cost", "cosine=0.99"), "--max-cost"), (("--recover",), "--recover")])
-def test_what_needs_the_whole_model_is_refused_block_by_block(llama, tmp_path: Path, weights_only, flags, needle: str) -> None:
+def test_what_needs_the_whole_model_is_refused_block_by_block(llama, tmp_path: Path, weights_only, flags, needle: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from actsparse_deploy.models import loading
 
     called = []
     original = loading.load_model
-    loading.load_model = lambda *a, **k: called.append(a) or original(*a, **k)  # type: ignore[assignment]
-    try:
-        result = invoke("calibrate", llama[0], "--text", llama[1], "-o", tmp_path / "m.safetensors", "--max-memory", _weights(llama[0]), *flags)
-    finally:
-        loading.load_model = original  # type: ignore[assignment]
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: called.append(a) or original(*a, **k))
+    result = invoke("calibrate", llama[0], "--text", llama[1], "-o", tmp_path / "m.safetensors", "--max-memory", _weights(llama[0]), *flags)
     one_line_error(result, 13, needle, "over the memory budget")
     assert not called  # before the model loads
 
@@ -178,14 +188,22 @@ def test_other_families_calibrate_block_by_block_to_the_same_masks(tmp_path: Pat
 
 @pytest.mark.parametrize(("times", "by_block"), [(3.0, False), (2.5, True)])
 def test_statistics_over_the_budget_are_collected_a_few_blocks_at_a_time(llama, tmp_path: Path, weights_only, times: float,
-                                                                         by_block: bool) -> None:
+                                                                         by_block: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--heads``: each attention output's Gram matrix (256 features: 2.25 MB for the four, and choosing one mask
     holds 5.5 of them) is about the model's weights (2.28 MB). Three times the weights hold the whole model and a few
     blocks' statistics: the data runs once per pass, each forward pass stopped after the pass's last block; 2.5 times
     hold only block by block, one block's statistics a pass.
     The masks are the whole model's (obs on whole heads reads the output projection's weight, the refit its columns)."""
+    from actsparse_deploy.calibration import calibrate
     from actsparse_deploy.models.loading import ModelOptions
 
+    stops = []
+
+    def stop(module, args, output):  # each forward pass a pass cut short (all but the last pass's)
+        stops.append(module)
+        raise calibrate._Stop
+
+    monkeypatch.setattr(calibrate, "_stop", stop)
     directory, text = llama
     for name, budget in (("whole", None), ("parts", int(times * _weights(directory)))):
         report = calibrate_model(str(directory), tmp_path / f"{name}.safetensors", RecipeFlags(heads=True),
@@ -193,6 +211,7 @@ def test_statistics_over_the_budget_are_collected_a_few_blocks_at_a_time(llama, 
         assert report is not None
     memory = report.memory
     assert memory is not None and memory.passes is not None and memory.passes >= 2 and bool(memory.by_block) is by_block
+    assert report.calibration is not None and len(stops) == (memory.passes - 1) * report.calibration.batches  # the passes ran
     a, b = Masks.load(tmp_path / "whole.safetensors"), Masks.load(tmp_path / "parts.safetensors")
     heads = [name for name in a.layers if name.endswith("o_proj")]
     assert len(heads) == 4 and list(a.layers) == list(b.layers) and a.num_samples == b.num_samples
