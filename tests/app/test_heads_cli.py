@@ -79,20 +79,6 @@ def _cache_inputs(onnx_path: Path) -> dict[str, list[int]]:
     return {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input if i.name.startswith("past_key_values")}
 
 
-def test_heads_of_a_decoder_with_a_cache_keep_one_count_in_every_layer(hf: HFFiles, tmp_path: Path) -> None:
-    """The runtime's config describes one number of key/value heads for every layer: a uniform level removes the same
-    number everywhere, config.json says the new counts, the cache inputs have them, validated token by token."""
-    out = tmp_path / "out"
-    report = _convert(hf, "llama", "--heads", "--sparsity", "0.5", "-o", out, "--no-latency")
-    for i in range(2):
-        assert _rows(report)[f"model.layers.{i}.self_attn.o_proj"]["reason"].startswith("removed 2 of 4 attention heads")
-    assert report["export"]["cache"] is True and report["validation"]["passed"] is True
-    assert report["validation"]["generation"]["passed"] is True
-    assert _config_heads(out) == (2, 1, 16)
-    past = _cache_inputs(out / "model.onnx")
-    assert past["past_key_values.0.key"][1] == 1 and past["past_key_values.1.value"][3] == 16
-
-
 @pytest.mark.slow
 def test_a_pruned_decoders_smaller_cache_is_timed_and_costed_beside_the_dense_one(hf: HFFiles, tmp_path: Path) -> None:
     """The dense export (two key/value heads) and the pruned one (one) side by side: latency, decode speed and
@@ -143,14 +129,21 @@ def test_a_budget_search_with_one_head_count_moves_every_layers_heads_together()
         assert [result.levels[name] for name in names] == [want] * 4, budget
 
 
-def test_a_budget_with_heads_on_a_decoder_with_a_cache_converts_and_validates(hf: HFFiles, tmp_path: Path) -> None:
+def test_a_budget_with_heads_on_a_decoder_with_a_cache_keeps_one_count_in_every_layer(hf: HFFiles, tmp_path: Path) -> None:
     """No longer refused: the search, squash with one head count, export and the token-by-token check, end to end (the
-    tie itself is tested on tiny-lm above: this random decoder's heads go at any level, tied or not)."""
-    report = _convert(hf, "llama", "--heads", "--max-cost", "perplexity-ratio=1.5", "-o", tmp_path / "out", "--no-latency")
+    tie itself is tested on tiny-lm above: this random decoder's heads go at any level, tied or not). The runtime's
+    config describes one number of key/value heads for every layer: the same number goes everywhere, config.json says
+    the new counts, the cache inputs have them, validated token by token."""
+    out = tmp_path / "out"
+    report = _convert(hf, "llama", "--heads", "--max-cost", "perplexity-ratio=1.5", "-o", out, "--no-latency")
     levels = report["budget"]["levels"]
     assert levels["model.layers.0.self_attn.o_proj"] == levels["model.layers.1.self_attn.o_proj"] == 0.5
-    assert _rows(report)["model.layers.1.self_attn.o_proj"]["reason"].startswith("removed 2 of 4 attention heads")
-    assert _config_heads(tmp_path / "out") == (2, 1, 16) and report["validation"]["generation"]["passed"] is True
+    for i in range(2):
+        assert _rows(report)[f"model.layers.{i}.self_attn.o_proj"]["reason"].startswith("removed 2 of 4 attention heads")
+    assert report["export"]["cache"] is True and report["validation"]["passed"] is True
+    assert _config_heads(out) == (2, 1, 16) and report["validation"]["generation"]["passed"] is True
+    past = _cache_inputs(out / "model.onnx")
+    assert past["past_key_values.0.key"][1] == 1 and past["past_key_values.1.value"][3] == 16
 
 
 def test_heads_on_a_model_without_attention_is_one_line(tmp_path: Path) -> None:

@@ -42,6 +42,16 @@ def build():
 '''
 
 
+@pytest.fixture
+def frozen():
+    """The objects alive before the test are set aside from the collector: ``_copies`` then scans only what the test
+    made (a collection over a whole test session's objects takes a second or more; the weights counted are all new)."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
 def _copies() -> int:
     """How many tensors of fc1's weight shape hold memory (distinct storages; the exporters' fake and meta tensors hold none)."""
     from torch._subclasses.fake_tensor import FakeTensor
@@ -62,7 +72,7 @@ def user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 @pytest.mark.parametrize("mode", ["fold", "prune"])
 @pytest.mark.parametrize("quantize", ["none", "int8"])
-def test_no_stage_after_squash_holds_the_dense_weights(user, mode: str, quantize: str) -> None:
+def test_no_stage_after_squash_holds_the_dense_weights(user, frozen, mode: str, quantize: str) -> None:
     tmp, spec = user
     seen: dict[str, int] = {}
     recipe, sparsity = recipe_from_flags(spec, None, 0.5, layers=["fc2"])
@@ -161,7 +171,7 @@ def test_where_only_one_copy_fits_validation_runs_in_two_passes_with_the_same_fi
     assert not (tmp_path / "none").exists()
 
 
-def test_two_pass_validation_lets_the_weights_go_between_the_passes(tmp_path: Path) -> None:
+def test_two_pass_validation_lets_the_weights_go_between_the_passes(tmp_path: Path, frozen) -> None:
     from actsparse_deploy.nn.modules import release_weights
     from actsparse_deploy.onnx.export import export_onnx
     from actsparse_deploy.onnx.validate import validate

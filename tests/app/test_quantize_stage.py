@@ -259,6 +259,7 @@ def test_the_free_budget_of_each_kind_allows_no_cost(kind: str, value: float, fr
     assert Budget(kind, value).free().value == free and Budget(kind, value).free().within(free)
 
 
+@pytest.mark.slow  # a dynamo export with a cache
 def test_static_int8_of_a_decoder_with_its_cache_takes_token_batches_as_first_steps(tmp_path):
     """Before, ``quantize --mode int8-static`` of the decoder ``export`` writes (with its KV cache) refused every token
     file: "input names do not match ... past_key_values.0.key" (exit 10); a user has no cache to give. The ranges
