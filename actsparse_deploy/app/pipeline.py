@@ -59,9 +59,9 @@ from ..models.loading import load_recipe
 from ..nn.modules import release_weights, weight_bytes
 from ..nn.recorded import Recorded
 from ..onnx.export import ExportResult, export_onnx, layer_metadata
-from ..onnx.generate import decode_latency, held_out_prompts
-from ..onnx.latency import dense_export, dense_export_errors, dense_latency, one_at_a_time, slower_note, verdict
-from ..onnx.quantize import FLOAT_FOLDER, Quantized, frontier, quantize_onnx, quantized_cost
+from ..onnx.generate import decode_latency, decode_pair, held_out_prompts
+from ..onnx.latency import dense_export, dense_export_errors, dense_latency, one_at_a_time, pair_latency, slower_note, verdict
+from ..onnx.quantize import FLOAT_FOLDER, Quantized, measure_frontier, quantize_onnx, quantized_cost
 from ..onnx.validate import ValidationReport
 from .cost import cost_stage
 from .options import CalibrateOptions, ConvertOptions, ExportOptions, QuantizeOptions, ValidateOptions
@@ -380,15 +380,21 @@ class Stages:
         apart = one_at_a_time(self.memory is not None and self.memory.one_at_a_time)  # where two sessions are over --max-memory
         with self.timer("latency"), apart, exporting or contextlib.nullcontext(reference.onnx) as dense_path:
             assert dense_path is not None
-            figures = dense_latency(dense_path, path, batches, io_spec=exported.io)
-            prompt = held_out_prompts(held, 1, max_tokens=None)[0] if target.cached else None
-            if prompt is not None:  # a decoder's figure users compare: ms per generated token
-                figures["decode"] = decode_latency(dense_path, path, prompt)
-            if quantized is not None:  # the alternatives side by side: dense, int8 alone, sparse, sparse + int8
-                figures["frontier"] = frontier(dense, {"dense": dense_path, "sparse": quantized.floated, "sparse+int8": path}, batches,
-                                               io=io, mode=quantized.result.mode, tokens=work.causal_lm, labels=work.labels,
-                                               other=other_batches, calibration=calibration, decode_prompt=prompt)
-            return figures
+            prompt = held_out_prompts(held, 1, max_tokens=None)[0] if target.cached else None  # a decoder's: ms per new token
+            if quantized is None:
+                figures = dense_latency(dense_path, path, batches, io_spec=exported.io)
+                if prompt is not None:
+                    figures["decode"] = decode_latency(dense_path, path, prompt)
+                return figures
+            # the alternatives side by side (dense, int8 alone, sparse, sparse + int8), timed once: the converted
+            # model is the sparse + int8 one, its figures against dense read from the same passes
+            measured = measure_frontier(dense, {"dense": dense_path, "sparse": quantized.floated, "sparse+int8": path}, batches,
+                                        io=io, mode=quantized.result.mode, tokens=work.causal_lm, labels=work.labels,
+                                        other=other_batches, calibration=calibration, decode_prompt=prompt)
+            figures = pair_latency(measured.timed, "dense", "sparse+int8")
+            if measured.decoding is not None:
+                figures["decode"] = decode_pair(measured.decoding, "dense", "sparse+int8")
+            return {**figures, "frontier": measured.rows}
 
 
 def quantize_mode(o: QuantizeOptions, budget: BudgetResult | None) -> str:

@@ -61,7 +61,7 @@ from .validate import onnx_session, run_session
 
 __all__ = [
     "DECODE_RUNS", "DECODE_TOKENS", "DECODE_WARMUP", "DecoderIO", "Decoding", "GenerationReport", "Step",
-    "check_generation", "decode_latencies", "decode_latency", "greedy", "held_out_prompts", "onnx_step", "torch_step",
+    "check_generation", "decode_latencies", "decode_latency", "decode_pair", "greedy", "held_out_prompts", "onnx_step", "torch_step",
 ]
 
 #: :func:`check_generation`'s defaults: prompts, new tokens each, the longest prompt (tokens)
@@ -426,9 +426,17 @@ def decode_latency(dense_path: str | Path, sparse_path: str | Path, prompt: Sequ
     ``warmup``, ``runs``): ``dense_*`` / ``sparse_*`` ms per token (the prefill
     excluded), tokens per s and prefill ms, and ``ratio``: sparse / dense ms per
     token (below 1 is faster)."""
-    timed = decode_latencies({"dense": dense_path, "sparse": sparse_path}, prompt, **options)
-    sides = {f"{name}_{key}": value for name, figures in timed.pop("decoders").items() for key, value in figures.items() if key != "ratio"}
-    return {**sides, "ratio": sides["sparse_ms_per_token"] / sides["dense_ms_per_token"], **timed}
+    return decode_pair(decode_latencies({"dense": dense_path, "sparse": sparse_path}, prompt, **options), "dense", "sparse")
+
+
+def decode_pair(timed: Mapping[str, Any], dense: str, sparse: str) -> dict[str, Any]:
+    """:func:`decode_latency`'s figures for two of the decoders :func:`decode_latencies` timed (``timed``):
+    ``sparse`` against ``dense``, from the same runs (one timing, one set of figures for it)."""
+    decoders = timed["decoders"]
+    sides = {f"{side}_{key}": value for side, name in (("dense", dense), ("sparse", sparse))
+             for key, value in decoders[name].items() if key != "ratio"}
+    return {**sides, "ratio": sides["sparse_ms_per_token"] / sides["dense_ms_per_token"],
+            **{key: value for key, value in timed.items() if key != "decoders"}}
 
 
 def decode_latencies(

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CONVERT_RUNS", "CONVERT_SAMPLES", "CONVERT_WARMUP", "DEFAULT_RUNS", "DEFAULT_THREADS", "DEFAULT_WARMUP",
     "SAME_BAND", "alternate", "dense_export", "dense_export_errors", "dense_latency", "latencies", "latency_ratio",
-    "one_at_a_time", "ort_session", "slower_note", "time_variants", "torch_threads", "verdict",
+    "one_at_a_time", "ort_session", "pair_latency", "slower_note", "time_variants", "torch_threads", "verdict",
 ]
 
 #: the benchmark's fixed thread count (``ort_session``'s default); ``latency_ratio`` takes the command's
@@ -210,10 +210,16 @@ def latency_ratio(
     inputs; ``threads``: None for the command's (:func:`~actsparse_deploy.base.threads.current_threads`)."""
     figures = latencies({"dense": dense_onnx, "sparse": sparse_onnx}, batches, io_spec=io_spec, threads=threads,
                         warmup=warmup, runs=runs)
-    dense, sparse = figures["ms"]["dense"], figures["ms"]["sparse"]
+    return pair_latency(figures, "dense", "sparse")
+
+
+def pair_latency(figures: Mapping[str, Any], dense: str, sparse: str) -> dict[str, Any]:
+    """:func:`latency_ratio`'s figures for two of the models :func:`latencies` timed (``figures``): ``sparse``
+    against ``dense``, from the same passes (one timing, one set of figures for it)."""
+    dense_ms, sparse_ms = figures["ms"][dense], figures["ms"][sparse]
     return {
-        "dense_ms": dense, "sparse_ms": sparse, "ratio": figures["ratio"]["sparse"],
-        "runs": runs, "warmup": warmup, "threads": figures["threads"], "samples": figures["samples"],
+        "dense_ms": dense_ms, "sparse_ms": sparse_ms, "ratio": sparse_ms / dense_ms if dense_ms > 0 else float("nan"),
+        "runs": figures["runs"], "warmup": figures["warmup"], "threads": figures["threads"], "samples": figures["samples"],
         **({"one_at_a_time": True} if figures.get("one_at_a_time") else {}),
     }
 

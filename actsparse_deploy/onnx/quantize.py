@@ -120,8 +120,8 @@ if TYPE_CHECKING:
     from ..data.iospec import IOSpec
 
 __all__ = [
-    "DEFAULT_CALIBRATION_SAMPLES", "DEFAULT_OP_TYPES", "FLOAT_FOLDER", "MODES", "STATIC_OP_TYPES", "CalibrationFeeds", "CostBudget",
-    "QuantizeResult", "Quantized", "VARIANTS", "VariantCost", "check_quantized", "frontier", "model_bytes", "quantization_json",
+    "DEFAULT_CALIBRATION_SAMPLES", "DEFAULT_OP_TYPES", "FLOAT_FOLDER", "Frontier", "MODES", "STATIC_OP_TYPES", "CalibrationFeeds", "CostBudget",
+    "QuantizeResult", "Quantized", "VARIANTS", "VariantCost", "check_quantized", "frontier", "measure_frontier", "model_bytes", "quantization_json",
     "quantize_onnx", "quantize_staged", "quantized_cost", "variant_costs",
 ]
 
@@ -557,9 +557,30 @@ def quantization_json(result: QuantizeResult, rows: list[dict[str, Any]] | None)
 VARIANTS = ("dense", "int8", "sparse", "sparse+int8")
 
 
+@dataclass(frozen=True)
+class Frontier:
+    """:func:`measure_frontier`'s result: the ``rows`` (:func:`frontier`), and the timings they were read
+    from: ``timed`` (:func:`~actsparse_deploy.onnx.latency.latencies` of the four variants, in
+    :data:`VARIANTS`' order) and ``decoding`` (:func:`~actsparse_deploy.onnx.generate.decode_latencies`
+    of the four, None without a decode prompt): a report that shows one pair of them apart reads it from
+    these (:func:`~actsparse_deploy.onnx.latency.pair_latency`), not from a timing of its own."""
+
+    rows: list[dict[str, Any]]
+    timed: dict[str, Any]
+    decoding: dict[str, Any] | None
+
+
 def frontier(dense: nn.Module, files: dict[str, Path], batches: Iterable[Batch], *, io: IOSpec | None, mode: str,
              tokens: bool, labels: Any = None, max_samples: int = 64, other: Iterable[Batch] | None = None,
              calibration: Iterable[Batch] | None = None, decode_prompt: Any = None) -> list[dict[str, Any]]:
+    """:func:`measure_frontier`'s rows."""
+    return measure_frontier(dense, files, batches, io=io, mode=mode, tokens=tokens, labels=labels, max_samples=max_samples,
+                            other=other, calibration=calibration, decode_prompt=decode_prompt).rows
+
+
+def measure_frontier(dense: nn.Module, files: dict[str, Path], batches: Iterable[Batch], *, io: IOSpec | None, mode: str,
+                     tokens: bool, labels: Any = None, max_samples: int = 64, other: Iterable[Batch] | None = None,
+                     calibration: Iterable[Batch] | None = None, decode_prompt: Any = None) -> Frontier:
     """The rows of :data:`VARIANTS` (``files``: the dense and sparse float exports as ``dense`` /
     ``sparse``, the sparse quantized one as ``sparse+int8``; the dense one is quantized here beside
     itself as ``int8``, ``int8-static`` with its ranges from ``calibration``): name, file size, latency
@@ -575,10 +596,11 @@ def frontier(dense: nn.Module, files: dict[str, Path], batches: Iterable[Batch],
     quantize_onnx(dense_path, int8, mode, calibration=calibration if mode == "int8-static" else None, io_spec=io)
     paths = {"dense": dense_path, "int8": int8, "sparse": files["sparse"], "sparse+int8": files["sparse+int8"]}
     timed = latencies(paths, list(head_samples(batches, max_samples)), io_spec=io)
+    decoding = None
     if decode_prompt is not None:
         from .generate import decode_latencies
 
-        decoding = decode_latencies(paths, decode_prompt)["decoders"]
+        decoding = decode_latencies(paths, decode_prompt)
     sets = {"heldout": batches if labels is not None else head_samples(batches, max_samples), **({"other_text": other} if other else {})}
     costs = {where: variant_costs(dense, paths, on, references={"int8": "dense", "sparse+int8": "sparse"} if where == "heldout" else None,
                                   io_spec=io, tokens=tokens, labels=labels if where == "heldout" else None)
@@ -588,10 +610,11 @@ def frontier(dense: nn.Module, files: dict[str, Path], batches: Iterable[Batch],
         cost = costs["heldout"][name].to_json()
         rows.append({"variant": name, "size_bytes": cost["size_bytes"], "ms": timed["ms"][name], "latency_ratio": timed["ratio"][name],
                      **{k: v for k, v in cost.items() if k not in ("name", "path", "size_bytes")}})
-        if decode_prompt is not None:
-            rows[-1] |= {"decode_ms_per_token": decoding[name]["ms_per_token"], "decode_ratio": decoding[name]["ratio"]}
+        if decoding is not None:
+            decoder = decoding["decoders"][name]
+            rows[-1] |= {"decode_ms_per_token": decoder["ms_per_token"], "decode_ratio": decoder["ratio"]}
         if "other_text" in costs:
             shown = costs["other_text"][name].to_json()
             rows[-1]["other_text"] = {"samples": sum(batch_size(b) for b in other or []),
                                       **{k: v for k, v in shown.items() if k not in ("name", "path", "size_bytes")}}
-    return rows
+    return Frontier(rows, timed, decoding)

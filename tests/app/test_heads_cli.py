@@ -89,6 +89,10 @@ def test_a_pruned_decoders_smaller_cache_is_timed_and_costed_beside_the_dense_on
     assert [o["output"] for o in frontier["sparse"]["outputs"]] == ["logits"]
     assert "present.0.key" in [o["output"] for o in frontier["int8"]["outputs"]]
     assert frontier["sparse+int8"]["decode_ratio"] > 0 and report["latency"]["decode"]["sparse_ms_per_token"] > 0
+    decode = report["latency"]["decode"]  # the converted model's decode figures are the frontier's, from one timing
+    assert decode["dense_ms_per_token"] == frontier["dense"]["decode_ms_per_token"]
+    assert decode["sparse_ms_per_token"] == frontier["sparse+int8"]["decode_ms_per_token"]
+    assert decode["ratio"] == frontier["sparse+int8"]["decode_ratio"]
     assert _config_heads(out) == (2, 1, 16) and _cache_inputs(out / "model.onnx")["past_key_values.0.key"][1] == 1
 
 
