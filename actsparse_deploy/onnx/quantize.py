@@ -584,7 +584,8 @@ def measure_frontier(dense: nn.Module, files: dict[str, Path], batches: Iterable
     """The rows of :data:`VARIANTS` (``files``: the dense and sparse float exports as ``dense`` /
     ``sparse``, the sparse quantized one as ``sparse+int8``; the dense one is quantized here beside
     itself as ``int8``, ``int8-static`` with its ranges from ``calibration``): name, file size, latency
-    ratio to the dense export, cost against the dense PyTorch model on the held-out ``batches``, and for
+    ratio to the dense export (on the first ``max_samples`` of ``batches``), cost against the dense PyTorch
+    model on all the held-out ``batches`` (the samples a budget's held-out cost is measured on), and for
     the quantized ones their closeness to their float source; with ``other`` (text from another source
     than the calibration data, as the ONNX models take it), each one's cost on it too (``other_text``); with
     ``decode_prompt`` (decoders with a cache: a held-out prompt's token ids), each one's decode speed
@@ -601,7 +602,7 @@ def measure_frontier(dense: nn.Module, files: dict[str, Path], batches: Iterable
         from .generate import decode_latencies
 
         decoding = decode_latencies(paths, decode_prompt)
-    sets = {"heldout": batches if labels is not None else head_samples(batches, max_samples), **({"other_text": other} if other else {})}
+    sets = {"heldout": batches, **({"other_text": other} if other else {})}  # costs on all of it, as the budget's
     costs = {where: variant_costs(dense, paths, on, references={"int8": "dense", "sparse+int8": "sparse"} if where == "heldout" else None,
                                   io_spec=io, tokens=tokens, labels=labels if where == "heldout" else None)
              for where, on in sets.items()}
