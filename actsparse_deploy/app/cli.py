@@ -263,7 +263,7 @@ def _masks_summary(report: Report, model: object, output: Path, stats_only: bool
     """What ``calibrate`` and ``select`` print: the layers and their masks (``--stats-only``: the statistics), the budget, the notes."""
     samples = report.calibration.samples if report.calibration else "?"
     _show(*(render.stats_lines(report, output) if stats_only else render.masks_lines(report, f"{model}: {samples} calibration samples", output)),
-          *render.budget_lines(report.budget))
+          *render.budget_lines(report.budget, report.quantization))
     _print_notes(report.notes)
 
 

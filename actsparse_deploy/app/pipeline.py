@@ -232,12 +232,14 @@ class Stages:
         batches = batches if reiterable(batches) else list(batches)
         calibration, tuning = split_tuning(batches)
         tuning = list(unpadded(tuning))
+        other = list(unpadded(work.other)) if o.max_cost_other and work.other is not None else None
         with staging_dir(plan.scratch) as folder:
             costs = itertools.count()
 
-            def cost(model: nn.Module) -> tuple[float, float]:
-                return self.quantized_cost(model, calibration, tuning, budget.kind, "int8" if asked == "auto" else asked, plan.export,
-                                           folder / str(next(costs)), plan.smooth)
+            def cost(model: nn.Module) -> tuple[float, float]:  # with --max-cost-other, the worse of the tuning split and the other text
+                figures = self.quantized_cost(model, calibration, tuning, budget.kind, "int8" if asked == "auto" else asked, plan.export,
+                                              folder / str(next(costs)), plan.smooth, other=other)
+                return max(figures, key=lambda f: budget.badness(budget.doubted(*f)))
 
             room = int8_room(budget, cost(work.model)[0], asked)
             # kept by DOUBT standard errors: the held-out data is other samples
@@ -253,12 +255,13 @@ class Stages:
         return result.masks, replace(result, budget=budget, quantization={**room.to_json(), **found})
 
     def quantized_cost(self, model: nn.Module, calibration: Iterable[Batch], tuning: list[Batch], kind: str, mode: str,
-                       o: ExportOptions, folder: Path, smooth: bool = True) -> tuple[float, float]:
+                       o: ExportOptions, folder: Path, smooth: bool = True, other: list[Batch] | None = None) -> list[tuple[float, float]]:
         """The budget ``kind``'s figure of ``model`` quantized by ``mode``, and its standard error: exported
         into ``folder`` (removed after) as ``convert`` exports it (``smooth``: smoothed as convert smooths it,
         its ranges from ``calibration`` and its strengths chosen on ``tuning``; the model as it was after),
         quantized, and measured against the dense PyTorch model on ``tuning`` as the budget search measures
-        its candidates (``int8-static``: ranges from ``calibration``)."""
+        its candidates (``int8-static``: ranges from ``calibration``); then, with ``other`` (text from another
+        source, ``--max-cost-other``), on it too: one pair per set, the tuning split's first."""
         work, target = self.work, self.target
         folder.mkdir()
         try:
@@ -267,7 +270,7 @@ class Stages:
                 exported = self.export(model, folder / "model.onnx", o, timed=False)
             io, path = target.validation_io(exported.io), folder / "model.int8.onnx"
             quantize_onnx(exported.path, path, mode, calibration=target.batches(calibration) if mode == "int8-static" else None, io_spec=io)
-            return quantized_cost(work.model, path, tuning, target.batches(tuning), kind, io_spec=io)
+            return [quantized_cost(work.model, path, on, target.batches(on), kind, io_spec=io) for on in (tuning, *([other] if other else []))]
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -349,7 +352,7 @@ class Stages:
             return None
         with self.timer("quantize"):
             return quantize_stage(self.work, self.target, path, exported.io, mode, budget.budget if budget else None, verbose,
-                                  dense=dense, smoothing=smoothing)
+                                  dense=dense, smoothing=smoothing, other_text=budget is not None and budget.other_text is not None)
 
     def smooth(self, model: nn.Module, o: ConvertOptions, budget: BudgetResult | None = None) -> Smoothing | None:
         """Before export, ``model``'s matrix products smoothed for the int8 that ``o.quantize`` will run, where

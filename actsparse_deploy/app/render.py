@@ -322,15 +322,20 @@ def cost_lines(cost: Cost | None) -> list[str]:
     return lines
 
 
-def _other_text_budget_lines(budget: BudgetSearch) -> list[RenderableType]:
-    """``--max-cost-other``: the other text the budget held on too, and the final model's cost on it."""
+def _other_text_budget_lines(budget: BudgetSearch, int8: dict[str, Any] | None) -> list[RenderableType]:
+    """``--max-cost-other``: the other text the budget held on too, and the final model's cost on it (``int8``: the
+    quantized model's check, ``quantization.budget``, where it is the model written)."""
     other = budget.other_text
     if not other:
         return []
     line = (f"budget {budget.budget}: held on the other text too ({other['samples']} samples): "
             f"{figure(other['tuning_cost'], 4)} at the levels chosen")
     if other.get("cost") is not None:
-        line += f"; the sparse model {figure(other['cost'], 4)} on it: " + ("within the budget" if other["within"] else "MISSED")
+        line += f"; the sparse model {figure(other['cost'], 4)} on it"
+        if int8 is None:  # the float model is the one written: its verdict
+            line += ": " + ("within the budget" if other["within"] else "MISSED")
+    if int8 is not None and int8.get("other_text_cost") is not None:
+        line += f"; the int8 model {figure(int8['other_text_cost'], 4)} on it: within the budget"
     return [line]
 
 
@@ -355,10 +360,12 @@ def _kept_by(budget: BudgetSearch) -> str:
     return f" +- {figure(budget.tuning_error, 2)} (kept by {budget.doubt:g} standard errors)"
 
 
-def budget_lines(budget: BudgetSearch | None) -> list[RenderableType]:
-    """The levels a --max-cost search chose per layer, its tuning and held-out cost, and whether it kept the budget."""
+def budget_lines(budget: BudgetSearch | None, quantization: Quantization | None = None) -> list[RenderableType]:
+    """The levels a --max-cost search chose per layer, its tuning and held-out cost, and whether it kept the budget
+    (``quantization``: with ``--quantize``, the figures of the int8 model that is written, the float sparse model's beside)."""
     if budget is None:
         return []
+    int8 = quantization.budget if quantization is not None else None
     table = names_table("layer", "level", title=f"budget {budget.budget}: levels chosen per layer")
     for name, level in budget.levels.items():
         table.add_row(name, f"{level:.1%}")
@@ -367,9 +374,12 @@ def budget_lines(budget: BudgetSearch | None) -> list[RenderableType]:
         f"cost {figure(budget.tuning_cost, 4)}{_kept_by(budget)} on the tuning split ({budget.tuning_samples} calibration samples, "
         f"{budget.evaluations} allocations measured)"
     )]
-    lines += [*_int8_room_lines(budget), *_other_text_budget_lines(budget)]
+    lines += [*_int8_room_lines(budget), *_other_text_budget_lines(budget, int8)]
     heldout = budget.heldout
-    if heldout is None or heldout.cost is None:
+    if int8 is not None:  # the model written: the int8 one (over the budget it is exit 10, nothing written)
+        float_cost = f" (the float sparse model: {figure(heldout.cost, 4)})" if heldout is not None and heldout.cost is not None else ""
+        lines.append(f"budget {budget.budget}: held-out cost of the int8 model {figure(int8['heldout_cost'], 4)}: within the budget{float_cost}")
+    elif heldout is None or heldout.cost is None:
         note = heldout.note if heldout is not None and heldout.note is not None else "held-out cost not measured"
         lines.append(f"budget {budget.budget}: {note}")
     elif heldout.within:
@@ -396,7 +406,7 @@ def convert_summary(report: Report) -> list[RenderableType]:
         if request is not None and request.fallback:
             lines.append(f"exporter {request.requested_exporter}: {request.fallback}; exported with {export.exporter}")
         lines += generation_lines(validation.generation)
-    lines += [*cost_lines(report.cost), *budget_lines(report.budget)]
+    lines += [*cost_lines(report.cost), *budget_lines(report.budget, report.quantization)]
     latency = report.latency
     if latency is not None:
         apart = ", one model at a time to keep within the memory budget" if latency.one_at_a_time else ""

@@ -516,17 +516,27 @@ class CostBudget(Protocol):
 
 
 def check_quantized(budget: CostBudget, dense: nn.Module, path: Path, batches: Iterable[Batch], *, io: IOSpec | None, tokens: bool,
-                    labels: torch.Tensor | None = None) -> dict[str, Any]:
+                    labels: torch.Tensor | None = None, other: Iterable[Batch] | None = None) -> dict[str, Any]:
     """The quantized model at ``path`` measured by ``budget`` (an :class:`~actsparse_deploy.app.budget.Budget`)
     against the dense PyTorch model on the held-out ``batches`` (as the ONNX model takes them): the
-    figure and that it keeps the budget; over it, a ValidationError (exit 10: nothing is written)."""
-    cost = variant_costs(dense, {"int8": path}, batches, io_spec=io, tokens=budget.kind == "perplexity-ratio" or tokens,
+    figure and that it keeps the budget; over it, a ValidationError (exit 10: nothing is written).
+    ``other``: text from another source the budget holds on too (``--max-cost-other``), all of it, the
+    same way (``other_text_cost``)."""
+    tokens = budget.kind == "perplexity-ratio" or tokens
+    cost = variant_costs(dense, {"int8": path}, batches, io_spec=io, tokens=tokens,
                          labels=labels if budget.kind == "accuracy-drop" else None)["int8"]
     value = cost.figure(budget.kind)
     if not budget.within(value):
         raise ValidationError(f"the int8 model's held-out cost {budget.kind}={value:.6g} is over the budget {budget} "
                               "(the quantization's error adds to the sparsity's): give a looser budget, or leave out --quantize")
-    return {"budget": str(budget), "heldout_cost": value, "within": True}
+    kept = {"budget": str(budget), "heldout_cost": value, "within": True}
+    if other is None:
+        return kept
+    elsewhere = variant_costs(dense, {"int8": path}, other, io_spec=io, tokens=tokens)["int8"].figure(budget.kind)
+    if not budget.within(elsewhere):
+        raise ValidationError(f"the int8 model's cost on the other text {budget.kind}={elsewhere:.6g} is over the budget {budget} "
+                              "(--max-cost-other holds it there too): give a looser budget, or leave out --quantize")
+    return {**kept, "other_text_cost": elsewhere, "other_text_within": True}
 
 
 @dataclass(frozen=True)

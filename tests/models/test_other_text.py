@@ -94,3 +94,67 @@ def _options(**keywords):
     from actsparse_deploy.models.loading import ModelOptions
 
     return ModelOptions(**keywords)
+
+
+def test_with_int8_the_budget_holds_the_int8_model_on_the_other_text_too(hf, tmp_path):
+    """Before, ``--max-cost-other --quantize int8`` held the float sparse model on the other text and never the
+    int8 model that is written: the report's other-text cost was the float model's (0.99897 where the int8 model
+    costs 0.99853). The int8 model is now measured there too, its figure in ``quantization.budget`` and the summary."""
+    out = tmp_path / "int8"
+    result = invoke("convert", hf.llama, "--text", hf.calib, "--heldout-text", hf.held, "--other-text", hf.other, "--max-length", "8",
+                    "--threads", "1", "--no-cache", "--max-cost", "perplexity-ratio=1.2", "--max-cost-other", "--quantize", "int8",
+                    "-o", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    kept, rows = report["quantization"]["budget"], {row["variant"]: row for row in report["quantization"]["frontier"]}
+    assert kept["other_text_cost"] == rows["sparse+int8"]["other_text"]["perplexity_ratio"] and kept["other_text_within"] is True
+    assert kept["heldout_cost"] == rows["sparse+int8"]["perplexity_ratio"]
+    said = " ".join(result.stdout.split())
+    assert f"the int8 model {kept['other_text_cost']:.4g} on it: within the budget" in said
+    assert f"held-out cost of the int8 model {kept['heldout_cost']:.4g}: within the budget" in said
+
+
+def test_an_int8_model_over_the_budget_on_the_other_text_is_a_validation_failure(hf, tmp_path):
+    from actsparse_deploy.app.budget import Budget
+    from actsparse_deploy.base.errors import ValidationError
+    from actsparse_deploy.onnx.export import export_onnx
+    from actsparse_deploy.onnx.quantize import check_quantized, quantize_onnx, variant_costs
+
+    work = load_workload(str(hf.llama), model_options=_options(text=str(hf.calib), heldout_text=str(hf.held), other_text=str(hf.other),
+                                                                max_length=8))
+    export_onnx(work.model, next(iter(work.require_heldout())), tmp_path / "m.onnx", io_spec=work.io)
+    quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", "int8", io_spec=work.io)
+    held, other = list(work.require_heldout()), list(work.other)
+    figures = {where: variant_costs(work.model, {"q": tmp_path / "q.onnx"}, batches, io_spec=work.io, tokens=True)["q"].figure("cosine")
+               for where, batches in (("held", held), ("other", other))}
+    assert figures["held"] != figures["other"]
+    worse, better = min(figures.values()), max(figures.values())  # cosine: lower is worse
+    budget = Budget("cosine", (worse + better) / 2)  # kept on one text, missed on the other
+    if figures["other"] < figures["held"]:
+        with pytest.raises(ValidationError, match="the int8 model's cost on the other text"):
+            check_quantized(budget, work.model, tmp_path / "q.onnx", held, io=work.io, tokens=True, other=other)
+    else:
+        with pytest.raises(ValidationError, match="the int8 model's held-out cost"):
+            check_quantized(budget, work.model, tmp_path / "q.onnx", held, io=work.io, tokens=True, other=other)
+    kept = check_quantized(Budget("cosine", worse * 0.99), work.model, tmp_path / "q.onnx", held, io=work.io, tokens=True, other=other)
+    assert kept["other_text_cost"] == figures["other"] and kept["other_text_within"] is True
+
+
+def test_with_int8_the_budget_search_holds_each_int8_candidate_on_the_other_text_too(hf, tmp_path, monkeypatch):
+    """Before, the search's int8 candidates were measured on the tuning split only, with --max-cost-other too."""
+    from actsparse_deploy.app import pipeline
+    from actsparse_deploy.data.batches import total_samples
+
+    measured: list[int | None] = []
+    real = pipeline.quantized_cost
+
+    def spied(dense, path, batches, *args, **kwargs):
+        measured.append(total_samples(batches))
+        return real(dense, path, batches, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "quantized_cost", spied)
+    report = convert(str(hf.llama), tmp_path / "out", text=str(hf.calib), heldout_text=str(hf.held), other_text=str(hf.other),
+                     max_length=8, latency=False, threads=1, cache=False, max_cost="perplexity-ratio=1.2", max_cost_other=True,
+                     quantize="int8")
+    assert report.quantization.budget["other_text_within"] is True
+    assert measured.count(len(OTHER)) >= 2 and len(measured) == 2 * measured.count(len(OTHER))  # int8 alone, then each candidate: both sets
