@@ -299,22 +299,24 @@ def validation_lines(report: Report, title: str, atol: float, rtol: float) -> li
                    f"passes where |ONNX - PyTorch| <= atol {atol:g} + rtol {rtol:g} * |PyTorch| for every value"]
 
 
-def cost_lines(cost: Cost | None) -> list[str]:
-    """What sparsification cost: cosine per output (and on other text), accuracy, perplexity."""
+def cost_lines(cost: Cost | None, before_int8: bool = False) -> list[str]:
+    """What sparsification cost: cosine per output (and on other text), accuracy, perplexity. ``before_int8``: the
+    model written is quantized after these were measured: the lines say they are the float sparse model's."""
     if cost is None:
         return []
-    lines = [f"sparsification cost, {row['output']}: cosine to dense mean {row['cosine_mean']:.4f} "
+    whose, onnx = (" (the float sparse model, before int8)", "float ONNX") if before_int8 else ("", "ONNX")
+    lines = [f"sparsification cost{whose}, {row['output']}: cosine to dense mean {row['cosine_mean']:.4f} "
              f"(worst {row['cosine_min']:.4f}), max abs diff {figure(row['max_abs_diff'])}" for row in cost.outputs]
     if cost.other_text is not None:
         lines += [f"other text ({cost.other_text.samples} samples), {row['output']}: cosine to dense mean {row['cosine_mean']:.4f} "
                   f"(worst {row['cosine_min']:.4f})" for row in cost.other_text.outputs]
     if cost.accuracy_dense is not None:
         lines.append(f"accuracy dense {cost.accuracy_dense:.4f} -> sparse {cost.accuracy_sparse:.4f}"
-                     + (f" (ONNX {cost.accuracy_onnx:.4f})" if cost.accuracy_onnx is not None else ""))
+                     + (f" ({onnx} {cost.accuracy_onnx:.4f})" if cost.accuracy_onnx is not None else ""))
     ppl = cost.perplexity
     if ppl is not None:
         lines.append(f"held-out perplexity dense {ppl.dense:.3f} -> sparse {ppl.sparse:.3f} (x{ppl.ratio:.3f})"
-                     + (f" (ONNX {ppl.onnx:.3f})" if ppl.onnx is not None else ""))
+                     + (f" ({onnx} {ppl.onnx:.3f})" if ppl.onnx is not None else ""))
     other = cost.other_text
     if other is not None and other.perplexity_dense is not None and other.perplexity_sparse is not None:
         lines.append(f"other text perplexity dense {other.perplexity_dense:.3f} -> sparse {other.perplexity_sparse:.3f} "
@@ -406,7 +408,7 @@ def convert_summary(report: Report) -> list[RenderableType]:
         if request is not None and request.fallback:
             lines.append(f"exporter {request.requested_exporter}: {request.fallback}; exported with {export.exporter}")
         lines += generation_lines(validation.generation)
-    lines += [*cost_lines(report.cost), *budget_lines(report.budget, report.quantization)]
+    lines += [*cost_lines(report.cost, before_int8=report.quantization is not None), *budget_lines(report.budget, report.quantization)]
     latency = report.latency
     if latency is not None:
         apart = ", one model at a time to keep within the memory budget" if latency.one_at_a_time else ""

@@ -105,6 +105,10 @@ def test_the_summary_shows_the_alternatives(tmp_path):
     assert "quantized (int8, onnxruntime, per-channel weights): 3 Gemm" in result.stdout
     for variant in ("dense", "int8", "sparse+int8"):
         assert variant in result.stdout
+    # the cost lines are the float sparse model's, validated then quantized: said so (model.onnx is the int8 one)
+    said = " ".join(result.stdout.split())
+    assert "sparsification cost (the float sparse model, before int8), logits" in said and "(float ONNX " in said
+    assert "(ONNX " not in said
 
 
 def test_the_report_says_per_layer_whether_it_was_smoothed_and_why(quantized):
