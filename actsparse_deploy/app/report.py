@@ -290,7 +290,9 @@ class Perplexity(Section):
 class Cost(Section):
     """What sparsification cost: dense vs sparse per output, and accuracy for a
     classifier with labels (dense, sparse, ONNX; absent otherwise); the cosine
-    on other text and the perplexity of a language model where they apply."""
+    on other text and the perplexity of a language model where they apply. With
+    ``--quantize`` these are the float sparse model's (its ONNX export, validated, then
+    quantized): the int8 model written is in ``quantization`` (``budget``, ``frontier``)."""
 
     outputs: list[dict[str, Any]]
     heldout_samples: int
