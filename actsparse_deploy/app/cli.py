@@ -76,6 +76,7 @@ from .cli_options import (
     OpsetOpt,
     OtherTextOpt,
     OverwriteOpt,
+    QuantizedMaxCostOpt,
     QuantizeOpt,
     RecipeFileOpt,
     RecoverOpt,
@@ -150,11 +151,6 @@ def _print_notes(notes: list[str]) -> None:
 def stage_progress(quiet: bool) -> contextlib.AbstractContextManager[StageProgress]:
     """The progress line on stderr (a terminal only, not with --json): see :func:`render.stage_progress`."""
     return render.stage_progress(quiet, stderr)
-
-
-def _print_cost(report: Report) -> None:
-    """What sparsification cost, on stdout (validate and convert print it)."""
-    _show(*render.cost_lines(report.cost))
 
 
 def print_convert_summary(report: Report) -> None:
@@ -465,6 +461,7 @@ def validate_cmd(
     labels: LabelsOpt = None,
     as_json: JsonOpt = False,
     max_memory: MaxMemoryOpt = None,
+    max_cost: QuantizedMaxCostOpt = None,
     threads: ThreadsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -474,15 +471,16 @@ def validate_cmd(
     shapes and values; a NaN or Inf, or any output over tolerance, fails with a
     non-zero exit code. With a model and --masks, also reports what
     sparsification cost (dense vs sparse outputs, accuracy for classifiers).
+    A quantized model is held to --max-cost against the dense model instead.
     """
     from .commands import SourceOptions, validate_against
 
     options = SourceOptions(masks=masks, mode=str(mode), weights=weights, heldout=heldout,
                             batch_size=batch if heldout or heldout_text else None, labels=labels,
                             model=_model_options(task, None, heldout_text, max_length, factory_args, other_text))
-    report = validate_against(onnx_model, reference, options, atol=atol, rtol=rtol, timeout=timeout, max_memory=max_memory)
-    passed = render.validation_lines(report, f"{onnx_model} vs {reference}: PASSED", atol, rtol)
-    _output(as_json, report, lambda: _show(*passed, *render.cost_lines(report.cost)))
+    report = validate_against(onnx_model, reference, options, atol=atol, rtol=rtol, timeout=timeout, max_memory=max_memory, max_cost=max_cost)
+    passed = render.validation_lines(report, f"{onnx_model} vs {reference}: PASSED", atol, rtol) if report.quantized is None else []
+    _output(as_json, report, lambda: _show(*passed, *render.cost_lines(report.cost), *render.quantized_check_lines(report.quantized)))
 
 
 #: convert's --sparsity and the --batch-size of convert and sweep (default: the built-in model's)

@@ -67,6 +67,7 @@ __all__ = [
     "MasksOpt",
     "MasksOutputOpt",
     "MaxCostOpt",
+    "QuantizedMaxCostOpt",
     "MaxLengthOpt",
     "MaxSamplesOpt",
     "Method",
@@ -352,6 +353,16 @@ MaxCostOpt = Annotated[
         "accuracy-drop=0.01, perplexity-ratio=1.05, or package.module:function=VALUE (function(dense, sparse, batches) "
         "-> cost). Sparsity is allocated per layer (sensitive layers keep more), tuned on every fifth sample of the "
         "calibration data; the held-out cost is reported. Not with --sparsity.",
+        show_default=False,
+    ),
+]
+QuantizedMaxCostOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-cost",
+        help="For a quantized (int8) ONNX model, which cannot match PyTorch within a tolerance: the cost budget it must keep "
+        "against the dense model on the held-out data, as convert --quantize holds it (cosine=0.99, accuracy-drop=0.01, "
+        "perplexity-ratio=1.03); over it: exit 10.",
         show_default=False,
     ),
 ]

@@ -54,10 +54,11 @@ from ..models.loading import LoadedModel, ModelOptions, load_model, load_text_da
 from ..nn.modules import float_dtype, release_weights, weight_bytes
 from ..nn.recorded import Recorded
 from ..onnx.export import export_onnx, layer_metadata
+from ..onnx.quantize import check_quantized, ops_said, quantized_ops, variant_costs
 from ..onnx.validate import read_graph
 from .cost import cost_stage
 from .options import CalibrateOptions, LoadOptions
-from .report import Calibration, Report, named_input_shape
+from .report import Calibration, QuantizedCheck, Report, named_input_shape
 from .workload import load_workload, squash_workload, validate_target
 
 __all__ = [
@@ -490,15 +491,23 @@ def validate_against(
     rtol: float = DEFAULT_RTOL,
     timeout: float | None = None,
     max_memory: str | int | None = None,
+    max_cost: str | None = None,
 ) -> Report:
     """Validate ``onnx_model`` against ``reference`` (a model with or without
     the ``options``' masks, or a ``.pt2``) on the held-out data; with masks or
-    labels, also what sparsification cost against the dense model. ``max_memory``
+    labels, also what sparsification cost against the dense model. A quantized ONNX model is
+    held to the cost budget ``max_cost`` instead (:func:`validate_quantized`). ``max_memory``
     (default: what the machine has free; :mod:`actsparse_deploy.base.memory`): where one
     copy of the weights in PyTorch and one in onnxruntime are over it, validation runs in
     two passes (the PyTorch outputs first, its weights let go, then onnxruntime alone)."""
     start = time.perf_counter()
     options = options or SourceOptions()
+    ops = quantized_ops(onnx_model)
+    if ops:  # an int8 model cannot match PyTorch within a tolerance: held to a cost budget instead
+        return validate_quantized(onnx_model, reference, options, ops, max_cost, start)
+    if max_cost is not None:
+        raise UsageError(f"--max-cost holds a quantized ONNX model to a cost budget, and {onnx_model} is a float model: it is "
+                         "held to --atol / --rtol; leave out --max-cost")
     budget = parse_memory(max_memory) if max_memory is not None else None
     plans: list[MemoryPlan] = []  # the memory budget checked once the model loads, before any work
     source = load_source(reference, options, need_heldout=True, memory=lambda model: plans.append(
@@ -523,6 +532,37 @@ def validate_against(
     seconds["total"] = round(time.perf_counter() - start, 3)
     return Report(model=source.name, squash_mode=source.mode, layers=source.layers,
                   validation=validation.to_json(), cost=cost, seconds=seconds)  # type: ignore[arg-type]
+
+
+def validate_quantized(onnx_model: str | Path, reference: str, options: SourceOptions, ops: dict[str, int], max_cost: str | None,
+                       start: float) -> Report:
+    """A quantized ONNX model (its quantized nodes ``ops``) against the dense model ``reference`` on the held-out data,
+    by the cost budget ``max_cost`` as ``convert --quantize`` holds it (:func:`~actsparse_deploy.onnx.quantize.check_quantized`:
+    over it, exit 10); with ``options.masks``, also its closeness to the squashed float model it was made from."""
+    from .budget import Budget
+
+    if max_cost is None:
+        raise UsageError(f"{onnx_model} is quantized ({ops_said(ops)}): an int8 model cannot match PyTorch within a tolerance; "
+                         "give --max-cost (cosine=0.99, accuracy-drop=0.01, perplexity-ratio=1.03) to hold its cost against the "
+                         "dense model on the held-out data, or validate its float export")
+    budget = Budget.parse(max_cost)
+    if budget.kind == "user" or is_pt2(reference):
+        raise UsageError(f"a quantized model is held to a built-in cost against the dense model: give a model as the reference "
+                         f"(not a .pt2) and cosine=, accuracy-drop= or perplexity-ratio= (not {reference if is_pt2(reference) else max_cost})")
+    work = options.workload(reference)
+    target = onnx_target(onnx_model, work)
+    held = target.batches(work.require_heldout())
+    io = target.validation_io(work.io if work.io is not None else resolve_io_spec(work.model, work.require_heldout(), infer=True))
+    kept = check_quantized(budget, target.model(work.model), Path(onnx_model), held, io=io, tokens=work.causal_lm, labels=work.labels)
+    float_source, rows, mode = None, [], DENSE
+    if options.masks is not None:  # the squashed float model it was made from: the quantization's own share
+        squashed = squash_workload(work, Masks.load(options.masks), options.mode, in_place=True)
+        rows, mode, source = squashed.rows(), options.mode, target.of_model(squashed.model)
+        last = variant_costs(source.model(squashed.model), {"int8": Path(onnx_model)}, held, io_spec=io)["int8"].outputs[-1]
+        float_source = {"output": last["output"], "cosine_mean": last["cosine_mean"], "cosine_min": last["cosine_min"]}
+    checked = QuantizedCheck(ops=ops, budget=kept["budget"], heldout_cost=kept["heldout_cost"], within=True, float_source=float_source)
+    return Report(model=work.name, squash_mode=mode, layers=rows, quantized=checked,
+                  seconds={"validate": round(time.perf_counter() - start, 3), "total": round(time.perf_counter() - start, 3)})
 
 
 def onnx_target(onnx_model: str | Path, work: Workload | None) -> Target:

@@ -34,7 +34,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from ..onnx.latency import verdict
-from .report import BudgetSearch, Cost, DecodeLatency, Generation, Quantization, Report, SweepResult
+from .report import BudgetSearch, Cost, DecodeLatency, Generation, Quantization, QuantizedCheck, Report, SweepResult
 
 __all__ = [
     "Notices",
@@ -57,6 +57,8 @@ __all__ = [
     "modes_table",
     "onnx_lines",
     "one_line",
+    "quantization_lines",
+    "quantized_check_lines",
     "recipe_text",
     "size",
     "stage_progress",
@@ -436,11 +438,30 @@ def _variant_cost(row: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _counts(ops: dict[str, int]) -> str:
+    """Node counts by op type as ``3 MatMulInteger, 3 DynamicQuantizeLinear``."""
+    return ", ".join(f"{n} {op}" for op, n in ops.items())
+
+
+def quantized_check_lines(checked: QuantizedCheck | None) -> list[RenderableType]:
+    """``validate --max-cost`` of a quantized model: its quantized nodes, its held-out cost by the budget, its closeness
+    to the float model it was made from."""
+    if checked is None:
+        return []
+    lines: list[RenderableType] = [
+        f"quantized ({_counts(checked.ops)}): held to a cost budget, not a tolerance; held-out cost {checked.budget.split('=')[0]}="
+        f"{checked.heldout_cost:.4f} against the dense model: within the budget {checked.budget}"]
+    if checked.float_source is not None:
+        lines.append(f"to the squashed float model it was made from, {checked.float_source['output']}: cosine mean "
+                     f"{checked.float_source['cosine_mean']:.4f} (worst {checked.float_source['cosine_min']:.4f})")
+    return lines
+
+
 def quantization_lines(quantization: Quantization | None) -> list[RenderableType]:
     """What ``--quantize`` did, and the alternatives side by side (the frontier)."""
     if quantization is None:
         return []
-    ops = ", ".join(f"{n} {op}" for op, n in quantization.quantized.items()) or "no node"
+    ops = _counts(quantization.quantized) or "no node"
     lines: list[RenderableType] = [
         f"quantized ({quantization.mode}, onnxruntime, per-channel weights): {ops}; "
         f"{size(quantization.size_before)} -> {size(quantization.size_after)}"]

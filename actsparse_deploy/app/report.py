@@ -48,6 +48,7 @@ __all__ = [
     "OnnxGraph",
     "OtherText",
     "Perplexity",
+    "QuantizedCheck",
     "Report",
     "Section",
     "SweepLatency",
@@ -415,6 +416,22 @@ class Quantization(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class QuantizedCheck(Section):
+    """``validate --max-cost`` of a quantized ONNX model (which cannot match PyTorch within a tolerance): its
+    quantized nodes by op type (``ops``), its cost against the dense model on the held-out data by the
+    ``budget`` (``heldout_cost``), which it keeps (over it: exit 10), the same on the other text where the
+    model has one (``other_text_cost``), and with ``--masks`` its closeness to the squashed float model it was
+    made from (``float_source``: per-sample cosine of its last output, mean and worst)."""
+
+    ops: dict[str, int]
+    budget: str
+    heldout_cost: float
+    within: bool
+    other_text_cost: float | None = field(default=None, metadata=_OMIT_NONE)
+    float_source: dict[str, Any] | None = field(default=None, metadata=_OMIT_NONE)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Memory(Section):
     """``convert``'s and ``calibrate``'s memory (:mod:`actsparse_deploy.base.memory`): the process's peak resident memory,
     the model's weights, the budget it kept within (``--max-memory``, else what the machine had free;
@@ -471,10 +488,11 @@ class Report(Section):
     parts: int | None = field(default=None, metadata=_OMIT_NONE)
     quantization: Quantization | None = field(default=None, metadata=_OMIT_NONE)
     memory: Memory | None = field(default=None, metadata=_OMIT_NONE)
+    quantized: QuantizedCheck | None = field(default=None, metadata=_OMIT_NONE)
 
     SECTIONS: ClassVar[Mapping[str, type[Section]]] = {
         "calibration": Calibration, "export": Export, "validation": Validation, "cost": Cost, "latency": Latency,
-        "budget": BudgetSearch, "quantization": Quantization, "memory": Memory,
+        "budget": BudgetSearch, "quantization": Quantization, "memory": Memory, "quantized": QuantizedCheck,
     }
 
     @property

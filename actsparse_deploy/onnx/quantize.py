@@ -121,8 +121,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_CALIBRATION_SAMPLES", "DEFAULT_OP_TYPES", "FLOAT_FOLDER", "Frontier", "MODES", "STATIC_OP_TYPES", "CalibrationFeeds", "CostBudget",
-    "QuantizeResult", "Quantized", "VARIANTS", "VariantCost", "check_quantized", "frontier", "measure_frontier", "model_bytes", "quantization_json",
-    "quantize_onnx", "quantize_staged", "quantized_cost", "variant_costs",
+    "QuantizeResult", "Quantized", "VARIANTS", "VariantCost", "check_quantized", "frontier", "measure_frontier", "model_bytes", "ops_said", "quantization_json",
+    "quantize_onnx", "quantize_staged", "quantized_cost", "quantized_ops", "variant_costs",
 ]
 
 #: the quantization modes, each onnxruntime's quantizer with per-channel int8 weights
@@ -141,6 +141,22 @@ _QUANTIZED_OPS = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul",
     "QLinearConv", "QGemm", "QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "DynamicQuantizeLSTM",
 })
+def quantized_ops(model: Any) -> dict[str, int]:
+    """The quantized nodes of ``model`` (an ONNX ``ModelProto``, or a file) by op type, in name order; empty for a float
+    model (or a file that is not an ONNX model: what reads it says what is wrong with it)."""
+    if not hasattr(model, "graph"):  # a path
+        try:
+            model = read_graph(model)
+        except ValidationError:
+            return {}
+    return dict(sorted(Counter(node.op_type for node in model.graph.node if node.op_type in _QUANTIZED_OPS).items()))
+
+
+def ops_said(ops: Mapping[str, int]) -> str:
+    """``{"MatMulInteger": 3}`` as ``3 MatMulInteger``."""
+    return ", ".join(f"{n} {op}" for op, n in ops.items())
+
+
 #: a quantized node's op type -> the float op type it replaced
 _FLOAT_OP = {"MatMulInteger": "MatMul", "DynamicQuantizeMatMul": "MatMul", "MatMulIntegerToFloat": "MatMul",
              "QAttention": "Attention", "ConvInteger": "Conv", "QGemm": "Gemm", "DynamicQuantizeLSTM": "LSTM"}
@@ -282,10 +298,9 @@ def _check_source(source: Path, out: Path, mode: str, calibration: Iterable[Batc
     if out.resolve() == source.resolve():
         raise UsageError(f"the quantized model would overwrite its float source {source}: give another output name")
     proto = read_graph(source)
-    found = Counter(node.op_type for node in proto.graph.node if node.op_type in _QUANTIZED_OPS)
+    found = quantized_ops(proto)
     if found:
-        ops = ", ".join(f"{n} {op}" for op, n in sorted(found.items()))
-        raise UsageError(f"ONNX model {source} is quantized already ({ops}): quantize the float export")
+        raise UsageError(f"ONNX model {source} is quantized already ({ops_said(found)}): quantize the float export")
     return proto
 
 

@@ -178,11 +178,10 @@ def test_cost_on_other_data_of_a_builtin_is_reported_and_printed(work):
     row = cost["other_text"]["outputs"][0]
     assert cost["other_text"]["samples"] == 24 and row["output"] == "logits" and 0.5 < row["cosine_mean"] < 1
     assert "other_text" not in sparsification_cost(work, sparse)
-    from actsparse_deploy.app import cli
+    from actsparse_deploy.app.render import cost_lines
 
-    with cli.stdout.capture() as captured:
-        cli._print_cost(Report(cost=cost))
-    assert f"other text (24 samples), logits: cosine to dense mean {row['cosine_mean']:.4f}" in captured.get()
+    said = "\n".join(cost_lines(Report(cost=cost).cost))
+    assert f"other text (24 samples), logits: cosine to dense mean {row['cosine_mean']:.4f}" in said
 
 
 # --- obs: removal order computed once, threshold allocation -------------------------

@@ -331,3 +331,27 @@ def test_static_int8_of_a_decoder_with_its_cache_takes_token_batches_as_first_st
     assert "past_key_values.0.key" in names  # still the decoder with its cache
     one_line_error(invoke("quantize", tmp_path / "model.onnx", "-o", tmp_path / "bad.onnx", "--mode", "int8-static", "--data",
                           tmp_path / "tokens.npz", "--batch-size", "0"), 2)
+
+
+def test_validate_holds_a_quantized_model_to_a_cost_budget_not_a_tolerance(tmp_path, quantized):
+    """Before, `validate` of the folder `convert --quantize int8` wrote failed it (exit 10, "does not match the PyTorch
+    model: max abs diff 0.12"): an int8 model cannot match to 1e-4. It is now told apart: without --max-cost, one line
+    saying so (exit 2); with it, its cost against the dense model on the held-out data, as convert measures it."""
+    out, report = quantized
+    args = ("validate", out / "model.onnx", "digits-mlp", "--masks", out / "masks.safetensors", "--threads", "1")
+    one_line_error(invoke(*args), 2, "is quantized", "3 MatMulInteger", "--max-cost")
+    result = invoke(*args, "--max-cost", "cosine=0.5", "--json")
+    assert result.exit_code == 0, result.output
+    checked = json.loads(result.stdout)["quantized"]
+    rows = {row["variant"]: row for row in report.quantization.frontier}
+    assert checked["budget"] == "cosine=0.5" and checked["within"] is True and checked["ops"]["MatMulInteger"] == 3
+    assert checked["heldout_cost"] == pytest.approx(rows["sparse+int8"]["outputs"][-1]["cosine_mean"], abs=1e-9)
+    assert 0.99 < checked["float_source"]["cosine_mean"] < 1.0  # close to the squashed float model it was made from
+    said = " ".join(invoke(*args, "--max-cost", "cosine=0.5").stdout.split())
+    assert said.startswith("quantized (") and "3 MatMulInteger" in said and "within the budget cosine=0.5" in said
+    assert f"held-out cost cosine={checked['heldout_cost']:.4f} against the dense model" in said
+    one_line_error(invoke(*args, "--max-cost", "cosine=0.99999"), 10, "over the budget cosine=0.99999")
+    float_model = tmp_path / "float"
+    assert convert("digits-mlp", float_model, threads=1, latency=False).quantization is None
+    one_line_error(invoke("validate", float_model / "model.onnx", "digits-mlp", "--masks", float_model / "masks.safetensors",
+                          "--max-cost", "cosine=0.5"), 2, "--max-cost", "float")

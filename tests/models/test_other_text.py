@@ -112,6 +112,11 @@ def test_with_int8_the_budget_holds_the_int8_model_on_the_other_text_too(hf, tmp
     said = " ".join(result.stdout.split())
     assert f"the int8 model {kept['other_text_cost']:.4g} on it: within the budget" in said
     assert f"held-out cost of the int8 model {kept['heldout_cost']:.4g}: within the budget" in said
+    # the folder's int8 model validates by the same budget, to the same figure (a tolerance cannot hold it)
+    checked = invoke("validate", out / "model.onnx", hf.llama, "--task", "causal-lm", "--heldout-text", hf.held, "--max-length", "8",
+                     "--masks", out / "masks.safetensors", "--max-cost", "perplexity-ratio=1.2", "--json", "--threads", "1")
+    assert checked.exit_code == 0, checked.output
+    assert json.loads(checked.stdout)["quantized"]["heldout_cost"] == pytest.approx(kept["heldout_cost"], rel=1e-9)
 
 
 def test_an_int8_model_over_the_budget_on_the_other_text_is_a_validation_failure(hf, tmp_path):

@@ -215,8 +215,8 @@ def test_models_command_lists_tiny_lm() -> None:
     assert row["heldout_perplexity"] == pytest.approx(tinylm.HELDOUT_PERPLEXITY, abs=1e-5)
 
 
-def test_summary_states_the_perplexity_cost(capsys: pytest.CaptureFixture[str]) -> None:
-    from actsparse_deploy.app import cli
+def test_summary_states_the_perplexity_cost() -> None:
+    from actsparse_deploy.app.render import cost_lines
     from actsparse_deploy.app.report import Report
 
     cost = {
@@ -225,7 +225,6 @@ def test_summary_states_the_perplexity_cost(capsys: pytest.CaptureFixture[str]) 
     }
     report = Report(model="tiny-lm", cost=cost)
     assert Report.from_json(report.to_json()).cost.extra["perplexity_onnx"] == 96.6671  # report.json keeps it
-    cli._print_cost(report)
-    out = capsys.readouterr().out
+    out = "\n".join(cost_lines(report.cost))
     assert "held-out perplexity dense 94.788 -> sparse 96.667 (x1.020) (ONNX 96.667)" in out
     assert "accuracy" not in out
