@@ -93,6 +93,13 @@ def test_a_pruned_decoders_smaller_cache_is_timed_and_costed_beside_the_dense_on
     assert decode["dense_ms_per_token"] == frontier["dense"]["decode_ms_per_token"]
     assert decode["sparse_ms_per_token"] == frontier["sparse+int8"]["decode_ms_per_token"]
     assert decode["ratio"] == frontier["sparse+int8"]["decode_ratio"]
+    # the int8 decoder with its smaller cache validates again by a cost budget, fed its first steps as convert fed it
+    checked = invoke("validate", out / "model.onnx", hf.llama, "--task", "causal-lm", "--heldout-text", hf.held, "--masks",
+                     out / "masks.safetensors", "--max-cost", "perplexity-ratio=100", "--json")
+    assert checked.exit_code == 0, checked.output
+    quantized = json.loads(checked.stdout)["quantized"]
+    assert quantized["heldout_cost"] == pytest.approx(frontier["sparse+int8"]["perplexity_ratio"], rel=1e-6)
+    assert 0.9 < quantized["float_source"]["cosine_mean"] <= 1.0
     assert _config_heads(out) == (2, 1, 16) and _cache_inputs(out / "model.onnx")["past_key_values.0.key"][1] == 1
 
 
