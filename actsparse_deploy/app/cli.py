@@ -431,7 +431,7 @@ def quantize_cmd(
 
     Prints the nodes quantized and the sizes before and after. The int8 model
     is judged by its cost: `actsparse convert --quantize` measures it against
-    the dense model, beside the other alternatives.
+    the dense model, beside the other alternatives; `actsparse validate` holds it to --max-cost.
     """
     from .quantize import quantize_file
 
