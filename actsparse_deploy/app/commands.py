@@ -504,7 +504,7 @@ def validate_against(
     options = options or SourceOptions()
     ops = quantized_ops(onnx_model)
     if ops:  # an int8 model cannot match PyTorch within a tolerance: held to a cost budget instead
-        return validate_quantized(onnx_model, reference, options, ops, max_cost, start)
+        return validate_quantized(onnx_model, reference, options, ops, max_cost, start, timeout)
     if max_cost is not None:
         raise UsageError(f"--max-cost holds a quantized ONNX model to a cost budget, and {onnx_model} is a float model: it is "
                          "held to --atol / --rtol; leave out --max-cost")
@@ -535,10 +535,11 @@ def validate_against(
 
 
 def validate_quantized(onnx_model: str | Path, reference: str, options: SourceOptions, ops: dict[str, int], max_cost: str | None,
-                       start: float) -> Report:
+                       start: float, timeout: float | None = None) -> Report:
     """A quantized ONNX model (its quantized nodes ``ops``) against the dense model ``reference`` on the held-out data,
     by the cost budget ``max_cost`` as ``convert --quantize`` holds it (:func:`~actsparse_deploy.onnx.quantize.check_quantized`:
-    over it, exit 10); with ``options.masks``, also its closeness to the squashed float model it was made from."""
+    over it, exit 10; ``timeout``: seconds for onnxruntime's runs); with ``options.masks``, also its closeness to the
+    squashed float model it was made from."""
     from .budget import Budget
 
     if max_cost is None:
@@ -552,8 +553,9 @@ def validate_quantized(onnx_model: str | Path, reference: str, options: SourceOp
     work = options.workload(reference)
     target = onnx_target(onnx_model, work)
     held = target.batches(work.require_heldout())
-    io = target.validation_io(work.io if work.io is not None else resolve_io_spec(work.model, work.require_heldout(), infer=True))
-    kept = check_quantized(budget, target.model(work.model), Path(onnx_model), held, io=io, tokens=work.causal_lm, labels=work.labels)
+    io = target.validation_io(work.io)  # None: a tensor batch is fed by the ONNX model's own input names
+    kept = check_quantized(budget, target.model(work.model), Path(onnx_model), held, io=io, tokens=work.causal_lm, labels=work.labels,
+                           timeout=timeout)
     float_source, rows, mode = None, [], DENSE
     if options.masks is not None:  # the squashed float model it was made from: the quantization's own share
         squashed = squash_workload(work, Masks.load(options.masks), options.mode, in_place=True)

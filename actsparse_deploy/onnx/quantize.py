@@ -448,6 +448,7 @@ def variant_costs(
     io_spec: IOSpec | None = None,
     tokens: bool = False,
     labels: torch.Tensor | None = None,
+    deadline: float | None = None,
 ) -> dict[str, VariantCost]:
     """Each ONNX variant (``{name: file}``: dense float, dense int8, sparse float,
     sparse int8, ...) against the dense PyTorch model ``dense`` on ``batches``
@@ -457,7 +458,8 @@ def variant_costs(
     output cosine and max abs difference to the dense model, with ``tokens`` next-token
     perplexity, with ``labels`` top-1 accuracy. ``references`` (``{variant: its float
     source}``, e.g. ``{"int8": "dense", "sparse+int8": "sparse"}``) adds each one's
-    closeness to its source (the quantization's own share)."""
+    closeness to its source (the quantization's own share). ``deadline`` (``time.monotonic()``): onnxruntime is
+    stopped past it (a TimeoutError)."""
     references = _check_references(variants, references)
     sizes = {name: model_bytes(path) for name, path in variants.items()}
     sessions = {name: onnx_session(path) for name, path in variants.items()}
@@ -469,7 +471,7 @@ def variant_costs(
         for batch in batches:
             want = flatten_outputs(run_batch(dense, batch))
             model.add(batch, want)
-            got = {name: run_session(s, onnx_feeds(s, batch, io_spec)) for name, s in sessions.items()}
+            got = {name: run_session(s, onnx_feeds(s, batch, io_spec), deadline) for name, s in sessions.items()}
             for name, out in got.items():
                 alone[name].add(batch, out)
                 to_dense[name].add(batch, want, out)
@@ -531,15 +533,21 @@ class CostBudget(Protocol):
 
 
 def check_quantized(budget: CostBudget, dense: nn.Module, path: Path, batches: Iterable[Batch], *, io: IOSpec | None, tokens: bool,
-                    labels: torch.Tensor | None = None, other: Iterable[Batch] | None = None) -> dict[str, Any]:
+                    labels: torch.Tensor | None = None, other: Iterable[Batch] | None = None,
+                    timeout: float | None = None) -> dict[str, Any]:
     """The quantized model at ``path`` measured by ``budget`` (an :class:`~actsparse_deploy.app.budget.Budget`)
     against the dense PyTorch model on the held-out ``batches`` (as the ONNX model takes them): the
     figure and that it keeps the budget; over it, a ValidationError (exit 10: nothing is written).
     ``other``: text from another source the budget holds on too (``--max-cost-other``), all of it, the
-    same way (``other_text_cost``)."""
+    same way (``other_text_cost``). ``timeout``: seconds for onnxruntime's runs, past which the check fails."""
     tokens = budget.kind == "perplexity-ratio" or tokens
-    cost = variant_costs(dense, {"int8": path}, batches, io_spec=io, tokens=tokens,
-                         labels=labels if budget.kind == "accuracy-drop" else None)["int8"]
+    deadline = time.monotonic() + timeout if timeout is not None else None
+    try:
+        cost = variant_costs(dense, {"int8": path}, batches, io_spec=io, tokens=tokens,
+                             labels=labels if budget.kind == "accuracy-drop" else None, deadline=deadline)["int8"]
+    except TimeoutError as e:
+        raise ValidationError(f"the check of the quantized model {path} timed out after {timeout:g} s: {e}; give a larger "
+                              "`timeout`") from e
     value = cost.figure(budget.kind)
     if not budget.within(value):
         raise ValidationError(f"the int8 model's held-out cost {budget.kind}={value:.6g} is over the budget {budget} "

@@ -138,8 +138,9 @@ def _fix_batch(size: int):
     return fn
 
 
-def _huge_loop(path: Path, trips: int = 10**12) -> Path:
-    """``output = Loop(trips){v + 0}(input) @ W``: valid, and runs practically forever."""
+def _huge_loop(path: Path, trips: int = 10**12, quantized: bool = False) -> Path:
+    """``output = Loop(trips){v + 0}(input) @ W``: valid, and runs practically forever (``quantized``: the loop's
+    result through a QuantizeLinear / DequantizeLinear pair before the product, as a static int8 model has it)."""
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "zero"], ["v_out"])],
         "body",
@@ -151,8 +152,11 @@ def _huge_loop(path: Path, trips: int = 10**12) -> Path:
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(np.array(0.0, np.float32), "zero")],
     )
+    qdq = [helper.make_node("QuantizeLinear", ["looped", "scale", "zero_point"], ["q"]),
+           helper.make_node("DequantizeLinear", ["q", "scale", "zero_point"], ["dq"])] if quantized else []
     graph = helper.make_graph(
-        [helper.make_node("Loop", ["trips", "cond", "input"], ["looped"], body=body), helper.make_node("MatMul", ["looped", "W"], ["output"])],
+        [helper.make_node("Loop", ["trips", "cond", "input"], ["looped"], body=body), *qdq,
+         helper.make_node("MatMul", ["dq" if quantized else "looped", "W"], ["output"])],
         "huge_loop",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 2])],
@@ -160,6 +164,8 @@ def _huge_loop(path: Path, trips: int = 10**12) -> Path:
             numpy_helper.from_array(np.array(trips, np.int64), "trips"),
             numpy_helper.from_array(np.array(True), "cond"),
             numpy_helper.from_array(np.ones((4, 2), np.float32), "W"),
+            numpy_helper.from_array(np.array(0.05, np.float32), "scale"),
+            numpy_helper.from_array(np.array(0, np.int8), "zero_point"),
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -291,6 +297,13 @@ def test_timeout_fails_validation(world):
         validate(loop, world.model(), [torch.randn(8, 4)], timeout=0.2)
     with pytest.raises(ValidationError, match="timeout must be a positive number of seconds"):
         validate(loop, world.model(), [torch.randn(8, 4)], timeout=0)
+
+
+def test_timeout_stops_the_cost_check_of_a_quantized_model(world):
+    """Before, `validate --max-cost` of a quantized model left --timeout out: a model that runs forever hung it."""
+    loop = _huge_loop(world.file("loop.int8.onnx"), quantized=True)
+    message = one_line_error(_validate_cli(world, loop, "build", "--max-cost", "cosine=0.1", "--timeout", "0.3"), 10)
+    assert "timed out after 0.3 s" in message and "quantized" in message, message
 
 
 def test_onnxruntime_logs_nothing(world, capfd):
