@@ -36,7 +36,7 @@ from torch import nn
 
 from ..bake.pt2 import load_pt2, pt2_io, save_pt2
 from ..base.constants import DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_MODE, DEFAULT_RTOL
-from ..base.errors import CalibrationError, DataError, MaskError, ModelLoadError, OutputError, RecipeError, UsageError, ValidationError
+from ..base.errors import CalibrationError, DataError, MaskError, ModelLoadError, OutputError, RecipeError, UsageError, ValidationError, first_line
 from ..base.files import publish, remove_stale_staging, staging_dir
 from ..base.memory import MemoryPlan, memory_plan, parse_memory
 from ..calibration.calibrate import calibrate_in_passes, collect, select
@@ -503,7 +503,7 @@ def validate_against(
     start = time.perf_counter()
     options = options or SourceOptions()
     ops = quantized_ops(onnx_model)
-    if ops:  # an int8 model cannot match PyTorch within a tolerance: held to a cost budget instead
+    if ops and max_cost is not None:  # an int8 model cannot match PyTorch within a tolerance: held to a cost budget instead
         return validate_quantized(onnx_model, reference, options, ops, max_cost, start, timeout)
     if max_cost is not None:
         raise UsageError(f"--max-cost holds a quantized ONNX model to a cost budget, and {onnx_model} is a float model: it is "
@@ -522,8 +522,15 @@ def validate_against(
     cost_io = resolve_io_spec(module, source.require_heldout(), infer=True) if measured and io is None else io
     cost_io = target.validation_io(cost_io)
     sparse = Recorded.of(module, source.work.compared_data()) if apart and source.work is not None else module
-    validation = validate_target(Path(onnx_model), module, source.require_heldout(), target, io, atol, rtol, timeout,
-                                 release=(lambda: release_weights(module)) if apart else None)
+    try:  # a quantized model may match (a PyTorch model that quantizes as it does); an int8 one from convert does not
+        validation = validate_target(Path(onnx_model), module, source.require_heldout(), target, io, atol, rtol, timeout,
+                                     release=(lambda: release_weights(module)) if apart else None)
+    except ValidationError as e:
+        if not ops:
+            raise
+        raise ValidationError(f"{first_line(e)}; it is quantized ({ops_said(ops)}): an int8 model cannot match PyTorch within a "
+                              "tolerance: give --max-cost (cosine=0.99, accuracy-drop=0.01, perplexity-ratio=1.03) to hold it to a "
+                              "cost budget against the dense model on the held-out data") from e
     seconds = {"validate": round(time.perf_counter() - start, 3)}
     cost = None
     if measured and source.work is not None:
@@ -534,7 +541,7 @@ def validate_against(
                   validation=validation.to_json(), cost=cost, seconds=seconds)  # type: ignore[arg-type]
 
 
-def validate_quantized(onnx_model: str | Path, reference: str, options: SourceOptions, ops: dict[str, int], max_cost: str | None,
+def validate_quantized(onnx_model: str | Path, reference: str, options: SourceOptions, ops: dict[str, int], max_cost: str,
                        start: float, timeout: float | None = None) -> Report:
     """A quantized ONNX model (its quantized nodes ``ops``) against the dense model ``reference`` on the held-out data,
     by the cost budget ``max_cost`` as ``convert --quantize`` holds it (:func:`~actsparse_deploy.onnx.quantize.check_quantized`:
@@ -542,10 +549,6 @@ def validate_quantized(onnx_model: str | Path, reference: str, options: SourceOp
     squashed float model it was made from."""
     from .budget import Budget
 
-    if max_cost is None:
-        raise UsageError(f"{onnx_model} is quantized ({ops_said(ops)}): an int8 model cannot match PyTorch within a tolerance; "
-                         "give --max-cost (cosine=0.99, accuracy-drop=0.01, perplexity-ratio=1.03) to hold its cost against the "
-                         "dense model on the held-out data, or validate its float export")
     budget = Budget.parse(max_cost)
     if budget.kind == "user" or is_pt2(reference):
         raise UsageError(f"a quantized model is held to a built-in cost against the dense model: give a model as the reference "

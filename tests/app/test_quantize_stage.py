@@ -335,11 +335,13 @@ def test_static_int8_of_a_decoder_with_its_cache_takes_token_batches_as_first_st
 
 def test_validate_holds_a_quantized_model_to_a_cost_budget_not_a_tolerance(tmp_path, quantized):
     """Before, `validate` of the folder `convert --quantize int8` wrote failed it (exit 10, "does not match the PyTorch
-    model: max abs diff 0.12"): an int8 model cannot match to 1e-4. It is now told apart: without --max-cost, one line
-    saying so (exit 2); with it, its cost against the dense model on the held-out data, as convert measures it."""
+    model: max abs diff 0.12") and said nothing else: an int8 model cannot match to 1e-4. It is now told apart: without
+    --max-cost the mismatch says the model is quantized and what to give; with it, its cost against the dense model on
+    the held-out data, as convert measures it."""
     out, report = quantized
     args = ("validate", out / "model.onnx", "digits-mlp", "--masks", out / "masks.safetensors", "--threads", "1")
-    one_line_error(invoke(*args), 2, "is quantized", "3 MatMulInteger", "--max-cost")
+    one_line_error(invoke(*args), 10, "does not match the PyTorch model", "it is quantized (3 DynamicQuantizeLinear, 3 MatMulInteger)",
+                   "give --max-cost")
     result = invoke(*args, "--max-cost", "cosine=0.5", "--json")
     assert result.exit_code == 0, result.output
     checked = json.loads(result.stdout)["quantized"]
