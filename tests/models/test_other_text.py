@@ -96,15 +96,29 @@ def _options(**keywords):
     return ModelOptions(**keywords)
 
 
-def test_with_int8_the_budget_holds_the_int8_model_on_the_other_text_too(hf, tmp_path):
+def test_with_int8_the_budget_holds_the_int8_model_on_the_other_text_too(hf, tmp_path, monkeypatch):
     """Before, ``--max-cost-other --quantize int8`` held the float sparse model on the other text and never the
     int8 model that is written: the report's other-text cost was the float model's (0.99897 where the int8 model
-    costs 0.99853). The int8 model is now measured there too, its figure in ``quantization.budget`` and the summary."""
+    costs 0.99853), and the search's int8 candidates were measured on the tuning split only. The int8 model is now
+    measured there too (each candidate of the search, and the model written), its figure in ``quantization.budget``
+    and the summary."""
+    from actsparse_deploy.app import pipeline
+    from actsparse_deploy.data.batches import total_samples
+
+    measured: list[int | None] = []  # the samples each quantized candidate of the search is measured on
+    real = pipeline.quantized_cost
+
+    def spied(dense, path, batches, *args, **kwargs):
+        measured.append(total_samples(batches))
+        return real(dense, path, batches, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "quantized_cost", spied)
     out = tmp_path / "int8"
     result = invoke("convert", hf.llama, "--text", hf.calib, "--heldout-text", hf.held, "--other-text", hf.other, "--max-length", "8",
                     "--threads", "1", "--no-cache", "--max-cost", "perplexity-ratio=1.2", "--max-cost-other", "--quantize", "int8",
                     "-o", out)
     assert result.exit_code == 0, result.output
+    assert measured.count(len(OTHER)) >= 2 and len(measured) == 2 * measured.count(len(OTHER))  # int8 alone, each candidate: both sets
     report = json.loads((out / "report.json").read_text())
     kept, rows = report["quantization"]["budget"], {row["variant"]: row for row in report["quantization"]["frontier"]}
     assert kept["other_text_cost"] == rows["sparse+int8"]["other_text"]["perplexity_ratio"] and kept["other_text_within"] is True
@@ -144,22 +158,3 @@ def test_an_int8_model_over_the_budget_on_the_other_text_is_a_validation_failure
     kept = check_quantized(Budget("cosine", worse * 0.99), work.model, tmp_path / "q.onnx", held, io=work.io, tokens=True, other=other)
     assert kept["other_text_cost"] == figures["other"] and kept["other_text_within"] is True
 
-
-def test_with_int8_the_budget_search_holds_each_int8_candidate_on_the_other_text_too(hf, tmp_path, monkeypatch):
-    """Before, the search's int8 candidates were measured on the tuning split only, with --max-cost-other too."""
-    from actsparse_deploy.app import pipeline
-    from actsparse_deploy.data.batches import total_samples
-
-    measured: list[int | None] = []
-    real = pipeline.quantized_cost
-
-    def spied(dense, path, batches, *args, **kwargs):
-        measured.append(total_samples(batches))
-        return real(dense, path, batches, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "quantized_cost", spied)
-    report = convert(str(hf.llama), tmp_path / "out", text=str(hf.calib), heldout_text=str(hf.held), other_text=str(hf.other),
-                     max_length=8, latency=False, threads=1, cache=False, max_cost="perplexity-ratio=1.2", max_cost_other=True,
-                     quantize="int8")
-    assert report.quantization.budget["other_text_within"] is True
-    assert measured.count(len(OTHER)) >= 2 and len(measured) == 2 * measured.count(len(OTHER))  # int8 alone, then each candidate: both sets
