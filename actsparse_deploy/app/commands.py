@@ -502,9 +502,10 @@ def validate_against(
     two passes (the PyTorch outputs first, its weights let go, then onnxruntime alone)."""
     start = time.perf_counter()
     options = options or SourceOptions()
-    ops = quantized_ops(onnx_model)
+    proto = readable_graph(onnx_model)  # read once: told quantized or not, and whether it takes a cache
+    ops = quantized_ops(proto) if proto is not None else {}
     if ops and max_cost is not None:  # an int8 model cannot match PyTorch within a tolerance: held to a cost budget instead
-        return validate_quantized(onnx_model, reference, options, ops, max_cost, start, timeout)
+        return validate_quantized(onnx_model, reference, options, ops, max_cost, start, timeout, proto)
     if max_cost is not None:
         raise UsageError(f"--max-cost holds a quantized ONNX model to a cost budget, and {onnx_model} is a float model: it is "
                          "held to --atol / --rtol; leave out --max-cost")
@@ -514,7 +515,7 @@ def validate_against(
         memory_plan(weight_bytes(model), budget, asked=budget is not None, loaded=True, what="validate",
                     half=float_dtype(model) in (torch.float16, torch.bfloat16))))
     io, module = source.io, source.module
-    target = onnx_target(onnx_model, source.work).of_model(module)  # a decoder exported with a cache is run as one
+    target = onnx_target(onnx_model, source.work, proto).of_model(module)  # a decoder exported with a cache is run as one
     plan = plans[0] if plans else MemoryPlan(budget, 0, False)  # a .pt2 program: validated side by side
     apart = plan.apart and source.work is not None and source.work.heldout is not None and not target.cached
     measured = source.work is not None and (options.masks is not None or options.labels is not None)
@@ -542,7 +543,7 @@ def validate_against(
 
 
 def validate_quantized(onnx_model: str | Path, reference: str, options: SourceOptions, ops: dict[str, int], max_cost: str,
-                       start: float, timeout: float | None = None) -> Report:
+                       start: float, timeout: float | None = None, proto: Any = None) -> Report:
     """A quantized ONNX model (its quantized nodes ``ops``) against the dense model ``reference`` on the held-out data,
     by the cost budget ``max_cost`` as ``convert --quantize`` holds it (:func:`~actsparse_deploy.onnx.quantize.check_quantized`:
     over it, exit 10; ``timeout``: seconds for onnxruntime's runs); with ``options.masks``, also its closeness to the
@@ -554,7 +555,7 @@ def validate_quantized(onnx_model: str | Path, reference: str, options: SourceOp
         raise UsageError(f"a quantized model is held to a built-in cost against the dense model: give a model as the reference "
                          f"(not a .pt2) and cosine=, accuracy-drop= or perplexity-ratio= (not {reference if is_pt2(reference) else max_cost})")
     work = options.workload(reference)
-    target = onnx_target(onnx_model, work)
+    target = onnx_target(onnx_model, work, proto)
     held = target.batches(work.require_heldout())
     io = target.validation_io(work.io)  # None: a tensor batch is fed by the ONNX model's own input names
     kept = check_quantized(budget, target.model(work.model), Path(onnx_model), held, io=io, tokens=work.causal_lm, labels=work.labels,
@@ -570,16 +571,23 @@ def validate_quantized(onnx_model: str | Path, reference: str, options: SourceOp
                   seconds={"validate": round(time.perf_counter() - start, 3), "total": round(time.perf_counter() - start, 3)})
 
 
-def onnx_target(onnx_model: str | Path, work: Workload | None) -> Target:
-    """How ``work``'s model is run beside the ONNX model at ``onnx_model``: as its decoder with a cache where the
+def readable_graph(onnx_model: str | Path) -> Any:
+    """The ONNX model at ``onnx_model`` without its external data, or None where it is missing or unreadable
+    (validation then says what is wrong with the file, in its words)."""
+    try:
+        return read_graph(onnx_model) if Path(onnx_model).is_file() else None
+    except ValidationError:
+        return None
+
+
+def onnx_target(onnx_model: str | Path, work: Workload | None, proto: Any = None) -> Target:
+    """How ``work``'s model is run beside the ONNX model at ``onnx_model`` (``proto``: the file as
+    :func:`readable_graph` read it, where the caller has it): as its decoder with a cache where the
     file takes one (``past_key_values.*`` inputs; float16 where they are, as ``convert`` wrote it), else as it is."""
     import onnx
 
-    try:
-        graph = read_graph(onnx_model).graph if Path(onnx_model).is_file() else None
-    except ValidationError:  # validation says what is wrong with the file, in its words
-        graph = None
-    inputs = {i.name: i.type.tensor_type.elem_type for i in graph.input} if graph is not None else {}
+    proto = proto if proto is not None else readable_graph(onnx_model)
+    inputs = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input} if proto is not None else {}
     past = [kind for name, kind in inputs.items() if name.startswith("past_key_values.")]
     if work is None or not past:
         return Target()

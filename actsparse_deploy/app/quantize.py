@@ -6,7 +6,7 @@
 ends (its validation against PyTorch is the strict one; the quantized model is
 judged by its cost, and held to the budget: :func:`~actsparse_deploy.onnx.quantize.check_quantized`).
 The latency stage puts the alternatives side by side
-(:func:`~actsparse_deploy.onnx.quantize.frontier`). Before export, :func:`smooth_stage`
+(:func:`~actsparse_deploy.onnx.quantize.measure_frontier`). Before export, :func:`smooth_stage`
 smooths the squashed model's matrix products where that lowers their int8 error
 (:mod:`actsparse_deploy.bake.smooth`), so the float model validated is the one quantized.
 """

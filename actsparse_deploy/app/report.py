@@ -419,15 +419,13 @@ class Quantization(Section):
 class QuantizedCheck(Section):
     """``validate --max-cost`` of a quantized ONNX model (which cannot match PyTorch within a tolerance): its
     quantized nodes by op type (``ops``), its cost against the dense model on the held-out data by the
-    ``budget`` (``heldout_cost``), which it keeps (over it: exit 10), the same on the other text where the
-    model has one (``other_text_cost``), and with ``--masks`` its closeness to the squashed float model it was
-    made from (``float_source``: per-sample cosine of its last output, mean and worst)."""
+    ``budget`` (``heldout_cost``), which it keeps (over it: exit 10), and with ``--masks`` its closeness to the
+    squashed float model it was made from (``float_source``: per-sample cosine of its last output, mean and worst)."""
 
     ops: dict[str, int]
     budget: str
     heldout_cost: float
     within: bool
-    other_text_cost: float | None = field(default=None, metadata=_OMIT_NONE)
     float_source: dict[str, Any] | None = field(default=None, metadata=_OMIT_NONE)
 
 

@@ -7,7 +7,7 @@ dense PyTorch model and against its float source, and
 In ``convert``, :func:`quantize_staged` quantizes the validated export in its
 place (the float one waits in :data:`FLOAT_FOLDER`), :func:`check_quantized` holds
 it to the cost budget, and :class:`Quantized` is what the report says of it.
-:func:`frontier` puts what the user could ship side by side, from one run, on
+:func:`measure_frontier` puts what the user could ship side by side, from one run, on
 the same held-out batches: the dense export, the dense export quantized alone
 (what onnxruntime's one call gives), the sparse float export and the sparse
 quantized one: latency (alternated, the first = 1.00x), cost against the dense
@@ -121,7 +121,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_CALIBRATION_SAMPLES", "DEFAULT_OP_TYPES", "FLOAT_FOLDER", "Frontier", "MODES", "STATIC_OP_TYPES", "CalibrationFeeds", "CostBudget",
-    "QuantizeResult", "Quantized", "VARIANTS", "VariantCost", "check_quantized", "frontier", "measure_frontier", "model_bytes", "ops_said", "quantization_json",
+    "QuantizeResult", "Quantized", "VARIANTS", "VariantCost", "check_quantized", "measure_frontier", "model_bytes", "ops_said", "quantization_json",
     "quantize_onnx", "quantize_staged", "quantized_cost", "quantized_ops", "variant_costs",
 ]
 
@@ -141,25 +141,19 @@ _QUANTIZED_OPS = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul",
     "QLinearConv", "QGemm", "QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "DynamicQuantizeLSTM",
 })
-def quantized_ops(model: Any) -> dict[str, int]:
-    """The quantized nodes of ``model`` (an ONNX ``ModelProto``, or a file) by op type, in name order; empty for a float
-    model (or a file that is not an ONNX model: what reads it says what is wrong with it)."""
-    if not hasattr(model, "graph"):  # a path
-        try:
-            model = read_graph(model)
-        except ValidationError:
-            return {}
-    return dict(sorted(Counter(node.op_type for node in model.graph.node if node.op_type in _QUANTIZED_OPS).items()))
+#: a quantized node's op type -> the float op type it replaced
+_FLOAT_OP = {"MatMulInteger": "MatMul", "DynamicQuantizeMatMul": "MatMul", "MatMulIntegerToFloat": "MatMul",
+             "QAttention": "Attention", "ConvInteger": "Conv", "QGemm": "Gemm", "DynamicQuantizeLSTM": "LSTM"}
+
+
+def quantized_ops(proto: Any) -> dict[str, int]:
+    """The quantized nodes of the ONNX model ``proto`` (a ``ModelProto``) by op type, in name order; empty for a float model."""
+    return dict(sorted(Counter(node.op_type for node in proto.graph.node if node.op_type in _QUANTIZED_OPS).items()))
 
 
 def ops_said(ops: Mapping[str, int]) -> str:
     """``{"MatMulInteger": 3}`` as ``3 MatMulInteger``."""
     return ", ".join(f"{n} {op}" for op, n in ops.items())
-
-
-#: a quantized node's op type -> the float op type it replaced
-_FLOAT_OP = {"MatMulInteger": "MatMul", "DynamicQuantizeMatMul": "MatMul", "MatMulIntegerToFloat": "MatMul",
-             "QAttention": "Attention", "ConvInteger": "Conv", "QGemm": "Gemm", "DynamicQuantizeLSTM": "LSTM"}
 
 
 @dataclass(frozen=True)
@@ -543,19 +537,19 @@ def check_quantized(budget: CostBudget, dense: nn.Module, path: Path, batches: I
     tokens = budget.kind == "perplexity-ratio" or tokens
     deadline = time.monotonic() + timeout if timeout is not None else None
     try:
-        cost = variant_costs(dense, {"int8": path}, batches, io_spec=io, tokens=tokens,
-                             labels=labels if budget.kind == "accuracy-drop" else None, deadline=deadline)["int8"]
+        value = variant_costs(dense, {"int8": path}, batches, io_spec=io, tokens=tokens, labels=labels if budget.kind == "accuracy-drop" else None,
+                              deadline=deadline)["int8"].figure(budget.kind)
+        if not budget.within(value):
+            raise ValidationError(f"the int8 model's held-out cost {budget.kind}={value:.6g} is over the budget {budget} "
+                                  "(the quantization's error adds to the sparsity's): give a looser budget, or leave out --quantize")
+        elsewhere = (variant_costs(dense, {"int8": path}, other, io_spec=io, tokens=tokens, deadline=deadline)["int8"].figure(budget.kind)
+                     if other is not None else None)
     except TimeoutError as e:
         raise ValidationError(f"the check of the quantized model {path} timed out after {timeout:g} s: {e}; give a larger "
                               "`timeout`") from e
-    value = cost.figure(budget.kind)
-    if not budget.within(value):
-        raise ValidationError(f"the int8 model's held-out cost {budget.kind}={value:.6g} is over the budget {budget} "
-                              "(the quantization's error adds to the sparsity's): give a looser budget, or leave out --quantize")
     kept = {"budget": str(budget), "heldout_cost": value, "within": True}
-    if other is None:
+    if elsewhere is None:
         return kept
-    elsewhere = variant_costs(dense, {"int8": path}, other, io_spec=io, tokens=tokens)["int8"].figure(budget.kind)
     if not budget.within(elsewhere):
         raise ValidationError(f"the int8 model's cost on the other text {budget.kind}={elsewhere:.6g} is over the budget {budget} "
                               "(--max-cost-other holds it there too): give a looser budget, or leave out --quantize")
@@ -592,7 +586,7 @@ VARIANTS = ("dense", "int8", "sparse", "sparse+int8")
 
 @dataclass(frozen=True)
 class Frontier:
-    """:func:`measure_frontier`'s result: the ``rows`` (:func:`frontier`), and the timings they were read
+    """:func:`measure_frontier`'s result: the ``rows`` (one per variant), and the timings they were read
     from: ``timed`` (:func:`~actsparse_deploy.onnx.latency.latencies` of the four variants, in
     :data:`VARIANTS`' order) and ``decoding`` (:func:`~actsparse_deploy.onnx.generate.decode_latencies`
     of the four, None without a decode prompt): a report that shows one pair of them apart reads it from
@@ -601,14 +595,6 @@ class Frontier:
     rows: list[dict[str, Any]]
     timed: dict[str, Any]
     decoding: dict[str, Any] | None
-
-
-def frontier(dense: nn.Module, files: dict[str, Path], batches: Iterable[Batch], *, io: IOSpec | None, mode: str,
-             tokens: bool, labels: Any = None, max_samples: int = 64, other: Iterable[Batch] | None = None,
-             calibration: Iterable[Batch] | None = None, decode_prompt: Any = None) -> list[dict[str, Any]]:
-    """:func:`measure_frontier`'s rows."""
-    return measure_frontier(dense, files, batches, io=io, mode=mode, tokens=tokens, labels=labels, max_samples=max_samples,
-                            other=other, calibration=calibration, decode_prompt=decode_prompt).rows
 
 
 def measure_frontier(dense: nn.Module, files: dict[str, Path], batches: Iterable[Batch], *, io: IOSpec | None, mode: str,

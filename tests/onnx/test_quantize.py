@@ -134,14 +134,14 @@ def test_a_decoder_quantized_keeps_its_perplexity(decoder):
 @pytest.mark.slow  # the decoder fixture's dynamo export, then four decoders timed token by token
 def test_a_decoder_frontier_has_each_alternative_s_decode_speed(decoder, tmp_path):
     """Before, the frontier timed a decoder's first step only: what a user compares is ms per generated token."""
-    from actsparse_deploy.onnx.quantize import frontier
+    from actsparse_deploy.onnx.quantize import measure_frontier
 
     model, folder, held, _ = decoder
     dense = tmp_path / "decoder.onnx"
     dense.write_bytes((folder / "decoder.onnx").read_bytes())
     quantize_onnx(dense, tmp_path / "sparse.int8.onnx")
-    rows = frontier(model, {"dense": dense, "sparse": dense, "sparse+int8": tmp_path / "sparse.int8.onnx"}, held,
-                    io=model.layout.first_step_spec(), mode="int8", tokens=True, decode_prompt=[5, 6, 7, 8])
+    rows = measure_frontier(model, {"dense": dense, "sparse": dense, "sparse+int8": tmp_path / "sparse.int8.onnx"}, held,
+                            io=model.layout.first_step_spec(), mode="int8", tokens=True, decode_prompt=[5, 6, 7, 8]).rows
     assert rows[0]["decode_ratio"] == 1.0 and all(row["decode_ms_per_token"] > 0 for row in rows)
     assert all(row["decode_ratio"] == pytest.approx(row["decode_ms_per_token"] / rows[0]["decode_ms_per_token"]) for row in rows)
 
@@ -287,20 +287,21 @@ def test_a_failed_shape_inference_leaves_nothing_in_the_working_directory(tmp_pa
 
 def test_the_frontier_measures_the_other_text_too_and_calibrates_static_on_calibration_data(digits, tmp_path):
     """Before, the frontier's cost was on held-out data only, and its int8-static dense model took its ranges from the held-out data."""
-    from actsparse_deploy.onnx.quantize import frontier
+    from actsparse_deploy.onnx.quantize import measure_frontier
 
     model, folder, _ = digits
     io = get_builtin("digits-mlp").io_spec()
     (tmp_path / "dense.onnx").write_bytes((folder / "dense.onnx").read_bytes())  # the frontier quantizes beside it
     held, other = heldout_batches("digits-mlp")[:2], heldout_batches("digits-mlp")[2:4]
     files = {"dense": tmp_path / "dense.onnx", "sparse": tmp_path / "dense.onnx", "sparse+int8": folder / "int8.onnx"}
-    rows = frontier(model, files, held, io=io, mode="int8", tokens=False, other=other)
+    rows = measure_frontier(model, files, held, io=io, mode="int8", tokens=False, other=other).rows
     assert [row["variant"] for row in rows] == ["dense", "int8", "sparse", "sparse+int8"]
     alone = variant_costs(model, {"x": folder / "int8.onnx"}, other, io_spec=io)["x"]
     assert rows[3]["other_text"]["outputs"] == alone.outputs and rows[0]["other_text"]["outputs"][0]["cosine_mean"] == pytest.approx(1.0)
     assert rows[3]["other_text"]["samples"] == sum(len(b) for b in other)
-    assert "other_text" not in frontier(model, files, held, io=io, mode="int8", tokens=False)[0]
+    assert "other_text" not in measure_frontier(model, files, held, io=io, mode="int8", tokens=False).rows[0]
     with pytest.raises(UsageError, match="int8-static needs calibration batches"):
-        frontier(model, files, held, io=io, mode="int8-static", tokens=False)
-    static = frontier(model, files, held, io=io, mode="int8-static", tokens=False, calibration=calibration_batches("digits-mlp")[:2])
+        measure_frontier(model, files, held, io=io, mode="int8-static", tokens=False)
+    static = measure_frontier(model, files, held, io=io, mode="int8-static", tokens=False,
+                              calibration=calibration_batches("digits-mlp")[:2]).rows
     assert static[1]["variant"] == "int8" and static[1]["reference"] == "dense"
