@@ -33,6 +33,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 from rich.text import Text
 
+from ..base.memory import format_bytes
 from ..onnx.latency import verdict
 from .report import BudgetSearch, Cost, DecodeLatency, Generation, Quantization, QuantizedCheck, Report, SweepResult
 
@@ -232,11 +233,12 @@ def memory_lines(report: Report) -> list[RenderableType]:
     memory = report.memory
     if memory is None:
         return []
-    budget = f" of {memory.budget_bytes / 1e9:.2f} GB" if memory.budget_bytes is not None else ""
-    how = (f"calibrated block by block (the weights, {memory.weights_bytes / 1e9:.2f} GB, read from their files a layer at a time)"
-           if memory.by_block else f"calibrated with the weights ({memory.weights_bytes / 1e9:.2f} GB) in memory")
+    budget = f" of {format_bytes(memory.budget_bytes)}" if memory.budget_bytes is not None else ""
+    weights = format_bytes(memory.weights_bytes)
+    how = (f"calibrated block by block (the weights, {weights}, read from their files a layer at a time)"
+           if memory.by_block else f"calibrated with the weights ({weights}) in memory")
     passes = f", the statistics of a few blocks at a time ({memory.passes} passes over the data)" if memory.passes else ""
-    return [f"{how}{passes}; peak memory {memory.peak_bytes / 1e9:.2f} GB{budget}"]
+    return [f"{how}{passes}; peak memory {format_bytes(memory.peak_bytes)}{budget}"]
 
 
 def stats_lines(report: Report, output: Path) -> list[RenderableType]:
@@ -502,7 +504,7 @@ def files_line(report: Report) -> str:
     """``convert``'s last line: the files written, the seconds in all and the threads."""
     files = ", ".join(f"{name} {size(n)}" for name, n in (report.files or {}).items())
     threads = f", {_plural(report.threads, 'thread')}" if report.threads is not None else ""
-    peak = f", peak memory {report.memory.peak_bytes / 1e9:.2f} GB" if report.memory is not None else ""
+    peak = f", peak memory {format_bytes(report.memory.peak_bytes)}" if report.memory is not None else ""
     return f"files: {files}; {(report.seconds or {}).get('total', 0.0):.1f} s in all{threads}{peak}"
 
 
@@ -513,14 +515,14 @@ def onnx_lines(target: str, report: Report) -> list[RenderableType]:
     opsets = ", ".join(f"{domain} {version}" for domain, version in graph.opsets.items())
     table = names_table("", "name", "dtype", "shape",
                         title=f"{target}: ONNX model ({opsets}; {graph.nodes} nodes, {graph.initializers} initializers, "
-                              f"{graph.parameters:,} parameters, {graph.initializer_bytes / 1e6:,.1f} MB)")
+                              f"{graph.parameters:,} parameters, {size(graph.initializer_bytes)})")
     for side, values in (("input", graph.input_shapes), ("output", graph.output_shapes)):
         for value in values:
             shape = "?" if value["shape"] is None else "x".join("?" if d is None else str(d) for d in value["shape"])
             table.add_row(side, value["name"], str(value["dtype"]), shape)
     lines: list[RenderableType] = [table, "operators: " + ", ".join(f"{op} {n}" for op, n in graph.ops.items())]
     for data in graph.data_files:
-        where = f"{data['bytes'] / 1e6:,.1f} MB" if data["present"] else "missing or not a regular file"
+        where = size(data["bytes"]) if data["present"] else "missing or not a regular file"
         lines.append(f"external data: {data['location']} ({data['tensors']} tensors, {where})")
     if report.layers:
         layers = names_table("layer", "mode", "sparsity", title=f"squashed layers (mode {report.squash_mode})")

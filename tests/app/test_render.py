@@ -59,9 +59,13 @@ def test_an_onnx_files_graph_is_shown():
     export = {"path": "m.onnx", "exporter": "pytorch", "opset": 18, "inputs": ["x"], "outputs": ["y"], "dynamic_axes": {},
               "seconds": None, "external_data": True, "size_bytes": 100, **graph}
     shown = text(*render.onnx_lines("m.onnx", Report(export=export)))
-    assert "m.onnx: ONNX model (ai.onnx 18; 3 nodes, 4 initializers, 1,234 parameters, 2.0 MB)" in shown
+    assert "m.onnx: ONNX model (ai.onnx 18; 3 nodes, 4 initializers, 1,234 parameters, 1.9 MB)" in shown
     assert "batchx4" in shown and "operators: Gemm 2, Relu 1" in shown
     assert "external data: m.onnx.data (2 tensors, missing or not a regular file)" in shown
+    # a small (an int8 digits) model's weights are not "0.0 MB"
+    small = {**export, "initializer_bytes": 30_000, "data_files": [{"location": "m.onnx.data", "tensors": 2, "bytes": 20_000, "present": True}]}
+    shown = text(*render.onnx_lines("m.onnx", Report(export=small)))
+    assert "1,234 parameters, 29.3 KB)" in shown and "external data: m.onnx.data (2 tensors, 19.5 KB)" in shown
 
 
 def test_a_sweep_is_a_table_of_typed_rows():
@@ -76,3 +80,13 @@ def test_a_sweep_is_a_table_of_typed_rows():
     assert "digits-mlp: held-out cost and onnxruntime latency (1 thread)" in shown
     assert "0.9300 (dense 0.9500)" in shown and "0.9900 / 0.9000" in shown and "0.800x" in shown
     assert f"written: {Path('out') / 'sweep.json'}, {Path('out') / 'sweep.png'}" in shown
+
+
+def test_a_small_models_memory_is_not_zero_gigabytes():
+    memory = {"peak_bytes": 412_000_000, "weights_bytes": 120_000, "budget_bytes": 1_000_000_000, "apart": False, "one_at_a_time": False}
+    shown = text(*render.memory_lines(Report(memory=memory)))
+    assert "calibrated with the weights (120.00 kB) in memory; peak memory 412.00 MB of 1.00 GB" in shown
+    blocks = text(*render.memory_lines(Report(memory={**memory, "by_block": True})))
+    assert "the weights, 120.00 kB, read from their files" in blocks
+    files = render.files_line(Report(memory=memory, files={"model.onnx": 2048}, seconds={"total": 1.0}))
+    assert files.endswith("peak memory 412.00 MB")
