@@ -52,7 +52,7 @@ from actsparse_deploy.models.minilm import english_sentences, load_minilm, text_
 LEVELS = (0.25, 0.5)
 SEED = 1234
 BATCH = 8
-ORDER = ["doc", "mix", "mix-b", "mix2x", "doc-joined", "doc+dst", "dst", "pkg", "doc+pkg", "doc-bs1", "mix-bs1"]
+ORDER = ["doc", "mix", "mix-b", "mix2x", "doc-joined", "doc+dst", "doc-dst", "dst", "pkg", "doc+pkg", "doc-bs1", "mix-bs1"]
 
 
 # Standard-library modules whose docstrings are read (pure-Python, import without side effects).
@@ -171,6 +171,14 @@ def _mix(n: int, seed: int) -> list[str]:
     return out
 
 
+def _half(doc: list[str], dst: list[str], seed: int) -> list[str]:
+    """As many sentences as ``doc``: half of them drawn from it, half from ``dst``, shuffled (what every Python has)."""
+    rng = random.Random(seed)
+    out = rng.sample(doc, len(doc) - len(doc) // 2) + rng.sample(dst, len(doc) // 2)
+    rng.shuffle(out)
+    return out
+
+
 def _joined(sentences: list[str], seed: int) -> list[str]:
     """The sentences, in order, joined into texts of 1, 2, 3 or 4 sentences (a mix
     of short and long texts; every sentence used once)."""
@@ -197,6 +205,7 @@ def calibration_sets() -> dict[str, tuple[str, list[str], int]]:
         "mix2x": ("as mix, twice the count", _mix(2 * n, SEED), BATCH),
         "doc-joined": ("documentation only, joined into texts of 1-4 sentences", _joined(doc, SEED), BATCH),
         "doc+dst": ("all documentation + as many stdlib docstrings (2x)", doc + rng.sample(dst, n), BATCH),
+        "doc-dst": ("half documentation, half stdlib docstrings, same count", _half(doc, dst, SEED), BATCH),
         "dst": ("stdlib docstrings only, same count", random.Random(SEED).sample(dst, n), BATCH),
         "pkg": ("package descriptions only (all 576)", pkg, BATCH),
         "doc-bs1": ("documentation, batch size 1 (no padding tokens in the statistics)", doc, 1),

@@ -223,7 +223,8 @@ class Stages:
                             plan: Int8Plan) -> tuple[Masks, BudgetResult]:
         """``--max-cost`` with ``--quantize``: the most sparsity that still keeps ``budget`` once quantized.
         The dense model quantized alone first: what it leaves of the budget (:func:`~actsparse_deploy.app.quantize.int8_room`;
-        no room: ``auto`` leaves int8 out, else exit 10) is what the sparsity is searched to; the chosen
+        no room: ``auto`` leaves int8 out, else exit 10) is what the sparsity is searched to (each float candidate
+        kept :data:`~actsparse_deploy.app.budget.DOUBT` standard errors inside it, so the first search's int8 model mostly keeps the budget); the chosen
         masks are then squashed, exported, quantized and measured on the tuning split, and the search runs
         again on the same candidates, tighter by what the quantized model missed, until it keeps the budget."""
         from .budget import calibrate_to_budget
@@ -247,7 +248,6 @@ class Stages:
                                                                             one_head_count=self.target.cached).model))
             last = calibrate_to_budget(work.model, recipe, batches, room.searched, model_name=work.name, on_batch=o.on_batch,
                                        again=search if room.mode != "none" else None, other=work.other if o.max_cost_other else None,
-                                       doubt=0.0 if room.mode != "none" else None,  # the int8 check holds the margin
                                        one_head_count=self.target.cached)
         result, figure = search.chosen(last)
         found = {"searched_budget": str(result.budget), "int8_tuning_cost": figure[0], "int8_tuning_error": figure[1],

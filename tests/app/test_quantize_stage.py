@@ -189,8 +189,12 @@ def test_the_budget_search_leaves_room_for_int8(tmp_path):
     q = budget.quantization
     assert q["mode"] == "int8" and 0.99 < q["share"] < 1.0  # int8 alone, on the tuning split (onnxruntime)
     assert q["int8_tuning_cost"] - DOUBT * q["int8_tuning_error"] >= 0.99 and q["int8_tuning_error"] > 0 and 1 <= q["searches"] <= 4  # by DOUBT errors
-    assert float(q["searched_budget"].partition("=")[2]) >= 0.99 + 1 - q["share"] - 1e-12  # int8's part kept out of it
-    assert report.overall_sparsity < float_only.overall_sparsity  # less sparsity: int8 needs its part of the budget
+    searched = float(q["searched_budget"].partition("=")[2])
+    assert searched >= 0.99 + 1 - q["share"] - 1e-12  # int8's part kept out of it
+    # the float candidates keep what is left by DOUBT errors, as without int8: the int8 model of the first search
+    # then usually keeps the budget (before: held as measured, it missed by its margin, and three more searches ran)
+    assert budget.doubt == DOUBT and budget.tuning_cost - DOUBT * budget.tuning_error >= searched - 1e-12
+    assert report.overall_sparsity <= float_only.overall_sparsity  # never more sparsity: int8 needs its part of the budget
     assert report.quantization.budget["within"] is True and report.quantization.budget["heldout_cost"] >= 0.99
 
 
