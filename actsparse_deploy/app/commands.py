@@ -505,7 +505,7 @@ def validate_against(
     proto = readable_graph(onnx_model)  # read once: told quantized or not, and whether it takes a cache
     ops = quantized_ops(proto) if proto is not None else {}
     if ops and max_cost is not None:  # an int8 model cannot match PyTorch within a tolerance: held to a cost budget instead
-        return validate_quantized(onnx_model, reference, options, ops, max_cost, start, timeout, proto)
+        return validate_quantized(onnx_model, reference, options, ops, max_cost, start, timeout, proto, max_memory)
     if max_cost is not None:
         raise UsageError(f"--max-cost holds a quantized ONNX model to a cost budget, and {onnx_model} is a float model: it is "
                          "held to --atol / --rtol; leave out --max-cost")
@@ -543,11 +543,12 @@ def validate_against(
 
 
 def validate_quantized(onnx_model: str | Path, reference: str, options: SourceOptions, ops: dict[str, int], max_cost: str,
-                       start: float, timeout: float | None = None, proto: Any = None) -> Report:
+                       start: float, timeout: float | None = None, proto: Any = None, max_memory: str | int | None = None) -> Report:
     """A quantized ONNX model (its quantized nodes ``ops``) against the dense model ``reference`` on the held-out data,
     by the cost budget ``max_cost`` as ``convert --quantize`` holds it (:func:`~actsparse_deploy.onnx.quantize.check_quantized`:
-    over it, exit 10; ``timeout``: seconds for onnxruntime's runs); with ``options.masks``, also its closeness to the
-    squashed float model it was made from."""
+    over it, exit 10; ``timeout``: seconds for onnxruntime's runs); its cost on the workload's other text beside it (reported,
+    not held); with ``options.masks``, also its closeness to the squashed float model it was made from. ``max_memory``: as
+    :func:`validate` plans it (over it, two passes: the PyTorch outputs recorded, the weights let go, then onnxruntime)."""
     from .budget import Budget
 
     budget = Budget.parse(max_cost)
@@ -556,17 +557,30 @@ def validate_quantized(onnx_model: str | Path, reference: str, options: SourceOp
                          f"(not a .pt2) and cosine=, accuracy-drop= or perplexity-ratio= (not {reference if is_pt2(reference) else max_cost})")
     work = options.workload(reference)
     target = onnx_target(onnx_model, work, proto)
+    limit = parse_memory(max_memory) if max_memory is not None else None
+    plan = memory_plan(weight_bytes(work.model), limit, asked=limit is not None, loaded=True, what="validate", can_part=not target.cached,
+                       half=float_dtype(work.model) in (torch.float16, torch.bfloat16))
     held = target.batches(work.require_heldout())
+    other = list(target.batches(work.other)) if work.other is not None else None  # a few dozen texts
     io = target.validation_io(work.io)  # None: a tensor batch is fed by the ONNX model's own input names
-    kept = check_quantized(budget, target.model(work.model), Path(onnx_model), held, io=io, tokens=work.causal_lm, labels=work.labels,
-                           timeout=timeout)
-    float_source, rows, mode = None, [], DENSE
+    dense = target.model(work.model)  # its outputs recorded where squash or the memory budget changes the model
+    dense = Recorded.of(dense, [held, *([other] if other is not None else [])]) if plan.apart or options.masks else dense
+    float_source, rows, mode, squashed = None, [], DENSE, None
     if options.masks is not None:  # the squashed float model it was made from: the quantization's own share
         squashed = squash_workload(work, Masks.load(options.masks), options.mode, in_place=True)
-        rows, mode, source = squashed.rows(), options.mode, target.of_model(squashed.model)
-        last = variant_costs(source.model(squashed.model), {"int8": Path(onnx_model)}, held, io_spec=io)["int8"].outputs[-1]
+        rows, mode = squashed.rows(), options.mode
+        source = target.of_model(squashed.model).model(squashed.model)
+        source = Recorded.of(source, [held]) if plan.apart else source
+    if plan.apart:
+        release_weights(work.model)
+    kept = check_quantized(budget, dense, Path(onnx_model), held, io=io, tokens=work.causal_lm, labels=work.labels,
+                           timeout=timeout, other=other, hold_other=False)
+    if squashed is not None:
+        last = variant_costs(source, {"int8": Path(onnx_model)}, held, io_spec=io)["int8"].outputs[-1]
         float_source = {"output": last["output"], "cosine_mean": last["cosine_mean"], "cosine_min": last["cosine_min"]}
-    checked = QuantizedCheck(ops=ops, budget=kept["budget"], heldout_cost=kept["heldout_cost"], within=True, float_source=float_source)
+    checked = QuantizedCheck(ops=ops, budget=kept["budget"], heldout_cost=kept["heldout_cost"], within=True, float_source=float_source,
+                             other_text_samples=total_samples(other) if other is not None else None,
+                             other_text_cost=kept.get("other_text_cost"), other_text_within=kept.get("other_text_within"))
     return Report(model=work.name, squash_mode=mode, layers=rows, quantized=checked,
                   seconds={"validate": round(time.perf_counter() - start, 3), "total": round(time.perf_counter() - start, 3)})
 

@@ -419,14 +419,20 @@ class Quantization(Section):
 class QuantizedCheck(Section):
     """``validate --max-cost`` of a quantized ONNX model (which cannot match PyTorch within a tolerance): its
     quantized nodes by op type (``ops``), its cost against the dense model on the held-out data by the
-    ``budget`` (``heldout_cost``), which it keeps (over it: exit 10), and with ``--masks`` its closeness to the
-    squashed float model it was made from (``float_source``: per-sample cosine of its last output, mean and worst)."""
+    ``budget`` (``heldout_cost``), which it keeps (over it: exit 10), its cost on the other text, and with ``--masks``
+    its closeness to the squashed float model it was made from (``float_source``: per-sample cosine of its last output,
+    mean and worst)."""
 
     ops: dict[str, int]
     budget: str
     heldout_cost: float
     within: bool
     float_source: dict[str, Any] | None = field(default=None, metadata=_OMIT_NONE)
+    #: the workload's other text (``--other-text``, a built-in's own): its samples, the figure by the budget's kind
+    #: there, and whether it is within (reported, not held: the held-out data decides)
+    other_text_samples: int | None = field(default=None, metadata=_OMIT_NONE)
+    other_text_cost: float | None = field(default=None, metadata=_OMIT_NONE)
+    other_text_within: bool | None = field(default=None, metadata=_OMIT_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -263,3 +263,39 @@ def test_the_latency_check_times_one_session_at_a_time_where_what_the_stages_lef
     roomy = convert("digits-mlp", tmp_path / "roomy", max_memory=budget, threads=1)
     assert roomy is not None and roomy.latency is not None and not roomy.latency.one_at_a_time
     assert "one model at a time" not in " ".join(str(line) for line in convert_summary(roomy))
+
+
+def test_validate_of_a_quantized_model_keeps_within_max_memory(tmp_path: Path, monkeypatch) -> None:
+    """Before, ``validate --max-cost`` of an int8 model read ``--max-memory`` and never used it: a budget the dense
+    model cannot fit in ran anyway. Now it is planned as a float model's validation is: over the budget even in two
+    passes, exit 13 before any work; between, the dense (and the squashed float) outputs are recorded, the weights
+    let go, and onnxruntime runs alone, to the same figures."""
+    from actsparse_deploy.app import commands
+    from actsparse_deploy.base import memory
+    from actsparse_deploy.models.loading import load_model
+    from actsparse_deploy.nn.modules import weight_bytes
+
+    from ..helpers import one_line_error
+
+    out = tmp_path / "out"
+    assert invoke("convert", "digits-mlp", "-o", out, "--no-latency", "--threads", "1", "--quantize", "int8").exit_code == 0
+    weights = weight_bytes(load_model("digits-mlp").module)
+    monkeypatch.setattr(memory, "resident_memory", lambda: 0)
+    released = []
+    real = commands.release_weights
+    monkeypatch.setattr(commands, "release_weights", lambda *models: (released.append(len(models)), real(*models)))
+    runs = {}
+    for name, budget in (("side", "100GB"), ("apart", str(int(weights * (memory.APART + memory.VALIDATE) / 2)))):
+        result = invoke("validate", out / "model.onnx", "digits-mlp", "--masks", out / "masks.safetensors", "--json",
+                        "--max-cost", "cosine=0.9", "--max-memory", budget, "--threads", "1")
+        assert result.exit_code == 0, result.output
+        runs[name] = json.loads(result.stdout)["quantized"]
+    assert released == [1]  # the second run only
+    assert runs["apart"] == runs["side"] and runs["side"]["float_source"] is not None
+
+    def never(*args, **kwargs):
+        raise AssertionError("the quantized model was measured before the memory check")
+
+    monkeypatch.setattr(commands, "check_quantized", never)
+    one_line_error(invoke("validate", out / "model.onnx", "digits-mlp", "--max-cost", "cosine=0.9", "--max-memory", "1kB"),
+                   13, "--max-memory", "to validate")
