@@ -210,7 +210,7 @@ RtolOpt = Annotated[
 TimeoutOpt = Annotated[
     float | None,
     typer.Option("--timeout", min=0.0, callback=_positive,
-                 help="Fail validation after this many seconds, stopping onnxruntime (default: no limit)."),
+                 help="Fail validation (and an int8 model's budget check) after this many seconds, stopping onnxruntime (default: no limit)."),
 ]
 LabelsOpt = Annotated[
     Path | None,

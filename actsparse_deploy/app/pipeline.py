@@ -343,16 +343,19 @@ class Stages:
             return cost_stage(self.work, model, path, io, budget, onnx_batches=self.target.batches, dense=dense)
 
     def quantize(self, path: Path, exported: ExportResult, o: QuantizeOptions, budget: BudgetResult | None = None,
-                 verbose: bool = False, dense: nn.Module | None = None, smoothing: Smoothing | None = None) -> Quantized | None:
+                 verbose: bool = False, dense: nn.Module | None = None, smoothing: Smoothing | None = None,
+                 timeout: float | None = None) -> Quantized | None:
         """The validated ONNX model at ``path`` quantized in its place (``o.mode``; None for ``none``),
         the float one moved aside, and held to ``budget`` where there is one
-        (:func:`~actsparse_deploy.app.quantize.quantize_stage`); ``smoothing``: what :meth:`smooth` did before export."""
+        (:func:`~actsparse_deploy.app.quantize.quantize_stage`, within ``timeout`` seconds: ``--timeout``, as the
+        float model's validation); ``smoothing``: what :meth:`smooth` did before export."""
         mode = quantize_mode(o, budget)
         if mode == "none":
             return None
         with self.timer("quantize"):
             return quantize_stage(self.work, self.target, path, exported.io, mode, budget.budget if budget else None, verbose,
-                                  dense=dense, smoothing=smoothing, other_text=budget is not None and budget.other_text is not None)
+                                  dense=dense, smoothing=smoothing, other_text=budget is not None and budget.other_text is not None,
+                                  timeout=timeout)
 
     def smooth(self, model: nn.Module, o: ConvertOptions, budget: BudgetResult | None = None) -> Smoothing | None:
         """Before export, ``model``'s matrix products smoothed for the int8 that ``o.quantize`` will run, where
@@ -513,7 +516,8 @@ def _staged_report(stages: Stages, masks: Masks, budget: BudgetResult | None, sq
                                  release=(lambda: release_weights(squashed.model)) if apart else None)
     cost, budget = stages.cost(sparse, onnx_path, onnx_io, budget, dense=dense.model)
     # the float model validated above, moved aside
-    quantized = stages.quantize(onnx_path, exported, o.quantize, budget, o.export.verbose, dense=dense.target, smoothing=smoothing)
+    quantized = stages.quantize(onnx_path, exported, o.quantize, budget, o.export.verbose, dense=dense.target, smoothing=smoothing,
+                                timeout=o.validate.timeout)
     release_weights(squashed.model)  # onnxruntime's sessions from here on: no PyTorch weights beside them (the dense model's
     # too, where squash changed it in place; else the latency stage exports it)
     speed = None

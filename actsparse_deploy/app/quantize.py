@@ -187,14 +187,15 @@ def smooth_stage(work: Workload, model: nn.Module, mode: str, max_samples: int |
 
 def quantize_stage(work: Workload, target: Target, path: Path, exported: IOSpec, mode: str, budget: Any = None,
                    verbose: bool = False, dense: nn.Module | None = None, smoothing: Smoothing | None = None,
-                   other_text: bool = False) -> Quantized:
+                   other_text: bool = False, timeout: float | None = None) -> Quantized:
     """``convert``'s quantize stage: the validated model at ``path`` quantized in its place
     (:func:`~actsparse_deploy.onnx.quantize.quantize_staged`; ``int8-static``'s ranges from the calibration data), then held to
     ``budget`` (a :class:`~actsparse_deploy.app.budget.Budget`) on the held-out data
     (:func:`~actsparse_deploy.onnx.quantize.check_quantized`) against ``dense``, the dense model as it is
     exported (its recorded outputs, once squash changed it in place; None: ``work.model``'s); ``smoothing``:
     what :func:`smooth_stage` did before export (the report's ``quantization.smoothing``); ``other_text``: the budget
-    holds on the workload's other text too (``--max-cost-other``), and so is the quantized model held there."""
+    holds on the workload's other text too (``--max-cost-other``), and so is the quantized model held there; ``timeout``:
+    seconds onnxruntime may take for the check (``--timeout``: it is the quantized model's validation)."""
     io, dense = target.validation_io(exported), dense if dense is not None else target.model(work.model)
     calibration = target.batches(work.require_calibration()) if mode == "int8-static" else None
     held = target.batches(work.require_heldout()) if budget is not None else None
@@ -203,5 +204,5 @@ def quantize_stage(work: Workload, target: Target, path: Path, exported: IOSpec,
     if budget is None or held is None:
         return Quantized(result, floated, smoothing=smoothed)
     other = target.batches(work.other) if other_text and work.other is not None else None
-    kept = check_quantized(budget, dense, path, held, io=io, tokens=work.causal_lm, labels=work.labels, other=other)
+    kept = check_quantized(budget, dense, path, held, io=io, tokens=work.causal_lm, labels=work.labels, other=other, timeout=timeout)
     return Quantized(result, floated, kept, smoothed)

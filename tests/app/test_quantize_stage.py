@@ -198,6 +198,18 @@ def test_the_budget_search_leaves_room_for_int8(tmp_path):
     assert report.quantization.budget["within"] is True and report.quantization.budget["heldout_cost"] >= 0.99
 
 
+def test_the_int8_models_budget_check_runs_under_the_timeout(tmp_path, monkeypatch):
+    """Before, ``convert --quantize --max-cost --timeout`` bounded the float model's validation only: the int8 model's
+    check on the held-out data (its validation: a tolerance cannot hold it) ran without a limit."""
+    from actsparse_deploy.app import quantize
+
+    given = []
+    real = quantize.check_quantized
+    monkeypatch.setattr(quantize, "check_quantized", lambda *a, **k: (given.append(k.get("timeout")), real(*a, **k))[1])
+    report = convert("digits-mlp", tmp_path / "out", threads=1, quantize="int8", max_cost="cosine=0.9", latency=False, timeout=60.0)
+    assert given == [60.0] and report.quantization.budget["within"] is True
+
+
 def test_int8_alone_over_the_budget_fails_before_the_search_and_auto_leaves_it_out(tmp_path):
     # the budget halfway between what int8 alone costs on this CPU and no cost at all (AVX512-VNNI's int8 is
     # about 100 times closer to float than AVX2's): int8 alone is over it on any CPU
