@@ -70,21 +70,29 @@ def _exact(x: Any) -> bool:
     return np.asarray(x).dtype.kind in "biu"
 
 
-def _float64(x: Any) -> np.ndarray:
-    """float64 values (a complex output as its real and imaginary parts)."""
+#: values compared at a time: float64 copies of a chunk, never of a whole output (a large vocabulary's logits
+#: are gigabytes in float64), and a chunk's passes stay in the processor's cache
+CHUNK = 1 << 16
+
+
+def _flat_values(x: Any) -> np.ndarray:
+    """The values, flat, in their own dtype (a complex output as its real and imaginary parts; bfloat16, which
+    numpy lacks, as float32)."""
     if isinstance(x, torch.Tensor):
         t = x.detach().cpu()
         if t.is_complex():
             t = torch.view_as_real(t)
-        return t.to(torch.float64).numpy()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        return t.reshape(-1).numpy()
     a = np.asarray(x)
     if a.dtype.kind == "c":
         a = np.stack([a.real, a.imag], axis=-1)
-    return a.astype(np.float64)
+    return a.reshape(-1)
 
 
-def _raw(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+def _chunks(size: int) -> range:
+    return range(0, max(size, 1), CHUNK)
 
 
 def _worse(a: float, b: float) -> float:
@@ -130,10 +138,25 @@ class OutputDiff:
         self.update(got, want, tolerance, sides)
 
     def update(self, got: Any, want: Any, tolerance: Tolerance, sides: tuple[str, str] = ("ONNX", "PyTorch")) -> None:
-        """Fold one pair of same-shaped outputs (torch tensors or numpy arrays) in."""
-        g, w = _float64(got), _float64(want)
-        self.values += g.size
+        """Fold one pair of same-shaped outputs (torch tensors or numpy arrays) in, :data:`CHUNK` values at a time."""
+        exact = _exact(got) and _exact(want)
+        g_all, w_all = _flat_values(got), _flat_values(want)
+        self.values += g_all.size
+        peak = 0.0
+        for start in _chunks(w_all.size):
+            scale = np.abs(w_all[start:start + CHUNK].astype(np.float64))
+            finite = scale if np.isfinite(scale).all() else scale[np.isfinite(scale)]
+            peak = max(peak, float(finite.max())) if finite.size else peak
+        self.peak = max(self.peak, peak)
+        atol = tolerance.atol * max(1.0, peak) if tolerance.scale_atol else tolerance.atol
+        for start in _chunks(g_all.size):
+            self._fold(g_all[start:start + CHUNK], w_all[start:start + CHUNK], tolerance, atol, exact, sides)
+
+    def _fold(self, got: np.ndarray, want: np.ndarray, tolerance: Tolerance, atol: float, exact: bool, sides: tuple[str, str]) -> None:
+        """One chunk of :meth:`update` (its values flat, in their own dtype; ``atol``: the tolerance's, scaled)."""
+        g, w = got.astype(np.float64), want.astype(np.float64)
         finite = np.isfinite(g) & np.isfinite(w)
+        everywhere = bool(finite.all())  # the common case: no value to count or leave out, nothing to gather
         if tolerance.nan_equal:
             same = (g == w) | (np.isnan(g) & np.isnan(w))
             considered = ~same  # identical values (NaN, Inf included) agree; the rest is measured
@@ -141,31 +164,31 @@ class OutputDiff:
         else:
             considered = finite  # non-finite values fail on their own, counted
             unmatched = ~finite
-        for side, values in zip(sides, (g, w)):
+        for side, values in zip(sides, (g, w)) if not everywhere else ():
             for word, count in (("NaN", np.isnan(values[unmatched]).sum()), ("Inf", np.isinf(values[unmatched]).sum())):
                 if count:
                     key = f"{word} in the {side} output"
                     self.non_finite[key] = self.non_finite.get(key, 0) + int(count)
-        w_finite = w[np.isfinite(w)]
-        peak = float(np.abs(w_finite).max()) if w_finite.size else 0.0
-        self.peak = max(self.peak, peak)
         with np.errstate(invalid="ignore", over="ignore"):
             diff = np.abs(g - w)
         scale = np.abs(w)
-        atol = tolerance.atol * max(1.0, peak) if tolerance.scale_atol else tolerance.atol
-        if _exact(got) and _exact(want):
-            bad = considered & (_raw(got) != _raw(want))
+        if exact:
+            bad = considered & (got != want)
             bound = np.zeros_like(diff)
         else:
             with np.errstate(invalid="ignore"):  # 0 * Inf: a non-finite element, judged on its own
                 bound = atol + tolerance.rtol * scale
                 bad = considered & ~(diff <= bound)
-        measured = finite & considered if tolerance.nan_equal else finite
-        if measured.any():
+        if everywhere and not tolerance.nan_equal:
+            d, s, b = diff, scale, bound  # every value is measured
+        else:
+            measured = finite & considered if tolerance.nan_equal else finite
             d, s, b = diff[measured], scale[measured], bound[measured]
+        if d.size:
             self.max_abs = max(self.max_abs, float(d.max()))
             self.max_rel = max(self.max_rel, float((d / np.maximum(s, np.finfo(np.float32).tiny)).max()))
-            used = np.where(b > 0, d / np.where(b > 0, b, 1.0), np.where(d > 0, np.inf, 0.0))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                used = d / b if atol > 0 and not exact else np.where(b > 0, d / np.where(b > 0, b, 1.0), np.where(d > 0, np.inf, 0.0))
             self.max_tolerance_used = max(self.max_tolerance_used, float(used.max()))
         if bad.any():
             self.over_tolerance = True
