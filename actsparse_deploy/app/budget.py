@@ -205,6 +205,22 @@ class Budget:
         were the samples independent; they are not quite)."""
         return measured - times * error if self.higher_is_better else measured + times * error
 
+    def past(self, figure: float) -> Budget:
+        """The loosest budget of this kind that ``figure`` misses (by a hair): a search to it cannot choose what
+        measured ``figure`` again (held at the edge of the kind's range)."""
+        step = 1e-9 * max(1.0, abs(figure))
+        if self.kind == "cosine":
+            return Budget(self.kind, min(1.0, figure + step))
+        if self.kind == "perplexity-ratio":
+            return Budget(self.kind, max(1.0, figure - step))
+        if self.kind == "accuracy-drop":
+            return Budget(self.kind, max(0.0, figure - step))
+        raise RecipeError(f"budget {self}: a budget function's figure has no known way past it")
+
+    def tighter(self, other: Budget) -> Budget:
+        """The tighter of this budget and ``other`` (of the same kind)."""
+        return other if self.badness(other.value) < self.badness(self.value) else self
+
     def miss(self, measured: float) -> float:
         """How far ``measured`` is over this budget, as a cost share :meth:`after` takes (cosine:
         ``1 - shortfall``; perplexity ratio: ``measured / value``; accuracy drop: the excess)."""

@@ -114,17 +114,23 @@ class Int8Search:
     quantized figure and its error). Where a search's int8 model misses, the next is tighter by what it missed
     (by half the searched budget's room where it missed by more than that room);
     once one keeps it and a looser one missed, the next searches halve the gap between them (the loosest that keeps
-    the budget is the most sparsity). Called on each search's result (:func:`~actsparse_deploy.app.budget.calibrate_to_budget`'s
-    ``again``); :attr:`kept` is the loosest result that kept it, with its figure."""
+    the budget is the most sparsity). A miss also takes the next search past the allocation that missed (its own
+    float figure), so that it is not chosen again; an allocation chosen again is not measured again. Called on each
+    search's result (:func:`~actsparse_deploy.app.budget.calibrate_to_budget`'s ``again``); :attr:`kept` is the
+    loosest result that kept it, with its figure."""
 
     budget: Budget
     measure: Callable[[BudgetResult], tuple[float, float]]
     measured: list[tuple[float, float]] = field(default_factory=list)
     kept: tuple[BudgetResult, tuple[float, float]] | None = None
     missed: Budget | None = None
+    #: each allocation's figure, by its levels
+    seen: dict[tuple[tuple[str, float], ...], tuple[float, float]] = field(default_factory=dict)
 
     def __call__(self, result: BudgetResult) -> Budget | None:
-        figure = self.measure(result)
+        allocation = tuple(sorted(result.levels.items()))
+        figure = self.seen[allocation] if allocation in self.seen else self.measure(result)
+        self.seen[allocation] = figure
         self.measured.append(figure)
         doubted = self.budget.doubted(*figure)
         if self.budget.within(doubted):
@@ -136,7 +142,17 @@ class Int8Search:
             return self._between(self.kept[0].budget, result.budget)
         tighter = result.budget.after(self.budget.miss(doubted))
         # a miss larger than the room searched: halfway to no sparsity at all, not the end of the search
-        return tighter if tighter is not None else self._between(result.budget.free(), result.budget)
+        return self._past(result, tighter) if tighter is not None else self._between(result.budget.free(), result.budget)
+
+    @staticmethod
+    def _past(result: BudgetResult, tighter: Budget) -> Budget:
+        """``tighter``, or where a search to it would choose ``result``'s allocation again (its float figure,
+        doubted as the search held it, keeps ``tighter``), the budget just past that figure. With an other text the
+        search held the worse of two figures, and only one is known here: ``tighter`` as it is."""
+        if result.other_text is not None:
+            return tighter
+        figure = result.budget.doubted(result.tuning_cost, result.tuning_error, result.doubt)
+        return tighter.tighter(result.budget.past(figure)) if tighter.within(figure) else tighter
 
     @staticmethod
     def _between(kept: Budget, missed: Budget) -> Budget | None:

@@ -273,7 +273,8 @@ def test_the_int8_search_halves_the_gap_between_the_budget_that_kept_and_the_one
     from actsparse_deploy.app.quantize import Int8Search
 
     def result(value: float) -> SimpleNamespace:  # more room searched, more sparsity
-        return SimpleNamespace(budget=Budget("perplexity-ratio", value), masks=SimpleNamespace(overall_sparsity=lambda: value - 1))
+        return SimpleNamespace(budget=Budget("perplexity-ratio", value), masks=SimpleNamespace(overall_sparsity=lambda: value - 1),
+                               levels={"down": value}, tuning_cost=value, tuning_error=0.0, doubt=0.0, other_text=None)
 
     tried = []
 
@@ -296,6 +297,40 @@ def test_the_int8_search_halves_the_gap_between_the_budget_that_kept_and_the_one
     assert len(search.measured) == 4
 
 
+def test_an_int8_miss_searches_past_the_allocation_that_missed_and_an_allocation_is_measured_once():
+    """Before, tiny-lm's second and third searches chose one allocation (19.9 %) and its int8 model was smoothed,
+    exported, quantized and measured twice: its miss (x1.0158 + 3 x 0.00485 against x1.03) tightened the searched
+    budget from x1.02567 to x1.02529 only, looser than the allocation's own figure, so the search chose it again."""
+    from types import SimpleNamespace
+
+    from actsparse_deploy.app.quantize import Int8Search
+
+    # two allocations, the search's float figure of each (kept by DOUBT errors) and its int8 model's figure
+    wide = {"levels": {"down": 0.203}, "tuning_cost": 1.0107, "tuning_error": 0.0048, "int8": (1.0158, 0.00485)}  # x1.0251
+    narrow = {"levels": {"down": 0.195}, "tuning_cost": 1.0101, "tuning_error": 0.0048, "int8": (1.0146, 0.0049)}  # x1.0245
+
+    def result(value: float) -> SimpleNamespace:  # the loosest allocation whose float figure keeps the searched budget
+        chosen = wide if value >= 1.0107 + DOUBT * 0.0048 else narrow
+        return SimpleNamespace(budget=Budget("perplexity-ratio", value), levels=chosen["levels"], tuning_cost=chosen["tuning_cost"],
+                               tuning_error=chosen["tuning_error"], doubt=DOUBT, other_text=None, int8=chosen["int8"],
+                               masks=SimpleNamespace(overall_sparsity=lambda: chosen["levels"]["down"]))
+
+    measured = []
+    search = Int8Search(Budget("perplexity-ratio", 1.03), lambda found: (measured.append(found.levels), found.int8)[1])
+    last, searched_to = result(1.02567), [1.02567]
+    for _ in range(3):
+        searched = search(last)
+        if searched is None:
+            break
+        searched_to.append(searched.value)
+        last = result(searched.value)
+    search(last)
+    assert searched_to[1] < 1.0107 + DOUBT * 0.0048  # past the allocation that missed, not x1.02529
+    assert measured == [wide["levels"], narrow["levels"]] and len(search.measured) == 4  # four searches, two measured
+    chosen, figure = search.chosen(last)
+    assert chosen.levels == narrow["levels"] and figure == narrow["int8"]
+
+
 def test_an_int8_miss_that_leaves_no_room_halves_the_searched_budget_instead_of_ending_the_search():
     """Before, a miss by more than the searched budget's room ended the search with the model that missed
     (tiny-lm under perplexity-ratio=1.03: searched to x1.0285, its int8 model at x1.0317 +- 0.0099, three
@@ -305,7 +340,8 @@ def test_an_int8_miss_that_leaves_no_room_halves_the_searched_budget_instead_of_
     from actsparse_deploy.app.quantize import Int8Search
 
     def result(value: float) -> SimpleNamespace:
-        return SimpleNamespace(budget=Budget("perplexity-ratio", value), masks=SimpleNamespace(overall_sparsity=lambda: value - 1))
+        return SimpleNamespace(budget=Budget("perplexity-ratio", value), masks=SimpleNamespace(overall_sparsity=lambda: value - 1),
+                               levels={"down": value}, tuning_cost=value, tuning_error=0.0, doubt=0.0, other_text=None)
 
     figures = iter([(1.0317, 0.0099), (1.012, 0.004), (1.02, 0.005)])
     search = Int8Search(Budget("perplexity-ratio", 1.03), lambda found: next(figures))
