@@ -25,6 +25,11 @@ from typing import Any
 DEFAULT_RUNS = ("minilm=cosine=0.98", "tiny-lm=perplexity-ratio=1.03", "digits-mlp=accuracy-drop=0.01")
 
 
+def size(n: int) -> str:
+    """A file size, small ones in kB (a digits model is 20-70 kB, not "0.0 MB")."""
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
 def run(model: str, budget: str, out: Path) -> dict[str, Any]:
     """The command's report; where it failed (exit 10: the int8 model over the budget on the held-out data), its exit code and message."""
     command = [sys.executable, "-m", "actsparse_deploy", "convert", model, "-o", str(out), "--json", "--threads", "1",
@@ -57,12 +62,12 @@ def table(model: str, budget: str, report: dict[str, Any]) -> str:
              f"in {q.get('searches')} search(es); the int8 model on the tuning split: {q.get('int8_tuning_cost')}",
              f"- overall sparsity {report['overall_sparsity']:.3f}; held-out cost of the int8 model: {kept.get('heldout_cost')} "
              f"(within: {kept.get('within')})", "",
-             "| variant | latency / dense | decode ms/token (/ dense) | cost against dense PyTorch (mean / worst) | on the other text | size MB |",
+             "| variant | latency / dense | decode ms/token (/ dense) | cost against dense PyTorch (mean / worst) | on the other text | size |",
              "|---|---|---|---|---|---|"]
     for row in report["quantization"].get("frontier") or []:
         other = _cost(row["other_text"]) if "other_text" in row else "-"
         decode = f"{row['decode_ms_per_token']:.2f} ({row['decode_ratio']:.3f}x)" if "decode_ratio" in row else "-"
-        lines.append(f"| {row['variant']} | {row['latency_ratio']:.3f}x | {decode} | {_cost(row)} | {other} | {row['size_bytes'] / 1e6:.1f} |")
+        lines.append(f"| {row['variant']} | {row['latency_ratio']:.3f}x | {decode} | {_cost(row)} | {other} | {size(row['size_bytes'])} |")
     return "\n".join(lines)
 
 
