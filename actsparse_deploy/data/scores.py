@@ -47,18 +47,32 @@ def token_ids(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     return args[0], None
 
 
+#: the most values of a batch's output copied to float64 at a time: its rows are taken in groups under it (a large
+#: vocabulary's logits on one batch are gigabytes in float64, and their log-softmax as much again)
+ROW_VALUES = 1 << 22
+
+
+def row_groups(rows: int, per_row: int) -> list[slice]:
+    """Slices of ``rows`` rows of ``per_row`` values each, as many rows a slice as keep it under :data:`ROW_VALUES` (one at least)."""
+    step = max(1, ROW_VALUES // max(1, per_row))
+    return [slice(start, start + step) for start in range(0, max(rows, 1), step)]
+
+
 def nll_sum(logits: torch.Tensor, batch: Batch, what: str) -> tuple[float, int]:
     """Summed next-token negative log-likelihood (float64) of a batch and the tokens it predicts
-    (positions 1.. of the token ids, those the ``attention_mask`` keeps)."""
+    (positions 1.. of the token ids, those the ``attention_mask`` keeps), a group of rows at a time (:func:`row_groups`)."""
     ids, mask = token_ids(batch)
     if logits.ndim != 3 or ids.ndim != 2 or tuple(logits.shape[:2]) != tuple(ids.shape) or ids.is_floating_point():
         raise DataError(
             f"perplexity needs a language model: the {what}'s first output must be logits (batch, tokens, vocabulary) "
             f"for integer token ids (batch, tokens); got logits {list(logits.shape)} for inputs {list(ids.shape)}"
         )
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].double().transpose(1, 2), ids[:, 1:], reduction="none")
-    keep = mask[:, 1:].bool() if mask is not None else torch.ones_like(nll, dtype=torch.bool)
-    return float(nll[keep].sum()), int(keep.sum())
+    keep = mask[:, 1:].bool() if mask is not None else torch.ones(ids[:, 1:].shape, dtype=torch.bool)
+    total = torch.zeros((), dtype=torch.float64)
+    for rows in row_groups(ids.shape[0], logits[0].numel()):
+        nll = torch.nn.functional.cross_entropy(logits[rows, :-1].double().transpose(1, 2), ids[rows, 1:], reduction="none")
+        total += nll[keep[rows]].sum()
+    return float(total), int(keep.sum())
 
 
 def sample_cosines(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -126,9 +140,11 @@ class Tally:
         for stat, cosines in zip(self.stats, self.cosines):
             x, y = _tensor(a[stat["output"]]), _tensor(b[stat["output"]])
             rows = x.shape[0] if x.ndim else 1  # a scalar output (a loss, a count): one value per batch
-            x64, y64 = x.double().reshape(rows, -1), y.double().reshape(rows, -1)
-            stat["max_abs_diff"] = max(stat["max_abs_diff"], float((x64 - y64).abs().max()))
-            cosines.append(sample_cosines(x64, y64).numpy())
+            x, y = x.reshape(rows, -1), y.reshape(rows, -1)
+            for group in row_groups(rows, x.shape[1]):  # float64 copies of a few rows at a time
+                x64, y64 = x[group].double(), y[group].double()
+                stat["max_abs_diff"] = max(stat["max_abs_diff"], float((x64 - y64).abs().max()))
+                cosines.append(sample_cosines(x64, y64).numpy())
 
     def output_stats(self, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Per output: ``max_abs_diff``, ``cosine_mean``, ``cosine_min`` (``output``: its index, or its name from ``names``)."""

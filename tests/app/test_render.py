@@ -90,3 +90,16 @@ def test_a_small_models_memory_is_not_zero_gigabytes():
     assert "the weights, 120.00 kB, read from their files" in blocks
     files = render.files_line(Report(memory=memory, files={"model.onnx": 2048}, seconds={"total": 1.0}))
     assert files.endswith("peak memory 412.00 MB")
+
+
+def test_a_quantized_models_check_shows_its_other_text_cost():
+    from actsparse_deploy.app.report import QuantizedCheck
+
+    checked = QuantizedCheck(ops={"MatMulInteger": 15}, budget="perplexity-ratio=1.2", heldout_cost=0.9876, within=True,
+                             other_text_samples=4, other_text_cost=0.99853, other_text_within=True)
+    shown = " ".join(text(*render.quantized_check_lines(checked)).split())
+    assert "held-out cost perplexity-ratio=0.9876 against the dense model: within the budget perplexity-ratio=1.2" in shown
+    assert "other text (4 samples): perplexity-ratio=0.9985: within the budget (reported, not held" in shown
+    over = QuantizedCheck(ops={"MatMulInteger": 15}, budget="cosine=0.99", heldout_cost=0.995, within=True,
+                          other_text_samples=64, other_text_cost=0.93, other_text_within=False)
+    assert "other text (64 samples): cosine=0.9300: over the budget" in " ".join(text(*render.quantized_check_lines(over)).split())

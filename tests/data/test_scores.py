@@ -139,3 +139,28 @@ def test_figure_needs_name_what_the_outputs_lack():
     assert needs["cosine"] == needs["accuracy-drop"] == "" and needs["perplexity-ratio"].startswith("a language model")
     assert "a classifier" in figure_needs([[torch.randn(3)]], [torch.randn(3, 2)])["accuracy-drop"]
     assert "an output to compare" in figure_needs([[]], [torch.randn(3, 2)])["cosine"]
+
+
+def test_a_batchs_logits_are_scored_a_few_rows_at_a_time_to_the_same_figures(monkeypatch):
+    """Before, the perplexity and the per-sample cosines copied a whole batch's output to float64 (and its
+    log-softmax as much again): a 128k vocabulary's logits on 8 x 64 tokens, over a gigabyte each. Now rows go a
+    group at a time under ``ROW_VALUES``, to the same figures."""
+    from actsparse_deploy.data import scores
+
+    batch, logits = _token_batch(3, rows=5, tokens=6, vocab=11)
+    other = logits + 0.1 * torch.randn_like(logits)
+    whole_nll = nll_sum(logits, batch, "model")
+    whole = Tally(("a", "b"), compare=True, tokens=True)
+    whole.add(batch, [logits], [other])
+    seen: list[int] = []
+    real_entropy, real_cosines = torch.nn.functional.cross_entropy, scores.sample_cosines
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda x, *a, **k: (seen.append(x.numel()), real_entropy(x, *a, **k))[1])
+    monkeypatch.setattr(scores, "sample_cosines", lambda x, y: (seen.append(x.numel()), real_cosines(x, y))[1])
+    monkeypatch.setattr(scores, "ROW_VALUES", 2 * 6 * 11)  # two rows of logits at a time
+    parted_nll = nll_sum(logits, batch, "model")
+    parted = Tally(("a", "b"), compare=True, tokens=True)
+    parted.add(batch, [logits], [other])
+    # three groups each: the perplexity alone, the tally's perplexity of either side, its cosines
+    assert max(seen) <= 2 * 6 * 11 and len(seen) == 12
+    assert parted_nll[1] == whole_nll[1] and parted_nll[0] == pytest.approx(whole_nll[0], rel=1e-12)
+    assert parted.output_stats() == whole.output_stats() and all(p[1] == w[1] and p[0] == pytest.approx(w[0], rel=1e-12) for p, w in zip(parted.nll, whole.nll))
