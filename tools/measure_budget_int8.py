@@ -22,12 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from actsparse_deploy.app.render import size  # a digits model is 20-70 KB, not "0.0 MB"
+
 DEFAULT_RUNS = ("minilm=cosine=0.98", "tiny-lm=perplexity-ratio=1.03", "digits-mlp=accuracy-drop=0.01")
-
-
-def size(n: int) -> str:
-    """A file size, small ones in kB (a digits model is 20-70 kB, not "0.0 MB")."""
-    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 def run(model: str, budget: str, out: Path) -> dict[str, Any]:

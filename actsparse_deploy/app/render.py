@@ -450,12 +450,13 @@ def quantized_check_lines(checked: QuantizedCheck | None) -> list[RenderableType
     to the float model it was made from."""
     if checked is None:
         return []
+    kind = checked.budget.split("=")[0]
     lines: list[RenderableType] = [
-        f"quantized ({_counts(checked.ops)}): held to a cost budget, not a tolerance; held-out cost {checked.budget.split('=')[0]}="
+        f"quantized ({_counts(checked.ops)}): held to a cost budget, not a tolerance; held-out cost {kind}="
         f"{checked.heldout_cost:.4f} against the dense model: within the budget {checked.budget}"]
     if checked.other_text_cost is not None:
         verdict = "within the budget" if checked.other_text_within else "over the budget"
-        lines.append(f"other text ({checked.other_text_samples} samples): {checked.budget.split('=')[0]}={checked.other_text_cost:.4f}: "
+        lines.append(f"other text ({checked.other_text_samples} samples): {kind}={checked.other_text_cost:.4f}: "
                      f"{verdict} (reported, not held: the held-out data decides)")
     if checked.float_source is not None:
         lines.append(f"to the squashed float model it was made from, {checked.float_source['output']}: cosine mean "

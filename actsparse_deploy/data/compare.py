@@ -91,6 +91,12 @@ def _flat_values(x: Any) -> np.ndarray:
     return a.reshape(-1)
 
 
+def _finite_max(values: np.ndarray) -> float:
+    """The largest finite value (0.0 where there is none)."""
+    finite = values if np.isfinite(values).all() else values[np.isfinite(values)]
+    return float(finite.max()) if finite.size else 0.0
+
+
 def _chunks(size: int) -> range:
     return range(0, max(size, 1), CHUNK)
 
@@ -142,13 +148,13 @@ class OutputDiff:
         exact = _exact(got) and _exact(want)
         g_all, w_all = _flat_values(got), _flat_values(want)
         self.values += g_all.size
-        peak = 0.0
-        for start in _chunks(w_all.size):
-            scale = np.abs(w_all[start:start + CHUNK].astype(np.float64))
-            finite = scale if np.isfinite(scale).all() else scale[np.isfinite(scale)]
-            peak = max(peak, float(finite.max())) if finite.size else peak
-        self.peak = max(self.peak, peak)
-        atol = tolerance.atol * max(1.0, peak) if tolerance.scale_atol else tolerance.atol
+        atol = tolerance.atol
+        if tolerance.scale_atol:  # the output's largest finite |want| first: it scales every chunk's tolerance
+            peak = 0.0
+            for start in _chunks(w_all.size):
+                scale = np.abs(w_all[start:start + CHUNK].astype(np.float64))
+                peak = max(peak, _finite_max(scale))
+            atol *= max(1.0, peak)
         for start in _chunks(g_all.size):
             self._fold(g_all[start:start + CHUNK], w_all[start:start + CHUNK], tolerance, atol, exact, sides)
 
@@ -172,6 +178,7 @@ class OutputDiff:
         with np.errstate(invalid="ignore", over="ignore"):
             diff = np.abs(g - w)
         scale = np.abs(w)
+        self.peak = max(self.peak, _finite_max(scale))
         if exact:
             bad = considered & (got != want)
             bound = np.zeros_like(diff)
